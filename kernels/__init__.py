@@ -1,0 +1,1 @@
+"""Triton kernels and fast torch paths for the canonical MoE ops."""

@@ -1,0 +1,79 @@
+"""Optional Triton, shared by the kernel modules.
+
+Importing the kernels never requires Triton: without it ``triton.jit`` below is a no-op decorator,
+the kernel bodies are plain (never called) Python functions, and ``triton_unavailable(device)``
+says why the Triton path cannot run, so callers fall back to the torch path.
+
+Triton decides between compiling and interpreting when a kernel is *decorated*, i.e. when a kernel
+module is imported: ``TRITON_INTERPRET=1`` must be in the environment before the first
+``import moesys_compile.kernels`` for the kernels to run on CPU tensors.
+"""
+
+import os
+import types
+from typing import Optional
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+    IMPORT_ERROR: Optional[str] = None
+except Exception as exc:  # ImportError, or an install that fails at import (no driver libs, ...)
+    HAVE_TRITON = False
+    IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+
+    def _identity_decorator(fn=None, **_kwargs):
+        return fn if fn is not None else (lambda f: f)
+
+    triton = types.SimpleNamespace(jit=_identity_decorator, autotune=None, Config=None, cdiv=None,
+                                   next_power_of_2=None)
+    tl = types.SimpleNamespace(constexpr=object)  # only used in annotations of never-called bodies
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+# Dtypes the kernels compute in (fp32 accumulation). fp64 stays on the torch path.
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def triton_unavailable(device) -> Optional[str]:
+    """None when Triton kernels can run on tensors of ``device``; otherwise the reason."""
+    if not HAVE_TRITON:
+        return f"triton is not importable ({IMPORT_ERROR})"
+    device = torch.device(device)
+    if device.type == "cuda":
+        return None if torch.cuda.is_available() else "torch has no CUDA device"
+    if device.type == "cpu":
+        return None if INTERPRET else "Triton runs on CPU tensors only under TRITON_INTERPRET=1"
+    return f"there is no Triton backend for device type {device.type!r}"
+
+
+def check_triton(*tensors: torch.Tensor) -> None:
+    """Raise a clear error before launching on tensors Triton cannot run on."""
+    reason = triton_unavailable(tensors[0].device)
+    if reason is not None:
+        raise RuntimeError(f"the Triton kernels cannot run on device {tensors[0].device}: {reason}; "
+                           f"use impl='torch' (plan option kernels: torch)")
+    for t in tensors:
+        if t.device != tensors[0].device:
+            raise ValueError(f"tensors are on different devices ({tensors[0].device} and {t.device})")
+
+
+def use_autotune(t: torch.Tensor) -> bool:
+    """Autotune only natively on CUDA; the interpreter runs the first config of ``_configs()``."""
+    return HAVE_TRITON and not INTERPRET and t.is_cuda
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs use TF32 only when torch allows it for matmuls (tests turn it off)."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def pow2(n: int, minimum: int = 1) -> int:
+    """Smallest power of two >= max(n, minimum) (Triton block shapes are powers of two)."""
+    n = max(int(n), minimum)
+    return 1 << (n - 1).bit_length()

@@ -1,0 +1,104 @@
+"""Public entry points: ``trace``, ``lower`` and ``compile``."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from moesys_compile.passes import pipeline_for
+
+from .errors import PlanError
+from .frontend import annotate, canonicalize, capture, moe_modules
+from .frontend.annotation import propagate_shapes  # noqa: F401  (re-exported for passes)
+from .frontend.tracing import _traced_names, expose_aux_loss
+from .pipeline import CompileContext, run_pipeline, take_snapshot
+from .plan import Plan
+from .programs import InputBinder, Program, build_program, flatten_export_codegen
+
+
+def _as_tuple(example_inputs: Any) -> tuple:
+    if example_inputs is None:
+        return ()
+    return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+
+
+def check_plan_against_model(model: nn.Module, plan: Plan) -> None:
+    """Plan/model mismatches found before any process group exists."""
+    experts = moe_modules(model)
+    for path, module in experts.items():
+        if module.num_experts % plan.expert_parallel:
+            raise PlanError(f"{path}.num_experts ({module.num_experts}) is not divisible by expert_parallel "
+                            f"({plan.expert_parallel}); choose an expert_parallel that divides it")
+    if plan.expert_parallel > 1 and not experts:
+        raise PlanError(f"expert_parallel ({plan.expert_parallel}) > 1 but {type(model).__name__} has no MoE "
+                        f"layers; use expert_parallel=1 (pure data parallelism)")
+
+
+def trace(model: nn.Module, example_inputs: Any = (), example_kwargs: Optional[dict] = None, *,
+          leaf_modules: Sequence[str | type] = ()) -> fx.GraphModule:
+    """Canonicalize the model's MoE layers (in place, parameters reused), capture it with torch.fx
+    (torch.export as fallback) and annotate every node (``meta["val"]``, ``meta["moesys"]``).
+
+        >>> gm = moesys_compile.trace(model, (ids,))      # doctest: +SKIP
+    """
+    gm, _ = _capture_and_annotate(model, _as_tuple(example_inputs), dict(example_kwargs or {}), leaf_modules)
+    return gm
+
+
+def _capture_and_annotate(model, example_inputs, example_kwargs, leaf_modules, with_aux=False):
+    gm = capture(model, example_inputs, example_kwargs, leaf_modules)
+    kind = gm.meta.get("moesys_capture", "fx")
+    traced, _ = _traced_names(model, example_inputs, example_kwargs) if kind == "fx" else (
+        list(__import__("inspect").signature(model.forward).bind_partial(*example_inputs, **example_kwargs).arguments), {})
+    out_spec = flatten_export_codegen(gm) if kind == "export" else None
+    binder = InputBinder(model, traced, kind, out_spec)
+    if with_aux:
+        expose_aux_loss(gm)
+    annotation = annotate(gm, binder.graph_inputs(example_inputs, example_kwargs))
+    gm.meta["moesys_binder"] = binder
+    return gm, annotation
+
+
+def lower(model: nn.Module, plan: Optional[Plan] = None, example_inputs: Any = (),
+          example_kwargs: Optional[dict] = None, rank: int = 0) -> tuple[fx.GraphModule, CompileContext]:
+    """Everything but building the program: canonicalize, check the plan, capture, annotate and
+    run the mode's pipeline. Needs no process group (``rank`` picks the per-rank view)."""
+    plan = plan or Plan()
+    example_inputs, example_kwargs = _as_tuple(example_inputs), dict(example_kwargs or {})
+    blocks = canonicalize(model)
+    check_plan_against_model(model, plan)
+    gm, annotation = _capture_and_annotate(model, example_inputs, example_kwargs, plan.leaf_modules, with_aux=True)
+    binder = gm.meta["moesys_binder"]
+    ctx = CompileContext(plan=plan, model=model, annotation=annotation, blocks=blocks,
+                         input_names=binder.traced_names, capture=binder.capture, rank=rank)
+    ctx.extras["binder"] = binder
+    ctx.snapshots.append(take_snapshot("capture", gm, ctx, changed=True, seconds=0.0))
+    gm = run_pipeline(gm, ctx, pipeline_for(plan.mode))
+    return gm, ctx
+
+
+def compile(model: nn.Module, plan: Optional[Plan] = None, example_inputs: Any = (),
+            example_kwargs: Optional[dict] = None) -> Program:
+    """Compile ``model`` under ``plan`` into a Program (an nn.Module sharing the model's parameters).
+
+        >>> import torch, moesys_compile as mc
+        >>> model = mc.models.build("tiny-moe")
+        >>> ids = torch.randint(0, 256, (2, 16))
+        >>> program = mc.compile(model, mc.Plan(mode="train"), example_inputs=(ids,))
+        >>> torch.allclose(program(ids), model(ids))
+        True
+    """
+    plan = plan or Plan()
+    if plan.device != "cpu":
+        if not torch.cuda.is_available():
+            raise PlanError(f"device ({plan.device!r}) needs CUDA, which this machine does not have; use device='cpu'")
+    gm, ctx = lower(model, plan, example_inputs, example_kwargs, rank=_current_rank())
+    return build_program(gm, ctx)
+
+
+def _current_rank() -> int:
+    import torch.distributed as dist
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0

@@ -1,0 +1,326 @@
+"""Annotate a captured graph: FakeTensor shape propagation with symbolic batch (B) and sequence
+(S) sizes, then a cost record per node whose fields are sympy expressions in B and S.
+
+    node.meta["val"]                 FakeTensor (or tuple of them) with symbolic sizes
+    node.meta["moesys"]["module"]    qualified path of the module the node belongs to
+    node.meta["moesys"]["layer"]     integer layer index (first integer in that path) or None
+    node.meta["moesys"]["cost"]      Cost(flops, param_bytes, activation_bytes, comm_bytes)
+"""
+
+from __future__ import annotations
+
+import inspect
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import sympy
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+from torch.utils._pytree import tree_leaves
+
+from ..ir import is_op, layer_of_path, module_path_of, moesys_meta, tensors_in
+
+B = sympy.Symbol("B", positive=True, integer=True)
+S = sympy.Symbol("S", positive=True, integer=True)
+ZERO = sympy.Integer(0)
+
+
+@dataclass
+class Cost:
+    """Per-node cost; every field a sympy expression in B and S (integers when static)."""
+    flops: sympy.Expr = ZERO
+    param_bytes: sympy.Expr = ZERO
+    activation_bytes: sympy.Expr = ZERO
+    comm_bytes: sympy.Expr = ZERO
+
+    FIELDS = ("flops", "param_bytes", "activation_bytes", "comm_bytes")
+
+    def __add__(self, other: "Cost") -> "Cost":
+        return Cost(*(getattr(self, f) + getattr(other, f) for f in self.FIELDS))
+
+    def evaluate(self, batch: int, seq: int) -> dict[str, int]:
+        values = {B: batch, S: seq}
+        return {f: int(sympy.sympify(getattr(self, f)).xreplace(values)) for f in self.FIELDS}
+
+
+@dataclass
+class Annotation:
+    """What annotate() learned, kept on the CompileContext for passes and inspect."""
+    fake_mode: FakeTensorMode
+    symbolic: bool                      # False: static shapes (symbolic propagation failed)
+    symbol_map: dict = field(default_factory=dict)  # shape-env symbol -> B or S
+    example_batch: int = 1
+    example_seq: int = 1
+    static_reason: Optional[str] = None
+
+    def expr(self, size: Any) -> sympy.Expr:
+        """A size (int or SymInt) as a sympy expression in B and S."""
+        if isinstance(size, torch.SymInt):
+            node = size.node
+            expr = node.shape_env.replace(node.expr) if node.shape_env is not None else node.expr
+            return sympy.sympify(expr).xreplace(self.symbol_map)
+        return sympy.Integer(int(size))
+
+
+# ---------------------------------------------------------------------------------------------
+# symbolic inputs
+# ---------------------------------------------------------------------------------------------
+
+
+def _dynamic_dims(t: torch.Tensor) -> dict[int, sympy.Symbol]:
+    """dim 0 is the batch; dim 1 is the sequence for token ids [B, S] and for [B, S, ...] inputs."""
+    dims: dict[int, sympy.Symbol] = {}
+    if t.dim() >= 1:
+        dims[0] = B
+    if t.dim() >= 3 or (t.dim() == 2 and not t.is_floating_point()):
+        dims[1] = S
+    return dims
+
+
+def _symbolic_inputs(flat_inputs: Sequence[Any], mode: FakeTensorMode) -> tuple[list, dict]:
+    fakes, symbol_map = [], {}
+    for value in flat_inputs:
+        if not isinstance(value, torch.Tensor):
+            fakes.append(value)
+            continue
+        dims = _dynamic_dims(value)
+        # sizes 0 and 1 would be specialised by the shape env: trace with a hint of at least 2
+        hint_shape = [max(2, s) if d in dims else s for d, s in enumerate(value.shape)]
+        hint = torch.empty(hint_shape, dtype=value.dtype, device=value.device)
+        context = StatelessSymbolicContext(
+            dynamic_sizes=[DimDynamic.DYNAMIC if d in dims else DimDynamic.STATIC for d in range(value.dim())])
+        fake = mode.from_tensor(hint, symbolic_context=context)
+        for d, symbol in dims.items():
+            symbol_map[fake.shape[d].node.expr] = symbol
+        fakes.append(fake)
+    return fakes, symbol_map
+
+
+def flatten_example(model: nn.Module, example_inputs: Sequence[Any], example_kwargs: dict) -> list[Any]:
+    """Example values in the order of the captured graph's placeholders."""
+    try:
+        bound = inspect.signature(model.forward).bind_partial(*example_inputs, **example_kwargs)
+        return tree_leaves(list(bound.arguments.values()))
+    except (TypeError, ValueError):
+        return tree_leaves([list(example_inputs), example_kwargs])
+
+
+class MemoFakeProp(FakeTensorProp):
+    """FakeTensorProp that reuses the result of an identical earlier node (same op, same input
+    metadata, same constants). Repeated layers are propagated once, which keeps annotation of
+    deep models linear and cheap; every node still gets its own ``meta["val"]``."""
+
+    def __init__(self, module: fx.GraphModule, mode: FakeTensorMode):
+        super().__init__(module, mode)
+        self.memo: dict = {}
+
+    def _signature(self, value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return ("T", tuple(_size_key(s) for s in value.shape), tuple(_size_key(s) for s in value.stride()),
+                    value.dtype, str(value.device), isinstance(value, nn.Parameter))
+        if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+            return ("S", str(value.node.expr))
+        if isinstance(value, (list, tuple)):
+            return (type(value).__name__, tuple(self._signature(v) for v in value))
+        if isinstance(value, dict):
+            return ("D", tuple((k, self._signature(v)) for k, v in value.items()))
+        if isinstance(value, slice):
+            return ("slice", self._signature(value.start), self._signature(value.stop), self._signature(value.step))
+        try:
+            hash(value)
+            return value
+        except TypeError:
+            return ("id", id(value))
+
+    def _key(self, node: fx.Node) -> Any:
+        if node.op in ("placeholder", "output"):
+            return None
+        if node.op == "get_attr":
+            return ("get_attr", self._signature(_fetch(self.module, node.target)))
+        args, kwargs = self.fetch_args_kwargs_from_env(node)
+        if node.op == "call_module":
+            module = self.module.get_submodule(node.target)
+            params = tuple((n, self._signature(p)) for n, p in module.named_parameters())
+            what = (type(module), module.extra_repr(), params)
+        else:
+            what = node.target
+        return (node.op, what, self._signature(args), self._signature(kwargs))
+
+    def run_node(self, node: fx.Node) -> Any:
+        key = self._key(node)
+        if key is not None and key in self.memo:
+            result, val = self.memo[key]
+            node.meta["val"] = val
+            return result
+        result = super().run_node(node)
+        if key is not None:
+            self.memo[key] = (result, node.meta.get("val"))
+        return result
+
+
+def _size_key(size: Any) -> Any:
+    return str(size.node.expr) if isinstance(size, torch.SymInt) else int(size)
+
+
+def propagate_shapes(gm: fx.GraphModule, flat_inputs: Sequence[Any]) -> Annotation:
+    """FakeTensor propagation, symbolic in B and S; static shapes when symbolic propagation fails."""
+    example_batch = next((t.shape[0] for t in flat_inputs if isinstance(t, torch.Tensor) and t.dim() >= 1), 1)
+    example_seq = next((t.shape[1] for t in flat_inputs if isinstance(t, torch.Tensor) and 1 in _dynamic_dims(t)), 1)
+    mode = FakeTensorMode(shape_env=ShapeEnv(duck_shape=False), allow_non_fake_inputs=True)
+    try:
+        fakes, symbol_map = _symbolic_inputs(flat_inputs, mode)
+        MemoFakeProp(gm, mode).propagate_dont_convert_inputs(*fakes)
+        return Annotation(mode, True, symbol_map, example_batch, example_seq)
+    except Exception as exc:  # e.g. a guard on a data-dependent size: fall back to static shapes
+        static_mode = FakeTensorMode(allow_non_fake_inputs=True)
+        MemoFakeProp(gm, static_mode).propagate(*flat_inputs)
+        return Annotation(static_mode, False, {}, example_batch, example_seq,
+                          static_reason=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+
+
+# ---------------------------------------------------------------------------------------------
+# cost rules: (matcher, flops function) pairs, first match wins
+# ---------------------------------------------------------------------------------------------
+
+_ZERO_FLOP_TARGETS = {
+    operator.getitem, getattr, torch.Tensor.size, torch.flatten, torch.reshape, torch.cat, torch.stack,
+    torch.narrow, torch.chunk, torch.split, torch.transpose, torch.permute, torch.unsqueeze, torch.squeeze,
+    F.embedding, torch.ones, torch.zeros, torch.empty, torch.arange,
+}
+_ZERO_FLOP_METHODS = {
+    "view", "reshape", "permute", "transpose", "contiguous", "size", "expand", "chunk", "split", "unsqueeze",
+    "squeeze", "flatten", "to", "type", "float", "half", "bfloat16", "t", "view_as", "expand_as", "narrow",
+    "dim", "numel", "clone", "detach", "unflatten",
+}
+_VIEW_LIKE = {operator.getitem, getattr, torch.Tensor.size, torch.reshape, torch.flatten, torch.narrow,
+              torch.chunk, torch.split, torch.transpose, torch.permute, torch.unsqueeze, torch.squeeze}
+_MATMULS = {torch.matmul, torch.mm, torch.bmm, operator.matmul, F.linear}
+_ATEN_MATMULS = {"mm", "bmm", "matmul", "linear", "addmm", "baddbmm"}
+_ATEN_ZERO = {"view", "_unsafe_view", "reshape", "permute", "transpose", "t", "expand", "slice", "select",
+              "unsqueeze", "squeeze", "split", "chunk", "cat", "clone", "contiguous", "embedding", "alias",
+              "_to_copy", "to", "detach", "arange", "ones", "zeros", "empty", "full", "lift_fresh_copy"}
+
+
+class CostModel:
+    def __init__(self, gm: fx.GraphModule, annotation: Annotation):
+        self.gm, self.ann = gm, annotation
+        self.seen_state: set[int] = set()
+
+    def numel(self, t: torch.Tensor) -> sympy.Expr:
+        result = sympy.Integer(1)
+        for size in t.shape:
+            result = result * self.ann.expr(size)
+        return result
+
+    def out_bytes(self, node: fx.Node) -> sympy.Expr:
+        return sum((self.numel(t) * t.element_size() for t in tensors_in(node.meta.get("val"))), ZERO)
+
+    def state_bytes(self, tensors) -> sympy.Expr:
+        total = 0
+        for t in tensors:
+            if id(t) not in self.seen_state:   # tied weights count once
+                self.seen_state.add(id(t))
+                total += t.numel() * t.element_size()
+        return sympy.Integer(total)
+
+    def flops(self, node: fx.Node) -> sympy.Expr:
+        out = node.meta.get("val")
+        args = [a.meta.get("val") if isinstance(a, fx.Node) else a for a in node.args]
+        if node.op == "call_module":
+            module = self.gm.get_submodule(node.target)
+            if isinstance(module, nn.Linear) and isinstance(out, torch.Tensor):
+                return 2 * self.numel(out) * module.in_features
+            if isinstance(module, nn.Embedding):
+                return ZERO
+            return sum((self.numel(t) for t in tensors_in(out)), ZERO)
+        if node.op == "call_method":
+            if node.target in _ZERO_FLOP_METHODS:
+                return ZERO
+            return sum((self.numel(t) for t in tensors_in(out)), ZERO)
+        if node.op != "call_function":
+            return ZERO
+        target = node.target
+        if is_op(node, "moe_experts", "grouped_mlp"):
+            if is_op(node, "moe_experts"):   # x_TD, ids_TK, weights_TK, w_up_EHD, w_down_EDF
+                x, slots_per_row, w_up, w_down = args[0], args[1].shape[1], args[3], args[4]
+            else:                            # x_ND, counts_E, w_up_EHD, w_down_EDF
+                x, slots_per_row, w_up, w_down = args[0], 1, args[2], args[3]
+            rows = self.ann.expr(x.shape[0]) * slots_per_row
+            _, up_rows, dim = w_up.shape
+            hidden = w_down.shape[2]
+            return rows * (2 * dim * up_rows + 2 * hidden * dim + up_rows)
+        if is_op(node, "route", "load_balancing_loss"):
+            return 4 * self.numel(args[0])
+        if is_op(node, "permute", "unpermute"):
+            return sum((self.numel(t) for t in tensors_in(out)), ZERO)
+        if target in _MATMULS or _aten_name(target) in _ATEN_MATMULS:
+            first = args[1] if _aten_name(target) in ("addmm", "baddbmm") else args[0]
+            if isinstance(out, torch.Tensor) and isinstance(first, torch.Tensor):
+                return 2 * self.numel(out) * self.ann.expr(first.shape[-1])
+        if target is F.scaled_dot_product_attention or _aten_name(target, "").startswith("scaled_dot_product"):
+            q, k = args[0], args[1]
+            return 4 * self.numel(q) * self.ann.expr(k.shape[-2])
+        if target in _ZERO_FLOP_TARGETS or _aten_name(target) in _ATEN_ZERO:
+            return ZERO
+        return sum((self.numel(t) for t in tensors_in(out) if t.is_floating_point()), ZERO)
+
+    def param_bytes(self, node: fx.Node) -> sympy.Expr:
+        if node.op == "call_module":
+            module = self.gm.get_submodule(node.target)
+            return self.state_bytes(list(module.parameters()) + list(module.buffers()))
+        if node.op == "get_attr":
+            value = _fetch(self.gm, node.target)
+            return self.state_bytes([value]) if isinstance(value, torch.Tensor) else ZERO
+        return ZERO
+
+    def activation_bytes(self, node: fx.Node) -> sympy.Expr:
+        if node.op in ("placeholder", "output", "get_attr"):
+            return ZERO
+        if node.op == "call_function" and (node.target in _VIEW_LIKE or _aten_name(node.target) in _ATEN_ZERO):
+            return ZERO
+        if node.op == "call_method" and node.target in _ZERO_FLOP_METHODS:
+            return ZERO
+        return self.out_bytes(node)
+
+    def cost(self, node: fx.Node) -> Cost:
+        return Cost(self.flops(node), self.param_bytes(node), self.activation_bytes(node), ZERO)
+
+
+def _aten_name(target: Any, default: Optional[str] = None) -> Optional[str]:
+    if isinstance(target, torch._ops.OpOverload) and target.namespace == "aten":
+        return target._opname
+    return default
+
+
+def _fetch(gm: fx.GraphModule, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def annotate_costs(gm: fx.GraphModule, annotation: Annotation) -> None:
+    """Fill module / layer / cost in ``meta["moesys"]`` for every node (keeps existing comm costs)."""
+    model = CostModel(gm, annotation)
+    for node in gm.graph.nodes:
+        meta = moesys_meta(node)
+        path = module_path_of(node)
+        meta.setdefault("module", path)
+        meta.setdefault("layer", layer_of_path(path))
+        cost = model.cost(node)
+        if "cost" in meta:
+            cost.comm_bytes = meta["cost"].comm_bytes
+        meta["cost"] = cost
+
+
+def annotate(gm: fx.GraphModule, flat_inputs: Sequence[Any]) -> Annotation:
+    """Shape propagation then costs. Returns the Annotation (fake mode, symbols) for the context."""
+    annotation = propagate_shapes(gm, flat_inputs)
+    annotate_costs(gm, annotation)
+    return annotation

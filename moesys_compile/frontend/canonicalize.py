@@ -1,0 +1,109 @@
+"""Find the MoE blocks of a model and put them in canonical form (``moesys_compile.nn.MoE``-style
+modules whose forward calls ``torch.ops.moesys.*``).
+
+A recognizer is a function ``(module, path) -> Recognition | None``. It looks at structure (a
+router producing top-k ids and weights, stacked expert weights, the activation), not only at
+class names. A recognition either keeps the module (it is canonical already) or names a
+replacement that reuses the original Parameter objects, so nothing is copied and state_dict
+names map back to the original. Recognizers are data: ``RECOGNIZERS`` is a plain list, and
+``canonicalize(model, recognizers=RECOGNIZERS + mine)`` adds more.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from torch import nn
+
+from ..nn import MoE
+
+
+@dataclass
+class Recognition:
+    kind: str                                   # e.g. "moesys.nn.MoE", "hf.MixtralSparseMoeBlock"
+    replacement: Optional[nn.Module] = None     # None: the module is canonical already
+    details: dict = field(default_factory=dict)  # num_experts, top_k, dim, ffn_dim, activation, ...
+
+
+@dataclass
+class BlockReport:
+    """One line of ``inspect``'s 'MoE layers found' list."""
+    path: str
+    kind: str
+    action: str      # "canonical" (kept), "replaced", "left" (looks like MoE, not recognised)
+    reason: str
+    details: dict = field(default_factory=dict)
+
+    def describe(self) -> str:
+        facts = " ".join(f"{k}={v}" for k, v in self.details.items())
+        return f"{self.path:<32} {self.kind:<28} {self.action:<9} {facts}  ({self.reason})"
+
+
+Recognizer = Callable[[nn.Module, str], Optional[Recognition]]
+
+
+def moe_details(module: MoE) -> dict:
+    return dict(num_experts=module.num_experts, top_k=module.top_k, dim=module.dim, ffn_dim=module.ffn_dim,
+                activation=module.activation)
+
+
+def recognize_canonical(module: nn.Module, path: str) -> Optional[Recognition]:
+    """``moesys_compile.nn.MoE`` (and subclasses) are canonical as they are."""
+    if isinstance(module, MoE):
+        return Recognition(kind="moesys.nn.MoE", details=moe_details(module))
+    return None
+
+
+RECOGNIZERS: list[Recognizer] = [recognize_canonical]
+
+_MOE_LIKE_NAME = re.compile(r"moe|mixture|sparse.*(block|mlp)|expert", re.IGNORECASE)
+
+
+def _looks_like_moe(module: nn.Module) -> bool:
+    has_experts = isinstance(getattr(module, "experts", None), (nn.Module, nn.ModuleList))
+    return has_experts or bool(_MOE_LIKE_NAME.search(type(module).__name__)) and any(
+        isinstance(getattr(module, name, None), nn.Module) for name in ("gate", "router"))
+
+
+def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent_path) if parent_path else root, name, module)
+
+
+def canonicalize(model: nn.Module, recognizers: Optional[list[Recognizer]] = None) -> list[BlockReport]:
+    """Swap recognised MoE blocks for canonical modules, in place. Returns one report per block
+    found (kept, replaced, or left as it is with the reason)."""
+    recognizers = RECOGNIZERS if recognizers is None else recognizers
+    reports: list[BlockReport] = []
+    claimed: list[str] = []
+    for path, module in list(model.named_modules()):
+        if not path or any(path.startswith(prefix + ".") for prefix in claimed):
+            continue
+        recognition = next((r for r in (rec(module, path) for rec in recognizers) if r is not None), None)
+        if recognition is not None:
+            claimed.append(path)
+            if recognition.replacement is None:
+                reports.append(BlockReport(path, recognition.kind, "canonical", "already canonical",
+                                           recognition.details))
+            else:
+                _set_submodule(model, path, recognition.replacement)
+                reports.append(BlockReport(path, recognition.kind, "replaced",
+                                           "dispatch/experts/combine now canonical ops", recognition.details))
+        elif _looks_like_moe(module):
+            claimed.append(path)
+            reports.append(BlockReport(path, type(module).__name__, "left",
+                                       "no recognizer matched its structure; it runs as traced code"))
+    return reports
+
+
+def is_canonical_moe(module: nn.Module) -> bool:
+    """``nn.MoE`` or a recognizer's canonical module (marked ``_moesys_canonical = True``; it
+    exposes ``num_experts``, ``top_k``, ``dim`` and ``ffn_dim`` like ``nn.MoE``)."""
+    return isinstance(module, MoE) or getattr(module, "_moesys_canonical", False)
+
+
+def moe_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Canonical MoE modules by path (after canonicalize)."""
+    return {path: m for path, m in model.named_modules() if is_canonical_moe(m)}

@@ -1,0 +1,198 @@
+"""Capture a model as a ``torch.fx.GraphModule``: fx symbolic tracing with a leaf policy first,
+``torch.export`` (non-strict) when fx cannot, and a precise UntraceableModelError when neither can.
+"""
+
+from __future__ import annotations
+
+import inspect
+import operator
+import os
+import traceback
+from typing import Any, Iterable, Optional, Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from ..errors import UntraceableModelError
+from ..ir import canonical_target
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_FRONTEND_DIR = os.path.dirname(__file__)
+
+
+class MoesysTracer(fx.Tracer):
+    """fx tracer with our leaf policy: torch.nn building blocks and the user's named leaves stay
+    single ``call_module`` nodes; everything else (including canonical MoE modules, so that
+    their canonical ops appear) is traced through. Buffers are proxied, so slicing a buffer by
+    a traced length works. Remembers the innermost module being traced when tracing fails."""
+
+    proxy_buffer_attributes = True
+
+    def __init__(self, leaf_modules: Iterable[str | type] = ()):
+        super().__init__()
+        leaves = list(leaf_modules)
+        self.leaf_paths = {leaf for leaf in leaves if isinstance(leaf, str)}
+        self.leaf_types = tuple(leaf for leaf in leaves if isinstance(leaf, type))
+        self.path_stack: list[str] = []
+        self.failed_in: Optional[str] = None
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        if qualified_name in self.leaf_paths or (self.leaf_types and isinstance(module, self.leaf_types)):
+            return True
+        return super().is_leaf_module(module, qualified_name)
+
+    def call_module(self, module, forward, args, kwargs):
+        self.path_stack.append(self.path_of_module(module))
+        try:
+            return super().call_module(module, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:
+                self.failed_in = self.path_stack[-1]
+            raise
+        finally:
+            self.path_stack.pop()
+
+
+def _user_frame(exc: BaseException) -> Optional[traceback.FrameSummary]:
+    """The innermost traceback frame in user code (not torch, not this frontend)."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if not f.filename.startswith(_TORCH_DIR) and not f.filename.startswith(_FRONTEND_DIR)]
+    return frames[-1] if frames else None
+
+
+def _construct(exc: BaseException) -> str:
+    message = str(exc)
+    if "cannot be used as inputs to control flow" in message:
+        return "Python control flow (if/while/assert/bool()) on a traced tensor value"
+    if "cannot be iterated" in message:
+        return "iteration over a traced value (a loop or unpacking whose length is only known at run time)"
+    if "data-dependent" in message.lower() or "GuardOnDataDependent" in type(exc).__name__:
+        return "a branch or shape that depends on tensor values"
+    return f"{type(exc).__name__}: {message.splitlines()[0] if message else ''}"
+
+
+def untraceable_error(model: nn.Module, fx_error: BaseException, tracer: MoesysTracer,
+                      export_error: Optional[BaseException]) -> UntraceableModelError:
+    path = tracer.failed_in or "<root>"
+    frame = _user_frame(fx_error)
+    where = f"{frame.filename}:{frame.lineno}: {frame.line}" if frame else "unknown source line"
+    construct = _construct(fx_error)
+    leaf_hint = (f"declare it a leaf so it runs as one opaque call: Plan(leaf_modules=[{path!r}]) or "
+                 f"trace(..., leaf_modules=[{path!r}])" if path != "<root>" else
+                 "move the data-dependent part into a submodule and declare that a leaf (Plan.leaf_modules)")
+    lines = [
+        f"cannot trace {type(model).__name__}: module '{path}' uses {construct}",
+        f"  at {where}",
+        f"  fix: express it with tensor ops (torch.where, masking, torch.cond) instead, or {leaf_hint}",
+    ]
+    if export_error is not None:
+        first = str(export_error).strip().splitlines()[0] if str(export_error).strip() else ""
+        lines.append(f"  torch.export fallback also failed: {type(export_error).__name__}: {first}")
+    error = UntraceableModelError("\n".join(lines))
+    error.module_path, error.source_line, error.construct = path, where, construct
+    return error
+
+
+def _traced_names(model: nn.Module, example_inputs: Sequence[Any], example_kwargs: dict) -> tuple[list[str], dict]:
+    """Forward parameters fed by the example (traced) and the rest pinned to defaults (concrete)."""
+    signature = inspect.signature(model.forward)
+    bound = signature.bind_partial(*example_inputs, **example_kwargs)
+    traced = list(bound.arguments)
+    concrete = {name: p.default for name, p in signature.parameters.items()
+                if name not in bound.arguments and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    missing = [name for name, value in concrete.items() if value is inspect.Parameter.empty]
+    if missing:
+        raise UntraceableModelError(f"{type(model).__name__}.forward needs argument(s) {missing} that the "
+                                    f"example inputs do not give; pass them in example_inputs/example_kwargs")
+    return traced, concrete
+
+
+def _drop_concrete_placeholders(graph: fx.Graph, traced: list[str]) -> None:
+    """fx turns pinned arguments into placeholders guarded by asserts; drop both so the graph's
+    inputs are exactly the traced arguments."""
+    for node in [n for n in graph.nodes if n.op == "placeholder"]:
+        if node.target in traced:
+            continue
+        doomed, frontier = [], [node]
+        while frontier:
+            current = frontier.pop()
+            doomed.append(current)
+            frontier.extend(current.users)
+        if any(n.op == "output" for n in doomed):
+            continue  # the pinned value reaches the output; keep it
+        for dead in reversed(list(dict.fromkeys(doomed))):
+            if not dead.users:
+                graph.erase_node(dead)
+
+
+def fx_trace(model: nn.Module, example_inputs: Sequence[Any], example_kwargs: dict,
+             tracer: MoesysTracer) -> fx.GraphModule:
+    traced, concrete = _traced_names(model, example_inputs, example_kwargs)
+    graph = tracer.trace(model, concrete_args=concrete or None)
+    _drop_concrete_placeholders(graph, traced)
+    for node in graph.nodes:
+        if node.op == "call_function":
+            node.target = canonical_target(node.target)
+    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    gm.meta["moesys_capture"] = "fx"
+    return gm
+
+
+def _export_dynamic_shapes(model: nn.Module, example_inputs: Sequence[Any], example_kwargs: dict):
+    """Batch and sequence (the first two dims of every tensor input) left for export to decide."""
+    auto = getattr(torch.export.Dim, "AUTO", None)
+    if auto is None:
+        return None
+    bound = inspect.signature(model.forward).bind_partial(*example_inputs, **example_kwargs)
+    return {name: ({d: auto for d in range(min(value.dim(), 2))}
+                   if isinstance(value, torch.Tensor) and value.dim() > 0 else None)
+            for name, value in bound.arguments.items()}
+
+
+def export_trace(model: nn.Module, example_inputs: Sequence[Any], example_kwargs: dict) -> fx.GraphModule:
+    """Non-strict torch.export; the unlifted module shares the model's parameters."""
+    args, kwargs = tuple(example_inputs), dict(example_kwargs)
+    dynamic = _export_dynamic_shapes(model, example_inputs, example_kwargs)
+    try:
+        program = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic)
+    except Exception:
+        if dynamic is None:
+            raise
+        program = torch.export.export(model, args, kwargs, strict=False)  # static shapes, last resort
+    gm = program.module()
+    gm.meta["moesys_capture"] = "export"
+    return gm
+
+
+def capture(model: nn.Module, example_inputs: Sequence[Any] = (), example_kwargs: Optional[dict] = None,
+            leaf_modules: Iterable[str | type] = ()) -> fx.GraphModule:
+    """fx first, export second, UntraceableModelError (module path, source line, construct, fix) last."""
+    example_kwargs = dict(example_kwargs or {})
+    tracer = MoesysTracer(leaf_modules)
+    try:
+        return fx_trace(model, example_inputs, example_kwargs, tracer)
+    except UntraceableModelError:
+        raise
+    except Exception as fx_error:
+        try:
+            return export_trace(model, example_inputs, example_kwargs)
+        except Exception as export_error:
+            raise untraceable_error(model, fx_error, tracer, export_error) from fx_error
+
+
+def expose_aux_loss(gm: fx.GraphModule) -> int:
+    """Make the graph return ``(model_output, aux_loss)``: the sum of every load-balancing loss
+    node (None without MoE layers). Returns how many such nodes were found."""
+    from ..ir import is_op
+
+    graph = gm.graph
+    output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    losses = [n for n in graph.nodes if is_op(n, "load_balancing_loss")]
+    total = None
+    with graph.inserting_before(output):
+        for loss in losses:
+            total = loss if total is None else graph.call_function(operator.add, (total, loss))
+    output.args = ((output.args[0], total),)
+    gm.recompile()
+    return len(losses)

@@ -1,0 +1,102 @@
+"""Helpers for the one IR, ``torch.fx.GraphModule``: our facts live in ``node.meta["moesys"]``.
+
+Keys written by the frontend: ``layer`` (int or None), ``module`` (qualified path of the module
+that produced the node), ``cost`` (a Cost of sympy expressions in the batch/sequence symbols).
+Passes add their own keys (e.g. ``lowered_to``, ``section``, ``bucket``) and document them.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Iterable, Optional
+
+import torch
+import torch.fx as fx
+from torch.utils._pytree import tree_map
+
+_LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
+
+
+def moesys_meta(node: fx.Node) -> dict[str, Any]:
+    """The node's ``meta["moesys"]`` dict, created empty when missing."""
+    return node.meta.setdefault("moesys", {})
+
+
+def layer_of_path(path: Optional[str]) -> Optional[int]:
+    """``layers.3.ffn.router`` -> 3 (the first integer component of a module path)."""
+    if not path:
+        return None
+    match = _LAYER_INDEX.search(path)
+    return int(match.group(1)) if match else None
+
+
+def module_path_of(node: fx.Node) -> Optional[str]:
+    """Qualified path of the innermost module a node was traced in, or of the attribute it reads."""
+    if node.op in ("call_module", "get_attr"):
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path = list(stack.values())[-1][0]
+        return path.removeprefix("L['self'].").removeprefix("L__self__.") if isinstance(path, str) else None
+    return None
+
+
+def is_op(node: fx.Node, *names: str) -> bool:
+    """True if ``node`` calls one of ``torch.ops.moesys.<name>`` (e.g. ``is_op(n, "moe_experts")``)."""
+    if node.op != "call_function":
+        return False
+    target = node.target
+    namespace = getattr(target, "namespace", None)
+    if namespace != "moesys":
+        return False
+    op_name = getattr(target, "_opname", None) or str(target).split(".")[1]
+    return op_name in names
+
+
+def canonical_target(target: Any) -> Any:
+    """Resolve an OpOverloadPacket (``torch.ops.moesys.route``) to its ``.default`` overload."""
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        return target.default
+    return target
+
+
+def val(node: Any) -> Any:
+    """``meta["val"]`` of a node; non-nodes are returned as they are."""
+    return node.meta.get("val") if isinstance(node, fx.Node) else node
+
+
+def infer_val(node: fx.Node, fake_mode) -> Any:
+    """Recompute ``meta["val"]`` for a call_function node from its inputs' vals (for new nodes)."""
+    args = tree_map(val, node.args)
+    kwargs = tree_map(val, node.kwargs)
+    with fake_mode:
+        result = node.target(*args, **kwargs)
+    node.meta["val"] = result
+    return result
+
+
+def tensors_in(obj: Any) -> Iterable[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for item in obj:
+            yield from tensors_in(item)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            yield from tensors_in(item)
+
+
+def target_name(node: fx.Node) -> str:
+    """Short readable name of what a node runs."""
+    target = node.target
+    if node.op in ("placeholder", "output", "get_attr", "call_module"):
+        return str(target)
+    if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        return str(target).removesuffix(".default")
+    if node.op == "call_method":
+        return f".{target}"
+    name = getattr(target, "__qualname__", None) or getattr(target, "__name__", None) or str(target)
+    module = getattr(target, "__module__", "") or ""
+    if module.startswith("torch") and not module.startswith("torch._"):
+        return f"torch.{name}" if "." not in name else name
+    return name

@@ -1,0 +1,118 @@
+"""Compile context, snapshots, and the pass runner.
+
+After each pass: ``graph.lint()``, recompile, ``verify()``, and a snapshot for ``inspect``.
+A failing pass is re-raised as PassError naming it and the passes that ran before it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import torch.fx as fx
+from torch import nn
+
+from .errors import PassError, PlanError
+from .frontend.annotation import Annotation, Cost
+from .frontend.canonicalize import BlockReport
+from .ir import target_name
+from .plan import Plan
+from .verify import verify
+
+
+@dataclass
+class NodeRecord:
+    """What inspect shows of one node; ``val`` is kept (not rendered) until it is printed."""
+    name: str
+    op: str
+    target: str
+    val: Any
+    layer: Optional[int]
+    module: Optional[str]
+    cost: Cost
+    inputs: tuple[str, ...]
+    extra: dict
+
+
+@dataclass
+class Snapshot:
+    stage: str                 # "capture" or a pass name
+    nodes: list[NodeRecord]
+    changed: bool
+    notes: list[str]
+    seconds: float
+
+
+@dataclass
+class CompileContext:
+    """Everything a pass may read, and where passes leave results for later passes and programs."""
+    plan: Plan
+    model: nn.Module
+    annotation: Annotation
+    blocks: list[BlockReport]
+    input_names: list[str]
+    capture: str                               # "fx" or "export"
+    rank: int = 0
+    snapshots: list[Snapshot] = field(default_factory=list)
+    passes_run: list[str] = field(default_factory=list)
+    passes_skipped: list[str] = field(default_factory=list)
+    notes: dict[str, list[str]] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)
+    current_pass: str = "capture"
+
+    @property
+    def fake_mode(self):
+        return self.annotation.fake_mode
+
+    def note(self, message: str) -> None:
+        """A line shown by ``inspect`` under the pass that is running."""
+        self.notes.setdefault(self.current_pass, []).append(message)
+
+
+_SKIP_EXTRA = {"cost", "layer", "module"}
+
+
+def take_snapshot(stage: str, gm: fx.GraphModule, ctx: CompileContext, changed: bool, seconds: float) -> Snapshot:
+    records = []
+    for node in gm.graph.nodes:
+        meta = node.meta.get("moesys", {})
+        records.append(NodeRecord(
+            name=node.name, op=node.op, target=target_name(node), val=node.meta.get("val"),
+            layer=meta.get("layer"), module=meta.get("module"), cost=meta.get("cost") or Cost(),
+            inputs=tuple(n.name for n in node.all_input_nodes),
+            extra={k: v for k, v in meta.items() if k not in _SKIP_EXTRA}))
+    return Snapshot(stage, records, changed, list(ctx.notes.get(stage, [])), seconds)
+
+
+def check_disabled(plan: Plan, passes: Sequence) -> None:
+    known = [p.__name__ for p in passes]
+    unknown = [name for name in plan.disable_passes if name not in known]
+    if unknown:
+        raise PlanError(f"disable_passes names unknown pass(es) {unknown}; passes of mode "
+                        f"'{plan.mode}': {known or 'none'}")
+
+
+def run_pipeline(gm: fx.GraphModule, ctx: CompileContext, passes: Sequence) -> fx.GraphModule:
+    check_disabled(ctx.plan, passes)
+    for fn in passes:
+        name = fn.__name__
+        if name in ctx.plan.disable_passes:
+            ctx.passes_skipped.append(name)
+            continue
+        ctx.current_pass = name
+        code_before = gm.code
+        start = time.perf_counter()
+        try:
+            gm = fn(gm, ctx)
+            gm.graph.lint()
+            gm.recompile()
+            verify(gm)
+        except PassError:
+            raise
+        except Exception as exc:
+            raise PassError(name, ctx.passes_run, exc) from exc
+        ctx.passes_run.append(name)
+        ctx.snapshots.append(take_snapshot(name, gm, ctx, gm.code != code_before, time.perf_counter() - start))
+    ctx.current_pass = "done"
+    return gm

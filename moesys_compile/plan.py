@@ -1,0 +1,163 @@
+"""The compile plan: what to build (mode), over how many ranks, under which memory budget.
+
+    >>> import moesys_compile as mc
+    >>> plan = mc.Plan(mode="train", world_size=4, expert_parallel=2)
+    >>> plan.data_parallel
+    2
+    >>> mc.Plan(mode="infer", device_budget="512MiB").device_budget
+    536870912
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+from .errors import PlanError
+
+MODES = ("train", "infer")
+WEIGHT_TIERS = ("host", "disk")
+KERNEL_CHOICES = ("auto", "triton", "torch")
+DTYPES = ("float32", "bfloat16", "float16")
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(value: Union[int, float, str, None], field_name: str = "device_budget") -> Optional[int]:
+    """``512MiB`` -> 536870912; ints pass through. Raises PlanError naming the field."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise PlanError(f"{field_name} ({value!r}) must be a byte count such as 536870912 or '512MiB'")
+    if isinstance(value, (int, float)):
+        if value <= 0:
+            raise PlanError(f"{field_name} ({value}) must be positive")
+        return int(value)
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+    if not match or match.group(2).lower() not in _UNITS:
+        raise PlanError(f"{field_name} ({value!r}) is not a size; write e.g. 536870912, '512MiB' or '2GB'")
+    size = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    if size <= 0:
+        raise PlanError(f"{field_name} ({value!r}) must be positive")
+    return size
+
+
+def format_bytes(num: Union[int, float]) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(num) >= scale:
+            return f"{num / scale:.2f} {unit}"
+    return f"{int(num)} B"
+
+
+@dataclass
+class Plan:
+    """How to compile a model. Every field is checked on construction (PlanError names it).
+
+    mode: "train" (per-rank expert+data parallel program) or "infer" (memory-ring program).
+    world_size / expert_parallel: ranks in all, and ranks an expert group spans; the rest is
+        data parallelism (``data_parallel = world_size // expert_parallel``).
+    capacity_factor: None for dropless routing, else GShard capacity per expert.
+    device: "cpu", "cuda" or "cuda:N". device_budget: bytes (int or "512MiB") the program may
+        hold on the device (ring inference). weights: "host" (pinned memory) or "disk"
+        (safetensors under offload_dir). dtype: compute dtype. disable_passes: pass names to skip.
+    """
+
+    mode: str = "train"
+    world_size: int = 1
+    expert_parallel: int = 1
+    capacity_factor: Optional[float] = None
+    device: str = "cpu"
+    device_budget: Optional[Union[int, str]] = None
+    weights: str = "host"
+    offload_dir: Optional[str] = None
+    dtype: str = "float32"
+    disable_passes: tuple[str, ...] = ()
+    kernels: str = "auto"
+    bucket_mb: float = 25.0
+    ring_slots: Optional[int] = None
+    leaf_modules: tuple[str, ...] = ()
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.disable_passes = tuple(self.disable_passes or ())
+        self.leaf_modules = tuple(self.leaf_modules or ())
+        self.options = dict(self.options or {})
+        self.device_budget = parse_bytes(self.device_budget)
+        self._check_choice("mode", MODES)
+        self._check_choice("weights", WEIGHT_TIERS)
+        self._check_choice("kernels", KERNEL_CHOICES)
+        self._check_choice("dtype", DTYPES)
+        for name in ("world_size", "expert_parallel"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise PlanError(f"{name} ({value!r}) must be a positive integer")
+        if self.world_size % self.expert_parallel:
+            raise PlanError(f"world_size ({self.world_size}) is not divisible by expert_parallel "
+                            f"({self.expert_parallel}); use an expert_parallel that divides it")
+        if self.capacity_factor is not None and not self.capacity_factor > 0:
+            raise PlanError(f"capacity_factor ({self.capacity_factor}) must be > 0, or None for dropless routing")
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            raise PlanError(f"device ({self.device!r}) must be 'cpu', 'cuda' or 'cuda:N'")
+        if self.bucket_mb <= 0:
+            raise PlanError(f"bucket_mb ({self.bucket_mb}) must be > 0")
+        if self.ring_slots is not None and self.ring_slots < 2:
+            raise PlanError(f"ring_slots ({self.ring_slots}) must be >= 2 (one computes while the next loads)")
+        if self.weights == "disk" and self.mode == "infer" and not self.offload_dir:
+            raise PlanError("weights is 'disk' but offload_dir is not set; give a directory for the safetensors files")
+
+    def _check_choice(self, name: str, choices: tuple[str, ...]) -> None:
+        value = getattr(self, name)
+        if value not in choices:
+            raise PlanError(f"{name} ({value!r}) must be one of {', '.join(map(repr, choices))}")
+
+    @property
+    def data_parallel(self) -> int:
+        return self.world_size // self.expert_parallel
+
+    @property
+    def torch_dtype(self):
+        import torch
+        return getattr(torch, self.dtype)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["disable_passes"] = list(self.disable_passes)
+        data["leaf_modules"] = list(self.leaf_modules)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "plan") -> "Plan":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise PlanError(f"{source}: unknown plan field(s) {unknown}; known fields: {sorted(known)}")
+        return cls(**data)
+
+    def to_file(self, path: Union[str, Path]) -> None:
+        path = Path(path)
+        text = (json.dumps(self.to_dict(), indent=2) if path.suffix == ".json"
+                else yaml.safe_dump(self.to_dict(), sort_keys=False))
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+
+    @classmethod
+    def from_file(cls, path: Union[str, Path]) -> "Plan":
+        path = Path(path)
+        if not path.is_file():
+            raise PlanError(f"plan file {str(path)!r} does not exist")
+        text = path.read_text()
+        try:
+            data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        except (json.JSONDecodeError, yaml.YAMLError) as exc:
+            raise PlanError(f"plan file {str(path)!r} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}") from exc
+        if not isinstance(data, dict):
+            raise PlanError(f"plan file {str(path)!r} must hold a mapping of plan fields, got {type(data).__name__}")
+        return cls.from_dict(data, source=str(path))

@@ -1,0 +1,27 @@
+"""Graph passes. A pass is a plain function ``def name(gm, ctx) -> gm`` whose docstring states its
+Contract and Pseudo-code. The pipeline of each mode is the explicit list below, run in order by
+``moesys_compile.pipeline.run_pipeline``; ``Plan.disable_passes`` skips passes by name.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch.fx as fx
+
+Pass = Callable[[fx.GraphModule, object], fx.GraphModule]
+
+# Explicit per-mode pipelines. Empty lists run no pass: the program is the captured graph
+# (identity), which `inspect` reports as such.
+TRAIN_PIPELINE: list[Pass] = []
+INFER_PIPELINE: list[Pass] = []
+
+PIPELINES: dict[str, list[Pass]] = {"train": TRAIN_PIPELINE, "infer": INFER_PIPELINE}
+
+
+def pipeline_for(mode: str) -> list[Pass]:
+    return PIPELINES[mode]
+
+
+def all_pass_names() -> list[str]:
+    return list(dict.fromkeys(p.__name__ for passes in PIPELINES.values() for p in passes))
