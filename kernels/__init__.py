@@ -1,1 +1,20 @@
-"""Triton kernels and fast torch paths for the canonical MoE ops."""
+"""Kernels for the MoE hot path, registered as ``torch.ops.moesys_kernels.*`` custom ops.
+
+Each op has a Triton implementation (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``), a fast
+torch implementation (the CPU path), a fake implementation and autograd; its last argument
+``impl`` ("auto" | "triton" | "torch") picks one, and the ``lower_kernels`` pass writes it.
+
+    module          ops                                    kernels
+    routing.py      route_topk, balance_loss               fused scores/top-k/renormalize/statistics
+    permute.py      sort_slots, permute, unpermute          counting sort + gather, weighted combine
+    grouped_mlp.py  (launch wrappers)                       grouped GEMMs with fused activation
+    experts.py      grouped_mlp, fused_experts              torch paths + the two ops
+    reference.py    naive differentiable references for the tests
+
+Importing works without Triton (``HAVE_TRITON`` is then False and only the torch paths run).
+"""
+
+from moesys_compile.kernels import experts, permute, routing  # noqa: F401  (registers the ops)
+from moesys_compile.kernels._triton import HAVE_TRITON, INTERPRET, triton_unavailable  # noqa: F401
+
+__all__ = ["HAVE_TRITON", "INTERPRET", "triton_unavailable", "experts", "permute", "routing"]

@@ -77,3 +77,22 @@ def pow2(n: int, minimum: int = 1) -> int:
     """Smallest power of two >= max(n, minimum) (Triton block shapes are powers of two)."""
     n = max(int(n), minimum)
     return 1 << (n - 1).bit_length()
+
+
+def resolve_impl(impl: str, t: torch.Tensor, dtype: Optional[torch.dtype] = None) -> str:
+    """"auto" -> "triton" on CUDA when Triton can run the dtype, else "torch"; "triton" and "torch"
+    are kept as asked (a "triton" that cannot run raises when launched, naming the reason)."""
+    if impl not in ("auto", "triton", "torch"):
+        raise ValueError(f"impl ({impl!r}) must be 'auto', 'triton' or 'torch'")
+    if impl != "auto":
+        return impl
+    dtype = t.dtype if dtype is None else dtype
+    if t.is_cuda and triton_unavailable(t.device) is None and dtype in TRITON_DTYPES:
+        return "triton"
+    return "torch"
+
+
+def check_dtype(name: str, t: torch.Tensor) -> None:
+    if t.dtype not in TRITON_DTYPES:
+        raise ValueError(f"{name} has dtype {t.dtype}; the Triton kernels take "
+                         f"{', '.join(str(d) for d in TRITON_DTYPES)} (use impl='torch')")

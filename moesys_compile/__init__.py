@@ -12,8 +12,9 @@ from .api import check_plan_against_model, compile, lower, trace
 from .errors import MoesysError, PassError, PlanError, UntraceableModelError, VerifyError
 from .plan import Plan
 from .programs import Program
+from .runtime.checkpoint import load_into
 
 __version__ = "0.1.0"
 
 __all__ = ["compile", "lower", "trace", "check_plan_against_model", "Plan", "Program", "MoesysError",
-           "PassError", "PlanError", "UntraceableModelError", "VerifyError", "models", "nn", "ops"]
+           "PassError", "PlanError", "UntraceableModelError", "VerifyError", "models", "nn", "ops", "load_into"]

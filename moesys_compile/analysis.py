@@ -50,7 +50,7 @@ def critical_path(graph: nx.DiGraph, batch: int, seq: int, field: str = "flops")
         best[name] = (total + weights[name], parent)
     if not best:
         return [], 0
-    end = max(best, key=lambda n: best[n][0])
+    end = max(reversed(list(best)), key=lambda n: best[n][0])   # ties: the latest node
     path, cursor = [], end
     while cursor is not None:
         path.append(cursor)

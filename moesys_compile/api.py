@@ -62,10 +62,10 @@ def _capture_and_annotate(model, example_inputs, example_kwargs, leaf_modules, w
     return gm, annotation
 
 
-def lower(model: nn.Module, plan: Optional[Plan] = None, example_inputs: Any = (),
-          example_kwargs: Optional[dict] = None, rank: int = 0) -> tuple[fx.GraphModule, CompileContext]:
-    """Everything but building the program: canonicalize, check the plan, capture, annotate and
-    run the mode's pipeline. Needs no process group (``rank`` picks the per-rank view)."""
+def prepare(model: nn.Module, plan: Optional[Plan] = None, example_inputs: Any = (),
+            example_kwargs: Optional[dict] = None, rank: int = 0) -> tuple[fx.GraphModule, CompileContext]:
+    """The frontend alone: canonicalize, check the plan against the model, capture, annotate.
+    Returns the captured graph and a context whose only snapshot is "capture"."""
     plan = plan or Plan()
     example_inputs, example_kwargs = _as_tuple(example_inputs), dict(example_kwargs or {})
     blocks = canonicalize(model)
@@ -76,8 +76,15 @@ def lower(model: nn.Module, plan: Optional[Plan] = None, example_inputs: Any = (
                          input_names=binder.traced_names, capture=binder.capture, rank=rank)
     ctx.extras["binder"] = binder
     ctx.snapshots.append(take_snapshot("capture", gm, ctx, changed=True, seconds=0.0))
-    gm = run_pipeline(gm, ctx, pipeline_for(plan.mode))
     return gm, ctx
+
+
+def lower(model: nn.Module, plan: Optional[Plan] = None, example_inputs: Any = (),
+          example_kwargs: Optional[dict] = None, rank: int = 0) -> tuple[fx.GraphModule, CompileContext]:
+    """Everything but building the program: ``prepare`` then the mode's pipeline. Needs no
+    process group (``rank`` picks the per-rank view)."""
+    gm, ctx = prepare(model, plan, example_inputs, example_kwargs, rank)
+    return run_pipeline(gm, ctx, pipeline_for(ctx.plan.mode)), ctx
 
 
 def compile(model: nn.Module, plan: Optional[Plan] = None, example_inputs: Any = (),

@@ -95,8 +95,8 @@ def target_name(node: fx.Node) -> str:
         return str(target).removesuffix(".default")
     if node.op == "call_method":
         return f".{target}"
-    name = getattr(target, "__qualname__", None) or getattr(target, "__name__", None) or str(target)
-    module = getattr(target, "__module__", "") or ""
-    if module.startswith("torch") and not module.startswith("torch._"):
-        return f"torch.{name}" if "." not in name else name
+    name = getattr(target, "__name__", None) or str(target)
+    module = getattr(target, "__module__", None) or ""
+    if module.startswith("torch") or type(target).__name__ == "builtin_function_or_method" and hasattr(torch, name):
+        return f"torch.{name}" if getattr(torch, name, None) is target else name
     return name

@@ -9,12 +9,18 @@ from typing import Callable
 
 import torch.fx as fx
 
+from moesys_compile.passes.decompose_moe import decompose_moe
+from moesys_compile.passes.expert_parallel import expert_parallel
+from moesys_compile.passes.fuse_comm import fuse_comm
+from moesys_compile.passes.ring_partition import ring_partition
+from moesys_compile.passes.schedule_prefetch import schedule_prefetch
+
 Pass = Callable[[fx.GraphModule, object], fx.GraphModule]
 
 # Explicit per-mode pipelines. Empty lists run no pass: the program is the captured graph
 # (identity), which `inspect` reports as such.
-TRAIN_PIPELINE: list[Pass] = []
-INFER_PIPELINE: list[Pass] = []
+TRAIN_PIPELINE: list[Pass] = [decompose_moe, expert_parallel, fuse_comm]
+INFER_PIPELINE: list[Pass] = [decompose_moe, ring_partition, schedule_prefetch]
 
 PIPELINES: dict[str, list[Pass]] = {"train": TRAIN_PIPELINE, "infer": INFER_PIPELINE}
 

@@ -19,10 +19,10 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode, unset_fake_temporarily
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map
 
 from ..ir import is_op, layer_of_path, module_path_of, moesys_meta, tensors_in
 
@@ -158,10 +158,46 @@ class MemoFakeProp(FakeTensorProp):
             result, val = self.memo[key]
             node.meta["val"] = val
             return result
-        result = super().run_node(node)
+        try:
+            result = super().run_node(node)
+        except DataDependentOutputException:
+            if node.op != "call_module":
+                raise
+            result = self._run_leaf_for_real(node)
+            node.meta["val"] = result
+        node.meta.setdefault("val", result)   # dtypes, devices, None: plain values are their own val
         if key is not None:
             self.memo[key] = (result, node.meta.get("val"))
         return result
+
+    def _run_leaf_for_real(self, node: fx.Node) -> Any:
+        """A leaf module whose code depends on tensor values cannot run on fake tensors: run it on
+        real zeros of the hinted sizes, then give the output symbolic sizes wherever an output
+        size equals the hint of an input's symbolic size."""
+        args, kwargs = self.fetch_args_kwargs_from_env(node)
+        by_hint: dict[int, Any] = {}
+        for value in tree_leaves((args, kwargs)):
+            if isinstance(value, torch.Tensor):
+                for size in value.shape:
+                    if isinstance(size, torch.SymInt):
+                        by_hint.setdefault(size.node.hint, size)
+
+        def real(value):
+            if isinstance(value, torch.Tensor):
+                shape = [s.node.hint if isinstance(s, torch.SymInt) else s for s in value.shape]
+                return torch.zeros(shape, dtype=value.dtype, device=value.device)
+            return value
+
+        with unset_fake_temporarily():
+            output = self.module.get_submodule(node.target)(*tree_map(real, args), **tree_map(real, kwargs))
+
+        def fake(value):
+            if isinstance(value, torch.Tensor):
+                shape = [by_hint.get(s, s) for s in value.shape]
+                with self._mode:
+                    return torch.empty(shape, dtype=value.dtype, device=value.device)
+            return value
+        return tree_map(fake, output)
 
 
 def _size_key(size: Any) -> Any:

@@ -79,19 +79,23 @@ def canonicalize(model: nn.Module, recognizers: Optional[list[Recognizer]] = Non
     reports: list[BlockReport] = []
     claimed: list[str] = []
     for path, module in list(model.named_modules()):
-        if not path or any(path.startswith(prefix + ".") for prefix in claimed):
+        if any(path.startswith(prefix + ".") or prefix == "" for prefix in claimed):
             continue
         recognition = next((r for r in (rec(module, path) for rec in recognizers) if r is not None), None)
         if recognition is not None:
             claimed.append(path)
-            if recognition.replacement is None:
-                reports.append(BlockReport(path, recognition.kind, "canonical", "already canonical",
+            if recognition.replacement is not None and not path:
+                reports.append(BlockReport("(model)", recognition.kind, "left",
+                                           "the model itself is the MoE block; wrap it in a parent module to "
+                                           "canonicalize it", recognition.details))
+            elif recognition.replacement is None:
+                reports.append(BlockReport(path or "(model)", recognition.kind, "canonical", "already canonical",
                                            recognition.details))
             else:
                 _set_submodule(model, path, recognition.replacement)
                 reports.append(BlockReport(path, recognition.kind, "replaced",
                                            "dispatch/experts/combine now canonical ops", recognition.details))
-        elif _looks_like_moe(module):
+        elif path and _looks_like_moe(module):
             claimed.append(path)
             reports.append(BlockReport(path, type(module).__name__, "left",
                                        "no recognizer matched its structure; it runs as traced code"))

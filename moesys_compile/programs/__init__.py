@@ -10,7 +10,15 @@ from .binding import InputBinder, flatten_export_codegen
 
 def build_program(gm: fx.GraphModule, ctx) -> Program:
     """Single-device program for now; distributed training and ring inference plug in here."""
+    if ctx.plan.mode == "train" and (ctx.plan.world_size > 1 or _distributed()):
+        from .training import TrainingProgram
+        return TrainingProgram(gm, ctx)
     return Program(gm, ctx)
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+    return dist.is_available() and dist.is_initialized()
 
 
 __all__ = ["Program", "InputBinder", "build_program", "flatten_export_codegen"]

@@ -1,0 +1,424 @@
+"""Triton grouped expert MLP over variable-size groups: forward and backward.
+
+Shape legend: T tokens · D model dim · F expert hidden · H up rows (2F gated, F otherwise) ·
+E experts · K top-k · N rows (expert-sorted slots).
+
+Four kernels, each over the rows of all experts at once (one launch, no host sync):
+
+    _up_act_kernel        a_NF = act(x_ND @ W_up[e]^T)      gate and up tiles in one program,
+                                                            SwiGLU / GeGLU / GELU / SiLU / ReLU
+                                                            in the epilogue; h_NH kept for backward
+    _grouped_gemm_kernel  c = scale * (a_NK @ B[e])         down projection (and grad_x = grad_h @
+                                                            W_up[e]); rows scattered to their slots
+    _down_bwd_kernel      grad_h_NH = act'(h) * (w * grad_y @ W_down[e]), and the top-k weights'
+                                                            gradient <grad_y @ W_down[e], a>
+    _weight_grad_kernel   dW[e] = P[rows of e]^T @ Q[rows of e]   (act(h) recomputed on load)
+
+With ``slots_N`` (the ``order_N`` of a sort) the kernels read x rows straight from x_TD
+(``x_TD[slot // K]``) and write y rows to their slot, weighted: dispatch and combine are fused
+into the GEMMs (the ScatterMoE idea), so no permuted copy of x or y is materialised.
+
+Row tiles never straddle two experts: expert e owns ceil(count_e / BLOCK_M) tiles, and a program
+finds its expert from a cumulative sum of those tile counts (E <= a few hundred, in registers).
+The grid has ceil(N / BLOCK_M) + E row programs, an upper bound; the extra ones return at once.
+"""
+
+import torch
+from torch import Tensor
+
+from moesys_compile.kernels._triton import (HAVE_TRITON, INTERPRET, check_dtype, check_triton, dot_precision,
+                                            pow2, tl, triton, use_autotune)
+from moesys_compile.ops import is_gated
+
+# activation kinds of the epilogues (gating is a separate flag)
+_ACT_KIND = {"swiglu": 0, "silu": 0, "geglu": 1, "gelu": 1, "relu": 2}
+
+
+def _configs() -> list:
+    """Block sizes. The interpreter runs the first one; on CUDA the list is autotuned per shape.
+    The CUDA list targets Hopper/Ampere tensor cores (bf16 tiles of 64-256 with 3-4 stages)."""
+    if INTERPRET or not HAVE_TRITON:
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4)] if HAVE_TRITON else []
+    shapes = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
+              (64, 64, 64, 4, 4), (64, 256, 64, 8, 3), (128, 128, 32, 4, 4), (256, 128, 64, 8, 3)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+            for m, n, k, w, s in shapes]
+
+
+_MIN_BLOCK_N = 32  # smallest BLOCK_N of any config: sizes the per-column-tile partial sums
+
+
+@triton.jit
+def _mma(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    if UPCAST:  # Triton's interpreter mishandles bf16 dot; bf16 products are exact in fp32 anyway
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _act(x, KIND: tl.constexpr):
+    if KIND == 0:
+        return x * tl.sigmoid(x)
+    elif KIND == 1:
+        return 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
+    else:
+        return tl.maximum(x, 0.0)
+
+
+@triton.jit
+def _act_grad(x, KIND: tl.constexpr):
+    if KIND == 0:
+        s = tl.sigmoid(x)
+        return s * (1.0 + x * (1.0 - s))
+    elif KIND == 1:
+        return 0.5 * (1.0 + tl.erf(x * 0.7071067811865476)) + x * 0.3989422804014327 * tl.exp(-0.5 * x * x)
+    else:
+        return tl.where(x > 0.0, 1.0, 0.0)
+
+
+@triton.jit
+def _expert_tile(counts_ptr, E, pid, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr):
+    """Row program ``pid`` -> (expert, its first row, end of that expert's rows); expert == E
+    means the program has no work."""
+    es = tl.arange(0, E_PAD)
+    counts = tl.load(counts_ptr + es, mask=es < E, other=0)
+    tiles = (counts + BLOCK_M - 1) // BLOCK_M
+    tiles_end = tl.cumsum(tiles, axis=0)
+    expert = tl.sum((tiles_end <= pid).to(tl.int32), axis=0)
+    here = es == expert
+    start = tl.sum(tl.where(here, tl.cumsum(counts, axis=0) - counts, 0), axis=0)
+    end = start + tl.sum(tl.where(here, counts, 0), axis=0)
+    first_tile = tl.sum(tl.where(here, tiles_end - tiles, 0), axis=0)
+    return expert, start + (pid - first_tile) * BLOCK_M, end
+
+
+@triton.jit
+def _up_act_kernel(
+    x_ptr, slots_ptr, w_ptr, counts_ptr, h_ptr, a_ptr,
+    E, D, F, top_k, stride_x, stride_we, stride_wh, stride_wd, stride_h, stride_a,
+    KIND: tl.constexpr, GATED: tl.constexpr, GATHER: tl.constexpr, SAVE_H: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, E_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    expert, m0, m_end = _expert_tile(counts_ptr, E, tl.program_id(0), BLOCK_M, E_PAD)
+    if expert >= E:
+        return
+    rows = m0 + tl.arange(0, BLOCK_M)
+    row_ok = rows < m_end
+    src = rows
+    if GATHER:
+        src = tl.load(slots_ptr + rows, mask=row_ok, other=0) // top_k
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < F
+    w_base = w_ptr + expert * stride_we
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < D
+        x = tl.load(x_ptr + src[:, None] * stride_x + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w_mask = k_ok[:, None] & col_ok[None, :]
+        w_gate = tl.load(w_base + cols[None, :] * stride_wh + ks[:, None] * stride_wd, mask=w_mask, other=0.0)
+        acc_g = _mma(x, w_gate, acc_g, PRECISION, UPCAST)
+        if GATED:
+            w_up = tl.load(w_base + (cols + F)[None, :] * stride_wh + ks[:, None] * stride_wd, mask=w_mask, other=0.0)
+            acc_u = _mma(x, w_up, acc_u, PRECISION, UPCAST)
+    out_mask = row_ok[:, None] & col_ok[None, :]
+    dtype = a_ptr.dtype.element_ty
+    # round h to the storage dtype first so that forward and backward (which reads h) agree
+    gate = acc_g.to(dtype)
+    if SAVE_H:
+        tl.store(h_ptr + rows[:, None] * stride_h + cols[None, :], gate, mask=out_mask)
+    a = _act(gate.to(tl.float32), KIND)
+    if GATED:
+        up = acc_u.to(dtype)
+        if SAVE_H:
+            tl.store(h_ptr + rows[:, None] * stride_h + (cols + F)[None, :], up, mask=out_mask)
+        a = a * up.to(tl.float32)
+    tl.store(a_ptr + rows[:, None] * stride_a + cols[None, :], a.to(dtype), mask=out_mask)
+
+
+@triton.jit
+def _grouped_gemm_kernel(
+    a_ptr, b_ptr, c_ptr, counts_ptr, slots_ptr, scale_ptr,
+    E, KD, NC, stride_a, stride_be, stride_bk, stride_bn, stride_c,
+    SCATTER: tl.constexpr, SCALE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """c[dst(n)] = scale[dst(n)] * a[n] @ B[e]; B[e][k, j] at b + e*stride_be + k*stride_bk + j*stride_bn."""
+    expert, m0, m_end = _expert_tile(counts_ptr, E, tl.program_id(0), BLOCK_M, E_PAD)
+    if expert >= E:
+        return
+    rows = m0 + tl.arange(0, BLOCK_M)
+    row_ok = rows < m_end
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < NC
+    b_base = b_ptr + expert * stride_be
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k0 in range(0, KD, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < KD
+        a = tl.load(a_ptr + rows[:, None] * stride_a + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_base + ks[:, None] * stride_bk + cols[None, :] * stride_bn,
+                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = _mma(a, b, acc, PRECISION, UPCAST)
+    dst = rows
+    if SCATTER:
+        dst = tl.load(slots_ptr + rows, mask=row_ok, other=0)
+    if SCALE:
+        acc = acc * tl.load(scale_ptr + dst, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+    tl.store(c_ptr + dst[:, None] * stride_c + cols[None, :], acc.to(c_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _down_bwd_kernel(
+    grad_y_ptr, slots_ptr, scale_ptr, w_ptr, h_ptr, counts_ptr, grad_h_ptr, part_ptr,
+    E, D, F, top_k, stride_gy, stride_we, stride_wd, stride_wf, stride_h, stride_gh, stride_part,
+    KIND: tl.constexpr, GATED: tl.constexpr, GATHER: tl.constexpr, SCALE: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, E_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    expert, m0, m_end = _expert_tile(counts_ptr, E, tl.program_id(0), BLOCK_M, E_PAD)
+    if expert >= E:
+        return
+    rows = m0 + tl.arange(0, BLOCK_M)
+    row_ok = rows < m_end
+    src = rows
+    if GATHER:
+        slots = tl.load(slots_ptr + rows, mask=row_ok, other=0)
+        src = slots // top_k
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < F
+    w_base = w_ptr + expert * stride_we
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)  # grad_y @ W_down[e], before the top-k weight
+    for k0 in range(0, D, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < D
+        g = tl.load(grad_y_ptr + src[:, None] * stride_gy + ks[None, :], mask=row_ok[:, None] & k_ok[None, :],
+                    other=0.0)
+        w = tl.load(w_base + ks[:, None] * stride_wd + cols[None, :] * stride_wf,
+                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = _mma(g, w, acc, PRECISION, UPCAST)
+    m = row_ok[:, None] & col_ok[None, :]
+    gate = tl.load(h_ptr + rows[:, None] * stride_h + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    act_gate = _act(gate, KIND)
+    if GATED:
+        up = tl.load(h_ptr + rows[:, None] * stride_h + (cols + F)[None, :], mask=m, other=0.0).to(tl.float32)
+        a = act_gate * up
+    else:
+        a = act_gate
+    if SCALE:  # d loss / d weight of the slot: <grad_y @ W_down[e], a>, one partial per column tile
+        tl.store(part_ptr + rows * stride_part + tl.program_id(1), tl.sum(tl.where(m, acc * a, 0.0), axis=1),
+                 mask=row_ok)
+        acc = acc * tl.load(scale_ptr + slots, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+    dtype = grad_h_ptr.dtype.element_ty
+    if GATED:
+        tl.store(grad_h_ptr + rows[:, None] * stride_gh + cols[None, :], (acc * up * _act_grad(gate, KIND)).to(dtype),
+                 mask=m)
+        tl.store(grad_h_ptr + rows[:, None] * stride_gh + (cols + F)[None, :], (acc * act_gate).to(dtype), mask=m)
+    else:
+        tl.store(grad_h_ptr + rows[:, None] * stride_gh + cols[None, :], (acc * _act_grad(gate, KIND)).to(dtype),
+                 mask=m)
+
+
+@triton.jit
+def _weight_grad_kernel(
+    p_ptr, q_ptr, out_ptr, counts_ptr, slots_ptr, scale_ptr,
+    E, I, J, F, top_k, stride_p, stride_q, stride_oe, stride_oi, stride_oj,
+    P_GATHER: tl.constexpr, P_SCALE: tl.constexpr, Q_GATHER: tl.constexpr, Q_ACT: tl.constexpr,
+    KIND: tl.constexpr, GATED: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """out[e] = sum over rows n of expert e of P[n, :I]^T Q[n, :J]; Q = act(h) when Q_ACT."""
+    expert = tl.program_id(1)
+    es = tl.arange(0, E_PAD)
+    counts = tl.load(counts_ptr + es, mask=es < E, other=0)
+    here = es == expert
+    start = tl.sum(tl.where(here, tl.cumsum(counts, axis=0) - counts, 0), axis=0)
+    end = start + tl.sum(tl.where(here, counts, 0), axis=0)
+    tiles_j = tl.cdiv(J, BLOCK_N)
+    offs_i = (tl.program_id(0) // tiles_j) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_j = (tl.program_id(0) % tiles_j) * BLOCK_N + tl.arange(0, BLOCK_N)
+    i_ok = offs_i < I
+    j_ok = offs_j < J
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for r0 in range(start, end, BLOCK_K):
+        rows = r0 + tl.arange(0, BLOCK_K)
+        r_ok = rows < end
+        p_rows = rows
+        q_rows = rows
+        if P_GATHER or P_SCALE or Q_GATHER:
+            slots = tl.load(slots_ptr + rows, mask=r_ok, other=0)
+            if P_GATHER:
+                p_rows = slots // top_k
+            if Q_GATHER:
+                q_rows = slots // top_k
+        p = tl.load(p_ptr + p_rows[None, :] * stride_p + offs_i[:, None], mask=i_ok[:, None] & r_ok[None, :],
+                    other=0.0)
+        if P_SCALE:
+            scale = tl.load(scale_ptr + slots, mask=r_ok, other=0.0).to(tl.float32)
+            p = (p.to(tl.float32) * scale[None, :]).to(p_ptr.dtype.element_ty)
+        q_mask = r_ok[:, None] & j_ok[None, :]
+        if Q_ACT:
+            gate = tl.load(q_ptr + q_rows[:, None] * stride_q + offs_j[None, :], mask=q_mask, other=0.0)
+            q = _act(gate.to(tl.float32), KIND)
+            if GATED:
+                up = tl.load(q_ptr + q_rows[:, None] * stride_q + (offs_j + F)[None, :], mask=q_mask, other=0.0)
+                q = q * up.to(tl.float32)
+            q = q.to(p_ptr.dtype.element_ty)
+        else:
+            q = tl.load(q_ptr + q_rows[:, None] * stride_q + offs_j[None, :], mask=q_mask, other=0.0)
+        acc = _mma(p, q, acc, PRECISION, UPCAST)
+    tl.store(out_ptr + expert * stride_oe + offs_i[:, None] * stride_oi + offs_j[None, :] * stride_oj,
+             acc.to(out_ptr.dtype.element_ty), mask=i_ok[:, None] & j_ok[None, :])
+
+
+def _autotuned(kernel, key, reset_to_zero=None):
+    if not HAVE_TRITON or INTERPRET:
+        return None
+    return triton.autotune(configs=_configs(), key=key, reset_to_zero=reset_to_zero)(kernel)
+
+
+_TUNED = {
+    _up_act_kernel: _autotuned(_up_act_kernel, ["D", "F"]),
+    _grouped_gemm_kernel: _autotuned(_grouped_gemm_kernel, ["KD", "NC"]),
+    _down_bwd_kernel: _autotuned(_down_bwd_kernel, ["D", "F"], reset_to_zero=["part_ptr"]),
+    _weight_grad_kernel: _autotuned(_weight_grad_kernel, ["I", "J"]),
+}
+
+
+def _launch(kernel, grid, ref: Tensor, *args, **constexprs) -> None:
+    """Autotuned on CUDA; the interpreter (and CUDA without tuning) runs ``_configs()[0]``."""
+    if use_autotune(ref) and _TUNED.get(kernel) is not None:
+        _TUNED[kernel][grid](*args, **constexprs)
+    else:
+        kernel[grid](*args, **constexprs, **_configs()[0].all_kwargs())
+
+
+# ---------------------------------------------------------------------------------------------
+# host wrappers
+# ---------------------------------------------------------------------------------------------
+
+
+def check_experts_args(x: Tensor, counts_E: Tensor, w_up_EHD: Tensor, w_down_EDF: Tensor, activation: str,
+                       x_name: str = "x_ND") -> None:
+    """Shape checks shared by the Triton and torch paths; errors name the tensor and the sizes."""
+    if activation not in _ACT_KIND and activation != "geglu":
+        raise ValueError(f"activation {activation!r} is not supported; use one of {tuple(_ACT_KIND)}")
+    if w_up_EHD.dim() != 3 or w_down_EDF.dim() != 3:
+        raise ValueError(f"w_up_EHD {tuple(w_up_EHD.shape)} and w_down_EDF {tuple(w_down_EDF.shape)} must be 3-D")
+    num_experts, rows_h, dim = w_up_EHD.shape
+    ffn = w_down_EDF.shape[2]
+    want_h = 2 * ffn if is_gated(activation) else ffn
+    if rows_h != want_h:
+        raise ValueError(f"w_up_EHD has {rows_h} rows per expert but activation {activation!r} with "
+                         f"w_down_EDF's F = {ffn} needs H = {want_h}")
+    if tuple(w_down_EDF.shape[:2]) != (num_experts, dim):
+        raise ValueError(f"w_down_EDF {tuple(w_down_EDF.shape)} does not match w_up_EHD {tuple(w_up_EHD.shape)} "
+                         f"(expected [{num_experts}, {dim}, {ffn}])")
+    if x.dim() != 2 or x.shape[1] != dim:
+        raise ValueError(f"{x_name} has shape {tuple(x.shape)}, expected [*, {dim}] (D of w_up_EHD)")
+    if tuple(counts_E.shape) != (num_experts,):
+        raise ValueError(f"counts_E has shape {tuple(counts_E.shape)}, expected ({num_experts},)")
+    if x.dtype != w_up_EHD.dtype or x.dtype != w_down_EDF.dtype:
+        raise ValueError(f"{x_name} ({x.dtype}), w_up_EHD ({w_up_EHD.dtype}) and w_down_EDF ({w_down_EDF.dtype}) "
+                         f"must share a dtype")
+
+
+def _common(x: Tensor, activation: str) -> dict:
+    return dict(KIND=_ACT_KIND["gelu" if activation == "geglu" else activation], GATED=is_gated(activation),
+                PRECISION=dot_precision(x.dtype), UPCAST=INTERPRET)
+
+
+def _row_grid(num_rows: int, num_experts: int, cols: int):
+    return lambda meta: (triton.cdiv(num_rows, meta["BLOCK_M"]) + num_experts, triton.cdiv(cols, meta["BLOCK_N"]))
+
+
+def experts_forward_triton(x: Tensor, counts_E: Tensor, w_up_EHD: Tensor, w_down_EDF: Tensor, activation: str,
+                           slots_N=None, weights_TK=None, save_h: bool = True):
+    """Without ``slots_N``: x is x_ND (expert-sorted rows), returns (y_ND, h_NH).
+    With ``slots_N`` (and ``weights_TK``): x is x_TD, rows are gathered on load and the output is
+    the weighted top-k sum y_TD. h_NH is [0, H] when ``save_h`` is False."""
+    fused = slots_N is not None
+    check_experts_args(x, counts_E, w_up_EHD, w_down_EDF, activation, "x_TD" if fused else "x_ND")
+    check_triton(x, counts_E, w_up_EHD, w_down_EDF)
+    check_dtype("x", x)
+    x = x if x.stride(1) == 1 else x.contiguous()
+    num_experts, rows_h, dim = w_up_EHD.shape
+    ffn = w_down_EDF.shape[2]
+    num_rows = slots_N.numel() if fused else x.shape[0]
+    top_k = weights_TK.shape[1] if fused else 1
+    common = _common(x, activation)
+    e_pad = pow2(num_experts, 2)
+    a_NF = torch.empty((num_rows, ffn), device=x.device, dtype=x.dtype)
+    h_NH = torch.empty((num_rows if save_h else 0, rows_h), device=x.device, dtype=x.dtype)
+    out = torch.zeros((num_rows, dim), device=x.device, dtype=x.dtype)  # dropped rows / slots stay 0
+    if num_rows:
+        _launch(_up_act_kernel, _row_grid(num_rows, num_experts, ffn), x,
+                x, slots_N if fused else counts_E, w_up_EHD, counts_E, h_NH if save_h else a_NF, a_NF,
+                num_experts, dim, ffn, top_k, x.stride(0), *w_up_EHD.stride(), h_NH.stride(0), a_NF.stride(0),
+                GATHER=fused, SAVE_H=save_h, E_PAD=e_pad, **common)
+        scale = weights_TK.reshape(-1).contiguous() if fused else a_NF
+        _launch(_grouped_gemm_kernel, _row_grid(num_rows, num_experts, dim), x,
+                a_NF, w_down_EDF, out, counts_E, slots_N if fused else counts_E, scale,
+                num_experts, ffn, dim, a_NF.stride(0), w_down_EDF.stride(0), w_down_EDF.stride(2),
+                w_down_EDF.stride(1), out.stride(0),
+                SCATTER=fused, SCALE=fused, PRECISION=common["PRECISION"], UPCAST=common["UPCAST"], E_PAD=e_pad)
+    if fused:  # out holds weighted rows in slot order t*K + k
+        out = out.view(-1, top_k, dim).sum(1) if top_k > 1 else out
+    return out, h_NH
+
+
+def experts_backward_triton(grad_out: Tensor, x: Tensor, counts_E: Tensor, w_up_EHD: Tensor, w_down_EDF: Tensor,
+                            h_NH: Tensor, activation: str, slots_N=None, weights_TK=None):
+    """Gradients of ``experts_forward_triton``: (grad_x, grad_w_up, grad_w_down, grad_weights_TK or None)."""
+    fused = slots_N is not None
+    check_triton(grad_out, x, h_NH)
+    grad_out = grad_out.contiguous()
+    x = x if x.stride(1) == 1 else x.contiguous()
+    num_experts, rows_h, dim = w_up_EHD.shape
+    ffn = w_down_EDF.shape[2]
+    num_rows = h_NH.shape[0]
+    top_k = weights_TK.shape[1] if fused else 1
+    common = _common(x, activation)
+    e_pad = pow2(num_experts, 2)
+    scale = weights_TK.reshape(-1).contiguous() if fused else counts_E
+    slots = slots_N if fused else counts_E
+    grad_h_NH = torch.empty_like(h_NH)
+    part_NC = torch.zeros((num_rows if fused else 0, triton.cdiv(ffn, _MIN_BLOCK_N)), device=x.device,
+                          dtype=torch.float32)
+    grad_w_down = torch.empty_like(w_down_EDF)
+    grad_w_up = torch.empty_like(w_up_EHD)
+    grad_rows = torch.zeros((num_rows, dim), device=x.device, dtype=x.dtype)
+    if num_rows:
+        _launch(_down_bwd_kernel, _row_grid(num_rows, num_experts, ffn), x,
+                grad_out, slots, scale, w_down_EDF, h_NH, counts_E, grad_h_NH, part_NC,
+                num_experts, dim, ffn, top_k, grad_out.stride(0), *w_down_EDF.stride(), h_NH.stride(0),
+                grad_h_NH.stride(0), part_NC.stride(0) if fused else 0,
+                GATHER=fused, SCALE=fused, E_PAD=e_pad, **common)
+        _launch(_grouped_gemm_kernel, _row_grid(num_rows, num_experts, dim), x,
+                grad_h_NH, w_up_EHD, grad_rows, counts_E, slots, scale,
+                num_experts, rows_h, dim, grad_h_NH.stride(0), w_up_EHD.stride(0), w_up_EHD.stride(1),
+                w_up_EHD.stride(2), grad_rows.stride(0),
+                SCATTER=fused, SCALE=False, PRECISION=common["PRECISION"], UPCAST=common["UPCAST"], E_PAD=e_pad)
+    # weight gradients: one program per (output tile, expert); experts without rows write zeros
+    wgrad = dict(PRECISION=common["PRECISION"], UPCAST=common["UPCAST"], KIND=common["KIND"], GATED=common["GATED"],
+                 E_PAD=e_pad)
+    _launch(_weight_grad_kernel,
+            lambda meta: (triton.cdiv(dim, meta["BLOCK_M"]) * triton.cdiv(ffn, meta["BLOCK_N"]), num_experts), x,
+            grad_out, h_NH, grad_w_down, counts_E, slots, scale,
+            num_experts, dim, ffn, ffn, top_k, grad_out.stride(0), h_NH.stride(0), *grad_w_down.stride(),
+            P_GATHER=fused, P_SCALE=fused, Q_GATHER=False, Q_ACT=True, **wgrad)
+    _launch(_weight_grad_kernel,
+            lambda meta: (triton.cdiv(rows_h, meta["BLOCK_M"]) * triton.cdiv(dim, meta["BLOCK_N"]), num_experts), x,
+            grad_h_NH, x, grad_w_up, counts_E, slots, scale,
+            num_experts, rows_h, dim, ffn, top_k, grad_h_NH.stride(0), x.stride(0), *grad_w_up.stride(),
+            P_GATHER=False, P_SCALE=False, Q_GATHER=fused, Q_ACT=False, **wgrad)
+    if not fused:
+        return grad_rows, grad_w_up, grad_w_down, None
+    num_tokens = weights_TK.shape[0]
+    grad_x = grad_rows.view(num_tokens, top_k, dim).sum(1) if top_k > 1 else grad_rows
+    grad_w_N = torch.empty(num_rows, device=x.device, dtype=torch.float32)
+    grad_w_N[slots_N] = part_NC.sum(1)     # rows past the kept ones (dropped slots) have 0 partials
+    return grad_x, grad_w_up, grad_w_down, grad_w_N.view(weights_TK.shape).to(weights_TK.dtype)

@@ -1,0 +1,127 @@
+"""``moesys-compile`` command line: inspect | train | infer.
+
+    moesys-compile inspect tiny-moe --format text
+    moesys-compile inspect tiny-moe --plan plan.yaml --after capture --format json --out out/
+    moesys-compile inspect --list-passes
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .errors import MoesysError
+from .plan import MODES, Plan
+
+FORMATS = ("text", "json", "dot", "svg")
+
+
+def _inspect_parser(sub) -> None:
+    p = sub.add_parser("inspect", help="show the graph after each pass, with shapes and cost formulas",
+                       description="Trace MODEL, run the plan's pipeline and show every stage.")
+    p.add_argument("model", nargs="?", help="built-in name (tiny-moe), package.module:factory, hf:<family> or a HF dir")
+    p.add_argument("--plan", help="plan file (YAML or JSON); default: Plan(mode=--mode)")
+    p.add_argument("--mode", choices=MODES, default=None, help="mode when no plan file is given (default train)")
+    p.add_argument("--config", action="append", default=[], metavar="KEY=VALUE", help="model config override")
+    p.add_argument("--after", metavar="PASS", help="show only the graph after this pass ('capture' for the trace)")
+    p.add_argument("--format", choices=FORMATS, default="text")
+    p.add_argument("--out", metavar="DIR", help="write files here instead of printing")
+    p.add_argument("--batch", type=int, default=2, help="batch size B at which formulas are evaluated")
+    p.add_argument("--seq", type=int, default=16, help="sequence length S at which formulas are evaluated")
+    p.add_argument("--list-passes", action="store_true", help="list each mode's passes and exit")
+
+
+def list_passes(plan: Optional[Plan]) -> str:
+    from moesys_compile.passes import PIPELINES
+    lines = []
+    for mode, passes in PIPELINES.items():
+        names = [p.__name__ for p in passes]
+        disabled = set(plan.disable_passes) if plan and plan.mode == mode else set()
+        shown = [f"{n} (disabled)" if n in disabled else n for n in names]
+        lines.append(f"{mode}: " + (" → ".join(shown) if shown else "(no passes: identity)"))
+        for fn in passes:
+            summary = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
+            lines.append(f"    {fn.__name__:<20} {summary}")
+    return "\n".join(lines)
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    from .api import lower
+    from .models.spec import load_model, parse_overrides
+    from .report import InspectError, Renderer
+
+    plan = Plan.from_file(args.plan) if args.plan else Plan(mode=args.mode or "train")
+    if args.mode and args.plan and args.mode != plan.mode:
+        raise MoesysError(f"--mode {args.mode} contradicts the plan file's mode ({plan.mode}); drop one")
+    if args.list_passes:
+        print(list_passes(plan))
+        return 0
+    if not args.model:
+        raise MoesysError("inspect needs MODEL (e.g. tiny-moe), or --list-passes")
+    if args.batch < 1 or args.seq < 1:
+        raise MoesysError(f"--batch ({args.batch}) and --seq ({args.seq}) must be >= 1")
+    loaded = load_model(args.model, parse_overrides(args.config))
+    _, ctx = lower(loaded.model, plan, loaded.example_inputs(2, 16))
+    renderer = Renderer(ctx, args.batch, args.seq)
+    snapshots = renderer.snapshots(args.after)
+    out_dir = Path(args.out) if args.out else None
+    if out_dir:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    if args.format in ("text", "json"):
+        text = renderer.text(args.after, loaded.description) if args.format == "text" else renderer.json(args.after)
+        _emit(text, out_dir / f"inspect.{'txt' if args.format == 'text' else 'json'}" if out_dir else None)
+        return 0
+    render = renderer.dot if args.format == "dot" else renderer.svg
+    try:
+        if out_dir is None:
+            print(render(snapshots[-1]))
+        for index, snapshot in enumerate(snapshots if out_dir else []):
+            _emit(render(snapshot), out_dir / f"{index:02d}-{snapshot.stage}.{args.format}")
+    except InspectError:
+        raise
+    return 0
+
+
+def _emit(text: str, path: Optional[Path]) -> None:
+    if path is None:
+        print(text)
+        return
+    path.write_text(text)
+    print(f"wrote {path}")
+
+
+def _delegate(module: str, argv: Sequence[str]) -> int:
+    """``train`` and ``infer`` live in their own modules (they are also ``python -m`` entry points)."""
+    try:
+        target = importlib.import_module(f"moesys_compile.{module}")
+    except ModuleNotFoundError as exc:
+        if exc.name == f"moesys_compile.{module}":
+            print(f"moesys-compile {module}: not available in this installation", file=sys.stderr)
+            return 2
+        raise
+    return int(target.main(list(argv)) or 0)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("train", "infer"):
+        return _delegate(argv[0], argv[1:])
+    parser = argparse.ArgumentParser(prog="moesys-compile", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _inspect_parser(sub)
+    sub.add_parser("train", help="distributed training under torchrun (see: moesys-compile train --help)")
+    sub.add_parser("infer", help="memory-ring inference (see: moesys-compile infer --help)")
+    args = parser.parse_args(argv)
+    from .report import InspectError
+    try:
+        return run_inspect(args)
+    except (MoesysError, InspectError, ValueError) as exc:
+        print(f"moesys-compile inspect: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""Recognizers for MoE blocks users bring as they are: Hugging Face transformers families (and any
+block with the same structure) and ``deepspeed.moe.layer.MoE``. Neither library is imported here:
+the recognizers look at module structure, and the DeepSpeed one only runs when DeepSpeed is
+already loaded (a model holding its layers has imported it).
+
+    >>> from moesys_compile.frontend.recognizers import canonicalize
+    >>> reports = canonicalize(model)                      # doctest: +SKIP
+    >>> print("\\n".join(r.describe() for r in reports))   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import nn
+
+from ..canonicalize import RECOGNIZERS as BASE_RECOGNIZERS
+from ..canonicalize import BlockReport, Recognizer
+from ..canonicalize import canonicalize as base_canonicalize
+from .block import CanonicalMoEBlock, adopt, probe_block
+from .deepspeed import CanonicalDeepSpeedMoE, recognize_deepspeed_moe
+from .hf import recognize_routed_block
+from .structure import ExpertsSpec, RouterSpec, analyze_router, take_left
+
+RECOGNIZERS: list[Recognizer] = [recognize_deepspeed_moe, recognize_routed_block]
+
+
+def install() -> None:
+    """Append these recognizers to ``canonicalize.RECOGNIZERS`` (once)."""
+    for recognizer in RECOGNIZERS:
+        if recognizer not in BASE_RECOGNIZERS:
+            BASE_RECOGNIZERS.append(recognizer)
+
+
+def canonicalize(model: nn.Module, recognizers: Optional[list[Recognizer]] = None) -> list[BlockReport]:
+    """``frontend.canonicalize.canonicalize`` plus the reason each block was left as it is: the
+    base reports a block that looks like MoE as "left" with a generic reason; the recognizers here
+    know why (router rule, expert layout, probe mismatch), and blocks they inspected that the base
+    heuristic does not flag are reported too."""
+    take_left()
+    reports = base_canonicalize(model, recognizers)
+    left = take_left()
+    by_path = {r.path: r for r in reports}
+    for path, (kind, reason) in left.items():
+        covered = any(path == p or path.startswith(p + ".") for p, r in by_path.items() if r.action != "left")
+        if covered:
+            continue
+        if path in by_path:
+            by_path[path].kind, by_path[path].reason = kind, reason
+        else:
+            reports.append(BlockReport(path, kind, "left", reason))
+    return reports
+
+
+__all__ = ["RECOGNIZERS", "install", "canonicalize", "CanonicalMoEBlock", "CanonicalDeepSpeedMoE", "adopt",
+           "probe_block", "RouterSpec", "ExpertsSpec", "analyze_router", "recognize_routed_block",
+           "recognize_deepspeed_moe"]

@@ -1,0 +1,130 @@
+"""The canonical stand-in for an MoE block we did not write.
+
+It adopts the original block's children, parameters and buffers under their original names (so
+``state_dict`` keys do not change and nothing is copied), and computes
+
+    route (moesys.route, or the block's own router as traced code)
+      -> moesys.moe_experts on views of the stacked expert weights
+      -> (+ shared expert, optionally sigmoid-gated) -> moesys.load_balancing_loss
+
+Shape legend: T tokens · D model dim · F expert hidden · H up rows · E experts · K top-k.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_leaves
+
+from ...nn import _is_capturing
+from .structure import ExpertsSpec, RouterSpec, close, first_param, generator, route_known
+
+
+def adopt(new: nn.Module, original: nn.Module) -> None:
+    """Register the original's children, parameters and buffers on ``new`` under the same names."""
+    for name, child in original.named_children():
+        new.add_module(name, child)
+    for name, param in original.named_parameters(recurse=False):
+        new.register_parameter(name, param)
+    for name, buffer in original.named_buffers(recurse=False):
+        new.register_buffer(name, buffer, persistent=name not in original._non_persistent_buffers_set)
+    new.train(original.training)
+
+
+class CanonicalMoEBlock(nn.Module):
+    """A recognised MoE block in canonical form (see the module docstring).
+
+    ``aux_loss`` holds ``aux_loss_coef`` x the load-balancing loss of the last eager forward;
+    compiled programs expose the sum over layers as ``program.aux_loss``.
+    """
+
+    _moesys_canonical = True
+
+    def __init__(self, original: nn.Module, router: RouterSpec, experts: ExpertsSpec,
+                 shared: Optional[str] = None, shared_gate: Optional[str] = None, aux_loss_coef: float = 0.0):
+        super().__init__()
+        adopt(self, original)
+        self.router_spec, self.experts_spec = router, experts
+        self.shared_path, self.shared_gate_path = shared, shared_gate
+        self.num_experts, self.top_k = experts.num_experts, router.top_k
+        self.dim, self.ffn_dim, self.activation = experts.dim, experts.ffn_dim, experts.activation
+        self.capacity_factor: Optional[float] = None
+        self.aux_loss_coef = aux_loss_coef
+        self.source = f"{type(original).__module__}.{type(original).__qualname__}"
+        self.aux_loss: Optional[Tensor] = None
+
+    def expert_weights(self) -> tuple[Tensor, Tensor]:
+        """(w_up_EHD, w_down_EDF): views of the original parameters (or a stack of them)."""
+        return self.experts_spec.weights(self.get_submodule(self.experts_spec.path))
+
+    def route(self, x_TD: Tensor) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        """(weights_TK, ids_TK, scores_TE or None) for the tokens."""
+        router = self.get_submodule(self.router_spec.path)
+        if self.router_spec.known:
+            return route_known(router, self.router_spec, x_TD)
+        leaves = tree_leaves(router(x_TD))
+        where = self.router_spec.outputs
+        scores_TE = leaves[where["logits"]].float().softmax(-1) if "logits" in where else None
+        return leaves[where["weights"]], leaves[where["ids"]].long(), scores_TE
+
+    def shared_output(self, x_TD: Tensor) -> Tensor:
+        shared_TD = self.get_submodule(self.shared_path)(x_TD)
+        if self.shared_gate_path:
+            shared_TD = torch.sigmoid(self.get_submodule(self.shared_gate_path)(x_TD)) * shared_TD
+        return shared_TD
+
+    def balance_loss(self, scores_TE: Tensor, ids_TK: Tensor) -> Tensor:
+        return torch.ops.moesys.load_balancing_loss(scores_TE, ids_TK, self.aux_loss_coef)
+
+    def experts_output(self, x_TD: Tensor) -> tuple[Tensor, Optional[Tensor], Tensor]:
+        """(y_TD, aux_loss or None, ids_TK): the routed experts plus the shared expert."""
+        weights_TK, ids_TK, scores_TE = self.route(x_TD)
+        w_up_EHD, w_down_EDF = self.expert_weights()
+        y_TD = torch.ops.moesys.moe_experts(x_TD, ids_TK, weights_TK, w_up_EHD, w_down_EDF, self.activation, 0.0)
+        if self.shared_path:
+            y_TD = y_TD + self.shared_output(x_TD)
+        aux_loss = None if scores_TE is None else self.balance_loss(scores_TE, ids_TK)
+        if aux_loss is not None and not _is_capturing():
+            self.aux_loss = aux_loss
+        return y_TD, aux_loss, ids_TK
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        y_TD = self.experts_output(hidden_states.reshape(-1, self.dim))[0]
+        return y_TD.reshape(hidden_states.shape)
+
+    def details(self) -> dict[str, Any]:
+        facts = dict(num_experts=self.num_experts, top_k=self.top_k, dim=self.dim, ffn_dim=self.ffn_dim,
+                     activation=self.activation, router=self.router_spec.describe())
+        if self.shared_path:
+            facts["shared"] = self.shared_path + (f"*sigmoid({self.shared_gate_path})" if self.shared_gate_path else "")
+        if not self.experts_spec.stacked:
+            with torch.no_grad():
+                w_up, w_down = self.expert_weights()
+            facts["stack_copy_bytes"] = (w_up.numel() + w_down.numel()) * w_up.element_size()
+        return facts
+
+    def extra_repr(self) -> str:
+        return (f"from {self.source}: num_experts={self.num_experts}, top_k={self.top_k}, dim={self.dim}, "
+                f"ffn_dim={self.ffn_dim}, activation={self.activation!r}, router={self.router_spec.describe()}")
+
+
+def probe_block(original: nn.Module, replacement: nn.Module, dim: int, pick=lambda out: out,
+                tokens: tuple[int, int] = (2, 4)) -> tuple[bool, float]:
+    """Run both on the same random tokens [B, S, D]; (equal within dtype rounding, max abs diff).
+    ``pick`` selects the tensor to compare from the outputs."""
+    param = first_param(original)
+    x_BSD = torch.randn(*tokens, dim, generator=generator()).to(param.dtype).to(param.device)
+    with torch.no_grad():
+        try:
+            want = pick(original(x_BSD))
+            got = pick(replacement(x_BSD))
+        except Exception:  # noqa: BLE001 - a candidate layout that cannot even run is simply wrong
+            return False, float("inf")
+        finally:
+            if hasattr(replacement, "aux_loss"):
+                replacement.aux_loss = None
+    if not isinstance(want, Tensor) or not isinstance(got, Tensor):
+        return False, float("inf")
+    return close(got, want)

@@ -1,0 +1,83 @@
+"""Resolve a MODEL spec from the command line into a model and example inputs.
+
+    tiny-moe                      a built-in preset (``--config n_layers=8`` overrides fields)
+    package.module:factory        ``factory(**overrides)`` returns a model, or (model, example_inputs)
+    hf:<family> | a local dir     Hugging Face transformers models (moesys_compile.models.hf)
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from . import PRESETS, build
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    example_inputs: Callable[[int, int], tuple]   # (batch, seq) -> positional example inputs
+    description: str
+
+
+def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
+    """``["n_layers=8", "activation=gelu"]`` -> {"n_layers": 8, "activation": "gelu"}."""
+    overrides: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--config {pair!r} must look like key=value")
+        try:
+            overrides[key.strip()] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            overrides[key.strip()] = raw
+    return overrides
+
+
+def token_inputs(vocab_size: int) -> Callable[[int, int], tuple]:
+    def make(batch: int, seq: int) -> tuple:
+        generator = torch.Generator().manual_seed(0)
+        return (torch.randint(0, vocab_size, (batch, seq), generator=generator),)
+    return make
+
+
+def _from_factory(spec: str, overrides: dict[str, Any]) -> LoadedModel:
+    module_name, _, attr = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"cannot load model factory {spec!r}: {exc}") from exc
+    made = factory(**overrides)
+    if isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], nn.Module):
+        model, example = made
+        example = tuple(example) if isinstance(example, (tuple, list)) else (example,)
+        return LoadedModel(model, lambda batch, seq: example, spec)
+    if not isinstance(made, nn.Module):
+        raise ValueError(f"{spec} returned {type(made).__name__}; return an nn.Module or (model, example_inputs)")
+    if hasattr(made, "example_inputs"):
+        return LoadedModel(made, made.example_inputs, spec)
+    vocab = getattr(getattr(made, "config", None), "vocab_size", None)
+    if vocab is None:
+        raise ValueError(f"{spec}: cannot guess example inputs; return (model, example_inputs) from the factory "
+                         f"or give the model an example_inputs(batch, seq) method")
+    return LoadedModel(made, token_inputs(vocab), spec)
+
+
+def load_model(spec: str, overrides: dict[str, Any] | None = None) -> LoadedModel:
+    overrides = dict(overrides or {})
+    if spec in PRESETS:
+        model = build(spec, **overrides)
+        return LoadedModel(model, token_inputs(model.config.vocab_size), spec)
+    if spec.startswith("hf:") or os.path.isdir(spec):
+        from .hf import load_hf  # optional: needs transformers
+        return load_hf(spec, overrides)
+    if ":" in spec:
+        return _from_factory(spec, overrides)
+    raise ValueError(f"unknown MODEL {spec!r}: use a built-in name ({', '.join(sorted(PRESETS))}), "
+                     f"package.module:factory, hf:<family> or a local Hugging Face directory")

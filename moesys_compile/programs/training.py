@@ -1,0 +1,185 @@
+"""TrainingProgram: the per-rank expert-parallel + data-parallel program, used like DDP.
+
+    program = mc.compile(model, mc.Plan(mode="train", world_size=4, expert_parallel=2), (ids,))
+    logits = program(local_ids)                        # under torchrun, this rank's batch
+    loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten()) + program.aux_loss
+    loss.backward()                                    # gradients synced in fused buckets
+    program.clip_grad_norm_(1.0); opt.step()           # opt over program.parameters()
+    program.save("ckpt/step_100", optimizer=opt)       # sharded, atomic
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from ..errors import PlanError
+from ..frontend import moe_modules
+from ..runtime import checkpoint, groups
+from ..runtime.collectives import GradBucketer
+from .base import Program
+
+
+class TrainingProgram(Program):
+    """Holds the dense parameters (shared with the model) and only this rank's expert rows.
+
+    ``expert_layout``: original parameter name -> (lo, hi, E), the rows of the [E, ...] expert
+    parameter this rank holds. ``topology``: ranks of this rank's EP / EDP groups.
+    """
+
+    def __init__(self, gm, ctx):
+        super().__init__(gm, ctx)
+        plan = ctx.plan
+        if plan.world_size > 1 and not dist.is_initialized():
+            raise PlanError(f"plan.world_size ({plan.world_size}) needs torch.distributed; launch with "
+                            f"`torchrun --nproc-per-node {plan.world_size} ...` (or init_process_group first)")
+        self.topology = groups.setup(plan)
+        if ctx.rank != self.topology.rank:
+            raise PlanError(f"the graph was lowered for rank {ctx.rank} but this process is rank {self.topology.rank}")
+        self.expert_layout = self._expert_layout(ctx)
+        if plan.device != "cpu":
+            gm.to(torch.device(plan.device))
+        self._broadcast_parameters()
+        self.bucketer = GradBucketer(self._buckets(gm, ctx), dict(gm.named_parameters()), plan.world_size) \
+            if plan.world_size > 1 else None
+
+    @staticmethod
+    def _expert_layout(ctx) -> dict[str, tuple[int, int, int]]:
+        layout = dict(ctx.extras.get("expert_shards", {}))
+        for path, module in moe_modules(ctx.model).items():
+            for attr in ("w_up", "w_down"):
+                layout.setdefault(f"{path}.{attr}", (0, module.num_experts, module.num_experts))
+        return layout
+
+    @staticmethod
+    def _buckets(gm, ctx):
+        buckets = ctx.extras.get("grad_buckets")
+        if buckets is None:      # fuse_comm disabled: one unfused bucket per parameter
+            from moesys_compile.passes.fuse_comm import backward_order, parameter_kind, plan_buckets
+            order, _ = backward_order(gm)
+            paths = [b.path for b in ctx.blocks]
+            kinds = {n: parameter_kind(n, paths, set(ctx.extras.get("expert_shards", {}))) for n in order}
+            buckets = plan_buckets(gm, order, kinds, cap_bytes=1)
+        return buckets
+
+    # -- parameters by class -------------------------------------------------------------------
+
+    def is_expert(self, name: str) -> bool:
+        return name in self.expert_layout
+
+    def _named_local(self):
+        return self.graph_module.named_parameters()
+
+    @torch.no_grad()
+    def _broadcast_parameters(self) -> None:
+        """Start every replica from the same values: dense from rank 0, experts from the first
+        rank of each expert-data-parallel group (like DDP's initial broadcast)."""
+        if self.plan.world_size == 1:
+            return
+        for name, param in self._named_local():
+            group = "edp" if self.is_expert(name) else "dense"
+            if groups.size(group) > 1:
+                dist.broadcast(param.data, src=self.topology.ranks(group)[0], group=groups.get(group))
+
+    # -- gradients -----------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        """Accumulate gradients locally (no communication) in backward passes inside this block;
+        the first backward after it syncs the accumulated sum."""
+        if self.bucketer is None:
+            yield
+            return
+        self.bucketer.enabled = False
+        try:
+            yield
+        finally:
+            self.bucketer.enabled = True
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+        """Clip all gradients by the global norm over every shard (dense counted once, expert
+        shards summed over the EP group). Returns the total norm (same on every rank)."""
+        dense, expert = [], []
+        for name, param in self._named_local():
+            if param.grad is not None:
+                (expert if self.is_expert(name) else dense).append(param.grad)
+        device = next(self.parameters()).device
+        if math.isinf(norm_type):
+            parts = torch.stack([g.abs().max() for g in dense + expert] or [torch.zeros((), device=device)])
+            total = parts.max().reshape(1)
+            self._reduce_experts(total, dist.ReduceOp.MAX)
+            total = total[0]
+        else:
+            dense_p = sum((g.double().abs().pow(norm_type).sum() for g in dense), torch.zeros((), device=device,
+                                                                                           dtype=torch.float64))
+            expert_p = sum((g.double().abs().pow(norm_type).sum() for g in expert),
+                           torch.zeros((), device=device, dtype=torch.float64)).reshape(1)
+            self._reduce_experts(expert_p, dist.ReduceOp.SUM)
+            total = (dense_p + expert_p[0]).pow(1.0 / norm_type)
+        coef = max_norm / (float(total) + 1e-6)
+        if coef < 1.0:
+            for grad in dense + expert:
+                grad.mul_(coef)
+        return total.float()
+
+    def _reduce_experts(self, value: torch.Tensor, op) -> None:
+        if groups.size("ep") > 1:
+            dist.all_reduce(value, op=op, group=groups.get("ep"))
+
+    # -- state -----------------------------------------------------------------------------------
+
+    def local_state(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(dense state by original name, this rank's expert rows by original name)."""
+        full = self.context.model.state_dict(keep_vars=True)
+        local = dict(self._named_local())
+        dense = {n: t.detach() for n, t in full.items() if not self.is_expert(n)}
+        experts = {n: local[n].detach() for n in self.expert_layout}
+        return dense, experts
+
+    @torch.no_grad()
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Collective: the original model's state names with full tensors (experts gathered)."""
+        dense, experts = self.local_state()
+        result = {n: t.clone() for n, t in dense.items()}
+        for name, rows in experts.items():
+            lo, hi, total = self.expert_layout[name]
+            if hi - lo == total:
+                result[name] = rows.clone()
+                continue
+            pieces = [torch.empty_like(rows) for _ in range(groups.size("ep"))]
+            dist.all_gather(pieces, rows.contiguous(), group=groups.get("ep"))
+            result[name] = torch.cat(pieces)
+        order = self.context.model.state_dict(keep_vars=True).keys()
+        return {name: result[name] for name in order}
+
+    @torch.no_grad()
+    def load_local_state(self, dense: dict[str, torch.Tensor], read_rows) -> None:
+        """Fill the dense state from ``dense`` and expert rows via ``read_rows(name, lo, hi)``."""
+        full = self.context.model.state_dict(keep_vars=True)
+        missing = [n for n in full if not self.is_expert(n) and n not in dense]
+        if missing:
+            raise KeyError(f"checkpoint lacks {len(missing)} entr(ies) of the model, e.g. {missing[:3]}")
+        for name, tensor in full.items():
+            if not self.is_expert(name):
+                tensor.data.copy_(dense[name])
+        local = dict(self._named_local())
+        for name, (lo, hi, _) in self.expert_layout.items():
+            local[name].data.copy_(read_rows(name, lo, hi))
+
+    def save(self, directory: str, optimizer: Optional[torch.optim.Optimizer] = None, **extra: Any) -> None:
+        """Collective: sharded atomic checkpoint (see ``moesys_compile.runtime.checkpoint``)."""
+        checkpoint.save(self, directory, optimizer=optimizer, extra=extra)
+
+    def load(self, directory: str, optimizer: Optional[torch.optim.Optimizer] = None) -> dict:
+        """Load a checkpoint saved at any EP size; returns its ``extra`` record (e.g. the step)."""
+        return checkpoint.load(self, directory, optimizer=optimizer)
+
+    def dropped_fraction(self, reset: bool = False) -> dict:
+        """Per-layer fraction of routed slots dropped by capacity on this rank (None: dropless)."""
+        from moesys_compile.passes.decompose_moe import dropped_fraction
+        return dropped_fraction(self.graph_module, reset=reset)

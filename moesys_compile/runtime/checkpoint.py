@@ -1,0 +1,225 @@
+"""Sharded, atomic checkpoints of a TrainingProgram, reloadable at any expert-parallel size.
+
+Layout of a checkpoint directory ``DIR`` (names are the original model's state names):
+
+    DIR/meta.json                    commit record: layout, expert shards, aliases, extra (step ...)
+    DIR/plan.yaml                    the plan it was trained with
+    DIR/dense.safetensors            every non-expert tensor (written by rank 0)
+    DIR/experts-ep{i}.safetensors    rows [i*L, (i+1)*L) of every expert parameter (EP rank i of
+                                     the first EP group)
+    DIR/optim-rank{r}.pt             optimizer state of rank r (when an optimizer is given)
+
+Atomicity: all ranks write into ``.DIR.tmp-<token>`` beside DIR; after a barrier rank 0 writes
+meta.json, then renames DIR -> ``.DIR.old-<token>``, the temporary -> DIR, and deletes the old one.
+A crash at any point leaves either DIR or the old copy complete; ``load`` falls back to the old
+copy when DIR itself is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..errors import MoesysError
+
+META, PLAN, DENSE = "meta.json", "plan.yaml", "dense.safetensors"
+FORMAT = 1
+
+# Test hook: called with a stage name ("shards_written", "before_swap") during save.
+FAULT_HOOK: Optional[Callable[[str], None]] = None
+
+
+class CheckpointError(MoesysError):
+    """A checkpoint directory is missing, incomplete, or does not fit the model."""
+
+
+def _fault(stage: str) -> None:
+    if FAULT_HOOK is not None:
+        FAULT_HOOK(stage)
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _barrier() -> None:
+    if _distributed():
+        dist.barrier()
+
+
+def _agree(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank."""
+    if not _distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _expert_file(index: int) -> str:
+    return f"experts-ep{index}.safetensors"
+
+
+def _dedupe(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """safetensors refuses shared storage: keep tied tensors once, remember the aliases."""
+    unique, aliases, seen = {}, {}, {}
+    for name, tensor in tensors.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        unique[name] = tensor.detach().contiguous().cpu()
+    return unique, aliases
+
+
+def _meta(program, aliases: dict[str, str], optimizer, extra: dict) -> dict:
+    topo = program.topology
+    experts = {}
+    for name, (_, _, total) in program.expert_layout.items():
+        local = total // topo.expert_parallel if name in program.context.extras.get("expert_shards", {}) else total
+        shards = [{"file": _expert_file(i), "lo": i * local, "hi": (i + 1) * local} for i in range(total // local)]
+        experts[name] = {"num_experts": total, "shards": shards}
+    return {"format": FORMAT, "world_size": topo.world_size, "expert_parallel": topo.expert_parallel,
+            "experts": experts, "aliases": aliases, "optimizer": optimizer is not None, "extra": extra,
+            "time": time.time()}
+
+
+def save(program, directory: str, optimizer: Optional[torch.optim.Optimizer] = None,
+         extra: Optional[dict] = None) -> Path:
+    """Collective. Write ``program``'s state (and the optimizer's) atomically to ``directory``."""
+    topo = program.topology
+    target = Path(directory).resolve()
+    token = _agree(f"{os.getpid()}-{time.time_ns()}")
+    tmp = target.parent / f".{target.name}.tmp-{token}"
+    if topo.rank == 0:
+        for stale in target.parent.glob(f".{target.name}.tmp-*"):   # left by a crashed save
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    dense, experts = program.local_state()
+    dense, aliases = _dedupe(dense)
+    if topo.rank == 0:
+        save_file(dense, str(tmp / DENSE))
+    if topo.dp_index == 0 and experts:
+        save_file({n: t.contiguous().cpu() for n, t in experts.items()}, str(tmp / _expert_file(topo.ep_index)))
+    if optimizer is not None:
+        torch.save(optimizer.state_dict(), tmp / f"optim-rank{topo.rank}.pt")
+    _fault("shards_written")
+    _barrier()
+    if topo.rank == 0:
+        program.plan.to_file(tmp / PLAN)
+        (tmp / META).write_text(json.dumps(_meta(program, aliases, optimizer, dict(extra or {})), indent=1))
+        _fault("before_swap")
+        _swap(tmp, target, token)
+    _barrier()
+    return target
+
+
+def _swap(tmp: Path, target: Path, token: str) -> None:
+    old = target.parent / f".{target.name}.old-{token}"
+    if target.exists():
+        target.rename(old)
+    tmp.rename(target)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def resolve(directory: str) -> Path:
+    """The complete checkpoint at ``directory``, or the previous copy a crashed swap left beside it."""
+    target = Path(directory).resolve()
+    if (target / META).is_file():
+        return target
+    olds = sorted(target.parent.glob(f".{target.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    for old in reversed(olds):
+        if (old / META).is_file():
+            return old
+    raise CheckpointError(f"no complete checkpoint at {str(target)!r} ({META} missing); an interrupted save "
+                          f"leaves only '.{target.name}.tmp-*' beside it, which is never loaded")
+
+
+def read_meta(directory: str) -> tuple[Path, dict]:
+    path = resolve(directory)
+    meta = json.loads((path / META).read_text())
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: checkpoint format {meta.get('format')} is not supported (expected {FORMAT})")
+    return path, meta
+
+
+def _dense_state(path: Path, meta: dict) -> dict[str, torch.Tensor]:
+    with safe_open(str(path / DENSE), framework="pt") as f:
+        state = {name: f.get_tensor(name) for name in f.keys()}
+    for alias, name in meta["aliases"].items():
+        state[alias] = state[name]
+    return state
+
+
+def read_rows(path: Path, meta: dict, name: str, lo: int, hi: int) -> torch.Tensor:
+    """Rows [lo, hi) of expert parameter ``name``, read from whichever shard files hold them."""
+    entry = meta["experts"].get(name)
+    if entry is None:
+        raise CheckpointError(f"{path}: no expert parameter '{name}' in this checkpoint")
+    pieces = []
+    for shard in entry["shards"]:
+        start, end = max(lo, shard["lo"]), min(hi, shard["hi"])
+        if start < end:
+            with safe_open(str(path / shard["file"]), framework="pt") as f:
+                pieces.append(f.get_slice(name)[start - shard["lo"]: end - shard["lo"]])
+    rows = torch.cat(pieces) if pieces else None
+    if rows is None or rows.shape[0] != hi - lo:
+        raise CheckpointError(f"{path}: rows {lo}..{hi} of '{name}' are not all present in the shards")
+    return rows
+
+
+def load(program, directory: str, optimizer: Optional[torch.optim.Optimizer] = None) -> dict:
+    """Fill ``program`` from a checkpoint saved at any EP size; restore the optimizer when the
+    rank layout is the same. Returns the ``extra`` record given to ``save``."""
+    path, meta = read_meta(directory)
+    dense = _dense_state(path, meta)
+    program.load_local_state(dense, lambda name, lo, hi: read_rows(path, meta, name, lo, hi))
+    if optimizer is not None:
+        _load_optimizer(program, path, meta, optimizer)
+    return meta["extra"]
+
+
+def _load_optimizer(program, path: Path, meta: dict, optimizer) -> None:
+    topo = program.topology
+    same = (meta["world_size"], meta["expert_parallel"]) == (topo.world_size, topo.expert_parallel)
+    state_file = path / f"optim-rank{topo.rank}.pt"
+    if same and meta["optimizer"] and state_file.is_file():
+        optimizer.load_state_dict(torch.load(state_file, weights_only=False))
+    else:
+        warnings.warn(f"{path}: optimizer state not restored (saved with world_size={meta['world_size']}, "
+                      f"expert_parallel={meta['expert_parallel']}, optimizer={meta['optimizer']}); it restarts")
+
+
+def full_state(directory: str) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint at full size, by the original model's names."""
+    path, meta = read_meta(directory)
+    state = _dense_state(path, meta)
+    for name, entry in meta["experts"].items():
+        state[name] = read_rows(path, meta, name, 0, entry["num_experts"])
+    return state
+
+
+def load_into(model: torch.nn.Module, directory: str) -> torch.nn.Module:
+    """Fill a plain eager ``model`` (the original architecture) from a checkpoint of any layout.
+
+        >>> model = mc.models.build("tiny-moe"); mc.load_into(model, "ckpt/step_100")  # doctest: +SKIP
+    """
+    state = full_state(directory)
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(f"checkpoint {directory!r} does not fit {type(model).__name__}: missing "
+                              f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
+    return model

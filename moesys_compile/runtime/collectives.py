@@ -1,0 +1,307 @@
+"""Collective custom ops of the expert-parallel graph, and fused gradient buckets.
+
+Shape legend: N routed slots of this rank (T*K, expert-sorted, dropped slots last) · M rows this
+rank receives for its local experts · D model dim · E experts · R ranks of the EP group ·
+L = E / R local experts · T tokens · K top-k.
+
+    moesys::ep_counts(counts_E, group, ep)             -> recv_counts_RL   (all-to-all of counts)
+    moesys::ep_dispatch(x_ND, counts_E, recv_RL, group) -> x_MD            (uneven all-to-all,
+                                                           rows regrouped expert-major)
+    moesys::ep_combine(y_MD, counts_E, recv_RL, order_N, group) -> y_ND    (the reverse)
+    moesys::global_load_balancing_loss(scores_TE, ids_TK, coef, group) -> aux (global statistics)
+
+Each op's backward is the reverse collective, so gradients travel back over the same group.
+A rank or an expert that receives no rows exchanges empty blocks and computes nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from . import groups
+
+
+def _group(name: str):
+    return groups.get(name)
+
+
+def _a2a_rows(x_SD: Tensor, send_R: list[int], recv_R: list[int], group_name: str) -> Tensor:
+    """Uneven all_to_all_single of rows: ``send_R[r]`` rows to rank r, ``recv_R[r]`` from it."""
+    out_MD = x_SD.new_empty((sum(recv_R), x_SD.shape[1]))
+    group = _group(group_name)
+    if group is None:                      # single process: the "exchange" is a copy
+        return out_MD.copy_(x_SD)
+    dist.all_to_all_single(out_MD, x_SD.contiguous(), recv_R, send_R, group=group)
+    return out_MD
+
+
+def expert_major_index(recv_RL: Tensor) -> Tensor:
+    """Received rows come source-major (r, l); this index reorders them expert-major (l, r)."""
+    ranks, local = recv_RL.shape
+    flat = recv_RL.reshape(-1)
+    starts_RL = (torch.cumsum(flat, 0) - flat).view(ranks, local)
+    counts_LR, starts_LR = recv_RL.t().reshape(-1), starts_RL.t().reshape(-1)
+    total = int(flat.sum())
+    block_start_M = torch.repeat_interleave(starts_LR, counts_LR, output_size=total)
+    new_start_M = torch.repeat_interleave(torch.cumsum(counts_LR, 0) - counts_LR, counts_LR, output_size=total)
+    return block_start_M + torch.arange(total, device=recv_RL.device) - new_start_M
+
+
+def _splits(counts_E: Tensor, recv_RL: Tensor) -> tuple[list[int], list[int]]:
+    ranks = recv_RL.shape[0]
+    send_R = counts_E.view(ranks, -1).sum(1).tolist()
+    return send_R, recv_RL.sum(1).tolist()
+
+
+def dispatch_rows(x_ND: Tensor, counts_E: Tensor, recv_RL: Tensor, group: str) -> Tensor:
+    send_R, recv_R = _splits(counts_E, recv_RL)
+    recv_MD = _a2a_rows(x_ND[: sum(send_R)], send_R, recv_R, group)
+    return recv_MD.index_select(0, expert_major_index(recv_RL))
+
+
+def combine_rows(y_MD: Tensor, counts_E: Tensor, recv_RL: Tensor, num_rows: int, group: str) -> Tensor:
+    send_R, recv_R = _splits(counts_E, recv_RL)
+    source_major_MD = torch.empty_like(y_MD).index_copy_(0, expert_major_index(recv_RL), y_MD)
+    back_SD = _a2a_rows(source_major_MD, recv_R, send_R, group)
+    if back_SD.shape[0] == num_rows:
+        return back_SD
+    y_ND = y_MD.new_zeros((num_rows, y_MD.shape[1]))       # dropped slots stay zero
+    y_ND[: back_SD.shape[0]] = back_SD
+    return y_ND
+
+
+# ---------------------------------------------------------------------------------------------
+# ep_counts
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("moesys::ep_counts", mutates_args=())
+def ep_counts(counts_E: Tensor, group: str, ep_size: int) -> Tensor:
+    """Row counts per (source rank, local expert) this rank will receive."""
+    recv = torch.empty_like(counts_E)
+    pg = _group(group)
+    if pg is None:
+        recv.copy_(counts_E)
+    else:
+        dist.all_to_all_single(recv, counts_E.contiguous(), group=pg)
+    return recv.view(ep_size, -1)
+
+
+@ep_counts.register_fake
+def _ep_counts_fake(counts_E, group, ep_size):
+    return counts_E.new_empty((ep_size, counts_E.shape[0] // ep_size))
+
+
+# ---------------------------------------------------------------------------------------------
+# ep_dispatch / ep_combine
+# ---------------------------------------------------------------------------------------------
+
+
+def _dynamic_rows():
+    try:
+        return torch.library.get_ctx().new_dynamic_size()
+    except Exception:   # static-shape fake mode (no shape env): fall back to a placeholder size
+        return None
+
+
+@torch.library.custom_op("moesys::ep_dispatch", mutates_args=())
+def ep_dispatch(x_ND: Tensor, counts_E: Tensor, recv_RL: Tensor, group: str) -> Tensor:
+    return dispatch_rows(x_ND, counts_E, recv_RL, group)
+
+
+@ep_dispatch.register_fake
+def _ep_dispatch_fake(x_ND, counts_E, recv_RL, group):
+    rows = _dynamic_rows()
+    return x_ND.new_empty((x_ND.shape[0] if rows is None else rows, x_ND.shape[1]))
+
+
+def _dispatch_setup(ctx, inputs, output):
+    x_ND, counts_E, recv_RL, group = inputs
+    ctx.save_for_backward(counts_E, recv_RL)
+    ctx.num_rows, ctx.group = x_ND.shape[0], group
+
+
+def _dispatch_backward(ctx, grad_MD):
+    counts_E, recv_RL = ctx.saved_tensors
+    return combine_rows(grad_MD.contiguous(), counts_E, recv_RL, ctx.num_rows, ctx.group), None, None, None
+
+
+ep_dispatch.register_autograd(_dispatch_backward, setup_context=_dispatch_setup)
+
+
+@torch.library.custom_op("moesys::ep_combine", mutates_args=())
+def ep_combine(y_MD: Tensor, counts_E: Tensor, recv_RL: Tensor, order_N: Tensor, group: str) -> Tensor:
+    return combine_rows(y_MD, counts_E, recv_RL, order_N.shape[0], group)
+
+
+@ep_combine.register_fake
+def _ep_combine_fake(y_MD, counts_E, recv_RL, order_N, group):
+    return y_MD.new_empty((order_N.shape[0], y_MD.shape[1]))
+
+
+def _combine_setup(ctx, inputs, output):
+    _, counts_E, recv_RL, _, group = inputs
+    ctx.save_for_backward(counts_E, recv_RL)
+    ctx.group = group
+
+
+def _combine_backward(ctx, grad_ND):
+    counts_E, recv_RL = ctx.saved_tensors
+    return dispatch_rows(grad_ND.contiguous(), counts_E, recv_RL, ctx.group), None, None, None, None
+
+
+ep_combine.register_autograd(_combine_backward, setup_context=_combine_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# global_load_balancing_loss: the aux loss of the global batch, on every rank
+# ---------------------------------------------------------------------------------------------
+
+
+def _all_reduce_sum(t: Tensor, group: str) -> Tensor:
+    pg = _group(group)
+    if pg is not None:
+        dist.all_reduce(t, group=pg)
+    return t
+
+
+def _global_stats(scores_TE: Tensor, ids_TK: Tensor, group: str) -> tuple[Tensor, Tensor, float, float]:
+    """(slot counts per expert, summed scores per expert, tokens, slots) over the whole group."""
+    num_tokens, num_experts = scores_TE.shape
+    packed = scores_TE.new_zeros(2 * num_experts + 2)
+    packed[:num_experts].scatter_add_(0, ids_TK.reshape(-1), torch.ones(ids_TK.numel(), dtype=packed.dtype,
+                                                                         device=packed.device))
+    packed[num_experts:2 * num_experts] = scores_TE.sum(0)
+    packed[-2], packed[-1] = num_tokens, ids_TK.numel()
+    packed = _all_reduce_sum(packed, group)
+    return packed[:num_experts], packed[num_experts:2 * num_experts], float(packed[-2]), float(packed[-1])
+
+
+@torch.library.custom_op("moesys::global_load_balancing_loss", mutates_args=())
+def global_load_balancing_loss(scores_TE: Tensor, ids_TK: Tensor, coef: float, group: str) -> Tensor:
+    """``load_balancing_loss`` of the concatenation of every rank's tokens (same value on each rank)."""
+    with torch.no_grad():
+        counts_E, score_sum_E, tokens, slots = _global_stats(scores_TE, ids_TK, group)
+        if tokens == 0:
+            return scores_TE.new_zeros(())
+        return coef * scores_TE.shape[1] * ((counts_E / slots) * (score_sum_E / tokens)).sum()
+
+
+@global_load_balancing_loss.register_fake
+def _glbl_fake(scores_TE, ids_TK, coef, group):
+    return scores_TE.new_empty(())
+
+
+def _glbl_setup(ctx, inputs, output):
+    scores_TE, ids_TK, coef, group = inputs
+    ctx.save_for_backward(scores_TE, ids_TK)
+    ctx.coef, ctx.group = coef, group
+
+
+def _glbl_backward(ctx, grad_loss):
+    # Every rank adds the same global loss: the loss's total gradient is the sum of the ranks'
+    # incoming gradients (the backward of an all-reduce), spread over each rank's own scores.
+    scores_TE, ids_TK = ctx.saved_tensors
+    counts_E, _, tokens, slots = _global_stats(scores_TE.detach(), ids_TK, ctx.group)
+    total_grad = _all_reduce_sum(grad_loss.detach().reshape(1).clone(), ctx.group)
+    scale = ctx.coef * scores_TE.shape[1] / max(slots * tokens, 1.0)
+    grad_scores_TE = (total_grad * scale * counts_E).expand(scores_TE.shape[0], -1).contiguous()
+    return grad_scores_TE.to(scores_TE.dtype), None, None, None
+
+
+global_load_balancing_loss.register_autograd(_glbl_backward, setup_context=_glbl_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# fused gradient buckets
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Bucket:
+    """Gradients of one parameter class, flattened and all-reduced together over ``group``."""
+    name: str                      # e.g. "expert#0"
+    kind: str                      # "dense" | "router" | "expert"
+    group: str                     # "dense" | "edp"
+    params: list[str]              # parameter names in the graph module
+    numel: int
+    nbytes: int
+
+
+@dataclass
+class _Pending:
+    ready: set = field(default_factory=set)
+    works: list = field(default_factory=list)
+    next_bucket: int = 0
+    finalize_queued: bool = False
+
+
+class GradBucketer:
+    """Launch each bucket's all-reduce as soon as all its gradients are accumulated in backward
+    (buckets are launched in index order on every rank, so collectives match), and wait for them
+    at the end of backward. Gradients are divided by the world size: they become the gradients of
+    the mean loss over every rank's batch, i.e. of one process on the global batch."""
+
+    def __init__(self, buckets: list[Bucket], params: dict[str, torch.nn.Parameter], world_size: int):
+        self.buckets, self.params, self.world_size = buckets, params, world_size
+        self.bucket_of = {name: i for i, b in enumerate(buckets) for name in b.params}
+        self.enabled = True
+        self.state = _Pending()
+        self.handles = [params[name].register_post_accumulate_grad_hook(self._hook(name))
+                        for name in self.bucket_of]
+
+    def _hook(self, name: str):
+        def hook(param):
+            if not self.enabled:
+                return
+            state = self.state
+            if not state.finalize_queued:
+                state.finalize_queued = True
+                torch.autograd.Variable._execution_engine.queue_callback(self._finalize)
+            state.ready.add(name)
+            self._launch_ready()
+        return hook
+
+    def _bucket_ready(self, index: int) -> bool:
+        return all(name in self.state.ready for name in self.buckets[index].params)
+
+    def _launch_ready(self, force: bool = False) -> None:
+        state = self.state
+        while state.next_bucket < len(self.buckets) and (force or self._bucket_ready(state.next_bucket)):
+            state.works.append(self._launch(state.next_bucket))
+            state.next_bucket += 1
+
+    def _launch(self, index: int):
+        bucket = self.buckets[index]
+        grads = []
+        for name in bucket.params:
+            param = self.params[name]
+            if param.grad is None:           # unused this step: contributes zeros, like DDP
+                param.grad = torch.zeros_like(param)
+            grads.append(param.grad.reshape(-1))
+        flat = torch.cat(grads).div_(self.world_size)
+        pg = _group(bucket.group)
+        work = dist.all_reduce(flat, group=pg, async_op=True) if pg is not None and groups.size(bucket.group) > 1 \
+            else None
+        return index, flat, work
+
+    def _finalize(self) -> None:
+        self._launch_ready(force=True)
+        for index, flat, work in self.state.works:
+            if work is not None:
+                work.wait()
+            offset = 0
+            for name in self.buckets[index].params:
+                grad = self.params[name].grad
+                grad.copy_(flat[offset: offset + grad.numel()].view_as(grad))
+                offset += grad.numel()
+        self.state = _Pending()
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()

@@ -1,0 +1,65 @@
+"""schedule_prefetch: the order in which the ring loads sections into slots, and what each load
+waits for. The ring program's copy stream/thread follows this schedule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch.fx as fx
+
+from moesys_compile.plan import format_bytes
+
+
+@dataclass
+class LoadStep:
+    """Load ``section`` into ``slot`` once section ``after`` (the slot's previous occupant in the
+    cyclic order) has finished computing; ``reload`` is False when the slot keeps the section
+    from one pass to the next (every section has a slot of its own)."""
+    section: int
+    slot: int
+    after: Optional[int]
+    nbytes: int
+    reload: bool
+
+
+def schedule_prefetch(gm: fx.GraphModule, ctx) -> fx.GraphModule:
+    """Derive the ring's load schedule from the sections of ``ring_partition``.
+
+    **Contract.** Needs ``ctx.extras["ring"]`` (skipped with a note when there is none). Writes
+    ``ctx.extras["ring"].schedule`` (one ``LoadStep`` per section) and ``meta["moesys"]["slot"]``
+    on every node that has a ``section``. Adds no node; the graph computes the same thing.
+
+    **Pseudo-code.**
+
+        n = len(sections); r = slots
+        for i, section in enumerate(sections):
+            slot  = i % r
+            after = (i - r) mod n   if n > r else None   # previous occupant, cyclic across calls
+            reload = n > r                               # n <= r: loaded once, stays
+        # the executor keeps up to r loads in flight ahead of compute: section i+r starts loading
+        # as soon as section i has been computed, while sections i+1 .. i+r-1 compute
+    """
+    layout = ctx.extras.get("ring")
+    if layout is None:
+        ctx.note("no ring layout (ring_partition did not run or there is no device_budget): nothing to schedule")
+        return gm
+    count, slots = len(layout.sections), layout.slots
+    rotating = count > slots
+    schedule = []
+    for section in layout.sections:
+        after = (section.index - slots) % count if rotating else None
+        schedule.append(LoadStep(section.index, section.index % slots, after, section.nbytes, rotating))
+    layout.schedule = schedule
+    by_name = {name: section.index for section in layout.sections for name in section.nodes}
+    for node in gm.graph.nodes:
+        if node.name in by_name:
+            node.meta["moesys"]["slot"] = by_name[node.name] % slots
+    moved = sum(step.nbytes for step in schedule) if rotating else 0
+    ctx.note(f"{'rotating' if rotating else 'resident'} ring: {count} sections over {slots} slots, prefetch depth "
+             f"{min(slots, count) - 1}; bytes moved per forward {moved} ({format_bytes(moved)})")
+    for step in schedule:
+        wait = f"after section {step.after} computed" if step.after is not None else "once, at the first call"
+        ctx.note(f"load section {step.section:>3} -> slot {step.slot}  {step.nbytes:>12} B  {wait}")
+    return gm

@@ -1,0 +1,92 @@
+"""The pass runner: order, lint/verify after each pass, error naming, disabling, snapshots."""
+
+import operator
+
+import pytest
+import torch
+
+import moesys_compile as mc
+from moesys_compile.api import prepare
+from moesys_compile.errors import PassError
+from moesys_compile.ir import infer_val, is_op, moesys_meta
+from moesys_compile.pipeline import run_pipeline
+
+
+@pytest.fixture()
+def lowered():
+    model = mc.models.build("tiny-moe", n_layers=2)
+    return prepare(model, mc.Plan(), (torch.randint(0, 256, (2, 8)),))
+
+
+def scale_experts(gm, ctx):
+    """Multiplies every moe_experts output by one (a real rewrite with a new node)."""
+    for node in [n for n in gm.graph.nodes if is_op(n, "moe_experts")]:
+        with gm.graph.inserting_after(node):
+            scaled = gm.graph.call_function(operator.mul, (node, 1.0))
+        node.replace_all_uses_with(scaled, delete_user_cb=lambda user: user is not scaled)
+        infer_val(scaled, ctx.fake_mode)
+        scaled.meta["moesys"] = dict(node.meta["moesys"], rewritten_by="scale_experts")
+    ctx.note("scaled 2 expert outputs")
+    return gm
+
+
+def forgets_val(gm, ctx):
+    node = next(n for n in gm.graph.nodes if is_op(n, "moe_experts"))
+    with gm.graph.inserting_after(node):
+        bad = gm.graph.call_function(operator.mul, (node, 1.0))
+    node.replace_all_uses_with(bad, delete_user_cb=lambda user: user is not bad)
+    moesys_meta(bad).update(layer=0, cost=node.meta["moesys"]["cost"])
+    return gm
+
+
+def explodes(gm, ctx):
+    raise RuntimeError("boom")
+
+
+def nothing(gm, ctx):
+    """Changes nothing."""
+    return gm
+
+
+def test_passes_run_in_order_with_snapshots_and_notes(lowered):
+    gm, ctx = lowered
+    gm = run_pipeline(gm, ctx, [nothing, scale_experts])
+    assert ctx.passes_run == ["nothing", "scale_experts"]
+    assert [s.stage for s in ctx.snapshots] == ["capture", "nothing", "scale_experts"]
+    assert [s.changed for s in ctx.snapshots[1:]] == [False, True]
+    assert ctx.snapshots[-1].notes == ["scaled 2 expert outputs"]
+    assert len(ctx.snapshots[-1].nodes) == len(ctx.snapshots[0].nodes) + 2
+    assert sum(n.meta["moesys"].get("rewritten_by") == "scale_experts" for n in gm.graph.nodes) == 2
+
+
+def test_failing_pass_is_named_with_the_passes_before_it(lowered):
+    gm, ctx = lowered
+    with pytest.raises(PassError) as info:
+        run_pipeline(gm, ctx, [nothing, scale_experts, explodes])
+    assert "pass 'explodes' failed (passes run before it: nothing, scale_experts): RuntimeError: boom" in str(info.value)
+
+
+def test_verify_catches_a_node_without_val(lowered):
+    gm, ctx = lowered
+    with pytest.raises(PassError) as info:
+        run_pipeline(gm, ctx, [forgets_val])
+    assert "pass 'forgets_val'" in str(info.value) and "has no meta['val']" in str(info.value)
+    assert "op=call_function" in str(info.value)
+
+
+def test_disabled_passes_are_skipped_and_unknown_names_rejected(lowered):
+    gm, ctx = lowered
+    ctx.plan = mc.Plan(disable_passes=("scale_experts",))
+    run_pipeline(gm, ctx, [nothing, scale_experts])
+    assert ctx.passes_run == ["nothing"] and ctx.passes_skipped == ["scale_experts"]
+    ctx.plan = mc.Plan(disable_passes=("no_such_pass",))
+    with pytest.raises(mc.PlanError, match="unknown pass"):
+        run_pipeline(gm, ctx, [nothing])
+
+
+def test_rewritten_program_still_equals_eager(lowered):
+    gm, ctx = lowered
+    gm = run_pipeline(gm, ctx, [scale_experts])
+    ids = torch.randint(0, 256, (3, 4))
+    out, _ = gm(ids)
+    torch.testing.assert_close(out, ctx.model(ids))

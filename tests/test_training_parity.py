@@ -1,0 +1,146 @@
+"""End to end: expert-parallel training on 1, 2 and 4 gloo ranks equals one process on the global
+batch (losses and full state after 5 optimizer steps, fp32)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import moesys_compile as mc
+
+sys.path.insert(0, str(Path(__file__).parent))
+from dist_utils import run_ranks  # noqa: E402
+
+VOCAB, BATCH, SEQ, STEPS, LR = 64, 8, 8, 5, 1e-2
+RTOL, ATOL = 1e-5, 1e-6
+
+
+def make_model(**overrides) -> mc.models.Transformer:
+    torch.manual_seed(0)
+    config = dict(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=2, ffn_dim=64, num_experts=4, top_k=2,
+                  moe_ffn_dim=32, aux_loss_coef=0.05)
+    return mc.models.build("tiny-moe", **{**config, **overrides})
+
+
+def global_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(1))
+    return ids[:, :-1], ids[:, 1:]
+
+
+def cross_entropy(logits, targets):
+    return F.cross_entropy(logits.reshape(-1, VOCAB), targets.reshape(-1))
+
+
+def degenerate_router(model) -> None:
+    """Zero router weights: equal scores, so top-1 sends every token to expert 0."""
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.ffn.router.weight.zero_()
+
+
+def reference_run(overrides: dict, degenerate: bool = False):
+    """One eager process on the global batch: loss = CE + sum of the layers' aux losses."""
+    model = make_model(**overrides)
+    if degenerate:
+        degenerate_router(model)
+    opt = torch.optim.Adam(model.parameters(), lr=LR)
+    ids, targets = global_batch()
+    losses = []
+    for _ in range(STEPS):
+        ce = cross_entropy(model(ids), targets)
+        aux = sum(layer.ffn.aux_loss for layer in model.layers)
+        (ce + aux).backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(ce + aux))
+    return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def distributed_run(rank: int, world: int, ep: int, overrides: dict, capacity=None, degenerate: bool = False):
+    model = make_model(**overrides)
+    if degenerate:
+        degenerate_router(model)
+    ids, targets = global_batch()
+    local = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
+    plan = mc.Plan(mode="train", world_size=world, expert_parallel=ep, capacity_factor=capacity, bucket_mb=0.01)
+    program = mc.compile(model, plan, example_inputs=(ids[local],))
+    opt = torch.optim.Adam(program.parameters(), lr=LR)
+    losses = []
+    for _ in range(STEPS):
+        ce = cross_entropy(program(ids[local]), targets[local])
+        (ce + program.aux_loss).backward()
+        opt.step()
+        opt.zero_grad()
+        mean_ce = ce.detach().clone()
+        dist.all_reduce(mean_ce)
+        losses.append(float(mean_ce / world + program.aux_loss))
+    state = program.full_state_dict()
+    dropped = program.dropped_fraction()
+    return losses, (state if rank == 0 else None), dropped
+
+
+def scenarios_4(rank: int, world: int):
+    """Everything that needs 4 ranks, in one launch (process start-up dominates test time)."""
+    return {
+        "ep4": distributed_run(rank, world, 4, {}),
+        "dp2xep2": distributed_run(rank, world, 2, {}),
+        "dp2xep2_capacity": distributed_run(rank, world, 2, {}, capacity=8.0),
+        "ep4_one_expert": distributed_run(rank, world, 4, {"top_k": 1}, degenerate=True),
+        "dp4": distributed_run(rank, world, 1, {}),
+    }
+
+
+def scenarios_2(rank: int, world: int):
+    return {"ep2": distributed_run(rank, world, 2, {}),
+            "ep2_shared": distributed_run(rank, world, 2, {"num_shared_experts": 1})}
+
+
+def scenarios_1(rank: int, world: int):
+    return {"ep1": distributed_run(rank, world, 1, {})}
+
+
+def assert_same(reference, result, label: str) -> None:
+    ref_losses, ref_state = reference
+    losses, state, _ = result
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=RTOL, atol=ATOL,
+                               msg=lambda m: f"{label} losses: {m}")
+    assert list(state) == list(ref_state), f"{label}: full_state_dict names differ from the model's"
+    for name, tensor in ref_state.items():
+        torch.testing.assert_close(state[name], tensor, rtol=RTOL, atol=ATOL, msg=lambda m: f"{label} {name}: {m}")
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return reference_run({})
+
+
+def test_four_ranks_match_one_process(reference):
+    results = run_ranks(scenarios_4, 4)[0]
+    for label in ("ep4", "dp2xep2", "dp2xep2_capacity", "dp4"):
+        assert_same(reference, results[label], label)
+    assert reference[0][-1] < reference[0][0], "the reference loss should fall over 5 steps"
+    assert all(v == 0.0 for v in results["dp2xep2_capacity"][2].values()), "capacity 8 must drop nothing"
+    assert_same(reference_run({"top_k": 1}, degenerate=True), results["ep4_one_expert"], "ep4_one_expert")
+
+
+def test_degenerate_routing_really_sends_everything_to_expert_zero():
+    model = make_model(top_k=1)
+    degenerate_router(model)
+    x_TD = torch.randn(16, 32)
+    _, ids_TK, _ = torch.ops.moesys.route(model.layers[0].ffn.router(x_TD), 1)
+    assert bool((ids_TK == 0).all())
+
+
+def test_two_ranks_match_one_process(reference):
+    results = run_ranks(scenarios_2, 2)[0]
+    assert_same(reference, results["ep2"], "ep2")
+    assert_same(reference_run({"num_shared_experts": 1}), results["ep2_shared"], "ep2_shared")
+
+
+def test_one_rank_process_group_matches_one_process(reference):
+    assert_same(reference, run_ranks(scenarios_1, 1)[0]["ep1"], "ep1")
