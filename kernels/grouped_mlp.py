@@ -49,13 +49,6 @@ _MIN_BLOCK_N = 32  # smallest BLOCK_N of any config: sizes the per-column-tile p
 
 
 @triton.jit
-def _mma(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    if UPCAST:  # Triton's interpreter mishandles bf16 dot; bf16 products are exact in fp32 anyway
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    return tl.dot(a, b, acc, input_precision=PRECISION)
-
-
-@triton.jit
 def _act(x, KIND: tl.constexpr):
     if KIND == 0:
         return x * tl.sigmoid(x)
@@ -77,30 +70,28 @@ def _act_grad(x, KIND: tl.constexpr):
 
 
 @triton.jit
-def _expert_tile(counts_ptr, E, pid, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr):
+def _expert_tile(counts_ptr, starts_ptr, E, pid, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr):
     """Row program ``pid`` -> (expert, its first row, end of that expert's rows); expert == E
-    means the program has no work."""
+    means the program has no work. ``starts_ptr`` holds the exclusive cumsum of the counts."""
     es = tl.arange(0, E_PAD)
-    counts = tl.load(counts_ptr + es, mask=es < E, other=0)
-    tiles = (counts + BLOCK_M - 1) // BLOCK_M
-    tiles_end = tl.cumsum(tiles, axis=0)
-    expert = tl.sum((tiles_end <= pid).to(tl.int32), axis=0)
-    here = es == expert
-    start = tl.sum(tl.where(here, tl.cumsum(counts, axis=0) - counts, 0), axis=0)
-    end = start + tl.sum(tl.where(here, counts, 0), axis=0)
-    first_tile = tl.sum(tl.where(here, tiles_end - tiles, 0), axis=0)
-    return expert, start + (pid - first_tile) * BLOCK_M, end
+    tiles = (tl.load(counts_ptr + es, mask=es < E, other=0) + BLOCK_M - 1) // BLOCK_M
+    before = tl.cumsum(tiles, axis=0) <= pid          # experts whose tiles all come before pid
+    expert = tl.sum(before.to(tl.int32), axis=0)
+    first_tile = tl.sum(tl.where(before, tiles, 0), axis=0)
+    safe = tl.minimum(expert, E - 1)
+    start = tl.load(starts_ptr + safe)
+    return expert, start + (pid - first_tile) * BLOCK_M, start + tl.load(counts_ptr + safe)
 
 
 @triton.jit
 def _up_act_kernel(
-    x_ptr, slots_ptr, w_ptr, counts_ptr, h_ptr, a_ptr,
+    x_ptr, slots_ptr, w_ptr, counts_ptr, starts_ptr, h_ptr, a_ptr,
     E, D, F, top_k, stride_x, stride_we, stride_wh, stride_wd, stride_h, stride_a,
     KIND: tl.constexpr, GATED: tl.constexpr, GATHER: tl.constexpr, SAVE_H: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, E_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    expert, m0, m_end = _expert_tile(counts_ptr, E, tl.program_id(0), BLOCK_M, E_PAD)
+    expert, m0, m_end = _expert_tile(counts_ptr, starts_ptr, E, tl.program_id(0), BLOCK_M, E_PAD)
     if expert >= E:
         return
     rows = m0 + tl.arange(0, BLOCK_M)
@@ -119,10 +110,15 @@ def _up_act_kernel(
         x = tl.load(x_ptr + src[:, None] * stride_x + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w_mask = k_ok[:, None] & col_ok[None, :]
         w_gate = tl.load(w_base + cols[None, :] * stride_wh + ks[:, None] * stride_wd, mask=w_mask, other=0.0)
-        acc_g = _mma(x, w_gate, acc_g, PRECISION, UPCAST)
+        if UPCAST:
+            x = x.to(tl.float32)
+            w_gate = w_gate.to(tl.float32)
+        acc_g = tl.dot(x, w_gate, acc_g, input_precision=PRECISION)
         if GATED:
             w_up = tl.load(w_base + (cols + F)[None, :] * stride_wh + ks[:, None] * stride_wd, mask=w_mask, other=0.0)
-            acc_u = _mma(x, w_up, acc_u, PRECISION, UPCAST)
+            if UPCAST:
+                w_up = w_up.to(tl.float32)
+            acc_u = tl.dot(x, w_up, acc_u, input_precision=PRECISION)
     out_mask = row_ok[:, None] & col_ok[None, :]
     dtype = a_ptr.dtype.element_ty
     # round h to the storage dtype first so that forward and backward (which reads h) agree
@@ -140,13 +136,13 @@ def _up_act_kernel(
 
 @triton.jit
 def _grouped_gemm_kernel(
-    a_ptr, b_ptr, c_ptr, counts_ptr, slots_ptr, scale_ptr,
+    a_ptr, b_ptr, c_ptr, counts_ptr, starts_ptr, slots_ptr, scale_ptr,
     E, KD, NC, stride_a, stride_be, stride_bk, stride_bn, stride_c,
     SCATTER: tl.constexpr, SCALE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """c[dst(n)] = scale[dst(n)] * a[n] @ B[e]; B[e][k, j] at b + e*stride_be + k*stride_bk + j*stride_bn."""
-    expert, m0, m_end = _expert_tile(counts_ptr, E, tl.program_id(0), BLOCK_M, E_PAD)
+    expert, m0, m_end = _expert_tile(counts_ptr, starts_ptr, E, tl.program_id(0), BLOCK_M, E_PAD)
     if expert >= E:
         return
     rows = m0 + tl.arange(0, BLOCK_M)
@@ -161,7 +157,10 @@ def _grouped_gemm_kernel(
         a = tl.load(a_ptr + rows[:, None] * stride_a + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_base + ks[:, None] * stride_bk + cols[None, :] * stride_bn,
                     mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = _mma(a, b, acc, PRECISION, UPCAST)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
     dst = rows
     if SCATTER:
         dst = tl.load(slots_ptr + rows, mask=row_ok, other=0)
@@ -173,13 +172,13 @@ def _grouped_gemm_kernel(
 
 @triton.jit
 def _down_bwd_kernel(
-    grad_y_ptr, slots_ptr, scale_ptr, w_ptr, h_ptr, counts_ptr, grad_h_ptr, part_ptr,
+    grad_y_ptr, slots_ptr, scale_ptr, w_ptr, h_ptr, counts_ptr, starts_ptr, grad_h_ptr, part_ptr,
     E, D, F, top_k, stride_gy, stride_we, stride_wd, stride_wf, stride_h, stride_gh, stride_part,
     KIND: tl.constexpr, GATED: tl.constexpr, GATHER: tl.constexpr, SCALE: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, E_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    expert, m0, m_end = _expert_tile(counts_ptr, E, tl.program_id(0), BLOCK_M, E_PAD)
+    expert, m0, m_end = _expert_tile(counts_ptr, starts_ptr, E, tl.program_id(0), BLOCK_M, E_PAD)
     if expert >= E:
         return
     rows = m0 + tl.arange(0, BLOCK_M)
@@ -199,7 +198,10 @@ def _down_bwd_kernel(
                     other=0.0)
         w = tl.load(w_base + ks[:, None] * stride_wd + cols[None, :] * stride_wf,
                     mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = _mma(g, w, acc, PRECISION, UPCAST)
+        if UPCAST:
+            g = g.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(g, w, acc, input_precision=PRECISION)
     m = row_ok[:, None] & col_ok[None, :]
     gate = tl.load(h_ptr + rows[:, None] * stride_h + cols[None, :], mask=m, other=0.0).to(tl.float32)
     act_gate = _act(gate, KIND)
@@ -224,7 +226,7 @@ def _down_bwd_kernel(
 
 @triton.jit
 def _weight_grad_kernel(
-    p_ptr, q_ptr, out_ptr, counts_ptr, slots_ptr, scale_ptr,
+    p_ptr, q_ptr, out_ptr, counts_ptr, starts_ptr, slots_ptr, scale_ptr,
     E, I, J, F, top_k, stride_p, stride_q, stride_oe, stride_oi, stride_oj,
     P_GATHER: tl.constexpr, P_SCALE: tl.constexpr, Q_GATHER: tl.constexpr, Q_ACT: tl.constexpr,
     KIND: tl.constexpr, GATED: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -232,11 +234,8 @@ def _weight_grad_kernel(
 ):
     """out[e] = sum over rows n of expert e of P[n, :I]^T Q[n, :J]; Q = act(h) when Q_ACT."""
     expert = tl.program_id(1)
-    es = tl.arange(0, E_PAD)
-    counts = tl.load(counts_ptr + es, mask=es < E, other=0)
-    here = es == expert
-    start = tl.sum(tl.where(here, tl.cumsum(counts, axis=0) - counts, 0), axis=0)
-    end = start + tl.sum(tl.where(here, counts, 0), axis=0)
+    start = tl.load(starts_ptr + expert)
+    end = start + tl.load(counts_ptr + expert)
     tiles_j = tl.cdiv(J, BLOCK_N)
     offs_i = (tl.program_id(0) // tiles_j) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_j = (tl.program_id(0) % tiles_j) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -269,7 +268,10 @@ def _weight_grad_kernel(
             q = q.to(p_ptr.dtype.element_ty)
         else:
             q = tl.load(q_ptr + q_rows[:, None] * stride_q + offs_j[None, :], mask=q_mask, other=0.0)
-        acc = _mma(p, q, acc, PRECISION, UPCAST)
+        if UPCAST:
+            p = p.to(tl.float32)
+            q = q.to(tl.float32)
+        acc = tl.dot(p, q, acc, input_precision=PRECISION)
     tl.store(out_ptr + expert * stride_oe + offs_i[:, None] * stride_oi + offs_j[None, :] * stride_oj,
              acc.to(out_ptr.dtype.element_ty), mask=i_ok[:, None] & j_ok[None, :])
 
@@ -327,8 +329,9 @@ def check_experts_args(x: Tensor, counts_E: Tensor, w_up_EHD: Tensor, w_down_EDF
 
 
 def _common(x: Tensor, activation: str) -> dict:
+    # UPCAST: Triton's interpreter mishandles bf16 tl.dot; bf16 products are exact in fp32 anyway
     return dict(KIND=_ACT_KIND["gelu" if activation == "geglu" else activation], GATED=is_gated(activation),
-                PRECISION=dot_precision(x.dtype), UPCAST=INTERPRET)
+                PRECISION="ieee" if INTERPRET else dot_precision(x.dtype), UPCAST=INTERPRET)
 
 
 def _row_grid(num_rows: int, num_experts: int, cols: int):
@@ -351,17 +354,18 @@ def experts_forward_triton(x: Tensor, counts_E: Tensor, w_up_EHD: Tensor, w_down
     top_k = weights_TK.shape[1] if fused else 1
     common = _common(x, activation)
     e_pad = pow2(num_experts, 2)
+    starts_E = counts_E.cumsum(0) - counts_E
     a_NF = torch.empty((num_rows, ffn), device=x.device, dtype=x.dtype)
     h_NH = torch.empty((num_rows if save_h else 0, rows_h), device=x.device, dtype=x.dtype)
     out = torch.zeros((num_rows, dim), device=x.device, dtype=x.dtype)  # dropped rows / slots stay 0
     if num_rows:
         _launch(_up_act_kernel, _row_grid(num_rows, num_experts, ffn), x,
-                x, slots_N if fused else counts_E, w_up_EHD, counts_E, h_NH if save_h else a_NF, a_NF,
+                x, slots_N if fused else counts_E, w_up_EHD, counts_E, starts_E, h_NH if save_h else a_NF, a_NF,
                 num_experts, dim, ffn, top_k, x.stride(0), *w_up_EHD.stride(), h_NH.stride(0), a_NF.stride(0),
                 GATHER=fused, SAVE_H=save_h, E_PAD=e_pad, **common)
         scale = weights_TK.reshape(-1).contiguous() if fused else a_NF
         _launch(_grouped_gemm_kernel, _row_grid(num_rows, num_experts, dim), x,
-                a_NF, w_down_EDF, out, counts_E, slots_N if fused else counts_E, scale,
+                a_NF, w_down_EDF, out, counts_E, starts_E, slots_N if fused else counts_E, scale,
                 num_experts, ffn, dim, a_NF.stride(0), w_down_EDF.stride(0), w_down_EDF.stride(2),
                 w_down_EDF.stride(1), out.stride(0),
                 SCATTER=fused, SCALE=fused, PRECISION=common["PRECISION"], UPCAST=common["UPCAST"], E_PAD=e_pad)
@@ -383,6 +387,7 @@ def experts_backward_triton(grad_out: Tensor, x: Tensor, counts_E: Tensor, w_up_
     top_k = weights_TK.shape[1] if fused else 1
     common = _common(x, activation)
     e_pad = pow2(num_experts, 2)
+    starts_E = counts_E.cumsum(0) - counts_E
     scale = weights_TK.reshape(-1).contiguous() if fused else counts_E
     slots = slots_N if fused else counts_E
     grad_h_NH = torch.empty_like(h_NH)
@@ -393,12 +398,12 @@ def experts_backward_triton(grad_out: Tensor, x: Tensor, counts_E: Tensor, w_up_
     grad_rows = torch.zeros((num_rows, dim), device=x.device, dtype=x.dtype)
     if num_rows:
         _launch(_down_bwd_kernel, _row_grid(num_rows, num_experts, ffn), x,
-                grad_out, slots, scale, w_down_EDF, h_NH, counts_E, grad_h_NH, part_NC,
+                grad_out, slots, scale, w_down_EDF, h_NH, counts_E, starts_E, grad_h_NH, part_NC,
                 num_experts, dim, ffn, top_k, grad_out.stride(0), *w_down_EDF.stride(), h_NH.stride(0),
                 grad_h_NH.stride(0), part_NC.stride(0) if fused else 0,
                 GATHER=fused, SCALE=fused, E_PAD=e_pad, **common)
         _launch(_grouped_gemm_kernel, _row_grid(num_rows, num_experts, dim), x,
-                grad_h_NH, w_up_EHD, grad_rows, counts_E, slots, scale,
+                grad_h_NH, w_up_EHD, grad_rows, counts_E, starts_E, slots, scale,
                 num_experts, rows_h, dim, grad_h_NH.stride(0), w_up_EHD.stride(0), w_up_EHD.stride(1),
                 w_up_EHD.stride(2), grad_rows.stride(0),
                 SCATTER=fused, SCALE=False, PRECISION=common["PRECISION"], UPCAST=common["UPCAST"], E_PAD=e_pad)
@@ -407,12 +412,12 @@ def experts_backward_triton(grad_out: Tensor, x: Tensor, counts_E: Tensor, w_up_
                  E_PAD=e_pad)
     _launch(_weight_grad_kernel,
             lambda meta: (triton.cdiv(dim, meta["BLOCK_M"]) * triton.cdiv(ffn, meta["BLOCK_N"]), num_experts), x,
-            grad_out, h_NH, grad_w_down, counts_E, slots, scale,
+            grad_out, h_NH, grad_w_down, counts_E, starts_E, slots, scale,
             num_experts, dim, ffn, ffn, top_k, grad_out.stride(0), h_NH.stride(0), *grad_w_down.stride(),
             P_GATHER=fused, P_SCALE=fused, Q_GATHER=False, Q_ACT=True, **wgrad)
     _launch(_weight_grad_kernel,
             lambda meta: (triton.cdiv(rows_h, meta["BLOCK_M"]) * triton.cdiv(dim, meta["BLOCK_N"]), num_experts), x,
-            grad_h_NH, x, grad_w_up, counts_E, slots, scale,
+            grad_h_NH, x, grad_w_up, counts_E, starts_E, slots, scale,
             num_experts, rows_h, dim, ffn, top_k, grad_h_NH.stride(0), x.stride(0), *grad_w_up.stride(),
             P_GATHER=False, P_SCALE=False, Q_GATHER=fused, Q_ACT=False, **wgrad)
     if not fused:

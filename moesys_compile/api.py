@@ -12,8 +12,7 @@ from moesys_compile.passes import pipeline_for
 
 from .errors import PlanError
 from .frontend import annotate, canonicalize, capture, moe_modules
-from .frontend.annotation import propagate_shapes  # noqa: F401  (re-exported for passes)
-from .frontend.tracing import _traced_names, expose_aux_loss
+from .frontend.tracing import expose_aux_loss, traced_names
 from .pipeline import CompileContext, run_pipeline, take_snapshot
 from .plan import Plan
 from .programs import InputBinder, Program, build_program, flatten_export_codegen
@@ -44,18 +43,20 @@ def trace(model: nn.Module, example_inputs: Any = (), example_kwargs: Optional[d
 
         >>> gm = moesys_compile.trace(model, (ids,))      # doctest: +SKIP
     """
+    canonicalize(model)
     gm, _ = _capture_and_annotate(model, _as_tuple(example_inputs), dict(example_kwargs or {}), leaf_modules)
     return gm
 
 
-def _capture_and_annotate(model, example_inputs, example_kwargs, leaf_modules, with_aux=False):
+def _capture_and_annotate(model, example_inputs, example_kwargs, leaf_modules, for_program=False):
+    """Capture and annotate. ``for_program``: also give an exported graph a flat signature and
+    make the graph return (output, aux_loss), as programs expect."""
     gm = capture(model, example_inputs, example_kwargs, leaf_modules)
     kind = gm.meta.get("moesys_capture", "fx")
-    traced, _ = _traced_names(model, example_inputs, example_kwargs) if kind == "fx" else (
-        list(__import__("inspect").signature(model.forward).bind_partial(*example_inputs, **example_kwargs).arguments), {})
-    out_spec = flatten_export_codegen(gm) if kind == "export" else None
+    traced, _ = traced_names(model, example_inputs, example_kwargs)
+    out_spec = flatten_export_codegen(gm) if kind == "export" and for_program else None
     binder = InputBinder(model, traced, kind, out_spec)
-    if with_aux:
+    if for_program:
         expose_aux_loss(gm)
     annotation = annotate(gm, binder.graph_inputs(example_inputs, example_kwargs))
     gm.meta["moesys_binder"] = binder
@@ -70,7 +71,7 @@ def prepare(model: nn.Module, plan: Optional[Plan] = None, example_inputs: Any =
     example_inputs, example_kwargs = _as_tuple(example_inputs), dict(example_kwargs or {})
     blocks = canonicalize(model)
     check_plan_against_model(model, plan)
-    gm, annotation = _capture_and_annotate(model, example_inputs, example_kwargs, plan.leaf_modules, with_aux=True)
+    gm, annotation = _capture_and_annotate(model, example_inputs, example_kwargs, plan.leaf_modules, for_program=True)
     binder = gm.meta["moesys_binder"]
     ctx = CompileContext(plan=plan, model=model, annotation=annotation, blocks=blocks,
                          input_names=binder.traced_names, capture=binder.capture, rank=rank)

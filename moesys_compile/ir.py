@@ -65,14 +65,43 @@ def val(node: Any) -> Any:
     return node.meta.get("val") if isinstance(node, fx.Node) else node
 
 
+def value_signature(value: Any) -> Any:
+    """A hashable description of a value's metadata (tensors: sizes, strides, dtype, device), so
+    that computations on equal signatures can share one fake result."""
+    if isinstance(value, torch.Tensor):
+        return ("T", tuple(_size_key(s) for s in value.shape), tuple(_size_key(s) for s in value.stride()),
+                value.dtype, str(value.device), isinstance(value, torch.nn.Parameter))
+    if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        return ("S", str(value.node.expr))
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, tuple(value_signature(v) for v in value))
+    if isinstance(value, dict):
+        return ("D", tuple((k, value_signature(v)) for k, v in value.items()))
+    if isinstance(value, slice):
+        return ("slice", value_signature(value.start), value_signature(value.stop), value_signature(value.step))
+    try:
+        hash(value)
+        return value
+    except TypeError:
+        return ("id", id(value))
+
+
+def _size_key(size: Any) -> Any:
+    return str(size.node.expr) if isinstance(size, torch.SymInt) else int(size)
+
+
 def infer_val(node: fx.Node, fake_mode) -> Any:
-    """Recompute ``meta["val"]`` for a call_function node from its inputs' vals (for new nodes)."""
+    """Compute ``meta["val"]`` for a call_function node from its inputs' vals (for new nodes).
+    Results are shared between nodes with the same target and input metadata."""
     args = tree_map(val, node.args)
     kwargs = tree_map(val, node.kwargs)
-    with fake_mode:
-        result = node.target(*args, **kwargs)
-    node.meta["val"] = result
-    return result
+    memo = fake_mode.__dict__.setdefault("_moesys_val_memo", {})
+    key = (node.target, value_signature(args), value_signature(kwargs))
+    if key not in memo:
+        with fake_mode:
+            memo[key] = node.target(*args, **kwargs)
+    node.meta["val"] = memo[key]
+    return memo[key]
 
 
 def tensors_in(obj: Any) -> Iterable[torch.Tensor]:

@@ -1,6 +1,7 @@
 """Compile context, snapshots, and the pass runner.
 
-After each pass: ``graph.lint()``, recompile, ``verify()``, and a snapshot for ``inspect``.
+After each pass: ``graph.lint()``, recompile (when the graph changed), ``verify()``, and a
+snapshot for ``inspect``.
 A failing pass is re-raised as PassError naming it and the passes that ran before it.
 """
 
@@ -85,6 +86,11 @@ def take_snapshot(stage: str, gm: fx.GraphModule, ctx: CompileContext, changed: 
     return Snapshot(stage, records, changed, list(ctx.notes.get(stage, [])), seconds)
 
 
+def graph_fingerprint(gm: fx.GraphModule) -> int:
+    """Changes whenever a node is added, removed, retargeted or rewired (cheaper than codegen)."""
+    return hash(tuple((n.name, n.op, str(n.target), str(n.args), str(n.kwargs)) for n in gm.graph.nodes))
+
+
 def check_disabled(plan: Plan, passes: Sequence) -> None:
     known = [p.__name__ for p in passes]
     unknown = [name for name in plan.disable_passes if name not in known]
@@ -101,18 +107,20 @@ def run_pipeline(gm: fx.GraphModule, ctx: CompileContext, passes: Sequence) -> f
             ctx.passes_skipped.append(name)
             continue
         ctx.current_pass = name
-        code_before = gm.code
+        before = graph_fingerprint(gm)
         start = time.perf_counter()
         try:
             gm = fn(gm, ctx)
             gm.graph.lint()
-            gm.recompile()
+            changed = graph_fingerprint(gm) != before
+            if changed:
+                gm.recompile()
             verify(gm)
         except PassError:
             raise
         except Exception as exc:
             raise PassError(name, ctx.passes_run, exc) from exc
         ctx.passes_run.append(name)
-        ctx.snapshots.append(take_snapshot(name, gm, ctx, gm.code != code_before, time.perf_counter() - start))
+        ctx.snapshots.append(take_snapshot(name, gm, ctx, changed, time.perf_counter() - start))
     ctx.current_pass = "done"
     return gm

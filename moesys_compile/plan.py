@@ -67,6 +67,8 @@ class Plan:
     device: "cpu", "cuda" or "cuda:N". device_budget: bytes (int or "512MiB") the program may
         hold on the device (ring inference). weights: "host" (pinned memory) or "disk"
         (safetensors under offload_dir). dtype: compute dtype. disable_passes: pass names to skip.
+    weights_checkpoint: directory the infer ring stages its weights from (a Hugging Face style
+        safetensors directory or a training checkpoint) instead of the model's own tensors.
     """
 
     mode: str = "train"
@@ -82,6 +84,7 @@ class Plan:
     kernels: str = "auto"
     bucket_mb: float = 25.0
     ring_slots: Optional[int] = None
+    weights_checkpoint: Optional[str] = None
     leaf_modules: tuple[str, ...] = ()
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -109,6 +112,9 @@ class Plan:
             raise PlanError(f"bucket_mb ({self.bucket_mb}) must be > 0")
         if self.ring_slots is not None and self.ring_slots < 2:
             raise PlanError(f"ring_slots ({self.ring_slots}) must be >= 2 (one computes while the next loads)")
+        if self.weights_checkpoint is not None and not Path(self.weights_checkpoint).is_dir():
+            raise PlanError(f"weights_checkpoint ({self.weights_checkpoint!r}) is not a directory; give the "
+                            f"checkpoint directory (model.safetensors, its index, or a training checkpoint)")
         if self.weights == "disk" and self.mode == "infer" and not self.offload_dir:
             raise PlanError("weights is 'disk' but offload_dir is not set; give a directory for the safetensors files")
 

@@ -14,18 +14,29 @@ workspace.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 import torch.fx as fx
+from torch import Tensor
 
-from moesys_compile.errors import PlanError
-from moesys_compile.ir import moesys_meta, tensors_in
+from moesys_compile import ops
+from moesys_compile.frontend.annotation import CostModel
+
+from moesys_compile.errors import PassError, PlanError
+from moesys_compile.ir import infer_val, is_op, moesys_meta
 from moesys_compile.plan import format_bytes
+from moesys_compile.runtime.ring import activation_exprs, evaluate_workspace, liveness_plan
 
 ALIGN = 64            # every tensor starts on a 64-byte boundary inside a slot
 MAX_DERIVED_SLOTS = 4  # deeper rings only shrink sections once two slots hide a transfer
+
+
+class RingBudgetTooSmall(PassError, PlanError):
+    """The budget cannot hold the ring. A PassError (the pass runner lets it through unchanged)
+    and a PlanError (the plan is what has to change)."""
 
 
 def aligned(nbytes: int) -> int:
@@ -59,6 +70,7 @@ class RingLayout:
     example_shape: tuple[int, int]         # (batch, seq) the workspace was estimated at
     resident: dict[str, int] = field(default_factory=dict)
     dtype: Optional[torch.dtype] = None    # streamed floating state is stored in this dtype
+    slices: dict = field(default_factory=dict)     # graph attribute -> (weight it slices, lo, hi)
     schedule: list = field(default_factory=list)   # filled by schedule_prefetch
 
 
@@ -99,85 +111,6 @@ def model_tensor_ids(model: torch.nn.Module) -> set[int]:
 
 
 # ---------------------------------------------------------------------------------------------
-# activation workspace: a liveness walk over the graph with per-node bytes
-# ---------------------------------------------------------------------------------------------
-
-
-def activation_exprs(gm: fx.GraphModule, ctx) -> list:
-    """Per node (graph order): bytes it allocates, as sympy expressions in B and S. Views and
-    weight reads allocate nothing (their bytes belong to their base), except views of state
-    that are carried to another layer: the ring copies those out of the slot."""
-    exprs = []
-    for node in gm.graph.nodes:
-        cost = moesys_meta(node).get("cost")
-        own = cost.activation_bytes if cost is not None else 0
-        if own == 0 and _is_state_view(node) and _used_outside_layer(node):
-            own = sum((_numel(ctx, t) * t.element_size() for t in tensors_in(node.meta.get("val"))), 0)
-        exprs.append(own)
-    return exprs
-
-
-def _numel(ctx, t: torch.Tensor):
-    total = 1
-    for size in t.shape:
-        total = total * ctx.annotation.expr(size)
-    return total
-
-
-def _is_state_view(node: fx.Node) -> bool:
-    root = alias_root(node)
-    return root is not node and root.op == "get_attr"
-
-
-def _used_outside_layer(node: fx.Node) -> bool:
-    layer = moesys_meta(node).get("layer")
-    return any(moesys_meta(user).get("layer") != layer for user in node.users if user.op != "output")
-
-
-def alias_root(node: fx.Node) -> fx.Node:
-    """The node whose storage ``node`` views (itself unless it allocates nothing and reads a tensor)."""
-    while node.op not in ("placeholder", "get_attr"):
-        cost = moesys_meta(node).get("cost")
-        if cost is None or cost.activation_bytes != 0:
-            break
-        sources = [a for a in node.all_input_nodes if isinstance(a.meta.get("val"), torch.Tensor)
-                   or isinstance(a.meta.get("val"), (tuple, list))]
-        if not sources:
-            break
-        node = sources[0]
-    return node
-
-
-def liveness_plan(gm: fx.GraphModule) -> tuple[list[int], list[list[int]]]:
-    """For each node index: its alias root's index, and the roots freed after it runs."""
-    nodes = list(gm.graph.nodes)
-    index = {n: i for i, n in enumerate(nodes)}
-    roots = [index[alias_root(n)] for n in nodes]
-    last_use = list(range(len(nodes)))
-    for i, node in enumerate(nodes):
-        for user in node.users:
-            last_use[roots[i]] = max(last_use[roots[i]], index[user])
-    frees: list[list[int]] = [[] for _ in nodes]
-    for root in set(roots):
-        frees[last_use[root]].append(root)
-    return roots, frees
-
-
-def peak_live_bytes(own_bytes: list[int], roots: list[int], frees: list[list[int]]) -> int:
-    """Largest sum of live allocations while the graph runs in order."""
-    live = peak = 0
-    size = [0] * len(own_bytes)
-    for i, nbytes in enumerate(own_bytes):
-        size[roots[i]] += nbytes
-        live += nbytes
-        peak = max(peak, live)
-        for root in frees[i]:
-            live -= size[root]
-            size[root] = 0
-    return peak
-
-
-# ---------------------------------------------------------------------------------------------
 # units and sections
 # ---------------------------------------------------------------------------------------------
 
@@ -195,6 +128,30 @@ def fine_units(nodes: list[fx.Node]) -> list[list[fx.Node]]:
             later = [position[u] for u in node.users if u in position]
             open_until = max(open_until, max(later, default=i))
     return units
+
+
+def sink_state_reads(gm: fx.GraphModule) -> int:
+    """Give every user of a ``get_attr`` its own read, placed right before it (torch.export puts
+    all reads at the top, and a tied weight is read by far-apart layers). Returns reads added."""
+    added = 0
+    for node in [n for n in gm.graph.nodes if n.op == "get_attr"]:
+        users = sorted(node.users, key=_position(gm))
+        if not users:
+            continue
+        users[0].prepend(node)
+        for user in users[1:]:
+            with gm.graph.inserting_before(user):
+                copy = gm.graph.get_attr(node.target)
+            copy.meta = {key: (dict(value) if key == "moesys" else value) for key, value in node.meta.items()}
+            moesys_meta(copy).update(layer=moesys_meta(user).get("layer"))
+            user.replace_input_with(node, copy)
+            added += 1
+    return added
+
+
+def _position(gm: fx.GraphModule):
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    return order.__getitem__
 
 
 def layer_units(nodes: list[fx.Node]) -> list[list[fx.Node]]:
@@ -255,6 +212,149 @@ def choose_slots(plan_slots: Optional[int], room: int, largest_layer: int) -> in
 
 
 # ---------------------------------------------------------------------------------------------
+# expert groups: a grouped_mlp whose experts do not fit a slot runs one expert group at a time
+# ---------------------------------------------------------------------------------------------
+
+
+def _group_rows(counts_E: Tensor, first: int, count: int) -> list[tuple[int, int, int]]:
+    """(local expert, start row, end row) of experts [first, first + count); one host sync."""
+    counts = counts_E.tolist()
+    start = sum(counts[:first])
+    rows = []
+    for local, size in enumerate(counts[first:first + count]):
+        rows.append((local, start, start + size))
+        start += size
+    return rows
+
+
+def expert_group_reference(x_ND: Tensor, counts_E: Tensor, w_up_GHD: Tensor, w_down_GDF: Tensor, first_expert: int,
+                           activation: str = "swiglu") -> Tensor:
+    """Differentiable: grouped_mlp restricted to experts [first, first + G); other rows are 0."""
+    y_ND = x_ND.new_zeros((x_ND.shape[0], w_down_GDF.shape[1]))
+    for local, start, end in _group_rows(counts_E, first_expert, w_up_GHD.shape[0]):
+        h_nH = x_ND[start:end] @ w_up_GHD[local].t()
+        y_ND = y_ND.index_copy(0, torch.arange(start, end, device=x_ND.device),
+                               ops.apply_activation(h_nH, activation) @ w_down_GDF[local].t())
+    return y_ND
+
+
+@torch.library.custom_op("moesys_ring::expert_group_mlp", mutates_args=())
+def expert_group_mlp(x_ND: Tensor, counts_E: Tensor, w_up_GHD: Tensor, w_down_GDF: Tensor, first_expert: int,
+                     activation: str = "swiglu") -> Tensor:
+    """Rows of experts [first_expert, first_expert + G) of ``moesys.grouped_mlp``, zeros elsewhere;
+    summed over a partition of the experts it is grouped_mlp (each row is nonzero in one group)."""
+    y_ND = x_ND.new_zeros((x_ND.shape[0], w_down_GDF.shape[1]))
+    for local, start, end in _group_rows(counts_E, first_expert, w_up_GHD.shape[0]):
+        h_nH = torch.mm(x_ND[start:end], w_up_GHD[local].t())
+        torch.mm(ops.apply_activation(h_nH, activation), w_down_GDF[local].t(), out=y_ND[start:end])
+    return y_ND
+
+
+@expert_group_mlp.register_fake
+def _expert_group_mlp_fake(x_ND, counts_E, w_up_GHD, w_down_GDF, first_expert, activation="swiglu"):
+    return x_ND.new_empty((x_ND.shape[0], w_down_GDF.shape[1]))
+
+
+def _expert_group_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:4])
+    ctx.first, ctx.activation = inputs[4], inputs[5]
+
+
+def _expert_group_backward(ctx, grad_y_ND):
+    x_ND, counts_E, w_up, w_down = ctx.saved_tensors
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(True) for t in (x_ND, w_up, w_down)]
+        y_ND = expert_group_reference(leaves[0], counts_E, leaves[1], leaves[2], ctx.first, ctx.activation)
+        grad_x, grad_up, grad_down = torch.autograd.grad(y_ND, leaves, grad_y_ND, allow_unused=True)
+    return grad_x, None, grad_up, grad_down, None, None
+
+
+expert_group_mlp.register_autograd(_expert_group_backward, setup_context=_expert_group_setup)
+
+
+def _splittable_weights(node: fx.Node) -> Optional[tuple[fx.Node, fx.Node]]:
+    """The (w_up, w_down) get_attr inputs of a grouped_mlp that only it reads, else None."""
+    if not is_op(node, "grouped_mlp"):
+        return None
+    up, down = node.args[2], node.args[3]
+    ok = all(isinstance(w, fx.Node) and w.op == "get_attr" and len(w.users) == 1 for w in (up, down))
+    return (up, down) if ok else None
+
+
+def _expert_bytes(gm: fx.GraphModule, up: fx.Node, down: fx.Node, dtype) -> tuple[int, int]:
+    """(bytes of one expert's up + down weights, number of experts)."""
+    w_up, w_down = fetch(gm, str(up.target)), fetch(gm, str(down.target))
+    return stored_bytes(w_up[0], dtype) + stored_bytes(w_down[0], dtype), w_up.shape[0]
+
+
+def indivisible_bytes(gm: fx.GraphModule, unit: list[fx.Node], state_of, dtype) -> int:
+    """Bytes of a fine unit that must share one slot (a grouped_mlp only needs one expert)."""
+    total = sum(unit_state(unit, state_of).values())
+    for node in unit:
+        weights = _splittable_weights(node)
+        if weights is not None and weights[0] in unit and weights[1] in unit:
+            whole = sum(state_of[w][str(w.target)] for w in weights)
+            total += _expert_bytes(gm, *weights, dtype)[0] - whole
+    return total
+
+
+def _new_node(gm: fx.GraphModule, ctx, target, args: tuple, like: fx.Node, flops=None) -> fx.Node:
+    node = gm.graph.call_function(target, args)
+    infer_val(node, ctx.fake_mode)
+    meta = moesys_meta(node)
+    meta.update(layer=moesys_meta(like).get("layer"), module=moesys_meta(like).get("module"))
+    meta["cost"] = CostModel(gm, ctx.annotation).cost(node)
+    if flops is not None:
+        meta["cost"].flops = flops
+    return node
+
+
+def _slice_attr(gm: fx.GraphModule, ctx, weight: fx.Node, lo: int, hi: int, slices) -> fx.Node:
+    name = f"ring_{str(weight.target).replace('.', '_')}_{lo}_{hi}"
+    gm.register_buffer(name, fetch(gm, str(weight.target)).detach()[lo:hi], persistent=False)
+    node = gm.graph.get_attr(name)
+    with ctx.fake_mode:
+        node.meta["val"] = weight.meta["val"][lo:hi]
+    moesys_meta(node).update(layer=moesys_meta(weight).get("layer"), module=moesys_meta(weight).get("module"))
+    moesys_meta(node)["cost"] = CostModel(gm, ctx.annotation).cost(node)
+    slices[name] = (str(weight.target), lo, hi)
+    return node
+
+
+def split_oversized_experts(gm: fx.GraphModule, ctx, fine, state_of, slot_bytes: int, dtype, slices) -> int:
+    """Replace each grouped_mlp whose unit exceeds a slot by expert groups that fit one."""
+    split = 0
+    for unit in fine:
+        if sum(unit_state(unit, state_of).values()) <= slot_bytes:
+            continue
+        for node in [n for n in unit if _splittable_weights(n)]:
+            up, down = _splittable_weights(node)
+            per_expert, num_experts = _expert_bytes(gm, up, down, dtype)
+            per_group = max(1, (slot_bytes - 2 * ALIGN) // per_expert)
+            if per_group >= num_experts:
+                continue
+            x_ND, counts_E = node.args[:2]
+            activation = node.args[4] if len(node.args) > 4 else node.kwargs.get("activation", "swiglu")
+            flops = moesys_meta(node)["cost"].flops
+            with gm.graph.inserting_before(node):
+                total = None
+                for lo in range(0, num_experts, per_group):
+                    hi = min(num_experts, lo + per_group)
+                    args = (x_ND, counts_E, _slice_attr(gm, ctx, up, lo, hi, slices),
+                            _slice_attr(gm, ctx, down, lo, hi, slices), lo, activation)
+                    part = _new_node(gm, ctx, torch.ops.moesys_ring.expert_group_mlp.default, args, node,
+                                     flops * (hi - lo) / num_experts)
+                    total = part if total is None else _new_node(gm, ctx, operator.add, (total, part), node)
+            node.replace_all_uses_with(total)
+            for dead in (node, up, down):
+                gm.graph.erase_node(dead)
+            ctx.note(f"{moesys_meta(total).get('module')}: grouped_mlp over {num_experts} experts -> "
+                     f"{-(-num_experts // per_group)} expert groups of <= {per_group} (a slot holds {slot_bytes} B)")
+            split += 1
+    return split
+
+
+# ---------------------------------------------------------------------------------------------
 # the pass
 # ---------------------------------------------------------------------------------------------
 
@@ -266,19 +366,26 @@ def ring_partition(gm: fx.GraphModule, ctx) -> fx.GraphModule:
     every node, and ``plan.device_budget`` (no budget: the pass notes it and changes nothing).
     Writes ``meta["moesys"]["section"]`` (int) on every node but the output, and
     ``ctx.extras["ring"]`` (a ``RingLayout``: slots, slot bytes, workspace, sections with their
-    streamed state). Adds no node and changes no computation. Raises ``PlanError`` stating the
+    streamed state, expert-weight slices). A ``grouped_mlp`` too large for a slot is replaced by
+    a sum of ``moesys_ring.expert_group_mlp`` nodes over expert groups (same rows, same values).
+    Moves each ``get_attr`` right before its first user and gives every further
+    user its own ``get_attr`` of the same target (same value: the computation is unchanged). Raises ``PlanError`` stating the
     minimum budget in bytes when the budget cannot hold ``slots`` copies of the largest unit
     plus the workspace.
 
     **Pseudo-code.**
 
+        sink every get_attr to its first user; one get_attr per further user
         workspace = plan.options["ring_workspace"] or peak live activation bytes at the example
                     (batch, seq) (liveness walk; views share their base)
         room      = budget - workspace - resident state
-        unit_min  = largest fine unit (get_attr never separated from its users)
+        unit_min  = largest fine unit (get_attr never separated from its users; a grouped_mlp
+                    counts one expert, since it can run as expert groups)
         slots     = plan.ring_slots or clamp(room // largest layer, 2, 4)
         if room < slots * unit_min: raise PlanError(minimum = slots * unit_min + workspace + resident)
         slot_bytes = room // slots
+        grouped_mlp whose weights exceed slot_bytes -> sum of expert_group_mlp over expert groups
+                    that fit a slot (weights read through slices w[lo:hi], streamed like weights)
         units    = layers; a layer larger than slot_bytes -> its fine units
         sections = greedy contiguous packing of units under slot_bytes; section i -> slot i % slots
     """
@@ -287,52 +394,70 @@ def ring_partition(gm: fx.GraphModule, ctx) -> fx.GraphModule:
         ctx.note("no device_budget in the plan: no ring (the program keeps every weight resident)")
         return gm
     dtype = plan.torch_dtype if plan.dtype != "float32" else None
-    nodes = [n for n in gm.graph.nodes if n.op != "output"]
-    known = model_tensor_ids(ctx.model)
-    state_of: dict[fx.Node, dict[str, int]] = {}
-    resident: dict[str, int] = {}
-    for node in nodes:
-        streamed = {}
-        for name, t in node_state(gm, node).items():
-            if id(t) in known:
-                streamed[name] = stored_bytes(t, dtype)
-            else:
-                resident[name] = aligned(t.nbytes)
-        state_of[node] = streamed
-
+    added = sink_state_reads(gm)
+    if added:
+        ctx.note(f"{added} weight reads duplicated so that each user reads its weight in its own section")
+    slices: dict[str, tuple[str, int, int]] = {}
+    state_of, resident = classify_state(gm, ctx, dtype, slices)
     batch, seq = ctx.annotation.example_batch, ctx.annotation.example_seq
     workspace = _workspace(gm, ctx, batch, seq)
     room = plan.device_budget - workspace - sum(resident.values())
+    nodes = list(state_of)
     fine = fine_units(nodes)
-    unit_bytes = [sum(unit_state(u, state_of).values()) for u in fine]
+    unit_bytes = [indivisible_bytes(gm, u, state_of, dtype) for u in fine]
     worst = max(range(len(fine)), key=lambda i: unit_bytes[i])
     largest_layer = max(sum(unit_state(u, state_of).values()) for u in layer_units(nodes))
     slots = choose_slots(plan.ring_slots, room, largest_layer)
     minimum = slots * unit_bytes[worst] + workspace + sum(resident.values())
     if plan.device_budget < minimum:
-        raise PlanError(
+        raise RingBudgetTooSmall("ring_partition", ctx.passes_run, PlanError(
             f"device_budget ({plan.device_budget} bytes, {format_bytes(plan.device_budget)}) is below the minimum "
             f"{minimum} bytes ({format_bytes(minimum)}) for ring inference: {slots} slots x {unit_bytes[worst]} bytes "
             f"(largest unit that cannot be split: {describe_unit(fine[worst], unit_state(fine[worst], state_of))}) "
             f"+ {workspace} bytes activation workspace at batch {batch}, seq {seq}"
             + (f" + {sum(resident.values())} bytes resident state" if resident else "")
-            + "; raise Plan.device_budget or lower Plan.ring_slots")
+            + "; raise Plan.device_budget or lower Plan.ring_slots"))
     slot_bytes = (room // slots) // ALIGN * ALIGN
+    if split_oversized_experts(gm, ctx, fine, state_of, slot_bytes, dtype, slices):
+        state_of, resident = classify_state(gm, ctx, dtype, slices)
+        workspace = max(workspace, _workspace(gm, ctx, batch, seq))   # expert groups add partial sums
+        slot_bytes = min(slot_bytes, (plan.device_budget - workspace - sum(resident.values())) // slots // ALIGN * ALIGN)
+        nodes = list(state_of)
     groups = pack(split_units(nodes, state_of, slot_bytes), state_of, slot_bytes)
+    layout = RingLayout(budget=plan.device_budget, slots=slots, slot_bytes=slot_bytes, workspace=workspace,
+                        sections=make_sections(groups, state_of, slots), min_budget=minimum,
+                        state_bytes=sum({k: v for n in nodes for k, v in state_of[n].items()}.values()),
+                        example_shape=(batch, seq), resident=resident, dtype=dtype, slices=slices)
+    ctx.extras["ring"] = layout
+    _notes(ctx, layout)
+    return gm
 
+
+def classify_state(gm: fx.GraphModule, ctx, dtype, slices) -> tuple[dict, dict]:
+    """Streamed state bytes per node (graph order, output excluded) and resident state bytes."""
+    known = model_tensor_ids(ctx.model)
+    state_of: dict[fx.Node, dict[str, int]] = {}
+    resident: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "output":
+            continue
+        state_of[node] = {}
+        for name, t in node_state(gm, node).items():
+            if id(t) in known or name in slices:
+                state_of[node][name] = stored_bytes(t, dtype)
+            else:
+                resident[name] = aligned(t.nbytes)
+    return state_of, resident
+
+
+def make_sections(groups: list[list[fx.Node]], state_of, slots: int) -> list[SectionInfo]:
     sections = []
     for index, group in enumerate(groups):
         layers = tuple(dict.fromkeys(moesys_meta(n).get("layer") for n in group))
         sections.append(SectionInfo(index, index % slots, [n.name for n in group], unit_state(group, state_of), layers))
         for node in group:
             moesys_meta(node)["section"] = index
-    all_state = {name: size for node in nodes for name, size in state_of[node].items()}
-    layout = RingLayout(budget=plan.device_budget, slots=slots, slot_bytes=slot_bytes, workspace=workspace,
-                        sections=sections, state_bytes=sum(all_state.values()), min_budget=minimum,
-                        example_shape=(batch, seq), resident=resident, dtype=dtype)
-    ctx.extras["ring"] = layout
-    _notes(ctx, layout)
-    return gm
+    return sections
 
 
 def _workspace(gm: fx.GraphModule, ctx, batch: int, seq: int) -> int:
@@ -341,14 +466,6 @@ def _workspace(gm: fx.GraphModule, ctx, batch: int, seq: int) -> int:
     if given is not None:
         return aligned(parse_bytes(given, "options['ring_workspace']"))
     return aligned(evaluate_workspace(activation_exprs(gm, ctx), liveness_plan(gm), batch, seq))
-
-
-def evaluate_workspace(exprs: list, liveness: tuple, batch: int, seq: int) -> int:
-    from moesys_compile.frontend.annotation import B, S
-    import sympy
-    values = {B: batch, S: seq}
-    own = [int(sympy.sympify(e).xreplace(values)) for e in exprs]
-    return peak_live_bytes(own, *liveness)
 
 
 def _notes(ctx, layout: RingLayout) -> None:

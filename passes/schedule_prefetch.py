@@ -24,6 +24,14 @@ class LoadStep:
     reload: bool
 
 
+def previous_occupant(index: int, slots: int, count: int) -> int:
+    """The section that used ``index``'s slot (``index % slots``) just before it, cyclically."""
+    if index >= slots:
+        return index - slots
+    last = count - 1
+    return last - ((last - index) % slots)
+
+
 def schedule_prefetch(gm: fx.GraphModule, ctx) -> fx.GraphModule:
     """Derive the ring's load schedule from the sections of ``ring_partition``.
 
@@ -36,7 +44,7 @@ def schedule_prefetch(gm: fx.GraphModule, ctx) -> fx.GraphModule:
         n = len(sections); r = slots
         for i, section in enumerate(sections):
             slot  = i % r
-            after = (i - r) mod n   if n > r else None   # previous occupant, cyclic across calls
+            after = previous section with the same slot, cyclic across calls (None if n <= r)
             reload = n > r                               # n <= r: loaded once, stays
         # the executor keeps up to r loads in flight ahead of compute: section i+r starts loading
         # as soon as section i has been computed, while sections i+1 .. i+r-1 compute
@@ -49,7 +57,7 @@ def schedule_prefetch(gm: fx.GraphModule, ctx) -> fx.GraphModule:
     rotating = count > slots
     schedule = []
     for section in layout.sections:
-        after = (section.index - slots) % count if rotating else None
+        after = previous_occupant(section.index, slots, count) if rotating else None
         schedule.append(LoadStep(section.index, section.index % slots, after, section.nbytes, rotating))
     layout.schedule = schedule
     by_name = {name: section.index for section in layout.sections for name in section.nodes}

@@ -8,6 +8,7 @@ be importable packages. A failing rank fails the call with that rank's stderr.
 
 from __future__ import annotations
 
+import faulthandler
 import importlib.util
 import inspect
 import os
@@ -56,7 +57,8 @@ def _wait_all(procs: list, timeout: float) -> list[tuple[str, str]]:
         except subprocess.TimeoutExpired:
             for other in procs:
                 other.kill()
-            raise AssertionError(f"ranks did not finish within {timeout}s (a collective hung?)")
+            tails = "\n".join(f"--- rank {i} ---\n{p.communicate()[1][-3000:]}" for i, p in enumerate(procs))
+            raise AssertionError(f"ranks did not finish within {timeout}s (a collective hung?)\n{tails}") from None
     return outputs
 
 
@@ -65,6 +67,7 @@ def _child(path: str, name: str, world_size: int, port: int, tmp: str, rank: int
     import torch.distributed as dist
 
     torch.set_num_threads(1)
+    faulthandler.dump_traceback_later(float(os.environ.get("DIST_TEST_TRACEBACK_AFTER", "200")), exit=False)
     spec = importlib.util.spec_from_file_location(f"_dist_test_{Path(path).stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -24,7 +24,7 @@ from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, Stateles
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.utils._pytree import tree_leaves, tree_map
 
-from ..ir import is_op, layer_of_path, module_path_of, moesys_meta, tensors_in
+from ..ir import is_op, layer_of_path, module_path_of, moesys_meta, tensors_in, value_signature
 
 B = sympy.Symbol("B", positive=True, integer=True)
 S = sympy.Symbol("S", positive=True, integer=True)
@@ -120,37 +120,19 @@ class MemoFakeProp(FakeTensorProp):
         super().__init__(module, mode)
         self.memo: dict = {}
 
-    def _signature(self, value: Any) -> Any:
-        if isinstance(value, torch.Tensor):
-            return ("T", tuple(_size_key(s) for s in value.shape), tuple(_size_key(s) for s in value.stride()),
-                    value.dtype, str(value.device), isinstance(value, nn.Parameter))
-        if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
-            return ("S", str(value.node.expr))
-        if isinstance(value, (list, tuple)):
-            return (type(value).__name__, tuple(self._signature(v) for v in value))
-        if isinstance(value, dict):
-            return ("D", tuple((k, self._signature(v)) for k, v in value.items()))
-        if isinstance(value, slice):
-            return ("slice", self._signature(value.start), self._signature(value.stop), self._signature(value.step))
-        try:
-            hash(value)
-            return value
-        except TypeError:
-            return ("id", id(value))
-
     def _key(self, node: fx.Node) -> Any:
         if node.op in ("placeholder", "output"):
             return None
         if node.op == "get_attr":
-            return ("get_attr", self._signature(_fetch(self.module, node.target)))
+            return ("get_attr", value_signature(_fetch(self.module, node.target)))
         args, kwargs = self.fetch_args_kwargs_from_env(node)
         if node.op == "call_module":
             module = self.module.get_submodule(node.target)
-            params = tuple((n, self._signature(p)) for n, p in module.named_parameters())
+            params = tuple((n, value_signature(p)) for n, p in module.named_parameters())
             what = (type(module), module.extra_repr(), params)
         else:
             what = node.target
-        return (node.op, what, self._signature(args), self._signature(kwargs))
+        return (node.op, what, value_signature(args), value_signature(kwargs))
 
     def run_node(self, node: fx.Node) -> Any:
         key = self._key(node)
@@ -198,10 +180,6 @@ class MemoFakeProp(FakeTensorProp):
                     return torch.empty(shape, dtype=value.dtype, device=value.device)
             return value
         return tree_map(fake, output)
-
-
-def _size_key(size: Any) -> Any:
-    return str(size.node.expr) if isinstance(size, torch.SymInt) else int(size)
 
 
 def propagate_shapes(gm: fx.GraphModule, flat_inputs: Sequence[Any]) -> Annotation:

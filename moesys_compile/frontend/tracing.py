@@ -4,11 +4,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import operator
 import os
 import traceback
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 import torch.fx as fx
@@ -94,7 +95,7 @@ def untraceable_error(model: nn.Module, fx_error: BaseException, tracer: MoesysT
     return error
 
 
-def _traced_names(model: nn.Module, example_inputs: Sequence[Any], example_kwargs: dict) -> tuple[list[str], dict]:
+def traced_names(model: nn.Module, example_inputs: Sequence[Any], example_kwargs: dict) -> tuple[list[str], dict]:
     """Forward parameters fed by the example (traced) and the rest pinned to defaults (concrete)."""
     signature = inspect.signature(model.forward)
     bound = signature.bind_partial(*example_inputs, **example_kwargs)
@@ -128,7 +129,7 @@ def _drop_concrete_placeholders(graph: fx.Graph, traced: list[str]) -> None:
 
 def fx_trace(model: nn.Module, example_inputs: Sequence[Any], example_kwargs: dict,
              tracer: MoesysTracer) -> fx.GraphModule:
-    traced, concrete = _traced_names(model, example_inputs, example_kwargs)
+    traced, concrete = traced_names(model, example_inputs, example_kwargs)
     graph = tracer.trace(model, concrete_args=concrete or None)
     _drop_concrete_placeholders(graph, traced)
     for node in graph.nodes:
@@ -165,19 +166,36 @@ def export_trace(model: nn.Module, example_inputs: Sequence[Any], example_kwargs
     return gm
 
 
+# Capture adapters: ``adapter(model)`` returns None (not its kind of model) or a context manager
+# entered around capture; a context that yields True asks for torch.export before fx (e.g. the
+# Hugging Face adapter in hf_capture.py, which also turns the KV cache off while capturing).
+CAPTURE_ADAPTERS: list[Callable[[nn.Module], Optional[contextlib.AbstractContextManager]]] = []
+
+
 def capture(model: nn.Module, example_inputs: Sequence[Any] = (), example_kwargs: Optional[dict] = None,
             leaf_modules: Iterable[str | type] = ()) -> fx.GraphModule:
-    """fx first, export second, UntraceableModelError (module path, source line, construct, fix) last."""
+    """fx first, export second, UntraceableModelError (module path, source line, construct, fix) last.
+    A capture adapter may swap the order to export first."""
     example_kwargs = dict(example_kwargs or {})
     tracer = MoesysTracer(leaf_modules)
-    try:
-        return fx_trace(model, example_inputs, example_kwargs, tracer)
-    except UntraceableModelError:
-        raise
-    except Exception as fx_error:
+    with contextlib.ExitStack() as stack:
+        entered = [stack.enter_context(cm) for cm in (adapt(model) for adapt in CAPTURE_ADAPTERS) if cm is not None]
+        export_error: Optional[BaseException] = None
+        if any(entered):
+            try:
+                return export_trace(model, example_inputs, example_kwargs)
+            except Exception as exc:  # noqa: BLE001 - fall through to fx; both errors are then reported
+                export_error = exc
         try:
-            return export_trace(model, example_inputs, example_kwargs)
-        except Exception as export_error:
+            return fx_trace(model, example_inputs, example_kwargs, tracer)
+        except UntraceableModelError:
+            raise
+        except Exception as fx_error:
+            if export_error is None:
+                try:
+                    return export_trace(model, example_inputs, example_kwargs)
+                except Exception as exc:  # noqa: BLE001
+                    export_error = exc
             raise untraceable_error(model, fx_error, tracer, export_error) from fx_error
 
 

@@ -13,6 +13,9 @@ def build_program(gm: fx.GraphModule, ctx) -> Program:
     if ctx.plan.mode == "train" and (ctx.plan.world_size > 1 or _distributed()):
         from .training import TrainingProgram
         return TrainingProgram(gm, ctx)
+    if ctx.plan.mode == "infer" and ctx.plan.device_budget is not None:
+        from .ring import RingProgram
+        return RingProgram(gm, ctx)
     return Program(gm, ctx)
 
 

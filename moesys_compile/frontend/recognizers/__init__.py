@@ -35,21 +35,20 @@ def install() -> None:
 def canonicalize(model: nn.Module, recognizers: Optional[list[Recognizer]] = None) -> list[BlockReport]:
     """``frontend.canonicalize.canonicalize`` plus the reason each block was left as it is: the
     base reports a block that looks like MoE as "left" with a generic reason; the recognizers here
-    know why (router rule, expert layout, probe mismatch), and blocks they inspected that the base
-    heuristic does not flag are reported too."""
+    know why (router rule, expert layout, probe mismatch). Blocks they inspected that the base
+    heuristic does not flag are reported too, and the parts of a left block are not listed again."""
     take_left()
-    reports = base_canonicalize(model, recognizers)
+    reports = {r.path: r for r in base_canonicalize(model, recognizers)}
     left = take_left()
-    by_path = {r.path: r for r in reports}
+    done = [path for path, r in reports.items() if r.action != "left"]
     for path, (kind, reason) in left.items():
-        covered = any(path == p or path.startswith(p + ".") for p, r in by_path.items() if r.action != "left")
-        if covered:
+        if any(path == p or path.startswith(p + ".") for p in done):
             continue
-        if path in by_path:
-            by_path[path].kind, by_path[path].reason = kind, reason
-        else:
-            reports.append(BlockReport(path, kind, "left", reason))
-    return reports
+        reports[path] = BlockReport(path, kind, "left", reason)
+        for inner in [p for p, r in reports.items() if p.startswith(path + ".") and r.action == "left"]:
+            del reports[inner]
+    order = {path: i for i, (path, _) in enumerate(model.named_modules())}
+    return sorted(reports.values(), key=lambda r: order.get(r.path, len(order)))
 
 
 __all__ = ["RECOGNIZERS", "install", "canonicalize", "CanonicalMoEBlock", "CanonicalDeepSpeedMoE", "adopt",

@@ -55,6 +55,12 @@ class CanonicalMoEBlock(nn.Module):
         self.source = f"{type(original).__module__}.{type(original).__qualname__}"
         self.aux_loss: Optional[Tensor] = None
 
+    @property
+    def expert_param_names(self) -> list[str]:
+        """Names (relative to this block) of the parameters holding expert rows, e.g.
+        ``["experts.gate_up_proj", "experts.down_proj"]``: what expert parallelism shards."""
+        return [f"{self.experts_spec.path}.{name}" for name in self.experts_spec.param_names()]
+
     def expert_weights(self) -> tuple[Tensor, Tensor]:
         """(w_up_EHD, w_down_EDF): views of the original parameters (or a stack of them)."""
         return self.experts_spec.weights(self.get_submodule(self.experts_spec.path))

@@ -66,9 +66,9 @@ def close(a: Tensor, b: Tensor) -> tuple[bool, float]:
     """Equal up to the rounding of the dtype (the probe's verdict) and the max abs difference."""
     if a.shape != b.shape:
         return False, float("inf")
+    tol = max({torch.float64: 1e-9, torch.float32: 2e-5}.get(t.dtype, 2e-2) for t in (a, b))
     a, b = a.detach().double(), b.detach().double()
     diff = (a - b).abs().max().item() if a.numel() else 0.0
-    tol = {torch.float64: 1e-9, torch.float32: 2e-5}.get(b.dtype, 2e-2)
     scale = max(b.abs().max().item() if b.numel() else 0.0, 1.0)
     return diff <= tol * scale, diff
 

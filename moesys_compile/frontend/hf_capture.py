@@ -1,0 +1,75 @@
+"""Capturing Hugging Face transformers models as they are.
+
+Their ``forward`` takes keyword arguments, builds caches and masks, and returns a ``ModelOutput``;
+v5 models are not fx-traceable (the fx tracer cannot re-code ``**kwargs`` forwards), but non-strict
+``torch.export`` captures them once the KV cache is off. This adapter, entered around capture by
+``tracing.capture``:
+
+* turns the cache off (``config.use_cache = False``; restored afterwards): training programs and
+  ring inference run full sequences, and a cache object is not a tensor output;
+* asks for ``torch.export`` first (fx would fail anyway);
+* gives canonical MoE blocks the model's own aux-loss coefficient (``router_aux_loss_coef``).
+
+The output type survives: export's output spec rebuilds the model's own ``ModelOutput`` subclass
+(fields that were None stay None), so ``program(ids).logits`` works as ``model(ids).logits`` does.
+transformers is never imported here; a model can only be a Hugging Face model if it already is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from typing import Iterator, Optional
+
+from torch import nn
+
+AUX_COEF_FIELDS = ("router_aux_loss_coef", "aux_loss_alpha")
+
+
+def is_hf_model(model: nn.Module) -> bool:
+    transformers = sys.modules.get("transformers")
+    return transformers is not None and isinstance(model, transformers.PreTrainedModel)
+
+
+def _configs(model: nn.Module) -> list:
+    """The model's config and the sub-configs its submodules hold (text_config, ...), once each."""
+    found: dict[int, object] = {}
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "to_dict"):
+            found.setdefault(id(config), config)
+    return list(found.values())
+
+
+def aux_loss_coef(model: nn.Module) -> Optional[float]:
+    config = getattr(model, "config", None)
+    return next((float(getattr(config, f)) for f in AUX_COEF_FIELDS
+                 if isinstance(getattr(config, f, None), (int, float))), None)
+
+
+def apply_aux_loss_coef(model: nn.Module) -> None:
+    """Canonical blocks get the model's coefficient (0 for aux-loss-free models such as DeepSeek-V3)."""
+    coef = aux_loss_coef(model)
+    for module in model.modules():
+        if getattr(module, "_moesys_canonical", False) and hasattr(module, "aux_loss_coef") and coef is not None:
+            module.aux_loss_coef = coef
+
+
+@contextlib.contextmanager
+def _cache_off(model: nn.Module) -> Iterator[bool]:
+    saved = [(config, config.use_cache) for config in _configs(model) if hasattr(config, "use_cache")]
+    for config, _ in saved:
+        config.use_cache = False
+    try:
+        yield True     # True: try torch.export before fx
+    finally:
+        for config, value in saved:
+            config.use_cache = value
+
+
+def hf_capture_adapter(model: nn.Module) -> Optional[contextlib.AbstractContextManager]:
+    """``tracing.CAPTURE_ADAPTERS`` entry: None for models that are not Hugging Face models."""
+    if not is_hf_model(model):
+        return None
+    apply_aux_loss_coef(model)
+    return _cache_off(model)

@@ -1,0 +1,279 @@
+"""Ring inference from the command line, greedy decoding through the ring, and the demo step.
+
+    moesys-compile infer tiny-moe --checkpoint ckpt/ --budget 512KiB --weights disk --prompt-ids 1 2 3
+    python -m moesys_compile.infer small-moe --budget 8MiB --max-new-tokens 8
+
+``--checkpoint`` is a Hugging Face style safetensors directory (``model.safetensors`` or its
+sharded index, original parameter names) or a training checkpoint of this project; without one
+the model's own (freshly initialised) weights are streamed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import tempfile
+from typing import Optional, Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .errors import MoesysError
+from .frontend.tracing import MoesysTracer
+from .models.transformer import Transformer
+from .plan import Plan, format_bytes, parse_bytes
+
+STAT_KEYS = ("peak_device_bytes", "budget_bytes", "slots", "sections", "bytes_moved", "transfer_seconds",
+             "compute_seconds", "stall_seconds", "wall_seconds", "efficiency")
+
+
+# ---------------------------------------------------------------------------------------------
+# greedy decoding with a KV cache
+# ---------------------------------------------------------------------------------------------
+
+
+class DecodeStep(nn.Module):
+    """One incremental step of a built-in Transformer with the KV cache as one tensor, so that
+    the step traces to a plain graph: ``(ids_BS, start_pos, kv_BX) -> (logits_BSV, kv_BX')``
+    where ``kv_BX`` flattens [B, layers, 2, heads, P, head_dim] (2-D, so annotation treats only
+    the batch as symbolic). It calls the model's own forward with its cache dicts, so the math
+    is the model's."""
+
+    def __init__(self, model: Transformer):
+        super().__init__()
+        self.model = model
+        cfg = model.config
+        self.cache_dims = (len(model.layers), 2, cfg.n_heads, cfg.dim // cfg.n_heads)
+
+    def forward(self, ids_BS: torch.Tensor, start_pos: int, kv_BX: torch.Tensor):
+        layers, two, heads, head_dim = self.cache_dims
+        kv = kv_BX.view(kv_BX.shape[0], layers, two, heads, -1, head_dim)
+        caches = [{"k": kv[:, i, 0], "v": kv[:, i, 1]} for i in range(layers)]
+        logits_BSV = self.model(ids_BS, caches=caches, start_pos=start_pos)
+        kv_new = torch.stack([t for c in caches for t in (c["k"], c["v"])], dim=1)
+        return logits_BSV, kv_new.flatten(1)
+
+
+@contextlib.contextmanager
+def traced_factories():
+    """While tracing: ``torch.ones`` with traced sizes becomes a graph call (the model's cached
+    attention builds its mask that way, which plain fx tracing rejects). Scoped to the trace,
+    so the generated code calls the real ``torch.ones``."""
+    original = torch.ones
+
+    def ones(*args, **kwargs):
+        proxies = [a for a in (*args, *kwargs.values()) if isinstance(a, fx.Proxy)]
+        if proxies:
+            return proxies[0].tracer.create_proxy("call_function", original, args, kwargs)
+        return original(*args, **kwargs)
+    torch.ones = ones
+    try:
+        yield
+    finally:
+        torch.ones = original
+
+
+def lower_decode(step: DecodeStep, plan: Plan, example: tuple):
+    """Capture ``step`` with fx (see ``traced_factories``), annotate it, run the infer pipeline."""
+    from moesys_compile.passes import pipeline_for
+    from .frontend import annotate
+    from .frontend.tracing import expose_aux_loss, fx_trace, traced_names
+    from .pipeline import CompileContext, run_pipeline
+    from .programs import InputBinder
+    with traced_factories():
+        gm = fx_trace(step, example, {}, MoesysTracer())
+    binder = InputBinder(step, traced_names(step, example, {})[0], "fx", None)
+    expose_aux_loss(gm)
+    annotation = annotate(gm, binder.graph_inputs(example, {}))
+    ctx = CompileContext(plan=plan, model=step, annotation=annotation, blocks=[], input_names=binder.traced_names,
+                         capture="fx")
+    ctx.extras["binder"] = binder
+    return run_pipeline(gm, ctx, pipeline_for("infer")), ctx
+
+
+def empty_cache(model: Transformer, batch: int, length: int, dtype: torch.dtype) -> torch.Tensor:
+    cfg = model.config
+    return torch.zeros(batch, cfg.n_layers * 2 * cfg.n_heads * length * (cfg.dim // cfg.n_heads), dtype=dtype)
+
+
+def _check_decodable(model: nn.Module, ids: torch.Tensor, max_new_tokens: int) -> Transformer:
+    if not isinstance(model, Transformer):
+        raise MoesysError(f"generate() decodes the built-in language models (moesys_compile.models); "
+                          f"{type(model).__name__} is not one: call the program once per step instead")
+    if ids.dim() != 2 or max_new_tokens < 1:
+        raise ValueError(f"generate(ids, max_new_tokens): ids must be [batch, seq] (got {tuple(ids.shape)}) and "
+                         f"max_new_tokens >= 1 (got {max_new_tokens})")
+    if ids.shape[1] + max_new_tokens > model.config.max_seq_len:
+        raise ValueError(f"prompt ({ids.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                         f"max_seq_len ({model.config.max_seq_len})")
+    return model
+
+
+def greedy_decode(program, ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+    """``program.generate``: prefill and every decode step run the traced ``DecodeStep`` graph
+    through the program's ring (one lowering per (batch, prompt, new tokens))."""
+    model = _check_decodable(program.context.model, ids, max_new_tokens)
+    batch, prompt = ids.shape
+    dtype = program.plan.torch_dtype
+    key = ("decode", batch, prompt, max_new_tokens)
+    lowered = program.__dict__.setdefault("_decode_lowered", {})
+    if key not in lowered:
+        # the example bounds every step: prompt-long inputs and a cache that, with them, is as long
+        # as the longest cache the last step builds (prompt + max_new_tokens - 1 positions)
+        example = (ids, 0, empty_cache(model, batch, max_new_tokens - 1, dtype))
+        lowered[key] = lower_decode(DecodeStep(model), program.plan, example)
+    runtime = program.runtime(key, lowered[key])
+    runtime.check_shapes = False
+    kv, step_ids, position, tokens, steps = empty_cache(model, batch, 0, dtype), ids, 0, [], []
+    for _ in range(max_new_tokens):
+        ((logits, kv), _aux), stats = runtime([step_ids, position, kv])
+        steps.append(stats)
+        position += step_ids.shape[1]
+        step_ids = logits[:, -1].argmax(-1, keepdim=True).to(ids.device)
+        tokens.append(step_ids)
+    program.stats = combine_stats(steps)
+    return torch.cat([ids, *tokens], dim=1)
+
+
+def combine_stats(steps: list[dict]) -> dict:
+    """Sum the per-call records of a generate() run; efficiency over the whole run."""
+    total = dict(steps[-1])
+    for key in ("bytes_moved", "transfer_seconds", "compute_seconds", "stall_seconds", "wall_seconds"):
+        total[key] = sum(s[key] for s in steps)
+    total["peak_device_bytes"] = max(s["peak_device_bytes"] for s in steps)
+    bound = max(total["transfer_seconds"], total["compute_seconds"])
+    total["efficiency"] = bound / total["wall_seconds"] if total["wall_seconds"] else 0.0
+    total["steps"] = len(steps)
+    return total
+
+
+@torch.inference_mode()
+def eager_generate(model: Transformer, ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+    """Reference greedy decoding with the model's own KV cache (eager, all weights resident)."""
+    _check_decodable(model, ids, max_new_tokens)
+    caches = [{} for _ in model.layers]
+    step_ids, position, tokens = ids, 0, []
+    for _ in range(max_new_tokens):
+        logits = model(step_ids, caches=caches, start_pos=position)
+        position += step_ids.shape[1]
+        step_ids = logits[:, -1].argmax(-1, keepdim=True)
+        tokens.append(step_ids)
+    return torch.cat([ids, *tokens], dim=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# command line and demo
+# ---------------------------------------------------------------------------------------------
+
+
+def model_bytes(model: nn.Module) -> int:
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+def print_stats(stats: dict, title: str) -> None:
+    print(title)
+    for key in STAT_KEYS:
+        value = stats.get(key)
+        shown = f"{value:.4f}" if isinstance(value, float) else str(value)
+        if key.endswith("bytes") and isinstance(value, int):
+            shown += f" ({format_bytes(value)})"
+        print(f"  {key:<18} {shown}")
+
+
+def run_ring(model: nn.Module, ids: torch.Tensor, plan: Plan, max_new_tokens: int = 0, compare: bool = True) -> dict:
+    """Compile ``model`` for the ring, run one forward (and greedy decoding); print and return stats."""
+    from .api import compile
+    program = compile(model, plan, example_inputs=(ids,))
+    logits = program(ids)
+    report = {"forward": dict(program.stats)}
+    print_stats(program.stats, f"ring forward on ids {tuple(ids.shape)}:")
+    if compare:
+        with torch.inference_mode():
+            error = (logits.float().cpu() - model(ids).float()).abs().max().item()
+        report["max_abs_error_vs_eager"] = error
+        print(f"  max |ring - eager| = {error:.2e}")
+    if max_new_tokens and isinstance(model, Transformer):
+        generated = program.generate(ids, max_new_tokens)
+        report["generate"] = dict(program.stats)
+        report["tokens"] = generated[:, ids.shape[1]:].tolist()
+        print_stats(program.stats, f"greedy generate, {max_new_tokens} new tokens:")
+        print(f"  new tokens: {report['tokens']}")
+        if compare:
+            same = torch.equal(generated.cpu(), eager_generate(model, ids, max_new_tokens))
+            report["generate_equals_eager"] = same
+            print(f"  equal to eager greedy decoding: {same}")
+    program.close()
+    return report
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="moesys-compile infer", description="memory-ring inference of MODEL")
+    p.add_argument("model", help="built-in name (tiny-moe), package.module:factory, hf:<family> or a directory")
+    p.add_argument("--checkpoint", help="safetensors directory (HF style) or a training checkpoint to load from")
+    p.add_argument("--budget", required=True, help="device budget, e.g. 512MiB or 1073741824")
+    p.add_argument("--weights", choices=("host", "disk"), default="host", help="storage tier of the weights")
+    p.add_argument("--offload-dir", help="directory for the disk tier (default: a temporary directory)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--slots", type=int, help="ring depth (default: derived from the budget)")
+    p.add_argument("--config", nargs="*", default=[], help="model overrides, key=value")
+    p.add_argument("--prompt-ids", nargs="+", type=int, help="prompt token ids (default: 16 random ids)")
+    p.add_argument("--max-new-tokens", type=int, default=8, help="greedy tokens to generate (0: forward only)")
+    p.add_argument("--no-compare", action="store_true", help="skip the eager comparison (it needs host memory)")
+    p.add_argument("--json", help="write the stats to this file")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from .models.spec import load_model, parse_overrides
+    args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        loaded = load_model(args.model, parse_overrides(args.config))
+        ids = (torch.tensor([args.prompt_ids]) if args.prompt_ids else loaded.example_inputs(1, 16)[0])
+        with tempfile.TemporaryDirectory(prefix="moesys-ring-") as scratch:
+            plan = Plan(mode="infer", device=args.device, device_budget=parse_bytes(args.budget), weights=args.weights,
+                        offload_dir=args.offload_dir or scratch, ring_slots=args.slots,
+                        weights_checkpoint=args.checkpoint, options={"progress": True})
+            if args.checkpoint and not args.no_compare:
+                from .runtime.storage import checkpoint_source
+                read = checkpoint_source(args.checkpoint, loaded.model)
+                with torch.no_grad():   # the eager reference needs the same weights
+                    for name, tensor in loaded.model.state_dict(keep_vars=True).items():
+                        tensor.copy_(read(name))
+            print(f"{loaded.description}: {format_bytes(model_bytes(loaded.model))} of weights, budget "
+                  f"{format_bytes(plan.device_budget)}, tier {plan.weights}")
+            report = run_ring(loaded.model, ids, plan, args.max_new_tokens, compare=not args.no_compare)
+    except (MoesysError, ValueError) as exc:
+        print(f"moesys-compile infer: error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0
+
+
+def demo(checkpoint_dir: Optional[str] = None, model_name: str = "tiny-moe", overrides: Optional[dict] = None,
+         max_new_tokens: int = 8) -> dict:
+    """``make demo``'s last step: ring inference under a budget of a quarter of the model's size,
+    weights on disk, from ``checkpoint_dir`` (or freshly initialised weights when None)."""
+    from .models import build
+    torch.manual_seed(0)
+    model = build(model_name, **(overrides or {})).eval()
+    argv = [model_name, "--budget", str(model_bytes(model) // 4), "--weights", "disk",
+            "--max-new-tokens", str(max_new_tokens)]
+    argv += ["--config", *[f"{k}={v!r}" for k, v in (overrides or {}).items()]] if overrides else []
+    argv += ["--checkpoint", checkpoint_dir] if checkpoint_dir else []
+    print(f"\nring inference of {model_name} ({'checkpoint ' + checkpoint_dir if checkpoint_dir else 'fresh weights'}) "
+          f"at a quarter of its size")
+    return {"exit_code": main(argv)}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,339 @@
+"""RingProgram: inference of a model whose weights do not fit the device budget.
+
+The lowered graph (cut by ``ring_partition``, scheduled by ``schedule_prefetch``) is split into
+one GraphModule per section. A section module owns no weights: its ``get_attr`` tensors and the
+parameters of its leaf modules are views into the section's slot, filled by the ring executor
+from the storage tier just before the section runs.
+
+    >>> plan = mc.Plan(mode="infer", device_budget="64MiB", weights="disk", offload_dir="/tmp/ring")
+    >>> program = mc.compile(model, plan, example_inputs=(ids,))          # doctest: +SKIP
+    >>> logits = program(ids); program.stats["efficiency"]                 # doctest: +SKIP
+    >>> program.generate(ids, max_new_tokens=16)                           # doctest: +SKIP
+
+Compile with example inputs as large as the largest call: the activation workspace inside the
+budget is sized from them, and a larger call raises instead of overrunning the budget.
+"""
+
+from __future__ import annotations
+
+import copy
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import sympy
+import torch
+import torch.fx as fx
+from torch import nn
+
+from moesys_compile.passes.ring_partition import ALIGN, RingLayout, fetch, node_state
+
+from ..errors import MoesysError
+from ..frontend.annotation import B, S, _dynamic_dims
+from ..runtime.ring import (Copy, RingExecutor, SectionLoad, SlotPool, activation_exprs, coalesce, liveness_plan,
+                            peak_live_bytes)
+from ..runtime.storage import WeightStore, checkpoint_source, model_source, sliced, stage
+from .base import Program
+
+
+class RingBudgetError(MoesysError):
+    """A call needs more device memory than the ring program was compiled for."""
+
+
+@dataclass
+class Section:
+    index: int
+    slot: int
+    module: fx.GraphModule
+    inputs: list[fx.Node]          # values the section reads from earlier sections / graph inputs
+    outputs: list[fx.Node]         # values later sections (or the graph output) read
+    load: SectionLoad
+
+
+def canonical_names(model: nn.Module) -> dict[int, str]:
+    """id(tensor) -> the model's first name for it (the storage key shared by every program)."""
+    names: dict[int, str] = {}
+    for name, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
+        names.setdefault(id(t), name)
+    return names
+
+
+def stream_keys(gm: fx.GraphModule, layout: RingLayout, names: dict[int, str]) -> dict[int, str]:
+    """``names`` plus the expert-group slices the pass registered: ``w_up[lo:hi]`` keys."""
+    keys = dict(names)
+    for attr, (base, lo, hi) in layout.slices.items():
+        keys[id(getattr(gm, attr))] = f"{names[id(fetch(gm, base))]}[{lo}:{hi}]"
+    return keys
+
+
+# ---------------------------------------------------------------------------------------------
+# slot layout and section modules
+# ---------------------------------------------------------------------------------------------
+
+
+def slot_layout(keys: list[str], store: WeightStore, slot_bytes: int) -> dict[str, int]:
+    """Byte offset in the slot of every tensor. When the section's tensors are one run of one
+    storage buffer (what staging writes), mirror that run so the load is a single copy."""
+    locations = sorted((store[k] for k in dict.fromkeys(keys)), key=lambda loc: loc.offset)
+    keyed = {id(store[k]): k for k in keys}
+    if locations and all(loc.buffer is locations[0].buffer for loc in locations):
+        base = locations[0].offset
+        span = locations[-1].offset + locations[-1].nbytes - base
+        itemsize_ok = all((loc.offset - base) % loc.dtype.itemsize == 0 for loc in locations)
+        if itemsize_ok and span <= slot_bytes:
+            return {keyed[id(loc)]: loc.offset - base for loc in locations}
+    offsets, cursor = {}, 0
+    for loc in locations:
+        offsets[keyed[id(loc)]] = cursor
+        cursor += -(-loc.nbytes // ALIGN) * ALIGN
+    return offsets
+
+
+def _attach(root: nn.Module, path: str, value: Any) -> None:
+    *parents, leaf = path.split(".")
+    module = root
+    for part in parents:
+        if not hasattr(module, part):
+            module.add_module(part, nn.Module())
+        module = getattr(module, part)
+    if isinstance(value, nn.Module):
+        module.add_module(leaf, value)
+    else:
+        module.register_buffer(leaf, value, persistent=False)
+
+
+def stub_module(module: nn.Module, prefix: str, tensor_for) -> nn.Module:
+    """A shallow copy of ``module`` whose parameters and buffers are the tensors ``tensor_for``
+    gives (slot views); the original module and its weights are left untouched."""
+    stub = copy.copy(module)
+    stub._parameters = OrderedDict(
+        (name, None if p is None else nn.Parameter(tensor_for(f"{prefix}.{name}", p), requires_grad=False))
+        for name, p in module._parameters.items())
+    stub._buffers = OrderedDict((name, None if b is None else tensor_for(f"{prefix}.{name}", b))
+                                for name, b in module._buffers.items())
+    stub._modules = OrderedDict((name, None if child is None else stub_module(child, f"{prefix}.{name}", tensor_for))
+                                for name, child in module._modules.items())
+    return stub
+
+
+def section_module(gm: fx.GraphModule, nodes: list[fx.Node], inputs: list[fx.Node], outputs: list[fx.Node],
+                   tensor_for) -> fx.GraphModule:
+    graph = fx.Graph()
+    env = {node: graph.placeholder(node.name) for node in inputs}
+    root = nn.Module()
+    for node in nodes:
+        if node.op == "get_attr":
+            _attach(root, str(node.target), tensor_for(str(node.target), node_state(gm, node)[str(node.target)]))
+        elif node.op == "call_module":
+            target = str(node.target)
+            _attach(root, target, stub_module(gm.get_submodule(target), target, tensor_for))
+        env[node] = graph.node_copy(node, lambda n: env[n])
+    graph.output(tuple(env[node] for node in outputs))
+    return fx.GraphModule(root, graph, class_name="RingSection")
+
+
+def section_nodes(gm: fx.GraphModule, count: int) -> list[list[fx.Node]]:
+    """Nodes of each section from ``meta["moesys"]["section"]``; a node a later pass added
+    without one joins the section of the node before it."""
+    groups: list[list[fx.Node]] = [[] for _ in range(count)]
+    current = 0
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output"):
+            continue
+        current = node.meta.get("moesys", {}).get("section", current)
+        groups[current].append(node)
+    return groups
+
+
+# ---------------------------------------------------------------------------------------------
+# one lowered graph, run through the ring
+# ---------------------------------------------------------------------------------------------
+
+
+class RingRuntime:
+    """Sections, slot pool and executor of one lowered graph over a shared weight store."""
+
+    def __init__(self, gm: fx.GraphModule, ctx, store: WeightStore, device: torch.device, names: dict[int, str]):
+        self.layout: RingLayout = ctx.extras["ring"]
+        self.gm, self.ctx, self.device = gm, ctx, device
+        self.pool = SlotPool(self.layout.slots, self.layout.slot_bytes, device)
+        self.resident_bytes = sum(self.layout.resident.values())
+        self.sections = self._split(gm, store, stream_keys(gm, self.layout, names))
+        self.executor = RingExecutor([s.load for s in self.sections], self.pool)
+        self._finalizer = weakref.finalize(self, RingExecutor.close, self.executor)
+        self.output_node = next(n for n in gm.graph.nodes if n.op == "output")
+        self.placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        self._last_section = self._last_uses()
+        self._act_fn = sympy.lambdify((B, S), activation_exprs(gm, ctx), "math")
+        self._liveness = liveness_plan(gm)
+        self._act_cache: dict[tuple[int, int], int] = {}
+        self.check_shapes = True
+
+    def _split(self, gm: fx.GraphModule, store: WeightStore, names: dict[int, str]) -> list[Section]:
+        sections = []
+        for index, nodes in enumerate(section_nodes(gm, len(self.layout.sections))):
+            slot = index % self.layout.slots
+            members = set(nodes)
+            inputs = list(dict.fromkeys(i for n in nodes for i in n.all_input_nodes if i not in members))
+            outputs = [n for n in nodes if any(u not in members for u in n.users)]
+            state = {name: t for n in nodes for name, t in node_state(gm, n).items()}
+            keys = {name: names[id(t)] for name, t in state.items() if id(t) in names}
+            offsets = slot_layout(list(keys.values()), store, self.pool.slot_bytes)
+            end = max((offsets[k] + store[k].nbytes for k in offsets), default=0)
+            if end > self.pool.slot_bytes:
+                raise RingBudgetError(f"section {index} needs {end} bytes but a slot has {self.pool.slot_bytes}; a pass "
+                                      f"after ring_partition added weights to it ({sorted(keys)[:4]} ...)")
+            module = section_module(gm, nodes, inputs, outputs, self._tensor_for(store, keys, offsets, slot))
+            copies = [Copy(store[k].buffer, store[k].offset, offsets[k], store[k].nbytes) for k in offsets]
+            sections.append(Section(index, slot, module, inputs, outputs, SectionLoad(slot, coalesce(copies))))
+        return sections
+
+    def _tensor_for(self, store: WeightStore, keys: dict[str, str], offsets: dict[str, int], slot: int):
+        """Streamed state -> a view of the slot; compiler-owned (resident) state -> itself."""
+        buffer = self.pool.buffers[slot]
+
+        def tensor_for(name: str, original: torch.Tensor) -> torch.Tensor:
+            if name not in keys:
+                return original.to(self.device)
+            loc, start = store[keys[name]], offsets[keys[name]]
+            return buffer[start:start + loc.nbytes].view(loc.dtype).view(loc.shape)
+        return tensor_for
+
+    def _last_uses(self) -> dict[fx.Node, int]:
+        last: dict[fx.Node, int] = {}
+        for section in self.sections:
+            for node in section.inputs:
+                last[node] = section.index
+        return last
+
+    def activation_bytes(self, flat_inputs: list) -> int:
+        batch, seq = 1, 1
+        tensors = [t for t in flat_inputs if isinstance(t, torch.Tensor)]
+        batch = next((t.shape[0] for t in tensors if t.dim() >= 1), 1)
+        seq = next((t.shape[1] for t in tensors if 1 in _dynamic_dims(t)), 1)
+        key = (int(batch), int(seq))
+        if key not in self._act_cache:
+            own = [int(v) for v in self._act_fn(*key)]
+            self._act_cache[key] = peak_live_bytes(own, *self._liveness)
+        return self._act_cache[key]
+
+    def __call__(self, flat_inputs: list) -> tuple[Any, dict]:
+        activations = self.activation_bytes(flat_inputs)
+        if self.check_shapes and activations > self.layout.workspace:
+            raise RingBudgetError(
+                f"this call needs about {activations} bytes of activations but the ring was compiled with a "
+                f"{self.layout.workspace}-byte workspace (device_budget {self.layout.budget} - {self.layout.slots} "
+                f"slots x {self.layout.slot_bytes} bytes, sized at batch {self.layout.example_shape[0]}, seq "
+                f"{self.layout.example_shape[1]}); compile with example inputs as large as this call, or set "
+                f"Plan.options['ring_workspace']")
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            baseline = torch.cuda.memory_allocated(self.device) - self.pool.nbytes   # slots count, the rest is not ours
+        env = {node: _to_device(value, self.device) for node, value in zip(self.placeholders, flat_inputs)}
+        executor = self.executor
+        executor.begin_call()
+        with torch.inference_mode():
+            try:
+                for section in self.sections:
+                    values = executor.run(section.index, self._run_section, section, *[env[n] for n in section.inputs])
+                    env.update(zip(section.outputs, values))
+                    for node in section.inputs:
+                        if self._last_section.get(node) == section.index and node not in self.output_node.all_input_nodes:
+                            env.pop(node, None)
+            except BaseException:
+                executor.skip_rest_of_pass()
+                raise
+        output = fx.node.map_arg(self.output_node.args[0], lambda n: env[n])
+        call = executor.end_call()
+        stats = self._stats(call, activations)
+        if self.device.type == "cuda":
+            stats["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(self.device) - baseline
+        return output, stats
+
+    def _run_section(self, section: Section, *args: Any) -> tuple:
+        """Run one section; outputs that view its slot (e.g. slices of a weight) are copied out
+        before the slot is handed back to the copy thread."""
+        values = section.module(*args)
+        return tuple(v.clone() if isinstance(v, torch.Tensor) and self.pool.owns(v) else v for v in values)
+
+    def _stats(self, call, activations: int) -> dict:
+        bound = max(call.transfer_seconds, call.compute_seconds)
+        return {
+            "peak_device_bytes": self.pool.nbytes + self.resident_bytes + activations,
+            "budget_bytes": self.layout.budget, "slots": self.layout.slots, "slot_bytes": self.layout.slot_bytes,
+            "sections": len(self.sections), "activation_bytes": activations,
+            "bytes_moved": call.bytes_moved, "transfer_seconds": call.transfer_seconds,
+            "compute_seconds": call.compute_seconds, "stall_seconds": call.stall_seconds,
+            "wall_seconds": call.wall_seconds, "efficiency": bound / call.wall_seconds if call.wall_seconds else 0.0,
+            "total_bytes_moved": self.executor.total_bytes_moved,
+        }
+
+    def close(self) -> None:
+        self._finalizer()
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    return value.to(device) if isinstance(value, torch.Tensor) else value
+
+
+# ---------------------------------------------------------------------------------------------
+# the program
+# ---------------------------------------------------------------------------------------------
+
+
+class RingProgram(Program):
+    """``program(*args)`` runs the model through the memory ring; ``program.stats`` describes the
+    last call; ``program.generate(ids, n)`` decodes greedily with a KV cache (built-in LMs)."""
+
+    def __init__(self, gm: fx.GraphModule, ctx):
+        super().__init__(gm, ctx)
+        plan = ctx.plan
+        self.device = torch.device(plan.device)
+        self.names = canonical_names(ctx.model)
+        layout: RingLayout = ctx.extras["ring"]
+        checkpoint = plan.weights_checkpoint
+        self.source = sliced(checkpoint_source(checkpoint, ctx.model) if checkpoint else model_source(ctx.model))
+        groups = [self._keys(gm, layout, section.state) for section in layout.sections]
+        self.store = stage(groups, self.source, plan.weights, plan.offload_dir, layout.dtype,
+                           pin=self.device.type == "cuda", progress=bool(plan.options.get("progress", False)))
+        self._runtimes: dict[Any, RingRuntime] = {}
+        self._active: Optional[Any] = None
+        self._forward_graph = (gm, ctx)
+        self.stats: dict = {}
+
+    def _keys(self, gm: fx.GraphModule, layout: RingLayout, state_names) -> list[str]:
+        keys = stream_keys(gm, layout, self.names)
+        return [keys[id(fetch(gm, name))] for name in state_names]
+
+    def runtime(self, key: Any, lowered: tuple) -> RingRuntime:
+        """The ring of one lowered graph; only one ring holds device slots at a time."""
+        if self._active is not None and self._active != key:
+            self._runtimes.pop(self._active).close()
+        if key not in self._runtimes:
+            gm, ctx = lowered
+            layout = ctx.extras["ring"]
+            for section in layout.sections:      # another graph may slice experts differently
+                self.store.add(self._keys(gm, layout, section.state), self.source, layout.dtype,
+                               pin=self.device.type == "cuda")
+            self._runtimes[key] = RingRuntime(gm, ctx, self.store, self.device, self.names)
+        self._active = key
+        return self._runtimes[key]
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        binder = self.context.extras["binder"]
+        runtime = self.runtime("forward", self._forward_graph)
+        (output, aux_loss), self.stats = runtime(binder.graph_inputs(args, kwargs))
+        self.aux_loss = aux_loss
+        return binder.model_output(output)
+
+    def generate(self, ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        """Greedy decoding with a KV cache, every step through the ring; returns prompt + new tokens."""
+        from ..infer import greedy_decode
+        return greedy_decode(self, ids, max_new_tokens)
+
+    def close(self) -> None:
+        for runtime in self._runtimes.values():
+            runtime.close()
+        self._runtimes.clear()
+        self._active = None

@@ -1,0 +1,342 @@
+"""The ring executor: device slots, a copy thread that fills them ahead of compute, and the
+accounting behind ``RingProgram.stats``.
+
+Schedule. Sections run in order, pass after pass; section ``i`` always uses slot ``i % slots``.
+The copy thread walks the same cyclic order and loads step ``j`` into its slot as soon as the
+slot's previous occupant has been computed, so up to ``slots - 1`` loads run ahead of compute
+and the first sections of the next pass load while the last ones of this pass compute. When
+every section has a slot of its own nothing is reloaded.
+
+Ordering. CPU: the thread copies with ``memmove`` (outside the GIL) and compute waits on a
+condition variable. CUDA: the thread issues host -> device copies on a copy stream; a *ready*
+event per slot makes the compute stream wait for the copy, and a *free* event per slot makes
+the copy stream wait until the compute that read the slot is done.
+
+Accounting. Device bytes = the slots + resident state + live activations; activations are
+estimated by a liveness walk over the graph with each node's annotated bytes (views share their
+base's bytes), evaluated at a call's batch and sequence length.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import sympy
+import torch
+import torch.fx as fx
+
+from ..frontend.annotation import B, S
+from ..ir import moesys_meta, tensors_in
+
+
+@dataclass
+class Copy:
+    """``nbytes`` bytes from ``src[src_offset:]`` (a uint8 CPU tensor) to slot byte ``dst_offset``."""
+    src: torch.Tensor
+    src_offset: int
+    dst_offset: int
+    nbytes: int
+
+
+@dataclass
+class SectionLoad:
+    slot: int
+    copies: list[Copy]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in self.copies)
+
+
+def coalesce(copies: list[Copy], max_gap: int = 4096) -> list[Copy]:
+    """Merge copies that are adjacent (up to ``max_gap`` bytes apart) in both source and slot."""
+    merged: list[Copy] = []
+    for copy in sorted(copies, key=lambda c: c.dst_offset):
+        last = merged[-1] if merged else None
+        if last is not None and last.src is copy.src:
+            src_gap = copy.src_offset - (last.src_offset + last.nbytes)
+            dst_gap = copy.dst_offset - (last.dst_offset + last.nbytes)
+            if src_gap == dst_gap and 0 <= src_gap <= max_gap:
+                last.nbytes = copy.dst_offset + copy.nbytes - last.dst_offset
+                continue
+        merged.append(Copy(copy.src, copy.src_offset, copy.dst_offset, copy.nbytes))
+    return merged
+
+
+class SlotPool:
+    """``slots`` byte buffers of ``slot_bytes`` on the device: the only place streamed weights
+    are ever put on it."""
+
+    def __init__(self, slots: int, slot_bytes: int, device: torch.device):
+        self.device = device
+        self.slot_bytes = slot_bytes
+        self.buffers = [torch.empty(slot_bytes, dtype=torch.uint8, device=device) for _ in range(slots)]
+
+    @property
+    def nbytes(self) -> int:
+        return self.slot_bytes * len(self.buffers)
+
+    def owns(self, tensor: torch.Tensor) -> bool:
+        """True if ``tensor`` views memory of a slot (it must be copied out before the slot is reused)."""
+        if tensor.device != self.device:
+            return False
+        pointer = tensor.untyped_storage().data_ptr()
+        return any(buffer.data_ptr() <= pointer < buffer.data_ptr() + self.slot_bytes for buffer in self.buffers)
+
+
+@dataclass
+class CallStats:
+    bytes_moved: int = 0
+    transfer_seconds: float = 0.0
+    compute_seconds: float = 0.0
+    stall_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    sections_run: int = 0
+    compute_events: list = field(default_factory=list)
+
+
+class RingExecutor:
+    """Runs sections in ring order; ``run(i, fn, *args)`` waits for section i's weights, calls
+    ``fn`` and hands the slot back. Use ``begin_call``/``end_call`` around one pass."""
+
+    def __init__(self, loads: list[SectionLoad], pool: SlotPool):
+        self.loads, self.pool = loads, pool
+        self.slots = len(pool.buffers)
+        self.cuda = pool.device.type == "cuda"
+        self._cond = threading.Condition()
+        self._slot_step = [-1] * self.slots        # schedule step whose section the slot holds
+        self._slot_section = [-1] * self.slots
+        self._consumed = 0                         # compute steps finished
+        self._next = 0                             # next compute step
+        self._records: dict[int, tuple[int, float]] = {}
+        self._stop = False
+        self._error: Optional[BaseException] = None
+        self._thread: Optional[threading.Thread] = None
+        self.call = CallStats()
+        self.total_bytes_moved = 0
+        if self.cuda:
+            self._copy_stream = torch.cuda.Stream(device=pool.device)
+            self._ready = [torch.cuda.Event() for _ in range(self.slots)]
+            self._free = [torch.cuda.Event() for _ in range(self.slots)]
+            self._staging = torch.empty(pool.slot_bytes, dtype=torch.uint8, pin_memory=True)
+
+    # -- copy side -----------------------------------------------------------------------------
+
+    def _start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._copy_loop, name="moesys-ring-copy", daemon=True)
+            self._thread.start()
+
+    def _copy_loop(self) -> None:
+        if self.cuda:
+            torch.cuda.set_device(self.pool.device)
+        step = 0
+        try:
+            while True:
+                section = step % len(self.loads)
+                slot = self.loads[section].slot
+                with self._cond:
+                    self._cond.wait_for(lambda: self._stop or self._slot_step[slot] < self._consumed)
+                    if self._stop:
+                        return
+                record = (0, 0.0)
+                if self._slot_section[slot] != section:
+                    start = time.perf_counter()
+                    self._load(self.loads[section], slot)
+                    record = (self.loads[section].nbytes, time.perf_counter() - start)
+                    self._slot_section[slot] = section
+                with self._cond:
+                    self._slot_step[slot] = step
+                    self._records[step] = record
+                    self._cond.notify_all()
+                step += 1
+        except BaseException as exc:  # surfaced to the compute side
+            with self._cond:
+                self._error = exc
+                self._cond.notify_all()
+
+    def _load(self, load: SectionLoad, slot: int) -> None:
+        buffer = self.pool.buffers[slot]
+        if not self.cuda:
+            base = buffer.data_ptr()
+            for c in load.copies:
+                ctypes.memmove(base + c.dst_offset, c.src.data_ptr() + c.src_offset, c.nbytes)
+            return
+        with torch.cuda.stream(self._copy_stream):
+            self._copy_stream.wait_event(self._free[slot])
+            pinned = all(c.src.is_pinned() for c in load.copies)
+            if pinned:
+                for c in load.copies:
+                    buffer[c.dst_offset:c.dst_offset + c.nbytes].copy_(
+                        c.src[c.src_offset:c.src_offset + c.nbytes], non_blocking=True)
+            else:   # disk tier: mmap -> pinned staging -> device, one transfer per section
+                base = self._staging.data_ptr()
+                for c in load.copies:
+                    ctypes.memmove(base + c.dst_offset, c.src.data_ptr() + c.src_offset, c.nbytes)
+                end = max(c.dst_offset + c.nbytes for c in load.copies)
+                buffer[:end].copy_(self._staging[:end], non_blocking=True)
+            self._ready[slot].record(self._copy_stream)
+        self._copy_stream.synchronize()   # the staging buffer is reused by the next load
+
+    # -- compute side --------------------------------------------------------------------------
+
+    def begin_call(self) -> None:
+        self.call = CallStats()
+        self._call_start = time.perf_counter()
+        self._start()
+
+    def _acquire(self, section: int) -> int:
+        step = self._next
+        if step % len(self.loads) != section:
+            raise RuntimeError(f"ring executor: section {section} requested but the ring is at section "
+                               f"{step % len(self.loads)}; sections must run in order")
+        slot = self.loads[section].slot
+        start = time.perf_counter()
+        with self._cond:
+            self._cond.wait_for(lambda: self._error is not None or self._slot_step[slot] == step)
+            if self._error is not None:
+                raise RuntimeError(f"ring copy thread failed loading section {section}") from self._error
+            nbytes, seconds = self._records.pop(step)
+        self.call.stall_seconds += time.perf_counter() - start
+        self.call.bytes_moved += nbytes
+        self.call.transfer_seconds += seconds
+        self.total_bytes_moved += nbytes
+        if self.cuda:
+            torch.cuda.current_stream(self.pool.device).wait_event(self._ready[slot])
+        return slot
+
+    def _release(self, slot: int) -> None:
+        if self.cuda:
+            self._free[slot].record(torch.cuda.current_stream(self.pool.device))
+        with self._cond:
+            self._consumed = self._next = self._next + 1
+            self._cond.notify_all()
+
+    def run(self, section: int, fn: Callable[..., Any], *args: Any) -> Any:
+        slot = self._acquire(section)
+        try:
+            if self.cuda:
+                events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                events[0].record()
+                result = fn(*args)
+                events[1].record()
+                self.call.compute_events.append(events)
+            else:
+                start = time.perf_counter()
+                result = fn(*args)
+                self.call.compute_seconds += time.perf_counter() - start
+        finally:
+            self._release(slot)
+        self.call.sections_run += 1
+        return result
+
+    def skip_rest_of_pass(self) -> None:
+        """After a failed section: consume the pass's remaining steps so the ring stays in order."""
+        while self._next % len(self.loads) != 0:
+            self._release(self._acquire(self._next % len(self.loads)))
+
+    def end_call(self) -> CallStats:
+        if self.cuda:
+            torch.cuda.synchronize(self.pool.device)
+            self.call.compute_seconds = sum(a.elapsed_time(b) for a, b in self.call.compute_events) / 1e3
+            self.call.compute_events = []
+        self.call.wall_seconds = time.perf_counter() - self._call_start
+        return self.call
+
+    def close(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=10)
+
+
+# ---------------------------------------------------------------------------------------------
+# activation accounting: a liveness walk over the graph with per-node bytes
+# ---------------------------------------------------------------------------------------------
+
+
+def activation_exprs(gm: fx.GraphModule, ctx) -> list:
+    """Per node (graph order): bytes it allocates, as sympy expressions in B and S. Inputs count
+    (they sit on the device). Views and weight reads allocate nothing (their bytes belong to
+    their base), except views of state carried to another layer: the ring copies those out of
+    the slot."""
+    exprs = []
+    for node in gm.graph.nodes:
+        cost = moesys_meta(node).get("cost")
+        own = cost.activation_bytes if cost is not None else 0
+        if node.op == "placeholder" or (own == 0 and _is_state_view(node) and _used_outside_layer(node)):
+            own = sum((_numel(ctx, t) * t.element_size() for t in tensors_in(node.meta.get("val"))), 0)
+        exprs.append(own)
+    return exprs
+
+
+def _numel(ctx, t: torch.Tensor):
+    total = 1
+    for size in t.shape:
+        total = total * ctx.annotation.expr(size)
+    return total
+
+
+def _is_state_view(node: fx.Node) -> bool:
+    root = alias_root(node)
+    return root is not node and root.op == "get_attr"
+
+
+def _used_outside_layer(node: fx.Node) -> bool:
+    layer = moesys_meta(node).get("layer")
+    return any(moesys_meta(user).get("layer") != layer for user in node.users if user.op != "output")
+
+
+def alias_root(node: fx.Node) -> fx.Node:
+    """The node whose storage ``node`` views (itself unless it allocates nothing and reads a tensor)."""
+    while node.op not in ("placeholder", "get_attr"):
+        cost = moesys_meta(node).get("cost")
+        if cost is None or cost.activation_bytes != 0:
+            break
+        sources = [a for a in node.all_input_nodes if isinstance(a.meta.get("val"), torch.Tensor)
+                   or isinstance(a.meta.get("val"), (tuple, list))]
+        if not sources:
+            break
+        node = sources[0]
+    return node
+
+
+def liveness_plan(gm: fx.GraphModule) -> tuple[list[int], list[list[int]]]:
+    """For each node index: its alias root's index, and the roots freed after it runs."""
+    nodes = list(gm.graph.nodes)
+    index = {n: i for i, n in enumerate(nodes)}
+    roots = [index[alias_root(n)] for n in nodes]
+    last_use = list(range(len(nodes)))
+    for i, node in enumerate(nodes):
+        for user in node.users:
+            last_use[roots[i]] = max(last_use[roots[i]], index[user])
+    frees: list[list[int]] = [[] for _ in nodes]
+    for root in set(roots):
+        frees[last_use[root]].append(root)
+    return roots, frees
+
+
+def peak_live_bytes(own_bytes: list[int], roots: list[int], frees: list[list[int]]) -> int:
+    """Largest sum of live allocations while the graph runs in order."""
+    live = peak = 0
+    size = [0] * len(own_bytes)
+    for i, nbytes in enumerate(own_bytes):
+        size[roots[i]] += nbytes
+        live += nbytes
+        peak = max(peak, live)
+        for root in frees[i]:
+            live -= size[root]
+            size[root] = 0
+    return peak
+
+
+def evaluate_workspace(exprs: list, liveness: tuple, batch: int, seq: int) -> int:
+    """Peak live activation bytes of the whole graph at (batch, seq)."""
+    values = {B: batch, S: seq}
+    own = [int(sympy.sympify(e).xreplace(values)) for e in exprs]
+    return peak_live_bytes(own, *liveness)

@@ -1,0 +1,260 @@
+"""Storage tiers of ring inference: where the streamed weights live while they are not in a slot.
+
+    host   one packed buffer per section group, in (pinned, when the device is CUDA) host memory
+    disk   one safetensors file per section group under ``offload_dir``, read through ``mmap``
+
+Either way a tensor is a ``Location``: a byte range of a CPU uint8 buffer (the packed buffer, or
+the file's mapping) that the ring copies into a device slot. Nothing here ever holds the whole
+model at once: staging reads one group from the source, writes it to its tier and lets it go.
+
+Sources (name -> CPU tensor, names are the model's own state names):
+
+    model_source(model)                    the model's parameters and buffers
+    checkpoint_source(directory, model)    a Hugging Face style directory (``model.safetensors``,
+                                           or shards listed by ``model.safetensors.index.json``,
+                                           or any ``*.safetensors``), or this project's training
+                                           checkpoint (``meta.json`` + dense/expert shards);
+                                           non-persistent buffers (not in checkpoints) and tied
+                                           weights saved under one name come from the model
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import re
+import struct
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from ..errors import MoesysError
+
+ALIGN = 64
+Source = Callable[[str], torch.Tensor]
+
+
+class StorageError(MoesysError):
+    """A checkpoint or offload directory cannot provide the tensors the program needs."""
+
+
+@dataclass
+class Location:
+    """``nbytes`` bytes at ``offset`` of ``buffer`` (a 1-D uint8 CPU tensor) hold one tensor."""
+    buffer: torch.Tensor
+    offset: int
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    def tensor(self) -> torch.Tensor:
+        raw = self.buffer[self.offset:self.offset + self.nbytes]
+        return raw.view(self.dtype).view(self.shape)
+
+
+class WeightStore:
+    """Name -> Location for every streamed tensor, plus what keeps the buffers alive."""
+
+    def __init__(self, tier: str, directory: Optional[Path] = None):
+        self.tier = tier
+        self.directory = directory
+        self.locations: dict[str, Location] = {}
+        self._keepalive: list = []
+        self._groups = 0
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.locations
+
+    def __getitem__(self, name: str) -> Location:
+        return self.locations[name]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(loc.nbytes for loc in self.locations.values())
+
+    def add(self, names: Iterable[str], source: Source, dtype: Optional[torch.dtype] = None, pin: bool = False) -> None:
+        """Stage the named tensors not stored yet as one group (one buffer, or one file)."""
+        fresh = [n for n in dict.fromkeys(names) if n not in self.locations]
+        if not fresh:
+            return
+        tensors = {name: _prepare(source(name), dtype) for name in fresh}
+        if self.tier == "disk":
+            _stage_disk(self, tensors, self.directory / f"ring-section-{self._groups:05d}.safetensors")
+        else:
+            _stage_host(self, tensors, pin)
+        self._groups += 1
+
+
+# ---------------------------------------------------------------------------------------------
+# sources
+# ---------------------------------------------------------------------------------------------
+
+
+def _tensor_aliases(model: nn.Module) -> dict[str, list[str]]:
+    """Every state name -> all names of the same tensor (tied weights), canonical name first."""
+    by_id: dict[int, list[str]] = {}
+    named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+    for name, tensor in named:
+        by_id.setdefault(id(tensor), []).append(name)
+    return {name: names for names in by_id.values() for name in names}
+
+
+def model_source(model: nn.Module) -> Source:
+    state = dict(model.named_parameters(remove_duplicate=False))
+    state.update(model.named_buffers(remove_duplicate=False))
+
+    def read(name: str) -> torch.Tensor:
+        return state[name].detach()
+    return read
+
+
+def _hf_index(directory: Path) -> dict[str, Path]:
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: directory / file for name, file in weight_map.items()}
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise StorageError(f"checkpoint directory {str(directory)!r} has no model.safetensors, "
+                           f"model.safetensors.index.json or *.safetensors file")
+    names: dict[str, Path] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            names.update((name, file) for name in f.keys())
+    return names
+
+
+def _project_reader(directory: Path) -> tuple[set[str], Callable[[str], torch.Tensor]]:
+    from . import checkpoint
+    path, meta = checkpoint.read_meta(str(directory))
+    with safe_open(str(path / checkpoint.DENSE), framework="pt") as f:
+        dense = set(f.keys())
+    experts = meta.get("experts", {})
+    aliases = meta.get("aliases", {})
+
+    def read(name: str) -> torch.Tensor:
+        name = aliases.get(name, name)
+        if name in experts:
+            return checkpoint.read_rows(path, meta, name, 0, experts[name]["num_experts"])
+        with safe_open(str(path / checkpoint.DENSE), framework="pt") as f:
+            return f.get_tensor(name)
+    return dense | set(experts) | set(aliases), read
+
+
+def checkpoint_source(directory: str, model: nn.Module) -> Source:
+    """Read tensors one at a time from a checkpoint directory (see the module docstring)."""
+    root = Path(directory)
+    if not root.is_dir():
+        raise StorageError(f"checkpoint directory {directory!r} does not exist")
+    if (root / "meta.json").is_file():
+        present, read_one = _project_reader(root)
+    else:
+        files = _hf_index(root)
+        present = set(files)
+
+        def read_one(name: str) -> torch.Tensor:
+            with safe_open(str(files[name]), framework="pt") as f:
+                return f.get_tensor(name)
+    aliases = _tensor_aliases(model)
+    fallback = model_source(model)
+    persistent = set(model.state_dict(keep_vars=True))
+
+    def read(name: str) -> torch.Tensor:
+        for candidate in aliases.get(name, [name]):
+            if candidate in present:
+                return read_one(candidate)
+        if name not in persistent:
+            return fallback(name)     # a non-persistent buffer: checkpoints never hold it
+        raise StorageError(f"checkpoint {directory!r} has no tensor '{name}' (nor an alias of it: "
+                           f"{aliases.get(name, [name])}); it does not fit {type(model).__name__}")
+    return read
+
+
+# ---------------------------------------------------------------------------------------------
+# staging into a tier
+# ---------------------------------------------------------------------------------------------
+
+
+def sliced(source: Source) -> Source:
+    """A source that also serves ``name[lo:hi]`` (rows lo..hi of ``name``, e.g. an expert group)."""
+    def read(key: str) -> torch.Tensor:
+        match = re.fullmatch(r"(.+)\[(\d+):(\d+)\]", key)
+        return source(match.group(1))[int(match.group(2)):int(match.group(3))] if match else source(key)
+    return read
+
+
+def _prepare(tensor: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
+    if dtype is not None and tensor.is_floating_point():
+        tensor = tensor.to(dtype)
+    return tensor.detach().contiguous().cpu()
+
+
+def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.reshape(-1).view(torch.uint8)
+
+
+def _stage_host(store: WeightStore, tensors: dict[str, torch.Tensor], pin: bool) -> None:
+    offsets, total = {}, 0
+    for name, t in tensors.items():
+        offsets[name] = total
+        total += -(-t.nbytes // ALIGN) * ALIGN
+    buffer = torch.empty(max(total, 1), dtype=torch.uint8, pin_memory=pin)
+    for name, t in tensors.items():
+        buffer[offsets[name]:offsets[name] + t.nbytes].copy_(_as_bytes(t))
+        store.locations[name] = Location(buffer, offsets[name], t.nbytes, t.dtype, tuple(t.shape))
+    store._keepalive.append(buffer)
+
+
+def map_safetensors(path: Path) -> tuple[torch.Tensor, dict[str, tuple[int, int]], mmap.mmap]:
+    """Map a safetensors file; return its bytes (uint8 view of the mapping) and name -> (offset, nbytes)."""
+    with open(path, "rb") as f:
+        mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    (header_len,) = struct.unpack("<Q", mapping[:8])
+    header = json.loads(mapping[8:8 + header_len])
+    start = 8 + header_len
+    with warnings.catch_warnings():   # read-only mapping: the ring only ever reads it
+        warnings.simplefilter("ignore", UserWarning)
+        data = torch.frombuffer(mapping, dtype=torch.uint8)
+    spans = {name: (start + entry["data_offsets"][0], entry["data_offsets"][1] - entry["data_offsets"][0])
+             for name, entry in header.items() if name != "__metadata__"}
+    return data, spans, mapping
+
+
+def _stage_disk(store: WeightStore, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    save_file(tensors, str(path), metadata={"format": "pt", "writer": "moesys_compile.runtime.storage"})
+    data, spans, mapping = map_safetensors(path)
+    for name, t in tensors.items():
+        offset, nbytes = spans[name]
+        store.locations[name] = Location(data, offset, nbytes, t.dtype, tuple(t.shape))
+    store._keepalive.append(mapping)
+
+
+def stage(groups: Iterable[list[str]], source: Source, tier: str, offload_dir: Optional[str] = None,
+          dtype: Optional[torch.dtype] = None, pin: bool = False, progress: bool = False) -> WeightStore:
+    """Put every named tensor into the tier, one group (a section's tensors) at a time; a name
+    seen in an earlier group is not stored again.
+
+        >>> store = stage([["embed.weight"], ["lm_head.weight"]], model_source(model), "host")  # doctest: +SKIP
+    """
+    from tqdm import tqdm
+    directory = None
+    if tier == "disk":
+        if not offload_dir:
+            raise StorageError("weights='disk' needs Plan.offload_dir (a directory for the safetensors files)")
+        directory = Path(offload_dir)
+        directory.mkdir(parents=True, exist_ok=True)
+        for old in directory.glob("ring-section-*.safetensors"):
+            old.unlink()
+    store = WeightStore(tier, directory)
+    for names in tqdm(list(groups), desc=f"staging weights ({tier})", unit="section", disable=not progress):
+        store.add(names, source, dtype, pin)
+    return store
+def free_bytes(path: str) -> int:
+    stat = os.statvfs(path)
+    return stat.f_bavail * stat.f_frsize

@@ -1,0 +1,145 @@
+"""Hugging Face transformers models compiled as they are (tiny random configs, nothing downloaded):
+single-device compile equals eager (logits within 1e-4, fp32), the model's own output type comes
+back, MoE blocks are canonicalized with the family's exact routing rule, names are unchanged."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import moesys_compile as mc
+
+transformers = pytest.importorskip("transformers")
+
+from moesys_compile.frontend.recognizers import CanonicalMoEBlock  # noqa: E402
+from moesys_compile.models.hf import DENSE_FAMILIES, FAMILIES, MOE_FAMILIES, build_hf  # noqa: E402
+from moesys_compile.models.spec import load_model  # noqa: E402
+
+# family -> (routing rule inspect must report, shared expert description or None)
+EXPECTED_ROUTER = {
+    "mixtral": ("softmax-top2-renorm", None),
+    "qwen2_moe": ("softmax-top2", "shared_expert*sigmoid(shared_expert_gate)"),
+    "qwen3_moe": ("softmax-top2", None),
+    "olmoe": ("softmax-top2", None),
+    "deepseek_v3": ("sigmoid-top2-groups 1/2-bias-renorm-x2.5", "shared_experts"),
+}
+
+
+def ids(batch: int = 2, seq: int = 8, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 128, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module", params=MOE_FAMILIES + ("llama", "gpt2"))
+def compiled(request):
+    """(family, eager copy, model, program): compiled once per family for the tests below."""
+    family = request.param
+    model = build_hf(family).eval()
+    eager = copy.deepcopy(model)
+    names = list(model.state_dict())
+    program = mc.compile(model, mc.Plan(mode="train"), example_inputs=(ids(),))
+    assert list(model.state_dict()) == names
+    return family, eager, model, program
+
+
+def test_compiled_equals_eager_with_the_models_output_type(compiled):
+    family, eager, model, program = compiled
+    for example in (ids(), ids(3, 5, seed=1)):              # the example shape and another one
+        want = eager(example)
+        got = program(example)
+        assert type(got) is type(want)
+        torch.testing.assert_close(got.logits, want.logits, rtol=1e-4, atol=1e-4)
+    assert model.config.use_cache is True                    # turned off only while capturing
+
+
+def test_moe_blocks_are_canonicalized_with_the_familys_routing(compiled):
+    family, eager, model, program = compiled
+    reports = program.context.blocks
+    if family in DENSE_FAMILIES:
+        assert reports == [] and program.aux_loss is None
+        return
+    router, shared = EXPECTED_ROUTER[family]
+    moe_layers = [m for m in model.modules() if isinstance(m, CanonicalMoEBlock)]
+    assert reports and len(moe_layers) == len(reports)
+    for report in reports:
+        assert report.action == "replaced" and report.kind.startswith("hf.")
+        assert report.details["router"] == router
+        assert report.details.get("shared") == shared
+        assert report.details["experts"] == "swiglu, stacked views"
+    graph = program.graph_module.graph
+    routed = [n for n in graph.nodes if "moesys" in str(n.target)]
+    assert routed, "the canonical ops are in the captured graph"
+    assert program.aux_loss is not None and program.aux_loss.ndim == 0
+
+
+def test_expert_weights_are_the_hf_parameters_not_copies(compiled):
+    family, eager, model, program = compiled
+    for block in (m for m in model.modules() if isinstance(m, CanonicalMoEBlock)):
+        w_up_EHD, w_down_EDF = block.expert_weights()
+        assert w_up_EHD.data_ptr() == block.experts.gate_up_proj.data_ptr()
+        assert w_down_EDF.data_ptr() == block.experts.down_proj.data_ptr()
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+def test_training_gradients_equal_eager(family):
+    model = build_hf(family).train()
+    eager = copy.deepcopy(model)
+    program = mc.compile(model, mc.Plan(mode="train"), example_inputs=(ids(),))
+    example = ids(seed=2)
+    program(example).logits.square().mean().backward()
+    eager(example).logits.square().mean().backward()
+    for (name, p), (_, q) in zip(model.named_parameters(), eager.named_parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_aux_loss_uses_the_models_coefficient():
+    model = build_hf("olmoe", router_aux_loss_coef=0.5).eval()
+    program = mc.compile(model, mc.Plan(), example_inputs=(ids(),))
+    coefs = {m.aux_loss_coef for m in model.modules() if isinstance(m, CanonicalMoEBlock)}
+    assert coefs == {0.5}
+    program(ids())
+    model(ids())   # eager forward of the canonical blocks records each layer's loss
+    expected = sum(m.aux_loss for m in model.modules() if isinstance(m, CanonicalMoEBlock))
+    torch.testing.assert_close(program.aux_loss, expected)
+
+
+@pytest.mark.parametrize("overrides, router, experts", [
+    (dict(norm_topk_prob=True), "softmax-top2-renorm", "swiglu, stacked views"),
+    (dict(hidden_act="gelu"), "softmax-top2", "geglu, stacked views"),
+])
+def test_config_variants_are_read_from_behaviour(overrides, router, experts):
+    model = build_hf("qwen2_moe", **overrides).eval()
+    want = model(ids()).logits
+    reports = mc.frontend.canonicalize(model)
+    assert {(r.details["router"], r.details["experts"]) for r in reports} == {(router, experts)}
+    torch.testing.assert_close(model(ids()).logits, want, rtol=1e-5, atol=1e-6)
+
+
+def test_router_jitter_is_left_with_the_fix():
+    model = build_hf("mixtral", router_jitter_noise=0.1)
+    reports = mc.frontend.canonicalize(model)
+    assert reports and all(r.action == "left" and "router_jitter_noise=0" in r.reason for r in reports)
+
+
+def test_model_specs():
+    loaded = load_model("hf:mixtral", {"num_hidden_layers": 1, "seed": 3})
+    assert type(loaded.model).__name__ == "MixtralForCausalLM" and loaded.model.config.num_hidden_layers == 1
+    (example,) = loaded.example_inputs(2, 6)
+    assert example.shape == (2, 6) and int(example.max()) < 128
+    with pytest.raises(ValueError, match=r"\['bogus'\] are not fields of MixtralConfig"):
+        load_model("hf:mixtral", {"bogus": 1})
+    with pytest.raises(ValueError, match="hub names are not downloaded"):
+        load_model("hf:mistralai/Mixtral-8x7B-v0.1", {})
+    assert set(MOE_FAMILIES + DENSE_FAMILIES) <= set(FAMILIES)
+
+
+def test_local_directory_round_trip(tmp_path):
+    model = build_hf("olmoe", seed=5).eval()
+    model.save_pretrained(tmp_path)
+    loaded = load_model(str(tmp_path), {})
+    loaded.model.eval()
+    torch.testing.assert_close(loaded.model(ids()).logits, model(ids()).logits)
+    assert "local weights" in loaded.description

@@ -1,0 +1,157 @@
+"""grouped_mlp / fused_experts (kernels/experts.py, kernels/grouped_mlp.py) against the naive
+per-expert reference: outputs and the gradients of x, the top-k weights, w_up and w_down."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels (and Triton) are imported
+
+import pytest  # noqa: E402
+
+import moesys_compile.kernels as kernels  # noqa: E402
+from moesys_compile.kernels import reference  # noqa: E402
+from moesys_compile.ops import up_rows  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() and not kernels.INTERPRET else "cpu"
+IMPLS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
+    kernels.triton_unavailable(DEVICE) is not None, reason=f"Triton cannot run: {kernels.triton_unavailable(DEVICE)}"))]
+TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2}  # max error relative to the largest reference value
+
+
+def close(actual, expected, dtype, what):
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype, f"{what}: {actual.dtype} {expected.dtype}"
+    scale = expected.float().abs().max().clamp_min(1e-3)
+    err = (actual.double() - expected.double()).abs().max() / scale
+    assert err <= TOL[dtype], f"{what}: max error {err:.3g} (relative to {scale:.3g}) > {TOL[dtype]}"
+
+
+def experts(num_experts, dim, ffn, activation, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    w_up = torch.randn(num_experts, up_rows(ffn, activation), dim, generator=gen) / dim ** 0.5
+    w_down = torch.randn(num_experts, dim, ffn, generator=gen) / ffn ** 0.5
+    return [w.to(dtype).to(DEVICE).requires_grad_(True) for w in (w_up, w_down)]
+
+
+def routed(num_tokens, top_k, num_experts, seed, skew=False):
+    gen = torch.Generator().manual_seed(seed)
+    ranks = torch.rand(num_tokens, num_experts, generator=gen)
+    if skew:
+        ranks = ranks - torch.linspace(0, 1, num_experts)
+    return torch.argsort(ranks, dim=1)[:, :top_k].to(DEVICE)
+
+
+# (T, K, E, D, F, activation, capacity): D and F are not multiples of the interpreter's 32 blocks
+FUSED_CASES = [
+    (1, 1, 4, 40, 36, "swiglu", -1),
+    (37, 2, 8, 40, 36, "swiglu", -1),
+    (19, 4, 8, 33, 20, "gelu", 5),       # capacity: dropped slots contribute and receive nothing
+    (13, 8, 64, 24, 20, "swiglu", -1),   # many experts, most with one or two rows, some empty
+    (21, 1, 4, 40, 40, "relu", -1),
+    (17, 2, 8, 33, 36, "geglu", -1),
+    (9, 4, 4, 24, 18, "silu", 3),
+]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", FUSED_CASES, ids=lambda c: "T{}-K{}-E{}-D{}-F{}-{}-cap{}".format(*c))
+def test_fused_experts_matches_reference(case, dtype, impl):
+    num_tokens, top_k, num_experts, dim, ffn, activation, capacity = case
+    if dtype == torch.bfloat16 and activation not in ("swiglu", "gelu"):
+        pytest.skip("bf16 covered by swiglu and gelu")
+    seed = num_tokens * 100 + num_experts
+    w_up, w_down = experts(num_experts, dim, ffn, activation, dtype, seed)
+    x = torch.randn(num_tokens, dim, generator=torch.Generator().manual_seed(seed)).to(dtype).to(DEVICE)
+    x.requires_grad_(True)
+    weights = torch.rand(num_tokens, top_k, device=DEVICE, requires_grad=True)
+    counts, order = reference.sort_slots_reference(routed(num_tokens, top_k, num_experts, seed, capacity >= 0),
+                                                   num_experts, capacity)
+    grad_out = torch.randn(num_tokens, dim, device=DEVICE).to(dtype)
+    inputs = (x, weights, w_up, w_down)
+
+    y, h = torch.ops.moesys_kernels.fused_experts(x, order, counts, weights, w_up, w_down, activation, impl=impl)
+    y_ref = reference.fused_experts_reference(x, order, counts, weights, w_up, w_down, activation)
+    assert h.shape == (num_tokens * top_k, up_rows(ffn, activation))
+    close(y, y_ref, dtype, "y_TD")
+    grads = torch.autograd.grad((y.float() * grad_out.float()).sum(), inputs)
+    grads_ref = torch.autograd.grad((y_ref.float() * grad_out.float()).sum(), inputs)
+    for name, a, b in zip(("grad x_TD", "grad weights_TK", "grad w_up_EHD", "grad w_down_EDF"), grads, grads_ref):
+        assert b.abs().sum() > 0, f"{name}: the reference gradient is zero, the test would prove nothing"
+        close(a, b, dtype, name)
+    if capacity >= 0:
+        dropped = order[int(counts.sum()):]
+        assert dropped.numel() > 0
+        assert torch.all(grads[1].reshape(-1)[dropped] == 0)
+
+
+# (N rows, E, D, F, activation)
+GROUPED_CASES = [(1, 4, 40, 36, "swiglu"), (75, 8, 40, 36, "swiglu"), (50, 64, 24, 20, "gelu"), (33, 4, 33, 40, "relu")]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", GROUPED_CASES, ids=lambda c: "N{}-E{}-D{}-F{}-{}".format(*c))
+def test_grouped_mlp_matches_reference(case, dtype, impl):
+    num_rows, num_experts, dim, ffn, activation = case
+    w_up, w_down = experts(num_experts, dim, ffn, activation, dtype, seed=num_rows)
+    gen = torch.Generator().manual_seed(num_rows)
+    counts = torch.bincount(torch.randint(0, num_experts, (num_rows,), generator=gen), minlength=num_experts)
+    counts[0] = max(int(counts[0]) - 1, 0)  # one trailing row outside every group: must stay zero
+    counts = counts.to(DEVICE)
+    x = torch.randn(num_rows, dim, generator=gen).to(dtype).to(DEVICE).requires_grad_(True)
+    grad_out = torch.randn(num_rows, dim, device=DEVICE).to(dtype)
+
+    y, _ = torch.ops.moesys_kernels.grouped_mlp(x, counts, w_up, w_down, activation, impl=impl)
+    y_ref = reference.grouped_mlp_reference(x, counts, w_up, w_down, activation)
+    close(y, y_ref, dtype, "y_ND")
+    kept = int(counts.sum())
+    assert torch.all(y[kept:] == 0)
+    grads = torch.autograd.grad((y.float() * grad_out.float()).sum(), (x, w_up, w_down))
+    grads_ref = torch.autograd.grad((y_ref.float() * grad_out.float()).sum(), (x, w_up, w_down))
+    for name, a, b in zip(("grad x_ND", "grad w_up_EHD", "grad w_down_EDF"), grads, grads_ref):
+        close(a, b, dtype, name)
+    assert torch.all(grads[0][kept:] == 0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_without_saved_activation_backward_recomputes(impl):
+    """save_h=False (inference lowering) returns an empty h and still differentiates correctly."""
+    w_up, w_down = experts(8, 40, 36, "swiglu", torch.float32, seed=5)
+    x = torch.randn(29, 40, device=DEVICE, requires_grad=True)
+    weights = torch.rand(29, 2, device=DEVICE, requires_grad=True)
+    counts, order = reference.sort_slots_reference(routed(29, 2, 8, seed=5), 8)
+    y, h = torch.ops.moesys_kernels.fused_experts(x, order, counts, weights, w_up, w_down, "swiglu", False, impl)
+    assert h.shape == (0, 72)
+    y_ref = reference.fused_experts_reference(x, order, counts, weights, w_up, w_down, "swiglu")
+    close(y, y_ref, torch.float32, "y_TD")
+    grads = torch.autograd.grad(y.square().sum(), (x, weights, w_up, w_down))
+    grads_ref = torch.autograd.grad(y_ref.square().sum(), (x, weights, w_up, w_down))
+    for a, b in zip(grads, grads_ref):
+        close(a, b, torch.float32, "grad")
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(w_up=torch.randn(4, 30, 8)), r"w_up_EHD has 30 rows per expert but activation 'swiglu' with w_down_EDF's "
+                                       r"F = 16 needs H = 32"),
+    (dict(x=torch.randn(5, 7)), r"x_ND has shape \(5, 7\), expected \[\*, 8\]"),
+    (dict(counts=torch.tensor([5, 0, 0])), r"counts_E has shape \(3,\), expected \(4,\)"),
+    (dict(w_down=torch.randn(3, 8, 16)), r"w_down_EDF \(3, 8, 16\) does not match w_up_EHD \(4, 32, 8\)"),
+])
+def test_shape_errors_name_tensor_and_sizes(change, message):
+    args = dict(x=torch.randn(5, 8), counts=torch.tensor([2, 3, 0, 0]), w_up=torch.randn(4, 32, 8),
+                w_down=torch.randn(4, 8, 16))
+    args.update(change)
+    with pytest.raises(ValueError, match=message):
+        torch.ops.moesys_kernels.grouped_mlp(args["x"], args["counts"], args["w_up"], args["w_down"], "swiglu")
+
+
+def test_fake_impls_give_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        x, w_up, w_down = torch.empty(6, 8), torch.empty(4, 32, 8), torch.empty(4, 8, 16)
+        y, h = torch.ops.moesys_kernels.fused_experts(x, torch.empty(12, dtype=torch.long), torch.empty(4, dtype=torch.long),
+                                                      torch.empty(6, 2), w_up, w_down, "swiglu", False)
+        y2, h2 = torch.ops.moesys_kernels.grouped_mlp(torch.empty(12, 8), torch.empty(4, dtype=torch.long), w_up, w_down)
+    assert (tuple(y.shape), tuple(h.shape), tuple(y2.shape), tuple(h2.shape)) == ((6, 8), (0, 32), (12, 8), (12, 32))

@@ -1,0 +1,142 @@
+"""lower_kernels: structure (which ops, which implementation, what inspect sees), numerical
+equivalence with the unlowered program (outputs and gradients), fallbacks and idempotence."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels (and Triton) are imported
+
+import operator  # noqa: E402
+
+import pytest  # noqa: E402
+import torch.fx as fx  # noqa: E402
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp  # noqa: E402
+
+import moesys_compile as mc  # noqa: E402
+import moesys_compile.kernels as kernels  # noqa: E402
+from moesys_compile.passes.lower_kernels import lower_kernels  # noqa: E402
+from moesys_compile.pipeline import run_pipeline  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() and not kernels.INTERPRET else "cpu"
+TRITON_REASON = kernels.triton_unavailable(DEVICE)
+needs_triton = pytest.mark.skipif(TRITON_REASON is not None, reason=f"Triton cannot run: {TRITON_REASON}")
+
+
+def targets(gm, namespace):
+    return [str(n.target).split(".")[1] for n in gm.graph.nodes
+            if n.op == "call_function" and getattr(n.target, "namespace", None) == namespace]
+
+
+def lowered(gm):
+    return {n.name: n.meta["moesys"]["lowered_to"] for n in gm.graph.nodes if "lowered_to" in n.meta.get("moesys", {})}
+
+
+def compiled_and_lowered(kernels_choice, mode="train", capacity_factor=None):
+    model = mc.models.build("tiny-moe").to(DEVICE)
+    ids = torch.randint(0, 256, (2, 9), device=DEVICE)
+    plan = mc.Plan(mode=mode, kernels=kernels_choice, device=DEVICE, capacity_factor=capacity_factor)
+    gm, ctx = mc.lower(model, plan, (ids,))
+    reference_code = gm.code
+    reference = fx.GraphModule(gm, gm.graph.__deepcopy__())  # the pipeline's graph before lowering
+    ctx.current_pass = "lower_kernels"
+    gm = run_pipeline(gm, ctx, [lower_kernels])
+    return model, ids, reference, gm, ctx, reference_code
+
+
+@pytest.mark.parametrize("choice", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_train_graph_is_fused_and_labelled(choice):
+    _, _, reference, gm, ctx, _ = compiled_and_lowered(choice)
+    assert {"permute", "grouped_mlp", "unpermute", "route", "load_balancing_loss"} & set(targets(reference, "moesys"))
+    assert not {"permute", "grouped_mlp", "unpermute", "route", "load_balancing_loss"} & set(targets(gm, "moesys"))
+    kernels_ops = targets(gm, "moesys_kernels")
+    for op in ("route_topk", "sort_slots", "fused_experts", "balance_loss"):
+        assert kernels_ops.count(op) == 2, f"{op}: {kernels_ops}"   # tiny-moe has two MoE layers
+    labels = sorted(set(lowered(gm).values()))
+    if choice == "torch":
+        assert labels == ["torch:balance_loss", "torch:moe_fused", "torch:route", "torch:sort_slots"]
+    else:
+        assert labels == ["torch:balance_loss", "triton:moe_fused_swiglu", "triton:route_softmax", "triton:sort_slots"]
+    for node in gm.graph.nodes:  # every node the pass made carries val, layer and cost
+        if node.op != "output":
+            assert "val" in node.meta and "cost" in node.meta["moesys"], node.name
+    # the chosen implementation is an argument of the node, not decided at run time
+    assert all(n.args[-1] == choice for n in gm.graph.nodes
+               if n.op == "call_function" and getattr(n.target, "namespace", None) == "moesys_kernels"
+               and n.target.__name__.split(".")[0] != "balance_loss")
+
+
+@pytest.mark.parametrize("choice", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("capacity_factor", [None, 0.6])
+def test_lowered_program_matches_unlowered_outputs_and_gradients(choice, capacity_factor):
+    model, ids, reference, gm, _, _ = compiled_and_lowered(choice, capacity_factor=capacity_factor)
+    params = dict(gm.named_parameters())
+    out, aux = gm(ids)
+    grads = torch.autograd.grad(out.square().mean() + aux, list(params.values()))
+    out_ref, aux_ref = reference(ids)
+    grads_ref = torch.autograd.grad(out_ref.square().mean() + aux_ref, list(dict(reference.named_parameters()).values()))
+    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(aux, aux_ref, rtol=1e-5, atol=1e-7)
+    for name, a, b in zip(params, grads, grads_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=lambda m: f"grad of {name}: {m}")
+    if capacity_factor:  # the dropped-slot statistics still read the (new) counts and order
+        buffers = [b for n, b in gm.named_buffers() if n.startswith("moesys_drops_")]
+        assert buffers and all(b[1] > b[0] > 0 for b in buffers)
+
+
+def test_infer_mode_does_not_keep_activations():
+    _, ids, reference, gm, _, _ = compiled_and_lowered("torch", mode="infer")
+    fused = [n for n in gm.graph.nodes if n.op == "call_function" and "fused_experts" in str(n.target)]
+    assert fused and all(n.args[7] is False for n in fused)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(ids), reference(ids), rtol=1e-5, atol=1e-5)
+
+
+def test_auto_on_cpu_is_torch_and_fallback_is_noted(monkeypatch):
+    if DEVICE == "cpu":
+        _, _, _, gm, ctx, _ = compiled_and_lowered("auto")
+        assert all(v.startswith("torch:") for v in lowered(gm).values())
+    monkeypatch.setattr(kernels, "triton_unavailable", lambda device: "triton is not importable (test)")
+    _, _, _, gm, ctx, _ = compiled_and_lowered("triton")
+    assert all(v.startswith("torch:") for v in lowered(gm).values())
+    assert any("triton requested but triton is not importable (test)" in n for n in ctx.notes["lower_kernels"])
+
+
+def test_second_run_changes_nothing():
+    _, _, _, gm, ctx, _ = compiled_and_lowered("torch")
+    code = gm.code
+    assert lower_kernels(gm, ctx).code == code
+
+
+def _decomposed(x_TD, logits_TE, w_up_EHD, w_down_EDF):
+    """A hand-written decomposed layer whose x_ND has a second reader (no fusion possible)."""
+    weights_TK, ids_TK, _ = torch.ops.moesys.route(logits_TE, 2)
+    x_ND, counts_E, order_N = torch.ops.moesys.permute(x_TD, ids_TK, 4, -1)
+    y_ND = torch.ops.moesys.grouped_mlp(x_ND, counts_E, w_up_EHD, w_down_EDF, "gelu")
+    return torch.ops.moesys.unpermute(y_ND, order_N, weights_TK), x_ND.sum()
+
+
+@pytest.mark.parametrize("choice", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_single_ops_lowered_when_not_fusable(choice):
+    gm = fx.symbolic_trace(_decomposed)
+    inputs = [torch.randn(11, 24, device=DEVICE), torch.randn(11, 4, device=DEVICE),
+              torch.randn(4, 20, 24, device=DEVICE) / 5, torch.randn(4, 24, 20, device=DEVICE) / 5]
+    FakeTensorProp(gm).propagate(*inputs)
+    ctx = type("Ctx", (), {"plan": mc.Plan(kernels=choice, device=DEVICE)})()
+    expected = gm(*inputs)
+    gm = lower_kernels(gm, ctx)
+    gm.graph.lint()
+    assert targets(gm, "moesys") == []
+    assert targets(gm, "moesys_kernels") == ["route_topk", "permute", "grouped_mlp", "unpermute"]
+    grouped = next(n for n in gm.graph.nodes if "grouped_mlp" in str(n.target))
+    assert [u.target for u in grouped.users] == [operator.getitem] and "val" in grouped.meta
+    assert lowered(gm)[grouped.name] == ("triton:grouped_mlp_gelu" if choice == "triton" else "torch:grouped_mlp")
+    for a, b in zip(gm(*inputs), expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_kernels_choice_is_rejected():
+    ctx = type("Ctx", (), {"plan": type("P", (), {"kernels": "cuda-graphs"})()})()
+    with pytest.raises(ValueError, match=r"plan.kernels \('cuda-graphs'\) must be 'auto', 'triton' or 'torch'"):
+        lower_kernels(fx.symbolic_trace(lambda x: x + 1), ctx)

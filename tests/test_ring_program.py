@@ -1,0 +1,169 @@
+"""RingProgram end to end: parity with eager, storage tiers, the budget, greedy decoding, the CLI."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import moesys_compile as mc
+from moesys_compile.infer import eager_generate, main, model_bytes
+from moesys_compile.programs.ring import RingBudgetError, RingProgram
+from moesys_compile.runtime import ring as ring_runtime
+
+# deep enough that 1/8 of the model still holds two copies of the largest weight (the 64 KiB
+# embedding) next to the activations; MoE layers split into expert groups below that
+MODELS = {"tiny-gpt": dict(n_layers=10), "tiny-moe": dict(n_layers=6)}
+
+
+def build(name):
+    torch.manual_seed(0)
+    return mc.models.build(name, **MODELS[name]).eval()
+
+
+def ring(model, fraction, tier, tmp_path, ids, **plan):
+    plan = mc.Plan(mode="infer", device_budget=model_bytes(model) // fraction, weights=tier,
+                   offload_dir=str(tmp_path / "offload"), **plan)
+    program = mc.compile(model, plan, example_inputs=(ids,))
+    assert isinstance(program, RingProgram)
+    return program
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("fraction", [2, 4, 8])
+@pytest.mark.parametrize("tier", ["host", "disk"])
+def test_forward_equals_eager(name, fraction, tier, tmp_path):
+    model = build(name)
+    ids = torch.randint(0, 256, (2, 9))
+    program = ring(model, fraction, tier, tmp_path, ids)
+    with torch.inference_mode():
+        expected = {shape: model(ids[:shape[0], :shape[1]]) for shape in [(2, 9), (1, 7), (2, 3)]}
+    for shape, want in list(expected.items()) * 2:          # twice: the ring wraps across calls
+        got = program(ids[:shape[0], :shape[1]])
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+        stats = program.stats
+        assert stats["peak_device_bytes"] <= stats["budget_bytes"] == model_bytes(model) // fraction
+    assert stats["sections"] > stats["slots"]               # the weights really rotate through the ring
+    assert stats["bytes_moved"] >= model_bytes(model) - 2 * stats["slot_bytes"]
+    if tier == "disk":
+        assert list((tmp_path / "offload").glob("ring-section-*.safetensors"))
+
+
+def test_program_never_reads_the_model_weights(tmp_path):
+    model = build("tiny-moe")
+    ids = torch.randint(0, 256, (2, 9))
+    with torch.inference_mode():
+        want = model(ids)
+    program = ring(model, 4, "disk", tmp_path, ids)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()                               # only the disk tier still has the weights
+    torch.testing.assert_close(program(ids), want, atol=1e-6, rtol=0)
+
+
+def test_resident_weights_never_exceed_the_slots(tmp_path, monkeypatch):
+    """Independent count: every load of the copy thread replaces one slot's section; the
+    weight bytes on the device (sum over slots of what they hold) stay within the slot region."""
+    model = build("tiny-gpt")
+    ids = torch.randint(0, 256, (2, 8))
+    program = ring(model, 8, "host", tmp_path, ids)
+    held, peaks = {}, []
+    original = ring_runtime.RingExecutor._load
+
+    def counting_load(self, load, slot):
+        held[slot] = load.nbytes
+        assert load.nbytes <= self.pool.slot_bytes
+        peaks.append(sum(held.values()))
+        return original(self, load, slot)
+    monkeypatch.setattr(ring_runtime.RingExecutor, "_load", counting_load)
+    program(ids)
+    program(ids)
+    layout = program.context.extras["ring"]
+    assert len(peaks) >= 2 * len(layout.sections) - layout.slots
+    assert max(peaks) <= layout.slots * layout.slot_bytes
+    assert max(peaks) + layout.workspace <= layout.budget < model_bytes(model)
+
+
+def test_a_call_larger_than_compiled_for_raises(tmp_path):
+    model = build("tiny-gpt")
+    program = ring(model, 8, "host", tmp_path, torch.randint(0, 256, (1, 4)))
+    with pytest.raises(RingBudgetError, match="workspace"):
+        program(torch.randint(0, 256, (8, 64)))
+    small = torch.randint(0, 256, (1, 4))          # the ring is still in order after the refusal
+    torch.testing.assert_close(program(small), model(small), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("tier", ["host", "disk"])
+def test_generate_equals_eager_greedy(name, tier, tmp_path):
+    model = build(name)
+    ids = torch.randint(0, 256, (2, 5))
+    program = ring(model, 4, tier, tmp_path, ids)
+    out = program.generate(ids, max_new_tokens=6)
+    assert torch.equal(out, eager_generate(model, ids, 6))
+    assert program.stats["steps"] == 6
+    assert program.stats["peak_device_bytes"] <= program.stats["budget_bytes"]
+    torch.testing.assert_close(program(ids), model(ids), atol=1e-6, rtol=0)   # back to the forward ring
+
+
+def _hf_dir(model, path, sharded):
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    path.mkdir()
+    if not sharded:
+        save_file(state, str(path / "model.safetensors"))
+        return
+    names = sorted(state)
+    half = len(names) // 2
+    weight_map = {}
+    for index, part in enumerate([names[:half], names[half:]]):
+        file = f"model-{index + 1:05d}-of-00002.safetensors"
+        save_file({n: state[n] for n in part}, str(path / file))
+        weight_map.update({n: file for n in part})
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_weights_stream_from_a_safetensors_checkpoint(tmp_path, sharded):
+    trained = build("tiny-moe")
+    _hf_dir(trained, tmp_path / "ckpt", sharded)
+    ids = torch.randint(0, 256, (2, 6))
+    with torch.inference_mode():
+        want = trained(ids)
+    torch.manual_seed(123)
+    fresh = mc.models.build("tiny-moe", **MODELS["tiny-moe"]).eval()      # other weights
+    program = ring(fresh, 4, "disk", tmp_path, ids, weights_checkpoint=str(tmp_path / "ckpt"))
+    torch.testing.assert_close(program(ids), want, atol=1e-6, rtol=0)
+
+
+def test_cli_infer_from_checkpoint(tmp_path, capsys):
+    _hf_dir(build("tiny-gpt"), tmp_path / "ckpt", sharded=False)
+    report = tmp_path / "report.json"
+    budget = model_bytes(build("tiny-gpt")) // 4
+    code = main(["tiny-gpt", "--config", "n_layers=10", "--checkpoint", str(tmp_path / "ckpt"), "--budget", str(budget),
+                 "--weights", "disk", "--offload-dir", str(tmp_path / "off"), "--prompt-ids", "1", "2", "3",
+                 "--max-new-tokens", "3", "--json", str(report)])
+    assert code == 0
+    record = json.loads(report.read_text())
+    assert record["max_abs_error_vs_eager"] <= 1e-6 and record["generate_equals_eager"]
+    assert record["forward"]["peak_device_bytes"] <= budget
+    assert "efficiency" in capsys.readouterr().out
+
+
+def test_cli_reports_a_too_small_budget(capsys):
+    assert main(["tiny-gpt", "--budget", "4KiB", "--max-new-tokens", "0"]) == 2
+    assert "minimum" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("tier", ["host", "disk"])
+def test_cuda_ring_stays_within_budget(tier, tmp_path):
+    model = build("tiny-moe")
+    ids = torch.randint(0, 256, (2, 16))
+    with torch.inference_mode():
+        want = model(ids)
+    program = ring(model, 4, tier, tmp_path, ids, device="cuda")
+    torch.cuda.synchronize()
+    torch.testing.assert_close(program(ids).cpu(), want, atol=1e-5, rtol=1e-5)
+    stats = program.stats
+    assert stats["cuda_max_allocated_bytes"] <= stats["budget_bytes"]
+    assert stats["peak_device_bytes"] <= stats["budget_bytes"]
