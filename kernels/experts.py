@@ -23,6 +23,8 @@ slots) produce zeros and get zero gradients. ``impl``: "triton" (``kernels/group
     ((6, 8), (12, 32))
 """
 
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -33,98 +35,170 @@ from moesys_compile.ops import _group_bounds, check_activation, is_gated
 
 # ---------------------------------------------------------------------------------------------
 # torch path
+#
+# On CPU the GEMMs are torch.mm (oneDNN/MKL) per expert; what decides the rest is memory: a fresh
+# multi-MB tensor is page-faulted on first touch, which costs more than the elementwise work on
+# it. So rows go through in chunks of about half a million activation elements, every temporary
+# lives in a per-thread workspace reused across calls, and the ops write with ``out=``. The only
+# fresh tensors are the outputs (and h_NH, kept for backward).
 # ---------------------------------------------------------------------------------------------
 
-
-def _act(h: Tensor, activation: str) -> Tensor:
-    if is_gated(activation):
-        ffn = h.shape[1] // 2
-        gate, up = h[:, :ffn], h[:, ffn:]
-        a = F.silu(gate) if activation == "swiglu" else F.gelu(gate)
-        return a.mul_(up)
-    if activation in ("silu", "gelu"):
-        return F.silu(h) if activation == "silu" else F.gelu(h)
-    return F.relu(h)
+_WORKSPACE = threading.local()
+_CHUNK_ELEMENTS = 1 << 19   # activation elements per chunk (rows x F): a few MB, cache-resident
+_MIN_CHUNK_ROWS = 64
 
 
-def _act_backward(h: Tensor, grad_a: Tensor, activation: str) -> Tensor:
-    """grad_h from grad_a with aten's fused activation backward kernels (one pass each)."""
-    def scalar_backward(grad, x):
-        if activation in ("swiglu", "silu"):
-            return torch.ops.aten.silu_backward(grad, x)
-        if activation in ("geglu", "gelu"):
-            return torch.ops.aten.gelu_backward(grad, x)
-        return torch.ops.aten.threshold_backward(grad, x, 0)
+def _workspace(sizes: list[tuple[int, int]], like: Tensor) -> list[Tensor]:
+    """Views [rows, cols] into this thread's scratch buffer for ``like``'s dtype and device."""
+    total = sum(r * c for r, c in sizes)
+    pool = _WORKSPACE.__dict__.setdefault("pool", {})
+    key = (like.dtype, like.device)
+    if key not in pool or pool[key].numel() < total:
+        pool[key] = torch.empty(total, dtype=like.dtype, device=like.device)
+    views, offset = [], 0
+    for rows, cols in sizes:
+        views.append(pool[key][offset:offset + rows * cols].view(rows, cols))
+        offset += rows * cols
+    return views
 
+
+def _chunks(bounds: list[tuple[int, int, int]], ffn: int):
+    """(expert, start, end, first chunk of the expert?) over every expert's rows."""
+    step = max(_MIN_CHUNK_ROWS, min(4096, _CHUNK_ELEMENTS // max(ffn, 1)))
+    for expert, start, end in bounds:
+        for lo in range(start, end, step):
+            yield expert, lo, min(lo + step, end), lo == start
+
+
+def _chunk_rows(bounds: list[tuple[int, int, int]], ffn: int) -> int:
+    return max((end - start for _, start, end, _ in _chunks(bounds, ffn)), default=1)
+
+
+def _scalar_act(x: Tensor, activation: str, out: Tensor) -> Tensor:
+    if activation in ("swiglu", "silu"):
+        return torch.ops.aten.silu.out(x, out=out)
+    if activation in ("geglu", "gelu"):
+        return torch.ops.aten.gelu.out(x, out=out)
+    return torch.clamp_min(x, 0, out=out)
+
+
+def _scalar_act_backward(grad: Tensor, x: Tensor, activation: str, out: Tensor) -> Tensor:
+    if activation in ("swiglu", "silu"):
+        return torch.ops.aten.silu_backward.grad_input(grad, x, grad_input=out)
+    if activation in ("geglu", "gelu"):
+        return torch.ops.aten.gelu_backward.grad_input(grad, x, grad_input=out)
+    return torch.ops.aten.threshold_backward.grad_input(grad, x, 0, grad_input=out)
+
+
+def _act_into(h: Tensor, activation: str, act_gate: Tensor, a: Tensor) -> Tensor:
+    """a = act(h) (gated: act(gate) * up, with act(gate) left in ``act_gate``)."""
     if not is_gated(activation):
-        return scalar_backward(grad_a, h)
+        return _scalar_act(h, activation, a)
     ffn = h.shape[1] // 2
-    gate, up = h[:, :ffn], h[:, ffn:]
-    grad_h = torch.empty_like(h)
-    grad_h[:, :ffn] = scalar_backward(grad_a * up, gate)
-    torch.mul(grad_a, F.silu(gate) if activation == "swiglu" else F.gelu(gate), out=grad_h[:, ffn:])
+    _scalar_act(h[:, :ffn], activation, act_gate)
+    return torch.mul(act_gate, h[:, ffn:], out=a)
+
+
+def _act_backward_into(h: Tensor, grad_a: Tensor, act_gate: Tensor, activation: str, tmp: Tensor,
+                       grad_h: Tensor) -> Tensor:
+    if not is_gated(activation):
+        return _scalar_act_backward(grad_a, h, activation, grad_h)
+    ffn = h.shape[1] // 2
+    _scalar_act_backward(torch.mul(grad_a, h[:, ffn:], out=tmp), h[:, :ffn], activation, grad_h[:, :ffn])
+    torch.mul(grad_a, act_gate, out=grad_h[:, ffn:])
     return grad_h
 
 
 def experts_forward_torch(x: Tensor, counts_E: Tensor, w_up_EHD: Tensor, w_down_EDF: Tensor, activation: str,
                           slots_N=None, weights_TK=None, save_h: bool = True):
-    """Same contract as ``experts_forward_triton``: one torch.mm per expert and projection; with
-    ``slots_N`` the expert's token rows are gathered and its output rows index_add-ed, weighted."""
+    """Same contract as ``experts_forward_triton``. With ``slots_N`` each chunk's token rows are
+    gathered into the workspace and its weighted output rows index_add-ed into y_TD."""
     fused = slots_N is not None
+    bounds = _group_bounds(counts_E)
+    kept = bounds[-1][2] if bounds else 0
     num_rows = slots_N.numel() if fused else x.shape[0]
-    h_NH = x.new_empty((num_rows if save_h else 0, w_up_EHD.shape[1]))
+    rows_h, dim, ffn = w_up_EHD.shape[1], x.shape[1], w_down_EDF.shape[2]
+    rows = _chunk_rows(bounds, ffn)
+    h_NH = x.new_empty((num_rows if save_h else 0, rows_h))
+    x_buf, h_buf, gate_buf, a_buf, y_buf = _workspace(
+        [(rows if fused else 0, dim), (0 if save_h else rows, rows_h), (rows, ffn), (rows, ffn), (rows if fused else 0, dim)],
+        x)
     if fused:
         tokens_N = slots_N // weights_TK.shape[1]
-        scale_N = weights_TK.reshape(-1)[slots_N].to(x.dtype)
-        out = x.new_zeros((weights_TK.shape[0], x.shape[1]))
+        scale_N1 = weights_TK.reshape(-1)[slots_N].to(x.dtype)[:, None]
+        out = x.new_zeros(x.shape)
     else:
-        out = x.new_zeros((num_rows, x.shape[1]))
-    for expert, start, end in _group_bounds(counts_E):
-        x_n = x.index_select(0, tokens_N[start:end]) if fused else x[start:end]
-        h_n = torch.mm(x_n, w_up_EHD[expert].t(), out=h_NH[start:end]) if save_h else x_n @ w_up_EHD[expert].t()
-        a_n = _act(h_n, activation)
+        out = x.new_empty((num_rows, dim))
+        out[kept:] = 0  # rows of dropped slots
+    for expert, start, end, _ in _chunks(bounds, ffn):
+        n = end - start
+        x_n = torch.index_select(x, 0, tokens_N[start:end], out=x_buf[:n]) if fused else x[start:end]
+        h = torch.mm(x_n, w_up_EHD[expert].t(), out=h_NH[start:end] if save_h else h_buf[:n])
+        a = _act_into(h, activation, gate_buf[:n], a_buf[:n])
         if fused:
-            y_n = torch.mm(a_n, w_down_EDF[expert].t()).mul_(scale_N[start:end, None])
-            out.index_add_(0, tokens_N[start:end], y_n)
+            y = torch.mm(a, w_down_EDF[expert].t(), out=y_buf[:n]).mul_(scale_N1[start:end])
+            out.index_add_(0, tokens_N[start:end], y)
         else:
-            torch.mm(a_n, w_down_EDF[expert].t(), out=out[start:end])
+            torch.mm(a, w_down_EDF[expert].t(), out=out[start:end])
     return out, h_NH
 
 
 def experts_backward_torch(grad_out: Tensor, x: Tensor, counts_E: Tensor, w_up_EHD: Tensor, w_down_EDF: Tensor,
                            h_NH: Tensor, activation: str, slots_N=None, weights_TK=None):
     fused = slots_N is not None
+    bounds = _group_bounds(counts_E)
+    kept = bounds[-1][2] if bounds else 0
     num_rows = slots_N.numel() if fused else x.shape[0]
-    grad_x = torch.zeros_like(x)
-    grad_w_up = torch.zeros_like(w_up_EHD)
-    grad_w_down = torch.zeros_like(w_down_EDF)
+    rows_h, dim, ffn = w_up_EHD.shape[1], x.shape[1], w_down_EDF.shape[2]
+    saved = h_NH.shape[0] == num_rows
+    rows = _chunk_rows(bounds, ffn)
+    g_rows = rows if fused else 0
+    x_buf, g_buf, gx_buf, h_buf, gate_buf, a_buf, ga_buf, tmp_buf, gh_buf = _workspace(
+        [(g_rows, dim), (g_rows, dim), (g_rows, dim), (0 if saved else rows, rows_h), (rows, ffn), (rows, ffn),
+         (rows, ffn), (rows, ffn), (rows, rows_h)], x)
+    grad_w_up, grad_w_down = torch.empty_like(w_up_EHD), torch.empty_like(w_down_EDF)
+    idle = sorted(set(range(counts_E.numel())) - {expert for expert, _, _ in bounds})
+    grad_w_up[idle], grad_w_down[idle] = 0, 0    # experts without rows get zero gradients
     if fused:
         tokens_N = slots_N // weights_TK.shape[1]
-        scale_N = weights_TK.reshape(-1)[slots_N].to(x.dtype)
-        grad_w_N = torch.zeros(num_rows, dtype=weights_TK.dtype, device=x.device)
-    for expert, start, end in _group_bounds(counts_E):
-        rows = slice(start, end)
-        g_n = grad_out.index_select(0, tokens_N[rows]) if fused else grad_out[rows]
-        x_n = x.index_select(0, tokens_N[rows]) if fused else x[rows]
-        h_n = h_NH[rows] if h_NH.shape[0] else x_n @ w_up_EHD[expert].t()
-        a_n = _act(h_n, activation)
-        grad_a_n = torch.mm(g_n, w_down_EDF[expert])
+        scale_N1 = weights_TK.reshape(-1)[slots_N].to(x.dtype)[:, None]
+        grad_x = torch.zeros_like(x)
+        grad_w_N = torch.zeros(num_rows, dtype=torch.float32, device=x.device)
+    else:
+        grad_x = x.new_empty((num_rows, dim))
+        grad_x[kept:] = 0
+    for expert, start, end, first in _chunks(bounds, ffn):
+        n = end - start
         if fused:
-            grad_w_N[rows] = (grad_a_n * a_n).sum(-1).to(grad_w_N.dtype)
-            grad_a_n.mul_(scale_N[rows, None])
-            g_n = g_n.mul_(scale_N[rows, None])
-        torch.mm(g_n.t(), a_n, out=grad_w_down[expert])
-        grad_h_n = _act_backward(h_n, grad_a_n, activation)
-        torch.mm(grad_h_n.t(), x_n, out=grad_w_up[expert])
-        if fused:
-            grad_x.index_add_(0, tokens_N[rows], torch.mm(grad_h_n, w_up_EHD[expert]))
+            x_n = torch.index_select(x, 0, tokens_N[start:end], out=x_buf[:n])
+            g_n = torch.index_select(grad_out, 0, tokens_N[start:end], out=g_buf[:n])
         else:
-            torch.mm(grad_h_n, w_up_EHD[expert], out=grad_x[rows])
+            x_n, g_n = x[start:end], grad_out[start:end]
+        h = h_NH[start:end] if saved else torch.mm(x_n, w_up_EHD[expert].t(), out=h_buf[:n])
+        a = _act_into(h, activation, gate_buf[:n], a_buf[:n])
+        grad_a = torch.mm(g_n, w_down_EDF[expert], out=ga_buf[:n])
+        if fused:  # d/d weight = <grad_y @ W_down, a>; then both factors take the weight
+            torch.sum(torch.mul(grad_a, a, out=tmp_buf[:n]), 1, dtype=torch.float32, out=grad_w_N[start:end])
+            grad_a.mul_(scale_N1[start:end])
+            a.mul_(scale_N1[start:end])
+        if first:
+            torch.mm(g_n.t(), a, out=grad_w_down[expert])
+        else:
+            grad_w_down[expert].addmm_(g_n.t(), a)
+        grad_h = _act_backward_into(h, grad_a, gate_buf[:n], activation, tmp_buf[:n], gh_buf[:n])
+        if first:
+            torch.mm(grad_h.t(), x_n, out=grad_w_up[expert])
+        else:
+            grad_w_up[expert].addmm_(grad_h.t(), x_n)
+        if fused:
+            grad_x.index_add_(0, tokens_N[start:end], torch.mm(grad_h, w_up_EHD[expert], out=gx_buf[:n]))
+        else:
+            torch.mm(grad_h, w_up_EHD[expert], out=grad_x[start:end])
     if not fused:
         return grad_x, grad_w_up, grad_w_down, None
     grad_weights_N = torch.empty_like(grad_w_N)
     grad_weights_N[slots_N] = grad_w_N
-    return grad_x, grad_w_up, grad_w_down, grad_weights_N.view(weights_TK.shape)
+    return grad_x, grad_w_up, grad_w_down, grad_weights_N.view(weights_TK.shape).to(weights_TK.dtype)
 
 
 _FORWARD = {"triton": experts_forward_triton, "torch": experts_forward_torch}

@@ -208,7 +208,12 @@ def _train_loop(program, opt, data, args, start: int, rank: int, world: int, dev
         log["steps"].append(step + 1)
         log["loss"].append(loss)
         log["tokens_per_s"].append(tokens_per_s)
-        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
+        postfix = {"loss": f"{loss:.4f}", "tok_s": f"{tokens_per_s:,.0f}"}
+        if program.plan.capacity_factor:
+            dropped = [v for v in program.dropped_fraction(reset=True).values() if v is not None]
+            log.setdefault("dropped_fraction", []).append(sum(dropped) / max(len(dropped), 1))
+            postfix["dropped"] = f"{log['dropped_fraction'][-1]:.3f}"
+        bar.set_postfix(postfix)
         if rank == 0 and args.log_every and (step + 1) % args.log_every == 0:
             bar.write(f"step {step + 1:>5}  loss {loss:.4f}  tokens/s {tokens_per_s:,.0f}")
         if args.ckpt_dir and args.ckpt_every and (step + 1) % args.ckpt_every == 0:

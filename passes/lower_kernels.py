@@ -10,7 +10,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.fx as fx
 
-from moesys_compile.ir import infer_val, is_op, moesys_meta
+from moesys_compile.ir import canonical_target, infer_val
 
 
 def lower_kernels(gm: fx.GraphModule, ctx) -> fx.GraphModule:
@@ -71,7 +71,7 @@ def lower_kernels(gm: fx.GraphModule, ctx) -> fx.GraphModule:
 
 def bound_args(node: fx.Node) -> dict[str, Any]:
     """A call's arguments by schema name, defaults filled in."""
-    schema = getattr(node.target, "_schema", None) or node.target.default._schema
+    schema = canonical_target(node.target)._schema
     args: dict[str, Any] = {}
     for i, arg in enumerate(schema.arguments):
         if i < len(node.args):
@@ -81,6 +81,13 @@ def bound_args(node: fx.Node) -> dict[str, Any]:
         elif arg.has_default_value():
             args[arg.name] = arg.default_value
     return args
+
+
+def is_op(node: Any, *names: str) -> bool:
+    """``node`` calls ``torch.ops.moesys.<name>`` (the packet or its default overload)."""
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return False
+    return str(canonical_target(node.target)) in {f"moesys.{name}.default" for name in names}
 
 
 def _getitem_of(node: Any, index: int, parent: Optional[fx.Node] = None) -> bool:

@@ -18,12 +18,13 @@ import operator
 from dataclasses import dataclass, field
 from typing import Optional
 
+import sympy
 import torch
 import torch.fx as fx
 from torch import Tensor
 
 from moesys_compile import ops
-from moesys_compile.frontend.annotation import CostModel
+from moesys_compile.frontend.annotation import B, S, CostModel
 
 from moesys_compile.errors import PassError, PlanError
 from moesys_compile.ir import infer_val, is_op, moesys_meta
@@ -321,6 +322,30 @@ def _slice_attr(gm: fx.GraphModule, ctx, weight: fx.Node, lo: int, hi: int, slic
     return node
 
 
+def split_reserve(gm: fx.GraphModule, ctx, fine, state_of, slot_bytes: int, batch: int, seq: int) -> int:
+    """Extra peak activation bytes at the example shape once the grouped_mlps larger than
+    ``slot_bytes`` run as expert groups: where one output was, the running sum, a group's rows
+    and their new sum are alive together (the liveness walk with that transient added)."""
+    if ctx.plan.options.get("ring_workspace") is not None:
+        return 0
+    values = {B: batch, S: seq}
+    index = {n: i for i, n in enumerate(gm.graph.nodes)}
+    transient = {}
+    for unit in fine:
+        if sum(unit_state(unit, state_of).values()) <= slot_bytes:
+            continue
+        for node in filter(_splittable_weights, unit):
+            val = node.meta["val"]
+            out = int(sympy.sympify(ctx.annotation.expr(val.shape[0])).xreplace(values)) * val[0].numel() * val.element_size()
+            counted = int(sympy.sympify(moesys_meta(node)["cost"].activation_bytes).xreplace(values))
+            transient[index[node]] = 3 * out - counted
+    if not transient:
+        return 0
+    exprs, liveness = activation_exprs(gm, ctx), liveness_plan(gm)
+    return aligned(evaluate_workspace(exprs, liveness, batch, seq, transient)
+                   - evaluate_workspace(exprs, liveness, batch, seq))
+
+
 def split_oversized_experts(gm: fx.GraphModule, ctx, fine, state_of, slot_bytes: int, dtype, slices) -> int:
     """Replace each grouped_mlp whose unit exceeds a slot by expert groups that fit one."""
     split = 0
@@ -408,7 +433,8 @@ def ring_partition(gm: fx.GraphModule, ctx) -> fx.GraphModule:
     worst = max(range(len(fine)), key=lambda i: unit_bytes[i])
     largest_layer = max(sum(unit_state(u, state_of).values()) for u in layer_units(nodes))
     slots = choose_slots(plan.ring_slots, room, largest_layer)
-    minimum = slots * unit_bytes[worst] + workspace + sum(resident.values())
+    at_minimum = split_reserve(gm, ctx, fine, state_of, unit_bytes[worst], batch, seq)
+    minimum = slots * unit_bytes[worst] + workspace + sum(resident.values()) + at_minimum
     if plan.device_budget < minimum:
         raise RingBudgetTooSmall("ring_partition", ctx.passes_run, PlanError(
             f"device_budget ({plan.device_budget} bytes, {format_bytes(plan.device_budget)}) is below the minimum "
@@ -416,14 +442,22 @@ def ring_partition(gm: fx.GraphModule, ctx) -> fx.GraphModule:
             f"(largest unit that cannot be split: {describe_unit(fine[worst], unit_state(fine[worst], state_of))}) "
             f"+ {workspace} bytes activation workspace at batch {batch}, seq {seq}"
             + (f" + {sum(resident.values())} bytes resident state" if resident else "")
+            + (f" + {at_minimum} bytes for the partial sums of expert groups" if at_minimum else "")
             + "; raise Plan.device_budget or lower Plan.ring_slots"))
-    slot_bytes = (room // slots) // ALIGN * ALIGN
+    reserve = split_reserve(gm, ctx, fine, state_of, room // slots, batch, seq)
+    slot_bytes = ((room - reserve) // slots) // ALIGN * ALIGN
     if split_oversized_experts(gm, ctx, fine, state_of, slot_bytes, dtype, slices):
         state_of, resident = classify_state(gm, ctx, dtype, slices)
         workspace = max(workspace, _workspace(gm, ctx, batch, seq))   # expert groups add partial sums
         slot_bytes = min(slot_bytes, (plan.device_budget - workspace - sum(resident.values())) // slots // ALIGN * ALIGN)
         nodes = list(state_of)
     groups = pack(split_units(nodes, state_of, slot_bytes), state_of, slot_bytes)
+    too_big = [g for g in groups if sum(unit_state(g, state_of).values()) > slot_bytes]
+    if too_big:   # the reserve for expert groups fell short: say so rather than overrun the budget
+        raise RingBudgetTooSmall("ring_partition", ctx.passes_run, PlanError(
+            f"device_budget ({plan.device_budget} bytes) leaves {slot_bytes}-byte slots after the expert groups' "
+            f"partial sums, but {describe_unit(too_big[0], unit_state(too_big[0], state_of))} needs "
+            f"{sum(unit_state(too_big[0], state_of).values())} bytes; raise Plan.device_budget"))
     layout = RingLayout(budget=plan.device_budget, slots=slots, slot_bytes=slot_bytes, workspace=workspace,
                         sections=make_sections(groups, state_of, slots), min_budget=minimum,
                         state_bytes=sum({k: v for n in nodes for k, v in state_of[n].items()}.values()),

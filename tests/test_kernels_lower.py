@@ -16,6 +16,7 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp  # noqa: E402
 
 import moesys_compile as mc  # noqa: E402
 import moesys_compile.kernels as kernels  # noqa: E402
+from moesys_compile.ir import canonical_target  # noqa: E402
 from moesys_compile.passes.lower_kernels import lower_kernels  # noqa: E402
 from moesys_compile.pipeline import run_pipeline  # noqa: E402
 
@@ -25,8 +26,8 @@ needs_triton = pytest.mark.skipif(TRITON_REASON is not None, reason=f"Triton can
 
 
 def targets(gm, namespace):
-    return [str(n.target).split(".")[1] for n in gm.graph.nodes
-            if n.op == "call_function" and getattr(n.target, "namespace", None) == namespace]
+    ops = [canonical_target(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+    return [str(op).split(".")[1] for op in ops if getattr(op, "namespace", None) == namespace]
 
 
 def lowered(gm):

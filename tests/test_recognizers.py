@@ -58,7 +58,8 @@ class StackedExperts(nn.Module):
 class Expert(nn.Module):
     def __init__(self):
         super().__init__()
-        self.w1, self.w2, self.w3 = nn.Linear(D, FF, bias=False), nn.Linear(FF, D, bias=False), nn.Linear(D, FF, bias=False)
+        self.w1, self.w3 = nn.Linear(D, FF, bias=False), nn.Linear(D, FF, bias=False)
+        self.w2 = nn.Linear(FF, D, bias=False)
 
     def forward(self, x):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -134,6 +135,16 @@ def test_stacked_transposed_experts_and_known_router_are_canonicalized():
     targets = [str(n.target) for n in program.graph_module.graph.nodes if n.op in ("call_function", "call_method")]
     assert any("moesys.route" in t for t in targets)
     assert not any("einsum" in t or "topk" in t for t in targets)   # the block's own loops are gone
+
+
+def test_a_second_compile_finds_the_blocks_canonical():
+    net = Net(SparseBlock())
+    _check_compiles_equal(net)
+    block = net.block
+    program = _check_compiles_equal(net)
+    (report,) = program.context.blocks
+    assert (report.action, report.kind, report.details["router"]) == ("canonical", "SparseBlock", "softmax-top2-renorm")
+    assert net.block is block
 
 
 def test_renormalisation_is_read_from_behaviour_not_attributes():

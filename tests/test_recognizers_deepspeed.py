@@ -21,7 +21,8 @@ D, FF, E, VOCAB = 16, 32, 4, 64
 class GatedExpert(nn.Module):
     def __init__(self):
         super().__init__()
-        self.w1, self.w2, self.w3 = nn.Linear(D, FF, bias=False), nn.Linear(FF, D, bias=False), nn.Linear(D, FF, bias=False)
+        self.w1, self.w3 = nn.Linear(D, FF, bias=False), nn.Linear(D, FF, bias=False)
+        self.w2 = nn.Linear(FF, D, bias=False)
 
     def forward(self, x):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))

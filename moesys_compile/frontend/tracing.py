@@ -162,6 +162,10 @@ def export_trace(model: nn.Module, example_inputs: Sequence[Any], example_kwargs
             raise
         program = torch.export.export(model, args, kwargs, strict=False)  # static shapes, last resort
     gm = program.module()
+    # export's module refuses train()/eval(), which breaks program.train()/eval(); drop those
+    # overrides: like an fx graph, the captured graph keeps the mode it was captured in.
+    for name in ("train", "eval"):
+        gm.__dict__.pop(name, None)
     gm.meta["moesys_capture"] = "export"
     return gm
 

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import os
 from typing import Any
@@ -31,8 +32,11 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
                                 router_jitter_noise=0.0)),
     "qwen2_moe": ("qwen2_moe", dict(_LLAMA_LIKE, intermediate_size=64, moe_intermediate_size=32,
                                     shared_expert_intermediate_size=64, num_experts=4, num_experts_per_tok=2)),
-    "qwen3_moe": ("qwen3_moe", dict(_LLAMA_LIKE, intermediate_size=64, moe_intermediate_size=32, head_dim=8,
-                                    num_experts=4, num_experts_per_tok=2)),
+    "qwen3_moe": ("qwen3_moe", dict(_LLAMA_LIKE, intermediate_size=64, moe_intermediate_size=32, num_experts=4,
+                                    num_experts_per_tok=2)),
+    "phimoe": ("phimoe", dict(_LLAMA_LIKE, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2)),
+    "gpt_oss": ("gpt_oss", dict(_LLAMA_LIKE, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2,
+                                head_dim=8, layer_types=["full_attention", "full_attention"])),
     "olmoe": ("olmoe", dict(_LLAMA_LIKE, intermediate_size=32, num_experts=4, num_experts_per_tok=2)),
     "deepseek_v3": ("deepseek_v3", dict(_LLAMA_LIKE, num_key_value_heads=4, intermediate_size=64,
                                         moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=2,
@@ -44,7 +48,7 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "gpt2": ("gpt2", dict(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=128, bos_token_id=0,
                           eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)),
 }
-MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "phimoe", "gpt_oss")
 DENSE_FAMILIES = ("llama", "qwen2", "gpt2")
 
 
@@ -65,8 +69,9 @@ def hf_config(family: str, overrides: dict[str, Any]):
     except ValueError as exc:
         raise ValueError(f"hf:{family}: unknown transformers model type; tiny presets: {', '.join(FAMILIES)}; "
                          f"any model type of transformers {transformers.__version__} also works ({exc})") from None
-    known = set(type(config)().to_dict()) | set(type(config).attribute_map) | set(
-        inspect.signature(type(config).__init__).parameters)
+    cls = type(config)
+    known = set(cls().to_dict()) | set(cls.attribute_map) | set(inspect.signature(cls.__init__).parameters) | {
+        f.name for f in (dataclasses.fields(cls) if dataclasses.is_dataclass(cls) else ())}
     unknown = sorted(k for k in overrides if k not in known)
     if unknown:
         raise ValueError(f"hf:{family}: --config field(s) {unknown} are not fields of {type(config).__name__}")

@@ -164,8 +164,12 @@ class RingRuntime:
         self._finalizer = weakref.finalize(self, RingExecutor.close, self.executor)
         self.output_node = next(n for n in gm.graph.nodes if n.op == "output")
         self.placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        self._last_section = self._last_uses()
-        self._act_fn = sympy.lambdify((B, S), activation_exprs(gm, ctx), "math")
+        self._drop_after = self._drops()
+        exprs = [sympy.sympify(e) for e in activation_exprs(gm, ctx)]
+        unique = list(dict.fromkeys(exprs))            # repeated layers repeat their expressions
+        position = {e: i for i, e in enumerate(unique)}
+        self._act_index = [position[e] for e in exprs]
+        self._act_fn = sympy.lambdify((B, S), unique, "math")
         self._liveness = liveness_plan(gm)
         self._act_cache: dict[tuple[int, int], int] = {}
         self.check_shapes = True
@@ -200,21 +204,28 @@ class RingRuntime:
             return buffer[start:start + loc.nbytes].view(loc.dtype).view(loc.shape)
         return tensor_for
 
-    def _last_uses(self) -> dict[fx.Node, int]:
+    def _drops(self) -> list[list[fx.Node]]:
+        """Per section: the carried values no later section (nor the output) reads."""
         last: dict[fx.Node, int] = {}
         for section in self.sections:
             for node in section.inputs:
                 last[node] = section.index
-        return last
+        keep = set(self.output_node.all_input_nodes)
+        drops: list[list[fx.Node]] = [[] for _ in self.sections]
+        for node, index in last.items():
+            if node not in keep:
+                drops[index].append(node)
+        return drops
 
     def activation_bytes(self, flat_inputs: list) -> int:
-        batch, seq = 1, 1
+        """Estimated peak live activation bytes of a call (inputs' batch and sequence length)."""
         tensors = [t for t in flat_inputs if isinstance(t, torch.Tensor)]
         batch = next((t.shape[0] for t in tensors if t.dim() >= 1), 1)
         seq = next((t.shape[1] for t in tensors if 1 in _dynamic_dims(t)), 1)
         key = (int(batch), int(seq))
         if key not in self._act_cache:
-            own = [int(v) for v in self._act_fn(*key)]
+            values = self._act_fn(*key)
+            own = [int(values[i]) for i in self._act_index]
             self._act_cache[key] = peak_live_bytes(own, *self._liveness)
         return self._act_cache[key]
 
@@ -238,9 +249,8 @@ class RingRuntime:
                 for section in self.sections:
                     values = executor.run(section.index, self._run_section, section, *[env[n] for n in section.inputs])
                     env.update(zip(section.outputs, values))
-                    for node in section.inputs:
-                        if self._last_section.get(node) == section.index and node not in self.output_node.all_input_nodes:
-                            env.pop(node, None)
+                    for node in self._drop_after[section.index]:
+                        env.pop(node, None)
             except BaseException:
                 executor.skip_rest_of_pass()
                 raise

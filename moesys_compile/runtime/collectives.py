@@ -252,6 +252,8 @@ class GradBucketer:
         self.bucket_of = {name: i for i, b in enumerate(buckets) for name in b.params}
         self.enabled = True
         self.state = _Pending()
+        self.launched_in_backward = 0     # buckets launched from a gradient hook, before backward ended
+        self.ready_at_first_launch = None  # gradients accumulated when the first bucket was launched
         self.handles = [params[name].register_post_accumulate_grad_hook(self._hook(name))
                         for name in self.bucket_of]
 
@@ -264,7 +266,11 @@ class GradBucketer:
                 state.finalize_queued = True
                 torch.autograd.Variable._execution_engine.queue_callback(self._finalize)
             state.ready.add(name)
+            launched = state.next_bucket
             self._launch_ready()
+            self.launched_in_backward += state.next_bucket - launched
+            if launched == 0 and state.next_bucket > 0:
+                self.ready_at_first_launch = len(state.ready)
         return hook
 
     def _bucket_ready(self, index: int) -> bool:
@@ -283,18 +289,20 @@ class GradBucketer:
             param = self.params[name]
             if param.grad is None:           # unused this step: contributes zeros, like DDP
                 param.grad = torch.zeros_like(param)
-            grads.append(param.grad.reshape(-1))
-        flat = torch.cat(grads).div_(self.world_size)
+            grads.append(param.grad)
         pg = _group(bucket.group)
-        work = dist.all_reduce(flat, group=pg, async_op=True) if pg is not None and groups.size(bucket.group) > 1 \
-            else None
-        return index, flat, work
+        if pg is None or groups.size(bucket.group) == 1:    # nothing to reduce: scale in place
+            torch._foreach_div_(grads, float(self.world_size))
+            return index, None, None
+        flat = torch.cat([g.reshape(-1) for g in grads]).div_(self.world_size)
+        return index, flat, dist.all_reduce(flat, group=pg, async_op=True)
 
     def _finalize(self) -> None:
         self._launch_ready(force=True)
         for index, flat, work in self.state.works:
-            if work is not None:
-                work.wait()
+            if work is None:
+                continue
+            work.wait()
             offset = 0
             for name in self.buckets[index].params:
                 grad = self.params[name].grad

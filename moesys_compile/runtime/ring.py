@@ -97,6 +97,7 @@ class CallStats:
     wall_seconds: float = 0.0
     sections_run: int = 0
     compute_events: list = field(default_factory=list)
+    transfer_events: list = field(default_factory=list)
 
 
 class RingExecutor:
@@ -112,7 +113,7 @@ class RingExecutor:
         self._slot_section = [-1] * self.slots
         self._consumed = 0                         # compute steps finished
         self._next = 0                             # next compute step
-        self._records: dict[int, tuple[int, float]] = {}
+        self._records: dict[int, tuple] = {}     # step -> (bytes, seconds, CUDA events or None)
         self._stop = False
         self._error: Optional[BaseException] = None
         self._thread: Optional[threading.Thread] = None
@@ -143,11 +144,11 @@ class RingExecutor:
                     self._cond.wait_for(lambda: self._stop or self._slot_step[slot] < self._consumed)
                     if self._stop:
                         return
-                record = (0, 0.0)
+                record = (0, 0.0, None)
                 if self._slot_section[slot] != section:
                     start = time.perf_counter()
-                    self._load(self.loads[section], slot)
-                    record = (self.loads[section].nbytes, time.perf_counter() - start)
+                    events = self._load(self.loads[section], slot)
+                    record = (self.loads[section].nbytes, time.perf_counter() - start, events)
                     self._slot_section[slot] = section
                 with self._cond:
                     self._slot_step[slot] = step
@@ -159,15 +160,19 @@ class RingExecutor:
                 self._error = exc
                 self._cond.notify_all()
 
-    def _load(self, load: SectionLoad, slot: int) -> None:
+    def _load(self, load: SectionLoad, slot: int) -> Optional[tuple]:
+        """Copy one section into ``slot``. CUDA: returns the (start, end) events of the host ->
+        device transfer, so that its time excludes the wait for the slot's previous compute."""
         buffer = self.pool.buffers[slot]
         if not self.cuda:
             base = buffer.data_ptr()
             for c in load.copies:
                 ctypes.memmove(base + c.dst_offset, c.src.data_ptr() + c.src_offset, c.nbytes)
-            return
+            return None
+        events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
         with torch.cuda.stream(self._copy_stream):
             self._copy_stream.wait_event(self._free[slot])
+            events[0].record(self._copy_stream)
             pinned = all(c.src.is_pinned() for c in load.copies)
             if pinned:
                 for c in load.copies:
@@ -179,8 +184,10 @@ class RingExecutor:
                     ctypes.memmove(base + c.dst_offset, c.src.data_ptr() + c.src_offset, c.nbytes)
                 end = max(c.dst_offset + c.nbytes for c in load.copies)
                 buffer[:end].copy_(self._staging[:end], non_blocking=True)
+            events[1].record(self._copy_stream)
             self._ready[slot].record(self._copy_stream)
         self._copy_stream.synchronize()   # the staging buffer is reused by the next load
+        return events
 
     # -- compute side --------------------------------------------------------------------------
 
@@ -200,10 +207,13 @@ class RingExecutor:
             self._cond.wait_for(lambda: self._error is not None or self._slot_step[slot] == step)
             if self._error is not None:
                 raise RuntimeError(f"ring copy thread failed loading section {section}") from self._error
-            nbytes, seconds = self._records.pop(step)
+            nbytes, seconds, events = self._records.pop(step)
         self.call.stall_seconds += time.perf_counter() - start
         self.call.bytes_moved += nbytes
-        self.call.transfer_seconds += seconds
+        if events is None:
+            self.call.transfer_seconds += seconds
+        else:
+            self.call.transfer_events.append(events)
         self.total_bytes_moved += nbytes
         if self.cuda:
             torch.cuda.current_stream(self.pool.device).wait_event(self._ready[slot])
@@ -236,14 +246,15 @@ class RingExecutor:
 
     def skip_rest_of_pass(self) -> None:
         """After a failed section: consume the pass's remaining steps so the ring stays in order."""
-        while self._next % len(self.loads) != 0:
+        while self._next % len(self.loads) != 0 and self._error is None:
             self._release(self._acquire(self._next % len(self.loads)))
 
     def end_call(self) -> CallStats:
         if self.cuda:
             torch.cuda.synchronize(self.pool.device)
             self.call.compute_seconds = sum(a.elapsed_time(b) for a, b in self.call.compute_events) / 1e3
-            self.call.compute_events = []
+            self.call.transfer_seconds += sum(a.elapsed_time(b) for a, b in self.call.transfer_events) / 1e3
+            self.call.compute_events, self.call.transfer_events = [], []
         self.call.wall_seconds = time.perf_counter() - self._call_start
         return self.call
 
@@ -321,22 +332,25 @@ def liveness_plan(gm: fx.GraphModule) -> tuple[list[int], list[list[int]]]:
     return roots, frees
 
 
-def peak_live_bytes(own_bytes: list[int], roots: list[int], frees: list[list[int]]) -> int:
-    """Largest sum of live allocations while the graph runs in order."""
+def peak_live_bytes(own_bytes: list[int], roots: list[int], frees: list[list[int]],
+                    transient: Optional[dict[int, int]] = None) -> int:
+    """Largest sum of live allocations while the graph runs in order (``transient``: extra bytes
+    alive only while node i runs)."""
     live = peak = 0
     size = [0] * len(own_bytes)
     for i, nbytes in enumerate(own_bytes):
         size[roots[i]] += nbytes
         live += nbytes
-        peak = max(peak, live)
+        peak = max(peak, live + (transient or {}).get(i, 0))
         for root in frees[i]:
             live -= size[root]
             size[root] = 0
     return peak
 
 
-def evaluate_workspace(exprs: list, liveness: tuple, batch: int, seq: int) -> int:
+def evaluate_workspace(exprs: list, liveness: tuple, batch: int, seq: int,
+                       transient: Optional[dict[int, int]] = None) -> int:
     """Peak live activation bytes of the whole graph at (batch, seq)."""
     values = {B: batch, S: seq}
     own = [int(sympy.sympify(e).xreplace(values)) for e in exprs]
-    return peak_live_bytes(own, *liveness)
+    return peak_live_bytes(own, *liveness, transient)

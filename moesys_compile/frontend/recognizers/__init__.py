@@ -17,12 +17,12 @@ from torch import nn
 from ..canonicalize import RECOGNIZERS as BASE_RECOGNIZERS
 from ..canonicalize import BlockReport, Recognizer
 from ..canonicalize import canonicalize as base_canonicalize
-from .block import CanonicalMoEBlock, adopt, probe_block
+from .block import CanonicalMoEBlock, adopt, probe_block, recognize_canonical_block
 from .deepspeed import CanonicalDeepSpeedMoE, recognize_deepspeed_moe
 from .hf import recognize_routed_block
 from .structure import ExpertsSpec, RouterSpec, analyze_router, take_left
 
-RECOGNIZERS: list[Recognizer] = [recognize_deepspeed_moe, recognize_routed_block]
+RECOGNIZERS: list[Recognizer] = [recognize_canonical_block, recognize_deepspeed_moe, recognize_routed_block]
 
 
 def install() -> None:

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
 
 from ...nn import _is_capturing
+from ..canonicalize import Recognition
 from .structure import ExpertsSpec, RouterSpec, close, first_param, generator, route_known
 
 
@@ -114,6 +115,13 @@ class CanonicalMoEBlock(nn.Module):
     def extra_repr(self) -> str:
         return (f"from {self.source}: num_experts={self.num_experts}, top_k={self.top_k}, dim={self.dim}, "
                 f"ffn_dim={self.ffn_dim}, activation={self.activation!r}, router={self.router_spec.describe()}")
+
+
+def recognize_canonical_block(module: nn.Module, path: str) -> Optional[Recognition]:
+    """A block canonicalized earlier (compiling the same model twice) is canonical as it is."""
+    if isinstance(module, CanonicalMoEBlock):
+        return Recognition(kind=module.source.rsplit(".", 1)[-1], details=module.details())
+    return None
 
 
 def probe_block(original: nn.Module, replacement: nn.Module, dim: int, pick=lambda out: out,

@@ -52,8 +52,7 @@ def _num_experts(experts: nn.Module) -> int:
 
 def _router_child(block: nn.Module, num_experts: int, taken: set[str]) -> Optional[str]:
     def scores_experts(child: nn.Module) -> bool:
-        mats = [p for p in child.parameters() if p.dim() == 2]
-        return len(mats) == 1 and mats[0].shape[0] == num_experts
+        return sum(p.dim() == 2 and p.shape[0] == num_experts for p in child.parameters()) == 1
     names = [name for name, child in block.named_children() if name not in taken and scores_experts(child)]
     preferred = [name for name in names if name in ROUTER_NAMES]
     return (preferred or names or [None])[0]
@@ -64,10 +63,18 @@ def _optional_child(block: nn.Module, names: tuple[str, ...]) -> Optional[str]:
 
 
 def recognize_routed_block(module: nn.Module, path: str) -> Optional[Recognition]:
-    """Recognizer for structurally routed MoE blocks (see the module docstring)."""
+    """Recognizer for structurally routed MoE blocks (see the module docstring). A block it cannot
+    analyse is left as the model's own code, with the reason; recognition never fails a compile."""
     experts_name = _experts_child(module)
     if experts_name is None or isinstance(module, CanonicalMoEBlock):
         return None
+    try:
+        return _recognize(module, path, experts_name)
+    except Exception as exc:  # noqa: BLE001 - an unforeseen structure is reported, not raised
+        return leave(path, block_kind(module), f"not analysable ({type(exc).__name__}: {exc})")
+
+
+def _recognize(module: nn.Module, path: str, experts_name: str) -> Optional[Recognition]:
     kind = block_kind(module)
     experts = getattr(module, experts_name)
     num_experts = _num_experts(experts)

@@ -93,7 +93,8 @@ class RouterSpec:
     n_groups: int = 1
     topk_groups: int = 1
     routed_scaling: float = 1.0
-    outputs: dict = field(default_factory=dict)   # unusual routers: {"weights": i, "ids": j, "logits": k}
+    outputs: dict = field(default_factory=dict)   # positions in its output: {"weights": i, "ids": j, "logits": k}
+    arity: int = 0                                # length of the router's output tuple (0: not a flat tuple)
 
     @property
     def known(self) -> bool:
@@ -191,8 +192,27 @@ def router_logits(router: nn.Module, spec: RouterSpec, x_TD: Tensor) -> Tensor:
 
 def route_known(router: nn.Module, spec: RouterSpec, x_TD: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     bias = fetch(router, spec.choice_bias) if spec.choice_bias else None
-    return torch.ops.moesys.route(router_logits(router, spec, x_TD), spec.top_k, spec.score_func,
-                                  spec.renormalize, bias, spec.n_groups, spec.topk_groups, spec.routed_scaling)
+    logits_TE = router_logits(router, spec, x_TD)
+    routed = torch.ops.moesys.route(logits_TE, spec.top_k, spec.score_func, spec.renormalize, bias,
+                                    spec.n_groups, spec.topk_groups, spec.routed_scaling)
+    _run_forward_hooks(router, spec, x_TD, {"logits": logits_TE, "weights": routed[0], "ids": routed[1]})
+    return routed
+
+
+def _run_forward_hooks(router: nn.Module, spec: RouterSpec, x_TD: Tensor, values: dict) -> None:
+    """The router module is no longer called, but hooks on it still expect its output: Hugging Face
+    records router logits that way (``output_router_logits=True`` feeds the model's own aux loss).
+    Hooks see the router's output tuple rebuilt from the canonical values."""
+    if not router._forward_hooks or not spec.arity or set(spec.outputs) != set(values):
+        return
+    output = [None] * spec.arity
+    for name, position in spec.outputs.items():
+        output[position] = values[name]
+    for hook_id, hook in list(router._forward_hooks.items()):
+        if hook_id in router._forward_hooks_with_kwargs:
+            hook(router, (x_TD,), {}, tuple(output))
+        else:
+            hook(router, (x_TD,), tuple(output))
 
 
 def analyze_router(router: nn.Module, path: str, dim: int) -> tuple[Optional[RouterSpec], str]:
@@ -204,7 +224,8 @@ def analyze_router(router: nn.Module, path: str, dim: int) -> tuple[Optional[Rou
     weight_name, logit_bias, num_experts = weight
     gen = generator()
     probe = _randomized(router, gen)
-    x_TD = torch.randn(16, dim, generator=gen).to(first_param(router).dtype)
+    param = first_param(router)
+    x_TD = torch.randn(16, dim, generator=gen).to(device=param.device, dtype=param.dtype)
     with torch.no_grad():
         try:
             outputs = probe(x_TD)
@@ -215,10 +236,12 @@ def analyze_router(router: nn.Module, path: str, dim: int) -> tuple[Optional[Rou
             return None, f"'{path}' does not return top-k ids and weights"
         leaves = tree_leaves(outputs)
         top_k = leaves[positions["ids"]].shape[1]
-        spec = RouterSpec(path, top_k, num_experts, weight_name, logit_bias, outputs=positions)
+        arity = len(outputs) if isinstance(outputs, tuple) and len(outputs) == len(leaves) else 0
+        shape = dict(outputs=positions, arity=arity)
+        spec = RouterSpec(path, top_k, num_experts, weight_name, logit_bias, **shape)
         expected = _sorted_routes(leaves[positions["weights"]], leaves[positions["ids"]])
         for option in _candidates(probe, spec):
-            trial = RouterSpec(path, top_k, num_experts, weight_name, logit_bias, **option)
+            trial = RouterSpec(path, top_k, num_experts, weight_name, logit_bias, **option, **shape)
             weights_TK, ids_TK, _ = route_known(probe, trial, x_TD)
             got = _sorted_routes(weights_TK, ids_TK)
             if torch.equal(got[1], expected[1]) and close(got[0], expected[0])[0]:

@@ -1,0 +1,135 @@
+"""Ring inference on CPU: a model four times the device budget, weights on disk.
+
+Peers, same model and inputs, same run:
+  in-memory    the eager model with every weight resident (the ceiling)
+  accelerate   Hugging Face accelerate ``disk_offload(model, dir, execution_device="cpu")``: its
+               hooks read each module's weights from disk right before the module runs
+  ring         ``moesys_compile.compile(model, Plan(mode="infer", device_budget=model/4,
+               weights="disk"))``: sections stream through a ring of slots, the next ones
+               loading while the current one computes
+
+Rows: prefill (one forward over batch x seq tokens) at a few sizes, and greedy decoding with a
+KV cache. Throughput is tokens/s (median of the repeats; the peers take turns call by call, so
+that other load on a shared machine falls on all of them); ratios compare within the run.
+Efficiency = max(transfer, compute) / wall of the ring's calls (1.0: the slower of the two hides
+the other completely).
+
+    python -m benchmarks.ring_infer [--quick] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import tempfile
+import time
+
+import torch
+
+from benchmarks import _harness as h
+from moesys_compile import Plan, compile, models
+from moesys_compile.infer import eager_generate, model_bytes
+
+FULL = dict(vocab_size=8192, dim=1024, n_layers=8, n_heads=16, ffn_dim=2048, num_experts=8, top_k=2,
+            moe_ffn_dim=1024, max_seq_len=1024)
+QUICK = dict(vocab_size=4096, dim=512, n_layers=4, n_heads=8, ffn_dim=1024, num_experts=8, top_k=2,
+             moe_ffn_dim=512, max_seq_len=512)
+
+
+def workloads(quick: bool) -> list[tuple[str, int, int]]:
+    """(kind, batch, seq): prefill rows, then a decode row (seq = prompt, new tokens = 8)."""
+    if quick:
+        return [("prefill", 1, 32), ("prefill", 2, 128), ("decode", 1, 8)]
+    return [("prefill", 1, 32), ("prefill", 1, 128), ("prefill", 4, 128), ("decode", 1, 16)]
+
+
+def build(config: dict) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return models.build("small-moe", **config).eval()
+
+
+def interleaved(peers: dict, repeats: int, after=None) -> dict[str, list[float]]:
+    """Seconds of each peer's call, taking turns (a warm-up call each first), so that load from
+    other processes on a shared machine falls on every peer alike. ``after(name)`` runs after
+    each timed call, outside the timing."""
+    samples: dict[str, list[float]] = {name: [] for name in peers}
+    for round_index in range(repeats + 1):
+        for name, fn in peers.items():
+            timing = h.time_call(fn, repeats=1, warmup=0)
+            if round_index:
+                samples[name].append(timing["median_s"])
+                if after is not None:
+                    after(name)
+    return samples
+
+
+def case(kind: str, batch: int, seq: int, model, accelerated, program, repeats: int, new_tokens: int = 8) -> dict:
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(1))
+    if kind == "prefill":
+        tokens = batch * seq
+        run_eager = lambda: model(ids)                         # noqa: E731
+        run_acc = lambda: accelerated(ids)                     # noqa: E731
+        run_ring = lambda: program(ids)                        # noqa: E731
+    else:
+        tokens = batch * new_tokens
+        run_eager = lambda: eager_generate(model, ids, new_tokens)        # noqa: E731
+        run_acc = lambda: eager_generate(accelerated, ids, new_tokens)    # noqa: E731
+        run_ring = lambda: program.generate(ids, new_tokens)              # noqa: E731
+    efficiencies = []
+
+    def keep_efficiency(name: str) -> None:
+        if name == "ring":
+            efficiencies.append(program.stats["efficiency"])
+    peers = {"in_memory": run_eager, "accelerate": run_acc, "ring": run_ring}
+    with torch.inference_mode():
+        samples = interleaved(peers, repeats, keep_efficiency)
+        check = (program(ids) - model(ids)).abs().max().item()
+    seconds = {name: statistics.median(values) for name, values in samples.items()}
+    efficiency = statistics.median(efficiencies)
+    stats = program.stats
+    row = {"workload": kind, "batch": batch, "seq": seq, "tokens": tokens,
+           "in_memory_tok_s": tokens / seconds["in_memory"], "accelerate_tok_s": tokens / seconds["accelerate"],
+           "ring_tok_s": tokens / seconds["ring"], "efficiency": efficiency,
+           "peak_device_MiB": stats["peak_device_bytes"] / 2**20, "max_abs_err": check,
+           "moved_MiB_per_call": stats["bytes_moved"] / 2**20, "stall_s": stats["stall_seconds"]}
+    row["ring_vs_accelerate"] = row["ring_tok_s"] / row["accelerate_tok_s"]
+    row["ring_vs_in_memory"] = row["ring_tok_s"] / row["in_memory_tok_s"]
+    row["seconds"] = samples
+    return row
+
+
+def main(argv=None) -> int:
+    from accelerate import disk_offload
+    args = h.parser("ring_infer", __doc__.splitlines()[0]).parse_args(argv)
+    repeats = args.repeats or (2 if args.quick else 3)
+    config = QUICK if args.quick else FULL
+    model = build(config)
+    size = model_bytes(model)
+    budget = size // 4
+    cases = workloads(args.quick)
+    largest = max(cases, key=lambda c: c[1] * c[2])
+    example = torch.zeros(largest[1], largest[2], dtype=torch.long)
+    with tempfile.TemporaryDirectory(prefix="ring-bench-") as scratch:
+        start = time.perf_counter()
+        plan = Plan(mode="infer", device="cpu", device_budget=budget, weights="disk", offload_dir=f"{scratch}/ring")
+        program = compile(model, plan, example_inputs=(example,))
+        compile_s = time.perf_counter() - start
+        accelerated = copy.deepcopy(model)
+        disk_offload(accelerated, f"{scratch}/accelerate", execution_device="cpu")
+        layout = program.context.extras["ring"]
+        print(f"model {size / 2**20:.0f} MiB, budget {budget / 2**20:.0f} MiB (model/budget = {size / budget:.1f}), "
+              f"{layout.slots} slots x {layout.slot_bytes / 2**20:.1f} MiB, {len(layout.sections)} sections; "
+              f"compile + staging {compile_s:.1f} s; torch threads {torch.get_num_threads()}")
+        rows = [case(kind, batch, seq, model, accelerated, program, repeats) for kind, batch, seq in cases]
+        program.close()
+    h.print_table(rows, ["workload", "batch", "seq", "in_memory_tok_s", "accelerate_tok_s", "ring_tok_s",
+                         "ring_vs_accelerate", "ring_vs_in_memory", "efficiency", "peak_device_MiB", "max_abs_err"],
+                  title="ring inference, CPU, weights on disk (tokens/s; ratios within this run)")
+    h.write_json(args.json, "ring_infer", rows, model_config=config, model_bytes=size, budget_bytes=budget,
+                 slots=layout.slots, slot_bytes=layout.slot_bytes, sections=len(layout.sections),
+                 compile_and_stage_seconds=compile_s)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
