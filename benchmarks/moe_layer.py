@@ -17,7 +17,9 @@ them alike):
   their four backward GEMMs): exactly the routed GEMM work, with no routing, no activation.
 
 Routed FLOPs = 6 * N * D * (H + F), H = 2F (gate and up rows). efficiency = routed FLOP/s of the
-layer / FLOP/s of the dense GEMMs = t_dense / t_layer. tokens/s = T / t_layer (forward+backward).
+layer / FLOP/s of the dense GEMMs = t_dense / t_layer from the median times (efficiency_best: from
+the fastest round of each). tokens/s = T / t_layer (forward+backward). The JSON keeps every
+sample and the 1-minute load average around each case (the CPUs may be shared).
 """
 
 from __future__ import annotations
@@ -76,6 +78,7 @@ def build_moesys(c, dtype, x, grad_y):
     labels = sorted({n.meta["moesys"]["lowered_to"] for n in gm.graph.nodes if "lowered_to" in n.meta.get("moesys", {})})
 
     def step():
+        gm.zero_grad(set_to_none=True)
         y, aux = gm(x)
         torch.autograd.backward((y, aux), (grad_y, torch.ones_like(aux)))
     return step, "lowered_to: " + ", ".join(labels)
@@ -85,6 +88,7 @@ def build_moesys_eager(c, dtype, x, grad_y):
     layer = moesys_layer(c, dtype)
 
     def step():
+        layer.zero_grad(set_to_none=True)
         y = layer(x)
         torch.autograd.backward((y, layer.aux_loss), (grad_y, torch.ones_like(layer.aux_loss)))
     return step, "eager canonical ops"
@@ -114,6 +118,7 @@ def build_deepspeed(c, dtype, x, grad_y):
     x3 = x.view(1, *x.shape)
 
     def step():
+        layer.zero_grad(set_to_none=True)
         y, aux, _ = layer(x3)
         torch.autograd.backward((y.view_as(grad_y), aux), (grad_y, torch.ones_like(aux)))
     return step, "capacity_factor=1.25"
@@ -130,6 +135,7 @@ def build_hf_mixtral(c, dtype, x, grad_y):
     x3 = x.view(1, *x.shape)
 
     def step():
+        block.zero_grad(set_to_none=True)
         y = block(x3)
         y = y[0] if isinstance(y, tuple) else y
         y.view_as(grad_y).backward(grad_y)
@@ -181,12 +187,14 @@ def run_case(name, c, dtype_name, repeats, contenders):
             traceback.print_exc()
             steps.pop(contender, None)
     samples = {k: [] for k in steps}
+    load_before = os.getloadavg()[0]
     for _ in range(repeats):  # interleaved rounds: each contender once per round
         for contender, step in steps.items():
             x.grad = None
             samples[contender].append(_harness.time_call(step, repeats=1, warmup=0)["min_s"])
+    load = (load_before, os.getloadavg()[0])
     flops = 6 * c["T"] * c["K"] * c["D"] * (3 * c["F"])
-    dense_s = statistics.median(samples["dense"]) if "dense" in samples else None
+    dense = samples.get("dense")
     for contender in contenders:
         times = samples.get(contender)
         median_s = statistics.median(times) if times else None
@@ -197,8 +205,10 @@ def run_case(name, c, dtype_name, repeats, contenders):
             "min_ms": min(times) * 1e3 if times else None,
             "tokens_per_s": c["T"] / median_s if median_s else None,
             "routed_gflops": flops / median_s / 1e9 if median_s else None,
-            "efficiency": dense_s / median_s if (median_s and dense_s) else None,
+            "efficiency": statistics.median(dense) / median_s if (times and dense) else None,
+            "efficiency_best": min(dense) / min(times) if (times and dense) else None,
             "samples_ms": [t * 1e3 for t in times] if times else [],
+            "loadavg_1min": load,
             "note": notes.get(contender, ""),
         })
     return rows
@@ -219,9 +229,14 @@ def main(argv=None) -> None:
         for name in args.cases.split(","):
             repeats = args.repeats or (2 if args.quick else (5 if dtype_name == "fp32" else 3))
             rows += run_case(name, cases[name], dtype_name, repeats, contenders)
-            _harness.print_table([r for r in rows if r["case"] == name and r["dtype"] == dtype_name],
-                                 ["contender", "median_ms", "tokens_per_s", "routed_gflops", "efficiency", "note"],
+            case_rows = [r for r in rows if r["case"] == name and r["dtype"] == dtype_name]
+            _harness.print_table(case_rows, ["contender", "median_ms", "tokens_per_s", "routed_gflops", "efficiency",
+                                             "efficiency_best", "note"],
                                  title=f"\ncase ({name}) {cases[name]} {dtype_name}, {args.threads} threads")
+            load = case_rows[0]["loadavg_1min"]
+            if max(load) > os.cpu_count():
+                print(f"note: 1-minute load average {load[0]:.1f} -> {load[1]:.1f} on {os.cpu_count()} cores: "
+                      f"other processes shared the CPUs during this case")
     _harness.write_json(args.json, "moe_layer", rows, threads=args.threads, quick=args.quick,
                         cases={k: cases[k] for k in args.cases.split(",")},
                         flops="6*T*K*D*(H+F), H=2F", efficiency="t_dense / t_layer")

@@ -11,12 +11,12 @@ E experts · K top-k · N = T*K rows (expert-sorted slots).
 ``h_NH`` is the up projection before the activation, returned so that backward needs no second
 up GEMM (it is [0, H] with ``save_h=False``, for inference). Rows past sum(counts_E) (dropped
 slots) produce zeros and get zero gradients. ``impl``: "triton" (``kernels/grouped_mlp.py``),
-"torch" (below: one GEMM per expert through torch.mm, activation kept in cache-sized pieces) or
-"auto" (Triton on CUDA, torch elsewhere).
+"torch" (below: torch.mm per expert, everything else in a reused workspace) or "auto" (Triton
+on CUDA, torch elsewhere).
 
     >>> import torch, moesys_compile.kernels
     >>> x, w_up, w_down = torch.randn(6, 8), torch.randn(4, 32, 8), torch.randn(4, 8, 16)
-    >>> ids = torch.tensor([[0, 1], [2, 3], [0, 2], [1, 3], [0, 0], [3, 3]]).clamp(max=3)
+    >>> ids = torch.tensor([[0, 1], [2, 3], [0, 2], [1, 3], [0, 3], [3, 2]])
     >>> counts, order = torch.ops.moesys_kernels.sort_slots(ids, 4)
     >>> y, h = torch.ops.moesys_kernels.fused_experts(x, order, counts, torch.rand(6, 2), w_up, w_down)
     >>> tuple(y.shape), tuple(h.shape)
@@ -31,6 +31,7 @@ from torch import Tensor
 
 from moesys_compile.kernels._triton import resolve_impl
 from moesys_compile.kernels.grouped_mlp import check_experts_args, experts_backward_triton, experts_forward_triton
+from moesys_compile.kernels.permute import inverse_order
 from moesys_compile.ops import _group_bounds, check_activation, is_gated
 
 # ---------------------------------------------------------------------------------------------
@@ -38,13 +39,15 @@ from moesys_compile.ops import _group_bounds, check_activation, is_gated
 #
 # On CPU the GEMMs are torch.mm (oneDNN/MKL) per expert; what decides the rest is memory: a fresh
 # multi-MB tensor is page-faulted on first touch, which costs more than the elementwise work on
-# it. So rows go through in chunks of about half a million activation elements, every temporary
-# lives in a per-thread workspace reused across calls, and the ops write with ``out=``. The only
-# fresh tensors are the outputs (and h_NH, kept for backward).
+# it. So rows go through in chunks of up to a million activation elements (large enough for the
+# GEMMs to run at full speed), every temporary lives in a per-thread workspace reused across
+# calls (it keeps the largest [N, D] + chunk buffers seen, per dtype and device), and the ops
+# write with ``out=``. The only fresh tensors are the outputs (and h_NH, kept for backward).
+# No scatter-add either: the K rows of a token are gathered and summed in order (deterministic).
 # ---------------------------------------------------------------------------------------------
 
 _WORKSPACE = threading.local()
-_CHUNK_ELEMENTS = 1 << 19   # activation elements per chunk (rows x F): a few MB, cache-resident
+_CHUNK_ELEMENTS = 1 << 20   # activation elements per chunk (rows x F): big GEMMs, buffers of a few MB
 _MIN_CHUNK_ROWS = 64
 
 
@@ -109,10 +112,24 @@ def _act_backward_into(h: Tensor, grad_a: Tensor, act_gate: Tensor, activation: 
     return grad_h
 
 
+def _sum_slots(rows_ND: Tensor, slots_N: Tensor, num_tokens: int, top_k: int, buf: Tensor) -> Tensor:
+    """out_TD[t] = sum over k of the row of slot t*K + k, gathered a token chunk at a time into
+    ``buf`` (no scatter-add: each token's K rows are summed in order, deterministically)."""
+    inv_N = inverse_order(slots_N)
+    out = rows_ND.new_empty((num_tokens, rows_ND.shape[1]))
+    step = max(1, buf.shape[0] // top_k)
+    for t0 in range(0, num_tokens, step):
+        t1 = min(t0 + step, num_tokens)
+        rows = torch.index_select(rows_ND, 0, inv_N[t0 * top_k:t1 * top_k], out=buf[:(t1 - t0) * top_k])
+        torch.sum(rows.view(t1 - t0, top_k, -1), 1, out=out[t0:t1])
+    return out
+
+
 def experts_forward_torch(x: Tensor, counts_E: Tensor, w_up_EHD: Tensor, w_down_EDF: Tensor, activation: str,
                           slots_N=None, weights_TK=None, save_h: bool = True):
     """Same contract as ``experts_forward_triton``. With ``slots_N`` each chunk's token rows are
-    gathered into the workspace and its weighted output rows index_add-ed into y_TD."""
+    gathered into the workspace, its output rows weighted in place, and the K rows of every token
+    summed at the end."""
     fused = slots_N is not None
     bounds = _group_bounds(counts_E)
     kept = bounds[-1][2] if bounds else 0
@@ -120,27 +137,25 @@ def experts_forward_torch(x: Tensor, counts_E: Tensor, w_up_EHD: Tensor, w_down_
     rows_h, dim, ffn = w_up_EHD.shape[1], x.shape[1], w_down_EDF.shape[2]
     rows = _chunk_rows(bounds, ffn)
     h_NH = x.new_empty((num_rows if save_h else 0, rows_h))
-    x_buf, h_buf, gate_buf, a_buf, y_buf = _workspace(
-        [(rows if fused else 0, dim), (0 if save_h else rows, rows_h), (rows, ffn), (rows, ffn), (rows if fused else 0, dim)],
-        x)
+    x_buf, h_buf, gate_buf, a_buf, y_rows = _workspace(
+        [(max(rows, weights_TK.shape[1]) if fused else 0, dim), (0 if save_h else rows, rows_h), (rows, ffn),
+         (rows, ffn), (num_rows if fused else 0, dim)], x)
     if fused:
         tokens_N = slots_N // weights_TK.shape[1]
         scale_N1 = weights_TK.reshape(-1)[slots_N].to(x.dtype)[:, None]
-        out = x.new_zeros(x.shape)
     else:
-        out = x.new_empty((num_rows, dim))
-        out[kept:] = 0  # rows of dropped slots
+        y_rows = x.new_empty((num_rows, dim))
+    y_rows[kept:] = 0  # rows of dropped slots
     for expert, start, end, _ in _chunks(bounds, ffn):
         n = end - start
         x_n = torch.index_select(x, 0, tokens_N[start:end], out=x_buf[:n]) if fused else x[start:end]
         h = torch.mm(x_n, w_up_EHD[expert].t(), out=h_NH[start:end] if save_h else h_buf[:n])
-        a = _act_into(h, activation, gate_buf[:n], a_buf[:n])
+        y = torch.mm(_act_into(h, activation, gate_buf[:n], a_buf[:n]), w_down_EDF[expert].t(), out=y_rows[start:end])
         if fused:
-            y = torch.mm(a, w_down_EDF[expert].t(), out=y_buf[:n]).mul_(scale_N1[start:end])
-            out.index_add_(0, tokens_N[start:end], y)
-        else:
-            torch.mm(a, w_down_EDF[expert].t(), out=out[start:end])
-    return out, h_NH
+            y.mul_(scale_N1[start:end])
+    if fused:
+        return _sum_slots(y_rows, slots_N, *weights_TK.shape, x_buf), h_NH  # x_buf: free again
+    return y_rows, h_NH
 
 
 def experts_backward_torch(grad_out: Tensor, x: Tensor, counts_E: Tensor, w_up_EHD: Tensor, w_down_EDF: Tensor,
@@ -152,21 +167,20 @@ def experts_backward_torch(grad_out: Tensor, x: Tensor, counts_E: Tensor, w_up_E
     rows_h, dim, ffn = w_up_EHD.shape[1], x.shape[1], w_down_EDF.shape[2]
     saved = h_NH.shape[0] == num_rows
     rows = _chunk_rows(bounds, ffn)
-    g_rows = rows if fused else 0
-    x_buf, g_buf, gx_buf, h_buf, gate_buf, a_buf, ga_buf, tmp_buf, gh_buf = _workspace(
-        [(g_rows, dim), (g_rows, dim), (g_rows, dim), (0 if saved else rows, rows_h), (rows, ffn), (rows, ffn),
-         (rows, ffn), (rows, ffn), (rows, rows_h)], x)
+    g_rows = max(rows, weights_TK.shape[1]) if fused else 0
+    x_buf, g_buf, h_buf, gate_buf, a_buf, ga_buf, tmp_buf, gh_buf, gx_rows = _workspace(
+        [(g_rows, dim), (g_rows, dim), (0 if saved else rows, rows_h), (rows, ffn), (rows, ffn),
+         (rows, ffn), (rows, ffn), (rows, rows_h), (num_rows if fused else 0, dim)], x)
     grad_w_up, grad_w_down = torch.empty_like(w_up_EHD), torch.empty_like(w_down_EDF)
     idle = sorted(set(range(counts_E.numel())) - {expert for expert, _, _ in bounds})
     grad_w_up[idle], grad_w_down[idle] = 0, 0    # experts without rows get zero gradients
     if fused:
         tokens_N = slots_N // weights_TK.shape[1]
         scale_N1 = weights_TK.reshape(-1)[slots_N].to(x.dtype)[:, None]
-        grad_x = torch.zeros_like(x)
         grad_w_N = torch.zeros(num_rows, dtype=torch.float32, device=x.device)
     else:
-        grad_x = x.new_empty((num_rows, dim))
-        grad_x[kept:] = 0
+        gx_rows = x.new_empty((num_rows, dim))
+    gx_rows[kept:] = 0
     for expert, start, end, first in _chunks(bounds, ffn):
         n = end - start
         if fused:
@@ -190,15 +204,20 @@ def experts_backward_torch(grad_out: Tensor, x: Tensor, counts_E: Tensor, w_up_E
             torch.mm(grad_h.t(), x_n, out=grad_w_up[expert])
         else:
             grad_w_up[expert].addmm_(grad_h.t(), x_n)
-        if fused:
-            grad_x.index_add_(0, tokens_N[start:end], torch.mm(grad_h, w_up_EHD[expert], out=gx_buf[:n]))
-        else:
-            torch.mm(grad_h, w_up_EHD[expert], out=grad_x[start:end])
+        torch.mm(grad_h, w_up_EHD[expert], out=gx_rows[start:end])
     if not fused:
-        return grad_x, grad_w_up, grad_w_down, None
+        return gx_rows, grad_w_up, grad_w_down, None
+    grad_x = _sum_slots(gx_rows, slots_N, *weights_TK.shape, x_buf)
     grad_weights_N = torch.empty_like(grad_w_N)
     grad_weights_N[slots_N] = grad_w_N
     return grad_x, grad_w_up, grad_w_down, grad_weights_N.view(weights_TK.shape).to(weights_TK.dtype)
+
+
+def _no_zero_grads(ctx, h_NH: Tensor) -> None:
+    """h_NH is saved state, not a result: no gradient flows into it, and an unused output's
+    gradient arrives as None instead of a materialised [N, H] tensor of zeros."""
+    ctx.mark_non_differentiable(h_NH)
+    ctx.set_materialize_grads(False)
 
 
 _FORWARD = {"triton": experts_forward_triton, "torch": experts_forward_torch}
@@ -239,6 +258,7 @@ def _grouped_mlp_setup(ctx, inputs, output):
     x_ND, counts_E, w_up_EHD, w_down_EDF, activation, save_h, impl = inputs
     ctx.save_for_backward(x_ND, counts_E, w_up_EHD, w_down_EDF, output[1])
     ctx.activation, ctx.impl, ctx.out_shape = activation, resolve_impl(impl, x_ND), output[0].shape
+    _no_zero_grads(ctx, output[1])
 
 
 def _grouped_mlp_backward(ctx, grad_y_ND, grad_h_NH):
@@ -274,6 +294,7 @@ def _fused_experts_setup(ctx, inputs, output):
     x_TD, order_N, counts_E, weights_TK, w_up_EHD, w_down_EDF, activation, save_h, impl = inputs
     ctx.save_for_backward(x_TD, order_N, counts_E, weights_TK, w_up_EHD, w_down_EDF, output[1])
     ctx.activation, ctx.impl, ctx.out_shape = activation, resolve_impl(impl, x_TD), output[0].shape
+    _no_zero_grads(ctx, output[1])
 
 
 def _fused_experts_backward(ctx, grad_y_TD, grad_h_NH):

@@ -300,6 +300,7 @@ def _route_topk_setup(ctx, inputs, output):
     ctx.save_for_backward(scores_TE, ids_TK)
     ctx.opts = (score_func, renormalize, routed_scaling, logits_TE.dtype)
     ctx.impl = resolve_impl(impl, logits_TE)
+    ctx.set_materialize_grads(False)  # unused outputs (often scores_TE) send None, not zeros
 
 
 def _route_topk_backward(ctx, grad_weights_TK, grad_ids, grad_scores_TE, grad_counts, grad_sums_E):

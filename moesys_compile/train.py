@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from . import models
 from .api import lower
+from .errors import MoesysError, PlanError
 from .plan import Plan
 from .programs.training import TrainingProgram
 from .runtime import groups
@@ -144,7 +145,10 @@ def _overrides(pairs: Sequence[str]) -> dict:
 
 def make_plan(args, world: int) -> Plan:
     if args.plan:
-        return Plan.from_file(args.plan)
+        plan = Plan.from_file(args.plan)
+        if plan.mode != "train":
+            raise PlanError(f"{args.plan}: mode ({plan.mode!r}) must be 'train' for moesys-compile train")
+        return plan
     return Plan(mode="train", world_size=world, expert_parallel=args.ep, capacity_factor=args.capacity_factor,
                 device=args.device)
 
@@ -238,6 +242,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return launch(argv, args.nproc_per_node)
     try:
         run(args)
+    except MoesysError as exc:               # plan/model mismatches: one clear line, exit 2
+        print(f"moesys-compile train: error: {exc}", file=sys.stderr)
+        return 2
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

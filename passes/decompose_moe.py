@@ -5,9 +5,8 @@ Shape legend: T tokens · D dim · E experts · K top-k · N = T*K routed slots 
 
 from __future__ import annotations
 
-from typing import Any, Optional
-
 import operator
+from typing import Any, Optional
 
 import torch
 import torch.fx as fx

@@ -6,6 +6,8 @@ M rows received by this rank.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx as fx
 from torch import nn
@@ -81,8 +83,9 @@ def _globalize_aux_losses(gm: fx.GraphModule, ctx) -> int:
     for node in losses:
         scores_TE, ids_TK, coef = node.args
         with gm.graph.inserting_before(node):
-            new = new_node(gm, ctx, torch.ops.moesys.global_load_balancing_loss.default,
-                           (scores_TE, ids_TK, coef, "dense"), node, cost=moesys_meta(node)["cost"])
+            both = new_node(gm, ctx, torch.ops.moesys.global_load_balancing_loss.default,
+                            (scores_TE, ids_TK, coef, "dense"), node, cost=moesys_meta(node)["cost"])
+            new = new_node(gm, ctx, operator.getitem, (both, 0), node, cost=Cost())
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
     return len(losses)

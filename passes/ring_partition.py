@@ -199,6 +199,21 @@ def split_units(nodes: list[fx.Node], state_of, slot_bytes: int) -> list[list[fx
     return units
 
 
+def even_out(groups: list[list[fx.Node]], state_of, slot_bytes: int, slots: int) -> list[list[fx.Node]]:
+    """Split the heaviest splittable sections until the count is a multiple of the slots, so
+    that the last section of a call and the first of the next use different slots and the ring
+    keeps loading across calls."""
+    while len(groups) > slots and len(groups) % slots:
+        splittable = [(i, split_units(g, state_of, slot_bytes)) for i, g in enumerate(groups)]
+        splittable = [(i, units) for i, units in splittable if len(units) > 1]
+        if not splittable:
+            break
+        i, units = max(splittable, key=lambda c: sum(unit_state(groups[c[0]], state_of).values()))
+        half = max(1, len(units) // 2)
+        groups[i:i + 1] = [[n for u in units[:half] for n in u], [n for u in units[half:] for n in u]]
+    return groups
+
+
 def describe_unit(unit: list[fx.Node], state: dict[str, int]) -> str:
     heavy = [n for n in unit if n.op in ("get_attr", "call_module")]
     where = moesys_meta(unit[0]).get("module") or unit[0].name
@@ -392,11 +407,11 @@ def ring_partition(gm: fx.GraphModule, ctx) -> fx.GraphModule:
     Writes ``meta["moesys"]["section"]`` (int) on every node but the output, and
     ``ctx.extras["ring"]`` (a ``RingLayout``: slots, slot bytes, workspace, sections with their
     streamed state, expert-weight slices). A ``grouped_mlp`` too large for a slot is replaced by
-    a sum of ``moesys_ring.expert_group_mlp`` nodes over expert groups (same rows, same values).
-    Moves each ``get_attr`` right before its first user and gives every further
-    user its own ``get_attr`` of the same target (same value: the computation is unchanged). Raises ``PlanError`` stating the
-    minimum budget in bytes when the budget cannot hold ``slots`` copies of the largest unit
-    plus the workspace.
+    a sum of ``moesys_ring.expert_group_mlp`` nodes over expert groups (same rows, same values;
+    new nodes get ``val``, ``layer``, ``module`` and ``cost``). Moves each ``get_attr`` right
+    before its first user and gives every further user its own ``get_attr`` of the same target.
+    The computation is unchanged. Raises ``PlanError`` stating the minimum budget in bytes when
+    the budget cannot hold ``slots`` copies of the largest unit plus the workspace.
 
     **Pseudo-code.**
 
@@ -407,12 +422,14 @@ def ring_partition(gm: fx.GraphModule, ctx) -> fx.GraphModule:
         unit_min  = largest fine unit (get_attr never separated from its users; a grouped_mlp
                     counts one expert, since it can run as expert groups)
         slots     = plan.ring_slots or clamp(room // largest layer, 2, 4)
-        if room < slots * unit_min: raise PlanError(minimum = slots * unit_min + workspace + resident)
-        slot_bytes = room // slots
+        reserve   = extra peak activation of the expert groups' partial sums (liveness walk)
+        if room < slots * unit_min + reserve: raise PlanError(minimum in bytes)
+        slot_bytes = (room - reserve) // slots
         grouped_mlp whose weights exceed slot_bytes -> sum of expert_group_mlp over expert groups
                     that fit a slot (weights read through slices w[lo:hi], streamed like weights)
         units    = layers; a layer larger than slot_bytes -> its fine units
-        sections = greedy contiguous packing of units under slot_bytes; section i -> slot i % slots
+        sections = greedy contiguous packing of units under slot_bytes; split sections until
+                   their count is a multiple of slots (when they rotate); section i -> slot i % slots
     """
     plan = ctx.plan
     if plan.device_budget is None:
@@ -451,7 +468,7 @@ def ring_partition(gm: fx.GraphModule, ctx) -> fx.GraphModule:
         workspace = max(workspace, _workspace(gm, ctx, batch, seq))   # expert groups add partial sums
         slot_bytes = min(slot_bytes, (plan.device_budget - workspace - sum(resident.values())) // slots // ALIGN * ALIGN)
         nodes = list(state_of)
-    groups = pack(split_units(nodes, state_of, slot_bytes), state_of, slot_bytes)
+    groups = even_out(pack(split_units(nodes, state_of, slot_bytes), state_of, slot_bytes), state_of, slot_bytes, slots)
     too_big = [g for g in groups if sum(unit_state(g, state_of).values()) > slot_bytes]
     if too_big:   # the reserve for expert groups fell short: say so rather than overrun the budget
         raise RingBudgetTooSmall("ring_partition", ctx.passes_run, PlanError(

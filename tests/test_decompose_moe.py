@@ -38,9 +38,8 @@ def test_structure_per_layer():
     assert len(ctx.notes["decompose_moe"]) == 2
 
 
-@pytest.mark.parametrize("shared", [0, 1])
-def test_outputs_and_gradients_match_eager(shared):
-    model = tiny(num_shared_experts=shared)
+def test_outputs_and_gradients_match_eager():
+    model = tiny(num_shared_experts=1)       # routed experts plus a shared expert on the side
     ids = torch.randint(0, 256, (3, 7))
     program = mc.compile(model, mc.Plan(mode="train"), (ids,))
     eager = model(ids)

@@ -80,13 +80,20 @@ def test_expert_weights_are_the_hf_parameters_not_copies(compiled):
         assert w_down_EDF.data_ptr() == block.experts.down_proj.data_ptr()
 
 
-def test_training_gradients_equal_eager_and_save_pretrained_round_trips(tmp_path):
-    model = build_hf("deepseek_v3").train()
+def test_training_with_the_models_own_loss_and_save_pretrained_round_trip(tmp_path):
+    """Train mode, output_router_logits=True and labels: the program returns HF's own loss
+    (CE + router_aux_loss_coef x its aux loss), gradients equal eager, and the trained weights
+    save under the HF names and reload with transformers."""
+    model = build_hf("mixtral", output_router_logits=True).train()
     eager = copy.deepcopy(model)
-    program = mc.compile(model, mc.Plan(mode="train"), example_inputs=(ids(),))
     example = ids(seed=2)
-    program(example).logits.square().mean().backward()
-    eager(example).logits.square().mean().backward()
+    program = mc.compile(model, mc.Plan(mode="train"), example_inputs=(ids(),), example_kwargs={"labels": ids()})
+    got, want = program(example, labels=example), eager(example, labels=example)
+    assert len(got.router_logits) == len(want.router_logits) == 2
+    for name in ("loss", "aux_loss", "logits"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-4, atol=1e-5)
+    got.loss.backward()
+    want.loss.backward()
     for (name, p), (_, q) in zip(model.named_parameters(), eager.named_parameters()):
         assert (p.grad is None) == (q.grad is None), name
         if p.grad is not None:
@@ -95,8 +102,8 @@ def test_training_gradients_equal_eager_and_save_pretrained_round_trips(tmp_path
     program.eval()
     model.save_pretrained(tmp_path)                # the trained weights, under the HF names
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    assert type(reloaded.model.layers[1].mlp).__name__ == "DeepseekV3MoE"
-    torch.testing.assert_close(reloaded(example).logits, program(example).logits, rtol=1e-5, atol=1e-6)
+    assert type(reloaded.model.layers[0].mlp).__name__ == "MixtralSparseMoeBlock"
+    torch.testing.assert_close(reloaded(example).logits, program(example, labels=example).logits, rtol=1e-5, atol=1e-6)
 
 
 def test_keyword_inputs_padding_mask_and_the_models_aux_coefficient():
@@ -113,6 +120,52 @@ def test_keyword_inputs_padding_mask_and_the_models_aux_coefficient():
     assert {m.aux_loss_coef for m in blocks} == {0.5}
     model(input_ids=ids(), attention_mask=mask)    # eager canonical blocks record their own losses
     torch.testing.assert_close(program.aux_loss, sum(m.aux_loss for m in blocks))
+
+
+@pytest.mark.parametrize("overrides, router, experts", [
+    (dict(norm_topk_prob=True), "softmax-top2-renorm", "swiglu, stacked views"),
+    (dict(hidden_act="gelu"), "softmax-top2", "geglu, stacked views"),
+])
+def test_config_variants_are_read_from_behaviour(overrides, router, experts):
+    model = build_hf("qwen2_moe", **overrides).eval()
+    want = model(ids()).logits
+    reports = mc.frontend.canonicalize(model)
+    assert {(r.details["router"], r.details["experts"]) for r in reports} == {(router, experts)}
+    torch.testing.assert_close(model(ids()).logits, want, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_models_keep_their_routing_rule():
+    """bf16 routers score in bf16 (Mixtral, Qwen) or fp32 (DeepSeek-V3); the probe finds which."""
+    for family, (router, _) in EXPECTED_ROUTER.items():
+        model = build_hf(family).eval().to(torch.bfloat16)
+        want = model(ids()).logits
+        reports = mc.frontend.canonicalize(model)
+        assert {(r.action, r.details["router"]) for r in reports} == {("replaced", router)}, family
+        torch.testing.assert_close(model(ids()).logits, want, rtol=2e-2, atol=2e-2, msg=family)
+
+
+def test_a_family_not_named_in_the_issue_is_recognised_too():
+    model = build_hf("qwen3_moe").eval()
+    want = model(ids()).logits
+    reports = mc.frontend.canonicalize(model)
+    assert reports and {(r.action, r.details["router"]) for r in reports} == {("replaced", "softmax-top2")}
+    torch.testing.assert_close(model(ids()).logits, want, rtol=1e-5, atol=1e-6)
+
+
+def test_unusual_router_stays_the_models_code():
+    model = build_hf("phimoe").eval()              # PhiMoE's sparsemixer router is no moesys.route rule
+    want = model(ids()).logits
+    program = mc.compile(model, mc.Plan(), example_inputs=(ids(),))
+    routers = {(r.action, r.details["router"]) for r in program.context.blocks}
+    assert routers == {("replaced", "own router 'router' (traced)")}
+    torch.testing.assert_close(program(ids()).logits, want, rtol=1e-4, atol=1e-4)
+
+
+def test_unsupported_experts_are_left_with_the_reason():
+    model = build_hf("gpt_oss")                    # biased, interleaved gate/up experts
+    reports = mc.frontend.canonicalize(model)
+    assert reports and all(r.action == "left" and "neither stacked 3-D" in r.reason for r in reports)
+    assert not any(isinstance(m, CanonicalMoEBlock) for m in model.modules())
 
 
 def test_router_jitter_is_left_with_the_fix():

@@ -132,6 +132,25 @@ def test_without_saved_activation_backward_recomputes(impl):
         close(a, b, torch.float32, "grad")
 
 
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_torch_path_splits_experts_into_chunks(monkeypatch, activation):
+    """Experts with more rows than a chunk: outputs per chunk, weight gradients accumulated."""
+    from moesys_compile.kernels import experts as experts_module
+    monkeypatch.setattr(experts_module, "_CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr(experts_module, "_MIN_CHUNK_ROWS", 5)   # ~20 rows per expert -> 4 chunks
+    w_up, w_down = experts(4, 24, 20, activation, torch.float32, seed=11)
+    x = torch.randn(40, 24, device=DEVICE, requires_grad=True)
+    weights = torch.rand(40, 2, device=DEVICE, requires_grad=True)
+    counts, order = reference.sort_slots_reference(routed(40, 2, 4, seed=11), 4)
+    assert int(counts.min()) > 10
+    inputs = (x, weights, w_up, w_down)
+    y, _ = torch.ops.moesys_kernels.fused_experts(x, order, counts, weights, w_up, w_down, activation, impl="torch")
+    y_ref = reference.fused_experts_reference(x, order, counts, weights, w_up, w_down, activation)
+    close(y, y_ref, torch.float32, "y_TD")
+    for a, b in zip(torch.autograd.grad(y.square().sum(), inputs), torch.autograd.grad(y_ref.square().sum(), inputs)):
+        close(a, b, torch.float32, "grad")
+
+
 @pytest.mark.parametrize("change, message", [
     (dict(w_up=torch.randn(4, 30, 8)), r"w_up_EHD has 30 rows per expert but activation 'swiglu' with w_down_EDF's "
                                        r"F = 16 needs H = 32"),

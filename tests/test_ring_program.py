@@ -51,7 +51,7 @@ def test_forward_equals_eager_on_both_tiers(name, fraction, tmp_path):
         assert stats["bytes_moved"] >= model_bytes(model) - 2 * stats["slot_bytes"]
         assert program.store.tier == tier
         program.close()
-    assert list((tmp_path / "disk").glob("ring-section-*.safetensors"))
+    assert list((tmp_path / "disk").glob("ring-*.safetensors"))
     assert not (tmp_path / "host").exists()
 
 
@@ -172,3 +172,30 @@ def test_cuda_ring_stays_within_budget(tier, tmp_path):
     stats = program.stats
     assert stats["cuda_max_allocated_bytes"] <= stats["budget_bytes"]
     assert stats["peak_device_bytes"] <= stats["budget_bytes"]
+
+
+def test_weights_stream_from_a_training_checkpoint(tmp_path):
+    """The training program's layout (meta.json, dense.safetensors, expert rows split over
+    experts-ep{i}.safetensors) read through moesys_compile.runtime.checkpoint."""
+    from moesys_compile.runtime import checkpoint
+    trained = build("tiny-moe")
+    state = {k: v.contiguous() for k, v in trained.state_dict().items()}
+    experts = {k: v for k, v in state.items() if k.endswith(("w_up", "w_down"))}
+    directory = tmp_path / "ckpt"
+    directory.mkdir()
+    save_file({k: v for k, v in state.items() if k not in experts}, str(directory / checkpoint.DENSE))
+    for rank, (lo, hi) in enumerate([(0, 2), (2, 4)]):
+        save_file({k: v[lo:hi].contiguous() for k, v in experts.items()}, str(directory / f"experts-ep{rank}.safetensors"))
+    meta = {"format": checkpoint.FORMAT, "world_size": 2, "expert_parallel": 2, "aliases": {}, "optimizer": False,
+            "extra": {}, "time": 0.0,
+            "experts": {k: {"num_experts": 4, "shards": [{"file": f"experts-ep{r}.safetensors", "lo": lo, "hi": hi}
+                                                        for r, (lo, hi) in enumerate([(0, 2), (2, 4)])]}
+                        for k in experts}}
+    (directory / checkpoint.META).write_text(json.dumps(meta))
+    ids = torch.randint(0, 256, (1, 6))
+    with torch.inference_mode():
+        want = trained(ids)
+    torch.manual_seed(7)
+    fresh = mc.models.build("tiny-moe", **MODELS["tiny-moe"]).eval()
+    program = ring(fresh, 8, "host", tmp_path, ids, weights_checkpoint=str(directory))
+    torch.testing.assert_close(program(ids), want, atol=1e-6, rtol=0)

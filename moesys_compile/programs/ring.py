@@ -11,7 +11,10 @@ from the storage tier just before the section runs.
     >>> program.generate(ids, max_new_tokens=16)                           # doctest: +SKIP
 
 Compile with example inputs as large as the largest call: the activation workspace inside the
-budget is sized from them, and a larger call raises instead of overrunning the budget.
+budget is sized from them, and a larger call raises instead of overrunning the budget
+(``Plan.options["ring_workspace"]`` sets it explicitly; ``options["progress"]`` shows a progress
+bar while the weights are staged). ``Plan.weights_checkpoint`` stages from a checkpoint
+directory instead of the model's own tensors.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ L = E / R local experts · T tokens · K top-k.
     moesys::ep_dispatch(x_ND, counts_E, recv_RL, group) -> x_MD            (uneven all-to-all,
                                                            rows regrouped expert-major)
     moesys::ep_combine(y_MD, counts_E, recv_RL, order_N, group) -> y_ND    (the reverse)
-    moesys::global_load_balancing_loss(scores_TE, ids_TK, coef, group) -> aux (global statistics)
+    moesys::global_load_balancing_loss(scores_TE, ids_TK, coef, group) -> aux, stats (global batch)
 
 Each op's backward is the reverse collective, so gradients travel back over the same group.
 A rank or an expert that receives no rows exchanges empty blocks and computes nothing.
@@ -17,7 +17,6 @@ A rank or an expert that receives no rows exchanges empty blocks and computes no
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -170,48 +169,49 @@ def _all_reduce_sum(t: Tensor, group: str) -> Tensor:
     return t
 
 
-def _global_stats(scores_TE: Tensor, ids_TK: Tensor, group: str) -> tuple[Tensor, Tensor, float, float]:
-    """(slot counts per expert, summed scores per expert, tokens, slots) over the whole group."""
+def _global_stats(scores_TE: Tensor, ids_TK: Tensor, group: str) -> Tensor:
+    """[slot counts per expert (E) | summed scores per expert (E) | tokens | slots] over the group."""
     num_tokens, num_experts = scores_TE.shape
     packed = scores_TE.new_zeros(2 * num_experts + 2)
     packed[:num_experts].scatter_add_(0, ids_TK.reshape(-1), torch.ones(ids_TK.numel(), dtype=packed.dtype,
                                                                          device=packed.device))
     packed[num_experts:2 * num_experts] = scores_TE.sum(0)
     packed[-2], packed[-1] = num_tokens, ids_TK.numel()
-    packed = _all_reduce_sum(packed, group)
-    return packed[:num_experts], packed[num_experts:2 * num_experts], float(packed[-2]), float(packed[-1])
+    return _all_reduce_sum(packed, group)
 
 
 @torch.library.custom_op("moesys::global_load_balancing_loss", mutates_args=())
-def global_load_balancing_loss(scores_TE: Tensor, ids_TK: Tensor, coef: float, group: str) -> Tensor:
-    """``load_balancing_loss`` of the concatenation of every rank's tokens (same value on each rank)."""
+def global_load_balancing_loss(scores_TE: Tensor, ids_TK: Tensor, coef: float, group: str) -> tuple[Tensor, Tensor]:
+    """``load_balancing_loss`` of the concatenation of every rank's tokens (same value on each
+    rank), and the global statistics it used (kept for backward: no second reduction there)."""
+    num_experts = scores_TE.shape[1]
     with torch.no_grad():
-        counts_E, score_sum_E, tokens, slots = _global_stats(scores_TE, ids_TK, group)
-        if tokens == 0:
-            return scores_TE.new_zeros(())
-        return coef * scores_TE.shape[1] * ((counts_E / slots) * (score_sum_E / tokens)).sum()
+        stats = _global_stats(scores_TE, ids_TK, group)
+        counts_E, score_sum_E = stats[:num_experts], stats[num_experts:2 * num_experts]
+        tokens, slots = stats[-2].clamp(min=1), stats[-1].clamp(min=1)    # no tokens anywhere: loss 0
+        return coef * num_experts * ((counts_E / slots) * (score_sum_E / tokens)).sum(), stats
 
 
 @global_load_balancing_loss.register_fake
 def _glbl_fake(scores_TE, ids_TK, coef, group):
-    return scores_TE.new_empty(())
+    return scores_TE.new_empty(()), scores_TE.new_empty((2 * scores_TE.shape[1] + 2,))
 
 
 def _glbl_setup(ctx, inputs, output):
-    scores_TE, ids_TK, coef, group = inputs
-    ctx.save_for_backward(scores_TE, ids_TK)
-    ctx.coef, ctx.group = coef, group
+    scores_TE, _, coef, group = inputs
+    ctx.save_for_backward(output[1])
+    ctx.coef, ctx.group, ctx.shape, ctx.dtype = coef, group, scores_TE.shape, scores_TE.dtype
 
 
-def _glbl_backward(ctx, grad_loss):
+def _glbl_backward(ctx, grad_loss, grad_stats):
     # Every rank adds the same global loss: the loss's total gradient is the sum of the ranks'
     # incoming gradients (the backward of an all-reduce), spread over each rank's own scores.
-    scores_TE, ids_TK = ctx.saved_tensors
-    counts_E, _, tokens, slots = _global_stats(scores_TE.detach(), ids_TK, ctx.group)
-    total_grad = _all_reduce_sum(grad_loss.detach().reshape(1).clone(), ctx.group)
-    scale = ctx.coef * scores_TE.shape[1] / max(slots * tokens, 1.0)
-    grad_scores_TE = (total_grad * scale * counts_E).expand(scores_TE.shape[0], -1).contiguous()
-    return grad_scores_TE.to(scores_TE.dtype), None, None, None
+    (stats,) = ctx.saved_tensors
+    num_tokens, num_experts = ctx.shape
+    total_grad = _all_reduce_sum(grad_loss.detach().reshape(1).to(stats.dtype).clone(), ctx.group)
+    scale = ctx.coef * num_experts / (stats[-1] * stats[-2]).clamp(min=1)
+    grad_scores_TE = (total_grad * scale * stats[:num_experts]).expand(num_tokens, -1).contiguous()
+    return grad_scores_TE.to(ctx.dtype), None, None, None
 
 
 global_load_balancing_loss.register_autograd(_glbl_backward, setup_context=_glbl_setup)

@@ -2,6 +2,7 @@
 
     host   one packed buffer per section group, in (pinned, when the device is CUDA) host memory
     disk   one safetensors file per section group under ``offload_dir``, read through ``mmap``
+           (``ring-<store token>-<group>.safetensors``, removed when the store is collected)
 
 Either way a tensor is a ``Location``: a byte range of a CPU uint8 buffer (the packed buffer, or
 the file's mapping) that the ring copies into a device slot. Nothing here ever holds the whole
@@ -24,7 +25,9 @@ import json
 import mmap
 import re
 import struct
+import uuid
 import warnings
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Optional
@@ -67,6 +70,9 @@ class WeightStore:
         self.locations: dict[str, Location] = {}
         self._keepalive: list = []
         self._groups = 0
+        self.files: list[Path] = []
+        self.token = uuid.uuid4().hex[:8]    # file names of this store: never reuse a mapped file
+        weakref.finalize(self, _remove, self.files)
 
     def __contains__(self, name: str) -> bool:
         return name in self.locations
@@ -85,7 +91,9 @@ class WeightStore:
             return
         tensors = {name: _prepare(source(name), dtype) for name in fresh}
         if self.tier == "disk":
-            _stage_disk(self, tensors, self.directory / f"ring-section-{self._groups:05d}.safetensors")
+            path = self.directory / f"ring-{self.token}-{self._groups:05d}.safetensors"
+            self.files.append(path)
+            _stage_disk(self, tensors, path)
         else:
             _stage_host(self, tensors, pin)
         self._groups += 1
@@ -181,6 +189,12 @@ def checkpoint_source(directory: str, model: nn.Module) -> Source:
 # ---------------------------------------------------------------------------------------------
 
 
+def _remove(files: list[Path]) -> None:
+    """Delete a store's files once nothing maps them any more (the store was collected)."""
+    for path in files:
+        path.unlink(missing_ok=True)
+
+
 def sliced(source: Source) -> Source:
     """A source that also serves ``name[lo:hi]`` (rows lo..hi of ``name``, e.g. an expert group)."""
     def read(key: str) -> torch.Tensor:
@@ -249,8 +263,6 @@ def stage(groups: Iterable[list[str]], source: Source, tier: str, offload_dir: O
             raise StorageError("weights='disk' needs Plan.offload_dir (a directory for the safetensors files)")
         directory = Path(offload_dir)
         directory.mkdir(parents=True, exist_ok=True)
-        for old in directory.glob("ring-section-*.safetensors"):
-            old.unlink()
     store = WeightStore(tier, directory)
     for names in tqdm(list(groups), desc=f"staging weights ({tier})", unit="section", disable=not progress):
         store.add(names, source, dtype, pin)

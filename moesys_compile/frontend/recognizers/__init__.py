@@ -17,7 +17,7 @@ from torch import nn
 from ..canonicalize import RECOGNIZERS as BASE_RECOGNIZERS
 from ..canonicalize import BlockReport, Recognizer
 from ..canonicalize import canonicalize as base_canonicalize
-from .block import CanonicalMoEBlock, adopt, probe_block, recognize_canonical_block
+from .block import BlockProbe, CanonicalMoEBlock, adopt, recognize_canonical_block
 from .deepspeed import CanonicalDeepSpeedMoE, recognize_deepspeed_moe
 from .hf import recognize_routed_block
 from .structure import ExpertsSpec, RouterSpec, analyze_router, take_left
@@ -52,5 +52,5 @@ def canonicalize(model: nn.Module, recognizers: Optional[list[Recognizer]] = Non
 
 
 __all__ = ["RECOGNIZERS", "install", "canonicalize", "CanonicalMoEBlock", "CanonicalDeepSpeedMoE", "adopt",
-           "probe_block", "RouterSpec", "ExpertsSpec", "analyze_router", "recognize_routed_block",
+           "BlockProbe", "RouterSpec", "ExpertsSpec", "analyze_router", "recognize_routed_block",
            "recognize_deepspeed_moe"]

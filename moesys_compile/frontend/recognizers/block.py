@@ -23,6 +23,12 @@ from ..canonicalize import Recognition
 from .structure import ExpertsSpec, RouterSpec, close, first_param, generator, route_known
 
 
+def block_kind(module: nn.Module) -> str:
+    """Report name of a block: ``hf.<Class>`` for transformers classes, the class name otherwise."""
+    cls = type(module)
+    return f"hf.{cls.__name__}" if cls.__module__.startswith("transformers.") else cls.__name__
+
+
 def adopt(new: nn.Module, original: nn.Module) -> None:
     """Register the original's children, parameters and buffers on ``new`` under the same names."""
     for name, child in original.named_children():
@@ -44,7 +50,8 @@ class CanonicalMoEBlock(nn.Module):
     _moesys_canonical = True
 
     def __init__(self, original: nn.Module, router: RouterSpec, experts: ExpertsSpec,
-                 shared: Optional[str] = None, shared_gate: Optional[str] = None, aux_loss_coef: float = 0.0):
+                 shared: Optional[str] = None, shared_gate: Optional[str] = None, aux_loss_coef: float = 0.0,
+                 kind: Optional[str] = None):
         super().__init__()
         adopt(self, original)
         self.router_spec, self.experts_spec = router, experts
@@ -54,6 +61,7 @@ class CanonicalMoEBlock(nn.Module):
         self.capacity_factor: Optional[float] = None
         self.aux_loss_coef = aux_loss_coef
         self.source = f"{type(original).__module__}.{type(original).__qualname__}"
+        self.kind = kind or block_kind(original)
         self.aux_loss: Optional[Tensor] = None
 
     @property
@@ -104,6 +112,7 @@ class CanonicalMoEBlock(nn.Module):
     def details(self) -> dict[str, Any]:
         facts = dict(num_experts=self.num_experts, top_k=self.top_k, dim=self.dim, ffn_dim=self.ffn_dim,
                      activation=self.activation, router=self.router_spec.describe())
+        facts["experts"] = self.experts_spec.describe()
         if self.shared_path:
             facts["shared"] = self.shared_path + (f"*sigmoid({self.shared_gate_path})" if self.shared_gate_path else "")
         if not self.experts_spec.stacked:
@@ -120,25 +129,36 @@ class CanonicalMoEBlock(nn.Module):
 def recognize_canonical_block(module: nn.Module, path: str) -> Optional[Recognition]:
     """A block canonicalized earlier (compiling the same model twice) is canonical as it is."""
     if isinstance(module, CanonicalMoEBlock):
-        return Recognition(kind=module.source.rsplit(".", 1)[-1], details=module.details())
+        return Recognition(kind=module.kind, details=module.details())
     return None
 
 
-def probe_block(original: nn.Module, replacement: nn.Module, dim: int, pick=lambda out: out,
-                tokens: tuple[int, int] = (2, 4)) -> tuple[bool, float]:
-    """Run both on the same random tokens [B, S, D]; (equal within dtype rounding, max abs diff).
-    ``pick`` selects the tensor to compare from the outputs."""
-    param = first_param(original)
-    x_BSD = torch.randn(*tokens, dim, generator=generator()).to(param.dtype).to(param.device)
-    with torch.no_grad():
+class BlockProbe:
+    """Compares candidate canonical forms with the original block on the same random tokens
+    [B, S, D]; the original runs once. ``pick`` selects the tensor to compare from the outputs."""
+
+    def __init__(self, original: nn.Module, dim: int, pick=lambda out: out, tokens: tuple[int, int] = (2, 4)):
+        param = first_param(original)
+        self.x_BSD = torch.randn(*tokens, dim, generator=generator()).to(device=param.device, dtype=param.dtype)
+        self.original, self.pick = original, pick
+        self._want: Any = None
+
+    def _run(self, module: nn.Module) -> Any:
+        with torch.no_grad():
+            out = self.pick(module(self.x_BSD))
+        return out if isinstance(out, Tensor) else None
+
+    def matches(self, replacement: nn.Module) -> tuple[bool, float]:
+        """(equal within dtype rounding, max abs diff); a candidate that cannot even run is wrong."""
         try:
-            want = pick(original(x_BSD))
-            got = pick(replacement(x_BSD))
-        except Exception:  # noqa: BLE001 - a candidate layout that cannot even run is simply wrong
+            if self._want is None:
+                self._want = self._run(self.original)
+            got = self._run(replacement)
+        except Exception:  # noqa: BLE001
             return False, float("inf")
         finally:
             if hasattr(replacement, "aux_loss"):
                 replacement.aux_loss = None
-    if not isinstance(want, Tensor) or not isinstance(got, Tensor):
-        return False, float("inf")
-    return close(got, want)
+        if self._want is None or got is None:
+            return False, float("inf")
+        return close(got, self._want)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..canonicalize import Recognition
-from .block import CanonicalMoEBlock, probe_block
+from .block import BlockProbe, CanonicalMoEBlock
 from .structure import RouterSpec, leave, on_meta, per_expert_candidates
 
 KIND = "deepspeed.moe.layer.MoE"
@@ -84,13 +84,12 @@ def recognize_deepspeed_moe(module: nn.Module, path: str) -> Optional[Recognitio
     if not candidates:
         return leave(path, KIND, "each expert must be a bias-free MLP (Linear-act-Linear, or gate/up/down "
                                  "Linears); biased or other experts are not canonicalized")
-    tokens = (1, max(8, gate.min_capacity))   # DeepSpeed's top-1 gate asserts tokens >= min_capacity
+    # DeepSpeed's top-1 gate asserts tokens >= min_capacity
+    probe = BlockProbe(module, dim, pick=lambda out: out[0], tokens=(1, max(8, gate.min_capacity)))
     for experts in candidates:
-        replacement = CanonicalDeepSpeedMoE(module, router, experts)
-        ok, _ = probe_block(module, replacement, dim, pick=lambda out: out[0], tokens=tokens)
+        replacement = CanonicalDeepSpeedMoE(module, router, experts, kind=KIND)
+        ok, _ = probe.matches(replacement)
         if ok:
-            details = replacement.details()
-            details["experts"] = experts.describe()
-            return Recognition(kind=KIND, replacement=replacement, details=details)
+            return Recognition(kind=KIND, replacement=replacement, details=replacement.details())
     return leave(path, KIND, f"no canonical form of its {len(candidates)} candidate expert layouts reproduces "
                              f"the layer's output (activation not among relu/gelu/silu/swiglu/geglu?)")

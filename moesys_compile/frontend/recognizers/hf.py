@@ -21,14 +21,9 @@ from typing import Optional
 from torch import nn
 
 from ..canonicalize import Recognition
-from .block import CanonicalMoEBlock, probe_block
+from .block import BlockProbe, CanonicalMoEBlock, block_kind
 from .structure import (ROUTER_NAMES, SHARED_GATE_NAMES, SHARED_NAMES, analyze_router, experts_candidates,
                         leave, on_meta)
-
-
-def block_kind(module: nn.Module) -> str:
-    cls = type(module)
-    return f"hf.{cls.__name__}" if cls.__module__.startswith("transformers.") else cls.__name__
 
 
 def _has_stacked_experts(module: nn.Module) -> bool:
@@ -93,7 +88,7 @@ def _recognize(module: nn.Module, path: str, experts_name: str) -> Optional[Reco
     if on_meta(module):
         return leave(path, kind, "parameters are on the meta device; materialise the model before compiling")
     router = getattr(module, router_name)
-    dim = next(p for p in router.parameters() if p.dim() == 2).shape[1]
+    dim = next(p for p in router.parameters() if p.dim() == 2 and p.shape[0] == num_experts).shape[1]
     router_spec, router_why = analyze_router(router, router_name, dim)
     if router_spec is None:
         return leave(path, kind, router_why)
@@ -101,14 +96,12 @@ def _recognize(module: nn.Module, path: str, experts_name: str) -> Optional[Reco
     if not candidates:
         return leave(path, kind, f"experts '{experts_name}' are neither stacked 3-D [E, H, D]/[E, D, F] weights "
                                  f"nor a list of bias-free Linear MLPs")
-    best = float("inf")
+    best, probe = float("inf"), BlockProbe(module, dim)
     for experts_spec in candidates:
         replacement = CanonicalMoEBlock(module, router_spec, experts_spec, shared, shared_gate)
-        ok, diff = probe_block(module, replacement, dim)
+        ok, diff = probe.matches(replacement)
         if ok:
-            details = replacement.details()
-            details["experts"] = experts_spec.describe()
-            return Recognition(kind=kind, replacement=replacement, details=details)
+            return Recognition(kind=kind, replacement=replacement, details=replacement.details())
         best = min(best, diff)
     return leave(path, kind, f"{router_why}; no canonical form of its experts reproduces the block's output "
                              f"(closest max abs diff {best:.3g} over {len(candidates)} layouts)")

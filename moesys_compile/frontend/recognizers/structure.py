@@ -93,6 +93,7 @@ class RouterSpec:
     n_groups: int = 1
     topk_groups: int = 1
     routed_scaling: float = 1.0
+    fp32_logits: bool = True           # False: logits in the weight's dtype (softmax still in fp32)
     outputs: dict = field(default_factory=dict)   # positions in its output: {"weights": i, "ids": j, "logits": k}
     arity: int = 0                                # length of the router's output tuple (0: not a flat tuple)
 
@@ -160,7 +161,7 @@ def _split_router_outputs(outputs: Any, num_tokens: int, num_experts: int) -> Op
 
 def _sorted_routes(weights_TK: Tensor, ids_TK: Tensor) -> tuple[Tensor, Tensor]:
     ids_sorted, order = ids_TK.long().sort(dim=-1)
-    return weights_TK.gather(1, order).float(), ids_sorted
+    return weights_TK.gather(1, order), ids_sorted
 
 
 def _randomized(router: nn.Module, gen: torch.Generator) -> nn.Module:
@@ -178,16 +179,22 @@ def _candidates(router: nn.Module, spec: RouterSpec) -> list[dict]:
     groups = _attr(router, GROUP_ATTRS[0], 1), _attr(router, GROUP_ATTRS[1], 1)
     scaling = float(_attr(router, SCALING_ATTRS, 1.0))
     bias = _choice_bias(router, spec.num_experts, spec.logit_bias)
-    options = itertools.product(ops.SCORE_FUNCS, (True, False), {None, bias}, {(1, 1), groups}, {1.0, scaling})
-    return [dict(score_func=s, renormalize=r, choice_bias=b, n_groups=g[0], topk_groups=g[1], routed_scaling=c)
-            for s, r, b, g, c in options if g[0] >= 1 and (g[0] == 1 or spec.num_experts % g[0] == 0)]
+    low_precision = fetch(router, spec.weight).dtype not in (torch.float32, torch.float64)
+    options = itertools.product(ops.SCORE_FUNCS, (True, False), {None, bias}, {(1, 1), groups}, {1.0, scaling},
+                                (True, False) if low_precision else (True,))
+    return [dict(score_func=s, renormalize=r, choice_bias=b, n_groups=g[0], topk_groups=g[1], routed_scaling=c,
+                 fp32_logits=f)
+            for s, r, b, g, c, f in options if g[0] >= 1 and (g[0] == 1 or spec.num_experts % g[0] == 0)]
 
 
 def router_logits(router: nn.Module, spec: RouterSpec, x_TD: Tensor) -> Tensor:
-    """Router logits in fp32 (bf16 routers are scored in fp32, as DeepSeek-V3 and DeepSpeed do)."""
+    """Router logits in fp32 (DeepSeek-V3, DeepSpeed) or in the weight's dtype (Mixtral, Qwen),
+    whichever the probe found the router to use; scores are always computed in fp32."""
     weight = fetch(router, spec.weight)
     bias = fetch(router, spec.logit_bias) if spec.logit_bias else None
-    return F.linear(x_TD.float(), weight.float(), None if bias is None else bias.float())
+    if spec.fp32_logits:
+        return F.linear(x_TD.float(), weight.float(), None if bias is None else bias.float())
+    return F.linear(x_TD.to(weight.dtype), weight, bias)
 
 
 def route_known(router: nn.Module, spec: RouterSpec, x_TD: Tensor) -> tuple[Tensor, Tensor, Tensor]:
