@@ -52,6 +52,10 @@ class MoE(nn.Module):
     compiled programs expose the same value as ``program.aux_loss``.
     """
 
+    # what expert parallelism shards, and where the router lives (the canonical-module protocol)
+    expert_param_names = ("w_up", "w_down")
+    router_path = "router"
+
     def __init__(self, dim: int, ffn_dim: int, num_experts: int, top_k: int, activation: str = "swiglu",
                  capacity_factor: Optional[float] = None, num_shared_experts: int = 0,
                  aux_loss_coef: float = 0.01, score_func: str = "softmax", renormalize: bool = True):

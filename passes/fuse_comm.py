@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch.fx as fx
 from torch import nn
 
+from moesys_compile.frontend.canonicalize import moe_parameter_classes
 from moesys_compile.ir import moesys_meta
 from moesys_compile.plan import format_bytes
 from moesys_compile.runtime.collectives import Bucket
@@ -29,15 +30,9 @@ def _is_parameter(gm: fx.GraphModule, target: str) -> bool:
         return False
 
 
-def parameter_kind(name: str, moe_paths: list[str], expert_targets: set[str]) -> str:
-    if name in expert_targets:
-        return "expert"
-    for path in moe_paths:
-        if name.startswith(path + ".router."):
-            return "router"
-        if name in (f"{path}.w_up", f"{path}.w_down"):
-            return "expert"
-    return "dense"
+def parameter_kind(name: str, classes: dict[str, str], expert_targets: set[str]) -> str:
+    """"expert", "router" or "dense"; ``classes`` comes from ``moe_parameter_classes(model)``."""
+    return "expert" if name in expert_targets else classes.get(name, "dense")
 
 
 def backward_order(gm: fx.GraphModule) -> tuple[list[str], dict[str, list[fx.Node]]]:
@@ -99,10 +94,10 @@ def fuse_comm(gm: fx.GraphModule, ctx) -> fx.GraphModule:
         ctx.note("fuse_comm is a no-op: world_size=1 (no gradient communication)")
         return gm
     topo = Topology.of(ctx.rank, plan.world_size, plan.expert_parallel)
-    moe_paths = [block.path for block in ctx.blocks if block.action != "left"]
+    classes = moe_parameter_classes(ctx.model)
     expert_targets = set(ctx.extras.get("expert_shards", {}))
     order, readers = backward_order(gm)
-    kinds = {name: parameter_kind(name, moe_paths, expert_targets) for name in order}
+    kinds = {name: parameter_kind(name, classes, expert_targets) for name in order}
     buckets = plan_buckets(gm, order, kinds, int(plan.bucket_mb * 2**20))
     ctx.extras["grad_buckets"] = buckets
     for bucket in buckets:

@@ -26,24 +26,6 @@ RTOL, ATOL = 1e-4, 1e-5
 CASES = {"mixtral": 2, "qwen2_moe": 2, "olmoe": 2, "deepseek_v3": 2, "llama": 1}   # family -> expert_parallel
 
 
-def _layout_names_match_hf() -> bool:
-    """TrainingProgram must name the expert parameters of canonical HF blocks by their own names
-    (``module.expert_param_names``), not nn.MoE's ``w_up``/``w_down``."""
-    from types import SimpleNamespace
-
-    from moesys_compile.frontend import canonicalize
-    from moesys_compile.programs.training import TrainingProgram
-    model = build_hf("mixtral", num_hidden_layers=1)
-    canonicalize(model)
-    layout = TrainingProgram._expert_layout(SimpleNamespace(extras={}, model=model))
-    return set(layout) <= set(model.state_dict())
-
-
-pytestmark = pytest.mark.skipif(not _layout_names_match_hf(), reason=(
-    "TrainingProgram._expert_layout names nn.MoE attributes (w_up/w_down) for every canonical block; "
-    "it must use getattr(module, 'expert_param_names', ('w_up', 'w_down')) for HF blocks"))
-
-
 def global_batch() -> tuple[torch.Tensor, torch.Tensor]:
     ids = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(1))
     return ids[:, :-1], ids[:, 1:]

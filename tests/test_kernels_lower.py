@@ -17,6 +17,7 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp  # noqa: E402
 import moesys_compile as mc  # noqa: E402
 import moesys_compile.kernels as kernels  # noqa: E402
 from moesys_compile.ir import canonical_target  # noqa: E402
+from moesys_compile.passes import pipeline_for  # noqa: E402
 from moesys_compile.passes.lower_kernels import lower_kernels  # noqa: E402
 from moesys_compile.pipeline import run_pipeline  # noqa: E402
 
@@ -37,18 +38,20 @@ def lowered(gm):
 def compiled_and_lowered(kernels_choice, mode="train", capacity_factor=None):
     model = mc.models.build("tiny-moe").to(DEVICE)
     ids = torch.randint(0, 256, (2, 9), device=DEVICE)
-    plan = mc.Plan(mode=mode, kernels=kernels_choice, device=DEVICE, capacity_factor=capacity_factor)
+    # the pipeline without lower_kernels (whether or not it is wired into the mode's list yet)
+    skip = ("lower_kernels",) if lower_kernels in pipeline_for(mode) else ()
+    plan = mc.Plan(mode=mode, kernels=kernels_choice, device=DEVICE, capacity_factor=capacity_factor,
+                   disable_passes=skip)
     gm, ctx = mc.lower(model, plan, (ids,))
-    reference_code = gm.code
     reference = fx.GraphModule(gm, gm.graph.__deepcopy__())  # the pipeline's graph before lowering
-    ctx.current_pass = "lower_kernels"
-    gm = run_pipeline(gm, ctx, [lower_kernels])
-    return model, ids, reference, gm, ctx, reference_code
+    ctx.plan.disable_passes = ()
+    gm = run_pipeline(gm, ctx, [lower_kernels])  # lints, recompiles and verifies like the real pipeline
+    return model, ids, reference, gm, ctx
 
 
 @pytest.mark.parametrize("choice", ["torch", pytest.param("triton", marks=needs_triton)])
 def test_train_graph_is_fused_and_labelled(choice):
-    _, _, reference, gm, ctx, _ = compiled_and_lowered(choice)
+    _, _, reference, gm, ctx = compiled_and_lowered(choice)
     assert {"permute", "grouped_mlp", "unpermute", "route", "load_balancing_loss"} & set(targets(reference, "moesys"))
     assert not {"permute", "grouped_mlp", "unpermute", "route", "load_balancing_loss"} & set(targets(gm, "moesys"))
     kernels_ops = targets(gm, "moesys_kernels")
@@ -71,7 +74,7 @@ def test_train_graph_is_fused_and_labelled(choice):
 @pytest.mark.parametrize("choice", ["torch", pytest.param("triton", marks=needs_triton)])
 @pytest.mark.parametrize("capacity_factor", [None, 0.6])
 def test_lowered_program_matches_unlowered_outputs_and_gradients(choice, capacity_factor):
-    model, ids, reference, gm, _, _ = compiled_and_lowered(choice, capacity_factor=capacity_factor)
+    model, ids, reference, gm, _ = compiled_and_lowered(choice, capacity_factor=capacity_factor)
     params = dict(gm.named_parameters())
     out, aux = gm(ids)
     grads = torch.autograd.grad(out.square().mean() + aux, list(params.values()))
@@ -87,7 +90,7 @@ def test_lowered_program_matches_unlowered_outputs_and_gradients(choice, capacit
 
 
 def test_infer_mode_does_not_keep_activations():
-    _, ids, reference, gm, _, _ = compiled_and_lowered("torch", mode="infer")
+    _, ids, reference, gm, _ = compiled_and_lowered("torch", mode="infer")
     fused = [n for n in gm.graph.nodes if n.op == "call_function" and "fused_experts" in str(n.target)]
     assert fused and all(n.args[7] is False for n in fused)
     with torch.no_grad():
@@ -96,16 +99,16 @@ def test_infer_mode_does_not_keep_activations():
 
 def test_auto_on_cpu_is_torch_and_fallback_is_noted(monkeypatch):
     if DEVICE == "cpu":
-        _, _, _, gm, ctx, _ = compiled_and_lowered("auto")
+        _, _, _, gm, ctx = compiled_and_lowered("auto")
         assert all(v.startswith("torch:") for v in lowered(gm).values())
     monkeypatch.setattr(kernels, "triton_unavailable", lambda device: "triton is not importable (test)")
-    _, _, _, gm, ctx, _ = compiled_and_lowered("triton")
+    _, _, _, gm, ctx = compiled_and_lowered("triton")
     assert all(v.startswith("torch:") for v in lowered(gm).values())
     assert any("triton requested but triton is not importable (test)" in n for n in ctx.notes["lower_kernels"])
 
 
 def test_second_run_changes_nothing():
-    _, _, _, gm, ctx, _ = compiled_and_lowered("torch")
+    _, _, _, gm, ctx = compiled_and_lowered("torch")
     code = gm.code
     assert lower_kernels(gm, ctx).code == code
 

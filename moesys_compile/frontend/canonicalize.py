@@ -111,3 +111,17 @@ def is_canonical_moe(module: nn.Module) -> bool:
 def moe_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Canonical MoE modules by path (after canonicalize)."""
     return {path: m for path, m in model.named_modules() if is_canonical_moe(m)}
+
+
+def moe_parameter_classes(model: nn.Module) -> dict[str, str]:
+    """Full parameter name -> "expert" or "router" for every canonical MoE block (from each
+    block's ``expert_param_names`` and ``router_path``); parameters not listed are dense."""
+    classes: dict[str, str] = {}
+    for path, module in moe_modules(model).items():
+        prefix = f"{path}." if path else ""
+        router = module.get_submodule(module.router_path) if getattr(module, "router_path", None) else None
+        for name, _ in (router.named_parameters(prefix=f"{prefix}{module.router_path}") if router else ()):
+            classes[name] = "router"
+        for name in module.expert_param_names:
+            classes[prefix + name] = "expert"
+    return classes

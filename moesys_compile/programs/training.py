@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from ..errors import PlanError
 from ..frontend import moe_modules
+from ..frontend.canonicalize import moe_parameter_classes
 from ..runtime import checkpoint, groups
 from ..runtime.collectives import GradBucketer
 from .base import Program
@@ -51,7 +52,7 @@ class TrainingProgram(Program):
     def _expert_layout(ctx) -> dict[str, tuple[int, int, int]]:
         layout = dict(ctx.extras.get("expert_shards", {}))
         for path, module in moe_modules(ctx.model).items():
-            for attr in ("w_up", "w_down"):
+            for attr in module.expert_param_names:
                 layout.setdefault(f"{path}.{attr}", (0, module.num_experts, module.num_experts))
         return layout
 
@@ -61,8 +62,8 @@ class TrainingProgram(Program):
         if buckets is None:      # fuse_comm disabled: one unfused bucket per parameter
             from moesys_compile.passes.fuse_comm import backward_order, parameter_kind, plan_buckets
             order, _ = backward_order(gm)
-            paths = [b.path for b in ctx.blocks]
-            kinds = {n: parameter_kind(n, paths, set(ctx.extras.get("expert_shards", {}))) for n in order}
+            classes = moe_parameter_classes(ctx.model)
+            kinds = {n: parameter_kind(n, classes, set(ctx.extras.get("expert_shards", {}))) for n in order}
             buckets = plan_buckets(gm, order, kinds, cap_bytes=1)
         return buckets
 

@@ -70,6 +70,10 @@ class CanonicalMoEBlock(nn.Module):
         ``["experts.gate_up_proj", "experts.down_proj"]``: what expert parallelism shards."""
         return [f"{self.experts_spec.path}.{name}" for name in self.experts_spec.param_names()]
 
+    @property
+    def router_path(self) -> str:
+        return self.router_spec.path
+
     def expert_weights(self) -> tuple[Tensor, Tensor]:
         """(w_up_EHD, w_down_EDF): views of the original parameters (or a stack of them)."""
         return self.experts_spec.weights(self.get_submodule(self.experts_spec.path))
