@@ -39,15 +39,15 @@ from moesys_compile.ops import _group_bounds, check_activation, is_gated
 #
 # On CPU the GEMMs are torch.mm (oneDNN/MKL) per expert; what decides the rest is memory: a fresh
 # multi-MB tensor is page-faulted on first touch, which costs more than the elementwise work on
-# it. So rows go through in chunks of up to a million activation elements (large enough for the
-# GEMMs to run at full speed), every temporary lives in a per-thread workspace reused across
-# calls (it keeps the largest [N, D] + chunk buffers seen, per dtype and device), and the ops
-# write with ``out=``. The only fresh tensors are the outputs (and h_NH, kept for backward).
+# it. So rows go through in blocks of about a million activation elements (many small experts
+# share a block and its elementwise calls; GEMMs stay one per expert), every temporary lives in a
+# per-thread workspace reused across calls (it keeps the largest [N, D] + block buffers seen, per
+# dtype and device), and the ops write with ``out=``. The only fresh tensors are the outputs (and h_NH, kept for backward).
 # No scatter-add either: the K rows of a token are gathered and summed in order (deterministic).
 # ---------------------------------------------------------------------------------------------
 
 _WORKSPACE = threading.local()
-_CHUNK_ELEMENTS = 1 << 20   # activation elements per chunk (rows x F): big GEMMs, buffers of a few MB
+_CHUNK_ELEMENTS = 1 << 20   # activation elements per block (rows x F): big GEMMs, buffers of a few MB
 _MIN_CHUNK_ROWS = 64
 
 
@@ -65,16 +65,24 @@ def _workspace(sizes: list[tuple[int, int]], like: Tensor) -> list[Tensor]:
     return views
 
 
-def _chunks(bounds: list[tuple[int, int, int]], ffn: int):
-    """(expert, start, end, first chunk of the expert?) over every expert's rows."""
-    step = max(_MIN_CHUNK_ROWS, min(4096, _CHUNK_ELEMENTS // max(ffn, 1)))
+def _blocks(bounds: list[tuple[int, int, int]], ffn: int) -> list[list[tuple[int, int, int, bool]]]:
+    """Row blocks for the elementwise work, each a list of (expert, start, end, first piece of the
+    expert?) segments that get one GEMM each. Small experts are packed whole into a block of about
+    ``_CHUNK_ELEMENTS / F`` rows (one activation call for many experts); an expert over twice that
+    is cut into equal pieces (and its weight gradients accumulate over them)."""
+    target = max(_MIN_CHUNK_ROWS, min(4096, _CHUNK_ELEMENTS // max(ffn, 1)))
+    blocks, block, rows = [], [], 0
     for expert, start, end in bounds:
+        pieces = -(-(end - start) // (2 * target))
+        step = -(-(end - start) // pieces)
         for lo in range(start, end, step):
-            yield expert, lo, min(lo + step, end), lo == start
-
-
-def _chunk_rows(bounds: list[tuple[int, int, int]], ffn: int) -> int:
-    return max((end - start for _, start, end, _ in _chunks(bounds, ffn)), default=1)
+            hi = min(lo + step, end)
+            if block and rows + hi - lo > target:
+                blocks.append(block)
+                block, rows = [], 0
+            block.append((expert, lo, hi, lo == start))
+            rows += hi - lo
+    return blocks + [block] if block else blocks
 
 
 def _scalar_act(x: Tensor, activation: str, out: Tensor) -> Tensor:
@@ -127,7 +135,7 @@ def _sum_slots(rows_ND: Tensor, slots_N: Tensor, num_tokens: int, top_k: int, bu
 
 def experts_forward_torch(x: Tensor, counts_E: Tensor, w_up_EHD: Tensor, w_down_EDF: Tensor, activation: str,
                           slots_N=None, weights_TK=None, save_h: bool = True):
-    """Same contract as ``experts_forward_triton``. With ``slots_N`` each chunk's token rows are
+    """Same contract as ``experts_forward_triton``. With ``slots_N`` each block's token rows are
     gathered into the workspace, its output rows weighted in place, and the K rows of every token
     summed at the end."""
     fused = slots_N is not None
@@ -135,7 +143,8 @@ def experts_forward_torch(x: Tensor, counts_E: Tensor, w_up_EHD: Tensor, w_down_
     kept = bounds[-1][2] if bounds else 0
     num_rows = slots_N.numel() if fused else x.shape[0]
     rows_h, dim, ffn = w_up_EHD.shape[1], x.shape[1], w_down_EDF.shape[2]
-    rows = _chunk_rows(bounds, ffn)
+    blocks = _blocks(bounds, ffn)
+    rows = max((blk[-1][2] - blk[0][1] for blk in blocks), default=1)
     h_NH = x.new_empty((num_rows if save_h else 0, rows_h))
     x_buf, h_buf, gate_buf, a_buf, y_rows = _workspace(
         [(max(rows, weights_TK.shape[1]) if fused else 0, dim), (0 if save_h else rows, rows_h), (rows, ffn),
@@ -146,13 +155,17 @@ def experts_forward_torch(x: Tensor, counts_E: Tensor, w_up_EHD: Tensor, w_down_
     else:
         y_rows = x.new_empty((num_rows, dim))
     y_rows[kept:] = 0  # rows of dropped slots
-    for expert, start, end, _ in _chunks(bounds, ffn):
-        n = end - start
-        x_n = torch.index_select(x, 0, tokens_N[start:end], out=x_buf[:n]) if fused else x[start:end]
-        h = torch.mm(x_n, w_up_EHD[expert].t(), out=h_NH[start:end] if save_h else h_buf[:n])
-        y = torch.mm(_act_into(h, activation, gate_buf[:n], a_buf[:n]), w_down_EDF[expert].t(), out=y_rows[start:end])
+    for block in blocks:
+        b0, b1 = block[0][1], block[-1][2]
+        x_b = torch.index_select(x, 0, tokens_N[b0:b1], out=x_buf[:b1 - b0]) if fused else x[b0:b1]
+        h_b = h_NH[b0:b1] if save_h else h_buf[:b1 - b0]
+        for expert, start, end, _ in block:
+            torch.mm(x_b[start - b0:end - b0], w_up_EHD[expert].t(), out=h_b[start - b0:end - b0])
+        a_b = _act_into(h_b, activation, gate_buf[:b1 - b0], a_buf[:b1 - b0])
+        for expert, start, end, _ in block:
+            torch.mm(a_b[start - b0:end - b0], w_down_EDF[expert].t(), out=y_rows[start:end])
         if fused:
-            y.mul_(scale_N1[start:end])
+            y_rows[b0:b1].mul_(scale_N1[b0:b1])
     if fused:
         return _sum_slots(y_rows, slots_N, *weights_TK.shape, x_buf), h_NH  # x_buf: free again
     return y_rows, h_NH
@@ -166,7 +179,8 @@ def experts_backward_torch(grad_out: Tensor, x: Tensor, counts_E: Tensor, w_up_E
     num_rows = slots_N.numel() if fused else x.shape[0]
     rows_h, dim, ffn = w_up_EHD.shape[1], x.shape[1], w_down_EDF.shape[2]
     saved = h_NH.shape[0] == num_rows
-    rows = _chunk_rows(bounds, ffn)
+    blocks = _blocks(bounds, ffn)
+    rows = max((blk[-1][2] - blk[0][1] for blk in blocks), default=1)
     g_rows = max(rows, weights_TK.shape[1]) if fused else 0
     x_buf, g_buf, h_buf, gate_buf, a_buf, ga_buf, tmp_buf, gh_buf, gx_rows = _workspace(
         [(g_rows, dim), (g_rows, dim), (0 if saved else rows, rows_h), (rows, ffn), (rows, ffn),
@@ -181,30 +195,38 @@ def experts_backward_torch(grad_out: Tensor, x: Tensor, counts_E: Tensor, w_up_E
     else:
         gx_rows = x.new_empty((num_rows, dim))
     gx_rows[kept:] = 0
-    for expert, start, end, first in _chunks(bounds, ffn):
-        n = end - start
+    for block in blocks:
+        b0, b1 = block[0][1], block[-1][2]
+        n = b1 - b0
         if fused:
-            x_n = torch.index_select(x, 0, tokens_N[start:end], out=x_buf[:n])
-            g_n = torch.index_select(grad_out, 0, tokens_N[start:end], out=g_buf[:n])
+            x_b = torch.index_select(x, 0, tokens_N[b0:b1], out=x_buf[:n])
+            g_b = torch.index_select(grad_out, 0, tokens_N[b0:b1], out=g_buf[:n])
         else:
-            x_n, g_n = x[start:end], grad_out[start:end]
-        h = h_NH[start:end] if saved else torch.mm(x_n, w_up_EHD[expert].t(), out=h_buf[:n])
-        a = _act_into(h, activation, gate_buf[:n], a_buf[:n])
-        grad_a = torch.mm(g_n, w_down_EDF[expert], out=ga_buf[:n])
+            x_b, g_b = x[b0:b1], grad_out[b0:b1]
+        segments = [(expert, slice(start - b0, end - b0), first) for expert, start, end, first in block]
+        if saved:
+            h_b = h_NH[b0:b1]
+        else:
+            h_b = h_buf[:n]
+            for expert, rs, _ in segments:
+                torch.mm(x_b[rs], w_up_EHD[expert].t(), out=h_b[rs])
+        a_b = _act_into(h_b, activation, gate_buf[:n], a_buf[:n])
+        grad_a = ga_buf[:n]
+        for expert, rs, _ in segments:
+            torch.mm(g_b[rs], w_down_EDF[expert], out=grad_a[rs])
         if fused:  # d/d weight = <grad_y @ W_down, a>; then both factors take the weight
-            torch.sum(torch.mul(grad_a, a, out=tmp_buf[:n]), 1, dtype=torch.float32, out=grad_w_N[start:end])
-            grad_a.mul_(scale_N1[start:end])
-            a.mul_(scale_N1[start:end])
-        if first:
-            torch.mm(g_n.t(), a, out=grad_w_down[expert])
-        else:
-            grad_w_down[expert].addmm_(g_n.t(), a)
-        grad_h = _act_backward_into(h, grad_a, gate_buf[:n], activation, tmp_buf[:n], gh_buf[:n])
-        if first:
-            torch.mm(grad_h.t(), x_n, out=grad_w_up[expert])
-        else:
-            grad_w_up[expert].addmm_(grad_h.t(), x_n)
-        torch.mm(grad_h, w_up_EHD[expert], out=gx_rows[start:end])
+            torch.sum(torch.mul(grad_a, a_b, out=tmp_buf[:n]), 1, dtype=torch.float32, out=grad_w_N[b0:b1])
+            grad_a.mul_(scale_N1[b0:b1])
+            a_b.mul_(scale_N1[b0:b1])
+        grad_h = _act_backward_into(h_b, grad_a, gate_buf[:n], activation, tmp_buf[:n], gh_buf[:n])
+        for expert, rs, first in segments:
+            if first:
+                torch.mm(g_b[rs].t(), a_b[rs], out=grad_w_down[expert])
+                torch.mm(grad_h[rs].t(), x_b[rs], out=grad_w_up[expert])
+            else:  # a later piece of an expert cut in several
+                grad_w_down[expert].addmm_(g_b[rs].t(), a_b[rs])
+                grad_w_up[expert].addmm_(grad_h[rs].t(), x_b[rs])
+            torch.mm(grad_h[rs], w_up_EHD[expert], out=gx_rows[b0 + rs.start:b0 + rs.stop])
     if not fused:
         return gx_rows, grad_w_up, grad_w_down, None
     grad_x = _sum_slots(gx_rows, slots_N, *weights_TK.shape, x_buf)

@@ -126,10 +126,12 @@ def section_module(gm: fx.GraphModule, nodes: list[fx.Node], inputs: list[fx.Nod
     env = {node: graph.placeholder(node.name) for node in inputs}
     root = nn.Module()
     for node in nodes:
-        if node.op == "get_attr":
-            _attach(root, str(node.target), tensor_for(str(node.target), node_state(gm, node)[str(node.target)]))
+        target = str(node.target)
+        if node.op == "get_attr" and isinstance(fetch(gm, target), nn.Module):   # sub-graph of a higher-order op
+            _attach(root, target, stub_module(fetch(gm, target), target, tensor_for))
+        elif node.op == "get_attr":
+            _attach(root, target, tensor_for(target, node_state(gm, node)[target]))
         elif node.op == "call_module":
-            target = str(node.target)
             _attach(root, target, stub_module(gm.get_submodule(target), target, tensor_for))
         env[node] = graph.node_copy(node, lambda n: env[n])
     graph.output(tuple(env[node] for node in outputs))
