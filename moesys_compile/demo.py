@@ -1,6 +1,12 @@
 """``make demo``: the main job on a built-in model, end to end on this machine.
 
     python -m moesys_compile.demo [--out DIR]
+
+1. compile tiny-moe, print the inspect summary, run a forward pass (equal to eager);
+2. train it on 2 CPU ranks with expert parallelism (torchrun, gloo): the loss falls and a sharded
+   checkpoint is saved;
+3. ring inference of that checkpoint under a budget of a quarter of the model size, weights on
+   disk, printing the ring's stats.
 """
 
 from __future__ import annotations
@@ -10,7 +16,9 @@ import time
 
 import torch
 
-from . import Plan, compile, models
+from pathlib import Path
+
+from . import Plan, compile, infer, models, train
 from .report import Renderer
 
 
@@ -34,9 +42,15 @@ def compile_step(n_layers: int = 4) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m moesys_compile.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="out/demo", help="where checkpoints and results go")
-    parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    print("== 1. compile\n")
     compile_step()
-    return 0
+    print("\n== 2. expert-parallel training on 2 ranks\n", flush=True)
+    trained = train.demo(str(Path(args.out) / "train"))
+    if not trained["last_loss"] < trained["first_loss"]:
+        raise SystemExit(f"training did not lower the loss ({trained['first_loss']} -> {trained['last_loss']})")
+    print("\n== 3. memory-ring inference of the trained checkpoint\n", flush=True)
+    return infer.demo(trained["checkpoint"])
 
 
 if __name__ == "__main__":
