@@ -15,6 +15,6 @@ Importing works without Triton (``HAVE_TRITON`` is then False and only the torch
 """
 
 from moesys_compile.kernels import experts, permute, routing  # noqa: F401  (registers the ops)
-from moesys_compile.kernels._triton import HAVE_TRITON, INTERPRET, triton_unavailable  # noqa: F401
+from moesys_compile.kernels._triton import HAVE_TRITON, INTERPRET, TRITON_DTYPES, triton_unavailable  # noqa: F401
 
-__all__ = ["HAVE_TRITON", "INTERPRET", "triton_unavailable", "experts", "permute", "routing"]
+__all__ = ["HAVE_TRITON", "INTERPRET", "TRITON_DTYPES", "triton_unavailable", "experts", "permute", "routing"]

@@ -39,7 +39,7 @@ from moesys_compile.ops import _group_bounds, check_activation, is_gated
 #
 # On CPU the GEMMs are torch.mm (oneDNN/MKL) per expert; what decides the rest is memory: a fresh
 # multi-MB tensor is page-faulted on first touch, which costs more than the elementwise work on
-# it. So rows go through in blocks of about a million activation elements (many small experts
+# it. So rows go through in blocks of about two million activation elements (many small experts
 # share a block and its elementwise calls; GEMMs stay one per expert), every temporary lives in a
 # per-thread workspace reused across calls (it keeps the largest [N, D] + block buffers seen, per
 # dtype and device), and the ops write with ``out=``. The only fresh tensors are the outputs (and h_NH, kept for backward).
@@ -47,7 +47,7 @@ from moesys_compile.ops import _group_bounds, check_activation, is_gated
 # ---------------------------------------------------------------------------------------------
 
 _WORKSPACE = threading.local()
-_CHUNK_ELEMENTS = 1 << 20   # activation elements per block (rows x F): big GEMMs, buffers of a few MB
+_CHUNK_ELEMENTS = 1 << 21   # activation elements per block (rows x F): few calls, big GEMMs
 _MIN_CHUNK_ROWS = 64
 
 
@@ -120,16 +120,22 @@ def _act_backward_into(h: Tensor, grad_a: Tensor, act_gate: Tensor, activation: 
     return grad_h
 
 
-def _sum_slots(rows_ND: Tensor, slots_N: Tensor, num_tokens: int, top_k: int, buf: Tensor) -> Tensor:
-    """out_TD[t] = sum over k of the row of slot t*K + k, gathered a token chunk at a time into
-    ``buf`` (no scatter-add: each token's K rows are summed in order, deterministically)."""
+def _sum_slots(rows_ND: Tensor, slots_N: Tensor, buf: Tensor, weights_TK: Tensor, weighted: bool) -> Tensor:
+    """out_TD[t] = sum over k of (weights[t, k] *) the row of slot t*K + k, gathered a token chunk
+    at a time into ``buf`` (no scatter-add: each token's K rows are summed in order)."""
+    num_tokens, top_k = weights_TK.shape
     inv_N = inverse_order(slots_N)
     out = rows_ND.new_empty((num_tokens, rows_ND.shape[1]))
     step = max(1, buf.shape[0] // top_k)
+    w_T1K = weights_TK.to(rows_ND.dtype).unsqueeze(1)
     for t0 in range(0, num_tokens, step):
         t1 = min(t0 + step, num_tokens)
         rows = torch.index_select(rows_ND, 0, inv_N[t0 * top_k:t1 * top_k], out=buf[:(t1 - t0) * top_k])
-        torch.sum(rows.view(t1 - t0, top_k, -1), 1, out=out[t0:t1])
+        rows = rows.view(t1 - t0, top_k, -1)
+        if weighted:
+            torch.bmm(w_T1K[t0:t1], rows, out=out[t0:t1].unsqueeze(1))
+        else:
+            torch.sum(rows, 1, out=out[t0:t1])
     return out
 
 
@@ -151,7 +157,6 @@ def experts_forward_torch(x: Tensor, counts_E: Tensor, w_up_EHD: Tensor, w_down_
          (rows, ffn), (num_rows if fused else 0, dim)], x)
     if fused:
         tokens_N = slots_N // weights_TK.shape[1]
-        scale_N1 = weights_TK.reshape(-1)[slots_N].to(x.dtype)[:, None]
     else:
         y_rows = x.new_empty((num_rows, dim))
     y_rows[kept:] = 0  # rows of dropped slots
@@ -164,10 +169,8 @@ def experts_forward_torch(x: Tensor, counts_E: Tensor, w_up_EHD: Tensor, w_down_
         a_b = _act_into(h_b, activation, gate_buf[:b1 - b0], a_buf[:b1 - b0])
         for expert, start, end, _ in block:
             torch.mm(a_b[start - b0:end - b0], w_down_EDF[expert].t(), out=y_rows[start:end])
-        if fused:
-            y_rows[b0:b1].mul_(scale_N1[b0:b1])
-    if fused:
-        return _sum_slots(y_rows, slots_N, *weights_TK.shape, x_buf), h_NH  # x_buf: free again
+    if fused:  # the top-k weights are applied in the combine
+        return _sum_slots(y_rows, slots_N, x_buf, weights_TK, weighted=True), h_NH  # x_buf: free again
     return y_rows, h_NH
 
 
@@ -214,10 +217,10 @@ def experts_backward_torch(grad_out: Tensor, x: Tensor, counts_E: Tensor, w_up_E
         grad_a = ga_buf[:n]
         for expert, rs, _ in segments:
             torch.mm(g_b[rs], w_down_EDF[expert], out=grad_a[rs])
-        if fused:  # d/d weight = <grad_y @ W_down, a>; then both factors take the weight
+        if fused:  # d/d weight = <grad_y @ W_down, a>; then grad_a and (grad_y or a) take the weight
             torch.sum(torch.mul(grad_a, a_b, out=tmp_buf[:n]), 1, dtype=torch.float32, out=grad_w_N[b0:b1])
             grad_a.mul_(scale_N1[b0:b1])
-            a_b.mul_(scale_N1[b0:b1])
+            (g_b if dim < ffn else a_b).mul_(scale_N1[b0:b1])  # the smaller one, for grad w_down
         grad_h = _act_backward_into(h_b, grad_a, gate_buf[:n], activation, tmp_buf[:n], gh_buf[:n])
         for expert, rs, first in segments:
             if first:
@@ -229,7 +232,7 @@ def experts_backward_torch(grad_out: Tensor, x: Tensor, counts_E: Tensor, w_up_E
             torch.mm(grad_h[rs], w_up_EHD[expert], out=gx_rows[b0 + rs.start:b0 + rs.stop])
     if not fused:
         return gx_rows, grad_w_up, grad_w_down, None
-    grad_x = _sum_slots(gx_rows, slots_N, *weights_TK.shape, x_buf)
+    grad_x = _sum_slots(gx_rows, slots_N, x_buf, weights_TK, weighted=False)
     grad_weights_N = torch.empty_like(grad_w_N)
     grad_weights_N[slots_N] = grad_w_N
     return grad_x, grad_w_up, grad_w_down, grad_weights_N.view(weights_TK.shape).to(weights_TK.dtype)

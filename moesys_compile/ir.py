@@ -72,7 +72,7 @@ def value_signature(value: Any) -> Any:
         return ("T", tuple(_size_key(s) for s in value.shape), tuple(_size_key(s) for s in value.stride()),
                 value.dtype, str(value.device), isinstance(value, torch.nn.Parameter))
     if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
-        return ("S", str(value.node.expr))
+        return ("S", value.node.expr)
     if isinstance(value, (list, tuple)):
         return (type(value).__name__, tuple(value_signature(v) for v in value))
     if isinstance(value, dict):
@@ -87,7 +87,7 @@ def value_signature(value: Any) -> Any:
 
 
 def _size_key(size: Any) -> Any:
-    return str(size.node.expr) if isinstance(size, torch.SymInt) else int(size)
+    return size.node.expr if isinstance(size, torch.SymInt) else int(size)
 
 
 def infer_val(node: fx.Node, fake_mode) -> Any:

@@ -11,6 +11,7 @@ import torch
 import torch.fx as fx
 
 from moesys_compile.ir import canonical_target, infer_val
+from moesys_compile.passes.decompose_moe import effective_capacity_factor
 
 
 def lower_kernels(gm: fx.GraphModule, ctx) -> fx.GraphModule:
@@ -58,7 +59,7 @@ def lower_kernels(gm: fx.GraphModule, ctx) -> fx.GraphModule:
                          save_h=getattr(plan, "mode", "train") != "infer")
     for rule in RULES:
         for node in list(gm.graph.nodes):
-            if node.graph is gm.graph and node.op == "call_function":  # skip nodes erased by a rule
+            if not node._erased and node.op == "call_function":  # skip nodes a rule already erased
                 rule(node, lowering)
     gm.recompile()
     return gm
@@ -103,7 +104,7 @@ class _Lowering:
             raise ValueError(f"plan.kernels ({choice!r}) must be 'auto', 'triton' or 'torch'")
         self.gm, self.ctx, self.save_h = gm, ctx, save_h
         self.ops = torch.ops.moesys_kernels
-        self.triton_dtypes = kernels._triton.TRITON_DTYPES
+        self.triton_dtypes = kernels.TRITON_DTYPES
         self.notes: set[str] = set()
         reason = kernels.triton_unavailable(device)
         if choice == "torch":
@@ -174,7 +175,7 @@ class _Lowering:
 
     def erase(self, *nodes: fx.Node) -> None:
         for node in nodes:
-            if node.graph is self.gm.graph and not node.users:
+            if not node._erased and not node.users:
                 self.gm.graph.erase_node(node)
 
 
@@ -241,9 +242,11 @@ def lower_moe_experts(node: fx.Node, lw: _Lowering) -> Optional[fx.Node]:
         lw.note(f"{node.name}: w_up_EHD has no meta['val'] (unknown expert count); left as it is")
         return None
     impl = lw.impl_for(args["x_TD"], args["w_up_EHD"])
+    factor = float(args["capacity_factor"] or 0.0)
+    if getattr(getattr(lw.ctx, "plan", None), "capacity_factor", None) is not None:
+        factor = effective_capacity_factor(lw.ctx, node)  # the plan overrides the layer, as in decompose_moe
     with lw.gm.graph.inserting_before(node):
-        sort = lw.call(lw.ops.sort_slots.default, (args["ids_TK"], int(w_up.shape[0]), -1,
-                                                   float(args["capacity_factor"]), impl),
+        sort = lw.call(lw.ops.sort_slots.default, (args["ids_TK"], int(w_up.shape[0]), -1, factor, impl),
                        [node], f"{impl}:sort_slots", cost_from=[])
         counts, order = lw.getitem(sort, 0), lw.getitem(sort, 1)
         fused = lw.call(lw.ops.fused_experts.default,

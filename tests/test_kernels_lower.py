@@ -35,11 +35,11 @@ def lowered(gm):
     return {n.name: n.meta["moesys"]["lowered_to"] for n in gm.graph.nodes if "lowered_to" in n.meta.get("moesys", {})}
 
 
-def compiled_and_lowered(kernels_choice, mode="train", capacity_factor=None):
+def compiled_and_lowered(kernels_choice, mode="train", capacity_factor=None, skip=()):
     model = mc.models.build("tiny-moe").to(DEVICE)
     ids = torch.randint(0, 256, (2, 9), device=DEVICE)
     # the pipeline without lower_kernels (whether or not it is wired into the mode's list yet)
-    skip = ("lower_kernels",) if lower_kernels in pipeline_for(mode) else ()
+    skip = tuple(skip) + (("lower_kernels",) if lower_kernels in pipeline_for(mode) else ())
     plan = mc.Plan(mode=mode, kernels=kernels_choice, device=DEVICE, capacity_factor=capacity_factor,
                    disable_passes=skip)
     gm, ctx = mc.lower(model, plan, (ids,))
@@ -87,6 +87,29 @@ def test_lowered_program_matches_unlowered_outputs_and_gradients(choice, capacit
     if capacity_factor:  # the dropped-slot statistics still read the (new) counts and order
         buffers = [b for n, b in gm.named_buffers() if n.startswith("moesys_drops_")]
         assert buffers and all(b[1] > b[0] > 0 for b in buffers)
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 0.6])
+def test_undecomposed_moe_experts_becomes_sort_and_fused_kernel(capacity_factor):
+    """Without decompose_moe the canonical op is lowered directly, with the plan's capacity factor
+    (as decompose_moe reads it): the result equals the decomposed, unlowered pipeline."""
+    torch.manual_seed(0)
+    _, ids, undecomposed, gm, _ = compiled_and_lowered("torch", capacity_factor=capacity_factor,
+                                                       skip=("decompose_moe",))
+    torch.manual_seed(0)
+    _, _, decomposed, _, _ = compiled_and_lowered("torch", capacity_factor=capacity_factor)
+    assert targets(undecomposed, "moesys").count("moe_experts") == 2
+    assert "moe_experts" not in targets(gm, "moesys")
+    assert targets(gm, "moesys_kernels").count("fused_experts") == 2
+    sort = next(n for n in gm.graph.nodes if "sort_slots" in str(n.target))
+    assert sort.args[3] == (capacity_factor or 0.0)
+    out, aux = gm(ids)
+    out_ref, aux_ref = decomposed(ids)
+    grads = torch.autograd.grad(out.square().mean() + aux, list(gm.parameters()))
+    grads_ref = torch.autograd.grad(out_ref.square().mean() + aux_ref, list(decomposed.parameters()))
+    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_infer_mode_does_not_keep_activations():
