@@ -7,9 +7,12 @@ TORCH  := torch==2.13.0
 
 .PHONY: demo test bench clean
 
+# deepspeed ships as a source archive whose build imports torch: it is built against the torch
+# installed here (no build isolation), else pip would fetch a second, CUDA torch to build it.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet $(TORCH) setuptools wheel
+	DS_BUILD_OPS=0 $(PY) -m pip install --quiet --no-build-isolation 'deepspeed>=0.15'
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
@@ -22,6 +25,9 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) -m benchmarks.compile_latency
+	$(PY) -m benchmarks.moe_layer
+	$(PY) -m benchmarks.train_ep
+	$(PY) -m benchmarks.ring_infer
 
 clean:
 	rm -rf $(VENV) out build *.egg-info
