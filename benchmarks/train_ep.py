@@ -12,7 +12,7 @@ Capacity: each of ours is compared with DeepSpeed under the same semantics: GSha
 (capacity_factor=1.0, DeepSpeed's default, drop_tokens=True) and dropless (DeepSpeed
 drop_tokens=False, which pads every expert to the largest expert load; ours sends uneven splits).
 
-    python -m benchmarks.train_ep [--quick] [--json FILE] [--lower-kernels]   # launches 2 ranks (torchrun)
+    python -m benchmarks.train_ep [--quick] [--json FILE]   # launches 2 ranks (torchrun)
 """
 
 from __future__ import annotations
@@ -146,8 +146,6 @@ def measure(cfg: dict, repeats: int) -> list[dict]:
 def rank_main(args) -> None:
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
-    if args.lower_kernels:
-        use_lower_kernels()
     import deepspeed
     deepspeed.init_distributed(dist_backend="gloo")
     cfg = config(args.quick)
@@ -165,17 +163,7 @@ def rank_main(args) -> None:
 
 
 def arguments():
-    p = _harness.parser(NAME, __doc__.splitlines()[0])
-    p.add_argument("--lower-kernels", action="store_true",
-                   help="append the lower_kernels pass to the train pipeline if it is not in it yet")
-    return p.parse_args()
-
-
-def use_lower_kernels() -> None:
-    from moesys_compile.passes import TRAIN_PIPELINE
-    from moesys_compile.passes.lower_kernels import lower_kernels
-    if lower_kernels not in TRAIN_PIPELINE:
-        TRAIN_PIPELINE.append(lower_kernels)
+    return _harness.parser(NAME, __doc__.splitlines()[0]).parse_args()
 
 
 def main() -> int:

@@ -12,14 +12,15 @@ import torch.fx as fx
 from moesys_compile.passes.decompose_moe import decompose_moe
 from moesys_compile.passes.expert_parallel import expert_parallel
 from moesys_compile.passes.fuse_comm import fuse_comm
+from moesys_compile.passes.lower_kernels import lower_kernels
 from moesys_compile.passes.ring_partition import ring_partition
 from moesys_compile.passes.schedule_prefetch import schedule_prefetch
 
 Pass = Callable[[fx.GraphModule, object], fx.GraphModule]
 
-# Explicit per-mode pipelines. Empty lists run no pass: the program is the captured graph
+# Explicit per-mode pipelines. With every pass disabled the program is the captured graph
 # (identity), which `inspect` reports as such.
-TRAIN_PIPELINE: list[Pass] = [decompose_moe, expert_parallel, fuse_comm]
+TRAIN_PIPELINE: list[Pass] = [decompose_moe, expert_parallel, fuse_comm, lower_kernels]
 INFER_PIPELINE: list[Pass] = [decompose_moe, ring_partition, schedule_prefetch]
 
 PIPELINES: dict[str, list[Pass]] = {"train": TRAIN_PIPELINE, "infer": INFER_PIPELINE}
