@@ -26,7 +26,6 @@ sample and the 1-minute load average around each case (the CPUs may be shared).
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import statistics

@@ -23,10 +23,7 @@ on CUDA, torch elsewhere).
     ((6, 8), (12, 32))
 """
 
-import ctypes
-import sys
 import threading
-from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -54,43 +51,13 @@ _CHUNK_ELEMENTS = 1 << 21   # activation elements per block (rows x F): few call
 _MIN_CHUNK_ROWS = 64
 
 
-def _advise_huge_pages() -> Optional[Callable[[int, int], int]]:
-    """libc madvise on Linux, else None."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        madvise = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):
-        return None
-    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return madvise
-
-
-_MADVISE = _advise_huge_pages()
-_MADV_HUGEPAGE, _HUGE_PAGE = 14, 2 << 20
-
-
-def _empty(shape: tuple[int, ...], like: Tensor) -> Tensor:
-    """A fresh CPU tensor whose (untouched) pages are advised to be transparent huge pages: the
-    first write then faults once per 2 MiB instead of once per 4 KiB, which for the big outputs
-    here (h_NH, the weight gradients) costs more than the arithmetic that fills them. Advice
-    only: where THP is off, or off Linux, nothing changes."""
-    out = torch.empty(shape, dtype=like.dtype, device=like.device)
-    nbytes = out.numel() * out.element_size()
-    if _MADVISE is not None and out.device.type == "cpu" and nbytes >= 4 * _HUGE_PAGE:
-        start = -(-out.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE
-        end = (out.data_ptr() + nbytes) // _HUGE_PAGE * _HUGE_PAGE
-        _MADVISE(start, end - start, _MADV_HUGEPAGE)
-    return out
-
-
 def _workspace(sizes: list[tuple[int, int]], like: Tensor) -> list[Tensor]:
     """Views [rows, cols] into this thread's scratch buffer for ``like``'s dtype and device."""
     total = sum(r * c for r, c in sizes)
     pool = _WORKSPACE.__dict__.setdefault("pool", {})
     key = (like.dtype, like.device)
     if key not in pool or pool[key].numel() < total:
-        pool[key] = _empty((total,), like)
+        pool[key] = like.new_empty(total)
     views, offset = [], 0
     for rows, cols in sizes:
         views.append(pool[key][offset:offset + rows * cols].view(rows, cols))
@@ -158,7 +125,7 @@ def _sum_slots(rows_ND: Tensor, slots_N: Tensor, buf: Tensor, weights_TK: Tensor
     at a time into ``buf`` (no scatter-add: each token's K rows are summed in order)."""
     num_tokens, top_k = weights_TK.shape
     inv_N = inverse_order(slots_N)
-    out = _empty((num_tokens, rows_ND.shape[1]), rows_ND)
+    out = rows_ND.new_empty((num_tokens, rows_ND.shape[1]))
     step = max(1, buf.shape[0] // top_k)
     w_T1K = weights_TK.to(rows_ND.dtype).unsqueeze(1)
     for t0 in range(0, num_tokens, step):
@@ -184,14 +151,14 @@ def experts_forward_torch(x: Tensor, counts_E: Tensor, w_up_EHD: Tensor, w_down_
     rows_h, dim, ffn = w_up_EHD.shape[1], x.shape[1], w_down_EDF.shape[2]
     blocks = _blocks(bounds, ffn)
     rows = max((blk[-1][2] - blk[0][1] for blk in blocks), default=1)
-    h_NH = _empty((num_rows if save_h else 0, rows_h), x)
+    h_NH = x.new_empty((num_rows if save_h else 0, rows_h))
     x_buf, h_buf, gate_buf, a_buf, y_rows = _workspace(
         [(max(rows, weights_TK.shape[1]) if fused else 0, dim), (0 if save_h else rows, rows_h), (rows, ffn),
          (rows, ffn), (num_rows if fused else 0, dim)], x)
     if fused:
         tokens_N = slots_N // weights_TK.shape[1]
     else:
-        y_rows = _empty((num_rows, dim), x)
+        y_rows = x.new_empty((num_rows, dim))
     y_rows[kept:] = 0  # rows of dropped slots
     for block in blocks:
         b0, b1 = block[0][1], block[-1][2]
@@ -221,7 +188,7 @@ def experts_backward_torch(grad_out: Tensor, x: Tensor, counts_E: Tensor, w_up_E
     x_buf, g_buf, h_buf, gate_buf, a_buf, ga_buf, tmp_buf, gh_buf, gx_rows = _workspace(
         [(g_rows, dim), (g_rows, dim), (0 if saved else rows, rows_h), (rows, ffn), (rows, ffn),
          (rows, ffn), (rows, ffn), (rows, rows_h), (num_rows if fused else 0, dim)], x)
-    grad_w_up, grad_w_down = _empty(tuple(w_up_EHD.shape), w_up_EHD), _empty(tuple(w_down_EDF.shape), w_down_EDF)
+    grad_w_up, grad_w_down = torch.empty_like(w_up_EHD), torch.empty_like(w_down_EDF)
     idle = sorted(set(range(counts_E.numel())) - {expert for expert, _, _ in bounds})
     grad_w_up[idle], grad_w_down[idle] = 0, 0    # experts without rows get zero gradients
     if fused:
@@ -229,7 +196,7 @@ def experts_backward_torch(grad_out: Tensor, x: Tensor, counts_E: Tensor, w_up_E
         scale_N1 = weights_TK.reshape(-1)[slots_N].to(x.dtype)[:, None]
         grad_w_N = torch.zeros(num_rows, dtype=torch.float32, device=x.device)
     else:
-        gx_rows = _empty((num_rows, dim), x)
+        gx_rows = x.new_empty((num_rows, dim))
     gx_rows[kept:] = 0
     for block in blocks:
         b0, b1 = block[0][1], block[-1][2]

@@ -23,8 +23,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from moesys_compile.kernels._triton import (HAVE_TRITON, check_dtype, check_triton, pow2, resolve_impl,
-                                            tl, triton)
+from moesys_compile.kernels._triton import check_dtype, check_triton, pow2, resolve_impl, tl, triton
 from moesys_compile.ops import SCORE_FUNCS, route_reference, score_dtype
 
 # ---------------------------------------------------------------------------------------------
