@@ -97,12 +97,23 @@ def run_one(fn, inputs, backward, repeats):
     return _harness.time_call(step, repeats=repeats, warmup=2, sync=torch.cuda.synchronize)["median_s"]
 
 
+def profile_kernels(name, fn, inputs) -> None:
+    """CUDA time per kernel of one forward+backward (after the timed runs, so compiled and tuned)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run_one(fn, inputs, backward=True, repeats=1)
+    print(f"\n{name}: CUDA time per kernel, one warm-up + one timed forward+backward")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+
+
 def main(argv=None) -> None:
     p = _harness.parser("moe_gpu", __doc__.splitlines()[0])
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--tokens", default="512,4096,32768")
     p.add_argument("--contenders", default=",".join(CONTENDERS))
     p.add_argument("--peak-tflops", type=float, default=989.0)
+    p.add_argument("--profile", action="store_true",
+                   help="also print the CUDA time per kernel of each contender's forward+backward")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("moe_gpu: no CUDA device (torch.cuda.is_available() is False); this benchmark needs a GPU. "
@@ -135,11 +146,14 @@ def main(argv=None) -> None:
                         traceback.print_exc()
                     rows.append(row)
                     torch.cuda.empty_cache()
+                if args.profile:
+                    profile_kernels(name, CONTENDERS[name], inputs)
             del inputs
         _harness.print_table([r for r in rows if r["model"] == model],
                              ["T", "contender", "pass", "ms", "tflops", "pct_peak", "error"],
                              title=f"\n{model}: D={dim} F={ffn} E={num_experts} top-{top_k}, bf16")
-    _harness.write_json(args.json, "moe_gpu", rows, peak_tflops=args.peak_tflops, quick=args.quick)
+        # after every model, so that a run stopped part-way keeps what it measured
+        _harness.write_json(args.json, "moe_gpu", rows, peak_tflops=args.peak_tflops, quick=args.quick)
 
 
 if __name__ == "__main__":

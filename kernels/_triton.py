@@ -62,8 +62,10 @@ def check_triton(*tensors: torch.Tensor) -> None:
 
 
 def use_autotune(t: torch.Tensor) -> bool:
-    """Autotune only natively on CUDA; the interpreter runs the first config of ``_configs()``."""
-    return HAVE_TRITON and not INTERPRET and t.is_cuda
+    """Autotune only natively on CUDA, and not when ``MOESYS_TRITON_AUTOTUNE=0`` (tests: one
+    compile per kernel instead of one per config); otherwise the kernel's untuned config runs."""
+    enabled = os.environ.get("MOESYS_TRITON_AUTOTUNE", "1") not in ("", "0")
+    return HAVE_TRITON and not INTERPRET and t.is_cuda and enabled
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -35,14 +35,21 @@ _ACT_KIND = {"swiglu": 0, "silu": 0, "geglu": 1, "gelu": 1, "relu": 2}
 
 
 def _configs() -> list:
-    """Block sizes. The interpreter runs the first one; on CUDA the list is autotuned per shape.
-    The CUDA list targets Hopper/Ampere tensor cores (bf16 tiles of 64-256 with 3-4 stages)."""
-    if INTERPRET or not HAVE_TRITON:
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4)] if HAVE_TRITON else []
+    """Block sizes autotuned per shape on CUDA; they target Hopper/Ampere tensor cores (bf16 tiles
+    of 64-256 with 3-4 stages). Configs that exceed shared memory for a dtype are skipped by the
+    autotuner."""
     shapes = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
               (64, 64, 64, 4, 4), (64, 256, 64, 8, 3), (128, 128, 32, 4, 4), (256, 128, 64, 8, 3)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
             for m, n, k, w, s in shapes]
+
+
+def _untuned_config():
+    """The one config run without autotuning: small tiles under the interpreter; on CUDA tiles that
+    fit shared memory for every dtype (fp32 included)."""
+    if INTERPRET:
+        return triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4)
+    return triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3)
 
 
 _MIN_BLOCK_N = 32  # smallest BLOCK_N of any config: sizes the per-column-tile partial sums
@@ -80,7 +87,8 @@ def _expert_tile(counts_ptr, starts_ptr, E, pid, BLOCK_M: tl.constexpr, E_PAD: t
     first_tile = tl.sum(tl.where(before, tiles, 0), axis=0)
     safe = tl.minimum(expert, E - 1)
     start = tl.load(starts_ptr + safe)
-    return expert, start + (pid - first_tile) * BLOCK_M, start + tl.load(counts_ptr + safe)
+    # int64 expert: expert * stride of a stacked weight passes 2**31 elements at DeepSeek-V3 sizes
+    return expert.to(tl.int64), start + (pid - first_tile) * BLOCK_M, start + tl.load(counts_ptr + safe)
 
 
 @triton.jit
@@ -233,7 +241,7 @@ def _weight_grad_kernel(
     E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """out[e] = sum over rows n of expert e of P[n, :I]^T Q[n, :J]; Q = act(h) when Q_ACT."""
-    expert = tl.program_id(1)
+    expert = tl.program_id(1).to(tl.int64)     # int64 offsets: see _expert_tile
     start = tl.load(starts_ptr + expert)
     end = start + tl.load(counts_ptr + expert)
     tiles_j = tl.cdiv(J, BLOCK_N)
@@ -291,11 +299,11 @@ _TUNED = {
 
 
 def _launch(kernel, grid, ref: Tensor, *args, **constexprs) -> None:
-    """Autotuned on CUDA; the interpreter (and CUDA without tuning) runs ``_configs()[0]``."""
+    """Autotuned on CUDA; the interpreter (and CUDA without tuning) runs ``_untuned_config()``."""
     if use_autotune(ref) and _TUNED.get(kernel) is not None:
         _TUNED[kernel][grid](*args, **constexprs)
     else:
-        kernel[grid](*args, **constexprs, **_configs()[0].all_kwargs())
+        kernel[grid](*args, **constexprs, **_untuned_config().all_kwargs())
 
 
 # ---------------------------------------------------------------------------------------------

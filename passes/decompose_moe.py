@@ -27,7 +27,7 @@ def slot_capacity(x_TD: Tensor, top_k: int, num_experts: int, capacity_factor: f
 @torch.library.custom_op("moesys::record_drops", mutates_args=("stats_2",))
 def record_drops(counts_E: Tensor, order_N: Tensor, stats_2: Tensor) -> None:
     """Accumulate (kept slots, routed slots) of one MoE layer into ``stats_2``."""
-    stats_2[0] += counts_E.sum().to(stats_2.dtype)
+    stats_2[0] += counts_E.sum().to(stats_2.device, stats_2.dtype)
     stats_2[1] += order_N.shape[0]
 
 
@@ -53,7 +53,9 @@ def _getitems(gm, ctx, node: fx.Node, count: int) -> list[fx.Node]:
 
 def _drop_buffer(gm: fx.GraphModule, ctx, key: str) -> fx.Node:
     name = "moesys_drops_" + key.replace(".", "_")
-    gm.register_buffer(name, torch.zeros(2, dtype=torch.float64), persistent=False)
+    # on the model's device (it moves with the module afterwards, as buffers do)
+    device = next(gm.parameters(), torch.empty(0)).device
+    gm.register_buffer(name, torch.zeros(2, dtype=torch.float64, device=device), persistent=False)
     ctx.extras.setdefault("drop_buffers", {})[key] = name
     node = gm.graph.get_attr(name)
     node.meta["val"] = ctx.fake_mode.from_tensor(getattr(gm, name))

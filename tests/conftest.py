@@ -7,6 +7,9 @@ import torch
 # anything imports triton.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Natively on a GPU the kernels run one untuned config per test (autotuning compiles every config
+# for every shape); tests that exercise the autotuner turn it back on.
+os.environ.setdefault("MOESYS_TRITON_AUTOTUNE", "0")
 
 
 @pytest.fixture(autouse=True)
