@@ -12,14 +12,22 @@ Rows: prefill (one forward over batch x seq tokens) at a few sizes, and greedy d
 KV cache. Throughput is tokens/s (median of the repeats; the peers take turns call by call, so
 that other load on a shared machine falls on all of them); ratios compare within the run.
 Efficiency = max(transfer, compute) / wall of the ring's calls (1.0: the slower of the two hides
-the other completely).
+the other completely); for decoding, sum over the generate() calls of max(transfer, compute) /
+sum of their walls (each step waits for the previous token; ``pooled_efficiency`` is
+max(sum transfer, sum compute) / sum wall, for comparison). Median and minimum over the repeats.
 
-    python -m benchmarks.ring_infer [--quick] [--json FILE]
+Threads. Every peer computes with the same ``torch.set_num_threads(--threads)``; the ring has its
+copy thread besides. The default, one core less than the machine has, leaves the copy thread a
+core: on a 2-core machine shared with other jobs, more compute threads than free cores make every
+parallel op wait for a descheduled thread, which slows all peers several times over.
+
+    python -m benchmarks.ring_infer [--quick] [--threads N] [--json FILE]
 """
 
 from __future__ import annotations
 
 import copy
+import os
 import statistics
 import tempfile
 import time
@@ -75,22 +83,27 @@ def case(kind: str, batch: int, seq: int, model, accelerated, program, repeats: 
         run_eager = lambda: eager_generate(model, ids, new_tokens)        # noqa: E731
         run_acc = lambda: eager_generate(accelerated, ids, new_tokens)    # noqa: E731
         run_ring = lambda: program.generate(ids, new_tokens)              # noqa: E731
-    efficiencies = []
+    ring_stats = []
 
-    def keep_efficiency(name: str) -> None:
+    def keep_stats(name: str) -> None:
         if name == "ring":
-            efficiencies.append(program.stats["efficiency"])
+            ring_stats.append(dict(program.stats))
     peers = {"in_memory": run_eager, "accelerate": run_acc, "ring": run_ring}
     with torch.inference_mode():
-        samples = interleaved(peers, repeats, keep_efficiency)
+        samples = interleaved(peers, repeats, keep_stats)
         check = (program(ids) - model(ids)).abs().max().item()
     seconds = {name: statistics.median(values) for name, values in samples.items()}
-    efficiency = statistics.median(efficiencies)
-    stats = program.stats
+    efficiencies = [s["efficiency"] for s in ring_stats]
+    stats = ring_stats[-1]
     row = {"workload": kind, "batch": batch, "seq": seq, "tokens": tokens,
            "in_memory_tok_s": tokens / seconds["in_memory"], "accelerate_tok_s": tokens / seconds["accelerate"],
-           "ring_tok_s": tokens / seconds["ring"], "efficiency": efficiency,
-           "peak_device_MiB": stats["peak_device_bytes"] / 2**20, "max_abs_err": check,
+           "ring_tok_s": tokens / seconds["ring"], "efficiency": statistics.median(efficiencies),
+           "efficiency_min": min(efficiencies),
+           "pooled_efficiency": statistics.median(s.get("pooled_efficiency", s["efficiency"]) for s in ring_stats),
+           "transfer_s": statistics.median(s["transfer_seconds"] for s in ring_stats),
+           "compute_s": statistics.median(s["compute_seconds"] for s in ring_stats),
+           "wall_s": statistics.median(s["wall_seconds"] for s in ring_stats),
+           "peak_device_MiB": max(s["peak_device_bytes"] for s in ring_stats) / 2**20, "max_abs_err": check,
            "moved_MiB_per_call": stats["bytes_moved"] / 2**20, "stall_s": stats["stall_seconds"]}
     row["ring_vs_accelerate"] = row["ring_tok_s"] / row["accelerate_tok_s"]
     row["ring_vs_in_memory"] = row["ring_tok_s"] / row["in_memory_tok_s"]
@@ -100,7 +113,11 @@ def case(kind: str, batch: int, seq: int, model, accelerated, program, repeats: 
 
 def main(argv=None) -> int:
     from accelerate import disk_offload
-    args = h.parser("ring_infer", __doc__.splitlines()[0]).parse_args(argv)
+    p = h.parser("ring_infer", __doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+                   help="torch threads of every peer (default: one core less than the machine has)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
     repeats = args.repeats or (2 if args.quick else 3)
     config = QUICK if args.quick else FULL
     model = build(config)
@@ -123,11 +140,12 @@ def main(argv=None) -> int:
         rows = [case(kind, batch, seq, model, accelerated, program, repeats) for kind, batch, seq in cases]
         program.close()
     h.print_table(rows, ["workload", "batch", "seq", "in_memory_tok_s", "accelerate_tok_s", "ring_tok_s",
-                         "ring_vs_accelerate", "ring_vs_in_memory", "efficiency", "peak_device_MiB", "max_abs_err"],
+                         "ring_vs_accelerate", "ring_vs_in_memory", "efficiency", "efficiency_min", "pooled_efficiency",
+                         "peak_device_MiB", "max_abs_err"],
                   title="ring inference, CPU, weights on disk (tokens/s; ratios within this run)")
     h.write_json(args.json, "ring_infer", rows, model_config=config, model_bytes=size, budget_bytes=budget,
                  slots=layout.slots, slot_bytes=layout.slot_bytes, sections=len(layout.sections),
-                 compile_and_stage_seconds=compile_s)
+                 compile_and_stage_seconds=compile_s, torch_threads=args.threads)
     return 0
 
 

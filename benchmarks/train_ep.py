@@ -12,6 +12,16 @@ Capacity: each of ours is compared with DeepSpeed under the same semantics: GSha
 (capacity_factor=1.0, DeepSpeed's default, drop_tokens=True) and dropless (DeepSpeed
 drop_tokens=False, which pads every expert to the largest expert load; ours sends uneven splits).
 
+Same function: the DeepSpeed stacks are loaded with our stacks' router and expert weights, so
+both route every token to the same experts (same loads, same drops, same dropless padding); the
+dropless outputs of the two are compared once before timing (``max_abs_diff_dropless``).
+
+Columns: ``step_ms`` wall time of a step (median over rounds, both ranks in lock step);
+``cpu_ms`` CPU time of one rank's process per step (median, mean over the ranks; gloo threads
+included). On a shared machine the wall time also counts the time other processes hold the
+cores; CPU time counts only this process's own work (it still moves with cache and memory
+contention), so ``vs_deepspeed_cpu`` (the ratio of CPU times) is the steadier of the two ratios.
+
     python -m benchmarks.train_ep [--quick] [--json FILE]   # launches 2 ranks (torchrun)
 """
 
@@ -21,6 +31,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")   # DeepSpeed picks its accelerator at import
 
@@ -60,6 +71,19 @@ class DeepSpeedStack(nn.Module):
             layer.set_deepspeed_parallelism()
         self.aux_loss = None
 
+    @torch.no_grad()
+    def load_from(self, moe_layers: nn.Module) -> "DeepSpeedStack":
+        """Copy the router and this rank's experts (rows [r*L, (r+1)*L) of the stacked weights,
+        DeepSpeed's placement for ep_size = world size) from a stack of ``mc.nn.MoE``."""
+        for ours, theirs in zip(moe_layers, self.layers):
+            theirs.deepspeed_moe.gate.wg.weight.copy_(ours.router.weight)
+            local = theirs.deepspeed_moe.experts.deepspeed_experts
+            first = dist.get_rank() * len(local)
+            for index, expert in enumerate(local):
+                expert.up.weight.copy_(ours.w_up[first + index])
+                expert.down.weight.copy_(ours.w_down[first + index])
+        return self
+
     def forward(self, x):
         aux = 0
         for layer in self.layers:
@@ -71,6 +95,7 @@ class DeepSpeedStack(nn.Module):
 
 def moesys_stack(cfg: dict, capacity_factor):
     import moesys_compile as mc
+    torch.manual_seed(0)            # every stack starts from the same weights
     layers = nn.Sequential(*[mc.nn.MoE(cfg["dim"], cfg["ffn"], cfg["experts"], top_k=2) for _ in range(cfg["layers"])])
     plan = mc.Plan(mode="train", world_size=WORLD, expert_parallel=WORLD, capacity_factor=capacity_factor)
     return mc.compile(layers, plan, example_inputs=(example(cfg),))
@@ -111,14 +136,33 @@ def config(quick: bool) -> dict:
     return dict(layers=4, dim=256, ffn=512, experts=8, batch=8, seq=128)
 
 
-def measure(cfg: dict, repeats: int) -> list[dict]:
+def timed_step(fn) -> tuple[float, float]:
+    """(wall, process CPU) seconds of one step, ranks in lock step (barrier before and after)."""
+    dist.barrier()
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    cpu = time.process_time() - cpu
+    dist.barrier()
+    return time.perf_counter() - wall, cpu
+
+
+@torch.no_grad()
+def max_abs_diff(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
+    diff = torch.tensor([(a(x) - b(x)).abs().max().item()])
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    return float(diff)
+
+
+def measure(cfg: dict, repeats: int) -> tuple[list[dict], list[str], float]:
     """Round-robin over the cases (one timed step of each per round) so that load from other
     processes on the machine spreads evenly over them; medians over the rounds."""
-    torch.manual_seed(0)
     x = example(cfg)
     tokens = WORLD * cfg["batch"] * cfg["seq"]
-    ds_capacity, ds_dropless = DeepSpeedStack(cfg, drop_tokens=True), DeepSpeedStack(cfg, drop_tokens=False)
     ours_capacity, ours_dropless = moesys_stack(cfg, 1.0), moesys_stack(cfg, None)
+    model = ours_dropless.context.model
+    ds_capacity = DeepSpeedStack(cfg, drop_tokens=True).load_from(model)
+    ds_dropless = DeepSpeedStack(cfg, drop_tokens=False).load_from(model)
+    diff = max_abs_diff(ours_dropless, ds_dropless, x)
     cases = {
         "deepspeed-moe (cf=1.0)": step_fn(ds_capacity, x, gate_allreduce(ds_capacity)),
         "moesys (cf=1.0)": step_fn(ours_capacity, x, lambda: None),
@@ -126,21 +170,27 @@ def measure(cfg: dict, repeats: int) -> list[dict]:
         "moesys (dropless)": step_fn(ours_dropless, x, lambda: None),
     }
     passes = ours_capacity.context.passes_run
-    samples: dict[str, list[float]] = {name: [] for name in cases}
+    walls: dict[str, list[float]] = {name: [] for name in cases}
+    cpus: dict[str, list[float]] = {name: [] for name in cases}
     for round_index in range(repeats + 2):          # the first two rounds warm up
         for name, fn in cases.items():
-            timing = _harness.time_call(fn, repeats=1, warmup=0, sync=dist.barrier)
+            wall, cpu = timed_step(fn)
             if round_index >= 2:
-                samples[name].append(timing["median_s"])
+                walls[name].append(wall)
+                cpus[name].append(cpu)
+    cpu_medians = torch.tensor([statistics.median(cpus[name]) for name in cases], dtype=torch.float64)
+    dist.all_reduce(cpu_medians)
     rows = []
-    for name, times in samples.items():
-        median = statistics.median(times)
+    for name, cpu in zip(cases, (cpu_medians / WORLD).tolist()):
+        median = statistics.median(walls[name])
         rows.append({"case": name, "step_ms": median * 1e3, "tokens_per_s": tokens / median,
-                     "min_ms": min(times) * 1e3, "repeats": len(times)})
+                     "min_ms": min(walls[name]) * 1e3, "cpu_ms": cpu * 1e3, "repeats": len(walls[name])})
     for row in rows:      # each case against DeepSpeed with the same capacity semantics
-        peer = "deepspeed-moe (dropless)" if "dropless" in row["case"] else "deepspeed-moe (cf=1.0)"
-        row["vs_deepspeed"] = row["tokens_per_s"] / next(r["tokens_per_s"] for r in rows if r["case"] == peer)
-    return rows, passes
+        peer_name = "deepspeed-moe (dropless)" if "dropless" in row["case"] else "deepspeed-moe (cf=1.0)"
+        peer = next(r for r in rows if r["case"] == peer_name)
+        row["vs_deepspeed"] = row["tokens_per_s"] / peer["tokens_per_s"]
+        row["vs_deepspeed_cpu"] = peer["cpu_ms"] / row["cpu_ms"]
+    return rows, passes, diff
 
 
 def rank_main(args) -> None:
@@ -149,15 +199,20 @@ def rank_main(args) -> None:
     import deepspeed
     deepspeed.init_distributed(dist_backend="gloo")
     cfg = config(args.quick)
-    rows, passes = measure(cfg, args.repeats or (3 if args.quick else 10))
+    rows, passes, diff = measure(cfg, args.repeats or (3 if args.quick else 10))
     if dist.get_rank() == 0:
         title = (f"MoE stack training step on {WORLD} CPU ranks (gloo), ep=2: {cfg['layers']} layers, D={cfg['dim']}, "
                  f"F={cfg['ffn']}, E={cfg['experts']}, top-2, {WORLD}x{cfg['batch']}x{cfg['seq']} tokens")
-        _harness.print_table(rows, ["case", "step_ms", "min_ms", "tokens_per_s", "vs_deepspeed"], title)
-        ratios = {r["case"]: r["vs_deepspeed"] for r in rows if r["case"].startswith("moesys")}
-        print(f"train pipeline: {' -> '.join(passes)}")
+        _harness.print_table(rows, ["case", "step_ms", "min_ms", "tokens_per_s", "vs_deepspeed", "cpu_ms",
+                                    "vs_deepspeed_cpu"], title)
+        ours = [r for r in rows if r["case"].startswith("moesys")]
+        ratios = {r["case"]: r["vs_deepspeed"] for r in ours}
+        cpu_ratios = {r["case"]: r["vs_deepspeed_cpu"] for r in ours}
+        print(f"train pipeline: {' -> '.join(passes)}; same weights as DeepSpeed, "
+              f"dropless outputs differ by {diff:.2e}")
         _harness.write_json(args.json, NAME, rows, config=cfg, world_size=WORLD, deepspeed=deepspeed.__version__,
-                            ratios=ratios, target_ratio=1.5, passes=passes)
+                            ratios=ratios, cpu_ratios=cpu_ratios, target_ratio=1.5, passes=passes,
+                            max_abs_diff_dropless=diff)
     dist.barrier()
     dist.destroy_process_group()
 

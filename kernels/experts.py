@@ -26,7 +26,6 @@ on CUDA, torch elsewhere).
 import threading
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from moesys_compile.kernels._triton import resolve_impl
@@ -57,7 +56,8 @@ def _workspace(sizes: list[tuple[int, int]], like: Tensor) -> list[Tensor]:
     pool = _WORKSPACE.__dict__.setdefault("pool", {})
     key = (like.dtype, like.device)
     if key not in pool or pool[key].numel() < total:
-        pool[key] = like.new_empty(total)
+        with torch.inference_mode(False):   # made under inference_mode it could not be written outside it
+            pool[key] = like.new_empty(total)
     views, offset = [], 0
     for rows, cols in sizes:
         views.append(pool[key][offset:offset + rows * cols].view(rows, cols))
@@ -175,7 +175,10 @@ def experts_forward_torch(x: Tensor, counts_E: Tensor, w_up_EHD: Tensor, w_down_
 
 
 def experts_backward_torch(grad_out: Tensor, x: Tensor, counts_E: Tensor, w_up_EHD: Tensor, w_down_EDF: Tensor,
-                           h_NH: Tensor, activation: str, slots_N=None, weights_TK=None):
+                           h_NH: Tensor, activation: str, slots_N=None, weights_TK=None, need_grad_x: bool = True):
+    """Gradients of ``experts_forward_torch``: (grad_x, grad_w_up, grad_w_down, grad_weights_TK or None).
+    ``need_grad_x=False`` (the rows' source needs no gradient, e.g. the first layer's input) skips
+    the grad_h @ W_up GEMMs and returns None for grad_x."""
     fused = slots_N is not None
     bounds = _group_bounds(counts_E)
     kept = bounds[-1][2] if bounds else 0
@@ -187,7 +190,7 @@ def experts_backward_torch(grad_out: Tensor, x: Tensor, counts_E: Tensor, w_up_E
     g_rows = max(rows, weights_TK.shape[1]) if fused else 0
     x_buf, g_buf, h_buf, gate_buf, a_buf, ga_buf, tmp_buf, gh_buf, gx_rows = _workspace(
         [(g_rows, dim), (g_rows, dim), (0 if saved else rows, rows_h), (rows, ffn), (rows, ffn),
-         (rows, ffn), (rows, ffn), (rows, rows_h), (num_rows if fused else 0, dim)], x)
+         (rows, ffn), (rows, ffn), (rows, rows_h), (num_rows if fused and need_grad_x else 0, dim)], x)
     grad_w_up, grad_w_down = torch.empty_like(w_up_EHD), torch.empty_like(w_down_EDF)
     idle = sorted(set(range(counts_E.numel())) - {expert for expert, _, _ in bounds})
     grad_w_up[idle], grad_w_down[idle] = 0, 0    # experts without rows get zero gradients
@@ -195,9 +198,10 @@ def experts_backward_torch(grad_out: Tensor, x: Tensor, counts_E: Tensor, w_up_E
         tokens_N = slots_N // weights_TK.shape[1]
         scale_N1 = weights_TK.reshape(-1)[slots_N].to(x.dtype)[:, None]
         grad_w_N = torch.zeros(num_rows, dtype=torch.float32, device=x.device)
-    else:
+    elif need_grad_x:
         gx_rows = x.new_empty((num_rows, dim))
-    gx_rows[kept:] = 0
+    if need_grad_x:
+        gx_rows[kept:] = 0
     for block in blocks:
         b0, b1 = block[0][1], block[-1][2]
         n = b1 - b0
@@ -229,10 +233,11 @@ def experts_backward_torch(grad_out: Tensor, x: Tensor, counts_E: Tensor, w_up_E
             else:  # a later piece of an expert cut in several
                 grad_w_down[expert].addmm_(g_b[rs].t(), a_b[rs])
                 grad_w_up[expert].addmm_(grad_h[rs].t(), x_b[rs])
-            torch.mm(grad_h[rs], w_up_EHD[expert], out=gx_rows[b0 + rs.start:b0 + rs.stop])
+            if need_grad_x:
+                torch.mm(grad_h[rs], w_up_EHD[expert], out=gx_rows[b0 + rs.start:b0 + rs.stop])
     if not fused:
-        return gx_rows, grad_w_up, grad_w_down, None
-    grad_x = _sum_slots(gx_rows, slots_N, x_buf, weights_TK, weighted=False)
+        return (gx_rows if need_grad_x else None), grad_w_up, grad_w_down, None
+    grad_x = _sum_slots(gx_rows, slots_N, x_buf, weights_TK, weighted=False) if need_grad_x else None
     grad_weights_N = torch.empty_like(grad_w_N)
     grad_weights_N[slots_N] = grad_w_N
     return grad_x, grad_w_up, grad_w_down, grad_weights_N.view(weights_TK.shape).to(weights_TK.dtype)
@@ -255,8 +260,10 @@ def _backward(ctx, grad_out, x, counts_E, w_up_EHD, w_down_EDF, h_NH, slots_N=No
     num_rows = slots_N.numel() if slots_N is not None else x.shape[0]
     if h_NH.shape[0] != num_rows and ctx.impl == "triton":  # not saved (inference op): recompute once
         _, h_NH = experts_forward_triton(x, counts_E, w_up_EHD, w_down_EDF, ctx.activation, slots_N, weights_TK)
+    # the torch path skips grad_x's GEMMs when x needs no gradient (e.g. the first layer's input)
+    skip = {"need_grad_x": ctx.needs_input_grad[0]} if ctx.impl == "torch" else {}
     return _BACKWARD[ctx.impl](grad_out, x, counts_E, w_up_EHD, w_down_EDF, h_NH, ctx.activation, slots_N,
-                               weights_TK)
+                               weights_TK, **skip)
 
 
 # ---------------------------------------------------------------------------------------------

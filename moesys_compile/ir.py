@@ -41,16 +41,29 @@ def module_path_of(node: fx.Node) -> Optional[str]:
     return None
 
 
-def is_op(node: fx.Node, *names: str) -> bool:
-    """True if ``node`` calls one of ``torch.ops.moesys.<name>`` (e.g. ``is_op(n, "moe_experts")``)."""
-    if node.op != "call_function":
+def is_op(node: Any, *names: str, namespace: str = "moesys") -> bool:
+    """True if ``node`` is an fx node calling ``torch.ops.<namespace>.<name>`` for one of ``names``,
+    through the packet (``torch.ops.moesys.route``) or any of its overloads (``.default``, ...).
+
+    >>> is_op(node, "moe_experts")                                   # doctest: +SKIP
+    >>> is_op(node, "route_topk", namespace="moesys_kernels")        # doctest: +SKIP
+    """
+    if not isinstance(node, fx.Node) or node.op != "call_function":
         return False
     target = node.target
-    namespace = getattr(target, "namespace", None)
-    if namespace != "moesys":
+    if isinstance(target, torch._ops.OpOverload):
+        target = target.overloadpacket
+    if not isinstance(target, torch._ops.OpOverloadPacket):
         return False
-    op_name = getattr(target, "_opname", None) or str(target).split(".")[1]
-    return op_name in names
+    return target._qualified_op_name in {f"{namespace}::{name}" for name in names}
+
+
+def fetch(root: torch.nn.Module, target: str) -> Any:
+    """The attribute a ``get_attr`` / ``call_module`` target names: ``fetch(gm, "layers.0.ffn.w_up")``."""
+    obj: Any = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def canonical_target(target: Any) -> Any:

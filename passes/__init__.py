@@ -21,7 +21,7 @@ Pass = Callable[[fx.GraphModule, object], fx.GraphModule]
 # Explicit per-mode pipelines. With every pass disabled the program is the captured graph
 # (identity), which `inspect` reports as such.
 TRAIN_PIPELINE: list[Pass] = [decompose_moe, expert_parallel, fuse_comm, lower_kernels]
-INFER_PIPELINE: list[Pass] = [decompose_moe, ring_partition, schedule_prefetch]
+INFER_PIPELINE: list[Pass] = [decompose_moe, ring_partition, lower_kernels, schedule_prefetch]
 
 PIPELINES: dict[str, list[Pass]] = {"train": TRAIN_PIPELINE, "infer": INFER_PIPELINE}
 

@@ -1,12 +1,19 @@
-"""fuse_comm: plan fused gradient buckets per parameter class, each reduced over its own group."""
+"""fuse_comm: plan fused gradient buckets per parameter class, each reduced over its own group,
+and reduce the load-balancing statistics of all MoE layers in one all-reduce."""
 
 from __future__ import annotations
 
+import functools
+import operator
+
+import torch
 import torch.fx as fx
 from torch import nn
 
+from moesys_compile.frontend.annotation import Cost
 from moesys_compile.frontend.canonicalize import moe_parameter_classes
-from moesys_compile.ir import moesys_meta
+from moesys_compile.ir import is_op, moesys_meta
+from moesys_compile.passes.decompose_moe import new_node
 from moesys_compile.plan import format_bytes
 from moesys_compile.runtime.collectives import Bucket
 from moesys_compile.runtime.groups import Topology
@@ -71,16 +78,66 @@ def plan_buckets(gm: fx.GraphModule, order: list[str], kinds: dict[str, str], ca
     return done
 
 
+def _read_only_after(loss: fx.Node, last: fx.Node, position: dict) -> bool:
+    """Only the loss value of ``loss`` is read (not its statistics), and only after ``last``."""
+    for item in loss.users:
+        if item.target is not operator.getitem or item.args[1] != 0:
+            return False
+        if any(position[user] <= position[last] for user in item.users):
+            return False
+    return True
+
+
+def fuse_aux_losses(gm: fx.GraphModule, ctx) -> int:
+    """Replace the ``global_load_balancing_loss`` nodes of one group by one
+    ``global_load_balancing_losses`` node placed after the last of them (one all-reduce each way
+    instead of one per layer). A loss whose value is read before that point, or whose statistics
+    are read at all, keeps its own node. Returns how many losses were fused."""
+    losses = [n for n in gm.graph.nodes if is_op(n, "global_load_balancing_loss")]
+    position = {node: index for index, node in enumerate(gm.graph.nodes)}
+    fused = 0
+    for group in dict.fromkeys(n.args[3] for n in losses):
+        members = [n for n in losses if n.args[3] == group]
+        last = members[-1]
+        members = [n for n in members if _read_only_after(n, last, position)]
+        if len(members) < 2:
+            continue
+        scores, ids, coefs = ([n.args[i] for n in members] for i in range(3))
+        cost = functools.reduce(operator.add, (moesys_meta(n)["cost"] for n in members))
+        with gm.graph.inserting_after(last):
+            both = new_node(gm, ctx, torch.ops.moesys.global_load_balancing_losses.default,
+                            (scores, ids, coefs, group), last, cost=cost)
+        moesys_meta(both).update(layer=None, module=None)     # it spans layers
+        with gm.graph.inserting_after(both):
+            values_n = new_node(gm, ctx, operator.getitem, (both, 0), both, cost=Cost())
+        anchor = values_n
+        for index, loss in enumerate(members):
+            with gm.graph.inserting_after(anchor):
+                anchor = new_node(gm, ctx, torch.ops.aten.select.int, (values_n, 0, index), loss, cost=Cost())
+            for item in list(loss.users):
+                item.replace_all_uses_with(anchor)
+                gm.graph.erase_node(item)
+            gm.graph.erase_node(loss)
+        fused += len(members)
+        ctx.note(f"{len(members)} load-balancing losses over the {group} group: one all-reduce of their "
+                 f"statistics in forward and one of their gradients in backward")
+    return fused
+
+
 def fuse_comm(gm: fx.GraphModule, ctx) -> fx.GraphModule:
-    """Fused gradient communication (SE-MoE): flat buckets per parameter class and group.
+    """Fused communication (SE-MoE): flat gradient buckets per parameter class and group, and
+    one all-reduce for the load-balancing statistics of every MoE layer.
 
     **Contract.** Needs the expert shards of ``expert_parallel`` (``ctx.extras["expert_shards"]``)
     and the MoE blocks of the frontend (``ctx.blocks``). Writes ``ctx.extras["grad_buckets"]``
     (list of ``collectives.Bucket`` in launch order) and ``meta["moesys"]["bucket"]`` (bucket
     names) on every node that reads a parameter. Classes: ``expert`` (w_up/w_down, all-reduced
-    over the expert-data-parallel group), ``router`` and ``dense`` (over all ranks). The graph's
-    computation is unchanged; the TrainingProgram's GradBucketer all-reduces each bucket
-    asynchronously as soon as its last gradient is accumulated in backward.
+    over the expert-data-parallel group), ``router`` and ``dense`` (over all ranks); the
+    TrainingProgram's GradBucketer all-reduces each bucket asynchronously as soon as its last
+    gradient is accumulated in backward. The ``global_load_balancing_loss`` nodes of one group
+    whose values are read only after the last of them become one ``global_load_balancing_losses``
+    node there (``meta["moesys"]["layer"]`` None) and an ``aten.select`` per layer (with the
+    layer's meta and ``val``); values and gradients are unchanged.
 
     **Pseudo-code.**
 
@@ -88,6 +145,10 @@ def fuse_comm(gm: fx.GraphModule, ctx) -> fx.GraphModule:
         order = parameters in reverse order of first forward use       # ~ backward order
         for p in order: append p to the open bucket of kind(p); close it at plan.bucket_mb
         record buckets (kind, group, params, bytes) in ctx.extras, ctx.note and node meta
+        losses = global_load_balancing_loss nodes of a group read only after the last one
+        if len(losses) >= 2:
+            aux_n, _ = global_load_balancing_losses([scores], [ids], [coef], group)  # after the last
+            each loss[0] -> aux_n[i]
     """
     plan = ctx.plan
     if plan.world_size == 1:
@@ -110,4 +171,5 @@ def fuse_comm(gm: fx.GraphModule, ctx) -> fx.GraphModule:
         ctx.note(f"bucket {bucket.name}: {len(bucket.params)} grads, {format_bytes(bucket.nbytes)}, async all-reduce "
                  f"over {bucket.group} group {ranks} (sum / {plan.world_size})")
     ctx.note(f"{len(buckets)} bucket(s) of at most {plan.bucket_mb} MB, launched in backward order")
+    fuse_aux_losses(gm, ctx)
     return gm

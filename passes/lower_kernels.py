@@ -10,7 +10,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.fx as fx
 
-from moesys_compile.ir import canonical_target, infer_val
+from moesys_compile.ir import canonical_target, infer_val, is_op
 from moesys_compile.passes.decompose_moe import effective_capacity_factor
 
 
@@ -27,7 +27,10 @@ def lower_kernels(gm: fx.GraphModule, ctx) -> fx.GraphModule:
       "torch" (never "auto": the graph says what runs) and whose ``meta["moesys"]["lowered_to"]``
       is "<impl>:<kernel>", e.g. "triton:moe_fused_swiglu", "torch:grouped_mlp". New nodes get
       ``meta["val"]`` by fake propagation and the ``layer``/``cost`` of the nodes they replace (a
-      fused node the sum of their costs). Falling back to torch (no Triton, a device Triton cannot
+      fused node the sum of their costs). Positional keys (``section``, ``slot``: where a node sits
+      in a partitioned graph) come from the node a new node is inserted before, so sections stay
+      contiguous in graph order; a fusion whose weights would leave their section is not made
+      (its ops are lowered one by one). Falling back to torch (no Triton, a device Triton cannot
       run on, an fp64 tensor) is noted with its reason via ``ctx.note``.
     - Keeps: graph outputs and numerics (same functions, forward and backward); the aux loss;
       every node not named above. Running the pass twice changes nothing the second time.
@@ -42,7 +45,7 @@ def lower_kernels(gm: fx.GraphModule, ctx) -> fx.GraphModule:
             for node in graph.nodes: rule(node)              # rewrites, or None for no match
         RULES:
           unpermute(grouped_mlp(permute(x, ids, E, cap)[0], permute[1], w_up, w_down, act), permute[2], w)
-              (x_ND and y_ND used nowhere else)
+              (x_ND and y_ND used nowhere else; grouped_mlp and unpermute in one section)
             -> counts, order = sort_slots(ids, E, cap); y = fused_experts(x, order, counts, w, w_up, w_down, act)[0]
           moe_experts(x, ids, w, w_up, w_down, act, cf) -> sort_slots(ids, E, -1, cf); fused_experts(...)[0]
           route(logits, ...)               -> route_topk(logits, ...)     (+ counts_E, score_sum_E)
@@ -84,11 +87,14 @@ def bound_args(node: fx.Node) -> dict[str, Any]:
     return args
 
 
-def is_op(node: Any, *names: str) -> bool:
-    """``node`` calls ``torch.ops.moesys.<name>`` (the packet or its default overload)."""
-    if not isinstance(node, fx.Node) or node.op != "call_function":
-        return False
-    return str(canonical_target(node.target)) in {f"moesys.{name}.default" for name in names}
+# Keys that say where a node sits in a partitioned graph (ring_partition, schedule_prefetch): a new
+# node takes them from its position, not from the node it replaces.
+POSITIONAL_KEYS = ("section", "slot")
+
+
+def same_section(*nodes: fx.Node) -> bool:
+    """The nodes lie in one ring section (always true in a graph that was not partitioned)."""
+    return len({n.meta.get("moesys", {}).get("section") for n in nodes}) == 1
 
 
 def _getitem_of(node: Any, index: int, parent: Optional[fx.Node] = None) -> bool:
@@ -152,6 +158,11 @@ class _Lowering:
         base.pop("lowered_to", None)
         if lowered_to:
             base["lowered_to"] = lowered_to
+        at = node.next.meta.get("moesys", {})  # the node it was inserted before
+        for key in POSITIONAL_KEYS:
+            base.pop(key, None)
+            if key in at:
+                base[key] = at[key]
         node.meta["moesys"] = base
         for key in ("nn_module_stack", "stack_trace"):
             if like and key in like[0].meta:
@@ -209,6 +220,8 @@ def fuse_dispatch_experts_combine(node: fx.Node, lw: _Lowering) -> Optional[fx.N
     dispatch = x_sorted.args[0]
     if not (_getitem_of(mlp["counts_E"], 1, dispatch) and _getitem_of(combine["order_N"], 2, dispatch)):
         return None
+    if not same_section(experts, node):
+        return None  # the fused node goes before the combine: the expert weights would change section
     if any(user is not x_sorted and not (_getitem_of(user, 1) or _getitem_of(user, 2)) for user in dispatch.users):
         return None  # x_ND is read elsewhere too: the rows must be materialised
     perm = bound_args(dispatch)
@@ -281,7 +294,7 @@ def fuse_balance_loss(node: fx.Node, lw: _Lowering) -> Optional[fx.Node]:
     a = bound_args(node)
     scores, ids = a["scores_TE"], a["ids_TK"]
     if not (_getitem_of(scores, 2) and _getitem_of(ids, 1, scores.args[0])
-            and scores.args[0].target == torch.ops.moesys_kernels.route_topk.default):
+            and is_op(scores.args[0], "route_topk", namespace="moesys_kernels")):
         return None
     routing = scores.args[0]
     with lw.gm.graph.inserting_before(node):

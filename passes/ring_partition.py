@@ -14,20 +14,15 @@ workspace.
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, field
 from typing import Optional
 
-import sympy
 import torch
 import torch.fx as fx
-from torch import Tensor
-
-from moesys_compile import ops
-from moesys_compile.frontend.annotation import B, S, CostModel
 
 from moesys_compile.errors import PassError, PlanError
-from moesys_compile.ir import infer_val, is_op, moesys_meta
+from moesys_compile.ir import fetch, moesys_meta
+from moesys_compile.passes.ring_expert_groups import split_into_groups, split_reserve, splittable_weights
 from moesys_compile.plan import format_bytes
 from moesys_compile.runtime.ring import activation_exprs, evaluate_workspace, liveness_plan
 
@@ -78,13 +73,6 @@ class RingLayout:
 # ---------------------------------------------------------------------------------------------
 # state read by nodes
 # ---------------------------------------------------------------------------------------------
-
-
-def fetch(gm: fx.GraphModule, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def node_state(gm: fx.GraphModule, node: fx.Node) -> dict[str, torch.Tensor]:
@@ -228,76 +216,11 @@ def choose_slots(plan_slots: Optional[int], room: int, largest_layer: int) -> in
 
 
 # ---------------------------------------------------------------------------------------------
-# expert groups: a grouped_mlp whose experts do not fit a slot runs one expert group at a time
+# expert groups (the rewrite lives in ring_expert_groups): sizes and which grouped_mlps to split
 # ---------------------------------------------------------------------------------------------
 
 
-def _group_rows(counts_E: Tensor, first: int, count: int) -> list[tuple[int, int, int]]:
-    """(local expert, start row, end row) of experts [first, first + count); one host sync."""
-    counts = counts_E.tolist()
-    start = sum(counts[:first])
-    rows = []
-    for local, size in enumerate(counts[first:first + count]):
-        rows.append((local, start, start + size))
-        start += size
-    return rows
-
-
-def expert_group_reference(x_ND: Tensor, counts_E: Tensor, w_up_GHD: Tensor, w_down_GDF: Tensor, first_expert: int,
-                           activation: str = "swiglu") -> Tensor:
-    """Differentiable: grouped_mlp restricted to experts [first, first + G); other rows are 0."""
-    y_ND = x_ND.new_zeros((x_ND.shape[0], w_down_GDF.shape[1]))
-    for local, start, end in _group_rows(counts_E, first_expert, w_up_GHD.shape[0]):
-        h_nH = x_ND[start:end] @ w_up_GHD[local].t()
-        y_ND = y_ND.index_copy(0, torch.arange(start, end, device=x_ND.device),
-                               ops.apply_activation(h_nH, activation) @ w_down_GDF[local].t())
-    return y_ND
-
-
-@torch.library.custom_op("moesys_ring::expert_group_mlp", mutates_args=())
-def expert_group_mlp(x_ND: Tensor, counts_E: Tensor, w_up_GHD: Tensor, w_down_GDF: Tensor, first_expert: int,
-                     activation: str = "swiglu") -> Tensor:
-    """Rows of experts [first_expert, first_expert + G) of ``moesys.grouped_mlp``, zeros elsewhere;
-    summed over a partition of the experts it is grouped_mlp (each row is nonzero in one group)."""
-    y_ND = x_ND.new_zeros((x_ND.shape[0], w_down_GDF.shape[1]))
-    for local, start, end in _group_rows(counts_E, first_expert, w_up_GHD.shape[0]):
-        h_nH = torch.mm(x_ND[start:end], w_up_GHD[local].t())
-        torch.mm(ops.apply_activation(h_nH, activation), w_down_GDF[local].t(), out=y_ND[start:end])
-    return y_ND
-
-
-@expert_group_mlp.register_fake
-def _expert_group_mlp_fake(x_ND, counts_E, w_up_GHD, w_down_GDF, first_expert, activation="swiglu"):
-    return x_ND.new_empty((x_ND.shape[0], w_down_GDF.shape[1]))
-
-
-def _expert_group_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:4])
-    ctx.first, ctx.activation = inputs[4], inputs[5]
-
-
-def _expert_group_backward(ctx, grad_y_ND):
-    x_ND, counts_E, w_up, w_down = ctx.saved_tensors
-    with torch.enable_grad():
-        leaves = [t.detach().requires_grad_(True) for t in (x_ND, w_up, w_down)]
-        y_ND = expert_group_reference(leaves[0], counts_E, leaves[1], leaves[2], ctx.first, ctx.activation)
-        grad_x, grad_up, grad_down = torch.autograd.grad(y_ND, leaves, grad_y_ND, allow_unused=True)
-    return grad_x, None, grad_up, grad_down, None, None
-
-
-expert_group_mlp.register_autograd(_expert_group_backward, setup_context=_expert_group_setup)
-
-
-def _splittable_weights(node: fx.Node) -> Optional[tuple[fx.Node, fx.Node]]:
-    """The (w_up, w_down) get_attr inputs of a grouped_mlp that only it reads, else None."""
-    if not is_op(node, "grouped_mlp"):
-        return None
-    up, down = node.args[2], node.args[3]
-    ok = all(isinstance(w, fx.Node) and w.op == "get_attr" and len(w.users) == 1 for w in (up, down))
-    return (up, down) if ok else None
-
-
-def _expert_bytes(gm: fx.GraphModule, up: fx.Node, down: fx.Node, dtype) -> tuple[int, int]:
+def expert_bytes(gm: fx.GraphModule, up: fx.Node, down: fx.Node, dtype) -> tuple[int, int]:
     """(bytes of one expert's up + down weights, number of experts)."""
     w_up, w_down = fetch(gm, str(up.target)), fetch(gm, str(down.target))
     return stored_bytes(w_up[0], dtype) + stored_bytes(w_down[0], dtype), w_up.shape[0]
@@ -307,90 +230,31 @@ def indivisible_bytes(gm: fx.GraphModule, unit: list[fx.Node], state_of, dtype) 
     """Bytes of a fine unit that must share one slot (a grouped_mlp only needs one expert)."""
     total = sum(unit_state(unit, state_of).values())
     for node in unit:
-        weights = _splittable_weights(node)
+        weights = splittable_weights(node)
         if weights is not None and weights[0] in unit and weights[1] in unit:
             whole = sum(state_of[w][str(w.target)] for w in weights)
-            total += _expert_bytes(gm, *weights, dtype)[0] - whole
+            total += expert_bytes(gm, *weights, dtype)[0] - whole
     return total
 
 
-def _new_node(gm: fx.GraphModule, ctx, target, args: tuple, like: fx.Node, flops=None) -> fx.Node:
-    node = gm.graph.call_function(target, args)
-    infer_val(node, ctx.fake_mode)
-    meta = moesys_meta(node)
-    meta.update(layer=moesys_meta(like).get("layer"), module=moesys_meta(like).get("module"))
-    meta["cost"] = CostModel(gm, ctx.annotation).cost(node)
-    if flops is not None:
-        meta["cost"].flops = flops
-    return node
-
-
-def _slice_attr(gm: fx.GraphModule, ctx, weight: fx.Node, lo: int, hi: int, slices) -> fx.Node:
-    name = f"ring_{str(weight.target).replace('.', '_')}_{lo}_{hi}"
-    gm.register_buffer(name, fetch(gm, str(weight.target)).detach()[lo:hi], persistent=False)
-    node = gm.graph.get_attr(name)
-    with ctx.fake_mode:
-        node.meta["val"] = weight.meta["val"][lo:hi]
-    moesys_meta(node).update(layer=moesys_meta(weight).get("layer"), module=moesys_meta(weight).get("module"))
-    moesys_meta(node)["cost"] = CostModel(gm, ctx.annotation).cost(node)
-    slices[name] = (str(weight.target), lo, hi)
-    return node
-
-
-def split_reserve(gm: fx.GraphModule, ctx, fine, state_of, slot_bytes: int, batch: int, seq: int) -> int:
-    """Extra peak activation bytes at the example shape once the grouped_mlps larger than
-    ``slot_bytes`` run as expert groups: where one output was, the running sum, a group's rows
-    and their new sum are alive together (the liveness walk with that transient added)."""
-    if ctx.plan.options.get("ring_workspace") is not None:
-        return 0
-    values = {B: batch, S: seq}
-    index = {n: i for i, n in enumerate(gm.graph.nodes)}
-    transient = {}
-    for unit in fine:
-        if sum(unit_state(unit, state_of).values()) <= slot_bytes:
-            continue
-        for node in filter(_splittable_weights, unit):
-            val = node.meta["val"]
-            out = int(sympy.sympify(ctx.annotation.expr(val.shape[0])).xreplace(values)) * val[0].numel() * val.element_size()
-            counted = int(sympy.sympify(moesys_meta(node)["cost"].activation_bytes).xreplace(values))
-            transient[index[node]] = 3 * out - counted
-    if not transient:
-        return 0
-    exprs, liveness = activation_exprs(gm, ctx), liveness_plan(gm)
-    return aligned(evaluate_workspace(exprs, liveness, batch, seq, transient)
-                   - evaluate_workspace(exprs, liveness, batch, seq))
+def oversized_experts(fine: list[list[fx.Node]], state_of, slot_bytes: int) -> list[fx.Node]:
+    """The splittable grouped_mlps of the fine units larger than ``slot_bytes``."""
+    return [node for unit in fine if sum(unit_state(unit, state_of).values()) > slot_bytes
+            for node in unit if splittable_weights(node)]
 
 
 def split_oversized_experts(gm: fx.GraphModule, ctx, fine, state_of, slot_bytes: int, dtype, slices) -> int:
     """Replace each grouped_mlp whose unit exceeds a slot by expert groups that fit one."""
     split = 0
-    for unit in fine:
-        if sum(unit_state(unit, state_of).values()) <= slot_bytes:
+    for node in oversized_experts(fine, state_of, slot_bytes):
+        per_expert, num_experts = expert_bytes(gm, *splittable_weights(node), dtype)
+        per_group = max(1, (slot_bytes - 2 * ALIGN) // per_expert)
+        if per_group >= num_experts:
             continue
-        for node in [n for n in unit if _splittable_weights(n)]:
-            up, down = _splittable_weights(node)
-            per_expert, num_experts = _expert_bytes(gm, up, down, dtype)
-            per_group = max(1, (slot_bytes - 2 * ALIGN) // per_expert)
-            if per_group >= num_experts:
-                continue
-            x_ND, counts_E = node.args[:2]
-            activation = node.args[4] if len(node.args) > 4 else node.kwargs.get("activation", "swiglu")
-            flops = moesys_meta(node)["cost"].flops
-            with gm.graph.inserting_before(node):
-                total = None
-                for lo in range(0, num_experts, per_group):
-                    hi = min(num_experts, lo + per_group)
-                    args = (x_ND, counts_E, _slice_attr(gm, ctx, up, lo, hi, slices),
-                            _slice_attr(gm, ctx, down, lo, hi, slices), lo, activation)
-                    part = _new_node(gm, ctx, torch.ops.moesys_ring.expert_group_mlp.default, args, node,
-                                     flops * (hi - lo) / num_experts)
-                    total = part if total is None else _new_node(gm, ctx, operator.add, (total, part), node)
-            node.replace_all_uses_with(total)
-            for dead in (node, up, down):
-                gm.graph.erase_node(dead)
-            ctx.note(f"{moesys_meta(total).get('module')}: grouped_mlp over {num_experts} experts -> "
-                     f"{-(-num_experts // per_group)} expert groups of <= {per_group} (a slot holds {slot_bytes} B)")
-            split += 1
+        total = split_into_groups(gm, ctx, node, per_group, slices)
+        ctx.note(f"{moesys_meta(total).get('module')}: grouped_mlp over {num_experts} experts -> "
+                 f"{-(-num_experts // per_group)} expert groups of <= {per_group} (a slot holds {slot_bytes} B)")
+        split += 1
     return split
 
 
@@ -407,11 +271,12 @@ def ring_partition(gm: fx.GraphModule, ctx) -> fx.GraphModule:
     Writes ``meta["moesys"]["section"]`` (int) on every node but the output, and
     ``ctx.extras["ring"]`` (a ``RingLayout``: slots, slot bytes, workspace, sections with their
     streamed state, expert-weight slices). A ``grouped_mlp`` too large for a slot is replaced by
-    a sum of ``moesys_ring.expert_group_mlp`` nodes over expert groups (same rows, same values;
-    new nodes get ``val``, ``layer``, ``module`` and ``cost``). Moves each ``get_attr`` right
-    before its first user and gives every further user its own ``get_attr`` of the same target.
-    The computation is unchanged. Raises ``PlanError`` stating the minimum budget in bytes when
-    the budget cannot hold ``slots`` copies of the largest unit plus the workspace.
+    a sum of ``moesys_ring.expert_group_mlp`` nodes over expert groups (``ring_expert_groups``;
+    same rows, same values; new nodes get ``val``, ``layer``, ``module`` and ``cost``). Moves
+    each ``get_attr`` right before its first user and gives every further user its own
+    ``get_attr`` of the same target. The computation is unchanged. Raises ``PlanError`` stating
+    the minimum budget in bytes when the budget cannot hold ``slots`` copies of the largest unit
+    plus the workspace.
 
     **Pseudo-code.**
 
@@ -450,7 +315,7 @@ def ring_partition(gm: fx.GraphModule, ctx) -> fx.GraphModule:
     worst = max(range(len(fine)), key=lambda i: unit_bytes[i])
     largest_layer = max(sum(unit_state(u, state_of).values()) for u in layer_units(nodes))
     slots = choose_slots(plan.ring_slots, room, largest_layer)
-    at_minimum = split_reserve(gm, ctx, fine, state_of, unit_bytes[worst], batch, seq)
+    at_minimum = aligned(split_reserve(gm, ctx, oversized_experts(fine, state_of, unit_bytes[worst]), batch, seq))
     minimum = slots * unit_bytes[worst] + workspace + sum(resident.values()) + at_minimum
     if plan.device_budget < minimum:
         raise RingBudgetTooSmall("ring_partition", ctx.passes_run, PlanError(
@@ -461,7 +326,7 @@ def ring_partition(gm: fx.GraphModule, ctx) -> fx.GraphModule:
             + (f" + {sum(resident.values())} bytes resident state" if resident else "")
             + (f" + {at_minimum} bytes for the partial sums of expert groups" if at_minimum else "")
             + "; raise Plan.device_budget or lower Plan.ring_slots"))
-    reserve = split_reserve(gm, ctx, fine, state_of, room // slots, batch, seq)
+    reserve = aligned(split_reserve(gm, ctx, oversized_experts(fine, state_of, room // slots), batch, seq))
     slot_bytes = ((room - reserve) // slots) // ALIGN * ALIGN
     if split_oversized_experts(gm, ctx, fine, state_of, slot_bytes, dtype, slices):
         state_of, resident = classify_state(gm, ctx, dtype, slices)

@@ -35,9 +35,12 @@ def previous_occupant(index: int, slots: int, count: int) -> int:
 def schedule_prefetch(gm: fx.GraphModule, ctx) -> fx.GraphModule:
     """Derive the ring's load schedule from the sections of ``ring_partition``.
 
-    **Contract.** Needs ``ctx.extras["ring"]`` (skipped with a note when there is none). Writes
-    ``ctx.extras["ring"].schedule`` (one ``LoadStep`` per section) and ``meta["moesys"]["slot"]``
-    on every node that has a ``section``. Adds no node; the graph computes the same thing.
+    **Contract.** Needs ``ctx.extras["ring"]`` (skipped with a note when there is none) and
+    ``meta["moesys"]["section"]`` on the nodes (the graph is the truth: passes between the
+    partition and this one, e.g. lower_kernels, may have replaced nodes). Writes
+    ``ctx.extras["ring"].schedule`` (one ``LoadStep`` per section), refreshes each section's node
+    names from the graph, and writes ``meta["moesys"]["slot"]`` on every node that has a
+    ``section``. Adds no node; the graph computes the same thing.
 
     **Pseudo-code.**
 
@@ -60,10 +63,13 @@ def schedule_prefetch(gm: fx.GraphModule, ctx) -> fx.GraphModule:
         after = previous_occupant(section.index, slots, count) if rotating else None
         schedule.append(LoadStep(section.index, section.index % slots, after, section.nbytes, rotating))
     layout.schedule = schedule
-    by_name = {name: section.index for section in layout.sections for name in section.nodes}
+    for section in layout.sections:
+        section.nodes = []
     for node in gm.graph.nodes:
-        if node.name in by_name:
-            node.meta["moesys"]["slot"] = by_name[node.name] % slots
+        index = node.meta.get("moesys", {}).get("section")
+        if index is not None:
+            layout.sections[index].nodes.append(node.name)
+            node.meta["moesys"]["slot"] = index % slots
     moved = sum(step.nbytes for step in schedule) if rotating else 0
     ctx.note(f"{'rotating' if rotating else 'resident'} ring: {count} sections over {slots} slots, prefetch depth "
              f"{min(slots, count) - 1}; bytes moved per forward {moved} ({format_bytes(moved)})")

@@ -194,3 +194,44 @@ print("ok")
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]
+
+
+def test_fusion_does_not_move_expert_weights_across_a_ring_section():
+    """In a ring-partitioned graph the fused node would sit in the combine's section: when the
+    combine starts a later section than the experts, the ops are lowered one by one instead, and
+    new nodes take the section of their place in the graph."""
+    from moesys_compile.infer import model_bytes
+    from moesys_compile.ir import is_op
+    model = mc.models.build("tiny-moe").eval()
+    ids = torch.randint(0, 256, (2, 9))
+    plan = mc.Plan(mode="infer", device_budget=4 * model_bytes(model), kernels="torch",
+                   disable_passes=("lower_kernels", "schedule_prefetch"))
+    gm, ctx = mc.lower(model, plan, (ids,))
+    shift = 0
+    for node in gm.graph.nodes:   # every combine (unpermute) now starts a new section
+        shift += is_op(node, "unpermute")
+        if node.op != "output":
+            node.meta["moesys"]["section"] += shift
+    assert shift == 2
+    ctx.plan.disable_passes = ()
+    gm = run_pipeline(gm, ctx, [lower_kernels])
+    assert "fused_experts" not in targets(gm, "moesys_kernels")
+    assert targets(gm, "moesys_kernels").count("grouped_mlp") == 2
+    sections = [n.meta["moesys"]["section"] for n in gm.graph.nodes if n.op != "output"]
+    assert sections == sorted(sections)
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            assert {u.meta["moesys"]["section"] for u in node.users} == {node.meta["moesys"]["section"]}
+    with torch.inference_mode():
+        torch.testing.assert_close(gm(ids)[0], model(ids), rtol=1e-5, atol=1e-5)
+
+
+def test_inference_mode_call_does_not_break_a_later_training_call():
+    """Ring inference runs the kernels under inference_mode; the scratch memory they reuse must
+    still be writable by a training call in the same thread afterwards."""
+    _, ids, reference, gm, _ = compiled_and_lowered("torch")
+    with torch.inference_mode():
+        gm(torch.randint(0, 256, (4, 9), device=DEVICE))          # larger: the scratch grows here
+    out, aux = gm(ids)
+    (out.square().mean() + aux).backward()
+    torch.testing.assert_close(out, reference(ids)[0], rtol=1e-5, atol=1e-5)

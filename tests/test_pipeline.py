@@ -90,3 +90,17 @@ def test_rewritten_program_still_equals_eager(lowered):
     ids = torch.randint(0, 256, (3, 4))
     out, _ = gm(ids)
     torch.testing.assert_close(out, ctx.model(ids))
+
+
+def test_is_op_matches_the_packet_and_every_overload():
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    packet = graph.call_function(torch.ops.moesys.route, (x, 2))
+    default = graph.call_function(torch.ops.moesys.route.default, (x, 2))
+    add_tensor = graph.call_function(torch.ops.aten.add.Tensor, (x, x))
+    add_scalar = graph.call_function(torch.ops.aten.add.Scalar, (x, 1))
+    assert is_op(packet, "route") and is_op(default, "route") and is_op(default, "permute", "route")
+    assert not is_op(default, "permute") and not is_op(x, "route") and not is_op(None, "route")
+    assert not is_op(packet, "route", namespace="moesys_kernels")
+    assert is_op(add_tensor, "add", namespace="aten") and is_op(add_scalar, "add", namespace="aten")
+    assert not is_op(add_tensor, "add") and not is_op(graph.call_function(operator.add, (x, x)), "add")

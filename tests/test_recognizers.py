@@ -3,6 +3,10 @@ what they leave and why, and that the canonical form computes what the block com
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -10,6 +14,9 @@ from torch import nn
 import moesys_compile as mc
 from moesys_compile.frontend import canonicalize, is_canonical_moe
 from moesys_compile.frontend.recognizers import CanonicalMoEBlock
+
+sys.path.insert(0, str(Path(__file__).parent))
+from blocks import SwiGLUExpert  # noqa: E402
 
 D, FF, E, K = 16, 24, 4, 2
 
@@ -55,14 +62,8 @@ class StackedExperts(nn.Module):
         return y_TD
 
 
-class Expert(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.w1, self.w3 = nn.Linear(D, FF, bias=False), nn.Linear(D, FF, bias=False)
-        self.w2 = nn.Linear(FF, D, bias=False)
-
-    def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+def Expert() -> nn.Module:
+    return SwiGLUExpert(D, FF)
 
 
 class ListExperts(nn.ModuleList):
@@ -190,7 +191,7 @@ def test_block_with_extra_math_is_left_with_the_probe_difference():
 def test_biased_experts_are_left_with_the_reason():
     net = Net(SparseBlock(experts=StackedExperts(bias=True)))
     (report,) = canonicalize(net)
-    assert report.action == "left" and "stacked 3-D" in report.reason
+    assert report.action == "left" and "['b_in'] besides the stacked weights" in report.reason
 
 
 def test_recognising_does_not_move_the_global_rng():
@@ -206,3 +207,143 @@ def test_builtin_moe_is_still_reported_canonical():
     model = mc.models.build("tiny-moe")
     reports = canonicalize(model)
     assert [r.action for r in reports] == ["canonical", "canonical"]
+
+
+class LogitsRouter(nn.Module):
+    """Returns only its logits and grouping facts (no [T, K] ids/weights), like JetMoE's gating:
+    softmax over the top-k logits, which is softmax-renorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(D, E, bias=False)
+        self.top_k = K
+
+    def forward(self, x_TD):
+        logits_TE = self.layer(x_TD).float()
+        top_logits_TK, ids_TK = logits_TE.topk(self.top_k, dim=1)
+        order_N = ids_TK.flatten().argsort(stable=True)
+        return order_N, top_logits_TK.softmax(-1).flatten()[order_N], logits_TE
+
+
+class ExpertWeight(nn.Module):
+    def __init__(self, rows: int, cols: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(E, rows, cols) / cols ** 0.5)
+
+
+class SplitBlock(nn.Module):
+    """JetMoE-shaped: experts split over two children, an output bias of the block's own, and a
+    stateless activation child."""
+
+    def __init__(self):
+        super().__init__()
+        self.router = LogitsRouter()
+        self.input_linear = ExpertWeight(2 * FF, D)
+        self.output_linear = ExpertWeight(D, FF)
+        self.bias = nn.Parameter(torch.randn(D))
+        self.activation = nn.SiLU()
+
+    def forward(self, x_BSD):
+        x_TD = x_BSD.reshape(-1, D)
+        order_N, gates_N, _ = self.router(x_TD)
+        token_N = order_N // K
+        ids_N = self.router.layer(x_TD).topk(K, dim=1)[1].flatten()[order_N]
+        h_NH = torch.einsum("nd,nhd->nh", x_TD[token_N], self.input_linear.weight[ids_N])
+        gate, up = h_NH.chunk(2, dim=-1)
+        y_ND = torch.einsum("nf,ndf->nd", self.activation(gate) * up, self.output_linear.weight[ids_N])
+        y_TD = torch.zeros_like(x_TD).index_add(0, token_N, y_ND * gates_N[:, None])
+        return (y_TD + self.bias).reshape(x_BSD.shape)
+
+
+def test_split_experts_output_bias_and_a_logits_only_router_are_canonicalized():
+    net = Net(SplitBlock())
+    program = _check_compiles_equal(net)
+    (report,) = program.context.blocks
+    assert report.action == "replaced" and report.details["router"] == "softmax-top2-renorm"
+    assert report.details["output_bias"] == "bias"
+    assert net.block.expert_param_names == ["input_linear.weight", "output_linear.weight"]
+    assert net.block.activation == "swiglu"        # the stateless SiLU child is computed, not adopted
+
+
+class BiasArgRouter(nn.Module):
+    """Takes a correction bias that lives on the block (MiniMax-M2), sigmoid scores, renormalised."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(E, D))
+
+    def forward(self, x_TD, correction_E):
+        scores_TE = torch.sigmoid(F.linear(x_TD, self.weight).float())
+        ids_TK = (scores_TE + correction_E).topk(K, dim=-1)[1]
+        weights_TK = scores_TE.gather(1, ids_TK)
+        return weights_TK / weights_TK.sum(-1, keepdim=True), ids_TK
+
+
+class SharedMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(D, FF, bias=False), nn.Linear(FF, D, bias=False)
+
+    def forward(self, x):
+        return self.down(F.gelu(self.up(x)))
+
+
+class BiasArgBlock(nn.Module):
+    def __init__(self, average: bool = False):
+        super().__init__()
+        self.gate = BiasArgRouter()
+        self.experts = StackedExperts()
+        self.shared_experts = SharedMLP()
+        self.register_buffer("e_score_correction_bias", torch.randn(E) * 0.1)
+        self.average = average
+
+    def forward(self, x_BSD):
+        x_TD = x_BSD.reshape(-1, D)
+        weights_TK, ids_TK = self.gate(x_TD, self.e_score_correction_bias)
+        y_TD = self.experts(x_TD, ids_TK, weights_TK) + self.shared_experts(x_TD)
+        return (y_TD / 2 if self.average else y_TD).reshape(x_BSD.shape)
+
+
+@pytest.mark.parametrize("average", [False, True])
+def test_router_taking_a_block_tensor_and_an_averaged_shared_expert(average):
+    net = Net(BiasArgBlock(average))
+    program = _check_compiles_equal(net)
+    (report,) = program.context.blocks
+    assert report.action == "replaced" and report.details["router"] == "sigmoid-top2-bias-renorm"
+    assert report.details.get("output_scale") == (0.5 if average else None)
+    assert net.block.router_spec.args == ("e_score_correction_bias",)
+
+
+class Outer(nn.Module):
+    """Looks like MoE to the name heuristic (it has ``experts``) but only its child is a block."""
+
+    def __init__(self):
+        super().__init__()
+        self.experts = SparseBlock()
+        self.proj = nn.Linear(D, D)
+
+    def forward(self, x):
+        return self.proj(self.experts(x))
+
+
+def test_a_module_holding_a_recognised_block_is_not_reported_as_left():
+    reports = canonicalize(Net(Outer()))
+    assert [(r.path, r.action) for r in reports] == [("block.experts", "replaced")]
+
+
+@pytest.mark.parametrize("rows", [1, 5, 13])
+def test_expert_linear_matches_its_reference_with_gradients(rows):
+    from moesys_compile.frontend.recognizers.moa import expert_linear_reference
+
+    gen = torch.Generator().manual_seed(rows)
+    x_NI = torch.randn(rows, 6, generator=gen, requires_grad=True)
+    w_EOI = torch.randn(E, 7, 6, generator=gen, requires_grad=True)
+    ids_N = torch.randint(0, E, (rows,), generator=gen)
+    y = torch.ops.moesys.expert_linear(x_NI, ids_N, w_EOI)
+    want = expert_linear_reference(x_NI, ids_N, w_EOI)
+    torch.testing.assert_close(y, want)
+    grad_y = torch.randn(y.shape, generator=gen)
+    got_grads = torch.autograd.grad(y, (x_NI, w_EOI), grad_y)
+    want_grads = torch.autograd.grad(want, (x_NI, w_EOI), grad_y)
+    for got, expected in zip(got_grads, want_grads):
+        torch.testing.assert_close(got, expected)

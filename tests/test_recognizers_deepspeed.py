@@ -4,9 +4,11 @@ configurations whose result depends on randomness or DeepSpeed's capacity order 
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import moesys_compile as mc
@@ -15,17 +17,14 @@ deepspeed_layer = pytest.importorskip("deepspeed.moe.layer")
 
 from moesys_compile.frontend.recognizers import CanonicalDeepSpeedMoE  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).parent))
+from blocks import SwiGLUExpert  # noqa: E402
+
 D, FF, E, VOCAB = 16, 32, 4, 64
 
 
-class GatedExpert(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.w1, self.w3 = nn.Linear(D, FF, bias=False), nn.Linear(D, FF, bias=False)
-        self.w2 = nn.Linear(FF, D, bias=False)
-
-    def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+def GatedExpert() -> nn.Module:
+    return SwiGLUExpert(D, FF)
 
 
 def gelu_expert() -> nn.Module:

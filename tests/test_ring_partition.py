@@ -91,8 +91,31 @@ def test_plan_ring_slots_is_the_ring_depth():
 
 def test_works_on_the_canonical_op_without_decompose_moe():
     model, gm, ctx = lowered(n_layers=16, disable_passes=("decompose_moe",))   # the fused op cannot be split
-    assert any(is_op(n, "moe_experts") for n in gm.graph.nodes)
+    partitioned = next(s for s in ctx.snapshots if s.stage == "ring_partition")
+    assert sum(r.target == "moesys.moe_experts" for r in partitioned.nodes) == 16
+    fused = [n for n in gm.graph.nodes if is_op(n, "fused_experts", namespace="moesys_kernels")]
+    assert len(fused) == 16 and not any(is_op(n, "moe_experts") for n in gm.graph.nodes)
+    for node in fused:   # the kernel reads its weights in its own section
+        weights = [a for a in node.all_input_nodes if a.op == "get_attr"]
+        assert len(weights) == 2 and {w.meta["moesys"]["section"] for w in weights} == {node.meta["moesys"]["section"]}
     assert ctx.extras["ring"].sections
+
+
+def test_ring_graph_runs_the_lowered_kernels():
+    model, gm, ctx = lowered(fraction=2, ring_slots=2, kernels="torch")
+    assert ctx.passes_run == ["decompose_moe", "ring_partition", "lower_kernels", "schedule_prefetch"]
+    assert not any(is_op(n, "route", "permute", "grouped_mlp", "unpermute", "load_balancing_loss")
+                   for n in gm.graph.nodes)
+    labels = [n.meta["moesys"]["lowered_to"] for n in gm.graph.nodes if "lowered_to" in n.meta["moesys"]]
+    assert labels.count("torch:moe_fused") == 8                 # every layer fits a slot: all are fused
+    assert all(label.startswith("torch:") for label in labels)
+    layout = ctx.extras["ring"]                                 # schedule_prefetch sees the lowered nodes
+    assert [name for s in layout.sections for name in s.nodes] == [n.name for n in gm.graph.nodes if n.op != "output"]
+    assert all(n.meta["moesys"]["slot"] == n.meta["moesys"]["section"] % layout.slots
+               for n in gm.graph.nodes if n.op != "output")
+    ids = torch.randint(0, 256, (2, 8))
+    with torch.inference_mode():
+        torch.testing.assert_close(gm(ids)[0], model(ids), atol=1e-5, rtol=1e-5)
 
 
 def test_no_budget_means_no_ring():
@@ -108,8 +131,11 @@ def test_experts_too_large_for_a_slot_run_as_expert_groups():
     model = mc.models.build("tiny-moe").eval()                     # 2 layers: a quarter < one layer's experts
     ids = torch.randint(0, 256, (1, 8))
     gm, ctx = mc.lower(model, mc.Plan(mode="infer", device_budget=model_bytes(model) // 4), (ids,))
-    groups = [n for n in gm.graph.nodes if n.op == "call_function" and "expert_group_mlp" in str(n.target)]
+    groups = [n for n in gm.graph.nodes if is_op(n, "expert_group_mlp", namespace="moesys_ring")]
     assert not any(is_op(n, "grouped_mlp") for n in gm.graph.nodes)
+    kernels = [n for n in gm.graph.nodes if "lowered_to" in n.meta["moesys"]]   # split experts cannot be fused
+    assert {n.meta["moesys"]["lowered_to"] for n in kernels} == {"torch:route", "torch:permute", "torch:unpermute",
+                                                                "torch:balance_loss"}
     layout = ctx.extras["ring"]
     assert len(layout.slices) == 2 * len(groups)                   # an up and a down slice per group
     covered = {}

@@ -199,3 +199,50 @@ def test_weights_stream_from_a_training_checkpoint(tmp_path):
     fresh = mc.models.build("tiny-moe", **MODELS["tiny-moe"]).eval()
     program = ring(fresh, 8, "host", tmp_path, ids, weights_checkpoint=str(directory))
     torch.testing.assert_close(program(ids), want, atol=1e-6, rtol=0)
+
+
+def test_loads_ahead_of_a_call_do_not_count_as_its_transfer(tmp_path, monkeypatch):
+    """Slow loads (>= 0.1 s each) and a pause between calls: the copy thread fills the first
+    slots for the next call during the pause. That time is in no call's wall, so it must not be
+    in the call's transfer either; efficiency = max(transfer, compute) / wall stays <= 1."""
+    import time
+    model = build("tiny-gpt")
+    ids = torch.randint(0, 256, (1, 4))
+    program = ring(model, 8, "host", tmp_path, ids)
+    original = ring_runtime.RingExecutor._load
+    spans = []
+
+    def slow_load(self, load, slot):
+        start = time.perf_counter()
+        time.sleep(0.1)
+        result = original(self, load, slot)
+        spans.append((start, time.perf_counter()))
+        return result
+    monkeypatch.setattr(ring_runtime.RingExecutor, "_load", slow_load)
+    program(ids)
+    after_call = time.perf_counter()
+    time.sleep(0.5)                                   # the next call's first sections load now
+    before_call = time.perf_counter()
+    program(ids)
+    stats = program.stats
+    assert stats["sections"] > stats["slots"] >= 2
+    assert len([b for a, b in spans if after_call < b <= before_call]) == stats["slots"]   # loaded in the pause
+    during = sum(b - a for a, b in spans if b > before_call)
+    # the executor times a load from just outside _load (thread switches add a little); counting
+    # either load of the pause would add >= 0.1 s
+    assert 0.1 * (stats["sections"] - stats["slots"]) <= stats["transfer_seconds"] <= during + 0.05
+    assert stats["transfer_seconds"] <= stats["wall_seconds"]
+    assert stats["compute_seconds"] <= stats["wall_seconds"]
+    assert stats["efficiency"] <= 1.0
+
+
+def test_generate_efficiency_sums_the_bounds_of_its_calls():
+    from moesys_compile.infer import combine_stats
+    keys = dict(bytes_moved=1, stall_seconds=0.0, peak_device_bytes=1)
+    prompt = dict(keys, transfer_seconds=1.0, compute_seconds=3.0, wall_seconds=3.2)   # compute-bound
+    step = dict(keys, transfer_seconds=1.0, compute_seconds=0.1, wall_seconds=1.1)     # transfer-bound
+    total = combine_stats([prompt, step, step])
+    assert total["steps"] == 3 and total["wall_seconds"] == pytest.approx(5.4)
+    assert total["efficiency"] == pytest.approx((3.0 + 1.0 + 1.0) / 5.4)
+    assert total["pooled_efficiency"] == pytest.approx(3.2 / 5.4)
+

@@ -24,7 +24,7 @@ from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, Stateles
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.utils._pytree import tree_leaves, tree_map
 
-from ..ir import is_op, layer_of_path, module_path_of, moesys_meta, tensors_in, value_signature
+from ..ir import fetch, is_op, layer_of_path, module_path_of, moesys_meta, tensors_in, value_signature
 
 B = sympy.Symbol("B", positive=True, integer=True)
 S = sympy.Symbol("S", positive=True, integer=True)
@@ -124,7 +124,7 @@ class MemoFakeProp(FakeTensorProp):
         if node.op in ("placeholder", "output"):
             return None
         if node.op == "get_attr":
-            return ("get_attr", value_signature(_fetch(self.module, node.target)))
+            return ("get_attr", value_signature(fetch(self.module, node.target)))
         args, kwargs = self.fetch_args_kwargs_from_env(node)
         if node.op == "call_module":
             module = self.module.get_submodule(node.target)
@@ -289,7 +289,7 @@ class CostModel:
             module = self.gm.get_submodule(node.target)
             return self.state_bytes(list(module.parameters()) + list(module.buffers()))
         if node.op == "get_attr":
-            value = _fetch(self.gm, node.target)
+            value = fetch(self.gm, node.target)
             return self.state_bytes([value]) if isinstance(value, torch.Tensor) else ZERO
         return ZERO
 
@@ -310,13 +310,6 @@ def _aten_name(target: Any, default: Optional[str] = None) -> Optional[str]:
     if isinstance(target, torch._ops.OpOverload) and target.namespace == "aten":
         return target._opname
     return default
-
-
-def _fetch(gm: fx.GraphModule, target: str) -> Any:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def annotate_costs(gm: fx.GraphModule, annotation: Annotation) -> None:

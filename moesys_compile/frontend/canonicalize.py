@@ -25,6 +25,7 @@ class Recognition:
     kind: str                                   # e.g. "moesys.nn.MoE", "hf.MixtralSparseMoeBlock"
     replacement: Optional[nn.Module] = None     # None: the module is canonical already
     details: dict = field(default_factory=dict)  # num_experts, top_k, dim, ffn_dim, activation, ...
+    note: str = "dispatch/experts/combine now canonical ops"   # the report's reason for a replacement
 
 
 @dataclass
@@ -93,13 +94,25 @@ def canonicalize(model: nn.Module, recognizers: Optional[list[Recognizer]] = Non
                                            recognition.details))
             else:
                 _set_submodule(model, path, recognition.replacement)
-                reports.append(BlockReport(path, recognition.kind, "replaced",
-                                           "dispatch/experts/combine now canonical ops", recognition.details))
-        elif path and _looks_like_moe(module):
-            claimed.append(path)
+                reports.append(BlockReport(path, recognition.kind, "replaced", recognition.note, recognition.details))
+        elif path and _looks_like_moe(module):   # not claimed: a part of it may still be recognised
             reports.append(BlockReport(path, type(module).__name__, "left",
                                        "no recognizer matched its structure; it runs as traced code"))
-    return reports
+    return outermost(reports)
+
+
+def outermost(reports: list[BlockReport]) -> list[BlockReport]:
+    """Drop a "left" report for a module that contains a recognised one (JetMoE's attention holds
+    its attention experts) or that sits inside another left module (reports in module order)."""
+    done = [r.path for r in reports if r.action != "left"]
+    kept: list[BlockReport] = []
+    for report in reports:
+        inside = report.path + "."
+        if report.action == "left" and (any(p.startswith(inside) for p in done) or any(
+                k.action == "left" and report.path.startswith(k.path + ".") for k in kept)):
+            continue
+        kept.append(report)
+    return kept
 
 
 def is_canonical_moe(module: nn.Module) -> bool:

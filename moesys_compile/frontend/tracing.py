@@ -68,14 +68,35 @@ def _construct(exc: BaseException) -> str:
         return "Python control flow (if/while/assert/bool()) on a traced tensor value"
     if "cannot be iterated" in message:
         return "iteration over a traced value (a loop or unpacking whose length is only known at run time)"
+    if "DataDependentOutput" in type(exc).__name__ or "_local_scalar_dense" in message:
+        return "a tensor value read into Python (.item(), .tolist(), int(tensor)) that decides shapes or control flow"
     if "data-dependent" in message.lower() or "GuardOnDataDependent" in type(exc).__name__:
         return "a branch or shape that depends on tensor values"
     return f"{type(exc).__name__}: {message.splitlines()[0] if message else ''}"
 
 
+def _running_module(model: nn.Module, exc: BaseException) -> Optional[str]:
+    """Path of the innermost module of ``model`` whose code was running when ``exc`` was raised
+    (non-strict torch.export runs the model's own Python, so its frames are in the traceback)."""
+    paths = {id(module): path for path, module in model.named_modules()}
+    found, tb = None, exc.__traceback__
+    while tb is not None:
+        owner = tb.tb_frame.f_locals.get("self")
+        if id(owner) in paths:
+            found = paths[id(owner)] or "<root>"
+        tb = tb.tb_next
+    return found
+
+
 def untraceable_error(model: nn.Module, fx_error: BaseException, tracer: MoesysTracer,
-                      export_error: Optional[BaseException]) -> UntraceableModelError:
-    path = tracer.failed_in or "<root>"
+                      export_error: Optional[BaseException], export_first: bool = False) -> UntraceableModelError:
+    """``export_first``: export was the capture adapter's choice (Hugging Face models), so its
+    failure is the one explained and fx's is the footnote."""
+    if export_first and export_error is not None:
+        fx_error, export_error = export_error, fx_error
+        path = _running_module(model, fx_error) or "<root>"
+    else:
+        path = tracer.failed_in or "<root>"
     frame = _user_frame(fx_error)
     where = f"{frame.filename}:{frame.lineno}: {frame.line}" if frame else "unknown source line"
     construct = _construct(fx_error)
@@ -89,7 +110,8 @@ def untraceable_error(model: nn.Module, fx_error: BaseException, tracer: MoesysT
     ]
     if export_error is not None:
         first = str(export_error).strip().splitlines()[0] if str(export_error).strip() else ""
-        lines.append(f"  torch.export fallback also failed: {type(export_error).__name__}: {first}")
+        lines.append(f"  {'fx' if export_first else 'torch.export'} fallback also failed: "
+                     f"{type(export_error).__name__}: {first}")
     error = UntraceableModelError("\n".join(lines))
     error.module_path, error.source_line, error.construct = path, where, construct
     return error
@@ -200,7 +222,7 @@ def capture(model: nn.Module, example_inputs: Sequence[Any] = (), example_kwargs
                     return export_trace(model, example_inputs, example_kwargs)
                 except Exception as exc:  # noqa: BLE001
                     export_error = exc
-            raise untraceable_error(model, fx_error, tracer, export_error) from fx_error
+            raise untraceable_error(model, fx_error, tracer, export_error, export_first=any(entered)) from fx_error
 
 
 def expose_aux_loss(gm: fx.GraphModule) -> int:

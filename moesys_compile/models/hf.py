@@ -24,6 +24,9 @@ from .spec import LoadedModel, token_inputs
 
 _ATTN = dict(num_attention_heads=4, num_key_value_heads=2)
 _LLAMA_LIKE = dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, max_position_embeddings=128, **_ATTN)
+_MOE = dict(_LLAMA_LIKE, num_experts_per_tok=2)
+_MLA = dict(_MOE, num_key_value_heads=4, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+            v_head_dim=8)
 
 # family -> (transformers model_type, tiny config). Every MoE family has router jitter off and
 # enough experts that top-k is a real choice.
@@ -43,13 +46,84 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
                                         n_group=2, topk_group=1, n_shared_experts=1, first_k_dense_replace=1,
                                         routed_scaling_factor=2.5, q_lora_rank=16, kv_lora_rank=16,
                                         qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)),
+    "dbrx": ("dbrx", dict(vocab_size=128, d_model=32, n_heads=4, n_layers=2, max_seq_len=128,
+                          attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
+                          ffn_config=dict(ffn_hidden_size=32, moe_num_experts=4, moe_top_k=2))),
+    "jetmoe": ("jetmoe", dict(_LLAMA_LIKE, intermediate_size=32, kv_channels=8, num_local_experts=4,
+                              num_experts_per_tok=2)),
+    "granitemoe": ("granitemoe", dict(_MOE, intermediate_size=32, num_local_experts=4)),
+    "granitemoeshared": ("granitemoeshared", dict(_MOE, intermediate_size=32, shared_intermediate_size=64,
+                                                  num_local_experts=4)),
+    "granitemoehybrid": ("granitemoehybrid", dict(_MOE, intermediate_size=32, shared_intermediate_size=64,
+                                                  num_local_experts=4, layer_types=["mamba", "attention"],
+                                                  mamba_n_heads=8, mamba_d_head=8, mamba_d_state=8,
+                                                  mamba_n_groups=1)),
+    "qwen3_next": ("qwen3_next", dict(_MOE, intermediate_size=64, moe_intermediate_size=32, head_dim=8,
+                                      shared_expert_intermediate_size=64, num_experts=4,
+                                      layer_types=["linear_attention", "full_attention"], linear_key_head_dim=8,
+                                      linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4)),
+    "qwen3_5_moe": ("qwen3_5_moe_text", dict(_MOE, intermediate_size=64, moe_intermediate_size=32, head_dim=8,
+                                             shared_expert_intermediate_size=64, num_experts=4,
+                                             layer_types=["linear_attention", "full_attention"],
+                                             linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2,
+                                             linear_num_value_heads=4)),
+    "glm4_moe_lite": ("glm4_moe_lite", dict(_MLA, intermediate_size=64, moe_intermediate_size=32,
+                                            n_routed_experts=4, n_shared_experts=1, n_group=1, topk_group=1)),
+    "glm4_moe": ("glm4_moe", dict(_MOE, intermediate_size=64, moe_intermediate_size=32, n_routed_experts=4,
+                                  n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1)),
+    "dots1": ("dots1", dict(_MOE, intermediate_size=64, moe_intermediate_size=32, n_routed_experts=4,
+                            n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1)),
+    "deepseek_v2": ("deepseek_v2", dict(_MLA, intermediate_size=64, moe_intermediate_size=32, n_routed_experts=4,
+                                        n_shared_experts=1, first_k_dense_replace=1)),
+    "ernie4_5_moe": ("ernie4_5_moe", dict(_MOE, intermediate_size=64, moe_intermediate_size=32, moe_num_experts=4,
+                                          moe_k=2, moe_num_shared_experts=1)),
+    "hunyuan_v1_moe": ("hunyuan_v1_moe", dict(_MOE, intermediate_size=64, head_dim=8, num_experts=4, moe_topk=2)),
+    "minimax": ("minimax", dict(_MOE, intermediate_size=32, head_dim=8, num_local_experts=4,
+                                router_jitter_noise=0.0)),
+    "minimax_m2": ("minimax_m2", dict(_MOE, intermediate_size=32, head_dim=8, num_local_experts=4,
+                                      router_jitter_noise=0.0)),
+    "llama4": ("llama4_text", dict(_MOE, intermediate_size=32, head_dim=8, num_local_experts=4,
+                                   router_jitter_noise=0.0)),
+    "afmoe": ("afmoe", dict(_MOE, intermediate_size=64, moe_intermediate_size=32, head_dim=8, num_experts=4,
+                            num_shared_experts=1)),
+    "cohere2_moe": ("cohere2_moe", dict(_MOE, intermediate_size=32, head_dim=8, num_experts=4, num_shared_experts=1)),
+    "exaone_moe": ("exaone_moe", dict(_MOE, intermediate_size=64, moe_intermediate_size=32, num_experts=4,
+                                      first_k_dense_replace=1, n_group=1, topk_group=1, num_shared_experts=1)),
+    "solar_open": ("solar_open", dict(_MOE, head_dim=8, moe_intermediate_size=32, n_routed_experts=4,
+                                      n_shared_experts=1, n_group=1, topk_group=1)),
+    "mimo_v2_flash": ("mimo_v2_flash", dict(_MOE, intermediate_size=64, moe_intermediate_size=32, head_dim=8,
+                                            v_head_dim=8, n_routed_experts=4, n_group=1, topk_group=1)),
+    "lfm2_moe": ("lfm2_moe", dict(_MOE, intermediate_size=64, moe_intermediate_size=32, num_experts=4,
+                                  num_dense_layers=1, layer_types=["conv", "full_attention"])),
+    "flex_olmo": ("flex_olmo", dict(_MOE, intermediate_size=32, num_experts=4, pad_token_id=0)),
+    "laguna": ("laguna", dict(_MOE, intermediate_size=64, head_dim=8, moe_intermediate_size=32,
+                              shared_expert_intermediate_size=64, num_experts=4)),
+    "granitemoe_swa": ("granitemoe_swa", dict(_MOE, intermediate_size=32, shared_intermediate_size=64,
+                                              num_local_experts=4)),
+    "hy_v3": ("hy_v3", dict(_MOE, intermediate_size=64, head_dim=8, moe_intermediate_size=32, num_experts=4,
+                            num_shared_experts=1)),
     "llama": ("llama", dict(_LLAMA_LIKE, intermediate_size=64)),
     "qwen2": ("qwen2", dict(_LLAMA_LIKE, intermediate_size=64)),
     "gpt2": ("gpt2", dict(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=128, bos_token_id=0,
                           eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)),
+    **{family: (family, dict(_LLAMA_LIKE, intermediate_size=64)) for family in (
+        "mistral", "qwen3", "gemma", "gemma2", "olmo2", "olmo3", "granite", "cohere", "stablelm", "starcoder2")},
+    "helium": ("helium", dict(_LLAMA_LIKE, intermediate_size=64, head_dim=8)),
+    **{family: (family, dict(_LLAMA_LIKE, intermediate_size=64, pad_token_id=0)) for family in (
+        "phi3", "smollm3", "glm4")},
+    "gemma3": ("gemma3_text", dict(_LLAMA_LIKE, intermediate_size=64)),
+    "phi": ("phi", dict(_LLAMA_LIKE, intermediate_size=64)),
+    "falcon": ("falcon", dict(_LLAMA_LIKE)),
+    "gpt_neox": ("gpt_neox", dict(_LLAMA_LIKE, intermediate_size=64)),
 }
-MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "phimoe", "gpt_oss")
-DENSE_FAMILIES = ("llama", "qwen2", "gpt2")
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "phimoe", "gpt_oss", "jetmoe",
+                "dbrx", "granitemoe", "granitemoeshared", "granitemoehybrid", "qwen3_next", "qwen3_5_moe", "glm4_moe",
+                "glm4_moe_lite", "dots1", "deepseek_v2", "ernie4_5_moe", "hunyuan_v1_moe", "minimax", "minimax_m2",
+                "llama4", "afmoe", "cohere2_moe", "exaone_moe", "solar_open", "mimo_v2_flash", "lfm2_moe",
+                "flex_olmo", "laguna", "granitemoe_swa", "hy_v3")
+DENSE_FAMILIES = ("llama", "qwen2", "gpt2", "mistral", "qwen3", "gemma", "gemma2", "gemma3", "olmo2", "olmo3",
+                  "granite", "cohere", "stablelm", "starcoder2", "helium", "phi3", "smollm3", "glm4", "phi", "falcon",
+                  "gpt_neox")
 
 
 def _transformers():

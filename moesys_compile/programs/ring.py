@@ -30,7 +30,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from moesys_compile.passes.ring_partition import ALIGN, RingLayout, fetch, node_state
+from moesys_compile.ir import fetch
+from moesys_compile.passes.ring_partition import ALIGN, RingLayout, node_state
 
 from ..errors import MoesysError
 from ..frontend.annotation import B, S, _dynamic_dims
@@ -235,6 +236,8 @@ class RingRuntime:
         return self._act_cache[key]
 
     def __call__(self, flat_inputs: list) -> tuple[Any, dict]:
+        executor = self.executor
+        executor.begin_call()      # the wall covers the whole call: checks, inputs, sections, output
         activations = self.activation_bytes(flat_inputs)
         if self.check_shapes and activations > self.layout.workspace:
             raise RingBudgetError(
@@ -247,8 +250,6 @@ class RingRuntime:
             torch.cuda.reset_peak_memory_stats(self.device)
             baseline = torch.cuda.memory_allocated(self.device) - self.pool.nbytes   # slots count, the rest is not ours
         env = {node: _to_device(value, self.device) for node, value in zip(self.placeholders, flat_inputs)}
-        executor = self.executor
-        executor.begin_call()
         with torch.inference_mode():
             try:
                 for section in self.sections:
@@ -305,6 +306,8 @@ class RingProgram(Program):
         super().__init__(gm, ctx)
         plan = ctx.plan
         self.device = torch.device(plan.device)
+        if self.device.type == "cuda" and self.device.index is None:   # the copy thread selects it by index
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.names = canonical_names(ctx.model)
         layout: RingLayout = ctx.extras["ring"]
         checkpoint = plan.weights_checkpoint

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -25,11 +25,34 @@ from ..runtime.collectives import GradBucketer
 from .base import Program
 
 
-class TrainingProgram(Program):
-    """Holds the dense parameters (shared with the model) and only this rank's expert rows.
+class ExpertShard(NamedTuple):
+    """How this rank holds one expert parameter of the original model.
 
-    ``expert_layout``: original parameter name -> (lo, hi, E), the rows of the [E, ...] expert
-    parameter this rank holds. ``topology``: ranks of this rank's EP / EDP groups.
+    Stacked parameter (``expert`` None): rows [lo, hi) of its ``num_experts`` rows. Per-expert
+    parameter (a ModuleList of expert MLPs): it belongs to expert ``expert``; this rank owns
+    experts [lo, hi) of ``num_experts`` and holds the whole tensor when ``expert`` is among them.
+    """
+    lo: int
+    hi: int
+    num_experts: int
+    expert: Optional[int] = None
+
+    @property
+    def held(self) -> bool:
+        return self.expert is None or self.lo <= self.expert < self.hi
+
+    @property
+    def complete(self) -> bool:
+        """This rank holds every expert's part (no gathering needed)."""
+        return self.hi - self.lo == self.num_experts
+
+
+class TrainingProgram(Program):
+    """Holds the dense parameters (shared with the model) and only this rank's experts.
+
+    ``expert_layout``: original parameter name -> ``ExpertShard`` (rows of a stacked [E, ...]
+    parameter, or a per-expert parameter and whether it is here). ``topology``: ranks of this
+    rank's EP / EDP groups.
     """
 
     def __init__(self, gm, ctx):
@@ -48,12 +71,20 @@ class TrainingProgram(Program):
         self.bucketer = GradBucketer(self._buckets(gm, ctx), dict(gm.named_parameters()), plan.world_size) \
             if plan.world_size > 1 else None
 
-    @staticmethod
-    def _expert_layout(ctx) -> dict[str, tuple[int, int, int]]:
-        layout = dict(ctx.extras.get("expert_shards", {}))
+    def _expert_layout(self, ctx) -> dict[str, ExpertShard]:
+        shards, owners = ctx.extras.get("expert_shards", {}), ctx.extras.get("expert_owners", {})
+        ep, index = self.topology.expert_parallel, self.topology.ep_index
+        layout = {}
         for path, module in moe_modules(ctx.model).items():
+            total = module.num_experts
             for attr in module.expert_param_names:
-                layout.setdefault(f"{path}.{attr}", (0, module.num_experts, module.num_experts))
+                name = f"{path}.{attr}" if path else attr
+                if name in shards:
+                    layout[name] = ExpertShard(*shards[name])
+                elif name in owners:
+                    layout[name] = ExpertShard(index * total // ep, (index + 1) * total // ep, total, owners[name])
+                else:
+                    layout[name] = ExpertShard(0, total, total)
         return layout
 
     @staticmethod
@@ -135,32 +166,43 @@ class TrainingProgram(Program):
     # -- state -----------------------------------------------------------------------------------
 
     def local_state(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """(dense state by original name, this rank's expert rows by original name)."""
+        """(dense state by original name, this rank's expert tensors by original name: the rows
+        of stacked parameters, the per-expert parameters of its own experts)."""
         full = self.context.model.state_dict(keep_vars=True)
         local = dict(self._named_local())
         dense = {n: t.detach() for n, t in full.items() if not self.is_expert(n)}
-        experts = {n: local[n].detach() for n in self.expert_layout}
+        experts = {n: local[n].detach() for n, shard in self.expert_layout.items() if shard.held}
         return dense, experts
 
     @torch.no_grad()
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Collective: the original model's state names with full tensors (experts gathered)."""
+        """Collective: the original model's state names with full tensors (experts gathered over
+        the EP group), shaped as in the model."""
         dense, experts = self.local_state()
         result = {n: t.clone() for n, t in dense.items()}
-        for name, rows in experts.items():
-            lo, hi, total = self.expert_layout[name]
-            if hi - lo == total:
-                result[name] = rows.clone()
-                continue
-            pieces = [torch.empty_like(rows) for _ in range(groups.size("ep"))]
-            dist.all_gather(pieces, rows.contiguous(), group=groups.get("ep"))
-            result[name] = torch.cat(pieces)
-        order = self.context.model.state_dict(keep_vars=True).keys()
-        return {name: result[name] for name in order}
+        model_state = self.context.model.state_dict(keep_vars=True)
+        for name, shard in self.expert_layout.items():
+            result[name] = self._gather_expert(shard, experts.get(name), model_state[name])
+        return {name: result[name] for name in model_state}
+
+    def _gather_expert(self, shard: ExpertShard, local: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+        if shard.complete:
+            return local.clone()
+        if shard.expert is None:      # rows [lo, hi) here: all-gather the rows of every EP rank
+            pieces = [torch.empty_like(local) for _ in range(groups.size("ep"))]
+            dist.all_gather(pieces, local.contiguous(), group=groups.get("ep"))
+            return torch.cat(pieces)
+        # a per-expert parameter: the EP rank owning its expert sends it to the others
+        owner = self.topology.ep_ranks[shard.expert // (shard.hi - shard.lo)]
+        device = next(self.parameters()).device
+        tensor = local.clone() if shard.held else torch.empty(like.shape, dtype=like.dtype, device=device)
+        dist.broadcast(tensor, src=owner, group=groups.get("ep"))
+        return tensor
 
     @torch.no_grad()
     def load_local_state(self, dense: dict[str, torch.Tensor], read_rows) -> None:
-        """Fill the dense state from ``dense`` and expert rows via ``read_rows(name, lo, hi)``."""
+        """Fill the dense state from ``dense`` and this rank's expert tensors via
+        ``read_rows(name, lo, hi)`` (the part of ``name`` that belongs to experts [lo, hi))."""
         full = self.context.model.state_dict(keep_vars=True)
         missing = [n for n in full if not self.is_expert(n) and n not in dense]
         if missing:
@@ -169,8 +211,9 @@ class TrainingProgram(Program):
             if not self.is_expert(name):
                 tensor.data.copy_(dense[name])
         local = dict(self._named_local())
-        for name, (lo, hi, _) in self.expert_layout.items():
-            local[name].data.copy_(read_rows(name, lo, hi))
+        for name, shard in self.expert_layout.items():
+            if shard.held:
+                local[name].data.copy_(read_rows(name, shard.lo, shard.hi))
 
     def save(self, directory: str, optimizer: Optional[torch.optim.Optimizer] = None, **extra: Any) -> None:
         """Collective: sharded atomic checkpoint (see ``moesys_compile.runtime.checkpoint``)."""

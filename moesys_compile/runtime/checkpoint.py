@@ -5,8 +5,9 @@ Layout of a checkpoint directory ``DIR`` (names are the original model's state n
     DIR/meta.json                    commit record: layout, expert shards, aliases, extra (step ...)
     DIR/plan.yaml                    the plan it was trained with
     DIR/dense.safetensors            every non-expert tensor (written by rank 0)
-    DIR/experts-ep{i}.safetensors    rows [i*L, (i+1)*L) of every expert parameter (EP rank i of
-                                     the first EP group)
+    DIR/experts-ep{i}.safetensors    the experts [i*L, (i+1)*L) of EP rank i of the first EP group:
+                                     those rows of every stacked [E, ...] expert parameter, and
+                                     the whole per-expert parameters (ModuleList experts) of them
     DIR/optim-rank{r}.pt             optimizer state of rank r (when an optimizer is given)
 
 Atomicity: all ranks write into ``.DIR.tmp-<token>`` beside DIR; after a barrier rank 0 writes
@@ -83,13 +84,22 @@ def _dedupe(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], 
     return unique, aliases
 
 
+def _expert_entry(shard) -> dict:
+    """Where an expert parameter is stored: the files holding its rows, or (per-expert
+    parameters, ``expert`` set) the one file of the EP rank that owns its expert."""
+    local = shard.hi - shard.lo
+    if shard.expert is not None:
+        index = shard.expert // local
+        return {"num_experts": shard.num_experts, "expert": shard.expert,
+                "shards": [{"file": _expert_file(index), "lo": index * local, "hi": (index + 1) * local}]}
+    shards = [{"file": _expert_file(i), "lo": i * local, "hi": (i + 1) * local}
+              for i in range(shard.num_experts // local)]
+    return {"num_experts": shard.num_experts, "shards": shards}
+
+
 def _meta(program, aliases: dict[str, str], optimizer, extra: dict) -> dict:
     topo = program.topology
-    experts = {}
-    for name, (_, _, total) in program.expert_layout.items():
-        local = total // topo.expert_parallel if name in program.context.extras.get("expert_shards", {}) else total
-        shards = [{"file": _expert_file(i), "lo": i * local, "hi": (i + 1) * local} for i in range(total // local)]
-        experts[name] = {"num_experts": total, "shards": shards}
+    experts = {name: _expert_entry(shard) for name, shard in program.expert_layout.items()}
     return {"format": FORMAT, "world_size": topo.world_size, "expert_parallel": topo.expert_parallel,
             "experts": experts, "aliases": aliases, "optimizer": optimizer is not None, "extra": extra,
             "time": time.time()}
@@ -165,10 +175,17 @@ def _dense_state(path: Path, meta: dict) -> dict[str, torch.Tensor]:
 
 
 def read_rows(path: Path, meta: dict, name: str, lo: int, hi: int) -> torch.Tensor:
-    """Rows [lo, hi) of expert parameter ``name``, read from whichever shard files hold them."""
+    """The part of expert parameter ``name`` that belongs to experts [lo, hi): rows [lo, hi) of a
+    stacked parameter, read from whichever shard files hold them; a per-expert parameter whole
+    (its expert must be in [lo, hi))."""
     entry = meta["experts"].get(name)
     if entry is None:
         raise CheckpointError(f"{path}: no expert parameter '{name}' in this checkpoint")
+    if entry.get("expert") is not None:
+        if not lo <= entry["expert"] < hi:
+            raise CheckpointError(f"{path}: '{name}' belongs to expert {entry['expert']}, not to experts {lo}..{hi - 1}")
+        with safe_open(str(path / entry["shards"][0]["file"]), framework="pt") as f:
+            return f.get_tensor(name)
     pieces = []
     for shard in entry["shards"]:
         start, end = max(lo, shard["lo"]), min(hi, shard["hi"])

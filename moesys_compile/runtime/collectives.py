@@ -9,6 +9,8 @@ L = E / R local experts · T tokens · K top-k.
                                                            rows regrouped expert-major)
     moesys::ep_combine(y_MD, counts_E, recv_RL, order_N, group) -> y_ND    (the reverse)
     moesys::global_load_balancing_loss(scores_TE, ids_TK, coef, group) -> aux, stats (global batch)
+    moesys::global_load_balancing_losses([scores_TE], [ids_TK], [coef], group) -> aux_n, stats
+                                                           (n layers, one all-reduce each way)
 
 Each op's backward is the reverse collective, so gradients travel back over the same group.
 A rank or an expert that receives no rows exchanges empty blocks and computes nothing.
@@ -29,9 +31,9 @@ def _group(name: str):
     return groups.get(name)
 
 
-def _a2a_rows(x_SD: Tensor, send_R: list[int], recv_R: list[int], group_name: str) -> Tensor:
-    """Uneven all_to_all_single of rows: ``send_R[r]`` rows to rank r, ``recv_R[r]`` from it."""
-    out_MD = x_SD.new_empty((sum(recv_R), x_SD.shape[1]))
+def _a2a_rows(x_SD: Tensor, send_R: list[int], recv_R: list[int], group_name: str, out_MD: Tensor) -> Tensor:
+    """Uneven all_to_all_single of rows into ``out_MD``: ``send_R[r]`` rows to rank r, ``recv_R[r]``
+    from it."""
     group = _group(group_name)
     if group is None:                      # single process: the "exchange" is a copy
         return out_MD.copy_(x_SD)
@@ -40,7 +42,8 @@ def _a2a_rows(x_SD: Tensor, send_R: list[int], recv_R: list[int], group_name: st
 
 
 def expert_major_index(recv_RL: Tensor) -> Tensor:
-    """Received rows come source-major (r, l); this index reorders them expert-major (l, r)."""
+    """Received rows come source-major (r, l); this index reorders them expert-major (l, r).
+    (``transpose_blocks`` applies the same permutation by block copies.)"""
     ranks, local = recv_RL.shape
     flat = recv_RL.reshape(-1)
     starts_RL = (torch.cumsum(flat, 0) - flat).view(ranks, local)
@@ -51,26 +54,37 @@ def expert_major_index(recv_RL: Tensor) -> Tensor:
     return block_start_M + torch.arange(total, device=recv_RL.device) - new_start_M
 
 
-def _splits(counts_E: Tensor, recv_RL: Tensor) -> tuple[list[int], list[int]]:
-    ranks = recv_RL.shape[0]
-    send_R = counts_E.view(ranks, -1).sum(1).tolist()
-    return send_R, recv_RL.sum(1).tolist()
+def transpose_blocks(x_MD: Tensor, counts_AB: list[list[int]]) -> Tensor:
+    """Rows stored as blocks in (a, b) order, block (a, b) of ``counts_AB[a][b]`` rows, rewritten
+    in (b, a) order: source-major (r, l) received rows -> expert-major (l, r), and back with the
+    transposed counts. One copy per block, no index tensor."""
+    blocks = x_MD.split([count for row in counts_AB for count in row])
+    height, width = len(counts_AB), len(counts_AB[0])
+    return torch.cat([blocks[a * width + b] for b in range(width) for a in range(height)])
+
+
+def _layout(counts_E: Tensor, recv_RL: Tensor) -> tuple[list[int], list[int], list[list[int]]]:
+    """(rows sent to each rank, rows received from each rank, received rows per (rank, local
+    expert)), from one host read (a device sync on GPU) of both count tensors."""
+    ranks, local = recv_RL.shape
+    host = torch.cat([counts_E.view(ranks, -1).sum(1), recv_RL.reshape(-1)]).tolist()
+    recv = [host[ranks + r * local: ranks + (r + 1) * local] for r in range(ranks)]
+    return host[:ranks], [sum(row) for row in recv], recv
 
 
 def dispatch_rows(x_ND: Tensor, counts_E: Tensor, recv_RL: Tensor, group: str) -> Tensor:
-    send_R, recv_R = _splits(counts_E, recv_RL)
-    recv_MD = _a2a_rows(x_ND[: sum(send_R)], send_R, recv_R, group)
-    return recv_MD.index_select(0, expert_major_index(recv_RL))
+    send_R, recv_R, recv = _layout(counts_E, recv_RL)
+    recv_MD = _a2a_rows(x_ND[: sum(send_R)], send_R, recv_R, group, x_ND.new_empty((sum(recv_R), x_ND.shape[1])))
+    return transpose_blocks(recv_MD, recv)
 
 
 def combine_rows(y_MD: Tensor, counts_E: Tensor, recv_RL: Tensor, num_rows: int, group: str) -> Tensor:
-    send_R, recv_R = _splits(counts_E, recv_RL)
-    source_major_MD = torch.empty_like(y_MD).index_copy_(0, expert_major_index(recv_RL), y_MD)
-    back_SD = _a2a_rows(source_major_MD, recv_R, send_R, group)
-    if back_SD.shape[0] == num_rows:
-        return back_SD
-    y_ND = y_MD.new_zeros((num_rows, y_MD.shape[1]))       # dropped slots stay zero
-    y_ND[: back_SD.shape[0]] = back_SD
+    send_R, recv_R, recv = _layout(counts_E, recv_RL)
+    source_major_MD = transpose_blocks(y_MD, [list(col) for col in zip(*recv)])
+    y_ND = y_MD.new_empty((num_rows, y_MD.shape[1]))
+    kept = sum(send_R)
+    _a2a_rows(source_major_MD, recv_R, send_R, group, y_ND[:kept])     # a prefix: contiguous
+    y_ND[kept:] = 0                                                       # dropped slots stay zero
     return y_ND
 
 
@@ -169,27 +183,41 @@ def _all_reduce_sum(t: Tensor, group: str) -> Tensor:
     return t
 
 
-def _global_stats(scores_TE: Tensor, ids_TK: Tensor, group: str) -> Tensor:
-    """[slot counts per expert (E) | summed scores per expert (E) | tokens | slots] over the group."""
+def _layer_stats(scores_TE: Tensor, ids_TK: Tensor) -> Tensor:
+    """[slot counts per expert (E) | summed scores per expert (E) | tokens | slots] of this rank."""
     num_tokens, num_experts = scores_TE.shape
     packed = scores_TE.new_zeros(2 * num_experts + 2)
     packed[:num_experts].scatter_add_(0, ids_TK.reshape(-1), torch.ones(ids_TK.numel(), dtype=packed.dtype,
                                                                          device=packed.device))
     packed[num_experts:2 * num_experts] = scores_TE.sum(0)
     packed[-2], packed[-1] = num_tokens, ids_TK.numel()
-    return _all_reduce_sum(packed, group)
+    return packed
+
+
+def _loss_of(stats: Tensor, coef: float) -> Tensor:
+    """The Switch/GShard loss from global statistics (no tokens anywhere: 0)."""
+    num_experts = (stats.numel() - 2) // 2
+    counts_E, score_sum_E = stats[:num_experts], stats[num_experts:2 * num_experts]
+    tokens, slots = stats[-2].clamp(min=1), stats[-1].clamp(min=1)
+    return coef * num_experts * ((counts_E / slots) * (score_sum_E / tokens)).sum()
+
+
+def _scores_grad(stats: Tensor, total_grad: Tensor, coef: float, shape, dtype) -> Tensor:
+    """Gradient of the global loss with respect to this rank's scores. Every rank adds the same
+    global loss: its total gradient is the sum of the ranks' incoming gradients (``total_grad``,
+    the backward of an all-reduce), spread over each rank's own scores."""
+    num_tokens, num_experts = shape
+    scale = coef * num_experts / (stats[-1] * stats[-2]).clamp(min=1)
+    return (total_grad * scale * stats[:num_experts]).expand(num_tokens, -1).contiguous().to(dtype)
 
 
 @torch.library.custom_op("moesys::global_load_balancing_loss", mutates_args=())
 def global_load_balancing_loss(scores_TE: Tensor, ids_TK: Tensor, coef: float, group: str) -> tuple[Tensor, Tensor]:
     """``load_balancing_loss`` of the concatenation of every rank's tokens (same value on each
     rank), and the global statistics it used (kept for backward: no second reduction there)."""
-    num_experts = scores_TE.shape[1]
     with torch.no_grad():
-        stats = _global_stats(scores_TE, ids_TK, group)
-        counts_E, score_sum_E = stats[:num_experts], stats[num_experts:2 * num_experts]
-        tokens, slots = stats[-2].clamp(min=1), stats[-1].clamp(min=1)    # no tokens anywhere: loss 0
-        return coef * num_experts * ((counts_E / slots) * (score_sum_E / tokens)).sum(), stats
+        stats = _all_reduce_sum(_layer_stats(scores_TE, ids_TK), group)
+        return _loss_of(stats, coef), stats
 
 
 @global_load_balancing_loss.register_fake
@@ -204,17 +232,48 @@ def _glbl_setup(ctx, inputs, output):
 
 
 def _glbl_backward(ctx, grad_loss, grad_stats):
-    # Every rank adds the same global loss: the loss's total gradient is the sum of the ranks'
-    # incoming gradients (the backward of an all-reduce), spread over each rank's own scores.
     (stats,) = ctx.saved_tensors
-    num_tokens, num_experts = ctx.shape
     total_grad = _all_reduce_sum(grad_loss.detach().reshape(1).to(stats.dtype).clone(), ctx.group)
-    scale = ctx.coef * num_experts / (stats[-1] * stats[-2]).clamp(min=1)
-    grad_scores_TE = (total_grad * scale * stats[:num_experts]).expand(num_tokens, -1).contiguous()
-    return grad_scores_TE.to(ctx.dtype), None, None, None
+    return _scores_grad(stats, total_grad, ctx.coef, ctx.shape, ctx.dtype), None, None, None
 
 
 global_load_balancing_loss.register_autograd(_glbl_backward, setup_context=_glbl_setup)
+
+
+@torch.library.custom_op("moesys::global_load_balancing_losses", mutates_args=())
+def global_load_balancing_losses(scores: list[Tensor], ids: list[Tensor], coefs: list[float],
+                                 group: str) -> tuple[Tensor, Tensor]:
+    """``global_load_balancing_loss`` of n layers with one all-reduce in forward and one in
+    backward (instead of n each): the layers' losses [n], and their global statistics
+    concatenated (layer i: 2 * E_i + 2 values)."""
+    with torch.no_grad():
+        stats = _all_reduce_sum(torch.cat([_layer_stats(s, i) for s, i in zip(scores, ids)]), group)
+        pieces = stats.split([2 * s.shape[1] + 2 for s in scores])
+        return torch.stack([_loss_of(piece, coef) for piece, coef in zip(pieces, coefs)]), stats
+
+
+@global_load_balancing_losses.register_fake
+def _glbls_fake(scores, ids, coefs, group):
+    return scores[0].new_empty((len(scores),)), scores[0].new_empty((sum(2 * s.shape[1] + 2 for s in scores),))
+
+
+def _glbls_setup(ctx, inputs, output):
+    scores, _, coefs, group = inputs
+    ctx.save_for_backward(output[1])
+    ctx.coefs, ctx.group = coefs, group
+    ctx.shapes, ctx.dtypes = [s.shape for s in scores], [s.dtype for s in scores]
+
+
+def _glbls_backward(ctx, grad_losses, grad_stats):
+    (stats,) = ctx.saved_tensors
+    total_grads = _all_reduce_sum(grad_losses.detach().to(stats.dtype).clone(), ctx.group)
+    pieces = stats.split([2 * shape[1] + 2 for shape in ctx.shapes])
+    grads = [_scores_grad(piece, total_grads[i], coef, shape, dtype)
+             for i, (piece, coef, shape, dtype) in enumerate(zip(pieces, ctx.coefs, ctx.shapes, ctx.dtypes))]
+    return grads, [None] * len(grads), None, None
+
+
+global_load_balancing_losses.register_autograd(_glbls_backward, setup_context=_glbls_setup)
 
 
 # ---------------------------------------------------------------------------------------------

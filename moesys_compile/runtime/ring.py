@@ -14,7 +14,12 @@ the copy stream wait until the compute that read the slot is done.
 
 Accounting. Device bytes = the slots + resident state + live activations; activations are
 estimated by a liveness walk over the graph with each node's annotated bytes (views share their
-base's bytes), evaluated at a call's batch and sequence length.
+base's bytes), evaluated at a call's batch and sequence length. Time, per call: *wall* runs from
+``begin_call`` to ``end_call``; *compute* is the time inside the sections; *transfer* is, on CPU,
+the time the copy thread spent copying inside that window (a load that ran between two calls,
+ahead of the next one, counts for neither: it cost no call any time), and on CUDA the device
+time of the copies the call consumed. So transfer <= wall and compute <= wall on CPU, and
+efficiency = max(transfer, compute) / wall is at most 1.
 """
 
 from __future__ import annotations
@@ -113,7 +118,9 @@ class RingExecutor:
         self._slot_section = [-1] * self.slots
         self._consumed = 0                         # compute steps finished
         self._next = 0                             # next compute step
-        self._records: dict[int, tuple] = {}     # step -> (bytes, seconds, CUDA events or None)
+        self._records: dict[int, tuple] = {}     # step -> (bytes, CUDA events or None)
+        self._busy: list[tuple[float, float]] = []   # CPU: (start, end) of finished loads not yet accounted
+        self._loading_since: Optional[float] = None  # CPU: start of the load in progress
         self._stop = False
         self._error: Optional[BaseException] = None
         self._thread: Optional[threading.Thread] = None
@@ -133,32 +140,42 @@ class RingExecutor:
             self._thread.start()
 
     def _copy_loop(self) -> None:
-        if self.cuda:
-            torch.cuda.set_device(self.pool.device)
         step = 0
         try:
-            while True:
-                section = step % len(self.loads)
-                slot = self.loads[section].slot
-                with self._cond:
-                    self._cond.wait_for(lambda: self._stop or self._slot_step[slot] < self._consumed)
-                    if self._stop:
-                        return
-                record = (0, 0.0, None)
-                if self._slot_section[slot] != section:
-                    start = time.perf_counter()
-                    events = self._load(self.loads[section], slot)
-                    record = (self.loads[section].nbytes, time.perf_counter() - start, events)
-                    self._slot_section[slot] = section
-                with self._cond:
-                    self._slot_step[slot] = step
-                    self._records[step] = record
-                    self._cond.notify_all()
-                step += 1
+            if self.cuda:
+                torch.cuda.set_device(self.pool.device)
+            # the slots may have been allocated under the caller's inference_mode (a thread-local
+            # mode): writing into such tensors needs the mode in this thread too
+            with torch.inference_mode():
+                self._copy_sections(step)
         except BaseException as exc:  # surfaced to the compute side
             with self._cond:
                 self._error = exc
                 self._cond.notify_all()
+
+    def _copy_sections(self, step: int) -> None:
+        while True:
+            section = step % len(self.loads)
+            slot = self.loads[section].slot
+            with self._cond:
+                self._cond.wait_for(lambda: self._stop or self._slot_step[slot] < self._consumed)
+                if self._stop:
+                    return
+            record, span = (0, None), None
+            if self._slot_section[slot] != section:
+                self._loading_since = start = time.perf_counter()
+                events = self._load(self.loads[section], slot)
+                span = (start, time.perf_counter())
+                record = (self.loads[section].nbytes, events)
+                self._slot_section[slot] = section
+            with self._cond:
+                if span is not None and not self.cuda:
+                    self._busy.append(span)
+                self._loading_since = None
+                self._slot_step[slot] = step
+                self._records[step] = record
+                self._cond.notify_all()
+            step += 1
 
     def _load(self, load: SectionLoad, slot: int) -> Optional[tuple]:
         """Copy one section into ``slot``. CUDA: returns the (start, end) events of the host ->
@@ -207,12 +224,10 @@ class RingExecutor:
             self._cond.wait_for(lambda: self._error is not None or self._slot_step[slot] == step)
             if self._error is not None:
                 raise RuntimeError(f"ring copy thread failed loading section {section}") from self._error
-            nbytes, seconds, events = self._records.pop(step)
+            nbytes, events = self._records.pop(step)
         self.call.stall_seconds += time.perf_counter() - start
         self.call.bytes_moved += nbytes
-        if events is None:
-            self.call.transfer_seconds += seconds
-        else:
+        if events is not None:
             self.call.transfer_events.append(events)
         self.total_bytes_moved += nbytes
         if self.cuda:
@@ -253,10 +268,23 @@ class RingExecutor:
         if self.cuda:
             torch.cuda.synchronize(self.pool.device)
             self.call.compute_seconds = sum(a.elapsed_time(b) for a, b in self.call.compute_events) / 1e3
-            self.call.transfer_seconds += sum(a.elapsed_time(b) for a, b in self.call.transfer_events) / 1e3
+            self.call.transfer_seconds = sum(a.elapsed_time(b) for a, b in self.call.transfer_events) / 1e3
             self.call.compute_events, self.call.transfer_events = [], []
-        self.call.wall_seconds = time.perf_counter() - self._call_start
+        end = time.perf_counter()
+        if not self.cuda:
+            self.call.transfer_seconds = self._copy_busy(self._call_start, end)
+        self.call.wall_seconds = end - self._call_start
         return self.call
+
+    def _copy_busy(self, start: float, end: float) -> float:
+        """Seconds the copy thread spent loading within [start, end]; forgets the loads that
+        finished before ``end`` (a later window cannot overlap them)."""
+        with self._cond:
+            spans = list(self._busy)
+            if self._loading_since is not None:
+                spans.append((self._loading_since, end))
+            self._busy = [span for span in self._busy if span[1] > end]
+        return sum(max(0.0, min(b, end) - max(a, start)) for a, b in spans)
 
     def close(self) -> None:
         with self._cond:
@@ -332,6 +360,11 @@ def liveness_plan(gm: fx.GraphModule) -> tuple[list[int], list[list[int]]]:
     return roots, frees
 
 
+# CUDA's caching allocator hands out blocks in multiples of 512 bytes; counting every allocation
+# that way keeps the estimate at or above what torch.cuda.max_memory_allocated reports.
+ALLOCATION_GRANULE = 512
+
+
 def peak_live_bytes(own_bytes: list[int], roots: list[int], frees: list[list[int]],
                     transient: Optional[dict[int, int]] = None) -> int:
     """Largest sum of live allocations while the graph runs in order (``transient``: extra bytes
@@ -339,6 +372,7 @@ def peak_live_bytes(own_bytes: list[int], roots: list[int], frees: list[list[int
     live = peak = 0
     size = [0] * len(own_bytes)
     for i, nbytes in enumerate(own_bytes):
+        nbytes = -(-nbytes // ALLOCATION_GRANULE) * ALLOCATION_GRANULE
         size[roots[i]] += nbytes
         live += nbytes
         peak = max(peak, live + (transient or {}).get(i, 0))

@@ -267,6 +267,3 @@ def stage(groups: Iterable[list[str]], source: Source, tier: str, offload_dir: O
     for names in tqdm(list(groups), desc=f"staging weights ({tier})", unit="section", disable=not progress):
         store.add(names, source, dtype, pin)
     return store
-def free_bytes(path: str) -> int:
-    stat = os.statvfs(path)
-    return stat.f_bavail * stat.f_frsize

@@ -15,14 +15,17 @@ from typing import Optional
 from torch import nn
 
 from ..canonicalize import RECOGNIZERS as BASE_RECOGNIZERS
-from ..canonicalize import BlockReport, Recognizer
+from ..canonicalize import BlockReport, Recognizer, outermost
 from ..canonicalize import canonicalize as base_canonicalize
 from .block import BlockProbe, CanonicalMoEBlock, adopt, recognize_canonical_block
 from .deepspeed import CanonicalDeepSpeedMoE, recognize_deepspeed_moe
 from .hf import recognize_routed_block
-from .structure import ExpertsSpec, RouterSpec, analyze_router, take_left
+from .moa import CanonicalMoA, recognize_moa
+from .experts import ExpertsSpec
+from .structure import RouterSpec, analyze_router, take_left
 
-RECOGNIZERS: list[Recognizer] = [recognize_canonical_block, recognize_deepspeed_moe, recognize_routed_block]
+RECOGNIZERS: list[Recognizer] = [recognize_canonical_block, recognize_deepspeed_moe, recognize_moa,
+                                  recognize_routed_block]
 
 
 def install() -> None:
@@ -39,18 +42,14 @@ def canonicalize(model: nn.Module, recognizers: Optional[list[Recognizer]] = Non
     heuristic does not flag are reported too, and the parts of a left block are not listed again."""
     take_left()
     reports = {r.path: r for r in base_canonicalize(model, recognizers)}
-    left = take_left()
     done = [path for path, r in reports.items() if r.action != "left"]
-    for path, (kind, reason) in left.items():
-        if any(path == p or path.startswith(p + ".") for p in done):
-            continue
-        reports[path] = BlockReport(path, kind, "left", reason)
-        for inner in [p for p, r in reports.items() if p.startswith(path + ".") and r.action == "left"]:
-            del reports[inner]
+    for path, (kind, reason) in take_left().items():
+        if not any(path == p or path.startswith(p + ".") for p in done):
+            reports[path] = BlockReport(path, kind, "left", reason)
     order = {path: i for i, (path, _) in enumerate(model.named_modules())}
-    return sorted(reports.values(), key=lambda r: order.get(r.path, len(order)))
+    return outermost(sorted(reports.values(), key=lambda r: order.get(r.path, len(order))))
 
 
-__all__ = ["RECOGNIZERS", "install", "canonicalize", "CanonicalMoEBlock", "CanonicalDeepSpeedMoE", "adopt",
-           "BlockProbe", "RouterSpec", "ExpertsSpec", "analyze_router", "recognize_routed_block",
-           "recognize_deepspeed_moe"]
+__all__ = ["RECOGNIZERS", "install", "canonicalize", "CanonicalMoEBlock", "CanonicalDeepSpeedMoE", "CanonicalMoA",
+           "adopt", "BlockProbe", "RouterSpec", "ExpertsSpec", "analyze_router", "recognize_routed_block",
+           "recognize_deepspeed_moe", "recognize_moa"]

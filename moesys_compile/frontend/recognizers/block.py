@@ -5,22 +5,24 @@ It adopts the original block's children, parameters and buffers under their orig
 
     route (moesys.route, or the block's own router as traced code)
       -> moesys.moe_experts on views of the stacked expert weights
-      -> (+ shared expert, optionally sigmoid-gated) -> moesys.load_balancing_loss
+      -> (+ shared expert, optionally sigmoid-gated) (x output scale) (+ output bias)
+      -> moesys.load_balancing_loss
 
 Shape legend: T tokens · D model dim · F expert hidden · H up rows · E experts · K top-k.
 """
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_leaves
 
 from ...nn import _is_capturing
 from ..canonicalize import Recognition
-from .structure import ExpertsSpec, RouterSpec, close, first_param, generator, route_known
+from .experts import ExpertsSpec
+from .structure import RouterSpec, call_router, close, first_param, generator, route_known, router_values
 
 
 def block_kind(module: nn.Module) -> str:
@@ -29,9 +31,13 @@ def block_kind(module: nn.Module) -> str:
     return f"hf.{cls.__name__}" if cls.__module__.startswith("transformers.") else cls.__name__
 
 
-def adopt(new: nn.Module, original: nn.Module) -> None:
-    """Register the original's children, parameters and buffers on ``new`` under the same names."""
+def adopt(new: nn.Module, original: nn.Module, reserved: tuple[str, ...] = ()) -> None:
+    """Register the original's children, parameters and buffers on ``new`` under the same names.
+    Stateless children named in ``reserved`` (JetMoE's ``activation`` module) are not adopted: the
+    canonical form computes what they did under that attribute name."""
     for name, child in original.named_children():
+        if name in reserved and not any(True for _ in itertools.chain(child.parameters(), child.buffers())):
+            continue
         new.add_module(name, child)
     for name, param in original.named_parameters(recurse=False):
         new.register_parameter(name, param)
@@ -51,11 +57,13 @@ class CanonicalMoEBlock(nn.Module):
 
     def __init__(self, original: nn.Module, router: RouterSpec, experts: ExpertsSpec,
                  shared: Optional[str] = None, shared_gate: Optional[str] = None, aux_loss_coef: float = 0.0,
-                 kind: Optional[str] = None):
+                 kind: Optional[str] = None, output_bias: Optional[str] = None, output_scale: float = 1.0):
         super().__init__()
-        adopt(self, original)
+        adopt(self, original, reserved=("activation",))
         self.router_spec, self.experts_spec = router, experts
         self.shared_path, self.shared_gate_path = shared, shared_gate
+        self.output_bias = output_bias     # the block's own [D] bias added to its output (JetMoE)
+        self.output_scale = output_scale   # 0.5: routed and shared experts averaged (Cohere2-MoE)
         self.num_experts, self.top_k = experts.num_experts, router.top_k
         self.dim, self.ffn_dim, self.activation = experts.dim, experts.ffn_dim, experts.activation
         self.capacity_factor: Optional[float] = None
@@ -68,7 +76,8 @@ class CanonicalMoEBlock(nn.Module):
     def expert_param_names(self) -> list[str]:
         """Names (relative to this block) of the parameters holding expert rows, e.g.
         ``["experts.gate_up_proj", "experts.down_proj"]``: what expert parallelism shards."""
-        return [f"{self.experts_spec.path}.{name}" for name in self.experts_spec.param_names()]
+        prefix = f"{self.experts_spec.path}." if self.experts_spec.path else ""
+        return [prefix + name for name in self.experts_spec.param_names()]
 
     @property
     def router_path(self) -> str:
@@ -81,9 +90,10 @@ class CanonicalMoEBlock(nn.Module):
     def route(self, x_TD: Tensor) -> tuple[Tensor, Tensor, Optional[Tensor]]:
         """(weights_TK, ids_TK, scores_TE or None) for the tokens."""
         router = self.get_submodule(self.router_spec.path)
+        args = tuple(getattr(self, name) for name in self.router_spec.args)
         if self.router_spec.known:
-            return route_known(router, self.router_spec, x_TD)
-        leaves = tree_leaves(router(x_TD))
+            return route_known(router, self.router_spec, x_TD, args)
+        leaves = router_values(call_router(router, self.router_spec, x_TD, args))
         where = self.router_spec.outputs
         scores_TE = leaves[where["logits"]].float().softmax(-1) if "logits" in where else None
         return leaves[where["weights"]], leaves[where["ids"]].long(), scores_TE
@@ -104,6 +114,10 @@ class CanonicalMoEBlock(nn.Module):
         y_TD = torch.ops.moesys.moe_experts(x_TD, ids_TK, weights_TK, w_up_EHD, w_down_EDF, self.activation, 0.0)
         if self.shared_path:
             y_TD = y_TD + self.shared_output(x_TD)
+        if self.output_scale != 1.0:
+            y_TD = y_TD * self.output_scale
+        if self.output_bias:
+            y_TD = y_TD + getattr(self, self.output_bias)
         aux_loss = None if scores_TE is None else self.balance_loss(scores_TE, ids_TK)
         if aux_loss is not None and not _is_capturing():
             self.aux_loss = aux_loss
@@ -119,10 +133,15 @@ class CanonicalMoEBlock(nn.Module):
         facts["experts"] = self.experts_spec.describe()
         if self.shared_path:
             facts["shared"] = self.shared_path + (f"*sigmoid({self.shared_gate_path})" if self.shared_gate_path else "")
+        if self.output_scale != 1.0:
+            facts["output_scale"] = self.output_scale
+        if self.output_bias:
+            facts["output_bias"] = self.output_bias
         if not self.experts_spec.stacked:
             with torch.no_grad():
-                w_up, w_down = self.expert_weights()
-            facts["stack_copy_bytes"] = (w_up.numel() + w_down.numel()) * w_up.element_size()
+                copies = [w for w in self.expert_weights() if w._base is None]   # not views: built each step
+            if copies:
+                facts["stack_copy_bytes"] = sum(w.numel() * w.element_size() for w in copies)
         return facts
 
     def extra_repr(self) -> str:
@@ -146,17 +165,26 @@ class BlockProbe:
         self.x_BSD = torch.randn(*tokens, dim, generator=generator()).to(device=param.device, dtype=param.dtype)
         self.original, self.pick = original, pick
         self._want: Any = None
+        self.problem = ""   # why the original cannot be compared (it returns a tuple, it fails, ...)
 
     def _run(self, module: nn.Module) -> Any:
         with torch.no_grad():
             out = self.pick(module(self.x_BSD))
+        if module is self.original and not isinstance(out, Tensor):
+            self.problem = f"the block returns a {type(out).__name__}, not one tensor"
         return out if isinstance(out, Tensor) else None
 
     def matches(self, replacement: nn.Module) -> tuple[bool, float]:
         """(equal within dtype rounding, max abs diff); a candidate that cannot even run is wrong."""
         try:
+            if self._want is None and not self.problem:
+                try:
+                    self._want = self._run(self.original)
+                except Exception as exc:  # noqa: BLE001 - recorded: the block cannot run on [B, S, D]
+                    self.problem = f"the block cannot run on [batch, seq, dim] ({type(exc).__name__}: {exc})"
+                    raise
             if self._want is None:
-                self._want = self._run(self.original)
+                return False, float("inf")
             got = self._run(replacement)
         except Exception:  # noqa: BLE001
             return False, float("inf")

@@ -22,7 +22,8 @@ from torch import Tensor, nn
 
 from ..canonicalize import Recognition
 from .block import BlockProbe, CanonicalMoEBlock
-from .structure import RouterSpec, leave, on_meta, per_expert_candidates
+from .experts import per_expert_candidates
+from .structure import RouterSpec, leave, on_meta
 
 KIND = "deepspeed.moe.layer.MoE"
 EXPERTS_PATH = "deepspeed_moe.experts.deepspeed_experts"

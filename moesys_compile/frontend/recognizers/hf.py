@@ -2,50 +2,76 @@
 family (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V3, ...) and most hand-written models share.
 
     block
-      ├─ <router>   one [E, D] weight; called on [T, D] it returns top-k ids and weights
-      ├─ experts    stacked 3-D weights (gate_up_proj [E, 2F, D], down_proj [E, D, F], or transposed)
+      ├─ <router>   one [E, D] weight; called on [T, D] (or [1, T, D]) it returns top-k ids and
+      │             weights, or only logits (JetMoE, DBRX: the rule is then found on the block);
+      │             it may take the block's own [E] tensors (MiniMax-M2's correction bias)
+      ├─ experts    stacked 3-D weights (gate_up_proj [E, 2F, D], down_proj [E, D, F], or transposed),
+      │             two children holding one 3-D weight each (JetMoE), flat [E*F, D] matrices (DBRX),
       │             or a ModuleList of bias-free MLPs (gate/up/down, w1/w3/w2, Linear-act-Linear)
-      ├─ shared_expert(s)        optional dense MLP added to the routed output
-      └─ shared_expert_gate      optional [1, D] gate, sigmoid-scaled (Qwen2-MoE)
+      ├─ shared_expert(s)        optional dense MLP added to (or averaged with) the routed output
+      ├─ shared_expert_gate      optional [1, D] gate, sigmoid-scaled (Qwen2-MoE)
+      └─ <own [D] parameter>     optional output bias (JetMoE)
 
 Class names are only used for the report. The router's rule (softmax/sigmoid, renormalisation,
 correction bias, group-limited top-k, routed scaling) is found by probing it; a rule that
 ``moesys.route`` cannot express keeps the router as the model's own traced code. The whole block is
-then probed against its canonical form, and only an exact match is swapped in.
+then probed against its canonical forms, and only an exact match is swapped in.
 """
 
 from __future__ import annotations
 
+import inspect
+import itertools
+from dataclasses import replace
 from typing import Optional
 
-from torch import nn
+from torch import Tensor, nn
 
 from ..canonicalize import Recognition
 from .block import BlockProbe, CanonicalMoEBlock, block_kind
-from .structure import (ROUTER_NAMES, SHARED_GATE_NAMES, SHARED_NAMES, analyze_router, experts_candidates,
-                        leave, on_meta)
+from .experts import experts_candidates
+from .structure import (ROUTER_NAMES, SHARED_GATE_NAMES, SHARED_NAMES, TOP_K_ATTRS, analyze_router, fetch, generator,
+                        leave, number_attr, on_meta, randomized, rule_candidates)
 
 
 def _has_stacked_experts(module: nn.Module) -> bool:
+    """A ModuleList of experts, 3-D [E, ., .] weights, or two or three flat [E*F, D] matrices (DBRX)."""
+    params = list(module.parameters())
     return isinstance(module, nn.ModuleList) and len(module) > 0 or any(
-        p.dim() == 3 for p in module.parameters(recurse=False))
+        p.dim() == 3 for p in module.parameters(recurse=False)) or (
+        2 <= len(params) <= 3 and all(p.dim() == 2 and p.shape == params[0].shape for p in params))
+
+
+def split_experts(block: nn.Module) -> Optional[tuple[str, str]]:
+    """Two children that each hold exactly one 3-D [E, ., .] weight (JetMoE's ``input_linear`` and
+    ``output_linear``): the experts are the block itself, their weights those two."""
+    names = [f"{name}.{pname}" for name, child in block.named_children()
+             for pname, p in child.named_parameters() if p.dim() == 3 and len(list(child.parameters())) == 1]
+    return (names[0], names[1]) if len(names) == 2 else None
 
 
 def _experts_child(block: nn.Module) -> Optional[str]:
+    """Name of the child holding the experts; "" when the block itself holds them (split weights)."""
     names = [name for name, child in block.named_children()
              if "expert" in name and name not in SHARED_NAMES + SHARED_GATE_NAMES and _has_stacked_experts(child)]
     if "experts" in names:
         return "experts"
-    return names[0] if len(names) == 1 else None
+    if len(names) == 1:
+        return names[0]
+    return "" if not names and split_experts(block) else None
 
 
-def _num_experts(experts: nn.Module) -> int:
+def _num_experts(experts: nn.Module, split: Optional[tuple[str, str]]) -> int:
+    """E; for flat [E*F, D] matrices only the experts module's own count says it (0: unknown)."""
+    if split:
+        return fetch(experts, split[0]).shape[0]
     if isinstance(experts, nn.ModuleList):
         return len(experts)
-    return next(p.shape[0] for p in experts.parameters(recurse=False) if p.dim() == 3)
+    stacked = [p.shape[0] for p in experts.parameters(recurse=False) if p.dim() == 3]
+    return stacked[0] if stacked else number_attr(experts, ("num_experts", "moe_num_experts", "num_local_experts"), 0)
 
 
-def _router_child(block: nn.Module, num_experts: int, taken: set[str]) -> Optional[str]:
+def router_child(block: nn.Module, num_experts: int, taken: set[str]) -> Optional[str]:
     def scores_experts(child: nn.Module) -> bool:
         return sum(p.dim() == 2 and p.shape[0] == num_experts for p in child.parameters()) == 1
     names = [name for name, child in block.named_children() if name not in taken and scores_experts(child)]
@@ -69,17 +95,44 @@ def recognize_routed_block(module: nn.Module, path: str) -> Optional[Recognition
         return leave(path, block_kind(module), f"not analysable ({type(exc).__name__}: {exc})")
 
 
+def _output_bias(module: nn.Module, dim: int, taken: dict) -> tuple[Optional[str], list[str]]:
+    """The block's own [D] parameter added to its output (JetMoE ``bias``), and any other own
+    parameters besides the router's arguments (which the canonical form has no place for)."""
+    own = {name: p for name, p in module.named_parameters(recurse=False) if name not in taken}
+    bias = next((name for name, p in own.items() if p.shape == (dim,)), None)
+    return bias, [name for name in own if name != bias]
+
+
+def _router_args(module: nn.Module, router: nn.Module, num_experts: int) -> Optional[dict[str, Tensor]]:
+    """The block's own [E] tensors its router takes after the tokens (MiniMax-M2 passes
+    ``e_score_correction_bias``, LFM2-MoE an optional ``expert_bias``); None when the router wants
+    arguments the block has no match for."""
+    params = [p for p in inspect.signature(router.forward).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][1:]
+    required = sum(p.default is p.empty for p in params)
+    optional = sum(p.default is None for p in params)
+    tensors = itertools.chain(module.named_parameters(recurse=False), module.named_buffers(recurse=False))
+    found = {name: t for name, t in tensors if t.shape == (num_experts,)}
+    if required <= len(found) <= required + optional:
+        return found
+    return {} if not required else None
+
+
 def _recognize(module: nn.Module, path: str, experts_name: str) -> Optional[Recognition]:
     kind = block_kind(module)
-    experts = getattr(module, experts_name)
-    num_experts = _num_experts(experts)
+    experts = module.get_submodule(experts_name)
+    split = split_experts(module) if experts_name == "" else None
+    num_experts = _num_experts(experts, split)
+    if not num_experts:
+        return leave(path, kind, f"experts '{experts_name}' hold flat 2-D weights and no num_experts attribute")
     shared = _optional_child(module, SHARED_NAMES)
     shared_gate = _optional_child(module, SHARED_GATE_NAMES)
-    router_name = _router_child(module, num_experts, {experts_name, shared, shared_gate})
+    taken = {experts_name, shared, shared_gate} | {name.split(".")[0] for name in split or ()}
+    router_name = router_child(module, num_experts, taken)
     if router_name is None:
         return leave(path, kind, f"no child scores tokens against {num_experts} experts (a [{num_experts}, D] weight)")
     extra = [name for name, child in module.named_children()
-             if name not in (experts_name, router_name, shared, shared_gate) and any(True for _ in child.parameters())]
+             if name not in taken | {router_name} and any(True for _ in child.parameters())]
     if extra:
         return leave(path, kind, f"child(ren) {extra} are neither router, experts nor shared expert")
     if getattr(module, "jitter_noise", 0) or 0:
@@ -89,19 +142,62 @@ def _recognize(module: nn.Module, path: str, experts_name: str) -> Optional[Reco
         return leave(path, kind, "parameters are on the meta device; materialise the model before compiling")
     router = getattr(module, router_name)
     dim = next(p for p in router.parameters() if p.dim() == 2 and p.shape[0] == num_experts).shape[1]
-    router_spec, router_why = analyze_router(router, router_name, dim)
+    args = _router_args(module, router, num_experts)
+    if args is None:
+        return leave(path, kind, f"router '{router_name}' takes arguments besides the tokens that are not the "
+                                 f"block's own [{num_experts}] tensors")
+    output_bias, own = _output_bias(module, dim, args)
+    if own:
+        return leave(path, kind, f"its own parameter(s) {own} are neither router, experts nor an output bias")
+    router_spec, router_why = analyze_router(router, router_name, dim, args)
     if router_spec is None:
         return leave(path, kind, router_why)
-    candidates = experts_candidates(experts, experts_name, dim)
+    candidates = experts_candidates(experts, experts_name, dim, split, num_experts)
     if not candidates:
-        return leave(path, kind, f"experts '{experts_name}' are neither stacked 3-D [E, H, D]/[E, D, F] weights "
-                                 f"nor a list of bias-free Linear MLPs")
-    best, probe = float("inf"), BlockProbe(module, dim)
-    for experts_spec in candidates:
-        replacement = CanonicalMoEBlock(module, router_spec, experts_spec, shared, shared_gate)
-        ok, diff = probe.matches(replacement)
-        if ok:
-            return Recognition(kind=kind, replacement=replacement, details=replacement.details())
-        best = min(best, diff)
-    return leave(path, kind, f"{router_why}; no canonical form of its experts reproduces the block's output "
-                             f"(closest max abs diff {best:.3g} over {len(candidates)} layouts)")
+        return leave(path, kind, _no_layout(experts, experts_name))
+    if router_spec.top_k < 1:   # a logits-only router whose block holds k (DBRX)
+        router_spec = replace(router_spec, top_k=number_attr(module, TOP_K_ATTRS, 0))
+    if router_spec.top_k < 1:
+        return leave(path, kind, f"{router_why}; neither the router nor the block has a top_k attribute")
+    rules = [router_spec] if "ids" in router_spec.outputs else rule_candidates(router, router_spec, args)
+    forms = [dict(router=rule, experts=layout, output_scale=scale)
+             for rule in rules for layout in candidates for scale in ((1.0, 0.5) if shared else (1.0,))]
+    fixed = dict(shared=shared, shared_gate=shared_gate, output_bias=output_bias)
+    found, best, problem = _probe_forms(module, router_name, dim, forms, fixed)
+    if found is None:
+        what = "its experts" if len(rules) == 1 else f"any of {len(rules)} routing rules with its experts"
+        closest = problem or f"closest max abs diff {best:.3g} over {len(forms)} forms"
+        return leave(path, kind, f"{router_why}; no canonical form of {what} reproduces the block's output "
+                                 f"({closest})")
+    replacement = CanonicalMoEBlock(module, **found, **fixed)
+    return Recognition(kind=kind, replacement=replacement, details=replacement.details())
+
+
+def _no_layout(experts: nn.Module, name: str) -> str:
+    own = dict(experts.named_parameters(recurse=False))
+    stacked = [n for n, p in own.items() if p.dim() == 3]
+    if stacked and len(own) > len(stacked):
+        return (f"experts '{name}' hold {sorted(set(own) - set(stacked))} besides the stacked weights {stacked}: "
+                f"per-expert biases or scales have no place in moesys.moe_experts")
+    return f"experts '{name}' are neither stacked 3-D [E, H, D]/[E, D, F] weights nor a list of bias-free Linear MLPs"
+
+
+def _probe_forms(module: nn.Module, router_name: str, dim: int, forms: list[dict],
+                 fixed: dict) -> tuple[Optional[dict], float, str]:
+    """The first canonical form that reproduces the block's output on random tokens, the closest
+    max abs diff, and why the block could not be compared at all (if so). The router is randomised
+    while probing (zero-initialised routers tie every rule); the form found is then built on the
+    block as it is."""
+    router = getattr(module, router_name)
+    setattr(module, router_name, randomized(router, generator()))
+    best = float("inf")
+    try:
+        probe = BlockProbe(module, dim)
+        for form in forms:
+            ok, diff = probe.matches(CanonicalMoEBlock(module, **form, **fixed))
+            if ok:
+                return form, diff, ""
+            best = min(best, diff)
+        return None, best, probe.problem
+    finally:
+        setattr(module, router_name, router)

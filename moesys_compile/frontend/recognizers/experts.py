@@ -1,0 +1,148 @@
+"""Expert weight layouts of MoE blocks we did not write: stacked 3-D weights (views), split over
+two children (JetMoE), flat [E*F, D] matrices (DBRX), or a ModuleList of per-expert MLPs. Every
+reading the shapes allow is a candidate; the block probe (``block.BlockProbe``) picks the true one.
+
+Shape legend: D model dim · F expert hidden · H up rows (2F gated) · E experts.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ... import ops
+from .structure import fetch
+
+@dataclass
+class ExpertsSpec:
+    """Where the stacked expert weights come from. ``stacked``: 3-D parameters read as (transposed)
+    views; ``flat``: 2-D [E*rows, D] parameters read as [E, rows, D] views (two up matrices are
+    concatenated per step); otherwise per-expert Linear weights gathered with torch.stack in
+    forward. Copies are reported in the BlockReport."""
+    path: str
+    num_experts: int
+    dim: int
+    ffn_dim: int
+    activation: str
+    up: tuple[str, ...]          # stacked: (param,), per-expert: weight paths inside one expert
+    down: str
+    stacked: bool
+    transpose_up: bool = False
+    transpose_down: bool = False
+    flat: bool = False
+
+    def weights(self, experts: nn.Module) -> tuple[Tensor, Tensor]:
+        """(w_up_EHD, w_down_EDF) of ``experts`` in the canonical layout."""
+        if self.flat:
+            ups = [fetch(experts, name).view(self.num_experts, -1, self.dim) for name in self.up]
+            w_down_EFD = fetch(experts, self.down).view(self.num_experts, -1, self.dim)
+            return ups[0] if len(ups) == 1 else torch.cat(ups, dim=1), w_down_EFD.transpose(1, 2)
+        if self.stacked:
+            w_up_EHD = fetch(experts, self.up[0])
+            w_down_EDF = fetch(experts, self.down)
+            return (w_up_EHD.transpose(1, 2) if self.transpose_up else w_up_EHD,
+                    w_down_EDF.transpose(1, 2) if self.transpose_down else w_down_EDF)
+        w_up_EHD = torch.stack([torch.cat([fetch(e, name) for name in self.up]) for e in experts])
+        w_down_EDF = torch.stack([fetch(e, self.down) for e in experts])
+        return w_up_EHD, w_down_EDF
+
+    def param_names(self) -> list[str]:
+        if self.flat:
+            return [*self.up, self.down]
+        if self.stacked:
+            return [self.up[0], self.down]
+        return [f"{i}.{name}" for i in range(self.num_experts) for name in (*self.up, self.down)]
+
+    def describe(self) -> str:
+        if self.flat:
+            layout = "flat views" if len(self.up) == 1 else "flat, gate/up concatenated each forward (copies)"
+        else:
+            layout = "stacked views" if self.stacked else "per-expert Linears, stacked each forward (copies)"
+        return f"{self.activation}, {layout}"
+
+
+def stacked_candidates(experts: nn.Module, path: str, dim: int,
+                       names: Optional[Sequence[str]] = None) -> list[ExpertsSpec]:
+    """Layouts of a module holding 3-D expert weights: up [E, H, D] or [E, D, H], down [E, D, F]
+    or [E, F, D]. ``names``: the two weights' dotted paths when they sit in children of their own
+    (JetMoE's ``input_linear.weight``/``output_linear.weight``); by default the module's own
+    parameters. Every reading the shapes allow is returned; the block probe picks the true one."""
+    params = ({name: fetch(experts, name) for name in names} if names is not None
+              else dict(experts.named_parameters(recurse=False)))
+    if any(p.dim() != 3 for p in params.values()) or len(params) != 2:
+        return []
+    specs = []
+    for (up_name, up), (down_name, down) in itertools.permutations(params.items(), 2):
+        num_experts = up.shape[0]
+        for t_up, t_down in itertools.product((False, True), repeat=2):
+            up_EHD = up.transpose(1, 2) if t_up else up
+            down_EDF = down.transpose(1, 2) if t_down else down
+            if up_EHD.shape[2] != dim or down_EDF.shape[1] != dim or down.shape[0] != num_experts:
+                continue
+            ffn_dim = down_EDF.shape[2]
+            for activation in ops.ACTIVATIONS:
+                if up_EHD.shape[1] == ops.up_rows(ffn_dim, activation):
+                    specs.append(ExpertsSpec(path, num_experts, dim, ffn_dim, activation, (up_name,), down_name,
+                                             True, t_up, t_down))
+    return specs
+
+
+def _expert_linears(expert: nn.Module, dim: int) -> Optional[tuple[tuple[str, ...], str, int]]:
+    """Bias-free Linear layers of one expert: the up side reads D, the last one writing D is down."""
+    linears = [(name, m) for name, m in expert.named_modules() if isinstance(m, nn.Linear)]
+    if len(linears) < 2 or any(m.bias is not None for _, m in linears):
+        return None
+    down = next((n for n, m in linears if m.out_features == dim and m.in_features != dim), linears[-1][0])
+    modules = dict(linears)
+    ups = tuple(n for n, _ in linears if n != down)
+    ffn_dim = modules[down].in_features
+    if len(ups) > 2 or modules[down].out_features != dim or any(
+            modules[n].in_features != dim or modules[n].out_features != ffn_dim for n in ups):
+        return None
+    return tuple(f"{n}.weight" for n in ups), f"{down}.weight", ffn_dim
+
+
+def per_expert_candidates(experts: nn.Module, path: str, dim: int) -> list[ExpertsSpec]:
+    """Layouts of a ModuleList of expert MLPs (gate/up/down or w1/w3/w2 or Linear-act-Linear)."""
+    if not isinstance(experts, nn.ModuleList) or not len(experts):
+        return []
+    found = _expert_linears(experts[0], dim)
+    if found is None:
+        return []
+    ups, down, ffn_dim = found
+    specs = []
+    for order in itertools.permutations(ups):
+        for activation in ops.ACTIVATIONS:
+            if ops.is_gated(activation) == (len(order) == 2):
+                specs.append(ExpertsSpec(path, len(experts), dim, ffn_dim, activation, order, down, False))
+    return specs
+
+
+def flat_candidates(experts: nn.Module, path: str, dim: int, num_experts: int) -> list[ExpertsSpec]:
+    """Layouts of 2-D [E*F, D] expert matrices (DBRX's ``w1``/``v1``/``w2``): one of them is down
+    (read as [E, F, D], transposed), the others up (gated when two)."""
+    params = dict(experts.named_parameters())
+    rows = {p.shape[0] for p in params.values()}
+    if not 2 <= len(params) <= 3 or any(p.dim() != 2 or p.shape[1] != dim for p in params.values()) or \
+            len(rows) != 1 or next(iter(rows)) % num_experts:
+        return []
+    ffn_dim = next(iter(rows)) // num_experts
+    specs = []
+    for down in params:
+        for ups in itertools.permutations([name for name in params if name != down]):
+            for activation in ops.ACTIVATIONS:
+                if ops.is_gated(activation) == (len(ups) == 2):
+                    specs.append(ExpertsSpec(path, num_experts, dim, ffn_dim, activation, ups, down, False, flat=True))
+    return specs
+
+
+def experts_candidates(experts: nn.Module, path: str, dim: int, names: Optional[Sequence[str]] = None,
+                       num_experts: int = 0) -> list[ExpertsSpec]:
+    if names is not None:
+        return stacked_candidates(experts, path, dim, names)
+    return (stacked_candidates(experts, path, dim) or per_expert_candidates(experts, path, dim)
+            or flat_candidates(experts, path, dim, num_experts))

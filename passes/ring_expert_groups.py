@@ -1,0 +1,172 @@
+"""Expert groups for ring_partition: a ``grouped_mlp`` whose experts do not fit one slot of the
+ring runs as a sum of ``moesys_ring.expert_group_mlp`` calls, one per group of experts, each
+reading slices ``w[lo:hi]`` of the expert weights (registered on the graph module and streamed
+through the ring like any weight).
+
+    grouped_mlp(x_ND, counts_E, w_up_EHD, w_down_EDF, act)
+      == expert_group_mlp(x_ND, counts_E, w_up_EHD[0:g], w_down_EDF[0:g], 0, act)
+       + expert_group_mlp(x_ND, counts_E, w_up_EHD[g:2g], w_down_EDF[g:2g], g, act) + ...
+
+Every row of ``x_ND`` belongs to one expert, so exactly one term computes it (the others give
+zeros there): the sum has the same rows and values as the single call.
+
+Shape suffixes: N routed rows (tokens x top-k), D model dim, H up-projection width, F expert
+hidden dim, E experts, G experts of one group.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Optional
+
+import sympy
+import torch
+import torch.fx as fx
+from torch import Tensor
+
+from moesys_compile import ops
+from moesys_compile.frontend.annotation import B, S, CostModel
+from moesys_compile.ir import fetch, infer_val, is_op, moesys_meta
+from moesys_compile.runtime.ring import activation_exprs, evaluate_workspace, liveness_plan
+
+# ---------------------------------------------------------------------------------------------
+# the op: the rows of one expert group
+# ---------------------------------------------------------------------------------------------
+
+
+def _group_rows(counts_E: Tensor, first: int, count: int) -> list[tuple[int, int, int]]:
+    """(local expert, start row, end row) of experts [first, first + count); one host sync."""
+    counts = counts_E.tolist()
+    start = sum(counts[:first])
+    rows = []
+    for local, size in enumerate(counts[first:first + count]):
+        rows.append((local, start, start + size))
+        start += size
+    return rows
+
+
+def expert_group_reference(x_ND: Tensor, counts_E: Tensor, w_up_GHD: Tensor, w_down_GDF: Tensor, first_expert: int,
+                           activation: str = "swiglu") -> Tensor:
+    """Differentiable: grouped_mlp restricted to experts [first, first + G); other rows are 0."""
+    y_ND = x_ND.new_zeros((x_ND.shape[0], w_down_GDF.shape[1]))
+    for local, start, end in _group_rows(counts_E, first_expert, w_up_GHD.shape[0]):
+        h_nH = x_ND[start:end] @ w_up_GHD[local].t()
+        y_ND = y_ND.index_copy(0, torch.arange(start, end, device=x_ND.device),
+                               ops.apply_activation(h_nH, activation) @ w_down_GDF[local].t())
+    return y_ND
+
+
+@torch.library.custom_op("moesys_ring::expert_group_mlp", mutates_args=())
+def expert_group_mlp(x_ND: Tensor, counts_E: Tensor, w_up_GHD: Tensor, w_down_GDF: Tensor, first_expert: int,
+                     activation: str = "swiglu") -> Tensor:
+    """Rows of experts [first_expert, first_expert + G) of ``moesys.grouped_mlp``, zeros elsewhere;
+    summed over a partition of the experts it is grouped_mlp (each row is nonzero in one group)."""
+    y_ND = x_ND.new_zeros((x_ND.shape[0], w_down_GDF.shape[1]))
+    for local, start, end in _group_rows(counts_E, first_expert, w_up_GHD.shape[0]):
+        h_nH = torch.mm(x_ND[start:end], w_up_GHD[local].t())
+        torch.mm(ops.apply_activation(h_nH, activation), w_down_GDF[local].t(), out=y_ND[start:end])
+    return y_ND
+
+
+@expert_group_mlp.register_fake
+def _expert_group_mlp_fake(x_ND, counts_E, w_up_GHD, w_down_GDF, first_expert, activation="swiglu"):
+    return x_ND.new_empty((x_ND.shape[0], w_down_GDF.shape[1]))
+
+
+def _expert_group_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:4])
+    ctx.first, ctx.activation = inputs[4], inputs[5]
+
+
+def _expert_group_backward(ctx, grad_y_ND):
+    x_ND, counts_E, w_up, w_down = ctx.saved_tensors
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(True) for t in (x_ND, w_up, w_down)]
+        y_ND = expert_group_reference(leaves[0], counts_E, leaves[1], leaves[2], ctx.first, ctx.activation)
+        grad_x, grad_up, grad_down = torch.autograd.grad(y_ND, leaves, grad_y_ND, allow_unused=True)
+    return grad_x, None, grad_up, grad_down, None, None
+
+
+expert_group_mlp.register_autograd(_expert_group_backward, setup_context=_expert_group_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# the rewrite
+# ---------------------------------------------------------------------------------------------
+
+
+def splittable_weights(node: fx.Node) -> Optional[tuple[fx.Node, fx.Node]]:
+    """The (w_up, w_down) get_attr inputs of a grouped_mlp that only it reads, else None."""
+    if not is_op(node, "grouped_mlp"):
+        return None
+    up, down = node.args[2], node.args[3]
+    ok = all(isinstance(w, fx.Node) and w.op == "get_attr" and len(w.users) == 1 for w in (up, down))
+    return (up, down) if ok else None
+
+
+def split_reserve(gm: fx.GraphModule, ctx, nodes: list[fx.Node], batch: int, seq: int) -> int:
+    """Extra peak activation bytes at the example shape once the grouped_mlp ``nodes`` run as
+    expert groups: where one output was, the running sum, a group's rows and their new sum are
+    alive together (the liveness walk with that transient added)."""
+    if ctx.plan.options.get("ring_workspace") is not None or not nodes:
+        return 0
+    values = {B: batch, S: seq}
+    index = {n: i for i, n in enumerate(gm.graph.nodes)}
+    transient = {}
+    for node in nodes:
+        val = node.meta["val"]
+        rows = int(sympy.sympify(ctx.annotation.expr(val.shape[0])).xreplace(values))
+        out = rows * val[0].numel() * val.element_size()
+        counted = int(sympy.sympify(moesys_meta(node)["cost"].activation_bytes).xreplace(values))
+        transient[index[node]] = 3 * out - counted
+    exprs, liveness = activation_exprs(gm, ctx), liveness_plan(gm)
+    return (evaluate_workspace(exprs, liveness, batch, seq, transient)
+            - evaluate_workspace(exprs, liveness, batch, seq))
+
+
+def split_into_groups(gm: fx.GraphModule, ctx, node: fx.Node, per_group: int, slices: dict) -> fx.Node:
+    """Replace the grouped_mlp ``node`` by a sum of expert_group_mlp over groups of ``per_group``
+    experts; its weight reads are replaced by slices, recorded in ``slices`` (attribute name ->
+    (weight it slices, lo, hi)). New nodes get ``val``, ``layer``, ``module`` and ``cost``.
+    Returns the node of the sum."""
+    up, down = splittable_weights(node)
+    num_experts = up.meta["val"].shape[0]
+    x_ND, counts_E = node.args[:2]
+    activation = node.args[4] if len(node.args) > 4 else node.kwargs.get("activation", "swiglu")
+    flops = moesys_meta(node)["cost"].flops
+    with gm.graph.inserting_before(node):
+        total = None
+        for lo in range(0, num_experts, per_group):
+            hi = min(num_experts, lo + per_group)
+            args = (x_ND, counts_E, _slice_attr(gm, ctx, up, lo, hi, slices),
+                    _slice_attr(gm, ctx, down, lo, hi, slices), lo, activation)
+            part = _new_node(gm, ctx, torch.ops.moesys_ring.expert_group_mlp.default, args, node,
+                             flops * (hi - lo) / num_experts)
+            total = part if total is None else _new_node(gm, ctx, operator.add, (total, part), node)
+    node.replace_all_uses_with(total)
+    for dead in (node, up, down):
+        gm.graph.erase_node(dead)
+    return total
+
+
+def _new_node(gm: fx.GraphModule, ctx, target, args: tuple, like: fx.Node, flops=None) -> fx.Node:
+    node = gm.graph.call_function(target, args)
+    infer_val(node, ctx.fake_mode)
+    meta = moesys_meta(node)
+    meta.update(layer=moesys_meta(like).get("layer"), module=moesys_meta(like).get("module"))
+    meta["cost"] = CostModel(gm, ctx.annotation).cost(node)
+    if flops is not None:
+        meta["cost"].flops = flops
+    return node
+
+
+def _slice_attr(gm: fx.GraphModule, ctx, weight: fx.Node, lo: int, hi: int, slices) -> fx.Node:
+    name = f"ring_{str(weight.target).replace('.', '_')}_{lo}_{hi}"
+    gm.register_buffer(name, fetch(gm, str(weight.target)).detach()[lo:hi], persistent=False)
+    node = gm.graph.get_attr(name)
+    with ctx.fake_mode:
+        node.meta["val"] = weight.meta["val"][lo:hi]
+    moesys_meta(node).update(layer=moesys_meta(weight).get("layer"), module=moesys_meta(weight).get("module"))
+    moesys_meta(node)["cost"] = CostModel(gm, ctx.annotation).cost(node)
+    slices[name] = (str(weight.target), lo, hi)
+    return node
