@@ -185,7 +185,9 @@ class _ExpertRows:
             holder = _own_holder(self.gm, self.ctx, target)
             attr = target.rpartition(".")[2]
             full = getattr(holder, attr)
-            setattr(holder, attr, nn.Parameter(full.detach()[lo:hi].clone(), requires_grad=full.requires_grad))
+            # a view of the model's rows, not a copy: like the dense parameters, the program
+            # shares the model's storage and the rank keeps no second copy of its experts
+            setattr(holder, attr, nn.Parameter(full.detach()[lo:hi], requires_grad=full.requires_grad))
             self.sharded[target] = (lo, hi, full.shape[0])
         node.meta["val"] = self.ctx.fake_mode.from_tensor(self.gm.get_parameter(target), static_shapes=True)
         meta = moesys_meta(node)
