@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import sympy
 import torch
 
 import moesys_compile as mc
@@ -18,6 +19,7 @@ import moesys_compile as mc
 transformers = pytest.importorskip("transformers")
 
 from moesys_compile.frontend.recognizers import CanonicalMoA, CanonicalMoEBlock  # noqa: E402
+from moesys_compile.ir import is_op, moesys_meta  # noqa: E402
 from moesys_compile.models.hf import DENSE_FAMILIES, MOE_FAMILIES, build_hf  # noqa: E402
 
 # family -> {(block kind, action, routing rule)} that inspect reports; "left" blocks run as traced code
@@ -141,6 +143,12 @@ def test_jetmoe_trains_like_eager_with_its_own_aux_loss():
     program = mc.compile(model, mc.Plan(mode="train"), example_inputs=(ids(),), example_kwargs={"labels": ids()})
     got, want = program(example, labels=example), eager(example, labels=example)
     assert len(got.router_logits) == len(want.router_logits) == 3
+    projections = [n for n in program.graph_module.graph.nodes if is_op(n, "expert_linear")]
+    assert projections, "the attention experts' projections are moesys::expert_linear nodes"
+    for node in projections:                      # 2 * rows * out * in, symbolic in B and S
+        rows_out, (_, _, inner) = node.meta["val"].shape, node.args[2].meta["val"].shape
+        want_flops = 2 * program.context.annotation.expr(rows_out[0]) * rows_out[1] * inner
+        assert sympy.simplify(moesys_meta(node)["cost"].flops - want_flops) == 0, node.name
     for name in ("loss", "aux_loss", "logits"):
         torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-4, atol=1e-5)
     got.loss.backward()

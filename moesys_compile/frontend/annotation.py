@@ -269,6 +269,8 @@ class CostModel:
             _, up_rows, dim = w_up.shape
             hidden = w_down.shape[2]
             return rows * (2 * dim * up_rows + 2 * hidden * dim + up_rows)
+        if is_op(node, "expert_linear"):     # x_NI, ids_N, w_EOI: one [I] x [I, O] product per row
+            return 2 * self.numel(out) * self.ann.expr(args[2].shape[2])
         if is_op(node, "route", "load_balancing_loss"):
             return 4 * self.numel(args[0])
         if is_op(node, "permute", "unpermute"):
