@@ -8,8 +8,9 @@ Peers, same model and inputs, same run:
                device_budget=model/4, weights="host"))``: sections stream host -> device over
                PCIe through a ring of slots on a copy stream while the current section computes
 
-Rows: prefill at a few sizes and greedy decoding with a KV cache. Tokens/s is the median of the
-repeats (peers take turns call by call); every call ends with ``torch.cuda.synchronize()``.
+Rows: prefill at a few sizes and greedy decoding with a KV cache, measured by
+``benchmarks.ring_infer.case`` on CUDA ids: tokens/s is the median of the repeats (peers take
+turns call by call); every call ends with ``torch.cuda.synchronize()``.
 Efficiency = max(transfer, compute) / wall of the ring's call. ``cuda_max_alloc_MiB`` is
 ``torch.cuda.max_memory_allocated`` during the ring's call (slots + activations), against the budget.
 
@@ -19,16 +20,15 @@ Efficiency = max(transfer, compute) / wall of the ring's call. ``cuda_max_alloc_
 from __future__ import annotations
 
 import copy
-import statistics
 import sys
 import time
 
 import torch
 
 from benchmarks import _harness as h
-from benchmarks.ring_infer import interleaved
-from moesys_compile import Plan, compile, models
-from moesys_compile.infer import eager_generate, model_bytes
+from benchmarks.ring_infer import build, case
+from moesys_compile import Plan, compile
+from moesys_compile.infer import model_bytes
 
 FULL = dict(vocab_size=32000, dim=2048, n_layers=8, n_heads=16, ffn_dim=5632, num_experts=8, top_k=2,
             moe_ffn_dim=2048, max_seq_len=4096)
@@ -43,48 +43,6 @@ def workloads(quick: bool) -> list[tuple[str, int, int]]:
     return [("prefill", 1, 128), ("prefill", 2, 512), ("prefill", 4, 512), ("decode", 1, 16)]
 
 
-def synced(fn):
-    def call():
-        out = fn()
-        torch.cuda.synchronize()
-        return out
-    return call
-
-
-def case(kind, batch, seq, resident, accelerated, program, repeats, vocab, new_tokens=8) -> dict:
-    ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(1)).cuda()
-    if kind == "prefill":
-        tokens = batch * seq
-        peers = {"in_memory": lambda: resident(ids), "accelerate": lambda: accelerated(ids),
-                 "ring": lambda: program(ids)}
-    else:
-        tokens = batch * new_tokens
-        peers = {"in_memory": lambda: eager_generate(resident, ids, new_tokens),
-                 "accelerate": lambda: eager_generate(accelerated, ids, new_tokens),
-                 "ring": lambda: program.generate(ids, new_tokens)}
-    ring_stats = []
-    with torch.inference_mode():
-        samples = interleaved({name: synced(fn) for name, fn in peers.items()}, repeats,
-                              lambda name: ring_stats.append(dict(program.stats)) if name == "ring" else None)
-        if kind == "prefill":
-            error = (program(ids).float() - resident(ids).float()).abs().max().item()
-        else:
-            error = float(not torch.equal(program.generate(ids, new_tokens).cpu(),
-                                          eager_generate(resident, ids, new_tokens).cpu()))
-    seconds = {name: statistics.median(values) for name, values in samples.items()}
-    last = ring_stats[-1]
-    row = {"workload": kind, "batch": batch, "seq": seq, "tokens": tokens,
-           **{f"{name}_tok_s": tokens / s for name, s in seconds.items()},
-           "efficiency": statistics.median(s["efficiency"] for s in ring_stats),
-           "peak_device_MiB": last["peak_device_bytes"] / 2**20,
-           "cuda_max_alloc_MiB": last.get("cuda_max_allocated_bytes", 0) / 2**20,
-           "GB_s_moved": last["bytes_moved"] / max(last["transfer_seconds"], 1e-9) / 1e9,
-           "max_abs_err" if kind == "prefill" else "tokens_differ": error, "seconds": samples}
-    row["ring_vs_accelerate"] = row["ring_tok_s"] / row["accelerate_tok_s"]
-    row["ring_vs_in_memory"] = row["ring_tok_s"] / row["in_memory_tok_s"]
-    return row
-
-
 def main(argv=None) -> int:
     from accelerate import cpu_offload
     p = h.parser("ring_gpu", __doc__.splitlines()[0])
@@ -95,8 +53,7 @@ def main(argv=None) -> int:
                  "on CPU run `python -m benchmarks.ring_infer`.")
     repeats = args.repeats or (2 if args.quick else 3)
     config = QUICK if args.quick else FULL
-    torch.manual_seed(0)
-    model = models.build("small-moe", **config).to(DTYPES[args.dtype]).eval()
+    model = build(config).to(DTYPES[args.dtype])
     size = model_bytes(model)
     budget = size // 4
     cases = workloads(args.quick)
@@ -111,7 +68,7 @@ def main(argv=None) -> int:
     print(f"{torch.cuda.get_device_name(0)}; model {size / 2**20:.0f} MiB {args.dtype}, budget {budget / 2**20:.0f} MiB "
           f"(model/budget = {size / budget:.1f}), {layout.slots} slots x {layout.slot_bytes / 2**20:.1f} MiB, "
           f"{len(layout.sections)} sections; compile + staging {compile_s:.1f} s")
-    rows = [case(kind, batch, seq, resident, accelerated, program, repeats, config["vocab_size"])
+    rows = [case(kind, batch, seq, resident, accelerated, program, repeats, device="cuda")
             for kind, batch, seq in cases]
     program.close()
     h.print_table(rows, ["workload", "batch", "seq", "in_memory_tok_s", "accelerate_tok_s", "ring_tok_s",

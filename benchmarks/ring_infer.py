@@ -71,8 +71,20 @@ def interleaved(peers: dict, repeats: int, after=None) -> dict[str, list[float]]
     return samples
 
 
-def case(kind: str, batch: int, seq: int, model, accelerated, program, repeats: int, new_tokens: int = 8) -> dict:
+def _synchronized(fn):
+    def call():
+        out = fn()
+        torch.cuda.synchronize()
+        return out
+    return call
+
+
+def case(kind: str, batch: int, seq: int, model, accelerated, program, repeats: int, new_tokens: int = 8,
+         device: str = "cpu") -> dict:
+    """One row: the three peers in rotation on the same ids (on ``device``; CUDA calls end with a
+    synchronize, inside the timing)."""
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(1))
+    ids = ids.to(device)
     if kind == "prefill":
         tokens = batch * seq
         run_eager = lambda: model(ids)                         # noqa: E731
@@ -89,9 +101,11 @@ def case(kind: str, batch: int, seq: int, model, accelerated, program, repeats: 
         if name == "ring":
             ring_stats.append(dict(program.stats))
     peers = {"in_memory": run_eager, "accelerate": run_acc, "ring": run_ring}
+    if torch.device(device).type == "cuda":
+        peers = {name: _synchronized(fn) for name, fn in peers.items()}
     with torch.inference_mode():
         samples = interleaved(peers, repeats, keep_stats)
-        check = (program(ids) - model(ids)).abs().max().item()
+        check = (program(ids).float() - model(ids).float()).abs().max().item()
     seconds = {name: statistics.median(values) for name, values in samples.items()}
     efficiencies = [s["efficiency"] for s in ring_stats]
     stats = ring_stats[-1]
@@ -104,7 +118,10 @@ def case(kind: str, batch: int, seq: int, model, accelerated, program, repeats: 
            "compute_s": statistics.median(s["compute_seconds"] for s in ring_stats),
            "wall_s": statistics.median(s["wall_seconds"] for s in ring_stats),
            "peak_device_MiB": max(s["peak_device_bytes"] for s in ring_stats) / 2**20, "max_abs_err": check,
-           "moved_MiB_per_call": stats["bytes_moved"] / 2**20, "stall_s": stats["stall_seconds"]}
+           "moved_MiB_per_call": stats["bytes_moved"] / 2**20, "stall_s": stats["stall_seconds"],
+           "GB_s_moved": stats["bytes_moved"] / max(stats["transfer_seconds"], 1e-9) / 1e9}
+    if "cuda_max_allocated_bytes" in stats:
+        row["cuda_max_alloc_MiB"] = max(s["cuda_max_allocated_bytes"] for s in ring_stats) / 2**20
     row["ring_vs_accelerate"] = row["ring_tok_s"] / row["accelerate_tok_s"]
     row["ring_vs_in_memory"] = row["ring_tok_s"] / row["in_memory_tok_s"]
     row["seconds"] = samples

@@ -362,7 +362,9 @@ def expert_parallel(gm: fx.GraphModule, ctx) -> fx.GraphModule:
     ``meta["moesys"]["a2a"] = ("dispatch"|"combine", layer module)`` with ``comm_bytes`` costs.
     With world_size > 1 each ``load_balancing_loss`` becomes ``global_load_balancing_loss`` over
     all ranks, so the aux loss (and its gradient) equals that of one process on the global batch.
-    The model's parameters are never modified (the graph module's holders are its own). Row counts
+    The model's modules are never modified (the graph module's holders are its own); a shard is a
+    view of the model's tensor, so training updates those rows in place, as it does the dense
+    parameters the program shares with the model. Row counts
     after dispatch are data dependent (unbacked sizes in ``meta["val"]``). Expert weights computed
     in a way that moves dim 0 (or read elsewhere) raise a PlanError naming the block and node.
 

@@ -8,7 +8,7 @@ import torch
 import moesys_compile as mc
 from moesys_compile.ir import is_op
 from moesys_compile.programs.training import TrainingProgram
-from moesys_compile.runtime.collectives import expert_major_index
+from moesys_compile.runtime.collectives import transpose_blocks
 from moesys_compile.runtime.groups import Topology
 
 
@@ -83,10 +83,11 @@ def test_buckets_per_class_and_group(bucket_mb, max_params):
     assert any("over edp group [1, 3]" in line for line in ctx.notes["fuse_comm"])
 
 
-def test_expert_major_index():
-    recv_RL = torch.tensor([[1, 2], [3, 0]])      # source-major rows: s0e0 | s0e1 s0e1 | s1e0 x3
-    assert expert_major_index(recv_RL).tolist() == [0, 3, 4, 5, 1, 2]
-    assert expert_major_index(torch.zeros(2, 2, dtype=torch.long)).numel() == 0
+def test_received_rows_become_expert_major():
+    recv_RL = [[1, 2], [3, 0]]                    # source-major rows: s0e0 | s0e1 s0e1 | s1e0 x3
+    rows = torch.arange(6.0)[:, None]
+    assert transpose_blocks(rows, recv_RL).flatten().tolist() == [0, 3, 4, 5, 1, 2]
+    assert transpose_blocks(rows[:0], [[0, 0], [0, 0]]).numel() == 0
 
 
 def test_world_size_without_process_group_is_a_plan_error():

@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import moesys_compile as mc
-from moesys_compile.runtime.collectives import expert_major_index, transpose_blocks
+from moesys_compile.runtime.collectives import transpose_blocks
 
 sys.path.insert(0, str(Path(__file__).parent))
 from dist_utils import run_ranks  # noqa: E402
@@ -153,6 +153,14 @@ def test_two_ranks_with_dropped_slots_match_per_rank_eager():
         for name, tensor in model.state_dict().items():
             torch.testing.assert_close(state[name], tensor, rtol=RTOL, atol=ATOL,
                                        msg=lambda m: f"rank {rank} {name}: {m}")
+
+
+def expert_major_index(recv_RL: torch.Tensor) -> torch.Tensor:
+    """The specification: received rows come source-major (r, l); this index lists them
+    expert-major (l, r)."""
+    starts = (torch.cumsum(recv_RL.reshape(-1), 0) - recv_RL.reshape(-1)).view(recv_RL.shape)
+    return torch.cat([torch.arange(int(starts[r, e]), int(starts[r, e] + recv_RL[r, e]))
+                      for e in range(recv_RL.shape[1]) for r in range(recv_RL.shape[0])])
 
 
 @pytest.mark.parametrize("recv_RL", [[[2, 0, 3], [1, 4, 0]], [[0, 0], [0, 5]], [[3]], [[0, 0], [0, 0]]])

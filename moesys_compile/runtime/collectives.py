@@ -41,19 +41,6 @@ def _a2a_rows(x_SD: Tensor, send_R: list[int], recv_R: list[int], group_name: st
     return out_MD
 
 
-def expert_major_index(recv_RL: Tensor) -> Tensor:
-    """Received rows come source-major (r, l); this index reorders them expert-major (l, r).
-    (``transpose_blocks`` applies the same permutation by block copies.)"""
-    ranks, local = recv_RL.shape
-    flat = recv_RL.reshape(-1)
-    starts_RL = (torch.cumsum(flat, 0) - flat).view(ranks, local)
-    counts_LR, starts_LR = recv_RL.t().reshape(-1), starts_RL.t().reshape(-1)
-    total = int(flat.sum())
-    block_start_M = torch.repeat_interleave(starts_LR, counts_LR, output_size=total)
-    new_start_M = torch.repeat_interleave(torch.cumsum(counts_LR, 0) - counts_LR, counts_LR, output_size=total)
-    return block_start_M + torch.arange(total, device=recv_RL.device) - new_start_M
-
-
 def transpose_blocks(x_MD: Tensor, counts_AB: list[list[int]]) -> Tensor:
     """Rows stored as blocks in (a, b) order, block (a, b) of ``counts_AB[a][b]`` rows, rewritten
     in (b, a) order: source-major (r, l) received rows -> expert-major (l, r), and back with the

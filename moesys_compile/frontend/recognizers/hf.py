@@ -31,7 +31,7 @@ from ..canonicalize import Recognition
 from .block import BlockProbe, CanonicalMoEBlock, block_kind
 from .experts import experts_candidates
 from .structure import (ROUTER_NAMES, SHARED_GATE_NAMES, SHARED_NAMES, TOP_K_ATTRS, analyze_router, fetch, generator,
-                        leave, number_attr, on_meta, randomized, rule_candidates)
+                        leave, number_attr, on_meta, router_randomized, rule_candidates)
 
 
 def _has_stacked_experts(module: nn.Module) -> bool:
@@ -188,10 +188,8 @@ def _probe_forms(module: nn.Module, router_name: str, dim: int, forms: list[dict
     max abs diff, and why the block could not be compared at all (if so). The router is randomised
     while probing (zero-initialised routers tie every rule); the form found is then built on the
     block as it is."""
-    router = getattr(module, router_name)
-    setattr(module, router_name, randomized(router, generator()))
     best = float("inf")
-    try:
+    with router_randomized(module, router_name, generator()):
         probe = BlockProbe(module, dim)
         for form in forms:
             ok, diff = probe.matches(CanonicalMoEBlock(module, **form, **fixed))
@@ -199,5 +197,3 @@ def _probe_forms(module: nn.Module, router_name: str, dim: int, forms: list[dict
                 return form, diff, ""
             best = min(best, diff)
         return None, best, probe.problem
-    finally:
-        setattr(module, router_name, router)

@@ -27,7 +27,7 @@ from ..canonicalize import Recognition
 from .block import adopt, block_kind
 from .hf import router_child, split_experts
 from .structure import (RouterSpec, analyze_router, close, fetch, first_param, generator, leave, on_meta,
-                        randomized, route_known, router_logits, rule_candidates)
+                        route_known, router_logits, router_randomized, rule_candidates)
 
 # ---------------------------------------------------------------------------------------------
 # moesys::expert_linear: y_NO[n] = w_EOI[ids_N[n]] @ x_NI[n]
@@ -164,13 +164,10 @@ def recognize_moa(module: nn.Module, path: str) -> Optional[Recognition]:
     param = first_param(module)
     x_BSD = torch.randn(2, 4, dim, generator=gen).to(device=param.device, dtype=param.dtype)
     a_BSKH = torch.randn(2, 4, spec.top_k, rows, generator=gen).to(device=param.device, dtype=param.dtype)
-    setattr(module, router_name, randomized(router, gen))
-    try:
+    with router_randomized(module, router_name, gen):
         rules = [spec] if spec.known else rule_candidates(getattr(module, router_name), spec)
         found = next((rule for rule in rules
                       if _matches(module, CanonicalMoA(module, rule, *split, bias), x_BSD, a_BSKH)), None)
-    finally:
-        setattr(module, router_name, router)
     if found is None:
         return leave(path, kind, f"{why}; no rule moesys.route expresses reproduces its map/reduce")
     replacement = CanonicalMoA(module, found, *split, bias)

@@ -8,6 +8,7 @@ Shape legend: T tokens · D model dim · F expert hidden · H up rows (2F gated)
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 from dataclasses import dataclass, field, replace
@@ -177,6 +178,17 @@ def randomized(router: nn.Module, gen: torch.Generator) -> nn.Module:
             if t.is_floating_point():
                 t.copy_(torch.randn(t.shape, generator=gen).to(t.dtype) * (0.1 if t.dim() == 1 else 1.0))
     return probe
+
+
+@contextlib.contextmanager
+def router_randomized(block: nn.Module, router_name: str, gen: torch.Generator):
+    """Within the block, the router ``router_name`` is a ``randomized`` copy; restored on exit."""
+    router = getattr(block, router_name)
+    setattr(block, router_name, randomized(router, gen))
+    try:
+        yield
+    finally:
+        setattr(block, router_name, router)
 
 
 def _candidates(router: nn.Module, spec: RouterSpec, args: dict) -> list[dict]:
