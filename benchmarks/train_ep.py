@@ -1,7 +1,9 @@
 """Expert-parallel training throughput of an MoE layer stack on 2 CPU ranks (gloo):
 moesys-compile's TrainingProgram against DeepSpeed-MoE (``deepspeed.moe.layer.MoE``), same run.
 
-Both stacks: L layers of top-2 routing over E SwiGLU experts (dim D, hidden F), ep_size=2, fp32.
+Both stacks: L layers of top-k routing over E SwiGLU experts (dim D, hidden F), ep_size=2, fp32.
+``--experts coarse`` (default): E=8, top-2, F=2D (Mixtral-like). ``--experts fine``: E=64, top-8,
+F=D/2 (OLMoE-like fine-grained experts); both do the same expert FLOPs per token.
 One timed step = forward + backward (aux loss included) + gradient synchronisation (ours: the
 fused bucket all-reduce inside backward; DeepSpeed's layer has no engine here, so the gate's
 gradients are all-reduced over the world after backward, as its engine would; its expert
@@ -22,7 +24,7 @@ included). On a shared machine the wall time also counts the time other processe
 cores; CPU time counts only this process's own work (it still moves with cache and memory
 contention), so ``vs_deepspeed_cpu`` (the ratio of CPU times) is the steadier of the two ratios.
 
-    python -m benchmarks.train_ep [--quick] [--json FILE]   # launches 2 ranks (torchrun)
+    python -m benchmarks.train_ep [--experts coarse|fine] [--quick] [--json FILE]   # launches 2 ranks
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ class DeepSpeedStack(nn.Module):
         from deepspeed.moe.layer import MoE
         self.layers = nn.ModuleList(
             MoE(hidden_size=cfg["dim"], expert=SwiGLU(cfg["dim"], cfg["ffn"]), num_experts=cfg["experts"],
-                ep_size=WORLD, k=2, capacity_factor=1.0, drop_tokens=drop_tokens, use_rts=False,
+                ep_size=WORLD, k=cfg["top_k"], capacity_factor=1.0, drop_tokens=drop_tokens, use_rts=False,
                 top2_2nd_expert_sampling=False)
             for _ in range(cfg["layers"]))
         for layer in self.layers:
@@ -96,7 +98,7 @@ class DeepSpeedStack(nn.Module):
 def moesys_stack(cfg: dict, capacity_factor):
     import moesys_compile as mc
     torch.manual_seed(0)            # every stack starts from the same weights
-    layers = nn.Sequential(*[mc.nn.MoE(cfg["dim"], cfg["ffn"], cfg["experts"], top_k=2) for _ in range(cfg["layers"])])
+    layers = nn.Sequential(*[mc.nn.MoE(cfg["dim"], cfg["ffn"], cfg["experts"], top_k=cfg["top_k"]) for _ in range(cfg["layers"])])
     plan = mc.Plan(mode="train", world_size=WORLD, expert_parallel=WORLD, capacity_factor=capacity_factor)
     return mc.compile(layers, plan, example_inputs=(example(cfg),))
 
@@ -130,10 +132,14 @@ def gate_allreduce(stack: DeepSpeedStack):
     return sync
 
 
-def config(quick: bool) -> dict:
+def config(quick: bool, experts: str = "coarse") -> dict:
+    if experts == "fine":
+        if quick:
+            return dict(layers=2, dim=128, ffn=64, experts=16, top_k=4, batch=4, seq=64)
+        return dict(layers=4, dim=256, ffn=128, experts=64, top_k=8, batch=8, seq=128)
     if quick:
-        return dict(layers=2, dim=128, ffn=256, experts=4, batch=4, seq=64)
-    return dict(layers=4, dim=256, ffn=512, experts=8, batch=8, seq=128)
+        return dict(layers=2, dim=128, ffn=256, experts=4, top_k=2, batch=4, seq=64)
+    return dict(layers=4, dim=256, ffn=512, experts=8, top_k=2, batch=8, seq=128)
 
 
 def timed_step(fn) -> tuple[float, float]:
@@ -198,11 +204,11 @@ def rank_main(args) -> None:
     torch.set_num_threads(1)
     import deepspeed
     deepspeed.init_distributed(dist_backend="gloo")
-    cfg = config(args.quick)
+    cfg = config(args.quick, args.experts)
     rows, passes, diff = measure(cfg, args.repeats or (3 if args.quick else 10))
     if dist.get_rank() == 0:
         title = (f"MoE stack training step on {WORLD} CPU ranks (gloo), ep=2: {cfg['layers']} layers, D={cfg['dim']}, "
-                 f"F={cfg['ffn']}, E={cfg['experts']}, top-2, {WORLD}x{cfg['batch']}x{cfg['seq']} tokens")
+                 f"F={cfg['ffn']}, E={cfg['experts']}, top-{cfg['top_k']}, {WORLD}x{cfg['batch']}x{cfg['seq']} tokens")
         _harness.print_table(rows, ["case", "step_ms", "min_ms", "tokens_per_s", "vs_deepspeed", "cpu_ms",
                                     "vs_deepspeed_cpu"], title)
         ours = [r for r in rows if r["case"].startswith("moesys")]
@@ -218,7 +224,13 @@ def rank_main(args) -> None:
 
 
 def arguments():
-    return _harness.parser(NAME, __doc__.splitlines()[0]).parse_args()
+    parser = _harness.parser(NAME, __doc__.splitlines()[0])
+    parser.add_argument("--experts", choices=("coarse", "fine"), default="coarse",
+                        help="coarse: E=8, top-2, F=2D; fine: E=64, top-8, F=D/2")
+    args = parser.parse_args()
+    if args.experts == "fine" and args.json == parser.get_default("json"):
+        args.json = args.json.replace(f"{NAME}.json", f"{NAME}_fine.json")
+    return args
 
 
 def main() -> int:

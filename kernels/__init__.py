@@ -9,6 +9,7 @@ torch implementation (the CPU path), a fake implementation and autograd; its las
     permute.py      sort_slots, permute, unpermute          counting sort + gather, weighted combine
     grouped_mlp.py  (launch wrappers)                       grouped GEMMs with fused activation
     experts.py      grouped_mlp, fused_experts              torch paths + the two ops
+    cpu_threads.py  (torch path helpers)                    per-thread workspace, runs of experts per thread
     reference.py    naive differentiable references for the tests
 
 Importing works without Triton (``HAVE_TRITON`` is then False and only the torch paths run).

@@ -23,11 +23,10 @@ on CUDA, torch elsewhere).
     ((6, 8), (12, 32))
 """
 
-import threading
-
 import torch
 from torch import Tensor
 
+from moesys_compile.kernels import cpu_threads
 from moesys_compile.kernels._triton import resolve_impl
 from moesys_compile.kernels.grouped_mlp import check_experts_args, experts_backward_triton, experts_forward_triton
 from moesys_compile.kernels.permute import inverse_order
@@ -40,29 +39,19 @@ from moesys_compile.ops import _group_bounds, check_activation, is_gated
 # multi-MB tensor is page-faulted on first touch, which costs more than the elementwise work on
 # it. So rows go through in blocks of about two million activation elements (many small experts
 # share a block and its elementwise calls; GEMMs stay one per expert), every temporary lives in a
-# per-thread workspace reused across calls (it keeps the largest [N, D] + block buffers seen, per
-# dtype and device), and the ops write with ``out=``. The only fresh tensors are the outputs (and h_NH, kept for backward).
+# per-thread workspace reused across calls, and the ops write with ``out=``. The only fresh tensors are the outputs (and h_NH, kept for backward).
 # No scatter-add either: the K rows of a token are gathered and summed in order (deterministic).
+#
+# Threads (``cpu_threads.py``): with n > 1 intra-op threads, n threads take runs of whole experts.
 # ---------------------------------------------------------------------------------------------
 
-_WORKSPACE = threading.local()
 _CHUNK_ELEMENTS = 1 << 21   # activation elements per block (rows x F): few calls, big GEMMs
 _MIN_CHUNK_ROWS = 64
+GATHER_ROWS = 4096          # rows gathered at a time when the K rows of every token are summed
 
 
-def _workspace(sizes: list[tuple[int, int]], like: Tensor) -> list[Tensor]:
-    """Views [rows, cols] into this thread's scratch buffer for ``like``'s dtype and device."""
-    total = sum(r * c for r, c in sizes)
-    pool = _WORKSPACE.__dict__.setdefault("pool", {})
-    key = (like.dtype, like.device)
-    if key not in pool or pool[key].numel() < total:
-        with torch.inference_mode(False):   # made under inference_mode it could not be written outside it
-            pool[key] = like.new_empty(total)
-    views, offset = [], 0
-    for rows, cols in sizes:
-        views.append(pool[key][offset:offset + rows * cols].view(rows, cols))
-        offset += rows * cols
-    return views
+def _block_target(ffn: int) -> int:
+    return max(_MIN_CHUNK_ROWS, min(4096, _CHUNK_ELEMENTS // max(ffn, 1)))
 
 
 def _blocks(bounds: list[tuple[int, int, int]], ffn: int) -> list[list[tuple[int, int, int, bool]]]:
@@ -70,7 +59,7 @@ def _blocks(bounds: list[tuple[int, int, int]], ffn: int) -> list[list[tuple[int
     expert?) segments that get one GEMM each. Small experts are packed whole into a block of about
     ``_CHUNK_ELEMENTS / F`` rows (one activation call for many experts); an expert over twice that
     is cut into equal pieces (and its weight gradients accumulate over them)."""
-    target = max(_MIN_CHUNK_ROWS, min(4096, _CHUNK_ELEMENTS // max(ffn, 1)))
+    target = _block_target(ffn)
     blocks, block, rows = [], [], 0
     for expert, start, end in bounds:
         pieces = -(-(end - start) // (2 * target))
@@ -110,6 +99,14 @@ def _act_into(h: Tensor, activation: str, act_gate: Tensor, a: Tensor) -> Tensor
     return torch.mul(act_gate, h[:, ffn:], out=a)
 
 
+def _act_in_place(h: Tensor, activation: str) -> Tensor:
+    """act(h) written over h, for a forward that does not keep h (gated: over the gate half)."""
+    if not is_gated(activation):
+        return _scalar_act(h, activation, h)
+    gate = h[:, :h.shape[1] // 2]
+    return torch.mul(_scalar_act(gate, activation, gate), h[:, gate.shape[1]:], out=gate)
+
+
 def _act_backward_into(h: Tensor, grad_a: Tensor, act_gate: Tensor, activation: str, tmp: Tensor,
                        grad_h: Tensor) -> Tensor:
     if not is_gated(activation):
@@ -120,12 +117,13 @@ def _act_backward_into(h: Tensor, grad_a: Tensor, act_gate: Tensor, activation: 
     return grad_h
 
 
-def _sum_slots(rows_ND: Tensor, slots_N: Tensor, buf: Tensor, weights_TK: Tensor, weighted: bool) -> Tensor:
+def _sum_slots(rows_ND: Tensor, slots_N: Tensor, weights_TK: Tensor, weighted: bool) -> Tensor:
     """out_TD[t] = sum over k of (weights[t, k] *) the row of slot t*K + k, gathered a token chunk
-    at a time into ``buf`` (no scatter-add: each token's K rows are summed in order)."""
+    at a time into a workspace buffer (no scatter-add: each token's K rows are summed in order)."""
     num_tokens, top_k = weights_TK.shape
     inv_N = inverse_order(slots_N)
     out = rows_ND.new_empty((num_tokens, rows_ND.shape[1]))
+    buf, = cpu_threads.workspace([(max(top_k, min(slots_N.numel(), GATHER_ROWS)), rows_ND.shape[1])], rows_ND)
     step = max(1, buf.shape[0] // top_k)
     w_T1K = weights_TK.to(rows_ND.dtype).unsqueeze(1)
     for t0 in range(0, num_tokens, step):
@@ -139,6 +137,10 @@ def _sum_slots(rows_ND: Tensor, slots_N: Tensor, buf: Tensor, weights_TK: Tensor
     return out
 
 
+def _block_rows(blocks: list) -> int:
+    return max((block[-1][2] - block[0][1] for block in blocks), default=1)
+
+
 def experts_forward_torch(x: Tensor, counts_E: Tensor, w_up_EHD: Tensor, w_down_EDF: Tensor, activation: str,
                           slots_N=None, weights_TK=None, save_h: bool = True):
     """Same contract as ``experts_forward_triton``. With ``slots_N`` each block's token rows are
@@ -149,28 +151,36 @@ def experts_forward_torch(x: Tensor, counts_E: Tensor, w_up_EHD: Tensor, w_down_
     kept = bounds[-1][2] if bounds else 0
     num_rows = slots_N.numel() if fused else x.shape[0]
     rows_h, dim, ffn = w_up_EHD.shape[1], x.shape[1], w_down_EDF.shape[2]
-    blocks = _blocks(bounds, ffn)
-    rows = max((blk[-1][2] - blk[0][1] for blk in blocks), default=1)
     h_NH = x.new_empty((num_rows if save_h else 0, rows_h))
-    x_buf, h_buf, gate_buf, a_buf, y_rows = _workspace(
-        [(max(rows, weights_TK.shape[1]) if fused else 0, dim), (0 if save_h else rows, rows_h), (rows, ffn),
-         (rows, ffn), (num_rows if fused else 0, dim)], x)
     if fused:
+        y_rows, = cpu_threads.workspace([(num_rows, dim)], x, "rows")
         tokens_N = slots_N // weights_TK.shape[1]
     else:
         y_rows = x.new_empty((num_rows, dim))
     y_rows[kept:] = 0  # rows of dropped slots
-    for block in blocks:
-        b0, b1 = block[0][1], block[-1][2]
-        x_b = torch.index_select(x, 0, tokens_N[b0:b1], out=x_buf[:b1 - b0]) if fused else x[b0:b1]
-        h_b = h_NH[b0:b1] if save_h else h_buf[:b1 - b0]
-        for expert, start, end, _ in block:
-            torch.mm(x_b[start - b0:end - b0], w_up_EHD[expert].t(), out=h_b[start - b0:end - b0])
-        a_b = _act_into(h_b, activation, gate_buf[:b1 - b0], a_buf[:b1 - b0])
-        for expert, start, end, _ in block:
-            torch.mm(a_b[start - b0:end - b0], w_down_EDF[expert].t(), out=y_rows[start:end])
+
+    def work(run):
+        blocks = _blocks(run, ffn)
+        rows = _block_rows(blocks)
+        act_rows = rows if save_h else 0     # without a saved h the activation overwrites h_buf
+        x_buf, h_buf, gate_buf, a_buf = cpu_threads.workspace(
+            [(rows if fused else 0, dim), (0 if save_h else rows, rows_h), (act_rows, ffn), (act_rows, ffn)], x)
+        for block in blocks:
+            b0, b1 = block[0][1], block[-1][2]
+            x_b = torch.index_select(x, 0, tokens_N[b0:b1], out=x_buf[:b1 - b0]) if fused else x[b0:b1]
+            h_b = h_NH[b0:b1] if save_h else h_buf[:b1 - b0]
+            for expert, start, end, _ in block:
+                torch.mm(x_b[start - b0:end - b0], w_up_EHD[expert].t(), out=h_b[start - b0:end - b0])
+            if save_h:
+                a_b = _act_into(h_b, activation, gate_buf[:b1 - b0], a_buf[:b1 - b0])
+            else:
+                a_b = _act_in_place(h_b, activation)
+            for expert, start, end, _ in block:
+                torch.mm(a_b[start - b0:end - b0], w_down_EDF[expert].t(), out=y_rows[start:end])
+
+    cpu_threads.over_runs(work, cpu_threads.expert_runs(bounds, torch.get_num_threads()))
     if fused:  # the top-k weights are applied in the combine
-        return _sum_slots(y_rows, slots_N, x_buf, weights_TK, weighted=True), h_NH  # x_buf: free again
+        return _sum_slots(y_rows, slots_N, weights_TK, weighted=True), h_NH
     return y_rows, h_NH
 
 
@@ -185,59 +195,66 @@ def experts_backward_torch(grad_out: Tensor, x: Tensor, counts_E: Tensor, w_up_E
     num_rows = slots_N.numel() if fused else x.shape[0]
     rows_h, dim, ffn = w_up_EHD.shape[1], x.shape[1], w_down_EDF.shape[2]
     saved = h_NH.shape[0] == num_rows
-    blocks = _blocks(bounds, ffn)
-    rows = max((blk[-1][2] - blk[0][1] for blk in blocks), default=1)
-    g_rows = max(rows, weights_TK.shape[1]) if fused else 0
-    x_buf, g_buf, h_buf, gate_buf, a_buf, ga_buf, tmp_buf, gh_buf, gx_rows = _workspace(
-        [(g_rows, dim), (g_rows, dim), (0 if saved else rows, rows_h), (rows, ffn), (rows, ffn),
-         (rows, ffn), (rows, ffn), (rows, rows_h), (num_rows if fused and need_grad_x else 0, dim)], x)
     grad_w_up, grad_w_down = torch.empty_like(w_up_EHD), torch.empty_like(w_down_EDF)
     idle = sorted(set(range(counts_E.numel())) - {expert for expert, _, _ in bounds})
     grad_w_up[idle], grad_w_down[idle] = 0, 0    # experts without rows get zero gradients
+    gx_rows = None
     if fused:
         tokens_N = slots_N // weights_TK.shape[1]
         scale_N1 = weights_TK.reshape(-1)[slots_N].to(x.dtype)[:, None]
         grad_w_N = torch.zeros(num_rows, dtype=torch.float32, device=x.device)
+        if need_grad_x:
+            gx_rows, = cpu_threads.workspace([(num_rows, dim)], x, "rows")
     elif need_grad_x:
         gx_rows = x.new_empty((num_rows, dim))
     if need_grad_x:
         gx_rows[kept:] = 0
-    for block in blocks:
-        b0, b1 = block[0][1], block[-1][2]
-        n = b1 - b0
-        if fused:
-            x_b = torch.index_select(x, 0, tokens_N[b0:b1], out=x_buf[:n])
-            g_b = torch.index_select(grad_out, 0, tokens_N[b0:b1], out=g_buf[:n])
-        else:
-            x_b, g_b = x[b0:b1], grad_out[b0:b1]
-        segments = [(expert, slice(start - b0, end - b0), first) for expert, start, end, first in block]
-        if saved:
-            h_b = h_NH[b0:b1]
-        else:
-            h_b = h_buf[:n]
+
+    def work(run):
+        blocks = _blocks(run, ffn)
+        rows = _block_rows(blocks)
+        g_rows = rows if fused else 0
+        x_buf, g_buf, h_buf, gate_buf, a_buf, ga_buf, tmp_buf, gh_buf = cpu_threads.workspace(
+            [(g_rows, dim), (g_rows, dim), (0 if saved else rows, rows_h), (rows, ffn), (rows, ffn),
+             (rows, ffn), (rows, ffn), (rows, rows_h)], x)
+        for block in blocks:
+            b0, b1 = block[0][1], block[-1][2]
+            n = b1 - b0
+            if fused:
+                x_b = torch.index_select(x, 0, tokens_N[b0:b1], out=x_buf[:n])
+                g_b = torch.index_select(grad_out, 0, tokens_N[b0:b1], out=g_buf[:n])
+            else:
+                x_b, g_b = x[b0:b1], grad_out[b0:b1]
+            segments = [(expert, slice(start - b0, end - b0), first) for expert, start, end, first in block]
+            if saved:
+                h_b = h_NH[b0:b1]
+            else:
+                h_b = h_buf[:n]
+                for expert, rs, _ in segments:
+                    torch.mm(x_b[rs], w_up_EHD[expert].t(), out=h_b[rs])
+            a_b = _act_into(h_b, activation, gate_buf[:n], a_buf[:n])
+            grad_a = ga_buf[:n]
             for expert, rs, _ in segments:
-                torch.mm(x_b[rs], w_up_EHD[expert].t(), out=h_b[rs])
-        a_b = _act_into(h_b, activation, gate_buf[:n], a_buf[:n])
-        grad_a = ga_buf[:n]
-        for expert, rs, _ in segments:
-            torch.mm(g_b[rs], w_down_EDF[expert], out=grad_a[rs])
-        if fused:  # d/d weight = <grad_y @ W_down, a>; then grad_a and (grad_y or a) take the weight
-            torch.sum(torch.mul(grad_a, a_b, out=tmp_buf[:n]), 1, dtype=torch.float32, out=grad_w_N[b0:b1])
-            grad_a.mul_(scale_N1[b0:b1])
-            (g_b if dim < ffn else a_b).mul_(scale_N1[b0:b1])  # the smaller one, for grad w_down
-        grad_h = _act_backward_into(h_b, grad_a, gate_buf[:n], activation, tmp_buf[:n], gh_buf[:n])
-        for expert, rs, first in segments:
-            if first:
-                torch.mm(g_b[rs].t(), a_b[rs], out=grad_w_down[expert])
-                torch.mm(grad_h[rs].t(), x_b[rs], out=grad_w_up[expert])
-            else:  # a later piece of an expert cut in several
-                grad_w_down[expert].addmm_(g_b[rs].t(), a_b[rs])
-                grad_w_up[expert].addmm_(grad_h[rs].t(), x_b[rs])
-            if need_grad_x:
-                torch.mm(grad_h[rs], w_up_EHD[expert], out=gx_rows[b0 + rs.start:b0 + rs.stop])
+                torch.mm(g_b[rs], w_down_EDF[expert], out=grad_a[rs])
+            if fused:  # d/d weight = <grad_y @ W_down, a>; then grad_a and (grad_y or a) take the weight
+                torch.sum(torch.mul(grad_a, a_b, out=tmp_buf[:n]), 1, dtype=torch.float32, out=grad_w_N[b0:b1])
+                grad_a.mul_(scale_N1[b0:b1])
+                (g_b if dim < ffn else a_b).mul_(scale_N1[b0:b1])  # the smaller one, for grad w_down
+            grad_h = _act_backward_into(h_b, grad_a, gate_buf[:n], activation, tmp_buf[:n], gh_buf[:n])
+            for expert, rs, first in segments:
+                if first:
+                    torch.mm(g_b[rs].t(), a_b[rs], out=grad_w_down[expert])
+                    torch.mm(grad_h[rs].t(), x_b[rs], out=grad_w_up[expert])
+                else:  # a later piece of an expert cut in several
+                    grad_w_down[expert].addmm_(g_b[rs].t(), a_b[rs])
+                    grad_w_up[expert].addmm_(grad_h[rs].t(), x_b[rs])
+                if need_grad_x:
+                    torch.mm(grad_h[rs], w_up_EHD[expert], out=gx_rows[b0 + rs.start:b0 + rs.stop])
+
+    cpu_threads.over_runs(work, cpu_threads.expert_runs(bounds, torch.get_num_threads()))
     if not fused:
-        return (gx_rows if need_grad_x else None), grad_w_up, grad_w_down, None
-    grad_x = _sum_slots(gx_rows, slots_N, x_buf, weights_TK, weighted=False) if need_grad_x else None
+        return gx_rows, grad_w_up, grad_w_down, None
+    grad_x = _sum_slots(gx_rows, slots_N, weights_TK, weighted=False) if need_grad_x else None
     grad_weights_N = torch.empty_like(grad_w_N)
     grad_weights_N[slots_N] = grad_w_N
     return grad_x, grad_w_up, grad_w_down, grad_weights_N.view(weights_TK.shape).to(weights_TK.dtype)

@@ -10,9 +10,10 @@ Four kernels, each over the rows of all experts at once (one launch, no host syn
                                                             in the epilogue; h_NH kept for backward
     _grouped_gemm_kernel  c = scale * (a_NK @ B[e])         down projection (and grad_x = grad_h @
                                                             W_up[e]); rows scattered to their slots
-    _down_bwd_kernel      grad_h_NH = act'(h) * (w * grad_y @ W_down[e]), and the top-k weights'
-                                                            gradient <grad_y @ W_down[e], a>
-    _weight_grad_kernel   dW[e] = P[rows of e]^T @ Q[rows of e]   (act(h) recomputed on load)
+    _down_bwd_kernel      grad_h_NH = act'(h) * (w * grad_y @ W_down[e]), the top-k weights'
+                                                            gradient <grad_y @ W_down[e], a>, and
+                                                            w * a (the operand of grad W_down)
+    _weight_grad_kernel   dW[e] = P[rows of e]^T @ Q[rows of e]
 
 With ``slots_N`` (the ``order_N`` of a sort) the kernels read x rows straight from x_TD
 (``x_TD[slot // K]``) and write y rows to their slot, weighted: dispatch and combine are fused
@@ -180,8 +181,8 @@ def _grouped_gemm_kernel(
 
 @triton.jit
 def _down_bwd_kernel(
-    grad_y_ptr, slots_ptr, scale_ptr, w_ptr, h_ptr, counts_ptr, starts_ptr, grad_h_ptr, part_ptr,
-    E, D, F, top_k, stride_gy, stride_we, stride_wd, stride_wf, stride_h, stride_gh, stride_part,
+    grad_y_ptr, slots_ptr, scale_ptr, w_ptr, h_ptr, counts_ptr, starts_ptr, grad_h_ptr, part_ptr, wa_ptr,
+    E, D, F, top_k, stride_gy, stride_we, stride_wd, stride_wf, stride_h, stride_gh, stride_part, stride_wa,
     KIND: tl.constexpr, GATED: tl.constexpr, GATHER: tl.constexpr, SCALE: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, E_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -221,8 +222,13 @@ def _down_bwd_kernel(
     if SCALE:  # d loss / d weight of the slot: <grad_y @ W_down[e], a>, one partial per column tile
         tl.store(part_ptr + rows * stride_part + tl.program_id(1), tl.sum(tl.where(m, acc * a, 0.0), axis=1),
                  mask=row_ok)
-        acc = acc * tl.load(scale_ptr + slots, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+        weight = tl.load(scale_ptr + slots, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+        acc = acc * weight
+        a = a * weight
     dtype = grad_h_ptr.dtype.element_ty
+    # w * a once here, so that grad W_down = grad_y^T (w * a) is a plain grouped GEMM that neither
+    # recomputes the activation nor rescales grad_y for each of its output tiles
+    tl.store(wa_ptr + rows[:, None] * stride_wa + cols[None, :], a.to(dtype), mask=m)
     if GATED:
         tl.store(grad_h_ptr + rows[:, None] * stride_gh + cols[None, :], (acc * up * _act_grad(gate, KIND)).to(dtype),
                  mask=m)
@@ -234,13 +240,13 @@ def _down_bwd_kernel(
 
 @triton.jit
 def _weight_grad_kernel(
-    p_ptr, q_ptr, out_ptr, counts_ptr, starts_ptr, slots_ptr, scale_ptr,
-    E, I, J, F, top_k, stride_p, stride_q, stride_oe, stride_oi, stride_oj,
-    P_GATHER: tl.constexpr, P_SCALE: tl.constexpr, Q_GATHER: tl.constexpr, Q_ACT: tl.constexpr,
-    KIND: tl.constexpr, GATED: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    p_ptr, q_ptr, out_ptr, counts_ptr, starts_ptr, slots_ptr,
+    E, I, J, top_k, stride_p, stride_q, stride_oe, stride_oi, stride_oj,
+    P_GATHER: tl.constexpr, Q_GATHER: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """out[e] = sum over rows n of expert e of P[n, :I]^T Q[n, :J]; Q = act(h) when Q_ACT."""
+    """out[e] = sum over rows n of expert e of P[n, :I]^T Q[n, :J] (a gathered operand reads row
+    slots_ptr[n] // top_k)."""
     expert = tl.program_id(1).to(tl.int64)     # int64 offsets: see _expert_tile
     start = tl.load(starts_ptr + expert)
     end = start + tl.load(counts_ptr + expert)
@@ -255,27 +261,16 @@ def _weight_grad_kernel(
         r_ok = rows < end
         p_rows = rows
         q_rows = rows
-        if P_GATHER or P_SCALE or Q_GATHER:
-            slots = tl.load(slots_ptr + rows, mask=r_ok, other=0)
+        if P_GATHER or Q_GATHER:
+            sources = tl.load(slots_ptr + rows, mask=r_ok, other=0) // top_k
             if P_GATHER:
-                p_rows = slots // top_k
+                p_rows = sources
             if Q_GATHER:
-                q_rows = slots // top_k
+                q_rows = sources
         p = tl.load(p_ptr + p_rows[None, :] * stride_p + offs_i[:, None], mask=i_ok[:, None] & r_ok[None, :],
                     other=0.0)
-        if P_SCALE:
-            scale = tl.load(scale_ptr + slots, mask=r_ok, other=0.0).to(tl.float32)
-            p = (p.to(tl.float32) * scale[None, :]).to(p_ptr.dtype.element_ty)
-        q_mask = r_ok[:, None] & j_ok[None, :]
-        if Q_ACT:
-            gate = tl.load(q_ptr + q_rows[:, None] * stride_q + offs_j[None, :], mask=q_mask, other=0.0)
-            q = _act(gate.to(tl.float32), KIND)
-            if GATED:
-                up = tl.load(q_ptr + q_rows[:, None] * stride_q + (offs_j + F)[None, :], mask=q_mask, other=0.0)
-                q = q * up.to(tl.float32)
-            q = q.to(p_ptr.dtype.element_ty)
-        else:
-            q = tl.load(q_ptr + q_rows[:, None] * stride_q + offs_j[None, :], mask=q_mask, other=0.0)
+        q = tl.load(q_ptr + q_rows[:, None] * stride_q + offs_j[None, :], mask=r_ok[:, None] & j_ok[None, :],
+                    other=0.0)
         if UPCAST:
             p = p.to(tl.float32)
             q = q.to(tl.float32)
@@ -399,6 +394,7 @@ def experts_backward_triton(grad_out: Tensor, x: Tensor, counts_E: Tensor, w_up_
     scale = weights_TK.reshape(-1).contiguous() if fused else counts_E
     slots = slots_N if fused else counts_E
     grad_h_NH = torch.empty_like(h_NH)
+    weighted_a_NF = torch.empty((num_rows, ffn), device=x.device, dtype=x.dtype)
     part_NC = torch.zeros((num_rows if fused else 0, triton.cdiv(ffn, _MIN_BLOCK_N)), device=x.device,
                           dtype=torch.float32)
     grad_w_down = torch.empty_like(w_down_EDF)
@@ -406,9 +402,9 @@ def experts_backward_triton(grad_out: Tensor, x: Tensor, counts_E: Tensor, w_up_
     grad_rows = torch.zeros((num_rows, dim), device=x.device, dtype=x.dtype)
     if num_rows:
         _launch(_down_bwd_kernel, _row_grid(num_rows, num_experts, ffn), x,
-                grad_out, slots, scale, w_down_EDF, h_NH, counts_E, starts_E, grad_h_NH, part_NC,
+                grad_out, slots, scale, w_down_EDF, h_NH, counts_E, starts_E, grad_h_NH, part_NC, weighted_a_NF,
                 num_experts, dim, ffn, top_k, grad_out.stride(0), *w_down_EDF.stride(), h_NH.stride(0),
-                grad_h_NH.stride(0), part_NC.stride(0) if fused else 0,
+                grad_h_NH.stride(0), part_NC.stride(0) if fused else 0, weighted_a_NF.stride(0),
                 GATHER=fused, SCALE=fused, E_PAD=e_pad, **common)
         _launch(_grouped_gemm_kernel, _row_grid(num_rows, num_experts, dim), x,
                 grad_h_NH, w_up_EHD, grad_rows, counts_E, starts_E, slots, scale,
@@ -416,18 +412,17 @@ def experts_backward_triton(grad_out: Tensor, x: Tensor, counts_E: Tensor, w_up_
                 w_up_EHD.stride(2), grad_rows.stride(0),
                 SCATTER=fused, SCALE=False, PRECISION=common["PRECISION"], UPCAST=common["UPCAST"], E_PAD=e_pad)
     # weight gradients: one program per (output tile, expert); experts without rows write zeros
-    wgrad = dict(PRECISION=common["PRECISION"], UPCAST=common["UPCAST"], KIND=common["KIND"], GATED=common["GATED"],
-                 E_PAD=e_pad)
+    wgrad = dict(PRECISION=common["PRECISION"], UPCAST=common["UPCAST"])
     _launch(_weight_grad_kernel,
             lambda meta: (triton.cdiv(dim, meta["BLOCK_M"]) * triton.cdiv(ffn, meta["BLOCK_N"]), num_experts), x,
-            grad_out, h_NH, grad_w_down, counts_E, starts_E, slots, scale,
-            num_experts, dim, ffn, ffn, top_k, grad_out.stride(0), h_NH.stride(0), *grad_w_down.stride(),
-            P_GATHER=fused, P_SCALE=fused, Q_GATHER=False, Q_ACT=True, **wgrad)
+            grad_out, weighted_a_NF, grad_w_down, counts_E, starts_E, slots,
+            num_experts, dim, ffn, top_k, grad_out.stride(0), weighted_a_NF.stride(0), *grad_w_down.stride(),
+            P_GATHER=fused, Q_GATHER=False, **wgrad)
     _launch(_weight_grad_kernel,
             lambda meta: (triton.cdiv(rows_h, meta["BLOCK_M"]) * triton.cdiv(dim, meta["BLOCK_N"]), num_experts), x,
-            grad_h_NH, x, grad_w_up, counts_E, starts_E, slots, scale,
-            num_experts, rows_h, dim, ffn, top_k, grad_h_NH.stride(0), x.stride(0), *grad_w_up.stride(),
-            P_GATHER=False, P_SCALE=False, Q_GATHER=fused, Q_ACT=False, **wgrad)
+            grad_h_NH, x, grad_w_up, counts_E, starts_E, slots,
+            num_experts, rows_h, dim, top_k, grad_h_NH.stride(0), x.stride(0), *grad_w_up.stride(),
+            P_GATHER=False, Q_GATHER=fused, **wgrad)
     if not fused:
         return grad_rows, grad_w_up, grad_w_down, None
     num_tokens = weights_TK.shape[0]

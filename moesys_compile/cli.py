@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -106,7 +107,16 @@ def _delegate(module: str, argv: Sequence[str]) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _run(list(sys.argv[1:] if argv is None else argv))
+    except BrokenPipeError:
+        # `moesys-compile ... | head`: the reader left early. Like other tools, stop with a nonzero
+        # code and no traceback (stdout goes to devnull so the flush at exit stays quiet too).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def _run(argv: list[str]) -> int:
     if argv and argv[0] in ("train", "infer"):
         return _delegate(argv[0], argv[1:])
     parser = argparse.ArgumentParser(prog="moesys-compile", description=__doc__.splitlines()[0])

@@ -40,7 +40,7 @@ def parse_bytes(value: Union[int, float, str, None], field_name: str = "device_b
         if value <= 0:
             raise PlanError(f"{field_name} ({value}) must be positive")
         return int(value)
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+    match = re.fullmatch(r"\s*([-+]?[0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
     if not match or match.group(2).lower() not in _UNITS:
         raise PlanError(f"{field_name} ({value!r}) is not a size; write e.g. 536870912, '512MiB' or '2GB'")
     size = int(float(match.group(1)) * _UNITS[match.group(2).lower()])

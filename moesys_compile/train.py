@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import models
-from .api import lower
+from .api import check_plan_against_model, lower
 from .errors import MoesysError, PlanError
 from .plan import Plan
 from .programs.training import TrainingProgram
@@ -39,8 +39,9 @@ from .runtime import groups
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moesys-compile train", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="tiny-moe", help="built-in model name")
-    p.add_argument("--override", action="append", default=[], metavar="FIELD=VALUE",
-                   help="model config override, e.g. --override num_experts=8 (repeatable)")
+    p.add_argument("--override", "--config", dest="override", action="append", default=[], metavar="FIELD=VALUE",
+                   help="model config override, e.g. --override num_experts=8 (repeatable; --config as in "
+                        "inspect and infer)")
     p.add_argument("--plan", help="plan file (YAML/JSON); overrides --ep/--capacity-factor/--device")
     p.add_argument("--ep", type=int, default=1, help="expert_parallel (must divide the launched world)")
     p.add_argument("--capacity-factor", type=float, default=None, help="GShard capacity (default dropless)")
@@ -238,17 +239,27 @@ def _global_mean(value: torch.Tensor) -> float:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    if args.nproc_per_node > 1 and "RANK" not in os.environ:
-        return launch(argv, args.nproc_per_node)
     try:
+        if args.nproc_per_node > 1 and "RANK" not in os.environ:
+            precheck(args, args.nproc_per_node)   # one line here, not one traceback per rank from torchrun
+            return launch(argv, args.nproc_per_node)
         run(args)
-    except MoesysError as exc:               # plan/model mismatches: one clear line, exit 2
+    except (MoesysError, ValueError) as exc:  # plan/model mismatches, bad overrides: one clear line, exit 2
         print(f"moesys-compile train: error: {exc}", file=sys.stderr)
         return 2
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
     return 0
+
+
+def precheck(args, world: int) -> None:
+    """What ``run`` checks first on every rank, done once before the ranks are launched."""
+    plan = make_plan(args, world)
+    if plan.world_size != world:
+        raise PlanError(f"plan.world_size ({plan.world_size}) differs from --nproc-per-node ({world}); launch "
+                        f"{plan.world_size} ranks or set world_size={world} in the plan")
+    check_plan_against_model(models.build(args.model, **_overrides(args.override)), plan)
 
 
 def launch(argv: Sequence[str], nproc: int, env: Optional[dict] = None) -> int:

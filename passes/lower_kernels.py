@@ -3,6 +3,7 @@ MoE ops into one kernel where one exists."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import operator
 from typing import Any, Callable, Optional
@@ -10,6 +11,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.fx as fx
 
+from moesys_compile.frontend.annotation import CostModel
 from moesys_compile.ir import canonical_target, infer_val, is_op
 from moesys_compile.passes.decompose_moe import effective_capacity_factor
 
@@ -170,6 +172,14 @@ class _Lowering:
         self._set_val(node)
         return node
 
+    def charge_outputs_only(self, node: fx.Node) -> None:
+        """Make ``node``'s activation bytes those of its own outputs: it inherited the cost of ops
+        whose intermediates the fused kernel never keeps (the ring sizes its workspace from these)."""
+        cost, annotation = node.meta.get("moesys", {}).get("cost"), getattr(self.ctx, "annotation", None)
+        if cost is not None and annotation is not None and "val" in node.meta:
+            outputs = CostModel(self.gm, annotation).out_bytes(node)
+            node.meta["moesys"]["cost"] = dataclasses.replace(cost, activation_bytes=outputs)
+
     def getitem(self, parent: fx.Node, index: int) -> fx.Node:
         return self.call(operator.getitem, (parent, index), [parent], cost_from=[])
 
@@ -230,12 +240,14 @@ def fuse_dispatch_experts_combine(node: fx.Node, lw: _Lowering) -> Optional[fx.N
     with graph.inserting_before(dispatch):
         sort = lw.call(lw.ops.sort_slots.default, (perm["ids_TK"], perm["num_experts"], perm["capacity"], 0.0, impl),
                        [dispatch], f"{impl}:sort_slots")
+        lw.charge_outputs_only(sort)   # x_ND is never materialised: the sort holds counts and order only
         counts, order = lw.getitem(sort, 0), lw.getitem(sort, 1)
     with graph.inserting_before(node):
         fused = lw.call(lw.ops.fused_experts.default,
                         (perm["x_TD"], order, counts, combine["weights_TK"], mlp["w_up_EHD"], mlp["w_down_EDF"],
                          mlp["activation"], lw.save_h, impl),
                         [experts], _suffix(impl, "moe_fused", mlp["activation"]), cost_from=[experts, node])
+        lw.charge_outputs_only(fused)   # y_ND lives inside the kernel only
         y = lw.getitem(fused, 0)
     node.replace_all_uses_with(y)
     lw.erase(node, experts, x_sorted)

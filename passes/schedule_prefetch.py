@@ -9,7 +9,8 @@ from typing import Optional
 
 import torch.fx as fx
 
-from moesys_compile.plan import format_bytes
+from moesys_compile.passes.ring_partition import RingBudgetTooSmall, RingLayout, _workspace
+from moesys_compile.plan import PlanError, format_bytes
 
 
 @dataclass
@@ -40,7 +41,10 @@ def schedule_prefetch(gm: fx.GraphModule, ctx) -> fx.GraphModule:
     partition and this one, e.g. lower_kernels, may have replaced nodes). Writes
     ``ctx.extras["ring"].schedule`` (one ``LoadStep`` per section), refreshes each section's node
     names from the graph, and writes ``meta["moesys"]["slot"]`` on every node that has a
-    ``section``. Adds no node; the graph computes the same thing.
+    ``section``. Re-estimates the activation workspace on the final graph at the example shape
+    (the ring program checks every call against it): a larger need takes the budget's unused
+    rest, or raises ``PlanError`` naming both figures. Adds no node; the graph computes the same
+    thing.
 
     **Pseudo-code.**
 
@@ -51,6 +55,8 @@ def schedule_prefetch(gm: fx.GraphModule, ctx) -> fx.GraphModule:
             reload = n > r                               # n <= r: loaded once, stays
         # the executor keeps up to r loads in flight ahead of compute: section i+r starts loading
         # as soon as section i has been computed, while sections i+1 .. i+r-1 compute
+        need = workspace of the final graph at the example (batch, seq)
+        if need > layout.workspace: take it if budget - slots x slot_bytes - resident holds it, else raise PlanError
     """
     layout = ctx.extras.get("ring")
     if layout is None:
@@ -70,6 +76,7 @@ def schedule_prefetch(gm: fx.GraphModule, ctx) -> fx.GraphModule:
         if index is not None:
             layout.sections[index].nodes.append(node.name)
             node.meta["moesys"]["slot"] = index % slots
+    refresh_workspace(gm, ctx, layout)
     moved = sum(step.nbytes for step in schedule) if rotating else 0
     ctx.note(f"{'rotating' if rotating else 'resident'} ring: {count} sections over {slots} slots, prefetch depth "
              f"{min(slots, count) - 1}; bytes moved per forward {moved} ({format_bytes(moved)})")
@@ -77,3 +84,21 @@ def schedule_prefetch(gm: fx.GraphModule, ctx) -> fx.GraphModule:
         wait = f"after section {step.after} computed" if step.after is not None else "once, at the first call"
         ctx.note(f"load section {step.section:>3} -> slot {step.slot}  {step.nbytes:>12} B  {wait}")
     return gm
+
+
+def refresh_workspace(gm: fx.GraphModule, ctx, layout: RingLayout) -> None:
+    """Passes after ring_partition (lower_kernels) change the nodes whose activation bytes the ring
+    checks every call against; the workspace must still hold the example call."""
+    batch, seq = layout.example_shape
+    need = _workspace(gm, ctx, batch, seq)
+    if need <= layout.workspace:
+        return
+    rest = layout.budget - layout.slots * layout.slot_bytes - sum(layout.resident.values())
+    if need > rest:
+        raise RingBudgetTooSmall("schedule_prefetch", ctx.passes_run, PlanError(
+            f"the lowered graph needs a {need}-byte activation workspace at batch {batch}, seq {seq}, but "
+            f"device_budget ({layout.budget} bytes) leaves {rest} bytes next to {layout.slots} slots x "
+            f"{layout.slot_bytes} bytes (ring_partition sized {layout.workspace}); raise Plan.device_budget by "
+            f"{need - rest} bytes, or disable_passes=['lower_kernels']"))
+    ctx.note(f"activation workspace {layout.workspace} B -> {need} B after the passes that followed ring_partition")
+    layout.workspace = need

@@ -2,6 +2,7 @@
 per-expert reference: outputs and the gradients of x, the top-k weights, w_up and w_down."""
 
 import os
+import threading
 
 import torch
 
@@ -163,6 +164,53 @@ def test_torch_path_splits_experts_into_chunks(monkeypatch, activation):
     close(y, y_ref, torch.float32, "y_TD")
     for a, b in zip(torch.autograd.grad(y.square().sum(), inputs), torch.autograd.grad(y_ref.square().sum(), inputs)):
         close(a, b, torch.float32, "grad")
+
+
+@pytest.mark.parametrize("skew, threads, shared", [(False, 2, True), (False, 3, True), (True, 2, True),
+                                                    (True, 3, False)],
+                         ids=["even-2-threads", "even-3-threads", "skewed-2-threads", "skewed-3-threads-one-run"])
+def test_torch_path_shares_experts_between_threads(monkeypatch, skew, threads, shared):
+    """With n intra-op threads, n threads take runs of whole experts (one run, on intra-op threads,
+    when one expert alone is more than a thread's share); results equal the reference, and the
+    caller's threads come back."""
+    from moesys_compile.kernels import cpu_threads
+    monkeypatch.setattr(cpu_threads, "MIN_RUN_ROWS", 8)
+    runs_seen, threads_seen = [], set()
+    over_runs, take_runs = cpu_threads.over_runs, cpu_threads.take_runs
+
+    def take_runs_and_record(work, runs, lock):
+        threads_seen.add(threading.get_ident())
+        take_runs(work, runs, lock)
+    monkeypatch.setattr(cpu_threads, "over_runs", lambda work, runs: (runs_seen.append(len(runs)),
+                                                                     over_runs(work, runs)))
+    monkeypatch.setattr(cpu_threads, "take_runs", take_runs_and_record)
+    w_up, w_down = experts(8, 24, 20, "swiglu", torch.float32, seed=13)
+    x = torch.randn(48, 24, device=DEVICE, requires_grad=True)
+    weights = torch.rand(48, 2, device=DEVICE, requires_grad=True)
+    ids = routed(48, 2, 8, seed=13)
+    if skew:                    # expert 0 takes half the rows: no split in 3 by whole experts
+        ids = torch.cat([torch.zeros_like(ids[:, :1]), 1 + routed(48, 1, 7, seed=13)], dim=1)
+    counts, order = reference.sort_slots_reference(ids, 8)
+    counts[-1] -= 1             # one dropped slot
+    inputs = (x, weights, w_up, w_down)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y, _ = torch.ops.moesys_kernels.fused_experts(x, order, counts, weights, w_up, w_down, impl="torch")
+        grads = torch.autograd.grad(y.square().sum(), inputs)
+        with torch.inference_mode():
+            y_infer, _ = torch.ops.moesys_kernels.fused_experts(x, order, counts, weights, w_up, w_down,
+                                                                save_h=False, impl="torch")
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+    assert len(runs_seen) == 3 and all((runs > 1) == shared for runs in runs_seen), runs_seen
+    assert len(threads_seen) == (threads if shared else 0)
+    y_ref = reference.fused_experts_reference(x, order, counts, weights, w_up, w_down, "swiglu")
+    close(y, y_ref, torch.float32, "y_TD")
+    close(y_infer, y_ref.detach(), torch.float32, "y_TD under inference_mode")
+    for name, a, b in zip(("x", "weights", "w_up", "w_down"), grads, torch.autograd.grad(y_ref.square().sum(), inputs)):
+        close(a, b, torch.float32, f"grad {name}")
 
 
 @pytest.mark.parametrize("change, message", [

@@ -99,6 +99,23 @@ def test_a_call_larger_than_compiled_for_raises(tmp_path):
     torch.testing.assert_close(program(small), model(small), atol=1e-6, rtol=0)
 
 
+def test_with_static_shapes_a_call_larger_than_the_example_raises(tmp_path, monkeypatch):
+    """When symbolic shape propagation fails (shapes are then static), the activation estimate
+    holds at the example only: larger calls are refused, the example's size still runs."""
+    from moesys_compile.frontend import annotation
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("symbolic propagation unavailable")
+    monkeypatch.setattr(annotation, "_symbolic_inputs", fail)
+    model = build("tiny-gpt")
+    ids = torch.randint(0, 256, (2, 6))
+    program = ring(model, 4, "host", tmp_path, ids)
+    assert not program.context.annotation.symbolic
+    with pytest.raises(RingBudgetError, match=r"batch 2, seq 7\) is larger .*symbolic propagation unavailable"):
+        program(torch.randint(0, 256, (2, 7)))
+    torch.testing.assert_close(program(ids[:1, :4]), model(ids[:1, :4]), atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("name,tier", [("tiny-gpt", "host"), ("tiny-moe", "disk")])
 def test_generate_equals_eager_greedy(name, tier, tmp_path):
     model = build(name)

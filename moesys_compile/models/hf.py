@@ -142,7 +142,8 @@ def hf_config(family: str, overrides: dict[str, Any]):
         config = transformers.AutoConfig.for_model(model_type, **{**preset, **overrides})
     except ValueError as exc:
         raise ValueError(f"hf:{family}: unknown transformers model type; tiny presets: {', '.join(FAMILIES)}; "
-                         f"any model type of transformers {transformers.__version__} also works ({exc})") from None
+                         f"any model type of transformers {transformers.__version__} also works "
+                         f"({str(exc).split('. Should contain')[0]})") from None
     cls = type(config)
     known = set(cls().to_dict()) | set(cls.attribute_map) | set(inspect.signature(cls.__init__).parameters) | {
         f.name for f in (dataclasses.fields(cls) if dataclasses.is_dataclass(cls) else ())}

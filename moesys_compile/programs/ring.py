@@ -157,6 +157,13 @@ def section_nodes(gm: fx.GraphModule, count: int) -> list[list[fx.Node]]:
 # ---------------------------------------------------------------------------------------------
 
 
+def _batch_and_seq(flat_inputs: list) -> tuple[int, int]:
+    tensors = [t for t in flat_inputs if isinstance(t, torch.Tensor)]
+    batch = next((t.shape[0] for t in tensors if t.dim() >= 1), 1)
+    seq = next((t.shape[1] for t in tensors if 1 in _dynamic_dims(t)), 1)
+    return int(batch), int(seq)
+
+
 class RingRuntime:
     """Sections, slot pool and executor of one lowered graph over a shared weight store."""
 
@@ -225,10 +232,7 @@ class RingRuntime:
 
     def activation_bytes(self, flat_inputs: list) -> int:
         """Estimated peak live activation bytes of a call (inputs' batch and sequence length)."""
-        tensors = [t for t in flat_inputs if isinstance(t, torch.Tensor)]
-        batch = next((t.shape[0] for t in tensors if t.dim() >= 1), 1)
-        seq = next((t.shape[1] for t in tensors if 1 in _dynamic_dims(t)), 1)
-        key = (int(batch), int(seq))
+        key = _batch_and_seq(flat_inputs)
         if key not in self._act_cache:
             values = self._act_fn(*key)
             own = [int(values[i]) for i in self._act_index]
@@ -239,6 +243,8 @@ class RingRuntime:
         executor = self.executor
         executor.begin_call()      # the wall covers the whole call: checks, inputs, sections, output
         activations = self.activation_bytes(flat_inputs)
+        if self.check_shapes:
+            self._check_static_shapes(flat_inputs)
         if self.check_shapes and activations > self.layout.workspace:
             raise RingBudgetError(
                 f"this call needs about {activations} bytes of activations but the ring was compiled with a "
@@ -266,6 +272,20 @@ class RingRuntime:
         if self.device.type == "cuda":
             stats["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(self.device) - baseline
         return output, stats
+
+    def _check_static_shapes(self, flat_inputs: list) -> None:
+        """Without symbolic shapes the activation estimate is the example's at every size: a call
+        larger than the example is refused rather than run past the budget unseen."""
+        annotation = self.ctx.annotation
+        if annotation.symbolic:
+            return
+        batch, seq = _batch_and_seq(flat_inputs)
+        if batch > annotation.example_batch or seq > annotation.example_seq:
+            raise RingBudgetError(
+                f"this call (batch {batch}, seq {seq}) is larger than the example the ring was compiled with "
+                f"(batch {annotation.example_batch}, seq {annotation.example_seq}), and its activations cannot be "
+                f"estimated: shapes are static because symbolic shape propagation failed "
+                f"({annotation.static_reason}); compile with example inputs as large as the largest call")
 
     def _run_section(self, section: Section, *args: Any) -> tuple:
         """Run one section; outputs that view its slot (e.g. slices of a weight) are copied out

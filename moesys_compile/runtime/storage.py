@@ -21,6 +21,7 @@ Sources (name -> CPU tensor, names are the model's own state names):
 
 from __future__ import annotations
 
+import difflib
 import json
 import mmap
 import re
@@ -166,9 +167,10 @@ def checkpoint_source(directory: str, model: nn.Module) -> Source:
         files = _hf_index(root)
         present = set(files)
 
-        def read_one(name: str) -> torch.Tensor:
+        def read_file(name: str) -> torch.Tensor:
             with safe_open(str(files[name]), framework="pt") as f:
                 return f.get_tensor(name)
+        present, read_one = _with_hub_layout(model, present, read_file)
     aliases = _tensor_aliases(model)
     fallback = model_source(model)
     persistent = set(model.state_dict(keep_vars=True))
@@ -179,9 +181,35 @@ def checkpoint_source(directory: str, model: nn.Module) -> Source:
                 return read_one(candidate)
         if name not in persistent:
             return fallback(name)     # a non-persistent buffer: checkpoints never hold it
-        raise StorageError(f"checkpoint {directory!r} has no tensor '{name}' (nor an alias of it: "
-                           f"{aliases.get(name, [name])}); it does not fit {type(model).__name__}")
+        raise missing_tensor(root, name, aliases.get(name, [name]), present, model)
     return read
+
+
+def _with_hub_layout(model: nn.Module, present: set[str], read_file: Callable[[str], torch.Tensor]):
+    """Also serve the model names that a hub-layout checkpoint holds in another form (per-expert
+    tensors, older module names), converted one tensor at a time as transformers would."""
+    from .hf_layout import hub_layout_reader
+    converted = hub_layout_reader(model, present, read_file) or {}
+    if not converted:
+        return present, read_file
+
+    def read(name: str) -> torch.Tensor:
+        return converted[name]() if name in converted else read_file(name)
+    return present | set(converted), read
+
+
+def missing_tensor(root: Path, name: str, candidates: list[str], present: set[str], model: nn.Module) -> StorageError:
+    """The error for a model tensor the checkpoint lacks: the checkpoint's nearest names, and for a
+    Hugging Face directory the usual cause, a hub layout (e.g. one tensor per expert) that
+    transformers converts only while it loads a model."""
+    nearest = difflib.get_close_matches(name, sorted(present), n=3, cutoff=0.5)
+    message = (f"checkpoint {str(root)!r} has no tensor '{name}' (nor an alias of it: {candidates}); it does not "
+               f"fit {type(model).__name__}" + (f"; nearest names in it: {nearest}" if nearest else ""))
+    if (root / "config.json").is_file():
+        message += (". A Hugging Face checkpoint in the hub layout is converted by transformers when it loads the "
+                    "model: pass the directory as MODEL (moesys-compile infer DIR ...), or compile "
+                    "AutoModelForCausalLM.from_pretrained(DIR) without Plan.weights_checkpoint")
+    return StorageError(message)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,75 @@
+"""Read a Hugging Face checkpoint saved in the hub layout into the names of a loaded model.
+
+transformers v5 models hold fused expert stacks (``mlp.experts.gate_up_proj`` [E, 2F, D]) while
+``save_pretrained`` and the hub keep the original layout (``mlp.experts.<e>.gate_proj.weight``,
+Mixtral's ``block_sparse_moe.experts.<e>.w1.weight``). transformers converts between them while it
+loads a model, with the model type's ``WeightRenaming`` / ``WeightConverter`` list; this module
+applies that same list lazily, one model tensor at a time, so the ring can stage a checkpoint
+without ever loading the whole model.
+
+    >>> read = hub_layout_reader(model, checkpoint_names, read_one)     # doctest: +SKIP
+    >>> read("model.layers.0.mlp.experts.gate_up_proj").shape           # doctest: +SKIP
+    torch.Size([4, 64, 32])
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+
+def hub_layout_reader(model: nn.Module, present: set[str],
+                      read_one: Callable[[str], torch.Tensor]) -> Optional[dict[str, Callable[[], torch.Tensor]]]:
+    """Model tensor name -> loader, for the names that ``present`` (checkpoint names) holds only in
+    the hub layout. None when ``model`` is no transformers model or has no conversion list.
+
+    Pseudo-code (what transformers' loader does, minus the eager loading):
+
+        for key in checkpoint names, in natural order (expert 2 before expert 10):
+            target, pattern = renamings, then at most one converter, applied to key
+            target is a model tensor: collect key under (target, converter copy, pattern)
+        loader(target) = read the collected keys, run the converter's operations
+    """
+    try:
+        from transformers import PreTrainedModel
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import (WeightConverter, WeightRenaming, dot_natural_key,
+                                                     rename_source_key)
+    except ImportError:
+        return None
+    if not isinstance(model, PreTrainedModel):
+        return None
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    if not renamings and not converters:
+        return None
+    by_pattern = {pattern: converter for converter in converters for pattern in converter.source_patterns}
+    wanted = model.state_dict(keep_vars=True)
+    collected: dict[str, tuple[Optional[object], dict[str, list[str]]]] = {}
+    for key in sorted(present, key=dot_natural_key):
+        target, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, wanted)
+        if target not in wanted or target in present:
+            continue
+        converter, sources = collected.setdefault(
+            target, (copy.deepcopy(by_pattern[pattern]) if pattern is not None else None, {}))
+        sources.setdefault(pattern or key, []).append(key)
+
+    def loader(target: str, converter, sources: dict[str, list[str]]) -> Callable[[], torch.Tensor]:
+        def load() -> torch.Tensor:
+            if converter is None:                  # a renaming only
+                return read_one(next(iter(sources.values()))[0])
+            tensors = {pattern: [read_one(k) for k in keys] for pattern, keys in sources.items()}
+            for op in converter.operations:
+                tensors = op.convert(tensors, source_patterns=converter.source_patterns,
+                                     target_patterns=converter.target_patterns, full_layer_name=target,
+                                     model=model, config=model.config)
+            ours = [t for name, t in tensors.items() if target.endswith(name)]
+            if len(ours) != 1:
+                raise KeyError(f"converting the hub layout into '{target}' gave {sorted(tensors)}")
+            return ours[0]
+        return load
+    return {target: loader(target, converter, sources) for target, (converter, sources) in collected.items()}
