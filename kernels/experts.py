@@ -260,6 +260,24 @@ def experts_backward_torch(grad_out: Tensor, x: Tensor, counts_E: Tensor, w_up_E
     return grad_x, grad_w_up, grad_w_down, grad_weights_N.view(weights_TK.shape).to(weights_TK.dtype)
 
 
+def forward_scratch_bytes(num_rows, dim: int, ffn: int, rows_h: int, element_size: int, fused: bool,
+                          save_h: bool, impl: str, threads: int):
+    """Bytes a forward call allocates besides its outputs, at most (``num_rows``: N, an int or a
+    sympy expression; ``impl``: "triton", "torch", or "any" for the larger of the two; ``threads``:
+    the intra-op threads of the call). Triton: a_NF and, fused, the weighted slot rows. torch: the
+    blocks in flight (at most N rows over all threads, at most twice ``_block_target`` per thread),
+    and, fused, the slot rows, the gather buffer and two int64 row indices; the torch path keeps
+    this workspace between calls, for the next one."""
+    import sympy
+    rows = sympy.sympify(num_rows)
+    triton = (rows * ffn + (rows * dim if fused else 0)) * element_size
+    per_row = (dim if fused else 0) + (rows_h if not save_h else 2 * ffn)
+    torch_path = sympy.Min(rows, threads * 2 * _block_target(ffn)) * per_row * element_size
+    if fused:
+        torch_path += (rows + sympy.Min(rows, GATHER_ROWS)) * dim * element_size + rows * 16
+    return {"triton": triton, "torch": torch_path}.get(impl, sympy.Max(triton, torch_path))
+
+
 def _no_zero_grads(ctx, h_NH: Tensor) -> None:
     """h_NH is saved state, not a result: no gradient flows into it, and an unused output's
     gradient arrives as None instead of a materialised [N, H] tensor of zeros."""

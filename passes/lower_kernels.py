@@ -29,7 +29,8 @@ def lower_kernels(gm: fx.GraphModule, ctx) -> fx.GraphModule:
       "torch" (never "auto": the graph says what runs) and whose ``meta["moesys"]["lowered_to"]``
       is "<impl>:<kernel>", e.g. "triton:moe_fused_swiglu", "torch:grouped_mlp". New nodes get
       ``meta["val"]`` by fake propagation and the ``layer``/``cost`` of the nodes they replace (a
-      fused node the sum of their costs). Positional keys (``section``, ``slot``: where a node sits
+      fused node the activation bytes of its outputs, and ``meta["moesys"]["scratch_bytes"]``: what
+      its kernel allocates besides them). Positional keys (``section``, ``slot``: where a node sits
       in a partitioned graph) come from the node a new node is inserted before, so sections stay
       contiguous in graph order; a fusion whose weights would leave their section is not made
       (its ops are lowered one by one). Falling back to torch (no Triton, a device Triton cannot
@@ -180,6 +181,14 @@ class _Lowering:
             outputs = CostModel(self.gm, annotation).out_bytes(node)
             node.meta["moesys"]["cost"] = dataclasses.replace(cost, activation_bytes=outputs)
 
+    def charge_expert_kernel(self, node: fx.Node) -> None:
+        """A lowered grouped_mlp / fused_experts: activation bytes of its outputs, and
+        ``meta["moesys"]["scratch_bytes"]``, what its kernel allocates besides them."""
+        self.charge_outputs_only(node)
+        annotation = getattr(self.ctx, "annotation", None)
+        if annotation is not None and all("val" in n.meta for n in _nodes_in(node.args)):
+            node.meta["moesys"]["scratch_bytes"] = expert_scratch(node, annotation)
+
     def getitem(self, parent: fx.Node, index: int) -> fx.Node:
         return self.call(operator.getitem, (parent, index), [parent], cost_from=[])
 
@@ -247,7 +256,7 @@ def fuse_dispatch_experts_combine(node: fx.Node, lw: _Lowering) -> Optional[fx.N
                         (perm["x_TD"], order, counts, combine["weights_TK"], mlp["w_up_EHD"], mlp["w_down_EDF"],
                          mlp["activation"], lw.save_h, impl),
                         [experts], _suffix(impl, "moe_fused", mlp["activation"]), cost_from=[experts, node])
-        lw.charge_outputs_only(fused)   # y_ND lives inside the kernel only
+        lw.charge_expert_kernel(fused)   # y_ND lives inside the kernel only
         y = lw.getitem(fused, 0)
     node.replace_all_uses_with(y)
     lw.erase(node, experts, x_sorted)
@@ -278,6 +287,7 @@ def lower_moe_experts(node: fx.Node, lw: _Lowering) -> Optional[fx.Node]:
                         (args["x_TD"], order, counts, args["weights_TK"], args["w_up_EHD"], args["w_down_EDF"],
                          args["activation"], lw.save_h, impl),
                         [node], _suffix(impl, "moe_fused", args["activation"]))
+        lw.charge_expert_kernel(fused)
         y = lw.getitem(fused, 0)
     node.replace_all_uses_with(y)
     lw.erase(node)
@@ -340,10 +350,34 @@ def lower_single(node: fx.Node, lw: _Lowering) -> Optional[fx.Node]:
         return None
     with lw.gm.graph.inserting_before(node):
         new = lw.call(target, args, [node], name)
+        if target is lw.ops.grouped_mlp.default:
+            lw.charge_expert_kernel(new)
         out = lw.getitem(new, 0) if target is lw.ops.grouped_mlp.default else new  # (y_ND, h_NH)
     node.replace_all_uses_with(out)
     lw.erase(node)
     return out
+
+
+def expert_scratch(node: fx.Node, annotation) -> Any:
+    """The scratch bytes (sympy in B, S) of the expert kernel ``node`` runs: a lowered
+    ``grouped_mlp`` / ``fused_experts`` (its own implementation), or a canonical ``grouped_mlp`` /
+    ``moe_experts`` (the larger of the fused kernels this pass can make of it); 0 for other nodes.
+    The torch path's share is for this thread's intra-op threads now."""
+    from moesys_compile.kernels.experts import forward_scratch_bytes
+    lowered = is_op(node, "grouped_mlp", "fused_experts", namespace="moesys_kernels")
+    if not (lowered or is_op(node, "grouped_mlp", "moe_experts")):
+        return 0
+    args = bound_args(node)
+    if "x_ND" in args:
+        rows = annotation.expr(args["x_ND"].meta["val"].shape[0])
+    else:   # N = T*K slots: the sort order, or the routed ids
+        slots = args["order_N" if "order_N" in args else "ids_TK"].meta["val"]
+        rows = functools.reduce(operator.mul, (annotation.expr(size) for size in slots.shape), 1)
+    w_up, w_down = args["w_up_EHD"].meta["val"], args["w_down_EDF"].meta["val"]
+    fused = not is_op(node, "grouped_mlp", namespace="moesys_kernels")
+    return forward_scratch_bytes(rows, w_up.shape[2], w_down.shape[2], w_up.shape[1], w_up.element_size(), fused,
+                                 save_h=bool(args.get("save_h", False)), impl=args.get("impl", "any") if lowered
+                                 else "any", threads=torch.get_num_threads())
 
 
 RULES: list[Callable[[fx.Node, _Lowering], Optional[fx.Node]]] = [

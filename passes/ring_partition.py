@@ -21,10 +21,10 @@ import torch
 import torch.fx as fx
 
 from moesys_compile.errors import PassError, PlanError
-from moesys_compile.ir import fetch, moesys_meta
+from moesys_compile.ir import fetch, is_op, moesys_meta
 from moesys_compile.passes.ring_expert_groups import split_into_groups, split_reserve, splittable_weights
 from moesys_compile.plan import format_bytes
-from moesys_compile.runtime.ring import activation_exprs, evaluate_workspace, liveness_plan
+from moesys_compile.runtime.ring import activation_exprs, evaluate_workspace, liveness_plan, scratch_exprs
 
 ALIGN = 64            # every tensor starts on a 64-byte boundary inside a slot
 MAX_DERIVED_SLOTS = 4  # deeper rings only shrink sections once two slots hide a transfer
@@ -268,7 +268,8 @@ def ring_partition(gm: fx.GraphModule, ctx) -> fx.GraphModule:
 
     **Contract.** Needs ``meta["moesys"]["cost"]`` (activation bytes in B, S) and ``layer`` on
     every node, and ``plan.device_budget`` (no budget: the pass notes it and changes nothing).
-    Writes ``meta["moesys"]["section"]`` (int) on every node but the output, and
+    Writes ``meta["moesys"]["section"]`` (int) on every node but the output,
+    ``meta["moesys"]["scratch_bytes"]`` on each canonical expert op (its kernel's temporaries), and
     ``ctx.extras["ring"]`` (a ``RingLayout``: slots, slot bytes, workspace, sections with their
     streamed state, expert-weight slices). A ``grouped_mlp`` too large for a slot is replaced by
     a sum of ``moesys_ring.expert_group_mlp`` nodes over expert groups (``ring_expert_groups``;
@@ -282,7 +283,8 @@ def ring_partition(gm: fx.GraphModule, ctx) -> fx.GraphModule:
 
         sink every get_attr to its first user; one get_attr per further user
         workspace = plan.options["ring_workspace"] or peak live activation bytes at the example
-                    (batch, seq) (liveness walk; views share their base)
+                    (batch, seq) (liveness walk; views share their base; an expert op adds the
+                    scratch of the kernel it will be lowered to while it runs)
         room      = budget - workspace - resident state
         unit_min  = largest fine unit (get_attr never separated from its users; a grouped_mlp
                     counts one expert, since it can run as expert groups)
@@ -307,7 +309,8 @@ def ring_partition(gm: fx.GraphModule, ctx) -> fx.GraphModule:
     slices: dict[str, tuple[str, int, int]] = {}
     state_of, resident = classify_state(gm, ctx, dtype, slices)
     batch, seq = ctx.annotation.example_batch, ctx.annotation.example_seq
-    workspace = _workspace(gm, ctx, batch, seq)
+    charge_expert_scratch(gm, ctx)
+    workspace = activation_workspace(gm, ctx, batch, seq)
     room = plan.device_budget - workspace - sum(resident.values())
     nodes = list(state_of)
     fine = fine_units(nodes)
@@ -330,7 +333,7 @@ def ring_partition(gm: fx.GraphModule, ctx) -> fx.GraphModule:
     slot_bytes = ((room - reserve) // slots) // ALIGN * ALIGN
     if split_oversized_experts(gm, ctx, fine, state_of, slot_bytes, dtype, slices):
         state_of, resident = classify_state(gm, ctx, dtype, slices)
-        workspace = max(workspace, _workspace(gm, ctx, batch, seq))   # expert groups add partial sums
+        workspace = max(workspace, activation_workspace(gm, ctx, batch, seq))   # expert groups add partial sums
         slot_bytes = min(slot_bytes, (plan.device_budget - workspace - sum(resident.values())) // slots // ALIGN * ALIGN)
         nodes = list(state_of)
     groups = even_out(pack(split_units(nodes, state_of, slot_bytes), state_of, slot_bytes), state_of, slot_bytes, slots)
@@ -376,12 +379,22 @@ def make_sections(groups: list[list[fx.Node]], state_of, slots: int) -> list[Sec
     return sections
 
 
-def _workspace(gm: fx.GraphModule, ctx, batch: int, seq: int) -> int:
+def activation_workspace(gm: fx.GraphModule, ctx, batch: int, seq: int) -> int:
     from moesys_compile.plan import parse_bytes
     given = ctx.plan.options.get("ring_workspace")
     if given is not None:
         return aligned(parse_bytes(given, "options['ring_workspace']"))
-    return aligned(evaluate_workspace(activation_exprs(gm, ctx), liveness_plan(gm), batch, seq))
+    return aligned(evaluate_workspace(activation_exprs(gm, ctx), liveness_plan(gm), batch, seq,
+                                      scratch=scratch_exprs(gm)))
+
+
+def charge_expert_scratch(gm: fx.GraphModule, ctx) -> None:
+    """``meta["moesys"]["scratch_bytes"]`` of every canonical expert op: the scratch of the kernel
+    lower_kernels will make of it (lowered nodes get their own from lower_kernels)."""
+    from moesys_compile.passes.lower_kernels import expert_scratch
+    for node in gm.graph.nodes:
+        if is_op(node, "grouped_mlp", "moe_experts"):
+            moesys_meta(node)["scratch_bytes"] = expert_scratch(node, ctx.annotation)
 
 
 def _notes(ctx, layout: RingLayout) -> None:

@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch.fx as fx
 
-from moesys_compile.passes.ring_partition import RingBudgetTooSmall, RingLayout, _workspace
+from moesys_compile.passes.ring_partition import RingBudgetTooSmall, RingLayout, activation_workspace
 from moesys_compile.plan import PlanError, format_bytes
 
 
@@ -90,7 +90,7 @@ def refresh_workspace(gm: fx.GraphModule, ctx, layout: RingLayout) -> None:
     """Passes after ring_partition (lower_kernels) change the nodes whose activation bytes the ring
     checks every call against; the workspace must still hold the example call."""
     batch, seq = layout.example_shape
-    need = _workspace(gm, ctx, batch, seq)
+    need = activation_workspace(gm, ctx, batch, seq)
     if need <= layout.workspace:
         return
     rest = layout.budget - layout.slots * layout.slot_bytes - sum(layout.resident.values())

@@ -15,6 +15,7 @@ import moesys_compile as mc
 from moesys_compile.errors import PlanError
 from moesys_compile.infer import main as infer_main
 from moesys_compile.infer import model_bytes
+from moesys_compile.passes.ring_partition import activation_workspace
 from moesys_compile.passes.schedule_prefetch import refresh_workspace
 from moesys_compile.plan import parse_bytes
 from moesys_compile.runtime.storage import StorageError
@@ -50,7 +51,8 @@ def test_workspace_is_refreshed_after_lowering_or_the_plan_is_refused():
     ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(0))
     gm, ctx = mc.lower(model, mc.Plan(mode="infer", device_budget=model_bytes(model)), (ids,))
     layout = ctx.extras["ring"]
-    need = layout.workspace
+    need = activation_workspace(gm, ctx, *layout.example_shape)   # what the lowered graph needs
+    assert need <= layout.workspace
     layout.workspace = need // 2                       # as if a pass after the partition had grown it
     refresh_workspace(gm, ctx, layout)                 # the budget's rest holds it: taken
     assert layout.workspace == need

@@ -62,7 +62,7 @@ def test_inspect_notes_show_sections_bytes_and_slots():
 
 
 def test_each_load_waits_for_the_previous_occupant_of_its_slot():
-    _, _, ctx = lowered(n_layers=7, ring_slots=3)
+    _, _, ctx = lowered(n_layers=7, fraction=6, ring_slots=3)
     layout = ctx.extras["ring"]
     count = len(layout.sections)
     for step in layout.schedule:

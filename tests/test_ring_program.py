@@ -4,11 +4,13 @@ import dataclasses
 import json
 
 import pytest
+import sympy
 import torch
 from safetensors.torch import save_file
 
 import moesys_compile as mc
 from moesys_compile.infer import eager_generate, main, model_bytes
+from moesys_compile.ir import is_op
 from moesys_compile.programs.ring import RingBudgetError, RingProgram
 from moesys_compile.runtime import ring as ring_runtime
 
@@ -97,6 +99,34 @@ def test_a_call_larger_than_compiled_for_raises(tmp_path):
         program(torch.randint(0, 256, (8, 64)))
     small = torch.randint(0, 256, (1, 4))          # the ring is still in order after the refusal
     torch.testing.assert_close(program(small), model(small), atol=1e-6, rtol=0)
+
+
+def test_activation_estimate_covers_the_expert_kernels_workspace(tmp_path):
+    """The torch experts kernel keeps its temporaries in a workspace; the ring counts them (the
+    fused node's ``scratch_bytes``) and its estimate is at least what the kernel really holds."""
+    from moesys_compile.frontend.annotation import B, S
+    from moesys_compile.kernels import cpu_threads
+    model = build("tiny-moe")
+    ids = torch.randint(0, 256, (2, 9))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)        # one thread: the whole workspace is this thread's
+    try:
+        program = ring(model, 2, "host", tmp_path, ids, kernels="torch")
+        fused = [n for n in program.graph_module.graph.nodes if is_op(n, "fused_experts", namespace="moesys_kernels")]
+        estimate = max(int(n.meta["moesys"]["scratch_bytes"].xreplace({B: 2, S: 9})) for n in fused)
+        cpu_threads._WORKSPACE.__dict__.pop("pool", None)
+        program(ids)
+        held = sum(t.numel() * t.element_size() for t in cpu_threads._WORKSPACE.pool.values())
+    finally:
+        torch.set_num_threads(threads)
+    assert 0 < held <= estimate
+    with_scratch = program.stats["activation_bytes"]
+    for node in fused:
+        node.meta["moesys"]["scratch_bytes"] = 0
+    assert ring_runtime.peak_live_bytes(
+        [int(sympy.sympify(e).xreplace({B: 2, S: 9})) for e in ring_runtime.activation_exprs(program.graph_module,
+                                                                                        program.context)],
+        *ring_runtime.liveness_plan(program.graph_module)) < with_scratch
 
 
 def test_with_static_shapes_a_call_larger_than_the_example_raises(tmp_path, monkeypatch):

@@ -36,7 +36,7 @@ from moesys_compile.passes.ring_partition import ALIGN, RingLayout, node_state
 from ..errors import MoesysError
 from ..frontend.annotation import B, S, _dynamic_dims
 from ..runtime.ring import (Copy, RingExecutor, SectionLoad, SlotPool, activation_exprs, coalesce, liveness_plan,
-                            peak_live_bytes)
+                            peak_live_bytes, scratch_exprs)
 from ..runtime.storage import WeightStore, checkpoint_source, model_source, sliced, stage
 from .base import Program
 
@@ -183,6 +183,7 @@ class RingRuntime:
         position = {e: i for i, e in enumerate(unique)}
         self._act_index = [position[e] for e in exprs]
         self._act_fn = sympy.lambdify((B, S), unique, "math")
+        self._scratch = [(i, sympy.lambdify((B, S), e, "math")) for i, e in enumerate(scratch_exprs(gm)) if e]
         self._liveness = liveness_plan(gm)
         self._act_cache: dict[tuple[int, int], int] = {}
         self.check_shapes = True
@@ -236,7 +237,8 @@ class RingRuntime:
         if key not in self._act_cache:
             values = self._act_fn(*key)
             own = [int(values[i]) for i in self._act_index]
-            self._act_cache[key] = peak_live_bytes(own, *self._liveness)
+            scratch = {i: int(fn(*key)) for i, fn in self._scratch}   # kernels' temporaries, while they run
+            self._act_cache[key] = peak_live_bytes(own, *self._liveness, scratch)
         return self._act_cache[key]
 
     def __call__(self, flat_inputs: list) -> tuple[Any, dict]:

@@ -382,9 +382,20 @@ def peak_live_bytes(own_bytes: list[int], roots: list[int], frees: list[list[int
     return peak
 
 
+def scratch_exprs(gm: fx.GraphModule) -> list:
+    """Per node (graph order): bytes its kernel allocates besides its outputs while it runs
+    (``meta["moesys"]["scratch_bytes"]``, sympy in B and S; 0 where not set)."""
+    return [moesys_meta(node).get("scratch_bytes", 0) for node in gm.graph.nodes]
+
+
 def evaluate_workspace(exprs: list, liveness: tuple, batch: int, seq: int,
-                       transient: Optional[dict[int, int]] = None) -> int:
-    """Peak live activation bytes of the whole graph at (batch, seq)."""
+                       transient: Optional[dict[int, int]] = None, scratch: Optional[list] = None) -> int:
+    """Peak live activation bytes of the whole graph at (batch, seq); ``scratch`` (per node, as
+    from ``scratch_exprs``) adds to ``transient``."""
     values = {B: batch, S: seq}
     own = [int(sympy.sympify(e).xreplace(values)) for e in exprs]
-    return peak_live_bytes(own, *liveness, transient)
+    extra = dict(transient or {})
+    for i, e in enumerate(scratch or []):
+        if e:
+            extra[i] = extra.get(i, 0) + int(sympy.sympify(e).xreplace(values))
+    return peak_live_bytes(own, *liveness, extra)
