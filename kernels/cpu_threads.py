@@ -26,18 +26,24 @@ _POOL: list[ThreadPoolExecutor] = []
 _IN_USE = threading.Lock()     # one caller at a time sets the threads and uses the pool
 
 
-def workspace(sizes: list[tuple[int, int]], like: Tensor, purpose: str = "block") -> list[Tensor]:
+def workspace(sizes: list[tuple[int, int]], like: Tensor, purpose: str = "block", keep: bool = True) -> list[Tensor]:
     """Views [rows, cols] into this thread's scratch buffer for ``purpose`` and ``like``'s dtype and
-    device (views from one call never overlap; calls with different purposes never overlap)."""
+    device (views from one call never overlap; calls with different purposes never overlap).
+    ``keep=False``: a fresh buffer, freed with its views (memory held only while the caller runs,
+    as a budgeted inference ring counts it)."""
     total = sum(r * c for r, c in sizes)
-    pool = _WORKSPACE.__dict__.setdefault("pool", {})
-    key = (purpose, like.dtype, like.device)
-    if key not in pool or pool[key].numel() < total:
-        with torch.inference_mode(False):   # made under inference_mode it could not be written outside it
-            pool[key] = like.new_empty(total)
+    if keep:
+        pool = _WORKSPACE.__dict__.setdefault("pool", {})
+        key = (purpose, like.dtype, like.device)
+        if key not in pool or pool[key].numel() < total:
+            with torch.inference_mode(False):   # made under inference_mode it could not be written outside it
+                pool[key] = like.new_empty(total)
+        buffer = pool[key]
+    else:
+        buffer = like.new_empty(total)
     views, offset = [], 0
     for rows, cols in sizes:
-        views.append(pool[key][offset:offset + rows * cols].view(rows, cols))
+        views.append(buffer[offset:offset + rows * cols].view(rows, cols))
         offset += rows * cols
     return views
 

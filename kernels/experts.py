@@ -39,8 +39,10 @@ from moesys_compile.ops import _group_bounds, check_activation, is_gated
 # multi-MB tensor is page-faulted on first touch, which costs more than the elementwise work on
 # it. So rows go through in blocks of about two million activation elements (many small experts
 # share a block and its elementwise calls; GEMMs stay one per expert), every temporary lives in a
-# per-thread workspace reused across calls, and the ops write with ``out=``. The only fresh tensors are the outputs (and h_NH, kept for backward).
-# No scatter-add either: the K rows of a token are gathered and summed in order (deterministic).
+# per-thread workspace reused across calls, and the ops write with ``out=``. The only fresh tensors
+# are the outputs (and h_NH, kept for backward). No scatter-add either: the K rows of a token are
+# gathered and summed in order (deterministic). A forward that keeps no h (inference) allocates its
+# temporaries per call instead: they are freed when it returns, which is what a budgeted ring counts.
 #
 # Threads (``cpu_threads.py``): with n > 1 intra-op threads, n threads take runs of whole experts.
 # ---------------------------------------------------------------------------------------------
@@ -117,13 +119,14 @@ def _act_backward_into(h: Tensor, grad_a: Tensor, act_gate: Tensor, activation: 
     return grad_h
 
 
-def _sum_slots(rows_ND: Tensor, slots_N: Tensor, weights_TK: Tensor, weighted: bool) -> Tensor:
+def _sum_slots(rows_ND: Tensor, slots_N: Tensor, weights_TK: Tensor, weighted: bool, keep: bool = True) -> Tensor:
     """out_TD[t] = sum over k of (weights[t, k] *) the row of slot t*K + k, gathered a token chunk
     at a time into a workspace buffer (no scatter-add: each token's K rows are summed in order)."""
     num_tokens, top_k = weights_TK.shape
     inv_N = inverse_order(slots_N)
     out = rows_ND.new_empty((num_tokens, rows_ND.shape[1]))
-    buf, = cpu_threads.workspace([(max(top_k, min(slots_N.numel(), GATHER_ROWS)), rows_ND.shape[1])], rows_ND)
+    buf, = cpu_threads.workspace([(max(top_k, min(slots_N.numel(), GATHER_ROWS)), rows_ND.shape[1])], rows_ND,
+                                 keep=keep)
     step = max(1, buf.shape[0] // top_k)
     w_T1K = weights_TK.to(rows_ND.dtype).unsqueeze(1)
     for t0 in range(0, num_tokens, step):
@@ -153,7 +156,7 @@ def experts_forward_torch(x: Tensor, counts_E: Tensor, w_up_EHD: Tensor, w_down_
     rows_h, dim, ffn = w_up_EHD.shape[1], x.shape[1], w_down_EDF.shape[2]
     h_NH = x.new_empty((num_rows if save_h else 0, rows_h))
     if fused:
-        y_rows, = cpu_threads.workspace([(num_rows, dim)], x, "rows")
+        y_rows, = cpu_threads.workspace([(num_rows, dim)], x, "rows", keep=save_h)
         tokens_N = slots_N // weights_TK.shape[1]
     else:
         y_rows = x.new_empty((num_rows, dim))
@@ -164,7 +167,8 @@ def experts_forward_torch(x: Tensor, counts_E: Tensor, w_up_EHD: Tensor, w_down_
         rows = _block_rows(blocks)
         act_rows = rows if save_h else 0     # without a saved h the activation overwrites h_buf
         x_buf, h_buf, gate_buf, a_buf = cpu_threads.workspace(
-            [(rows if fused else 0, dim), (0 if save_h else rows, rows_h), (act_rows, ffn), (act_rows, ffn)], x)
+            [(rows if fused else 0, dim), (0 if save_h else rows, rows_h), (act_rows, ffn), (act_rows, ffn)], x,
+            keep=save_h)
         for block in blocks:
             b0, b1 = block[0][1], block[-1][2]
             x_b = torch.index_select(x, 0, tokens_N[b0:b1], out=x_buf[:b1 - b0]) if fused else x[b0:b1]
@@ -180,7 +184,7 @@ def experts_forward_torch(x: Tensor, counts_E: Tensor, w_up_EHD: Tensor, w_down_
 
     cpu_threads.over_runs(work, cpu_threads.expert_runs(bounds, torch.get_num_threads()))
     if fused:  # the top-k weights are applied in the combine
-        return _sum_slots(y_rows, slots_N, weights_TK, weighted=True), h_NH
+        return _sum_slots(y_rows, slots_N, weights_TK, weighted=True, keep=save_h), h_NH
     return y_rows, h_NH
 
 
@@ -266,8 +270,8 @@ def forward_scratch_bytes(num_rows, dim: int, ffn: int, rows_h: int, element_siz
     sympy expression; ``impl``: "triton", "torch", or "any" for the larger of the two; ``threads``:
     the intra-op threads of the call). Triton: a_NF and, fused, the weighted slot rows. torch: the
     blocks in flight (at most N rows over all threads, at most twice ``_block_target`` per thread),
-    and, fused, the slot rows, the gather buffer and two int64 row indices; the torch path keeps
-    this workspace between calls, for the next one."""
+    and, fused, the slot rows, the gather buffer and two int64 row indices (kept for the next call
+    when the forward keeps h, i.e. when training)."""
     import sympy
     rows = sympy.sympify(num_rows)
     triton = (rows * ffn + (rows * dim if fused else 0)) * element_size

@@ -333,7 +333,8 @@ def ring_partition(gm: fx.GraphModule, ctx) -> fx.GraphModule:
     slot_bytes = ((room - reserve) // slots) // ALIGN * ALIGN
     if split_oversized_experts(gm, ctx, fine, state_of, slot_bytes, dtype, slices):
         state_of, resident = classify_state(gm, ctx, dtype, slices)
-        workspace = max(workspace, activation_workspace(gm, ctx, batch, seq))   # expert groups add partial sums
+        # expert groups add partial sums
+        workspace = max(workspace, activation_workspace(gm, ctx, batch, seq))
         slot_bytes = min(slot_bytes, (plan.device_budget - workspace - sum(resident.values())) // slots // ALIGN * ALIGN)
         nodes = list(state_of)
     groups = even_out(pack(split_units(nodes, state_of, slot_bytes), state_of, slot_bytes), state_of, slot_bytes, slots)
@@ -380,6 +381,8 @@ def make_sections(groups: list[list[fx.Node]], state_of, slots: int) -> list[Sec
 
 
 def activation_workspace(gm: fx.GraphModule, ctx, batch: int, seq: int) -> int:
+    """Activation bytes the ring reserves at (batch, seq): ``options["ring_workspace"]``, or the
+    liveness peak with each kernel's scratch alive while it runs, aligned."""
     from moesys_compile.plan import parse_bytes
     given = ctx.plan.options.get("ring_workspace")
     if given is not None:

@@ -101,32 +101,36 @@ def test_a_call_larger_than_compiled_for_raises(tmp_path):
     torch.testing.assert_close(program(small), model(small), atol=1e-6, rtol=0)
 
 
-def test_activation_estimate_covers_the_expert_kernels_workspace(tmp_path):
-    """The torch experts kernel keeps its temporaries in a workspace; the ring counts them (the
-    fused node's ``scratch_bytes``) and its estimate is at least what the kernel really holds."""
+def test_activation_estimate_covers_the_expert_kernels_scratch(tmp_path, monkeypatch):
+    """The torch experts kernel allocates temporaries besides its outputs; the fused node's
+    ``scratch_bytes`` covers every byte it asks for, and the ring's estimate includes it."""
     from moesys_compile.frontend.annotation import B, S
-    from moesys_compile.kernels import cpu_threads
+    from moesys_compile.kernels import cpu_threads, experts
     model = build("tiny-moe")
     ids = torch.randint(0, 256, (2, 9))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)        # one thread: the whole workspace is this thread's
-    try:
-        program = ring(model, 2, "host", tmp_path, ids, kernels="torch")
-        fused = [n for n in program.graph_module.graph.nodes if is_op(n, "fused_experts", namespace="moesys_kernels")]
-        estimate = max(int(n.meta["moesys"]["scratch_bytes"].xreplace({B: 2, S: 9})) for n in fused)
-        cpu_threads._WORKSPACE.__dict__.pop("pool", None)
-        program(ids)
-        held = sum(t.numel() * t.element_size() for t in cpu_threads._WORKSPACE.pool.values())
-    finally:
-        torch.set_num_threads(threads)
-    assert 0 < held <= estimate
-    with_scratch = program.stats["activation_bytes"]
-    for node in fused:
-        node.meta["moesys"]["scratch_bytes"] = 0
-    assert ring_runtime.peak_live_bytes(
-        [int(sympy.sympify(e).xreplace({B: 2, S: 9})) for e in ring_runtime.activation_exprs(program.graph_module,
-                                                                                        program.context)],
-        *ring_runtime.liveness_plan(program.graph_module)) < with_scratch
+    program = ring(model, 2, "host", tmp_path, ids, kernels="torch")
+    fused = [n for n in program.graph_module.graph.nodes if is_op(n, "fused_experts", namespace="moesys_kernels")]
+    estimate = max(int(sympy.sympify(n.meta["moesys"]["scratch_bytes"]).xreplace({B: 2, S: 9})) for n in fused)
+    asked, per_call = [], []
+    workspace, forward = cpu_threads.workspace, experts._FORWARD["torch"]
+
+    def counting_workspace(sizes, like, *args, **kwargs):
+        asked.append(sum(r * c for r, c in sizes) * like.element_size())
+        return workspace(sizes, like, *args, **kwargs)
+
+    def counting_forward(*args, **kwargs):
+        asked.clear()
+        result = forward(*args, **kwargs)
+        per_call.append(sum(asked))
+        return result
+    monkeypatch.setattr(cpu_threads, "workspace", counting_workspace)
+    monkeypatch.setitem(experts._FORWARD, "torch", counting_forward)
+    torch.testing.assert_close(program(ids), model(ids), atol=1e-6, rtol=0)
+    assert len(per_call) == len(fused) and 0 < max(per_call) <= estimate
+    exprs = [int(sympy.sympify(e).xreplace({B: 2, S: 9}))
+             for e in ring_runtime.activation_exprs(program.graph_module, program.context)]
+    without_scratch = ring_runtime.peak_live_bytes(exprs, *ring_runtime.liveness_plan(program.graph_module))
+    assert without_scratch < program.stats["activation_bytes"]
 
 
 def test_with_static_shapes_a_call_larger_than_the_example_raises(tmp_path, monkeypatch):
