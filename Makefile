@@ -27,6 +27,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.compile_latency
 	$(PY) -m benchmarks.moe_layer
 	$(PY) -m benchmarks.train_ep
+	$(PY) -m benchmarks.train_ep --experts fine
 	$(PY) -m benchmarks.ring_infer
 
 clean:

@@ -278,7 +278,10 @@ def forward_scratch_bytes(num_rows, dim: int, ffn: int, rows_h: int, element_siz
     per_row = (dim if fused else 0) + (rows_h if not save_h else 2 * ffn)
     torch_path = sympy.Min(rows, threads * 2 * _block_target(ffn)) * per_row * element_size
     if fused:
-        torch_path += (rows + sympy.Min(rows, GATHER_ROWS)) * dim * element_size + rows * 16
+        gather = sympy.Min(rows, GATHER_ROWS) * dim * element_size
+        # kept buffers (save_h) coexist; per-call ones are freed before the gather buffer is made
+        torch_path = torch_path + gather if save_h else sympy.Max(torch_path, gather)
+        torch_path += rows * dim * element_size + rows * 16
     return {"triton": triton, "torch": torch_path}.get(impl, sympy.Max(triton, torch_path))
 
 

@@ -368,12 +368,15 @@ def expert_scratch(node: fx.Node, annotation) -> Any:
     if not (lowered or is_op(node, "grouped_mlp", "moe_experts")):
         return 0
     args = bound_args(node)
-    if "x_ND" in args:
-        rows = annotation.expr(args["x_ND"].meta["val"].shape[0])
+    rows_arg = "x_ND" if "x_ND" in args else "order_N" if "order_N" in args else "ids_TK"
+    rows_val, w_up, w_down = (args[name].meta.get("val") if isinstance(args[name], fx.Node) else None
+                              for name in (rows_arg, "w_up_EHD", "w_down_EDF"))
+    if not all(isinstance(v, torch.Tensor) for v in (rows_val, w_up, w_down)):
+        return 0   # shapes unknown (an unannotated graph): nothing to charge
+    if rows_arg == "x_ND":
+        rows = annotation.expr(rows_val.shape[0])
     else:   # N = T*K slots: the sort order, or the routed ids
-        slots = args["order_N" if "order_N" in args else "ids_TK"].meta["val"]
-        rows = functools.reduce(operator.mul, (annotation.expr(size) for size in slots.shape), 1)
-    w_up, w_down = args["w_up_EHD"].meta["val"], args["w_down_EDF"].meta["val"]
+        rows = functools.reduce(operator.mul, (annotation.expr(size) for size in rows_val.shape), 1)
     fused = not is_op(node, "grouped_mlp", namespace="moesys_kernels")
     return forward_scratch_bytes(rows, w_up.shape[2], w_down.shape[2], w_up.shape[1], w_up.element_size(), fused,
                                  save_h=bool(args.get("save_h", False)), impl=args.get("impl", "any") if lowered

@@ -17,10 +17,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+import sympy
 import torch
 import torch.fx as fx
 
 from moesys_compile.errors import PassError, PlanError
+from moesys_compile.frontend.annotation import CostModel
 from moesys_compile.ir import fetch, is_op, moesys_meta
 from moesys_compile.passes.ring_expert_groups import split_into_groups, split_reserve, splittable_weights
 from moesys_compile.plan import format_bytes
@@ -393,11 +395,19 @@ def activation_workspace(gm: fx.GraphModule, ctx, batch: int, seq: int) -> int:
 
 def charge_expert_scratch(gm: fx.GraphModule, ctx) -> None:
     """``meta["moesys"]["scratch_bytes"]`` of every canonical expert op: the scratch of the kernel
-    lower_kernels will make of it (lowered nodes get their own from lower_kernels)."""
+    lower_kernels will make of it (lowered nodes get their own from lower_kernels). For a
+    grouped_mlp the canonical graph counts its output rows already (the rows the fused kernel keeps
+    inside) but not yet the combined output, which the fused kernel holds while it runs: the one
+    is taken off, the other added."""
     from moesys_compile.passes.lower_kernels import expert_scratch
+    cost = CostModel(gm, ctx.annotation)
     for node in gm.graph.nodes:
         if is_op(node, "grouped_mlp", "moe_experts"):
-            moesys_meta(node)["scratch_bytes"] = expert_scratch(node, ctx.annotation)
+            scratch = expert_scratch(node, ctx.annotation)
+            if is_op(node, "grouped_mlp") and "val" in node.meta:
+                combined = [cost.out_bytes(u) for u in node.users if is_op(u, "unpermute") and "val" in u.meta]
+                scratch = sympy.Max(0, scratch - cost.out_bytes(node) + sum(combined, sympy.Integer(0)))
+            moesys_meta(node)["scratch_bytes"] = scratch
 
 
 def _notes(ctx, layout: RingLayout) -> None:
