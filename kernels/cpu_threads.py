@@ -87,7 +87,8 @@ def _pool_thread(work, runs, lock: threading.Lock, inference: bool) -> None:
 def over_runs(work, runs: list) -> None:
     """work(run) for every run, on this thread and ``torch.get_num_threads() - 1`` pool threads,
     all with single-threaded ops; the caller's intra-op threads are restored afterwards."""
-    threads = min(torch.get_num_threads(), len(runs))
+    before = torch.get_num_threads()
+    threads = min(before, len(runs))
     if threads < 2 or not _IN_USE.acquire(blocking=False):   # another caller has the pool: run here
         for run in runs:
             work(run)
@@ -95,7 +96,6 @@ def over_runs(work, runs: list) -> None:
     while len(_POOL) < threads - 1:
         _POOL.append(ThreadPoolExecutor(1, thread_name_prefix="moesys-experts"))
     queue, lock, inference = iter(runs), threading.Lock(), torch.is_inference_mode_enabled()
-    before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         pending = [pool.submit(_pool_thread, work, queue, lock, inference) for pool in _POOL[:threads - 1]]

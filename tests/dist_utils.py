@@ -83,3 +83,16 @@ def _child(path: str, name: str, world_size: int, port: int, tmp: str, rank: int
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).parent))
     _child(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], int(sys.argv[6]))
+
+
+def optimizer_steps(loss_of_step: Callable[[], Any], opt, steps: int) -> list[float]:
+    """``steps`` rounds of ``loss = loss_of_step(); loss.backward(); opt.step(); opt.zero_grad()``;
+    the losses as floats."""
+    losses = []
+    for _ in range(steps):
+        loss = loss_of_step()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss.detach()))
+    return losses

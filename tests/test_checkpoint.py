@@ -14,7 +14,7 @@ from moesys_compile.programs.training import TrainingProgram
 from moesys_compile.runtime import checkpoint
 
 sys.path.insert(0, str(Path(__file__).parent))
-from dist_utils import run_ranks  # noqa: E402
+from dist_utils import optimizer_steps, run_ranks  # noqa: E402
 from test_training_parity import cross_entropy, global_batch, make_model, make_optimizer  # noqa: E402
 
 
@@ -31,14 +31,7 @@ def build(world: int, ep: int, rank: int, seed_shift: float = 0.0):
 
 
 def train(program, opt, ids, targets, steps: int) -> list[float]:
-    losses = []
-    for _ in range(steps):
-        loss = cross_entropy(program(ids), targets) + program.aux_loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(float(loss.detach()))
-    return losses
+    return optimizer_steps(lambda: cross_entropy(program(ids), targets) + program.aux_loss, opt, steps)
 
 
 def reshard_and_resume(rank: int, world: int, root: str):

@@ -26,7 +26,7 @@ from moesys_compile.programs.training import TrainingProgram
 
 sys.path.insert(0, str(Path(__file__).parent))
 from blocks import SwiGLUExpert  # noqa: E402
-from dist_utils import run_ranks  # noqa: E402
+from dist_utils import optimizer_steps, run_ranks  # noqa: E402
 
 D, FF, E, K, VOCAB = 16, 24, 4, 2, 64
 BATCH, SEQ, STEPS, LR, AUX = 4, 8, 3, 0.5, 0.1
@@ -179,13 +179,7 @@ def reference_run(layout: str):
     model = make(layout).train()
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
     ids, targets = global_batch()
-    losses = []
-    for _ in range(STEPS):
-        loss = objective(*model(ids), targets)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(float(loss.detach()))
+    losses = optimizer_steps(lambda: objective(*model(ids), targets), opt, STEPS)
     return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 

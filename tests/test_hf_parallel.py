@@ -19,7 +19,7 @@ pytest.importorskip("transformers")
 from moesys_compile.models.hf import build_hf  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from dist_utils import run_ranks  # noqa: E402
+from dist_utils import optimizer_steps, run_ranks  # noqa: E402
 
 BATCH, SEQ, STEPS, LR, VOCAB = 4, 8, 3, 0.5, 128
 RTOL, ATOL = 1e-4, 1e-5
@@ -42,13 +42,7 @@ def reference_run(family: str):
     model = build_hf(family).train()
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     ids, targets = global_batch()
-    losses = []
-    for _ in range(STEPS):
-        loss = cross_entropy(model(ids).logits, targets)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(float(loss.detach()))
+    losses = optimizer_steps(lambda: cross_entropy(model(ids).logits, targets), opt, STEPS)
     return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
