@@ -44,12 +44,13 @@ from moesys_compile.ops import _group_bounds, check_activation, is_gated
 # gathered and summed in order (deterministic). A forward that keeps no h (inference) allocates its
 # temporaries per call instead: they are freed when it returns, which is what a budgeted ring counts.
 #
-# Threads (``cpu_threads.py``): with n > 1 intra-op threads, n threads take runs of whole experts.
+# Threads (``cpu_threads.py``): with n > 1 intra-op threads, n threads take runs of expert rows.
 # ---------------------------------------------------------------------------------------------
 
 _CHUNK_ELEMENTS = 1 << 21   # activation elements per block (rows x F): few calls, big GEMMs
 _MIN_CHUNK_ROWS = 64
 GATHER_ROWS = 4096          # rows gathered at a time when the K rows of every token are summed
+PARTIAL_GRAD_BYTES = 64 << 20   # backward: weight-gradient buffers of experts split between threads, at most
 
 
 def _block_target(ffn: int) -> int:
@@ -140,6 +141,19 @@ def _sum_slots(rows_ND: Tensor, slots_N: Tensor, weights_TK: Tensor, weighted: b
     return out
 
 
+def _partial_weight_grads(runs: list, w_up_EHD: Tensor, w_down_EDF: Tensor) -> dict:
+    """{(run index, expert): (grad_w_up, grad_w_down) buffers} for the runs that hold a later piece
+    of an expert split between runs: the run with its first piece writes the expert's gradient, the
+    others write their own buffers, added in after all runs (no two threads write one tensor)."""
+    seen, partials = set(), {}
+    for index, run in enumerate(runs):
+        for expert, _, _ in run:
+            if expert in seen:
+                partials[(index, expert)] = (torch.empty_like(w_up_EHD[expert]), torch.empty_like(w_down_EDF[expert]))
+            seen.add(expert)
+    return partials
+
+
 def _block_rows(blocks: list) -> int:
     return max((block[-1][2] - block[0][1] for block in blocks), default=1)
 
@@ -214,7 +228,12 @@ def experts_backward_torch(grad_out: Tensor, x: Tensor, counts_E: Tensor, w_up_E
     if need_grad_x:
         gx_rows[kept:] = 0
 
-    def work(run):
+    runs = cpu_threads.expert_runs(bounds, torch.get_num_threads(),
+                                   max_splits=PARTIAL_GRAD_BYTES // (w_up_EHD[0].nbytes + w_down_EDF[0].nbytes))
+    partials = _partial_weight_grads(runs, w_up_EHD, w_down_EDF)
+
+    def work(index_and_run):
+        index, run = index_and_run
         blocks = _blocks(run, ffn)
         rows = _block_rows(blocks)
         g_rows = rows if fused else 0
@@ -246,16 +265,20 @@ def experts_backward_torch(grad_out: Tensor, x: Tensor, counts_E: Tensor, w_up_E
                 (g_b if dim < ffn else a_b).mul_(scale_N1[b0:b1])  # the smaller one, for grad w_down
             grad_h = _act_backward_into(h_b, grad_a, gate_buf[:n], activation, tmp_buf[:n], gh_buf[:n])
             for expert, rs, first in segments:
+                gw_up, gw_down = partials.get((index, expert), (grad_w_up[expert], grad_w_down[expert]))
                 if first:
-                    torch.mm(g_b[rs].t(), a_b[rs], out=grad_w_down[expert])
-                    torch.mm(grad_h[rs].t(), x_b[rs], out=grad_w_up[expert])
+                    torch.mm(g_b[rs].t(), a_b[rs], out=gw_down)
+                    torch.mm(grad_h[rs].t(), x_b[rs], out=gw_up)
                 else:  # a later piece of an expert cut in several
-                    grad_w_down[expert].addmm_(g_b[rs].t(), a_b[rs])
-                    grad_w_up[expert].addmm_(grad_h[rs].t(), x_b[rs])
+                    gw_down.addmm_(g_b[rs].t(), a_b[rs])
+                    gw_up.addmm_(grad_h[rs].t(), x_b[rs])
                 if need_grad_x:
                     torch.mm(grad_h[rs], w_up_EHD[expert], out=gx_rows[b0 + rs.start:b0 + rs.stop])
 
-    cpu_threads.over_runs(work, cpu_threads.expert_runs(bounds, torch.get_num_threads()))
+    cpu_threads.over_runs(work, list(enumerate(runs)))
+    for (_, expert), (gw_up, gw_down) in sorted(partials.items()):   # in run order: deterministic sums
+        grad_w_up[expert] += gw_up
+        grad_w_down[expert] += gw_down
     if not fused:
         return gx_rows, grad_w_up, grad_w_down, None
     grad_x = _sum_slots(gx_rows, slots_N, weights_TK, weighted=False) if need_grad_x else None

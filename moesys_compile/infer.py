@@ -290,11 +290,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def demo(checkpoint_dir: Optional[str] = None, model_name: str = "tiny-moe", overrides: Optional[dict] = None,
-         prompt_len: int = 8, max_new_tokens: int = 4) -> int:
+         prompt_len: int = 6, max_new_tokens: int = 4) -> int:
     """``make demo``'s last step: ring inference under a budget of a quarter of the model's size,
     weights on disk, from ``checkpoint_dir`` (or freshly initialised weights when None); prints
     the stats and returns the command's exit code. A quarter of the 2-layer tiny-moe leaves room
-    for about 8 prompt tokens next to two slots; deeper models take longer prompts."""
+    for about 7 prompt tokens (and 4 new ones) next to two slots, its experts split into groups;
+    deeper models take longer prompts."""
     from .models import build
     torch.manual_seed(0)
     model = build(model_name, **(overrides or {})).eval()

@@ -22,11 +22,13 @@ def lower_kernels(gm: fx.GraphModule, ctx) -> fx.GraphModule:
     **Contract**
 
     - Reads: calls to ``torch.ops.moesys.{route, permute, grouped_mlp, unpermute, moe_experts,
-      load_balancing_loss}``, the ``meta["val"]`` of their inputs, and from the plan ``kernels``
-      ("auto" | "triton" | "torch"; default "auto"), ``device`` (default "cpu") and ``mode``
-      ("infer" does not keep the up projection for a backward pass).
-    - Writes: each such call becomes a ``moesys_kernels`` op whose ``impl`` argument is "triton" or
-      "torch" (never "auto": the graph says what runs) and whose ``meta["moesys"]["lowered_to"]``
+      load_balancing_loss}`` and ``torch.ops.moesys_ring.expert_group_mlp``, the ``meta["val"]`` of
+      their inputs, and from the plan ``kernels`` ("auto" | "triton" | "torch"; default "auto"),
+      ``device`` (default "cpu") and ``mode`` ("infer" does not keep the up projection for a
+      backward pass).
+    - Writes: each such call becomes a ``moesys_kernels`` op (an expert group stays itself, with
+      the experts kernel inside) whose ``impl`` argument is "triton" or "torch" (never "auto": the
+      graph says what runs) and whose ``meta["moesys"]["lowered_to"]``
       is "<impl>:<kernel>", e.g. "triton:moe_fused_swiglu", "torch:grouped_mlp". New nodes get
       ``meta["val"]`` by fake propagation and the ``layer``/``cost`` of the nodes they replace (a
       fused node the activation bytes of its outputs, and ``meta["moesys"]["scratch_bytes"]``: what
@@ -55,6 +57,7 @@ def lower_kernels(gm: fx.GraphModule, ctx) -> fx.GraphModule:
           load_balancing_loss(route[2], route[1], coef)
                                            -> balance_loss(route_topk[3], route_topk[4], route[1], coef)
           permute | grouped_mlp | unpermute -> the moesys_kernels op of the same name
+          moesys_ring.expert_group_mlp(..., impl)  -> the same node with impl, label and scratch_bytes
     """
     from moesys_compile import kernels  # imported on first use: it imports Triton (slow) if present
 
@@ -383,6 +386,28 @@ def expert_scratch(node: fx.Node, annotation) -> Any:
                                  else "any", threads=torch.get_num_threads())
 
 
+def lower_expert_group(node: fx.Node, lw: _Lowering) -> Optional[fx.Node]:
+    """An expert group of the ring (``moesys_ring.expert_group_mlp``) runs the experts kernel on its
+    rows: the node gets the implementation, its label and the kernel's scratch, in place."""
+    if not is_op(node, "expert_group_mlp", namespace="moesys_ring"):
+        return None
+    from moesys_compile.passes.ring_expert_groups import group_scratch_bytes
+    a = bound_args(node)
+    impl = lw.impl_for(a["x_ND"], a["w_up_GHD"])
+    node.args = (a["x_ND"], a["counts_E"], a["w_up_GHD"], a["w_down_GDF"], a["first_expert"], a["activation"], impl)
+    node.kwargs = {}
+    meta = node.meta.setdefault("moesys", {})
+    meta["lowered_to"] = _suffix(impl, "expert_group_mlp", a["activation"])
+    values = [a[name].meta.get("val") if isinstance(a[name], fx.Node) else None
+              for name in ("x_ND", "w_up_GHD", "w_down_GDF")]
+    annotation = getattr(lw.ctx, "annotation", None)
+    if annotation is not None and all(isinstance(v, torch.Tensor) for v in values):
+        meta["scratch_bytes"] = group_scratch_bytes(annotation.expr(values[0].shape[0]), values[1], values[2], impl,
+                                                    torch.get_num_threads())
+    return node
+
+
 RULES: list[Callable[[fx.Node, _Lowering], Optional[fx.Node]]] = [
     fuse_dispatch_experts_combine, lower_moe_experts, lower_route, fuse_balance_loss, lower_single,
+    lower_expert_group,
 ]

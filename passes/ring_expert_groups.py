@@ -27,7 +27,7 @@ from torch import Tensor
 from moesys_compile import ops
 from moesys_compile.frontend.annotation import B, S, CostModel
 from moesys_compile.ir import fetch, infer_val, is_op, moesys_meta
-from moesys_compile.runtime.ring import activation_exprs, evaluate_workspace, liveness_plan
+from moesys_compile.runtime.ring import activation_exprs, evaluate_workspace, liveness_plan, scratch_exprs
 
 # ---------------------------------------------------------------------------------------------
 # the op: the rows of one expert group
@@ -58,19 +58,35 @@ def expert_group_reference(x_ND: Tensor, counts_E: Tensor, w_up_GHD: Tensor, w_d
 
 @torch.library.custom_op("moesys_ring::expert_group_mlp", mutates_args=())
 def expert_group_mlp(x_ND: Tensor, counts_E: Tensor, w_up_GHD: Tensor, w_down_GDF: Tensor, first_expert: int,
-                     activation: str = "swiglu") -> Tensor:
+                     activation: str = "swiglu", impl: str = "auto") -> Tensor:
     """Rows of experts [first_expert, first_expert + G) of ``moesys.grouped_mlp``, zeros elsewhere;
-    summed over a partition of the experts it is grouped_mlp (each row is nonzero in one group)."""
+    summed over a partition of the experts it is grouped_mlp (each row is nonzero in one group).
+    The group's rows run through the experts kernel (``moesys_kernels.grouped_mlp``, keeping no h;
+    ``impl`` as there), so its temporaries are the kernel's (``group_scratch_bytes``)."""
+    from moesys_compile import kernels  # noqa: F401  (registers moesys_kernels; imports Triton if present)
     y_ND = x_ND.new_zeros((x_ND.shape[0], w_down_GDF.shape[1]))
-    for local, start, end in _group_rows(counts_E, first_expert, w_up_GHD.shape[0]):
-        h_nH = torch.mm(x_ND[start:end], w_up_GHD[local].t())
-        torch.mm(ops.apply_activation(h_nH, activation), w_down_GDF[local].t(), out=y_ND[start:end])
+    rows = _group_rows(counts_E, first_expert, w_up_GHD.shape[0])
+    start, end = rows[0][1], rows[-1][2]
+    if end > start:
+        group = counts_E[first_expert:first_expert + w_up_GHD.shape[0]]
+        y_ND[start:end], _ = torch.ops.moesys_kernels.grouped_mlp(x_ND[start:end], group, w_up_GHD, w_down_GDF,
+                                                                  activation, False, impl)
     return y_ND
 
 
 @expert_group_mlp.register_fake
-def _expert_group_mlp_fake(x_ND, counts_E, w_up_GHD, w_down_GDF, first_expert, activation="swiglu"):
+def _expert_group_mlp_fake(x_ND, counts_E, w_up_GHD, w_down_GDF, first_expert, activation="swiglu", impl="auto"):
     return x_ND.new_empty((x_ND.shape[0], w_down_GDF.shape[1]))
+
+
+def group_scratch_bytes(num_rows, w_up_GHD: Tensor, w_down_GDF: Tensor, impl: str, threads: int):
+    """Bytes an expert_group_mlp call allocates besides its output, at most (``num_rows``: N, an
+    int or a sympy expression): the experts kernel's scratch, and its output rows before they are
+    placed in the output (all N rows when every row goes to this group)."""
+    from moesys_compile.kernels.experts import forward_scratch_bytes
+    dim, ffn, size = w_down_GDF.shape[1], w_down_GDF.shape[2], w_up_GHD.element_size()
+    return forward_scratch_bytes(num_rows, dim, ffn, w_up_GHD.shape[1], size, fused=False, save_h=False, impl=impl,
+                                 threads=threads) + num_rows * dim * size
 
 
 def _expert_group_setup(ctx, inputs, output):
@@ -84,7 +100,7 @@ def _expert_group_backward(ctx, grad_y_ND):
         leaves = [t.detach().requires_grad_(True) for t in (x_ND, w_up, w_down)]
         y_ND = expert_group_reference(leaves[0], counts_E, leaves[1], leaves[2], ctx.first, ctx.activation)
         grad_x, grad_up, grad_down = torch.autograd.grad(y_ND, leaves, grad_y_ND, allow_unused=True)
-    return grad_x, None, grad_up, grad_down, None, None
+    return grad_x, None, grad_up, grad_down, None, None, None
 
 
 expert_group_mlp.register_autograd(_expert_group_backward, setup_context=_expert_group_setup)
@@ -107,28 +123,31 @@ def splittable_weights(node: fx.Node) -> Optional[tuple[fx.Node, fx.Node]]:
 def split_reserve(gm: fx.GraphModule, ctx, nodes: list[fx.Node], batch: int, seq: int) -> int:
     """Extra peak activation bytes at the example shape once the grouped_mlp ``nodes`` run as
     expert groups: where one output was, the running sum, a group's rows and their new sum are
-    alive together (the liveness walk with that transient added)."""
+    alive together, and a group's kernel scratch takes the place of the grouped_mlp's (the
+    liveness walk with that transient added)."""
     if ctx.plan.options.get("ring_workspace") is not None or not nodes:
         return 0
     values = {B: batch, S: seq}
     index = {n: i for i, n in enumerate(gm.graph.nodes)}
-    transient = {}
+    transient, scratch = {}, scratch_exprs(gm)
     for node in nodes:
         val = node.meta["val"]
-        rows = int(sympy.sympify(ctx.annotation.expr(val.shape[0])).xreplace(values))
-        out = rows * val[0].numel() * val.element_size()
+        rows = ctx.annotation.expr(val.shape[0])
+        out = int(sympy.sympify(rows).xreplace(values)) * val[0].numel() * val.element_size()
         counted = int(sympy.sympify(moesys_meta(node)["cost"].activation_bytes).xreplace(values))
         transient[index[node]] = 3 * out - counted
+        up, down = (w.meta["val"] for w in splittable_weights(node))
+        scratch[index[node]] = group_scratch_bytes(rows, up, down, "any", torch.get_num_threads())
     exprs, liveness = activation_exprs(gm, ctx), liveness_plan(gm)
-    return (evaluate_workspace(exprs, liveness, batch, seq, transient)
-            - evaluate_workspace(exprs, liveness, batch, seq))
+    return (evaluate_workspace(exprs, liveness, batch, seq, transient, scratch=scratch)
+            - evaluate_workspace(exprs, liveness, batch, seq, scratch=scratch_exprs(gm)))
 
 
 def split_into_groups(gm: fx.GraphModule, ctx, node: fx.Node, per_group: int, slices: dict) -> fx.Node:
     """Replace the grouped_mlp ``node`` by a sum of expert_group_mlp over groups of ``per_group``
     experts; its weight reads are replaced by slices, recorded in ``slices`` (attribute name ->
-    (weight it slices, lo, hi)). New nodes get ``val``, ``layer``, ``module`` and ``cost``.
-    Returns the node of the sum."""
+    (weight it slices, lo, hi)). New nodes get ``val``, ``layer``, ``module`` and ``cost``, the
+    groups also ``scratch_bytes``. Returns the node of the sum."""
     up, down = splittable_weights(node)
     num_experts = up.meta["val"].shape[0]
     x_ND, counts_E = node.args[:2]
@@ -142,6 +161,9 @@ def split_into_groups(gm: fx.GraphModule, ctx, node: fx.Node, per_group: int, sl
                     _slice_attr(gm, ctx, down, lo, hi, slices), lo, activation)
             part = _new_node(gm, ctx, torch.ops.moesys_ring.expert_group_mlp.default, args, node,
                              flops * (hi - lo) / num_experts)
+            moesys_meta(part)["scratch_bytes"] = group_scratch_bytes(
+                ctx.annotation.expr(x_ND.meta["val"].shape[0]), args[2].meta["val"], args[3].meta["val"], "any",
+                torch.get_num_threads())
             total = part if total is None else _new_node(gm, ctx, operator.add, (total, part), node)
     node.replace_all_uses_with(total)
     for dead in (node, up, down):

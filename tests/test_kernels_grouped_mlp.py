@@ -166,22 +166,26 @@ def test_torch_path_splits_experts_into_chunks(monkeypatch, activation):
         close(a, b, torch.float32, "grad")
 
 
-@pytest.mark.parametrize("skew, threads, shared", [(False, 2, True), (False, 3, True), (True, 2, True),
-                                                    (True, 3, False)],
-                         ids=["even-2-threads", "even-3-threads", "skewed-2-threads", "skewed-3-threads-one-run"])
-def test_torch_path_shares_experts_between_threads(monkeypatch, skew, threads, shared):
-    """With n intra-op threads, n threads take runs of whole experts (one run, on intra-op threads,
-    when one expert alone is more than a thread's share); results equal the reference, and the
-    caller's threads come back."""
+@pytest.mark.parametrize("skew, threads, partial_bytes", [(False, 2, None), (False, 3, None), (True, 2, None),
+                                                           (True, 3, 0)],
+                         ids=["even-2-threads", "even-3-threads", "skewed-2-threads", "skewed-3-threads-no-splits"])
+def test_torch_path_shares_experts_between_threads(monkeypatch, skew, threads, partial_bytes):
+    """With n intra-op threads, n threads take runs of expert rows; an expert too large for one
+    thread's share is split between runs (in backward only as far as the partial weight-gradient
+    budget allows, else one run on intra-op threads). Results equal the reference, and the caller's
+    threads come back."""
     from moesys_compile.kernels import cpu_threads
+    from moesys_compile.kernels import experts as experts_module
     monkeypatch.setattr(cpu_threads, "MIN_RUN_ROWS", 8)
+    if partial_bytes is not None:
+        monkeypatch.setattr(experts_module, "PARTIAL_GRAD_BYTES", partial_bytes)
     runs_seen, threads_seen = [], set()
     over_runs, take_runs = cpu_threads.over_runs, cpu_threads.take_runs
 
     def take_runs_and_record(work, runs, lock):
         threads_seen.add(threading.get_ident())
         take_runs(work, runs, lock)
-    monkeypatch.setattr(cpu_threads, "over_runs", lambda work, runs: (runs_seen.append(len(runs)),
+    monkeypatch.setattr(cpu_threads, "over_runs", lambda work, runs: (runs_seen.append(list(runs)),
                                                                      over_runs(work, runs)))
     monkeypatch.setattr(cpu_threads, "take_runs", take_runs_and_record)
     w_up, w_down = experts(8, 24, 20, "swiglu", torch.float32, seed=13)
@@ -204,8 +208,15 @@ def test_torch_path_shares_experts_between_threads(monkeypatch, skew, threads, s
         assert torch.get_num_threads() == threads
     finally:
         torch.set_num_threads(before)
-    assert len(runs_seen) == 3 and all((runs > 1) == shared for runs in runs_seen), runs_seen
-    assert len(threads_seen) == (threads if shared else 0)
+    forward, backward, infer = runs_seen
+    backward = [run for _, run in backward]
+    split = {expert for expert in range(8) if sum(any(e == expert for e, _, _ in run) for run in forward) > 1}
+    assert len(forward) > threads and forward == infer and (0 in split or not skew), (forward, split)
+    if partial_bytes is None:
+        assert backward == forward
+    else:   # no budget for partial weight gradients: the skewed rows stay one run in backward
+        assert len(backward) == 1
+    assert len(threads_seen) == threads
     y_ref = reference.fused_experts_reference(x, order, counts, weights, w_up, w_down, "swiglu")
     close(y, y_ref, torch.float32, "y_TD")
     close(y_infer, y_ref.detach(), torch.float32, "y_TD under inference_mode")

@@ -135,7 +135,8 @@ def test_experts_too_large_for_a_slot_run_as_expert_groups():
     assert not any(is_op(n, "grouped_mlp") for n in gm.graph.nodes)
     kernels = [n for n in gm.graph.nodes if "lowered_to" in n.meta["moesys"]]   # split experts cannot be fused
     assert {n.meta["moesys"]["lowered_to"] for n in kernels} == {"torch:route", "torch:permute", "torch:unpermute",
-                                                                "torch:balance_loss"}
+                                                                "torch:balance_loss", "torch:expert_group_mlp"}
+    assert all(n.args[6] == "torch" and n.meta["moesys"]["scratch_bytes"] != 0 for n in groups)
     layout = ctx.extras["ring"]
     assert len(layout.slices) == 2 * len(groups)                   # an up and a down slice per group
     covered = {}

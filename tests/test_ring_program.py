@@ -141,6 +141,45 @@ def test_activation_estimate_covers_the_expert_kernels_scratch(tmp_path, monkeyp
     assert without_scratch < program.stats["activation_bytes"]
 
 
+def test_expert_groups_scratch_covers_what_their_kernel_holds(tmp_path, monkeypatch):
+    """Experts split between sections (expert groups) run the experts kernel on their rows; each
+    group's ``scratch_bytes`` covers the kernel's temporaries and its output rows, and the rows
+    all go to one group in the worst case."""
+    from moesys_compile.frontend.annotation import B, S
+    from moesys_compile.kernels import cpu_threads, experts
+    model = build("tiny-moe")
+    ids = torch.randint(0, 256, (2, 9))
+    program = ring(model, 8, "host", tmp_path, ids, kernels="torch")
+    groups = [n for n in program.graph_module.graph.nodes if is_op(n, "expert_group_mlp", namespace="moesys_ring")]
+    assert groups and all(n.meta["moesys"]["lowered_to"] == "torch:expert_group_mlp" for n in groups)
+    estimate = min(int(sympy.sympify(n.meta["moesys"]["scratch_bytes"]).xreplace({B: 2, S: 9})) for n in groups)
+    asked, held = [], []
+    workspace, forward = cpu_threads.workspace, experts._FORWARD["torch"]
+
+    def counting_workspace(sizes, like, purpose="block", keep=True):
+        asked.append(sum(r * c for r, c in sizes) * like.element_size())
+        return workspace(sizes, like, purpose, keep)
+
+    def counting_forward(*args, **kwargs):
+        asked.clear()
+        y, h = forward(*args, **kwargs)
+        held.append(max(asked, default=0) + y.nbytes)
+        return y, h
+    monkeypatch.setattr(cpu_threads, "workspace", counting_workspace)
+    monkeypatch.setitem(experts._FORWARD, "torch", counting_forward)
+    torch.testing.assert_close(program(ids), model(ids), atol=1e-6, rtol=0)
+    assert held and max(held) <= estimate, (held, estimate)
+    held.clear()    # the worst case: every row to one expert of the group
+    group = groups[0]
+    w_up, w_down = (getattr(program.graph_module, a.target) for a in group.args[2:4])
+    rows = 2 * 9 * model.config.top_k
+    counts = torch.zeros(model.config.num_experts, dtype=torch.long)
+    counts[group.args[4]] = rows
+    y = torch.ops.moesys_ring.expert_group_mlp(torch.randn(rows, w_down.shape[1]), counts, w_up, w_down,
+                                               group.args[4], group.args[5], "torch")
+    assert y.abs().sum() > 0 and held[0] <= estimate, (held, estimate)
+
+
 def test_with_static_shapes_a_call_larger_than_the_example_raises(tmp_path, monkeypatch):
     """When symbolic shape propagation fails (shapes are then static), the activation estimate
     holds at the example only: larger calls are refused, the example's size still runs."""
