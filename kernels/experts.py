@@ -30,7 +30,7 @@ from moesys_compile.kernels import cpu_threads
 from moesys_compile.kernels._triton import resolve_impl
 from moesys_compile.kernels.grouped_mlp import check_experts_args, experts_backward_triton, experts_forward_triton
 from moesys_compile.kernels.permute import inverse_order
-from moesys_compile.ops import _group_bounds, check_activation, is_gated
+from moesys_compile.ops import check_activation, group_bounds, is_gated
 
 # ---------------------------------------------------------------------------------------------
 # torch path
@@ -164,7 +164,7 @@ def experts_forward_torch(x: Tensor, counts_E: Tensor, w_up_EHD: Tensor, w_down_
     gathered into the workspace, its output rows weighted in place, and the K rows of every token
     summed at the end."""
     fused = slots_N is not None
-    bounds = _group_bounds(counts_E)
+    bounds = group_bounds(counts_E)
     kept = bounds[-1][2] if bounds else 0
     num_rows = slots_N.numel() if fused else x.shape[0]
     rows_h, dim, ffn = w_up_EHD.shape[1], x.shape[1], w_down_EDF.shape[2]
@@ -208,7 +208,7 @@ def experts_backward_torch(grad_out: Tensor, x: Tensor, counts_E: Tensor, w_up_E
     ``need_grad_x=False`` (the rows' source needs no gradient, e.g. the first layer's input) skips
     the grad_h @ W_up GEMMs and returns None for grad_x."""
     fused = slots_N is not None
-    bounds = _group_bounds(counts_E)
+    bounds = group_bounds(counts_E)
     kept = bounds[-1][2] if bounds else 0
     num_rows = slots_N.numel() if fused else x.shape[0]
     rows_h, dim, ffn = w_up_EHD.shape[1], x.shape[1], w_down_EDF.shape[2]
