@@ -20,7 +20,8 @@ them alike):
 
 Routed FLOPs = 6 * N * D * (H + F), H = 2F (gate and up rows). efficiency = routed FLOP/s of the
 layer / FLOP/s of the dense GEMMs = t_dense / t_layer from the median times (efficiency_best: from
-the fastest round of each). tokens/s = T / t_layer (forward+backward). The JSON keeps every
+the fastest round of each; efficiency_paired: the median over rounds of t_dense / t_layer within a
+round, which cancels drifts of the machine's speed during the run). tokens/s = T / t_layer (forward+backward). The JSON keeps every
 sample and the 1-minute load average around each case (the CPUs may be shared).
 """
 
@@ -231,6 +232,10 @@ def run_case(name, c, dtype_name, repeats, contenders):
             "routed_gflops": flops / median_s / 1e9 if median_s else None,
             "efficiency": statistics.median(dense) / median_s if (times and dense) else None,
             "efficiency_best": min(dense) / min(times) if (times and dense) else None,
+            # per round: the dense GEMM and the contender timed in the same round, so that drifts in
+            # the machine's speed over the run cancel; the median of those ratios
+            "efficiency_paired": (statistics.median(d / t for d, t in zip(dense, times))
+                                  if (times and dense) else None),
             "efficiency_vs_prealloc": (statistics.median(samples["dense-prealloc"]) / median_s
                                        if (times and samples.get("dense-prealloc")) else None),
             "samples_ms": [t * 1e3 for t in times] if times else [],
@@ -257,7 +262,8 @@ def main(argv=None) -> None:
             rows += run_case(name, cases[name], dtype_name, repeats, contenders)
             case_rows = [r for r in rows if r["case"] == name and r["dtype"] == dtype_name]
             _harness.print_table(case_rows, ["contender", "median_ms", "tokens_per_s", "routed_gflops", "efficiency",
-                                             "efficiency_best", "efficiency_vs_prealloc", "note"],
+                                             "efficiency_paired", "efficiency_best", "efficiency_vs_prealloc",
+                                             "note"],
                                  title=f"\ncase ({name}) {cases[name]} {dtype_name}, {args.threads} threads")
             load = case_rows[0]["loadavg_1min"]
             if max(load) > os.cpu_count():
