@@ -224,6 +224,33 @@ def test_torch_path_shares_experts_between_threads(monkeypatch, skew, threads, p
         close(a, b, torch.float32, f"grad {name}")
 
 
+def test_grouped_mlp_splits_a_large_expert_between_threads(monkeypatch):
+    """The unfused op on 2 threads, one expert holding most rows: its rows are cut between runs, the
+    later pieces' weight gradients go to their own buffers and are added in; all equal the reference."""
+    from moesys_compile.kernels import cpu_threads
+    monkeypatch.setattr(cpu_threads, "MIN_RUN_ROWS", 8)
+    runs_seen = []
+    over_runs = cpu_threads.over_runs
+    monkeypatch.setattr(cpu_threads, "over_runs", lambda work, runs: (runs_seen.append(list(runs)),
+                                                                     over_runs(work, runs)))
+    w_up, w_down = experts(4, 24, 20, "swiglu", torch.float32, seed=17)
+    counts = torch.tensor([70, 5, 10, 11], device=DEVICE)
+    x = torch.randn(int(counts.sum()) + 3, 24, device=DEVICE, requires_grad=True)   # 3 dropped rows
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        y, _ = torch.ops.moesys_kernels.grouped_mlp(x, counts, w_up, w_down, "swiglu", True, "torch")
+        grads = torch.autograd.grad(y.square().sum(), (x, w_up, w_down))
+    finally:
+        torch.set_num_threads(before)
+    backward = [run for _, run in runs_seen[1]]
+    assert sum(any(e == 0 for e, _, _ in run) for run in backward) > 2      # expert 0 in several runs
+    y_ref = reference.grouped_mlp_reference(x, counts, w_up, w_down, "swiglu")
+    close(y, y_ref, torch.float32, "y_ND")
+    for name, a, b in zip(("x", "w_up", "w_down"), grads, torch.autograd.grad(y_ref.square().sum(), (x, w_up, w_down))):
+        close(a, b, torch.float32, f"grad {name}")
+
+
 @pytest.mark.parametrize("change, message", [
     (dict(w_up=torch.randn(4, 30, 8)), r"w_up_EHD has 30 rows per expert but activation 'swiglu' with w_down_EDF's "
                                        r"F = 16 needs H = 32"),
