@@ -54,18 +54,18 @@ def workspace(sizes: list[tuple[int, int]], like: Tensor, purpose: str = "block"
 def expert_runs(bounds: list[tuple[int, int, int]], threads: int,
                 max_splits: int | None = None) -> list[list[tuple[int, int, int]]]:
     """Split the (expert, start, end) bounds into contiguous runs of about equal rows, a few per
-    thread, the last 2 per thread half as long (threads take the next run when they finish one, so
-    a core that other work slows down takes fewer, and short runs at the end let the threads finish
-    close together). A cut moves to the nearest expert boundary within a quarter of a run, or
-    when it would leave a piece under MIN_RUN_ROWS / 2; otherwise it splits the expert, at most
-    ``max_splits`` times (None: no limit). One run (all of them) when the rows are too few to
-    share, or when, without splits, one expert has so many rows that a single thread would be left
-    with them."""
+    thread. Threads take the next run when they finish one, so a core that other work slows down
+    takes fewer; with at least 2 runs per thread, the last 2 per thread are half as long, so that
+    the threads finish close together. A cut moves to the nearest expert boundary within a quarter
+    of a run, or when it would leave a piece under MIN_RUN_ROWS / 2; otherwise it splits the
+    expert, at most ``max_splits`` times (None: no limit). One run (all of them) when the rows are
+    too few to share, or when, without splits, one expert has so many rows that a single thread
+    would be left with them."""
     total = bounds[-1][2] - bounds[0][1] if bounds else 0
     count = min(RUNS_PER_THREAD * threads, total // MIN_RUN_ROWS)
     if threads < 2 or count < 2:
         return [bounds]
-    share, tail = total / count, min(threads, count // 2)
+    share, tail = total / count, (threads if count >= 2 * threads else 0)
     sizes = [share] * (count - tail) + [share / 2] * (2 * tail)
     edges = [end for _, _, end in bounds[:-1]]              # expert boundaries inside the rows
     cuts, target, splits = [], float(bounds[0][1]), 0
