@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from typing import Any, Optional, Sequence
 
 import torch
@@ -11,11 +12,11 @@ from torch import nn
 from moesys_compile.passes import pipeline_for
 
 from .errors import PlanError
-from .frontend import annotate, canonicalize, capture, moe_modules
+from .frontend import BlockReport, annotate, canonicalize, capture, moe_modules
 from .frontend.tracing import expose_aux_loss, traced_names
 from .pipeline import CompileContext, run_pipeline, take_snapshot
 from .plan import Plan
-from .programs import InputBinder, Program, build_program, flatten_export_codegen
+from .programs import InputBinder, Program, build_program, fixed_input_sizes, flatten_export_codegen
 
 
 def _as_tuple(example_inputs: Any) -> tuple:
@@ -24,16 +25,37 @@ def _as_tuple(example_inputs: Any) -> tuple:
     return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
 
 
-def check_plan_against_model(model: nn.Module, plan: Plan) -> None:
-    """Plan/model mismatches found before any process group exists."""
+def check_plan_against_model(model: nn.Module, plan: Plan, blocks: Sequence[BlockReport] = ()) -> None:
+    """Plan/model mismatches found before any process group exists. ``blocks``: canonicalize's
+    reports, so that MoE-like blocks left as traced code are named when nothing can be sharded."""
     experts = moe_modules(model)
+    _check_leaf_paths(model, plan, experts)
+    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.is_floating_point()})
+    if plan.mode == "train" and plan.dtype != "float32" and dtypes != [plan.dtype]:
+        raise PlanError(f"dtype ({plan.dtype!r}) is not applied in train mode, and {type(model).__name__}'s "
+                        f"parameters are {', '.join(dtypes)}: training runs in the parameters' dtype; cast the "
+                        f"model first: model.to(torch.{plan.dtype})")
     for path, module in experts.items():
         if module.num_experts % plan.expert_parallel:
             raise PlanError(f"{path}.num_experts ({module.num_experts}) is not divisible by expert_parallel "
                             f"({plan.expert_parallel}); choose an expert_parallel that divides it")
     if plan.expert_parallel > 1 and not experts:
-        raise PlanError(f"expert_parallel ({plan.expert_parallel}) > 1 but {type(model).__name__} has no MoE "
-                        f"layers; use expert_parallel=1 (pure data parallelism)")
+        left = [b for b in blocks if b.action == "left"]
+        why = (f"; its MoE-like blocks run as traced code: {left[0].path} ({left[0].kind}: "
+               f"{left[0].reason})" + (f" and {len(left) - 1} more" if len(left) > 1 else "")) if left else ""
+        raise PlanError(f"expert_parallel ({plan.expert_parallel}) > 1 but {type(model).__name__} has no "
+                        f"MoE layers that can be sharded{why}; use expert_parallel=1 (pure data parallelism)")
+
+
+def _check_leaf_paths(model: nn.Module, plan: Plan, experts: dict[str, nn.Module]) -> None:
+    """A misspelt ``leaf_modules`` path would silently trace the module it meant; paths inside a
+    canonical MoE block (rebuilt by canonicalize) are not checked."""
+    names = dict(model.named_modules())
+    for leaf in plan.leaf_modules:
+        if isinstance(leaf, str) and leaf not in names and not any(leaf.startswith(f"{p}.") for p in experts):
+            near = difflib.get_close_matches(leaf, [n for n in names if n], n=3)
+            raise PlanError(f"leaf_modules names {leaf!r}, which is not a submodule of {type(model).__name__}"
+                            + (f"; nearest: {near}" if near else "") + "; give paths as in model.named_modules()")
 
 
 def trace(model: nn.Module, example_inputs: Any = (), example_kwargs: Optional[dict] = None, *,
@@ -55,7 +77,7 @@ def _capture_and_annotate(model, example_inputs, example_kwargs, leaf_modules, f
     kind = gm.meta.get("moesys_capture", "fx")
     traced, _ = traced_names(model, example_inputs, example_kwargs)
     out_spec = flatten_export_codegen(gm) if kind == "export" and for_program else None
-    binder = InputBinder(model, traced, kind, out_spec)
+    binder = InputBinder(model, traced, kind, out_spec, fixed_input_sizes(gm) if kind == "export" else ())
     if for_program:
         expose_aux_loss(gm)
     annotation = annotate(gm, binder.graph_inputs(example_inputs, example_kwargs))
@@ -70,7 +92,7 @@ def prepare(model: nn.Module, plan: Optional[Plan] = None, example_inputs: Any =
     plan = plan or Plan()
     example_inputs, example_kwargs = _as_tuple(example_inputs), dict(example_kwargs or {})
     blocks = canonicalize(model)
-    check_plan_against_model(model, plan)
+    check_plan_against_model(model, plan, blocks)
     gm, annotation = _capture_and_annotate(model, example_inputs, example_kwargs, plan.leaf_modules, for_program=True)
     binder = gm.meta["moesys_binder"]
     ctx = CompileContext(plan=plan, model=model, annotation=annotation, blocks=blocks,

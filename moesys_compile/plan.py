@@ -89,8 +89,11 @@ class Plan:
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.disable_passes = tuple(self.disable_passes or ())
-        self.leaf_modules = tuple(self.leaf_modules or ())
+        # one name written without a list (``disable_passes: fuse_comm`` in YAML) is one name, not its letters
+        self.disable_passes = (self.disable_passes,) if isinstance(self.disable_passes, str) else tuple(
+            self.disable_passes or ())
+        self.leaf_modules = (self.leaf_modules,) if isinstance(self.leaf_modules, str) else tuple(
+            self.leaf_modules or ())
         self.options = dict(self.options or {})
         self.device_budget = parse_bytes(self.device_budget)
         self._check_choice("mode", MODES)
@@ -101,6 +104,10 @@ class Plan:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise PlanError(f"{name} ({value!r}) must be a positive integer")
+        for name in ("capacity_factor", "bucket_mb", "ring_slots"):
+            value, kinds = getattr(self, name), (int,) if name == "ring_slots" else (int, float)
+            if value is not None and (not isinstance(value, kinds) or isinstance(value, bool)):
+                raise PlanError(f"{name} ({value!r}) must be {'an integer' if kinds == (int,) else 'a number'}")
         if self.world_size % self.expert_parallel:
             raise PlanError(f"world_size ({self.world_size}) is not divisible by expert_parallel "
                             f"({self.expert_parallel}); use an expert_parallel that divides it")

@@ -6,7 +6,8 @@
 
 Data: ``--data synthetic`` (default: sequences ``a, a+b, a+2b, ... mod V`` with a random start and
 stride per sequence, so the loss visibly falls), a text file (bytes as tokens, vocab >= 256), or a
-``.npy``/``.bin`` file of token ids. The global batch (``--batch-size``) is split over all ranks.
+``.npy`` (integer ids of any shape, read as one stream in row order) or ``.bin`` (uint16) file of
+token ids. The global batch (``--batch-size``) is split over all ranks.
 Checkpoints go to ``CKPT_DIR/step_NNNNNN`` (sharded, atomic) with ``CKPT_DIR/latest`` naming the
 newest; a run with the same ``--ckpt-dir`` resumes from it unless ``--no-resume``.
 """
@@ -77,14 +78,18 @@ class TokenSource:
     def _load(path: str, vocab: int) -> torch.Tensor:
         file = Path(path)
         if not file.is_file():
-            raise FileNotFoundError(f"--data {path!r} is neither 'synthetic' nor an existing file")
+            raise ValueError(f"--data {path!r} is neither 'synthetic' nor an existing file")
         if file.suffix == ".npy":
-            ids = np.load(file, mmap_mode="r")
+            ids = np.load(file, mmap_mode="c")       # copy-on-write: a writable view, nothing read yet
         elif file.suffix == ".bin":
-            ids = np.memmap(file, dtype=np.uint16, mode="r")
+            ids = np.memmap(file, dtype=np.uint16, mode="c")
         else:
             ids = np.frombuffer(file.read_bytes(), dtype=np.uint8)
-        ids = torch.from_numpy(np.asarray(ids, dtype=np.int64))
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"--data {path!r} holds {ids.dtype} values; token ids must be integers")
+        ids = torch.from_numpy(np.asarray(ids, dtype=np.int64).reshape(-1))   # [N, L] rows: one stream
+        if ids.numel() and int(ids.min()) < 0:
+            raise ValueError(f"--data {path!r} has a negative token id ({int(ids.min())})")
         if int(ids.max()) >= vocab:
             raise ValueError(f"--data {path!r} has token id {int(ids.max())} >= the model's vocab_size ({vocab}); "
                              f"use --override vocab_size={int(ids.max()) + 1}")
@@ -154,6 +159,11 @@ def make_plan(args, world: int) -> Plan:
                 device=args.device)
 
 
+def build_model(args, plan: Plan):
+    """The built-in model with ``--override``s, in the plan's dtype (a plan file may ask for bfloat16)."""
+    return models.build(args.model, **_overrides(args.override)).to(plan.torch_dtype)
+
+
 def run(args) -> dict:
     under_torchrun = "RANK" in os.environ
     if under_torchrun:
@@ -162,10 +172,9 @@ def run(args) -> dict:
     rank = dist.get_rank() if dist.is_initialized() else 0
     plan = make_plan(args, world)
     groups.check_world(plan)                         # before any work
-    if args.batch_size % world:
-        raise ValueError(f"--batch-size ({args.batch_size}) must be divisible by the world size ({world})")
+    _check_batch(args, world)
     torch.manual_seed(args.seed)                     # same initial model on every rank
-    model = models.build(args.model, **_overrides(args.override))
+    model = build_model(args, plan)
     data = TokenSource(args.data, model.config.vocab_size, args.batch_size, args.seq_len, args.seed)
     device = torch.device(plan.device)
     ids, _ = data.local_batch(0, rank, world)
@@ -259,7 +268,15 @@ def precheck(args, world: int) -> None:
     if plan.world_size != world:
         raise PlanError(f"plan.world_size ({plan.world_size}) differs from --nproc-per-node ({world}); launch "
                         f"{plan.world_size} ranks or set world_size={world} in the plan")
-    check_plan_against_model(models.build(args.model, **_overrides(args.override)), plan)
+    _check_batch(args, world)
+    model = build_model(args, plan)
+    check_plan_against_model(model, plan)
+    TokenSource(args.data, model.config.vocab_size, args.batch_size, args.seq_len, args.seed).global_batch(0)
+
+
+def _check_batch(args, world: int) -> None:
+    if args.batch_size % world:
+        raise ValueError(f"--batch-size ({args.batch_size}) must be divisible by the world size ({world})")
 
 
 def launch(argv: Sequence[str], nproc: int, env: Optional[dict] = None) -> int:

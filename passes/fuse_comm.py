@@ -22,12 +22,14 @@ GROUP_OF_KIND = {"dense": "dense", "router": "dense", "expert": "edp"}
 
 
 def _node_params(gm: fx.GraphModule, node: fx.Node, name_of: dict[int, str]) -> list[str]:
+    """The trainable parameters ``node`` reads (frozen ones, absent from ``name_of``, have no gradient)."""
     if node.op == "get_attr":
-        value = gm.get_parameter(str(node.target)) if _is_parameter(gm, str(node.target)) else None
-        return [name_of[id(value)]] if value is not None else []
-    if node.op == "call_module":
-        return [name_of[id(p)] for p in gm.get_submodule(str(node.target)).parameters()]
-    return []
+        values = [gm.get_parameter(str(node.target))] if _is_parameter(gm, str(node.target)) else []
+    elif node.op == "call_module":
+        values = list(gm.get_submodule(str(node.target)).parameters())
+    else:
+        values = []
+    return [name_of[id(p)] for p in values if id(p) in name_of]
 
 
 def _is_parameter(gm: fx.GraphModule, target: str) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from .base import Program
-from .binding import InputBinder, flatten_export_codegen
+from .binding import InputBinder, fixed_input_sizes, flatten_export_codegen
 
 
 def build_program(gm: fx.GraphModule, ctx) -> Program:
@@ -24,4 +24,4 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-__all__ = ["Program", "InputBinder", "build_program", "flatten_export_codegen"]
+__all__ = ["Program", "InputBinder", "build_program", "fixed_input_sizes", "flatten_export_codegen"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 from typing import Any, Optional, Sequence
 
+import torch
 import torch.fx as fx
 from torch import nn
 from torch.utils import _pytree as pytree
@@ -20,12 +21,13 @@ class InputBinder:
     """
 
     def __init__(self, model: nn.Module, traced_names: Sequence[str], capture: str,
-                 out_spec: Optional[pytree.TreeSpec] = None):
+                 out_spec: Optional[pytree.TreeSpec] = None, fixed_sizes: Sequence[dict[int, int]] = ()):
         self.signature = inspect.signature(model.forward)
         self.model_name = type(model).__name__
         self.traced_names = list(traced_names)
         self.capture = capture
         self.out_spec = out_spec
+        self.fixed_sizes = list(fixed_sizes)    # export capture: per flat input, {dim: the size it was fixed to}
         self.pinned = {name: p.default for name, p in self.signature.parameters.items()
                        if name not in self.traced_names and p.default is not inspect.Parameter.empty}
 
@@ -42,12 +44,32 @@ class InputBinder:
         if missing:
             raise TypeError(f"{self.model_name}.forward: missing argument(s) {missing} that were traced as inputs")
         values = [bound.arguments[name] for name in self.traced_names]
-        return pytree.tree_leaves(values) if self.capture == "export" else values
+        if self.capture != "export":
+            return values
+        leaves = pytree.tree_flatten_with_path(dict(zip(self.traced_names, values)))[0]
+        for (path, leaf), fixed in zip(leaves, self.fixed_sizes):
+            for dim, size in fixed.items():
+                if isinstance(leaf, torch.Tensor) and leaf.dim() > dim and leaf.shape[dim] != size:
+                    where = f"{path[0].key}{pytree.keystr(path[1:])}.shape[{dim}]"
+                    raise ValueError(
+                        f"{where} is {leaf.shape[dim]}, but torch.export captured {self.model_name} with that size "
+                        f"fixed to {size} (export fixes example sizes of 1, and every size when it cannot keep them "
+                        f"symbolic); compile with example inputs whose batch and sequence are >= 2, or call it "
+                        f"with that size")
+        return [leaf for _, leaf in leaves]
 
     def model_output(self, graph_output: Any) -> Any:
         if self.out_spec is None:
             return graph_output
         return pytree.tree_unflatten(list(graph_output), self.out_spec)
+
+
+def fixed_input_sizes(gm: fx.GraphModule) -> list[dict[int, int]]:
+    """Per graph input of an exported module, the dims its capture fixed to one size (plain ints,
+    not symbols, in the placeholder's ``val``)."""
+    vals = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
+    return [{d: int(size) for d, size in enumerate(val.shape) if isinstance(size, int)}
+            if isinstance(val, torch.Tensor) else {} for val in vals]
 
 
 def flatten_export_codegen(gm: fx.GraphModule) -> Optional[pytree.TreeSpec]:

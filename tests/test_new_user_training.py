@@ -1,0 +1,164 @@
+"""What a first-time user of the training side runs into: Hugging Face MoE families with frozen
+parameters under expert parallelism, blocks that cannot be sharded, examples of batch 1 under
+torch.export, plan files with typos or wrong types, and ``moesys-compile train --data`` files."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import moesys_compile as mc
+from moesys_compile import train
+from moesys_compile.errors import PlanError
+
+pytest.importorskip("transformers")
+
+from moesys_compile.models.hf import build_hf  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from dist_utils import optimizer_steps, run_ranks  # noqa: E402
+
+BATCH, SEQ, STEPS, LR, VOCAB = 4, 8, 2, 0.5, 128
+
+
+def global_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(1))
+    return ids[:, :-1], ids[:, 1:]
+
+
+def cross_entropy(logits, targets):
+    return F.cross_entropy(logits.reshape(-1, VOCAB), targets.reshape(-1))
+
+
+def frozen_bias_run(rank: int, world: int, root: str):
+    """ERNIE 4.5 MoE holds its routing correction bias as a frozen Parameter."""
+    model = build_hf("ernie4_5_moe").train()
+    ids, targets = global_batch()
+    local = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
+    program = mc.compile(model, mc.Plan(mode="train", world_size=world, expert_parallel=2, bucket_mb=0.01),
+                         example_inputs=(ids[local],))
+    opt = torch.optim.SGD(program.parameters(), lr=LR)
+    losses = []
+    for _ in range(STEPS):
+        loss = cross_entropy(program(ids[local]).logits, targets[local])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        mean = loss.detach().clone()
+        dist.all_reduce(mean)
+        losses.append(float(mean / world))
+    state = program.full_state_dict()
+    program.save(f"{root}/ckpt")
+    return losses, state if rank == 0 else None
+
+
+def test_ernie_with_a_frozen_parameter_trains_over_two_expert_ranks(tmp_path):
+    (losses, state), _ = run_ranks(frozen_bias_run, 2, str(tmp_path), timeout=240)
+    model = build_hf("ernie4_5_moe").train()
+    assert any(not p.requires_grad for p in model.parameters())
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    ids, targets = global_batch()
+    ref_losses = optimizer_steps(lambda: cross_entropy(model(ids).logits, targets), opt, STEPS)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-4, atol=1e-5)
+    ref_state = model.state_dict()
+    assert list(state) == list(ref_state)
+    fresh = mc.load_into(build_hf("ernie4_5_moe", seed=2), str(tmp_path / "ckpt"))
+    for name, tensor in ref_state.items():
+        torch.testing.assert_close(state[name], tensor, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(fresh.state_dict()[name], state[name], rtol=0, atol=0)
+
+
+def test_frozen_parameters_stay_out_of_the_gradient_buckets():
+    model = mc.models.build("tiny-moe")
+    model.embed.requires_grad_(False)
+    ids = torch.randint(0, 256, (2, 8))
+    gm, ctx = mc.lower(model, mc.Plan(world_size=2, expert_parallel=2, bucket_mb=0.01), (ids,))
+    bucketed = [name for bucket in ctx.extras["grad_buckets"] for name in bucket.params]
+    trainable = {name for name, p in gm.named_parameters() if p.requires_grad}
+    assert sorted(bucketed) == sorted(trainable)
+    assert "embed.weight" not in trainable and any(not p.requires_grad for p in gm.parameters())
+
+
+def test_expert_parallel_over_blocks_left_as_traced_code_names_them():
+    with pytest.raises(PlanError, match=r"GptOssForCausalLM has no MoE layers that can be sharded; its MoE-like "
+                                        r"blocks run as traced code: model\.layers\.0\.mlp \(hf\.GptOssMLP: experts "
+                                        r"'experts' hold \['down_proj_bias'.* and 1 more; use expert_parallel=1"):
+        mc.lower(build_hf("gpt_oss"), mc.Plan(world_size=2, expert_parallel=2), (torch.zeros(2, 4, dtype=torch.long),))
+
+
+def test_an_exported_program_names_the_size_its_batch_one_example_fixed():
+    """torch.export fixes a size-1 example dim; a call at another size names it, not a guard's assert."""
+    model = build_hf("qwen3_moe", num_hidden_layers=1).train()
+    program = mc.compile(model, mc.Plan(mode="train"), example_inputs=(torch.randint(0, VOCAB, (1, 5)),))
+    ids = torch.randint(0, VOCAB, (1, 8))
+    torch.testing.assert_close(program(ids).logits, model(ids).logits)
+    with pytest.raises(ValueError, match=r"input_ids\.shape\[0\] is 2, but torch\.export captured "
+                                         r"Qwen3MoeForCausalLM with that size fixed to 1.*batch and sequence are >= 2"):
+        program(torch.randint(0, VOCAB, (2, 8)))
+
+
+@pytest.mark.parametrize("text,message", [
+    ("expert_paralel: 2\n", r"unknown plan field\(s\) \['expert_paralel'\]"),
+    ("bucket_mb: 25MB\n", r"bucket_mb \('25MB'\) must be a number"),
+    ("capacity_factor: '1.25'\n", r"capacity_factor \('1.25'\) must be a number"),
+    ("mode: infer\nring_slots: 2.5\n", r"ring_slots \(2.5\) must be an integer"),
+    ("disable_passes: fuse_com\n", r"disable_passes names unknown pass\(es\) \['fuse_com'\]"),
+    ("leaf_modules: layers.0.atn\n", r"leaf_modules names 'layers.0.atn', which is not a submodule of "
+                                     r"Transformer; nearest: \['layers.0.attn'"),
+    ("dtype: bfloat16\n", r"dtype \('bfloat16'\) is not applied in train mode, and Transformer's parameters are "
+                          r"float32.*model.to\(torch.bfloat16\)"),
+])
+def test_plan_files_with_typos_or_wrong_types_name_the_field(tmp_path, text, message):
+    path = tmp_path / "plan.yaml"
+    path.write_text("mode: train\n" + text)
+    with pytest.raises(PlanError, match=message):
+        plan = mc.Plan.from_file(path)
+        mc.lower(mc.models.build("tiny-moe"), plan, (torch.randint(0, 256, (2, 8)),))
+
+
+def test_a_single_name_in_a_plan_file_is_one_name(tmp_path):
+    path = tmp_path / "plan.yaml"
+    path.write_text("mode: train\ndisable_passes: fuse_comm\nleaf_modules: layers.0.attn\n")
+    plan = mc.Plan.from_file(path)
+    assert plan.disable_passes == ("fuse_comm",) and plan.leaf_modules == ("layers.0.attn",)
+
+
+def test_train_cli_builds_the_model_in_the_plan_dtype():
+    args = train.build_parser().parse_args(["--model", "tiny-moe"])
+    model = train.build_model(args, mc.Plan(mode="train", dtype="bfloat16"))
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_train_data_npy_of_rows_is_one_token_stream(tmp_path):
+    rows = np.arange(600, dtype=np.int32).reshape(20, 30) % 256
+    np.save(tmp_path / "ids.npy", rows)
+    source = train.TokenSource(str(tmp_path / "ids.npy"), 256, batch=3, seq=40, seed=0)
+    batch = source.global_batch(0)
+    stream = torch.from_numpy(rows.reshape(-1).astype(np.int64))
+    for row in batch:                      # each sequence is a window of the rows read in order
+        start = int(torch.nonzero(stream == row[0])[0])
+        assert torch.equal(row, stream[start: start + 41])
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda d: np.save(d / "f.npy", np.random.rand(500)), "holds float64 values; token ids must be integers"),
+    (lambda d: np.save(d / "f.npy", np.full(500, -1)), "has a negative token id (-1)"),
+    (lambda d: None, "is neither 'synthetic' nor an existing file"),
+    (lambda d: np.save(d / "f.npy", np.arange(500)), "--batch-size (3) must be divisible by the world size (2)"),
+])
+def test_train_launcher_refuses_bad_data_before_starting_ranks(tmp_path, make, message, capsys, monkeypatch):
+    make(tmp_path)
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setattr(train, "launch", lambda *a, **k: pytest.fail("ranks were launched"))
+    batch = "3" if "batch-size" in message else "4"
+    argv = ["--model", "tiny-moe", "--steps", "1", "--nproc-per-node", "2", "--data", str(tmp_path / "f.npy"),
+            "--batch-size", batch, "--seq-len", "8"]
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
