@@ -1,4 +1,5 @@
-"""Checkpoints: round trip, resharding across EP sizes, exact resume, and a save killed midway."""
+"""Checkpoints: round trip, resharding across EP sizes (weights and optimizer state), exact resume,
+and a save killed midway."""
 
 from __future__ import annotations
 
@@ -44,10 +45,12 @@ def reshard_and_resume(rank: int, world: int, root: str):
     out = {"saved": saved if rank == 0 else None, "continued": continued}
     for ep in (2, 1):     # same world, other EP sizes; start from different values, then load
         other, _, _ = build(world, ep, rank, seed_shift=0.5)
-        extra = other.load(f"{root}/ckpt")
+        other_opt = make_optimizer(other.parameters())
+        extra = other.load(f"{root}/ckpt", optimizer=other_opt)
         state = other.full_state_dict()      # collective: every rank calls it
         out[f"ep{ep}"] = state if rank == 0 else None
         out[f"extra{ep}"] = extra
+        out[f"resumed{ep}"] = train(other, other_opt, ids, targets, 2)   # optimizer state resharded too
     resumed, _, _ = build(world, 4, rank, seed_shift=0.5)
     opt2 = make_optimizer(resumed.parameters())
     resumed.load(f"{root}/ckpt", optimizer=opt2)
@@ -63,6 +66,8 @@ def test_reshard_load_into_and_exact_resume(tmp_path):
         for name, tensor in saved.items():
             torch.testing.assert_close(results[0][f"ep{ep}"][name], tensor, rtol=0, atol=0)
         assert results[0][f"extra{ep}"] == {"step": 2}
+        for r in results:
+            assert r[f"resumed{ep}"] == pytest.approx(r["continued"], rel=1e-5), f"resumed at ep={ep}"
     for r in results:
         assert r["resumed"] == pytest.approx(r["continued"], rel=1e-6), "optimizer state must resume exactly"
     plain = mc.load_into(make_model(), str(tmp_path / "ckpt"))
@@ -70,8 +75,9 @@ def test_reshard_load_into_and_exact_resume(tmp_path):
         torch.testing.assert_close(tensor, saved[name], rtol=0, atol=0)
     files = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
     assert files == ["dense.safetensors", "experts-ep0.safetensors", "experts-ep1.safetensors",
-                     "experts-ep2.safetensors", "experts-ep3.safetensors", "meta.json", "optim-rank0.pt",
-                     "optim-rank1.pt", "optim-rank2.pt", "optim-rank3.pt", "plan.yaml"]
+                     "experts-ep2.safetensors", "experts-ep3.safetensors", "meta.json", "optim-dense.safetensors",
+                     "optim-experts-ep0.safetensors", "optim-experts-ep1.safetensors",
+                     "optim-experts-ep2.safetensors", "optim-experts-ep3.safetensors", "optim-groups.pt", "plan.yaml"]
     assert mc.Plan.from_file(tmp_path / "ckpt" / "plan.yaml").expert_parallel == 4
 
 

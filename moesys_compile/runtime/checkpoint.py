@@ -8,7 +8,13 @@ Layout of a checkpoint directory ``DIR`` (names are the original model's state n
     DIR/experts-ep{i}.safetensors    the experts [i*L, (i+1)*L) of EP rank i of the first EP group:
                                      those rows of every stacked [E, ...] expert parameter, and
                                      the whole per-expert parameters (ModuleList experts) of them
-    DIR/optim-rank{r}.pt             optimizer state of rank r (when an optimizer is given)
+    DIR/optim-dense.safetensors      optimizer state of the dense parameters, "<name>:<key>" (rank 0)
+    DIR/optim-experts-ep{i}.safetensors   optimizer state of the experts of EP rank i, cut like the
+                                     experts-ep{i} weights (0-dim entries such as Adam's step whole)
+    DIR/optim-groups.pt              the optimizer's param_groups without their parameters (rank 0)
+
+The optimizer state is stored by parameter name and expert rows, like the weights, so it too
+reloads at any expert-parallel size.
 
 Atomicity: all ranks write into ``.DIR.tmp-<token>`` beside DIR; after a barrier rank 0 writes
 meta.json, then renames DIR -> ``.DIR.old-<token>``, the temporary -> DIR, and deletes the old one.
@@ -124,7 +130,7 @@ def save(program, directory: str, optimizer: Optional[torch.optim.Optimizer] = N
     if topo.dp_index == 0 and experts:
         save_file({n: t.contiguous().cpu() for n, t in experts.items()}, str(tmp / _expert_file(topo.ep_index)))
     if optimizer is not None:
-        torch.save(optimizer.state_dict(), tmp / f"optim-rank{topo.rank}.pt")
+        _save_optimizer(program, optimizer, tmp)
     _fault("shards_written")
     _barrier()
     if topo.rank == 0:
@@ -174,24 +180,26 @@ def _dense_state(path: Path, meta: dict) -> dict[str, torch.Tensor]:
     return state
 
 
-def read_rows(path: Path, meta: dict, name: str, lo: int, hi: int) -> torch.Tensor:
+def read_rows(path: Path, meta: dict, name: str, lo: int, hi: int, key: str = "", prefix: str = "") -> torch.Tensor:
     """The part of expert parameter ``name`` that belongs to experts [lo, hi): rows [lo, hi) of a
     stacked parameter, read from whichever shard files hold them; a per-expert parameter whole
-    (its expert must be in [lo, hi))."""
+    (its expert must be in [lo, hi)). ``key``/``prefix``: its optimizer state entry ``key``, from
+    the ``prefix``-named shard files."""
     entry = meta["experts"].get(name)
     if entry is None:
         raise CheckpointError(f"{path}: no expert parameter '{name}' in this checkpoint")
+    stored = f"{name}:{key}" if key else name
     if entry.get("expert") is not None:
         if not lo <= entry["expert"] < hi:
             raise CheckpointError(f"{path}: '{name}' belongs to expert {entry['expert']}, not to experts {lo}..{hi - 1}")
-        with safe_open(str(path / entry["shards"][0]["file"]), framework="pt") as f:
-            return f.get_tensor(name)
+        with safe_open(str(path / (prefix + entry["shards"][0]["file"])), framework="pt") as f:
+            return f.get_tensor(stored)
     pieces = []
     for shard in entry["shards"]:
         start, end = max(lo, shard["lo"]), min(hi, shard["hi"])
         if start < end:
-            with safe_open(str(path / shard["file"]), framework="pt") as f:
-                pieces.append(f.get_slice(name)[start - shard["lo"]: end - shard["lo"]])
+            with safe_open(str(path / (prefix + shard["file"])), framework="pt") as f:
+                pieces.append(f.get_slice(stored)[start - shard["lo"]: end - shard["lo"]])
     rows = torch.cat(pieces) if pieces else None
     if rows is None or rows.shape[0] != hi - lo:
         raise CheckpointError(f"{path}: rows {lo}..{hi} of '{name}' are not all present in the shards")
@@ -199,8 +207,8 @@ def read_rows(path: Path, meta: dict, name: str, lo: int, hi: int) -> torch.Tens
 
 
 def load(program, directory: str, optimizer: Optional[torch.optim.Optimizer] = None) -> dict:
-    """Fill ``program`` from a checkpoint saved at any EP size; restore the optimizer when the
-    rank layout is the same. Returns the ``extra`` record given to ``save``."""
+    """Fill ``program`` (and ``optimizer``'s state) from a checkpoint saved at any EP size.
+    Returns the ``extra`` record given to ``save``."""
     path, meta = read_meta(directory)
     dense = _dense_state(path, meta)
     program.load_local_state(dense, lambda name, lo, hi: read_rows(path, meta, name, lo, hi))
@@ -209,15 +217,88 @@ def load(program, directory: str, optimizer: Optional[torch.optim.Optimizer] = N
     return meta["extra"]
 
 
+# ---------------------------------------------------------------------------------------------
+# optimizer state by parameter name (resharded like the weights)
+# ---------------------------------------------------------------------------------------------
+
+OPTIM_DENSE, OPTIM_GROUPS, OPTIM_PREFIX = "optim-dense.safetensors", "optim-groups.pt", "optim-"
+
+
+def _parameter_names(program) -> dict[int, str]:
+    """id(parameter) -> original name, for the dense parameters and this rank's expert tensors."""
+    names = {id(p): n for n, p in program.context.model.named_parameters() if not program.is_expert(n)}
+    local = dict(program.graph_module.named_parameters())
+    names.update({id(local[n]): n for n, shard in program.expert_layout.items() if shard.held and n in local})
+    return names
+
+
+def _save_optimizer(program, optimizer: torch.optim.Optimizer, tmp: Path) -> None:
+    """Per parameter name, each state entry as a tensor (numbers as 0-dim tensors, their type in
+    the file's metadata): dense ones by rank 0, expert ones by the first rank of each EP index."""
+    names, topo = _parameter_names(program), program.topology
+    dense, experts, kinds = {}, {}, {}
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            name = names.get(id(param))
+            if name is None:
+                raise CheckpointError(f"the optimizer holds a {tuple(param.shape)} parameter that is not one of the "
+                                      f"program's; build it over program.parameters()")
+            for key, value in optimizer.state.get(param, {}).items():
+                if isinstance(value, (bool, int, float)):
+                    kinds[f"{name}:{key}"], value = type(value).__name__, torch.tensor(value)
+                if isinstance(value, torch.Tensor):
+                    (experts if program.is_expert(name) else dense)[f"{name}:{key}"] = value.detach().contiguous().cpu()
+                elif value is not None:
+                    warnings.warn(f"optimizer state {name}:{key} ({type(value).__name__}) is not saved")
+    if topo.rank == 0:
+        save_file(dense, str(tmp / OPTIM_DENSE), metadata=kinds)
+        torch.save([{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups], tmp / OPTIM_GROUPS)
+    if topo.dp_index == 0 and experts:
+        save_file(experts, str(tmp / (OPTIM_PREFIX + _expert_file(topo.ep_index))), metadata=kinds)
+
+
+def _param_state(program, path: Path, meta: dict, name: str) -> dict:
+    """The optimizer state of parameter ``name`` for this rank's layout: dense entries as saved,
+    expert entries cut to this rank's experts (0-dim entries whole)."""
+    expert = program.is_expert(name)
+    first = (OPTIM_PREFIX + meta["experts"][name]["shards"][0]["file"]) if expert else OPTIM_DENSE
+    state = {}
+    with safe_open(str(path / first), framework="pt") as f:
+        kinds = f.metadata() or {}
+        for stored in (k for k in f.keys() if k.startswith(f"{name}:")):
+            key, value = stored[len(name) + 1:], f.get_tensor(stored)
+            if expert and value.dim() > 0:
+                shard = program.expert_layout[name]
+                value = read_rows(path, meta, name, shard.lo, shard.hi, key=key, prefix=OPTIM_PREFIX)
+            kind = kinds.get(stored)
+            state[key] = {"int": int, "float": float, "bool": bool}[kind](value.item()) if kind else value
+    return state
+
+
 def _load_optimizer(program, path: Path, meta: dict, optimizer) -> None:
-    topo = program.topology
-    same = (meta["world_size"], meta["expert_parallel"]) == (topo.world_size, topo.expert_parallel)
-    state_file = path / f"optim-rank{topo.rank}.pt"
-    if same and meta["optimizer"] and state_file.is_file():
-        optimizer.load_state_dict(torch.load(state_file, weights_only=False))
-    else:
-        warnings.warn(f"{path}: optimizer state not restored (saved with world_size={meta['world_size']}, "
-                      f"expert_parallel={meta['expert_parallel']}, optimizer={meta['optimizer']}); it restarts")
+    """Rebuild the optimizer's state for this rank's layout and load it through
+    ``optimizer.load_state_dict`` (which places each entry on its parameter's device)."""
+    if not meta["optimizer"] or not (path / OPTIM_DENSE).is_file():
+        warnings.warn(f"{path}: no optimizer state in this checkpoint; the optimizer starts afresh")
+        return
+    names = _parameter_names(program)
+    saved_groups = torch.load(path / OPTIM_GROUPS, weights_only=False)
+    same_groups = len(saved_groups) == len(optimizer.param_groups)
+    state, param_groups, index = {}, [], 0
+    for number, group in enumerate(optimizer.param_groups):
+        ids = []
+        for param in group["params"]:
+            if id(param) not in names:
+                raise CheckpointError(f"the optimizer holds a {tuple(param.shape)} parameter that is not one of the "
+                                      f"program's; build it over program.parameters()")
+            entry = _param_state(program, path, meta, names[id(param)])
+            if entry:
+                state[index] = entry
+            ids.append(index)
+            index += 1
+        hyper = saved_groups[number] if same_groups else {k: v for k, v in group.items() if k != "params"}
+        param_groups.append({**hyper, "params": ids})
+    optimizer.load_state_dict({"state": state, "param_groups": param_groups})
 
 
 def full_state(directory: str) -> dict[str, torch.Tensor]:
