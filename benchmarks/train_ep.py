@@ -19,6 +19,9 @@ both route every token to the same experts (same loads, same drops, same droples
 dropless outputs of the two are compared once before timing (``max_abs_diff_dropless``).
 
 Columns: ``step_ms`` wall time of a step (median over rounds, both ranks in lock step);
+``all_to_all_ms_per_rank`` / ``rows_received_per_rank`` (ours only): per rank, the ms per step
+spent in the row all-to-alls (dispatch and combine, forward and backward) and the rows received,
+from a few extra steps after the timed rounds with ``dist.all_to_all_single`` timed;
 ``cpu_ms`` CPU time of one rank's process per step (median, mean over the ranks; gloo threads
 included). On a shared machine the wall time also counts the time other processes hold the
 cores; CPU time counts only this process's own work (it still moves with cache and memory
@@ -152,6 +155,35 @@ def timed_step(fn) -> tuple[float, float]:
     return time.perf_counter() - wall, cpu
 
 
+def all_to_all_share(cases: dict, names: list[str], rounds: int = 3) -> dict:
+    """For each of our ``names``: the median ms per step this rank spends in the uneven row
+    all-to-alls (``dist.all_to_all_single`` of 2-D rows, timed around the call) and the rows it
+    receives per step; measured after the main timing, so that the wrapper does not touch it."""
+    original, spent = dist.all_to_all_single, {"s": 0.0, "rows": 0}
+
+    def timed(output, input, *args, **kwargs):
+        start = time.perf_counter()
+        result = original(output, input, *args, **kwargs)
+        if output.dim() == 2:
+            spent["s"] += time.perf_counter() - start
+            spent["rows"] += output.shape[0]
+        return result
+    dist.all_to_all_single = timed
+    try:
+        share = {}
+        for name in names:
+            samples = []
+            for _ in range(rounds):
+                spent.update(s=0.0, rows=0)
+                wall, _ = timed_step(cases[name])
+                samples.append((spent["s"] * 1e3, wall * 1e3, spent["rows"]))
+            a2a_ms, step_ms, rows = (statistics.median(v) for v in zip(*samples))
+            share[name] = {"all_to_all_ms": a2a_ms, "step_ms": step_ms, "rows_received": int(rows)}
+        return share
+    finally:
+        dist.all_to_all_single = original
+
+
 @torch.no_grad()
 def max_abs_diff(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
     diff = torch.tensor([(a(x) - b(x)).abs().max().item()])
@@ -191,6 +223,13 @@ def measure(cfg: dict, repeats: int) -> tuple[list[dict], list[str], float]:
         median = statistics.median(walls[name])
         rows.append({"case": name, "step_ms": median * 1e3, "tokens_per_s": tokens / median,
                      "min_ms": min(walls[name]) * 1e3, "cpu_ms": cpu * 1e3, "repeats": len(walls[name])})
+    share = all_to_all_share(cases, [name for name in cases if name.startswith("moesys")])
+    gathered = [None] * WORLD
+    dist.all_gather_object(gathered, share)
+    for row in rows:
+        if row["case"] in share:
+            row["all_to_all_ms_per_rank"] = [round(g[row["case"]]["all_to_all_ms"], 1) for g in gathered]
+            row["rows_received_per_rank"] = [g[row["case"]]["rows_received"] for g in gathered]
     for row in rows:      # each case against DeepSpeed with the same capacity semantics
         peer_name = "deepspeed-moe (dropless)" if "dropless" in row["case"] else "deepspeed-moe (cf=1.0)"
         peer = next(r for r in rows if r["case"] == peer_name)
@@ -210,7 +249,7 @@ def rank_main(args) -> None:
         title = (f"MoE stack training step on {WORLD} CPU ranks (gloo), ep=2: {cfg['layers']} layers, D={cfg['dim']}, "
                  f"F={cfg['ffn']}, E={cfg['experts']}, top-{cfg['top_k']}, {WORLD}x{cfg['batch']}x{cfg['seq']} tokens")
         _harness.print_table(rows, ["case", "step_ms", "min_ms", "tokens_per_s", "vs_deepspeed", "cpu_ms",
-                                    "vs_deepspeed_cpu"], title)
+                                    "vs_deepspeed_cpu", "all_to_all_ms_per_rank", "rows_received_per_rank"], title)
         ours = [r for r in rows if r["case"].startswith("moesys")]
         ratios = {r["case"]: r["vs_deepspeed"] for r in ours}
         cpu_ratios = {r["case"]: r["vs_deepspeed_cpu"] for r in ours}
