@@ -282,7 +282,7 @@ def _load_optimizer(program, path: Path, meta: dict, optimizer) -> None:
         warnings.warn(f"{path}: no optimizer state in this checkpoint; the optimizer starts afresh")
         return
     names = _parameter_names(program)
-    saved_groups = torch.load(path / OPTIM_GROUPS, weights_only=False)
+    saved_groups = torch.load(path / OPTIM_GROUPS, weights_only=True)   # plain hyperparameters: no pickled code
     same_groups = len(saved_groups) == len(optimizer.param_groups)
     state, param_groups, index = {}, [], 0
     for number, group in enumerate(optimizer.param_groups):
