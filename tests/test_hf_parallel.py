@@ -46,15 +46,16 @@ def reference_run(family: str):
     return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def distributed_run(rank: int, world: int, family: str, ep: int):
-    model = build_hf(family).train()
+def train_on_ranks(model, rank: int, world: int, ep: int, steps: int = STEPS):
+    """Compile ``model`` for this rank (EP ``ep``, small buckets) and take ``steps`` SGD steps on its
+    share of the global batch; (program, losses averaged over the ranks)."""
     ids, targets = global_batch()
     local = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
     plan = mc.Plan(mode="train", world_size=world, expert_parallel=ep, bucket_mb=0.01)
     program = mc.compile(model, plan, example_inputs=(ids[local],))
     opt = torch.optim.SGD(program.parameters(), lr=LR)
     losses = []
-    for _ in range(STEPS):
+    for _ in range(steps):
         loss = cross_entropy(program(ids[local]).logits, targets[local])
         loss.backward()
         opt.step()
@@ -62,6 +63,11 @@ def distributed_run(rank: int, world: int, family: str, ep: int):
         mean = loss.detach().clone()
         dist.all_reduce(mean)
         losses.append(float(mean / world))
+    return program, losses
+
+
+def distributed_run(rank: int, world: int, family: str, ep: int):
+    program, losses = train_on_ranks(build_hf(family).train(), rank, world, ep)
     held = dict(program.graph_module.named_parameters())
     shards = {name: (held[name].shape[0], hi - lo, total) for name, (lo, hi, total)
               in program.context.extras.get("expert_shards", {}).items()}

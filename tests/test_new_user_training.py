@@ -10,8 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 
 import moesys_compile as mc
 from moesys_compile import train
@@ -23,36 +21,14 @@ from moesys_compile.models.hf import build_hf  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from dist_utils import optimizer_steps, run_ranks  # noqa: E402
+from test_hf_parallel import LR, VOCAB, cross_entropy, global_batch, train_on_ranks  # noqa: E402
 
-BATCH, SEQ, STEPS, LR, VOCAB = 4, 8, 2, 0.5, 128
-
-
-def global_batch() -> tuple[torch.Tensor, torch.Tensor]:
-    ids = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(1))
-    return ids[:, :-1], ids[:, 1:]
-
-
-def cross_entropy(logits, targets):
-    return F.cross_entropy(logits.reshape(-1, VOCAB), targets.reshape(-1))
+STEPS = 2
 
 
 def frozen_bias_run(rank: int, world: int, root: str):
     """ERNIE 4.5 MoE holds its routing correction bias as a frozen Parameter."""
-    model = build_hf("ernie4_5_moe").train()
-    ids, targets = global_batch()
-    local = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
-    program = mc.compile(model, mc.Plan(mode="train", world_size=world, expert_parallel=2, bucket_mb=0.01),
-                         example_inputs=(ids[local],))
-    opt = torch.optim.SGD(program.parameters(), lr=LR)
-    losses = []
-    for _ in range(STEPS):
-        loss = cross_entropy(program(ids[local]).logits, targets[local])
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        mean = loss.detach().clone()
-        dist.all_reduce(mean)
-        losses.append(float(mean / world))
+    program, losses = train_on_ranks(build_hf("ernie4_5_moe").train(), rank, world, 2, STEPS)
     state = program.full_state_dict()
     program.save(f"{root}/ckpt")
     return losses, state if rank == 0 else None
