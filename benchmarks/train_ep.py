@@ -10,6 +10,10 @@ gradients are all-reduced over the world after backward, as its engine would; it
 gradients have an expert-data-parallel group of one rank, as ours do). Tokens/s counts the
 tokens of both ranks.
 
+Ours exchange one row per (rank, token) (``ep_exchange="token"``, the default); the row
+``moesys (dropless, slot exchange)`` is the same stack with one row per routed slot
+(``ep_exchange="slot"``, DeepSpeed's layout), for the difference the exchange makes.
+
 Capacity: each of ours is compared with DeepSpeed under the same semantics: GShard capacity
 (capacity_factor=1.0, DeepSpeed's default, drop_tokens=True) and dropless (DeepSpeed
 drop_tokens=False, which pads every expert to the largest expert load; ours sends uneven splits).
@@ -19,9 +23,10 @@ both route every token to the same experts (same loads, same drops, same droples
 dropless outputs of the two are compared once before timing (``max_abs_diff_dropless``).
 
 Columns: ``step_ms`` wall time of a step (median over rounds, both ranks in lock step);
-``all_to_all_ms_per_rank`` / ``rows_received_per_rank`` (ours only): per rank, the ms per step
-spent in the row all-to-alls (dispatch and combine, forward and backward) and the rows received,
-from a few extra steps after the timed rounds with ``dist.all_to_all_single`` timed;
+``all_to_all_ms_per_rank`` / ``all_to_all_mb_received_per_rank`` (ours only): per rank, the ms
+per step spent in all-to-alls (dispatch and combine, forward and backward, and the small exchanges
+of counts and slot records) and the MB received in them, from a few extra steps after the timed
+rounds with ``dist.all_to_all_single`` timed;
 ``cpu_ms`` CPU time of one rank's process per step (median, mean over the ranks; gloo threads
 included). On a shared machine the wall time also counts the time other processes hold the
 cores; CPU time counts only this process's own work (it still moves with cache and memory
@@ -98,11 +103,12 @@ class DeepSpeedStack(nn.Module):
         return x
 
 
-def moesys_stack(cfg: dict, capacity_factor):
+def moesys_stack(cfg: dict, capacity_factor, exchange: str = "token"):
     import moesys_compile as mc
     torch.manual_seed(0)            # every stack starts from the same weights
     layers = nn.Sequential(*[mc.nn.MoE(cfg["dim"], cfg["ffn"], cfg["experts"], top_k=cfg["top_k"]) for _ in range(cfg["layers"])])
-    plan = mc.Plan(mode="train", world_size=WORLD, expert_parallel=WORLD, capacity_factor=capacity_factor)
+    plan = mc.Plan(mode="train", world_size=WORLD, expert_parallel=WORLD, capacity_factor=capacity_factor,
+                   ep_exchange=exchange)
     return mc.compile(layers, plan, example_inputs=(example(cfg),))
 
 
@@ -156,17 +162,17 @@ def timed_step(fn) -> tuple[float, float]:
 
 
 def all_to_all_share(cases: dict, names: list[str], rounds: int = 3) -> dict:
-    """For each of our ``names``: the median ms per step this rank spends in the uneven row
-    all-to-alls (``dist.all_to_all_single`` of 2-D rows, timed around the call) and the rows it
-    receives per step; measured after the main timing, so that the wrapper does not touch it."""
-    original, spent = dist.all_to_all_single, {"s": 0.0, "rows": 0}
+    """For each of our ``names``: the median ms per step this rank spends in all-to-alls (every
+    ``dist.all_to_all_single``: rows, counts and slot records, timed around the call) and the MB
+    it receives in them per step; measured after the main timing, so that the wrapper does not
+    touch it."""
+    original, spent = dist.all_to_all_single, {"s": 0.0, "bytes": 0}
 
     def timed(output, input, *args, **kwargs):
         start = time.perf_counter()
         result = original(output, input, *args, **kwargs)
-        if output.dim() == 2:
-            spent["s"] += time.perf_counter() - start
-            spent["rows"] += output.shape[0]
+        spent["s"] += time.perf_counter() - start
+        spent["bytes"] += output.numel() * output.element_size()
         return result
     dist.all_to_all_single = timed
     try:
@@ -174,11 +180,11 @@ def all_to_all_share(cases: dict, names: list[str], rounds: int = 3) -> dict:
         for name in names:
             samples = []
             for _ in range(rounds):
-                spent.update(s=0.0, rows=0)
+                spent.update(s=0.0, bytes=0)
                 wall, _ = timed_step(cases[name])
-                samples.append((spent["s"] * 1e3, wall * 1e3, spent["rows"]))
-            a2a_ms, step_ms, rows = (statistics.median(v) for v in zip(*samples))
-            share[name] = {"all_to_all_ms": a2a_ms, "step_ms": step_ms, "rows_received": int(rows)}
+                samples.append((spent["s"] * 1e3, wall * 1e3, spent["bytes"] / 2 ** 20))
+            a2a_ms, step_ms, mb = (statistics.median(v) for v in zip(*samples))
+            share[name] = {"all_to_all_ms": a2a_ms, "step_ms": step_ms, "mb_received": mb}
         return share
     finally:
         dist.all_to_all_single = original
@@ -197,6 +203,7 @@ def measure(cfg: dict, repeats: int) -> tuple[list[dict], list[str], float]:
     x = example(cfg)
     tokens = WORLD * cfg["batch"] * cfg["seq"]
     ours_capacity, ours_dropless = moesys_stack(cfg, 1.0), moesys_stack(cfg, None)
+    ours_slots = moesys_stack(cfg, None, exchange="slot")
     model = ours_dropless.context.model
     ds_capacity = DeepSpeedStack(cfg, drop_tokens=True).load_from(model)
     ds_dropless = DeepSpeedStack(cfg, drop_tokens=False).load_from(model)
@@ -206,6 +213,7 @@ def measure(cfg: dict, repeats: int) -> tuple[list[dict], list[str], float]:
         "moesys (cf=1.0)": step_fn(ours_capacity, x, lambda: None),
         "deepspeed-moe (dropless)": step_fn(ds_dropless, x, gate_allreduce(ds_dropless)),
         "moesys (dropless)": step_fn(ours_dropless, x, lambda: None),
+        "moesys (dropless, slot exchange)": step_fn(ours_slots, x, lambda: None),
     }
     passes = ours_capacity.context.passes_run
     walls: dict[str, list[float]] = {name: [] for name in cases}
@@ -229,7 +237,7 @@ def measure(cfg: dict, repeats: int) -> tuple[list[dict], list[str], float]:
     for row in rows:
         if row["case"] in share:
             row["all_to_all_ms_per_rank"] = [round(g[row["case"]]["all_to_all_ms"], 1) for g in gathered]
-            row["rows_received_per_rank"] = [g[row["case"]]["rows_received"] for g in gathered]
+            row["all_to_all_mb_received_per_rank"] = [round(g[row["case"]]["mb_received"], 1) for g in gathered]
     for row in rows:      # each case against DeepSpeed with the same capacity semantics
         peer_name = "deepspeed-moe (dropless)" if "dropless" in row["case"] else "deepspeed-moe (cf=1.0)"
         peer = next(r for r in rows if r["case"] == peer_name)
@@ -249,7 +257,7 @@ def rank_main(args) -> None:
         title = (f"MoE stack training step on {WORLD} CPU ranks (gloo), ep=2: {cfg['layers']} layers, D={cfg['dim']}, "
                  f"F={cfg['ffn']}, E={cfg['experts']}, top-{cfg['top_k']}, {WORLD}x{cfg['batch']}x{cfg['seq']} tokens")
         _harness.print_table(rows, ["case", "step_ms", "min_ms", "tokens_per_s", "vs_deepspeed", "cpu_ms",
-                                    "vs_deepspeed_cpu", "all_to_all_ms_per_rank", "rows_received_per_rank"], title)
+                                    "vs_deepspeed_cpu", "all_to_all_ms_per_rank", "all_to_all_mb_received_per_rank"], title)
         ours = [r for r in rows if r["case"].startswith("moesys")]
         ratios = {r["case"]: r["vs_deepspeed"] for r in ours}
         cpu_ratios = {r["case"]: r["vs_deepspeed_cpu"] for r in ours}

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from moesys_compile.kernels._triton import check_dtype, check_triton, pow2, resolve_impl, tl, triton
-from moesys_compile.ops import expert_capacity
+from moesys_compile.ops import expert_capacity, sort_slots_reference
 
 # ---------------------------------------------------------------------------------------------
 # Triton kernels
@@ -170,16 +170,7 @@ def sort_slots_triton(ids_TK: Tensor, num_experts: int, capacity: int = -1, x_TD
 def sort_slots_torch(ids_TK: Tensor, num_experts: int, capacity: int = -1):
     """Stable argsort by expert; dropped slots (rank >= capacity) moved behind the kept ones."""
     _check_ids(ids_TK, num_experts)
-    flat_ids_N = ids_TK.reshape(-1)
-    counts_E = torch.bincount(flat_ids_N, minlength=num_experts)
-    order_N = torch.argsort(flat_ids_N, stable=True)
-    if capacity >= 0:
-        sorted_ids_N = flat_ids_N[order_N]
-        starts_E = counts_E.cumsum(0) - counts_E
-        rank_N = torch.arange(flat_ids_N.numel(), device=ids_TK.device) - starts_E[sorted_ids_N]
-        order_N = order_N[torch.argsort(sorted_ids_N + (rank_N >= capacity).long() * num_experts, stable=True)]
-        counts_E = counts_E.clamp(max=capacity)
-    return counts_E, order_N
+    return sort_slots_reference(ids_TK, num_experts, capacity)
 
 
 def inverse_order(order_N: Tensor) -> Tensor:

@@ -24,6 +24,7 @@ from .errors import PlanError
 MODES = ("train", "infer")
 WEIGHT_TIERS = ("host", "disk")
 KERNEL_CHOICES = ("auto", "triton", "torch")
+EP_EXCHANGES = ("token", "slot")
 DTYPES = ("float32", "bfloat16", "float16")
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
@@ -64,6 +65,9 @@ class Plan:
     world_size / expert_parallel: ranks in all, and ranks an expert group spans; the rest is
         data parallelism (``data_parallel = world_size // expert_parallel``).
     capacity_factor: None for dropless routing, else GShard capacity per expert.
+    ep_exchange: how tokens travel to the experts of other EP ranks. "token": a token crosses to
+        a rank once however many of its experts live there, and comes back once, weighted and
+        summed there; "slot": one row per routed slot each way (the GShard layout).
     device: "cpu", "cuda" or "cuda:N". device_budget: bytes (int or "512MiB") the program may
         hold on the device (ring inference). weights: "host" (pinned memory) or "disk"
         (safetensors under offload_dir). dtype: compute dtype. disable_passes: pass names to skip.
@@ -75,6 +79,7 @@ class Plan:
     world_size: int = 1
     expert_parallel: int = 1
     capacity_factor: Optional[float] = None
+    ep_exchange: str = "token"
     device: str = "cpu"
     device_budget: Optional[Union[int, str]] = None
     weights: str = "host"
@@ -99,6 +104,7 @@ class Plan:
         self._check_choice("mode", MODES)
         self._check_choice("weights", WEIGHT_TIERS)
         self._check_choice("kernels", KERNEL_CHOICES)
+        self._check_choice("ep_exchange", EP_EXCHANGES)
         self._check_choice("dtype", DTYPES)
         for name in ("world_size", "expert_parallel"):
             value = getattr(self, name)

@@ -23,6 +23,7 @@ import torch.fx as fx
 from torch import nn
 
 import moesys_compile.runtime.collectives  # noqa: F401  registers moesys::ep_* ops
+import moesys_compile.runtime.token_exchange  # noqa: F401  registers moesys::ep_token_* ops
 from moesys_compile.errors import PlanError
 from moesys_compile.frontend.annotation import Cost, CostModel
 from moesys_compile.frontend.canonicalize import moe_parameter_classes
@@ -289,38 +290,98 @@ def _drop_unused(gm: fx.GraphModule, ctx, producers: list[fx.Node]) -> list[str]
     return [t for t in dropped if t not in still_read]
 
 
-def _a2a_cost(x_ND: fx.Node, ctx, ranks: int) -> Cost:
-    value = x_ND.meta["val"]
+def _a2a_cost(x: fx.Node, ctx, ranks: int, copies: int = 1) -> Cost:
+    """Bytes one rank sends to the others for ``copies`` rows per row of ``x`` (at most)."""
+    value = x.meta["val"]
     rows, dim = ctx.annotation.expr(value.shape[0]), value.shape[1]
-    return Cost(comm_bytes=rows * dim * value.element_size() * (ranks - 1) / ranks)
+    return Cost(comm_bytes=rows * copies * dim * value.element_size() * (ranks - 1) / ranks)
+
+
+def _sole_unpermute(mlp: fx.Node) -> Optional[fx.Node]:
+    """The ``unpermute`` that alone reads ``mlp`` when the layer is the plain decomposition
+    (permute -> grouped_mlp -> unpermute, the permuted rows read by the experts only, the order
+    and counts by the layer's own ops): the shape the token exchange replaces. Else None."""
+    users = list(mlp.users)
+    permute = mlp.args[0].args[0] if mlp.args[0].op == "call_function" and mlp.args[0].args else None
+    if len(users) != 1 or not is_op(users[0], "unpermute") or not is_op(permute, "permute"):
+        return None
+    unpermute = users[0]
+    allowed = {mlp, unpermute} | {n for n in unpermute.graph.nodes if is_op(n, "record_drops")}
+    outputs = list(permute.users)
+    if any(not set(item.users) <= allowed for item in outputs) or len(mlp.args[0].users) != 1:
+        return None
+    return unpermute if unpermute.args[1] in outputs and unpermute.args[0] is mlp else None
+
+
+def _slot_exchange(gm, ctx, mlp: fx.Node, w_up_LHD: fx.Node, w_down_LDF: fx.Node, ranks: int):
+    """One row per routed slot each way: x_ND -> dispatch -> experts -> combine -> y_ND."""
+    x_ND, counts_E, _, _, activation = mlp.args
+    order_N = next(u for u in x_ND.args[0].users if u.args[1] == 2)
+    recv_RL = new_node(gm, ctx, torch.ops.moesys.ep_counts.default, (counts_E, "ep", ranks), mlp, cost=Cost())
+    x_MD = new_node(gm, ctx, torch.ops.moesys.ep_dispatch.default, (x_ND, counts_E, recv_RL, "ep"), mlp,
+                    cost=_a2a_cost(x_ND, ctx, ranks))
+    local_counts_L = new_node(gm, ctx, torch.ops.aten.sum.dim_IntList, (recv_RL, [0]), mlp, cost=Cost())
+    y_MD = new_node(gm, ctx, torch.ops.moesys.grouped_mlp.default,
+                    (x_MD, local_counts_L, w_up_LHD, w_down_LDF, activation), mlp, cost=moesys_meta(mlp)["cost"])
+    y_ND = new_node(gm, ctx, torch.ops.moesys.ep_combine.default, (y_MD, counts_E, recv_RL, order_N, "ep"), mlp,
+                    cost=_a2a_cost(x_ND, ctx, ranks))
+    mlp.replace_all_uses_with(y_ND)
+    return x_MD, y_ND, [mlp]
+
+
+def _token_exchange(gm, ctx, mlp: fx.Node, unpermute: fx.Node, w_up_LHD: fx.Node, w_down_LDF: fx.Node,
+                    ranks: int):
+    """One row per (rank, token) each way: the permute, the slot rows and the unpermute go; the
+    plan op sorts the slots, and the experts' rank weights and sums a token's outputs."""
+    permute = mlp.args[0].args[0]
+    x_TD, ids_TK, num_experts, capacity = permute.args
+    weights_TK, activation = unpermute.args[2], mlp.args[4]
+    top_k = ids_TK.meta["val"].shape[1]
+    plan = new_node(gm, ctx, torch.ops.moesys.ep_token_plan.default,
+                    (ids_TK, weights_TK, num_experts, capacity, "ep", ranks), mlp, cost=Cost())
+    outs = [new_node(gm, ctx, operator.getitem, (plan, i), mlp, cost=Cost()) for i in range(7)]
+    counts_E, order_N, send_token_S, slot_row_M, recv_RL, rows_2R, weights_M = outs
+    for item in list(permute.users):
+        if item.args[1] in (1, 2):             # counts and order: the drop statistics read them
+            item.replace_all_uses_with(counts_E if item.args[1] == 1 else order_N)
+    local_counts_L = new_node(gm, ctx, torch.ops.aten.sum.dim_IntList, (recv_RL, [0]), mlp, cost=Cost())
+    x_MD = new_node(gm, ctx, torch.ops.moesys.ep_token_dispatch.default,
+                    (x_TD, send_token_S, slot_row_M, rows_2R, "ep"), mlp,
+                    cost=_a2a_cost(x_TD, ctx, ranks, min(top_k, ranks)))
+    y_MD = new_node(gm, ctx, torch.ops.moesys.grouped_mlp.default,
+                    (x_MD, local_counts_L, w_up_LHD, w_down_LDF, activation), mlp, cost=moesys_meta(mlp)["cost"])
+    y_TD = new_node(gm, ctx, torch.ops.moesys.ep_token_combine.default,
+                    (y_MD, weights_M, send_token_S, slot_row_M, rows_2R, ids_TK, "ep"), mlp,
+                    cost=_a2a_cost(x_TD, ctx, ranks, min(top_k, ranks)))
+    unpermute.replace_all_uses_with(y_TD)
+    return x_MD, y_TD, [unpermute, mlp, *permute.users, permute]
 
 
 def _parallelize_one(gm: fx.GraphModule, ctx, mlp: fx.Node, rows: _ExpertRows) -> None:
-    x_ND, counts_E, w_up_EHD, w_down_EDF, activation = mlp.args
-    permute = x_ND.args[0]
-    order_N = next(u for u in permute.users if u.args[1] == 2)
     topo = rows.topo
     ranks = topo.expert_parallel
     key = moesys_meta(mlp).get("module") or mlp.name
-    experts = _rows(w_up_EHD)
+    experts = _rows(mlp.args[2])
     lo, hi = topo.ep_index * experts // ranks, (topo.ep_index + 1) * experts // ranks
-    with gm.graph.inserting_before(mlp):
+    unpermute = _sole_unpermute(mlp) if ctx.plan.ep_exchange == "token" else None
+    # the token exchange reads the top-k weights, so it goes where the unpermute was
+    with gm.graph.inserting_before(unpermute or mlp):
         rows.where = key
-        w_up_LHD, w_down_LDF = rows.local(w_up_EHD, lo, hi), rows.local(w_down_EDF, lo, hi)
-        recv_RL = new_node(gm, ctx, torch.ops.moesys.ep_counts.default, (counts_E, "ep", ranks), mlp, cost=Cost())
-        x_MD = new_node(gm, ctx, torch.ops.moesys.ep_dispatch.default, (x_ND, counts_E, recv_RL, "ep"), mlp,
-                        cost=_a2a_cost(x_ND, ctx, ranks))
-        local_counts_L = new_node(gm, ctx, torch.ops.aten.sum.dim_IntList, (recv_RL, [0]), mlp, cost=Cost())
-        y_MD = new_node(gm, ctx, torch.ops.moesys.grouped_mlp.default,
-                        (x_MD, local_counts_L, w_up_LHD, w_down_LDF, activation), mlp, cost=moesys_meta(mlp)["cost"])
-        y_ND = new_node(gm, ctx, torch.ops.moesys.ep_combine.default, (y_MD, counts_E, recv_RL, order_N, "ep"), mlp,
-                        cost=_a2a_cost(x_ND, ctx, ranks))
-    moesys_meta(x_MD)["a2a"] = ("dispatch", key)
-    moesys_meta(y_ND)["a2a"] = ("combine", key)
-    mlp.replace_all_uses_with(y_ND)
-    gm.graph.erase_node(mlp)
+        w_up_LHD, w_down_LDF = rows.local(mlp.args[2], lo, hi), rows.local(mlp.args[3], lo, hi)
+        if unpermute is not None:
+            dispatch, combine, replaced = _token_exchange(gm, ctx, mlp, unpermute, w_up_LHD, w_down_LDF, ranks)
+        else:
+            dispatch, combine, replaced = _slot_exchange(gm, ctx, mlp, w_up_LHD, w_down_LDF, ranks)
+    moesys_meta(dispatch)["a2a"] = ("dispatch", key)
+    moesys_meta(combine)["a2a"] = ("combine", key)
+    for node in replaced:
+        gm.graph.erase_node(node)
+    if ctx.plan.ep_exchange == "token" and unpermute is None:
+        ctx.note(f"{key}: ep_exchange='token' needs permute -> grouped_mlp -> unpermute with nothing else "
+                 f"reading them; this layer exchanges one row per slot instead")
+    how = "one row per (rank, token), summed before the return" if unpermute is not None else "one row per slot"
     ctx.note(f"{key}: experts {lo}..{hi - 1} of {experts} on this rank (ep_index {topo.ep_index}); "
-             f"dispatch/combine all-to-all over EP group ranks {topo.ep_ranks} (counts exchange, uneven splits)")
+             f"dispatch/combine all-to-all over EP group ranks {topo.ep_ranks} ({how}; uneven splits)")
 
 
 def _shard_experts(gm: fx.GraphModule, ctx, mlps: list[fx.Node], topo: Topology) -> None:
@@ -358,8 +419,13 @@ def expert_parallel(gm: fx.GraphModule, ctx) -> fx.GraphModule:
     ModuleList-style experts). With ep > 1: the graph module holds only this rank's experts --
     stacked ``[E, ...]`` parameters become their ``[E/R, ...]`` rows (``meta["moesys"]["sharding"]
     = "expert"``, ``"expert_range" = (lo, hi, E)``, ``ctx.extras["expert_shards"][target]``),
-    other ranks' per-expert parameters are removed; ``ep_dispatch``/``ep_combine`` nodes tagged
-    ``meta["moesys"]["a2a"] = ("dispatch"|"combine", layer module)`` with ``comm_bytes`` costs.
+    other ranks' per-expert parameters are removed. ``plan.ep_exchange="token"`` (default):
+    ``permute``/``unpermute`` give way to ``ep_token_plan`` -> ``ep_token_dispatch`` -> experts ->
+    ``ep_token_combine`` (a token crosses to a rank once, its outputs come back weighted and summed;
+    a layer whose permuted rows something else reads keeps the slot exchange, with a note); "slot":
+    ``ep_counts``/``ep_dispatch``/``ep_combine`` around the experts, one row per slot. Either way
+    the two row exchanges are tagged ``meta["moesys"]["a2a"] = ("dispatch"|"combine", layer
+    module)`` with ``comm_bytes`` costs (token: at most min(K, ep) rows per token).
     With world_size > 1 each ``load_balancing_loss`` becomes ``global_load_balancing_loss`` over
     all ranks, so the aux loss (and its gradient) equals that of one process on the global batch.
     The model's modules are never modified (the graph module's holders are its own); a shard is a
@@ -376,10 +442,17 @@ def expert_parallel(gm: fx.GraphModule, ctx) -> fx.GraphModule:
             w_up, w_down := producers rebuilt for rows [ep_index*L, (ep_index+1)*L):
                 stacked parameter -> its rows; stack/cat(dim 0) -> the pieces in range;
                 transpose/cast/cat(dim > 0) -> same op on the inputs' rows; else PlanError
-            recv_RL = ep_counts(counts_E)                       # all-to-all of counts
-            x_MD   = ep_dispatch(x_ND, counts_E, recv_RL)       # uneven all-to-all, expert-major
-            y_MD   = grouped_mlp(x_MD, recv_RL.sum(0), w_up, w_down)
-            y_ND   = ep_combine(y_MD, counts_E, recv_RL, order_N)  # reverse all-to-all, zero pad
+            token exchange (plain permute -> mlp -> unpermute):
+              counts, order, send_S, row_M, recv_RL, rows, w_M = ep_token_plan(ids_TK, weights_TK, E, cap)
+              x_MD = ep_token_dispatch(x_TD, send_S, row_M, rows)   # unique (rank, token) rows
+              y_MD = grouped_mlp(x_MD, recv_RL.sum(0), w_up, w_down)
+              y_TD = ep_token_combine(y_MD, w_M, send_S, row_M, rows, ids_TK)  # weighted sum first
+              record_drops reads the plan's counts and order; permute, unpermute erased
+            slot exchange:
+              recv_RL = ep_counts(counts_E)                       # all-to-all of counts
+              x_MD   = ep_dispatch(x_ND, counts_E, recv_RL)       # uneven all-to-all, expert-major
+              y_MD   = grouped_mlp(x_MD, recv_RL.sum(0), w_up, w_down)
+              y_ND   = ep_combine(y_MD, counts_E, recv_RL, order_N)  # reverse all-to-all, zero pad
         erase the old producers; drop parameters nothing reads
         if world > 1: load_balancing_loss -> global_load_balancing_loss(group="dense")
     """

@@ -29,18 +29,25 @@ def test_topology_groups():
     assert (topo.ep_ranks, topo.edp_ranks, topo.ep_index, topo.dp_index) == ([4, 5, 6, 7], [1, 5], 1, 1)
 
 
-def test_rank_graph_holds_only_its_experts():
+@pytest.mark.parametrize("exchange", ["token", "slot"])
+def test_rank_graph_holds_only_its_experts(exchange):
     model = tiny()
     full_up = model.layers[1].ffn.w_up.detach().clone()
-    gm, ctx = mc.lower(model, mc.Plan(mode="train", world_size=4, expert_parallel=2), (IDS,), rank=3)
+    plan = mc.Plan(mode="train", world_size=4, expert_parallel=2, ep_exchange=exchange)
+    gm, ctx = mc.lower(model, plan, (IDS,), rank=3)
     local_up = gm.get_parameter("layers.1.ffn.w_up")
     assert local_up.shape[0] == 2 and torch.equal(local_up, full_up[2:4])
     assert model.layers[1].ffn.w_up.shape[0] == 4, "the user's model keeps its full parameters"
     assert ctx.extras["expert_shards"]["layers.1.ffn.w_down"] == (2, 4, 4)
     reads = [n for n in gm.graph.nodes if n.op == "get_attr" and str(n.target).endswith(("w_up", "w_down"))]
     assert {n.meta["moesys"]["sharding"] for n in reads} == {"expert"}
-    dispatch, combine = ops_in(gm, "ep_dispatch"), ops_in(gm, "ep_combine")
-    assert len(dispatch) == len(combine) == 2 and len(ops_in(gm, "ep_counts")) == 2
+    if exchange == "token":     # the slots are sorted by the plan op: no permuted rows, no unpermute
+        dispatch, combine = ops_in(gm, "ep_token_dispatch"), ops_in(gm, "ep_token_combine")
+        assert len(ops_in(gm, "ep_token_plan")) == 2 and not ops_in(gm, "ep_dispatch", "permute", "unpermute")
+    else:
+        dispatch, combine = ops_in(gm, "ep_dispatch"), ops_in(gm, "ep_combine")
+        assert len(ops_in(gm, "ep_counts")) == 2 and not ops_in(gm, "ep_token_plan")
+    assert len(dispatch) == len(combine) == 2
     assert [n.meta["moesys"]["a2a"] for n in dispatch] == [("dispatch", "layers.0.ffn"), ("dispatch", "layers.1.ffn")]
     assert all(n.meta["moesys"]["cost"].comm_bytes != 0 for n in dispatch + combine)
     assert isinstance(dispatch[0].meta["val"].shape[0], torch.SymInt), "received rows are data dependent"

@@ -72,13 +72,15 @@ def reference_run(overrides: dict, degenerate: bool = False):
     return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}, norms
 
 
-def distributed_run(rank: int, world: int, ep: int, overrides: dict, capacity=None, degenerate: bool = False):
+def distributed_run(rank: int, world: int, ep: int, overrides: dict, capacity=None, degenerate: bool = False,
+                    exchange: str = "token"):
     model = make_model(**overrides)
     if degenerate:
         degenerate_router(model)
     ids, targets = global_batch()
     local = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
-    plan = mc.Plan(mode="train", world_size=world, expert_parallel=ep, capacity_factor=capacity, bucket_mb=0.01)
+    plan = mc.Plan(mode="train", world_size=world, expert_parallel=ep, capacity_factor=capacity, bucket_mb=0.01,
+                   ep_exchange=exchange)
     program = mc.compile(model, plan, example_inputs=(ids[local],))
     opt = make_optimizer(program.parameters())
     losses, norms = [], []
@@ -111,6 +113,7 @@ def scenarios_4(rank: int, world: int):
 
 def scenarios_2(rank: int, world: int):
     return {"ep2": distributed_run(rank, world, 2, {}),
+            "ep2_slot": distributed_run(rank, world, 2, {}, exchange="slot"),
             "ep2_capacity": distributed_run(rank, world, 2, {}, capacity=8.0)}
 
 
@@ -214,6 +217,7 @@ def test_degenerate_routing_really_sends_everything_to_one_expert():
 def test_two_ranks_match_one_process(reference):
     results = run_ranks(scenarios_2, 2)[0]
     assert_same(reference, results["ep2"], "ep2")
+    assert_same(reference, results["ep2_slot"], "ep2_slot")
     assert_same(reference, results["ep2_capacity"], "ep2_capacity")
     dropped = results["ep2_capacity"][2]
     assert list(dropped.values()) == [0.0, 0.0], f"capacity 8 must drop nothing (and be measured): {dropped}"

@@ -30,10 +30,10 @@ from moesys_compile.ops.routing import (SCORE_FUNCS, load_balancing_loss, load_b
                                         route, route_reference, score_dtype)
 from moesys_compile.ops.experts import (group_bounds, grouped_mlp, grouped_mlp_reference, moe_experts,
                                         moe_experts_decomposed, moe_experts_reference, permute, permute_reference,
-                                        unpermute, unpermute_reference)
+                                        sort_slots_reference, unpermute, unpermute_reference)
 
 
 __all__ = ["ACTIVATIONS", "SCORE_FUNCS", "apply_activation", "check_activation", "expert_capacity", "group_bounds",
            "grouped_mlp", "grouped_mlp_reference", "is_gated", "load_balancing_loss", "load_balancing_loss_reference",
            "moe_experts", "moe_experts_decomposed", "moe_experts_reference", "permute", "permute_reference", "route",
-           "route_reference", "score_dtype", "unpermute", "unpermute_reference", "up_rows"]
+           "route_reference", "score_dtype", "sort_slots_reference", "unpermute", "unpermute_reference", "up_rows"]

@@ -14,26 +14,27 @@ from moesys_compile.ops.activations import apply_activation, check_activation, e
 # ---------------------------------------------------------------------------------------------
 
 
-def permute_reference(x_TD: Tensor, ids_TK: Tensor, num_experts: int, capacity: int = -1):
-    """Sort the T*K routed slots by expert (stable). Slots beyond ``capacity`` per expert are
-    dropped: they go last and are not counted."""
-    top_k = ids_TK.shape[1]
+def sort_slots_reference(ids_TK: Tensor, num_experts: int, capacity: int = -1) -> tuple[Tensor, Tensor]:
+    """(counts_E, order_N): the T*K routed slots sorted by expert (stable). Slots beyond
+    ``capacity`` per expert are dropped: they go last and are not counted."""
     flat_ids_N = ids_TK.reshape(-1)
+    counts_E = torch.bincount(flat_ids_N, minlength=num_experts)
+    order_N = torch.argsort(flat_ids_N, stable=True)
     if capacity >= 0:
-        order_N = torch.argsort(flat_ids_N, stable=True)
         sorted_ids_N = flat_ids_N[order_N]
-        counts_E = torch.bincount(flat_ids_N, minlength=num_experts)
         starts_E = torch.cumsum(counts_E, 0) - counts_E
-        rank_in_expert_N = torch.arange(flat_ids_N.numel(), device=x_TD.device) - starts_E[sorted_ids_N]
-        dropped_N = rank_in_expert_N >= capacity
+        rank_in_expert_N = torch.arange(flat_ids_N.numel(), device=ids_TK.device) - starts_E[sorted_ids_N]
         # kept rows first (still expert-sorted), dropped rows after them
-        key_N = sorted_ids_N + dropped_N.long() * num_experts
+        key_N = sorted_ids_N + (rank_in_expert_N >= capacity).long() * num_experts
         order_N = order_N[torch.argsort(key_N, stable=True)]
         counts_E = counts_E.clamp(max=capacity)
-    else:
-        order_N = torch.argsort(flat_ids_N, stable=True)
-        counts_E = torch.bincount(flat_ids_N, minlength=num_experts)
-    x_ND = x_TD.index_select(0, order_N // top_k)
+    return counts_E, order_N
+
+
+def permute_reference(x_TD: Tensor, ids_TK: Tensor, num_experts: int, capacity: int = -1):
+    """Rows of ``x_TD`` in the slot order of ``sort_slots_reference`` (one row per routed slot)."""
+    counts_E, order_N = sort_slots_reference(ids_TK, num_experts, capacity)
+    x_ND = x_TD.index_select(0, order_N // ids_TK.shape[1])
     return x_ND, counts_E, order_N
 
 

@@ -27,14 +27,14 @@ from torch import Tensor
 from . import groups
 
 
-def _group(name: str):
+def group_of(name: str):
     return groups.get(name)
 
 
-def _a2a_rows(x_SD: Tensor, send_R: list[int], recv_R: list[int], group_name: str, out_MD: Tensor) -> Tensor:
+def all_to_all_rows(x_SD: Tensor, send_R: list[int], recv_R: list[int], group_name: str, out_MD: Tensor) -> Tensor:
     """Uneven all_to_all_single of rows into ``out_MD``: ``send_R[r]`` rows to rank r, ``recv_R[r]``
     from it."""
-    group = _group(group_name)
+    group = group_of(group_name)
     if group is None:                      # single process: the "exchange" is a copy
         return out_MD.copy_(x_SD)
     dist.all_to_all_single(out_MD, x_SD.contiguous(), recv_R, send_R, group=group)
@@ -61,7 +61,7 @@ def _layout(counts_E: Tensor, recv_RL: Tensor) -> tuple[list[int], list[int], li
 
 def dispatch_rows(x_ND: Tensor, counts_E: Tensor, recv_RL: Tensor, group: str) -> Tensor:
     send_R, recv_R, recv = _layout(counts_E, recv_RL)
-    recv_MD = _a2a_rows(x_ND[: sum(send_R)], send_R, recv_R, group, x_ND.new_empty((sum(recv_R), x_ND.shape[1])))
+    recv_MD = all_to_all_rows(x_ND[: sum(send_R)], send_R, recv_R, group, x_ND.new_empty((sum(recv_R), x_ND.shape[1])))
     return transpose_blocks(recv_MD, recv)
 
 
@@ -70,7 +70,7 @@ def combine_rows(y_MD: Tensor, counts_E: Tensor, recv_RL: Tensor, num_rows: int,
     source_major_MD = transpose_blocks(y_MD, [list(col) for col in zip(*recv)])
     y_ND = y_MD.new_empty((num_rows, y_MD.shape[1]))
     kept = sum(send_R)
-    _a2a_rows(source_major_MD, recv_R, send_R, group, y_ND[:kept])     # a prefix: contiguous
+    all_to_all_rows(source_major_MD, recv_R, send_R, group, y_ND[:kept])     # a prefix: contiguous
     y_ND[kept:] = 0                                                       # dropped slots stay zero
     return y_ND
 
@@ -84,7 +84,7 @@ def combine_rows(y_MD: Tensor, counts_E: Tensor, recv_RL: Tensor, num_rows: int,
 def ep_counts(counts_E: Tensor, group: str, ep_size: int) -> Tensor:
     """Row counts per (source rank, local expert) this rank will receive."""
     recv = torch.empty_like(counts_E)
-    pg = _group(group)
+    pg = group_of(group)
     if pg is None:
         recv.copy_(counts_E)
     else:
@@ -102,7 +102,7 @@ def _ep_counts_fake(counts_E, group, ep_size):
 # ---------------------------------------------------------------------------------------------
 
 
-def _dynamic_rows():
+def dynamic_rows():
     try:
         return torch.library.get_ctx().new_dynamic_size()
     except Exception:   # static-shape fake mode (no shape env): fall back to a placeholder size
@@ -116,7 +116,7 @@ def ep_dispatch(x_ND: Tensor, counts_E: Tensor, recv_RL: Tensor, group: str) -> 
 
 @ep_dispatch.register_fake
 def _ep_dispatch_fake(x_ND, counts_E, recv_RL, group):
-    rows = _dynamic_rows()
+    rows = dynamic_rows()
     return x_ND.new_empty((x_ND.shape[0] if rows is None else rows, x_ND.shape[1]))
 
 
@@ -164,7 +164,7 @@ ep_combine.register_autograd(_combine_backward, setup_context=_combine_setup)
 
 
 def _all_reduce_sum(t: Tensor, group: str) -> Tensor:
-    pg = _group(group)
+    pg = group_of(group)
     if pg is not None:
         dist.all_reduce(t, group=pg)
     return t
@@ -336,7 +336,7 @@ class GradBucketer:
             if param.grad is None:           # unused this step: contributes zeros, like DDP
                 param.grad = torch.zeros_like(param)
             grads.append(param.grad)
-        pg = _group(bucket.group)
+        pg = group_of(bucket.group)
         if pg is None or groups.size(bucket.group) == 1:    # nothing to reduce: scale in place
             torch._foreach_div_(grads, float(self.world_size))
             return index, None, None
