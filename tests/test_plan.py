@@ -25,6 +25,7 @@ def test_budget_parsing(text, value):
     (dict(device_budget=-1), "device_budget (-1) must be positive"),
     (dict(capacity_factor=0), "capacity_factor (0) must be > 0"),
     (dict(weights="tape"), "weights ('tape') must be one of"),
+    (dict(ep_exchange="rows"), "ep_exchange ('rows') must be one of 'token', 'slot'"),
     (dict(world_size=0), "world_size (0) must be a positive integer"),
     (dict(device="tpu"), "device ('tpu')"),
     (dict(mode="infer", weights="disk"), "offload_dir is not set"),

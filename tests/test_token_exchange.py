@@ -132,12 +132,14 @@ def test_each_token_crosses_to_a_rank_once(four_ranks):
     assert recv_R == [0, 0, 0, 0] and send_R == [TOKENS, TOKENS, 0, 0], "experts 0, 1 live on ranks 0, 1"
 
 
-def test_single_process_token_exchange_equals_reference():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_single_process_token_exchange_equals_reference(device):
     groups.setup(mc.Plan(mode="train"))
-    x, ids, weights, w_up, w_down, grad_out = problem(4, 2)
+    x, ids, weights, w_up, w_down, grad_out = (t.to(device) for t in problem(4, 2))
     leaves = [t.clone().requires_grad_(True) for t in (x, weights, w_up, w_down)]
     y, _ = local_moe("token", leaves[0], ids, leaves[1], leaves[2], leaves[3], 4, -1, 1)
     y.backward(grad_out)
     expected = reference_grads(4, 2, "")
     for got, want in zip([y.detach(), *[t.grad for t in leaves]], expected):
-        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-10, atol=1e-12)
