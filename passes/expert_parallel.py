@@ -30,13 +30,19 @@ def _a2a_cost(x: fx.Node, ctx, ranks: int, copies: int = 1) -> Cost:
     return Cost(comm_bytes=rows * copies * dim * value.element_size() * (ranks - 1) / ranks)
 
 
+def _permute_of(mlp: fx.Node) -> Optional[fx.Node]:
+    """The ``permute`` whose rows ``mlp`` reads, or None."""
+    rows = mlp.args[0]
+    permute = rows.args[0] if rows.op == "call_function" and rows.args else None
+    return permute if is_op(permute, "permute") else None
+
+
 def _sole_unpermute(mlp: fx.Node) -> Optional[fx.Node]:
     """The ``unpermute`` that alone reads ``mlp`` when the layer is the plain decomposition
     (permute -> grouped_mlp -> unpermute, the permuted rows read by the experts only, the order
     and counts by the layer's own ops): the shape the token exchange replaces. Else None."""
-    users = list(mlp.users)
-    permute = mlp.args[0].args[0] if mlp.args[0].op == "call_function" and mlp.args[0].args else None
-    if len(users) != 1 or not is_op(users[0], "unpermute") or not is_op(permute, "permute"):
+    users, permute = list(mlp.users), _permute_of(mlp)
+    if len(users) != 1 or not is_op(users[0], "unpermute") or permute is None:
         return None
     unpermute = users[0]
     allowed = {mlp, unpermute} | {n for n in unpermute.graph.nodes if is_op(n, "record_drops")}
@@ -44,6 +50,12 @@ def _sole_unpermute(mlp: fx.Node) -> Optional[fx.Node]:
     if any(not set(item.users) <= allowed for item in outputs) or len(mlp.args[0].users) != 1:
         return None
     return unpermute if unpermute.args[1] in outputs and unpermute.args[0] is mlp else None
+
+
+def _top_k(mlp: fx.Node) -> int:
+    """K of the layer: its permuted rows are T*K slots of the permute's T tokens."""
+    permute = _permute_of(mlp)
+    return 2 if permute is None else int(permute.args[1].meta["val"].shape[1])   # unknown: several
 
 
 def _slot_exchange(gm, ctx, mlp: fx.Node, w_up_LHD: fx.Node, w_down_LDF: fx.Node, ranks: int):
@@ -96,7 +108,9 @@ def _parallelize_one(gm: fx.GraphModule, ctx, mlp: fx.Node, rows: ExpertRows) ->
     key = moesys_meta(mlp).get("module") or mlp.name
     experts = expert_rows_of(mlp.args[2])
     lo, hi = topo.ep_index * experts // ranks, (topo.ep_index + 1) * experts // ranks
-    unpermute = _sole_unpermute(mlp) if ctx.plan.ep_exchange == "token" else None
+    # top-1 sends one row per token either way: the slot exchange does it without the records
+    dedup = ctx.plan.ep_exchange == "token" and _top_k(mlp) > 1
+    unpermute = _sole_unpermute(mlp) if dedup else None
     # the token exchange reads the top-k weights, so it goes where the unpermute was
     with gm.graph.inserting_before(unpermute or mlp):
         rows.where = key
@@ -109,7 +123,7 @@ def _parallelize_one(gm: fx.GraphModule, ctx, mlp: fx.Node, rows: ExpertRows) ->
     moesys_meta(combine)["a2a"] = ("combine", key)
     for node in replaced:
         gm.graph.erase_node(node)
-    if ctx.plan.ep_exchange == "token" and unpermute is None:
+    if dedup and unpermute is None:
         ctx.note(f"{key}: ep_exchange='token' needs permute -> grouped_mlp -> unpermute with nothing else "
                  f"reading them; this layer exchanges one row per slot instead")
     how = "one row per (rank, token), summed before the return" if unpermute is not None else "one row per slot"
@@ -155,7 +169,8 @@ def expert_parallel(gm: fx.GraphModule, ctx) -> fx.GraphModule:
     other ranks' per-expert parameters are removed. ``plan.ep_exchange="token"`` (default):
     ``permute``/``unpermute`` give way to ``ep_token_plan`` -> ``ep_token_dispatch`` -> experts ->
     ``ep_token_combine`` (a token crosses to a rank once, its outputs come back weighted and summed;
-    a layer whose permuted rows something else reads keeps the slot exchange, with a note); "slot":
+    a top-1 layer keeps the slot exchange, which sends the same rows without per-slot records, and
+    a layer whose permuted rows something else reads keeps it too, with a note); "slot":
     ``ep_counts``/``ep_dispatch``/``ep_combine`` around the experts, one row per slot. Either way
     the two row exchanges are tagged ``meta["moesys"]["a2a"] = ("dispatch"|"combine", layer
     module)`` with ``comm_bytes`` costs (token: at most min(K, ep) rows per token).
@@ -175,7 +190,7 @@ def expert_parallel(gm: fx.GraphModule, ctx) -> fx.GraphModule:
             w_up, w_down := producers rebuilt for rows [ep_index*L, (ep_index+1)*L):
                 stacked parameter -> its rows; stack/cat(dim 0) -> the pieces in range;
                 transpose/cast/cat(dim > 0) -> same op on the inputs' rows; else PlanError
-            token exchange (plain permute -> mlp -> unpermute):
+            token exchange (K > 1, plain permute -> mlp -> unpermute):
               counts, order, send_S, row_M, recv_RL, rows, w_M = ep_token_plan(ids_TK, weights_TK, E, cap)
               x_MD = ep_token_dispatch(x_TD, send_S, row_M, rows)   # unique (rank, token) rows
               y_MD = grouped_mlp(x_MD, recv_RL.sum(0), w_up, w_down)
