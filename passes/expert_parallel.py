@@ -14,13 +14,13 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from moesys_compile.runtime import collectives, token_exchange  # noqa: F401  register the moesys::ep_* ops
 from moesys_compile.errors import PlanError
 from moesys_compile.frontend.annotation import Cost
 from moesys_compile.ir import is_op, moesys_meta
 from moesys_compile.passes.decompose_moe import new_node
 from moesys_compile.passes.expert_rows import (ExpertRows, check_producers, drop_unused, expert_owners,
                                                expert_rows_of, expert_weights, producers)
+from moesys_compile.runtime import collectives, token_exchange  # noqa: F401  register the moesys::ep_* ops
 from moesys_compile.runtime.groups import Topology
 
 def _a2a_cost(x: fx.Node, ctx, ranks: int, copies: int = 1) -> Cost:
