@@ -106,7 +106,8 @@ class DeepSpeedStack(nn.Module):
 def moesys_stack(cfg: dict, capacity_factor, exchange: str = "token"):
     import moesys_compile as mc
     torch.manual_seed(0)            # every stack starts from the same weights
-    layers = nn.Sequential(*[mc.nn.MoE(cfg["dim"], cfg["ffn"], cfg["experts"], top_k=cfg["top_k"]) for _ in range(cfg["layers"])])
+    layers = nn.Sequential(*[mc.nn.MoE(cfg["dim"], cfg["ffn"], cfg["experts"], top_k=cfg["top_k"])
+                             for _ in range(cfg["layers"])])
     plan = mc.Plan(mode="train", world_size=WORLD, expert_parallel=WORLD, capacity_factor=capacity_factor,
                    ep_exchange=exchange)
     return mc.compile(layers, plan, example_inputs=(example(cfg),))
@@ -256,8 +257,9 @@ def rank_main(args) -> None:
     if dist.get_rank() == 0:
         title = (f"MoE stack training step on {WORLD} CPU ranks (gloo), ep=2: {cfg['layers']} layers, D={cfg['dim']}, "
                  f"F={cfg['ffn']}, E={cfg['experts']}, top-{cfg['top_k']}, {WORLD}x{cfg['batch']}x{cfg['seq']} tokens")
-        _harness.print_table(rows, ["case", "step_ms", "min_ms", "tokens_per_s", "vs_deepspeed", "cpu_ms",
-                                    "vs_deepspeed_cpu", "all_to_all_ms_per_rank", "all_to_all_mb_received_per_rank"], title)
+        columns = ["case", "step_ms", "min_ms", "tokens_per_s", "vs_deepspeed", "cpu_ms", "vs_deepspeed_cpu",
+                   "all_to_all_ms_per_rank", "all_to_all_mb_received_per_rank"]
+        _harness.print_table(rows, columns, title)
         ours = [r for r in rows if r["case"].startswith("moesys")]
         ratios = {r["case"]: r["vs_deepspeed"] for r in ours}
         cpu_ratios = {r["case"]: r["vs_deepspeed_cpu"] for r in ours}

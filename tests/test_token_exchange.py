@@ -71,8 +71,9 @@ def rank_grads(rank: int, world: int, exchange: str, experts: int, top_k: int, c
 
 def cases_on_ranks(rank: int, world: int):
     results = {}
-    for experts, top_k, capacity_factor, skew in [(4, 2, None, ""), (8, 4, None, ""), (8, 1, None, ""),
-                                                  (8, 2, 0.5, ""), (4, 2, None, "one"), (8, 2, None, "first-rank-empty")]:
+    cases = [(4, 2, None, ""), (8, 4, None, ""), (8, 1, None, ""), (8, 2, 0.5, ""), (4, 2, None, "one"),
+             (8, 2, None, "first-rank-empty")]
+    for experts, top_k, capacity_factor, skew in cases:
         for exchange in ("token", "slot"):
             results[(experts, top_k, capacity_factor, skew, exchange)] = rank_grads(
                 rank, world, exchange, experts, top_k, capacity_factor, skew)
