@@ -24,8 +24,9 @@ dropless outputs of the two are compared once before timing (``max_abs_diff_drop
 
 Columns: ``step_ms`` wall time of a step (median over rounds, both ranks in lock step);
 ``all_to_all_ms_per_rank`` / ``all_to_all_mb_received_per_rank`` (ours only): per rank, the ms
-per step spent in all-to-alls (dispatch and combine, forward and backward, and the small exchanges
-of counts and slot records) and the MB received in them, from a few extra steps after the timed
+per step spent inside all-to-all calls (dispatch and combine, forward and backward, and the small
+exchanges of counts and slot records; it includes waiting there for the other rank) and the MB
+received in them, from a few extra steps after the timed
 rounds with ``dist.all_to_all_single`` timed;
 ``cpu_ms`` CPU time of one rank's process per step (median, mean over the ranks; gloo threads
 included). On a shared machine the wall time also counts the time other processes hold the
