@@ -30,11 +30,11 @@ def check_plan_against_model(model: nn.Module, plan: Plan, blocks: Sequence[Bloc
     reports, so that MoE-like blocks left as traced code are named when nothing can be sharded."""
     experts = moe_modules(model)
     _check_leaf_paths(model, plan, experts)
-    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.is_floating_point()})
-    if plan.mode == "train" and plan.dtype != "float32" and dtypes != [plan.dtype]:
-        raise PlanError(f"dtype ({plan.dtype!r}) is not applied in train mode, and {type(model).__name__}'s "
-                        f"parameters are {', '.join(dtypes)}: training runs in the parameters' dtype; cast the "
-                        f"model first: model.to(torch.{plan.dtype})")
+    if _dtype_to_apply(model, plan) and not (plan.mode == "infer" and plan.device_budget is not None):
+        where = "in train mode" if plan.mode == "train" else "without a device_budget (only the ring casts weights)"
+        raise PlanError(f"dtype ({plan.dtype!r}) is not applied {where}, and {type(model).__name__}'s parameters "
+                        f"are {', '.join(_dtype_to_apply(model, plan))}: the program runs in the parameters' dtype; "
+                        f"cast the model first: model.to(torch.{plan.dtype})")
     for path, module in experts.items():
         if module.num_experts % plan.expert_parallel:
             raise PlanError(f"{path}.num_experts ({module.num_experts}) is not divisible by expert_parallel "
@@ -45,6 +45,21 @@ def check_plan_against_model(model: nn.Module, plan: Plan, blocks: Sequence[Bloc
                f"{left[0].reason})" + (f" and {len(left) - 1} more" if len(left) > 1 else "")) if left else ""
         raise PlanError(f"expert_parallel ({plan.expert_parallel}) > 1 but {type(model).__name__} has no "
                         f"MoE layers that can be sharded{why}; use expert_parallel=1 (pure data parallelism)")
+
+
+def _dtype_to_apply(model: nn.Module, plan: Plan) -> list[str]:
+    """The model's floating parameter dtypes when ``plan.dtype`` would change them, else []."""
+    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.is_floating_point()})
+    return dtypes if plan.dtype != "float32" and dtypes != [plan.dtype] else []
+
+
+def _check_dtype_of_export(model: nn.Module, plan: Plan, capture: str) -> None:
+    """torch.export writes the dtypes it saw into the graph (casts, metadata asserts): the ring
+    cannot run an exported graph in another dtype than the one it was captured in."""
+    if capture == "export" and _dtype_to_apply(model, plan):
+        raise PlanError(f"dtype ({plan.dtype!r}) cannot be applied to {type(model).__name__}: torch.export captured "
+                        f"it with {', '.join(_dtype_to_apply(model, plan))} parameters and fixed that dtype in the "
+                        f"graph; cast the model first: model.to(torch.{plan.dtype})")
 
 
 def _check_leaf_paths(model: nn.Module, plan: Plan, experts: dict[str, nn.Module]) -> None:
@@ -95,6 +110,7 @@ def prepare(model: nn.Module, plan: Optional[Plan] = None, example_inputs: Any =
     check_plan_against_model(model, plan, blocks)
     gm, annotation = _capture_and_annotate(model, example_inputs, example_kwargs, plan.leaf_modules, for_program=True)
     binder = gm.meta["moesys_binder"]
+    _check_dtype_of_export(model, plan, binder.capture)
     ctx = CompileContext(plan=plan, model=model, annotation=annotation, blocks=blocks,
                          input_names=binder.traced_names, capture=binder.capture, rank=rank)
     ctx.extras["binder"] = binder
@@ -122,11 +138,15 @@ def compile(model: nn.Module, plan: Optional[Plan] = None, example_inputs: Any =
         True
     """
     plan = plan or Plan()
-    if plan.device != "cpu":
-        if not torch.cuda.is_available():
-            raise PlanError(f"device ({plan.device!r}) needs CUDA, which this machine does not have; use device='cpu'")
+    check_device(plan)
     gm, ctx = lower(model, plan, example_inputs, example_kwargs, rank=_current_rank())
     return build_program(gm, ctx)
+
+
+def check_device(plan: Plan) -> None:
+    """Before a program is built (lowering alone, e.g. for inspect, needs no device)."""
+    if plan.device != "cpu" and not torch.cuda.is_available():
+        raise PlanError(f"device ({plan.device!r}) needs CUDA, which this machine does not have; use device='cpu'")
 
 
 def _current_rank() -> int:

@@ -26,10 +26,14 @@ def _inspect_parser(sub) -> None:
     p.add_argument("model", nargs="?", help="built-in name (tiny-moe), package.module:factory, hf:<family> or a HF dir")
     p.add_argument("--plan", help="plan file (YAML or JSON); default: Plan(mode=--mode)")
     p.add_argument("--mode", choices=MODES, default=None, help="mode when no plan file is given (default train)")
-    p.add_argument("--config", action="append", default=[], metavar="KEY=VALUE", help="model config override")
+    p.add_argument("--config", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="model config overrides (one or more, repeatable)")
     p.add_argument("--after", metavar="PASS", help="show only the graph after this pass ('capture' for the trace)")
-    p.add_argument("--format", choices=FORMATS, default="text")
-    p.add_argument("--out", metavar="DIR", help="write files here instead of printing")
+    p.add_argument("--format", choices=FORMATS, default="text",
+                   help="text or json: one report of every stage shown; dot or svg: the last stage's graph on "
+                        "stdout, or one file per stage with --out (svg needs Graphviz's dot program)")
+    p.add_argument("--out", metavar="DIR", help="write files here (inspect.txt, inspect.json or NN-STAGE.dot/svg) "
+                                                "instead of printing")
     p.add_argument("--batch", type=int, default=2, help="batch size B at which formulas are evaluated")
     p.add_argument("--seq", type=int, default=16, help="sequence length S at which formulas are evaluated")
     p.add_argument("--list-passes", action="store_true", help="list each mode's passes and exit")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import json
 import sys
 import tempfile
@@ -99,25 +100,30 @@ def empty_cache(model: Transformer, batch: int, length: int, dtype: torch.dtype)
     return torch.zeros(batch, cfg.n_layers * 2 * cfg.n_heads * length * (cfg.dim // cfg.n_heads), dtype=dtype)
 
 
-def _check_decodable(model: nn.Module, ids: torch.Tensor, max_new_tokens: int) -> Transformer:
-    if not isinstance(model, Transformer):
-        raise MoesysError(f"generate() decodes the built-in language models (moesys_compile.models); "
-                          f"{type(model).__name__} is not one: call the program once per step instead")
+def _check_decodable(model: nn.Module, ids: torch.Tensor, max_new_tokens: int) -> None:
     if ids.dim() != 2 or max_new_tokens < 1:
         raise ValueError(f"generate(ids, max_new_tokens): ids must be [batch, seq] (got {tuple(ids.shape)}) and "
                          f"max_new_tokens >= 1 (got {max_new_tokens})")
-    if ids.shape[1] + max_new_tokens > model.config.max_seq_len:
+    longest = getattr(getattr(model, "config", None), "max_seq_len", None)
+    if longest is not None and ids.shape[1] + max_new_tokens > longest:
         raise ValueError(f"prompt ({ids.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
-                         f"max_seq_len ({model.config.max_seq_len})")
-    return model
+                         f"max_seq_len ({longest})")
 
 
-def greedy_decode(program, ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+def greedy_decode(program, ids: torch.Tensor, max_new_tokens: int,
+                  attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``program.generate``: prefill and every decode step run the traced ``DecodeStep`` graph
-    through the program's ring (one lowering per (batch, prompt, new tokens))."""
-    model = _check_decodable(program.context.model, ids, max_new_tokens)
+    through the program's ring (one lowering per (batch, prompt, new tokens)). Models other than
+    the built-in ones decode without a KV cache (``recompute_decode``)."""
+    model = program.context.model
+    _check_decodable(model, ids, max_new_tokens)
+    if not isinstance(model, Transformer):
+        return recompute_decode(program, ids, max_new_tokens, attention_mask)
+    if attention_mask is not None:
+        raise ValueError("generate(attention_mask=...): the built-in models take no padding mask; decode prompts "
+                         "of one length together (or one prompt at a time)")
     batch, prompt = ids.shape
-    dtype = program.plan.torch_dtype
+    dtype = program.context.extras["ring"].dtype or model.embed.weight.dtype   # the ring's weights' dtype
     key = ("decode", batch, prompt, max_new_tokens)
     lowered = program.__dict__.setdefault("_decode_lowered", {})
     if key not in lowered:
@@ -136,6 +142,66 @@ def greedy_decode(program, ids: torch.Tensor, max_new_tokens: int) -> torch.Tens
         tokens.append(step_ids)
     program.stats = combine_stats(steps)
     return torch.cat([ids, *tokens], dim=1)
+
+
+def recompute_decode(program, ids: torch.Tensor, max_new_tokens: int,
+                     attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Greedy decoding of any causal LM (a Hugging Face model): every step one ring forward over
+    the whole sequence so far, no KV cache, through a graph lowered at the longest step's length
+    so that each step fits the workspace. As ``model.generate(do_sample=False)``: a padding mask
+    grows by one per step and gives the positions (cumulative sum, for left padding); a sequence
+    that has produced an end-of-sequence id gets the pad id, and decoding ends once all have."""
+    from .api import lower
+    model = program.context.model
+    batch, prompt = ids.shape
+    key = ("recompute", batch, prompt + max_new_tokens - 1, attention_mask is not None)
+    lowered = program.__dict__.setdefault("_decode_lowered", {})
+    if key not in lowered:
+        longest_ids = torch.cat([ids, ids.new_zeros(batch, max_new_tokens - 1)], dim=1)
+        longest_mask = None if attention_mask is None else _grow(attention_mask, max_new_tokens - 1)
+        lowered[key] = lower(model, program.plan, (longest_ids,), _mask_inputs(model, longest_mask))
+    runtime = program.runtime(key, lowered[key])
+    binder = lowered[key][1].extras["binder"]
+    eos, pad = _stop_ids(model)
+    done = torch.zeros(batch, dtype=torch.bool, device=ids.device)
+    steps, out, mask = [], ids, attention_mask
+    for _ in range(max_new_tokens):
+        (output, _aux), stats = runtime(binder.graph_inputs((out,), _mask_inputs(model, mask)))
+        steps.append(stats)
+        token = first_tensor(binder.model_output(output))[:, -1].argmax(-1).to(ids.device)
+        if eos:
+            token = torch.where(done, torch.tensor(pad, device=ids.device), token)
+            done |= torch.isin(token, torch.tensor(eos, device=ids.device))
+        out, mask = torch.cat([out, token[:, None]], dim=1), None if mask is None else _grow(mask, 1)
+        if eos and bool(done.all()):
+            break
+    program.stats = combine_stats(steps)
+    return out
+
+
+def _grow(mask: torch.Tensor, steps: int) -> torch.Tensor:
+    return torch.cat([mask, mask.new_ones(mask.shape[0], steps)], dim=1)
+
+
+def _mask_inputs(model: nn.Module, mask: Optional[torch.Tensor]) -> dict:
+    """The keyword inputs of a padded step: the mask, and the positions transformers derives from
+    it when the model takes ``position_ids``."""
+    if mask is None:
+        return {}
+    inputs = {"attention_mask": mask}
+    if "position_ids" in inspect.signature(model.forward).parameters:
+        inputs["position_ids"] = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    return inputs
+
+
+def _stop_ids(model: nn.Module) -> tuple[list[int], Optional[int]]:
+    """End-of-sequence ids and the pad id of a model's ``generation_config`` (transformers pads
+    with the first EOS id when there is no pad id)."""
+    config = getattr(model, "generation_config", None)
+    eos = getattr(config, "eos_token_id", None)
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    pad = getattr(config, "pad_token_id", None)
+    return eos, pad if pad is not None else (eos[0] if eos else None)
 
 
 def combine_stats(steps: list[dict]) -> dict:
@@ -162,6 +228,9 @@ def combine_stats(steps: list[dict]) -> dict:
 @torch.inference_mode()
 def eager_generate(model: Transformer, ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
     """Reference greedy decoding with the model's own KV cache (eager, all weights resident)."""
+    if not isinstance(model, Transformer):
+        raise MoesysError(f"eager_generate decodes the built-in models; for {type(model).__name__} use "
+                          f"model.generate(ids, max_new_tokens=n, do_sample=False)")
     _check_decodable(model, ids, max_new_tokens)
     caches = [{} for _ in model.layers]
     step_ids, position, tokens = ids, 0, []
@@ -171,6 +240,15 @@ def eager_generate(model: Transformer, ids: torch.Tensor, max_new_tokens: int) -
         step_ids = logits[:, -1].argmax(-1, keepdim=True)
         tokens.append(step_ids)
     return torch.cat([ids, *tokens], dim=1)
+
+
+@torch.inference_mode()
+def reference_generate(model: nn.Module, ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+    """Eager greedy decoding: ``eager_generate`` for the built-in models, else the model's own
+    ``generate(do_sample=False)`` (Hugging Face)."""
+    if isinstance(model, Transformer):
+        return eager_generate(model, ids, max_new_tokens)
+    return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,18 +295,19 @@ def run_ring(model: nn.Module, ids: torch.Tensor, plan: Plan, max_new_tokens: in
             error = (logits.float().cpu() - first_tensor(model(ids)).float()).abs().max().item()
         report["max_abs_error_vs_eager"] = error
         print(f"  max |ring - eager| = {error:.2e}")
-    if max_new_tokens and isinstance(model, Transformer):
+    if max_new_tokens and (isinstance(model, Transformer) or callable(getattr(model, "generate", None))):
         generated = program.generate(ids, max_new_tokens)
         report["generate"] = dict(program.stats)
         report["tokens"] = generated[:, ids.shape[1]:].tolist()
         print_stats(program.stats, f"greedy generate, {max_new_tokens} new tokens:")
         print(f"  new tokens: {report['tokens']}")
         if compare:
-            same = torch.equal(generated.cpu(), eager_generate(model, ids, max_new_tokens))
+            same = torch.equal(generated.cpu(), reference_generate(model, ids, max_new_tokens))
             report["generate_equals_eager"] = same
             print(f"  equal to eager greedy decoding: {same}")
     elif max_new_tokens:
-        print(f"  greedy decoding runs on the built-in models only; {type(model).__name__} ran one forward")
+        print(f"  greedy decoding runs on the built-in models and models with a generate method (Hugging Face); "
+              f"{type(model).__name__} ran one forward")
     program.close()
     return report
 
@@ -236,7 +315,8 @@ def run_ring(model: nn.Module, ids: torch.Tensor, plan: Plan, max_new_tokens: in
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moesys-compile infer", description="memory-ring inference of MODEL")
     p.add_argument("model", help="built-in name (tiny-moe), package.module:factory, hf:<family> or a directory")
-    p.add_argument("--checkpoint", help="safetensors directory (HF style) or a training checkpoint to load from")
+    p.add_argument("--checkpoint", help="directory to load the weights from: Hugging Face style (safetensors, "
+                                        "sharded or not, or pytorch_model.bin) or a training checkpoint")
     p.add_argument("--budget", required=True, help="device budget, e.g. 512MiB or 1073741824")
     p.add_argument("--weights", choices=("host", "disk"), default="host", help="storage tier of the weights")
     p.add_argument("--offload-dir", help="directory for the disk tier (default: a temporary directory)")
@@ -244,7 +324,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--slots", type=int, help="ring depth (default: derived from the budget)")
     p.add_argument("--config", nargs="*", default=[], help="model overrides, key=value")
     p.add_argument("--prompt-ids", nargs="+", type=int, help="prompt token ids (default: 16 random ids)")
-    p.add_argument("--max-new-tokens", type=int, default=8, help="greedy tokens to generate (0: forward only)")
+    p.add_argument("--max-new-tokens", type=int, default=8,
+                   help="greedy tokens to generate (0: forward only): built-in models decode with a KV cache, "
+                        "models with a generate method (Hugging Face) recompute the sequence each step")
     p.add_argument("--no-compare", action="store_true", help="skip the eager comparison (it needs host memory)")
     p.add_argument("--json", help="write the stats to this file")
     return p

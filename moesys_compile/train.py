@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import models
-from .api import check_plan_against_model, lower
+from .api import check_device, check_plan_against_model, lower
 from .errors import MoesysError, PlanError
 from .plan import Plan
 from .programs.training import TrainingProgram
@@ -171,6 +171,7 @@ def run(args) -> dict:
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
     plan = make_plan(args, world)
+    check_device(plan)
     groups.check_world(plan)                         # before any work
     _check_batch(args, world)
     torch.manual_seed(args.seed)                     # same initial model on every rank
@@ -265,6 +266,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def precheck(args, world: int) -> None:
     """What ``run`` checks first on every rank, done once before the ranks are launched."""
     plan = make_plan(args, world)
+    check_device(plan)
     if plan.world_size != world:
         raise PlanError(f"plan.world_size ({plan.world_size}) differs from --nproc-per-node ({world}); launch "
                         f"{plan.world_size} ranks or set world_size={world} in the plan")

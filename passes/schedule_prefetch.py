@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch.fx as fx
 
-from moesys_compile.passes.ring_partition import RingBudgetTooSmall, RingLayout, activation_workspace
+from moesys_compile.passes.ring_partition import ALIGN, RingBudgetTooSmall, RingLayout, activation_workspace
 from moesys_compile.plan import PlanError, format_bytes
 
 
@@ -43,8 +43,8 @@ def schedule_prefetch(gm: fx.GraphModule, ctx) -> fx.GraphModule:
     names from the graph, and writes ``meta["moesys"]["slot"]`` on every node that has a
     ``section``. Re-estimates the activation workspace on the final graph at the example shape
     (the ring program checks every call against it): a larger need takes the budget's unused
-    rest, or raises ``PlanError`` naming both figures. Adds no node; the graph computes the same
-    thing.
+    rest, or the room the sections leave in their slots (``slot_bytes`` shrinks), or raises
+    ``PlanError`` naming both figures. Adds no node; the graph computes the same thing.
 
     **Pseudo-code.**
 
@@ -56,7 +56,8 @@ def schedule_prefetch(gm: fx.GraphModule, ctx) -> fx.GraphModule:
         # the executor keeps up to r loads in flight ahead of compute: section i+r starts loading
         # as soon as section i has been computed, while sections i+1 .. i+r-1 compute
         need = workspace of the final graph at the example (batch, seq)
-        if need > layout.workspace: take it if budget - slots x slot_bytes - resident holds it, else raise PlanError
+        if need > layout.workspace: take it if budget - slots x slot_bytes - resident holds it, else
+            shrink the slots to what their largest section needs if that frees enough, else raise PlanError
     """
     layout = ctx.extras.get("ring")
     if layout is None:
@@ -93,12 +94,19 @@ def refresh_workspace(gm: fx.GraphModule, ctx, layout: RingLayout) -> None:
     need = activation_workspace(gm, ctx, batch, seq)
     if need <= layout.workspace:
         return
-    rest = layout.budget - layout.slots * layout.slot_bytes - sum(layout.resident.values())
+    resident = sum(layout.resident.values())
+    rest = layout.budget - layout.slots * layout.slot_bytes - resident
     if need > rest:
-        raise RingBudgetTooSmall("schedule_prefetch", ctx.passes_run, PlanError(
-            f"the lowered graph needs a {need}-byte activation workspace at batch {batch}, seq {seq}, but "
-            f"device_budget ({layout.budget} bytes) leaves {rest} bytes next to {layout.slots} slots x "
-            f"{layout.slot_bytes} bytes (ring_partition sized {layout.workspace}); raise Plan.device_budget by "
-            f"{need - rest} bytes, or disable_passes=['lower_kernels']"))
+        # ring_partition gave the slots all the room; their sections may leave some of it unused
+        fitted = (layout.budget - need - resident) // layout.slots // ALIGN * ALIGN
+        if fitted < max(section.nbytes for section in layout.sections):
+            raise RingBudgetTooSmall("schedule_prefetch", ctx.passes_run, PlanError(
+                f"the lowered graph needs a {need}-byte activation workspace at batch {batch}, seq {seq}, but "
+                f"device_budget ({layout.budget} bytes) leaves {rest} bytes next to {layout.slots} slots x "
+                f"{layout.slot_bytes} bytes (ring_partition sized {layout.workspace}); set "
+                f"Plan.options['ring_workspace'] = {need} so that ring_partition leaves it, raise "
+                f"Plan.device_budget by {need - rest} bytes or more, or disable_passes=['lower_kernels']"))
+        ctx.note(f"slots {layout.slot_bytes} B -> {fitted} B (their sections fit) to hold the workspace")
+        layout.slot_bytes = fitted
     ctx.note(f"activation workspace {layout.workspace} B -> {need} B after the passes that followed ring_partition")
     layout.workspace = need

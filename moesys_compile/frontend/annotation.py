@@ -20,7 +20,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode, unset_fake_temporarily
-from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+from torch.fx.experimental.symbolic_shapes import (DimDynamic, ShapeEnv, StatelessSymbolicContext,
+                                                   free_unbacked_symbols)
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.utils._pytree import tree_leaves, tree_map
 
@@ -58,13 +59,15 @@ class Annotation:
     example_batch: int = 1
     example_seq: int = 1
     static_reason: Optional[str] = None
+    unbacked_bounds: dict = field(default_factory=dict)  # data-dependent size u0, u1 ... -> its bound in B, S
 
     def expr(self, size: Any) -> sympy.Expr:
-        """A size (int or SymInt) as a sympy expression in B and S."""
+        """A size (int or SymInt) as a sympy expression in B and S; a data-dependent size (the
+        count of ``torch.where``, ``nonzero``, a boolean mask) as its upper bound."""
         if isinstance(size, torch.SymInt):
             node = size.node
             expr = node.shape_env.replace(node.expr) if node.shape_env is not None else node.expr
-            return sympy.sympify(expr).xreplace(self.symbol_map)
+            return sympy.sympify(expr).xreplace(self.symbol_map).xreplace(self.unbacked_bounds)
         return sympy.Integer(int(size))
 
 
@@ -187,6 +190,8 @@ def propagate_shapes(gm: fx.GraphModule, flat_inputs: Sequence[Any]) -> Annotati
     example_batch = next((t.shape[0] for t in flat_inputs if isinstance(t, torch.Tensor) and t.dim() >= 1), 1)
     example_seq = next((t.shape[1] for t in flat_inputs if isinstance(t, torch.Tensor) and 1 in _dynamic_dims(t)), 1)
     mode = FakeTensorMode(shape_env=ShapeEnv(duck_shape=False), allow_non_fake_inputs=True)
+    for node in gm.graph.nodes:   # torch.export's names for data-dependent sizes clash with this shape env's
+        node.meta.pop("unbacked_bindings", None)
     try:
         fakes, symbol_map = _symbolic_inputs(flat_inputs, mode)
         MemoFakeProp(gm, mode).propagate_dont_convert_inputs(*fakes)
@@ -328,8 +333,29 @@ def annotate_costs(gm: fx.GraphModule, annotation: Annotation) -> None:
         meta["cost"] = cost
 
 
+def bound_unbacked_sizes(gm: fx.GraphModule, annotation: Annotation) -> None:
+    """Bound each data-dependent size by the element count of the node that made it: of its
+    boolean inputs when it has some (``torch.where(mask)``, ``x[mask]`` find at most
+    ``mask.numel()`` entries), else of its largest input (``nonzero(x)``), so that costs and the
+    ring's activation workspace stay expressions in B and S, bounded from above."""
+    seen: set = set()
+    costs = CostModel(gm, annotation)
+    for node in gm.graph.nodes:
+        sized = [v for v in tree_leaves(node.meta.get("val")) if isinstance(v, (torch.Tensor, torch.SymInt))]
+        made = free_unbacked_symbols(sized) - seen
+        if not made:
+            continue
+        inputs = [t for n in node.all_input_nodes for t in tensors_in(n.meta.get("val"))]
+        masks = [t for t in inputs if t.dtype == torch.bool]
+        sizes = [costs.numel(t) for t in masks or inputs]
+        bound = sympy.Max(*sizes) if sizes else sympy.Integer(0)
+        annotation.unbacked_bounds.update((symbol, bound) for symbol in made)
+        seen |= made
+
+
 def annotate(gm: fx.GraphModule, flat_inputs: Sequence[Any]) -> Annotation:
     """Shape propagation then costs. Returns the Annotation (fake mode, symbols) for the context."""
     annotation = propagate_shapes(gm, flat_inputs)
+    bound_unbacked_sizes(gm, annotation)
     annotate_costs(gm, annotation)
     return annotation

@@ -59,6 +59,9 @@ def recognize_canonical(module: nn.Module, path: str) -> Optional[Recognition]:
 
 RECOGNIZERS: list[Recognizer] = [recognize_canonical]
 
+NO_MATCH = ("no recognizer matched its structure (they expect a router child with one [E, D] weight and a child "
+            "named like 'experts' holding a ModuleList of bias-free Linear MLPs or two stacked 3-D [E, ., .] "
+            "weights, or those two weights as the block's own parameters); it runs as traced code")
 _MOE_LIKE_NAME = re.compile(r"moe|mixture|sparse.*(block|mlp)|expert", re.IGNORECASE)
 
 
@@ -96,8 +99,7 @@ def canonicalize(model: nn.Module, recognizers: Optional[list[Recognizer]] = Non
                 _set_submodule(model, path, recognition.replacement)
                 reports.append(BlockReport(path, recognition.kind, "replaced", recognition.note, recognition.details))
         elif path and _looks_like_moe(module):   # not claimed: a part of it may still be recognised
-            reports.append(BlockReport(path, type(module).__name__, "left",
-                                       "no recognizer matched its structure; it runs as traced code"))
+            reports.append(BlockReport(path, type(module).__name__, "left", NO_MATCH))
     return outermost(reports)
 
 

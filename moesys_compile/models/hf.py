@@ -167,7 +167,18 @@ def load_local(path: str, overrides: dict[str, Any]):
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise ValueError(f"{path}: not a Hugging Face model directory (no config.json)")
     config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, **overrides)
-    return transformers.AutoModelForCausalLM.from_pretrained(path, config=config, local_files_only=True)
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(
+        path, config=config, local_files_only=True, output_loading_info=True, ignore_mismatched_sizes=True)
+    # transformers initialises missing or mismatched tensors at random and only logs it: refuse them
+    mismatched = sorted(info["mismatched_keys"], key=lambda entry: entry[0])
+    problems = [f"'{name}' is missing" for name in sorted(info["missing_keys"])] + [
+        f"'{name}' has shape {list(saved)}, not {list(wanted)}" for name, saved, wanted in mismatched]
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ValueError(f"{path}: its weights do not fit its config.json ({type(model).__name__}): {problems[0]}"
+                         f"{more}; save the directory again with model.save_pretrained(DIR) from the model it "
+                         f"belongs to")
+    return model
 
 
 def load_hf(spec: str, overrides: dict[str, Any]) -> LoadedModel:

@@ -322,7 +322,8 @@ def _to_device(value: Any, device: torch.device) -> Any:
 
 class RingProgram(Program):
     """``program(*args)`` runs the model through the memory ring; ``program.stats`` describes the
-    last call; ``program.generate(ids, n)`` decodes greedily with a KV cache (built-in LMs)."""
+    last call; ``program.generate(ids, n)`` decodes greedily (with a KV cache for the built-in LMs,
+    by recomputing the sequence for other causal LMs)."""
 
     def __init__(self, gm: fx.GraphModule, ctx):
         super().__init__(gm, ctx)
@@ -367,10 +368,12 @@ class RingProgram(Program):
         self.aux_loss = aux_loss
         return binder.model_output(output)
 
-    def generate(self, ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-        """Greedy decoding with a KV cache, every step through the ring; returns prompt + new tokens."""
+    def generate(self, ids: torch.Tensor, max_new_tokens: int,
+                 attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Greedy decoding, every step through the ring; returns prompt + new tokens (see
+        ``infer.greedy_decode``; ``attention_mask`` for padded prompts of Hugging Face models)."""
         from ..infer import greedy_decode
-        return greedy_decode(self, ids, max_new_tokens)
+        return greedy_decode(self, ids, max_new_tokens, attention_mask)
 
     def close(self) -> None:
         for runtime in self._runtimes.values():

@@ -13,10 +13,13 @@ Sources (name -> CPU tensor, names are the model's own state names):
     model_source(model)                    the model's parameters and buffers
     checkpoint_source(directory, model)    a Hugging Face style directory (``model.safetensors``,
                                            or shards listed by ``model.safetensors.index.json``,
-                                           or any ``*.safetensors``), or this project's training
-                                           checkpoint (``meta.json`` + dense/expert shards);
-                                           non-persistent buffers (not in checkpoints) and tied
-                                           weights saved under one name come from the model
+                                           or any ``*.safetensors``; else ``pytorch_model.bin``
+                                           or its ``.bin.index.json`` shards), or this project's
+                                           training checkpoint (``meta.json`` + dense/expert
+                                           shards); non-persistent buffers (not in checkpoints)
+                                           and tied weights saved under one name come from the
+                                           model. Every tensor must have the model's shape; a
+                                           floating one is cast to the model's dtype
 """
 
 from __future__ import annotations
@@ -124,19 +127,40 @@ def model_source(model: nn.Module) -> Source:
 
 
 def _hf_index(directory: Path) -> dict[str, Path]:
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {name: directory / file for name, file in weight_map.items()}
-    files = sorted(directory.glob("*.safetensors"))
+    """Checkpoint tensor name -> the file holding it: safetensors first, else PyTorch ``.bin``."""
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (directory / index).is_file():
+            weight_map = json.loads((directory / index).read_text())["weight_map"]
+            return {name: directory / file for name, file in weight_map.items()}
+    files = sorted(directory.glob("*.safetensors")) or sorted(directory.glob("pytorch_model*.bin"))
     if not files:
         raise StorageError(f"checkpoint directory {str(directory)!r} has no model.safetensors, "
-                           f"model.safetensors.index.json or *.safetensors file")
+                           f"model.safetensors.index.json, *.safetensors or pytorch_model.bin file; save the "
+                           f"model there with model.save_pretrained(directory)")
     names: dict[str, Path] = {}
     for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            names.update((name, file) for name in f.keys())
+        names.update((name, file) for name in _open_weights(file).keys())
     return names
+
+
+def _open_weights(file: Path):
+    """A file's tensors by name, read lazily: safetensors through ``safe_open``, a ``.bin`` through
+    ``torch.load(mmap=True)``."""
+    if file.suffix == ".safetensors":
+        return safe_open(str(file), framework="pt")
+    return torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+
+
+def _read_hf(files: dict[str, Path]) -> Callable[[str], torch.Tensor]:
+    opened: dict[Path, object] = {}         # one file open at a time: sections read shards in order
+
+    def read(name: str) -> torch.Tensor:
+        file = files[name]
+        if file not in opened:
+            opened.clear()
+            opened[file] = _open_weights(file)
+        return opened[file].get_tensor(name) if file.suffix == ".safetensors" else opened[file][name]
+    return read
 
 
 def _project_reader(directory: Path) -> tuple[set[str], Callable[[str], torch.Tensor]]:
@@ -165,12 +189,7 @@ def checkpoint_source(directory: str, model: nn.Module) -> Source:
         present, read_one = _project_reader(root)
     else:
         files = _hf_index(root)
-        present = set(files)
-
-        def read_file(name: str) -> torch.Tensor:
-            with safe_open(str(files[name]), framework="pt") as f:
-                return f.get_tensor(name)
-        present, read_one = _with_hub_layout(model, present, read_file)
+        present, read_one = _with_hub_layout(model, set(files), _read_hf(files))
     aliases = _tensor_aliases(model)
     fallback = model_source(model)
     persistent = set(model.state_dict(keep_vars=True))
@@ -178,11 +197,21 @@ def checkpoint_source(directory: str, model: nn.Module) -> Source:
     def read(name: str) -> torch.Tensor:
         for candidate in aliases.get(name, [name]):
             if candidate in present:
-                return read_one(candidate)
+                return _fitted(root, name, read_one(candidate), fallback(name), model)
         if name not in persistent:
             return fallback(name)     # a non-persistent buffer: checkpoints never hold it
         raise missing_tensor(root, name, aliases.get(name, [name]), present, model)
     return read
+
+
+def _fitted(root: Path, name: str, tensor: torch.Tensor, like: torch.Tensor, model: nn.Module) -> torch.Tensor:
+    """``tensor`` as the model holds ``name``: its shape checked here (not as a matmul error in the
+    ring), a floating tensor cast to the model's dtype (the dtype the graph was captured in)."""
+    if tensor.shape != like.shape:
+        raise StorageError(f"checkpoint {str(root)!r} holds '{name}' with shape {list(tensor.shape)}, but "
+                           f"{type(model).__name__} has it as {list(like.shape)}: the checkpoint is of a model "
+                           f"with another configuration; build the model from the config saved with it")
+    return tensor.to(like.dtype) if tensor.is_floating_point() and like.is_floating_point() else tensor
 
 
 def _with_hub_layout(model: nn.Module, present: set[str], read_file: Callable[[str], torch.Tensor]):
@@ -203,10 +232,14 @@ def missing_tensor(root: Path, name: str, candidates: list[str], present: set[st
     Hugging Face directory the usual cause, a hub layout (e.g. one tensor per expert) that
     transformers converts only while it loads a model."""
     nearest = difflib.get_close_matches(name, sorted(present), n=3, cutoff=0.5)
-    message = (f"checkpoint {str(root)!r} has no tensor '{name}' (nor an alias of it: {candidates}); it does not "
-               f"fit {type(model).__name__}" + (f"; nearest names in it: {nearest}" if nearest else ""))
-    if (root / "config.json").is_file():
-        message += (". A Hugging Face checkpoint in the hub layout is converted by transformers when it loads the "
+    others = [c for c in candidates if c != name]
+    message = (f"checkpoint {str(root)!r} has no tensor '{name}'" + (f" (nor an alias of it: {others})" if others
+               else "") + f"; it does not fit {type(model).__name__}"
+               + (f"; nearest names in it: {nearest}" if nearest else "")
+               + "; pass a complete checkpoint saved from this model (model.save_pretrained(DIR)).")
+    owner = name.rsplit(".", 1)[0] + "."
+    if (root / "config.json").is_file() and any(key.startswith(owner) for key in present):
+        message += (" A Hugging Face checkpoint in the hub layout is converted by transformers when it loads the "
                     "model: pass the directory as MODEL (moesys-compile infer DIR ...), or compile "
                     "AutoModelForCausalLM.from_pretrained(DIR) without Plan.weights_checkpoint")
     return StorageError(message)
@@ -292,6 +325,10 @@ def stage(groups: Iterable[list[str]], source: Source, tier: str, offload_dir: O
         directory = Path(offload_dir)
         directory.mkdir(parents=True, exist_ok=True)
     store = WeightStore(tier, directory)
-    for names in tqdm(list(groups), desc=f"staging weights ({tier})", unit="section", disable=not progress):
-        store.add(names, source, dtype, pin)
+    try:
+        for names in tqdm(list(groups), desc=f"staging weights ({tier})", unit="section", disable=not progress):
+            store.add(names, source, dtype, pin)
+    except BaseException:
+        _remove(store.files)     # now, not when the store is collected: the traceback still holds it
+        raise
     return store

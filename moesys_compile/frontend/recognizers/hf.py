@@ -44,9 +44,14 @@ def _has_stacked_experts(module: nn.Module) -> bool:
 
 def split_experts(block: nn.Module) -> Optional[tuple[str, str]]:
     """Two children that each hold exactly one 3-D [E, ., .] weight (JetMoE's ``input_linear`` and
-    ``output_linear``): the experts are the block itself, their weights those two."""
+    ``output_linear``), or else the block's own two 3-D parameters (a hand-written block with
+    ``w1`` [E, D, F] and ``w2`` [E, F, D], next to a router child): the experts are the block
+    itself, their weights those two."""
     names = [f"{name}.{pname}" for name, child in block.named_children()
              for pname, p in child.named_parameters() if p.dim() == 3 and len(list(child.parameters())) == 1]
+    if len(names) != 2:
+        own = [(name, p) for name, p in block.named_parameters(recurse=False) if p.dim() == 3]
+        names = [name for name, _ in own] if len(own) == 2 and router_child(block, own[0][1].shape[0], set()) else []
     return (names[0], names[1]) if len(names) == 2 else None
 
 
@@ -95,9 +100,10 @@ def recognize_routed_block(module: nn.Module, path: str) -> Optional[Recognition
         return leave(path, block_kind(module), f"not analysable ({type(exc).__name__}: {exc})")
 
 
-def _output_bias(module: nn.Module, dim: int, taken: dict) -> tuple[Optional[str], list[str]]:
+def _output_bias(module: nn.Module, dim: int, taken: set[str]) -> tuple[Optional[str], list[str]]:
     """The block's own [D] parameter added to its output (JetMoE ``bias``), and any other own
-    parameters besides the router's arguments (which the canonical form has no place for)."""
+    parameters besides ``taken`` (the router's arguments, own expert weights), which the canonical
+    form has no place for."""
     own = {name: p for name, p in module.named_parameters(recurse=False) if name not in taken}
     bias = next((name for name, p in own.items() if p.shape == (dim,)), None)
     return bias, [name for name in own if name != bias]
@@ -146,7 +152,7 @@ def _recognize(module: nn.Module, path: str, experts_name: str) -> Optional[Reco
     if args is None:
         return leave(path, kind, f"router '{router_name}' takes arguments besides the tokens that are not the "
                                  f"block's own [{num_experts}] tensors")
-    output_bias, own = _output_bias(module, dim, args)
+    output_bias, own = _output_bias(module, dim, set(args) | set(split or ()))
     if own:
         return leave(path, kind, f"its own parameter(s) {own} are neither router, experts nor an output bias")
     router_spec, router_why = analyze_router(router, router_name, dim, args)

@@ -1,0 +1,312 @@
+"""What a first-time user of ring inference runs into beyond the model families: ``generate`` as
+transformers does it, models in half precision, ``Plan.dtype``, checkpoints as Hugging Face users
+have them (``pytorch_model.bin``, bfloat16, tensors of the wrong shape or missing), hand-written
+MoE blocks, and command-line options (``inspect --config``, ``train --device cuda``)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import pytest
+
+import moesys_compile as mc
+from moesys_compile.cli import main as cli_main
+from moesys_compile.errors import PlanError
+from moesys_compile.frontend.recognizers import canonicalize
+from moesys_compile.infer import eager_generate, model_bytes
+from moesys_compile.infer import main as infer_main
+from moesys_compile.runtime.storage import StorageError
+
+pytest.importorskip("transformers")
+
+from moesys_compile.models.hf import build_hf  # noqa: E402
+
+
+def example_ids(batch: int = 2, seq: int = 8, vocab: int = 128) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0))
+
+
+def ring_plan(model: nn.Module, **fields) -> mc.Plan:
+    return mc.Plan(mode="infer", device_budget=model_bytes(model) // 2 + 2**16, **fields)
+
+
+# ---------------------------------------------------------------------------------------------
+# dtypes
+# ---------------------------------------------------------------------------------------------
+
+
+def test_generate_decodes_a_half_precision_model_past_the_example_length():
+    """The KV cache of ``generate`` takes the dtype of the weights the ring streams (it was the
+    plan's float32, which a bfloat16 model's attention refused)."""
+    torch.manual_seed(0)
+    model = mc.models.build("tiny-moe").eval().to(torch.bfloat16)
+    ids = example_ids(batch=3, seq=4, vocab=256)
+    program = mc.compile(model, ring_plan(model), example_inputs=(ids,))
+    out = program.generate(ids, max_new_tokens=10)
+    assert out.shape == (3, 14)
+    assert torch.equal(out, eager_generate(model, ids, 10))
+    program.close()
+
+
+def test_generate_of_a_hugging_face_model_equals_its_greedy_generate():
+    """Batch 3, more new tokens than the example's length, a sliding window shorter than the
+    sequence, and an end-of-sequence id that one row produces: token for token as transformers."""
+    model = build_hf("mistral", num_hidden_layers=1, sliding_window=4).eval()
+    ids = example_ids(batch=3, seq=5)
+    program = mc.compile(model, ring_plan(model), example_inputs=(ids,))
+    with torch.inference_mode():
+        free = model.generate(ids, max_new_tokens=9, do_sample=False, eos_token_id=None, pad_token_id=0)
+    model.generation_config.eos_token_id, model.generation_config.pad_token_id = int(free[1, 8]), 0
+    with torch.inference_mode():
+        want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=9, do_sample=False)
+    assert want.shape == (3, 14) and (want[1, 9:] == 0).all()
+    assert torch.equal(program.generate(ids, max_new_tokens=9), want)
+    assert program.stats["steps"] == 9 and program.stats["peak_device_bytes"] <= program.stats["budget_bytes"]
+    with torch.inference_mode():                   # the forward ring is back after generate
+        torch.testing.assert_close(program(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+    program.close()
+
+
+def test_generate_of_left_padded_prompts_equals_transformers():
+    """The mask grows by one per step and gives the positions, as in ``generate`` (GPT-2's
+    absolute positions: with the row's own positions instead, these tokens differ)."""
+    model = build_hf("gpt2", n_layer=1).eval()
+    model.generation_config.eos_token_id, model.generation_config.pad_token_id = None, 0
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[1, :3] = mask[2, :5] = 0
+    ids = torch.randint(0, 128, (3, 7), generator=torch.Generator().manual_seed(1)).masked_fill(mask == 0, 0)
+    plan = mc.Plan(mode="infer", device_budget=model_bytes(model) // 2 + 2**17)   # activations at seq 14 too
+    program = mc.compile(model, plan, example_inputs=(ids,), example_kwargs={"attention_mask": mask})
+    with torch.inference_mode():
+        want = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    assert torch.equal(program.generate(ids, max_new_tokens=8, attention_mask=mask), want)
+    program.close()
+
+
+def test_an_odd_token_count_fits_the_ring_after_lowering():
+    """At batch 3, seq 7 the fused experts need a little more workspace than ring_partition sized,
+    and the slots had taken the rest of the budget: the sections' unused room in their slots now
+    holds it (every such budget used to be refused, and raising it did not help)."""
+    model = build_hf("qwen3_moe").eval()
+    ids = example_ids(batch=3, seq=7)
+    budget = int(model_bytes(model) * 0.6) + 2**16
+    program = mc.compile(model, mc.Plan(mode="infer", device_budget=budget), example_inputs=(ids,))
+    with torch.inference_mode():
+        torch.testing.assert_close(program(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+    assert program.stats["peak_device_bytes"] <= budget
+    program.close()
+
+
+def test_plan_dtype_cannot_recast_an_exported_graph():
+    """torch.export writes float32 into the graph: a bfloat16 plan on a float32 HF model is refused
+    with the fix, and the fix (casting the model) runs within bfloat16 rounding of float32."""
+    model = build_hf("llama", num_hidden_layers=1).eval()
+    ids = example_ids()
+    with torch.inference_mode():
+        want = model(ids).logits
+    with pytest.raises(PlanError, match=r"dtype \('bfloat16'\) cannot be applied to LlamaForCausalLM: torch\.export "
+                                        r"captured it with float32 parameters.*model\.to\(torch\.bfloat16\)"):
+        mc.compile(model, ring_plan(model, dtype="bfloat16"), example_inputs=(ids,))
+    model.to(torch.bfloat16)
+    program = mc.compile(model, ring_plan(model, dtype="bfloat16"), example_inputs=(ids,))
+    got = program(ids).logits
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, rtol=0, atol=0.05 * want.abs().max().item())
+
+
+def test_plan_dtype_without_a_ring_is_refused_not_ignored():
+    with pytest.raises(PlanError, match=r"dtype \('float16'\) is not applied without a device_budget.*"
+                                        r"model\.to\(torch\.float16\)"):
+        mc.compile(mc.models.build("tiny-moe"), mc.Plan(mode="infer", dtype="float16"),
+                   example_inputs=(example_ids(vocab=256),))
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+def _ring_from(checkpoint, tmp_path, family="llama"):
+    fresh = build_hf(family, seed=2, num_hidden_layers=1).eval()
+    plan = mc.Plan(mode="infer", device_budget=model_bytes(fresh), weights="disk",
+                   offload_dir=str(tmp_path / "off"), weights_checkpoint=str(checkpoint))
+    return mc.compile(fresh, plan, example_inputs=(example_ids(),))
+
+
+@pytest.mark.parametrize("layout", ["bin", "bfloat16"])
+def test_ring_reads_a_pytorch_bin_or_a_bfloat16_checkpoint(layout, tmp_path):
+    source = build_hf("llama", seed=1, num_hidden_layers=1).eval()
+    with torch.inference_mode():
+        want = source(example_ids()).logits
+    if layout == "bin":
+        torch.save(source.state_dict(), tmp_path / "pytorch_model.bin")
+    else:
+        source.to(torch.bfloat16).save_pretrained(tmp_path)
+    program = _ring_from(tmp_path, tmp_path)
+    tol = 1e-5 if layout == "bin" else 0.05 * want.abs().max().item()
+    torch.testing.assert_close(program(example_ids()).logits, want, rtol=0, atol=tol)
+    program.close()
+
+
+def test_a_tensor_of_the_wrong_shape_is_named_and_nothing_is_left_in_offload_dir(tmp_path):
+    build_hf("llama", seed=1, num_hidden_layers=1, intermediate_size=48).save_pretrained(tmp_path / "ckpt")
+    with pytest.raises(StorageError, match=r"holds 'model\.layers\.0\.mlp\.gate_proj\.weight' with shape \[48, 32\], "
+                                           r"but LlamaForCausalLM has it as \[64, 32\].*config saved with it"):
+        _ring_from(tmp_path / "ckpt", tmp_path)
+    assert list((tmp_path / "off").iterdir()) == []
+
+
+def test_a_missing_tensor_is_not_blamed_on_the_hub_layout(tmp_path):
+    from safetensors.torch import load_file, save_file
+    build_hf("llama", seed=1, num_hidden_layers=1).save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    del state["model.layers.0.self_attn.o_proj.weight"]
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(StorageError) as info:
+        _ring_from(tmp_path, tmp_path)
+    message = str(info.value)
+    assert "has no tensor 'model.layers.0.self_attn.o_proj.weight'; it does not fit LlamaForCausalLM" in message
+    assert "model.save_pretrained(DIR)" in message and "hub layout" not in message
+    assert list((tmp_path / "off").iterdir()) == []
+
+
+def test_infer_cli_refuses_a_model_directory_whose_weights_do_not_fit_its_config(tmp_path, capsys):
+    """transformers would initialise the tensor at random and only log it."""
+    build_hf("llama", seed=1, num_hidden_layers=1).save_pretrained(tmp_path)
+    config = (tmp_path / "config.json").read_text().replace('"intermediate_size": 64', '"intermediate_size": 48')
+    (tmp_path / "config.json").write_text(config)
+    assert infer_main([str(tmp_path), "--budget", "1MiB", "--max-new-tokens", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "its weights do not fit its config.json (LlamaForCausalLM): 'model.layers.0.mlp.down_proj.weight' has " \
+           "shape [32, 64], not [32, 48] (and 2 more); save the directory again" in err
+    assert "Traceback" not in err
+
+
+# ---------------------------------------------------------------------------------------------
+# hand-written MoE blocks
+# ---------------------------------------------------------------------------------------------
+
+
+class StackedMoE(nn.Module):
+    """Router Linear, softmax top-k, expert weights as the block's own [E, D, F] / [E, F, D]
+    parameters, every expert computed densely with einsum and combined by the top-k weights."""
+
+    def __init__(self, dim=32, ffn=48, experts=4, top_k=2):
+        super().__init__()
+        self.gate = nn.Linear(dim, experts, bias=False)
+        self.w1 = nn.Parameter(torch.randn(experts, dim, ffn) * 0.1)
+        self.w2 = nn.Parameter(torch.randn(experts, ffn, dim) * 0.1)
+        self.top_k = top_k
+
+    def forward(self, x):
+        x_TD = x.reshape(-1, x.shape[-1])
+        weights_TK, ids_TK = self.gate(x_TD).softmax(-1).topk(self.top_k, dim=-1)
+        combine_TE = torch.zeros(x_TD.shape[0], self.w1.shape[0]).scatter(-1, ids_TK, weights_TK)
+        y_ETD = torch.einsum("etf,efd->etd", F.silu(torch.einsum("td,edf->etf", x_TD, self.w1)), self.w2)
+        return torch.einsum("te,etd->td", combine_TE, y_ETD).reshape(x.shape)
+
+
+class LoopMoE(nn.Module):
+    """Experts with biases (no canonical form) run in a Python loop over ``torch.where``."""
+
+    def __init__(self, dim=32, ffn=48, experts=4, top_k=2):
+        super().__init__()
+        self.router = nn.Linear(dim, experts, bias=False)
+        self.experts = nn.ModuleList(nn.Sequential(nn.Linear(dim, ffn), nn.GELU(), nn.Linear(ffn, dim))
+                                     for _ in range(experts))
+        self.top_k = top_k
+
+    def forward(self, x):
+        x_TD = x.reshape(-1, x.shape[-1])
+        weights_TK, ids_TK = self.router(x_TD).softmax(-1).topk(self.top_k, dim=-1)
+        out_TD = torch.zeros_like(x_TD)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(ids_TK == e)
+            out_TD = out_TD.index_add(0, token, expert(x_TD[token]) * weights_TK[token, slot, None])
+        return out_TD.reshape(x.shape)
+
+
+class MaskMoE(LoopMoE):
+    """The same experts on the tokens a boolean mask selects, written back in place (torch.export
+    captures it, with data-dependent sizes of its own)."""
+
+    def forward(self, x):
+        x_TD = x.reshape(-1, x.shape[-1])
+        weights_TK, ids_TK = self.router(x_TD).softmax(-1).topk(self.top_k, dim=-1)
+        out_TD = torch.zeros_like(x_TD)
+        for e, expert in enumerate(self.experts):
+            hit_T = (ids_TK == e).any(-1)
+            out_TD[hit_T] += expert(x_TD[hit_T]) * (weights_TK * (ids_TK == e)).sum(-1)[hit_T, None]
+        return out_TD.reshape(x.shape)
+
+
+class Net(nn.Module):
+    def __init__(self, block, layers=2):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(128, 32)
+        self.blocks = nn.ModuleList(block() for _ in range(layers))
+        self.head = nn.Linear(32, 128)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        for block in self.blocks:
+            x = x + block(x)
+        return self.head(x)
+
+
+@pytest.mark.parametrize("block,action", [(StackedMoE, "replaced"), (LoopMoE, "left"), (MaskMoE, "left")])
+def test_hand_written_moe_blocks_run_through_the_ring(block, action):
+    """The stacked block is recognised (its own 3-D weights are the experts); the loops over
+    ``torch.where`` or a boolean mask stay traced code, and their data-dependent sizes are bounded
+    by the tokens, so the ring can size its workspace."""
+    model = Net(block).eval()
+    reports = canonicalize(Net(block))
+    assert [r.action for r in reports] == [action, action]
+    ids = example_ids()
+    with torch.inference_mode():
+        want = model(ids)
+    program = mc.compile(model, mc.Plan(mode="infer", device_budget=model_bytes(model) // 2 + 2**15),
+                         example_inputs=(ids,))
+    assert program.stats == {} and len(program.context.extras["ring"].sections) > 1
+    torch.testing.assert_close(program(ids), want, rtol=1e-5, atol=1e-5)
+    assert program.stats["peak_device_bytes"] <= program.stats["budget_bytes"]
+    program.close()
+
+
+def test_an_unmatched_moe_block_is_told_the_structure_recognizers_expect():
+    class RenamedMoE(nn.Module):                   # experts under a name no recognizer looks at
+        def __init__(self):
+            super().__init__()
+            self.gate = nn.Linear(32, 4, bias=False)
+            self.ffns = nn.ModuleList(nn.Linear(32, 32, bias=False) for _ in range(4))
+
+    (report,) = canonicalize(nn.Sequential(RenamedMoE()))
+    assert report.action == "left" and "a router child with one [E, D] weight and a child named like " \
+                                       "'experts' holding a ModuleList of bias-free Linear MLPs" in report.reason
+
+
+# ---------------------------------------------------------------------------------------------
+# inspect options
+# ---------------------------------------------------------------------------------------------
+
+
+def test_inspect_config_takes_several_overrides_at_once(capsys):
+    assert cli_main(["inspect", "tiny-moe", "--config", "n_layers=1", "num_experts=8", "--after", "capture"]) == 0
+    out = capsys.readouterr().out
+    assert "num_experts=8" in out and "layers.1" not in out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("ranks", ["1", "2"])
+def test_train_on_cuda_without_cuda_is_one_line(ranks, capsys, monkeypatch):
+    """``moesys-compile train --help`` offers ``--device cuda``; without CUDA that is one line, not
+    an assertion from deep inside torch (or one per launched rank)."""
+    from moesys_compile import train
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setattr(train, "launch", lambda *a, **k: pytest.fail("ranks were launched"))
+    argv = ["--model", "tiny-moe", "--steps", "1", "--device", "cuda", "--nproc-per-node", ranks]
+    assert train.main(argv) == 2
+    assert "device ('cuda') needs CUDA, which this machine does not have; use device='cpu'" in capsys.readouterr().err
