@@ -100,6 +100,8 @@ class Plan:
         self.leaf_modules = (self.leaf_modules,) if isinstance(self.leaf_modules, str) else tuple(
             self.leaf_modules or ())
         self.options = dict(self.options or {})
+        if not isinstance(self.dtype, str) and str(self.dtype).startswith("torch."):   # torch.bfloat16
+            self.dtype = str(self.dtype).removeprefix("torch.")
         self.device_budget = parse_bytes(self.device_budget)
         self._check_choice("mode", MODES)
         self._check_choice("weights", WEIGHT_TIERS)

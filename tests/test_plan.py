@@ -11,6 +11,13 @@ def test_defaults_and_derived_fields():
     assert plan.data_parallel == 2 and plan.capacity_factor is None and plan.device == "cpu"
 
 
+def test_dtype_given_as_a_torch_dtype():
+    plan = Plan(mode="infer", dtype=torch.bfloat16)
+    assert plan.dtype == "bfloat16" and plan.torch_dtype is torch.bfloat16 and plan.to_dict()["dtype"] == "bfloat16"
+    with pytest.raises(PlanError, match="dtype \\('int8'\\) must be one of"):
+        Plan(dtype=torch.int8)
+
+
 @pytest.mark.parametrize("text,value", [("512MiB", 512 * 2**20), ("2GB", 2 * 10**9), ("1.5 GiB", int(1.5 * 2**30)),
                                         (4096, 4096), ("100", 100)])
 def test_budget_parsing(text, value):
