@@ -198,16 +198,23 @@ unpermute.register_autograd(_unpermute_backward, setup_context=_unpermute_setup)
 # ---------------------------------------------------------------------------------------------
 
 
-def moe_experts_decomposed(x_TD, ids_TK, weights_TK, w_up_EHD, w_down_EDF, activation="swiglu",
-                           capacity_factor=0.0):
-    """The canonical op written with the decomposed ops (what ``decompose_moe`` emits)."""
+def _composed(ops, x_TD, ids_TK, weights_TK, w_up_EHD, w_down_EDF, activation, capacity_factor):
+    """permute -> grouped_mlp -> unpermute with ``ops`` = (permute, grouped_mlp, unpermute)."""
+    permute_op, grouped_mlp_op, unpermute_op = ops
     num_experts = w_up_EHD.shape[0]
     capacity = -1
     if capacity_factor > 0:
         capacity = expert_capacity(x_TD.shape[0], ids_TK.shape[1], num_experts, capacity_factor)
-    x_ND, counts_E, order_N = torch.ops.moesys.permute(x_TD, ids_TK, num_experts, capacity)
-    y_ND = torch.ops.moesys.grouped_mlp(x_ND, counts_E, w_up_EHD, w_down_EDF, activation)
-    return torch.ops.moesys.unpermute(y_ND, order_N, weights_TK)
+    x_ND, counts_E, order_N = permute_op(x_TD, ids_TK, num_experts, capacity)
+    y_ND = grouped_mlp_op(x_ND, counts_E, w_up_EHD, w_down_EDF, activation)
+    return unpermute_op(y_ND, order_N, weights_TK)
+
+
+def moe_experts_decomposed(x_TD, ids_TK, weights_TK, w_up_EHD, w_down_EDF, activation="swiglu",
+                           capacity_factor=0.0):
+    """The canonical op written with the decomposed ops (what ``decompose_moe`` emits)."""
+    ops = (torch.ops.moesys.permute, torch.ops.moesys.grouped_mlp, torch.ops.moesys.unpermute)
+    return _composed(ops, x_TD, ids_TK, weights_TK, w_up_EHD, w_down_EDF, activation, capacity_factor)
 
 
 @torch.library.custom_op("moesys::moe_experts", mutates_args=())
@@ -253,10 +260,5 @@ moe_experts.register_autograd(_moe_experts_backward, setup_context=_moe_experts_
 def moe_experts_reference(x_TD, ids_TK, weights_TK, w_up_EHD, w_down_EDF, activation="swiglu",
                           capacity_factor=0.0):
     """Naive differentiable torch version of the whole canonical op, for tests."""
-    num_experts = w_up_EHD.shape[0]
-    capacity = -1
-    if capacity_factor > 0:
-        capacity = expert_capacity(x_TD.shape[0], ids_TK.shape[1], num_experts, capacity_factor)
-    x_ND, counts_E, order_N = permute_reference(x_TD, ids_TK, num_experts, capacity)
-    y_ND = grouped_mlp_reference(x_ND, counts_E, w_up_EHD, w_down_EDF, activation)
-    return unpermute_reference(y_ND, order_N, weights_TK)
+    ops = (permute_reference, grouped_mlp_reference, unpermute_reference)
+    return _composed(ops, x_TD, ids_TK, weights_TK, w_up_EHD, w_down_EDF, activation, capacity_factor)
