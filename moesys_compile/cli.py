@@ -55,7 +55,7 @@ def list_passes(plan: Optional[Plan]) -> str:
 
 def run_inspect(args: argparse.Namespace) -> int:
     from .api import lower
-    from .models.spec import load_model, parse_overrides
+    from .models.spec import load_model, model_and_overrides
     from .report import InspectError, Renderer
 
     plan = Plan.from_file(args.plan) if args.plan else Plan(mode=args.mode or "train")
@@ -64,11 +64,12 @@ def run_inspect(args: argparse.Namespace) -> int:
     if args.list_passes:
         print(list_passes(plan))
         return 0
-    if not args.model:
+    model, overrides = model_and_overrides(args.model, args.config)
+    if not model:
         raise MoesysError("inspect needs MODEL (e.g. tiny-moe), or --list-passes")
     if args.batch < 1 or args.seq < 1:
         raise MoesysError(f"--batch ({args.batch}) and --seq ({args.seq}) must be >= 1")
-    loaded = load_model(args.model, parse_overrides(args.config))
+    loaded = load_model(model, overrides)
     _, ctx = lower(loaded.model, plan, loaded.example_inputs(2, 16))
     renderer = Renderer(ctx, args.batch, args.seq)
     snapshots = renderer.snapshots(args.after)

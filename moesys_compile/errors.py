@@ -22,6 +22,7 @@ class PassError(MoesysError):
                          f"{type(cause).__name__}: {cause}")
         self.pass_name = pass_name
         self.ran_before = list(ran_before)
+        self.cause = cause
 
 
 class VerifyError(MoesysError):

@@ -22,7 +22,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .errors import MoesysError
+from .errors import MoesysError, PlanError
 from .frontend.tracing import MoesysTracer
 from .models.transformer import Transformer
 from .plan import Plan, format_bytes, parse_bytes
@@ -110,6 +110,22 @@ def _check_decodable(model: nn.Module, ids: torch.Tensor, max_new_tokens: int) -
                          f"max_seq_len ({longest})")
 
 
+@contextlib.contextmanager
+def _longest_step_fits(ids: torch.Tensor, max_new_tokens: int, what_grows: str):
+    """Restate a budget refusal of the decoding graph in ``generate``'s terms: the step that does
+    not fit is the last one, whose activations hold ``what_grows`` at prompt + new tokens."""
+    from .passes.ring_partition import RingBudgetTooSmall
+    try:
+        yield
+    except RingBudgetTooSmall as exc:
+        batch, prompt = ids.shape
+        raise RingBudgetTooSmall(exc.pass_name, exc.ran_before, PlanError(
+            f"generate(max_new_tokens={max_new_tokens}) of {batch} prompt(s) of {prompt} tokens: the last "
+            f"decoding step holds {what_grows} at {prompt + max_new_tokens - 1} positions and does not fit "
+            f"Plan.device_budget ({exc.cause}); lower max_new_tokens or raise "
+            f"Plan.device_budget")) from exc
+
+
 def greedy_decode(program, ids: torch.Tensor, max_new_tokens: int,
                   attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``program.generate``: prefill and every decode step run the traced ``DecodeStep`` graph
@@ -130,7 +146,8 @@ def greedy_decode(program, ids: torch.Tensor, max_new_tokens: int,
         # the example bounds every step: prompt-long inputs and a cache that, with them, is as long
         # as the longest cache the last step builds (prompt + max_new_tokens - 1 positions)
         example = (ids, 0, empty_cache(model, batch, max_new_tokens - 1, dtype))
-        lowered[key] = lower_decode(DecodeStep(model), program.plan, example)
+        with _longest_step_fits(ids, max_new_tokens, "its KV cache"):
+            lowered[key] = lower_decode(DecodeStep(model), program.plan, example)
     runtime = program.runtime(key, lowered[key])
     runtime.check_shapes = False
     kv, step_ids, position, tokens, steps = empty_cache(model, batch, 0, dtype), ids, 0, [], []
@@ -159,7 +176,8 @@ def recompute_decode(program, ids: torch.Tensor, max_new_tokens: int,
     if key not in lowered:
         longest_ids = torch.cat([ids, ids.new_zeros(batch, max_new_tokens - 1)], dim=1)
         longest_mask = None if attention_mask is None else _grow(attention_mask, max_new_tokens - 1)
-        lowered[key] = lower(model, program.plan, (longest_ids,), _mask_inputs(model, longest_mask))
+        with _longest_step_fits(ids, max_new_tokens, "the whole sequence, recomputed each step"):
+            lowered[key] = lower(model, program.plan, (longest_ids,), _mask_inputs(model, longest_mask))
     runtime = program.runtime(key, lowered[key])
     binder = lowered[key][1].extras["binder"]
     eos, pad = _stop_ids(model)
@@ -314,7 +332,7 @@ def run_ring(model: nn.Module, ids: torch.Tensor, plan: Plan, max_new_tokens: in
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moesys-compile infer", description="memory-ring inference of MODEL")
-    p.add_argument("model", help="built-in name (tiny-moe), package.module:factory, hf:<family> or a directory")
+    p.add_argument("model", nargs="?", help="built-in name (tiny-moe), package.module:factory, hf:<family> or a directory")
     p.add_argument("--checkpoint", help="directory to load the weights from: Hugging Face style (safetensors, "
                                         "sharded or not, or pytorch_model.bin) or a training checkpoint")
     p.add_argument("--budget", required=True, help="device budget, e.g. 512MiB or 1073741824")
@@ -322,7 +340,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--offload-dir", help="directory for the disk tier (default: a temporary directory)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--slots", type=int, help="ring depth (default: derived from the budget)")
-    p.add_argument("--config", nargs="*", default=[], help="model overrides, key=value")
+    p.add_argument("--config", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="model config overrides (one or more, repeatable)")
     p.add_argument("--prompt-ids", nargs="+", type=int, help="prompt token ids (default: 16 random ids)")
     p.add_argument("--max-new-tokens", type=int, default=8,
                    help="greedy tokens to generate (0: forward only): built-in models decode with a KV cache, "
@@ -344,10 +363,14 @@ def prompt_tensor(prompt_ids: list[int], model: nn.Module) -> torch.Tensor:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from .models.spec import load_model, parse_overrides
-    args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    from .models.spec import load_model, model_and_overrides
+    parser = _parser()
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
-        loaded = load_model(args.model, parse_overrides(args.config))
+        model, overrides = model_and_overrides(args.model, args.config)
+        if model is None:
+            parser.error("the following arguments are required: model")
+        loaded = load_model(model, overrides)
         ids = (prompt_tensor(args.prompt_ids, loaded.model) if args.prompt_ids else loaded.example_inputs(1, 16)[0])
         with tempfile.TemporaryDirectory(prefix="moesys-ring-") as scratch:
             plan = Plan(mode="infer", device=args.device, device_budget=parse_bytes(args.budget), weights=args.weights,

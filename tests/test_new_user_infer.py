@@ -5,6 +5,8 @@ MoE blocks, and command-line options (``inspect --config``, ``train --device cud
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -172,6 +174,42 @@ def test_a_missing_tensor_is_not_blamed_on_the_hub_layout(tmp_path):
     assert list((tmp_path / "off").iterdir()) == []
 
 
+def _unused_warnings(record) -> list[str]:
+    return [str(w.message) for w in record if "match no tensor" in str(w.message)]
+
+
+def test_checkpoint_tensors_the_model_does_not_hold_are_named_in_a_warning(tmp_path):
+    from safetensors.torch import load_file, save_file
+    build_hf("llama", seed=1, num_hidden_layers=1).save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    state["model.layers.1.mlp.up_proj.weight"] = state["model.layers.0.mlp.up_proj.weight"].clone()
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.warns(UserWarning, match=r"1 tensor\(s\) match no tensor of LlamaForCausalLM and are not used: "
+                                         r"model\.layers\.1\.mlp\.up_proj\.weight; check"):
+        _ring_from(tmp_path, tmp_path).close()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
+def test_a_matching_checkpoint_warns_of_nothing_unused(family, tmp_path):
+    """qwen3_moe is saved in the hub layout (one tensor per expert), read through conversions."""
+    build_hf(family, seed=1, num_hidden_layers=1).save_pretrained(tmp_path)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        _ring_from(tmp_path, tmp_path, family).close()
+    assert _unused_warnings(record) == []
+
+
+def test_generate_past_the_budget_names_max_new_tokens():
+    model = mc.models.build("tiny-moe").eval()
+    ids = example_ids(1, 6, vocab=256)
+    program = mc.compile(model, mc.Plan(mode="infer", device_budget=model_bytes(model) // 4), example_inputs=(ids,))
+    assert program.generate(ids, 2).shape == (1, 8)
+    with pytest.raises(PlanError, match=r"generate\(max_new_tokens=400\) of 1 prompt\(s\) of 6 tokens: the last "
+                                        r"decoding step holds its KV cache at 405 positions .*lower max_new_tokens"):
+        program.generate(ids, 400)
+    program.close()
+
+
 def test_infer_cli_refuses_a_model_directory_whose_weights_do_not_fit_its_config(tmp_path, capsys):
     """transformers would initialise the tensor at random and only log it."""
     build_hf("llama", seed=1, num_hidden_layers=1).save_pretrained(tmp_path)
@@ -291,6 +329,15 @@ def test_an_unmatched_moe_block_is_told_the_structure_recognizers_expect():
 # ---------------------------------------------------------------------------------------------
 # inspect options
 # ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["inspect", "infer"])
+def test_config_before_model_leaves_the_model_on_the_command_line(command, capsys):
+    """``--config`` takes one or more values: MODEL after it must still be read as MODEL."""
+    tail = ["--after", "capture"] if command == "inspect" else ["--budget", "1MiB", "--max-new-tokens", "1"]
+    assert cli_main([command, "--config", "n_layers=1", "tiny-moe", *tail]) == 0
+    out = capsys.readouterr().out
+    assert ("layers.0" in out and "layers.1" not in out) if command == "inspect" else "equal to eager" in out
 
 
 def test_inspect_config_takes_several_overrides_at_once(capsys):

@@ -40,6 +40,16 @@ def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
     return overrides
 
 
+def model_and_overrides(model: str | None, pairs: list[str] | None) -> tuple[str | None, dict[str, Any]]:
+    """MODEL and the parsed ``--config`` pairs of a command line. ``--config`` takes one or more
+    values, so in ``--config n_layers=2 MODEL`` the parser hands MODEL over as a last pair; a
+    trailing value without ``=`` is taken back as MODEL when no MODEL was read elsewhere."""
+    pairs = list(pairs or [])
+    if model is None and pairs and "=" not in pairs[-1]:
+        model = pairs.pop()
+    return model, parse_overrides(pairs)
+
+
 def token_inputs(vocab_size: int) -> Callable[[int, int], tuple]:
     def make(batch: int, seq: int) -> tuple:
         generator = torch.Generator().manual_seed(0)

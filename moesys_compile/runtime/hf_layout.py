@@ -7,7 +7,7 @@ loads a model, with the model type's ``WeightRenaming`` / ``WeightConverter`` li
 applies that same list lazily, one model tensor at a time, so the ring can stage a checkpoint
 without ever loading the whole model.
 
-    >>> read = hub_layout_reader(model, checkpoint_names, read_one)     # doctest: +SKIP
+    >>> read, consumed = hub_layout_reader(model, checkpoint_names, read_one)     # doctest: +SKIP
     >>> read("model.layers.0.mlp.experts.gate_up_proj").shape           # doctest: +SKIP
     torch.Size([4, 64, 32])
 """
@@ -21,10 +21,11 @@ import torch
 from torch import nn
 
 
-def hub_layout_reader(model: nn.Module, present: set[str],
-                      read_one: Callable[[str], torch.Tensor]) -> Optional[dict[str, Callable[[], torch.Tensor]]]:
+def hub_layout_reader(model: nn.Module, present: set[str], read_one: Callable[[str], torch.Tensor]
+                      ) -> tuple[dict[str, Callable[[], torch.Tensor]], set[str]]:
     """Model tensor name -> loader, for the names that ``present`` (checkpoint names) holds only in
-    the hub layout. None when ``model`` is no transformers model or has no conversion list.
+    the hub layout, and the checkpoint names those loaders read. Empty when ``model`` is no
+    transformers model or has no conversion list.
 
     Pseudo-code (what transformers' loader does, minus the eager loading):
 
@@ -39,14 +40,14 @@ def hub_layout_reader(model: nn.Module, present: set[str],
         from transformers.core_model_loading import (WeightConverter, WeightRenaming, dot_natural_key,
                                                      rename_source_key)
     except ImportError:
-        return None
+        return {}, set()
     if not isinstance(model, PreTrainedModel):
-        return None
+        return {}, set()
     transforms = get_model_conversion_mapping(model)
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
     if not renamings and not converters:
-        return None
+        return {}, set()
     by_pattern = {pattern: converter for converter in converters for pattern in converter.source_patterns}
     wanted = model.state_dict(keep_vars=True)
     collected: dict[str, tuple[Optional[object], dict[str, list[str]]]] = {}
@@ -72,4 +73,6 @@ def hub_layout_reader(model: nn.Module, present: set[str],
                 raise KeyError(f"converting the hub layout into '{target}' gave {sorted(tensors)}")
             return ours[0]
         return load
-    return {target: loader(target, converter, sources) for target, (converter, sources) in collected.items()}
+    loaders = {target: loader(target, converter, sources) for target, (converter, sources) in collected.items()}
+    consumed = {key for _, sources in collected.values() for keys in sources.values() for key in keys}
+    return loaders, consumed

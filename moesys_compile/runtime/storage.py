@@ -189,7 +189,8 @@ def checkpoint_source(directory: str, model: nn.Module) -> Source:
         present, read_one = _project_reader(root)
     else:
         files = _hf_index(root)
-        present, read_one = _with_hub_layout(model, set(files), _read_hf(files))
+        present, read_one, converted_from = _with_hub_layout(model, set(files), _read_hf(files))
+        _warn_unused(root, set(files) - converted_from, model)
     aliases = _tensor_aliases(model)
     fallback = model_source(model)
     persistent = set(model.state_dict(keep_vars=True))
@@ -216,15 +217,30 @@ def _fitted(root: Path, name: str, tensor: torch.Tensor, like: torch.Tensor, mod
 
 def _with_hub_layout(model: nn.Module, present: set[str], read_file: Callable[[str], torch.Tensor]):
     """Also serve the model names that a hub-layout checkpoint holds in another form (per-expert
-    tensors, older module names), converted one tensor at a time as transformers would."""
+    tensors, older module names), converted one tensor at a time as transformers would; also
+    returns the checkpoint names those conversions read."""
     from .hf_layout import hub_layout_reader
-    converted = hub_layout_reader(model, present, read_file) or {}
+    converted, converted_from = hub_layout_reader(model, present, read_file)
     if not converted:
-        return present, read_file
+        return present, read_file, converted_from
 
     def read(name: str) -> torch.Tensor:
         return converted[name]() if name in converted else read_file(name)
-    return present | set(converted), read
+    return present | set(converted), read, converted_from
+
+
+def _warn_unused(root: Path, names: set[str], model: nn.Module) -> None:
+    """Warn about checkpoint tensors that are no tensor of ``model`` (as transformers does when it
+    loads a checkpoint of another model or configuration), except those the model class declares
+    as expected leftovers (``_keys_to_ignore_on_load_unexpected``)."""
+    ours = set(_tensor_aliases(model)) | set(model.state_dict(keep_vars=True))
+    ignored = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []]
+    unused = sorted(n for n in names - ours if not any(p.search(n) for p in ignored))
+    if unused:
+        shown = ", ".join(unused[:5]) + (f", ... ({len(unused) - 5} more)" if len(unused) > 5 else "")
+        warnings.warn(f"checkpoint {str(root)!r}: {len(unused)} tensor(s) match no tensor of "
+                      f"{type(model).__name__} and are not used: {shown}; check that the checkpoint is of this "
+                      f"model and configuration", stacklevel=3)
 
 
 def missing_tensor(root: Path, name: str, candidates: list[str], present: set[str], model: nn.Module) -> StorageError:
