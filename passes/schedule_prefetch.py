@@ -9,7 +9,8 @@ from typing import Optional
 
 import torch.fx as fx
 
-from moesys_compile.passes.ring_partition import ALIGN, RingBudgetTooSmall, RingLayout, activation_workspace
+from moesys_compile.passes.ring_partition import RingBudgetTooSmall, RingLayout, activation_workspace
+from moesys_compile.passes.ring_units import ALIGN
 from moesys_compile.plan import PlanError, format_bytes
 
 

@@ -31,7 +31,8 @@ import torch.fx as fx
 from torch import nn
 
 from moesys_compile.ir import fetch
-from moesys_compile.passes.ring_partition import ALIGN, RingLayout, node_state
+from moesys_compile.passes.ring_partition import RingLayout
+from moesys_compile.passes.ring_units import ALIGN, node_state
 
 from ..errors import MoesysError
 from ..frontend.annotation import B, S, _dynamic_dims
