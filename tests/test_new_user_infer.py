@@ -199,6 +199,13 @@ def test_a_matching_checkpoint_warns_of_nothing_unused(family, tmp_path):
     assert _unused_warnings(record) == []
 
 
+def test_compiling_a_hugging_face_model_without_example_inputs_says_what_to_pass():
+    from moesys_compile.errors import UntraceableModelError
+    with pytest.raises(UntraceableModelError, match=r"MixtralForCausalLM\.forward needs argument\(s\) \['input_ids'\]"
+                                                    r".*example_inputs=\(torch\.randint\(0, 128, \(2, 128\)\),\)"):
+        mc.compile(build_hf("mixtral").eval(), mc.Plan(mode="train"))
+
+
 def test_generate_past_the_budget_names_max_new_tokens():
     model = mc.models.build("tiny-moe").eval()
     ids = example_ids(1, 6, vocab=256)

@@ -125,9 +125,15 @@ def traced_names(model: nn.Module, example_inputs: Sequence[Any], example_kwargs
     concrete = {name: p.default for name, p in signature.parameters.items()
                 if name not in bound.arguments and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
     missing = [name for name, value in concrete.items() if value is inspect.Parameter.empty]
+    if not traced and concrete and not missing:
+        missing = list(concrete)[:1]     # every input optional (Hugging Face models): the first is the one fed
     if missing:
-        raise UntraceableModelError(f"{type(model).__name__}.forward needs argument(s) {missing} that the "
-                                    f"example inputs do not give; pass them in example_inputs/example_kwargs")
+        vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+        shape = f"torch.randint(0, {vocab}, (2, 128))" if isinstance(vocab, int) else "a tensor"
+        raise UntraceableModelError(
+            f"{type(model).__name__}.forward needs argument(s) {missing} that the example inputs do not give; "
+            f"pass them in example_inputs/example_kwargs (e.g. example_inputs=({shape},)), with batch and "
+            f"sequence at least 2 and as large as the largest call for a ring program")
     return traced, concrete
 
 
