@@ -36,7 +36,8 @@ import torch
 
 from benchmarks import _harness as h
 from moesys_compile import Plan, compile, models
-from moesys_compile.infer import eager_generate, model_bytes
+from moesys_compile.generate import eager_generate
+from moesys_compile.infer import model_bytes
 
 FULL = dict(vocab_size=8192, dim=1024, n_layers=8, n_heads=16, ffn_dim=2048, num_experts=8, top_k=2,
             moe_ffn_dim=1024, max_seq_len=1024)

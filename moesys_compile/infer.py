@@ -1,6 +1,7 @@
-"""Ring inference from the command line, greedy decoding through the ring, and the demo step.
+"""Ring inference from the command line, and the demo step (decoding itself: ``generate``).
 
     moesys-compile infer tiny-moe --checkpoint ckpt/ --budget 512KiB --weights disk --prompt-ids 1 2 3
+    moesys-compile infer path/to/hf-model --budget 2GiB --prompt "The capital of France is"
     python -m moesys_compile.infer small-moe --budget 8MiB --max-new-tokens 8
 
 ``--checkpoint`` is a Hugging Face style safetensors directory (``model.safetensors`` or its
@@ -11,262 +12,22 @@ the model's own (freshly initialised) weights are streamed.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import inspect
 import json
 import sys
 import tempfile
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
-import torch.fx as fx
 from torch import nn
 
-from .errors import MoesysError, PlanError
-from .frontend.tracing import MoesysTracer
+from .errors import MoesysError
+from .generate import first_tensor, reference_generate
 from .models.transformer import Transformer
 from .plan import Plan, format_bytes, parse_bytes
 
 STAT_KEYS = ("peak_device_bytes", "budget_bytes", "slots", "sections", "bytes_moved", "transfer_seconds",
              "compute_seconds", "stall_seconds", "wall_seconds", "efficiency")
-
-
-# ---------------------------------------------------------------------------------------------
-# greedy decoding with a KV cache
-# ---------------------------------------------------------------------------------------------
-
-
-class DecodeStep(nn.Module):
-    """One incremental step of a built-in Transformer with the KV cache as one tensor, so that
-    the step traces to a plain graph: ``(ids_BS, start_pos, kv_BX) -> (logits_BSV, kv_BX')``
-    where ``kv_BX`` flattens [B, layers, 2, heads, P, head_dim] (2-D, so annotation treats only
-    the batch as symbolic). It calls the model's own forward with its cache dicts, so the math
-    is the model's."""
-
-    def __init__(self, model: Transformer):
-        super().__init__()
-        self.model = model
-        cfg = model.config
-        self.cache_dims = (len(model.layers), 2, cfg.n_heads, cfg.dim // cfg.n_heads)
-
-    def forward(self, ids_BS: torch.Tensor, start_pos: int, kv_BX: torch.Tensor):
-        layers, two, heads, head_dim = self.cache_dims
-        kv = kv_BX.view(kv_BX.shape[0], layers, two, heads, -1, head_dim)
-        caches = [{"k": kv[:, i, 0], "v": kv[:, i, 1]} for i in range(layers)]
-        logits_BSV = self.model(ids_BS, caches=caches, start_pos=start_pos)
-        kv_new = torch.stack([t for c in caches for t in (c["k"], c["v"])], dim=1)
-        return logits_BSV, kv_new.flatten(1)
-
-
-@contextlib.contextmanager
-def traced_factories():
-    """While tracing: ``torch.ones`` with traced sizes becomes a graph call (the model's cached
-    attention builds its mask that way, which plain fx tracing rejects). Scoped to the trace,
-    so the generated code calls the real ``torch.ones``."""
-    original = torch.ones
-
-    def ones(*args, **kwargs):
-        proxies = [a for a in (*args, *kwargs.values()) if isinstance(a, fx.Proxy)]
-        if proxies:
-            return proxies[0].tracer.create_proxy("call_function", original, args, kwargs)
-        return original(*args, **kwargs)
-    torch.ones = ones
-    try:
-        yield
-    finally:
-        torch.ones = original
-
-
-def lower_decode(step: DecodeStep, plan: Plan, example: tuple):
-    """Capture ``step`` with fx (see ``traced_factories``), annotate it, run the infer pipeline."""
-    from moesys_compile.passes import pipeline_for
-    from .frontend import annotate
-    from .frontend.tracing import expose_aux_loss, fx_trace, traced_names
-    from .pipeline import CompileContext, run_pipeline
-    from .programs import InputBinder
-    with traced_factories():
-        gm = fx_trace(step, example, {}, MoesysTracer())
-    binder = InputBinder(step, traced_names(step, example, {})[0], "fx", None)
-    expose_aux_loss(gm)
-    annotation = annotate(gm, binder.graph_inputs(example, {}))
-    ctx = CompileContext(plan=plan, model=step, annotation=annotation, blocks=[], input_names=binder.traced_names,
-                         capture="fx")
-    ctx.extras["binder"] = binder
-    return run_pipeline(gm, ctx, pipeline_for("infer")), ctx
-
-
-def empty_cache(model: Transformer, batch: int, length: int, dtype: torch.dtype) -> torch.Tensor:
-    cfg = model.config
-    return torch.zeros(batch, cfg.n_layers * 2 * cfg.n_heads * length * (cfg.dim // cfg.n_heads), dtype=dtype)
-
-
-def _check_decodable(model: nn.Module, ids: torch.Tensor, max_new_tokens: int) -> None:
-    if ids.dim() != 2 or max_new_tokens < 1:
-        raise ValueError(f"generate(ids, max_new_tokens): ids must be [batch, seq] (got {tuple(ids.shape)}) and "
-                         f"max_new_tokens >= 1 (got {max_new_tokens})")
-    longest = getattr(getattr(model, "config", None), "max_seq_len", None)
-    if longest is not None and ids.shape[1] + max_new_tokens > longest:
-        raise ValueError(f"prompt ({ids.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
-                         f"max_seq_len ({longest})")
-
-
-@contextlib.contextmanager
-def _longest_step_fits(ids: torch.Tensor, max_new_tokens: int, what_grows: str):
-    """Restate a budget refusal of the decoding graph in ``generate``'s terms: the step that does
-    not fit is the last one, whose activations hold ``what_grows`` at prompt + new tokens."""
-    from .passes.ring_partition import RingBudgetTooSmall
-    try:
-        yield
-    except RingBudgetTooSmall as exc:
-        batch, prompt = ids.shape
-        raise RingBudgetTooSmall(exc.pass_name, exc.ran_before, PlanError(
-            f"generate(max_new_tokens={max_new_tokens}) of {batch} prompt(s) of {prompt} tokens: the last "
-            f"decoding step holds {what_grows} at {prompt + max_new_tokens - 1} positions and does not fit "
-            f"Plan.device_budget ({exc.cause}); lower max_new_tokens or raise "
-            f"Plan.device_budget")) from exc
-
-
-def greedy_decode(program, ids: torch.Tensor, max_new_tokens: int,
-                  attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``program.generate``: prefill and every decode step run the traced ``DecodeStep`` graph
-    through the program's ring (one lowering per (batch, prompt, new tokens)). Models other than
-    the built-in ones decode without a KV cache (``recompute_decode``)."""
-    model = program.context.model
-    _check_decodable(model, ids, max_new_tokens)
-    if not isinstance(model, Transformer):
-        return recompute_decode(program, ids, max_new_tokens, attention_mask)
-    if attention_mask is not None:
-        raise ValueError("generate(attention_mask=...): the built-in models take no padding mask; decode prompts "
-                         "of one length together (or one prompt at a time)")
-    batch, prompt = ids.shape
-    dtype = program.context.extras["ring"].dtype or model.embed.weight.dtype   # the ring's weights' dtype
-    key = ("decode", batch, prompt, max_new_tokens)
-    lowered = program.__dict__.setdefault("_decode_lowered", {})
-    if key not in lowered:
-        # the example bounds every step: prompt-long inputs and a cache that, with them, is as long
-        # as the longest cache the last step builds (prompt + max_new_tokens - 1 positions)
-        example = (ids, 0, empty_cache(model, batch, max_new_tokens - 1, dtype))
-        with _longest_step_fits(ids, max_new_tokens, "its KV cache"):
-            lowered[key] = lower_decode(DecodeStep(model), program.plan, example)
-    runtime = program.runtime(key, lowered[key])
-    runtime.check_shapes = False
-    kv, step_ids, position, tokens, steps = empty_cache(model, batch, 0, dtype), ids, 0, [], []
-    for _ in range(max_new_tokens):
-        ((logits, kv), _aux), stats = runtime([step_ids, position, kv])
-        steps.append(stats)
-        position += step_ids.shape[1]
-        step_ids = logits[:, -1].argmax(-1, keepdim=True).to(ids.device)
-        tokens.append(step_ids)
-    program.stats = combine_stats(steps)
-    return torch.cat([ids, *tokens], dim=1)
-
-
-def recompute_decode(program, ids: torch.Tensor, max_new_tokens: int,
-                     attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Greedy decoding of any causal LM (a Hugging Face model): every step one ring forward over
-    the whole sequence so far, no KV cache, through a graph lowered at the longest step's length
-    so that each step fits the workspace. As ``model.generate(do_sample=False)``: a padding mask
-    grows by one per step and gives the positions (cumulative sum, for left padding); a sequence
-    that has produced an end-of-sequence id gets the pad id, and decoding ends once all have."""
-    from .api import lower
-    model = program.context.model
-    batch, prompt = ids.shape
-    key = ("recompute", batch, prompt + max_new_tokens - 1, attention_mask is not None)
-    lowered = program.__dict__.setdefault("_decode_lowered", {})
-    if key not in lowered:
-        longest_ids = torch.cat([ids, ids.new_zeros(batch, max_new_tokens - 1)], dim=1)
-        longest_mask = None if attention_mask is None else _grow(attention_mask, max_new_tokens - 1)
-        with _longest_step_fits(ids, max_new_tokens, "the whole sequence, recomputed each step"):
-            lowered[key] = lower(model, program.plan, (longest_ids,), _mask_inputs(model, longest_mask))
-    runtime = program.runtime(key, lowered[key])
-    binder = lowered[key][1].extras["binder"]
-    eos, pad = _stop_ids(model)
-    done = torch.zeros(batch, dtype=torch.bool, device=ids.device)
-    steps, out, mask = [], ids, attention_mask
-    for _ in range(max_new_tokens):
-        (output, _aux), stats = runtime(binder.graph_inputs((out,), _mask_inputs(model, mask)))
-        steps.append(stats)
-        token = first_tensor(binder.model_output(output))[:, -1].argmax(-1).to(ids.device)
-        if eos:
-            token = torch.where(done, torch.tensor(pad, device=ids.device), token)
-            done |= torch.isin(token, torch.tensor(eos, device=ids.device))
-        out, mask = torch.cat([out, token[:, None]], dim=1), None if mask is None else _grow(mask, 1)
-        if eos and bool(done.all()):
-            break
-    program.stats = combine_stats(steps)
-    return out
-
-
-def _grow(mask: torch.Tensor, steps: int) -> torch.Tensor:
-    return torch.cat([mask, mask.new_ones(mask.shape[0], steps)], dim=1)
-
-
-def _mask_inputs(model: nn.Module, mask: Optional[torch.Tensor]) -> dict:
-    """The keyword inputs of a padded step: the mask, and the positions transformers derives from
-    it when the model takes ``position_ids``."""
-    if mask is None:
-        return {}
-    inputs = {"attention_mask": mask}
-    if "position_ids" in inspect.signature(model.forward).parameters:
-        inputs["position_ids"] = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-    return inputs
-
-
-def _stop_ids(model: nn.Module) -> tuple[list[int], Optional[int]]:
-    """End-of-sequence ids and the pad id of a model's ``generation_config`` (transformers pads
-    with the first EOS id when there is no pad id)."""
-    config = getattr(model, "generation_config", None)
-    eos = getattr(config, "eos_token_id", None)
-    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    pad = getattr(config, "pad_token_id", None)
-    return eos, pad if pad is not None else (eos[0] if eos else None)
-
-
-def combine_stats(steps: list[dict]) -> dict:
-    """Sum the per-call records of a generate() run.
-
-    Efficiency of the run = sum of the calls' bounds / sum of their walls, a call's bound being
-    max(transfer, compute). Each step needs the token of the one before, so no step's transfer
-    can hide behind another step's compute: max(sum transfer, sum compute) would be a bound no
-    schedule reaches (a compute-bound prompt cannot hide the transfer-bound steps after it).
-    ``pooled_efficiency`` keeps that figure for comparison."""
-    total = dict(steps[-1])
-    for key in ("bytes_moved", "transfer_seconds", "compute_seconds", "stall_seconds", "wall_seconds"):
-        total[key] = sum(s[key] for s in steps)
-    total["peak_device_bytes"] = max(s["peak_device_bytes"] for s in steps)
-    wall = total["wall_seconds"]
-    bound = sum(max(s["transfer_seconds"], s["compute_seconds"]) for s in steps)
-    pooled = max(total["transfer_seconds"], total["compute_seconds"])
-    total["efficiency"] = bound / wall if wall else 0.0
-    total["pooled_efficiency"] = pooled / wall if wall else 0.0
-    total["steps"] = len(steps)
-    return total
-
-
-@torch.inference_mode()
-def eager_generate(model: Transformer, ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-    """Reference greedy decoding with the model's own KV cache (eager, all weights resident)."""
-    if not isinstance(model, Transformer):
-        raise MoesysError(f"eager_generate decodes the built-in models; for {type(model).__name__} use "
-                          f"model.generate(ids, max_new_tokens=n, do_sample=False)")
-    _check_decodable(model, ids, max_new_tokens)
-    caches = [{} for _ in model.layers]
-    step_ids, position, tokens = ids, 0, []
-    for _ in range(max_new_tokens):
-        logits = model(step_ids, caches=caches, start_pos=position)
-        position += step_ids.shape[1]
-        step_ids = logits[:, -1].argmax(-1, keepdim=True)
-        tokens.append(step_ids)
-    return torch.cat([ids, *tokens], dim=1)
-
-
-@torch.inference_mode()
-def reference_generate(model: nn.Module, ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-    """Eager greedy decoding: ``eager_generate`` for the built-in models, else the model's own
-    ``generate(do_sample=False)`` (Hugging Face)."""
-    if isinstance(model, Transformer):
-        return eager_generate(model, ids, max_new_tokens)
-    return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,14 +52,6 @@ def print_stats(stats: dict, title: str) -> None:
         if key.endswith("bytes") and isinstance(value, int):
             shown += f" ({format_bytes(value)})"
         print(f"  {key:<18} {shown}")
-
-
-def first_tensor(output):
-    """The logits of a model's output: a tensor, a ``ModelOutput`` (``.logits``) or a tuple."""
-    if isinstance(output, torch.Tensor):
-        return output
-    logits = getattr(output, "logits", None)
-    return logits if isinstance(logits, torch.Tensor) else first_tensor(output[0])
 
 
 def run_ring(model: nn.Module, ids: torch.Tensor, plan: Plan, max_new_tokens: int = 0, compare: bool = True) -> dict:
@@ -342,7 +95,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--slots", type=int, help="ring depth (default: derived from the budget)")
     p.add_argument("--config", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                    help="model config overrides (one or more, repeatable)")
-    p.add_argument("--prompt-ids", nargs="+", type=int, help="prompt token ids (default: 16 random ids)")
+    prompt = p.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt-ids", nargs="+", type=int, help="prompt token ids (default: 16 random ids)")
+    prompt.add_argument("--prompt", metavar="TEXT", help="prompt text, encoded (and the new tokens decoded) with the "
+                                                         "tokenizer of --tokenizer, MODEL or --checkpoint")
+    p.add_argument("--tokenizer", metavar="DIR", help="Hugging Face tokenizer directory for --prompt "
+                                                      "(default: MODEL's or --checkpoint's directory)")
     p.add_argument("--max-new-tokens", type=int, default=8,
                    help="greedy tokens to generate (0: forward only): built-in models decode with a KV cache, "
                         "models with a generate method (Hugging Face) recompute the sequence each step")
@@ -362,6 +120,34 @@ def prompt_tensor(prompt_ids: list[int], model: nn.Module) -> torch.Tensor:
     return torch.tensor([prompt_ids])
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def load_tokenizer(*directories: Optional[str]):
+    """The Hugging Face tokenizer of the first of ``directories`` that holds one (local files only)."""
+    for directory in filter(None, directories):
+        if any((Path(directory) / name).is_file() for name in TOKENIZER_FILES):
+            from transformers import AutoTokenizer
+            return AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    searched = [d for d in directories if d] or ["(no directory: MODEL is not a directory)"]
+    raise ValueError(f"--prompt needs a tokenizer, and none of {searched} holds one ({', '.join(TOKENIZER_FILES)}); "
+                     f"pass --tokenizer DIR (a Hugging Face tokenizer directory), or token ids with --prompt-ids")
+
+
+def prompt_of(args, model: nn.Module, example_inputs):
+    """The [1, n] prompt ids of the command line and the tokenizer to decode with (or None)."""
+    if args.prompt is not None:
+        model_dir = args.model if args.model and Path(args.model).is_dir() else None
+        tokenizer = load_tokenizer(args.tokenizer, model_dir, args.checkpoint)
+        ids = tokenizer(args.prompt, return_tensors="pt").input_ids
+        if ids.shape[1] == 0:
+            raise ValueError(f"--prompt {args.prompt!r} encodes to no tokens; give a longer prompt")
+        return prompt_tensor(ids[0].tolist(), model), tokenizer
+    if args.prompt_ids:
+        return prompt_tensor(args.prompt_ids, model), None
+    return example_inputs(1, 16)[0], None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from .models.spec import load_model, model_and_overrides
     parser = _parser()
@@ -371,7 +157,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if model is None:
             parser.error("the following arguments are required: model")
         loaded = load_model(model, overrides)
-        ids = (prompt_tensor(args.prompt_ids, loaded.model) if args.prompt_ids else loaded.example_inputs(1, 16)[0])
+        ids, tokenizer = prompt_of(args, loaded.model, loaded.example_inputs)
         with tempfile.TemporaryDirectory(prefix="moesys-ring-") as scratch:
             plan = Plan(mode="infer", device=args.device, device_budget=parse_bytes(args.budget), weights=args.weights,
                         offload_dir=args.offload_dir or scratch, ring_slots=args.slots,
@@ -385,6 +171,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"{loaded.description}: {format_bytes(model_bytes(loaded.model))} of weights, budget "
                   f"{format_bytes(plan.device_budget)}, tier {plan.weights}")
             report = run_ring(loaded.model, ids, plan, args.max_new_tokens, compare=not args.no_compare)
+        if tokenizer is not None and "tokens" in report:
+            report["text"] = tokenizer.decode(report["tokens"][0], skip_special_tokens=True)
+            print(f"  new text: {report['text']!r}")
     except (MoesysError, ValueError) as exc:
         print(f"moesys-compile infer: error: {exc}", file=sys.stderr)
         return 2

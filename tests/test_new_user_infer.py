@@ -5,6 +5,7 @@ MoE blocks, and command-line options (``inspect --config``, ``train --device cud
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import torch
@@ -17,8 +18,9 @@ import moesys_compile as mc
 from moesys_compile.cli import main as cli_main
 from moesys_compile.errors import PlanError
 from moesys_compile.frontend.recognizers import canonicalize
-from moesys_compile.infer import eager_generate, model_bytes
+from moesys_compile.generate import eager_generate
 from moesys_compile.infer import main as infer_main
+from moesys_compile.infer import model_bytes
 from moesys_compile.runtime.storage import StorageError
 
 pytest.importorskip("transformers")
@@ -227,6 +229,41 @@ def test_infer_cli_refuses_a_model_directory_whose_weights_do_not_fit_its_config
     assert "its weights do not fit its config.json (LlamaForCausalLM): 'model.layers.0.mlp.down_proj.weight' has " \
            "shape [32, 64], not [32, 48] (and 2 more); save the directory again" in err
     assert "Traceback" not in err
+
+
+def save_word_tokenizer(directory, vocab_size: int = 128):
+    """A word-level Hugging Face tokenizer over ``w0 .. w{vocab_size - 2}`` and ``[UNK]``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {"[UNK]": 0, **{f"w{i}": i + 1 for i in range(vocab_size - 1)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]").save_pretrained(directory)
+
+
+def test_infer_cli_encodes_a_text_prompt_and_decodes_the_new_tokens(tmp_path, capsys):
+    model = build_hf("llama", seed=1, num_hidden_layers=1).eval()
+    model.save_pretrained(tmp_path)
+    save_word_tokenizer(tmp_path)
+    report = tmp_path / "report.json"
+    assert infer_main([str(tmp_path), "--budget", "1MiB", "--prompt", "w5 w17 w3 w99", "--max-new-tokens", "3",
+                       "--json", str(report)]) == 0
+    out = capsys.readouterr().out
+    assert "equal to eager greedy decoding: True" in out
+    tokens = json.loads(report.read_text())["tokens"][0]
+    want = model.generate(torch.tensor([[6, 18, 4, 100]]), attention_mask=torch.ones(1, 4, dtype=torch.long),
+                          max_new_tokens=3, do_sample=False)[0, 4:].tolist()
+    assert tokens == want
+    text = " ".join(f"w{t - 1}" for t in tokens if t != 0)     # id 0 is [UNK], a special token
+    assert f"new text: {text!r}" in out
+
+
+def test_infer_cli_text_prompt_without_a_tokenizer_says_where_it_looked(tmp_path, capsys):
+    build_hf("llama", seed=1, num_hidden_layers=1).save_pretrained(tmp_path)
+    assert infer_main([str(tmp_path), "--budget", "1MiB", "--prompt", "hello"]) == 2
+    err = capsys.readouterr().err
+    assert f"--prompt needs a tokenizer, and none of [{str(tmp_path)!r}] holds one" in err
+    assert "pass --tokenizer DIR" in err and "Traceback" not in err
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import save_file
 
 import moesys_compile as mc
-from moesys_compile.infer import eager_generate, main, model_bytes
+from moesys_compile.generate import eager_generate
+from moesys_compile.infer import main, model_bytes
 from moesys_compile.ir import is_op
 from moesys_compile.programs.ring import RingBudgetError, RingProgram
 from moesys_compile.runtime import ring as ring_runtime
@@ -335,7 +336,7 @@ def test_loads_ahead_of_a_call_do_not_count_as_its_transfer(tmp_path, monkeypatc
 
 
 def test_generate_efficiency_sums_the_bounds_of_its_calls():
-    from moesys_compile.infer import combine_stats
+    from moesys_compile.generate import combine_stats
     keys = dict(bytes_moved=1, stall_seconds=0.0, peak_device_bytes=1)
     prompt = dict(keys, transfer_seconds=1.0, compute_seconds=3.0, wall_seconds=3.2)   # compute-bound
     step = dict(keys, transfer_seconds=1.0, compute_seconds=0.1, wall_seconds=1.1)     # transfer-bound

@@ -372,8 +372,8 @@ class RingProgram(Program):
     def generate(self, ids: torch.Tensor, max_new_tokens: int,
                  attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Greedy decoding, every step through the ring; returns prompt + new tokens (see
-        ``infer.greedy_decode``; ``attention_mask`` for padded prompts of Hugging Face models)."""
-        from ..infer import greedy_decode
+        ``generate.greedy_decode``; ``attention_mask`` for padded prompts of Hugging Face models)."""
+        from ..generate import greedy_decode
         return greedy_decode(self, ids, max_new_tokens, attention_mask)
 
     def close(self) -> None:
