@@ -1,11 +1,10 @@
 """What a first-time user of ring inference runs into beyond the model families: ``generate`` as
 transformers does it, models in half precision, ``Plan.dtype``, checkpoints as Hugging Face users
 have them (``pytorch_model.bin``, bfloat16, tensors of the wrong shape or missing), hand-written
-MoE blocks, and command-line options (``inspect --config``, ``train --device cuda``)."""
+and MoE blocks written by hand (command-line options: ``test_cli_options.py``)."""
 
 from __future__ import annotations
 
-import json
 import warnings
 
 import torch
@@ -15,11 +14,9 @@ from torch import nn
 import pytest
 
 import moesys_compile as mc
-from moesys_compile.cli import main as cli_main
 from moesys_compile.errors import PlanError
 from moesys_compile.frontend.recognizers import canonicalize
 from moesys_compile.generate import eager_generate
-from moesys_compile.infer import main as infer_main
 from moesys_compile.infer import model_bytes
 from moesys_compile.runtime.storage import StorageError
 
@@ -37,7 +34,7 @@ def ring_plan(model: nn.Module, **fields) -> mc.Plan:
 
 
 # ---------------------------------------------------------------------------------------------
-# dtypes
+# decoding and dtypes
 # ---------------------------------------------------------------------------------------------
 
 
@@ -127,6 +124,24 @@ def test_plan_dtype_without_a_ring_is_refused_not_ignored():
                    example_inputs=(example_ids(vocab=256),))
 
 
+def test_compiling_a_hugging_face_model_without_example_inputs_says_what_to_pass():
+    from moesys_compile.errors import UntraceableModelError
+    with pytest.raises(UntraceableModelError, match=r"MixtralForCausalLM\.forward needs argument\(s\) \['input_ids'\]"
+                                                    r".*example_inputs=\(torch\.randint\(0, 128, \(2, 128\)\),\)"):
+        mc.compile(build_hf("mixtral").eval(), mc.Plan(mode="train"))
+
+
+def test_generate_past_the_budget_names_max_new_tokens():
+    model = mc.models.build("tiny-moe").eval()
+    ids = example_ids(1, 6, vocab=256)
+    program = mc.compile(model, mc.Plan(mode="infer", device_budget=model_bytes(model) // 4), example_inputs=(ids,))
+    assert program.generate(ids, 2).shape == (1, 8)
+    with pytest.raises(PlanError, match=r"generate\(max_new_tokens=400\) of 1 prompt\(s\) of 6 tokens: the last "
+                                        r"decoding step holds its KV cache at 405 positions .*lower max_new_tokens"):
+        program.generate(ids, 400)
+    program.close()
+
+
 # ---------------------------------------------------------------------------------------------
 # checkpoints
 # ---------------------------------------------------------------------------------------------
@@ -199,71 +214,6 @@ def test_a_matching_checkpoint_warns_of_nothing_unused(family, tmp_path):
         warnings.simplefilter("always")
         _ring_from(tmp_path, tmp_path, family).close()
     assert _unused_warnings(record) == []
-
-
-def test_compiling_a_hugging_face_model_without_example_inputs_says_what_to_pass():
-    from moesys_compile.errors import UntraceableModelError
-    with pytest.raises(UntraceableModelError, match=r"MixtralForCausalLM\.forward needs argument\(s\) \['input_ids'\]"
-                                                    r".*example_inputs=\(torch\.randint\(0, 128, \(2, 128\)\),\)"):
-        mc.compile(build_hf("mixtral").eval(), mc.Plan(mode="train"))
-
-
-def test_generate_past_the_budget_names_max_new_tokens():
-    model = mc.models.build("tiny-moe").eval()
-    ids = example_ids(1, 6, vocab=256)
-    program = mc.compile(model, mc.Plan(mode="infer", device_budget=model_bytes(model) // 4), example_inputs=(ids,))
-    assert program.generate(ids, 2).shape == (1, 8)
-    with pytest.raises(PlanError, match=r"generate\(max_new_tokens=400\) of 1 prompt\(s\) of 6 tokens: the last "
-                                        r"decoding step holds its KV cache at 405 positions .*lower max_new_tokens"):
-        program.generate(ids, 400)
-    program.close()
-
-
-def test_infer_cli_refuses_a_model_directory_whose_weights_do_not_fit_its_config(tmp_path, capsys):
-    """transformers would initialise the tensor at random and only log it."""
-    build_hf("llama", seed=1, num_hidden_layers=1).save_pretrained(tmp_path)
-    config = (tmp_path / "config.json").read_text().replace('"intermediate_size": 64', '"intermediate_size": 48')
-    (tmp_path / "config.json").write_text(config)
-    assert infer_main([str(tmp_path), "--budget", "1MiB", "--max-new-tokens", "0"]) == 2
-    err = capsys.readouterr().err
-    assert "its weights do not fit its config.json (LlamaForCausalLM): 'model.layers.0.mlp.down_proj.weight' has " \
-           "shape [32, 64], not [32, 48] (and 2 more); save the directory again" in err
-    assert "Traceback" not in err
-
-
-def save_word_tokenizer(directory, vocab_size: int = 128):
-    """A word-level Hugging Face tokenizer over ``w0 .. w{vocab_size - 2}`` and ``[UNK]``."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    vocab = {"[UNK]": 0, **{f"w{i}": i + 1 for i in range(vocab_size - 1)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]").save_pretrained(directory)
-
-
-def test_infer_cli_encodes_a_text_prompt_and_decodes_the_new_tokens(tmp_path, capsys):
-    model = build_hf("llama", seed=1, num_hidden_layers=1).eval()
-    model.save_pretrained(tmp_path)
-    save_word_tokenizer(tmp_path)
-    report = tmp_path / "report.json"
-    assert infer_main([str(tmp_path), "--budget", "1MiB", "--prompt", "w5 w17 w3 w99", "--max-new-tokens", "3",
-                       "--json", str(report)]) == 0
-    out = capsys.readouterr().out
-    assert "equal to eager greedy decoding: True" in out
-    tokens = json.loads(report.read_text())["tokens"][0]
-    want = model.generate(torch.tensor([[6, 18, 4, 100]]), attention_mask=torch.ones(1, 4, dtype=torch.long),
-                          max_new_tokens=3, do_sample=False)[0, 4:].tolist()
-    assert tokens == want
-    text = " ".join(f"w{t - 1}" for t in tokens if t != 0)     # id 0 is [UNK], a special token
-    assert f"new text: {text!r}" in out
-
-
-def test_infer_cli_text_prompt_without_a_tokenizer_says_where_it_looked(tmp_path, capsys):
-    build_hf("llama", seed=1, num_hidden_layers=1).save_pretrained(tmp_path)
-    assert infer_main([str(tmp_path), "--budget", "1MiB", "--prompt", "hello"]) == 2
-    err = capsys.readouterr().err
-    assert f"--prompt needs a tokenizer, and none of [{str(tmp_path)!r}] holds one" in err
-    assert "pass --tokenizer DIR" in err and "Traceback" not in err
 
 
 # ---------------------------------------------------------------------------------------------
@@ -368,36 +318,3 @@ def test_an_unmatched_moe_block_is_told_the_structure_recognizers_expect():
     (report,) = canonicalize(nn.Sequential(RenamedMoE()))
     assert report.action == "left" and "a router child with one [E, D] weight and a child named like " \
                                        "'experts' holding a ModuleList of bias-free Linear MLPs" in report.reason
-
-
-# ---------------------------------------------------------------------------------------------
-# inspect options
-# ---------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("command", ["inspect", "infer"])
-def test_config_before_model_leaves_the_model_on_the_command_line(command, capsys):
-    """``--config`` takes one or more values: MODEL after it must still be read as MODEL."""
-    tail = ["--after", "capture"] if command == "inspect" else ["--budget", "1MiB", "--max-new-tokens", "1"]
-    assert cli_main([command, "--config", "n_layers=1", "tiny-moe", *tail]) == 0
-    out = capsys.readouterr().out
-    assert ("layers.0" in out and "layers.1" not in out) if command == "inspect" else "equal to eager" in out
-
-
-def test_inspect_config_takes_several_overrides_at_once(capsys):
-    assert cli_main(["inspect", "tiny-moe", "--config", "n_layers=1", "num_experts=8", "--after", "capture"]) == 0
-    out = capsys.readouterr().out
-    assert "num_experts=8" in out and "layers.1" not in out
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-@pytest.mark.parametrize("ranks", ["1", "2"])
-def test_train_on_cuda_without_cuda_is_one_line(ranks, capsys, monkeypatch):
-    """``moesys-compile train --help`` offers ``--device cuda``; without CUDA that is one line, not
-    an assertion from deep inside torch (or one per launched rank)."""
-    from moesys_compile import train
-    monkeypatch.delenv("RANK", raising=False)
-    monkeypatch.setattr(train, "launch", lambda *a, **k: pytest.fail("ranks were launched"))
-    argv = ["--model", "tiny-moe", "--steps", "1", "--device", "cuda", "--nproc-per-node", ranks]
-    assert train.main(argv) == 2
-    assert "device ('cuda') needs CUDA, which this machine does not have; use device='cpu'" in capsys.readouterr().err
