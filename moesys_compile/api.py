@@ -11,7 +11,7 @@ from torch import nn
 
 from moesys_compile.passes import pipeline_for
 
-from .errors import PlanError
+from .errors import PlanError, UntraceableModelError
 from .frontend import BlockReport, annotate, canonicalize, capture, moe_modules
 from .frontend.tracing import expose_aux_loss, traced_names
 from .pipeline import CompileContext, run_pipeline, take_snapshot
@@ -100,6 +100,19 @@ def _capture_and_annotate(model, example_inputs, example_kwargs, leaf_modules, f
     return gm, annotation
 
 
+def _within_unrecognised_block(exc: UntraceableModelError, blocks: Sequence[BlockReport]) -> UntraceableModelError:
+    """``exc``, with the reason canonicalize gave when the failing module lies in an MoE-like
+    block it left as the model's own code (a recognised block would not have been traced)."""
+    path = getattr(exc, "module_path", None) or ""
+    block = next((b for b in blocks if b.action == "left" and (path == b.path or path.startswith(b.path + "."))), None)
+    if block is None:
+        return exc
+    error = UntraceableModelError(f"{exc}\n  the MoE block '{block.path}' ({block.kind}) around it was not "
+                                  f"recognised, so its own code was traced: {block.reason}")
+    error.__dict__.update(exc.__dict__)
+    return error
+
+
 def prepare(model: nn.Module, plan: Optional[Plan] = None, example_inputs: Any = (),
             example_kwargs: Optional[dict] = None, rank: int = 0) -> tuple[fx.GraphModule, CompileContext]:
     """The frontend alone: canonicalize, check the plan against the model, capture, annotate.
@@ -108,7 +121,11 @@ def prepare(model: nn.Module, plan: Optional[Plan] = None, example_inputs: Any =
     example_inputs, example_kwargs = _as_tuple(example_inputs), dict(example_kwargs or {})
     blocks = canonicalize(model)
     check_plan_against_model(model, plan, blocks)
-    gm, annotation = _capture_and_annotate(model, example_inputs, example_kwargs, plan.leaf_modules, for_program=True)
+    try:
+        gm, annotation = _capture_and_annotate(model, example_inputs, example_kwargs, plan.leaf_modules,
+                                               for_program=True)
+    except UntraceableModelError as exc:
+        raise _within_unrecognised_block(exc, blocks) from exc
     binder = gm.meta["moesys_binder"]
     _check_dtype_of_export(model, plan, binder.capture)
     ctx = CompileContext(plan=plan, model=model, annotation=annotation, blocks=blocks,

@@ -308,6 +308,34 @@ def test_hand_written_moe_blocks_run_through_the_ring(block, action):
     program.close()
 
 
+def test_an_untraceable_unrecognised_hugging_face_block_is_named_without_a_leaf_hint():
+    """Switch Transformers: its router re-casts itself in forward (export replays that as a no-op
+    now), then its expert loop is data-dependent; export traces every module, so the error says
+    which block was not recognised instead of offering leaf_modules."""
+    from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
+    from moesys_compile.errors import UntraceableModelError
+    config = SwitchTransformersConfig(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_decoder_layers=1,
+                                      num_heads=2, num_experts=4, num_sparse_encoder_layers=1,
+                                      num_sparse_decoder_layers=1, decoder_start_token_id=0, pad_token_id=0)
+    model = SwitchTransformersForConditionalGeneration(config).eval()
+    ids = example_ids(vocab=64)
+    with pytest.raises(UntraceableModelError) as info:
+        mc.compile(model, mc.Plan(mode="infer"), example_kwargs=dict(
+            input_ids=ids, attention_mask=torch.ones_like(ids), decoder_input_ids=ids[:, :4]))
+    message = str(info.value)
+    assert "module 'encoder.block.0.layer.1.mlp.experts' uses a branch or shape that depends on tensor values" in message
+    assert "Plan.leaf_modules does not apply" in message and "Plan(leaf_modules=" not in message
+    assert "the MoE block 'encoder.block.0.layer.1.mlp' (SwitchTransformersSparseMLP) around it was not " \
+           "recognised" in message
+
+
+def test_leaf_modules_of_an_exported_model_are_reported_as_without_effect():
+    model = build_hf("llama", num_hidden_layers=1).eval()
+    with pytest.warns(UserWarning, match=r"Plan\.leaf_modules \['model\.layers\.0\.mlp'\] has no effect on "
+                                         r"LlamaForCausalLM: it is captured by torch\.export"):
+        mc.compile(model, mc.Plan(mode="train", leaf_modules=["model.layers.0.mlp"]), example_inputs=(example_ids(),))
+
+
 def test_an_unmatched_moe_block_is_told_the_structure_recognizers_expect():
     class RenamedMoE(nn.Module):                   # experts under a name no recognizer looks at
         def __init__(self):

@@ -7,6 +7,9 @@ v5 models are not fx-traceable (the fx tracer cannot re-code ``**kwargs`` forwar
 
 * turns the cache off (``config.use_cache = False``; restored afterwards): training programs and
   ring inference run full sequences, and a cache object is not a tensor output;
+* makes ``module.to(...)`` inside ``forward`` a no-op when nothing would change (Switch
+  Transformers' router re-assigns ``self.classifier = self.classifier.to(self.dtype)`` on every
+  call, which export cannot replay on its tracked parameters);
 * asks for ``torch.export`` first (fx would fail anyway);
 * gives canonical MoE blocks the model's own aux-loss coefficient (``router_aux_loss_coef``).
 
@@ -19,8 +22,10 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import types
 from typing import Iterator, Optional
 
+import torch
 from torch import nn
 
 AUX_COEF_FIELDS = ("router_aux_loss_coef", "aux_loss_alpha")
@@ -67,9 +72,32 @@ def _cache_off(model: nn.Module) -> Iterator[bool]:
             config.use_cache = value
 
 
+def _to_if_needed(module: nn.Module, *args, **kwargs) -> nn.Module:
+    """``module.to(...)``, returning ``module`` untouched when its tensors already match."""
+    device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+    tensors = list(module.parameters()) + list(module.buffers())
+    if all((device is None or t.device == device) and (dtype is None or not t.is_floating_point() or t.dtype == dtype)
+           for t in tensors):
+        return module
+    return nn.Module.to(module, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def _capturable(model: nn.Module) -> Iterator[bool]:
+    modules = list(model.modules())
+    for module in modules:
+        object.__setattr__(module, "to", types.MethodType(_to_if_needed, module))
+    try:
+        with _cache_off(model) as export_first:
+            yield export_first
+    finally:
+        for module in modules:
+            module.__dict__.pop("to", None)
+
+
 def hf_capture_adapter(model: nn.Module) -> Optional[contextlib.AbstractContextManager]:
     """``tracing.CAPTURE_ADAPTERS`` entry: None for models that are not Hugging Face models."""
     if not is_hf_model(model):
         return None
     apply_aux_loss_coef(model)
-    return _cache_off(model)
+    return _capturable(model)

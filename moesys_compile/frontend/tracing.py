@@ -9,6 +9,7 @@ import inspect
 import operator
 import os
 import traceback
+import warnings
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
@@ -100,9 +101,15 @@ def untraceable_error(model: nn.Module, fx_error: BaseException, tracer: MoesysT
     frame = _user_frame(fx_error)
     where = f"{frame.filename}:{frame.lineno}: {frame.line}" if frame else "unknown source line"
     construct = _construct(fx_error)
-    leaf_hint = (f"declare it a leaf so it runs as one opaque call: Plan(leaf_modules=[{path!r}]) or "
-                 f"trace(..., leaf_modules=[{path!r}])" if path != "<root>" else
-                 "move the data-dependent part into a submodule and declare that a leaf (Plan.leaf_modules)")
+    if export_first:    # torch.export traces every module: Plan.leaf_modules cannot keep one opaque
+        leaf_hint = (f"change that code in the model (torch.export captures {type(model).__name__}, since fx "
+                     f"cannot trace its forward, and export traces into every module: Plan.leaf_modules does "
+                     f"not apply)")
+    elif path != "<root>":
+        leaf_hint = (f"declare it a leaf so it runs as one opaque call: Plan(leaf_modules=[{path!r}]) or "
+                     f"trace(..., leaf_modules=[{path!r}])")
+    else:
+        leaf_hint = "move the data-dependent part into a submodule and declare that a leaf (Plan.leaf_modules)"
     lines = [
         f"cannot trace {type(model).__name__}: module '{path}' uses {construct}",
         f"  at {where}",
@@ -215,9 +222,12 @@ def capture(model: nn.Module, example_inputs: Sequence[Any] = (), example_kwargs
         export_error: Optional[BaseException] = None
         if any(entered):
             try:
-                return export_trace(model, example_inputs, example_kwargs)
+                gm = export_trace(model, example_inputs, example_kwargs)
             except Exception as exc:  # noqa: BLE001 - fall through to fx; both errors are then reported
                 export_error = exc
+            else:
+                _warn_unused_leaves(model, leaf_modules)
+                return gm
         try:
             return fx_trace(model, example_inputs, example_kwargs, tracer)
         except UntraceableModelError:
@@ -229,6 +239,13 @@ def capture(model: nn.Module, example_inputs: Sequence[Any] = (), example_kwargs
                 except Exception as exc:  # noqa: BLE001
                     export_error = exc
             raise untraceable_error(model, fx_error, tracer, export_error, export_first=any(entered)) from fx_error
+
+
+def _warn_unused_leaves(model: nn.Module, leaf_modules: Iterable[str | type]) -> None:
+    leaves = list(leaf_modules)
+    if leaves:
+        warnings.warn(f"Plan.leaf_modules {leaves} has no effect on {type(model).__name__}: it is captured by "
+                      f"torch.export (fx cannot trace its forward), which traces into every module", stacklevel=4)
 
 
 def expose_aux_loss(gm: fx.GraphModule) -> int:
