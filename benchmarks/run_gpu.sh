@@ -19,7 +19,7 @@ for stage in "$@"; do
     tests)
       timeout "${TESTS_LIMIT:-200}" python3 -m pytest -q -p no:cacheprovider -n 8 --timeout 60 -rfE --tb=line \
         ${TEST_FILES:-tests/test_kernels_grouped_mlp.py tests/test_kernels_permute.py tests/test_kernels_routing.py \
-        tests/test_kernels_lower.py tests/test_ring_program.py tests/test_ops.py tests/test_token_exchange.py} >"$OUT/tests_gpu.log" 2>&1
+        tests/test_kernels_lower.py tests/test_ring_program.py tests/test_ops.py tests/test_token_exchange.py tests/test_kernels_shapes.py} >"$OUT/tests_gpu.log" 2>&1
       echo "tests: exit $?"; grep -E "passed|failed|FAILED|ERROR|Timeout" "$OUT/tests_gpu.log" | cut -c1-300 | tail -25 ;;
     kernels)
       timeout "${KERNELS_LIMIT:-300}" python3 -m benchmarks.moe_gpu --json "$OUT/moe_gpu.json" ${MOE_GPU_ARGS:-} \

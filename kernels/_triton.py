@@ -94,7 +94,8 @@ def resolve_impl(impl: str, t: torch.Tensor, dtype: Optional[torch.dtype] = None
     return "torch"
 
 
-def check_dtype(name: str, t: torch.Tensor) -> None:
+def check_dtype(kernel: str, name: str, t: torch.Tensor) -> None:
     if t.dtype not in TRITON_DTYPES:
-        raise ValueError(f"{name} has dtype {t.dtype}; the Triton kernels take "
-                         f"{', '.join(str(d) for d in TRITON_DTYPES)} (use impl='torch')")
+        raise ValueError(f"{kernel}: {name} has dtype {t.dtype}; the Triton kernels take "
+                         f"{', '.join(str(d) for d in TRITON_DTYPES)} (use impl='torch', plan option kernels: torch, "
+                         f"which runs {t.dtype})")

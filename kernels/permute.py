@@ -147,6 +147,7 @@ def sort_slots_triton(ids_TK: Tensor, num_experts: int, capacity: int = -1, x_TD
     order_N = torch.empty(num_slots, device=ids_TK.device, dtype=torch.int64)
     x_ND = None
     if x_TD is not None:
+        check_dtype("permute", "x_TD", x_TD)   # the copy would run, but its backward (gather_sum) would not
         x_TD = x_TD if x_TD.stride(1) == 1 else x_TD.contiguous()
         x_ND = torch.empty((num_slots, x_TD.shape[1]), device=x_TD.device, dtype=x_TD.dtype)
     if n_blocks:
@@ -176,7 +177,7 @@ def sort_slots_torch(ids_TK: Tensor, num_experts: int, capacity: int = -1):
 def inverse_order(order_N: Tensor) -> Tensor:
     """inv_N[order_N[n]] = n: where each slot's row sits in the sorted order."""
     inv_N = torch.empty_like(order_N)
-    inv_N[order_N] = torch.arange(order_N.numel(), device=order_N.device)
+    inv_N[order_N] = torch.arange(order_N.numel(), device=order_N.device, dtype=order_N.dtype)
     return inv_N
 
 
@@ -184,7 +185,7 @@ def gather_sum_triton(src_ND: Tensor, order_N: Tensor, num_tokens: int, top_k: i
                       weights_TK: Optional[Tensor] = None) -> Tensor:
     """y_TD[t] = sum_k weights[t, k] * src_ND[row of slot t*K+k]."""
     check_triton(src_ND, order_N)
-    check_dtype("src_ND", src_ND)
+    check_dtype("gather_sum (unpermute, permute backward)", "src_ND", src_ND)
     src_ND = src_ND if src_ND.stride(1) == 1 else src_ND.contiguous()
     out_TD = torch.empty((num_tokens, src_ND.shape[1]), device=src_ND.device, dtype=src_ND.dtype)
     block_d = min(128, pow2(src_ND.shape[1], 16))

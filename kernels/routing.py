@@ -196,7 +196,7 @@ def route_triton(logits_TE, top_k, score_func="softmax", renormalize=True, bias_
     """Launch the fused routing kernel; returns (weights_TK, ids_TK, scores_TE, counts_E, score_sum_E)."""
     check_route_args(logits_TE, top_k, score_func, bias_E, n_groups, topk_groups)
     check_triton(logits_TE, *([bias_E] if bias_E is not None else []))
-    check_dtype("logits_TE", logits_TE)
+    check_dtype("route_topk", "logits_TE", logits_TE)
     num_tokens, num_experts = logits_TE.shape
     logits_TE = logits_TE if logits_TE.stride(1) == 1 else logits_TE.contiguous()
     meta = _launch_meta(num_experts, top_k, n_groups)

@@ -1,4 +1,4 @@
-"""grouped_mlp / fused_experts (kernels/experts.py, kernels/grouped_mlp.py) against the naive
+"""grouped_mlp / fused_experts (kernels/experts.py, experts_torch.py, grouped_mlp*.py) against the naive
 per-expert reference: outputs and the gradients of x, the top-k weights, w_up and w_down."""
 
 import os
@@ -150,9 +150,9 @@ def test_without_saved_activation_backward_recomputes(impl):
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
 def test_torch_path_splits_experts_into_chunks(monkeypatch, activation):
     """Experts with more rows than a chunk: outputs per chunk, weight gradients accumulated."""
-    from moesys_compile.kernels import experts as experts_module
-    monkeypatch.setattr(experts_module, "_CHUNK_ELEMENTS", 1)
-    monkeypatch.setattr(experts_module, "_MIN_CHUNK_ROWS", 5)   # ~20 rows per expert -> 4 chunks
+    from moesys_compile.kernels import experts_torch
+    monkeypatch.setattr(experts_torch, "_CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr(experts_torch, "_MIN_CHUNK_ROWS", 5)   # ~20 rows per expert -> 4 chunks
     w_up, w_down = experts(4, 24, 20, activation, torch.float32, seed=11)
     x = torch.randn(40, 24, device=DEVICE, requires_grad=True)
     weights = torch.rand(40, 2, device=DEVICE, requires_grad=True)
@@ -175,10 +175,10 @@ def test_torch_path_shares_experts_between_threads(monkeypatch, skew, threads, p
     budget allows, else one run on intra-op threads). Results equal the reference, and the caller's
     threads come back."""
     from moesys_compile.kernels import cpu_threads
-    from moesys_compile.kernels import experts as experts_module
+    from moesys_compile.kernels import experts_torch
     monkeypatch.setattr(cpu_threads, "MIN_RUN_ROWS", 8)
     if partial_bytes is not None:
-        monkeypatch.setattr(experts_module, "PARTIAL_GRAD_BYTES", partial_bytes)
+        monkeypatch.setattr(experts_torch, "PARTIAL_GRAD_BYTES", partial_bytes)
     runs_seen, threads_seen = [], set()
     over_runs, take_runs = cpu_threads.over_runs, cpu_threads.take_runs
 

@@ -156,7 +156,7 @@ grouped_mlp.register_autograd(_grouped_mlp_backward, setup_context=_grouped_mlp_
 def unpermute_reference(y_ND: Tensor, order_N: Tensor, weights_TK: Tensor) -> Tensor:
     num_tokens, top_k = weights_TK.shape
     y_slots_ND = torch.zeros_like(y_ND).index_copy(0, order_N, y_ND)    # back to t*K+k order
-    y_TKD = y_slots_ND.view(num_tokens, top_k, -1)
+    y_TKD = y_slots_ND.view(num_tokens, top_k, y_ND.shape[1])  # explicit D: T may be 0
     return (y_TKD * weights_TK.to(y_ND.dtype).unsqueeze(-1)).sum(1)
 
 
