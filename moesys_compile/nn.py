@@ -75,6 +75,11 @@ class MoE(nn.Module):
         self.aux_loss: Optional[Tensor] = None
         self.reset_parameters()
 
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave out the last forward's loss (a non-leaf tensor of that graph,
+        which ``copy.deepcopy`` refuses)."""
+        return {**super().__getstate__(), "aux_loss": None}
+
     def reset_parameters(self) -> None:
         nn.init.normal_(self.w_up, std=1 / math.sqrt(self.dim))
         nn.init.normal_(self.w_down, std=1 / math.sqrt(self.ffn_dim))

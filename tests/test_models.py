@@ -40,3 +40,14 @@ def test_cli_model_specs():
         load_model("nonsense")
     with pytest.raises(ValueError, match="cannot load model factory"):
         load_model("no.such.module:factory")
+
+
+def test_a_model_copies_after_a_forward():
+    """The last forward's aux loss (a non-leaf tensor) stays behind: deepcopy (an EMA or reference
+    copy of the model) works after training steps, and the copy computes the same."""
+    import copy
+    model = mc.models.build("tiny-moe")
+    ids = torch.randint(0, 256, (2, 8))
+    out = model(ids)
+    twin = copy.deepcopy(model)
+    assert torch.equal(twin(ids), out) and model.layers[0].ffn.aux_loss is not None
