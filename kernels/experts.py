@@ -32,6 +32,7 @@ from moesys_compile.kernels.experts_torch import (GATHER_ROWS, block_target, exp
 from moesys_compile.kernels.grouped_mlp import check_experts_args, experts_forward_triton
 from moesys_compile.kernels.grouped_mlp_backward import experts_backward_triton
 from moesys_compile.ops import check_activation
+from moesys_compile.ops.autocast import follow_autocast
 
 
 def forward_scratch_bytes(num_rows, dim: int, ffn: int, rows_h: int, element_size: int, fused: bool,
@@ -149,3 +150,8 @@ def _fused_experts_backward(ctx, grad_y_TD, grad_h_NH):
 
 
 fused_experts.register_autograd(_fused_experts_backward, setup_context=_fused_experts_setup)
+
+
+# torch.autocast: expert matmuls in the autocast dtype, the rest on their inputs as they come
+follow_autocast("moesys_kernels::grouped_mlp", cast=True)
+follow_autocast("moesys_kernels::fused_experts", cast=True)

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from moesys_compile.kernels._triton import check_dtype, check_triton, pow2, resolve_impl, tl, triton
 from moesys_compile.ops import expert_capacity, sort_slots_reference
+from moesys_compile.ops.autocast import follow_autocast
 
 # ---------------------------------------------------------------------------------------------
 # Triton kernels
@@ -319,3 +320,9 @@ def _unpermute_backward(ctx, grad_y_TD):
 
 
 unpermute.register_autograd(_unpermute_backward, setup_context=_unpermute_setup)
+
+
+# torch.autocast: expert matmuls in the autocast dtype, the rest on their inputs as they come
+follow_autocast("moesys_kernels::sort_slots", cast=False)
+follow_autocast("moesys_kernels::permute", cast=False)
+follow_autocast("moesys_kernels::unpermute", cast=False)

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from moesys_compile.kernels._triton import check_dtype, check_triton, pow2, resolve_impl, tl, triton
 from moesys_compile.ops import SCORE_FUNCS, route_reference, score_dtype
+from moesys_compile.ops.autocast import follow_autocast
 
 # ---------------------------------------------------------------------------------------------
 # Triton kernels
@@ -341,3 +342,8 @@ def _balance_loss_backward(ctx, grad_loss):
 
 
 balance_loss.register_autograd(_balance_loss_backward, setup_context=_balance_loss_setup)
+
+
+# torch.autocast: expert matmuls in the autocast dtype, the rest on their inputs as they come
+follow_autocast("moesys_kernels::route_topk", cast=False)
+follow_autocast("moesys_kernels::balance_loss", cast=False)

@@ -35,6 +35,7 @@ from .errors import MoesysError, PlanError
 from .plan import Plan
 from .programs.training import TrainingProgram
 from .runtime import groups
+from .runtime.checkpoint import CheckpointError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,12 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--capacity-factor", type=float, default=None, help="GShard capacity (default dropless)")
     p.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (nccl)")
     p.add_argument("--data", default="synthetic", help="'synthetic', a text file, or a .npy/.bin token file")
-    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--steps", type=int, default=100, help="total optimizer steps (a resumed run continues up to it)")
     p.add_argument("--batch-size", type=int, default=8, help="global batch (sequences over all ranks)")
-    p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--seq-len", type=int, default=64, help="tokens per sequence")
+    p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (constant, no weight decay)")
     p.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clip (0: off)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the model's initial values and the batches")
     p.add_argument("--ckpt-dir", help="checkpoint root (step_NNNNNN dirs + 'latest')")
     p.add_argument("--ckpt-every", type=int, default=0, help="save every K steps (0: only at the end)")
     p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint in --ckpt-dir")
@@ -173,7 +174,7 @@ def run(args) -> dict:
     plan = make_plan(args, world)
     check_device(plan)
     groups.check_world(plan)                         # before any work
-    _check_batch(args, world)
+    _check_args(args, world)
     torch.manual_seed(args.seed)                     # same initial model on every rank
     model = build_model(args, plan)
     data = TokenSource(args.data, model.config.vocab_size, args.batch_size, args.seq_len, args.seed)
@@ -184,7 +185,9 @@ def run(args) -> dict:
     opt = torch.optim.AdamW(program.parameters(), lr=args.lr, weight_decay=0.0)
     start = _resume(program, opt, args, rank)
     log = _train_loop(program, opt, data, args, start, rank, world, device)
-    if args.ckpt_dir and (not args.ckpt_every or args.steps % args.ckpt_every):
+    # the last step's checkpoint, unless --ckpt-every saved it or the checkpoint resumed from is
+    # already at (or past) --steps: nothing was trained, and a save would label it step --steps
+    if args.ckpt_dir and start < args.steps and (not args.ckpt_every or args.steps % args.ckpt_every):
         save_checkpoint(program, opt, args.ckpt_dir, args.steps)
     if rank == 0 and args.log_json:
         Path(args.log_json).write_text(json.dumps(log, indent=1))
@@ -195,9 +198,14 @@ def _resume(program, opt, args, rank: int) -> int:
     checkpoint = None if args.no_resume else latest_checkpoint(args.ckpt_dir)
     if checkpoint is None:
         return 0
-    step = int(program.load(str(checkpoint), optimizer=opt).get("step", 0))
+    try:
+        step = int(program.load(str(checkpoint), optimizer=opt).get("step", 0))
+    except CheckpointError as exc:
+        raise CheckpointError(f"resuming from {checkpoint}: {exc}; or pass --no-resume (or another --ckpt-dir) "
+                              f"to start afresh") from None
     if rank == 0:
-        print(f"resumed from {checkpoint} at step {step}", flush=True)
+        done = f"; --steps {args.steps} is reached, nothing to train" if step >= args.steps else ""
+        print(f"resumed from {checkpoint} at step {step}{done}", flush=True)
     return step
 
 
@@ -270,15 +278,17 @@ def precheck(args, world: int) -> None:
     if plan.world_size != world:
         raise PlanError(f"plan.world_size ({plan.world_size}) differs from --nproc-per-node ({world}); launch "
                         f"{plan.world_size} ranks or set world_size={world} in the plan")
-    _check_batch(args, world)
+    _check_args(args, world)
     model = build_model(args, plan)
     check_plan_against_model(model, plan)
     TokenSource(args.data, model.config.vocab_size, args.batch_size, args.seq_len, args.seed).global_batch(0)
 
 
-def _check_batch(args, world: int) -> None:
+def _check_args(args, world: int) -> None:
     if args.batch_size % world:
         raise ValueError(f"--batch-size ({args.batch_size}) must be divisible by the world size ({world})")
+    if args.ckpt_every and not args.ckpt_dir:
+        raise ValueError(f"--ckpt-every {args.ckpt_every} saves nowhere without --ckpt-dir; pass --ckpt-dir DIR")
 
 
 def launch(argv: Sequence[str], nproc: int, env: Optional[dict] = None) -> int:

@@ -15,6 +15,7 @@ from torch import Tensor
 from moesys_compile.frontend.annotation import CostModel
 from moesys_compile.ir import infer_val, is_op, moesys_meta
 from moesys_compile.ops import expert_capacity
+from moesys_compile.ops.autocast import follow_autocast
 
 
 def slot_capacity(x_TD: Tensor, top_k: int, num_experts: int, capacity_factor: float) -> int:
@@ -136,3 +137,7 @@ def dropped_fraction(module: torch.nn.Module, reset: bool = False) -> dict[str, 
             if reset:
                 buffer.zero_()
     return result
+
+
+# torch.autocast: expert matmuls in the autocast dtype, the rest on their inputs as they come
+follow_autocast("moesys::record_drops", cast=False)

@@ -27,6 +27,7 @@ from torch import Tensor
 from moesys_compile import ops
 from moesys_compile.frontend.annotation import B, S, CostModel
 from moesys_compile.ir import fetch, infer_val, is_op, moesys_meta
+from moesys_compile.ops.autocast import follow_autocast
 from moesys_compile.runtime.ring import activation_exprs, evaluate_workspace, liveness_plan, scratch_exprs
 
 # ---------------------------------------------------------------------------------------------
@@ -192,3 +193,7 @@ def _slice_attr(gm: fx.GraphModule, ctx, weight: fx.Node, lo: int, hi: int, slic
     moesys_meta(node)["cost"] = CostModel(gm, ctx.annotation).cost(node)
     slices[name] = (str(weight.target), lo, hi)
     return node
+
+
+# torch.autocast: expert matmuls in the autocast dtype, the rest on their inputs as they come
+follow_autocast("moesys_ring::expert_group_mlp", cast=True)

@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from moesys_compile.ops.activations import apply_activation, check_activation, expert_capacity
+from moesys_compile.ops.autocast import follow_autocast
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,3 +263,10 @@ def moe_experts_reference(x_TD, ids_TK, weights_TK, w_up_EHD, w_down_EDF, activa
     """Naive differentiable torch version of the whole canonical op, for tests."""
     ops = (permute_reference, grouped_mlp_reference, unpermute_reference)
     return _composed(ops, x_TD, ids_TK, weights_TK, w_up_EHD, w_down_EDF, activation, capacity_factor)
+
+
+# torch.autocast: expert matmuls in the autocast dtype, the rest on their inputs as they come
+follow_autocast("moesys::permute", cast=False)
+follow_autocast("moesys::grouped_mlp", cast=True)
+follow_autocast("moesys::unpermute", cast=False)
+follow_autocast("moesys::moe_experts", cast=True)

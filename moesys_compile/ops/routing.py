@@ -7,6 +7,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from moesys_compile.ops.autocast import follow_autocast
+
 SCORE_FUNCS = ("softmax", "sigmoid")
 
 
@@ -167,3 +169,7 @@ def _lbl_backward(ctx, grad_loss):
 
 load_balancing_loss.register_autograd(_lbl_backward, setup_context=_lbl_setup)
 
+
+# torch.autocast: expert matmuls in the autocast dtype, the rest on their inputs as they come
+follow_autocast("moesys::route", cast=False)
+follow_autocast("moesys::load_balancing_loss", cast=False)

@@ -9,19 +9,16 @@ from .binding import InputBinder, fixed_input_sizes, flatten_export_codegen
 
 
 def build_program(gm: fx.GraphModule, ctx) -> Program:
-    """Single-device program for now; distributed training and ring inference plug in here."""
-    if ctx.plan.mode == "train" and (ctx.plan.world_size > 1 or _distributed()):
+    """Train mode: a TrainingProgram at every world size (one process too), so clip_grad_norm_,
+    save/load and no_sync work the same with or without torchrun. Infer mode with a device budget:
+    a RingProgram; otherwise the plain Program."""
+    if ctx.plan.mode == "train":
         from .training import TrainingProgram
         return TrainingProgram(gm, ctx)
     if ctx.plan.mode == "infer" and ctx.plan.device_budget is not None:
         from .ring import RingProgram
         return RingProgram(gm, ctx)
     return Program(gm, ctx)
-
-
-def _distributed() -> bool:
-    import torch.distributed as dist
-    return dist.is_available() and dist.is_initialized()
 
 
 __all__ = ["Program", "InputBinder", "build_program", "fixed_input_sizes", "flatten_export_codegen"]

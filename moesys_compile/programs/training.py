@@ -23,6 +23,7 @@ from ..frontend.canonicalize import moe_parameter_classes
 from ..runtime import checkpoint, groups
 from ..runtime.collectives import GradBucketer
 from .base import Program
+from .train_mode import follow_train_mode
 
 
 class ExpertShard(NamedTuple):
@@ -65,6 +66,7 @@ class TrainingProgram(Program):
         if ctx.rank != self.topology.rank:
             raise PlanError(f"the graph was lowered for rank {ctx.rank} but this process is rank {self.topology.rank}")
         self.expert_layout = self._expert_layout(ctx)
+        follow_train_mode(gm)
         if plan.device != "cpu":
             gm.to(torch.device(plan.device))
         self._broadcast_parameters()
@@ -204,16 +206,22 @@ class TrainingProgram(Program):
         """Fill the dense state from ``dense`` and this rank's expert tensors via
         ``read_rows(name, lo, hi)`` (the part of ``name`` that belongs to experts [lo, hi))."""
         full = self.context.model.state_dict(keep_vars=True)
+        model = type(self.context.model).__name__
         missing = [n for n in full if not self.is_expert(n) and n not in dense]
         if missing:
-            raise KeyError(f"checkpoint lacks {len(missing)} entr(ies) of the model, e.g. {missing[:3]}")
-        for name, tensor in full.items():
-            if not self.is_expert(name):
-                tensor.data.copy_(dense[name])
+            raise checkpoint.CheckpointError(f"the checkpoint lacks {len(missing)} entr(ies) of {model}, e.g. "
+                                             f"{missing[:3]}; load it into the model it was saved from")
+        pairs = [(name, tensor, dense[name]) for name, tensor in full.items() if not self.is_expert(name)]
         local = dict(self._named_local())
-        for name, shard in self.expert_layout.items():
-            if shard.held:
-                local[name].data.copy_(read_rows(name, shard.lo, shard.hi))
+        pairs += [(name, local[name], read_rows(name, shard.lo, shard.hi))
+                  for name, shard in self.expert_layout.items() if shard.held]
+        for name, tensor, saved in pairs:      # check all before copying any: a misfit leaves the model as it was
+            if saved.shape != tensor.shape:
+                raise checkpoint.CheckpointError(
+                    f"'{name}' is {tuple(saved.shape)} in the checkpoint but {tuple(tensor.shape)} in {model} on this "
+                    f"rank; load it into the model it was saved from (same config overrides)")
+        for _, tensor, saved in pairs:
+            tensor.data.copy_(saved)
 
     def save(self, directory: str, optimizer: Optional[torch.optim.Optimizer] = None, **extra: Any) -> None:
         """Collective: sharded atomic checkpoint (see ``moesys_compile.runtime.checkpoint``)."""

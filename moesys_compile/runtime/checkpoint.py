@@ -114,6 +114,7 @@ def _meta(program, aliases: dict[str, str], optimizer, extra: dict) -> dict:
 def save(program, directory: str, optimizer: Optional[torch.optim.Optimizer] = None,
          extra: Optional[dict] = None) -> Path:
     """Collective. Write ``program``'s state (and the optimizer's) atomically to ``directory``."""
+    _check_extra(dict(extra or {}))       # on every rank, before any collective: none is left waiting
     topo = program.topology
     target = Path(directory).resolve()
     token = _agree(f"{os.getpid()}-{time.time_ns()}")
@@ -140,6 +141,17 @@ def save(program, directory: str, optimizer: Optional[torch.optim.Optimizer] = N
         _swap(tmp, target, token)
     _barrier()
     return target
+
+
+def _check_extra(extra: dict) -> None:
+    """``extra`` goes into meta.json: refuse what JSON cannot hold, naming the entry."""
+    for key, value in extra.items():
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"save(..., {key}=...) goes into {META}, but {type(value).__name__} values cannot "
+                                  f"({exc}); pass numbers, strings, lists or dicts of them, e.g. "
+                                  f"{key}=int({key})") from None
 
 
 def _swap(tmp: Path, target: Path, token: str) -> None:

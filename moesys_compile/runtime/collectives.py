@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..ops.autocast import follow_autocast
 from . import groups
 
 
@@ -290,8 +291,12 @@ class _Pending:
 class GradBucketer:
     """Launch each bucket's all-reduce as soon as all its gradients are accumulated in backward
     (buckets are launched in index order on every rank, so collectives match), and wait for them
-    at the end of backward. Gradients are divided by the world size: they become the gradients of
-    the mean loss over every rank's batch, i.e. of one process on the global batch."""
+    at the end of backward. Gradients become those of the mean loss over every rank's batch, i.e.
+    of one process on the global batch: a bucket is averaged over its group of s ranks, and a
+    gradient whose group is smaller than the world (expert data parallel) is scaled by s / world
+    as it arrives, before accumulation. So a gradient accumulated over several backward passes,
+    synced each time (like DDP without ``no_sync``) or once, is the sum of the passes' gradients:
+    the part synced before is the same on every rank of the group and averages to itself."""
 
     def __init__(self, buckets: list[Bucket], params: dict[str, torch.nn.Parameter], world_size: int):
         self.buckets, self.params, self.world_size = buckets, params, world_size
@@ -302,6 +307,11 @@ class GradBucketer:
         self.ready_at_first_launch = None  # gradients accumulated when the first bucket was launched
         self.handles = [params[name].register_post_accumulate_grad_hook(self._hook(name))
                         for name in self.bucket_of]
+        for bucket in buckets:
+            scale = groups.size(bucket.group) / world_size
+            if scale != 1:
+                self.handles += [params[name].register_hook(lambda grad, scale=scale: grad * scale)
+                                 for name in bucket.params]
 
     def _hook(self, name: str):
         def hook(param):
@@ -336,11 +346,10 @@ class GradBucketer:
             if param.grad is None:           # unused this step: contributes zeros, like DDP
                 param.grad = torch.zeros_like(param)
             grads.append(param.grad)
-        pg = group_of(bucket.group)
-        if pg is None or groups.size(bucket.group) == 1:    # nothing to reduce: scale in place
-            torch._foreach_div_(grads, float(self.world_size))
+        pg, size = group_of(bucket.group), groups.size(bucket.group)
+        if pg is None or size == 1:      # nothing to reduce: scaled by 1 / world on arrival
             return index, None, None
-        flat = torch.cat([g.reshape(-1) for g in grads]).div_(self.world_size)
+        flat = torch.cat([g.reshape(-1) for g in grads]).div_(size)
         return index, flat, dist.all_reduce(flat, group=pg, async_op=True)
 
     def _finalize(self) -> None:
@@ -359,3 +368,11 @@ class GradBucketer:
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
+
+
+# torch.autocast: expert matmuls in the autocast dtype, the rest on their inputs as they come
+follow_autocast("moesys::ep_counts", cast=False)
+follow_autocast("moesys::ep_dispatch", cast=False)
+follow_autocast("moesys::ep_combine", cast=False)
+follow_autocast("moesys::global_load_balancing_loss", cast=False)
+follow_autocast("moesys::global_load_balancing_losses", cast=False)

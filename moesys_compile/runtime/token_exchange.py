@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from moesys_compile.ops import sort_slots_reference
+from moesys_compile.ops.autocast import follow_autocast
 from moesys_compile.runtime.collectives import all_to_all_rows, dynamic_rows, group_of, transpose_blocks
 
 
@@ -195,3 +196,9 @@ def _combine_backward(ctx, grad_y_TD):
 
 
 ep_token_combine.register_autograd(_combine_backward, setup_context=_combine_setup)
+
+
+# torch.autocast: expert matmuls in the autocast dtype, the rest on their inputs as they come
+follow_autocast("moesys::ep_token_plan", cast=False)
+follow_autocast("moesys::ep_token_dispatch", cast=False)
+follow_autocast("moesys::ep_token_combine", cast=False)

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ...ops.autocast import follow_autocast
 from ..canonicalize import Recognition
 from .block import adopt, block_kind
 from .hf import router_child, split_experts
@@ -173,3 +174,7 @@ def recognize_moa(module: nn.Module, path: str) -> Optional[Recognition]:
     replacement = CanonicalMoA(module, found, *split, bias)
     return Recognition(kind=kind, replacement=replacement, details=replacement.details(),
                        note="routing and expert projections now moesys ops; attention runs between map and reduce")
+
+
+# torch.autocast: expert matmuls in the autocast dtype, the rest on their inputs as they come
+follow_autocast("moesys::expert_linear", cast=True)
