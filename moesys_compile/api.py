@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import warnings
 from typing import Any, Optional, Sequence
 
 import torch
@@ -100,6 +101,23 @@ def _capture_and_annotate(model, example_inputs, example_kwargs, leaf_modules, f
     return gm, annotation
 
 
+def _warn_dropout_off(model: nn.Module, plan: Plan) -> None:
+    """A training program exported from a model in eval mode (as ``from_pretrained`` returns one)
+    keeps its dropout off: export fixes ``self.training`` (fx keeps ``nn.Dropout`` modules, which
+    follow ``program.train()``)."""
+    if plan.mode != "train" or model.training:
+        return
+    config = getattr(model, "config", None)
+    rates = {f"{name}.p": m.p for name, m in model.named_modules() if isinstance(m, nn.modules.dropout._DropoutNd)}
+    rates.update({f"config.{key}": value for key, value in (vars(config) if config is not None else {}).items()
+                  if ("dropout" in key or "pdrop" in key) and isinstance(value, float)})
+    active = {key: rate for key, rate in rates.items() if rate > 0}
+    if active:
+        shown = ", ".join(f"{k}={v}" for k, v in list(active.items())[:3])
+        warnings.warn(f"{type(model).__name__} is in eval mode ({shown}): a train-mode program traced from it never "
+                      f"drops out, even after program.train(); call model.train() before compiling", stacklevel=5)
+
+
 def _within_unrecognised_block(exc: UntraceableModelError, blocks: Sequence[BlockReport]) -> UntraceableModelError:
     """``exc``, with the reason canonicalize gave when the failing module lies in an MoE-like
     block it left as the model's own code (a recognised block would not have been traced)."""
@@ -128,6 +146,8 @@ def prepare(model: nn.Module, plan: Optional[Plan] = None, example_inputs: Any =
         raise _within_unrecognised_block(exc, blocks) from exc
     binder = gm.meta["moesys_binder"]
     _check_dtype_of_export(model, plan, binder.capture)
+    if binder.capture == "export":
+        _warn_dropout_off(model, plan)
     ctx = CompileContext(plan=plan, model=model, annotation=annotation, blocks=blocks,
                          input_names=binder.traced_names, capture=binder.capture, rank=rank)
     ctx.extras["binder"] = binder

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -276,3 +277,14 @@ def test_train_resume_past_steps_keeps_labels_and_a_misfit_names_the_tensor(tmp_
     with pytest.raises(CheckpointError, match=r"'embed\.weight' is \(256, 64\) in the checkpoint"):
         program.load(str(train.latest_checkpoint(str(tmp_path / "ckpt"))))
     assert torch.equal(program.context.model.embed.weight, before), "a misfit load changes nothing"
+
+
+def test_a_hugging_face_model_exported_in_eval_mode_warns_that_dropout_stays_off():
+    """from_pretrained returns models in eval mode; export fixes that mode into the graph."""
+    model, ids = build_hf("qwen3_moe", num_hidden_layers=1, attention_dropout=0.5), torch.randint(0, 128, (2, 8))
+    with pytest.warns(UserWarning, match=r"Qwen3MoeForCausalLM is in eval mode \(config\.attention_dropout=0\.5\): "
+                                         r"a train-mode program .* call model\.train\(\) before compiling"):
+        mc.compile(model.eval(), mc.Plan(mode="train"), (ids,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        mc.compile(model.train(), mc.Plan(mode="train"), (ids,))
