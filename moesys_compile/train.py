@@ -29,9 +29,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import models
+from .generate import first_tensor
 from .api import check_device, check_plan_against_model, lower
 from .errors import MoesysError, PlanError
+from .frontend import canonicalize
+from .models.spec import load_model
 from .plan import Plan
 from .programs.training import TrainingProgram
 from .runtime import groups
@@ -40,7 +42,9 @@ from .runtime.checkpoint import CheckpointError
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moesys-compile train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="tiny-moe", help="built-in model name")
+    p.add_argument("--model", default="tiny-moe", help="built-in name (tiny-moe), hf:<family> (random init), a "
+                                                       "Hugging Face model directory (its weights are trained on), "
+                                                       "or package.module:factory")
     p.add_argument("--override", "--config", dest="override", action="append", default=[], metavar="FIELD=VALUE",
                    help="model config override, e.g. --override num_experts=8 (repeatable; --config as in "
                         "inspect and infer)")
@@ -58,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt-dir", help="checkpoint root (step_NNNNNN dirs + 'latest')")
     p.add_argument("--ckpt-every", type=int, default=0, help="save every K steps (0: only at the end)")
     p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint in --ckpt-dir")
-    p.add_argument("--log-every", type=int, default=10, help="print a log line every N steps")
+    p.add_argument("--log-every", type=int, default=10, help="print a log line every N steps (and at the last step)")
     p.add_argument("--log-json", help="write the per-step losses and throughput here (rank 0)")
     p.add_argument("--nproc-per-node", type=int, default=1,
                    help="when not already under torchrun, launch this many ranks with torch.distributed.run")
@@ -161,8 +165,13 @@ def make_plan(args, world: int) -> Plan:
 
 
 def build_model(args, plan: Plan):
-    """The built-in model with ``--override``s, in the plan's dtype (a plan file may ask for bfloat16)."""
-    return models.build(args.model, **_overrides(args.override)).to(plan.torch_dtype)
+    """``--model`` with its ``--override``s, in training mode and the plan's dtype (a plan file may
+    ask for bfloat16). Its config must give ``vocab_size`` (the data's token range)."""
+    model = load_model(args.model, _overrides(args.override)).model
+    if not isinstance(getattr(getattr(model, "config", None), "vocab_size", None), int):
+        raise ValueError(f"--model {args.model}: {type(model).__name__} has no config.vocab_size, which the token "
+                         f"batches need; train it from your own loop with mc.compile(model, Plan(mode='train'))")
+    return model.to(plan.torch_dtype).train()
 
 
 def run(args) -> dict:
@@ -188,7 +197,9 @@ def run(args) -> dict:
     # the last step's checkpoint, unless --ckpt-every saved it or the checkpoint resumed from is
     # already at (or past) --steps: nothing was trained, and a save would label it step --steps
     if args.ckpt_dir and start < args.steps and (not args.ckpt_every or args.steps % args.ckpt_every):
-        save_checkpoint(program, opt, args.ckpt_dir, args.steps)
+        path = save_checkpoint(program, opt, args.ckpt_dir, args.steps)
+        if rank == 0:
+            print(f"saved {path}", flush=True)
     if rank == 0 and args.log_json:
         Path(args.log_json).write_text(json.dumps(log, indent=1))
     return log
@@ -218,7 +229,7 @@ def _train_loop(program, opt, data, args, start: int, rank: int, world: int, dev
     for step in bar:
         began = time.perf_counter()
         ids, targets = (t.to(device) for t in data.local_batch(step, rank, world))
-        logits = program(ids)
+        logits = first_tensor(program(ids))       # a tensor, or a Hugging Face output's .logits
         ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
         aux = program.aux_loss if program.aux_loss is not None else torch.zeros((), device=device)
         (ce + aux).backward()
@@ -237,7 +248,7 @@ def _train_loop(program, opt, data, args, start: int, rank: int, world: int, dev
             log.setdefault("dropped_fraction", []).append(sum(dropped) / max(len(dropped), 1))
             postfix["dropped"] = f"{log['dropped_fraction'][-1]:.3f}"
         bar.set_postfix(postfix)
-        if rank == 0 and args.log_every and (step + 1) % args.log_every == 0:
+        if rank == 0 and args.log_every and ((step + 1) % args.log_every == 0 or step + 1 == args.steps):
             bar.write(f"step {step + 1:>5}  loss {loss:.4f}  tokens/s {tokens_per_s:,.0f}")
         if args.ckpt_dir and args.ckpt_every and (step + 1) % args.ckpt_every == 0:
             path = save_checkpoint(program, opt, args.ckpt_dir, step + 1)
@@ -280,7 +291,7 @@ def precheck(args, world: int) -> None:
                         f"{plan.world_size} ranks or set world_size={world} in the plan")
     _check_args(args, world)
     model = build_model(args, plan)
-    check_plan_against_model(model, plan)
+    check_plan_against_model(model, plan, canonicalize(model))    # Hugging Face blocks become canonical first
     TokenSource(args.data, model.config.vocab_size, args.batch_size, args.seq_len, args.seed).global_batch(0)
 
 

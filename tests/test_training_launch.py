@@ -6,6 +6,7 @@ import json
 import warnings
 
 import pytest
+import torch
 
 import moesys_compile as mc
 from moesys_compile import train
@@ -38,7 +39,7 @@ def test_torchrun_two_ranks_then_resume_in_one_process(tmp_path, capsys):
 def test_plan_world_size_must_match_launch(tmp_path, capsys, monkeypatch):
     plan_file = tmp_path / "plan.yaml"
     mc.Plan(mode="train", world_size=4, expert_parallel=2).to_file(plan_file)
-    monkeypatch.setattr(train.models, "build", lambda *a, **k: pytest.fail("the model was built before the check"))
+    monkeypatch.setattr(train, "load_model", lambda *a, **k: pytest.fail("the model was built before the check"))
     assert train.main(["--plan", str(plan_file), "--steps", "1"]) == 2
     assert "plan.world_size (4) differs from the launched world (1 process(es))" in capsys.readouterr().err
 
@@ -52,3 +53,21 @@ def test_synthetic_data_is_learnable_and_split_over_ranks():
     x1, _ = source.local_batch(3, rank=1, world=2)
     assert x0.shape == (2, 8) and bool((x0[:, 1:] == y0[:, :-1]).all())
     assert bool((x1 == batch[2:, :-1]).all())
+
+
+def test_a_hugging_face_model_trains_from_the_launcher(tmp_path, capsys, monkeypatch):
+    """``--model hf:<family>``: its MoE blocks count as shardable in the launcher's check (they
+    are canonicalised first), its output's logits feed the loss, and the last step is logged and
+    saved even when --log-every does not divide --steps."""
+    pytest.importorskip("transformers")
+    argv = ["--model", "hf:qwen3_moe", "--override", "num_hidden_layers=1", "--steps", "3", "--batch-size", "2",
+            "--seq-len", "8", "--ckpt-dir", str(tmp_path / "ckpt")]
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setattr(train, "launch", lambda *a, **k: 0)
+    assert train.main(argv + ["--nproc-per-node", "2", "--ep", "2"]) == 0, capsys.readouterr().err
+    assert train.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "step     3  loss " in out and f"saved {tmp_path / 'ckpt' / 'step_000003'}" in out
+    from moesys_compile.models.hf import build_hf
+    restored = mc.load_into(build_hf("qwen3_moe", seed=5, num_hidden_layers=1), str(tmp_path / "ckpt" / "step_000003"))
+    assert not torch.equal(restored.lm_head.weight, build_hf("qwen3_moe", seed=5, num_hidden_layers=1).lm_head.weight)
