@@ -128,3 +128,29 @@ def test_load_into_rejects_other_architecture(tmp_path):
     program.save(str(tmp_path / "ckpt"))
     with pytest.raises(checkpoint.CheckpointError, match="does not fit"):
         mc.load_into(make_model(num_shared_experts=1), str(tmp_path / "ckpt"))
+
+
+def grouped_adamw(program, matrices_first: bool) -> torch.optim.AdamW:
+    """Two groups with other hyperparameters: matrices (decay) and the rest (no decay)."""
+    matrices = [p for p in program.parameters() if p.dim() >= 2]
+    rest = [p for p in program.parameters() if p.dim() < 2]
+    groups = [{"params": matrices, "weight_decay": 0.1, "lr": 1e-2}, {"params": rest, "weight_decay": 0.0, "lr": 3e-3}]
+    return torch.optim.AdamW(groups if matrices_first else groups[::-1])
+
+
+def test_optimizer_groups_built_in_another_order_get_their_own_hyperparameters(tmp_path):
+    program, ids, targets = build(1, 1, 0)
+    opt = grouped_adamw(program, matrices_first=True)
+    train(program, opt, ids, targets, 1)
+    program.save(str(tmp_path / "ckpt"), optimizer=opt)
+    resumed, _, _ = build(1, 1, 0, seed_shift=0.5)
+    reordered = grouped_adamw(resumed, matrices_first=False)
+    for group in reordered.param_groups:
+        group["lr"] = group["weight_decay"] = 0.5       # the saved values must replace these
+    resumed.load(str(tmp_path / "ckpt"), optimizer=reordered)
+    for group in reordered.param_groups:
+        decayed = group["params"][0].dim() >= 2
+        assert (group["weight_decay"], group["lr"]) == ((0.1, 1e-2) if decayed else (0.0, 3e-3))
+    saved = {name: opt.state[p]["exp_avg"] for name, p in program.named_parameters()}
+    for name, p in resumed.named_parameters():
+        torch.testing.assert_close(reordered.state[p]["exp_avg"], saved[name], rtol=0, atol=0)

@@ -234,6 +234,7 @@ def load(program, directory: str, optimizer: Optional[torch.optim.Optimizer] = N
 # ---------------------------------------------------------------------------------------------
 
 OPTIM_DENSE, OPTIM_GROUPS, OPTIM_PREFIX = "optim-dense.safetensors", "optim-groups.pt", "optim-"
+GROUP_NAMES = "moesys_param_names"   # a saved group's parameter names: groups are matched by them on load
 
 
 def _parameter_names(program) -> dict[int, str]:
@@ -264,7 +265,9 @@ def _save_optimizer(program, optimizer: torch.optim.Optimizer, tmp: Path) -> Non
                     warnings.warn(f"optimizer state {name}:{key} ({type(value).__name__}) is not saved")
     if topo.rank == 0:
         save_file(dense, str(tmp / OPTIM_DENSE), metadata=kinds)
-        torch.save([{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups], tmp / OPTIM_GROUPS)
+        torch.save([{**{k: v for k, v in g.items() if k != "params"},
+                     GROUP_NAMES: sorted(names[id(p)] for p in g["params"])} for g in optimizer.param_groups],
+                   tmp / OPTIM_GROUPS)
     if topo.dp_index == 0 and experts:
         save_file(experts, str(tmp / (OPTIM_PREFIX + _expert_file(topo.ep_index))), metadata=kinds)
 
@@ -295,7 +298,6 @@ def _load_optimizer(program, path: Path, meta: dict, optimizer) -> None:
         return
     names = _parameter_names(program)
     saved_groups = torch.load(path / OPTIM_GROUPS, weights_only=True)   # plain hyperparameters: no pickled code
-    same_groups = len(saved_groups) == len(optimizer.param_groups)
     state, param_groups, index = {}, [], 0
     for number, group in enumerate(optimizer.param_groups):
         ids = []
@@ -308,9 +310,23 @@ def _load_optimizer(program, path: Path, meta: dict, optimizer) -> None:
                 state[index] = entry
             ids.append(index)
             index += 1
-        hyper = saved_groups[number] if same_groups else {k: v for k, v in group.items() if k != "params"}
+        hyper = _saved_group(saved_groups, optimizer.param_groups, number, [names[id(p)] for p in group["params"]])
         param_groups.append({**hyper, "params": ids})
     optimizer.load_state_dict({"state": state, "param_groups": param_groups})
+
+
+def _saved_group(saved_groups: list[dict], groups: list[dict], number: int, param_names: list[str]) -> dict:
+    """The saved hyperparameters of optimizer group ``number``: those of the saved group with the
+    same parameters (groups built in another order still get their own), by position for a
+    checkpoint without names, else the group's current ones (with a warning)."""
+    for saved in saved_groups:
+        if sorted(saved.get(GROUP_NAMES, ())) == sorted(param_names):
+            return {k: v for k, v in saved.items() if k != GROUP_NAMES}
+    if len(saved_groups) == len(groups) and not any(GROUP_NAMES in saved for saved in saved_groups):
+        return saved_groups[number]
+    warnings.warn(f"optimizer group {number} ({len(param_names)} parameters, e.g. {param_names[:2]}) has no saved "
+                  f"group with the same parameters; it keeps its current hyperparameters")
+    return {k: v for k, v in groups[number].items() if k != "params"}
 
 
 def full_state(directory: str) -> dict[str, torch.Tensor]:
