@@ -55,7 +55,7 @@ def check_triton(*tensors: torch.Tensor) -> None:
     reason = triton_unavailable(tensors[0].device)
     if reason is not None:
         raise RuntimeError(f"the Triton kernels cannot run on device {tensors[0].device}: {reason}; "
-                           f"use impl='torch' (plan option kernels: torch)")
+                           f"use impl='torch' (Plan(kernels='torch'))")
     for t in tensors:
         if t.device != tensors[0].device:
             raise ValueError(f"tensors are on different devices ({tensors[0].device} and {t.device})")
@@ -97,5 +97,5 @@ def resolve_impl(impl: str, t: torch.Tensor, dtype: Optional[torch.dtype] = None
 def check_dtype(kernel: str, name: str, t: torch.Tensor) -> None:
     if t.dtype not in TRITON_DTYPES:
         raise ValueError(f"{kernel}: {name} has dtype {t.dtype}; the Triton kernels take "
-                         f"{', '.join(str(d) for d in TRITON_DTYPES)} (use impl='torch', plan option kernels: torch, "
+                         f"{', '.join(str(d) for d in TRITON_DTYPES)} (use impl='torch', or Plan(kernels='torch'), "
                          f"which runs {t.dtype})")

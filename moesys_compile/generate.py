@@ -87,9 +87,12 @@ def empty_cache(model: Transformer, batch: int, length: int, dtype: torch.dtype)
 
 
 def _check_decodable(model: nn.Module, ids: torch.Tensor, max_new_tokens: int) -> None:
-    if ids.dim() != 2 or max_new_tokens < 1:
-        raise ValueError(f"generate(ids, max_new_tokens): ids must be [batch, seq] (got {tuple(ids.shape)}) and "
-                         f"max_new_tokens >= 1 (got {max_new_tokens})")
+    if ids.dim() != 2:
+        raise ValueError(f"generate(ids, max_new_tokens): ids must be [batch, seq] token ids (got shape "
+                         f"{tuple(ids.shape)}); pass ids[None] for a single prompt")
+    if max_new_tokens < 1:
+        raise ValueError(f"generate(ids, max_new_tokens): max_new_tokens must be >= 1 (got {max_new_tokens}); "
+                         f"without new tokens there is nothing to generate")
     longest = getattr(getattr(model, "config", None), "max_seq_len", None)
     if longest is not None and ids.shape[1] + max_new_tokens > longest:
         raise ValueError(f"prompt ({ids.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds the model's "

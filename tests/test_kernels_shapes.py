@@ -199,7 +199,7 @@ def test_mixed_expert_dtypes_name_the_cast(impl):
 @needs_triton
 @pytest.mark.parametrize("op, message", [
     ("fused_experts", r"fused_experts: x_TD has dtype torch.float64; the Triton kernels take .* impl='torch'"),
-    ("route_topk", r"route_topk: logits_TE has dtype torch.float64; .* plan option kernels: torch"),
+    ("route_topk", r"route_topk: logits_TE has dtype torch.float64; .* Plan\(kernels='torch'\)"),
     ("permute", r"permute: x_TD has dtype torch.float64; .* impl='torch'"),
 ])
 def test_fp64_on_triton_names_the_kernel_and_the_fix(op, message):

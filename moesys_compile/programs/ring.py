@@ -20,6 +20,9 @@ directory instead of the model's own tensors.
 from __future__ import annotations
 
 import copy
+import difflib
+import threading
+import warnings
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -40,6 +43,19 @@ from ..runtime.ring import (Copy, RingExecutor, SectionLoad, SlotPool, activatio
                             peak_live_bytes, scratch_exprs)
 from ..runtime.storage import WeightStore, checkpoint_source, model_source, sliced, stage
 from .base import Program
+
+
+# the Plan.options keys ring inference reads (ring_partition: the workspace; staging: the bar)
+RING_OPTIONS = ("progress", "ring_workspace")
+
+
+def warn_unknown_options(options: dict) -> None:
+    """A mistyped ``Plan.options`` key would otherwise be ignored without a word."""
+    for key in sorted(set(options) - set(RING_OPTIONS), key=str):
+        near = difflib.get_close_matches(str(key), RING_OPTIONS, n=1)
+        warnings.warn(f"Plan.options[{key!r}] is not an option of ring inference and is ignored"
+                      + (f"; did you mean {near[0]!r}?" if near else "")
+                      + f" (known options: {', '.join(RING_OPTIONS)})", stacklevel=5)
 
 
 class RingBudgetError(MoesysError):
@@ -205,7 +221,9 @@ class RingRuntime:
                                       f"after ring_partition added weights to it ({sorted(keys)[:4]} ...)")
             module = section_module(gm, nodes, inputs, outputs, self._tensor_for(store, keys, offsets, slot))
             copies = [Copy(store[k].buffer, store[k].offset, offsets[k], store[k].nbytes) for k in offsets]
-            sections.append(Section(index, slot, module, inputs, outputs, SectionLoad(slot, coalesce(copies))))
+            files = list({id(f): f for f in (store[k].file for k in offsets) if f is not None}.values())
+            load = SectionLoad(slot, coalesce(copies), files)
+            sections.append(Section(index, slot, module, inputs, outputs, load))
         return sections
 
     def _tensor_for(self, store: WeightStore, keys: dict[str, str], offsets: dict[str, int], slot: int):
@@ -329,6 +347,7 @@ class RingProgram(Program):
     def __init__(self, gm: fx.GraphModule, ctx):
         super().__init__(gm, ctx)
         plan = ctx.plan
+        warn_unknown_options(plan.options)
         self.device = torch.device(plan.device)
         if self.device.type == "cuda" and self.device.index is None:   # the copy thread selects it by index
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -340,9 +359,9 @@ class RingProgram(Program):
         self.store = stage(groups, self.source, plan.weights, plan.offload_dir, layout.dtype,
                            pin=self.device.type == "cuda", progress=bool(plan.options.get("progress", False)))
         self._runtimes: dict[Any, RingRuntime] = {}
-        self._active: Optional[Any] = None
         self._forward_graph = (gm, ctx)
         self.stats: dict = {}
+        self._lock = threading.RLock()   # calls from several threads take turns: the ring runs one pass at a time
 
     def _keys(self, gm: fx.GraphModule, layout: RingLayout, state_names) -> list[str]:
         keys = stream_keys(gm, layout, self.names)
@@ -350,8 +369,8 @@ class RingProgram(Program):
 
     def runtime(self, key: Any, lowered: tuple) -> RingRuntime:
         """The ring of one lowered graph; only one ring holds device slots at a time."""
-        if self._active is not None and self._active != key:
-            self._runtimes.pop(self._active).close()
+        for other in [k for k in self._runtimes if k != key]:   # every other: an interrupted switch left one
+            self._runtimes.pop(other).close()
         if key not in self._runtimes:
             gm, ctx = lowered
             layout = ctx.extras["ring"]
@@ -359,14 +378,14 @@ class RingProgram(Program):
                 self.store.add(self._keys(gm, layout, section.state), self.source, layout.dtype,
                                pin=self.device.type == "cuda")
             self._runtimes[key] = RingRuntime(gm, ctx, self.store, self.device, self.names)
-        self._active = key
         return self._runtimes[key]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         binder = self.context.extras["binder"]
-        runtime = self.runtime("forward", self._forward_graph)
-        (output, aux_loss), self.stats = runtime(binder.graph_inputs(args, kwargs))
-        self.aux_loss = aux_loss
+        with self._lock:
+            runtime = self.runtime("forward", self._forward_graph)
+            (output, aux_loss), self.stats = runtime(binder.graph_inputs(args, kwargs))
+            self.aux_loss = aux_loss
         return binder.model_output(output)
 
     def generate(self, ids: torch.Tensor, max_new_tokens: int,
@@ -374,10 +393,11 @@ class RingProgram(Program):
         """Greedy decoding, every step through the ring; returns prompt + new tokens (see
         ``generate.greedy_decode``; ``attention_mask`` for padded prompts of Hugging Face models)."""
         from ..generate import greedy_decode
-        return greedy_decode(self, ids, max_new_tokens, attention_mask)
+        with self._lock:
+            return greedy_decode(self, ids, max_new_tokens, attention_mask)
 
     def close(self) -> None:
-        for runtime in self._runtimes.values():
-            runtime.close()
-        self._runtimes.clear()
-        self._active = None
+        with self._lock:
+            for runtime in self._runtimes.values():
+                runtime.close()
+            self._runtimes.clear()

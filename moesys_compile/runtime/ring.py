@@ -51,6 +51,7 @@ class Copy:
 class SectionLoad:
     slot: int
     copies: list[Copy]
+    files: list = field(default_factory=list)   # mapped offload files the copies read (``MappedFile``)
 
     @property
     def nbytes(self) -> int:
@@ -123,6 +124,7 @@ class RingExecutor:
         self._loading_since: Optional[float] = None  # CPU: start of the load in progress
         self._stop = False
         self._error: Optional[BaseException] = None
+        self._copy_section = -1                    # section the copy thread loads (or last loaded)
         self._thread: Optional[threading.Thread] = None
         self.call = CallStats()
         self.total_bytes_moved = 0
@@ -163,6 +165,7 @@ class RingExecutor:
                     return
             record, span = (0, None), None
             if self._slot_section[slot] != section:
+                self._copy_section = section      # named by the compute side if the load fails
                 self._loading_since = start = time.perf_counter()
                 events = self._load(self.loads[section], slot)
                 span = (start, time.perf_counter())
@@ -181,6 +184,8 @@ class RingExecutor:
         """Copy one section into ``slot``. CUDA: returns the (start, end) events of the host ->
         device transfer, so that its time excludes the wait for the slot's previous compute."""
         buffer = self.pool.buffers[slot]
+        for file in load.files:     # a truncated file would SIGBUS the memmove below
+            file.check()
         if not self.cuda:
             base = buffer.data_ptr()
             for c in load.copies:
@@ -209,9 +214,15 @@ class RingExecutor:
     # -- compute side --------------------------------------------------------------------------
 
     def begin_call(self) -> None:
+        self._raise_copy_error()       # a failed copy thread stays failed: every later call says why
         self.call = CallStats()
         self._call_start = time.perf_counter()
         self._start()
+
+    def _raise_copy_error(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"ring copy thread failed loading section {self._copy_section}: "
+                               f"{type(self._error).__name__}: {self._error}") from self._error
 
     def _acquire(self, section: int) -> int:
         step = self._next
@@ -222,9 +233,8 @@ class RingExecutor:
         start = time.perf_counter()
         with self._cond:
             self._cond.wait_for(lambda: self._error is not None or self._slot_step[slot] == step)
-            if self._error is not None:
-                raise RuntimeError(f"ring copy thread failed loading section {section}") from self._error
-            nbytes, events = self._records.pop(step)
+            self._raise_copy_error()
+            nbytes, events = self._records.pop(step, (0, None))   # absent if an interrupt hit here before
         self.call.stall_seconds += time.perf_counter() - start
         self.call.bytes_moved += nbytes
         if events is not None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import difflib
 import json
 import mmap
+import os
 import re
 import struct
 import uuid
@@ -51,14 +52,35 @@ class StorageError(MoesysError):
     """A checkpoint or offload directory cannot provide the tensors the program needs."""
 
 
+@dataclass(eq=False)
+class MappedFile:
+    """An offload file as it was when mapped. Reading a mapping past the end of a file truncated
+    since kills the process (SIGBUS), so the copy thread calls ``check`` before it reads."""
+    path: Path
+    inode: int
+    nbytes: int
+
+    def check(self) -> None:
+        try:
+            now = os.stat(self.path)
+        except FileNotFoundError:
+            return                      # unlinked: the mapping still holds the data
+        if now.st_ino == self.inode and now.st_size < self.nbytes:
+            raise StorageError(f"offload file {str(self.path)!r} was truncated to {now.st_size} bytes (it had "
+                               f"{self.nbytes}) while a ring program maps it; leave the files under "
+                               f"Plan.offload_dir alone while a program is alive, and compile the program again")
+
+
 @dataclass
 class Location:
-    """``nbytes`` bytes at ``offset`` of ``buffer`` (a 1-D uint8 CPU tensor) hold one tensor."""
+    """``nbytes`` bytes at ``offset`` of ``buffer`` (a 1-D uint8 CPU tensor) hold one tensor;
+    ``file`` is the offload file mapped as ``buffer`` (disk tier)."""
     buffer: torch.Tensor
     offset: int
     nbytes: int
     dtype: torch.dtype
     shape: tuple[int, ...]
+    file: Optional[MappedFile] = None
 
     def tensor(self) -> torch.Tensor:
         raw = self.buffer[self.offset:self.offset + self.nbytes]
@@ -318,11 +340,16 @@ def map_safetensors(path: Path) -> tuple[torch.Tensor, dict[str, tuple[int, int]
 
 
 def _stage_disk(store: WeightStore, tensors: dict[str, torch.Tensor], path: Path) -> None:
-    save_file(tensors, str(path), metadata={"format": "pt", "writer": "moesys_compile.runtime.storage"})
+    try:
+        save_file(tensors, str(path), metadata={"format": "pt", "writer": "moesys_compile.runtime.storage"})
+    except OSError as exc:
+        raise StorageError(f"cannot write the offload file {str(path)!r} ({exc}); set Plan.offload_dir to a "
+                           f"writable directory with room for the model's weights") from exc
     data, spans, mapping = map_safetensors(path)
+    file = MappedFile(path, os.stat(path).st_ino, len(mapping))
     for name, t in tensors.items():
         offset, nbytes = spans[name]
-        store.locations[name] = Location(data, offset, nbytes, t.dtype, tuple(t.shape))
+        store.locations[name] = Location(data, offset, nbytes, t.dtype, tuple(t.shape), file)
     store._keepalive.append(mapping)
 
 
@@ -339,7 +366,11 @@ def stage(groups: Iterable[list[str]], source: Source, tier: str, offload_dir: O
         if not offload_dir:
             raise StorageError("weights='disk' needs Plan.offload_dir (a directory for the safetensors files)")
         directory = Path(offload_dir)
-        directory.mkdir(parents=True, exist_ok=True)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"Plan.offload_dir ({offload_dir!r}) cannot be used as a directory ({exc}); set it "
+                               f"to a writable directory (it is created if missing)") from exc
     store = WeightStore(tier, directory)
     try:
         for names in tqdm(list(groups), desc=f"staging weights ({tier})", unit="section", disable=not progress):
