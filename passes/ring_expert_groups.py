@@ -28,7 +28,7 @@ from moesys_compile import ops
 from moesys_compile.frontend.annotation import B, S, CostModel
 from moesys_compile.ir import fetch, infer_val, is_op, moesys_meta
 from moesys_compile.ops.autocast import follow_autocast
-from moesys_compile.runtime.ring import activation_exprs, evaluate_workspace, liveness_plan, scratch_exprs
+from moesys_compile.runtime.workspace import activation_exprs, evaluate_workspace, liveness_plan, scratch_exprs
 
 # ---------------------------------------------------------------------------------------------
 # the op: the rows of one expert group

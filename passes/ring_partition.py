@@ -29,7 +29,7 @@ from moesys_compile.passes.ring_units import (ALIGN, aligned, describe_unit, eve
                                               model_tensor_ids, node_state, pack, sink_state_reads, split_units,
                                               stored_bytes, unit_state)
 from moesys_compile.plan import format_bytes
-from moesys_compile.runtime.ring import activation_exprs, evaluate_workspace, liveness_plan, scratch_exprs
+from moesys_compile.runtime.workspace import activation_exprs, evaluate_workspace, liveness_plan, scratch_exprs
 
 MAX_DERIVED_SLOTS = 4  # deeper rings only shrink sections once two slots hide a transfer
 

@@ -14,6 +14,7 @@ from moesys_compile.infer import main, model_bytes
 from moesys_compile.ir import is_op
 from moesys_compile.programs.ring import RingBudgetError, RingProgram
 from moesys_compile.runtime import ring as ring_runtime
+from moesys_compile.runtime import workspace as ring_workspace
 
 # deep enough that 1/8 of the model still holds two copies of the largest weight (the 64 KiB
 # embedding) next to the activations; MoE layers split into expert groups below that
@@ -137,8 +138,8 @@ def test_activation_estimate_covers_the_expert_kernels_scratch(tmp_path, monkeyp
         torch.set_num_threads(threads)
     assert len(held) == len(fused) and 0 < max(held) <= estimate
     exprs = [int(sympy.sympify(e).xreplace({B: 2, S: 9}))
-             for e in ring_runtime.activation_exprs(program.graph_module, program.context)]
-    without_scratch = ring_runtime.peak_live_bytes(exprs, *ring_runtime.liveness_plan(program.graph_module))
+             for e in ring_workspace.activation_exprs(program.graph_module, program.context)]
+    without_scratch = ring_workspace.peak_live_bytes(exprs, *ring_workspace.liveness_plan(program.graph_module))
     assert without_scratch < program.stats["activation_bytes"]
 
 

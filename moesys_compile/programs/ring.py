@@ -39,8 +39,8 @@ from moesys_compile.passes.ring_units import ALIGN, node_state
 
 from ..errors import MoesysError
 from ..frontend.annotation import B, S, _dynamic_dims
-from ..runtime.ring import (Copy, RingExecutor, SectionLoad, SlotPool, activation_exprs, coalesce, liveness_plan,
-                            peak_live_bytes, scratch_exprs)
+from ..runtime.ring import Copy, RingExecutor, SectionLoad, SlotPool, coalesce
+from ..runtime.workspace import activation_exprs, liveness_plan, peak_live_bytes, scratch_exprs
 from ..runtime.storage import WeightStore, checkpoint_source, model_source, sliced, stage
 from .base import Program
 

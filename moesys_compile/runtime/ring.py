@@ -12,9 +12,8 @@ condition variable. CUDA: the thread issues host -> device copies on a copy stre
 event per slot makes the compute stream wait for the copy, and a *free* event per slot makes
 the copy stream wait until the compute that read the slot is done.
 
-Accounting. Device bytes = the slots + resident state + live activations; activations are
-estimated by a liveness walk over the graph with each node's annotated bytes (views share their
-base's bytes), evaluated at a call's batch and sequence length. Time, per call: *wall* runs from
+Accounting. Device bytes = the slots + resident state + live activations (estimated in
+``workspace.py``). Time, per call: *wall* runs from
 ``begin_call`` to ``end_call``; *compute* is the time inside the sections; *transfer* is, on CPU,
 the time the copy thread spent copying inside that window (a load that ran between two calls,
 ahead of the next one, counts for neither: it cost no call any time), and on CUDA the device
@@ -30,12 +29,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-import sympy
 import torch
-import torch.fx as fx
-
-from ..frontend.annotation import B, S
-from ..ir import moesys_meta, tensors_in
 
 
 @dataclass
@@ -302,110 +296,3 @@ class RingExecutor:
             self._cond.notify_all()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=10)
-
-
-# ---------------------------------------------------------------------------------------------
-# activation accounting: a liveness walk over the graph with per-node bytes
-# ---------------------------------------------------------------------------------------------
-
-
-def activation_exprs(gm: fx.GraphModule, ctx) -> list:
-    """Per node (graph order): bytes it allocates, as sympy expressions in B and S. Inputs count
-    (they sit on the device). Views and weight reads allocate nothing (their bytes belong to
-    their base), except views of state carried to another layer: the ring copies those out of
-    the slot."""
-    exprs = []
-    for node in gm.graph.nodes:
-        cost = moesys_meta(node).get("cost")
-        own = cost.activation_bytes if cost is not None else 0
-        if node.op == "placeholder" or (own == 0 and _is_state_view(node) and _used_outside_layer(node)):
-            own = sum((_numel(ctx, t) * t.element_size() for t in tensors_in(node.meta.get("val"))), 0)
-        exprs.append(own)
-    return exprs
-
-
-def _numel(ctx, t: torch.Tensor):
-    total = 1
-    for size in t.shape:
-        total = total * ctx.annotation.expr(size)
-    return total
-
-
-def _is_state_view(node: fx.Node) -> bool:
-    root = alias_root(node)
-    return root is not node and root.op == "get_attr"
-
-
-def _used_outside_layer(node: fx.Node) -> bool:
-    layer = moesys_meta(node).get("layer")
-    return any(moesys_meta(user).get("layer") != layer for user in node.users if user.op != "output")
-
-
-def alias_root(node: fx.Node) -> fx.Node:
-    """The node whose storage ``node`` views (itself unless it allocates nothing and reads a tensor)."""
-    while node.op not in ("placeholder", "get_attr"):
-        cost = moesys_meta(node).get("cost")
-        if cost is None or cost.activation_bytes != 0:
-            break
-        sources = [a for a in node.all_input_nodes if isinstance(a.meta.get("val"), torch.Tensor)
-                   or isinstance(a.meta.get("val"), (tuple, list))]
-        if not sources:
-            break
-        node = sources[0]
-    return node
-
-
-def liveness_plan(gm: fx.GraphModule) -> tuple[list[int], list[list[int]]]:
-    """For each node index: its alias root's index, and the roots freed after it runs."""
-    nodes = list(gm.graph.nodes)
-    index = {n: i for i, n in enumerate(nodes)}
-    roots = [index[alias_root(n)] for n in nodes]
-    last_use = list(range(len(nodes)))
-    for i, node in enumerate(nodes):
-        for user in node.users:
-            last_use[roots[i]] = max(last_use[roots[i]], index[user])
-    frees: list[list[int]] = [[] for _ in nodes]
-    for root in set(roots):
-        frees[last_use[root]].append(root)
-    return roots, frees
-
-
-# CUDA's caching allocator hands out blocks in multiples of 512 bytes; counting every allocation
-# that way keeps the estimate at or above what torch.cuda.max_memory_allocated reports.
-ALLOCATION_GRANULE = 512
-
-
-def peak_live_bytes(own_bytes: list[int], roots: list[int], frees: list[list[int]],
-                    transient: Optional[dict[int, int]] = None) -> int:
-    """Largest sum of live allocations while the graph runs in order (``transient``: extra bytes
-    alive only while node i runs)."""
-    live = peak = 0
-    size = [0] * len(own_bytes)
-    for i, nbytes in enumerate(own_bytes):
-        nbytes = -(-nbytes // ALLOCATION_GRANULE) * ALLOCATION_GRANULE
-        size[roots[i]] += nbytes
-        live += nbytes
-        peak = max(peak, live + (transient or {}).get(i, 0))
-        for root in frees[i]:
-            live -= size[root]
-            size[root] = 0
-    return peak
-
-
-def scratch_exprs(gm: fx.GraphModule) -> list:
-    """Per node (graph order): bytes its kernel allocates besides its outputs while it runs
-    (``meta["moesys"]["scratch_bytes"]``, sympy in B and S; 0 where not set)."""
-    return [moesys_meta(node).get("scratch_bytes", 0) for node in gm.graph.nodes]
-
-
-def evaluate_workspace(exprs: list, liveness: tuple, batch: int, seq: int,
-                       transient: Optional[dict[int, int]] = None, scratch: Optional[list] = None) -> int:
-    """Peak live activation bytes of the whole graph at (batch, seq); ``scratch`` (per node, as
-    from ``scratch_exprs``) adds to ``transient``."""
-    values = {B: batch, S: seq}
-    own = [int(sympy.sympify(e).xreplace(values)) for e in exprs]
-    extra = dict(transient or {})
-    for i, e in enumerate(scratch or []):
-        if e:
-            extra[i] = extra.get(i, 0) + int(sympy.sympify(e).xreplace(values))
-    return peak_live_bytes(own, *liveness, extra)
