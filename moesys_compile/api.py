@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import sys
 import warnings
 from typing import Any, Optional, Sequence
 
@@ -63,6 +64,17 @@ def _check_dtype_of_export(model: nn.Module, plan: Plan, capture: str) -> None:
                         f"graph; cast the model first: model.to(torch.{plan.dtype})")
 
 
+def _check_not_torch_compiled(model: nn.Module) -> None:
+    """``torch.compile(model)`` returns a wrapper whose forward is dynamo's, which neither fx nor
+    export can capture; the wrapped model can, and its program can be torch.compiled in turn."""
+    dynamo = sys.modules.get("torch._dynamo.eval_frame")
+    if dynamo is not None and isinstance(model, dynamo.OptimizedModule):
+        inner = type(model._orig_mod).__name__
+        raise TypeError(f"the model is torch.compile's wrapper (OptimizedModule around {inner}), which cannot be "
+                        f"captured; pass the model itself (model._orig_mod) and torch.compile the program "
+                        f"instead: torch.compile(moesys_compile.compile(model, plan, ...))")
+
+
 def _check_leaf_paths(model: nn.Module, plan: Plan, experts: dict[str, nn.Module]) -> None:
     """A misspelt ``leaf_modules`` path would silently trace the module it meant; paths inside a
     canonical MoE block (rebuilt by canonicalize) are not checked."""
@@ -81,6 +93,7 @@ def trace(model: nn.Module, example_inputs: Any = (), example_kwargs: Optional[d
 
         >>> gm = moesys_compile.trace(model, (ids,))      # doctest: +SKIP
     """
+    _check_not_torch_compiled(model)
     canonicalize(model)
     gm, _ = _capture_and_annotate(model, _as_tuple(example_inputs), dict(example_kwargs or {}), leaf_modules)
     return gm
@@ -137,6 +150,7 @@ def prepare(model: nn.Module, plan: Optional[Plan] = None, example_inputs: Any =
     Returns the captured graph and a context whose only snapshot is "capture"."""
     plan = plan or Plan()
     example_inputs, example_kwargs = _as_tuple(example_inputs), dict(example_kwargs or {})
+    _check_not_torch_compiled(model)
     blocks = canonicalize(model)
     check_plan_against_model(model, plan, blocks)
     try:

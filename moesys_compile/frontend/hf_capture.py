@@ -11,7 +11,9 @@ v5 models are not fx-traceable (the fx tracer cannot re-code ``**kwargs`` forwar
   Transformers' router re-assigns ``self.classifier = self.classifier.to(self.dtype)`` on every
   call, which export cannot replay on its tracked parameters);
 * asks for ``torch.export`` first (fx would fail anyway);
-* gives canonical MoE blocks the model's own aux-loss coefficient (``router_aux_loss_coef``).
+* gives canonical MoE blocks the model's own aux-loss coefficient (``router_aux_loss_coef``);
+* warns when gradient checkpointing is on: capture runs ``torch.utils.checkpoint`` as plain code,
+  so the program computes the same values but keeps every activation (no recomputation).
 
 The output type survives: export's output spec rebuilds the model's own ``ModelOutput`` subclass
 (fields that were None stay None), so ``program(ids).logits`` works as ``model(ids).logits`` does.
@@ -23,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import types
+import warnings
 from typing import Iterator, Optional
 
 import torch
@@ -95,9 +98,22 @@ def _capturable(model: nn.Module) -> Iterator[bool]:
             module.__dict__.pop("to", None)
 
 
+def warn_checkpointing_dropped(model: nn.Module) -> None:
+    """Hugging Face checkpoints layers only in train mode; the captured graph has no checkpoint
+    regions (export traces through ``torch.utils.checkpoint``), so activation memory does not shrink."""
+    flag = next((name for name in ("is_activation_checkpointing", "is_gradient_checkpointing")
+                 if hasattr(type(model), name)), None)     # newer transformers deprecate the second name
+    if model.training and flag is not None and getattr(model, flag):
+        warnings.warn(f"{type(model).__name__} has gradient checkpointing on, which the compiled program does not "
+                      f"keep: it computes the same loss and gradients but stores every activation; call "
+                      f"model.gradient_checkpointing_disable() before compiling, and lower the batch size if "
+                      f"memory runs out", stacklevel=10)    # the mc.compile call
+
+
 def hf_capture_adapter(model: nn.Module) -> Optional[contextlib.AbstractContextManager]:
     """``tracing.CAPTURE_ADAPTERS`` entry: None for models that are not Hugging Face models."""
     if not is_hf_model(model):
         return None
     apply_aux_loss_coef(model)
+    warn_checkpointing_dropped(model)
     return _capturable(model)

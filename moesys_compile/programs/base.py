@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Optional
 
 import torch
@@ -15,17 +16,43 @@ class Program(nn.Module):
     ``program.aux_loss`` holds the summed load-balancing loss of the last forward (inside the
     autograd graph; None for a model without MoE layers). ``program.graph_module`` is the final
     fx graph, ``program.context`` the compile context (snapshots, notes, annotation).
+
+    A Hugging Face model called with ``labels`` and ``config.output_router_logits=True`` already
+    adds ``router_aux_loss_coef`` x its own load-balancing loss to ``out.loss`` (as in eager):
+    train on ``out.loss`` alone then; reading ``program.aux_loss`` after such a call warns once,
+    since adding it would count the penalty twice.
     """
 
     def __init__(self, gm: fx.GraphModule, ctx):
         super().__init__()
         self.graph_module = gm
         self.plan = ctx.plan
-        self.aux_loss: Optional[torch.Tensor] = None
+        self._aux_loss: Optional[torch.Tensor] = None
+        self._loss_has_aux = False     # the last output's .loss already includes the model's aux loss
+        self._warned_aux = False
         object.__setattr__(self, "context", ctx)   # not a submodule: keep it out of state_dict
+
+    @property
+    def aux_loss(self) -> Optional[torch.Tensor]:
+        if self._loss_has_aux and not self._warned_aux:
+            self._warned_aux = True
+            model = self.context.extras["binder"].model_name
+            warnings.warn(f"{model}'s out.loss already includes its own load-balancing loss "
+                          f"(config.output_router_logits=True adds router_aux_loss_coef x out.aux_loss); "
+                          f"program.aux_loss is the same penalty from the compiled MoE layers, so adding it "
+                          f"to out.loss counts it twice: train on out.loss alone, or set "
+                          f"config.output_router_logits=False before compiling and add program.aux_loss",
+                          stacklevel=2)
+        return self._aux_loss
+
+    @aux_loss.setter
+    def aux_loss(self, value: Optional[torch.Tensor]) -> None:
+        self._aux_loss = value
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         binder = self.context.extras["binder"]
         output, aux_loss = self.graph_module(*binder.graph_inputs(args, kwargs))
         self.aux_loss = aux_loss
-        return binder.model_output(output)
+        output = binder.model_output(output)
+        self._loss_has_aux = getattr(output, "loss", None) is not None and getattr(output, "aux_loss", None) is not None
+        return output
