@@ -114,6 +114,10 @@ def _capture_and_annotate(model, example_inputs, example_kwargs, leaf_modules, f
     return gm, annotation
 
 
+# config dropout fields of task heads (sequence summary, classifier) that a causal LM never runs
+HEAD_DROPOUT_PREFIXES = ("summary_", "classifier_")
+
+
 def _warn_dropout_off(model: nn.Module, plan: Plan) -> None:
     """A training program exported from a model in eval mode (as ``from_pretrained`` returns one)
     keeps its dropout off: export fixes ``self.training`` (fx keeps ``nn.Dropout`` modules, which
@@ -123,7 +127,8 @@ def _warn_dropout_off(model: nn.Module, plan: Plan) -> None:
     config = getattr(model, "config", None)
     rates = {f"{name}.p": m.p for name, m in model.named_modules() if isinstance(m, nn.modules.dropout._DropoutNd)}
     rates.update({f"config.{key}": value for key, value in (vars(config) if config is not None else {}).items()
-                  if ("dropout" in key or "pdrop" in key) and isinstance(value, float)})
+                  if ("dropout" in key or "pdrop" in key) and isinstance(value, float)
+                  and not key.startswith(HEAD_DROPOUT_PREFIXES)})
     active = {key: rate for key, rate in rates.items() if rate > 0}
     if active:
         shown = ", ".join(f"{k}={v}" for k, v in list(active.items())[:3])
