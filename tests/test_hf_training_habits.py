@@ -78,18 +78,23 @@ def test_out_loss_is_the_models_loss_and_double_counting_the_aux_loss_warns(rout
     assert_grads_equal(model, eager)
 
 
-def test_gradient_checkpointing_warns_that_it_is_not_kept_and_trains_like_eager():
-    model = build_hf("mixtral").train()
-    model.gradient_checkpointing_enable()
-    eager = copy.deepcopy(model)
-    with pytest.warns(UserWarning, match=r"gradient checkpointing on, which the compiled program does not keep"):
-        program = mc.compile(model, mc.Plan(mode="train"), example_inputs=(ids(),), example_kwargs={"labels": ids()})
+def same_loss_and_gradients(program, model, eager) -> None:
+    """``program(x, labels=x).loss`` and its gradients equal the eager copy's."""
     x = ids(2)
     got, want = program(x, labels=x), eager(x, labels=x)
     torch.testing.assert_close(got.loss, want.loss, rtol=RTOL, atol=1e-5)
     got.loss.backward()
     want.loss.backward()
     assert_grads_equal(model, eager)
+
+
+def test_gradient_checkpointing_warns_that_it_is_not_kept_and_trains_like_eager():
+    model = build_hf("mixtral").train()
+    model.gradient_checkpointing_enable()
+    eager = copy.deepcopy(model)
+    with pytest.warns(UserWarning, match=r"gradient checkpointing on, which the compiled program does not keep"):
+        program = mc.compile(model, mc.Plan(mode="train"), example_inputs=(ids(),), example_kwargs={"labels": ids()})
+    same_loss_and_gradients(program, model, eager)
 
 
 def test_torch_compile_wraps_the_program_not_the_model():
@@ -99,12 +104,7 @@ def test_torch_compile_wraps_the_program_not_the_model():
         mc.compile(torch.compile(model), mc.Plan(mode="train"), example_inputs=(ids(),))
     program = torch.compile(mc.compile(model, mc.Plan(mode="train"), example_inputs=(ids(),),
                                        example_kwargs={"labels": ids()}), backend="eager")
-    x = ids(2)
-    got, want = program(x, labels=x), eager(x, labels=x)
-    torch.testing.assert_close(got.loss, want.loss, rtol=RTOL, atol=1e-5)
-    got.loss.backward()
-    want.loss.backward()
-    assert_grads_equal(model, eager)
+    same_loss_and_gradients(program, model, eager)
 
 
 class _Rows:
