@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import difflib
 import sys
-import warnings
 from typing import Any, Optional, Sequence
 
 import torch
@@ -13,7 +12,7 @@ from torch import nn
 
 from moesys_compile.passes import pipeline_for
 
-from .errors import PlanError, UntraceableModelError
+from .errors import PlanError, UntraceableModelError, warn_user
 from .frontend import BlockReport, annotate, canonicalize, capture, moe_modules
 from .frontend.tracing import expose_aux_loss, traced_names
 from .pipeline import CompileContext, run_pipeline, take_snapshot
@@ -132,8 +131,8 @@ def _warn_dropout_off(model: nn.Module, plan: Plan) -> None:
     active = {key: rate for key, rate in rates.items() if rate > 0}
     if active:
         shown = ", ".join(f"{k}={v}" for k, v in list(active.items())[:3])
-        warnings.warn(f"{type(model).__name__} is in eval mode ({shown}): a train-mode program traced from it never "
-                      f"drops out, even after program.train(); call model.train() before compiling", stacklevel=5)
+        warn_user(f"{type(model).__name__} is in eval mode ({shown}): a train-mode program traced from it never "
+                  f"drops out, even after program.train(); call model.train() before compiling")
 
 
 def _within_unrecognised_block(exc: UntraceableModelError, blocks: Sequence[BlockReport]) -> UntraceableModelError:

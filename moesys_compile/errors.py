@@ -1,4 +1,25 @@
-"""Errors raised to users. Each message names the place (module path, plan field, pass) and a fix."""
+"""Errors raised to users, and warnings shown to them. Each message names the place (module path,
+plan field, pass) and a fix."""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+# this package, as installed: moesys_compile and the passes and kernels it maps in
+_OWN_PACKAGES = ("moesys_compile", "moesys_compile.passes", "moesys_compile.kernels")
+
+
+def warn_user(message: str, category: type[Warning] = UserWarning) -> None:
+    """``warnings.warn`` pointing at the caller's own line: the first frame outside this package,
+    however deep inside it the warning is raised."""
+    roots = tuple(os.path.dirname(module.__file__) + os.sep for module in map(sys.modules.get, _OWN_PACKAGES)
+                  if module is not None and getattr(module, "__file__", None))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(roots):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level + 1)
 
 
 class MoesysError(Exception):

@@ -33,7 +33,7 @@ from .generate import first_tensor
 from .api import check_device, check_plan_against_model, lower
 from .errors import MoesysError, PlanError
 from .frontend import canonicalize
-from .models.spec import load_model
+from .models.spec import load_model, parse_overrides
 from .plan import Plan
 from .programs.training import TrainingProgram
 from .runtime import groups
@@ -141,19 +141,6 @@ def save_checkpoint(program: TrainingProgram, opt, root: str, step: int) -> Path
 # -- run -------------------------------------------------------------------------------------------
 
 
-def _overrides(pairs: Sequence[str]) -> dict:
-    result = {}
-    for pair in pairs:
-        key, _, value = pair.partition("=")
-        if not _:
-            raise ValueError(f"--override {pair!r} must look like FIELD=VALUE")
-        try:
-            result[key] = json.loads(value)
-        except json.JSONDecodeError:
-            result[key] = value
-    return result
-
-
 def make_plan(args, world: int) -> Plan:
     if args.plan:
         plan = Plan.from_file(args.plan)
@@ -167,7 +154,7 @@ def make_plan(args, world: int) -> Plan:
 def build_model(args, plan: Plan):
     """``--model`` with its ``--override``s, in training mode and the plan's dtype (a plan file may
     ask for bfloat16). Its config must give ``vocab_size`` (the data's token range)."""
-    model = load_model(args.model, _overrides(args.override)).model
+    model = load_model(args.model, parse_overrides(args.override)).model
     if not isinstance(getattr(getattr(model, "config", None), "vocab_size", None), int):
         raise ValueError(f"--model {args.model}: {type(model).__name__} has no config.vocab_size, which the token "
                          f"batches need; train it from your own loop with mc.compile(model, Plan(mode='train'))")

@@ -33,6 +33,9 @@ def test_incremental_decoding_matches_full_forward():
 def test_cli_model_specs():
     assert parse_overrides(["n_layers=3", "activation=gelu", "capacity_factor=1.5"]) == {
         "n_layers": 3, "activation": "gelu", "capacity_factor": 1.5}
+    # JSON literals as a config.json writes them, for train --override as for inspect/infer --config
+    assert parse_overrides(["tie_word_embeddings=false", "rope_scaling=null", "shared=True"]) == {
+        "tie_word_embeddings": False, "rope_scaling": None, "shared": True}
     loaded = load_model("tiny-gpt", {"vocab_size": 50})
     (ids,) = loaded.example_inputs(3, 4)
     assert ids.shape == (3, 4) and int(ids.max()) < 50

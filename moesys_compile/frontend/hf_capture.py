@@ -25,11 +25,12 @@ from __future__ import annotations
 import contextlib
 import sys
 import types
-import warnings
 from typing import Iterator, Optional
 
 import torch
 from torch import nn
+
+from ..errors import warn_user
 
 AUX_COEF_FIELDS = ("router_aux_loss_coef", "aux_loss_alpha")
 
@@ -104,10 +105,10 @@ def warn_checkpointing_dropped(model: nn.Module) -> None:
     flag = next((name for name in ("is_activation_checkpointing", "is_gradient_checkpointing")
                  if hasattr(type(model), name)), None)     # newer transformers deprecate the second name
     if model.training and flag is not None and getattr(model, flag):
-        warnings.warn(f"{type(model).__name__} has gradient checkpointing on, which the compiled program does not "
-                      f"keep: it computes the same loss and gradients but stores every activation; call "
-                      f"model.gradient_checkpointing_disable() before compiling, and lower the batch size if "
-                      f"memory runs out", stacklevel=10)    # the mc.compile call
+        warn_user(f"{type(model).__name__} has gradient checkpointing on, which the compiled program does not "
+                  f"keep: it computes the same loss and gradients but stores every activation; call "
+                  f"model.gradient_checkpointing_disable() before compiling, and lower the batch size if "
+                  f"memory runs out")
 
 
 def hf_capture_adapter(model: nn.Module) -> Optional[contextlib.AbstractContextManager]:

@@ -9,14 +9,13 @@ import inspect
 import operator
 import os
 import traceback
-import warnings
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-from ..errors import UntraceableModelError
+from ..errors import UntraceableModelError, warn_user
 from ..ir import canonical_target
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
@@ -244,8 +243,8 @@ def capture(model: nn.Module, example_inputs: Sequence[Any] = (), example_kwargs
 def _warn_unused_leaves(model: nn.Module, leaf_modules: Iterable[str | type]) -> None:
     leaves = list(leaf_modules)
     if leaves:
-        warnings.warn(f"Plan.leaf_modules {leaves} has no effect on {type(model).__name__}: it is captured by "
-                      f"torch.export (fx cannot trace its forward), which traces into every module", stacklevel=4)
+        warn_user(f"Plan.leaf_modules {leaves} has no effect on {type(model).__name__}: it is captured by "
+                  f"torch.export (fx cannot trace its forward), which traces into every module")
 
 
 def expose_aux_loss(gm: fx.GraphModule) -> int:

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import ast
+import json
 import importlib
 import os
 from dataclasses import dataclass
@@ -27,17 +28,27 @@ class LoadedModel:
 
 
 def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
-    """``["n_layers=8", "activation=gelu"]`` -> {"n_layers": 8, "activation": "gelu"}."""
+    """``["n_layers=8", "activation=gelu", "tie_word_embeddings=false"]`` -> {"n_layers": 8,
+    "activation": "gelu", "tie_word_embeddings": False}: a Python literal, else a JSON one (as in
+    a config.json), else the string."""
     overrides: dict[str, Any] = {}
     for pair in pairs or []:
         key, sep, raw = pair.partition("=")
         if not sep or not key:
             raise ValueError(f"--config {pair!r} must look like key=value")
-        try:
-            overrides[key.strip()] = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            overrides[key.strip()] = raw
+        overrides[key.strip()] = _literal(raw)
     return overrides
+
+
+def _literal(raw: str) -> Any:
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        pass
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
 
 
 def model_and_overrides(model: str | None, pairs: list[str] | None) -> tuple[str | None, dict[str, Any]]:

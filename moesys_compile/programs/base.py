@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, Optional
 
 import torch
 import torch.fx as fx
 from torch import nn
+
+from ..errors import warn_user
 
 
 class Program(nn.Module):
@@ -37,12 +38,11 @@ class Program(nn.Module):
         if self._loss_has_aux and not self._warned_aux:
             self._warned_aux = True
             model = self.context.extras["binder"].model_name
-            warnings.warn(f"{model}'s out.loss already includes its own load-balancing loss "
-                          f"(config.output_router_logits=True adds router_aux_loss_coef x out.aux_loss); "
-                          f"program.aux_loss is the same penalty from the compiled MoE layers, so adding it "
-                          f"to out.loss counts it twice: train on out.loss alone, or set "
-                          f"config.output_router_logits=False before compiling and add program.aux_loss",
-                          stacklevel=2)
+            warn_user(f"{model}'s out.loss already includes its own load-balancing loss "
+                      f"(config.output_router_logits=True adds router_aux_loss_coef x out.aux_loss); "
+                      f"program.aux_loss is the same penalty from the compiled MoE layers, so adding it "
+                      f"to out.loss counts it twice: train on out.loss alone, or set "
+                      f"config.output_router_logits=False before compiling and add program.aux_loss")
         return self._aux_loss
 
     @aux_loss.setter

@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 import difflib
 import threading
-import warnings
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ from moesys_compile.ir import fetch
 from moesys_compile.passes.ring_partition import RingLayout
 from moesys_compile.passes.ring_units import ALIGN, node_state
 
-from ..errors import MoesysError
+from ..errors import MoesysError, warn_user
 from ..frontend.annotation import B, S, _dynamic_dims
 from ..runtime.ring import Copy, RingExecutor, SectionLoad, SlotPool, coalesce
 from ..runtime.workspace import activation_exprs, liveness_plan, peak_live_bytes, scratch_exprs
@@ -53,9 +52,8 @@ def warn_unknown_options(options: dict) -> None:
     """A mistyped ``Plan.options`` key would otherwise be ignored without a word."""
     for key in sorted(set(options) - set(RING_OPTIONS), key=str):
         near = difflib.get_close_matches(str(key), RING_OPTIONS, n=1)
-        warnings.warn(f"Plan.options[{key!r}] is not an option of ring inference and is ignored"
-                      + (f"; did you mean {near[0]!r}?" if near else "")
-                      + f" (known options: {', '.join(RING_OPTIONS)})", stacklevel=5)
+        warn_user(f"Plan.options[{key!r}] is not an option of ring inference and is ignored"
+                  + (f"; did you mean {near[0]!r}?" if near else "") + f" (known options: {', '.join(RING_OPTIONS)})")
 
 
 class RingBudgetError(MoesysError):

@@ -42,7 +42,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ..errors import MoesysError
+from ..errors import MoesysError, warn_user
 
 ALIGN = 64
 Source = Callable[[str], torch.Tensor]
@@ -207,13 +207,13 @@ def checkpoint_source(directory: str, model: nn.Module) -> Source:
     root = Path(directory)
     if not root.is_dir():
         raise StorageError(f"checkpoint directory {directory!r} does not exist")
+    aliases = _tensor_aliases(model)
     if (root / "meta.json").is_file():
         present, read_one = _project_reader(root)
     else:
         files = _hf_index(root)
         present, read_one, converted_from = _with_hub_layout(model, set(files), _read_hf(files))
-        _warn_unused(root, set(files) - converted_from, model)
-    aliases = _tensor_aliases(model)
+        _warn_unused(root, set(files) - converted_from - set(aliases), model)
     fallback = model_source(model)
     persistent = set(model.state_dict(keep_vars=True))
 
@@ -252,17 +252,16 @@ def _with_hub_layout(model: nn.Module, present: set[str], read_file: Callable[[s
 
 
 def _warn_unused(root: Path, names: set[str], model: nn.Module) -> None:
-    """Warn about checkpoint tensors that are no tensor of ``model`` (as transformers does when it
-    loads a checkpoint of another model or configuration), except those the model class declares
-    as expected leftovers (``_keys_to_ignore_on_load_unexpected``)."""
-    ours = set(_tensor_aliases(model)) | set(model.state_dict(keep_vars=True))
+    """Warn about checkpoint tensors ``names`` that ``model`` does not hold (as transformers does
+    when it loads a checkpoint of another model or configuration), except those the model class
+    declares as expected leftovers (``_keys_to_ignore_on_load_unexpected``)."""
     ignored = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []]
-    unused = sorted(n for n in names - ours if not any(p.search(n) for p in ignored))
+    unused = sorted(n for n in names - set(model.state_dict(keep_vars=True)) if not any(p.search(n) for p in ignored))
     if unused:
         shown = ", ".join(unused[:5]) + (f", ... ({len(unused) - 5} more)" if len(unused) > 5 else "")
-        warnings.warn(f"checkpoint {str(root)!r}: {len(unused)} tensor(s) match no tensor of "
-                      f"{type(model).__name__} and are not used: {shown}; check that the checkpoint is of this "
-                      f"model and configuration", stacklevel=3)
+        warn_user(f"checkpoint {str(root)!r}: {len(unused)} tensor(s) match no tensor of "
+                  f"{type(model).__name__} and are not used: {shown}; check that the checkpoint is of this "
+                  f"model and configuration")
 
 
 def missing_tensor(root: Path, name: str, candidates: list[str], present: set[str], model: nn.Module) -> StorageError:
