@@ -4,15 +4,20 @@ combine that reads tokens in place and writes the weighted top-k sum.
 Shape legend: T tokens · D model dim · F expert hidden · H up rows (2F gated, F otherwise) ·
 E experts · K top-k · N = T*K rows (expert-sorted slots).
 
-    grouped_mlp(x_ND, counts_E, w_up_EHD, w_down_EDF, activation, save_h, impl) -> y_ND, h_NH
-    fused_experts(x_TD, order_N, counts_E, weights_TK, w_up_EHD, w_down_EDF, activation, save_h, impl)
+    grouped_mlp(x_ND, counts_E, w_up_EHD, w_down_EDF, activation, save_h, impl, b_up_EH, b_down_ED)
+        -> y_ND, h_NH
+    fused_experts(x_TD, order_N, counts_E, weights_TK, w_up_EHD, w_down_EDF, activation, save_h, impl,
+                  b_up_EH, b_down_ED)
         -> y_TD, h_NH     == unpermute(grouped_mlp(permute(x_TD, ...)), order_N, weights_TK)
 
 ``h_NH`` is the up projection before the activation, returned so that backward needs no second
 up GEMM (it is [0, H] with ``save_h=False``, for inference). Rows past sum(counts_E) (dropped
 slots) produce zeros and get zero gradients. ``impl``: "triton" (``kernels/grouped_mlp.py`` and
 ``grouped_mlp_backward.py``), "torch" (``kernels/experts_torch.py``: torch.mm per expert,
-everything else in a reused workspace) or "auto" (Triton on CUDA, torch elsewhere).
+everything else in a reused workspace) or "auto" (Triton on CUDA, torch elsewhere). Expert biases
+(``b_up_EH`` [E, H], ``b_down_ED`` [E, D], optional) and activations outside
+``ops.TRITON_ACTIVATIONS`` (gpt-oss's clamped SwiGLU) run on the torch path only: "auto" picks it
+for them, "triton" refuses them.
 
     >>> import torch, moesys_compile.kernels
     >>> x, w_up, w_down = torch.randn(6, 8), torch.randn(4, 32, 8), torch.randn(4, 8, 16)
@@ -23,6 +28,8 @@ everything else in a reused workspace) or "auto" (Triton on CUDA, torch elsewher
     ((6, 8), (12, 32))
 """
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -31,22 +38,24 @@ from moesys_compile.kernels.experts_torch import (GATHER_ROWS, block_target, exp
                                                   experts_forward_torch)
 from moesys_compile.kernels.grouped_mlp import check_experts_args, experts_forward_triton
 from moesys_compile.kernels.grouped_mlp_backward import experts_backward_triton
-from moesys_compile.ops import check_activation
+from moesys_compile.ops import ACTIVATIONS, check_activation, has_triton_kernel
 from moesys_compile.ops.autocast import follow_autocast
 
 
 def forward_scratch_bytes(num_rows, dim: int, ffn: int, rows_h: int, element_size: int, fused: bool,
-                          save_h: bool, impl: str, threads: int):
+                          save_h: bool, impl: str, threads: int, activation: str = "swiglu"):
     """Bytes a forward call allocates besides its outputs, at most (``num_rows``: N, an int or a
     sympy expression; ``impl``: "triton", "torch", or "any" for the larger of the two; ``threads``:
     the intra-op threads of the call). Triton: a_NF and, fused, the weighted slot rows. torch: the
     blocks in flight (at most N rows over all threads, at most twice ``block_target`` per thread),
     and, fused, the slot rows, the gather buffer and two int64 row indices (kept for the next call
-    when the forward keeps h, i.e. when training)."""
+    when the forward keeps h, i.e. when training). An activation outside ``ops.ACTIVATIONS`` runs
+    as its reference function: a few [rows, F] temporaries per block (six counted)."""
     import sympy
     rows = sympy.sympify(num_rows)
     triton = (rows * ffn + (rows * dim if fused else 0)) * element_size
     per_row = (dim if fused else 0) + (rows_h if not save_h else 2 * ffn)
+    per_row += 0 if activation in ACTIVATIONS else 6 * ffn
     torch_path = sympy.Min(rows, threads * 2 * block_target(ffn)) * per_row * element_size
     if fused:
         gather = sympy.Min(rows, GATHER_ROWS) * dim * element_size
@@ -64,19 +73,51 @@ def _no_zero_grads(ctx, h_NH: Tensor) -> None:
 
 
 _FORWARD = {"triton": experts_forward_triton, "torch": experts_forward_torch}
-_BACKWARD = {"triton": experts_backward_triton, "torch": experts_backward_torch}
 
 
-def _backward(ctx, grad_out, x, counts_E, w_up_EHD, w_down_EDF, h_NH, slots_N=None, weights_TK=None):
+def _forward(impl: str, x, counts_E, w_up_EHD, w_down_EDF, activation, slots_N, weights_TK, save_h, b_up_EH,
+             b_down_ED):
+    biases = {} if impl == "triton" else dict(b_up_EH=b_up_EH, b_down_ED=b_down_ED)   # "triton": none (_resolve)
+    return _FORWARD[impl](x, counts_E, w_up_EHD, w_down_EDF, activation, slots_N, weights_TK, save_h, **biases)
+
+
+def _resolve(impl: str, x: Tensor, activation: str, b_up_EH, b_down_ED) -> str:
+    """The implementation that runs: "auto" takes torch for what Triton does not implement
+    (expert biases, an activation outside ``TRITON_ACTIVATIONS``); "triton" refuses it."""
+    torch_only = b_up_EH is not None or b_down_ED is not None or not has_triton_kernel(activation)
+    resolved = resolve_impl(impl, x)
+    if resolved == "triton" and torch_only:
+        if impl == "triton":
+            raise ValueError(f"the Triton expert kernels take neither expert biases nor activation {activation!r}; "
+                             f"use impl='torch' (Plan(kernels='auto') picks it for these experts)")
+        return "torch"
+    return resolved
+
+
+def _check_biases(w_up_EHD: Tensor, w_down_EDF: Tensor, b_up_EH, b_down_ED) -> None:
+    for name, bias, shape in (("b_up_EH", b_up_EH, w_up_EHD.shape[:2]),
+                              ("b_down_ED", b_down_ED, w_down_EDF.shape[:2])):
+        if bias is not None and (tuple(bias.shape) != tuple(shape) or bias.dtype != w_up_EHD.dtype):
+            raise ValueError(f"{name} is {bias.dtype}{list(bias.shape)}; the experts need {w_up_EHD.dtype}"
+                             f"{list(shape)}")
+
+
+def _backward(ctx, grad_out, x, counts_E, w_up_EHD, w_down_EDF, h_NH, b_up_EH, b_down_ED, slots_N=None,
+              weights_TK=None):
+    """(grad_x, grad_w_up, grad_w_down, grad_weights_TK or None, grad_b_up or None, grad_b_down or None)."""
     if grad_out is None:
         grad_out = torch.zeros(ctx.out_shape, dtype=x.dtype, device=x.device)
     num_rows = slots_N.numel() if slots_N is not None else x.shape[0]
-    if h_NH.shape[0] != num_rows and ctx.impl == "triton":  # not saved (inference op): recompute once
-        _, h_NH = experts_forward_triton(x, counts_E, w_up_EHD, w_down_EDF, ctx.activation, slots_N, weights_TK)
+    if ctx.impl == "triton":
+        if h_NH.shape[0] != num_rows:  # not saved (inference op): recompute once
+            _, h_NH = experts_forward_triton(x, counts_E, w_up_EHD, w_down_EDF, ctx.activation, slots_N, weights_TK)
+        grads = experts_backward_triton(grad_out, x, counts_E, w_up_EHD, w_down_EDF, h_NH, ctx.activation, slots_N,
+                                        weights_TK)
+        return (*grads, None, None)
     # the torch path skips grad_x's GEMMs when x needs no gradient (e.g. the first layer's input)
-    skip = {"need_grad_x": ctx.needs_input_grad[0]} if ctx.impl == "torch" else {}
-    return _BACKWARD[ctx.impl](grad_out, x, counts_E, w_up_EHD, w_down_EDF, h_NH, ctx.activation, slots_N,
-                               weights_TK, **skip)
+    return experts_backward_torch(grad_out, x, counts_E, w_up_EHD, w_down_EDF, h_NH, ctx.activation, slots_N,
+                                  weights_TK, need_grad_x=ctx.needs_input_grad[0], b_up_EH=b_up_EH,
+                                  b_down_ED=b_down_ED)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -86,30 +127,33 @@ def _backward(ctx, grad_out, x, counts_E, w_up_EHD, w_down_EDF, h_NH, slots_N=No
 
 @torch.library.custom_op("moesys_kernels::grouped_mlp", mutates_args=())
 def grouped_mlp(x_ND: Tensor, counts_E: Tensor, w_up_EHD: Tensor, w_down_EDF: Tensor, activation: str = "swiglu",
-                save_h: bool = True, impl: str = "auto") -> tuple[Tensor, Tensor]:
+                save_h: bool = True, impl: str = "auto", b_up_EH: Optional[Tensor] = None,
+                b_down_ED: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     check_activation(activation)
     check_experts_args(x_ND, counts_E, w_up_EHD, w_down_EDF, activation, "x_ND")
-    run = _FORWARD[resolve_impl(impl, x_ND)]
-    return run(x_ND, counts_E, w_up_EHD, w_down_EDF, activation, save_h=save_h)
+    _check_biases(w_up_EHD, w_down_EDF, b_up_EH, b_down_ED)
+    return _forward(_resolve(impl, x_ND, activation, b_up_EH, b_down_ED), x_ND, counts_E, w_up_EHD, w_down_EDF,
+                    activation, None, None, save_h, b_up_EH, b_down_ED)
 
 
 @grouped_mlp.register_fake
-def _grouped_mlp_fake(x_ND, counts_E, w_up_EHD, w_down_EDF, activation="swiglu", save_h=True, impl="auto"):
+def _grouped_mlp_fake(x_ND, counts_E, w_up_EHD, w_down_EDF, activation="swiglu", save_h=True, impl="auto",
+                      b_up_EH=None, b_down_ED=None):
     rows = x_ND.shape[0] if save_h else 0
     return x_ND.new_empty((x_ND.shape[0], w_down_EDF.shape[1])), x_ND.new_empty((rows, w_up_EHD.shape[1]))
 
 
 def _grouped_mlp_setup(ctx, inputs, output):
-    x_ND, counts_E, w_up_EHD, w_down_EDF, activation, save_h, impl = inputs
-    ctx.save_for_backward(x_ND, counts_E, w_up_EHD, w_down_EDF, output[1])
-    ctx.activation, ctx.impl, ctx.out_shape = activation, resolve_impl(impl, x_ND), output[0].shape
+    x_ND, counts_E, w_up_EHD, w_down_EDF, activation, save_h, impl, b_up_EH, b_down_ED = inputs
+    ctx.save_for_backward(x_ND, counts_E, w_up_EHD, w_down_EDF, output[1], b_up_EH, b_down_ED)
+    ctx.activation, ctx.out_shape = activation, output[0].shape
+    ctx.impl = _resolve(impl, x_ND, activation, b_up_EH, b_down_ED)
     _no_zero_grads(ctx, output[1])
 
 
 def _grouped_mlp_backward(ctx, grad_y_ND, grad_h_NH):
-    x_ND, counts_E, w_up_EHD, w_down_EDF, h_NH = ctx.saved_tensors
-    grad_x, grad_w_up, grad_w_down, _ = _backward(ctx, grad_y_ND, x_ND, counts_E, w_up_EHD, w_down_EDF, h_NH)
-    return grad_x, None, grad_w_up, grad_w_down, None, None, None
+    grad_x, grad_w_up, grad_w_down, _, grad_b_up, grad_b_down = _backward(ctx, grad_y_ND, *ctx.saved_tensors)
+    return grad_x, None, grad_w_up, grad_w_down, None, None, None, grad_b_up, grad_b_down
 
 
 grouped_mlp.register_autograd(_grouped_mlp_backward, setup_context=_grouped_mlp_setup)
@@ -117,36 +161,38 @@ grouped_mlp.register_autograd(_grouped_mlp_backward, setup_context=_grouped_mlp_
 
 @torch.library.custom_op("moesys_kernels::fused_experts", mutates_args=())
 def fused_experts(x_TD: Tensor, order_N: Tensor, counts_E: Tensor, weights_TK: Tensor, w_up_EHD: Tensor,
-                  w_down_EDF: Tensor, activation: str = "swiglu", save_h: bool = True,
-                  impl: str = "auto") -> tuple[Tensor, Tensor]:
+                  w_down_EDF: Tensor, activation: str = "swiglu", save_h: bool = True, impl: str = "auto",
+                  b_up_EH: Optional[Tensor] = None, b_down_ED: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     check_activation(activation)
     check_experts_args(x_TD, counts_E, w_up_EHD, w_down_EDF, activation, "x_TD")
+    _check_biases(w_up_EHD, w_down_EDF, b_up_EH, b_down_ED)
     if weights_TK.dim() != 2 or weights_TK.shape[0] != x_TD.shape[0] or order_N.numel() != weights_TK.numel():
         raise ValueError(f"fused_experts: x_TD {tuple(x_TD.shape)}, weights_TK {tuple(weights_TK.shape)} and "
                          f"order_N {tuple(order_N.shape)} must agree on T and N = T*K")
-    run = _FORWARD[resolve_impl(impl, x_TD)]
-    return run(x_TD, counts_E, w_up_EHD, w_down_EDF, activation, order_N, weights_TK, save_h)
+    return _forward(_resolve(impl, x_TD, activation, b_up_EH, b_down_ED), x_TD, counts_E, w_up_EHD, w_down_EDF,
+                    activation, order_N, weights_TK, save_h, b_up_EH, b_down_ED)
 
 
 @fused_experts.register_fake
 def _fused_experts_fake(x_TD, order_N, counts_E, weights_TK, w_up_EHD, w_down_EDF, activation="swiglu",
-                        save_h=True, impl="auto"):
+                        save_h=True, impl="auto", b_up_EH=None, b_down_ED=None):
     rows = order_N.shape[0] if save_h else 0
     return x_TD.new_empty((x_TD.shape[0], w_down_EDF.shape[1])), x_TD.new_empty((rows, w_up_EHD.shape[1]))
 
 
 def _fused_experts_setup(ctx, inputs, output):
-    x_TD, order_N, counts_E, weights_TK, w_up_EHD, w_down_EDF, activation, save_h, impl = inputs
-    ctx.save_for_backward(x_TD, order_N, counts_E, weights_TK, w_up_EHD, w_down_EDF, output[1])
-    ctx.activation, ctx.impl, ctx.out_shape = activation, resolve_impl(impl, x_TD), output[0].shape
+    x_TD, order_N, counts_E, weights_TK, w_up_EHD, w_down_EDF, activation, save_h, impl, b_up_EH, b_down_ED = inputs
+    ctx.save_for_backward(x_TD, order_N, counts_E, weights_TK, w_up_EHD, w_down_EDF, output[1], b_up_EH, b_down_ED)
+    ctx.activation, ctx.out_shape = activation, output[0].shape
+    ctx.impl = _resolve(impl, x_TD, activation, b_up_EH, b_down_ED)
     _no_zero_grads(ctx, output[1])
 
 
 def _fused_experts_backward(ctx, grad_y_TD, grad_h_NH):
-    x_TD, order_N, counts_E, weights_TK, w_up_EHD, w_down_EDF, h_NH = ctx.saved_tensors
-    grad_x, grad_w_up, grad_w_down, grad_weights = _backward(ctx, grad_y_TD, x_TD, counts_E, w_up_EHD, w_down_EDF,
-                                                             h_NH, order_N, weights_TK)
-    return grad_x, None, None, grad_weights, grad_w_up, grad_w_down, None, None, None
+    x_TD, order_N, counts_E, weights_TK, w_up_EHD, w_down_EDF, h_NH, b_up_EH, b_down_ED = ctx.saved_tensors
+    grad_x, grad_w_up, grad_w_down, grad_weights, grad_b_up, grad_b_down = _backward(
+        ctx, grad_y_TD, x_TD, counts_E, w_up_EHD, w_down_EDF, h_NH, b_up_EH, b_down_ED, order_N, weights_TK)
+    return grad_x, None, None, grad_weights, grad_w_up, grad_w_down, None, None, None, grad_b_up, grad_b_down
 
 
 fused_experts.register_autograd(_fused_experts_backward, setup_context=_fused_experts_setup)

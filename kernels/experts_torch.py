@@ -14,6 +14,9 @@ gathered and summed in order (deterministic). A forward that keeps no h (inferen
 temporaries per call instead: they are freed when it returns, which is what a budgeted ring counts.
 
 Threads (``cpu_threads.py``): with n > 1 intra-op threads, n threads take runs of expert rows.
+
+Expert biases (``b_up_EH``, ``b_down_ED``) go into the GEMMs (addmm); an activation outside
+``ops.ACTIVATIONS`` (gpt-oss's clamped SwiGLU) runs as its reference function on each block.
 """
 
 import torch
@@ -21,7 +24,7 @@ from torch import Tensor
 
 from moesys_compile.kernels import cpu_threads
 from moesys_compile.kernels.permute import inverse_order
-from moesys_compile.ops import group_bounds, is_gated
+from moesys_compile.ops import ACTIVATIONS, apply_activation, group_bounds, is_gated
 
 _CHUNK_ELEMENTS = 1 << 21   # activation elements per block (rows x F): few calls, big GEMMs
 _MIN_CHUNK_ROWS = 64
@@ -69,8 +72,17 @@ def _scalar_act_backward(grad: Tensor, x: Tensor, activation: str, out: Tensor) 
     return torch.ops.aten.threshold_backward.grad_input(grad, x, 0, grad_input=out)
 
 
+def _project(rows: Tensor, weight: Tensor, bias_E, expert: int, out: Tensor) -> Tensor:
+    """out = rows @ weight^T (+ the expert's bias row)."""
+    if bias_E is None:
+        return torch.mm(rows, weight.t(), out=out)
+    return torch.addmm(bias_E[expert], rows, weight.t(), out=out)
+
+
 def _act_into(h: Tensor, activation: str, act_gate: Tensor, a: Tensor) -> Tensor:
     """a = act(h) (gated: act(gate) * up, with act(gate) left in ``act_gate``)."""
+    if activation not in ACTIVATIONS:
+        return a.copy_(apply_activation(h, activation))
     if not is_gated(activation):
         return _scalar_act(h, activation, a)
     ffn = h.shape[1] // 2
@@ -80,6 +92,8 @@ def _act_into(h: Tensor, activation: str, act_gate: Tensor, a: Tensor) -> Tensor
 
 def _act_in_place(h: Tensor, activation: str) -> Tensor:
     """act(h) written over h, for a forward that does not keep h (gated: over the gate half)."""
+    if activation not in ACTIVATIONS:
+        return apply_activation(h, activation)
     if not is_gated(activation):
         return _scalar_act(h, activation, h)
     gate = h[:, :h.shape[1] // 2]
@@ -88,6 +102,11 @@ def _act_in_place(h: Tensor, activation: str) -> Tensor:
 
 def _act_backward_into(h: Tensor, grad_a: Tensor, act_gate: Tensor, activation: str, tmp: Tensor,
                        grad_h: Tensor) -> Tensor:
+    if activation not in ACTIVATIONS:
+        with torch.enable_grad():
+            leaf = h.detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(apply_activation(leaf, activation), leaf, grad_a)
+        return grad_h.copy_(grad)
     if not is_gated(activation):
         return _scalar_act_backward(grad_a, h, activation, grad_h)
     ffn = h.shape[1] // 2
@@ -117,15 +136,16 @@ def _sum_slots(rows_ND: Tensor, slots_N: Tensor, weights_TK: Tensor, weighted: b
     return out
 
 
-def _partial_weight_grads(runs: list, w_up_EHD: Tensor, w_down_EDF: Tensor) -> dict:
-    """{(run index, expert): (grad_w_up, grad_w_down) buffers} for the runs that hold a later piece
-    of an expert split between runs: the run with its first piece writes the expert's gradient, the
-    others write their own buffers, added in after all runs (no two threads write one tensor)."""
+def _partial_grads(runs: list, grads: list[Tensor]) -> dict:
+    """{(run index, expert): one buffer per tensor of ``grads`` (the [E, ...] gradients of the
+    weights and biases)} for the runs that hold a later piece of an expert split between runs: the
+    run with its first piece writes the expert's gradient, the others write their own buffers,
+    added in after all runs (no two threads write one tensor)."""
     seen, partials = set(), {}
     for index, run in enumerate(runs):
         for expert, _, _ in run:
             if expert in seen:
-                partials[(index, expert)] = (torch.empty_like(w_up_EHD[expert]), torch.empty_like(w_down_EDF[expert]))
+                partials[(index, expert)] = tuple(torch.empty_like(g[expert]) for g in grads)
             seen.add(expert)
     return partials
 
@@ -135,7 +155,7 @@ def _block_rows(blocks: list) -> int:
 
 
 def experts_forward_torch(x: Tensor, counts_E: Tensor, w_up_EHD: Tensor, w_down_EDF: Tensor, activation: str,
-                          slots_N=None, weights_TK=None, save_h: bool = True):
+                          slots_N=None, weights_TK=None, save_h: bool = True, b_up_EH=None, b_down_ED=None):
     """Same contract as ``experts_forward_triton``. With ``slots_N`` each block's token rows are
     gathered into the workspace, its output rows weighted in place, and the K rows of every token
     summed at the end."""
@@ -164,13 +184,13 @@ def experts_forward_torch(x: Tensor, counts_E: Tensor, w_up_EHD: Tensor, w_down_
             x_b = torch.index_select(x, 0, tokens_N[b0:b1], out=x_buf[:b1 - b0]) if fused else x[b0:b1]
             h_b = h_NH[b0:b1] if save_h else h_buf[:b1 - b0]
             for expert, start, end, _ in block:
-                torch.mm(x_b[start - b0:end - b0], w_up_EHD[expert].t(), out=h_b[start - b0:end - b0])
+                _project(x_b[start - b0:end - b0], w_up_EHD[expert], b_up_EH, expert, h_b[start - b0:end - b0])
             if save_h:
                 a_b = _act_into(h_b, activation, gate_buf[:b1 - b0], a_buf[:b1 - b0])
             else:
                 a_b = _act_in_place(h_b, activation)
             for expert, start, end, _ in block:
-                torch.mm(a_b[start - b0:end - b0], w_down_EDF[expert].t(), out=y_rows[start:end])
+                _project(a_b[start - b0:end - b0], w_down_EDF[expert], b_down_ED, expert, y_rows[start:end])
 
     cpu_threads.over_runs(work, cpu_threads.expert_runs(bounds, torch.get_num_threads()))
     if fused:  # the top-k weights are applied in the combine
@@ -179,19 +199,25 @@ def experts_forward_torch(x: Tensor, counts_E: Tensor, w_up_EHD: Tensor, w_down_
 
 
 def experts_backward_torch(grad_out: Tensor, x: Tensor, counts_E: Tensor, w_up_EHD: Tensor, w_down_EDF: Tensor,
-                           h_NH: Tensor, activation: str, slots_N=None, weights_TK=None, need_grad_x: bool = True):
-    """Gradients of ``experts_forward_torch``: (grad_x, grad_w_up, grad_w_down, grad_weights_TK or None).
-    ``need_grad_x=False`` (the rows' source needs no gradient, e.g. the first layer's input) skips
-    the grad_h @ W_up GEMMs and returns None for grad_x."""
+                           h_NH: Tensor, activation: str, slots_N=None, weights_TK=None, need_grad_x: bool = True,
+                           b_up_EH=None, b_down_ED=None):
+    """Gradients of ``experts_forward_torch``: (grad_x, grad_w_up, grad_w_down, grad_weights_TK or
+    None, grad_b_up or None, grad_b_down or None). ``need_grad_x=False`` (the rows' source needs no
+    gradient, e.g. the first layer's input) skips the grad_h @ W_up GEMMs and returns None for grad_x."""
     fused = slots_N is not None
     bounds = group_bounds(counts_E)
     kept = bounds[-1][2] if bounds else 0
     num_rows = slots_N.numel() if fused else x.shape[0]
     rows_h, dim, ffn = w_up_EHD.shape[1], x.shape[1], w_down_EDF.shape[2]
     saved = h_NH.shape[0] == num_rows
+    # [E, ...] gradients written per expert: the weights', then the biases' the experts have
     grad_w_up, grad_w_down = torch.empty_like(w_up_EHD), torch.empty_like(w_down_EDF)
+    grad_b_up = None if b_up_EH is None else torch.empty_like(b_up_EH)
+    grad_b_down = None if b_down_ED is None else torch.empty_like(b_down_ED)
+    expert_grads = [g for g in (grad_w_up, grad_w_down, grad_b_up, grad_b_down) if g is not None]
     idle = sorted(set(range(counts_E.numel())) - {expert for expert, _, _ in bounds})
-    grad_w_up[idle], grad_w_down[idle] = 0, 0    # experts without rows get zero gradients
+    for grad in expert_grads:
+        grad[idle] = 0    # experts without rows get zero gradients
     gx_rows = None
     if fused:
         tokens_N = slots_N // weights_TK.shape[1]
@@ -206,8 +232,8 @@ def experts_backward_torch(grad_out: Tensor, x: Tensor, counts_E: Tensor, w_up_E
         gx_rows[kept:] = 0
 
     runs = cpu_threads.expert_runs(bounds, torch.get_num_threads(),
-                                   max_splits=PARTIAL_GRAD_BYTES // (w_up_EHD[0].nbytes + w_down_EDF[0].nbytes))
-    partials = _partial_weight_grads(runs, w_up_EHD, w_down_EDF)
+                                   max_splits=PARTIAL_GRAD_BYTES // sum(g[0].nbytes for g in expert_grads))
+    partials = _partial_grads(runs, expert_grads)
 
     def work(index_and_run):
         index, run = index_and_run
@@ -231,34 +257,49 @@ def experts_backward_torch(grad_out: Tensor, x: Tensor, counts_E: Tensor, w_up_E
             else:
                 h_b = h_buf[:n]
                 for expert, rs, _ in segments:
-                    torch.mm(x_b[rs], w_up_EHD[expert].t(), out=h_b[rs])
+                    _project(x_b[rs], w_up_EHD[expert], b_up_EH, expert, h_b[rs])
             a_b = _act_into(h_b, activation, gate_buf[:n], a_buf[:n])
             grad_a = ga_buf[:n]
             for expert, rs, _ in segments:
                 torch.mm(g_b[rs], w_down_EDF[expert], out=grad_a[rs])
-            if fused:  # d/d weight = <grad_y @ W_down, a>; then grad_a and (grad_y or a) take the weight
+            g_weighted = not fused   # g_b holds the weighted output gradient (what the down bias gets)
+            if fused:  # d/d weight = <grad_y @ W_down, a> (+ <grad_y, b_down>); then grad_a and (grad_y or a)
                 torch.sum(torch.mul(grad_a, a_b, out=tmp_buf[:n]), 1, dtype=grad_w_N.dtype, out=grad_w_N[b0:b1])
+                if b_down_ED is not None:
+                    for expert, rs, _ in segments:
+                        grad_w_N[b0 + rs.start:b0 + rs.stop] += (g_b[rs] @ b_down_ED[expert]).to(grad_w_N.dtype)
                 grad_a.mul_(scale_N1[b0:b1])
                 (g_b if dim < ffn else a_b).mul_(scale_N1[b0:b1])  # the smaller one, for grad w_down
+                g_weighted = dim < ffn
             grad_h = _act_backward_into(h_b, grad_a, gate_buf[:n], activation, tmp_buf[:n], gh_buf[:n])
             for expert, rs, first in segments:
-                gw_up, gw_down = partials.get((index, expert), (grad_w_up[expert], grad_w_down[expert]))
+                gw_up, gw_down, *gb = partials.get((index, expert), tuple(g[expert] for g in expert_grads))
+                bias_rows = []
+                if b_up_EH is not None:
+                    bias_rows.append(grad_h[rs].sum(0))
+                if b_down_ED is not None:
+                    bias_rows.append(g_b[rs].sum(0) if g_weighted else g_b[rs].t() @ scale_N1[b0:b1][rs, 0])
                 if first:
                     torch.mm(g_b[rs].t(), a_b[rs], out=gw_down)
                     torch.mm(grad_h[rs].t(), x_b[rs], out=gw_up)
+                    for target, value in zip(gb, bias_rows):
+                        target.copy_(value)
                 else:  # a later piece of an expert cut in several
                     gw_down.addmm_(g_b[rs].t(), a_b[rs])
                     gw_up.addmm_(grad_h[rs].t(), x_b[rs])
+                    for target, value in zip(gb, bias_rows):
+                        target.add_(value)
                 if need_grad_x:
                     torch.mm(grad_h[rs], w_up_EHD[expert], out=gx_rows[b0 + rs.start:b0 + rs.stop])
 
     cpu_threads.over_runs(work, list(enumerate(runs)))
-    for (_, expert), (gw_up, gw_down) in sorted(partials.items()):   # in run order: deterministic sums
-        grad_w_up[expert] += gw_up
-        grad_w_down[expert] += gw_down
+    for (_, expert), buffers in sorted(partials.items()):   # in run order: deterministic sums
+        for grad, buffer in zip(expert_grads, buffers):
+            grad[expert] += buffer
     if not fused:
-        return gx_rows, grad_w_up, grad_w_down, None
+        return gx_rows, grad_w_up, grad_w_down, None, grad_b_up, grad_b_down
     grad_x = _sum_slots(gx_rows, slots_N, weights_TK, weighted=False) if need_grad_x else None
     grad_weights_N = torch.empty_like(grad_w_N)
     grad_weights_N[slots_N] = grad_w_N
-    return grad_x, grad_w_up, grad_w_down, grad_weights_N.view(weights_TK.shape).to(weights_TK.dtype)
+    return (grad_x, grad_w_up, grad_w_down, grad_weights_N.view(weights_TK.shape).to(weights_TK.dtype), grad_b_up,
+            grad_b_down)

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from moesys_compile.kernels._triton import (HAVE_TRITON, INTERPRET, check_dtype, check_triton, dot_precision,
                                             pow2, tl, triton, use_autotune)
-from moesys_compile.ops import is_gated
+from moesys_compile.ops import check_activation, is_gated
 
 # activation kinds of the epilogues (gating is a separate flag)
 _ACT_KIND = {"swiglu": 0, "silu": 0, "geglu": 1, "gelu": 1, "relu": 2}
@@ -198,8 +198,7 @@ def _launch(kernel, grid, ref: Tensor, *args, **constexprs) -> None:
 def check_experts_args(x: Tensor, counts_E: Tensor, w_up_EHD: Tensor, w_down_EDF: Tensor, activation: str,
                        x_name: str = "x_ND") -> None:
     """Shape checks shared by the Triton and torch paths; errors name the tensor and the sizes."""
-    if activation not in _ACT_KIND and activation != "geglu":
-        raise ValueError(f"activation {activation!r} is not supported; use one of {tuple(_ACT_KIND)}")
+    check_activation(activation)
     if w_up_EHD.dim() != 3 or w_down_EDF.dim() != 3:
         raise ValueError(f"w_up_EHD {tuple(w_up_EHD.shape)} and w_down_EDF {tuple(w_down_EDF.shape)} must be 3-D")
     num_experts, rows_h, dim = w_up_EHD.shape

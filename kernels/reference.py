@@ -30,8 +30,8 @@ def sort_slots_reference(ids_TK: Tensor, num_experts: int, capacity: int = -1):
 
 
 def fused_experts_reference(x_TD: Tensor, order_N: Tensor, counts_E: Tensor, weights_TK: Tensor, w_up_EHD: Tensor,
-                            w_down_EDF: Tensor, activation: str = "swiglu") -> Tensor:
+                            w_down_EDF: Tensor, activation: str = "swiglu", b_up_EH=None, b_down_ED=None) -> Tensor:
     """Gather rows in expert order, per-expert MLP loop, weighted scatter back: three naive steps."""
     x_ND = x_TD[order_N // weights_TK.shape[1]]
-    y_ND = grouped_mlp_reference(x_ND, counts_E, w_up_EHD, w_down_EDF, activation)
+    y_ND = grouped_mlp_reference(x_ND, counts_E, w_up_EHD, w_down_EDF, activation, b_up_EH, b_down_ED)
     return unpermute_reference(y_ND, order_N, weights_TK)

@@ -73,6 +73,31 @@ def canonical_target(target: Any) -> Any:
     return target
 
 
+def bound_args(node: fx.Node) -> dict[str, Any]:
+    """A call's arguments by schema name, defaults filled in."""
+    schema = canonical_target(node.target)._schema
+    args: dict[str, Any] = {}
+    for i, arg in enumerate(schema.arguments):
+        if i < len(node.args):
+            args[arg.name] = node.args[i]
+        elif arg.name in node.kwargs:
+            args[arg.name] = node.kwargs[arg.name]
+        elif arg.has_default_value():
+            args[arg.name] = arg.default_value
+    return args
+
+
+# arguments of the expert ops whose dim 0 is the expert: what expert parallelism shards
+EXPERT_TENSOR_ARGS = ("w_up_EHD", "w_down_EDF", "b_up_EH", "b_down_ED")
+
+
+def expert_tensors(node: fx.Node) -> list[fx.Node]:
+    """The expert weights (and biases, when the experts have them) a ``grouped_mlp`` /
+    ``moe_experts`` node reads, in ``EXPERT_TENSOR_ARGS`` order."""
+    args = bound_args(node)
+    return [args[name] for name in EXPERT_TENSOR_ARGS if isinstance(args.get(name), fx.Node)]
+
+
 def val(node: Any) -> Any:
     """``meta["val"]`` of a node; non-nodes are returned as they are."""
     return node.meta.get("val") if isinstance(node, fx.Node) else node

@@ -13,7 +13,7 @@ import torch.fx as fx
 from torch import Tensor
 
 from moesys_compile.frontend.annotation import CostModel
-from moesys_compile.ir import infer_val, is_op, moesys_meta
+from moesys_compile.ir import bound_args, infer_val, is_op, moesys_meta
 from moesys_compile.ops import expert_capacity
 from moesys_compile.ops.autocast import follow_autocast
 
@@ -72,8 +72,12 @@ def effective_capacity_factor(ctx, node: fx.Node) -> float:
 
 
 def _decompose_one(gm: fx.GraphModule, ctx, node: fx.Node) -> None:
-    x_TD, ids_TK, weights_TK, w_up_EHD, w_down_EDF = node.args[:5]
-    activation = node.args[5] if len(node.args) > 5 else node.kwargs.get("activation", "swiglu")
+    args = bound_args(node)
+    x_TD, ids_TK, weights_TK, w_up_EHD, w_down_EDF = (args[name] for name in (
+        "x_TD", "ids_TK", "weights_TK", "w_up_EHD", "w_down_EDF"))
+    activation = args["activation"]
+    biases = (args["b_up_EH"], args["b_down_ED"]) if any(isinstance(args[b], fx.Node) for b in (
+        "b_up_EH", "b_down_ED")) else ()   # bias-free experts keep the five-argument call
     num_experts = w_up_EHD.meta["val"].shape[0]
     top_k = ids_TK.meta["val"].shape[1]
     factor = effective_capacity_factor(ctx, node)
@@ -85,7 +89,8 @@ def _decompose_one(gm: fx.GraphModule, ctx, node: fx.Node) -> None:
         permute = new_node(gm, ctx, torch.ops.moesys.permute.default, (x_TD, ids_TK, num_experts, capacity), node)
         x_ND, counts_E, order_N = _getitems(gm, ctx, permute, 3)
         y_ND = new_node(gm, ctx, torch.ops.moesys.grouped_mlp.default,
-                        (x_ND, counts_E, w_up_EHD, w_down_EDF, activation), node, cost=moesys_meta(node)["cost"])
+                        (x_ND, counts_E, w_up_EHD, w_down_EDF, activation, *biases), node,
+                        cost=moesys_meta(node)["cost"])
         y_TD = new_node(gm, ctx, torch.ops.moesys.unpermute.default, (y_ND, order_N, weights_TK), node)
         if factor > 0:
             new_node(gm, ctx, torch.ops.moesys.record_drops.default, (counts_E, order_N, _drop_buffer(gm, ctx, key)),
@@ -112,7 +117,7 @@ def decompose_moe(gm: fx.GraphModule, ctx) -> fx.GraphModule:
             cf = plan.capacity_factor if set else node's capacity_factor
             cap = slot_capacity(x_TD, K, E, cf)          # -1: dropless
             x_ND, counts_E, order_N = permute(x_TD, ids_TK, E, cap)
-            y_ND = grouped_mlp(x_ND, counts_E, w_up_EHD, w_down_EDF, activation)
+            y_ND = grouped_mlp(x_ND, counts_E, w_up_EHD, w_down_EDF, activation[, b_up_EH, b_down_ED])
             y_TD = unpermute(y_ND, order_N, weights_TK)  # weighted top-k sum
             if cap >= 0: record_drops(counts_E, order_N, drops_buffer)
             replace node by y_TD

@@ -16,7 +16,7 @@ import torch.fx as fx
 
 from moesys_compile.errors import PlanError
 from moesys_compile.frontend.annotation import Cost
-from moesys_compile.ir import is_op, moesys_meta
+from moesys_compile.ir import expert_tensors, is_op, moesys_meta
 from moesys_compile.passes.decompose_moe import new_node
 from moesys_compile.passes.expert_rows import (ExpertRows, check_producers, drop_unused, expert_owners,
                                                expert_rows_of, expert_weights, producers)
@@ -58,29 +58,29 @@ def _top_k(mlp: fx.Node) -> int:
     return 2 if permute is None else int(permute.args[1].meta["val"].shape[1])   # unknown: several
 
 
-def _slot_exchange(gm, ctx, mlp: fx.Node, w_up_LHD: fx.Node, w_down_LDF: fx.Node, ranks: int):
-    """One row per routed slot each way: x_ND -> dispatch -> experts -> combine -> y_ND."""
-    x_ND, counts_E, _, _, activation = mlp.args
+def _slot_exchange(gm, ctx, mlp: fx.Node, local_experts: tuple, ranks: int):
+    """One row per routed slot each way: x_ND -> dispatch -> experts -> combine -> y_ND.
+    ``local_experts``: the grouped_mlp's arguments after the counts, for this rank's experts."""
+    x_ND, counts_E = mlp.args[:2]
     order_N = next(u for u in x_ND.args[0].users if u.args[1] == 2)
     recv_RL = new_node(gm, ctx, torch.ops.moesys.ep_counts.default, (counts_E, "ep", ranks), mlp, cost=Cost())
     x_MD = new_node(gm, ctx, torch.ops.moesys.ep_dispatch.default, (x_ND, counts_E, recv_RL, "ep"), mlp,
                     cost=_a2a_cost(x_ND, ctx, ranks))
     local_counts_L = new_node(gm, ctx, torch.ops.aten.sum.dim_IntList, (recv_RL, [0]), mlp, cost=Cost())
-    y_MD = new_node(gm, ctx, torch.ops.moesys.grouped_mlp.default,
-                    (x_MD, local_counts_L, w_up_LHD, w_down_LDF, activation), mlp, cost=moesys_meta(mlp)["cost"])
+    y_MD = new_node(gm, ctx, torch.ops.moesys.grouped_mlp.default, (x_MD, local_counts_L, *local_experts), mlp,
+                    cost=moesys_meta(mlp)["cost"])
     y_ND = new_node(gm, ctx, torch.ops.moesys.ep_combine.default, (y_MD, counts_E, recv_RL, order_N, "ep"), mlp,
                     cost=_a2a_cost(x_ND, ctx, ranks))
     mlp.replace_all_uses_with(y_ND)
     return x_MD, y_ND, [mlp]
 
 
-def _token_exchange(gm, ctx, mlp: fx.Node, unpermute: fx.Node, w_up_LHD: fx.Node, w_down_LDF: fx.Node,
-                    ranks: int):
+def _token_exchange(gm, ctx, mlp: fx.Node, unpermute: fx.Node, local_experts: tuple, ranks: int):
     """One row per (rank, token) each way: the permute, the slot rows and the unpermute go; the
     plan op sorts the slots, and the experts' rank weights and sums a token's outputs."""
     permute = mlp.args[0].args[0]
     x_TD, ids_TK, num_experts, capacity = permute.args
-    weights_TK, activation = unpermute.args[2], mlp.args[4]
+    weights_TK = unpermute.args[2]
     top_k = ids_TK.meta["val"].shape[1]
     plan = new_node(gm, ctx, torch.ops.moesys.ep_token_plan.default,
                     (ids_TK, weights_TK, num_experts, capacity, "ep", ranks), mlp, cost=Cost())
@@ -93,8 +93,8 @@ def _token_exchange(gm, ctx, mlp: fx.Node, unpermute: fx.Node, w_up_LHD: fx.Node
     x_MD = new_node(gm, ctx, torch.ops.moesys.ep_token_dispatch.default,
                     (x_TD, send_token_S, slot_row_M, rows_2R, "ep"), mlp,
                     cost=_a2a_cost(x_TD, ctx, ranks, min(top_k, ranks)))
-    y_MD = new_node(gm, ctx, torch.ops.moesys.grouped_mlp.default,
-                    (x_MD, local_counts_L, w_up_LHD, w_down_LDF, activation), mlp, cost=moesys_meta(mlp)["cost"])
+    y_MD = new_node(gm, ctx, torch.ops.moesys.grouped_mlp.default, (x_MD, local_counts_L, *local_experts), mlp,
+                    cost=moesys_meta(mlp)["cost"])
     y_TD = new_node(gm, ctx, torch.ops.moesys.ep_token_combine.default,
                     (y_MD, weights_M, send_token_S, slot_row_M, rows_2R, ids_TK, "ep"), mlp,
                     cost=_a2a_cost(x_TD, ctx, ranks, min(top_k, ranks)))
@@ -114,11 +114,11 @@ def _parallelize_one(gm: fx.GraphModule, ctx, mlp: fx.Node, rows: ExpertRows) ->
     # the token exchange reads the top-k weights, so it goes where the unpermute was
     with gm.graph.inserting_before(unpermute or mlp):
         rows.where = key
-        w_up_LHD, w_down_LDF = rows.local(mlp.args[2], lo, hi), rows.local(mlp.args[3], lo, hi)
+        local_experts = fx.node.map_arg(mlp.args[2:], lambda n: rows.local(n, lo, hi))
         if unpermute is not None:
-            dispatch, combine, replaced = _token_exchange(gm, ctx, mlp, unpermute, w_up_LHD, w_down_LDF, ranks)
+            dispatch, combine, replaced = _token_exchange(gm, ctx, mlp, unpermute, local_experts, ranks)
         else:
-            dispatch, combine, replaced = _slot_exchange(gm, ctx, mlp, w_up_LHD, w_down_LDF, ranks)
+            dispatch, combine, replaced = _slot_exchange(gm, ctx, mlp, local_experts, ranks)
     moesys_meta(dispatch)["a2a"] = ("dispatch", key)
     moesys_meta(combine)["a2a"] = ("combine", key)
     for node in replaced:
@@ -132,7 +132,7 @@ def _parallelize_one(gm: fx.GraphModule, ctx, mlp: fx.Node, rows: ExpertRows) ->
 
 
 def _shard_experts(gm: fx.GraphModule, ctx, mlps: list[fx.Node], topo: Topology) -> None:
-    weights = [w for mlp in mlps for w in mlp.args[2:4]]
+    weights = [w for mlp in mlps for w in expert_tensors(mlp)]
     weight_producers = producers(weights)
     check_producers(ctx, mlps, weight_producers)
     rows = ExpertRows(gm, ctx, topo)
@@ -187,7 +187,7 @@ def expert_parallel(gm: fx.GraphModule, ctx) -> fx.GraphModule:
         record expert_owners from the weight producers (stack entry i -> expert i)
         if ep == 1 and world == 1: note "no-op"; return
         for mlp in grouped_mlp nodes (ep > 1):
-            w_up, w_down := producers rebuilt for rows [ep_index*L, (ep_index+1)*L):
+            w_up, w_down (and expert biases) := producers rebuilt for rows [ep_index*L, (ep_index+1)*L):
                 stacked parameter -> its rows; stack/cat(dim 0) -> the pieces in range;
                 transpose/cast/cat(dim > 0) -> same op on the inputs' rows; else PlanError
             token exchange (K > 1, plain permute -> mlp -> unpermute):

@@ -1,12 +1,13 @@
 """Which expert rows each weight of an MoE layer comes from, and how a rank rebuilds its own.
 
-The canonical ``grouped_mlp`` reads ``w_up_EHD``/``w_down_EDF``; the model may keep them another
+The canonical ``grouped_mlp`` reads ``w_up_EHD``/``w_down_EDF`` (and expert biases
+``b_up_EH``/``b_down_ED`` when the experts have them); the model may keep them another
 way: stacked ``[E, ...]`` parameters read as they are or transposed, separate gate/up stacks
 concatenated, or a ModuleList of per-expert Linears stacked in forward. Each weight is produced by
 a small pure graph from ``get_attr`` nodes. A rank that owns experts [lo, hi) gets that producer
 rebuilt for rows [lo, hi) only, the row range pushed down to the parameters: a stacked parameter
 is sharded along dim 0, a per-expert parameter is kept whole or dropped from the rank's graph.
-How each op's dim-0 rows come from its inputs is data (``_row_sources``).
+How each op's dim-0 rows come from its inputs is data (``row_sources``).
 
 Shape legend: E experts · L experts of this rank · H up-projection rows · D dim · F hidden.
 """
@@ -23,7 +24,7 @@ from torch import nn
 from moesys_compile.errors import PlanError
 from moesys_compile.frontend.annotation import Cost, CostModel
 from moesys_compile.frontend.canonicalize import moe_parameter_classes
-from moesys_compile.ir import infer_val, is_op, moesys_meta, target_name
+from moesys_compile.ir import expert_tensors, infer_val, is_op, moesys_meta, target_name
 from moesys_compile.runtime.groups import Topology
 
 # ops whose output has exactly the rows (and shape) of their first input
@@ -68,7 +69,7 @@ def _ndim(node: fx.Node) -> int:
     return node.meta["val"].dim()
 
 
-def _row_sources(node: fx.Node) -> Optional[tuple[str, list]]:
+def row_sources(node: fx.Node) -> Optional[tuple[str, list]]:
     """("aligned", inputs): every input has the node's rows (transpose of dims > 0, casts, cat
     along dim > 0); ("split", pieces): the rows are partitioned among the inputs (stack or cat
     along dim 0, unsqueeze(0)). None: the op mixes or moves dim 0 (or is not known)."""
@@ -140,7 +141,7 @@ class ExpertRows:
         return self.memo[key]
 
     def _rebuild(self, node: fx.Node, lo: int, hi: int) -> fx.Node:
-        sources = _row_sources(node)
+        sources = row_sources(node)
         if sources is None:
             raise self.unsupported(node, "mixes or moves the expert dimension (dim 0)")
         kind, inputs = sources
@@ -217,9 +218,8 @@ def _own_holder(gm: fx.GraphModule, ctx, target: str) -> nn.Module:
 
 
 def expert_weights(gm: fx.GraphModule) -> list[fx.Node]:
-    """The (w_up, w_down) arguments of every grouped_mlp / moe_experts node."""
-    return [w for n in gm.graph.nodes if is_op(n, "grouped_mlp", "moe_experts")
-            for w in (n.args[2:4] if is_op(n, "grouped_mlp") else n.args[3:5])]
+    """The expert weights (w_up, w_down and any expert biases) of every grouped_mlp / moe_experts node."""
+    return [w for n in gm.graph.nodes if is_op(n, "grouped_mlp", "moe_experts") for w in expert_tensors(n)]
 
 
 def expert_owners(weights: list[fx.Node], strict: bool = True) -> dict[str, int]:
@@ -231,7 +231,7 @@ def expert_owners(weights: list[fx.Node], strict: bool = True) -> dict[str, int]
     tied: set[str] = set()
 
     def walk(node: fx.Node, first: int) -> None:
-        sources = _row_sources(node) if node.op != "get_attr" else None
+        sources = row_sources(node) if node.op != "get_attr" else None
         if sources is None:
             return
         kind, inputs = sources
@@ -259,7 +259,7 @@ def check_producers(ctx, mlps: list[fx.Node], weight_producers: list[fx.Node]) -
     inside = set(weight_producers) | set(mlps)
     for mlp in mlps:
         key = moesys_meta(mlp).get("module") or mlp.name
-        for node in producers(list(mlp.args[2:4])):
+        for node in producers(expert_tensors(mlp)):
             if node.op == "placeholder" or node.op == "get_attr" and classes.get(str(node.target)) != "expert":
                 raise PlanError(f"{key}: the expert weights are computed from '{node.target}', which is not an "
                                 f"expert parameter of a recognised MoE block; expert_parallel cannot shard them")

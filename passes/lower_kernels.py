@@ -11,8 +11,9 @@ from typing import Any, Callable, Optional
 import torch
 import torch.fx as fx
 
+from moesys_compile import ops
 from moesys_compile.frontend.annotation import CostModel
-from moesys_compile.ir import canonical_target, infer_val, is_op
+from moesys_compile.ir import bound_args, infer_val, is_op
 from moesys_compile.passes.decompose_moe import effective_capacity_factor
 
 
@@ -36,7 +37,9 @@ def lower_kernels(gm: fx.GraphModule, ctx) -> fx.GraphModule:
       in a partitioned graph) come from the node a new node is inserted before, so sections stay
       contiguous in graph order; a fusion whose weights would leave their section is not made
       (its ops are lowered one by one). Falling back to torch (no Triton, a device Triton cannot
-      run on, an fp64 tensor) is noted with its reason via ``ctx.note``.
+      run on, an fp64 tensor, experts with biases or an activation outside
+      ``ops.TRITON_ACTIVATIONS``) is noted with its reason via ``ctx.note``; expert biases pass
+      through to the lowered op.
     - Keeps: graph outputs and numerics (same functions, forward and backward); the aux loss;
       every node not named above. Running the pass twice changes nothing the second time.
 
@@ -77,20 +80,6 @@ def lower_kernels(gm: fx.GraphModule, ctx) -> fx.GraphModule:
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
-
-
-def bound_args(node: fx.Node) -> dict[str, Any]:
-    """A call's arguments by schema name, defaults filled in."""
-    schema = canonical_target(node.target)._schema
-    args: dict[str, Any] = {}
-    for i, arg in enumerate(schema.arguments):
-        if i < len(node.args):
-            args[arg.name] = node.args[i]
-        elif arg.name in node.kwargs:
-            args[arg.name] = node.kwargs[arg.name]
-        elif arg.has_default_value():
-            args[arg.name] = arg.default_value
-    return args
 
 
 # Keys that say where a node sits in a partitioned graph (ring_partition, schedule_prefetch): a new
@@ -192,6 +181,18 @@ class _Lowering:
         if annotation is not None and all("val" in n.meta for n in _nodes_in(node.args)):
             node.meta["moesys"]["scratch_bytes"] = expert_scratch(node, annotation)
 
+    def experts_impl(self, node: fx.Node, args: dict[str, Any], *tensor_nodes: Any) -> str:
+        """``impl_for`` the experts node's tensors, and torch where the Triton kernels do not
+        implement the experts: expert biases, an activation outside ``ops.TRITON_ACTIVATIONS``."""
+        impl = self.impl_for(*tensor_nodes)
+        biased = bool(expert_biases(args))
+        if impl == "triton" and (biased or not ops.has_triton_kernel(args["activation"])):
+            why = "expert biases" if biased else f"activation {args['activation']!r}"
+            self.note(f"{node.meta.get('moesys', {}).get('module') or node.name}: the Triton kernels take no "
+                      f"{why}; the torch experts kernel runs these experts")
+            return "torch"
+        return impl
+
     def getitem(self, parent: fx.Node, index: int) -> fx.Node:
         return self.call(operator.getitem, (parent, index), [parent], cost_from=[])
 
@@ -210,6 +211,13 @@ class _Lowering:
         for node in nodes:
             if not node._erased and not node.users:
                 self.gm.graph.erase_node(node)
+
+
+def expert_biases(args: dict[str, Any]) -> tuple:
+    """The (up, down) expert-bias arguments of an experts call (``b_up_EH``/``b_down_ED``, or a
+    ring group's ``b_up_GH``/``b_down_GD``), or () when the experts have none."""
+    names = [n for n in args if n.startswith(("b_up_", "b_down_"))]
+    return tuple(args[n] for n in names) if any(isinstance(args[n], fx.Node) for n in names) else ()
 
 
 def _nodes_in(args: Any):
@@ -247,7 +255,7 @@ def fuse_dispatch_experts_combine(node: fx.Node, lw: _Lowering) -> Optional[fx.N
     if any(user is not x_sorted and not (_getitem_of(user, 1) or _getitem_of(user, 2)) for user in dispatch.users):
         return None  # x_ND is read elsewhere too: the rows must be materialised
     perm = bound_args(dispatch)
-    impl = lw.impl_for(perm["x_TD"], mlp["w_up_EHD"])
+    impl = lw.experts_impl(experts, mlp, perm["x_TD"], mlp["w_up_EHD"])
     graph = lw.gm.graph
     with graph.inserting_before(dispatch):
         sort = lw.call(lw.ops.sort_slots.default, (perm["ids_TK"], perm["num_experts"], perm["capacity"], 0.0, impl),
@@ -257,7 +265,7 @@ def fuse_dispatch_experts_combine(node: fx.Node, lw: _Lowering) -> Optional[fx.N
     with graph.inserting_before(node):
         fused = lw.call(lw.ops.fused_experts.default,
                         (perm["x_TD"], order, counts, combine["weights_TK"], mlp["w_up_EHD"], mlp["w_down_EDF"],
-                         mlp["activation"], lw.save_h, impl),
+                         mlp["activation"], lw.save_h, impl, *expert_biases(mlp)),
                         [experts], _suffix(impl, "moe_fused", mlp["activation"]), cost_from=[experts, node])
         lw.charge_expert_kernel(fused)   # y_ND lives inside the kernel only
         y = lw.getitem(fused, 0)
@@ -278,7 +286,7 @@ def lower_moe_experts(node: fx.Node, lw: _Lowering) -> Optional[fx.Node]:
     if w_up is None:
         lw.note(f"{node.name}: w_up_EHD has no meta['val'] (unknown expert count); left as it is")
         return None
-    impl = lw.impl_for(args["x_TD"], args["w_up_EHD"])
+    impl = lw.experts_impl(node, args, args["x_TD"], args["w_up_EHD"])
     factor = float(args["capacity_factor"] or 0.0)
     if getattr(getattr(lw.ctx, "plan", None), "capacity_factor", None) is not None:
         factor = effective_capacity_factor(lw.ctx, node)  # the plan overrides the layer, as in decompose_moe
@@ -288,7 +296,7 @@ def lower_moe_experts(node: fx.Node, lw: _Lowering) -> Optional[fx.Node]:
         counts, order = lw.getitem(sort, 0), lw.getitem(sort, 1)
         fused = lw.call(lw.ops.fused_experts.default,
                         (args["x_TD"], order, counts, args["weights_TK"], args["w_up_EHD"], args["w_down_EDF"],
-                         args["activation"], lw.save_h, impl),
+                         args["activation"], lw.save_h, impl, *expert_biases(args)),
                         [node], _suffix(impl, "moe_fused", args["activation"]))
         lw.charge_expert_kernel(fused)
         y = lw.getitem(fused, 0)
@@ -345,9 +353,9 @@ def lower_single(node: fx.Node, lw: _Lowering) -> Optional[fx.Node]:
             f"{impl}:unpermute"
     elif is_op(node, "grouped_mlp"):
         a = bound_args(node)
-        impl = lw.impl_for(a["x_ND"], a["w_up_EHD"])
+        impl = lw.experts_impl(node, a, a["x_ND"], a["w_up_EHD"])
         target, args, name = lw.ops.grouped_mlp.default, (a["x_ND"], a["counts_E"], a["w_up_EHD"], a["w_down_EDF"],
-                                                           a["activation"], lw.save_h, impl), \
+                                                           a["activation"], lw.save_h, impl, *expert_biases(a)), \
             _suffix(impl, "grouped_mlp", a["activation"])
     else:
         return None
@@ -383,7 +391,7 @@ def expert_scratch(node: fx.Node, annotation) -> Any:
     fused = not is_op(node, "grouped_mlp", namespace="moesys_kernels")
     return forward_scratch_bytes(rows, w_up.shape[2], w_down.shape[2], w_up.shape[1], w_up.element_size(), fused,
                                  save_h=bool(args.get("save_h", False)), impl=args.get("impl", "any") if lowered
-                                 else "any", threads=torch.get_num_threads())
+                                 else "any", threads=torch.get_num_threads(), activation=args["activation"])
 
 
 def lower_expert_group(node: fx.Node, lw: _Lowering) -> Optional[fx.Node]:
@@ -393,8 +401,9 @@ def lower_expert_group(node: fx.Node, lw: _Lowering) -> Optional[fx.Node]:
         return None
     from moesys_compile.passes.ring_expert_groups import group_scratch_bytes
     a = bound_args(node)
-    impl = lw.impl_for(a["x_ND"], a["w_up_GHD"])
-    node.args = (a["x_ND"], a["counts_E"], a["w_up_GHD"], a["w_down_GDF"], a["first_expert"], a["activation"], impl)
+    impl = lw.experts_impl(node, a, a["x_ND"], a["w_up_GHD"])
+    node.args = (a["x_ND"], a["counts_E"], a["w_up_GHD"], a["w_down_GDF"], a["first_expert"], a["activation"], impl,
+                 *expert_biases(a))
     node.kwargs = {}
     meta = node.meta.setdefault("moesys", {})
     meta["lowered_to"] = _suffix(impl, "expert_group_mlp", a["activation"])
@@ -403,7 +412,7 @@ def lower_expert_group(node: fx.Node, lw: _Lowering) -> Optional[fx.Node]:
     annotation = getattr(lw.ctx, "annotation", None)
     if annotation is not None and all(isinstance(v, torch.Tensor) for v in values):
         meta["scratch_bytes"] = group_scratch_bytes(annotation.expr(values[0].shape[0]), values[1], values[2], impl,
-                                                    torch.get_num_threads())
+                                                    torch.get_num_threads(), a["activation"])
     return node
 
 

@@ -81,10 +81,10 @@ def choose_slots(plan_slots: Optional[int], room: int, largest_layer: int) -> in
 # ---------------------------------------------------------------------------------------------
 
 
-def expert_bytes(gm: fx.GraphModule, up: fx.Node, down: fx.Node, dtype) -> tuple[int, int]:
-    """(bytes of one expert's up + down weights, number of experts)."""
-    w_up, w_down = fetch(gm, str(up.target)), fetch(gm, str(down.target))
-    return stored_bytes(w_up[0], dtype) + stored_bytes(w_down[0], dtype), w_up.shape[0]
+def expert_bytes(gm: fx.GraphModule, weights: list[fx.Node], dtype) -> tuple[int, int]:
+    """(bytes of one expert's weights (up, down, biases), number of experts)."""
+    tensors = [fetch(gm, str(w.target)) for w in weights]
+    return sum(stored_bytes(t[0], dtype) for t in tensors), tensors[0].shape[0]
 
 
 def indivisible_bytes(gm: fx.GraphModule, unit: list[fx.Node], state_of, dtype) -> int:
@@ -92,9 +92,9 @@ def indivisible_bytes(gm: fx.GraphModule, unit: list[fx.Node], state_of, dtype) 
     total = sum(unit_state(unit, state_of).values())
     for node in unit:
         weights = splittable_weights(node)
-        if weights is not None and weights[0] in unit and weights[1] in unit:
+        if weights is not None and all(w in unit for w in weights):
             whole = sum(state_of[w][str(w.target)] for w in weights)
-            total += expert_bytes(gm, *weights, dtype)[0] - whole
+            total += expert_bytes(gm, weights, dtype)[0] - whole
     return total
 
 
@@ -108,7 +108,7 @@ def split_oversized_experts(gm: fx.GraphModule, ctx, fine, state_of, slot_bytes:
     """Replace each grouped_mlp whose unit exceeds a slot by expert groups that fit one."""
     split = 0
     for node in oversized_experts(fine, state_of, slot_bytes):
-        per_expert, num_experts = expert_bytes(gm, *splittable_weights(node), dtype)
+        per_expert, num_experts = expert_bytes(gm, splittable_weights(node), dtype)
         per_group = max(1, (slot_bytes - 2 * ALIGN) // per_expert)
         if per_group >= num_experts:
             continue

@@ -54,8 +54,20 @@ def model_tensor_ids(model: torch.nn.Module) -> set[int]:
 # ---------------------------------------------------------------------------------------------
 
 
+def state_readers(node: fx.Node) -> list[fx.Node]:
+    """The nodes that read a ``get_attr``'s tensor: its users, and through an op on that tensor
+    alone (a transpose, a cast: views of the slot) that op's readers too."""
+    readers = []
+    for user in node.users:
+        readers.append(user)
+        if user.op in ("call_function", "call_method") and user.all_input_nodes == [node]:
+            readers.extend(state_readers(user))
+    return readers
+
+
 def fine_units(nodes: list[fx.Node]) -> list[list[fx.Node]]:
-    """Cut a run of nodes before every node where no earlier ``get_attr`` still has a later user."""
+    """Cut a run of nodes before every node where no earlier ``get_attr`` still has a later
+    reader (``state_readers``: a weight read transposed stays with the op that uses it)."""
     position = {n: i for i, n in enumerate(nodes)}
     units: list[list[fx.Node]] = []
     open_until = -1
@@ -64,7 +76,7 @@ def fine_units(nodes: list[fx.Node]) -> list[list[fx.Node]]:
             units.append([])
         units[-1].append(node)
         if node.op == "get_attr":
-            later = [position[u] for u in node.users if u in position]
+            later = [position[u] for u in state_readers(node) if u in position]
             open_until = max(open_until, max(later, default=i))
     return units
 

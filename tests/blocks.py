@@ -1,5 +1,6 @@
 """Small modules several test files build models from."""
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -15,3 +16,14 @@ class SwiGLUExpert(nn.Module):
 
     def forward(self, x):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+def randomize_expert_biases(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give expert biases (zero-initialised by Hugging Face, e.g. gpt-oss's ``gate_up_proj_bias``)
+    seeded random values, so that a bias dropped or misplaced by a rewrite changes the output."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".experts." in name and "bias" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+    return model

@@ -5,15 +5,21 @@ back, MoE blocks are canonicalized with the family's exact routing rule, names a
 from __future__ import annotations
 
 import copy
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import moesys_compile as mc
 
+sys.path.insert(0, str(Path(__file__).parent))
+from blocks import randomize_expert_biases  # noqa: E402
+
 transformers = pytest.importorskip("transformers")
 
 from moesys_compile.frontend.recognizers import CanonicalMoEBlock  # noqa: E402
+from moesys_compile.ir import is_op  # noqa: E402
 from moesys_compile.models.hf import DENSE_FAMILIES, FAMILIES, MOE_FAMILIES, build_hf  # noqa: E402
 from moesys_compile.models.spec import load_model  # noqa: E402
 
@@ -161,12 +167,26 @@ def test_unusual_router_stays_the_models_code():
     torch.testing.assert_close(program(ids()).logits, want, rtol=1e-4, atol=1e-4)
 
 
-def test_unsupported_experts_are_left_with_the_reason():
-    model = build_hf("gpt_oss")                    # biased, interleaved gate/up experts
-    reports = mc.frontend.canonicalize(model)
-    assert reports and all(r.action == "left" and "['down_proj_bias', 'gate_up_proj_bias'] besides" in r.reason
-                           for r in reports)
-    assert not any(isinstance(m, CanonicalMoEBlock) for m in model.modules())
+def test_gpt_oss_biased_clamped_experts_are_canonicalized_and_train_like_eager():
+    # biased experts, gate/up interleaved, a clamped SwiGLU (limit low enough to clamp), a router
+    # with a logit bias, and a block that returns (output, router scores)
+    model = randomize_expert_biases(build_hf("gpt_oss", swiglu_limit=0.5).train())
+    eager = copy.deepcopy(model)
+    want = eager(ids()).logits
+    program = mc.compile(model, mc.Plan(mode="train"), example_inputs=(ids(),))
+    facts = {(r.action, r.details["router"], r.details["experts"], r.details["returns"]) for r in program.context.blocks}
+    assert facts == {("replaced", "softmax-top2-renorm", "clamped_swiglu:alpha=1.702:limit=0.5, stacked views, "
+                      "up/down biases", "(output, router weights)")}
+    got = program(ids()).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    got.square().mean().backward()
+    want.square().mean().backward()
+    grads = dict(eager.named_parameters())
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, grads[name].grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    lowered = {n.meta["moesys"].get("lowered_to") for n in program.graph_module.graph.nodes
+               if is_op(n, "fused_experts", namespace="moesys_kernels")}
+    assert lowered == {"torch:moe_fused"}          # the torch experts kernel takes the biases
 
 
 def test_router_jitter_is_left_with_the_fix():

@@ -1,6 +1,7 @@
 """Hugging Face models under the distributed programs: EP=2 training on 2 gloo ranks equals one
 eager process on the global batch for 3 SGD steps (losses and full state, under the HF names), with
-each rank holding half of every expert parameter; a dense Llama trains data-parallel."""
+each rank holding half of every expert parameter (gpt-oss: its expert biases too); a dense Llama
+trains data-parallel."""
 
 from __future__ import annotations
 
@@ -19,11 +20,14 @@ pytest.importorskip("transformers")
 from moesys_compile.models.hf import build_hf  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
+from blocks import randomize_expert_biases  # noqa: E402
 from dist_utils import optimizer_steps, run_ranks  # noqa: E402
 
 BATCH, SEQ, STEPS, LR, VOCAB = 4, 8, 3, 0.5, 128
 RTOL, ATOL = 1e-4, 1e-5
-CASES = {"mixtral": 2, "qwen2_moe": 2, "olmoe": 2, "deepseek_v3": 2, "jetmoe": 2, "llama": 1}  # family -> expert_parallel
+# family -> expert_parallel; A.X-K1: a block with its own output norm, Kolibri: a router kept as traced code
+CASES = {"mixtral": 2, "qwen2_moe": 2, "olmoe": 2, "deepseek_v3": 2, "jetmoe": 2, "gpt_oss": 2, "axk1": 2,
+         "kolibri1": 2, "llama": 1}
 # the stacked expert weights each family's MoE blocks hold (JetMoE's attention experts stay replicated)
 EXPERT_WEIGHTS = {"jetmoe": (".mlp.input_linear.", ".mlp.output_linear.")}
 
@@ -33,13 +37,18 @@ def global_batch() -> tuple[torch.Tensor, torch.Tensor]:
     return ids[:, :-1], ids[:, 1:]
 
 
+def hf_model(family: str):
+    """The family's tiny model in train mode, with random expert biases where it has them (gpt-oss)."""
+    return randomize_expert_biases(build_hf(family).train())
+
+
 def cross_entropy(logits, targets):
     return F.cross_entropy(logits.reshape(-1, VOCAB), targets.reshape(-1))
 
 
 def reference_run(family: str):
     """The Hugging Face model itself, eager, one process, global batch (CE loss only)."""
-    model = build_hf(family).train()
+    model = hf_model(family)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     ids, targets = global_batch()
     losses = optimizer_steps(lambda: cross_entropy(model(ids).logits, targets), opt, STEPS)
@@ -67,7 +76,7 @@ def train_on_ranks(model, rank: int, world: int, ep: int, steps: int = STEPS):
 
 
 def distributed_run(rank: int, world: int, family: str, ep: int):
-    program, losses = train_on_ranks(build_hf(family).train(), rank, world, ep)
+    program, losses = train_on_ranks(hf_model(family), rank, world, ep)
     held = dict(program.graph_module.named_parameters())
     shards = {name: (held[name].shape[0], hi - lo, total) for name, (lo, hi, total)
               in program.context.extras.get("expert_shards", {}).items()}

@@ -3,22 +3,30 @@ model's own ModelOutput) equals eager, and the device peak stays under the budge
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 import moesys_compile as mc
 
+sys.path.insert(0, str(Path(__file__).parent))
+from blocks import randomize_expert_biases  # noqa: E402
+
 pytest.importorskip("transformers")
 
 from moesys_compile.infer import model_bytes  # noqa: E402
+from moesys_compile.ir import is_op  # noqa: E402
 from moesys_compile.models.hf import build_hf  # noqa: E402
 from moesys_compile.programs import ring  # noqa: E402
 
 
 @pytest.mark.parametrize("family,overrides", [("mixtral", {}), ("qwen2_moe", {}), ("olmoe", {}), ("deepseek_v3", {}),
-                                              ("llama", {}), ("gpt2", {"n_layer": 4})])   # 2-layer gpt2: slots+workspace > 1/2
+                                              ("gpt_oss", {"num_hidden_layers": 4, "layer_types": ["full_attention"] * 4}), ("llama", {}),
+                                              ("gpt2", {"n_layer": 4})])   # 2-layer gpt2: slots+workspace > 1/2
 def test_ring_at_half_the_model_equals_eager(family, overrides):
-    model = build_hf(family, **overrides).eval()
+    model = randomize_expert_biases(build_hf(family, **overrides).eval())
     ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         want = {shape: model(ids[:shape[0], :shape[1]]) for shape in [(2, 8), (1, 5)]}
@@ -32,3 +40,5 @@ def test_ring_at_half_the_model_equals_eager(family, overrides):
     stats = program.stats
     assert stats["peak_device_bytes"] <= stats["budget_bytes"] == budget
     assert stats["sections"] > stats["slots"]            # the weights really rotate through the ring
+    if family == "gpt_oss":      # its biased, transposed experts are split into expert groups
+        assert any(is_op(n, "expert_group_mlp", namespace="moesys_ring") for n in program.graph_module.graph.nodes)

@@ -62,10 +62,11 @@ def test_frozen_parameters_stay_out_of_the_gradient_buckets():
 
 
 def test_expert_parallel_over_blocks_left_as_traced_code_names_them():
-    with pytest.raises(PlanError, match=r"GptOssForCausalLM has no MoE layers that can be sharded; its MoE-like "
-                                        r"blocks run as traced code: model\.layers\.0\.mlp \(hf\.GptOssMLP: experts "
-                                        r"'experts' hold \['down_proj_bias'.* and 1 more; use expert_parallel=1"):
-        mc.lower(build_hf("gpt_oss"), mc.Plan(world_size=2, expert_parallel=2), (torch.zeros(2, 4, dtype=torch.long),))
+    with pytest.raises(PlanError, match=r"Llama4ForCausalLM has no MoE layers that can be sharded; its MoE-like "
+                                        r"blocks run as traced code: model\.layers\.0\.feed_forward \(hf\.Llama4TextMoe: "
+                                        r"router 'router' returns logits but no \[tokens, k\] ids.* and 1 more; use "
+                                        r"expert_parallel=1"):
+        mc.lower(build_hf("llama4"), mc.Plan(world_size=2, expert_parallel=2), (torch.zeros(2, 4, dtype=torch.long),))
 
 
 def test_an_exported_program_names_the_size_its_batch_one_example_fixed():

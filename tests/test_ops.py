@@ -37,6 +37,37 @@ def test_moe_experts_matches_reference(T, E, K, activation, capacity_factor):
         torch.testing.assert_close(got, want)
 
 
+CLAMPED = ops.clamped_swiglu(1.702, 0.5)   # gpt-oss's activation with a limit low enough to clamp often
+
+
+@pytest.mark.parametrize("T,E,K", [(1, 4, 1), (13, 4, 2), (7, 8, 4)])
+@pytest.mark.parametrize("biases", ["both", "up", "none"])
+@pytest.mark.parametrize("capacity_factor", [0.0, 0.5])
+def test_biased_experts_with_a_clamped_swiglu_match_reference(T, E, K, biases, capacity_factor):
+    x, logits, w_up, w_down = _inputs(T, 6, 5, E, K, CLAMPED)
+    b_up = torch.randn(E, w_up.shape[1], dtype=DTYPE, requires_grad=True) if biases != "none" else None
+    b_down = torch.randn(E, 6, dtype=DTYPE, requires_grad=True) if biases == "both" else None
+    weights, ids, _ = ops.route_reference(logits, K)
+    args = (x, ids, weights, w_up, w_down, CLAMPED, capacity_factor, b_up, b_down)
+    y, y_ref = torch.ops.moesys.moe_experts(*args), ops.moe_experts_reference(*args)
+    torch.testing.assert_close(y, y_ref)
+    leaves = [t for t in (x, logits, w_up, w_down, b_up, b_down) if t is not None]
+    probe = torch.randn_like(y)
+    for got, want in zip(_grads((y * probe).sum(), leaves), _grads((y_ref * probe).sum(), leaves)):
+        torch.testing.assert_close(got, want)
+
+
+def test_clamped_swiglu_is_interleaved_and_clamped():
+    h = torch.tensor([[10.0, -10.0, 0.3, 0.2]], dtype=DTYPE)      # (gate, up) pairs, interleaved
+    a = ops.apply_activation(h, CLAMPED)
+    gate, up = torch.tensor([0.5, 0.3], dtype=DTYPE), torch.tensor([-0.5, 0.2], dtype=DTYPE)
+    torch.testing.assert_close(a, ((up + 1) * gate * torch.sigmoid(1.702 * gate))[None])
+    assert ops.is_gated(CLAMPED) and ops.up_rows(5, CLAMPED) == 10 and not ops.has_triton_kernel(CLAMPED)
+    for bad in ("clamped_swiglu:alpha=1", "clamped_swiglu:alpha=x:limit=7", "swish"):
+        with pytest.raises(ValueError, match="activation"):
+            ops.check_activation(bad)
+
+
 def test_capacity_drops_slots_past_capacity():
     x, _, w_up, w_down = _inputs(8, 4, 3, 2, 1, "swiglu", requires_grad=False)
     ids = torch.zeros(8, 1, dtype=torch.long)          # every token wants expert 0
@@ -86,6 +117,8 @@ def test_load_balancing_loss_gradient_matches_reference():
     (torch.ops.moesys.unpermute.default, (torch.randn(10, 4), torch.randperm(10), torch.rand(5, 2))),
     (torch.ops.moesys.grouped_mlp.default, (torch.randn(6, 4), torch.tensor([2, 0, 4]), torch.randn(3, 6, 4),
                                             torch.randn(3, 4, 3), "swiglu")),
+    (torch.ops.moesys.grouped_mlp.default, (torch.randn(6, 4), torch.tensor([2, 0, 4]), torch.randn(3, 6, 4),
+                                            torch.randn(3, 4, 3), CLAMPED, torch.randn(3, 6), torch.randn(3, 4))),
     (torch.ops.moesys.route.default, (torch.randn(5, 4), 2)),
 ])
 def test_opcheck(op, args):

@@ -188,10 +188,22 @@ def test_block_with_extra_math_is_left_with_the_probe_difference():
     assert not isinstance(net.block, CanonicalMoEBlock)
 
 
-def test_biased_experts_are_left_with_the_reason():
-    net = Net(SparseBlock(experts=StackedExperts(bias=True)))
-    (report,) = canonicalize(net)
-    assert report.action == "left" and "['b_in'] besides the stacked weights" in report.reason
+def test_biased_experts_are_canonicalized_with_their_bias():
+    experts = StackedExperts(bias=True)
+    with torch.no_grad():
+        experts.b_in.normal_(generator=torch.Generator().manual_seed(3))    # a zero bias would prove nothing
+    net = Net(SparseBlock(experts=experts))
+    program = _check_compiles_equal(net)
+    (report,) = program.context.blocks
+    assert report.action == "replaced" and report.details["experts"].endswith("stacked views, up biases")
+    assert net.block.expert_param_names == ["experts.w_in", "experts.w_out", "experts.b_in"]
+
+
+def test_per_expert_scales_are_left_with_the_reason():
+    experts = StackedExperts()
+    experts.scale = nn.Parameter(torch.ones(E))          # an [E] parameter moe_experts has no place for
+    (report,) = canonicalize(Net(SparseBlock(experts=experts)))
+    assert report.action == "left" and "['scale'] besides the stacked weights" in report.reason
 
 
 def test_recognising_does_not_move_the_global_rng():

@@ -68,7 +68,7 @@ _MOE_LIKE_NAME = re.compile(r"moe|mixture|sparse.*(block|mlp)|expert", re.IGNORE
 def _looks_like_moe(module: nn.Module) -> bool:
     has_experts = isinstance(getattr(module, "experts", None), (nn.Module, nn.ModuleList))
     return has_experts or bool(_MOE_LIKE_NAME.search(type(module).__name__)) and any(
-        isinstance(getattr(module, name, None), nn.Module) for name in ("gate", "router"))
+        name == "gate" or "router" in name for name, _ in module.named_children())   # Doge: ``router_gate``
 
 
 def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import inspect
 import os
 from typing import Any
@@ -27,6 +28,11 @@ _LLAMA_LIKE = dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, max_posi
 _MOE = dict(_LLAMA_LIKE, num_experts_per_tok=2)
 _MLA = dict(_MOE, num_key_value_heads=4, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
             v_head_dim=8)
+_MOE_MLA = dict(intermediate_size=64, moe_intermediate_size=32, n_routed_experts=4, n_shared_experts=1, n_group=1,
+                topk_group=1)
+_INDEXER = dict(index_topk=8, index_head_dim=8, index_n_heads=2)       # DeepSeek sparse attention
+_INKLING_ATTN = dict(head_dim=8, swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=8,
+                     sliding_window_size=8, d_rel=4, rel_extent=16)
 
 # family -> (transformers model_type, tiny config). Every MoE family has router jitter off and
 # enough experts that top-k is a real choice.
@@ -102,6 +108,70 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
                                               num_local_experts=4)),
     "hy_v3": ("hy_v3", dict(_MOE, intermediate_size=64, head_dim=8, moe_intermediate_size=32, num_experts=4,
                             num_shared_experts=1)),
+    # families new in transformers 5.2x; multimodal ones by their text model (gemma4 -> gemma4_text)
+    "deepseek_v32": ("deepseek_v32", dict(_MLA, **_MOE_MLA, **_INDEXER, first_k_dense_replace=1, head_dim=8)),
+    "glm_moe_dsa": ("glm_moe_dsa", dict(_MLA, **_MOE_MLA, **_INDEXER, first_k_dense_replace=1, head_dim=8)),
+    "mistral4": ("mistral4", dict(_MLA, **_MOE_MLA)),
+    "axk1": ("axk1", dict(_MLA, **_MOE_MLA, mlp_layer_types=["dense", "sparse"], head_dim=8)),
+    "axk2": ("axk2", dict(_MLA, **_MOE_MLA, **_INDEXER, mlp_layer_types=["dense", "sparse"], head_dim=8,
+                          gated_norm_rank=4)),
+    "dots3_note": ("dots3_note_text", dict(_MLA, **_MOE_MLA, **_INDEXER, mlp_layer_types=["dense", "sparse"],
+                                           per_layer_config={}, head_dim=8, sliding_window=8,
+                                           shared_experts_intermediate_size=32, pad_token_id=0)),
+    "hy_v4": ("hy_v4", dict(_MLA, **_MOE_MLA, **_INDEXER, mlp_layer_types=["dense", "sparse"], head_dim=8, hc_mult=2,
+                            pad_token_id=0)),
+    "kimi_linear": ("kimi_linear", dict(_MLA, intermediate_size=64, moe_intermediate_size=32, q_lora_rank=None,
+                                        num_experts=4, num_experts_per_token=2, num_shared_experts=1, head_dim=8,
+                                        linear_head_dim=8, linear_num_heads=4, pad_token_id=0,
+                                        layer_types=["linear_attention", "full_attention"],
+                                        mlp_layer_types=["dense", "sparse"])),
+    "bailing_hybrid": ("bailing_hybrid", dict(_MLA, intermediate_size=64, moe_intermediate_size=32, num_experts=4,
+                                              num_experts_per_token=2, num_shared_experts=1, num_expert_group=1,
+                                              topk_group=1, first_k_dense_replace=0, head_dim=8, pad_token_id=0,
+                                              layer_types=["linear_attention", "full_attention"],
+                                              num_nextn_predict_layers=0)),
+    "deepseek_v4": ("deepseek_v4", dict(_MOE, moe_intermediate_size=32, n_routed_experts=4, n_shared_experts=1,
+                                        num_key_value_heads=1, head_dim=16, q_lora_rank=16, qk_rope_head_dim=8,
+                                        hc_mult=2, o_groups=2, o_lora_rank=16, index_n_heads=2, index_head_dim=8,
+                                        index_topk=8, sliding_window=8, num_nextn_predict_layers=0,
+                                        mlp_layer_types=["hash_moe", "moe"])),
+    "longcat_flash": ("longcat_flash", dict(vocab_size=128, hidden_size=32, num_layers=2, num_attention_heads=4,
+                                            num_key_value_heads=4, ffn_hidden_size=64, expert_ffn_hidden_size=16,
+                                            n_routed_experts=4, zero_expert_num=2, moe_topk=2, q_lora_rank=16,
+                                            kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, head_dim=8,
+                                            v_head_dim=8, max_position_embeddings=128)),
+    "qwen4_exp": ("qwen4_exp_text", dict(_MOE, moe_intermediate_size=32, shared_expert_intermediate_size=64,
+                                         num_experts=4, head_dim=8, linear_key_head_dim=8, linear_value_head_dim=8,
+                                         linear_num_key_heads=2, linear_num_value_heads=4, hc_count=2, hc_lowrank=8,
+                                         ple_embed_dim=32, heads_per_ngram=2, ngram_vocab_size_base=1000,
+                                         split_ngram_parts=4, layer_types=["linear_attention", "indexed_attention"],
+                                         indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=8, indexer_budget=8,
+                                         indexer_compress_ratio=2)),
+    "nemotron_h": ("nemotron_h", dict(_ATTN, vocab_size=128, hidden_size=32, max_position_embeddings=128,
+                                      num_experts_per_tok=2, intermediate_size=64, moe_intermediate_size=32,
+                                      moe_shared_expert_intermediate_size=64, n_routed_experts=4, head_dim=8,
+                                      layers_block_type=["moe", "full_attention"], use_mamba_kernels=False,
+                                      ssm_state_size=8, mamba_num_heads=8, mamba_head_dim=8, n_groups=1,
+                                      chunk_size=8)),
+    "jamba": ("jamba", dict(_MOE, intermediate_size=32, num_experts=4, expert_layer_period=1, expert_layer_offset=0,
+                            attn_layer_period=1, attn_layer_offset=0, use_mamba_kernels=False, mamba_d_state=8,
+                            mamba_dt_rank=4)),
+    "zaya": ("zaya", dict(_MOE, moe_intermediate_size=32, num_experts=4, head_dim=8, router_hidden_size=16,
+                          num_experts_per_tok=1)),                         # ZAYA1 routes top-1 only
+    "inkling": ("inkling_text", dict(_MOE, intermediate_size=64, moe_intermediate_size=32, n_routed_experts=4,
+                                     n_shared_experts=1, **_INKLING_ATTN)),
+    "inkling2": ("inkling2_text", dict(_MOE, moe_intermediate_size=32, n_routed_experts=4, **_INKLING_ATTN,
+                                       unpadded_vocab_size=128, n_layers_per_attn_res_block=1)),
+    "flint": ("flint", dict(_MOE, intermediate_size=64, moe_intermediate_size=32, shared_expert_intermediate_size=64,
+                            num_experts=4, head_dim=8, mlp_only_layers=[], sliding_window=16)),
+    "kolibri1": ("kolibri1", dict(_MOE, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+                                  num_local_experts=4, head_dim=8, sliding_window=16)),
+    "mellum": ("mellum", dict(_MOE, intermediate_size=64, moe_intermediate_size=32, num_local_experts=4, head_dim=8,
+                              sliding_window=16)),
+    "doge": ("doge", dict(_MOE, intermediate_size=64, is_moe=True, num_experts=16, keep_window_size=16)),
+    "gemma4": ("gemma4_text", dict(_MOE, intermediate_size=64, head_dim=8, enable_moe_block=True, num_experts=4,
+                                   top_k_experts=2, moe_intermediate_size=32, vocab_size_per_layer_input=128,
+                                   hidden_size_per_layer_input=8, sliding_window=8)),
     "llama": ("llama", dict(_LLAMA_LIKE, intermediate_size=64)),
     "qwen2": ("qwen2", dict(_LLAMA_LIKE, intermediate_size=64)),
     "gpt2": ("gpt2", dict(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=128, bos_token_id=0,
@@ -120,7 +190,10 @@ MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "ph
                 "dbrx", "granitemoe", "granitemoeshared", "granitemoehybrid", "qwen3_next", "qwen3_5_moe", "glm4_moe",
                 "glm4_moe_lite", "dots1", "deepseek_v2", "ernie4_5_moe", "hunyuan_v1_moe", "minimax", "minimax_m2",
                 "llama4", "afmoe", "cohere2_moe", "exaone_moe", "solar_open", "mimo_v2_flash", "lfm2_moe",
-                "flex_olmo", "laguna", "granitemoe_swa", "hy_v3")
+                "flex_olmo", "laguna", "granitemoe_swa", "hy_v3", "deepseek_v32", "glm_moe_dsa", "mistral4", "axk1",
+                "axk2", "dots3_note", "hy_v4", "kimi_linear", "bailing_hybrid", "deepseek_v4", "longcat_flash",
+                "qwen4_exp", "nemotron_h", "jamba", "zaya", "inkling", "inkling2", "flint", "kolibri1", "mellum",
+                "doge", "gemma4")
 DENSE_FAMILIES = ("llama", "qwen2", "gpt2", "mistral", "qwen3", "gemma", "gemma2", "gemma3", "olmo2", "olmo3",
                   "granite", "cohere", "stablelm", "starcoder2", "helium", "phi3", "smollm3", "glm4", "phi", "falcon",
                   "gpt_neox")
@@ -153,11 +226,31 @@ def hf_config(family: str, overrides: dict[str, Any]):
     return config
 
 
+def causal_lm_class(source: str, config):
+    """The class that builds a causal LM from ``config``: ``AutoModelForCausalLM`` when its mapping
+    lists the config, else the ``<Prefix>ForCausalLM`` the config's modeling module defines
+    (Mistral 4 has one the mapping leaves out); a clear error when there is none. ``source``
+    (``hf:<family>`` or a directory) starts the message."""
+    transformers = _transformers()
+    if type(config) in transformers.AutoModelForCausalLM._model_mapping:
+        return transformers.AutoModelForCausalLM
+    module = importlib.import_module(type(config).__module__.replace(".configuration_", ".modeling_"))
+    names = getattr(module, "__all__", ())
+    found = [getattr(module, name) for name in names if name.endswith("ForCausalLM")]
+    if len(found) == 1:
+        return found[0]
+    heads = [name for name in names if name.endswith(("ForConditionalGeneration", "Model"))]
+    raise ValueError(f"{source}: transformers {transformers.__version__} has no causal LM for "
+                     f"{type(config).__name__} (it has {', '.join(heads) or 'no model class'}); models are loaded "
+                     f"as causal LMs over token ids, so this one cannot be loaded that way")
+
+
 def build_hf(family: str, seed: int = 0, **overrides: Any):
     """A randomly initialised causal LM of ``family`` (nothing is downloaded)."""
     config = hf_config(family, overrides)
+    cls = causal_lm_class(f"hf:{family}", config)
     torch.manual_seed(seed)
-    model = _transformers().AutoModelForCausalLM.from_config(config)
+    model = cls.from_config(config) if cls is _transformers().AutoModelForCausalLM else cls._from_config(config)
     return model.float()
 
 
@@ -167,7 +260,7 @@ def load_local(path: str, overrides: dict[str, Any]):
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise ValueError(f"{path}: not a Hugging Face model directory (no config.json)")
     config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, **overrides)
-    model, info = transformers.AutoModelForCausalLM.from_pretrained(
+    model, info = causal_lm_class(path, config).from_pretrained(
         path, config=config, local_files_only=True, output_loading_info=True, ignore_mismatched_sizes=True)
     # transformers initialises missing or mismatched tensors at random and only logs it: refuse them
     mismatched = sorted(info["mismatched_keys"], key=lambda entry: entry[0])

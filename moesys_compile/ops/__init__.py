@@ -16,7 +16,8 @@ Op boundaries (``decompose_moe`` splits ``moe_experts`` along them):
     moe_experts(x_TD, ids_TK, weights_TK, w_up_EHD, w_down_EDF, ...) -> y_TD
         == unpermute(grouped_mlp(permute(x_TD, ids_TK, E)...), order_N, weights_TK)
     permute(x_TD, ids_TK, E)         -> x_ND (sorted by expert, stable), counts_E, order_N
-    grouped_mlp(x_ND, counts_E, w_up_EHD, w_down_EDF, activation) -> y_ND
+    grouped_mlp(x_ND, counts_E, w_up_EHD, w_down_EDF, activation, b_up_EH, b_down_ED) -> y_ND
+                                     (expert biases optional: None for bias-free experts)
     unpermute(y_ND, order_N, weights_TK) -> y_TD      (top-k weighted sum fused in)
 
 ``order_N[n]`` is the flat slot index ``t*K + k`` of the n-th expert-sorted row, so
@@ -24,8 +25,8 @@ Op boundaries (``decompose_moe`` splits ``moe_experts`` along them):
 moved past the last expert's rows (``counts_E`` counts only kept rows).
 """
 
-from moesys_compile.ops.activations import (ACTIVATIONS, apply_activation, check_activation,
-                                            expert_capacity, is_gated, up_rows)
+from moesys_compile.ops.activations import (ACTIVATIONS, TRITON_ACTIVATIONS, apply_activation, check_activation,
+                                            clamped_swiglu, expert_capacity, has_triton_kernel, is_gated, up_rows)
 from moesys_compile.ops.routing import (SCORE_FUNCS, load_balancing_loss, load_balancing_loss_reference,
                                         route, route_reference, score_dtype)
 from moesys_compile.ops.experts import (group_bounds, grouped_mlp, grouped_mlp_reference, moe_experts,
@@ -33,7 +34,8 @@ from moesys_compile.ops.experts import (group_bounds, grouped_mlp, grouped_mlp_r
                                         sort_slots_reference, unpermute, unpermute_reference)
 
 
-__all__ = ["ACTIVATIONS", "SCORE_FUNCS", "apply_activation", "check_activation", "expert_capacity", "group_bounds",
-           "grouped_mlp", "grouped_mlp_reference", "is_gated", "load_balancing_loss", "load_balancing_loss_reference",
+__all__ = ["ACTIVATIONS", "SCORE_FUNCS", "TRITON_ACTIVATIONS", "apply_activation", "check_activation",
+           "clamped_swiglu", "expert_capacity", "group_bounds", "grouped_mlp", "grouped_mlp_reference",
+           "has_triton_kernel", "is_gated", "load_balancing_loss", "load_balancing_loss_reference",
            "moe_experts", "moe_experts_decomposed", "moe_experts_reference", "permute", "permute_reference", "route",
            "route_reference", "score_dtype", "sort_slots_reference", "unpermute", "unpermute_reference", "up_rows"]

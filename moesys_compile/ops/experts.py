@@ -3,6 +3,8 @@ composite ``moesys.moe_experts`` they decompose (see the package docstring for t
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -85,17 +87,27 @@ def group_bounds(counts_E: Tensor) -> list[tuple[int, int, int]]:
     return bounds
 
 
+def _biased_mm(rows: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """rows @ weight^T (+ bias): one expert's projection."""
+    return rows @ weight.t() if bias is None else torch.addmm(bias, rows, weight.t())
+
+
 def grouped_mlp_reference(x_ND: Tensor, counts_E: Tensor, w_up_EHD: Tensor, w_down_EDF: Tensor,
-                          activation: str = "swiglu") -> Tensor:
-    """Differentiable per-expert loop: rows of expert e go through act(x W_up[e]^T) W_down[e]^T.
+                          activation: str = "swiglu", b_up_EH: Optional[Tensor] = None,
+                          b_down_ED: Optional[Tensor] = None) -> Tensor:
+    """Differentiable per-expert loop: rows of expert e go through
+    act(x W_up[e]^T + b_up[e]) W_down[e]^T + b_down[e] (biases optional).
     Rows past sum(counts_E) (dropped slots) produce zeros."""
     y_ND = x_ND.new_zeros((x_ND.shape[0], w_down_EDF.shape[1]))
     pieces = []
     for expert, start, end in group_bounds(counts_E):
-        h_nH = x_ND[start:end] @ w_up_EHD[expert].t()
-        pieces.append((start, end, apply_activation(h_nH, activation) @ w_down_EDF[expert].t()))
+        h_nH = _biased_mm(x_ND[start:end], w_up_EHD[expert], None if b_up_EH is None else b_up_EH[expert])
+        a_nF = apply_activation(h_nH, activation)
+        b_down_D = None if b_down_ED is None else b_down_ED[expert]
+        pieces.append((start, end, _biased_mm(a_nF, w_down_EDF[expert], b_down_D)))
     if not pieces:
-        return y_ND + 0 * (w_up_EHD.sum() + w_down_EDF.sum())
+        untouched = sum(t.sum() for t in (w_up_EHD, w_down_EDF, b_up_EH, b_down_ED) if t is not None)
+        return y_ND + 0 * untouched
     rows = torch.cat([p[2] for p in pieces])
     index = torch.cat([torch.arange(s, e, device=x_ND.device) for s, e, _ in pieces])
     return y_ND.index_copy(0, index, rows.to(y_ND.dtype))
@@ -103,23 +115,28 @@ def grouped_mlp_reference(x_ND: Tensor, counts_E: Tensor, w_up_EHD: Tensor, w_do
 
 @torch.library.custom_op("moesys::grouped_mlp", mutates_args=())
 def grouped_mlp(x_ND: Tensor, counts_E: Tensor, w_up_EHD: Tensor, w_down_EDF: Tensor,
-                activation: str = "swiglu") -> Tensor:
+                activation: str = "swiglu", b_up_EH: Optional[Tensor] = None,
+                b_down_ED: Optional[Tensor] = None) -> Tensor:
     check_activation(activation)
     y_ND = x_ND.new_zeros((x_ND.shape[0], w_down_EDF.shape[1]))
     for expert, start, end in group_bounds(counts_E):
-        h_nH = torch.mm(x_ND[start:end], w_up_EHD[expert].t())
-        torch.mm(apply_activation(h_nH, activation), w_down_EDF[expert].t(), out=y_ND[start:end])
+        h_nH = _biased_mm(x_ND[start:end], w_up_EHD[expert], None if b_up_EH is None else b_up_EH[expert])
+        a_nF = apply_activation(h_nH, activation)
+        if b_down_ED is None:
+            torch.mm(a_nF, w_down_EDF[expert].t(), out=y_ND[start:end])
+        else:
+            torch.addmm(b_down_ED[expert], a_nF, w_down_EDF[expert].t(), out=y_ND[start:end])
     return y_ND
 
 
 @grouped_mlp.register_fake
-def _grouped_mlp_fake(x_ND, counts_E, w_up_EHD, w_down_EDF, activation="swiglu"):
+def _grouped_mlp_fake(x_ND, counts_E, w_up_EHD, w_down_EDF, activation="swiglu", b_up_EH=None, b_down_ED=None):
     return x_ND.new_empty((x_ND.shape[0], w_down_EDF.shape[1]))
 
 
 def _grouped_mlp_setup(ctx, inputs, output):
-    x_ND, counts_E, w_up_EHD, w_down_EDF, activation = inputs
-    ctx.save_for_backward(x_ND, counts_E, w_up_EHD, w_down_EDF)
+    x_ND, counts_E, w_up_EHD, w_down_EDF, activation, b_up_EH, b_down_ED = inputs
+    ctx.save_for_backward(x_ND, counts_E, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED)
     ctx.activation = activation
 
 
@@ -131,19 +148,26 @@ def _activation_backward(h_nH: Tensor, grad_a: Tensor, activation: str) -> Tenso
 
 
 def _grouped_mlp_backward(ctx, grad_y_ND):
-    x_ND, counts_E, w_up_EHD, w_down_EDF = ctx.saved_tensors
+    x_ND, counts_E, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED = ctx.saved_tensors
     grad_x_ND = torch.zeros_like(x_ND)
     grad_w_up = torch.zeros_like(w_up_EHD)
     grad_w_down = torch.zeros_like(w_down_EDF)
+    grad_b_up = None if b_up_EH is None else torch.zeros_like(b_up_EH)
+    grad_b_down = None if b_down_ED is None else torch.zeros_like(b_down_ED)
     for expert, start, end in group_bounds(counts_E):
         x_nD, g_nD = x_ND[start:end], grad_y_ND[start:end]
-        h_nH = x_nD @ w_up_EHD[expert].t()          # recomputed: cheaper than keeping T*K*H
+        # h recomputed: cheaper than keeping T*K*H
+        h_nH = _biased_mm(x_nD, w_up_EHD[expert], None if b_up_EH is None else b_up_EH[expert])
         a_nF = apply_activation(h_nH, ctx.activation)
         grad_w_down[expert] = g_nD.t() @ a_nF
         grad_h_nH = _activation_backward(h_nH, g_nD @ w_down_EDF[expert], ctx.activation)
         grad_w_up[expert] = grad_h_nH.t() @ x_nD
         grad_x_ND[start:end] = grad_h_nH @ w_up_EHD[expert]
-    return grad_x_ND, None, grad_w_up, grad_w_down, None
+        if grad_b_up is not None:
+            grad_b_up[expert] = grad_h_nH.sum(0)
+        if grad_b_down is not None:
+            grad_b_down[expert] = g_nD.sum(0)
+    return grad_x_ND, None, grad_w_up, grad_w_down, None, grad_b_up, grad_b_down
 
 
 grouped_mlp.register_autograd(_grouped_mlp_backward, setup_context=_grouped_mlp_setup)
@@ -199,7 +223,8 @@ unpermute.register_autograd(_unpermute_backward, setup_context=_unpermute_setup)
 # ---------------------------------------------------------------------------------------------
 
 
-def _composed(ops, x_TD, ids_TK, weights_TK, w_up_EHD, w_down_EDF, activation, capacity_factor):
+def _composed(ops, x_TD, ids_TK, weights_TK, w_up_EHD, w_down_EDF, activation, capacity_factor, b_up_EH=None,
+              b_down_ED=None):
     """permute -> grouped_mlp -> unpermute with ``ops`` = (permute, grouped_mlp, unpermute)."""
     permute_op, grouped_mlp_op, unpermute_op = ops
     num_experts = w_up_EHD.shape[0]
@@ -207,62 +232,67 @@ def _composed(ops, x_TD, ids_TK, weights_TK, w_up_EHD, w_down_EDF, activation, c
     if capacity_factor > 0:
         capacity = expert_capacity(x_TD.shape[0], ids_TK.shape[1], num_experts, capacity_factor)
     x_ND, counts_E, order_N = permute_op(x_TD, ids_TK, num_experts, capacity)
-    y_ND = grouped_mlp_op(x_ND, counts_E, w_up_EHD, w_down_EDF, activation)
+    y_ND = grouped_mlp_op(x_ND, counts_E, w_up_EHD, w_down_EDF, activation, b_up_EH, b_down_ED)
     return unpermute_op(y_ND, order_N, weights_TK)
 
 
 def moe_experts_decomposed(x_TD, ids_TK, weights_TK, w_up_EHD, w_down_EDF, activation="swiglu",
-                           capacity_factor=0.0):
+                           capacity_factor=0.0, b_up_EH=None, b_down_ED=None):
     """The canonical op written with the decomposed ops (what ``decompose_moe`` emits)."""
     ops = (torch.ops.moesys.permute, torch.ops.moesys.grouped_mlp, torch.ops.moesys.unpermute)
-    return _composed(ops, x_TD, ids_TK, weights_TK, w_up_EHD, w_down_EDF, activation, capacity_factor)
+    return _composed(ops, x_TD, ids_TK, weights_TK, w_up_EHD, w_down_EDF, activation, capacity_factor, b_up_EH,
+                     b_down_ED)
 
 
 @torch.library.custom_op("moesys::moe_experts", mutates_args=())
 def moe_experts(x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor, w_up_EHD: Tensor, w_down_EDF: Tensor,
-                activation: str = "swiglu", capacity_factor: float = 0.0) -> Tensor:
+                activation: str = "swiglu", capacity_factor: float = 0.0, b_up_EH: Optional[Tensor] = None,
+                b_down_ED: Optional[Tensor] = None) -> Tensor:
     check_activation(activation)
     with torch.no_grad():
         return moe_experts_decomposed(x_TD, ids_TK, weights_TK, w_up_EHD, w_down_EDF, activation,
-                                      capacity_factor)
+                                      capacity_factor, b_up_EH, b_down_ED)
 
 
 @moe_experts.register_fake
 def _moe_experts_fake(x_TD, ids_TK, weights_TK, w_up_EHD, w_down_EDF, activation="swiglu",
-                      capacity_factor=0.0):
+                      capacity_factor=0.0, b_up_EH=None, b_down_ED=None):
     return x_TD.new_empty((x_TD.shape[0], w_down_EDF.shape[1]))
 
 
 def _moe_experts_setup(ctx, inputs, output):
-    x_TD, ids_TK, weights_TK, w_up_EHD, w_down_EDF, activation, capacity_factor = inputs
-    ctx.save_for_backward(x_TD, ids_TK, weights_TK, w_up_EHD, w_down_EDF)
+    x_TD, ids_TK, weights_TK, w_up_EHD, w_down_EDF, activation, capacity_factor, b_up_EH, b_down_ED = inputs
+    ctx.save_for_backward(x_TD, ids_TK, weights_TK, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED)
     ctx.opts = (activation, capacity_factor)
 
 
 def _moe_experts_backward(ctx, grad_y_TD):
     # Re-run the decomposed ops (each has its own backward) and differentiate through them.
     # Only eager use of the fused op pays for this; compiled programs run the decomposed graph.
-    saved = ctx.saved_tensors
+    x_TD, ids_TK, weights_TK, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED = ctx.saved_tensors
     with torch.enable_grad():
-        x_TD, _, weights_TK, w_up_EHD, w_down_EDF = [
-            t.detach().requires_grad_(t.is_floating_point()) for t in saved
+        x_TD, weights_TK, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED = [
+            None if t is None else t.detach().requires_grad_(t.is_floating_point())
+            for t in (x_TD, weights_TK, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED)
         ]
-        ids_TK = saved[1]
-        y_TD = moe_experts_decomposed(x_TD, ids_TK, weights_TK, w_up_EHD, w_down_EDF, *ctx.opts)
-        grads = torch.autograd.grad(y_TD, (x_TD, weights_TK, w_up_EHD, w_down_EDF), grad_y_TD,
-                                    allow_unused=True)
-    grad_x, grad_w, grad_up, grad_down = grads
-    return grad_x, None, grad_w, grad_up, grad_down, None, None
+        y_TD = moe_experts_decomposed(x_TD, ids_TK, weights_TK, w_up_EHD, w_down_EDF, *ctx.opts, b_up_EH, b_down_ED)
+        leaves = [t for t in (x_TD, weights_TK, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED) if t is not None]
+        grads = iter(torch.autograd.grad(y_TD, leaves, grad_y_TD, allow_unused=True))
+    grad_x, grad_w, grad_up, grad_down = (next(grads) for _ in range(4))
+    grad_b_up = None if b_up_EH is None else next(grads)
+    grad_b_down = None if b_down_ED is None else next(grads)
+    return grad_x, None, grad_w, grad_up, grad_down, None, None, grad_b_up, grad_b_down
 
 
 moe_experts.register_autograd(_moe_experts_backward, setup_context=_moe_experts_setup)
 
 
 def moe_experts_reference(x_TD, ids_TK, weights_TK, w_up_EHD, w_down_EDF, activation="swiglu",
-                          capacity_factor=0.0):
+                          capacity_factor=0.0, b_up_EH=None, b_down_ED=None):
     """Naive differentiable torch version of the whole canonical op, for tests."""
     ops = (permute_reference, grouped_mlp_reference, unpermute_reference)
-    return _composed(ops, x_TD, ids_TK, weights_TK, w_up_EHD, w_down_EDF, activation, capacity_factor)
+    return _composed(ops, x_TD, ids_TK, weights_TK, w_up_EHD, w_down_EDF, activation, capacity_factor, b_up_EH,
+                     b_down_ED)
 
 
 # torch.autocast: expert matmuls in the autocast dtype, the rest on their inputs as they come

@@ -4,7 +4,7 @@ It adopts the original block's children, parameters and buffers under their orig
 ``state_dict`` keys do not change and nothing is copied), and computes
 
     route (moesys.route, or the block's own router as traced code)
-      -> moesys.moe_experts on views of the stacked expert weights
+      -> moesys.moe_experts on views of the stacked expert weights (and expert biases)
       -> (+ shared expert, optionally sigmoid-gated) (x output scale) (+ output bias)
       -> moesys.load_balancing_loss
 
@@ -57,13 +57,17 @@ class CanonicalMoEBlock(nn.Module):
 
     def __init__(self, original: nn.Module, router: RouterSpec, experts: ExpertsSpec,
                  shared: Optional[str] = None, shared_gate: Optional[str] = None, aux_loss_coef: float = 0.0,
-                 kind: Optional[str] = None, output_bias: Optional[str] = None, output_scale: float = 1.0):
+                 kind: Optional[str] = None, output_bias: Optional[str] = None, output_scale: float = 1.0,
+                 extra_outputs: tuple[str, ...] = ()):
         super().__init__()
         adopt(self, original, reserved=("activation",))
         self.router_spec, self.experts_spec = router, experts
         self.shared_path, self.shared_gate_path = shared, shared_gate
         self.output_bias = output_bias     # the block's own [D] bias added to its output (JetMoE)
         self.output_scale = output_scale   # 0.5: routed and shared experts averaged (Cohere2-MoE)
+        # router values the block returns after its output, as the original did ("weights", "ids"):
+        # gpt-oss returns (output, router scores)
+        self.extra_outputs = tuple(extra_outputs)
         self.num_experts, self.top_k = experts.num_experts, router.top_k
         self.dim, self.ffn_dim, self.activation = experts.dim, experts.ffn_dim, experts.activation
         self.capacity_factor: Optional[float] = None
@@ -87,6 +91,10 @@ class CanonicalMoEBlock(nn.Module):
         """(w_up_EHD, w_down_EDF): views of the original parameters (or a stack of them)."""
         return self.experts_spec.weights(self.get_submodule(self.experts_spec.path))
 
+    def expert_biases(self) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        """(b_up_EH, b_down_ED): the experts' biases, None where they have none."""
+        return self.experts_spec.biases(self.get_submodule(self.experts_spec.path))
+
     def route(self, x_TD: Tensor) -> tuple[Tensor, Tensor, Optional[Tensor]]:
         """(weights_TK, ids_TK, scores_TE or None) for the tokens."""
         router = self.get_submodule(self.router_spec.path)
@@ -109,9 +117,16 @@ class CanonicalMoEBlock(nn.Module):
 
     def experts_output(self, x_TD: Tensor) -> tuple[Tensor, Optional[Tensor], Tensor]:
         """(y_TD, aux_loss or None, ids_TK): the routed experts plus the shared expert."""
+        return self._experts(x_TD)[:3]
+
+    def _experts(self, x_TD: Tensor) -> tuple[Tensor, Optional[Tensor], Tensor, Tensor]:
+        """``experts_output`` and the top-k weights."""
         weights_TK, ids_TK, scores_TE = self.route(x_TD)
         w_up_EHD, w_down_EDF = self.expert_weights()
-        y_TD = torch.ops.moesys.moe_experts(x_TD, ids_TK, weights_TK, w_up_EHD, w_down_EDF, self.activation, 0.0)
+        biases = self.expert_biases()
+        biases = biases if any(b is not None for b in biases) else ()   # bias-free: the five-weight call
+        y_TD = torch.ops.moesys.moe_experts(x_TD, ids_TK, weights_TK, w_up_EHD, w_down_EDF, self.activation, 0.0,
+                                            *biases)
         if self.shared_path:
             y_TD = y_TD + self.shared_output(x_TD)
         if self.output_scale != 1.0:
@@ -121,11 +136,15 @@ class CanonicalMoEBlock(nn.Module):
         aux_loss = None if scores_TE is None else self.balance_loss(scores_TE, ids_TK)
         if aux_loss is not None and not _is_capturing():
             self.aux_loss = aux_loss
-        return y_TD, aux_loss, ids_TK
+        return y_TD, aux_loss, ids_TK, weights_TK
 
-    def forward(self, hidden_states: Tensor) -> Tensor:
-        y_TD = self.experts_output(hidden_states.reshape(-1, self.dim))[0]
-        return y_TD.reshape(hidden_states.shape)
+    def forward(self, hidden_states: Tensor) -> Any:
+        y_TD, _, ids_TK, weights_TK = self._experts(hidden_states.reshape(-1, self.dim))
+        y = y_TD.reshape(hidden_states.shape)
+        if not self.extra_outputs:
+            return y
+        routed = {"weights": weights_TK, "ids": ids_TK}
+        return (y, *(routed[name] for name in self.extra_outputs))
 
     def details(self) -> dict[str, Any]:
         facts = dict(num_experts=self.num_experts, top_k=self.top_k, dim=self.dim, ffn_dim=self.ffn_dim,
@@ -137,6 +156,8 @@ class CanonicalMoEBlock(nn.Module):
             facts["output_scale"] = self.output_scale
         if self.output_bias:
             facts["output_bias"] = self.output_bias
+        if self.extra_outputs:
+            facts["returns"] = "(output, " + ", ".join(f"router {name}" for name in self.extra_outputs) + ")"
         if not self.experts_spec.stacked:
             with torch.no_grad():
                 copies = [w for w in self.expert_weights() if w._base is None]   # not views: built each step
@@ -158,7 +179,10 @@ def recognize_canonical_block(module: nn.Module, path: str) -> Optional[Recognit
 
 class BlockProbe:
     """Compares candidate canonical forms with the original block on the same random tokens
-    [B, S, D]; the original runs once. ``pick`` selects the tensor to compare from the outputs."""
+    [B, S, D]; the original runs once. ``pick`` selects what to compare from the outputs: one
+    tensor, or a tuple (output, router values...) whose other items are the router's [tokens, k]
+    weights or ids (gpt-oss returns its router scores); the candidate is then told to return the
+    same (``extra_outputs``)."""
 
     def __init__(self, original: nn.Module, dim: int, pick=lambda out: out, tokens: tuple[int, int] = (2, 4)):
         param = first_param(original)
@@ -170,27 +194,61 @@ class BlockProbe:
     def _run(self, module: nn.Module) -> Any:
         with torch.no_grad():
             out = self.pick(module(self.x_BSD))
-        if module is self.original and not isinstance(out, Tensor):
+        comparable = isinstance(out, Tensor) or (
+            isinstance(out, tuple) and len(out) > 1 and all(isinstance(item, Tensor) for item in out))
+        if module is self.original and not comparable:
             self.problem = f"the block returns a {type(out).__name__}, not one tensor"
-        return out if isinstance(out, Tensor) else None
+        return out if comparable else None
+
+    def _extra_outputs(self, top_k: int) -> Optional[tuple[str, ...]]:
+        """What each item after the first of the original's tuple is, for a router of ``top_k``."""
+        num_tokens = self.x_BSD.shape[0] * self.x_BSD.shape[1]
+        if any(item.shape != (num_tokens, top_k) for item in self._want[1:]):
+            self.problem = ("the block returns a tuple whose items after the first are not the router's "
+                            "[tokens, top_k] weights or ids")
+            return None
+        return tuple("weights" if item.is_floating_point() else "ids" for item in self._want[1:])
+
+    def _load_original(self) -> None:
+        if self._want is None and not self.problem:
+            try:
+                self._want = self._run(self.original)
+            except Exception as exc:  # noqa: BLE001 - recorded: the block cannot run on [B, S, D]
+                self.problem = f"the block cannot run on [batch, seq, dim] ({type(exc).__name__}: {exc})"
+                raise
 
     def matches(self, replacement: nn.Module) -> tuple[bool, float]:
-        """(equal within dtype rounding, max abs diff); a candidate that cannot even run is wrong."""
+        """(equal within dtype rounding, max abs diff); a candidate that cannot even run is wrong.
+        For a tuple-returning original, ``replacement.extra_outputs`` is set to what it returns."""
         try:
-            if self._want is None and not self.problem:
-                try:
-                    self._want = self._run(self.original)
-                except Exception as exc:  # noqa: BLE001 - recorded: the block cannot run on [B, S, D]
-                    self.problem = f"the block cannot run on [batch, seq, dim] ({type(exc).__name__}: {exc})"
-                    raise
+            self._load_original()
             if self._want is None:
                 return False, float("inf")
+            if isinstance(self._want, tuple):
+                extras = self._extra_outputs(replacement.top_k)
+                if extras is None:
+                    return False, float("inf")
+                replacement.extra_outputs = extras
             got = self._run(replacement)
         except Exception:  # noqa: BLE001
             return False, float("inf")
         finally:
             if hasattr(replacement, "aux_loss"):
                 replacement.aux_loss = None
-        if self._want is None or got is None:
-            return False, float("inf")
-        return close(got, self._want)
+        return _compare(got, self._want)
+
+
+def _compare(got: Any, want: Any) -> tuple[bool, float]:
+    """``close`` for one tensor, or item by item for tuples (ids must be equal)."""
+    if isinstance(want, Tensor):
+        return close(got, want) if isinstance(got, Tensor) else (False, float("inf"))
+    if not isinstance(got, tuple) or len(got) != len(want):
+        return False, float("inf")
+    ok, diff = close(got[0], want[0])
+    for g, w in zip(got[1:], want[1:]):
+        if w.is_floating_point():
+            item_ok, item_diff = close(g, w)
+        else:
+            item_ok, item_diff = g.shape == w.shape and torch.equal(g.long(), w.long()), 0.0
+        ok, diff = ok and item_ok, max(diff, item_diff)
+    return ok, diff

@@ -1,6 +1,7 @@
-"""Expert weight layouts of MoE blocks we did not write: stacked 3-D weights (views), split over
-two children (JetMoE), flat [E*F, D] matrices (DBRX), or a ModuleList of per-expert MLPs. Every
-reading the shapes allow is a candidate; the block probe (``block.BlockProbe``) picks the true one.
+"""Expert weight layouts of MoE blocks we did not write: stacked 3-D weights (views, optionally
+with stacked [E, H] / [E, D] biases and a clamped SwiGLU: gpt-oss), split over two children
+(JetMoE), flat [E*F, D] matrices (DBRX), or a ModuleList of per-expert MLPs. Every reading the
+shapes allow is a candidate; the block probe (``block.BlockProbe``) picks the true one.
 
 Shape legend: D model dim · F expert hidden · H up rows (2F gated) · E experts.
 """
@@ -15,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ... import ops
-from .structure import fetch
+from .structure import CLAMP_ATTRS, fetch, number_attr
 
 @dataclass
 class ExpertsSpec:
@@ -34,6 +35,8 @@ class ExpertsSpec:
     transpose_up: bool = False
     transpose_down: bool = False
     flat: bool = False
+    up_bias: Optional[str] = None      # stacked [E, H] bias added to the up projection
+    down_bias: Optional[str] = None    # stacked [E, D] bias added to the down projection
 
     def weights(self, experts: nn.Module) -> tuple[Tensor, Tensor]:
         """(w_up_EHD, w_down_EDF) of ``experts`` in the canonical layout."""
@@ -50,11 +53,15 @@ class ExpertsSpec:
         w_down_EDF = torch.stack([fetch(e, self.down) for e in experts])
         return w_up_EHD, w_down_EDF
 
+    def biases(self, experts: nn.Module) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        """(b_up_EH, b_down_ED) of ``experts``, None where the experts have no such bias."""
+        return tuple(None if name is None else fetch(experts, name) for name in (self.up_bias, self.down_bias))
+
     def param_names(self) -> list[str]:
         if self.flat:
             return [*self.up, self.down]
         if self.stacked:
-            return [self.up[0], self.down]
+            return [self.up[0], self.down, *(b for b in (self.up_bias, self.down_bias) if b)]
         return [f"{i}.{name}" for i in range(self.num_experts) for name in (*self.up, self.down)]
 
     def describe(self) -> str:
@@ -62,21 +69,48 @@ class ExpertsSpec:
             layout = "flat views" if len(self.up) == 1 else "flat, gate/up concatenated each forward (copies)"
         else:
             layout = "stacked views" if self.stacked else "per-expert Linears, stacked each forward (copies)"
-        return f"{self.activation}, {layout}"
+        biases = [kind for kind, name in (("up", self.up_bias), ("down", self.down_bias)) if name]
+        return f"{self.activation}, {layout}" + (f", {'/'.join(biases)} biases" if biases else "")
+
+
+def _activations(experts: nn.Module) -> list[str]:
+    """The activations a module's experts may use: the plain ones, and a clamped SwiGLU when the
+    module holds its ``alpha`` and ``limit`` (gpt-oss)."""
+    alpha = number_attr(experts, ("alpha", "swiglu_alpha"), None)
+    limit = number_attr(experts, CLAMP_ATTRS, None)
+    clamped = [ops.clamped_swiglu(alpha, limit)] if alpha is not None and limit is not None else []
+    return [*ops.ACTIVATIONS, *clamped]
+
+
+def _bias_readings(params: dict[str, Tensor], num_experts: int, rows_h: int, dim: int) -> list[tuple]:
+    """(up bias, down bias) names for the module's 2-D parameters: an [E, H] up bias and/or an
+    [E, D] down bias; every assignment the shapes allow (none when there are no 2-D parameters)."""
+    names = [name for name, p in params.items() if p.dim() == 2]
+    readings = []
+    for up, down in itertools.product([None, *names], repeat=2):
+        used = [n for n in (up, down) if n]
+        if len(used) != len(set(used)) or set(used) != set(names):
+            continue
+        if up and params[up].shape != (num_experts, rows_h) or down and params[down].shape != (num_experts, dim):
+            continue
+        readings.append((up, down))
+    return readings
 
 
 def stacked_candidates(experts: nn.Module, path: str, dim: int,
                        names: Optional[Sequence[str]] = None) -> list[ExpertsSpec]:
     """Layouts of a module holding 3-D expert weights: up [E, H, D] or [E, D, H], down [E, D, F]
-    or [E, F, D]. ``names``: the two weights' dotted paths when they sit in children of their own
-    (JetMoE's ``input_linear.weight``/``output_linear.weight``); by default the module's own
-    parameters. Every reading the shapes allow is returned; the block probe picks the true one."""
+    or [E, F, D], optionally with [E, H] / [E, D] biases (the module's own 2-D parameters).
+    ``names``: the two weights' dotted paths when they sit in children of their own (JetMoE's
+    ``input_linear.weight``/``output_linear.weight``); by default the module's own parameters.
+    Every reading the shapes allow is returned; the block probe picks the true one."""
     params = ({name: fetch(experts, name) for name in names} if names is not None
               else dict(experts.named_parameters(recurse=False)))
-    if any(p.dim() != 3 for p in params.values()) or len(params) != 2:
+    stacked = {name: p for name, p in params.items() if p.dim() == 3}
+    if len(stacked) != 2 or any(p.dim() not in (2, 3) for p in params.values()):
         return []
     specs = []
-    for (up_name, up), (down_name, down) in itertools.permutations(params.items(), 2):
+    for (up_name, up), (down_name, down) in itertools.permutations(stacked.items(), 2):
         num_experts = up.shape[0]
         for t_up, t_down in itertools.product((False, True), repeat=2):
             up_EHD = up.transpose(1, 2) if t_up else up
@@ -84,10 +118,12 @@ def stacked_candidates(experts: nn.Module, path: str, dim: int,
             if up_EHD.shape[2] != dim or down_EDF.shape[1] != dim or down.shape[0] != num_experts:
                 continue
             ffn_dim = down_EDF.shape[2]
-            for activation in ops.ACTIVATIONS:
-                if up_EHD.shape[1] == ops.up_rows(ffn_dim, activation):
+            for activation in _activations(experts):
+                if up_EHD.shape[1] != ops.up_rows(ffn_dim, activation):
+                    continue
+                for up_bias, down_bias in _bias_readings(params, num_experts, up_EHD.shape[1], dim):
                     specs.append(ExpertsSpec(path, num_experts, dim, ffn_dim, activation, (up_name,), down_name,
-                                             True, t_up, t_down))
+                                             True, t_up, t_down, up_bias=up_bias, down_bias=down_bias))
     return specs
 
 

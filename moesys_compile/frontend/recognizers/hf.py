@@ -5,23 +5,28 @@ family (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V3, ...) and most hand-written mod
       ├─ <router>   one [E, D] weight; called on [T, D] (or [1, T, D]) it returns top-k ids and
       │             weights, or only logits (JetMoE, DBRX: the rule is then found on the block);
       │             it may take the block's own [E] tensors (MiniMax-M2's correction bias)
-      ├─ experts    stacked 3-D weights (gate_up_proj [E, 2F, D], down_proj [E, D, F], or transposed),
+      ├─ experts    stacked 3-D weights (gate_up_proj [E, 2F, D], down_proj [E, D, F], or transposed;
+      │             optionally [E, H] / [E, D] biases and a clamped, interleaved SwiGLU: gpt-oss),
       │             two children holding one 3-D weight each (JetMoE), flat [E*F, D] matrices (DBRX),
       │             or a ModuleList of bias-free MLPs (gate/up/down, w1/w3/w2, Linear-act-Linear)
       ├─ shared_expert(s)        optional dense MLP added to (or averaged with) the routed output
       ├─ shared_expert_gate      optional [1, D] gate, sigmoid-scaled (Qwen2-MoE)
+      ├─ <norm child>            optional norm of the block's output, [D] parameters only (A.X-K1)
       └─ <own [D] parameter>     optional output bias (JetMoE)
 
 Class names are only used for the report. The router's rule (softmax/sigmoid, renormalisation,
 correction bias, group-limited top-k, routed scaling) is found by probing it; a rule that
 ``moesys.route`` cannot express keeps the router as the model's own traced code. The whole block is
-then probed against its canonical forms, and only an exact match is swapped in.
+then probed against its canonical forms, and only an exact match is swapped in; the probe's tokens
+are scaled so that the experts' activations leave their linear range, where a clamp or a softcap
+would hide. A block whose forward takes more than the hidden states is left as it is.
 """
 
 from __future__ import annotations
 
 import inspect
 import itertools
+import math
 from dataclasses import replace
 from typing import Optional
 
@@ -30,8 +35,8 @@ from torch import Tensor, nn
 from ..canonicalize import Recognition
 from .block import BlockProbe, CanonicalMoEBlock, block_kind
 from .experts import experts_candidates
-from .structure import (ROUTER_NAMES, SHARED_GATE_NAMES, SHARED_NAMES, TOP_K_ATTRS, analyze_router, fetch, generator,
-                        leave, number_attr, on_meta, router_randomized, rule_candidates)
+from .structure import (CLAMP_ATTRS, ROUTER_NAMES, SHARED_GATE_NAMES, SHARED_NAMES, TOP_K_ATTRS, analyze_router, fetch,
+                        generator, leave, number_attr, on_meta, router_randomized, rule_candidates)
 
 
 def _has_stacked_experts(module: nn.Module) -> bool:
@@ -42,14 +47,18 @@ def _has_stacked_experts(module: nn.Module) -> bool:
         2 <= len(params) <= 3 and all(p.dim() == 2 and p.shape == params[0].shape for p in params))
 
 
+_CONV = nn.modules.conv._ConvNd   # 3-D weights that are kernels, not experts (Inkling's short convolutions)
+
+
 def split_experts(block: nn.Module) -> Optional[tuple[str, str]]:
-    """Two children that each hold exactly one 3-D [E, ., .] weight (JetMoE's ``input_linear`` and
-    ``output_linear``), or else the block's own two 3-D parameters (a hand-written block with
-    ``w1`` [E, D, F] and ``w2`` [E, F, D], next to a router child): the experts are the block
-    itself, their weights those two."""
+    """Two children that each hold exactly one 3-D [E, ., .] weight with the same E (JetMoE's
+    ``input_linear`` and ``output_linear``; not convolution kernels), or else the block's own two
+    3-D parameters (a hand-written block with ``w1`` [E, D, F] and ``w2`` [E, F, D], next to a
+    router child): the experts are the block itself, their weights those two."""
     names = [f"{name}.{pname}" for name, child in block.named_children()
-             for pname, p in child.named_parameters() if p.dim() == 3 and len(list(child.parameters())) == 1]
-    if len(names) != 2:
+             for pname, p in child.named_parameters() if p.dim() == 3 and len(list(child.parameters())) == 1
+             and not isinstance(child.get_submodule(pname.rpartition(".")[0]), _CONV)]
+    if len(names) != 2 or fetch(block, names[0]).shape[0] != fetch(block, names[1]).shape[0]:
         own = [(name, p) for name, p in block.named_parameters(recurse=False) if p.dim() == 3]
         names = [name for name, _ in own] if len(own) == 2 and router_child(block, own[0][1].shape[0], set()) else []
     return (names[0], names[1]) if len(names) == 2 else None
@@ -109,6 +118,46 @@ def _output_bias(module: nn.Module, dim: int, taken: set[str]) -> tuple[Optional
     return bias, [name for name in own if name != bias]
 
 
+def _router_shapes(module: nn.Module, taken: set[str]) -> str:
+    """What the child named like a router scores with instead (ZAYA's MLP router ends in [E + 1, .]
+    for a skip expert; Inkling's scores the shared expert with the routed ones)."""
+    name = next((n for n in ROUTER_NAMES if n not in taken and isinstance(getattr(module, n, None), nn.Module)), None)
+    if name is None:
+        return ""
+    shapes = [list(p.shape) for p in getattr(module, name).parameters() if p.dim() == 2]
+    return f"; its router '{name}' holds the 2-D weights {shapes}" if shapes else ""
+
+
+def _extra_inputs(module: nn.Module) -> list[str]:
+    """Parameters of the block's forward besides the hidden states (DeepSeek-V4 passes the token
+    ids, ZAYA the previous layer's router state): the canonical form takes the hidden states only."""
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return []
+    return [("**" if p.kind is p.VAR_KEYWORD else "*" if p.kind is p.VAR_POSITIONAL else "") + p.name
+            for p in params[1:]]
+
+
+def _output_norm(module: nn.Module, extra: list[str], dim: int) -> Optional[str]:
+    """The one extra child that may normalise the block's output: it holds only [D] parameters (an
+    RMSNorm/LayerNorm; A.X-K1's ``post_mlp_layernorm``). The probe decides whether it does."""
+    if len(extra) != 1:
+        return None
+    shapes = {tuple(p.shape) for p in module.get_submodule(extra[0]).parameters()}
+    return extra[0] if shapes == {(dim,)} else None
+
+
+def _clamped_only(experts: nn.Module, candidates: list) -> tuple[list, Optional[float]]:
+    """Experts holding a finite clamp ``limit`` (gpt-oss, DeepSeek-V4, HY-V4) only match clamped
+    activations. The probe's scaled tokens reach such a clamp too (``_token_scale``); the explicit
+    limit makes the reason plain, and a form that only misses the clamp is never tried."""
+    limit = number_attr(experts, CLAMP_ATTRS, None)
+    if limit is None or not math.isfinite(limit):   # Step 3.7's experts hold limit inf: no clamp
+        return candidates, None
+    return [c for c in candidates if "clamp" in c.activation], limit
+
+
 def _router_args(module: nn.Module, router: nn.Module, num_experts: int) -> Optional[dict[str, Tensor]]:
     """The block's own [E] tensors its router takes after the tokens (MiniMax-M2 passes
     ``e_score_correction_bias``, LFM2-MoE an optional ``expert_bias``); None when the router wants
@@ -136,11 +185,14 @@ def _recognize(module: nn.Module, path: str, experts_name: str) -> Optional[Reco
     taken = {experts_name, shared, shared_gate} | {name.split(".")[0] for name in split or ()}
     router_name = router_child(module, num_experts, taken)
     if router_name is None:
-        return leave(path, kind, f"no child scores tokens against {num_experts} experts (a [{num_experts}, D] weight)")
+        return leave(path, kind, f"no child scores tokens against {num_experts} experts (a [{num_experts}, D] "
+                                 f"weight){_router_shapes(module, taken)}")
+    inputs = _extra_inputs(module)
+    if inputs:
+        return leave(path, kind, f"its forward takes {inputs} besides the hidden states; the canonical form takes "
+                                 f"the hidden states only")
     extra = [name for name, child in module.named_children()
              if name not in taken | {router_name} and any(True for _ in child.parameters())]
-    if extra:
-        return leave(path, kind, f"child(ren) {extra} are neither router, experts nor shared expert")
     if getattr(module, "jitter_noise", 0) or 0:
         return leave(path, kind, f"router jitter noise ({module.jitter_noise}) randomises training inputs; "
                                  f"set the config's router_jitter_noise=0 to canonicalize it")
@@ -148,6 +200,10 @@ def _recognize(module: nn.Module, path: str, experts_name: str) -> Optional[Reco
         return leave(path, kind, "parameters are on the meta device; materialise the model before compiling")
     router = getattr(module, router_name)
     dim = next(p for p in router.parameters() if p.dim() == 2 and p.shape[0] == num_experts).shape[1]
+    output_norm = _output_norm(module, extra, dim)
+    if extra and output_norm is None:
+        return leave(path, kind, f"child(ren) {extra} are neither router, experts, shared expert nor a norm of "
+                                 f"the [{dim}] output")
     args = _router_args(module, router, num_experts)
     if args is None:
         return leave(path, kind, f"router '{router_name}' takes arguments besides the tokens that are not the "
@@ -161,22 +217,37 @@ def _recognize(module: nn.Module, path: str, experts_name: str) -> Optional[Reco
     candidates = experts_candidates(experts, experts_name, dim, split, num_experts)
     if not candidates:
         return leave(path, kind, _no_layout(experts, experts_name))
+    candidates, limit = _clamped_only(experts, candidates)
+    if not candidates:
+        return leave(path, kind, f"experts '{experts_name}' clamp their activations (limit {limit:g}) and no "
+                                 f"canonical activation clamps that way (clamped SwiGLU needs both alpha and "
+                                 f"limit)")
     if router_spec.top_k < 1:   # a logits-only router whose block holds k (DBRX)
         router_spec = replace(router_spec, top_k=number_attr(module, TOP_K_ATTRS, 0))
     if router_spec.top_k < 1:
         return leave(path, kind, f"{router_why}; neither the router nor the block has a top_k attribute")
     rules = [router_spec] if "ids" in router_spec.outputs else rule_candidates(router, router_spec, args)
-    forms = [dict(router=rule, experts=layout, output_scale=scale)
-             for rule in rules for layout in candidates for scale in ((1.0, 0.5) if shared else (1.0,))]
+    forms = [dict(router=rule, experts=layout, output_scale=scale, **norm)
+             for rule in rules for layout in candidates for scale in ((1.0, 0.5) if shared else (1.0,))
+             for norm in ([dict(output_norm=output_norm)] if output_norm else [{}])]
     fixed = dict(shared=shared, shared_gate=shared_gate, output_bias=output_bias)
-    found, best, problem = _probe_forms(module, router_name, dim, forms, fixed)
+    weights = [fetch(module, name) for name in split] if split else [
+        p for p in experts.parameters() if p.dim() >= 2]
+    found, best, problem = _probe_forms(module, router_name, dim, forms, fixed, weights)
     if found is None:
         what = "its experts" if len(rules) == 1 else f"any of {len(rules)} routing rules with its experts"
-        closest = problem or f"closest max abs diff {best:.3g} over {len(forms)} forms"
+        closest = problem or f"closest max abs diff {best:.3g} over {len(forms)} forms{_activation_hint(experts)}"
         return leave(path, kind, f"{router_why}; no canonical form of {what} reproduces the block's output "
                                  f"({closest})")
-    replacement = CanonicalMoEBlock(module, **found, **fixed)
+    replacement = _build(module, found, fixed)
     return Recognition(kind=kind, replacement=replacement, details=replacement.details())
+
+
+def _activation_hint(experts: nn.Module) -> str:
+    """The experts' own activation module, when they have one: the likely reason no form matched
+    when it is none of the canonical ones (NemotronH's squared ReLU, Inkling 2's softcapped SwiGLU)."""
+    act = getattr(experts, "act_fn", None)
+    return f"; the experts' activation module is {type(act).__name__}" if isinstance(act, nn.Module) else ""
 
 
 def _no_layout(experts: nn.Module, name: str) -> str:
@@ -184,22 +255,63 @@ def _no_layout(experts: nn.Module, name: str) -> str:
     stacked = [n for n, p in own.items() if p.dim() == 3]
     if stacked and len(own) > len(stacked):
         return (f"experts '{name}' hold {sorted(set(own) - set(stacked))} besides the stacked weights {stacked}: "
-                f"per-expert biases or scales have no place in moesys.moe_experts")
+                f"only [E, H] up and [E, D] down biases have a place in moesys.moe_experts")
     return f"experts '{name}' are neither stacked 3-D [E, H, D]/[E, D, F] weights nor a list of bias-free Linear MLPs"
 
 
-def _probe_forms(module: nn.Module, router_name: str, dim: int, forms: list[dict],
-                 fixed: dict) -> tuple[Optional[dict], float, str]:
+PROBE_PRE_ACTIVATION_STD = 16.0
+
+
+def _token_scale(expert_weights: list[Tensor], dim: int) -> float:
+    """A power of two by which the probe's unit tokens are scaled so that the experts'
+    pre-activations spread about ``PROBE_PRE_ACTIVATION_STD``: at initialisation scale (std 0.02)
+    they stay near zero, where a clamp (limit 10) or a softcap (Inkling 2's tanh(x / 4) * 4) is the
+    identity, and an unclamped form would pass the probe, then differ on trained weights."""
+    std = expert_weights[0].detach().float().pow(2).mean().sqrt().item() if expert_weights else 0.0
+    if not std > 0:
+        return 1.0
+    return 2.0 ** max(0, round(math.log2(PROBE_PRE_ACTIVATION_STD / (std * dim ** 0.5))))
+
+
+def _probe_forms(module: nn.Module, router_name: str, dim: int, forms: list[dict], fixed: dict,
+                 expert_weights: list[Tensor]) -> tuple[Optional[dict], float, str]:
     """The first canonical form that reproduces the block's output on random tokens, the closest
     max abs diff, and why the block could not be compared at all (if so). The router is randomised
-    while probing (zero-initialised routers tie every rule); the form found is then built on the
-    block as it is."""
+    while probing (zero-initialised routers tie every rule), and the tokens are scaled so that the
+    experts' activations leave their linear range (``_token_scale``; the router's copy is scaled
+    down to match, so its scores do not saturate); the form found is then built on the block as
+    it is."""
     best = float("inf")
-    with router_randomized(module, router_name, generator()):
+    scale = _token_scale(expert_weights, dim)
+    with router_randomized(module, router_name, generator(), scale, dim):
         probe = BlockProbe(module, dim)
+        probe.x_BSD = probe.x_BSD * scale
         for form in forms:
-            ok, diff = probe.matches(CanonicalMoEBlock(module, **form, **fixed))
+            candidate = _build(module, form, fixed)
+            ok, diff = probe.matches(candidate)
             if ok:
-                return form, diff, ""
+                return dict(form, extra_outputs=candidate.extra_outputs), diff, ""
             best = min(best, diff)
         return None, best, probe.problem
+
+
+class OutputNormMoEBlock(CanonicalMoEBlock):
+    """A canonical block whose output then goes through the block's own norm child (A.X-K1's
+    ``post_mlp_layernorm``); the norm keeps its name, so ``state_dict`` keys do not change."""
+
+    def __init__(self, original: nn.Module, output_norm: str, **form):
+        super().__init__(original, **form)
+        self.output_norm = output_norm
+
+    def forward(self, hidden_states: Tensor):
+        out = super().forward(hidden_states)
+        norm = self.get_submodule(self.output_norm)
+        return norm(out) if isinstance(out, Tensor) else (norm(out[0]), *out[1:])
+
+    def details(self) -> dict:
+        return {**super().details(), "output_norm": self.output_norm}
+
+
+def _build(module: nn.Module, form: dict, fixed: dict) -> CanonicalMoEBlock:
+    """The canonical block of ``form`` (with an output norm when the form names one)."""
+    return (OutputNormMoEBlock if form.get("output_norm") else CanonicalMoEBlock)(module, **form, **fixed)

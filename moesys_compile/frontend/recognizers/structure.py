@@ -28,6 +28,7 @@ SHARED_GATE_NAMES = ("shared_expert_gate", "shared_gate")
 GROUP_ATTRS = (("n_group", "num_group", "n_groups", "num_groups"), ("topk_group", "topk_groups"))
 SCALING_ATTRS = ("routed_scaling_factor", "routed_scaling", "scaling_factor", "route_scale")
 TOP_K_ATTRS = ("top_k", "num_experts_per_tok", "k")
+CLAMP_ATTRS = ("limit", "swiglu_limit")   # an experts module's activation clamp (gpt-oss, DeepSeek-V4)
 PROBE_SEED = 1234
 
 
@@ -169,22 +170,39 @@ def _sorted_routes(weights_TK: Tensor, ids_TK: Tensor) -> tuple[Tensor, Tensor]:
     return weights_TK.gather(1, order), ids_sorted
 
 
+def random_like(name: str, t: Tensor, gen: torch.Generator) -> Tensor:
+    """Random values for a router tensor. Biases are as large as the logits' spread, so that a
+    bias, and where it is added (to the scores or to the raw logits, Kolibri's), decides some
+    choices; other 1-D tensors (norm weights) stay small."""
+    scale = 1.0 if t.dim() != 1 or "bias" in name.rsplit(".", 1)[-1] else 0.1
+    return torch.randn(t.shape, generator=gen).to(device=t.device, dtype=t.dtype) * scale
+
+
 def randomized(router: nn.Module, gen: torch.Generator) -> nn.Module:
     """A copy of the router with random weights and biases: zero-initialised routers tie every
     score, which would make any routing rule look like any other."""
     probe = copy.deepcopy(router)
     with torch.no_grad():
-        for t in itertools.chain(probe.parameters(), probe.buffers()):
+        for name, t in itertools.chain(probe.named_parameters(), probe.named_buffers()):
             if t.is_floating_point():
-                t.copy_(torch.randn(t.shape, generator=gen).to(t.dtype) * (0.1 if t.dim() == 1 else 1.0))
+                t.copy_(random_like(name, t, gen))
     return probe
 
 
 @contextlib.contextmanager
-def router_randomized(block: nn.Module, router_name: str, gen: torch.Generator):
-    """Within the block, the router ``router_name`` is a ``randomized`` copy; restored on exit."""
+def router_randomized(block: nn.Module, router_name: str, gen: torch.Generator, token_scale: float = 1.0,
+                      dim: int = 0):
+    """Within the block, the router ``router_name`` is a ``randomized`` copy; restored on exit.
+    ``token_scale``: the probe's tokens are that much larger; the copy's [., dim] weights are
+    divided by it, so its logits stay those of unit tokens (a power of two keeps this exact)."""
     router = getattr(block, router_name)
-    setattr(block, router_name, randomized(router, gen))
+    probe = randomized(router, gen)
+    if token_scale != 1.0:
+        with torch.no_grad():
+            for p in probe.parameters():
+                if p.dim() == 2 and p.shape[1] == dim:
+                    p.div_(token_scale)
+    setattr(block, router_name, probe)
     try:
         yield
     finally:
@@ -269,7 +287,7 @@ def analyze_router(router: nn.Module, path: str, dim: int,
     weight_name, logit_bias, num_experts = weight
     gen = generator()
     probe = randomized(router, gen)
-    args = {name: torch.randn(t.shape, generator=gen).to(t) * 0.1 for name, t in (args or {}).items()}
+    args = {name: random_like(name, t, gen) for name, t in (args or {}).items()}
     param = first_param(router)
     x_TD = torch.randn(16, dim, generator=gen).to(device=param.device, dtype=param.dtype)
     with torch.no_grad():
