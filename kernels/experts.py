@@ -34,11 +34,11 @@ import torch
 from torch import Tensor
 
 from moesys_compile.kernels._triton import resolve_impl
-from moesys_compile.kernels.experts_torch import (GATHER_ROWS, block_target, experts_backward_torch,
-                                                  experts_forward_torch)
+from moesys_compile.kernels.experts_torch import (BUFFERED_ACTIVATIONS, GATHER_ROWS, block_target,
+                                                  experts_backward_torch, experts_forward_torch)
 from moesys_compile.kernels.grouped_mlp import check_experts_args, experts_forward_triton
 from moesys_compile.kernels.grouped_mlp_backward import experts_backward_triton
-from moesys_compile.ops import ACTIVATIONS, check_activation, has_triton_kernel
+from moesys_compile.ops import check_activation, has_triton_kernel
 from moesys_compile.ops.autocast import follow_autocast
 
 
@@ -49,13 +49,13 @@ def forward_scratch_bytes(num_rows, dim: int, ffn: int, rows_h: int, element_siz
     the intra-op threads of the call). Triton: a_NF and, fused, the weighted slot rows. torch: the
     blocks in flight (at most N rows over all threads, at most twice ``block_target`` per thread),
     and, fused, the slot rows, the gather buffer and two int64 row indices (kept for the next call
-    when the forward keeps h, i.e. when training). An activation outside ``ops.ACTIVATIONS`` runs
+    when the forward keeps h, i.e. when training). An activation outside ``BUFFERED_ACTIVATIONS`` runs
     as its reference function: a few [rows, F] temporaries per block (six counted)."""
     import sympy
     rows = sympy.sympify(num_rows)
     triton = (rows * ffn + (rows * dim if fused else 0)) * element_size
     per_row = (dim if fused else 0) + (rows_h if not save_h else 2 * ffn)
-    per_row += 0 if activation in ACTIVATIONS else 6 * ffn
+    per_row += 0 if activation in BUFFERED_ACTIVATIONS else 6 * ffn
     torch_path = sympy.Min(rows, threads * 2 * block_target(ffn)) * per_row * element_size
     if fused:
         gather = sympy.Min(rows, GATHER_ROWS) * dim * element_size

@@ -16,7 +16,8 @@ temporaries per call instead: they are freed when it returns, which is what a bu
 Threads (``cpu_threads.py``): with n > 1 intra-op threads, n threads take runs of expert rows.
 
 Expert biases (``b_up_EH``, ``b_down_ED``) go into the GEMMs (addmm); an activation outside
-``ops.ACTIVATIONS`` (gpt-oss's clamped SwiGLU) runs as its reference function on each block.
+``BUFFERED_ACTIVATIONS`` (gpt-oss's clamped SwiGLU, relu², ...) runs as its reference function on each
+block.
 """
 
 import torch
@@ -24,10 +25,11 @@ from torch import Tensor
 
 from moesys_compile.kernels import cpu_threads
 from moesys_compile.kernels.permute import inverse_order
-from moesys_compile.ops import ACTIVATIONS, apply_activation, group_bounds, is_gated
+from moesys_compile.ops import TRITON_ACTIVATIONS, apply_activation, group_bounds, is_gated
 
 _CHUNK_ELEMENTS = 1 << 21   # activation elements per block (rows x F): few calls, big GEMMs
 _MIN_CHUNK_ROWS = 64
+BUFFERED_ACTIVATIONS = TRITON_ACTIVATIONS   # written into the workspace buffers by hand (as Triton fuses them)
 GATHER_ROWS = 4096          # rows gathered at a time when the K rows of every token are summed
 PARTIAL_GRAD_BYTES = 64 << 20   # backward: weight-gradient buffers of experts split between threads, at most
 
@@ -81,7 +83,7 @@ def _project(rows: Tensor, weight: Tensor, bias_E, expert: int, out: Tensor) -> 
 
 def _act_into(h: Tensor, activation: str, act_gate: Tensor, a: Tensor) -> Tensor:
     """a = act(h) (gated: act(gate) * up, with act(gate) left in ``act_gate``)."""
-    if activation not in ACTIVATIONS:
+    if activation not in BUFFERED_ACTIVATIONS:
         return a.copy_(apply_activation(h, activation))
     if not is_gated(activation):
         return _scalar_act(h, activation, a)
@@ -92,7 +94,7 @@ def _act_into(h: Tensor, activation: str, act_gate: Tensor, a: Tensor) -> Tensor
 
 def _act_in_place(h: Tensor, activation: str) -> Tensor:
     """act(h) written over h, for a forward that does not keep h (gated: over the gate half)."""
-    if activation not in ACTIVATIONS:
+    if activation not in BUFFERED_ACTIVATIONS:
         return apply_activation(h, activation)
     if not is_gated(activation):
         return _scalar_act(h, activation, h)
@@ -102,7 +104,7 @@ def _act_in_place(h: Tensor, activation: str) -> Tensor:
 
 def _act_backward_into(h: Tensor, grad_a: Tensor, act_gate: Tensor, activation: str, tmp: Tensor,
                        grad_h: Tensor) -> Tensor:
-    if activation not in ACTIVATIONS:
+    if activation not in BUFFERED_ACTIVATIONS:
         with torch.enable_grad():
             leaf = h.detach().requires_grad_(True)
             (grad,) = torch.autograd.grad(apply_activation(leaf, activation), leaf, grad_a)

@@ -66,13 +66,14 @@ EXPECTED = {
     "mellum": {("hf.MellumSparseMoeBlock", "replaced", "softmax-top2-renorm")},
     # its correction bias is added to the raw logits, before the sigmoid: not moesys.route's rule
     "kolibri1": {("hf.Kolibri1SparseMoeBlock", "replaced", "own router 'gate' (traced)")},
-    "hy_v4": {("hf.HYV4MoE", "left", None)},
+    # activations beyond SwiGLU: clamped without alpha (halves), relu², softcapped gate factor and up
+    "hy_v4": {("hf.HYV4MoE", "replaced", "sigmoid-top2-bias-renorm-x2.827")},
+    "nemotron_h": {("hf.NemotronHMoE", "replaced", "sigmoid-top2-bias-renorm")},
+    "inkling2": {("hf.Inkling2SparseMoeBlock", "replaced", "sigmoid-top2-bias-renorm-x8")},
     "deepseek_v4": {("hf.DeepseekV4SparseMoeBlock", "left", None)},
     "longcat_flash": {("hf.LongcatFlashMoE", "left", None)},
-    "nemotron_h": {("hf.NemotronHMoE", "left", None)},
     "zaya": {("hf.ZayaSparseMoeBlock", "left", None)},
     "inkling": {("hf.InklingMoE", "left", None)},
-    "inkling2": {("hf.Inkling2SparseMoeBlock", "left", None)},
     "doge": {("DogeCDMoE", "left", None)},
     "gemma4": {("hf.Gemma4TextDecoderLayer", "left", None)},
 }
@@ -95,16 +96,16 @@ ONE_LAYER = {
     "longcat_flash": dict(num_hidden_layers=None, num_layers=1),  # None: not a field of that config
     "nemotron_h": dict(num_hidden_layers=None),                   # [moe, attention]: it needs an attention layer
 }
+# the experts' activation where it is not SwiGLU (read from the experts' own limit and softcaps)
+ACTIVATION = {"hy_v4": "clamped_swiglu:limit=10.0", "nemotron_h": "relu2",
+              "inkling2": "softcapped_swiglu:gate=4.0:up=25.0"}
 # what the report of a left block must say
 LEFT_BECAUSE = {
     "llama4": ("returns logits but no [tokens, k] ids", "the block returns a tuple"),
-    "hy_v4": ("clamp their activations (limit 10)",),               # limit without alpha: not clamped_swiglu
     "deepseek_v4": ("its forward takes ['input_ids'] besides the hidden states",),
     "longcat_flash": ("experts 'experts' are neither stacked",),   # zero-computation (identity) experts
-    "nemotron_h": ("activation module is ReLUSquaredActivation",),
     "zaya": ("no child scores tokens against 4 experts", "[5, 16]]"),    # an MLP router: E+1 (a skip expert)
     "inkling": ("no child scores tokens against 4 experts", "[[5, 32]]"),  # it scores the shared expert too
-    "inkling2": ("activation module is Inkling2SoftcappedSwiGLU",),
     "doge": ("no recognizer matched",),                              # product-key experts, single neurons
     "gemma4": ("its forward takes ['per_layer_input'",),           # router and experts sit in the decoder layer
 }
@@ -113,9 +114,9 @@ COVERED_ELSEWHERE = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"
 # compiled by default: a router taking a block tensor (MiniMax-M2), a left block (Llama 4), a dense
 # family; JetMoE (attention experts, split experts, output bias, logits-only router) is compiled in
 # train mode below. The other recognition paths are compiled in tests/test_recognizers.py.
-# Newer families: an output norm (A.X-K1), a router kept as traced code (Kolibri), and a block left
-# because its forward takes the token ids (DeepSeek-V4).
-COMPILED = ["minimax_m2", "llama4", "phi3", "axk1", "kolibri1", "deepseek_v4"]
+# Newer families: an output norm (A.X-K1), a router kept as traced code (Kolibri), a block left
+# because its forward takes the token ids (DeepSeek-V4), a softcapped SwiGLU (Inkling 2).
+COMPILED = ["minimax_m2", "llama4", "phi3", "axk1", "kolibri1", "deepseek_v4", "inkling2"]
 # capture fails in the model's own code (not in an MoE block), with an error naming the place
 UNCAPTURABLE = {
     "longcat_flash": ("module 'model.layers.0.mlp.experts'", "modeling_longcat_flash.py",
@@ -155,6 +156,8 @@ def test_moe_family_is_canonicalized_or_left_with_the_reason(family):
     for report in reports:
         assert report.reason and (report.action == "replaced") == (report.details.get("router") is not None)
         assert all(why in report.reason for why in LEFT_BECAUSE.get(family, ()))
+        if "activation" in report.details:          # (JetMoE's attention experts have none)
+            assert report.details["activation"] == ACTIVATION.get(family, "swiglu")
     torch.testing.assert_close(model(ids()).logits, want, rtol=1e-5, atol=1e-6)
 
 

@@ -22,9 +22,12 @@ from moesys_compile.models.hf import build_hf  # noqa: E402
 from moesys_compile.programs import ring  # noqa: E402
 
 
+GPT_OSS_4_LAYERS = {"num_hidden_layers": 4, "layer_types": ["full_attention"] * 4}
+
+
 @pytest.mark.parametrize("family,overrides", [("mixtral", {}), ("qwen2_moe", {}), ("olmoe", {}), ("deepseek_v3", {}),
-                                              ("gpt_oss", {"num_hidden_layers": 4, "layer_types": ["full_attention"] * 4}), ("llama", {}),
-                                              ("gpt2", {"n_layer": 4})])   # 2-layer gpt2: slots+workspace > 1/2
+                                              ("gpt_oss", GPT_OSS_4_LAYERS), ("llama", {}),
+                                              ("gpt2", {"n_layer": 4})])   # 2 layers: slots+workspace > 1/2
 def test_ring_at_half_the_model_equals_eager(family, overrides):
     model = randomize_expert_biases(build_hf(family, **overrides).eval())
     ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))

@@ -253,15 +253,16 @@ def test_grouped_mlp_splits_a_large_expert_between_threads(monkeypatch):
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "grouped"])
 @pytest.mark.parametrize("biases", ["up+down", "down"])
-def test_torch_path_takes_expert_biases_and_a_clamped_swiglu(monkeypatch, fused, biases):
-    """gpt-oss experts (biases, clamped interleaved SwiGLU) on the torch path, 2 threads with an
-    expert split between runs: outputs and every gradient (biases included) equal the reference."""
+@pytest.mark.parametrize("activation", [clamped_swiglu(1.702, 0.5), "relu2"])
+def test_torch_path_takes_expert_biases_and_any_activation(monkeypatch, fused, biases, activation):
+    """gpt-oss experts (biases, clamped interleaved SwiGLU) and relu² ones on the torch path, 2
+    threads with an expert split between runs: outputs and every gradient (biases included) equal
+    the reference."""
     from moesys_compile.kernels import cpu_threads
     monkeypatch.setattr(cpu_threads, "MIN_RUN_ROWS", 8)
-    activation = clamped_swiglu(1.702, 0.5)
     w_up, w_down = experts(4, 24, 20, activation, torch.float32, seed=19)
     gen = torch.Generator().manual_seed(19)
-    b_up = torch.randn(4, 40, generator=gen).to(DEVICE).requires_grad_(True) if "up" in biases else None
+    b_up = torch.randn(4, w_up.shape[1], generator=gen).to(DEVICE).requires_grad_(True) if "up" in biases else None
     b_down = torch.randn(4, 24, generator=gen).to(DEVICE).requires_grad_(True)
     ids = torch.cat([torch.zeros(60, 1, dtype=torch.long, device=DEVICE), 1 + routed(60, 1, 3, seed=19)], dim=1)
     x = torch.randn(60, 24, generator=gen).to(DEVICE).requires_grad_(True)

@@ -57,13 +57,31 @@ def test_biased_experts_with_a_clamped_swiglu_match_reference(T, E, K, biases, c
         torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("activation", ["relu2", ops.clamped_swiglu(None, 0.5), ops.softcapped_swiglu(0.5, 0.3)])
+def test_more_expert_activations_match_their_formula_and_reference_gradients(activation):
+    h = torch.randn(7, 10, dtype=DTYPE)
+    gate, up = h.chunk(2, dim=-1)
+    want = {"relu2": torch.relu(h) ** 2,
+            ops.clamped_swiglu(None, 0.5): torch.nn.functional.silu(gate.clamp(max=0.5)) * up.clamp(-0.5, 0.5),
+            ops.softcapped_swiglu(0.5, 0.3): 0.5 * torch.tanh(gate / 0.5) * torch.sigmoid(gate)
+            * 0.3 * torch.tanh(up / 0.3)}[activation]
+    torch.testing.assert_close(ops.apply_activation(h, activation), want)
+    x, logits, w_up, w_down = _inputs(9, 6, 5, 4, 2, activation)
+    weights, ids, _ = ops.route_reference(logits, 2)
+    y = torch.ops.moesys.moe_experts(x, ids, weights, w_up, w_down, activation)
+    y_ref = ops.moe_experts_reference(x, ids, weights, w_up, w_down, activation)
+    torch.testing.assert_close(y, y_ref)
+    for got, ref in zip(_grads(y.sum(), (x, w_up, w_down)), _grads(y_ref.sum(), (x, w_up, w_down))):
+        torch.testing.assert_close(got, ref)
+
+
 def test_clamped_swiglu_is_interleaved_and_clamped():
     h = torch.tensor([[10.0, -10.0, 0.3, 0.2]], dtype=DTYPE)      # (gate, up) pairs, interleaved
     a = ops.apply_activation(h, CLAMPED)
     gate, up = torch.tensor([0.5, 0.3], dtype=DTYPE), torch.tensor([-0.5, 0.2], dtype=DTYPE)
     torch.testing.assert_close(a, ((up + 1) * gate * torch.sigmoid(1.702 * gate))[None])
     assert ops.is_gated(CLAMPED) and ops.up_rows(5, CLAMPED) == 10 and not ops.has_triton_kernel(CLAMPED)
-    for bad in ("clamped_swiglu:alpha=1", "clamped_swiglu:alpha=x:limit=7", "swish"):
+    for bad in ("clamped_swiglu:alpha=1", "clamped_swiglu:alpha=x:limit=7", "softcapped_swiglu:gate=1", "swish"):
         with pytest.raises(ValueError, match="activation"):
             ops.check_activation(bad)
 

@@ -26,7 +26,8 @@ moved past the last expert's rows (``counts_E`` counts only kept rows).
 """
 
 from moesys_compile.ops.activations import (ACTIVATIONS, TRITON_ACTIVATIONS, apply_activation, check_activation,
-                                            clamped_swiglu, expert_capacity, has_triton_kernel, is_gated, up_rows)
+                                            clamped_swiglu, expert_capacity, has_triton_kernel, is_gated,
+                                            softcapped_swiglu, up_rows)
 from moesys_compile.ops.routing import (SCORE_FUNCS, load_balancing_loss, load_balancing_loss_reference,
                                         route, route_reference, score_dtype)
 from moesys_compile.ops.experts import (group_bounds, grouped_mlp, grouped_mlp_reference, moe_experts,
@@ -38,4 +39,5 @@ __all__ = ["ACTIVATIONS", "SCORE_FUNCS", "TRITON_ACTIVATIONS", "apply_activation
            "clamped_swiglu", "expert_capacity", "group_bounds", "grouped_mlp", "grouped_mlp_reference",
            "has_triton_kernel", "is_gated", "load_balancing_loss", "load_balancing_loss_reference",
            "moe_experts", "moe_experts_decomposed", "moe_experts_reference", "permute", "permute_reference", "route",
-           "route_reference", "score_dtype", "sort_slots_reference", "unpermute", "unpermute_reference", "up_rows"]
+           "route_reference", "score_dtype", "softcapped_swiglu", "sort_slots_reference", "unpermute",
+           "unpermute_reference", "up_rows"]

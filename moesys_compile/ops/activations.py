@@ -4,11 +4,17 @@ Activations are named by strings (they are arguments of the custom ops):
 
     swiglu, geglu      gated: h = [gate | up] halves, act(gate) * up
     gelu, silu, relu   act(h)
+    relu2              relu(h)^2 (Nemotron-H)
+    clamped_swiglu:limit=L
+                       gated, halves: silu(min(gate, L)) * clamp(up, -L, L) (HY-V4)
     clamped_swiglu:alpha=A:limit=L
                        gated, gate and up interleaved (h[:, 0::2], h[:, 1::2]):
-                       g = min(gate, L); u = clamp(up, -L, L); (u + 1) * g * sigmoid(A * g)
-                       (gpt-oss experts; ``clamped_swiglu(alpha, limit)`` builds the name)
+                       g = min(gate, L); u = clamp(up, -L, L); (u + 1) * g * sigmoid(A * g) (gpt-oss)
+    softcapped_swiglu:gate=G:up=U
+                       gated, halves: cap(gate, G) * sigmoid(gate) * cap(up, U), with
+                       cap(x, c) = c * tanh(x / c) (Inkling 2)
 
+``clamped_swiglu(alpha, limit)`` and ``softcapped_swiglu(gate, up)`` build the parametrised names.
 The canonical ops and the torch kernels (``kernels/experts_torch.py``) implement every activation;
 the Triton kernels fuse ``TRITON_ACTIVATIONS`` into their GEMMs.
 """
@@ -17,39 +23,49 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-ACTIVATIONS = ("swiglu", "geglu", "gelu", "silu", "relu")
-TRITON_ACTIVATIONS = ACTIVATIONS
-CLAMPED_SWIGLU = "clamped_swiglu"
+ACTIVATIONS = ("swiglu", "geglu", "gelu", "silu", "relu", "relu2")
+TRITON_ACTIVATIONS = ("swiglu", "geglu", "gelu", "silu", "relu")
+# parametrised activations: kind -> the parameter sets it takes
+_PARAMETRISED = {"clamped_swiglu": ({"limit"}, {"alpha", "limit"}), "softcapped_swiglu": ({"gate", "up"},)}
 
 
-def clamped_swiglu(alpha: float, limit: float) -> str:
-    """The activation name of a clamped, interleaved SwiGLU (see the module docstring)."""
-    return f"{CLAMPED_SWIGLU}:alpha={float(alpha)!r}:limit={float(limit)!r}"
+def clamped_swiglu(alpha: Optional[float], limit: float) -> str:
+    """The name of a clamped SwiGLU: interleaved gpt-oss form with ``alpha``, halves without."""
+    alpha_field = "" if alpha is None else f":alpha={float(alpha)!r}"
+    return f"clamped_swiglu{alpha_field}:limit={float(limit)!r}"
+
+
+def softcapped_swiglu(gate_cap: float, up_cap: float) -> str:
+    """The name of a SwiGLU whose gate factor and up are softcapped (see the module docstring)."""
+    return f"softcapped_swiglu:gate={float(gate_cap)!r}:up={float(up_cap)!r}"
 
 
 @functools.lru_cache(maxsize=64)
-def _clamped_params(activation: str) -> tuple[float, float]:
-    """(alpha, limit) of a ``clamped_swiglu:alpha=A:limit=L`` name; ValueError if malformed."""
+def _parse(activation: str) -> tuple[str, dict[str, float]]:
+    """(kind, parameters) of an activation name; ValueError naming the accepted forms."""
+    if activation in ACTIVATIONS:
+        return activation, {}
     kind, *fields = activation.split(":")
     values = dict(field.partition("=")[::2] for field in fields)
-    if kind != CLAMPED_SWIGLU or set(values) != {"alpha", "limit"}:
-        raise ValueError(f"activation {activation!r} is not supported; use one of {ACTIVATIONS} or "
-                         f"'{CLAMPED_SWIGLU}:alpha=<float>:limit=<float>'")
+    if kind not in _PARAMETRISED or set(values) not in _PARAMETRISED[kind]:
+        raise ValueError(f"activation {activation!r} is not supported; use one of {ACTIVATIONS}, "
+                         f"'clamped_swiglu[:alpha=<float>]:limit=<float>' or "
+                         f"'softcapped_swiglu:gate=<float>:up=<float>'")
     try:
-        return float(values["alpha"]), float(values["limit"])
+        return kind, {name: float(value) for name, value in values.items()}
     except ValueError:
-        raise ValueError(f"activation {activation!r}: alpha and limit must be numbers, e.g. "
+        raise ValueError(f"activation {activation!r}: its parameters must be numbers, e.g. "
                          f"{clamped_swiglu(1.702, 7.0)!r}") from None
 
 
 def check_activation(activation: str) -> None:
-    if activation not in ACTIVATIONS:
-        _clamped_params(activation)
+    _parse(activation)
 
 
 def has_triton_kernel(activation: str) -> bool:
@@ -58,7 +74,7 @@ def has_triton_kernel(activation: str) -> bool:
 
 
 def is_gated(activation: str) -> bool:
-    return activation in ("swiglu", "geglu") or activation.startswith(CLAMPED_SWIGLU + ":")
+    return activation in ("swiglu", "geglu") or _parse(activation)[0] in _PARAMETRISED
 
 
 def up_rows(ffn_dim: int, activation: str) -> int:
@@ -66,22 +82,28 @@ def up_rows(ffn_dim: int, activation: str) -> int:
     return 2 * ffn_dim if is_gated(activation) else ffn_dim
 
 
+def _softcap(x: Tensor, cap: float) -> Tensor:
+    return torch.tanh(x / cap) * cap
+
+
 def apply_activation(h_NH: Tensor, activation: str) -> Tensor:
-    if activation == "swiglu":
+    kind, params = _parse(activation)
+    if kind in ("swiglu", "geglu"):
         gate, up = h_NH.chunk(2, dim=-1)
-        return F.silu(gate) * up
-    if activation == "geglu":
+        return (F.silu(gate) if kind == "swiglu" else F.gelu(gate)) * up
+    if kind in ("gelu", "silu", "relu"):
+        return {"gelu": F.gelu, "silu": F.silu, "relu": F.relu}[kind](h_NH)
+    if kind == "relu2":
+        return F.relu(h_NH).square()
+    if kind == "softcapped_swiglu":
         gate, up = h_NH.chunk(2, dim=-1)
-        return F.gelu(gate) * up
-    if activation == "gelu":
-        return F.gelu(h_NH)
-    if activation == "silu":
-        return F.silu(h_NH)
-    if activation == "relu":
-        return F.relu(h_NH)
-    alpha, limit = _clamped_params(activation)
+        return _softcap(gate, params["gate"]) * torch.sigmoid(gate) * _softcap(up, params["up"])
+    limit = params["limit"]
+    if "alpha" not in params:
+        gate, up = h_NH.chunk(2, dim=-1)
+        return F.silu(gate.clamp(max=limit)) * up.clamp(-limit, limit)
     gate, up = h_NH[..., 0::2].clamp(max=limit), h_NH[..., 1::2].clamp(-limit, limit)
-    return (up + 1) * (gate * torch.sigmoid(alpha * gate))
+    return (up + 1) * (gate * torch.sigmoid(params["alpha"] * gate))
 
 
 def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:

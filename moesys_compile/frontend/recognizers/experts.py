@@ -9,6 +9,7 @@ Shape legend: D model dim · F expert hidden · H up rows (2F gated) · E expert
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -74,12 +75,18 @@ class ExpertsSpec:
 
 
 def _activations(experts: nn.Module) -> list[str]:
-    """The activations a module's experts may use: the plain ones, and a clamped SwiGLU when the
-    module holds its ``alpha`` and ``limit`` (gpt-oss)."""
+    """The activations a module's experts may use: the plain ones; a clamped SwiGLU when the module
+    holds a finite ``limit`` (with its ``alpha``: the interleaved gpt-oss form; HY-V4 has none); a
+    softcapped SwiGLU when submodules hold the gate's and up's ``softcap`` (Inkling 2's ``act_fn``)."""
     alpha = number_attr(experts, ("alpha", "swiglu_alpha"), None)
     limit = number_attr(experts, CLAMP_ATTRS, None)
-    clamped = [ops.clamped_swiglu(alpha, limit)] if alpha is not None and limit is not None else []
-    return [*ops.ACTIVATIONS, *clamped]
+    found = [ops.clamped_swiglu(alpha, limit)] if limit is not None and math.isfinite(limit) else []
+    caps = {path: m.softcap for path, m in experts.named_modules() if isinstance(getattr(m, "softcap", None), float)}
+    gate = [cap for path, cap in caps.items() if "gate" in path.rsplit(".", 1)[-1]]
+    up = [cap for path, cap in caps.items() if "up" in path.rsplit(".", 1)[-1]]
+    if len(gate) == len(up) == 1:
+        found.append(ops.softcapped_swiglu(gate[0], up[0]))
+    return [*ops.ACTIVATIONS, *found]
 
 
 def _bias_readings(params: dict[str, Tensor], num_experts: int, rows_h: int, dim: int) -> list[tuple]:
