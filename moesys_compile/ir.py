@@ -98,6 +98,13 @@ def expert_tensors(node: fx.Node) -> list[fx.Node]:
     return [args[name] for name in EXPERT_TENSOR_ARGS if isinstance(args.get(name), fx.Node)]
 
 
+def expert_biases(args: dict[str, Any]) -> tuple:
+    """The (up, down) expert-bias arguments of an experts call's ``bound_args`` (``b_up_EH``/
+    ``b_down_ED``, or a ring group's ``b_up_GH``/``b_down_GD``), or () when the experts have none."""
+    names = [n for n in args if n.startswith(("b_up_", "b_down_"))]
+    return tuple(args[n] for n in names) if any(isinstance(args[n], fx.Node) for n in names) else ()
+
+
 def val(node: Any) -> Any:
     """``meta["val"]`` of a node; non-nodes are returned as they are."""
     return node.meta.get("val") if isinstance(node, fx.Node) else node

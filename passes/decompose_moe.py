@@ -13,7 +13,7 @@ import torch.fx as fx
 from torch import Tensor
 
 from moesys_compile.frontend.annotation import CostModel
-from moesys_compile.ir import bound_args, infer_val, is_op, moesys_meta
+from moesys_compile.ir import bound_args, expert_biases, infer_val, is_op, moesys_meta
 from moesys_compile.ops import expert_capacity
 from moesys_compile.ops.autocast import follow_autocast
 
@@ -76,8 +76,7 @@ def _decompose_one(gm: fx.GraphModule, ctx, node: fx.Node) -> None:
     x_TD, ids_TK, weights_TK, w_up_EHD, w_down_EDF = (args[name] for name in (
         "x_TD", "ids_TK", "weights_TK", "w_up_EHD", "w_down_EDF"))
     activation = args["activation"]
-    biases = (args["b_up_EH"], args["b_down_ED"]) if any(isinstance(args[b], fx.Node) for b in (
-        "b_up_EH", "b_down_ED")) else ()   # bias-free experts keep the five-argument call
+    biases = expert_biases(args)   # () for bias-free experts: the five-argument call
     num_experts = w_up_EHD.meta["val"].shape[0]
     top_k = ids_TK.meta["val"].shape[1]
     factor = effective_capacity_factor(ctx, node)

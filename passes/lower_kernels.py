@@ -13,7 +13,7 @@ import torch.fx as fx
 
 from moesys_compile import ops
 from moesys_compile.frontend.annotation import CostModel
-from moesys_compile.ir import bound_args, infer_val, is_op
+from moesys_compile.ir import bound_args, expert_biases, infer_val, is_op
 from moesys_compile.passes.decompose_moe import effective_capacity_factor
 
 
@@ -211,13 +211,6 @@ class _Lowering:
         for node in nodes:
             if not node._erased and not node.users:
                 self.gm.graph.erase_node(node)
-
-
-def expert_biases(args: dict[str, Any]) -> tuple:
-    """The (up, down) expert-bias arguments of an experts call (``b_up_EH``/``b_down_ED``, or a
-    ring group's ``b_up_GH``/``b_down_GD``), or () when the experts have none."""
-    names = [n for n in args if n.startswith(("b_up_", "b_down_"))]
-    return tuple(args[n] for n in names) if any(isinstance(args[n], fx.Node) for n in names) else ()
 
 
 def _nodes_in(args: Any):

@@ -81,7 +81,8 @@ def _activations(experts: nn.Module) -> list[str]:
     alpha = number_attr(experts, ("alpha", "swiglu_alpha"), None)
     limit = number_attr(experts, CLAMP_ATTRS, None)
     found = [ops.clamped_swiglu(alpha, limit)] if limit is not None and math.isfinite(limit) else []
-    caps = {path: m.softcap for path, m in experts.named_modules() if isinstance(getattr(m, "softcap", None), float)}
+    caps = {path: m.softcap for path, m in experts.named_modules()
+            if isinstance(getattr(m, "softcap", None), (int, float))}
     gate = [cap for path, cap in caps.items() if "gate" in path.rsplit(".", 1)[-1]]
     up = [cap for path, cap in caps.items() if "up" in path.rsplit(".", 1)[-1]]
     if len(gate) == len(up) == 1:
