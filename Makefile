@@ -29,6 +29,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.train_ep
 	$(PY) -m benchmarks.train_ep --experts fine
 	$(PY) -m benchmarks.ring_infer
+	$(PY) -m benchmarks.ring_memory
 
 clean:
 	rm -rf $(VENV) out build *.egg-info

@@ -14,6 +14,7 @@ from moesys_compile.passes import pipeline_for
 
 from .errors import PlanError, UntraceableModelError, warn_user
 from .frontend import BlockReport, annotate, canonicalize, capture, moe_modules
+from .frontend.empty_weights import Source, meta_tensor_names
 from .frontend.tracing import expose_aux_loss, traced_names
 from .pipeline import CompileContext, run_pipeline, take_snapshot
 from .plan import Plan
@@ -148,6 +149,26 @@ def _within_unrecognised_block(exc: UntraceableModelError, blocks: Sequence[Bloc
     return error
 
 
+def _checkpoint_weights(model: nn.Module, plan: Plan) -> Optional[Source]:
+    """For a model with tensors on the meta device (built under ``empty_weights``): the checkpoint
+    that serves them, checked to be usable before any work; None for a model in memory."""
+    on_meta = meta_tensor_names(model)
+    if not on_meta:
+        return None
+    what = f"{type(model).__name__} has {len(on_meta)} tensor(s) on the meta device ('{on_meta[0]}', ...)"
+    if plan.mode != "infer" or not plan.weights_checkpoint:
+        raise PlanError(f"{what}; only ring inference streams weights from a checkpoint: use Plan(mode='infer', "
+                        f"weights_checkpoint=DIR, ...), or load the weights into the model before compiling")
+    persistent = set(model.state_dict(keep_vars=True))
+    computed = [name for name in on_meta if name not in persistent]
+    if computed:
+        raise PlanError(f"{what}, among them the non-persistent buffer '{computed[0]}', which no checkpoint "
+                        f"holds; build the model under moesys_compile.empty_weights() (parameters on meta, "
+                        f"buffers real) rather than on torch.device('meta')")
+    from .runtime.storage import checkpoint_source
+    return checkpoint_source(plan.weights_checkpoint, model)
+
+
 def prepare(model: nn.Module, plan: Optional[Plan] = None, example_inputs: Any = (),
             example_kwargs: Optional[dict] = None, rank: int = 0) -> tuple[fx.GraphModule, CompileContext]:
     """The frontend alone: canonicalize, check the plan against the model, capture, annotate.
@@ -155,7 +176,7 @@ def prepare(model: nn.Module, plan: Optional[Plan] = None, example_inputs: Any =
     plan = plan or Plan()
     example_inputs, example_kwargs = _as_tuple(example_inputs), dict(example_kwargs or {})
     _check_not_torch_compiled(model)
-    blocks = canonicalize(model)
+    blocks = canonicalize(model, weights=_checkpoint_weights(model, plan))
     check_plan_against_model(model, plan, blocks)
     try:
         gm, annotation = _capture_and_annotate(model, example_inputs, example_kwargs, plan.leaf_modules,

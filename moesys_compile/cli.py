@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import os
 import sys
@@ -69,7 +70,9 @@ def run_inspect(args: argparse.Namespace) -> int:
         raise MoesysError("inspect needs MODEL (e.g. tiny-moe), or --list-passes")
     if args.batch < 1 or args.seq < 1:
         raise MoesysError(f"--batch ({args.batch}) and --seq ({args.seq}) must be >= 1")
-    loaded = load_model(model, overrides)
+    if plan.mode == "infer" and not plan.weights_checkpoint and os.path.isdir(model):
+        plan = dataclasses.replace(plan, weights_checkpoint=model)     # as `infer DIR`: read, never loaded whole
+    loaded = load_model(model, overrides, weights=not (plan.mode == "infer" and plan.weights_checkpoint))
     _, ctx = lower(loaded.model, plan, loaded.example_inputs(2, 16))
     renderer = Renderer(ctx, args.batch, args.seq)
     snapshots = renderer.snapshots(args.after)

@@ -6,7 +6,10 @@
 
 ``--checkpoint`` is a Hugging Face style safetensors directory (``model.safetensors`` or its
 sharded index, original parameter names) or a training checkpoint of this project; without one
-the model's own (freshly initialised) weights are streamed.
+the model's own (freshly initialised) weights are streamed. Weights from a checkpoint (or from
+MODEL's own directory) are never loaded whole: the ring's model is built with its parameters on
+the meta device and every tensor is read when staged. Only the eager comparison loads the whole
+model (``--no-compare`` skips it, for models larger than host memory).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import os
 import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
@@ -22,6 +26,7 @@ import torch
 from torch import nn
 
 from .errors import MoesysError
+from .frontend.empty_weights import meta_tensor_names
 from .generate import first_tensor, reference_generate
 from .models.transformer import Transformer
 from .plan import Plan, format_bytes, parse_bytes
@@ -54,16 +59,18 @@ def print_stats(stats: dict, title: str) -> None:
         print(f"  {key:<18} {shown}")
 
 
-def run_ring(model: nn.Module, ids: torch.Tensor, plan: Plan, max_new_tokens: int = 0, compare: bool = True) -> dict:
-    """Compile ``model`` for the ring, run one forward (and greedy decoding); print and return stats."""
+def run_ring(model: nn.Module, ids: torch.Tensor, plan: Plan, max_new_tokens: int = 0,
+             reference: Optional[nn.Module] = None) -> dict:
+    """Compile ``model`` for the ring, run one forward (and greedy decoding); print and return stats,
+    compared with the eager ``reference`` when one is given."""
     from .api import compile
     program = compile(model, plan, example_inputs=(ids,))
     logits = first_tensor(program(ids))
     report = {"forward": dict(program.stats)}
     print_stats(program.stats, f"ring forward on ids {tuple(ids.shape)}:")
-    if compare:
+    if reference is not None:
         with torch.inference_mode():
-            error = (logits.float().cpu() - first_tensor(model(ids)).float()).abs().max().item()
+            error = (logits.float().cpu() - first_tensor(reference(ids)).float()).abs().max().item()
         report["max_abs_error_vs_eager"] = error
         print(f"  max |ring - eager| = {error:.2e}")
     if max_new_tokens and (isinstance(model, Transformer) or callable(getattr(model, "generate", None))):
@@ -72,8 +79,8 @@ def run_ring(model: nn.Module, ids: torch.Tensor, plan: Plan, max_new_tokens: in
         report["tokens"] = generated[:, ids.shape[1]:].tolist()
         print_stats(program.stats, f"greedy generate, {max_new_tokens} new tokens:")
         print(f"  new tokens: {report['tokens']}")
-        if compare:
-            same = torch.equal(generated.cpu(), reference_generate(model, ids, max_new_tokens))
+        if reference is not None:
+            same = torch.equal(generated.cpu(), reference_generate(reference, ids, max_new_tokens))
             report["generate_equals_eager"] = same
             print(f"  equal to eager greedy decoding: {same}")
     elif max_new_tokens:
@@ -156,21 +163,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         model, overrides = model_and_overrides(args.model, args.config)
         if model is None:
             parser.error("the following arguments are required: model")
-        loaded = load_model(model, overrides)
+        # weights from a checkpoint (--checkpoint, or MODEL's own directory) are only ever streamed
+        checkpoint = args.checkpoint or (model if os.path.isdir(model) else None)
+        loaded = load_model(model, overrides, weights=checkpoint is None)
         ids, tokenizer = prompt_of(args, loaded.model, loaded.example_inputs)
+        reference = None if args.no_compare else eager_reference(model, overrides, args.checkpoint, loaded.model)
         with tempfile.TemporaryDirectory(prefix="moesys-ring-") as scratch:
             plan = Plan(mode="infer", device=args.device, device_budget=parse_bytes(args.budget), weights=args.weights,
                         offload_dir=args.offload_dir or scratch, ring_slots=args.slots,
-                        weights_checkpoint=args.checkpoint, options={"progress": True})
-            if args.checkpoint and not args.no_compare:
-                from .runtime.storage import checkpoint_source
-                read = checkpoint_source(args.checkpoint, loaded.model)
-                with torch.no_grad():   # the eager reference needs the same weights
-                    for name, tensor in loaded.model.state_dict(keep_vars=True).items():
-                        tensor.copy_(read(name))
+                        weights_checkpoint=checkpoint, options={"progress": True})
             print(f"{loaded.description}: {format_bytes(model_bytes(loaded.model))} of weights, budget "
                   f"{format_bytes(plan.device_budget)}, tier {plan.weights}")
-            report = run_ring(loaded.model, ids, plan, args.max_new_tokens, compare=not args.no_compare)
+            report = run_ring(loaded.model, ids, plan, args.max_new_tokens, reference)
         if tokenizer is not None and "tokens" in report:
             report["text"] = tokenizer.decode(report["tokens"][0], skip_special_tokens=True)
             print(f"  new text: {report['text']!r}")
@@ -181,6 +185,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
     return 0
+
+
+def eager_reference(model: str, overrides: dict, checkpoint: Optional[str], ring_model: nn.Module) -> nn.Module:
+    """The eager model the ring is compared with, holding the ring's weights: ``ring_model`` when it
+    has them, else MODEL loaded whole (from its directory, or with ``checkpoint`` copied in)."""
+    from .models.spec import load_model
+    if not meta_tensor_names(ring_model):
+        return ring_model
+    reference = load_model(model, overrides).model.eval()
+    if checkpoint:
+        from .runtime.storage import checkpoint_source
+        read = checkpoint_source(checkpoint, reference)
+        with torch.no_grad():
+            for name, tensor in reference.state_dict(keep_vars=True).items():
+                tensor.copy_(read(name))
+    return reference
 
 
 def demo(checkpoint_dir: Optional[str] = None, model_name: str = "tiny-moe", overrides: Optional[dict] = None,

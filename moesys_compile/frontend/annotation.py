@@ -25,6 +25,7 @@ from torch.fx.experimental.symbolic_shapes import (DimDynamic, ShapeEnv, Statele
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.utils._pytree import tree_leaves, tree_map
 
+from .empty_weights import fake_like, meta_replaced
 from ..ir import fetch, is_op, layer_of_path, module_path_of, moesys_meta, tensors_in, value_signature
 
 B = sympy.Symbol("B", positive=True, integer=True)
@@ -117,11 +118,23 @@ def flatten_example(model: nn.Module, example_inputs: Sequence[Any], example_kwa
 class MemoFakeProp(FakeTensorProp):
     """FakeTensorProp that reuses the result of an identical earlier node (same op, same input
     metadata, same constants). Repeated layers are propagated once, which keeps annotation of
-    deep models linear and cheap; every node still gets its own ``meta["val"]``."""
+    deep models linear and cheap; every node still gets its own ``meta["val"]``. Tensors on the
+    meta device (a model built under ``empty_weights``) take part as fake tensors on ``home``,
+    the example inputs' device."""
 
-    def __init__(self, module: fx.GraphModule, mode: FakeTensorMode):
+    def __init__(self, module: fx.GraphModule, mode: FakeTensorMode, home: torch.device = torch.device("cpu")):
         super().__init__(module, mode)
         self.memo: dict = {}
+        self.home = home
+
+    def fetch_attr(self, target: str) -> Any:
+        value = super().fetch_attr(target)
+        return fake_like(value, self._mode, self.home) if isinstance(value, torch.Tensor) and value.is_meta else value
+
+    def call_module(self, target: str, args: Any, kwargs: Any) -> Any:
+        module = self.fetch_attr(target)
+        with meta_replaced(module, lambda name, t: fake_like(t, self._mode, self.home), as_parameters=False):
+            return super().call_module(target, args, kwargs)
 
     def _key(self, node: fx.Node) -> Any:
         if node.op in ("placeholder", "output"):
@@ -189,16 +202,17 @@ def propagate_shapes(gm: fx.GraphModule, flat_inputs: Sequence[Any]) -> Annotati
     """FakeTensor propagation, symbolic in B and S; static shapes when symbolic propagation fails."""
     example_batch = next((t.shape[0] for t in flat_inputs if isinstance(t, torch.Tensor) and t.dim() >= 1), 1)
     example_seq = next((t.shape[1] for t in flat_inputs if isinstance(t, torch.Tensor) and 1 in _dynamic_dims(t)), 1)
+    home = next((t.device for t in flat_inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
     mode = FakeTensorMode(shape_env=ShapeEnv(duck_shape=False), allow_non_fake_inputs=True)
     for node in gm.graph.nodes:   # torch.export's names for data-dependent sizes clash with this shape env's
         node.meta.pop("unbacked_bindings", None)
     try:
         fakes, symbol_map = _symbolic_inputs(flat_inputs, mode)
-        MemoFakeProp(gm, mode).propagate_dont_convert_inputs(*fakes)
+        MemoFakeProp(gm, mode, home).propagate_dont_convert_inputs(*fakes)
         return Annotation(mode, True, symbol_map, example_batch, example_seq)
     except Exception as exc:  # e.g. a guard on a data-dependent size: fall back to static shapes
         static_mode = FakeTensorMode(allow_non_fake_inputs=True)
-        MemoFakeProp(gm, static_mode).propagate(*flat_inputs)
+        MemoFakeProp(gm, static_mode, home).propagate(*flat_inputs)
         return Annotation(static_mode, False, {}, example_batch, example_seq,
                           static_reason=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
 

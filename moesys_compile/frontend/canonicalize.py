@@ -18,6 +18,7 @@ from typing import Callable, Optional
 from torch import nn
 
 from ..nn import MoE
+from .empty_weights import Source, materialized
 
 
 @dataclass
@@ -76,16 +77,20 @@ def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent_path) if parent_path else root, name, module)
 
 
-def canonicalize(model: nn.Module, recognizers: Optional[list[Recognizer]] = None) -> list[BlockReport]:
+def canonicalize(model: nn.Module, recognizers: Optional[list[Recognizer]] = None,
+                 weights: Optional[Source] = None) -> list[BlockReport]:
     """Swap recognised MoE blocks for canonical modules, in place. Returns one report per block
-    found (kept, replaced, or left as it is with the reason)."""
+    found (kept, replaced, or left as it is with the reason). ``weights`` (model name -> tensor)
+    serves the tensors of a model built under ``empty_weights``: each MoE-like block is probed
+    with its own tensors read from it, then put back on meta."""
     recognizers = RECOGNIZERS if recognizers is None else recognizers
     reports: list[BlockReport] = []
     claimed: list[str] = []
     for path, module in list(model.named_modules()):
         if any(path.startswith(prefix + ".") or prefix == "" for prefix in claimed):
             continue
-        recognition = next((r for r in (rec(module, path) for rec in recognizers) if r is not None), None)
+        with materialized(module, path, weights if path and _looks_like_moe(module) else None):
+            recognition = next((r for r in (rec(module, path) for rec in recognizers) if r is not None), None)
         if recognition is not None:
             claimed.append(path)
             if recognition.replacement is not None and not path:

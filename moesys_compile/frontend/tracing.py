@@ -17,6 +17,7 @@ from torch import nn
 
 from ..errors import UntraceableModelError, warn_user
 from ..ir import canonical_target
+from .empty_weights import put_back, stand_ins
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _FRONTEND_DIR = os.path.dirname(__file__)
@@ -186,16 +187,20 @@ def _export_dynamic_shapes(model: nn.Module, example_inputs: Sequence[Any], exam
 
 
 def export_trace(model: nn.Module, example_inputs: Sequence[Any], example_kwargs: dict) -> fx.GraphModule:
-    """Non-strict torch.export; the unlifted module shares the model's parameters."""
+    """Non-strict torch.export; the unlifted module shares the model's parameters (tensors on the
+    meta device are exported as uninitialised host stand-ins, where the ring keeps weights, then
+    put back)."""
     args, kwargs = tuple(example_inputs), dict(example_kwargs)
     dynamic = _export_dynamic_shapes(model, example_inputs, example_kwargs)
-    try:
-        program = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic)
-    except Exception:
-        if dynamic is None:
-            raise
-        program = torch.export.export(model, args, kwargs, strict=False)  # static shapes, last resort
-    gm = program.module()
+    with stand_ins(model, torch.device("cpu")) as originals:
+        try:
+            program = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic)
+        except Exception:
+            if dynamic is None:
+                raise
+            program = torch.export.export(model, args, kwargs, strict=False)  # static shapes, last resort
+        gm = program.module()
+    put_back(gm, originals)
     # export's module refuses train()/eval(), which breaks program.train()/eval(); drop those
     # overrides: like an fx graph, the captured graph keeps the mode it was captured in.
     for name in ("train", "eval"):

@@ -250,16 +250,35 @@ def build_hf(family: str, seed: int = 0, **overrides: Any):
     config = hf_config(family, overrides)
     cls = causal_lm_class(f"hf:{family}", config)
     torch.manual_seed(seed)
-    model = cls.from_config(config) if cls is _transformers().AutoModelForCausalLM else cls._from_config(config)
-    return model.float()
+    return from_config(cls, config).float()
+
+
+def from_config(cls, config, **kwargs):
+    """A randomly initialised ``cls`` (``causal_lm_class``) of ``config``."""
+    if cls is _transformers().AutoModelForCausalLM:
+        return cls.from_config(config, **kwargs)
+    return cls._from_config(config, **kwargs)
+
+
+def local_config(path: str, overrides: dict[str, Any]):
+    """The config of a local Hugging Face directory (local files only), with ``overrides``."""
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(f"{path}: not a Hugging Face model directory (no config.json)")
+    return _transformers().AutoConfig.from_pretrained(path, local_files_only=True, **overrides)
+
+
+def config_only(path: str, overrides: dict[str, Any]):
+    """The model of a local directory built from its config alone, in the config's dtype; under
+    ``empty_weights`` (``load_model(..., weights=False)``) its parameters take no memory."""
+    config = local_config(path, overrides)
+    dtype = getattr(config, "dtype", None)
+    return from_config(causal_lm_class(path, config), config, **({"dtype": dtype} if isinstance(dtype, torch.dtype)
+                                                                 else {}))
 
 
 def load_local(path: str, overrides: dict[str, Any]):
     """A local Hugging Face directory: config + safetensors weights, local files only."""
-    transformers = _transformers()
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise ValueError(f"{path}: not a Hugging Face model directory (no config.json)")
-    config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, **overrides)
+    config = local_config(path, overrides)
     model, info = causal_lm_class(path, config).from_pretrained(
         path, config=config, local_files_only=True, output_loading_info=True, ignore_mismatched_sizes=True)
     # transformers initialises missing or mismatched tensors at random and only logs it: refuse them
@@ -274,8 +293,9 @@ def load_local(path: str, overrides: dict[str, Any]):
     return model
 
 
-def load_hf(spec: str, overrides: dict[str, Any]) -> LoadedModel:
-    """Resolve ``hf:<family>`` or a local directory (called by ``models.spec.load_model``)."""
+def load_hf(spec: str, overrides: dict[str, Any], weights: bool = True) -> LoadedModel:
+    """Resolve ``hf:<family>`` or a local directory (called by ``models.spec.load_model``);
+    ``weights=False`` builds a directory's model from its config without reading its weights."""
     overrides = dict(overrides)
     if spec.startswith("hf:"):
         family = spec[3:]
@@ -285,7 +305,10 @@ def load_hf(spec: str, overrides: dict[str, Any]) -> LoadedModel:
         seed = int(overrides.pop("seed", 0))
         model = build_hf(family, seed, **overrides)
         description = f"{spec} ({type(model).__name__}, random init, seed {seed})"
-    else:
+    elif weights:
         model = load_local(spec, overrides)
         description = f"{spec} ({type(model).__name__}, local weights)"
+    else:
+        model = config_only(spec, overrides)
+        description = f"{spec} ({type(model).__name__}, weights streamed from the directory)"
     return LoadedModel(model, token_inputs(model.config.vocab_size), description)

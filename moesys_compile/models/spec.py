@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
 import importlib
 import os
@@ -90,14 +91,21 @@ def _from_factory(spec: str, overrides: dict[str, Any]) -> LoadedModel:
     return LoadedModel(made, token_inputs(vocab), spec)
 
 
-def load_model(spec: str, overrides: dict[str, Any] | None = None) -> LoadedModel:
-    overrides = dict(overrides or {})
+def load_model(spec: str, overrides: dict[str, Any] | None = None, weights: bool = True) -> LoadedModel:
+    """``weights=False``: the model's parameters on the meta device (``empty_weights``), for a ring
+    that streams them from a checkpoint; a local directory is then built from its config alone."""
+    from ..frontend.empty_weights import empty_weights
+    with contextlib.nullcontext() if weights else empty_weights():
+        return _load(spec, dict(overrides or {}), weights)
+
+
+def _load(spec: str, overrides: dict[str, Any], weights: bool) -> LoadedModel:
     if spec in PRESETS:
         model = build(spec, **overrides)
         return LoadedModel(model, token_inputs(model.config.vocab_size), spec)
     if spec.startswith("hf:") or os.path.isdir(spec):
         from .hf import load_hf  # optional: needs transformers
-        return load_hf(spec, overrides)
+        return load_hf(spec, overrides, weights)
     if ":" in spec:
         return _from_factory(spec, overrides)
     raise ValueError(f"unknown MODEL {spec!r}: use a built-in name ({', '.join(sorted(PRESETS))}), "

@@ -18,8 +18,10 @@ Sources (name -> CPU tensor, names are the model's own state names):
                                            training checkpoint (``meta.json`` + dense/expert
                                            shards); non-persistent buffers (not in checkpoints)
                                            and tied weights saved under one name come from the
-                                           model. Every tensor must have the model's shape; a
-                                           floating one is cast to the model's dtype
+                                           model. Quantized tensors (fine-grained FP8, MXFP4)
+                                           are read dequantized (``runtime.quantized``). Every
+                                           tensor must have the model's shape; a floating one
+                                           is cast to the model's dtype
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import MoesysError, warn_user
+from .quantized import dequantizing_reader, fp8_block_size
 
 ALIGN = 64
 Source = Callable[[str], torch.Tensor]
@@ -212,8 +215,10 @@ def checkpoint_source(directory: str, model: nn.Module) -> Source:
         present, read_one = _project_reader(root)
     else:
         files = _hf_index(root)
-        present, read_one, converted_from = _with_hub_layout(model, set(files), _read_hf(files))
-        _warn_unused(root, set(files) - converted_from - set(aliases), model)
+        shapes = {name: t.shape for name, t in model.state_dict(keep_vars=True).items()}
+        present, read_file = dequantizing_reader(set(files), _read_hf(files), fp8_block_size(root), shapes.get)
+        present, read_one, converted_from = _with_hub_layout(model, present, read_file)
+        _warn_unused(root, present - converted_from - set(aliases), model)
     fallback = model_source(model)
     persistent = set(model.state_dict(keep_vars=True))
 

@@ -17,6 +17,7 @@ from torch import nn
 from ..canonicalize import RECOGNIZERS as BASE_RECOGNIZERS
 from ..canonicalize import BlockReport, Recognizer, outermost
 from ..canonicalize import canonicalize as base_canonicalize
+from ..empty_weights import Source
 from .block import BlockProbe, CanonicalMoEBlock, adopt, recognize_canonical_block
 from .deepspeed import CanonicalDeepSpeedMoE, recognize_deepspeed_moe
 from .hf import recognize_routed_block
@@ -35,13 +36,15 @@ def install() -> None:
             BASE_RECOGNIZERS.append(recognizer)
 
 
-def canonicalize(model: nn.Module, recognizers: Optional[list[Recognizer]] = None) -> list[BlockReport]:
+def canonicalize(model: nn.Module, recognizers: Optional[list[Recognizer]] = None,
+                 weights: Optional[Source] = None) -> list[BlockReport]:
     """``frontend.canonicalize.canonicalize`` plus the reason each block was left as it is: the
     base reports a block that looks like MoE as "left" with a generic reason; the recognizers here
     know why (router rule, expert layout, probe mismatch). Blocks they inspected that the base
-    heuristic does not flag are reported too, and the parts of a left block are not listed again."""
+    heuristic does not flag are reported too, and the parts of a left block are not listed again.
+    ``weights``: as in the base, for a model built under ``empty_weights``."""
     take_left()
-    reports = {r.path: r for r in base_canonicalize(model, recognizers)}
+    reports = {r.path: r for r in base_canonicalize(model, recognizers, weights)}
     done = [path for path, r in reports.items() if r.action != "left"]
     for path, (kind, reason) in take_left().items():
         if not any(path == p or path.startswith(p + ".") for p in done):

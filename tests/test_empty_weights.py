@@ -1,0 +1,186 @@
+"""Ring inference of a model whose parameters were never in memory: built under
+``moesys_compile.empty_weights()`` (parameters on meta), its MoE blocks recognised from their own
+tensors read from the checkpoint, every weight streamed from ``Plan.weights_checkpoint``. The
+output equals the eager model loaded whole, and the parameters are still on meta afterwards."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import moesys_compile as mc
+from moesys_compile.frontend.empty_weights import meta_tensor_names
+from moesys_compile.infer import main as infer_main, model_bytes
+
+
+def _ids(batch: int = 2, seq: int = 8) -> torch.Tensor:
+    return torch.randint(0, 100, (batch, seq), generator=torch.Generator().manual_seed(0))
+
+
+def _ring(model, checkpoint, tmp_path, budget: int, weights: str = "disk"):
+    plan = mc.Plan(mode="infer", device_budget=budget, weights=weights, offload_dir=str(tmp_path / "ring"),
+                   weights_checkpoint=str(checkpoint))
+    return mc.compile(model, plan, example_inputs=(_ids(),))
+
+
+def _logits(out) -> torch.Tensor:
+    return out.logits if hasattr(out, "logits") else out
+
+
+def test_empty_weights_puts_parameters_on_meta_and_keeps_buffers():
+    with mc.empty_weights():
+        model = mc.models.build("tiny-moe")
+    assert all(p.is_meta for p in model.parameters())
+    assert not any(b.is_meta for b in model.buffers())
+    assert next(iter(torch.nn.Linear(2, 2).parameters())).device.type == "cpu"   # the patch is undone
+
+
+@pytest.mark.parametrize("weights", ["host", "disk"])
+def test_a_built_in_model_streams_every_weight_from_its_checkpoint(weights, tmp_path):
+    source = mc.models.build("tiny-moe").eval()
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    with mc.empty_weights():
+        model = mc.models.build("tiny-moe").eval()
+    program = _ring(model, tmp_path, tmp_path, model_bytes(source) // 2, weights)
+    for batch, seq in [(2, 8), (1, 5)]:
+        with torch.inference_mode():
+            torch.testing.assert_close(program(_ids(batch, seq)), source(_ids(batch, seq)), rtol=1e-6, atol=1e-6)
+    assert program.stats["peak_device_bytes"] <= program.stats["budget_bytes"]
+    assert all(p.is_meta for p in model.parameters())
+
+
+@pytest.mark.parametrize("family,overrides", [("qwen3_moe", {}), ("mixtral", {}),
+                                              ("gpt_oss", {"num_hidden_layers": 4,
+                                                           "layer_types": ["full_attention"] * 4})])
+def test_a_hugging_face_model_from_its_config_equals_the_model_loaded_whole(family, overrides, tmp_path):
+    pytest.importorskip("transformers")
+    from moesys_compile.models.hf import build_hf, config_only, load_local
+    build_hf(family, **overrides).save_pretrained(str(tmp_path / "hf"))        # the hub layout: per-expert tensors
+    whole = load_local(str(tmp_path / "hf"), {}).eval()
+    with mc.empty_weights():
+        model = config_only(str(tmp_path / "hf"), {}).eval()
+    program = _ring(model, tmp_path / "hf", tmp_path, model_bytes(whole) // 2 + 2**16)
+    with torch.inference_mode():
+        torch.testing.assert_close(_logits(program(_ids())), _logits(whole(_ids())), rtol=1e-5, atol=1e-5)
+    blocks = [b for b in program.context.blocks if b.action != "left"]
+    assert blocks and all(b.action == "replaced" for b in blocks)       # recognised from the checkpoint's tensors
+    assert meta_tensor_names(model) and not meta_tensor_names(whole)
+    assert not any(b.is_meta for b in model.buffers())
+
+
+def test_infer_of_a_directory_streams_it_and_matches_eager(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    from moesys_compile.models.hf import build_hf
+    build_hf("qwen3_moe").save_pretrained(str(tmp_path / "hf"))
+    code = infer_main([str(tmp_path / "hf"), "--budget", "80KiB", "--weights", "disk", "--max-new-tokens", "3",
+                       "--offload-dir", str(tmp_path / "ring")])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "weights streamed from the directory" in out
+    assert "equal to eager greedy decoding: True" in out
+
+
+def test_meta_parameters_outside_ring_inference_are_refused():
+    with mc.empty_weights():
+        model = mc.models.build("tiny-moe")
+    with pytest.raises(mc.PlanError, match="weights_checkpoint=DIR"):
+        mc.compile(model, mc.Plan(mode="train"), example_inputs=(_ids(),))
+
+
+def test_a_model_built_on_the_meta_device_names_its_computed_buffers(tmp_path):
+    pytest.importorskip("transformers")
+    from moesys_compile.models.hf import build_hf
+    build_hf("qwen3_moe").save_pretrained(str(tmp_path / "hf"))
+    with torch.device("meta"):
+        model = build_hf("qwen3_moe")                # the rotary table (not in checkpoints) is on meta too
+    with pytest.raises(mc.PlanError, match=r"non-persistent buffer 'model\.rotary_emb\.inv_freq'.*empty_weights"):
+        _ring(model, tmp_path / "hf", tmp_path, 2**20)
+
+
+# ---------------------------------------------------------------------------------------------
+# quantized checkpoints, read dequantized (checked against transformers' own dequantization)
+# ---------------------------------------------------------------------------------------------
+
+
+def _rewrite_checkpoint(directory, change, quantization: dict) -> None:
+    """Apply ``change(state) -> state`` to the directory's safetensors and declare ``quantization``
+    in its config.json, as the hub ships quantized models."""
+    import json
+    from safetensors.torch import load_file
+    path = directory / "model.safetensors"
+    save_file(change(load_file(str(path))), str(path))
+    config = json.loads((directory / "config.json").read_text())
+    config["quantization_config"] = quantization
+    (directory / "config.json").write_text(json.dumps(config))
+
+
+def _ring_equals_reference(model_dir, reference, tmp_path) -> None:
+    from moesys_compile.models.hf import config_only
+    with mc.empty_weights():
+        model = config_only(str(model_dir), {}).eval()
+    program = _ring(model, model_dir, tmp_path, model_bytes(reference) // 2 + 2**16)
+    with torch.inference_mode():
+        torch.testing.assert_close(_logits(program(_ids())), _logits(reference(_ids())), rtol=1e-5, atol=1e-5)
+    assert all(b.action == "replaced" for b in program.context.blocks)
+
+
+def test_an_mxfp4_gpt_oss_checkpoint_is_read_dequantized(tmp_path):
+    pytest.importorskip("transformers")
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+    from moesys_compile.models.hf import build_hf
+    reference = build_hf("gpt_oss", num_hidden_layers=2, intermediate_size=64).eval()
+    reference.save_pretrained(str(tmp_path / "hf"))
+    generator = torch.Generator().manual_seed(1)
+
+    def quantize(state):
+        for name in [n for n in state if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+            experts, rows_in, rows_out = state.pop(name).shape           # held [E, in, out], shipped [E, out, in]
+            blocks = torch.randint(0, 256, (experts, rows_out, rows_in // 32, 16), generator=generator,
+                                   dtype=torch.uint8)
+            scales = torch.randint(121, 127, (experts, rows_out, rows_in // 32), generator=generator,
+                                   dtype=torch.uint8)
+            state[name + "_blocks"], state[name + "_scales"] = blocks, scales
+            reference.get_parameter(name).data.copy_(convert_moe_packed_tensors(blocks, scales, dtype=torch.float32))
+        return state
+    _rewrite_checkpoint(tmp_path / "hf", quantize, {"quant_method": "mxfp4"})
+    _ring_equals_reference(tmp_path / "hf", reference, tmp_path)
+
+
+def test_a_block_fp8_checkpoint_is_read_dequantized(tmp_path):
+    pytest.importorskip("transformers")
+    from transformers.integrations.finegrained_fp8 import _dequantize_fp8_weight
+    from moesys_compile.models.hf import build_hf, load_local
+    build_hf("qwen3_moe").save_pretrained(str(tmp_path / "hf"))      # per-expert Linear weights (hub layout)
+    block = [16, 16]                                                    # several blocks per weight at these sizes
+    generator = torch.Generator().manual_seed(2)
+    dequantized = {}
+
+    def quantize(state):
+        for name in [n for n in state if n.endswith("proj.weight") and ".mlp.gate." not in n]:
+            weight = state.pop(name)
+            scale_inv = torch.rand(-(-weight.shape[0] // block[0]), -(-weight.shape[1] // block[1]),
+                                   generator=generator) * 0.05 + 0.01
+            tiles = scale_inv.repeat_interleave(block[0], 0)[:weight.shape[0]].repeat_interleave(block[1], 1)
+            state[name] = (weight / tiles[:, :weight.shape[1]]).to(torch.float8_e4m3fn)
+            state[name[:-len("weight")] + "weight_scale_inv"] = scale_inv
+            dequantized[name] = _dequantize_fp8_weight(state[name].clone(), scale_inv, block, torch.float32)
+        return state
+    _rewrite_checkpoint(tmp_path / "hf", quantize, {"quant_method": "fp8", "weight_block_size": block})
+    build_hf("qwen3_moe").save_pretrained(str(tmp_path / "plain"))
+    from safetensors.torch import load_file
+    plain = load_file(str(tmp_path / "plain" / "model.safetensors"))
+    plain.update(dequantized)          # the same model with transformers' dequantized weights, unquantized
+    save_file(plain, str(tmp_path / "plain" / "model.safetensors"))
+    _ring_equals_reference(tmp_path / "hf", load_local(str(tmp_path / "plain"), {}).eval(), tmp_path)
+
+
+def test_inspect_of_a_directory_in_infer_mode_reads_only_what_it_probes(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    from moesys_compile.cli import main as cli_main
+    from moesys_compile.models.hf import build_hf
+    build_hf("mixtral").save_pretrained(str(tmp_path / "hf"))
+    assert cli_main(["inspect", str(tmp_path / "hf"), "--mode", "infer"]) == 0
+    out = capsys.readouterr().out
+    assert "weights streamed from the directory" in out
+    assert out.count("replaced") == 2                     # both layers recognised from the directory's tensors
