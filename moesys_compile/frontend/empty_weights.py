@@ -7,10 +7,12 @@ checkpoint only where compiling needs values, and streamed by the ring at run ti
     ...             weights_checkpoint="/models/Qwen3-30B-A3B")    # doctest: +SKIP
     >>> program = moesys_compile.compile(model, plan, example_inputs=(ids,))   # doctest: +SKIP
 
-Where compiling needs values, and what it uses instead of the whole model:
+Where compiling needs tensors, and what it uses instead of the whole model:
 
     recognizing an MoE block   the block's own tensors, read from the checkpoint for the probe and
                                put back on meta afterwards (``materialized``)
+    torch.export               uninitialised host tensors, never written (``stand_ins``), swapped
+                               back for the meta originals in the captured module (``put_back``)
     shape propagation          fake tensors on the example inputs' device (``fake_like``)
     the ring                   stages every tensor from ``Plan.weights_checkpoint``
 
