@@ -145,6 +145,10 @@ def test_an_mxfp4_gpt_oss_checkpoint_is_read_dequantized(tmp_path):
         return state
     _rewrite_checkpoint(tmp_path / "hf", quantize, {"quant_method": "mxfp4"})
     _ring_equals_reference(tmp_path / "hf", reference, tmp_path)
+    from moesys_compile.runtime.storage import checkpoint_source
+    name = "model.layers.1.mlp.experts.gate_up_proj"          # an expert group: its blocks and scales only
+    torch.testing.assert_close(checkpoint_source(str(tmp_path / "hf"), reference)(name, (1, 3)),
+                               reference.get_parameter(name)[1:3].detach(), rtol=0, atol=0)
 
 
 def test_a_block_fp8_checkpoint_is_read_dequantized(tmp_path):
@@ -184,3 +188,29 @@ def test_inspect_of_a_directory_in_infer_mode_reads_only_what_it_probes(tmp_path
     out = capsys.readouterr().out
     assert "weights streamed from the directory" in out
     assert out.count("replaced") == 2                     # both layers recognised from the directory's tensors
+
+
+def test_an_expert_group_reads_only_its_own_experts_tensors(tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    from moesys_compile.models.hf import build_hf, config_only, load_local
+    from moesys_compile.runtime import storage
+    build_hf("mixtral").save_pretrained(str(tmp_path / "hf"))       # hub layout: experts.<e>.w1/w2/w3
+    whole = load_local(str(tmp_path / "hf"), {})
+    read_names: list[str] = []
+    read_file = storage._read_hf
+
+    def logged(files):
+        read = read_file(files)
+
+        def read_logged(name, rows=None):
+            read_names.append(name)
+            return read(name, rows)
+        return read_logged
+    monkeypatch.setattr(storage, "_read_hf", logged)
+    with mc.empty_weights():
+        model = config_only(str(tmp_path / "hf"), {})
+    source = storage.sliced(storage.checkpoint_source(str(tmp_path / "hf"), model))
+    for name in ("model.layers.1.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj"):
+        read_names.clear()
+        torch.testing.assert_close(source(f"{name}[1:3]"), whole.get_parameter(name)[1:3].detach(), rtol=0, atol=0)
+        assert read_names and all(".experts.1." in n or ".experts.2." in n for n in read_names), read_names

@@ -21,7 +21,7 @@ from typing import Callable, Optional
 
 import torch
 
-Reader = Callable[[str], torch.Tensor]
+Reader = Callable[..., torch.Tensor]        # (name, rows=None): rows (lo, hi) of dim 0, as in runtime.storage
 
 FP8_SCALE = ".weight_scale_inv"
 MXFP4_BLOCKS, MXFP4_SCALES = "_blocks", "_scales"
@@ -74,15 +74,18 @@ def dequantizing_reader(present: set[str], read: Reader, block: tuple[int, int],
     if not fp8 and not mxfp4:
         return present, read
 
-    def read_dequantized(name: str) -> torch.Tensor:
-        if name in fp8:
-            return dequantize_fp8(read(name), read(name[:-len(".weight")] + FP8_SCALE), block)
+    def read_dequantized(name: str, rows: Optional[tuple[int, int]] = None) -> torch.Tensor:
+        if name in fp8:       # rows of a stacked [E, ., .] weight are whole experts, as are its scales'
+            weight, scales = read(name, rows), read(name[:-len(".weight")] + FP8_SCALE, rows)
+            return dequantize_fp8(weight, scales, block)
         if name in mxfp4:
-            values = dequantize_mxfp4(read(name + MXFP4_BLOCKS), read(name + MXFP4_SCALES))
+            values = dequantize_mxfp4(read(name + MXFP4_BLOCKS, rows), read(name + MXFP4_SCALES, rows))
             wanted = shape_of(name)
             flipped = values.transpose(-1, -2)
-            return flipped.contiguous() if wanted is not None and flipped.shape == wanted != values.shape else values
-        return read(name)
+            if wanted is not None and flipped.shape[1:] == wanted[1:] != values.shape[1:]:
+                return flipped.contiguous()
+            return values
+        return read(name, rows)
 
     consumed = {name[:-len(".weight")] + FP8_SCALE for name in fp8} | {
         name + suffix for name in mxfp4 for suffix in (MXFP4_BLOCKS, MXFP4_SCALES)}

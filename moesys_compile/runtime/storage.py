@@ -8,7 +8,9 @@ Either way a tensor is a ``Location``: a byte range of a CPU uint8 buffer (the p
 the file's mapping) that the ring copies into a device slot. Nothing here ever holds the whole
 model at once: staging reads one group from the source, writes it to its tier and lets it go.
 
-Sources (name -> CPU tensor, names are the model's own state names):
+Sources (``source(name, rows=None)`` -> CPU tensor, names are the model's own state names;
+``rows=(lo, hi)`` asks for rows lo..hi of dim 0 only, e.g. an expert group, which checkpoint
+sources read without reading, dequantizing or converting the other rows):
 
     model_source(model)                    the model's parameters and buffers
     checkpoint_source(directory, model)    a Hugging Face style directory (``model.safetensors``,
@@ -48,7 +50,12 @@ from ..errors import MoesysError, warn_user
 from .quantized import dequantizing_reader, fp8_block_size
 
 ALIGN = 64
-Source = Callable[[str], torch.Tensor]
+Rows = Optional[tuple[int, int]]
+Source = Callable[..., torch.Tensor]      # (name, rows: Rows = None) -> tensor
+
+
+def row_range(tensor: torch.Tensor, rows: Rows) -> torch.Tensor:
+    return tensor if rows is None else tensor[rows[0]:rows[1]]
 
 
 class StorageError(MoesysError):
@@ -146,8 +153,8 @@ def model_source(model: nn.Module) -> Source:
     state = dict(model.named_parameters(remove_duplicate=False))
     state.update(model.named_buffers(remove_duplicate=False))
 
-    def read(name: str) -> torch.Tensor:
-        return state[name].detach()
+    def read(name: str, rows: Rows = None) -> torch.Tensor:
+        return row_range(state[name].detach(), rows)
     return read
 
 
@@ -179,12 +186,14 @@ def _open_weights(file: Path):
 def _read_hf(files: dict[str, Path]) -> Callable[[str], torch.Tensor]:
     opened: dict[Path, object] = {}         # one file open at a time: sections read shards in order
 
-    def read(name: str) -> torch.Tensor:
+    def read(name: str, rows: Rows = None) -> torch.Tensor:
         file = files[name]
         if file not in opened:
             opened.clear()
             opened[file] = _open_weights(file)
-        return opened[file].get_tensor(name) if file.suffix == ".safetensors" else opened[file][name]
+        if file.suffix != ".safetensors":
+            return row_range(opened[file][name], rows)
+        return opened[file].get_tensor(name) if rows is None else opened[file].get_slice(name)[rows[0]:rows[1]]
     return read
 
 
@@ -196,12 +205,12 @@ def _project_reader(directory: Path) -> tuple[set[str], Callable[[str], torch.Te
     experts = meta.get("experts", {})
     aliases = meta.get("aliases", {})
 
-    def read(name: str) -> torch.Tensor:
+    def read(name: str, rows: Rows = None) -> torch.Tensor:
         name = aliases.get(name, name)
         if name in experts:
-            return checkpoint.read_rows(path, meta, name, 0, experts[name]["num_experts"])
+            return checkpoint.read_rows(path, meta, name, *(rows or (0, experts[name]["num_experts"])))
         with safe_open(str(path / checkpoint.DENSE), framework="pt") as f:
-            return f.get_tensor(name)
+            return f.get_tensor(name) if rows is None else f.get_slice(name)[rows[0]:rows[1]]
     return dense | set(experts) | set(aliases), read
 
 
@@ -222,12 +231,12 @@ def checkpoint_source(directory: str, model: nn.Module) -> Source:
     fallback = model_source(model)
     persistent = set(model.state_dict(keep_vars=True))
 
-    def read(name: str) -> torch.Tensor:
+    def read(name: str, rows: Rows = None) -> torch.Tensor:
         for candidate in aliases.get(name, [name]):
             if candidate in present:
-                return _fitted(root, name, read_one(candidate), fallback(name), model)
+                return _fitted(root, name, read_one(candidate, rows), fallback(name, rows), model)
         if name not in persistent:
-            return fallback(name)     # a non-persistent buffer: checkpoints never hold it
+            return fallback(name, rows)     # a non-persistent buffer: checkpoints never hold it
         raise missing_tensor(root, name, aliases.get(name, [name]), present, model)
     return read
 
@@ -251,8 +260,8 @@ def _with_hub_layout(model: nn.Module, present: set[str], read_file: Callable[[s
     if not converted:
         return present, read_file, converted_from
 
-    def read(name: str) -> torch.Tensor:
-        return converted[name]() if name in converted else read_file(name)
+    def read(name: str, rows: Rows = None) -> torch.Tensor:
+        return converted[name](rows) if name in converted else read_file(name, rows)
     return present | set(converted), read, converted_from
 
 
@@ -302,7 +311,7 @@ def sliced(source: Source) -> Source:
     """A source that also serves ``name[lo:hi]`` (rows lo..hi of ``name``, e.g. an expert group)."""
     def read(key: str) -> torch.Tensor:
         match = re.fullmatch(r"(.+)\[(\d+):(\d+)\]", key)
-        return source(match.group(1))[int(match.group(2)):int(match.group(3))] if match else source(key)
+        return source(match.group(1), (int(match.group(2)), int(match.group(3)))) if match else source(key)
     return read
 
 
