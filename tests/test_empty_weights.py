@@ -214,3 +214,17 @@ def test_an_expert_group_reads_only_its_own_experts_tensors(tmp_path, monkeypatc
         read_names.clear()
         torch.testing.assert_close(source(f"{name}[1:3]"), whole.get_parameter(name)[1:3].detach(), rtol=0, atol=0)
         assert read_names and all(".experts.1." in n or ".experts.2." in n for n in read_names), read_names
+
+
+def test_fp8_rows_cut_block_scales_and_keep_a_per_tensor_scale():
+    from moesys_compile.runtime.quantized import dequantizing_reader
+    weight = torch.randn(4, 40, 36, generator=torch.Generator().manual_seed(3)).to(torch.float8_e4m3fn)
+    state = {"a.weight": weight, "a.weight_scale_inv": torch.rand(4, 3, 3) + 0.5,      # 16x16 blocks, per expert
+             "b.weight": weight, "b.weight_scale_inv": torch.tensor(0.5)}              # one scale for all
+
+    def read(name, rows=None):
+        return state[name] if rows is None else state[name][rows[0]:rows[1]]
+    present, dequantized = dequantizing_reader(set(state), read, (16, 16), lambda name: None)
+    assert present == {"a.weight", "b.weight"}
+    for name in present:
+        torch.testing.assert_close(dequantized(name, (1, 3)), dequantized(name)[1:3], rtol=0, atol=0)

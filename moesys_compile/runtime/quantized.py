@@ -75,8 +75,10 @@ def dequantizing_reader(present: set[str], read: Reader, block: tuple[int, int],
         return present, read
 
     def read_dequantized(name: str, rows: Optional[tuple[int, int]] = None) -> torch.Tensor:
-        if name in fp8:       # rows of a stacked [E, ., .] weight are whole experts, as are its scales'
-            weight, scales = read(name, rows), read(name[:-len(".weight")] + FP8_SCALE, rows)
+        if name in fp8:       # the scales are small: read whole, then cut like a stacked [E, ., .] weight
+            weight, scales = read(name, rows), read(name[:-len(".weight")] + FP8_SCALE)
+            if rows is not None and scales.numel() > 1 and scales.dim() == weight.dim() > 2:
+                scales = scales[rows[0]:rows[1]]
             return dequantize_fp8(weight, scales, block)
         if name in mxfp4:
             values = dequantize_mxfp4(read(name + MXFP4_BLOCKS, rows), read(name + MXFP4_SCALES, rows))
