@@ -29,7 +29,8 @@ from typing import Callable, Iterator, Optional
 import torch
 from torch import nn
 
-Source = Callable[[str], torch.Tensor]
+from ..runtime.storage import Source
+
 
 
 @contextlib.contextmanager
@@ -92,18 +93,22 @@ def materialized(module: nn.Module, path: str, source: Optional[Source]) -> Iter
         yield
 
 
+def blank_like(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """An uninitialised tensor shaped, strided and typed like ``t``, on ``device``."""
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device)
+
+
 def fake_like(t: torch.Tensor, mode, device: torch.device) -> torch.Tensor:
     """A fake tensor of ``mode`` shaped, strided and typed like the meta tensor ``t``, on ``device``."""
     with mode:
-        return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device)
+        return blank_like(t, device)
 
 
 def stand_ins(model: nn.Module, device: torch.device):
     """Context: every meta tensor of ``model`` replaced by an uninitialised tensor on ``device``
     (memory the OS commits only when written; torch.export reads shapes, never values); yields
     id(stand-in) -> the meta original, for ``put_back`` on what was captured meanwhile."""
-    return meta_replaced(model, lambda name, t: torch.empty_strided(t.shape, t.stride(), dtype=t.dtype,
-                                                                     device=device))
+    return meta_replaced(model, lambda name, t: blank_like(t, device))
 
 
 def put_back(module: nn.Module, originals: dict[int, torch.Tensor]) -> None:

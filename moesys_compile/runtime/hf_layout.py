@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 
-def hub_layout_reader(model: nn.Module, present: set[str], read_one: Callable[[str], torch.Tensor]
-                      ) -> tuple[dict[str, Callable[[], torch.Tensor]], set[str]]:
+def hub_layout_reader(model: nn.Module, present: set[str], read_one: Callable[..., torch.Tensor]
+                      ) -> tuple[dict[str, Callable[..., torch.Tensor]], set[str]]:
     """Model tensor name -> loader (``loader(rows=None)``; rows (lo, hi) of a stacked expert tensor
     read only those experts' tensors), for the names that ``present`` (checkpoint names) holds only
     in the hub layout, and the checkpoint names those loaders read. Empty when ``model`` is no
@@ -64,14 +64,15 @@ def hub_layout_reader(model: nn.Module, present: set[str], read_one: Callable[[s
         def load(rows: Optional[tuple[int, int]] = None) -> torch.Tensor:
             if converter is None:                  # a renaming only
                 return read_one(next(iter(sources.values()))[0], rows)
-            experts = wanted[target].shape[0]
-            if rows is not None and not all(len(keys) == experts for keys in sources.values()):
-                return convert(sources)[rows[0]:rows[1]]      # not one source tensor per row: convert all
             if rows is None:
                 return convert(sources)
-            part = convert({pattern: keys[rows[0]:rows[1]] for pattern, keys in sources.items()})
-            # one source tensor per expert: only experts [lo, hi) are read (unless the conversion disagrees)
-            return part if part.shape[0] == rows[1] - rows[0] else convert(sources)[rows[0]:rows[1]]
+            lo, hi = rows
+            if all(len(keys) == wanted[target].shape[0] for keys in sources.values()):
+                # one source tensor per expert: read only experts [lo, hi) (unless the conversion disagrees)
+                part = convert({pattern: keys[lo:hi] for pattern, keys in sources.items()})
+                if part.shape[0] == hi - lo:
+                    return part
+            return convert(sources)[lo:hi]
 
         def convert(sources: dict[str, list[str]]) -> torch.Tensor:
             tensors = {pattern: [read_one(k) for k in keys] for pattern, keys in sources.items()}

@@ -58,6 +58,11 @@ def row_range(tensor: torch.Tensor, rows: Rows) -> torch.Tensor:
     return tensor if rows is None else tensor[rows[0]:rows[1]]
 
 
+def _safetensors_rows(opened, name: str, rows: Rows) -> torch.Tensor:
+    """``name`` from an open safetensors file; with ``rows``, only those rows are read."""
+    return opened.get_tensor(name) if rows is None else opened.get_slice(name)[rows[0]:rows[1]]
+
+
 class StorageError(MoesysError):
     """A checkpoint or offload directory cannot provide the tensors the program needs."""
 
@@ -183,7 +188,7 @@ def _open_weights(file: Path):
     return torch.load(file, map_location="cpu", mmap=True, weights_only=True)
 
 
-def _read_hf(files: dict[str, Path]) -> Callable[[str], torch.Tensor]:
+def _read_hf(files: dict[str, Path]) -> Source:
     opened: dict[Path, object] = {}         # one file open at a time: sections read shards in order
 
     def read(name: str, rows: Rows = None) -> torch.Tensor:
@@ -193,11 +198,11 @@ def _read_hf(files: dict[str, Path]) -> Callable[[str], torch.Tensor]:
             opened[file] = _open_weights(file)
         if file.suffix != ".safetensors":
             return row_range(opened[file][name], rows)
-        return opened[file].get_tensor(name) if rows is None else opened[file].get_slice(name)[rows[0]:rows[1]]
+        return _safetensors_rows(opened[file], name, rows)
     return read
 
 
-def _project_reader(directory: Path) -> tuple[set[str], Callable[[str], torch.Tensor]]:
+def _project_reader(directory: Path) -> tuple[set[str], Source]:
     from . import checkpoint
     path, meta = checkpoint.read_meta(str(directory))
     with safe_open(str(path / checkpoint.DENSE), framework="pt") as f:
@@ -210,7 +215,7 @@ def _project_reader(directory: Path) -> tuple[set[str], Callable[[str], torch.Te
         if name in experts:
             return checkpoint.read_rows(path, meta, name, *(rows or (0, experts[name]["num_experts"])))
         with safe_open(str(path / checkpoint.DENSE), framework="pt") as f:
-            return f.get_tensor(name) if rows is None else f.get_slice(name)[rows[0]:rows[1]]
+            return _safetensors_rows(f, name, rows)
     return dense | set(experts) | set(aliases), read
 
 
@@ -220,22 +225,22 @@ def checkpoint_source(directory: str, model: nn.Module) -> Source:
     if not root.is_dir():
         raise StorageError(f"checkpoint directory {directory!r} does not exist")
     aliases = _tensor_aliases(model)
+    state = model.state_dict(keep_vars=True)      # the persistent tensors: what checkpoints hold
     if (root / "meta.json").is_file():
         present, read_one = _project_reader(root)
     else:
         files = _hf_index(root)
-        shapes = {name: t.shape for name, t in model.state_dict(keep_vars=True).items()}
+        shapes = {name: t.shape for name, t in state.items()}
         present, read_file = dequantizing_reader(set(files), _read_hf(files), fp8_block_size(root), shapes.get)
         present, read_one, converted_from = _with_hub_layout(model, present, read_file)
         _warn_unused(root, present - converted_from - set(aliases), model)
     fallback = model_source(model)
-    persistent = set(model.state_dict(keep_vars=True))
 
     def read(name: str, rows: Rows = None) -> torch.Tensor:
         for candidate in aliases.get(name, [name]):
             if candidate in present:
                 return _fitted(root, name, read_one(candidate, rows), fallback(name, rows), model)
-        if name not in persistent:
+        if name not in state:
             return fallback(name, rows)     # a non-persistent buffer: checkpoints never hold it
         raise missing_tensor(root, name, aliases.get(name, [name]), present, model)
     return read
@@ -251,7 +256,7 @@ def _fitted(root: Path, name: str, tensor: torch.Tensor, like: torch.Tensor, mod
     return tensor.to(like.dtype) if tensor.is_floating_point() and like.is_floating_point() else tensor
 
 
-def _with_hub_layout(model: nn.Module, present: set[str], read_file: Callable[[str], torch.Tensor]):
+def _with_hub_layout(model: nn.Module, present: set[str], read_file: Source):
     """Also serve the model names that a hub-layout checkpoint holds in another form (per-expert
     tensors, older module names), converted one tensor at a time as transformers would; also
     returns the checkpoint names those conversions read."""
