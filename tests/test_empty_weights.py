@@ -190,6 +190,31 @@ def test_inspect_of_a_directory_in_infer_mode_reads_only_what_it_probes(tmp_path
     assert out.count("replaced") == 2                     # both layers recognised from the directory's tensors
 
 
+def test_twin_blocks_are_recognised_from_the_first_ones_tensors_only(tmp_path):
+    """Layers of one structure take the form probed on the first; a layer that differs in an
+    attribute (its top_k) is probed with its own tensors."""
+    pytest.importorskip("transformers")
+    from moesys_compile.frontend.recognizers import canonicalize
+    from moesys_compile.models.hf import build_hf, config_only
+    from moesys_compile.runtime.storage import checkpoint_source
+    build_hf("qwen3_moe", num_hidden_layers=4).save_pretrained(str(tmp_path / "hf"))
+    with mc.empty_weights():
+        model = config_only(str(tmp_path / "hf"), {})
+    model.model.layers[3].mlp.top_k = 1        # as a config with a per-layer top_k would build it
+    model.model.layers[3].mlp.gate.top_k = 1
+    source = checkpoint_source(str(tmp_path / "hf"), model)
+    read_layers: set[str] = set()
+
+    def logged(name, rows=None):
+        read_layers.add(name.split(".mlp.")[0])
+        return source(name, rows)
+    reports = canonicalize(model, weights=logged)
+    assert [r.action for r in reports] == ["replaced"] * 4
+    assert [r.details["top_k"] for r in reports] == [2, 2, 2, 1]
+    assert read_layers == {"model.layers.0", "model.layers.3"}
+    assert all(p.is_meta for p in model.parameters())
+
+
 def test_an_expert_group_reads_only_its_own_experts_tensors(tmp_path, monkeypatch):
     pytest.importorskip("transformers")
     from moesys_compile.models.hf import build_hf, config_only, load_local
@@ -214,6 +239,23 @@ def test_an_expert_group_reads_only_its_own_experts_tensors(tmp_path, monkeypatc
         read_names.clear()
         torch.testing.assert_close(source(f"{name}[1:3]"), whole.get_parameter(name)[1:3].detach(), rtol=0, atol=0)
         assert read_names and all(".experts.1." in n or ".experts.2." in n for n in read_names), read_names
+
+
+def test_per_expert_tensors_are_stacked_a_chunk_at_a_time(tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    from moesys_compile.models.hf import build_hf, config_only, load_local
+    from moesys_compile.runtime import hf_layout, storage
+    build_hf("qwen3_moe").save_pretrained(str(tmp_path / "hf"))      # experts.<e>.gate_proj/up_proj/down_proj
+    whole = load_local(str(tmp_path / "hf"), {})
+    monkeypatch.setattr(hf_layout, "CONVERT_CHUNK_BYTES", 1)          # one expert per chunk
+    with mc.empty_weights():
+        model = config_only(str(tmp_path / "hf"), {})
+    source = storage.sliced(storage.checkpoint_source(str(tmp_path / "hf"), model))
+    for name in ("model.layers.0.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj"):
+        expected = whole.get_parameter(name).detach()
+        assert expected.shape[0] >= 3
+        torch.testing.assert_close(source(name), expected, rtol=0, atol=0)
+        torch.testing.assert_close(source(f"{name}[1:3]"), expected[1:3], rtol=0, atol=0)
 
 
 def test_fp8_rows_cut_block_scales_and_keep_a_per_tensor_scale():

@@ -11,10 +11,12 @@ names map back to the original. Recognizers are data: ``RECOGNIZERS`` is a plain
 
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Hashable, Optional
 
+import torch
 from torch import nn
 
 from ..nn import MoE
@@ -27,6 +29,9 @@ class Recognition:
     replacement: Optional[nn.Module] = None     # None: the module is canonical already
     details: dict = field(default_factory=dict)  # num_experts, top_k, dim, ffn_dim, activation, ...
     note: str = "dispatch/experts/combine now canonical ops"   # the report's reason for a replacement
+    # the same recognition built on another block of identical structure, without probing it (a
+    # block of a model on meta is then not read from its checkpoint); None: probe every block
+    for_twin: Optional[Callable[[nn.Module], "Recognition"]] = None
 
 
 @dataclass
@@ -77,20 +82,57 @@ def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent_path) if parent_path else root, name, module)
 
 
+def _plain(value) -> Hashable:
+    try:
+        hash(value)
+        return value
+    except TypeError:
+        return repr(value)
+
+
+def structure_key(module: nn.Module) -> tuple:
+    """What recognizing a block may depend on besides its tensors' values: the classes of the
+    block and its children, their plain attributes (top_k, flags, ...) and the names, shapes and
+    dtypes of their tensors. Two blocks with one key are twins (the layers of one model)."""
+    return tuple(
+        (name, type(sub), tuple(sorted((k, _plain(v)) for k, v in vars(sub).items()
+                                       if not k.startswith("_") and not isinstance(v, (torch.Tensor, nn.Module)))),
+         tuple((k, tuple(t.shape), t.dtype) for k, t in itertools.chain(sub._parameters.items(), sub._buffers.items())
+               if t is not None))
+        for name, sub in module.named_modules(remove_duplicate=False))
+
+
+def _recognize(module: nn.Module, path: str, recognizers: list[Recognizer], weights: Optional[Source],
+               twins: dict[tuple, Recognition]) -> Optional[Recognition]:
+    """The first recognizer's recognition of the block. With ``weights`` (a model on meta), an
+    MoE-like block is probed with its tensors read from ``weights``, unless a twin of it was
+    recognised already: then the twin's recognition is built on it, and nothing is read."""
+    source = weights if path and _looks_like_moe(module) else None
+    key = structure_key(module) if source is not None else None
+    if key in twins:
+        return twins[key].for_twin(module)
+    with materialized(module, path, source):
+        recognition = next((r for r in (rec(module, path) for rec in recognizers) if r is not None), None)
+    if key is not None and recognition is not None and recognition.for_twin is not None:
+        twins[key] = recognition
+    return recognition
+
+
 def canonicalize(model: nn.Module, recognizers: Optional[list[Recognizer]] = None,
                  weights: Optional[Source] = None) -> list[BlockReport]:
     """Swap recognised MoE blocks for canonical modules, in place. Returns one report per block
     found (kept, replaced, or left as it is with the reason). ``weights`` (model name -> tensor)
-    serves the tensors of a model built under ``empty_weights``: each MoE-like block is probed
-    with its own tensors read from it, then put back on meta."""
+    serves the tensors of a model built under ``empty_weights``: an MoE-like block is probed with
+    its own tensors read from it, then put back on meta; its twins (``structure_key``) take the
+    same recognition without a read."""
     recognizers = RECOGNIZERS if recognizers is None else recognizers
     reports: list[BlockReport] = []
     claimed: list[str] = []
+    twins: dict[tuple, Recognition] = {}
     for path, module in list(model.named_modules()):
         if any(path.startswith(prefix + ".") or prefix == "" for prefix in claimed):
             continue
-        with materialized(module, path, weights if path and _looks_like_moe(module) else None):
-            recognition = next((r for r in (rec(module, path) for rec in recognizers) if r is not None), None)
+        recognition = _recognize(module, path, recognizers, weights, twins)
         if recognition is not None:
             claimed.append(path)
             if recognition.replacement is not None and not path:

@@ -20,6 +20,8 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+CONVERT_CHUNK_BYTES = 64 << 20   # per-expert tensors converted into a stacked one this many bytes at a time
+
 
 def hub_layout_reader(model: nn.Module, present: set[str], read_one: Callable[..., torch.Tensor]
                       ) -> tuple[dict[str, Callable[..., torch.Tensor]], set[str]]:
@@ -64,15 +66,35 @@ def hub_layout_reader(model: nn.Module, present: set[str], read_one: Callable[..
         def load(rows: Optional[tuple[int, int]] = None) -> torch.Tensor:
             if converter is None:                  # a renaming only
                 return read_one(next(iter(sources.values()))[0], rows)
-            if rows is None:
-                return convert(sources)
-            lo, hi = rows
-            if all(len(keys) == wanted[target].shape[0] for keys in sources.values()):
-                # one source tensor per expert: read only experts [lo, hi) (unless the conversion disagrees)
-                part = convert({pattern: keys[lo:hi] for pattern, keys in sources.items()})
-                if part.shape[0] == hi - lo:
+            num_experts = wanted[target].shape[0]
+            lo, hi = rows or (0, num_experts)
+            if all(len(keys) == num_experts for keys in sources.values()):
+                # one source tensor per expert: read experts [lo, hi) only, a chunk at a time
+                # (unless the conversion disagrees)
+                part = convert_in_chunks(sources, lo, hi, wanted[target])
+                if part is not None:
                     return part
-            return convert(sources)[lo:hi]
+            whole = convert(sources)
+            return whole if rows is None else whole[lo:hi]
+
+        def convert_in_chunks(sources: dict[str, list[str]], lo: int, hi: int, like: torch.Tensor
+                              ) -> Optional[torch.Tensor]:
+            """Experts [lo, hi) converted ``CONVERT_CHUNK_BYTES`` at a time into one tensor: the
+            stacked result and one chunk's source tensors are in memory, not all the sources and
+            the conversion's intermediate stacks. None when a chunk converts to another row count."""
+            step = max(1, CONVERT_CHUNK_BYTES // max(1, like[0].numel() * like.element_size()))
+            out = None
+            for start in range(lo, hi, step):
+                stop = min(start + step, hi)
+                part = convert({pattern: keys[start:stop] for pattern, keys in sources.items()})
+                if part.shape[0] != stop - start:
+                    return None
+                if stop - start == hi - lo:      # one chunk: the conversion's result as it is
+                    return part
+                if out is None:
+                    out = part.new_empty((hi - lo, *part.shape[1:]))
+                out[start - lo:stop - lo] = part
+            return out
 
         def convert(sources: dict[str, list[str]]) -> torch.Tensor:
             tensors = {pattern: [read_one(k) for k in keys] for pattern, keys in sources.items()}

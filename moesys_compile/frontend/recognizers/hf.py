@@ -239,8 +239,14 @@ def _recognize(module: nn.Module, path: str, experts_name: str) -> Optional[Reco
         closest = problem or f"closest max abs diff {best:.3g} over {len(forms)} forms{_activation_hint(experts)}"
         return leave(path, kind, f"{router_why}; no canonical form of {what} reproduces the block's output "
                                  f"({closest})")
-    replacement = _build(module, found, fixed)
-    return Recognition(kind=kind, replacement=replacement, details=replacement.details())
+    return _recognition(module, kind, found, fixed)
+
+
+def _recognition(module: nn.Module, kind: str, form: dict, fixed: dict) -> Recognition:
+    """The block in the canonical ``form`` the probe found; its twins take the same form."""
+    replacement = _build(module, form, fixed)
+    return Recognition(kind=kind, replacement=replacement, details=replacement.details(),
+                       for_twin=lambda twin: _recognition(twin, block_kind(twin), form, fixed))
 
 
 def _activation_hint(experts: nn.Module) -> str:
@@ -266,8 +272,13 @@ def _token_scale(expert_weights: list[Tensor], dim: int) -> float:
     """A power of two by which the probe's unit tokens are scaled so that the experts'
     pre-activations spread about ``PROBE_PRE_ACTIVATION_STD``: at initialisation scale (std 0.02)
     they stay near zero, where a clamp (limit 10) or a softcap (Inkling 2's tanh(x / 4) * 4) is the
-    identity, and an unclamped form would pass the probe, then differ on trained weights."""
-    std = expert_weights[0].detach().float().pow(2).mean().sqrt().item() if expert_weights else 0.0
+    identity, and an unclamped form would pass the probe, then differ on trained weights. The
+    scale is read from one expert's weight (no copy of a whole stacked layer)."""
+    if not expert_weights:
+        return 1.0
+    one = expert_weights[0].detach()
+    one = one[0] if one.dim() == 3 else one
+    std = one.float().pow(2).mean().sqrt().item()
     if not std > 0:
         return 1.0
     return 2.0 ** max(0, round(math.log2(PROBE_PRE_ACTIVATION_STD / (std * dim ** 0.5))))
