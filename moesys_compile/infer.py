@@ -5,7 +5,8 @@
     python -m moesys_compile.infer small-moe --budget 8MiB --max-new-tokens 8
 
 ``--checkpoint`` is a Hugging Face style safetensors directory (``model.safetensors`` or its
-sharded index, original parameter names) or a training checkpoint of this project; without one
+sharded index, original parameter names) or a training checkpoint of this project (a run's
+``--ckpt-dir`` stands for its newest step); without one
 the model's own (freshly initialised) weights are streamed. Weights from a checkpoint (or from
 MODEL's own directory) are never loaded whole: the ring's model is built with its parameters on
 the meta device and every tensor is read when staged. Only the eager comparison loads the whole
@@ -94,7 +95,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moesys-compile infer", description="memory-ring inference of MODEL")
     p.add_argument("model", nargs="?", help="built-in name (tiny-moe), package.module:factory, hf:<family> or a directory")
     p.add_argument("--checkpoint", help="directory to load the weights from: Hugging Face style (safetensors, "
-                                        "sharded or not, or pytorch_model.bin) or a training checkpoint")
+                                        "sharded or not, or pytorch_model.bin), a training checkpoint, or a "
+                                        "training run's --ckpt-dir (its newest step)")
     p.add_argument("--budget", required=True, help="device budget, e.g. 512MiB or 1073741824")
     p.add_argument("--weights", choices=("host", "disk"), default="host", help="storage tier of the weights")
     p.add_argument("--offload-dir", help="directory for the disk tier (default: a temporary directory)")
@@ -103,7 +105,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                    help="model config overrides (one or more, repeatable)")
     prompt = p.add_mutually_exclusive_group()
-    prompt.add_argument("--prompt-ids", nargs="+", type=int, help="prompt token ids (default: 16 random ids)")
+    prompt.add_argument("--prompt-ids", nargs="+", type=_token_ids, help="prompt token ids, space- or "
+                                                                          "comma-separated (default: 16 random ids)")
     prompt.add_argument("--prompt", metavar="TEXT", help="prompt text, encoded (and the new tokens decoded) with the "
                                                          "tokenizer of --tokenizer, MODEL or --checkpoint")
     p.add_argument("--tokenizer", metavar="DIR", help="Hugging Face tokenizer directory for --prompt "
@@ -114,6 +117,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-compare", action="store_true", help="skip the eager comparison (it needs host memory)")
     p.add_argument("--json", help="write the stats to this file")
     return p
+
+
+def _token_ids(text: str) -> list[int]:
+    """One ``--prompt-ids`` word: an id, or ids joined by commas ("1,2,3")."""
+    try:
+        return [int(word) for word in text.split(",") if word.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a token id (integers, space- or comma-separated)") from None
 
 
 def prompt_tensor(prompt_ids: list[int], model: nn.Module) -> torch.Tensor:
@@ -151,7 +162,7 @@ def prompt_of(args, model: nn.Module, example_inputs):
             raise ValueError(f"--prompt {args.prompt!r} encodes to no tokens; give a longer prompt")
         return prompt_tensor(ids[0].tolist(), model), tokenizer
     if args.prompt_ids:
-        return prompt_tensor(args.prompt_ids, model), None
+        return prompt_tensor([i for ids in args.prompt_ids for i in ids], model), None
     return example_inputs(1, 16)[0], None
 
 

@@ -129,7 +129,8 @@ class Plan:
             raise PlanError(f"ring_slots ({self.ring_slots}) must be >= 2 (one computes while the next loads)")
         if self.weights_checkpoint is not None and not Path(self.weights_checkpoint).is_dir():
             raise PlanError(f"weights_checkpoint ({self.weights_checkpoint!r}) is not a directory; give the "
-                            f"checkpoint directory (model.safetensors, its index, or a training checkpoint)")
+                            f"checkpoint directory (model.safetensors, its index, a training checkpoint or a "
+                            f"training run's checkpoint root)")
         if self.weights == "disk" and self.mode == "infer" and not self.offload_dir:
             raise PlanError("weights is 'disk' but offload_dir is not set; give a directory for the safetensors files")
 

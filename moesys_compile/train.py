@@ -37,6 +37,7 @@ from .models.spec import load_model, parse_overrides
 from .plan import Plan
 from .programs.training import TrainingProgram
 from .runtime import groups
+from .runtime import checkpoint
 from .runtime.checkpoint import CheckpointError
 
 
@@ -122,17 +123,14 @@ class TokenSource:
 
 
 def latest_checkpoint(root: Optional[str]) -> Optional[Path]:
-    if not root:
-        return None
-    marker = Path(root) / "latest"
-    return Path(root) / marker.read_text().strip() if marker.is_file() else None
+    return checkpoint.latest_step(root) if root else None
 
 
 def save_checkpoint(program: TrainingProgram, opt, root: str, step: int) -> Path:
     name = f"step_{step:06d}"
     program.save(str(Path(root) / name), optimizer=opt, step=step)
     if program.topology.rank == 0:
-        marker, tmp = Path(root) / "latest", Path(root) / "latest.tmp"
+        marker, tmp = Path(root) / checkpoint.LATEST, Path(root) / f"{checkpoint.LATEST}.tmp"
         tmp.write_text(name)
         tmp.replace(marker)
     return Path(root) / name
@@ -193,17 +191,17 @@ def run(args) -> dict:
 
 
 def _resume(program, opt, args, rank: int) -> int:
-    checkpoint = None if args.no_resume else latest_checkpoint(args.ckpt_dir)
-    if checkpoint is None:
+    latest = None if args.no_resume else latest_checkpoint(args.ckpt_dir)
+    if latest is None:
         return 0
     try:
-        step = int(program.load(str(checkpoint), optimizer=opt).get("step", 0))
+        step = int(program.load(str(latest), optimizer=opt).get("step", 0))
     except CheckpointError as exc:
-        raise CheckpointError(f"resuming from {checkpoint}: {exc}; or pass --no-resume (or another --ckpt-dir) "
+        raise CheckpointError(f"resuming from {latest}: {exc}; or pass --no-resume (or another --ckpt-dir) "
                               f"to start afresh") from None
     if rank == 0:
         done = f"; --steps {args.steps} is reached, nothing to train" if step >= args.steps else ""
-        print(f"resumed from {checkpoint} at step {step}{done}", flush=True)
+        print(f"resumed from {latest} at step {step}{done}", flush=True)
     return step
 
 

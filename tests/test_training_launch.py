@@ -34,6 +34,17 @@ def test_torchrun_two_ranks_then_resume_in_one_process(tmp_path, capsys):
     resumed = json.loads((tmp_path / "log.json").read_text())
     assert resumed["steps"] == [5, 6] and resumed["world_size"] == 1
     assert train.latest_checkpoint(str(tmp_path / "ckpt")).name == "step_000006"
+    # the run's root stands for its newest step, for load_into and for ring inference
+    model = mc.models.build("tiny-moe", n_layers=1)
+    mc.load_into(model, str(tmp_path / "ckpt"))
+    newest = mc.models.build("tiny-moe", n_layers=1)
+    mc.load_into(newest, str(tmp_path / "ckpt" / "step_000006"))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), newest.state_dict().values()))
+    from moesys_compile.infer import main as infer_main
+    assert infer_main(["tiny-moe", "--config", "n_layers=1", "--checkpoint", str(tmp_path / "ckpt"), "--budget",
+                       "256KiB", "--offload-dir", str(tmp_path / "ring"), "--prompt-ids", "1,2,3", "4",
+                       "--max-new-tokens", "2"]) == 0
+    assert "max |ring - eager| = 0.00e+00" in capsys.readouterr().out
 
 
 def test_plan_world_size_must_match_launch(tmp_path, capsys, monkeypatch):

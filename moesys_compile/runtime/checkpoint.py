@@ -40,6 +40,7 @@ from safetensors.torch import save_file
 from ..errors import MoesysError
 
 META, PLAN, DENSE = "meta.json", "plan.yaml", "dense.safetensors"
+LATEST = "latest"    # in a training run's checkpoint root: the name of its newest step directory
 FORMAT = 1
 
 # Test hook: called with a stage name ("shards_written", "before_swap") during save.
@@ -163,9 +164,20 @@ def _swap(tmp: Path, target: Path, token: str) -> None:
         shutil.rmtree(old)
 
 
+def latest_step(directory: str) -> Optional[Path]:
+    """The step directory that a training run's checkpoint root (``--ckpt-dir``), or the root's
+    ``latest`` file, names; None for any other path."""
+    path = Path(directory)
+    marker = path if path.name == LATEST else path / LATEST
+    if (path / META).is_file() or not marker.is_file():
+        return None
+    return marker.parent / marker.read_text().strip()
+
+
 def resolve(directory: str) -> Path:
-    """The complete checkpoint at ``directory``, or the previous copy a crashed swap left beside it."""
-    target = Path(directory).resolve()
+    """The complete checkpoint at ``directory`` (at the newest step, for a training run's root), or
+    the previous copy a crashed swap left beside it."""
+    target = (latest_step(directory) or Path(directory)).resolve()
     if (target / META).is_file():
         return target
     olds = sorted(target.parent.glob(f".{target.name}.old-*"), key=lambda p: p.stat().st_mtime)
@@ -339,7 +351,8 @@ def full_state(directory: str) -> dict[str, torch.Tensor]:
 
 
 def load_into(model: torch.nn.Module, directory: str) -> torch.nn.Module:
-    """Fill a plain eager ``model`` (the original architecture) from a checkpoint of any layout.
+    """Fill a plain eager ``model`` (the original architecture) from a checkpoint of any layout (a
+    training run's checkpoint root: its newest step).
 
         >>> model = mc.models.build("tiny-moe"); mc.load_into(model, "ckpt/step_100")  # doctest: +SKIP
     """

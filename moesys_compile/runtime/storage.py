@@ -220,8 +220,10 @@ def _project_reader(directory: Path) -> tuple[set[str], Source]:
 
 
 def checkpoint_source(directory: str, model: nn.Module) -> Source:
-    """Read tensors one at a time from a checkpoint directory (see the module docstring)."""
-    root = Path(directory)
+    """Read tensors one at a time from a checkpoint directory (see the module docstring); a
+    training run's checkpoint root stands for its newest step."""
+    from .checkpoint import latest_step
+    root = latest_step(directory) or Path(directory)
     if not root.is_dir():
         raise StorageError(f"checkpoint directory {directory!r} does not exist")
     aliases = _tensor_aliases(model)
