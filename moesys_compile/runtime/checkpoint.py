@@ -165,13 +165,12 @@ def _swap(tmp: Path, target: Path, token: str) -> None:
 
 
 def latest_step(directory: str) -> Optional[Path]:
-    """The step directory that a training run's checkpoint root (``--ckpt-dir``), or the root's
-    ``latest`` file, names; None for any other path."""
-    path = Path(directory)
-    marker = path if path.name == LATEST else path / LATEST
-    if (path / META).is_file() or not marker.is_file():
+    """The step directory that a training run's checkpoint root (``--ckpt-dir``) names in its
+    ``latest`` file; None for any other directory."""
+    marker = Path(directory) / LATEST
+    if (Path(directory) / META).is_file() or not marker.is_file():
         return None
-    return marker.parent / marker.read_text().strip()
+    return Path(directory) / marker.read_text().strip()
 
 
 def resolve(directory: str) -> Path:
