@@ -45,3 +45,38 @@ def test_ring_at_half_the_model_equals_eager(family, overrides):
     assert stats["sections"] > stats["slots"]            # the weights really rotate through the ring
     if family == "gpt_oss":      # its biased, transposed experts are split into expert groups
         assert any(is_op(n, "expert_group_mlp", namespace="moesys_ring") for n in program.graph_module.graph.nodes)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "llama"])
+def test_a_ring_compiled_from_one_prompt_runs_other_batches_and_lengths(family):
+    """Capture keeps batch and sequence symbolic from a (1, 4) example; calls larger than its
+    workspace run in micro-batches or on a ring lowered for them, within the same budget."""
+    model = build_hf(family).eval()
+    one = torch.randint(0, 128, (1, 4), generator=torch.Generator().manual_seed(0))
+    budget = model_bytes(model) // 2
+    program = mc.compile(model, mc.Plan(mode="infer", device_budget=budget, weights="host"), example_inputs=(one,))
+    assert program.context.annotation.symbolic
+    past_the_example = []
+    for shape in [(3, 6), (1, 4), (2, 7)]:
+        ids = torch.randint(0, 128, shape, generator=torch.Generator().manual_seed(sum(shape)))
+        with torch.inference_mode():
+            want = model(ids)
+        torch.testing.assert_close(program(ids).logits, want.logits, rtol=1e-4, atol=1e-4)
+        assert program.stats["peak_device_bytes"] <= budget
+        past_the_example.append(program.stats["compiled_for"] != (1, 4) or program.stats["micro_batches"] > 1)
+    assert past_the_example[0]          # (3, 6) does not fit the workspace sized at (1, 4)
+
+
+def test_a_size_export_fixed_is_lowered_again_for_the_call():
+    """Doge's router views its logits as (2, B*S, -1): export fixes the example's batch, and a
+    call at another batch gets the ring lowered again at its own size instead of a refusal."""
+    model = build_hf("doge", num_hidden_layers=2).eval()
+    one = torch.randint(0, 128, (1, 4), generator=torch.Generator().manual_seed(0))
+    program = mc.compile(model, mc.Plan(mode="infer", device_budget=model_bytes(model) // 2, weights="host"),
+                         example_inputs=(one,))
+    for shape in [(1, 4), (3, 4)]:
+        ids = torch.randint(0, 128, shape, generator=torch.Generator().manual_seed(shape[0]))
+        with torch.inference_mode():
+            want = model(ids)
+        torch.testing.assert_close(program(ids).logits, want.logits, rtol=1e-4, atol=1e-4)
+        assert program.stats["compiled_for"] == shape

@@ -69,8 +69,20 @@ def test_expert_parallel_over_blocks_left_as_traced_code_names_them():
         mc.lower(build_hf("llama4"), mc.Plan(world_size=2, expert_parallel=2), (torch.zeros(2, 4, dtype=torch.long),))
 
 
-def test_an_exported_program_names_the_size_its_batch_one_example_fixed():
-    """torch.export fixes a size-1 example dim; a call at another size names it, not a guard's assert."""
+def test_an_exported_program_from_one_prompt_takes_any_batch_and_length():
+    """torch.export would fix a size-1 example dim for good; capture widens it to 2, so the
+    graph keeps batch and sequence symbolic and a single-prompt example serves every size."""
+    model = build_hf("qwen3_moe", num_hidden_layers=1).train()
+    program = mc.compile(model, mc.Plan(mode="train"), example_inputs=(torch.randint(0, VOCAB, (1, 1)),))
+    for shape in [(1, 8), (2, 8), (3, 1), (1, 1)]:
+        ids = torch.randint(0, VOCAB, shape)
+        torch.testing.assert_close(program(ids).logits, model(ids).logits)
+
+
+def test_an_exported_program_names_the_size_its_capture_fixed(monkeypatch):
+    """Where export fixes a size anyway, a call at another size names it, not a guard's assert."""
+    from moesys_compile.frontend import tracing
+    monkeypatch.setattr(tracing, "_widened", lambda value: value)       # export then fixes the batch of 1
     model = build_hf("qwen3_moe", num_hidden_layers=1).train()
     program = mc.compile(model, mc.Plan(mode="train"), example_inputs=(torch.randint(0, VOCAB, (1, 5)),))
     ids = torch.randint(0, VOCAB, (1, 8))

@@ -94,13 +94,79 @@ def test_resident_weights_never_exceed_the_slots(tmp_path, monkeypatch):
     assert max(peaks) + layout.workspace <= layout.budget < model_bytes(model)
 
 
-def test_a_call_larger_than_compiled_for_raises(tmp_path):
+def test_a_larger_call_runs_in_micro_batches_through_the_compiled_ring(tmp_path):
+    """Past the workspace, each section runs over slices of the batch while its weights sit in
+    the slot: the weights still move once per call, and the estimate stays within the budget."""
+    model = build("tiny-moe")
+    program = ring(model, 2, "host", tmp_path, torch.randint(0, 256, (8, 16)))
+    whole = torch.randint(0, 256, (8, 16))
+    program(whole)
+    moved_whole = program.stats["bytes_moved"]
+    assert program.stats["micro_batches"] == 1 and program.aux_loss is not None
+    ids = torch.randint(0, 256, (5, 33))
+    with torch.inference_mode():
+        want = model(ids)
+    torch.testing.assert_close(program(ids), want, atol=1e-6, rtol=0)
+    stats = program.stats
+    assert stats["micro_batches"] > 1 and stats["compiled_for"] == (8, 16)
+    assert stats["activation_bytes"] <= program.context.extras["ring"].workspace
+    assert stats["peak_device_bytes"] <= stats["budget_bytes"]
+    assert stats["bytes_moved"] == moved_whole
+    assert program.aux_loss is None          # a mean over the whole batch: not defined by the slices
+
+
+def test_a_call_too_large_for_the_compiled_ring_gets_a_ring_lowered_for_it(tmp_path):
+    model = build("tiny-gpt")
+    program = ring(model, 2, "host", tmp_path, torch.randint(0, 256, (1, 4)))
+    ids = torch.randint(0, 256, (8, 16))
+    with torch.inference_mode():
+        torch.testing.assert_close(program(ids), model(ids), atol=1e-6, rtol=0)
+    stats = program.stats
+    assert stats["compiled_for"] == (8, 16) and stats["micro_batches"] == 1
+    assert stats["activation_bytes"] > program.context.extras["ring"].workspace   # the compiled ring could not
+    assert stats["peak_device_bytes"] <= stats["budget_bytes"]
+    small = torch.randint(0, 256, (1, 4))          # later calls keep the larger ring
+    torch.testing.assert_close(program(small), model(small), atol=1e-6, rtol=0)
+    assert program.stats["compiled_for"] == (8, 16)
+
+
+def test_a_call_that_fits_no_ring_of_the_budget_raises_and_the_ring_stays_usable(tmp_path):
     model = build("tiny-gpt")
     program = ring(model, 8, "host", tmp_path, torch.randint(0, 256, (1, 4)))
-    with pytest.raises(RingBudgetError, match="workspace"):
+    with pytest.raises(RingBudgetError, match=r"does not fit Plan.device_budget: .*below the minimum \d+ bytes.*"
+                                              r"batch 8, seq 64.*fewer sequences per call"):
         program(torch.randint(0, 256, (8, 64)))
     small = torch.randint(0, 256, (1, 4))          # the ring is still in order after the refusal
     torch.testing.assert_close(program(small), model(small), atol=1e-6, rtol=0)
+
+
+def test_micro_batch_estimate_covers_the_whole_batch_at_one_slice(tmp_path):
+    """With one slice as large as the batch, the split estimate (values carried between sections
+    held whole, the outputs joined) is never below the unsplit liveness peak."""
+    model = build("tiny-moe")
+    ids = torch.randint(0, 256, (4, 12))
+    runtime = ring(model, 2, "host", tmp_path, ids).forward_runtime()
+    roots, frees = runtime._liveness
+    count = len(runtime.sections)
+    for batch, seq in [(1, 1), (4, 12), (7, 31)]:
+        own, scratch = runtime._node_bytes(batch, seq)
+        held = ring_workspace.carried_bytes(own, roots, frees, runtime._section_of, count)
+        inside = ring_workspace.slice_peaks(own, roots, frees, runtime._section_of, count, scratch)
+        assert len(held) == count + 1 and held[-1] > 0              # the logits stay to the end
+        assert max(h + i for h, i in zip(held, inside)) >= ring_workspace.peak_live_bytes(own, roots, frees, scratch)
+
+
+def test_capacity_dropping_is_never_split_into_micro_batches(tmp_path):
+    from moesys_compile.programs.ring import micro_batch_plan
+    model = build("tiny-moe")
+    ids = torch.randint(0, 256, (2, 9))
+    gm, ctx = mc.lower(model, mc.Plan(mode="infer", device_budget=model_bytes(model) // 2, capacity_factor=1.0),
+                       (ids,))
+    join, reason = micro_batch_plan(gm, ctx)
+    assert "capacity_factor" in reason and "Plan.capacity_factor=0" in reason
+    gm, ctx = mc.lower(model, mc.Plan(mode="infer", device_budget=model_bytes(model) // 2), (ids,))
+    join, reason = micro_batch_plan(gm, ctx)
+    assert reason is None and sorted(join.values()) == ["cat", "drop"]
 
 
 def test_activation_estimate_covers_the_expert_kernels_scratch(tmp_path, monkeypatch):
@@ -182,9 +248,9 @@ def test_expert_groups_scratch_covers_what_their_kernel_holds(tmp_path, monkeypa
     assert y.abs().sum() > 0 and held[0] <= estimate, (held, estimate)
 
 
-def test_with_static_shapes_a_call_larger_than_the_example_raises(tmp_path, monkeypatch):
+def test_with_static_shapes_a_call_larger_than_the_example_gets_its_own_ring(tmp_path, monkeypatch):
     """When symbolic shape propagation fails (shapes are then static), the activation estimate
-    holds at the example only: larger calls are refused, the example's size still runs."""
+    holds at the example only: a larger call is lowered again at its own size."""
     from moesys_compile.frontend import annotation
 
     def fail(*args, **kwargs):
@@ -194,9 +260,13 @@ def test_with_static_shapes_a_call_larger_than_the_example_raises(tmp_path, monk
     ids = torch.randint(0, 256, (2, 6))
     program = ring(model, 4, "host", tmp_path, ids)
     assert not program.context.annotation.symbolic
+    runtime = program.forward_runtime()
     with pytest.raises(RingBudgetError, match=r"batch 2, seq 7\) is larger .*symbolic propagation unavailable"):
-        program(torch.randint(0, 256, (2, 7)))
+        runtime.plan_call([torch.randint(0, 256, (2, 7))])
     torch.testing.assert_close(program(ids[:1, :4]), model(ids[:1, :4]), atol=1e-6, rtol=0)
+    longer = torch.randint(0, 256, (2, 7))
+    torch.testing.assert_close(program(longer), model(longer), atol=1e-6, rtol=0)
+    assert program.stats["compiled_for"] == (2, 7)
 
 
 @pytest.mark.parametrize("name,tier", [("tiny-gpt", "host"), ("tiny-moe", "disk")])

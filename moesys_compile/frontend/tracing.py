@@ -186,19 +186,55 @@ def _export_dynamic_shapes(model: nn.Module, example_inputs: Sequence[Any], exam
             for name, value in bound.arguments.items()}
 
 
+def _widened(value: Any) -> Any:
+    """An example tensor whose batch or sequence (first two dims) is 1, repeated to 2 there:
+    export fixes a size-1 dim for good, so a single prompt would give a graph for one size only."""
+    if not isinstance(value, torch.Tensor) or value.dim() == 0:
+        return value
+    repeats = [2 if d < 2 and size == 1 else 1 for d, size in enumerate(value.shape)]
+    return value.repeat(*repeats) if any(r == 2 for r in repeats) else value
+
+
+def _fixed_at_two(program: torch.export.ExportedProgram) -> bool:
+    """A user input whose batch or sequence export fixed to 2: the widened example was taken for
+    a size the model needs (a ``view(2, ...)``), and the example's own size would no longer run."""
+    inputs = set(program.graph_signature.user_inputs)
+    vals = [n.meta.get("val") for n in program.graph_module.graph.nodes if n.op == "placeholder" and n.name in inputs]
+    return any(isinstance(val, torch.Tensor) and any(_fixed_size(size) == 2 for size in val.shape[:2])
+               for val in vals)
+
+
+def _fixed_size(size: Any) -> Optional[int]:
+    """The value of a size export has fixed (a SymInt that its shape env replaced by a number)."""
+    if not isinstance(size, torch.SymInt):
+        return int(size)
+    node = size.node
+    expr = node.shape_env.replace(node.expr) if node.shape_env is not None else node.expr
+    return int(expr) if expr.is_number else None
+
+
 def export_trace(model: nn.Module, example_inputs: Sequence[Any], example_kwargs: dict) -> fx.GraphModule:
     """Non-strict torch.export; the unlifted module shares the model's parameters (tensors on the
     meta device are exported as uninitialised host stand-ins, where the ring keeps weights, then
-    put back)."""
+    put back). Batch and sequence stay symbolic where export allows, also for an example of one
+    sequence or one token (``_widened``); failing that, the example's sizes are fixed."""
     args, kwargs = tuple(example_inputs), dict(example_kwargs)
     dynamic = _export_dynamic_shapes(model, example_inputs, example_kwargs)
+    wide_args, wide_kwargs = tuple(map(_widened, args)), {k: _widened(v) for k, v in kwargs.items()}
+    widened = any(w is not v for w, v in zip((*wide_args, *wide_kwargs.values()), (*args, *kwargs.values())))
+    attempts = ([(wide_args, wide_kwargs, dynamic, True)] if dynamic is not None and widened else []) \
+        + ([(args, kwargs, dynamic, False)] if dynamic is not None else []) + [(args, kwargs, None, False)]
     with stand_ins(model, torch.device("cpu")) as originals:
-        try:
-            program = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic)
-        except Exception:
-            if dynamic is None:
-                raise
-            program = torch.export.export(model, args, kwargs, strict=False)  # static shapes, last resort
+        for attempt, (example_args, example_kwargs_, shapes, is_widened) in enumerate(attempts):
+            try:
+                program = torch.export.export(model, example_args, example_kwargs_, strict=False,
+                                              dynamic_shapes=shapes)
+            except Exception:
+                if attempt == len(attempts) - 1:
+                    raise
+                continue
+            if not (is_widened and _fixed_at_two(program)):
+                break
         gm = program.module()
     put_back(gm, originals)
     # export's module refuses train()/eval(), which breaks program.train()/eval(); drop those

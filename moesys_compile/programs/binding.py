@@ -12,6 +12,10 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 
+class CapturedSizeError(ValueError):
+    """A call's input size differs from one that torch.export fixed while capturing."""
+
+
 class InputBinder:
     """Binds calls the way the example was bound when the model was captured.
 
@@ -51,7 +55,7 @@ class InputBinder:
             for dim, size in fixed.items():
                 if isinstance(leaf, torch.Tensor) and leaf.dim() > dim and leaf.shape[dim] != size:
                     where = f"{path[0].key}{pytree.keystr(path[1:])}.shape[{dim}]"
-                    raise ValueError(
+                    raise CapturedSizeError(
                         f"{where} is {leaf.shape[dim]}, but torch.export captured {self.model_name} with that size "
                         f"fixed to {size} (export fixes example sizes of 1, and every size when it cannot keep them "
                         f"symbolic); compile with example inputs whose batch and sequence are >= 2, or call it "

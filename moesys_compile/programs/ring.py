@@ -10,11 +10,14 @@ from the storage tier just before the section runs.
     >>> logits = program(ids); program.stats["efficiency"]                 # doctest: +SKIP
     >>> program.generate(ids, max_new_tokens=16)                           # doctest: +SKIP
 
-Compile with example inputs as large as the largest call: the activation workspace inside the
-budget is sized from them, and a larger call raises instead of overrunning the budget
-(``Plan.options["ring_workspace"]`` sets it explicitly; ``options["progress"]`` shows a progress
-bar while the weights are staged). ``Plan.weights_checkpoint`` stages from a checkpoint
-directory instead of the model's own tensors.
+The activation workspace inside the budget is sized from the example inputs
+(``Plan.options["ring_workspace"]`` sets it explicitly). A call whose activations exceed it
+runs in micro-batches through the same ring (each section over slices of the batch while its
+weights sit in the slot: the weights still move once per call); a call too large for that gets
+the graph lowered again at its own size (a larger workspace, smaller slots), which serves the
+calls after it; only a call no ring within the budget can hold is refused. ``options["progress"]``
+shows a progress bar while the weights are staged; ``Plan.weights_checkpoint`` stages from a
+checkpoint directory instead of the model's own tensors.
 """
 
 from __future__ import annotations
@@ -39,9 +42,11 @@ from moesys_compile.passes.ring_units import ALIGN, node_state
 from ..errors import MoesysError, warn_user
 from ..frontend.annotation import B, S, _dynamic_dims
 from ..runtime.ring import Copy, RingExecutor, SectionLoad, SlotPool, coalesce
-from ..runtime.workspace import activation_exprs, liveness_plan, peak_live_bytes, scratch_exprs
+from ..runtime.workspace import (activation_exprs, carried_bytes, liveness_plan, peak_live_bytes, scratch_exprs,
+                                 slice_peaks)
 from ..runtime.storage import WeightStore, checkpoint_source, model_source, sliced, stage
 from .base import Program
+from .binding import CapturedSizeError
 
 
 # the Plan.options keys ring inference reads (ring_partition: the workspace; staging: the bar)
@@ -57,7 +62,12 @@ def warn_unknown_options(options: dict) -> None:
 
 
 class RingBudgetError(MoesysError):
-    """A call needs more device memory than the ring program was compiled for."""
+    """A call needs more device memory than the ring program was compiled for (``reason``: what
+    does not fit, the message without its fix)."""
+
+    def __init__(self, message: str, reason: Optional[str] = None):
+        super().__init__(message)
+        self.reason = reason or message
 
 
 @dataclass
@@ -154,17 +164,96 @@ def section_module(gm: fx.GraphModule, nodes: list[fx.Node], inputs: list[fx.Nod
     return fx.GraphModule(root, graph, class_name="RingSection")
 
 
-def section_nodes(gm: fx.GraphModule, count: int) -> list[list[fx.Node]]:
-    """Nodes of each section from ``meta["moesys"]["section"]``; a node a later pass added
-    without one joins the section of the node before it."""
-    groups: list[list[fx.Node]] = [[] for _ in range(count)]
+def node_sections(gm: fx.GraphModule, count: int) -> dict[fx.Node, int]:
+    """Section of every node from ``meta["moesys"]["section"]``: a node a later pass added without
+    one joins the section of the node before it; placeholders are -1, the output ``count``."""
+    sections: dict[fx.Node, int] = {}
     current = 0
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "output"):
+            sections[node] = -1 if node.op == "placeholder" else count
             continue
         current = node.meta.get("moesys", {}).get("section", current)
-        groups[current].append(node)
+        sections[node] = current
+    return sections
+
+
+def section_nodes(gm: fx.GraphModule, count: int) -> list[list[fx.Node]]:
+    """Nodes of each section, in graph order (see ``node_sections``)."""
+    groups: list[list[fx.Node]] = [[] for _ in range(count)]
+    for node, index in node_sections(gm, count).items():
+        if 0 <= index < count:
+            groups[index].append(node)
     return groups
+
+
+# ---------------------------------------------------------------------------------------------
+# micro-batches: a call larger than the workspace runs each section over slices of the batch
+# ---------------------------------------------------------------------------------------------
+
+
+class Slices(list):
+    """A value computed per micro-batch: one entry per slice of the batch, in order."""
+
+
+def _batch_leading(expr: sympy.Expr) -> bool:
+    """A first dimension that is the batch times a factor free of it (B, 2*B, B*S)."""
+    return expr.has(B) and not sympy.simplify(expr / B).has(B)
+
+
+def micro_batch_plan(gm: fx.GraphModule, ctx) -> tuple[dict[fx.Node, str], Optional[str]]:
+    """How the graph's outputs join after micro-batches: ``"cat"`` (the batch is their first
+    dimension), ``"first"`` (they do not depend on the inputs) or ``"drop"`` (the load-balancing
+    loss, a mean over the whole batch: None after a split call); and why the graph cannot run in
+    micro-batches (None when it can). Rows of a batch are taken to be independent, as in every
+    inference forward of a language model, except where a capacity drops tokens."""
+    from moesys_compile.passes.decompose_moe import slot_capacity
+    if not ctx.annotation.symbolic:
+        return {}, f"shapes are static ({ctx.annotation.static_reason})"
+    if any(node.target is slot_capacity for node in gm.graph.nodes):
+        return {}, ("an MoE layer has a capacity_factor: which tokens it drops depends on the whole batch "
+                    "(set Plan.capacity_factor=0 for dropless inference)")
+    reads_inputs: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" or any(i in reads_inputs for i in node.all_input_nodes):
+            reads_inputs.add(node)
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    result, aux_loss = output.args[0]
+    join: dict[fx.Node, str] = {}
+    for node in dict.fromkeys(_leaves(result)):
+        val = node.meta.get("val")
+        if node not in reads_inputs:
+            join[node] = "first"
+        elif isinstance(val, torch.Tensor) and val.dim() >= 1 and _batch_leading(ctx.annotation.expr(val.shape[0])):
+            join[node] = "cat"
+        else:
+            shape = tuple(val.shape) if isinstance(val, torch.Tensor) else type(val).__name__
+            return {}, f"the output {node.name} ({shape}) does not have the batch as its first dimension"
+    if isinstance(aux_loss, fx.Node):
+        join.setdefault(aux_loss, "drop")
+    return join, None
+
+
+def _leaves(structure: Any) -> list[fx.Node]:
+    leaves: list[fx.Node] = []
+    fx.node.map_arg(structure, leaves.append)
+    return leaves
+
+
+def split_batch(value: Any, batch: int, bounds: list[tuple[int, int]]) -> Any:
+    """A graph input as ``Slices`` when its first dimension is the call's batch (others, such as
+    a broadcast [1, S] mask or an int, go whole to every micro-batch)."""
+    if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == batch:
+        return Slices(value[lo:hi] for lo, hi in bounds)
+    return value
+
+
+def join_slices(value: Any, how: str) -> Any:
+    if not isinstance(value, Slices):
+        return value
+    if how == "cat":
+        return torch.cat(value, dim=0)
+    return value[0] if how == "first" else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,6 +290,10 @@ class RingRuntime:
         self._scratch = [(i, sympy.lambdify((B, S), e, "math")) for i, e in enumerate(scratch_exprs(gm)) if e]
         self._liveness = liveness_plan(gm)
         self._act_cache: dict[tuple[int, int], int] = {}
+        count = len(self.sections)
+        self._section_of = list(node_sections(gm, count).values())
+        self._join, self._no_split = micro_batch_plan(gm, ctx)
+        self._split_cache: dict[tuple[int, int], tuple[list[tuple[int, int]], int]] = {}
         self.check_shapes = True
 
     def _split(self, gm: fx.GraphModule, store: WeightStore, names: dict[int, str]) -> list[Section]:
@@ -248,33 +341,81 @@ class RingRuntime:
                 drops[index].append(node)
         return drops
 
+    def _node_bytes(self, batch: int, seq: int) -> tuple[list[int], dict[int, int]]:
+        """Per node: the bytes it allocates, and its kernel's scratch, at (batch, seq)."""
+        values = self._act_fn(batch, seq)
+        return [int(values[i]) for i in self._act_index], {i: int(fn(batch, seq)) for i, fn in self._scratch}
+
     def activation_bytes(self, flat_inputs: list) -> int:
         """Estimated peak live activation bytes of a call (inputs' batch and sequence length)."""
         key = _batch_and_seq(flat_inputs)
         if key not in self._act_cache:
-            values = self._act_fn(*key)
-            own = [int(values[i]) for i in self._act_index]
-            scratch = {i: int(fn(*key)) for i, fn in self._scratch}   # kernels' temporaries, while they run
+            own, scratch = self._node_bytes(*key)     # scratch: kernels' temporaries, while they run
             self._act_cache[key] = peak_live_bytes(own, *self._liveness, scratch)
         return self._act_cache[key]
+
+    def micro_batches(self, batch: int, seq: int, whole: int) -> tuple[list[tuple[int, int]], int]:
+        """Slices of a batch whose activations (``whole`` bytes at once) exceed the workspace,
+        each section running over one slice at a time while its weights sit in the slot: the
+        values carried between sections are held for the whole batch, a section's temporaries
+        for one slice. Returns the slices' bounds and the estimated peak; raises
+        ``RingBudgetError`` when even one sequence at a time does not fit."""
+        key = (batch, seq)
+        if key in self._split_cache:
+            return self._split_cache[key]
+        fix = (f"compile with example inputs as large as this call (the ring was sized at batch "
+               f"{self.layout.example_shape[0]}, seq {self.layout.example_shape[1]}: a {self.layout.workspace}-byte "
+               f"workspace = device_budget {self.layout.budget} - {self.layout.slots} slots x {self.layout.slot_bytes} "
+               f"bytes), or set Plan.options['ring_workspace']")
+        if self._no_split is not None or batch == 1:
+            why = "it is a single sequence" if batch == 1 else f"it cannot run in micro-batches: {self._no_split}"
+            reason = (f"this call (batch {batch}, seq {seq}) needs about {whole} bytes of activations, more than the "
+                      f"{self.layout.workspace}-byte workspace, and {why}")
+            raise RingBudgetError(f"{reason}; {fix}", reason)
+        roots, frees = self._liveness
+        count = len(self.sections)
+        held = carried_bytes(self._node_bytes(batch, seq)[0], roots, frees, self._section_of, count)
+
+        def peak(size: int) -> int:
+            own, scratch = self._node_bytes(size, seq)
+            inside = slice_peaks(own, roots, frees, self._section_of, count, scratch)
+            return max([h + i for h, i in zip(held, inside)] + [2 * held[-1]])   # the last: joining the outputs
+        if peak(1) > self.layout.workspace:
+            reason = (f"this call (batch {batch}, seq {seq}) needs about {whole} bytes of activations, and about "
+                      f"{peak(1)} even one sequence at a time (the values carried between sections are held for "
+                      f"the whole batch)")
+            raise RingBudgetError(f"{reason}; {fix}", reason)
+        low, high = 1, batch - 1          # the largest slice that fits: peak grows with it
+        while low < high:
+            middle = (low + high + 1) // 2
+            low, high = (middle, high) if peak(middle) <= self.layout.workspace else (low, middle - 1)
+        bounds = [(start, min(start + low, batch)) for start in range(0, batch, low)]
+        self._split_cache[key] = bounds, peak(low)
+        return self._split_cache[key]
+
+    def plan_call(self, flat_inputs: list) -> tuple[list[tuple[int, int]], int]:
+        """The micro-batches of a call (one slice: the whole batch) and its estimated activation
+        bytes; raises ``RingBudgetError`` when it cannot run within the budget."""
+        activations = self.activation_bytes(flat_inputs)
+        batch, seq = _batch_and_seq(flat_inputs)
+        if not self.check_shapes:
+            return [(0, batch)], activations
+        self._check_static_shapes(flat_inputs)
+        if activations <= self.layout.workspace:
+            return [(0, batch)], activations
+        return self.micro_batches(batch, seq, activations)
 
     def __call__(self, flat_inputs: list) -> tuple[Any, dict]:
         executor = self.executor
         executor.begin_call()      # the wall covers the whole call: checks, inputs, sections, output
-        activations = self.activation_bytes(flat_inputs)
-        if self.check_shapes:
-            self._check_static_shapes(flat_inputs)
-        if self.check_shapes and activations > self.layout.workspace:
-            raise RingBudgetError(
-                f"this call needs about {activations} bytes of activations but the ring was compiled with a "
-                f"{self.layout.workspace}-byte workspace (device_budget {self.layout.budget} - {self.layout.slots} "
-                f"slots x {self.layout.slot_bytes} bytes, sized at batch {self.layout.example_shape[0]}, seq "
-                f"{self.layout.example_shape[1]}); compile with example inputs as large as this call, or set "
-                f"Plan.options['ring_workspace']")
+        bounds, activations = self.plan_call(flat_inputs)
+        batch = bounds[-1][1]
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
             baseline = torch.cuda.memory_allocated(self.device) - self.pool.nbytes   # slots count, the rest is not ours
         env = {node: _to_device(value, self.device) for node, value in zip(self.placeholders, flat_inputs)}
+        if len(bounds) > 1:
+            env = {node: split_batch(value, batch, bounds) for node, value in env.items()}
         with torch.inference_mode():
             try:
                 for section in self.sections:
@@ -285,9 +426,11 @@ class RingRuntime:
             except BaseException:
                 executor.skip_rest_of_pass()
                 raise
-        output = fx.node.map_arg(self.output_node.args[0], lambda n: env[n])
+        output = fx.node.map_arg(self.output_node.args[0], lambda n: join_slices(env[n], self._join.get(n, "cat")))
         call = executor.end_call()
         stats = self._stats(call, activations)
+        stats["micro_batches"] = len(bounds)
+        stats["compiled_for"] = self.layout.example_shape
         if self.device.type == "cuda":
             stats["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(self.device) - baseline
         return output, stats
@@ -300,15 +443,21 @@ class RingRuntime:
             return
         batch, seq = _batch_and_seq(flat_inputs)
         if batch > annotation.example_batch or seq > annotation.example_seq:
-            raise RingBudgetError(
-                f"this call (batch {batch}, seq {seq}) is larger than the example the ring was compiled with "
-                f"(batch {annotation.example_batch}, seq {annotation.example_seq}), and its activations cannot be "
-                f"estimated: shapes are static because symbolic shape propagation failed "
-                f"({annotation.static_reason}); compile with example inputs as large as the largest call")
+            reason = (f"this call (batch {batch}, seq {seq}) is larger than the example the ring was compiled with "
+                      f"(batch {annotation.example_batch}, seq {annotation.example_seq}), and its activations cannot "
+                      f"be estimated: shapes are static because symbolic shape propagation failed "
+                      f"({annotation.static_reason})")
+            raise RingBudgetError(f"{reason}; compile with example inputs as large as the largest call", reason)
 
     def _run_section(self, section: Section, *args: Any) -> tuple:
-        """Run one section; outputs that view its slot (e.g. slices of a weight) are copied out
-        before the slot is handed back to the copy thread."""
+        """Run one section — once per micro-batch when an input comes in ``Slices`` —; outputs that
+        view its slot (e.g. slices of a weight) are copied out before the slot is handed back to
+        the copy thread."""
+        count = next((len(a) for a in args if isinstance(a, Slices)), 0)
+        if count:
+            per_slice = [self._run_section(section, *[a[i] if isinstance(a, Slices) else a for a in args])
+                         for i in range(count)]
+            return tuple(Slices(values) for values in zip(*per_slice))
         values = section.module(*args)
         return tuple(v.clone() if isinstance(v, torch.Tensor) and self.pool.owns(v) else v for v in values)
 
@@ -338,9 +487,12 @@ def _to_device(value: Any, device: torch.device) -> Any:
 
 
 class RingProgram(Program):
-    """``program(*args)`` runs the model through the memory ring; ``program.stats`` describes the
-    last call; ``program.generate(ids, n)`` decodes greedily (with a KV cache for the built-in LMs,
-    by recomputing the sequence for other causal LMs)."""
+    """``program(*args)`` runs the model through the memory ring, at any batch and sequence length
+    the budget can hold; ``program.stats`` describes the last call (``micro_batches``: slices of
+    the batch it ran in — after more than one, ``program.aux_loss``, a mean over the whole batch,
+    is None; ``compiled_for``: the example size of the ring it ran on); ``program.generate(ids,
+    n)`` decodes greedily (with a KV cache for the built-in LMs, by recomputing the sequence for
+    other causal LMs)."""
 
     def __init__(self, gm: fx.GraphModule, ctx):
         super().__init__(gm, ctx)
@@ -357,7 +509,7 @@ class RingProgram(Program):
         self.store = stage(groups, self.source, plan.weights, plan.offload_dir, layout.dtype,
                            pin=self.device.type == "cuda", progress=bool(plan.options.get("progress", False)))
         self._runtimes: dict[Any, RingRuntime] = {}
-        self._forward_graph = (gm, ctx)
+        self._forward_key, self._forward_graph = "forward", (gm, ctx)
         self.stats: dict = {}
         self._lock = threading.RLock()   # calls from several threads take turns: the ring runs one pass at a time
 
@@ -379,12 +531,46 @@ class RingProgram(Program):
         return self._runtimes[key]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        binder = self.context.extras["binder"]
         with self._lock:
-            runtime = self.runtime("forward", self._forward_graph)
-            (output, aux_loss), self.stats = runtime(binder.graph_inputs(args, kwargs))
+            runtime, flat_inputs = self._runtime_for_call(args, kwargs)
+            (output, aux_loss), self.stats = runtime(flat_inputs)
             self.aux_loss = aux_loss
-        return binder.model_output(output)
+            return self._forward_graph[1].extras["binder"].model_output(output)
+
+    def _runtime_for_call(self, args: tuple, kwargs: dict) -> tuple[RingRuntime, list]:
+        """The forward ring and the call's graph inputs. A call that fits neither the compiled
+        workspace nor, in micro-batches, the compiled ring gets the forward graph lowered again at
+        its own size (a larger workspace, smaller slots), which then serves every later call."""
+        try:
+            flat_inputs = self._forward_graph[1].extras["binder"].graph_inputs(args, kwargs)
+            runtime = self.forward_runtime()
+            runtime.plan_call(flat_inputs)
+            return runtime, flat_inputs
+        except (RingBudgetError, CapturedSizeError) as refusal:
+            for runtime in self._runtimes.values():    # their slots are not needed while lowering
+                runtime.close()
+            self._runtimes.clear()
+            lowered = self._lower_for_call(args, kwargs, refusal)
+        flat_inputs = lowered[1].extras["binder"].graph_inputs(args, kwargs)
+        self._forward_key, self._forward_graph = ("forward", *_batch_and_seq(flat_inputs)), lowered
+        return self.forward_runtime(), flat_inputs
+
+    def forward_runtime(self) -> RingRuntime:
+        """The ring of the forward graph (the one compiled, or the last one lowered for a call)."""
+        return self.runtime(self._forward_key, self._forward_graph)
+
+    def _lower_for_call(self, args: tuple, kwargs: dict, refusal: Exception) -> tuple:
+        from ..api import lower
+        from moesys_compile.passes.ring_partition import RingBudgetTooSmall
+        compiled = self._forward_graph[1].annotation
+        try:
+            return lower(self.context.model, self.plan, args, kwargs)
+        except RingBudgetTooSmall as exc:
+            raise RingBudgetError(
+                f"this call does not fit Plan.device_budget: a ring lowered at its size is refused ({exc.cause}), "
+                f"and the ring compiled at batch {compiled.example_batch}, seq {compiled.example_seq} cannot take "
+                f"it ({getattr(refusal, 'reason', refusal)}); pass fewer sequences per call or raise "
+                f"Plan.device_budget") from exc
 
     def generate(self, ids: torch.Tensor, max_new_tokens: int,
                  attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:

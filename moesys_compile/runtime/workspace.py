@@ -83,6 +83,10 @@ def liveness_plan(gm: fx.GraphModule) -> tuple[list[int], list[list[int]]]:
 ALLOCATION_GRANULE = 512
 
 
+def _granule(nbytes: int) -> int:
+    return -(-nbytes // ALLOCATION_GRANULE) * ALLOCATION_GRANULE
+
+
 def peak_live_bytes(own_bytes: list[int], roots: list[int], frees: list[list[int]],
                     transient: Optional[dict[int, int]] = None) -> int:
     """Largest sum of live allocations while the graph runs in order (``transient``: extra bytes
@@ -90,7 +94,7 @@ def peak_live_bytes(own_bytes: list[int], roots: list[int], frees: list[list[int
     live = peak = 0
     size = [0] * len(own_bytes)
     for i, nbytes in enumerate(own_bytes):
-        nbytes = -(-nbytes // ALLOCATION_GRANULE) * ALLOCATION_GRANULE
+        nbytes = _granule(nbytes)
         size[roots[i]] += nbytes
         live += nbytes
         peak = max(peak, live + (transient or {}).get(i, 0))
@@ -117,3 +121,52 @@ def evaluate_workspace(exprs: list, liveness: tuple, batch: int, seq: int,
         if e:
             extra[i] = extra.get(i, 0) + int(sympy.sympify(e).xreplace(values))
     return peak_live_bytes(own, *liveness, extra)
+
+
+# ---------------------------------------------------------------------------------------------
+# micro-batches: each section runs over the batch one slice at a time
+# ---------------------------------------------------------------------------------------------
+
+
+def carried_bytes(full_bytes: list[int], roots: list[int], frees: list[list[int]], section_of: list[int],
+                  sections: int) -> list[int]:
+    """Per section, and last the graph's outputs: bytes of the values held for the whole batch
+    while the sections run in micro-batches — what earlier sections (or the graph inputs, section
+    -1) produced and a later node still reads, and the section's own outputs, all slices of them.
+    ``section_of`` per node; the output node's is ``sections``, so the graph's outputs stay."""
+    root_bytes = [0] * len(full_bytes)
+    for i, nbytes in enumerate(full_bytes):
+        root_bytes[roots[i]] += _granule(nbytes)
+    freed_in = {root: section_of[i] for i, freed in enumerate(frees) for root in freed}
+    change = [0] * (sections + 2)
+    for root, nbytes in enumerate(root_bytes):
+        made, freed = section_of[root], min(freed_in.get(root, sections), sections)
+        if nbytes and freed > made:          # read past the section that made it: held whole
+            change[max(made, 0)] += nbytes
+            change[freed + 1] -= nbytes
+    held, running = [], 0
+    for k in range(sections + 1):
+        running += change[k]
+        held.append(running)
+    return held
+
+
+def slice_peaks(slice_bytes: list[int], roots: list[int], frees: list[list[int]], section_of: list[int],
+                sections: int, transient: Optional[dict[int, int]] = None) -> list[int]:
+    """Per section: the peak of its own temporaries while it runs one micro-batch (``slice_bytes``
+    per node at the slice's batch; ``transient``: a kernel's scratch while node i runs). Values
+    of earlier sections are ``carried_bytes``' and are not counted again."""
+    peaks, live, size = [0] * sections, [0] * sections, [0] * len(slice_bytes)
+    for i, nbytes in enumerate(slice_bytes):
+        k = section_of[i]
+        if not 0 <= k < sections:
+            continue
+        nbytes = _granule(nbytes)
+        size[roots[i]] += nbytes
+        live[k] += nbytes
+        peaks[k] = max(peaks[k], live[k] + (transient or {}).get(i, 0))
+        for root in frees[i]:
+            if section_of[root] == k:
+                live[k] -= size[root]
+                size[root] = 0
+    return peaks
