@@ -63,6 +63,9 @@ def test_a_hugging_face_model_from_its_config_equals_the_model_loaded_whole(fami
     program = _ring(model, tmp_path / "hf", tmp_path, model_bytes(whole) // 2 + 2**16)
     with torch.inference_mode():
         torch.testing.assert_close(_logits(program(_ids())), _logits(whole(_ids())), rtol=1e-5, atol=1e-5)
+        # past the workspace sized at (2, 8): the meta model is lowered again, still reading no whole model
+        torch.testing.assert_close(_logits(program(_ids(4, 12))), _logits(whole(_ids(4, 12))), rtol=1e-5, atol=1e-5)
+    assert program.stats["compiled_for"] == (4, 12)
     blocks = [b for b in program.context.blocks if b.action != "left"]
     assert blocks and all(b.action == "replaced" for b in blocks)       # recognised from the checkpoint's tensors
     assert meta_tensor_names(model) and not meta_tensor_names(whole)
