@@ -130,11 +130,27 @@ def test_a_call_too_large_for_the_compiled_ring_gets_a_ring_lowered_for_it(tmp_p
     assert program.stats["compiled_for"] == (8, 16)
 
 
+def test_a_call_no_ring_holds_whole_runs_in_micro_batches_on_a_ring_lowered_for_them(tmp_path):
+    """Neither the compiled ring (in micro-batches) nor a ring sized for the whole call fits:
+    the ring lowered with the workspace of one sequence at a time (what the compiled ring
+    estimated, the carried values held whole) takes the call in micro-batches."""
+    model = build("tiny-moe")
+    program = ring(model, 2, "host", tmp_path, torch.randint(0, 256, (2, 8)))
+    ids = torch.randint(0, 256, (8, 24))
+    with torch.inference_mode():
+        torch.testing.assert_close(program(ids), model(ids), atol=1e-6, rtol=0)
+    stats, runtime = program.stats, program.forward_runtime()
+    assert stats["compiled_for"] == (8, 24) and stats["micro_batches"] > 1
+    assert stats["peak_device_bytes"] <= stats["budget_bytes"]
+    assert runtime.activation_bytes([ids]) > runtime.layout.workspace >= stats["activation_bytes"]
+
+
 def test_a_call_that_fits_no_ring_of_the_budget_raises_and_the_ring_stays_usable(tmp_path):
     model = build("tiny-gpt")
     program = ring(model, 8, "host", tmp_path, torch.randint(0, 256, (1, 4)))
-    with pytest.raises(RingBudgetError, match=r"does not fit Plan.device_budget: .*below the minimum \d+ bytes.*"
-                                              r"batch 8, seq 64.*fewer sequences per call"):
+    with pytest.raises(RingBudgetError, match=r"does not fit Plan.device_budget: the ring compiled at batch 1, seq 4 "
+                                              r"cannot take it .*nor can a ring lowered for it .*below the minimum "
+                                              r"\d+ bytes.*batch 8, seq 64.*fewer sequences per call"):
         program(torch.randint(0, 256, (8, 64)))
     small = torch.randint(0, 256, (1, 4))          # the ring is still in order after the refusal
     torch.testing.assert_close(program(small), model(small), atol=1e-6, rtol=0)

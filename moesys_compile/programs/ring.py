@@ -14,8 +14,9 @@ The activation workspace inside the budget is sized from the example inputs
 (``Plan.options["ring_workspace"]`` sets it explicitly). A call whose activations exceed it
 runs in micro-batches through the same ring (each section over slices of the batch while its
 weights sit in the slot: the weights still move once per call); a call too large for that gets
-the graph lowered again at its own size (a larger workspace, smaller slots), which serves the
-calls after it; only a call no ring within the budget can hold is refused. ``options["progress"]``
+the graph lowered again at its own size (a larger workspace, smaller slots: for the whole call,
+or else for micro-batches of it), which serves the calls after it; only a call no ring within the
+budget can hold is refused. ``options["progress"]``
 shows a progress bar while the weights are staged; ``Plan.weights_checkpoint`` stages from a
 checkpoint directory instead of the model's own tensors.
 """
@@ -23,6 +24,7 @@ checkpoint directory instead of the model's own tensors.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import threading
 import weakref
@@ -65,9 +67,10 @@ class RingBudgetError(MoesysError):
     """A call needs more device memory than the ring program was compiled for (``reason``: what
     does not fit, the message without its fix)."""
 
-    def __init__(self, message: str, reason: Optional[str] = None):
+    def __init__(self, message: str, reason: Optional[str] = None, sliced_bytes: Optional[int] = None):
         super().__init__(message)
         self.reason = reason or message
+        self.sliced_bytes = sliced_bytes     # the workspace micro-batches of one sequence would need
 
 
 @dataclass
@@ -384,7 +387,7 @@ class RingRuntime:
             reason = (f"this call (batch {batch}, seq {seq}) needs about {whole} bytes of activations, and about "
                       f"{peak(1)} even one sequence at a time (the values carried between sections are held for "
                       f"the whole batch)")
-            raise RingBudgetError(f"{reason}; {fix}", reason)
+            raise RingBudgetError(f"{reason}; {fix}", reason, sliced_bytes=peak(1))
         low, high = 1, batch - 1          # the largest slice that fits: peak grows with it
         while low < high:
             middle = (low + high + 1) // 2
@@ -539,38 +542,56 @@ class RingProgram(Program):
 
     def _runtime_for_call(self, args: tuple, kwargs: dict) -> tuple[RingRuntime, list]:
         """The forward ring and the call's graph inputs. A call that fits neither the compiled
-        workspace nor, in micro-batches, the compiled ring gets the forward graph lowered again at
-        its own size (a larger workspace, smaller slots), which then serves every later call."""
+        workspace nor, in micro-batches, the compiled ring gets a ring lowered for it
+        (``_ring_for_call``), which then serves every later call."""
         try:
             flat_inputs = self._forward_graph[1].extras["binder"].graph_inputs(args, kwargs)
             runtime = self.forward_runtime()
             runtime.plan_call(flat_inputs)
             return runtime, flat_inputs
         except (RingBudgetError, CapturedSizeError) as refusal:
-            for runtime in self._runtimes.values():    # their slots are not needed while lowering
-                runtime.close()
-            self._runtimes.clear()
-            lowered = self._lower_for_call(args, kwargs, refusal)
-        flat_inputs = lowered[1].extras["binder"].graph_inputs(args, kwargs)
-        self._forward_key, self._forward_graph = ("forward", *_batch_and_seq(flat_inputs)), lowered
-        return self.forward_runtime(), flat_inputs
+            self._close_runtimes()                     # their slots are not needed while lowering
+            return self._ring_for_call(args, kwargs, refusal)
 
     def forward_runtime(self) -> RingRuntime:
         """The ring of the forward graph (the one compiled, or the last one lowered for a call)."""
         return self.runtime(self._forward_key, self._forward_graph)
 
-    def _lower_for_call(self, args: tuple, kwargs: dict, refusal: Exception) -> tuple:
+    def _ring_for_call(self, args: tuple, kwargs: dict, refusal: Exception) -> tuple[RingRuntime, list]:
+        """The forward graph lowered at the call's size: with the workspace the whole call needs
+        (larger, with smaller slots); failing that, with the workspace a ring estimated for running
+        it in micro-batches (``RingBudgetError.sliced_bytes``: the values carried between sections
+        for the whole batch plus one sequence's temporaries), the new ring's own estimate last."""
         from ..api import lower
         from moesys_compile.passes.ring_partition import RingBudgetTooSmall
         compiled = self._forward_graph[1].annotation
-        try:
-            return lower(self.context.model, self.plan, args, kwargs)
-        except RingBudgetTooSmall as exc:
-            raise RingBudgetError(
-                f"this call does not fit Plan.device_budget: a ring lowered at its size is refused ({exc.cause}), "
-                f"and the ring compiled at batch {compiled.example_batch}, seq {compiled.example_seq} cannot take "
-                f"it ({getattr(refusal, 'reason', refusal)}); pass fewer sequences per call or raise "
-                f"Plan.device_budget") from exc
+        plan, causes = self.plan, []
+        for _ in range(3):
+            try:
+                lowered = lower(self.context.model, plan, args, kwargs)
+                flat_inputs = lowered[1].extras["binder"].graph_inputs(args, kwargs)
+                key = ("forward", *_batch_and_seq(flat_inputs), plan.options.get("ring_workspace"))
+                runtime = self.runtime(key, lowered)
+                runtime.plan_call(flat_inputs)
+            except (RingBudgetTooSmall, RingBudgetError) as exc:
+                self._close_runtimes()
+                causes.append(str(exc.cause) if isinstance(exc, RingBudgetTooSmall) else exc.reason)
+                sliced = getattr(exc, "sliced_bytes", None) or getattr(refusal, "sliced_bytes", None)
+                if sliced is None or sliced == plan.options.get("ring_workspace"):
+                    break
+                plan = dataclasses.replace(self.plan, options={**self.plan.options, "ring_workspace": sliced})
+                continue
+            self._forward_key, self._forward_graph = key, lowered
+            return runtime, flat_inputs
+        raise RingBudgetError(
+            f"this call does not fit Plan.device_budget: the ring compiled at batch {compiled.example_batch}, seq "
+            f"{compiled.example_seq} cannot take it ({getattr(refusal, 'reason', refusal)}), nor can a ring lowered "
+            f"for it ({'; '.join(causes)}); pass fewer sequences per call or raise Plan.device_budget")
+
+    def _close_runtimes(self) -> None:
+        for runtime in self._runtimes.values():
+            runtime.close()
+        self._runtimes.clear()
 
     def generate(self, ids: torch.Tensor, max_new_tokens: int,
                  attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -582,6 +603,4 @@ class RingProgram(Program):
 
     def close(self) -> None:
         with self._lock:
-            for runtime in self._runtimes.values():
-                runtime.close()
-            self._runtimes.clear()
+            self._close_runtimes()
