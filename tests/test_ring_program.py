@@ -130,6 +130,23 @@ def test_a_call_too_large_for_the_compiled_ring_gets_a_ring_lowered_for_it(tmp_p
     assert program.stats["compiled_for"] == (8, 16)
 
 
+def test_a_growing_call_lowers_again_at_powers_of_two_only(tmp_path, monkeypatch):
+    """A caller's own decoding loop (one token longer each call) past the compiled workspace: the
+    ring lowered for a call is sized for its length rounded up to a power of two, so 16 calls
+    from seq 5 to 20 lower three times (for 8, 16 and 32), not sixteen."""
+    from moesys_compile import api
+    model = build("tiny-gpt")
+    program = ring(model, 2, "host", tmp_path, torch.randint(0, 256, (1, 4)))
+    lowerings = []
+    monkeypatch.setattr(api, "lower", lambda *args, **kwargs: lowerings.append(1) or mc.lower(*args, **kwargs))
+    ids = torch.randint(0, 256, (1, 20))
+    for seq in range(5, 21):
+        with torch.inference_mode():
+            torch.testing.assert_close(program(ids[:, :seq]), model(ids[:, :seq]), atol=1e-6, rtol=0)
+        assert program.stats["peak_device_bytes"] <= program.stats["budget_bytes"]
+    assert len(lowerings) == 3
+
+
 def test_a_call_no_ring_holds_whole_runs_in_micro_batches_on_a_ring_lowered_for_them(tmp_path):
     """Neither the compiled ring (in micro-batches) nor a ring sized for the whole call fits:
     the ring lowered with the workspace of one sequence at a time (what the compiled ring

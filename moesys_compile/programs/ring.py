@@ -14,9 +14,9 @@ The activation workspace inside the budget is sized from the example inputs
 (``Plan.options["ring_workspace"]`` sets it explicitly). A call whose activations exceed it
 runs in micro-batches through the same ring (each section over slices of the batch while its
 weights sit in the slot: the weights still move once per call); a call too large for that gets
-the graph lowered again at its own size (a larger workspace, smaller slots: for the whole call,
-or else for micro-batches of it), which serves the calls after it; only a call no ring within the
-budget can hold is refused. ``options["progress"]``
+the graph lowered again at its own size (a larger workspace, smaller slots: for the call rounded
+up to powers of two, for the call, or else for micro-batches of it), which serves the calls after
+it; only a call no ring within the budget can hold is refused. ``options["progress"]``
 shows a progress bar while the weights are staged; ``Plan.weights_checkpoint`` stages from a
 checkpoint directory instead of the model's own tensors.
 """
@@ -38,7 +38,7 @@ import torch.fx as fx
 from torch import nn
 
 from moesys_compile.ir import fetch
-from moesys_compile.passes.ring_partition import RingLayout
+from moesys_compile.passes.ring_partition import RingBudgetTooSmall, RingLayout
 from moesys_compile.passes.ring_units import ALIGN, node_state
 
 from ..errors import MoesysError, warn_user
@@ -351,11 +351,25 @@ class RingRuntime:
 
     def activation_bytes(self, flat_inputs: list) -> int:
         """Estimated peak live activation bytes of a call (inputs' batch and sequence length)."""
-        key = _batch_and_seq(flat_inputs)
+        return self.activation_bytes_at(*_batch_and_seq(flat_inputs))
+
+    def activation_bytes_at(self, batch: int, seq: int) -> int:
+        key = (batch, seq)
         if key not in self._act_cache:
             own, scratch = self._node_bytes(*key)     # scratch: kernels' temporaries, while they run
             self._act_cache[key] = peak_live_bytes(own, *self._liveness, scratch)
         return self._act_cache[key]
+
+    def workspace_ahead(self, flat_inputs: list) -> Optional[int]:
+        """The activation bytes at the call's batch and sequence rounded up to powers of two: a
+        ring lowered with that workspace also takes the next calls of a growing size (None with
+        static shapes, whose estimate does not grow)."""
+        if not self.ctx.annotation.symbolic:
+            return None
+        batch, seq = _batch_and_seq(flat_inputs)
+        ahead = self.activation_bytes_at(_power_of_two_at_least(batch), _power_of_two_at_least(seq))
+        beside_workspace = self.layout.min_budget - self.layout.workspace     # the smallest slots, resident state
+        return ahead if ahead <= self.layout.budget - beside_workspace else None
 
     def micro_batches(self, batch: int, seq: int, whole: int) -> tuple[list[tuple[int, int]], int]:
         """Slices of a batch whose activations (``whole`` bytes at once) exceed the workspace,
@@ -480,6 +494,10 @@ class RingRuntime:
         self._finalizer()
 
 
+def _power_of_two_at_least(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def _to_device(value: Any, device: torch.device) -> Any:
     return value.to(device) if isinstance(value, torch.Tensor) else value
 
@@ -544,42 +562,51 @@ class RingProgram(Program):
         """The forward ring and the call's graph inputs. A call that fits neither the compiled
         workspace nor, in micro-batches, the compiled ring gets a ring lowered for it
         (``_ring_for_call``), which then serves every later call."""
+        runtime = None
         try:
             flat_inputs = self._forward_graph[1].extras["binder"].graph_inputs(args, kwargs)
             runtime = self.forward_runtime()
             runtime.plan_call(flat_inputs)
             return runtime, flat_inputs
         except (RingBudgetError, CapturedSizeError) as refusal:
+            ahead = runtime.workspace_ahead(flat_inputs) if isinstance(refusal, RingBudgetError) else None
             self._close_runtimes()                     # their slots are not needed while lowering
-            return self._ring_for_call(args, kwargs, refusal)
+            return self._ring_for_call(args, kwargs, refusal, ahead)
 
     def forward_runtime(self) -> RingRuntime:
         """The ring of the forward graph (the one compiled, or the last one lowered for a call)."""
         return self.runtime(self._forward_key, self._forward_graph)
 
-    def _ring_for_call(self, args: tuple, kwargs: dict, refusal: Exception) -> tuple[RingRuntime, list]:
-        """The forward graph lowered at the call's size: with the workspace the whole call needs
-        (larger, with smaller slots); failing that, with the workspace a ring estimated for running
-        it in micro-batches (``RingBudgetError.sliced_bytes``: the values carried between sections
-        for the whole batch plus one sequence's temporaries), the new ring's own estimate last."""
+    def _ring_for_call(self, args: tuple, kwargs: dict, refusal: Exception,
+                       ahead: Optional[int]) -> tuple[RingRuntime, list]:
+        """The forward graph lowered at the call's size, with the first workspace whose ring takes
+        the call: ``ahead`` (sized for the call rounded up to powers of two, so that a growing
+        call does not lower again at every size), the whole call's, then the one a ring estimated
+        for running the call in micro-batches (``RingBudgetError.sliced_bytes``: the values carried
+        between sections for the whole batch plus one sequence's temporaries), the new ring's own
+        estimate last. A larger workspace leaves smaller slots in the same budget."""
         from ..api import lower
-        from moesys_compile.passes.ring_partition import RingBudgetTooSmall
         compiled = self._forward_graph[1].annotation
-        plan, causes = self.plan, []
-        for _ in range(3):
+        workspaces, tried, causes = ([ahead] if ahead else []) + [None], [], []
+        while workspaces and len(tried) < 4:
+            workspace = workspaces.pop(0)
+            looking_ahead = bool(ahead) and not tried
+            tried.append(workspace)
+            plan = self.plan if workspace is None else dataclasses.replace(
+                self.plan, options={**self.plan.options, "ring_workspace": workspace})
             try:
                 lowered = lower(self.context.model, plan, args, kwargs)
                 flat_inputs = lowered[1].extras["binder"].graph_inputs(args, kwargs)
-                key = ("forward", *_batch_and_seq(flat_inputs), plan.options.get("ring_workspace"))
+                key = ("forward", *_batch_and_seq(flat_inputs), workspace)
                 runtime = self.runtime(key, lowered)
                 runtime.plan_call(flat_inputs)
             except (RingBudgetTooSmall, RingBudgetError) as exc:
                 self._close_runtimes()
-                causes.append(str(exc.cause) if isinstance(exc, RingBudgetTooSmall) else exc.reason)
+                if not looking_ahead:                  # the look-ahead is a bonus, not worth a word
+                    causes.append(str(exc.cause) if isinstance(exc, RingBudgetTooSmall) else exc.reason)
                 sliced = getattr(exc, "sliced_bytes", None) or getattr(refusal, "sliced_bytes", None)
-                if sliced is None or sliced == plan.options.get("ring_workspace"):
-                    break
-                plan = dataclasses.replace(self.plan, options={**self.plan.options, "ring_workspace": sliced})
+                if not workspaces and sliced is not None and sliced not in tried:
+                    workspaces.append(sliced)
                 continue
             self._forward_key, self._forward_graph = key, lowered
             return runtime, flat_inputs
