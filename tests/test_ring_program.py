@@ -175,7 +175,7 @@ def test_a_call_that_fits_no_ring_of_the_budget_raises_and_the_ring_stays_usable
 
 def test_micro_batch_estimate_covers_the_whole_batch_at_one_slice(tmp_path):
     """With one slice as large as the batch, the split estimate (values carried between sections
-    held whole, the outputs joined) is never below the unsplit liveness peak."""
+    held whole, the outputs gathered into one) is never below the unsplit liveness peak."""
     model = build("tiny-moe")
     ids = torch.randint(0, 256, (4, 12))
     runtime = ring(model, 2, "host", tmp_path, ids).forward_runtime()

@@ -196,7 +196,9 @@ def section_nodes(gm: fx.GraphModule, count: int) -> list[list[fx.Node]]:
 
 
 class Slices(list):
-    """A value computed per micro-batch: one entry per slice of the batch, in order."""
+    """A value computed per micro-batch: one entry per slice of the batch, in order (``whole``:
+    the tensor they view, when a graph output's slices were gathered into one as they came)."""
+    whole: Optional[torch.Tensor] = None
 
 
 def _batch_leading(expr: sympy.Expr) -> bool:
@@ -255,7 +257,7 @@ def join_slices(value: Any, how: str) -> Any:
     if not isinstance(value, Slices):
         return value
     if how == "cat":
-        return torch.cat(value, dim=0)
+        return value.whole if value.whole is not None else torch.cat(value, dim=0)
     return value[0] if how == "first" else None
 
 
@@ -297,6 +299,7 @@ class RingRuntime:
         self._section_of = list(node_sections(gm, count).values())
         self._join, self._no_split = micro_batch_plan(gm, ctx)
         self._split_cache: dict[tuple[int, int], tuple[list[tuple[int, int]], int]] = {}
+        self._bounds: list[tuple[int, int]] = []       # the micro-batches of the call running
         self.check_shapes = True
 
     def _split(self, gm: fx.GraphModule, store: WeightStore, names: dict[int, str]) -> list[Section]:
@@ -396,7 +399,7 @@ class RingRuntime:
         def peak(size: int) -> int:
             own, scratch = self._node_bytes(size, seq)
             inside = slice_peaks(own, roots, frees, self._section_of, count, scratch)
-            return max([h + i for h, i in zip(held, inside)] + [2 * held[-1]])   # the last: joining the outputs
+            return max(h + i for h, i in zip(held, inside))
         if peak(1) > self.layout.workspace:
             reason = (f"this call (batch {batch}, seq {seq}) needs about {whole} bytes of activations, and about "
                       f"{peak(1)} even one sequence at a time (the values carried between sections are held for "
@@ -426,7 +429,7 @@ class RingRuntime:
         executor = self.executor
         executor.begin_call()      # the wall covers the whole call: checks, inputs, sections, output
         bounds, activations = self.plan_call(flat_inputs)
-        batch = bounds[-1][1]
+        batch, self._bounds = bounds[-1][1], bounds
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
             baseline = torch.cuda.memory_allocated(self.device) - self.pool.nbytes   # slots count, the rest is not ours
@@ -472,11 +475,23 @@ class RingRuntime:
         the copy thread."""
         count = next((len(a) for a in args if isinstance(a, Slices)), 0)
         if count:
-            per_slice = [self._run_section(section, *[a[i] if isinstance(a, Slices) else a for a in args])
-                         for i in range(count)]
-            return tuple(Slices(values) for values in zip(*per_slice))
+            outputs = [Slices() for _ in section.outputs]
+            for i in range(count):
+                values = self._run_section(section, *[a[i] if isinstance(a, Slices) else a for a in args])
+                for node, into, value in zip(section.outputs, outputs, values):
+                    into.append(self._gather(into, value, i) if self._join.get(node) == "cat" else value)
+            return tuple(outputs)
         values = section.module(*args)
         return tuple(v.clone() if isinstance(v, torch.Tensor) and self.pool.owns(v) else v for v in values)
+
+    def _gather(self, into: Slices, value: torch.Tensor, index: int) -> torch.Tensor:
+        """Copy micro-batch ``index`` of a graph output into the whole output (allocated at the
+        first), so that joining the slices allocates nothing; returns the view standing for it."""
+        lo, hi = self._bounds[index]
+        rows = value.shape[0] // (hi - lo)           # per sequence: 1, or S for [B*S, ...] outputs
+        if into.whole is None:
+            into.whole = value.new_empty((rows * self._bounds[-1][1], *value.shape[1:]))
+        return into.whole[rows * lo:rows * hi].copy_(value)
 
     def _stats(self, call, activations: int) -> dict:
         bound = max(call.transfer_seconds, call.compute_seconds)
