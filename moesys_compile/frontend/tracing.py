@@ -139,8 +139,8 @@ def traced_names(model: nn.Module, example_inputs: Sequence[Any], example_kwargs
         shape = f"torch.randint(0, {vocab}, (2, 128))" if isinstance(vocab, int) else "a tensor"
         raise UntraceableModelError(
             f"{type(model).__name__}.forward needs argument(s) {missing} that the example inputs do not give; "
-            f"pass them in example_inputs/example_kwargs (e.g. example_inputs=({shape},)), with batch and "
-            f"sequence at least 2 and as large as the largest call for a ring program")
+            f"pass them in example_inputs/example_kwargs (e.g. example_inputs=({shape},)); a ring program "
+            f"sizes its activation workspace at them")
     return traced, concrete
 
 
