@@ -106,7 +106,8 @@ def _capture_and_annotate(model, example_inputs, example_kwargs, leaf_modules, f
     kind = gm.meta.get("moesys_capture", "fx")
     traced, _ = traced_names(model, example_inputs, example_kwargs)
     out_spec = flatten_export_codegen(gm) if kind == "export" and for_program else None
-    binder = InputBinder(model, traced, kind, out_spec, fixed_input_sizes(gm) if kind == "export" else ())
+    binder = InputBinder(model, traced, kind, out_spec, fixed_input_sizes(gm) if kind == "export" else (),
+                         getattr(gm, "_guards_fn", None) if kind == "export" else None)
     if for_program:
         expose_aux_loss(gm)
     annotation = annotate(gm, binder.graph_inputs(example_inputs, example_kwargs))

@@ -68,13 +68,14 @@ def test_a_ring_compiled_from_one_prompt_runs_other_batches_and_lengths(family):
 
 
 def test_a_size_export_fixed_is_lowered_again_for_the_call():
-    """Doge's router views its logits as (2, B*S, -1): export fixes the example's batch, and a
-    call at another batch gets the ring lowered again at its own size instead of a refusal."""
+    """Doge's router views its logits as (2, B*S, -1): export fixes the example's batch of 1, or
+    guards an even one (checked before the ring runs); a call at another batch gets the ring
+    lowered again at its own size instead of a refusal."""
     model = build_hf("doge", num_hidden_layers=2).eval()
     one = torch.randint(0, 128, (1, 4), generator=torch.Generator().manual_seed(0))
     program = mc.compile(model, mc.Plan(mode="infer", device_budget=model_bytes(model) // 2, weights="host"),
                          example_inputs=(one,))
-    for shape in [(1, 4), (3, 4)]:
+    for shape in [(1, 4), (3, 4), (6, 4), (1, 4)]:
         ids = torch.randint(0, 128, shape, generator=torch.Generator().manual_seed(shape[0]))
         with torch.inference_mode():
             want = model(ids)

@@ -13,7 +13,8 @@ from torch.utils import _pytree as pytree
 
 
 class CapturedSizeError(ValueError):
-    """A call's input size differs from one that torch.export fixed while capturing."""
+    """A call's input sizes differ from one that torch.export fixed while capturing, or fail a
+    condition on them that it recorded (a guard)."""
 
 
 class InputBinder:
@@ -25,13 +26,15 @@ class InputBinder:
     """
 
     def __init__(self, model: nn.Module, traced_names: Sequence[str], capture: str,
-                 out_spec: Optional[pytree.TreeSpec] = None, fixed_sizes: Sequence[dict[int, int]] = ()):
+                 out_spec: Optional[pytree.TreeSpec] = None, fixed_sizes: Sequence[dict[int, int]] = (),
+                 guards: Optional[nn.Module] = None):
         self.signature = inspect.signature(model.forward)
         self.model_name = type(model).__name__
         self.traced_names = list(traced_names)
         self.capture = capture
         self.out_spec = out_spec
         self.fixed_sizes = list(fixed_sizes)    # export capture: per flat input, {dim: the size it was fixed to}
+        self.guards = guards                    # export capture: its conditions on the input sizes, if any
         self.pinned = {name: p.default for name, p in self.signature.parameters.items()
                        if name not in self.traced_names and p.default is not inspect.Parameter.empty}
 
@@ -60,7 +63,16 @@ class InputBinder:
                         f"fixed to {size} (export fixes example sizes of 1, and every size when it cannot keep them "
                         f"symbolic); compile with example inputs whose batch and sequence are >= 2, or call it "
                         f"with that size")
-        return [leaf for _, leaf in leaves]
+        flat = [leaf for _, leaf in leaves]
+        if self.guards is not None:
+            try:
+                self.guards(*flat)
+            except AssertionError as exc:
+                raise CapturedSizeError(
+                    f"the input sizes {[tuple(t.shape) for t in flat if isinstance(t, torch.Tensor)]} fail a condition "
+                    f"torch.export recorded while capturing {self.model_name} ({exc}); compile with example inputs "
+                    f"of this size, or call it with sizes that meet it") from None
+        return flat
 
     def model_output(self, graph_output: Any) -> Any:
         if self.out_spec is None:
