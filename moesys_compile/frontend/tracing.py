@@ -195,22 +195,11 @@ def _widened(value: Any) -> Any:
     return value.repeat(*repeats) if any(r == 2 for r in repeats) else value
 
 
-def _fixed_at_two(program: torch.export.ExportedProgram) -> bool:
-    """A user input whose batch or sequence export fixed to 2: the widened example was taken for
-    a size the model needs (a ``view(2, ...)``), and the example's own size would no longer run."""
-    inputs = set(program.graph_signature.user_inputs)
-    vals = [n.meta.get("val") for n in program.graph_module.graph.nodes if n.op == "placeholder" and n.name in inputs]
-    return any(isinstance(val, torch.Tensor) and any(_fixed_size(size) == 2 for size in val.shape[:2])
-               for val in vals)
-
-
-def _fixed_size(size: Any) -> Optional[int]:
-    """The value of a size export has fixed (a SymInt that its shape env replaced by a number)."""
-    if not isinstance(size, torch.SymInt):
-        return int(size)
-    node = size.node
-    expr = node.shape_env.replace(node.expr) if node.shape_env is not None else node.expr
-    return int(expr) if expr.is_number else None
+def _fixed_at_two(gm: fx.GraphModule) -> bool:
+    """An input whose batch or sequence export fixed to 2: the widened example was taken for a
+    size the model needs (a ``view(2, ...)``), and the example's own size would no longer run."""
+    from ..programs.binding import fixed_input_sizes
+    return any(size == 2 for fixed in fixed_input_sizes(gm) for dim, size in fixed.items() if dim < 2)
 
 
 def export_trace(model: nn.Module, example_inputs: Sequence[Any], example_kwargs: dict) -> fx.GraphModule:
@@ -233,9 +222,9 @@ def export_trace(model: nn.Module, example_inputs: Sequence[Any], example_kwargs
                 if attempt == len(attempts) - 1:
                     raise
                 continue
-            if not (is_widened and _fixed_at_two(program)):
+            gm = program.module()
+            if not (is_widened and _fixed_at_two(gm)):
                 break
-        gm = program.module()
     put_back(gm, originals)
     # export's module refuses train()/eval(), which breaks program.train()/eval(); drop those
     # overrides: like an fx graph, the captured graph keeps the mode it was captured in.

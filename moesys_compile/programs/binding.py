@@ -81,11 +81,19 @@ class InputBinder:
 
 
 def fixed_input_sizes(gm: fx.GraphModule) -> list[dict[int, int]]:
-    """Per graph input of an exported module, the dims its capture fixed to one size (plain ints,
-    not symbols, in the placeholder's ``val``)."""
+    """Per graph input of an exported module, the dims its capture fixed to one size (plain ints
+    in the placeholder's ``val``, or symbols its shape env replaced by a number)."""
     vals = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
-    return [{d: int(size) for d, size in enumerate(val.shape) if isinstance(size, int)}
+    return [{d: fixed for d, fixed in enumerate(map(_fixed_size, val.shape)) if fixed is not None}
             if isinstance(val, torch.Tensor) else {} for val in vals]
+
+
+def _fixed_size(size: Any) -> Optional[int]:
+    if not isinstance(size, torch.SymInt):
+        return int(size)
+    node = size.node
+    expr = node.shape_env.replace(node.expr) if node.shape_env is not None else node.expr
+    return int(expr) if expr.is_number else None
 
 
 def flatten_export_codegen(gm: fx.GraphModule) -> Optional[pytree.TreeSpec]:

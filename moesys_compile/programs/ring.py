@@ -253,6 +253,16 @@ def split_batch(value: Any, batch: int, bounds: list[tuple[int, int]]) -> Any:
     return value
 
 
+def _gather(into: Slices, value: torch.Tensor, bounds: list[tuple[int, int]], index: int) -> torch.Tensor:
+    """Copy micro-batch ``index`` of a graph output into the whole output (allocated at the
+    first), so that joining the slices allocates nothing; returns the view standing for it."""
+    lo, hi = bounds[index]
+    rows = value.shape[0] // (hi - lo)           # per sequence: 1, or S for [B*S, ...] outputs
+    if into.whole is None:
+        into.whole = value.new_empty((rows * bounds[-1][1], *value.shape[1:]))
+    return into.whole[rows * lo:rows * hi].copy_(value)
+
+
 def join_slices(value: Any, how: str) -> Any:
     if not isinstance(value, Slices):
         return value
@@ -299,7 +309,6 @@ class RingRuntime:
         self._section_of = list(node_sections(gm, count).values())
         self._join, self._no_split = micro_batch_plan(gm, ctx)
         self._split_cache: dict[tuple[int, int], tuple[list[tuple[int, int]], int]] = {}
-        self._bounds: list[tuple[int, int]] = []       # the micro-batches of the call running
         self.check_shapes = True
 
     def _split(self, gm: fx.GraphModule, store: WeightStore, names: dict[int, str]) -> list[Section]:
@@ -425,11 +434,14 @@ class RingRuntime:
             return [(0, batch)], activations
         return self.micro_batches(batch, seq, activations)
 
-    def __call__(self, flat_inputs: list) -> tuple[Any, dict]:
+    def __call__(self, flat_inputs: list, call_plan: Optional[tuple[list[tuple[int, int]], int]] = None
+                 ) -> tuple[Any, dict]:
+        """Run a call through the ring; ``call_plan``: what ``plan_call`` returned for it, if asked
+        already."""
         executor = self.executor
         executor.begin_call()      # the wall covers the whole call: checks, inputs, sections, output
-        bounds, activations = self.plan_call(flat_inputs)
-        batch, self._bounds = bounds[-1][1], bounds
+        bounds, activations = call_plan or self.plan_call(flat_inputs)
+        batch = bounds[-1][1]
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
             baseline = torch.cuda.memory_allocated(self.device) - self.pool.nbytes   # slots count, the rest is not ours
@@ -439,7 +451,8 @@ class RingRuntime:
         with torch.inference_mode():
             try:
                 for section in self.sections:
-                    values = executor.run(section.index, self._run_section, section, *[env[n] for n in section.inputs])
+                    values = executor.run(section.index, self._run_section, section, bounds,
+                                          *[env[n] for n in section.inputs])
                     env.update(zip(section.outputs, values))
                     for node in self._drop_after[section.index]:
                         env.pop(node, None)
@@ -469,29 +482,20 @@ class RingRuntime:
                       f"({annotation.static_reason})")
             raise RingBudgetError(f"{reason}; compile with example inputs as large as the largest call", reason)
 
-    def _run_section(self, section: Section, *args: Any) -> tuple:
-        """Run one section — once per micro-batch when an input comes in ``Slices`` —; outputs that
-        view its slot (e.g. slices of a weight) are copied out before the slot is handed back to
-        the copy thread."""
+    def _run_section(self, section: Section, bounds: list[tuple[int, int]], *args: Any) -> tuple:
+        """Run one section — once per micro-batch (``bounds``) when an input comes in ``Slices`` —;
+        outputs that view its slot (e.g. slices of a weight) are copied out before the slot is
+        handed back to the copy thread."""
         count = next((len(a) for a in args if isinstance(a, Slices)), 0)
         if count:
             outputs = [Slices() for _ in section.outputs]
             for i in range(count):
-                values = self._run_section(section, *[a[i] if isinstance(a, Slices) else a for a in args])
+                values = self._run_section(section, bounds, *[a[i] if isinstance(a, Slices) else a for a in args])
                 for node, into, value in zip(section.outputs, outputs, values):
-                    into.append(self._gather(into, value, i) if self._join.get(node) == "cat" else value)
+                    into.append(_gather(into, value, bounds, i) if self._join.get(node) == "cat" else value)
             return tuple(outputs)
         values = section.module(*args)
         return tuple(v.clone() if isinstance(v, torch.Tensor) and self.pool.owns(v) else v for v in values)
-
-    def _gather(self, into: Slices, value: torch.Tensor, index: int) -> torch.Tensor:
-        """Copy micro-batch ``index`` of a graph output into the whole output (allocated at the
-        first), so that joining the slices allocates nothing; returns the view standing for it."""
-        lo, hi = self._bounds[index]
-        rows = value.shape[0] // (hi - lo)           # per sequence: 1, or S for [B*S, ...] outputs
-        if into.whole is None:
-            into.whole = value.new_empty((rows * self._bounds[-1][1], *value.shape[1:]))
-        return into.whole[rows * lo:rows * hi].copy_(value)
 
     def _stats(self, call, activations: int) -> dict:
         bound = max(call.transfer_seconds, call.compute_seconds)
@@ -568,21 +572,20 @@ class RingProgram(Program):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         with self._lock:
-            runtime, flat_inputs = self._runtime_for_call(args, kwargs)
-            (output, aux_loss), self.stats = runtime(flat_inputs)
+            runtime, flat_inputs, call_plan = self._runtime_for_call(args, kwargs)
+            (output, aux_loss), self.stats = runtime(flat_inputs, call_plan)
             self.aux_loss = aux_loss
             return self._forward_graph[1].extras["binder"].model_output(output)
 
-    def _runtime_for_call(self, args: tuple, kwargs: dict) -> tuple[RingRuntime, list]:
-        """The forward ring and the call's graph inputs. A call that fits neither the compiled
+    def _runtime_for_call(self, args: tuple, kwargs: dict) -> tuple[RingRuntime, list, tuple]:
+        """The forward ring, the call's graph inputs and its ``plan_call``. A call that fits neither the compiled
         workspace nor, in micro-batches, the compiled ring gets a ring lowered for it
         (``_ring_for_call``), which then serves every later call."""
         runtime = None
         try:
             flat_inputs = self._forward_graph[1].extras["binder"].graph_inputs(args, kwargs)
             runtime = self.forward_runtime()
-            runtime.plan_call(flat_inputs)
-            return runtime, flat_inputs
+            return runtime, flat_inputs, runtime.plan_call(flat_inputs)
         except (RingBudgetError, CapturedSizeError) as refusal:
             ahead = runtime.workspace_ahead(flat_inputs) if isinstance(refusal, RingBudgetError) else None
             self._close_runtimes()                     # their slots are not needed while lowering
@@ -593,7 +596,7 @@ class RingProgram(Program):
         return self.runtime(self._forward_key, self._forward_graph)
 
     def _ring_for_call(self, args: tuple, kwargs: dict, refusal: Exception,
-                       ahead: Optional[int]) -> tuple[RingRuntime, list]:
+                       ahead: Optional[int]) -> tuple[RingRuntime, list, tuple]:
         """The forward graph lowered at the call's size, with the first workspace whose ring takes
         the call: ``ahead`` (sized for the call rounded up to powers of two, so that a growing
         call does not lower again at every size), the whole call's, then the one a ring estimated
@@ -614,7 +617,7 @@ class RingProgram(Program):
                 flat_inputs = lowered[1].extras["binder"].graph_inputs(args, kwargs)
                 key = ("forward", *_batch_and_seq(flat_inputs), workspace)
                 runtime = self.runtime(key, lowered)
-                runtime.plan_call(flat_inputs)
+                call_plan = runtime.plan_call(flat_inputs)
             except (RingBudgetTooSmall, RingBudgetError) as exc:
                 self._close_runtimes()
                 if not looking_ahead:                  # the look-ahead is a bonus, not worth a word
@@ -624,7 +627,7 @@ class RingProgram(Program):
                     workspaces.append(sliced)
                 continue
             self._forward_key, self._forward_graph = key, lowered
-            return runtime, flat_inputs
+            return runtime, flat_inputs, call_plan
         raise RingBudgetError(
             f"this call does not fit Plan.device_budget: the ring compiled at batch {compiled.example_batch}, seq "
             f"{compiled.example_seq} cannot take it ({getattr(refusal, 'reason', refusal)}), nor can a ring lowered "
