@@ -263,6 +263,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     finally:
         if dist.is_initialized():
+            groups.reset()
             dist.destroy_process_group()
     return 0
 

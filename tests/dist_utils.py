@@ -67,6 +67,7 @@ def _child(path: str, name: str, world_size: int, port: int, tmp: str, rank: int
     import torch.distributed as dist
 
     torch.set_num_threads(1)
+    faulthandler.enable(all_threads=True)     # a rank killed by a signal shows where every thread was
     faulthandler.dump_traceback_later(float(os.environ.get("DIST_TEST_TRACEBACK_AFTER", "200")), exit=False)
     spec = importlib.util.spec_from_file_location(f"_dist_test_{Path(path).stem}", path)
     module = importlib.util.module_from_spec(spec)
@@ -77,7 +78,16 @@ def _child(path: str, name: str, world_size: int, port: int, tmp: str, rank: int
         result = getattr(module, name)(rank, world_size, *args)
         (Path(tmp) / f"result{rank}.pkl").write_bytes(pickle.dumps(result))
     finally:
+        groups = sys.modules.get("moesys_compile.runtime.groups")
+        if groups is not None:
+            groups.reset()
         dist.destroy_process_group()
+    # The result is written and the group destroyed. Leave without the interpreter's teardown, where
+    # a gloo worker thread that still drops its last tensor can abort the process (SIGABRT, "terminate
+    # called without an active exception") after everything the test checks has finished.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ pytest.importorskip("transformers")
 from moesys_compile.models.hf import build_hf  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from dist_utils import run_ranks  # noqa: E402
+from dist_utils import free_port, run_ranks  # noqa: E402
 from test_training_parity import VOCAB, cross_entropy, make_model  # noqa: E402
 
 RTOL, ATOL = 1e-5, 1e-6
@@ -187,6 +187,25 @@ def test_a_single_process_train_program_clips_saves_and_accumulates(tmp_path):
     restored = mc.load_into(make_model(n_layers=2), str(tmp_path / "ckpt"))
     for name, tensor in model.state_dict().items():
         torch.testing.assert_close(restored.state_dict()[name], tensor, rtol=0, atol=0)
+
+
+def initialised_again_run(rank: int, world: int, port: int):
+    """Two steps, the process group destroyed and initialised again, then two more steps."""
+    losses = []
+    for _ in range(2):
+        program, opt, _ = compiled(rank, world, 2)
+        losses.append(autocast_steps(lambda ids, targets: cross_entropy(program(ids), targets) + program.aux_loss,
+                                     program.parameters, opt, rank, world))
+        dist.destroy_process_group()
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    return losses
+
+
+def test_a_process_group_initialised_again_gets_groups_of_its_own():
+    """A notebook that destroys its process group and initialises a new one compiles again on the
+    new groups, not on the destroyed ones."""
+    first, second = run_ranks(initialised_again_run, 2, free_port(), timeout=240)[0]
+    assert first == pytest.approx(second, rel=1e-6)
 
 
 def autocast_steps(loss_of, params, opt, rank: int = 0, world: int = 1) -> list[float]:

@@ -62,6 +62,11 @@ class Topology:
 
 _GROUPS: dict[str, Optional[dist.ProcessGroup]] = {}
 _TOPOLOGY: Optional[Topology] = None
+_MADE_IN: Optional[object] = None       # the default group that _GROUPS were created under
+
+
+def _default_group() -> Optional[object]:
+    return dist.group.WORLD if dist.is_initialized() else None
 
 
 def backend_for(device: str) -> str:
@@ -93,12 +98,13 @@ def check_world(plan) -> None:
 def setup(plan) -> Topology:
     """Create every EP, EDP and dense group of ``plan`` (all ranks must call this, in the same order)
     and keep the ones this rank belongs to. Idempotent for the same layout."""
-    global _TOPOLOGY
+    global _TOPOLOGY, _MADE_IN
     check_world(plan)
     topo = Topology.of(dist.get_rank() if dist.is_initialized() else 0, plan.world_size, plan.expert_parallel)
-    if _TOPOLOGY == topo and _GROUPS:
-        return topo
+    if _TOPOLOGY == topo and _GROUPS and _MADE_IN is _default_group():
+        return topo       # a process group destroyed and initialised again needs groups of its own
     _GROUPS.clear()
+    _MADE_IN = _default_group()
     if not dist.is_initialized():
         _GROUPS.update({name: None for name in GROUP_NAMES})
         _TOPOLOGY = topo
@@ -138,7 +144,8 @@ def size(name: str) -> int:
 
 
 def reset() -> None:
-    """Forget the groups (tests that re-initialise torch.distributed in one process)."""
-    global _TOPOLOGY
+    """Forget the groups; called before ``dist.destroy_process_group()`` so that none is left to be
+    destroyed while the interpreter shuts down."""
+    global _TOPOLOGY, _MADE_IN
     _GROUPS.clear()
-    _TOPOLOGY = None
+    _TOPOLOGY = _MADE_IN = None
