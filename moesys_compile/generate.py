@@ -2,8 +2,9 @@
 
 The built-in LMs decode with a KV cache: a traced ``DecodeStep`` graph (the model with its cache
 as an input and an output) is lowered once per (batch, prompt, new tokens) and every step runs
-through the ring. Other causal LMs (Hugging Face) recompute the whole sequence each step, as
-``model.generate(do_sample=False)`` would decode it.
+through the ring. Hugging Face causal LMs decode with theirs through the prefill and step graphs
+of ``hf_decode`` (``cached_decode``), as ``model.generate(do_sample=False)`` would decode; a model
+whose cache cannot be captured as tensors recomputes the whole sequence each step.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .errors import MoesysError, PlanError
+from .errors import MoesysError, PlanError, warn_user
 from .frontend.tracing import MoesysTracer
 from .models.transformer import Transformer
 from .plan import Plan
@@ -123,7 +124,7 @@ def greedy_decode(program, ids: torch.Tensor, max_new_tokens: int,
     model = program.context.model
     _check_decodable(model, ids, max_new_tokens)
     if not isinstance(model, Transformer):
-        return recompute_decode(program, ids, max_new_tokens, attention_mask)
+        return cached_decode(program, ids, max_new_tokens, attention_mask)
     if attention_mask is not None:
         raise ValueError("generate(attention_mask=...): the built-in models take no padding mask; decode prompts "
                          "of one length together (or one prompt at a time)")
@@ -147,7 +148,61 @@ def greedy_decode(program, ids: torch.Tensor, max_new_tokens: int,
         step_ids = logits[:, -1].argmax(-1, keepdim=True).to(ids.device)
         tokens.append(step_ids)
     program.stats = combine_stats(steps)
+    program.stats["decode"] = "kv_cache"
     return torch.cat([ids, *tokens], dim=1)
+
+
+def cached_decode(program, ids: torch.Tensor, max_new_tokens: int,
+                  attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Greedy decoding of a Hugging Face causal LM with its KV cache (``hf_decode``): the prompt
+    through the prefill graph, then one token per step through the step graph, each through the
+    ring; ends and pads as ``recompute_decode``. A model whose cache cannot be captured as tensors
+    falls back to ``recompute_decode``, with a warning naming why."""
+    from .hf_decode import lower_cached
+    from .passes.ring_partition import RingBudgetTooSmall
+    batch, prompt = ids.shape
+    key = ("cached", batch, prompt, max_new_tokens)
+    lowered = program.__dict__.setdefault("_decode_lowered", {})
+    mask = torch.ones_like(ids) if attention_mask is None else attention_mask
+    if key not in lowered:
+        try:
+            with _longest_step_fits(ids, max_new_tokens, "its KV cache"):
+                lowered[key] = lower_cached(program, ids, mask, max_new_tokens)
+        except RingBudgetTooSmall:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any capture failure: decode without a cache
+            warn_user(f"generate: {type(program.context.model).__name__} cannot decode with a KV cache captured as "
+                      f"tensors ({type(exc).__name__}: {str(exc).splitlines()[0][:300]}); every step recomputes "
+                      f"the whole sequence instead")
+            lowered[key] = None
+    if lowered[key] is None:
+        out = recompute_decode(program, ids, max_new_tokens, attention_mask)
+        program.stats["decode"] = "recompute"
+        return out
+    prefill, step = lowered[key]
+    stop = EndOfSequence(program.context.model, batch, ids.device)
+    logits, keys, values, stats = _cached_call(program, key + ("prefill",), prefill, (ids,), mask)
+    steps, out = [stats], ids
+    for new in range(max_new_tokens):
+        token = stop.next_token(logits)
+        out = torch.cat([out, token[:, None]], dim=1)
+        if new == max_new_tokens - 1 or stop.all_done:
+            break
+        mask = _grow(mask, 1)
+        logits, keys, values, stats = _cached_call(program, key + ("step",), step, (token[:, None], keys, values), mask)
+        steps.append(stats)
+    program.stats = combine_stats(steps)
+    program.stats["decode"] = "kv_cache"
+    return out
+
+
+def _cached_call(program, key: tuple, lowered: tuple, args: tuple, mask: torch.Tensor) -> tuple:
+    """One call of a ``hf_decode`` graph through its ring: (last logits, keys, values, stats)."""
+    from .hf_decode import graph_kwargs
+    _, ctx = lowered
+    binder = ctx.extras["binder"]
+    (output, _aux), stats = program.runtime(key, lowered)(binder.graph_inputs(args, graph_kwargs(ctx.model, mask)))
+    return (*binder.model_output(output), stats)
 
 
 def recompute_decode(program, ids: torch.Tensor, max_new_tokens: int,
@@ -169,18 +224,14 @@ def recompute_decode(program, ids: torch.Tensor, max_new_tokens: int,
             lowered[key] = lower(model, program.plan, (longest_ids,), _mask_inputs(model, longest_mask))
     runtime = program.runtime(key, lowered[key])
     binder = lowered[key][1].extras["binder"]
-    eos, pad = _stop_ids(model)
-    done = torch.zeros(batch, dtype=torch.bool, device=ids.device)
+    stop = EndOfSequence(model, batch, ids.device)
     steps, out, mask = [], ids, attention_mask
     for _ in range(max_new_tokens):
         (output, _aux), stats = runtime(binder.graph_inputs((out,), _mask_inputs(model, mask)))
         steps.append(stats)
-        token = first_tensor(binder.model_output(output))[:, -1].argmax(-1).to(ids.device)
-        if eos:
-            token = torch.where(done, torch.tensor(pad, device=ids.device), token)
-            done |= torch.isin(token, torch.tensor(eos, device=ids.device))
+        token = stop.next_token(first_tensor(binder.model_output(output)))
         out, mask = torch.cat([out, token[:, None]], dim=1), None if mask is None else _grow(mask, 1)
-        if eos and bool(done.all()):
+        if stop.all_done:
             break
     program.stats = combine_stats(steps)
     return out
@@ -199,6 +250,26 @@ def _mask_inputs(model: nn.Module, mask: Optional[torch.Tensor]) -> dict:
     if "position_ids" in inspect.signature(model.forward).parameters:
         inputs["position_ids"] = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
     return inputs
+
+
+class EndOfSequence:
+    """Greedy choice and stopping as in ``model.generate(do_sample=False)``: a sequence that has
+    produced an end-of-sequence id gets the pad id from then on; decoding ends once all have."""
+
+    def __init__(self, model: nn.Module, batch: int, device: torch.device):
+        self.eos, self.pad = _stop_ids(model)
+        self.done = torch.zeros(batch, dtype=torch.bool, device=device)
+
+    def next_token(self, logits: torch.Tensor) -> torch.Tensor:
+        token = logits[:, -1].argmax(-1).to(self.done.device)
+        if self.eos:
+            token = torch.where(self.done, torch.tensor(self.pad, device=token.device), token)
+            self.done |= torch.isin(token, torch.tensor(self.eos, device=token.device))
+        return token
+
+    @property
+    def all_done(self) -> bool:
+        return bool(self.eos) and bool(self.done.all())
 
 
 def _stop_ids(model: nn.Module) -> tuple[list[int], Optional[int]]:

@@ -66,6 +66,12 @@ def test_a_hugging_face_model_from_its_config_equals_the_model_loaded_whole(fami
         # past the workspace sized at (2, 8): the meta model is lowered again, still reading no whole model
         torch.testing.assert_close(_logits(program(_ids(4, 12))), _logits(whole(_ids(4, 12))), rtol=1e-5, atol=1e-5)
     assert program.stats["compiled_for"] == (4, 12)
+    whole.generation_config.eos_token_id = model.generation_config.eos_token_id = None
+    with torch.inference_mode():
+        want = whole.generate(_ids(2, 5), attention_mask=torch.ones(2, 5, dtype=torch.long), max_new_tokens=4,
+                              do_sample=False, pad_token_id=0)
+    assert torch.equal(program.generate(_ids(2, 5), 4), want)
+    assert program.stats["decode"] == "kv_cache"        # the cache graphs of a meta model, weights streamed
     blocks = [b for b in program.context.blocks if b.action != "left"]
     assert blocks and all(b.action == "replaced" for b in blocks)       # recognised from the checkpoint's tensors
     assert meta_tensor_names(model) and not meta_tensor_names(whole)

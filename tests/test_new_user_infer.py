@@ -64,6 +64,7 @@ def test_generate_of_a_hugging_face_model_equals_its_greedy_generate():
         want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=9, do_sample=False)
     assert want.shape == (3, 14) and (want[1, 9:] == 0).all()
     assert torch.equal(program.generate(ids, max_new_tokens=9), want)
+    assert program.stats["decode"] == "kv_cache"
     assert program.stats["steps"] == 9 and program.stats["peak_device_bytes"] <= program.stats["budget_bytes"]
     with torch.inference_mode():                   # the forward ring is back after generate
         torch.testing.assert_close(program(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
@@ -83,6 +84,27 @@ def test_generate_of_left_padded_prompts_equals_transformers():
     with torch.inference_mode():
         want = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
     assert torch.equal(program.generate(ids, max_new_tokens=8, attention_mask=mask), want)
+    assert program.stats["decode"] == "kv_cache"
+    program.close()
+
+
+@pytest.mark.parametrize("family,decode", [("qwen3_moe", "kv_cache"), ("minimax", "recompute")])
+def test_generate_of_one_prompt_equals_transformers_with_or_without_a_captured_cache(family, decode):
+    """One prompt (export widens its batch of 1 and keeps it symbolic); MiniMax keeps a cache
+    class of its own, which cannot be filled from tensors: it recomputes, and says so."""
+    model = build_hf(family, num_hidden_layers=1).eval()
+    model.generation_config.eos_token_id, model.generation_config.pad_token_id = None, 0
+    ids = example_ids(batch=1, seq=4)
+    program = mc.compile(model, ring_plan(model), example_inputs=(ids,))
+    with torch.inference_mode():
+        want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert torch.equal(program.generate(ids, max_new_tokens=6), want)
+    said = [str(w.message) for w in caught if "KV cache" in str(w.message)]
+    assert program.stats["decode"] == decode and program.stats["steps"] == 6
+    assert bool(said) == (decode == "recompute"), said
+    assert program.stats["peak_device_bytes"] <= program.stats["budget_bytes"]
     program.close()
 
 

@@ -82,7 +82,7 @@ def test_an_exported_program_from_one_prompt_takes_any_batch_and_length():
 def test_an_exported_program_names_the_size_its_capture_fixed(monkeypatch):
     """Where export fixes a size anyway, a call at another size names it, not a guard's assert."""
     from moesys_compile.frontend import tracing
-    monkeypatch.setattr(tracing, "_widened", lambda value: value)       # export then fixes the batch of 1
+    monkeypatch.setattr(tracing, "_widened", lambda value, dims=(): value)   # export then fixes the batch of 1
     model = build_hf("qwen3_moe", num_hidden_layers=1).train()
     program = mc.compile(model, mc.Plan(mode="train"), example_inputs=(torch.randint(0, VOCAB, (1, 5)),))
     ids = torch.randint(0, VOCAB, (1, 8))

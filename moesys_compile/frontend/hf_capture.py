@@ -112,9 +112,11 @@ def warn_checkpointing_dropped(model: nn.Module) -> None:
 
 
 def hf_capture_adapter(model: nn.Module) -> Optional[contextlib.AbstractContextManager]:
-    """``tracing.CAPTURE_ADAPTERS`` entry: None for models that are not Hugging Face models."""
-    if not is_hf_model(model):
+    """``tracing.CAPTURE_ADAPTERS`` entry: None for models that are not Hugging Face models, nor
+    the decoding graphs of one (``hf_decode.CachedDecoding``, which hold it as ``hf_model``)."""
+    inner = getattr(model, "hf_model", model)
+    if not is_hf_model(inner):
         return None
-    apply_aux_loss_coef(model)
-    warn_checkpointing_dropped(model)
+    apply_aux_loss_coef(inner)
+    warn_checkpointing_dropped(inner)
     return _capturable(model)

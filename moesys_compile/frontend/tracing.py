@@ -175,24 +175,39 @@ def fx_trace(model: nn.Module, example_inputs: Sequence[Any], example_kwargs: di
     return gm
 
 
+def _dynamic_dims(model: nn.Module, example_inputs: Sequence[Any], example_kwargs: dict) -> dict[str, tuple]:
+    """Per tensor argument, the dims export may keep symbolic: batch and sequence (the first two
+    dims), or those the module names in ``export_dynamic_dims`` ({argument: dims})."""
+    own = getattr(model, "export_dynamic_dims", {})
+    bound = inspect.signature(model.forward).bind_partial(*example_inputs, **example_kwargs)
+    return {name: tuple(own.get(name, range(min(value.dim(), 2))))
+            for name, value in bound.arguments.items() if isinstance(value, torch.Tensor) and value.dim() > 0}
+
+
 def _export_dynamic_shapes(model: nn.Module, example_inputs: Sequence[Any], example_kwargs: dict):
-    """Batch and sequence (the first two dims of every tensor input) left for export to decide."""
+    """``_dynamic_dims`` left for export to decide."""
     auto = getattr(torch.export.Dim, "AUTO", None)
     if auto is None:
         return None
+    dims = _dynamic_dims(model, example_inputs, example_kwargs)
     bound = inspect.signature(model.forward).bind_partial(*example_inputs, **example_kwargs)
-    return {name: ({d: auto for d in range(min(value.dim(), 2))}
-                   if isinstance(value, torch.Tensor) and value.dim() > 0 else None)
-            for name, value in bound.arguments.items()}
+    return {name: {d: auto for d in dims[name]} if name in dims else None for name in bound.arguments}
 
 
-def _widened(value: Any) -> Any:
-    """An example tensor whose batch or sequence (first two dims) is 1, repeated to 2 there:
-    export fixes a size-1 dim for good, so a single prompt would give a graph for one size only."""
+def _widened(value: Any, dims: Sequence[int] = (0, 1)) -> Any:
+    """An example tensor whose dynamic dims (batch, sequence) of size 1 are repeated to 2: export
+    fixes a size-1 dim for good, so a single prompt would give a graph for one size only."""
     if not isinstance(value, torch.Tensor) or value.dim() == 0:
         return value
-    repeats = [2 if d < 2 and size == 1 else 1 for d, size in enumerate(value.shape)]
+    repeats = [2 if d in dims and size == 1 else 1 for d, size in enumerate(value.shape)]
     return value.repeat(*repeats) if any(r == 2 for r in repeats) else value
+
+
+def _widened_example(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    dims = _dynamic_dims(model, args, kwargs)
+    names = list(inspect.signature(model.forward).bind_partial(*args, **kwargs).arguments)
+    wide_args = tuple(_widened(value, dims.get(name, ())) for name, value in zip(names, args))
+    return wide_args, {name: _widened(value, dims.get(name, ())) for name, value in kwargs.items()}
 
 
 def _fixed_at_two(gm: fx.GraphModule) -> bool:
@@ -209,7 +224,7 @@ def export_trace(model: nn.Module, example_inputs: Sequence[Any], example_kwargs
     sequence or one token (``_widened``); failing that, the example's sizes are fixed."""
     args, kwargs = tuple(example_inputs), dict(example_kwargs)
     dynamic = _export_dynamic_shapes(model, example_inputs, example_kwargs)
-    wide_args, wide_kwargs = tuple(map(_widened, args)), {k: _widened(v) for k, v in kwargs.items()}
+    wide_args, wide_kwargs = _widened_example(model, args, kwargs)
     widened = any(w is not v for w, v in zip((*wide_args, *wide_kwargs.values()), (*args, *kwargs.values())))
     attempts = ([(wide_args, wide_kwargs, dynamic, True)] if dynamic is not None and widened else []) \
         + ([(args, kwargs, dynamic, False)] if dynamic is not None else []) + [(args, kwargs, None, False)]
