@@ -9,7 +9,9 @@ Peers, same model and inputs, same run:
                loading while the current one computes
 
 Rows: prefill (one forward over batch x seq tokens) at a few sizes, and greedy decoding with a
-KV cache. Throughput is tokens/s (median of the repeats; the peers take turns call by call, so
+KV cache. ``--hf`` runs a Hugging Face Qwen3-MoE of the same dimensions instead of the built-in
+model: its decoding peers are ``model.generate(do_sample=False)`` (in memory and under
+accelerate's hooks) against ``program.generate``. Throughput is tokens/s (median of the repeats; the peers take turns call by call, so
 that other load on a shared machine falls on all of them); ratios compare within the run.
 Efficiency = max(transfer, compute) / wall of the ring's calls (1.0: the slower of the two hides
 the other completely); for decoding, sum over the generate() calls of max(transfer, compute) /
@@ -21,7 +23,7 @@ copy thread besides. The default, one core less than the machine has, leaves the
 core: on a 2-core machine shared with other jobs, more compute threads than free cores make every
 parallel op wait for a descheduled thread, which slows all peers several times over.
 
-    python -m benchmarks.ring_infer [--quick] [--threads N] [--json FILE]
+    python -m benchmarks.ring_infer [--quick] [--hf] [--threads N] [--json FILE]
 """
 
 from __future__ import annotations
@@ -52,9 +54,32 @@ def workloads(quick: bool) -> list[tuple[str, int, int]]:
     return [("prefill", 1, 32), ("prefill", 1, 128), ("prefill", 4, 128), ("decode", 1, 16)]
 
 
-def build(config: dict) -> torch.nn.Module:
+def build(config: dict, hf: bool = False) -> torch.nn.Module:
+    """The built-in ``small-moe``, or (``hf``) a transformers Qwen3-MoE with the same dimensions."""
     torch.manual_seed(0)
-    return models.build("small-moe", **config).eval()
+    if not hf:
+        return models.build("small-moe", **config).eval()
+    from moesys_compile.models.hf import build_hf
+    model = build_hf("qwen3_moe", vocab_size=config["vocab_size"], hidden_size=config["dim"],
+                     num_hidden_layers=config["n_layers"], num_attention_heads=config["n_heads"],
+                     num_key_value_heads=config["n_heads"], intermediate_size=config["ffn_dim"],
+                     num_experts=config["num_experts"], num_experts_per_tok=config["top_k"],
+                     moe_intermediate_size=config["moe_ffn_dim"], max_position_embeddings=config["max_seq_len"],
+                     norm_topk_prob=True).eval()
+    model.generation_config.eos_token_id = None        # every row decodes all its new tokens
+    return model
+
+
+def greedy(model, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """Eager greedy decoding with the model's KV cache (transformers' own for a Hugging Face model)."""
+    if hasattr(model, "generation_config"):
+        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                              do_sample=False, pad_token_id=0)
+    return eager_generate(model, ids, new_tokens)
+
+
+def logits(out) -> torch.Tensor:
+    return (out.logits if hasattr(out, "logits") else out).float()
 
 
 def interleaved(peers: dict, repeats: int, after=None) -> dict[str, list[float]]:
@@ -93,9 +118,9 @@ def case(kind: str, batch: int, seq: int, model, accelerated, program, repeats: 
         run_ring = lambda: program(ids)                        # noqa: E731
     else:
         tokens = batch * new_tokens
-        run_eager = lambda: eager_generate(model, ids, new_tokens)        # noqa: E731
-        run_acc = lambda: eager_generate(accelerated, ids, new_tokens)    # noqa: E731
-        run_ring = lambda: program.generate(ids, new_tokens)              # noqa: E731
+        run_eager = lambda: greedy(model, ids, new_tokens)        # noqa: E731
+        run_acc = lambda: greedy(accelerated, ids, new_tokens)    # noqa: E731
+        run_ring = lambda: program.generate(ids, new_tokens)      # noqa: E731
     ring_stats = []
 
     def keep_stats(name: str) -> None:
@@ -106,11 +131,13 @@ def case(kind: str, batch: int, seq: int, model, accelerated, program, repeats: 
         peers = {name: _synchronized(fn) for name, fn in peers.items()}
     with torch.inference_mode():
         samples = interleaved(peers, repeats, keep_stats)
-        check = (program(ids).float() - model(ids).float()).abs().max().item()
+        check = (logits(program(ids)) - logits(model(ids))).abs().max().item()
+        if kind == "decode":
+            assert torch.equal(program.generate(ids, new_tokens), greedy(model, ids, new_tokens)), "tokens differ"
     seconds = {name: statistics.median(values) for name, values in samples.items()}
     efficiencies = [s["efficiency"] for s in ring_stats]
     stats = ring_stats[-1]
-    row = {"workload": kind, "batch": batch, "seq": seq, "tokens": tokens,
+    row = {"workload": kind, "decode": stats.get("decode", ""), "batch": batch, "seq": seq, "tokens": tokens,
            "in_memory_tok_s": tokens / seconds["in_memory"], "accelerate_tok_s": tokens / seconds["accelerate"],
            "ring_tok_s": tokens / seconds["ring"], "efficiency": statistics.median(efficiencies),
            "efficiency_min": min(efficiencies),
@@ -134,11 +161,12 @@ def main(argv=None) -> int:
     p = h.parser("ring_infer", __doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1),
                    help="torch threads of every peer (default: one core less than the machine has)")
+    p.add_argument("--hf", action="store_true", help="a Hugging Face Qwen3-MoE of the same dimensions")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     repeats = args.repeats or (2 if args.quick else 3)
     config = QUICK if args.quick else FULL
-    model = build(config)
+    model = build(config, args.hf)
     size = model_bytes(model)
     budget = size // 4
     cases = workloads(args.quick)
@@ -157,11 +185,11 @@ def main(argv=None) -> int:
               f"compile + staging {compile_s:.1f} s; torch threads {torch.get_num_threads()}")
         rows = [case(kind, batch, seq, model, accelerated, program, repeats) for kind, batch, seq in cases]
         program.close()
-    h.print_table(rows, ["workload", "batch", "seq", "in_memory_tok_s", "accelerate_tok_s", "ring_tok_s",
+    h.print_table(rows, ["workload", "decode", "batch", "seq", "in_memory_tok_s", "accelerate_tok_s", "ring_tok_s",
                          "ring_vs_accelerate", "ring_vs_in_memory", "efficiency", "efficiency_min", "pooled_efficiency",
                          "peak_device_MiB", "max_abs_err"],
                   title="ring inference, CPU, weights on disk (tokens/s; ratios within this run)")
-    h.write_json(args.json, "ring_infer", rows, model_config=config, model_bytes=size, budget_bytes=budget,
+    h.write_json(args.json, "ring_infer", rows, model_config=config, model=type(model).__name__, model_bytes=size, budget_bytes=budget,
                  slots=layout.slots, slot_bytes=layout.slot_bytes, sections=len(layout.sections),
                  compile_and_stage_seconds=compile_s, torch_threads=args.threads)
     return 0

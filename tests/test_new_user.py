@@ -4,6 +4,7 @@ other models and bad arguments."""
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -151,3 +152,24 @@ def test_cli_output_into_a_closed_pipe_is_no_traceback():
         os.close(write_end)
     assert done.returncode == 1
     assert "Traceback" not in done.stderr and "BrokenPipeError" not in done.stderr
+
+
+@pytest.mark.parametrize("offload", ["disk_offload", "cpu_offload"])
+def test_a_compiled_model_offloaded_by_accelerate_computes_what_it_did(offload, tmp_path):
+    """Compiling recognises the MoE blocks in place. The canonical block reads the expert and
+    router weights without calling their modules, so it runs accelerate's offload hooks on them
+    itself; otherwise those weights were left offloaded and the model's output changed silently."""
+    accelerate = pytest.importorskip("accelerate")
+    model = build_hf("qwen3_moe").eval()
+    ids = example_ids()
+    with torch.inference_mode():
+        want = model(ids).logits
+    mc.compile(model, mc.Plan(mode="train"), example_inputs=(ids,))
+    offloaded = copy.deepcopy(model)
+    if offload == "disk_offload":
+        accelerate.disk_offload(offloaded, str(tmp_path), execution_device="cpu")
+    else:
+        accelerate.cpu_offload(offloaded, execution_device="cpu")
+    assert any(type(m).__name__ == "CanonicalMoEBlock" for m in offloaded.modules())
+    with torch.inference_mode():
+        torch.testing.assert_close(offloaded(ids).logits, want, rtol=1e-5, atol=1e-5)

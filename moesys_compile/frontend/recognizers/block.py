@@ -13,6 +13,7 @@ Shape legend: T tokens · D model dim · F expert hidden · H up rows · E exper
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from typing import Any, Optional
 
@@ -44,6 +45,23 @@ def adopt(new: nn.Module, original: nn.Module, reserved: tuple[str, ...] = ()) -
     for name, buffer in original.named_buffers(recurse=False):
         new.register_buffer(name, buffer, persistent=name not in original._non_persistent_buffers_set)
     new.train(original.training)
+
+
+@contextlib.contextmanager
+def _offload_hooks_loaded(modules: list[nn.Module]):
+    """Around reading weights of ``modules`` without calling them: the offload hooks accelerate
+    attaches as ``_hf_hook`` (``cpu_offload``, ``disk_offload``, a ``device_map`` with offloaded
+    modules) load weights in their ``pre_forward`` and drop them in ``post_forward``; run both, as a
+    call of each module would. Without such hooks (and while capturing) nothing happens."""
+    hooked = [] if _is_capturing() else list(dict.fromkeys(
+        m for module in modules for m in module.modules() if getattr(m, "_hf_hook", None) is not None))
+    for module in hooked:
+        module._hf_hook.pre_forward(module)
+    try:
+        yield
+    finally:
+        for module in hooked:
+            module._hf_hook.post_forward(module, None)
 
 
 class CanonicalMoEBlock(nn.Module):
@@ -121,12 +139,16 @@ class CanonicalMoEBlock(nn.Module):
 
     def _experts(self, x_TD: Tensor) -> tuple[Tensor, Optional[Tensor], Tensor, Tensor]:
         """``experts_output`` and the top-k weights."""
-        weights_TK, ids_TK, scores_TE = self.route(x_TD)
-        w_up_EHD, w_down_EDF = self.expert_weights()
-        biases = self.expert_biases()
-        biases = biases if any(b is not None for b in biases) else ()   # bias-free: the five-weight call
-        y_TD = torch.ops.moesys.moe_experts(x_TD, ids_TK, weights_TK, w_up_EHD, w_down_EDF, self.activation, 0.0,
-                                            *biases)
+        read_directly = [self.get_submodule(self.experts_spec.path)]
+        if self.router_spec.known:               # its weight is read, the router module is not called
+            read_directly.append(self.get_submodule(self.router_spec.path))
+        with _offload_hooks_loaded(read_directly):
+            weights_TK, ids_TK, scores_TE = self.route(x_TD)
+            w_up_EHD, w_down_EDF = self.expert_weights()
+            biases = self.expert_biases()
+            biases = biases if any(b is not None for b in biases) else ()   # bias-free: the five-weight call
+            y_TD = torch.ops.moesys.moe_experts(x_TD, ids_TK, weights_TK, w_up_EHD, w_down_EDF, self.activation,
+                                                0.0, *biases)
         if self.shared_path:
             y_TD = y_TD + self.shared_output(x_TD)
         if self.output_scale != 1.0:
