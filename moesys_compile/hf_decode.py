@@ -17,6 +17,7 @@ recomputes the whole sequence each step (``generate.recompute_decode``), with a 
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import sys
 from typing import Optional
@@ -131,4 +132,12 @@ def lower_cached(program, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens:
     step_mask = torch.cat([mask, mask.new_ones(mask.shape[0], max_new_tokens - 1)], dim=1)
     step = CachedStep(model)
     step_lowered = _lower(step, program.plan, (ids[:, -1:], keys, values), graph_kwargs(step, step_mask))
+    # one ring layout for both, so that switching between them keeps the slot memory
+    prefill_workspace, step_workspace = (lowered[1].extras["ring"].workspace for lowered in (prefill_lowered, step_lowered))
+    shared = dataclasses.replace(program.plan, options={**program.plan.options,
+                                                        "ring_workspace": max(prefill_workspace, step_workspace)})
+    if prefill_workspace < step_workspace:
+        prefill_lowered = _lower(prefill, shared, (ids,), graph_kwargs(prefill, mask))
+    elif step_workspace < prefill_workspace:
+        step_lowered = _lower(step, shared, (ids[:, -1:], keys, values), graph_kwargs(step, step_mask))
     return prefill_lowered, step_lowered

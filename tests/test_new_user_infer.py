@@ -105,6 +105,10 @@ def test_generate_of_one_prompt_equals_transformers_with_or_without_a_captured_c
     assert program.stats["decode"] == decode and program.stats["steps"] == 6
     assert bool(said) == (decode == "recompute"), said
     assert program.stats["peak_device_bytes"] <= program.stats["budget_bytes"]
+    if decode == "kv_cache":       # prefill and step share one ring layout: switching keeps the slot memory
+        step_slots = next(iter(program._runtimes.values())).pool.reservoir
+        program.generate(ids, max_new_tokens=1)                             # the prefill graph alone
+        assert next(iter(program._runtimes.values())).pool.reservoir is step_slots
     program.close()
 
 

@@ -286,10 +286,11 @@ def _batch_and_seq(flat_inputs: list) -> tuple[int, int]:
 class RingRuntime:
     """Sections, slot pool and executor of one lowered graph over a shared weight store."""
 
-    def __init__(self, gm: fx.GraphModule, ctx, store: WeightStore, device: torch.device, names: dict[int, str]):
+    def __init__(self, gm: fx.GraphModule, ctx, store: WeightStore, device: torch.device, names: dict[int, str],
+                 reservoir: Optional[torch.Tensor] = None):
         self.layout: RingLayout = ctx.extras["ring"]
         self.gm, self.ctx, self.device = gm, ctx, device
-        self.pool = SlotPool(self.layout.slots, self.layout.slot_bytes, device)
+        self.pool = SlotPool(self.layout.slots, self.layout.slot_bytes, device, reservoir)
         self.resident_bytes = sum(self.layout.resident.values())
         self.sections = self._split(gm, store, stream_keys(gm, self.layout, names))
         self.executor = RingExecutor([s.load for s in self.sections], self.pool)
@@ -558,16 +559,24 @@ class RingProgram(Program):
         return [keys[id(fetch(gm, name))] for name in state_names]
 
     def runtime(self, key: Any, lowered: tuple) -> RingRuntime:
-        """The ring of one lowered graph; only one ring holds device slots at a time."""
+        """The ring of one lowered graph; only one ring holds device slots at a time. A switch
+        hands the slot memory over when the new ring's slots fit in it and the budget still holds
+        with it (``generate``'s prefill and step graphs share one layout for that)."""
+        reservoir = None
         for other in [k for k in self._runtimes if k != key]:   # every other: an interrupted switch left one
-            self._runtimes.pop(other).close()
+            closed = self._runtimes.pop(other)
+            closed.close()
+            reservoir = closed.pool.reservoir
         if key not in self._runtimes:
             gm, ctx = lowered
             layout = ctx.extras["ring"]
             for section in layout.sections:      # another graph may slice experts differently
                 self.store.add(self._keys(gm, layout, section.state), self.source, layout.dtype,
                                pin=self.device.type == "cuda")
-            self._runtimes[key] = RingRuntime(gm, ctx, self.store, self.device, self.names)
+            held = sum(layout.resident.values()) + layout.workspace
+            if reservoir is not None and not layout.slots * layout.slot_bytes <= reservoir.numel() <= layout.budget - held:
+                reservoir = None                 # freed before the new slots are allocated
+            self._runtimes[key] = RingRuntime(gm, ctx, self.store, self.device, self.names, reservoir)
         return self._runtimes[key]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:

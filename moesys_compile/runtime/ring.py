@@ -69,16 +69,21 @@ def coalesce(copies: list[Copy], max_gap: int = 4096) -> list[Copy]:
 
 class SlotPool:
     """``slots`` byte buffers of ``slot_bytes`` on the device: the only place streamed weights
-    are ever put on it."""
+    are ever put on it. They are consecutive pieces of one ``reservoir``, which may be the one of
+    a ring closed before (memory touched already: fresh memory costs page faults on the ring's
+    first pass); ``nbytes`` counts the whole reservoir."""
 
-    def __init__(self, slots: int, slot_bytes: int, device: torch.device):
+    def __init__(self, slots: int, slot_bytes: int, device: torch.device, reservoir: Optional[torch.Tensor] = None):
         self.device = device
         self.slot_bytes = slot_bytes
-        self.buffers = [torch.empty(slot_bytes, dtype=torch.uint8, device=device) for _ in range(slots)]
+        if reservoir is None or reservoir.device != device or reservoir.numel() < slots * slot_bytes:
+            reservoir = torch.empty(slots * slot_bytes, dtype=torch.uint8, device=device)
+        self.reservoir = reservoir
+        self.buffers = [reservoir[i * slot_bytes:(i + 1) * slot_bytes] for i in range(slots)]
 
     @property
     def nbytes(self) -> int:
-        return self.slot_bytes * len(self.buffers)
+        return self.reservoir.numel()
 
     def owns(self, tensor: torch.Tensor) -> bool:
         """True if ``tensor`` views memory of a slot (it must be copied out before the slot is reused)."""
