@@ -11,8 +11,9 @@ Peers, same model and inputs, same run:
 Rows: prefill (one forward over batch x seq tokens) at a few sizes, and greedy decoding with a
 KV cache. ``--hf`` runs a Hugging Face Qwen3-MoE of the same dimensions instead of the built-in
 model: its decoding peers are ``model.generate(do_sample=False)`` (in memory and under
-accelerate's hooks) against ``program.generate``. Throughput is tokens/s (median of the repeats; the peers take turns call by call, so
-that other load on a shared machine falls on all of them); ratios compare within the run.
+accelerate's hooks) against ``program.generate``. Throughput is tokens/s (median of the repeats;
+the peers take turns call by call, so that other load on a shared machine falls on all of them);
+ratios compare within the run.
 Efficiency = max(transfer, compute) / wall of the ring's calls (1.0: the slower of the two hides
 the other completely); for decoding, sum over the generate() calls of max(transfer, compute) /
 sum of their walls (each step waits for the previous token; ``pooled_efficiency`` is
@@ -189,7 +190,8 @@ def main(argv=None) -> int:
                          "ring_vs_accelerate", "ring_vs_in_memory", "efficiency", "efficiency_min", "pooled_efficiency",
                          "peak_device_MiB", "max_abs_err"],
                   title="ring inference, CPU, weights on disk (tokens/s; ratios within this run)")
-    h.write_json(args.json, "ring_infer", rows, model_config=config, model=type(model).__name__, model_bytes=size, budget_bytes=budget,
+    h.write_json(args.json, "ring_infer", rows, model_config=config, model=type(model).__name__, model_bytes=size,
+                 budget_bytes=budget,
                  slots=layout.slots, slot_bytes=layout.slot_bytes, sections=len(layout.sections),
                  compile_and_stage_seconds=compile_s, torch_threads=args.threads)
     return 0

@@ -10,7 +10,8 @@ so that they lower and stream through the ring like any graph:
 dim]. Inside, a transformers ``DynamicCache`` is filled from them, so masks, sliding windows and
 rotary positions are the model's own code. The step is captured once per (batch, prompt, new
 tokens) with the cache length symbolic, at the longest cache of the run, so that every step fits
-the workspace. A model whose cache is not one key and one value tensor of one shape per layer
+the workspace; both graphs are lowered with the larger of their two workspaces, so that they share
+one ring layout and a switch between them keeps the slot memory (``RingProgram.runtime``). A model whose cache is not one key and one value tensor of one shape per layer
 (state-space or linear-attention layers, a cache class of its own) cannot decode this way; it
 recomputes the whole sequence each step (``generate.recompute_decode``), with a warning.
 """
@@ -26,7 +27,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .errors import MoesysError, warn_user
+from .errors import MoesysError
 from .plan import Plan
 
 
@@ -89,7 +90,9 @@ def graph_kwargs(wrapper: CachedDecoding, mask: torch.Tensor) -> dict:
     if not wrapper.takes_positions:
         return {"attention_mask": mask}
     positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-    return {"attention_mask": mask, "position_ids": positions if isinstance(wrapper, CachedPrefill) else positions[:, -1:]}
+    if isinstance(wrapper, CachedStep):
+        positions = positions[:, -1:]          # the new token's
+    return {"attention_mask": mask, "position_ids": positions}
 
 
 def _lower(wrapper: CachedDecoding, plan: Plan, args: tuple, kwargs: dict) -> tuple[fx.GraphModule, object]:
@@ -133,7 +136,7 @@ def lower_cached(program, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens:
     step = CachedStep(model)
     step_lowered = _lower(step, program.plan, (ids[:, -1:], keys, values), graph_kwargs(step, step_mask))
     # one ring layout for both, so that switching between them keeps the slot memory
-    prefill_workspace, step_workspace = (lowered[1].extras["ring"].workspace for lowered in (prefill_lowered, step_lowered))
+    prefill_workspace, step_workspace = (ctx.extras["ring"].workspace for _, ctx in (prefill_lowered, step_lowered))
     shared = dataclasses.replace(program.plan, options={**program.plan.options,
                                                         "ring_workspace": max(prefill_workspace, step_workspace)})
     if prefill_workspace < step_workspace:

@@ -573,8 +573,8 @@ class RingProgram(Program):
             for section in layout.sections:      # another graph may slice experts differently
                 self.store.add(self._keys(gm, layout, section.state), self.source, layout.dtype,
                                pin=self.device.type == "cuda")
-            held = sum(layout.resident.values()) + layout.workspace
-            if reservoir is not None and not layout.slots * layout.slot_bytes <= reservoir.numel() <= layout.budget - held:
+            room = layout.budget - sum(layout.resident.values()) - layout.workspace
+            if reservoir is not None and not layout.slots * layout.slot_bytes <= reservoir.numel() <= room:
                 reservoir = None                 # freed before the new slots are allocated
             self._runtimes[key] = RingRuntime(gm, ctx, self.store, self.device, self.names, reservoir)
         return self._runtimes[key]
