@@ -10,8 +10,9 @@ so that they lower and stream through the ring like any graph:
 dim]. Inside, a transformers ``DynamicCache`` is filled from them, so masks, sliding windows and
 rotary positions are the model's own code. The step is captured once per (batch, prompt, new
 tokens) with the cache length symbolic, at the longest cache of the run, so that every step fits
-the workspace; both graphs are lowered with the larger of their two workspaces, so that they share
-one ring layout and a switch between them keeps the slot memory (``RingProgram.runtime``). A model whose cache is not one key and one value tensor of one shape per layer
+the workspace; both graphs are lowered with one workspace, the forward graph's where it is the
+largest, so that they share one ring layout and a switch keeps the slot memory
+(``_sharing_one_layout``, ``RingProgram.runtime``). A model whose cache is not one key and one value tensor of one shape per layer
 (state-space or linear-attention layers, a cache class of its own) cannot decode this way; it
 recomputes the whole sequence each step (``generate.recompute_decode``), with a warning.
 """
@@ -95,7 +96,7 @@ def graph_kwargs(wrapper: CachedDecoding, mask: torch.Tensor) -> dict:
     return {"attention_mask": mask, "position_ids": positions}
 
 
-def _lower(wrapper: CachedDecoding, plan: Plan, args: tuple, kwargs: dict) -> tuple[fx.GraphModule, object]:
+def _lower(wrapper: CachedDecoding, args: tuple, kwargs: dict, plan: Plan) -> tuple[fx.GraphModule, object]:
     """Capture (through the Hugging Face capture adapter), annotate and run the infer pipeline. The
     model's blocks were canonicalised when the program was compiled; they are the same modules."""
     from .api import _capture_and_annotate
@@ -124,7 +125,8 @@ def lower_cached(program, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens:
     cache cannot be taken this way (``NotCacheable``, an export error)."""
     model = program.context.model
     prefill = CachedPrefill(model)
-    prefill_lowered = _lower(prefill, program.plan, (ids,), graph_kwargs(prefill, mask))
+    prefill_call = (prefill, (ids,), graph_kwargs(prefill, mask))
+    prefill_lowered = _lower(*prefill_call, program.plan)
     key_shape, value_shape, dtype = _cache_shapes(prefill_lowered)
     if max_new_tokens == 1:
         return prefill_lowered, None
@@ -134,13 +136,23 @@ def lower_cached(program, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens:
     values = torch.zeros(batch, *value_shape[1:3], longest, value_shape[4], dtype=dtype)
     step_mask = torch.cat([mask, mask.new_ones(mask.shape[0], max_new_tokens - 1)], dim=1)
     step = CachedStep(model)
-    step_lowered = _lower(step, program.plan, (ids[:, -1:], keys, values), graph_kwargs(step, step_mask))
-    # one ring layout for both, so that switching between them keeps the slot memory
-    prefill_workspace, step_workspace = (ctx.extras["ring"].workspace for _, ctx in (prefill_lowered, step_lowered))
-    shared = dataclasses.replace(program.plan, options={**program.plan.options,
-                                                        "ring_workspace": max(prefill_workspace, step_workspace)})
-    if prefill_workspace < step_workspace:
-        prefill_lowered = _lower(prefill, shared, (ids,), graph_kwargs(prefill, mask))
-    elif step_workspace < prefill_workspace:
-        step_lowered = _lower(step, shared, (ids[:, -1:], keys, values), graph_kwargs(step, step_mask))
-    return prefill_lowered, step_lowered
+    step_call = (step, (ids[:, -1:], keys, values), graph_kwargs(step, step_mask))
+    return _sharing_one_layout(program, (prefill_call, step_call), (prefill_lowered, _lower(*step_call, program.plan)))
+
+
+def _sharing_one_layout(program, calls: tuple, lowered: tuple) -> tuple:
+    """The two graphs lowered again, where needed, with one workspace, so that they share one ring
+    layout and switching between them keeps the slot memory: the largest of theirs and the
+    forward graph's (switching to and from ``program(ids)`` keeps it too), else the larger of
+    theirs when the forward's leaves slots too small for them; failing both, as they are."""
+    from .passes.ring_partition import RingBudgetTooSmall
+    own = [ctx.extras["ring"].workspace for _, ctx in lowered]
+    forward = program.forward_graph[1].extras["ring"].workspace
+    for workspace in sorted({max(*own, forward), max(own)}, reverse=True):
+        plan = dataclasses.replace(program.plan, options={**program.plan.options, "ring_workspace": workspace})
+        try:
+            return tuple(done if done_workspace == workspace else _lower(*call, plan)
+                         for done, done_workspace, call in zip(lowered, own, calls))
+        except RingBudgetTooSmall:
+            continue
+    return lowered

@@ -600,6 +600,11 @@ class RingProgram(Program):
             self._close_runtimes()                     # their slots are not needed while lowering
             return self._ring_for_call(args, kwargs, refusal, ahead)
 
+    @property
+    def forward_graph(self) -> tuple:
+        """(gm, ctx) of the forward graph (the one compiled, or the last one lowered for a call)."""
+        return self._forward_graph
+
     def forward_runtime(self) -> RingRuntime:
         """The ring of the forward graph (the one compiled, or the last one lowered for a call)."""
         return self.runtime(self._forward_key, self._forward_graph)
