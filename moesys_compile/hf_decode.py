@@ -10,11 +10,12 @@ so that they lower and stream through the ring like any graph:
 dim]. Inside, a transformers ``DynamicCache`` is filled from them, so masks, sliding windows and
 rotary positions are the model's own code. The step is captured once per (batch, prompt, new
 tokens) with the cache length symbolic, at the longest cache of the run, so that every step fits
-the workspace; both graphs are lowered with one workspace, the forward graph's where it is the
+the workspace. Both graphs are lowered with one workspace, the forward graph's where it is the
 largest, so that they share one ring layout and a switch keeps the slot memory
-(``_sharing_one_layout``, ``RingProgram.runtime``). A model whose cache is not one key and one value tensor of one shape per layer
-(state-space or linear-attention layers, a cache class of its own) cannot decode this way; it
-recomputes the whole sequence each step (``generate.recompute_decode``), with a warning.
+(``_sharing_one_layout``, ``RingProgram.runtime``). A model whose cache is not one key and one
+value tensor of one shape per layer (state-space or linear-attention layers, a cache class of its
+own) cannot decode this way; it recomputes the whole sequence each step
+(``generate.recompute_decode``), with a warning.
 """
 
 from __future__ import annotations
@@ -120,9 +121,9 @@ def _cache_shapes(lowered) -> tuple[torch.Size, torch.Size, torch.dtype]:
 
 
 def lower_cached(program, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int) -> tuple:
-    """The prefill and step graphs of one (batch, prompt, new tokens); the step at the longest
-    cache (prompt + max_new_tokens - 2 positions). Raises what capture raised for a model whose
-    cache cannot be taken this way (``NotCacheable``, an export error)."""
+    """The prefill and step graphs of one (batch, prompt, new tokens), sharing one ring layout;
+    the step at the longest cache (prompt + max_new_tokens - 2 positions). Raises what capture
+    raised for a model whose cache cannot be taken this way (``NotCacheable``, an export error)."""
     model = program.context.model
     prefill = CachedPrefill(model)
     prefill_call = (prefill, (ids,), graph_kwargs(prefill, mask))
