@@ -19,6 +19,7 @@ from torch import nn
 
 from .errors import MoesysError, PlanError, warn_user
 from .frontend.tracing import MoesysTracer
+from .hf_decode import graph_kwargs, lower_cached
 from .models.transformer import Transformer
 from .plan import Plan
 
@@ -119,8 +120,8 @@ def _longest_step_fits(ids: torch.Tensor, max_new_tokens: int, what_grows: str):
 def greedy_decode(program, ids: torch.Tensor, max_new_tokens: int,
                   attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``program.generate``: prefill and every decode step run the traced ``DecodeStep`` graph
-    through the program's ring (one lowering per (batch, prompt, new tokens)). Models other than
-    the built-in ones decode without a KV cache (``recompute_decode``)."""
+    through the program's ring (one lowering per (batch, prompt, new tokens)). Other models (Hugging
+    Face) decode with their own cache through ``cached_decode``."""
     model = program.context.model
     _check_decodable(model, ids, max_new_tokens)
     if not isinstance(model, Transformer):
@@ -158,7 +159,6 @@ def cached_decode(program, ids: torch.Tensor, max_new_tokens: int,
     through the prefill graph, then one token per step through the step graph, each through the
     ring; ends and pads as ``recompute_decode``. A model whose cache cannot be captured as tensors
     falls back to ``recompute_decode``, with a warning naming why."""
-    from .hf_decode import lower_cached
     from .passes.ring_partition import RingBudgetTooSmall
     batch, prompt = ids.shape
     key = ("cached", batch, prompt, max_new_tokens)
@@ -176,9 +176,7 @@ def cached_decode(program, ids: torch.Tensor, max_new_tokens: int,
                       f"the whole sequence instead")
             lowered[key] = None
     if lowered[key] is None:
-        out = recompute_decode(program, ids, max_new_tokens, attention_mask)
-        program.stats["decode"] = "recompute"
-        return out
+        return recompute_decode(program, ids, max_new_tokens, attention_mask)
     prefill, step = lowered[key]
     stop = EndOfSequence(program.context.model, batch, ids.device)
     logits, keys, values, stats = _cached_call(program, key + ("prefill",), prefill, (ids,), mask)
@@ -198,7 +196,6 @@ def cached_decode(program, ids: torch.Tensor, max_new_tokens: int,
 
 def _cached_call(program, key: tuple, lowered: tuple, args: tuple, mask: torch.Tensor) -> tuple:
     """One call of a ``hf_decode`` graph through its ring: (last logits, keys, values, stats)."""
-    from .hf_decode import graph_kwargs
     _, ctx = lowered
     binder = ctx.extras["binder"]
     (output, _aux), stats = program.runtime(key, lowered)(binder.graph_inputs(args, graph_kwargs(ctx.model, mask)))
@@ -234,6 +231,7 @@ def recompute_decode(program, ids: torch.Tensor, max_new_tokens: int,
         if stop.all_done:
             break
     program.stats = combine_stats(steps)
+    program.stats["decode"] = "recompute"
     return out
 
 

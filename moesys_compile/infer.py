@@ -112,8 +112,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", metavar="DIR", help="Hugging Face tokenizer directory for --prompt "
                                                       "(default: MODEL's or --checkpoint's directory)")
     p.add_argument("--max-new-tokens", type=int, default=8,
-                   help="greedy tokens to generate (0: forward only): built-in models decode with a KV cache, "
-                        "models with a generate method (Hugging Face) recompute the sequence each step")
+                   help="greedy tokens to generate with a KV cache (0: forward only); a Hugging Face model "
+                        "whose cache cannot be captured recomputes the sequence each step, with a warning")
     p.add_argument("--no-compare", action="store_true", help="skip the eager comparison (it needs host memory)")
     p.add_argument("--json", help="write the stats to this file")
     return p

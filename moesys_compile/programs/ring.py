@@ -532,8 +532,7 @@ class RingProgram(Program):
     the budget can hold; ``program.stats`` describes the last call (``micro_batches``: slices of
     the batch it ran in — after more than one, ``program.aux_loss``, a mean over the whole batch,
     is None; ``compiled_for``: the example size of the ring it ran on); ``program.generate(ids,
-    n)`` decodes greedily (with a KV cache for the built-in LMs, by recomputing the sequence for
-    other causal LMs)."""
+    n)`` decodes greedily with a KV cache (see ``generate``)."""
 
     def __init__(self, gm: fx.GraphModule, ctx):
         super().__init__(gm, ctx)
