@@ -190,15 +190,16 @@ def test_a_single_process_train_program_clips_saves_and_accumulates(tmp_path):
 
 
 def initialised_again_run(rank: int, world: int, port: int):
-    """Two steps, the process group destroyed and initialised again, then two more steps."""
-    losses = []
-    for _ in range(2):
+    """Two steps, the process group destroyed and initialised again (on a store of its own, at
+    ``port``), then two more steps on a program compiled again."""
+    def two_steps() -> list[float]:
         program, opt, _ = compiled(rank, world, 2)
-        losses.append(autocast_steps(lambda ids, targets: cross_entropy(program(ids), targets) + program.aux_loss,
-                                     program.parameters, opt, rank, world))
-        dist.destroy_process_group()
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    return losses
+        return autocast_steps(lambda ids, targets: cross_entropy(program(ids), targets) + program.aux_loss,
+                              program.parameters, opt, rank, world)
+    first = two_steps()
+    dist.destroy_process_group()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    return first, two_steps()
 
 
 def test_a_process_group_initialised_again_gets_groups_of_its_own():
