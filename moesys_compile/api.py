@@ -110,7 +110,8 @@ def _capture_and_annotate(model, example_inputs, example_kwargs, leaf_modules, f
                          getattr(gm, "_guards_fn", None) if kind == "export" else None)
     if for_program:
         expose_aux_loss(gm)
-    annotation = annotate(gm, binder.graph_inputs(example_inputs, example_kwargs))
+    flat_inputs = binder.graph_inputs(example_inputs, example_kwargs)
+    annotation = annotate(gm, flat_inputs, getattr(model, "symbolic_dims", None))
     gm.meta["moesys_binder"] = binder
     return gm, annotation
 
@@ -135,6 +136,15 @@ def _warn_dropout_off(model: nn.Module, plan: Plan) -> None:
         shown = ", ".join(f"{k}={v}" for k, v in list(active.items())[:3])
         warn_user(f"{type(model).__name__} is in eval mode ({shown}): a train-mode program traced from it never "
                   f"drops out, even after program.train(); call model.train() before compiling")
+
+
+def _warn_backward_lost(model: nn.Module, plan: Plan, functions: Sequence[str]) -> None:
+    """torch.export traces a ``torch.autograd.Function`` through its forward: a train program's
+    gradients through it are those of the forward's ops, not the Function's own backward."""
+    if plan.mode == "train" and functions:
+        warn_user(f"{type(model).__name__} applies torch.autograd.Function {', '.join(functions)}, which torch.export "
+                  f"(the capture fx could not do) traces through its forward: the program's gradients through it "
+                  f"follow the forward's ops, not its own backward, and differ from eager's there")
 
 
 def _within_unrecognised_block(exc: UntraceableModelError, blocks: Sequence[BlockReport]) -> UntraceableModelError:
@@ -188,6 +198,7 @@ def prepare(model: nn.Module, plan: Optional[Plan] = None, example_inputs: Any =
     _check_dtype_of_export(model, plan, binder.capture)
     if binder.capture == "export":
         _warn_dropout_off(model, plan)
+        _warn_backward_lost(model, plan, gm.meta.get("moesys_inlined_functions", []))
     ctx = CompileContext(plan=plan, model=model, annotation=annotation, blocks=blocks,
                          input_names=binder.traced_names, capture=binder.capture, rank=rank)
     ctx.extras["binder"] = binder

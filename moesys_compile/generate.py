@@ -3,14 +3,16 @@
 The built-in LMs decode with a KV cache: a traced ``DecodeStep`` graph (the model with its cache
 as an input and an output) is lowered once per (batch, prompt, new tokens) and every step runs
 through the ring. Hugging Face causal LMs decode with theirs through the prefill and step graphs
-of ``hf_decode`` (``cached_decode``), as ``model.generate(do_sample=False)`` would decode; a model
-whose cache cannot be captured as tensors recomputes the whole sequence each step.
+of ``hf_decode`` (``cached_decode``; symbolic in batch, prompt and cache length, so later calls
+that fit them reuse them), as ``model.generate(do_sample=False)`` would decode; a model whose
+cache cannot be captured as tensors recomputes the whole sequence each step.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
+import itertools
 from typing import Optional
 
 import torch
@@ -19,9 +21,11 @@ from torch import nn
 
 from .errors import MoesysError, PlanError, warn_user
 from .frontend.tracing import MoesysTracer
-from .hf_decode import graph_kwargs, lower_cached
+from .hf_decode import NotCacheable, graph_kwargs, lower_cached, step_inputs
 from .models.transformer import Transformer
 from .plan import Plan
+from .programs.binding import CapturedSizeError
+from .programs.ring import RingBudgetError, call_sizer
 
 
 class DecodeStep(nn.Module):
@@ -157,27 +161,15 @@ def cached_decode(program, ids: torch.Tensor, max_new_tokens: int,
                   attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Greedy decoding of a Hugging Face causal LM with its KV cache (``hf_decode``): the prompt
     through the prefill graph, then one token per step through the step graph, each through the
-    ring; ends and pads as ``recompute_decode``. A model whose cache cannot be captured as tensors
-    falls back to ``recompute_decode``, with a warning naming why."""
-    from .passes.ring_partition import RingBudgetTooSmall
-    batch, prompt = ids.shape
-    key = ("cached", batch, prompt, max_new_tokens)
-    lowered = program.__dict__.setdefault("_decode_lowered", {})
+    ring; ends and pads as ``recompute_decode``. The graphs of an earlier call serve this one when
+    it fits their workspace (``_cached_graphs``). A model whose cache cannot be captured as
+    tensors falls back to ``recompute_decode``, with a warning naming why."""
+    batch = ids.shape[0]
     mask = torch.ones_like(ids) if attention_mask is None else attention_mask
-    if key not in lowered:
-        try:
-            with _longest_step_fits(ids, max_new_tokens, "its KV cache"):
-                lowered[key] = lower_cached(program, ids, mask, max_new_tokens)
-        except RingBudgetTooSmall:
-            raise
-        except Exception as exc:  # noqa: BLE001 - any capture failure: decode without a cache
-            warn_user(f"generate: {type(program.context.model).__name__} cannot decode with a KV cache captured as "
-                      f"tensors ({type(exc).__name__}: {str(exc).splitlines()[0][:300]}); every step recomputes "
-                      f"the whole sequence instead")
-            lowered[key] = None
-    if lowered[key] is None:
+    graphs = _cached_graphs(program, ids, mask, max_new_tokens)
+    if graphs is None:
         return recompute_decode(program, ids, max_new_tokens, attention_mask)
-    prefill, step = lowered[key]
+    key, (prefill, step) = graphs
     stop = EndOfSequence(program.context.model, batch, ids.device)
     logits, keys, values, stats = _cached_call(program, key + ("prefill",), prefill, (ids,), mask)
     steps, out = [stats], ids
@@ -192,6 +184,56 @@ def cached_decode(program, ids: torch.Tensor, max_new_tokens: int,
     program.stats = combine_stats(steps)
     program.stats["decode"] = "kv_cache"
     return out
+
+
+def _cached_graphs(program, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int) -> Optional[tuple]:
+    """(runtime key, (prefill, step)) for this call: the program's last pair where it takes the
+    call, else a pair lowered for it (``hf_decode.lower_cached``); None for a model whose cache
+    cannot be captured as tensors (warned once)."""
+    from .passes.ring_partition import RingBudgetTooSmall
+    decoding = program.__dict__.setdefault("_decode_lowered", {})
+    if "cached" in decoding and decoding["cached"] is None:
+        return None
+    if "cached" in decoding and _takes(decoding["cached"][1], ids, mask, max_new_tokens):
+        return decoding["cached"]
+    try:
+        with _longest_step_fits(ids, max_new_tokens, "its KV cache"):
+            graphs = lower_cached(program, ids, mask, max_new_tokens)
+        if not _takes(graphs, ids, mask, max_new_tokens):
+            raise NotCacheable("the graphs captured for it do not take its own sizes (a condition export recorded)")
+    except RingBudgetTooSmall:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any capture failure: decode without a cache
+        warn_user(f"generate: {type(program.context.model).__name__} cannot decode with a KV cache captured as "
+                  f"tensors ({type(exc).__name__}: {str(exc).splitlines()[0][:300]}); every step recomputes "
+                  f"the whole sequence instead")
+        decoding["cached"] = None
+        return None
+    decoding["cached"] = (("cached", next(_LOWERINGS)), graphs)
+    return decoding["cached"]
+
+
+_LOWERINGS = itertools.count()      # tells the rings of successive lowerings apart
+
+
+def _takes(graphs: tuple, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int) -> bool:
+    """Whether lowered graphs run this call within the budget and the conditions export recorded
+    on the sizes: the prompt through the prefill, the first and the last step through the step
+    graph; sized without building their rings."""
+    prefill, step = graphs
+    calls = [(*prefill, (ids,), mask)]
+    if max_new_tokens > 1:
+        if step is None:
+            return False
+        for length in (ids.shape[1], ids.shape[1] + max_new_tokens - 2):   # the first step's cache, the last's
+            args, step_mask = step_inputs(prefill, ids, mask, length, device="meta")
+            calls.append((*step, args, step_mask))
+    for gm, ctx, args, call_mask in calls:
+        try:
+            call_sizer(gm, ctx).plan_call(ctx.extras["binder"].graph_inputs(args, graph_kwargs(ctx.model, call_mask)))
+        except (RingBudgetError, CapturedSizeError):
+            return False
+    return True
 
 
 def _cached_call(program, key: tuple, lowered: tuple, args: tuple, mask: torch.Tensor) -> tuple:

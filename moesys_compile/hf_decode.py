@@ -8,9 +8,11 @@ so that they lower and stream through the ring like any graph:
 
 ``keys`` and ``values`` stack every layer's cache as [batch, layers, kv heads, positions, head
 dim]. Inside, a transformers ``DynamicCache`` is filled from them, so masks, sliding windows and
-rotary positions are the model's own code. The step is captured once per (batch, prompt, new
-tokens) with the cache length symbolic, at the longest cache of the run, so that every step fits
-the workspace. Both graphs are lowered with one workspace, the forward graph's where it is the
+rotary positions are the model's own code. Batch, prompt length and cache length stay symbolic
+(the step's ``symbolic_dims``: the cache holds S positions, the mask S + 1), so the ring sizes
+each call's activations and one pair of graphs serves every later ``generate`` that fits its
+workspace (``takes``); they are lowered at the first call's prompt and longest cache rounded up to
+powers of two. Both graphs are lowered with one workspace, the forward graph's where it is the
 largest, so that they share one ring layout and a switch keeps the slot memory
 (``_sharing_one_layout``, ``RingProgram.runtime``). A model whose cache is not one key and one
 value tensor of one shape per layer (state-space or linear-attention layers, a cache class of its
@@ -30,7 +32,9 @@ import torch.fx as fx
 from torch import nn
 
 from .errors import MoesysError
+from .frontend.annotation import B, S
 from .plan import Plan
+from .programs.ring import power_of_two_at_least
 
 
 class NotCacheable(MoesysError):
@@ -76,8 +80,10 @@ class CachedPrefill(CachedDecoding):
 
 
 class CachedStep(CachedDecoding):
-    # one new token per sequence; the batch and the cache length stay symbolic
-    export_dynamic_dims = {"input_ids": (0,), "position_ids": (0,), "keys": (0, 3), "values": (0, 3)}
+    # one new token per sequence; symbolic: the batch and the cache length (the mask covers the
+    # new token too)
+    symbolic_dims = {"input_ids": {0: B}, "position_ids": {0: B}, "keys": {0: B, 3: S}, "values": {0: B, 3: S},
+                     "attention_mask": {0: B, 1: S + 1}}
 
     def forward(self, input_ids, keys, values, attention_mask, position_ids=None):
         cache = _new_cache()
@@ -111,33 +117,62 @@ def _lower(wrapper: CachedDecoding, args: tuple, kwargs: dict, plan: Plan) -> tu
     return run_pipeline(gm, ctx, pipeline_for("infer")), ctx
 
 
-def _cache_shapes(lowered) -> tuple[torch.Size, torch.Size, torch.dtype]:
-    """Shapes and dtype of the keys and values the prefill graph returns (from its fake values)."""
-    gm, ctx = lowered
+def _cache_shapes(prefill) -> tuple[torch.Size, torch.Size, torch.dtype]:
+    """Shapes and dtype of the keys and values the prefill graph returns (from its fake values;
+    batch and positions symbolic, the other dims plain ints)."""
+    gm, ctx = prefill
     output = next(n for n in gm.graph.nodes if n.op == "output")
     flat = ctx.extras["binder"].model_output(output.args[0][0])
     keys, values = (node.meta["val"] for node in flat[1:3])
     return keys.shape, values.shape, keys.dtype
 
 
+def step_inputs(prefill, ids: torch.Tensor, mask: torch.Tensor, length: int, device="cpu") -> tuple:
+    """The args and mask of a step over a cache of ``length`` positions after the prompt ``ids``
+    (empty keys and values: on ``device="meta"`` only their shapes, to size a call)."""
+    key_shape, value_shape, dtype = _cache_shapes(prefill)
+    batch = ids.shape[0]
+    keys = torch.zeros(batch, *key_shape[1:3], length, key_shape[4], dtype=dtype, device=device)
+    values = torch.zeros(batch, *value_shape[1:3], length, value_shape[4], dtype=dtype, device=device)
+    mask = torch.cat([mask, mask.new_ones(batch, length + 1 - mask.shape[1])], dim=1)
+    return (ids[:, -1:], keys, values), mask
+
+
 def lower_cached(program, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int) -> tuple:
-    """The prefill and step graphs of one (batch, prompt, new tokens), sharing one ring layout;
-    the step at the longest cache (prompt + max_new_tokens - 2 positions). Raises what capture
-    raised for a model whose cache cannot be taken this way (``NotCacheable``, an export error)."""
+    """The prefill and step graphs sharing one ring layout (no step for one new token), lowered at
+    the prompt and the longest cache (prompt + max_new_tokens - 2 positions) rounded up to powers
+    of two, so that later calls up to those sizes take them; at the call's own sizes where the
+    budget does not hold those. Raises what capture raised for a model whose cache cannot be taken
+    this way (``NotCacheable``, an export error)."""
+    from .passes.ring_partition import RingBudgetTooSmall
+    prompt, longest = ids.shape[1], ids.shape[1] + max_new_tokens - 2
+    ahead, own = (power_of_two_at_least(prompt), power_of_two_at_least(max(longest, 2))), (prompt, longest)
+    with_step = max_new_tokens > 1
+    if ahead != own:
+        try:
+            return _lower_pair(program, *_left_padded(ids, mask, ahead[0]), ahead[1] if with_step else None)
+        except RingBudgetTooSmall:
+            pass
+    return _lower_pair(program, ids, mask, longest if with_step else None)
+
+
+def _left_padded(ids: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A prompt as long as ``length`` (an example for capture: only its sizes matter)."""
+    pad = length - ids.shape[1]
+    return (torch.cat([ids.new_zeros(ids.shape[0], pad), ids], dim=1),
+            torch.cat([mask.new_ones(mask.shape[0], pad), mask], dim=1))
+
+
+def _lower_pair(program, ids: torch.Tensor, mask: torch.Tensor, longest: Optional[int]) -> tuple:
     model = program.context.model
     prefill = CachedPrefill(model)
     prefill_call = (prefill, (ids,), graph_kwargs(prefill, mask))
     prefill_lowered = _lower(*prefill_call, program.plan)
-    key_shape, value_shape, dtype = _cache_shapes(prefill_lowered)
-    if max_new_tokens == 1:
+    if longest is None:
         return prefill_lowered, None
-    longest = ids.shape[1] + max_new_tokens - 2
-    batch = ids.shape[0]          # the cache's own dims (layers, heads, head dim) are plain ints
-    keys = torch.zeros(batch, *key_shape[1:3], longest, key_shape[4], dtype=dtype)
-    values = torch.zeros(batch, *value_shape[1:3], longest, value_shape[4], dtype=dtype)
-    step_mask = torch.cat([mask, mask.new_ones(mask.shape[0], max_new_tokens - 1)], dim=1)
     step = CachedStep(model)
-    step_call = (step, (ids[:, -1:], keys, values), graph_kwargs(step, step_mask))
+    args, step_mask = step_inputs(prefill_lowered, ids, mask, longest)
+    step_call = (step, args, graph_kwargs(step, step_mask))
     return _sharing_one_layout(program, (prefill_call, step_call), (prefill_lowered, _lower(*step_call, program.plan)))
 
 

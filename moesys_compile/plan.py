@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,12 +120,13 @@ class Plan:
         if self.world_size % self.expert_parallel:
             raise PlanError(f"world_size ({self.world_size}) is not divisible by expert_parallel "
                             f"({self.expert_parallel}); use an expert_parallel that divides it")
-        if self.capacity_factor is not None and not self.capacity_factor > 0:
-            raise PlanError(f"capacity_factor ({self.capacity_factor}) must be > 0, or None for dropless routing")
+        if self.capacity_factor is not None and not 0 < self.capacity_factor < math.inf:
+            raise PlanError(f"capacity_factor ({self.capacity_factor}) must be a finite number > 0, or None for "
+                            f"dropless routing")
         if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
             raise PlanError(f"device ({self.device!r}) must be 'cpu', 'cuda' or 'cuda:N'")
-        if self.bucket_mb <= 0:
-            raise PlanError(f"bucket_mb ({self.bucket_mb}) must be > 0")
+        if not 0 < self.bucket_mb < math.inf:
+            raise PlanError(f"bucket_mb ({self.bucket_mb}) must be a finite number > 0")
         if self.ring_slots is not None and self.ring_slots < 2:
             raise PlanError(f"ring_slots ({self.ring_slots}) must be >= 2 (one computes while the next loads)")
         if self.weights_checkpoint is not None and not Path(self.weights_checkpoint).is_dir():

@@ -94,7 +94,9 @@ class TokenSource:
         if not np.issubdtype(ids.dtype, np.integer):
             raise ValueError(f"--data {path!r} holds {ids.dtype} values; token ids must be integers")
         ids = torch.from_numpy(np.asarray(ids, dtype=np.int64).reshape(-1))   # [N, L] rows: one stream
-        if ids.numel() and int(ids.min()) < 0:
+        if not ids.numel():
+            raise ValueError(f"--data {path!r} holds no token ids; pass a file of token ids, or 'synthetic'")
+        if int(ids.min()) < 0:
             raise ValueError(f"--data {path!r} has a negative token id ({int(ids.min())})")
         if int(ids.max()) >= vocab:
             raise ValueError(f"--data {path!r} has token id {int(ids.max())} >= the model's vocab_size ({vocab}); "
@@ -286,6 +288,9 @@ def _check_args(args, world: int) -> None:
         raise ValueError(f"--batch-size ({args.batch_size}) must be divisible by the world size ({world})")
     if args.ckpt_every and not args.ckpt_dir:
         raise ValueError(f"--ckpt-every {args.ckpt_every} saves nowhere without --ckpt-dir; pass --ckpt-dir DIR")
+    if args.ckpt_dir and Path(args.ckpt_dir).exists() and not Path(args.ckpt_dir).is_dir():
+        raise ValueError(f"--ckpt-dir {args.ckpt_dir!r} is a file, not a directory; pass a directory (it is "
+                         f"created if missing)")
 
 
 def launch(argv: Sequence[str], nproc: int, env: Optional[dict] = None) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -207,8 +208,10 @@ def distributed_run(rank: int, world: int, layout: str, root: str):
     program.save(f"{root}/{layout}", optimizer=opt, step=STEPS)
     fresh = make(layout, seed=7)      # a different initialisation, then the checkpoint
     reloaded = mc.compile(fresh, plan, example_inputs=(ids[local],))
-    reloaded.load(f"{root}/{layout}")
-    return dict(losses=losses, state=state, held=held, numel=numel, reloaded=reloaded.full_state_dict())
+    other = torch.optim.SGD(reloaded.parameters(), lr=LR * 7, momentum=0.5)    # the saved ones replace these
+    reloaded.load(f"{root}/{layout}", optimizer=other)
+    hyper = (other.param_groups[0]["lr"], other.param_groups[0]["momentum"])
+    return dict(losses=losses, state=state, held=held, numel=numel, reloaded=reloaded.full_state_dict(), hyper=hyper)
 
 
 def all_layouts(rank: int, world: int, root: str):
@@ -266,12 +269,17 @@ def test_checkpoint_round_trips_across_programs_and_eager(results, layout):
     for rank_result in ranks:         # a program of the same plan, loaded from the checkpoint
         for name, tensor in saved.items():
             torch.testing.assert_close(rank_result[layout]["reloaded"][name], tensor, rtol=0, atol=0)
+        assert rank_result[layout]["hyper"] == (LR, 0.9)   # on every rank, whatever its experts' names
     eager = mc.load_into(make(layout, seed=7), f"{root}/{layout}")
     for name, tensor in eager.state_dict().items():
         torch.testing.assert_close(tensor, saved[name], rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
     gm, ctx = mc.lower(make(layout, seed=7), mc.Plan(mode="train"), (global_batch()[0],))
     single = TrainingProgram(gm, ctx)
-    single.load(f"{root}/{layout}")           # saved at EP=2, reloaded by one process (EP=1)
+    other = torch.optim.SGD(single.parameters(), lr=LR * 7, momentum=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")          # every group finds its saved hyperparameters
+        single.load(f"{root}/{layout}", optimizer=other)     # saved at EP=2, reloaded by one process (EP=1)
+    assert (other.param_groups[0]["lr"], other.param_groups[0]["momentum"]) == (LR, 0.9)
     for name, tensor in single.full_state_dict().items():
         torch.testing.assert_close(tensor, saved[name], rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
 

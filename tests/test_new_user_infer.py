@@ -112,6 +112,34 @@ def test_generate_of_one_prompt_equals_transformers_with_or_without_a_captured_c
     program.close()
 
 
+def test_later_generate_calls_reuse_the_decoding_graphs_while_they_fit(monkeypatch):
+    """The prefill and step graphs keep batch, prompt and cache length symbolic (the step's cache
+    is S positions, its mask S + 1), so calls of other sizes up to those they were lowered at
+    (the first call's, rounded up to powers of two) reuse them; a longer one lowers them again.
+    Every call equals transformers, within the budget."""
+    from moesys_compile import generate as decoding
+    lowerings = []
+    lower_cached = decoding.lower_cached
+    monkeypatch.setattr(decoding, "lower_cached", lambda *args: lowerings.append(args[1].shape) or lower_cached(*args))
+    model = build_hf("qwen3_moe", num_hidden_layers=1).eval()
+    model.generation_config.eos_token_id, model.generation_config.pad_token_id = None, 0
+    program = mc.compile(model, ring_plan(model), example_inputs=(example_ids(batch=1, seq=4),))
+    calls = [(2, 5, 6, 0), (2, 3, 5, 2), (1, 8, 2, 0), (3, 4, 4, 1), (2, 14, 12, 3)]   # batch, prompt, new, padding
+    for batch, prompt, new, padding in calls:
+        ids = example_ids(batch=batch, seq=prompt)
+        mask = torch.ones_like(ids)
+        mask[0, :padding] = 0
+        with torch.inference_mode():
+            want = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False)
+        assert torch.equal(program.generate(ids, max_new_tokens=new, attention_mask=mask), want), (batch, prompt)
+        assert program.stats["decode"] == "kv_cache"
+        assert program.stats["peak_device_bytes"] <= program.stats["budget_bytes"]
+    assert lowerings == [(2, 5), (2, 14)]        # lowered at prompt 8 and cache 16, then at 16 and 32
+    _, (prefill, step) = program._decode_lowered["cached"]
+    assert prefill[1].annotation.symbolic and step[1].annotation.symbolic
+    program.close()
+
+
 def test_an_odd_token_count_fits_the_ring_after_lowering():
     """At batch 3, seq 7 the fused experts need a little more workspace than ring_partition sized,
     and the slots had taken the rest of the budget: the sections' unused room in their slots now

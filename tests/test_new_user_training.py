@@ -140,6 +140,9 @@ def test_train_data_npy_of_rows_is_one_token_stream(tmp_path):
     (lambda d: np.save(d / "f.npy", np.full(500, -1)), "has a negative token id (-1)"),
     (lambda d: None, "is neither 'synthetic' nor an existing file"),
     (lambda d: np.save(d / "f.npy", np.arange(500)), "--batch-size (3) must be divisible by the world size (2)"),
+    (lambda d: np.save(d / "f.npy", np.zeros(0, dtype=np.int64)), "holds no token ids; pass a file of token ids"),
+    (lambda d: (np.save(d / "f.npy", np.arange(500)), (d / "ckpt").write_text("x")),
+     "--ckpt-dir '{d}/ckpt' is a file, not a directory"),
 ])
 def test_train_launcher_refuses_bad_data_before_starting_ranks(tmp_path, make, message, capsys, monkeypatch):
     make(tmp_path)
@@ -147,7 +150,54 @@ def test_train_launcher_refuses_bad_data_before_starting_ranks(tmp_path, make, m
     monkeypatch.setattr(train, "launch", lambda *a, **k: pytest.fail("ranks were launched"))
     batch = "3" if "batch-size" in message else "4"
     argv = ["--model", "tiny-moe", "--steps", "1", "--nproc-per-node", "2", "--data", str(tmp_path / "f.npy"),
-            "--batch-size", batch, "--seq-len", "8"]
+            "--batch-size", batch, "--seq-len", "8", "--ckpt-dir", str(tmp_path / "ckpt")]
+    message = message.format(d=tmp_path)
     assert train.main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+class StraightThroughRound(torch.autograd.Function):
+    """Rounds forward, passes the gradient straight through backward (quantisation-aware style)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class RoundedNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.proj, self.head = torch.nn.Embedding(32, 16), torch.nn.Linear(16, 16), torch.nn.Linear(16, 32)
+
+    def forward(self, ids):
+        return self.head(StraightThroughRound.apply(self.proj(self.embed(ids) * 4)))
+
+
+def test_an_autograd_function_keeps_its_own_backward_in_the_program():
+    """fx keeps the Function as one call (its forward alone has a zero gradient: round)."""
+    torch.manual_seed(0)
+    model = RoundedNet().train()
+    reference = RoundedNet().train()
+    reference.load_state_dict(model.state_dict())
+    ids = torch.randint(0, 32, (2, 8))
+    program = mc.compile(model, mc.Plan(mode="train"), (ids,))
+    assert any("StraightThroughRound_apply" in str(n.target) for n in program.graph_module.graph.nodes)
+    program(ids).logsumexp(-1).mean().backward()
+    reference(ids).logsumexp(-1).mean().backward()
+    assert reference.proj.weight.grad.abs().max() > 0
+    torch.testing.assert_close(model.proj.weight.grad, reference.proj.weight.grad)
+
+
+def test_an_autograd_function_that_export_traces_through_is_named_in_a_warning():
+    """PhiMoE's router applies its own Function (a straight-through multiplier); torch.export
+    keeps only its forward, so a train program warns that the gradients there differ."""
+    model = build_hf("phimoe", num_hidden_layers=1).train()
+    ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
+    with pytest.warns(UserWarning, match=r"PhimoeForCausalLM applies torch.autograd.Function PhimoeMultiplier, which "
+                                         r"torch.export .* not its own backward"):
+        mc.compile(model, mc.Plan(mode="train"), (ids,))

@@ -159,7 +159,7 @@ def test_a_call_no_ring_holds_whole_runs_in_micro_batches_on_a_ring_lowered_for_
     stats, runtime = program.stats, program.forward_runtime()
     assert stats["compiled_for"] == (8, 24) and stats["micro_batches"] > 1
     assert stats["peak_device_bytes"] <= stats["budget_bytes"]
-    assert runtime.activation_bytes([ids]) > runtime.layout.workspace >= stats["activation_bytes"]
+    assert runtime.sizer.activation_bytes([ids]) > runtime.layout.workspace >= stats["activation_bytes"]
 
 
 def test_a_call_that_fits_no_ring_of_the_budget_raises_and_the_ring_stays_usable(tmp_path):
@@ -179,12 +179,12 @@ def test_micro_batch_estimate_covers_the_whole_batch_at_one_slice(tmp_path):
     model = build("tiny-moe")
     ids = torch.randint(0, 256, (4, 12))
     runtime = ring(model, 2, "host", tmp_path, ids).forward_runtime()
-    roots, frees = runtime._liveness
-    count = len(runtime.sections)
+    sizer, count = runtime.sizer, len(runtime.sections)
+    roots, frees = sizer.liveness
     for batch, seq in [(1, 1), (4, 12), (7, 31)]:
-        own, scratch = runtime._node_bytes(batch, seq)
-        held = ring_workspace.carried_bytes(own, roots, frees, runtime._section_of, count)
-        inside = ring_workspace.slice_peaks(own, roots, frees, runtime._section_of, count, scratch)
+        own, scratch = sizer.node_bytes(batch, seq)
+        held = ring_workspace.carried_bytes(own, roots, frees, sizer.section_of, count)
+        inside = ring_workspace.slice_peaks(own, roots, frees, sizer.section_of, count, scratch)
         assert len(held) == count + 1 and held[-1] > 0              # the logits stay to the end
         assert max(h + i for h, i in zip(held, inside)) >= ring_workspace.peak_live_bytes(own, roots, frees, scratch)
 

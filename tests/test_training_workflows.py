@@ -6,6 +6,7 @@ with parameter groups and an LR schedule, resumed at another EP size; and what a
 from __future__ import annotations
 
 import contextlib
+import copy
 import sys
 import warnings
 from pathlib import Path
@@ -245,6 +246,23 @@ def test_autocast_trains_on_two_expert_ranks_as_eager_autocast_does():
     for name, tensor in model.state_dict().items():
         assert state[name].dtype == torch.float32
         torch.testing.assert_close(state[name], tensor, rtol=0, atol=2e-2, msg=lambda m: f"{name}: {m}")
+
+
+def test_autocast_trains_a_model_captured_by_export_as_eager_autocast_does():
+    """torch.export asserts the capture's dtype before every ``.to()`` (Qwen3's RMSNorm upcast);
+    under autocast the input there is bfloat16, as in eager, and the program runs."""
+    model = build_hf("qwen3_moe", num_hidden_layers=2).train()
+    reference = copy.deepcopy(model)
+    ids = batch(2, 8, 0)[0]
+    program = mc.compile(model, mc.Plan(mode="train"), example_kwargs={"input_ids": ids, "labels": ids})
+    assert program.graph_module.meta["moesys_capture"] == "export"
+    for module in (program, reference):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            module(input_ids=ids, labels=ids).loss.backward()
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    for name, p in reference.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=0, atol=2e-2 * float(p.grad.abs().max()) + 1e-6,
+                                   msg=lambda m: f"{name}: {m}")
 
 
 class DropoutNet(torch.nn.Module):

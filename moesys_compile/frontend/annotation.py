@@ -61,6 +61,12 @@ class Annotation:
     example_seq: int = 1
     static_reason: Optional[str] = None
     unbacked_bounds: dict = field(default_factory=dict)  # data-dependent size u0, u1 ... -> its bound in B, S
+    input_dims: list = field(default_factory=list)       # per graph input: {dim: its size in B and S}
+
+    def batch_and_seq(self, flat_inputs: Sequence[Any]) -> tuple[int, int]:
+        """B and S of a call: the sizes of the first input dims that are B and S themselves."""
+        return batch_and_seq(flat_inputs, self.input_dims or [_dynamic_dims(t) if isinstance(t, torch.Tensor) else {}
+                                                              for t in flat_inputs])
 
     def expr(self, size: Any) -> sympy.Expr:
         """A size (int or SymInt) as a sympy expression in B and S; a data-dependent size (the
@@ -87,21 +93,41 @@ def _dynamic_dims(t: torch.Tensor) -> dict[int, sympy.Symbol]:
     return dims
 
 
-def _symbolic_inputs(flat_inputs: Sequence[Any], mode: FakeTensorMode) -> tuple[list, dict]:
+def input_dims(gm: fx.GraphModule, flat_inputs: Sequence[Any], named: dict) -> list[dict[int, sympy.Expr]]:
+    """Per graph input, its symbolic dims as sizes in B and S: those the captured module names
+    for that argument in ``named`` (its ``symbolic_dims``, e.g. a KV cache whose length is S and
+    a mask of S + 1 positions), else batch and sequence by ``_dynamic_dims``."""
+    names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    return [dict(named[name]) if name in named else _dynamic_dims(value) if isinstance(value, torch.Tensor) else {}
+            for name, value in zip(names, flat_inputs)]
+
+
+def batch_and_seq(flat_inputs: Sequence[Any], dims: Sequence[dict]) -> tuple[int, int]:
+    """The sizes of the first input dims that are B and S themselves (1 where none is)."""
+    def size_of(symbol: sympy.Symbol) -> int:
+        return next((int(t.shape[d]) for t, sizes in zip(flat_inputs, dims) for d, size in sizes.items()
+                     if size == symbol and isinstance(t, torch.Tensor)), 1)
+    return size_of(B), size_of(S)
+
+
+def _symbolic_inputs(flat_inputs: Sequence[Any], dims: Sequence[dict], mode: FakeTensorMode) -> tuple[list, dict]:
     fakes, symbol_map = [], {}
-    for value in flat_inputs:
+    batch, seq = batch_and_seq(flat_inputs, dims)
+    hints = {B: max(2, batch), S: max(2, seq)}
+    for value, sizes in zip(flat_inputs, dims):
         if not isinstance(value, torch.Tensor):
             fakes.append(value)
             continue
-        dims = _dynamic_dims(value)
-        # sizes 0 and 1 would be specialised by the shape env: trace with a hint of at least 2
-        hint_shape = [max(2, s) if d in dims else s for d, s in enumerate(value.shape)]
+        # sizes 0 and 1 would be specialised by the shape env: trace with a hint of at least 2 (a
+        # size that is an expression, S + 1, at the hints of its symbols, so that they agree)
+        hint_shape = [s if d not in sizes else max(2, s) if sizes[d].is_Symbol else int(sizes[d].xreplace(hints))
+                      for d, s in enumerate(value.shape)]
         hint = torch.empty(hint_shape, dtype=value.dtype, device=value.device)
         context = StatelessSymbolicContext(
-            dynamic_sizes=[DimDynamic.DYNAMIC if d in dims else DimDynamic.STATIC for d in range(value.dim())])
+            dynamic_sizes=[DimDynamic.DYNAMIC if d in sizes else DimDynamic.STATIC for d in range(value.dim())])
         fake = mode.from_tensor(hint, symbolic_context=context)
-        for d, symbol in dims.items():
-            symbol_map[fake.shape[d].node.expr] = symbol
+        for d, size in sizes.items():
+            symbol_map[fake.shape[d].node.expr] = size
         fakes.append(fake)
     return fakes, symbol_map
 
@@ -198,22 +224,23 @@ class MemoFakeProp(FakeTensorProp):
         return tree_map(fake, output)
 
 
-def propagate_shapes(gm: fx.GraphModule, flat_inputs: Sequence[Any]) -> Annotation:
-    """FakeTensor propagation, symbolic in B and S; static shapes when symbolic propagation fails."""
-    example_batch = next((t.shape[0] for t in flat_inputs if isinstance(t, torch.Tensor) and t.dim() >= 1), 1)
-    example_seq = next((t.shape[1] for t in flat_inputs if isinstance(t, torch.Tensor) and 1 in _dynamic_dims(t)), 1)
+def propagate_shapes(gm: fx.GraphModule, flat_inputs: Sequence[Any], named_dims: Optional[dict] = None) -> Annotation:
+    """FakeTensor propagation, symbolic in B and S (the inputs' dims: ``input_dims``); static
+    shapes when symbolic propagation fails."""
+    dims = input_dims(gm, flat_inputs, named_dims or {})
+    example_batch, example_seq = batch_and_seq(flat_inputs, dims)
     home = next((t.device for t in flat_inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
     mode = FakeTensorMode(shape_env=ShapeEnv(duck_shape=False), allow_non_fake_inputs=True)
     for node in gm.graph.nodes:   # torch.export's names for data-dependent sizes clash with this shape env's
         node.meta.pop("unbacked_bindings", None)
     try:
-        fakes, symbol_map = _symbolic_inputs(flat_inputs, mode)
+        fakes, symbol_map = _symbolic_inputs(flat_inputs, dims, mode)
         MemoFakeProp(gm, mode, home).propagate_dont_convert_inputs(*fakes)
-        return Annotation(mode, True, symbol_map, example_batch, example_seq)
+        return Annotation(mode, True, symbol_map, example_batch, example_seq, input_dims=dims)
     except Exception as exc:  # e.g. a guard on a data-dependent size: fall back to static shapes
         static_mode = FakeTensorMode(allow_non_fake_inputs=True)
         MemoFakeProp(gm, static_mode, home).propagate(*flat_inputs)
-        return Annotation(static_mode, False, {}, example_batch, example_seq,
+        return Annotation(static_mode, False, {}, example_batch, example_seq, input_dims=dims,
                           static_reason=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
 
 
@@ -367,9 +394,10 @@ def bound_unbacked_sizes(gm: fx.GraphModule, annotation: Annotation) -> None:
         seen |= made
 
 
-def annotate(gm: fx.GraphModule, flat_inputs: Sequence[Any]) -> Annotation:
-    """Shape propagation then costs. Returns the Annotation (fake mode, symbols) for the context."""
-    annotation = propagate_shapes(gm, flat_inputs)
+def annotate(gm: fx.GraphModule, flat_inputs: Sequence[Any], named_dims: Optional[dict] = None) -> Annotation:
+    """Shape propagation then costs. Returns the Annotation (fake mode, symbols) for the context.
+    ``named_dims``: the captured module's ``symbolic_dims`` ({argument: {dim: size in B and S}})."""
+    annotation = propagate_shapes(gm, flat_inputs, named_dims)
     bound_unbacked_sizes(gm, annotation)
     annotate_costs(gm, annotation)
     return annotation

@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 from ..errors import UntraceableModelError, warn_user
 from ..ir import canonical_target
@@ -177,8 +178,9 @@ def fx_trace(model: nn.Module, example_inputs: Sequence[Any], example_kwargs: di
 
 def _dynamic_dims(model: nn.Module, example_inputs: Sequence[Any], example_kwargs: dict) -> dict[str, tuple]:
     """Per tensor argument, the dims export may keep symbolic: batch and sequence (the first two
-    dims), or those the module names in ``export_dynamic_dims`` ({argument: dims})."""
-    own = getattr(model, "export_dynamic_dims", {})
+    dims), or those the module names in ``symbolic_dims`` ({argument: {dim: size in B and S}},
+    which annotation follows too)."""
+    own = getattr(model, "symbolic_dims", {})
     bound = inspect.signature(model.forward).bind_partial(*example_inputs, **example_kwargs)
     return {name: tuple(own.get(name, range(min(value.dim(), 2))))
             for name, value in bound.arguments.items() if isinstance(value, torch.Tensor) and value.dim() > 0}
@@ -210,11 +212,20 @@ def _widened_example(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple
     return wide_args, {name: _widened(value, dims.get(name, ())) for name, value in kwargs.items()}
 
 
-def _fixed_at_two(gm: fx.GraphModule) -> bool:
-    """An input whose batch or sequence export fixed to 2: the widened example was taken for a
-    size the model needs (a ``view(2, ...)``), and the example's own size would no longer run."""
+def _widened_dims(model: nn.Module, args: tuple, kwargs: dict) -> list[set[int]]:
+    """Per flattened input (the exported graph's placeholders), the dims ``_widened`` repeats."""
+    dims = _dynamic_dims(model, args, kwargs)
+    bound = inspect.signature(model.forward).bind_partial(*args, **kwargs).arguments
+    return [{d for d in dims.get(name, ()) if leaf is value and value.shape[d] == 1}
+            for name, value in bound.items() for leaf in tree_leaves(value)]
+
+
+def _fixed_at_two(gm: fx.GraphModule, widened: list[set[int]]) -> bool:
+    """An input dim that was widened from 1 and that export fixed to 2: the widened example was
+    taken for a size the model needs (a ``view(2, ...)``), and the example's own size would no
+    longer run."""
     from ..programs.binding import fixed_input_sizes
-    return any(size == 2 for fixed in fixed_input_sizes(gm) for dim, size in fixed.items() if dim < 2)
+    return any(fixed.get(dim) == 2 for fixed, dims in zip(fixed_input_sizes(gm), widened) for dim in dims)
 
 
 def export_trace(model: nn.Module, example_inputs: Sequence[Any], example_kwargs: dict) -> fx.GraphModule:
@@ -238,9 +249,10 @@ def export_trace(model: nn.Module, example_inputs: Sequence[Any], example_kwargs
                     raise
                 continue
             gm = program.module()
-            if not (is_widened and _fixed_at_two(gm)):
+            if not (is_widened and _fixed_at_two(gm, _widened_dims(model, args, kwargs))):
                 break
     put_back(gm, originals)
+    _drop_dtype_asserts(gm)
     # export's module refuses train()/eval(), which breaks program.train()/eval(); drop those
     # overrides: like an fx graph, the captured graph keeps the mode it was captured in.
     for name in ("train", "eval"):
@@ -249,17 +261,78 @@ def export_trace(model: nn.Module, example_inputs: Sequence[Any], example_kwargs
     return gm
 
 
+def _drop_dtype_asserts(gm: fx.GraphModule) -> None:
+    """Export asserts the capture's dtype on the input of every ``.to()``; a call under
+    ``torch.autocast`` gives some of those inputs another dtype, as it does in eager, which the
+    assertion refuses. They compute nothing: drop them."""
+    target = getattr(torch.ops.aten, "_assert_tensor_metadata", None)
+    if target is None:
+        return
+    for module in gm.modules():
+        if not isinstance(module, fx.GraphModule):
+            continue
+        asserts = [n for n in module.graph.nodes if n.op == "call_function" and n.target is target.default]
+        for node in asserts:
+            module.graph.erase_node(node)
+        if asserts:
+            module.recompile()
+
+
 # Capture adapters: ``adapter(model)`` returns None (not its kind of model) or a context manager
 # entered around capture; a context that yields True asks for torch.export before fx (e.g. the
 # Hugging Face adapter in hf_capture.py, which also turns the KV cache off while capturing).
 CAPTURE_ADAPTERS: list[Callable[[nn.Module], Optional[contextlib.AbstractContextManager]]] = []
 
 
+def _graph_call_of(function: type) -> Callable:
+    """A named function that applies the autograd Function ``function`` (a graph call target)."""
+    def apply(*args: Any, **kwargs: Any) -> Any:
+        return function.apply(*args, **kwargs)
+    apply.__name__ = apply.__qualname__ = f"{function.__name__}_apply"
+    apply.__module__ = function.__module__
+    return apply
+
+
+@contextlib.contextmanager
+def own_autograd_functions(inlined: list[str]):
+    """While capturing, ``apply`` of a model's own ``torch.autograd.Function`` (not torch's): on fx
+    proxies it becomes one graph call, so that the program runs the Function with its own
+    backward; torch.export traces through its forward (its backward is lost), and ``inlined``
+    collects its name."""
+    base = torch.autograd.Function
+    original = base.__dict__["apply"]
+
+    def apply(cls, *args: Any, **kwargs: Any) -> Any:
+        if not cls.__module__.startswith("torch."):
+            proxy = next((a for a in tree_leaves((args, kwargs)) if isinstance(a, fx.Proxy)), None)
+            if proxy is not None:
+                return proxy.tracer.create_proxy("call_function", _graph_call_of(cls), args, kwargs)
+            if cls.__qualname__ not in inlined:
+                inlined.append(cls.__qualname__)
+        return original.__func__(cls, *args, **kwargs)
+    base.apply = classmethod(apply)
+    try:
+        yield
+    finally:
+        base.apply = original
+
+
 def capture(model: nn.Module, example_inputs: Sequence[Any] = (), example_kwargs: Optional[dict] = None,
             leaf_modules: Iterable[str | type] = ()) -> fx.GraphModule:
     """fx first, export second, UntraceableModelError (module path, source line, construct, fix) last.
-    A capture adapter may swap the order to export first."""
+    A capture adapter may swap the order to export first. An exported graph lists in
+    ``meta["moesys_inlined_functions"]`` the model's autograd Functions it traced through."""
     example_kwargs = dict(example_kwargs or {})
+    inlined: list[str] = []
+    with own_autograd_functions(inlined):
+        gm = _capture(model, example_inputs, example_kwargs, leaf_modules)
+    if gm.meta.get("moesys_capture") == "export":
+        gm.meta["moesys_inlined_functions"] = inlined
+    return gm
+
+
+def _capture(model: nn.Module, example_inputs: Sequence[Any], example_kwargs: dict,
+             leaf_modules: Iterable[str | type]) -> fx.GraphModule:
     tracer = MoesysTracer(leaf_modules)
     with contextlib.ExitStack() as stack:
         entered = [stack.enter_context(cm) for cm in (adapt(model) for adapt in CAPTURE_ADAPTERS) if cm is not None]

@@ -42,7 +42,7 @@ from moesys_compile.passes.ring_partition import RingBudgetTooSmall, RingLayout
 from moesys_compile.passes.ring_units import ALIGN, node_state
 
 from ..errors import MoesysError, warn_user
-from ..frontend.annotation import B, S, _dynamic_dims
+from ..frontend.annotation import B, S
 from ..runtime.ring import Copy, RingExecutor, SectionLoad, SlotPool, coalesce
 from ..runtime.workspace import (activation_exprs, carried_bytes, liveness_plan, peak_live_bytes, scratch_exprs,
                                  slice_peaks)
@@ -276,11 +276,126 @@ def join_slices(value: Any, how: str) -> Any:
 # ---------------------------------------------------------------------------------------------
 
 
-def _batch_and_seq(flat_inputs: list) -> tuple[int, int]:
-    tensors = [t for t in flat_inputs if isinstance(t, torch.Tensor)]
-    batch = next((t.shape[0] for t in tensors if t.dim() >= 1), 1)
-    seq = next((t.shape[1] for t in tensors if 1 in _dynamic_dims(t)), 1)
-    return int(batch), int(seq)
+class CallSizer:
+    """Activation estimates and micro-batch slicing of one lowered graph's calls, in B and S, from
+    its annotation: no device memory, so sizing a call needs no ring, and every ring built for the
+    graph (``call_sizer``) shares one."""
+
+    def __init__(self, gm: fx.GraphModule, ctx):
+        self.layout: RingLayout = ctx.extras["ring"]
+        self.annotation = ctx.annotation
+        exprs = [sympy.sympify(e) for e in activation_exprs(gm, ctx)]
+        unique = list(dict.fromkeys(exprs))            # repeated layers repeat their expressions
+        position = {e: i for i, e in enumerate(unique)}
+        self.act_index = [position[e] for e in exprs]
+        self.act_fn = sympy.lambdify((B, S), unique, "math")
+        self.scratch = [(i, sympy.lambdify((B, S), e, "math")) for i, e in enumerate(scratch_exprs(gm)) if e]
+        self.liveness = liveness_plan(gm)
+        self._act_cache: dict[tuple[int, int], int] = {}
+        self.section_of = list(node_sections(gm, len(self.layout.sections)).values())
+        self.join, self.no_split = micro_batch_plan(gm, ctx)
+        self._split_cache: dict[tuple[int, int], tuple[list[tuple[int, int]], int]] = {}
+
+    def node_bytes(self, batch: int, seq: int) -> tuple[list[int], dict[int, int]]:
+        """Per node: the bytes it allocates, and its kernel's scratch, at (batch, seq)."""
+        values = self.act_fn(batch, seq)
+        return [int(values[i]) for i in self.act_index], {i: int(fn(batch, seq)) for i, fn in self.scratch}
+
+    def activation_bytes(self, flat_inputs: list) -> int:
+        """Estimated peak live activation bytes of a call (inputs' batch and sequence length)."""
+        return self.activation_bytes_at(*self.annotation.batch_and_seq(flat_inputs))
+
+    def activation_bytes_at(self, batch: int, seq: int) -> int:
+        key = (batch, seq)
+        if key not in self._act_cache:
+            own, scratch = self.node_bytes(*key)     # scratch: kernels' temporaries, while they run
+            self._act_cache[key] = peak_live_bytes(own, *self.liveness, scratch)
+        return self._act_cache[key]
+
+    def workspace_ahead(self, flat_inputs: list) -> Optional[int]:
+        """The activation bytes at the call's batch and sequence rounded up to powers of two: a
+        ring lowered with that workspace also takes the next calls of a growing size (None with
+        static shapes, whose estimate does not grow)."""
+        if not self.annotation.symbolic:
+            return None
+        batch, seq = self.annotation.batch_and_seq(flat_inputs)
+        ahead = self.activation_bytes_at(power_of_two_at_least(batch), power_of_two_at_least(seq))
+        beside_workspace = self.layout.min_budget - self.layout.workspace     # the smallest slots, resident state
+        return ahead if ahead <= self.layout.budget - beside_workspace else None
+
+    def micro_batches(self, batch: int, seq: int, whole: int) -> tuple[list[tuple[int, int]], int]:
+        """Slices of a batch whose activations (``whole`` bytes at once) exceed the workspace,
+        each section running over one slice at a time while its weights sit in the slot: the
+        values carried between sections are held for the whole batch, a section's temporaries
+        for one slice. Returns the slices' bounds and the estimated peak; raises
+        ``RingBudgetError`` when even one sequence at a time does not fit."""
+        key = (batch, seq)
+        if key in self._split_cache:
+            return self._split_cache[key]
+        fix = (f"compile with example inputs as large as this call (the ring was sized at batch "
+               f"{self.layout.example_shape[0]}, seq {self.layout.example_shape[1]}: a {self.layout.workspace}-byte "
+               f"workspace = device_budget {self.layout.budget} - {self.layout.slots} slots x {self.layout.slot_bytes} "
+               f"bytes), or set Plan.options['ring_workspace']")
+        if self.no_split is not None or batch == 1:
+            why = "it is a single sequence" if batch == 1 else f"it cannot run in micro-batches: {self.no_split}"
+            reason = (f"this call (batch {batch}, seq {seq}) needs about {whole} bytes of activations, more than the "
+                      f"{self.layout.workspace}-byte workspace, and {why}")
+            raise RingBudgetError(f"{reason}; {fix}", reason)
+        roots, frees = self.liveness
+        count = len(self.layout.sections)
+        held = carried_bytes(self.node_bytes(batch, seq)[0], roots, frees, self.section_of, count)
+
+        def peak(size: int) -> int:
+            own, scratch = self.node_bytes(size, seq)
+            inside = slice_peaks(own, roots, frees, self.section_of, count, scratch)
+            return max(h + i for h, i in zip(held, inside))
+        if peak(1) > self.layout.workspace:
+            reason = (f"this call (batch {batch}, seq {seq}) needs about {whole} bytes of activations, and about "
+                      f"{peak(1)} even one sequence at a time (the values carried between sections are held for "
+                      f"the whole batch)")
+            raise RingBudgetError(f"{reason}; {fix}", reason, sliced_bytes=peak(1))
+        low, high = 1, batch - 1          # the largest slice that fits: peak grows with it
+        while low < high:
+            middle = (low + high + 1) // 2
+            low, high = (middle, high) if peak(middle) <= self.layout.workspace else (low, middle - 1)
+        bounds = [(start, min(start + low, batch)) for start in range(0, batch, low)]
+        self._split_cache[key] = bounds, peak(low)
+        return self._split_cache[key]
+
+    def plan_call(self, flat_inputs: list, check_shapes: bool = True) -> tuple[list[tuple[int, int]], int]:
+        """The micro-batches of a call (one slice: the whole batch) and its estimated activation
+        bytes; raises ``RingBudgetError`` when it cannot run within the budget (unless
+        ``check_shapes`` is off: the caller vouches for the sizes)."""
+        activations = self.activation_bytes(flat_inputs)
+        batch, seq = self.annotation.batch_and_seq(flat_inputs)
+        if not check_shapes:
+            return [(0, batch)], activations
+        self._check_static_shapes(flat_inputs)
+        if activations <= self.layout.workspace:
+            return [(0, batch)], activations
+        return self.micro_batches(batch, seq, activations)
+
+    def _check_static_shapes(self, flat_inputs: list) -> None:
+        """Without symbolic shapes the activation estimate is the example's at every size: a call
+        larger than the example is refused rather than run past the budget unseen."""
+        annotation = self.annotation
+        if annotation.symbolic:
+            return
+        batch, seq = annotation.batch_and_seq(flat_inputs)
+        if batch > annotation.example_batch or seq > annotation.example_seq:
+            reason = (f"this call (batch {batch}, seq {seq}) is larger than the example the ring was compiled with "
+                      f"(batch {annotation.example_batch}, seq {annotation.example_seq}), and its activations cannot "
+                      f"be estimated: shapes are static because symbolic shape propagation failed "
+                      f"({annotation.static_reason})")
+            raise RingBudgetError(f"{reason}; compile with example inputs as large as the largest call", reason)
+
+
+
+def call_sizer(gm: fx.GraphModule, ctx) -> CallSizer:
+    """The graph's ``CallSizer``, made once per lowering."""
+    if "call_sizer" not in ctx.extras:
+        ctx.extras["call_sizer"] = CallSizer(gm, ctx)
+    return ctx.extras["call_sizer"]
 
 
 class RingRuntime:
@@ -298,18 +413,7 @@ class RingRuntime:
         self.output_node = next(n for n in gm.graph.nodes if n.op == "output")
         self.placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         self._drop_after = self._drops()
-        exprs = [sympy.sympify(e) for e in activation_exprs(gm, ctx)]
-        unique = list(dict.fromkeys(exprs))            # repeated layers repeat their expressions
-        position = {e: i for i, e in enumerate(unique)}
-        self._act_index = [position[e] for e in exprs]
-        self._act_fn = sympy.lambdify((B, S), unique, "math")
-        self._scratch = [(i, sympy.lambdify((B, S), e, "math")) for i, e in enumerate(scratch_exprs(gm)) if e]
-        self._liveness = liveness_plan(gm)
-        self._act_cache: dict[tuple[int, int], int] = {}
-        count = len(self.sections)
-        self._section_of = list(node_sections(gm, count).values())
-        self._join, self._no_split = micro_batch_plan(gm, ctx)
-        self._split_cache: dict[tuple[int, int], tuple[list[tuple[int, int]], int]] = {}
+        self.sizer = call_sizer(gm, ctx)
         self.check_shapes = True
 
     def _split(self, gm: fx.GraphModule, store: WeightStore, names: dict[int, str]) -> list[Section]:
@@ -357,83 +461,10 @@ class RingRuntime:
                 drops[index].append(node)
         return drops
 
-    def _node_bytes(self, batch: int, seq: int) -> tuple[list[int], dict[int, int]]:
-        """Per node: the bytes it allocates, and its kernel's scratch, at (batch, seq)."""
-        values = self._act_fn(batch, seq)
-        return [int(values[i]) for i in self._act_index], {i: int(fn(batch, seq)) for i, fn in self._scratch}
-
-    def activation_bytes(self, flat_inputs: list) -> int:
-        """Estimated peak live activation bytes of a call (inputs' batch and sequence length)."""
-        return self.activation_bytes_at(*_batch_and_seq(flat_inputs))
-
-    def activation_bytes_at(self, batch: int, seq: int) -> int:
-        key = (batch, seq)
-        if key not in self._act_cache:
-            own, scratch = self._node_bytes(*key)     # scratch: kernels' temporaries, while they run
-            self._act_cache[key] = peak_live_bytes(own, *self._liveness, scratch)
-        return self._act_cache[key]
-
-    def workspace_ahead(self, flat_inputs: list) -> Optional[int]:
-        """The activation bytes at the call's batch and sequence rounded up to powers of two: a
-        ring lowered with that workspace also takes the next calls of a growing size (None with
-        static shapes, whose estimate does not grow)."""
-        if not self.ctx.annotation.symbolic:
-            return None
-        batch, seq = _batch_and_seq(flat_inputs)
-        ahead = self.activation_bytes_at(_power_of_two_at_least(batch), _power_of_two_at_least(seq))
-        beside_workspace = self.layout.min_budget - self.layout.workspace     # the smallest slots, resident state
-        return ahead if ahead <= self.layout.budget - beside_workspace else None
-
-    def micro_batches(self, batch: int, seq: int, whole: int) -> tuple[list[tuple[int, int]], int]:
-        """Slices of a batch whose activations (``whole`` bytes at once) exceed the workspace,
-        each section running over one slice at a time while its weights sit in the slot: the
-        values carried between sections are held for the whole batch, a section's temporaries
-        for one slice. Returns the slices' bounds and the estimated peak; raises
-        ``RingBudgetError`` when even one sequence at a time does not fit."""
-        key = (batch, seq)
-        if key in self._split_cache:
-            return self._split_cache[key]
-        fix = (f"compile with example inputs as large as this call (the ring was sized at batch "
-               f"{self.layout.example_shape[0]}, seq {self.layout.example_shape[1]}: a {self.layout.workspace}-byte "
-               f"workspace = device_budget {self.layout.budget} - {self.layout.slots} slots x {self.layout.slot_bytes} "
-               f"bytes), or set Plan.options['ring_workspace']")
-        if self._no_split is not None or batch == 1:
-            why = "it is a single sequence" if batch == 1 else f"it cannot run in micro-batches: {self._no_split}"
-            reason = (f"this call (batch {batch}, seq {seq}) needs about {whole} bytes of activations, more than the "
-                      f"{self.layout.workspace}-byte workspace, and {why}")
-            raise RingBudgetError(f"{reason}; {fix}", reason)
-        roots, frees = self._liveness
-        count = len(self.sections)
-        held = carried_bytes(self._node_bytes(batch, seq)[0], roots, frees, self._section_of, count)
-
-        def peak(size: int) -> int:
-            own, scratch = self._node_bytes(size, seq)
-            inside = slice_peaks(own, roots, frees, self._section_of, count, scratch)
-            return max(h + i for h, i in zip(held, inside))
-        if peak(1) > self.layout.workspace:
-            reason = (f"this call (batch {batch}, seq {seq}) needs about {whole} bytes of activations, and about "
-                      f"{peak(1)} even one sequence at a time (the values carried between sections are held for "
-                      f"the whole batch)")
-            raise RingBudgetError(f"{reason}; {fix}", reason, sliced_bytes=peak(1))
-        low, high = 1, batch - 1          # the largest slice that fits: peak grows with it
-        while low < high:
-            middle = (low + high + 1) // 2
-            low, high = (middle, high) if peak(middle) <= self.layout.workspace else (low, middle - 1)
-        bounds = [(start, min(start + low, batch)) for start in range(0, batch, low)]
-        self._split_cache[key] = bounds, peak(low)
-        return self._split_cache[key]
-
     def plan_call(self, flat_inputs: list) -> tuple[list[tuple[int, int]], int]:
         """The micro-batches of a call (one slice: the whole batch) and its estimated activation
-        bytes; raises ``RingBudgetError`` when it cannot run within the budget."""
-        activations = self.activation_bytes(flat_inputs)
-        batch, seq = _batch_and_seq(flat_inputs)
-        if not self.check_shapes:
-            return [(0, batch)], activations
-        self._check_static_shapes(flat_inputs)
-        if activations <= self.layout.workspace:
-            return [(0, batch)], activations
-        return self.micro_batches(batch, seq, activations)
+        bytes (``CallSizer.plan_call``; sizes unchecked after ``check_shapes = False``)."""
+        return self.sizer.plan_call(flat_inputs, self.check_shapes)
 
     def __call__(self, flat_inputs: list, call_plan: Optional[tuple[list[tuple[int, int]], int]] = None
                  ) -> tuple[Any, dict]:
@@ -460,7 +491,7 @@ class RingRuntime:
             except BaseException:
                 executor.skip_rest_of_pass()
                 raise
-        output = fx.node.map_arg(self.output_node.args[0], lambda n: join_slices(env[n], self._join.get(n, "cat")))
+        output = fx.node.map_arg(self.output_node.args[0], lambda n: join_slices(env[n], self.sizer.join.get(n, "cat")))
         call = executor.end_call()
         stats = self._stats(call, activations)
         stats["micro_batches"] = len(bounds)
@@ -468,20 +499,6 @@ class RingRuntime:
         if self.device.type == "cuda":
             stats["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(self.device) - baseline
         return output, stats
-
-    def _check_static_shapes(self, flat_inputs: list) -> None:
-        """Without symbolic shapes the activation estimate is the example's at every size: a call
-        larger than the example is refused rather than run past the budget unseen."""
-        annotation = self.ctx.annotation
-        if annotation.symbolic:
-            return
-        batch, seq = _batch_and_seq(flat_inputs)
-        if batch > annotation.example_batch or seq > annotation.example_seq:
-            reason = (f"this call (batch {batch}, seq {seq}) is larger than the example the ring was compiled with "
-                      f"(batch {annotation.example_batch}, seq {annotation.example_seq}), and its activations cannot "
-                      f"be estimated: shapes are static because symbolic shape propagation failed "
-                      f"({annotation.static_reason})")
-            raise RingBudgetError(f"{reason}; compile with example inputs as large as the largest call", reason)
 
     def _run_section(self, section: Section, bounds: list[tuple[int, int]], *args: Any) -> tuple:
         """Run one section — once per micro-batch (``bounds``) when an input comes in ``Slices`` —;
@@ -493,7 +510,7 @@ class RingRuntime:
             for i in range(count):
                 values = self._run_section(section, bounds, *[a[i] if isinstance(a, Slices) else a for a in args])
                 for node, into, value in zip(section.outputs, outputs, values):
-                    into.append(_gather(into, value, bounds, i) if self._join.get(node) == "cat" else value)
+                    into.append(_gather(into, value, bounds, i) if self.sizer.join.get(node) == "cat" else value)
             return tuple(outputs)
         values = section.module(*args)
         return tuple(v.clone() if isinstance(v, torch.Tensor) and self.pool.owns(v) else v for v in values)
@@ -514,7 +531,7 @@ class RingRuntime:
         self._finalizer()
 
 
-def _power_of_two_at_least(n: int) -> int:
+def power_of_two_at_least(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
@@ -595,7 +612,7 @@ class RingProgram(Program):
             runtime = self.forward_runtime()
             return runtime, flat_inputs, runtime.plan_call(flat_inputs)
         except (RingBudgetError, CapturedSizeError) as refusal:
-            ahead = runtime.workspace_ahead(flat_inputs) if isinstance(refusal, RingBudgetError) else None
+            ahead = runtime.sizer.workspace_ahead(flat_inputs) if isinstance(refusal, RingBudgetError) else None
             self._close_runtimes()                     # their slots are not needed while lowering
             return self._ring_for_call(args, kwargs, refusal, ahead)
 
@@ -628,7 +645,7 @@ class RingProgram(Program):
             try:
                 lowered = lower(self.context.model, plan, args, kwargs)
                 flat_inputs = lowered[1].extras["binder"].graph_inputs(args, kwargs)
-                key = ("forward", *_batch_and_seq(flat_inputs), workspace)
+                key = ("forward", *lowered[1].annotation.batch_and_seq(flat_inputs), workspace)
                 runtime = self.runtime(key, lowered)
                 call_plan = runtime.plan_call(flat_inputs)
             except (RingBudgetTooSmall, RingBudgetError) as exc:

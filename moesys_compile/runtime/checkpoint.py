@@ -11,7 +11,7 @@ Layout of a checkpoint directory ``DIR`` (names are the original model's state n
     DIR/optim-dense.safetensors      optimizer state of the dense parameters, "<name>:<key>" (rank 0)
     DIR/optim-experts-ep{i}.safetensors   optimizer state of the experts of EP rank i, cut like the
                                      experts-ep{i} weights (0-dim entries such as Adam's step whole)
-    DIR/optim-groups.pt              the optimizer's param_groups without their parameters (rank 0)
+    DIR/optim-groups.pt              the optimizer's param_groups, their parameters by name (rank 0)
 
 The optimizer state is stored by parameter name and expert rows, like the weights, so it too
 reloads at any expert-parallel size.
@@ -274,13 +274,24 @@ def _save_optimizer(program, optimizer: torch.optim.Optimizer, tmp: Path) -> Non
                     (experts if program.is_expert(name) else dense)[f"{name}:{key}"] = value.detach().contiguous().cpu()
                 elif value is not None:
                     warnings.warn(f"optimizer state {name}:{key} ({type(value).__name__}) is not saved")
+    group_names = _group_names(names, optimizer)       # collective
     if topo.rank == 0:
         save_file(dense, str(tmp / OPTIM_DENSE), metadata=kinds)
-        torch.save([{**{k: v for k, v in g.items() if k != "params"},
-                     GROUP_NAMES: sorted(names[id(p)] for p in g["params"])} for g in optimizer.param_groups],
-                   tmp / OPTIM_GROUPS)
+        torch.save([{**{k: v for k, v in g.items() if k != "params"}, GROUP_NAMES: held}
+                    for g, held in zip(optimizer.param_groups, group_names)], tmp / OPTIM_GROUPS)
     if topo.dp_index == 0 and experts:
         save_file(experts, str(tmp / (OPTIM_PREFIX + _expert_file(topo.ep_index))), metadata=kinds)
+
+
+def _group_names(names: dict[int, str], optimizer: torch.optim.Optimizer) -> list[list[str]]:
+    """Per optimizer group, the names of its parameters on every rank: a rank holds only its own
+    experts, and experts kept as separate modules have names of their own."""
+    local = [sorted(names[id(p)] for p in group["params"]) for group in optimizer.param_groups]
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return local
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, local)
+    return [sorted(set().union(*(ranks[i] for ranks in everyone if i < len(ranks)))) for i in range(len(local))]
 
 
 def _param_state(program, path: Path, meta: dict, name: str) -> dict:
@@ -327,11 +338,12 @@ def _load_optimizer(program, path: Path, meta: dict, optimizer) -> None:
 
 
 def _saved_group(saved_groups: list[dict], groups: list[dict], number: int, param_names: list[str]) -> dict:
-    """The saved hyperparameters of optimizer group ``number``: those of the saved group with the
-    same parameters (groups built in another order still get their own), by position for a
-    checkpoint without names, else the group's current ones (with a warning)."""
+    """The saved hyperparameters of optimizer group ``number``: those of the saved group that
+    holds its parameters (saved from every rank, so a rank's share of the experts, at any
+    expert-parallel size, finds its group; groups built in another order still get their own), by
+    position for a checkpoint without names, else the group's current ones (with a warning)."""
     for saved in saved_groups:
-        if sorted(saved.get(GROUP_NAMES, ())) == sorted(param_names):
+        if param_names and set(param_names) <= set(saved.get(GROUP_NAMES, ())):
             return {k: v for k, v in saved.items() if k != GROUP_NAMES}
     if len(saved_groups) == len(groups) and not any(GROUP_NAMES in saved for saved in saved_groups):
         return saved_groups[number]
