@@ -120,22 +120,39 @@ def _capture_and_annotate(model, example_inputs, example_kwargs, leaf_modules, f
 HEAD_DROPOUT_PREFIXES = ("summary_", "classifier_")
 
 
+def _dropout_rates(model: nn.Module) -> str:
+    """The model's non-zero dropout rates (its modules' and its config's), a few of them shown."""
+    config = getattr(model, "config", None)
+    rates = {f"{name}.p": m.p for name, m in model.named_modules() if isinstance(m, nn.modules.dropout._DropoutNd)}
+    rates.update({f"config.{key}": value for key, value in (vars(config) if config is not None else {}).items()
+                  if ("dropout" in key or "pdrop" in key) and isinstance(value, float)
+                  and not key.startswith(HEAD_DROPOUT_PREFIXES)})
+    return ", ".join(f"{k}={v}" for k, v in list((k, v) for k, v in rates.items() if v > 0)[:3])
+
+
 def _warn_dropout_off(model: nn.Module, plan: Plan) -> None:
     """A training program exported from a model in eval mode (as ``from_pretrained`` returns one)
     keeps its dropout off: export fixes ``self.training`` (fx keeps ``nn.Dropout`` modules, which
     follow ``program.train()``)."""
     if plan.mode != "train" or model.training:
         return
-    config = getattr(model, "config", None)
-    rates = {f"{name}.p": m.p for name, m in model.named_modules() if isinstance(m, nn.modules.dropout._DropoutNd)}
-    rates.update({f"config.{key}": value for key, value in (vars(config) if config is not None else {}).items()
-                  if ("dropout" in key or "pdrop" in key) and isinstance(value, float)
-                  and not key.startswith(HEAD_DROPOUT_PREFIXES)})
-    active = {key: rate for key, rate in rates.items() if rate > 0}
-    if active:
-        shown = ", ".join(f"{k}={v}" for k, v in list(active.items())[:3])
+    shown = _dropout_rates(model)
+    if shown:
         warn_user(f"{type(model).__name__} is in eval mode ({shown}): a train-mode program traced from it never "
                   f"drops out, even after program.train(); call model.train() before compiling")
+
+
+def _eval_for_inference(model: nn.Module, plan: Plan) -> None:
+    """An infer program computes what the model computes in eval mode: a model left in training
+    mode (built from a config, or by hand) is put in eval mode, with a warning where that turns
+    dropout off (captured in training mode, every call would drop out at random)."""
+    if plan.mode != "infer" or not model.training:
+        return
+    shown = _dropout_rates(model)
+    model.eval()
+    if shown:
+        warn_user(f"{type(model).__name__} was in training mode ({shown}): an infer program runs it in eval mode, "
+                  f"so model.eval() was called; call it before compiling to silence this")
 
 
 def _warn_backward_lost(model: nn.Module, plan: Plan, functions: Sequence[str]) -> None:
@@ -187,6 +204,7 @@ def prepare(model: nn.Module, plan: Optional[Plan] = None, example_inputs: Any =
     plan = plan or Plan()
     example_inputs, example_kwargs = _as_tuple(example_inputs), dict(example_kwargs or {})
     _check_not_torch_compiled(model)
+    _eval_for_inference(model, plan)
     blocks = canonicalize(model, weights=_checkpoint_weights(model, plan))
     check_plan_against_model(model, plan, blocks)
     try:

@@ -107,17 +107,17 @@ def _check_decodable(model: nn.Module, ids: torch.Tensor, max_new_tokens: int) -
 
 @contextlib.contextmanager
 def _longest_step_fits(ids: torch.Tensor, max_new_tokens: int, what_grows: str):
-    """Restate a budget refusal of the decoding graph in ``generate``'s terms: the step that does
-    not fit is the last one, whose activations hold ``what_grows`` at prompt + new tokens."""
+    """Restate a budget refusal of the decoding graphs in ``generate``'s terms: the prompts, or
+    the last step, whose activations hold ``what_grows`` at prompt + new tokens."""
     from .passes.ring_partition import RingBudgetTooSmall
     try:
         yield
     except RingBudgetTooSmall as exc:
         batch, prompt = ids.shape
         raise RingBudgetTooSmall(exc.pass_name, exc.ran_before, PlanError(
-            f"generate(max_new_tokens={max_new_tokens}) of {batch} prompt(s) of {prompt} tokens: the last "
-            f"decoding step holds {what_grows} at {prompt + max_new_tokens - 1} positions and does not fit "
-            f"Plan.device_budget ({exc.cause}); lower max_new_tokens or raise "
+            f"generate(max_new_tokens={max_new_tokens}) of {batch} prompt(s) of {prompt} tokens: the prompts or "
+            f"the last decoding step, which holds {what_grows} at {prompt + max_new_tokens - 1} positions, do not "
+            f"fit Plan.device_budget ({exc.cause}); lower max_new_tokens, pass fewer or shorter prompts, or raise "
             f"Plan.device_budget")) from exc
 
 
@@ -129,7 +129,8 @@ def greedy_decode(program, ids: torch.Tensor, max_new_tokens: int,
     model = program.context.model
     _check_decodable(model, ids, max_new_tokens)
     if not isinstance(model, Transformer):
-        return cached_decode(program, ids, max_new_tokens, attention_mask)
+        return cached_decode(program, ids, max_new_tokens,
+                             padding_mask(model, ids) if attention_mask is None else attention_mask)
     if attention_mask is not None:
         raise ValueError("generate(attention_mask=...): the built-in models take no padding mask; decode prompts "
                          "of one length together (or one prompt at a time)")
@@ -179,7 +180,11 @@ def cached_decode(program, ids: torch.Tensor, max_new_tokens: int,
         if new == max_new_tokens - 1 or stop.all_done:
             break
         mask = _grow(mask, 1)
-        logits, keys, values, stats = _cached_call(program, key + ("step",), step, (token[:, None], keys, values), mask)
+        try:
+            logits, keys, values, stats = _cached_call(program, key + ("step",), step, (token[:, None], keys, values),
+                                                       mask)
+        except CapturedSizeError:    # export fixed a longer cache for the step: the prefill fills this one
+            logits, keys, values, stats = _cached_call(program, key + ("prefill",), prefill, (out,), mask)
         steps.append(stats)
     program.stats = combine_stats(steps)
     program.stats["decode"] = "kv_cache"
@@ -194,46 +199,63 @@ def _cached_graphs(program, ids: torch.Tensor, mask: torch.Tensor, max_new_token
     decoding = program.__dict__.setdefault("_decode_lowered", {})
     if "cached" in decoding and decoding["cached"] is None:
         return None
-    if "cached" in decoding and _takes(decoding["cached"][1], ids, mask, max_new_tokens):
+    if "cached" in decoding and _refusal(decoding["cached"][1], ids, mask, max_new_tokens) is None:
         return decoding["cached"]
     try:
         with _longest_step_fits(ids, max_new_tokens, "its KV cache"):
             graphs = lower_cached(program, ids, mask, max_new_tokens)
-        if not _takes(graphs, ids, mask, max_new_tokens):
-            raise NotCacheable("the graphs captured for it do not take its own sizes (a condition export recorded)")
     except RingBudgetTooSmall:
         raise
     except Exception as exc:  # noqa: BLE001 - any capture failure: decode without a cache
-        warn_user(f"generate: {type(program.context.model).__name__} cannot decode with a KV cache captured as "
-                  f"tensors ({type(exc).__name__}: {str(exc).splitlines()[0][:300]}); every step recomputes "
-                  f"the whole sequence instead")
+        _warn_recomputing(program, exc)
         decoding["cached"] = None
         return None
+    refusal = _refusal(graphs, ids, mask, max_new_tokens)
+    if isinstance(refusal, RingBudgetError) and refusal.sliced_bytes:
+        try:               # the workspace the ring estimated for running the call in micro-batches
+            graphs = lower_cached(program, ids, mask, max_new_tokens, workspace=refusal.sliced_bytes)
+            refusal = _refusal(graphs, ids, mask, max_new_tokens)
+        except RingBudgetTooSmall:
+            pass
     decoding["cached"] = (("cached", next(_LOWERINGS)), graphs)
+    if isinstance(refusal, RingBudgetError):
+        batch, prompt = ids.shape
+        raise RingBudgetError(f"generate(max_new_tokens={max_new_tokens}) of {batch} prompt(s) of {prompt} tokens: "
+                              f"{refusal.reason}, with the KV cache of every prompt; pass fewer prompts per call or "
+                              f"raise Plan.device_budget", refusal.reason)
+    if refusal is not None:                # later calls may still fit them
+        _warn_recomputing(program, NotCacheable(f"the graphs captured for this call refuse its sizes: {refusal}"))
+        return None
     return decoding["cached"]
+
+
+def _warn_recomputing(program, why: Exception) -> None:
+    warn_user(f"generate: {type(program.context.model).__name__} cannot decode with a KV cache captured as tensors "
+              f"({type(why).__name__}: {str(why).splitlines()[0][:300]}); every step recomputes the whole sequence "
+              f"instead")
 
 
 _LOWERINGS = itertools.count()      # tells the rings of successive lowerings apart
 
 
-def _takes(graphs: tuple, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int) -> bool:
-    """Whether lowered graphs run this call within the budget and the conditions export recorded
-    on the sizes: the prompt through the prefill, the first and the last step through the step
-    graph; sized without building their rings."""
+def _refusal(graphs: tuple, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int) -> Optional[Exception]:
+    """Why lowered graphs cannot run this call (None: they can), by the budget or by the conditions
+    export recorded on the sizes: the prompt through the prefill, the last step through the step
+    graph (a step whose shorter cache the step graph refuses runs through the prefill); sized
+    without building their rings."""
     prefill, step = graphs
     calls = [(*prefill, (ids,), mask)]
     if max_new_tokens > 1:
         if step is None:
-            return False
-        for length in (ids.shape[1], ids.shape[1] + max_new_tokens - 2):   # the first step's cache, the last's
-            args, step_mask = step_inputs(prefill, ids, mask, length, device="meta")
-            calls.append((*step, args, step_mask))
+            return NotCacheable("no step graph: it was lowered for one new token")
+        args, step_mask = step_inputs(prefill, ids, mask, ids.shape[1] + max_new_tokens - 2, device="meta")
+        calls.append((*step, args, step_mask))
     for gm, ctx, args, call_mask in calls:
         try:
             call_sizer(gm, ctx).plan_call(ctx.extras["binder"].graph_inputs(args, graph_kwargs(ctx.model, call_mask)))
-        except (RingBudgetError, CapturedSizeError):
-            return False
-    return True
+        except (RingBudgetError, CapturedSizeError) as exc:
+            return exc
+    return None
 
 
 def _cached_call(program, key: tuple, lowered: tuple, args: tuple, mask: torch.Tensor) -> tuple:
@@ -310,6 +332,16 @@ class EndOfSequence:
     @property
     def all_done(self) -> bool:
         return bool(self.eos) and bool(self.done.all())
+
+
+def padding_mask(model: nn.Module, ids: torch.Tensor) -> Optional[torch.Tensor]:
+    """The mask ``model.generate`` infers for prompts passed without one: the pad id's positions
+    masked out where the model has a pad id that is no end-of-sequence id and the prompts hold
+    it; else None (every position counts)."""
+    pad = getattr(getattr(model, "generation_config", None), "pad_token_id", None)
+    if pad is None or pad in _stop_ids(model)[0] or not bool((ids == pad).any()):
+        return None
+    return (ids != pad).long()
 
 
 def _stop_ids(model: nn.Module) -> tuple[list[int], Optional[int]]:

@@ -11,7 +11,7 @@ dim]. Inside, a transformers ``DynamicCache`` is filled from them, so masks, sli
 rotary positions are the model's own code. Batch, prompt length and cache length stay symbolic
 (the step's ``symbolic_dims``: the cache holds S positions, the mask S + 1), so the ring sizes
 each call's activations and one pair of graphs serves every later ``generate`` that fits its
-workspace (``takes``); they are lowered at the first call's prompt and longest cache rounded up to
+workspace (``generate._refusal``); they are lowered at the first call's prompt and longest cache rounded up to
 powers of two. Both graphs are lowered with one workspace, the forward graph's where it is the
 largest, so that they share one ring layout and a switch keeps the slot memory
 (``_sharing_one_layout``, ``RingProgram.runtime``). A model whose cache is not one key and one
@@ -138,22 +138,28 @@ def step_inputs(prefill, ids: torch.Tensor, mask: torch.Tensor, length: int, dev
     return (ids[:, -1:], keys, values), mask
 
 
-def lower_cached(program, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int) -> tuple:
+def lower_cached(program, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int,
+                 workspace: Optional[int] = None) -> tuple:
     """The prefill and step graphs sharing one ring layout (no step for one new token), lowered at
     the prompt and the longest cache (prompt + max_new_tokens - 2 positions) rounded up to powers
-    of two, so that later calls up to those sizes take them; at the call's own sizes where the
-    budget does not hold those. Raises what capture raised for a model whose cache cannot be taken
-    this way (``NotCacheable``, an export error)."""
+    of two, so that later calls up to those sizes take them; where the budget does not hold those,
+    at the call's own sizes, then for one sequence (the ring runs the call in micro-batches).
+    ``workspace``: at least that activation workspace (what a ring estimated for micro-batches).
+    Raises what capture raised for a model whose cache cannot be taken this way (``NotCacheable``,
+    an export error)."""
     from .passes.ring_partition import RingBudgetTooSmall
     prompt, longest = ids.shape[1], ids.shape[1] + max_new_tokens - 2
-    ahead, own = (power_of_two_at_least(prompt), power_of_two_at_least(max(longest, 2))), (prompt, longest)
-    with_step = max_new_tokens > 1
-    if ahead != own:
+    candidates = [(*_left_padded(ids, mask, power_of_two_at_least(prompt)), power_of_two_at_least(max(longest, 2))),
+                  (ids, mask, longest), (ids[:1], mask[:1], longest)]
+    examples = [c for i, c in enumerate(candidates)                          # each size once
+                if all((c[0].shape, c[2]) != (before[0].shape, before[2]) for before in candidates[:i])]
+    for attempt, (example_ids, example_mask, example_longest) in enumerate(examples):
         try:
-            return _lower_pair(program, *_left_padded(ids, mask, ahead[0]), ahead[1] if with_step else None)
+            return _lower_pair(program, example_ids, example_mask, example_longest if max_new_tokens > 1 else None,
+                               workspace)
         except RingBudgetTooSmall:
-            pass
-    return _lower_pair(program, ids, mask, longest if with_step else None)
+            if attempt == len(examples) - 1:
+                raise
 
 
 def _left_padded(ids: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,17 +169,24 @@ def _left_padded(ids: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[to
             torch.cat([mask.new_ones(mask.shape[0], pad), mask], dim=1))
 
 
-def _lower_pair(program, ids: torch.Tensor, mask: torch.Tensor, longest: Optional[int]) -> tuple:
+def _lower_pair(program, ids: torch.Tensor, mask: torch.Tensor, longest: Optional[int],
+                workspace: Optional[int]) -> tuple:
     model = program.context.model
     prefill = CachedPrefill(model)
     prefill_call = (prefill, (ids,), graph_kwargs(prefill, mask))
-    prefill_lowered = _lower(*prefill_call, program.plan)
+    prefill_lowered = _lower(*prefill_call, _with_workspace(program.plan, workspace))
     if longest is None:
         return prefill_lowered, None
     step = CachedStep(model)
     args, step_mask = step_inputs(prefill_lowered, ids, mask, longest)
     step_call = (step, args, graph_kwargs(step, step_mask))
-    return _sharing_one_layout(program, (prefill_call, step_call), (prefill_lowered, _lower(*step_call, program.plan)))
+    step_lowered = _lower(*step_call, _with_workspace(program.plan, workspace))
+    return _sharing_one_layout(program, (prefill_call, step_call), (prefill_lowered, step_lowered))
+
+
+def _with_workspace(plan: Plan, workspace: Optional[int]) -> Plan:
+    return plan if workspace is None else dataclasses.replace(plan, options={**plan.options,
+                                                                             "ring_workspace": workspace})
 
 
 def _sharing_one_layout(program, calls: tuple, lowered: tuple) -> tuple:
@@ -185,7 +198,7 @@ def _sharing_one_layout(program, calls: tuple, lowered: tuple) -> tuple:
     own = [ctx.extras["ring"].workspace for _, ctx in lowered]
     forward = program.forward_graph[1].extras["ring"].workspace
     for workspace in sorted({max(*own, forward), max(own)}, reverse=True):
-        plan = dataclasses.replace(program.plan, options={**program.plan.options, "ring_workspace": workspace})
+        plan = _with_workspace(program.plan, workspace)
         try:
             return tuple(done if done_workspace == workspace else _lower(*call, plan)
                          for done, done_workspace, call in zip(lowered, own, calls))

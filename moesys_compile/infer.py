@@ -177,6 +177,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # weights from a checkpoint (--checkpoint, or MODEL's own directory) are only ever streamed
         checkpoint = args.checkpoint or (model if os.path.isdir(model) else None)
         loaded = load_model(model, overrides, weights=checkpoint is None)
+        loaded.model.eval()
         ids, tokenizer = prompt_of(args, loaded.model, loaded.example_inputs)
         reference = None if args.no_compare else eager_reference(model, overrides, args.checkpoint, loaded.model)
         with tempfile.TemporaryDirectory(prefix="moesys-ring-") as scratch:

@@ -18,6 +18,7 @@ from moesys_compile.errors import PlanError
 from moesys_compile.frontend.recognizers import canonicalize
 from moesys_compile.generate import eager_generate
 from moesys_compile.infer import model_bytes
+from moesys_compile.programs.ring import RingBudgetError
 from moesys_compile.runtime.storage import StorageError
 
 pytest.importorskip("transformers")
@@ -85,6 +86,66 @@ def test_generate_of_left_padded_prompts_equals_transformers():
         want = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
     assert torch.equal(program.generate(ids, max_new_tokens=8, attention_mask=mask), want)
     assert program.stats["decode"] == "kv_cache"
+    program.close()
+
+
+def test_generate_without_a_mask_masks_the_pad_id_as_transformers_does():
+    """``model.generate`` infers the mask from a pad id that is no end-of-sequence id."""
+    model = build_hf("olmoe", num_hidden_layers=1).eval()
+    model.generation_config.eos_token_id, model.generation_config.pad_token_id = 2, 1
+    ids = example_ids(batch=2, seq=7)
+    ids[ids <= 2] = 5
+    ids[0, :3] = 1                             # left padding, no mask passed
+    program = mc.compile(model, ring_plan(model), example_inputs=(ids,))
+    with torch.inference_mode():
+        want = model.generate(ids, max_new_tokens=5, do_sample=False)
+        unmasked = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False)
+    assert not torch.equal(want, unmasked)     # the padding changes these tokens
+    assert torch.equal(program.generate(ids, max_new_tokens=5), want)
+    program.close()
+
+
+def test_a_one_token_prompt_decodes_with_the_cache_and_so_do_later_calls():
+    """Export fixes the step for caches of 2 positions or more here; the prefill fills the one
+    cache shorter than that, and later calls still decode with the cache."""
+    model = build_hf("llama", num_hidden_layers=1).eval()
+    model.generation_config.eos_token_id, model.generation_config.pad_token_id = None, 0
+    program = mc.compile(model, ring_plan(model), example_inputs=(example_ids(),))
+    for prompt in (1, 5):
+        ids = example_ids(batch=1, seq=prompt)
+        with torch.inference_mode():
+            want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")         # no fallback to recomputing
+            assert torch.equal(program.generate(ids, max_new_tokens=4), want)
+        assert program.stats["decode"] == "kv_cache"
+    program.close()
+
+
+def test_generate_of_more_prompts_than_the_budget_holds_says_so():
+    model = build_hf("qwen3_moe", num_hidden_layers=1).eval()
+    program = mc.compile(model, ring_plan(model), example_inputs=(example_ids(batch=1, seq=4),))
+    with pytest.raises(RingBudgetError, match=r"generate\(max_new_tokens=2\) of 8 prompt\(s\) of 32 tokens: .*"
+                                              r"with the KV cache of every prompt; pass fewer prompts per call"):
+        program.generate(example_ids(batch=8, seq=32), max_new_tokens=2)
+    program.close()
+
+
+def test_a_model_left_in_training_mode_is_put_in_eval_mode_for_inference():
+    """GPT-2 built from its config is in training mode (dropout 0.1): captured so, every call
+    would drop out at random."""
+    model = build_hf("gpt2", n_layer=1, resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1).train()
+    ids = example_ids()
+    with pytest.warns(UserWarning, match=r"GPT2LMHeadModel was in training mode \(.*0\.1.*\): an infer program "
+                                         r"runs it in eval mode"):
+        program = mc.compile(model, ring_plan(model), example_inputs=(ids,))
+    assert not model.training
+    with torch.inference_mode():
+        torch.testing.assert_close(program(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(program(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+    with pytest.raises(TypeError, match=r"attention_mask is None, but it was compiled with a tensor there"):
+        mc.compile(model, ring_plan(model), example_inputs=(ids,),
+                   example_kwargs={"attention_mask": torch.ones_like(ids)})(ids, attention_mask=None)
     program.close()
 
 
@@ -190,8 +251,9 @@ def test_generate_past_the_budget_names_max_new_tokens():
     ids = example_ids(1, 6, vocab=256)
     program = mc.compile(model, mc.Plan(mode="infer", device_budget=model_bytes(model) // 4), example_inputs=(ids,))
     assert program.generate(ids, 2).shape == (1, 8)
-    with pytest.raises(PlanError, match=r"generate\(max_new_tokens=400\) of 1 prompt\(s\) of 6 tokens: the last "
-                                        r"decoding step holds its KV cache at 405 positions .*lower max_new_tokens"):
+    with pytest.raises(PlanError, match=r"generate\(max_new_tokens=400\) of 1 prompt\(s\) of 6 tokens: the prompts "
+                                        r"or the last decoding step, which holds its KV cache at 405 positions, do "
+                                        r"not fit .*lower max_new_tokens"):
         program.generate(ids, 400)
     program.close()
 

@@ -66,6 +66,8 @@ def test_programs_closed_or_dropped_release_threads_files_and_mappings(lowered, 
         assert len(copy_threads()) == threads + 1 and ring_files_in_use(tmp_path)
         if i % 2:
             program.close()                  # closed, then dropped
+            assert not list(tmp_path.iterdir())                  # close deletes the offload files
+            torch.testing.assert_close(program(IDS), expected, atol=1e-6, rtol=0)   # still mapped
         alive = weakref.ref(program)
         del program                          # odd: dropped without close
         gc.collect()

@@ -9,7 +9,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import logging
 import operator
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
@@ -224,6 +226,19 @@ class MemoFakeProp(FakeTensorProp):
         return tree_map(fake, output)
 
 
+@contextlib.contextmanager
+def _quiet_fake_tensor_log():
+    """FakeTensor logs the traceback of an op its meta kernel cannot run on symbolic sizes before
+    raising it; symbolic propagation falls back to static shapes then, so the log is noise."""
+    log = logging.getLogger("torch._subclasses.fake_tensor")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
 def propagate_shapes(gm: fx.GraphModule, flat_inputs: Sequence[Any], named_dims: Optional[dict] = None) -> Annotation:
     """FakeTensor propagation, symbolic in B and S (the inputs' dims: ``input_dims``); static
     shapes when symbolic propagation fails."""
@@ -234,8 +249,9 @@ def propagate_shapes(gm: fx.GraphModule, flat_inputs: Sequence[Any], named_dims:
     for node in gm.graph.nodes:   # torch.export's names for data-dependent sizes clash with this shape env's
         node.meta.pop("unbacked_bindings", None)
     try:
-        fakes, symbol_map = _symbolic_inputs(flat_inputs, dims, mode)
-        MemoFakeProp(gm, mode, home).propagate_dont_convert_inputs(*fakes)
+        with _quiet_fake_tensor_log():      # a failure here is expected and handled: static shapes
+            fakes, symbol_map = _symbolic_inputs(flat_inputs, dims, mode)
+            MemoFakeProp(gm, mode, home).propagate_dont_convert_inputs(*fakes)
         return Annotation(mode, True, symbol_map, example_batch, example_seq, input_dims=dims)
     except Exception as exc:  # e.g. a guard on a data-dependent size: fall back to static shapes
         static_mode = FakeTensorMode(allow_non_fake_inputs=True)

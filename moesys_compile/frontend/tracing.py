@@ -225,7 +225,7 @@ def _fixed_at_two(gm: fx.GraphModule, widened: list[set[int]]) -> bool:
     taken for a size the model needs (a ``view(2, ...)``), and the example's own size would no
     longer run."""
     from ..programs.binding import fixed_input_sizes
-    return any(fixed.get(dim) == 2 for fixed, dims in zip(fixed_input_sizes(gm), widened) for dim in dims)
+    return any((fixed or {}).get(dim) == 2 for fixed, dims in zip(fixed_input_sizes(gm), widened) for dim in dims)
 
 
 def export_trace(model: nn.Module, example_inputs: Sequence[Any], example_kwargs: dict) -> fx.GraphModule:

@@ -26,7 +26,7 @@ class InputBinder:
     """
 
     def __init__(self, model: nn.Module, traced_names: Sequence[str], capture: str,
-                 out_spec: Optional[pytree.TreeSpec] = None, fixed_sizes: Sequence[dict[int, int]] = (),
+                 out_spec: Optional[pytree.TreeSpec] = None, fixed_sizes: Sequence[Optional[dict[int, int]]] = (),
                  guards: Optional[nn.Module] = None):
         self.signature = inspect.signature(model.forward)
         self.model_name = type(model).__name__
@@ -34,6 +34,7 @@ class InputBinder:
         self.capture = capture
         self.out_spec = out_spec
         self.fixed_sizes = list(fixed_sizes)    # export capture: per flat input, {dim: the size it was fixed to}
+                                                # (None: not a tensor)
         self.guards = guards                    # export capture: its conditions on the input sizes, if any
         self.pinned = {name: p.default for name, p in self.signature.parameters.items()
                        if name not in self.traced_names and p.default is not inspect.Parameter.empty}
@@ -54,8 +55,14 @@ class InputBinder:
         if self.capture != "export":
             return values
         leaves = pytree.tree_flatten_with_path(dict(zip(self.traced_names, values)))[0]
+        missing = [f"{path[0].key}{pytree.keystr(path[1:])}" for (path, leaf), fixed in zip(leaves, self.fixed_sizes)
+                   if leaf is None and fixed is not None]
+        if missing:
+            raise TypeError(f"{self.model_name}.forward: {', '.join(missing)} is None, but it was compiled with a tensor "
+                            f"there; pass one as in example_inputs/example_kwargs, or compile with an example "
+                            f"without it")
         for (path, leaf), fixed in zip(leaves, self.fixed_sizes):
-            for dim, size in fixed.items():
+            for dim, size in (fixed or {}).items():
                 if isinstance(leaf, torch.Tensor) and leaf.dim() > dim and leaf.shape[dim] != size:
                     where = f"{path[0].key}{pytree.keystr(path[1:])}.shape[{dim}]"
                     raise CapturedSizeError(
@@ -82,10 +89,11 @@ class InputBinder:
 
 def fixed_input_sizes(gm: fx.GraphModule) -> list[dict[int, int]]:
     """Per graph input of an exported module, the dims its capture fixed to one size (plain ints
-    in the placeholder's ``val``, or symbols its shape env replaced by a number)."""
+    in the placeholder's ``val``, or symbols its shape env replaced by a number); None for an input
+    that is no tensor."""
     vals = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
     return [{d: fixed for d, fixed in enumerate(map(_fixed_size, val.shape)) if fixed is not None}
-            if isinstance(val, torch.Tensor) else {} for val in vals]
+            if isinstance(val, torch.Tensor) else None for val in vals]
 
 
 def _fixed_size(size: Any) -> Optional[int]:

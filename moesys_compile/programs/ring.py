@@ -677,5 +677,8 @@ class RingProgram(Program):
             return greedy_decode(self, ids, max_new_tokens, attention_mask)
 
     def close(self) -> None:
+        """Release the slots, the copy threads and the offload files (the weights stay mapped until
+        the program is dropped)."""
         with self._lock:
             self._close_runtimes()
+            self.store.remove_files()

@@ -118,6 +118,10 @@ class WeightStore:
     def __contains__(self, name: str) -> bool:
         return name in self.locations
 
+    def remove_files(self) -> None:
+        """Delete the offload files now; their mappings keep the data while the store lives."""
+        _remove(self.files)
+
     def __getitem__(self, name: str) -> Location:
         return self.locations[name]
 
