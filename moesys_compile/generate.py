@@ -193,8 +193,9 @@ def cached_decode(program, ids: torch.Tensor, max_new_tokens: int,
 
 def _cached_graphs(program, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int) -> Optional[tuple]:
     """(runtime key, (prefill, step)) for this call: the program's last pair where it takes the
-    call, else a pair lowered for it (``hf_decode.lower_cached``); None for a model whose cache
-    cannot be captured as tensors (warned once)."""
+    call, else a pair lowered for it (``hf_decode.lower_cached``); None, with a warning, where
+    this call recomputes instead: for every call of a model whose cache cannot be captured as
+    tensors, for this call alone where the graphs captured for it refuse its sizes."""
     from .passes.ring_partition import RingBudgetTooSmall
     decoding = program.__dict__.setdefault("_decode_lowered", {})
     if "cached" in decoding and decoding["cached"] is None:

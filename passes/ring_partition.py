@@ -158,6 +158,7 @@ def ring_partition(gm: fx.GraphModule, ctx) -> fx.GraphModule:
         units    = layers; a layer larger than slot_bytes -> its fine units
         sections = greedy contiguous packing of units under slot_bytes; split sections until
                    their count is a multiple of slots (when they rotate); section i -> slot i % slots
+        if every streamed byte fits one slot: slot_bytes = largest section (the budget is a cap)
     """
     plan = ctx.plan
     if plan.device_budget is None:
@@ -205,9 +206,12 @@ def ring_partition(gm: fx.GraphModule, ctx) -> fx.GraphModule:
             f"device_budget ({plan.device_budget} bytes) leaves {slot_bytes}-byte slots after the expert groups' "
             f"partial sums, but {describe_unit(too_big[0], unit_state(too_big[0], state_of))} needs "
             f"{sum(unit_state(too_big[0], state_of).values())} bytes; raise Plan.device_budget"))
+    streamed = sum({k: v for n in nodes for k, v in state_of[n].items()}.values())
+    if streamed <= slot_bytes:       # a budget far above the model: slots as large as the sections, not the budget
+        slot_bytes = max(aligned(sum(unit_state(g, state_of).values())) for g in groups)
     layout = RingLayout(budget=plan.device_budget, slots=slots, slot_bytes=slot_bytes, workspace=workspace,
                         sections=make_sections(groups, state_of, slots), min_budget=minimum,
-                        state_bytes=sum({k: v for n in nodes for k, v in state_of[n].items()}.values()),
+                        state_bytes=streamed,
                         example_shape=(batch, seq), resident=resident, dtype=dtype, slices=slices)
     ctx.extras["ring"] = layout
     _notes(ctx, layout)

@@ -152,3 +152,13 @@ def test_experts_too_large_for_a_slot_run_as_expert_groups():
     # the rewrite keeps the function: run the lowered graph eagerly
     with torch.inference_mode():
         torch.testing.assert_close(gm(ids)[0], model(ids), atol=1e-6, rtol=0)
+
+
+def test_a_budget_far_above_the_model_is_a_cap_not_an_allocation():
+    """Slots as large as the sections, not as the budget: a 1 GiB budget for a model of a few
+    hundred KiB holds a ring the size of the model."""
+    model = mc.models.build("tiny-moe", n_layers=2)
+    gm, ctx = mc.lower(model, mc.Plan(mode="infer", device_budget="1GiB"), (torch.randint(0, 256, (2, 8)),))
+    layout: RingLayout = ctx.extras["ring"]
+    largest = max(sum(section.state.values()) for section in layout.sections)
+    assert layout.slot_bytes == largest and layout.slots * layout.slot_bytes <= layout.slots * model_bytes(model)
