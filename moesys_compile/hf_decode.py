@@ -11,8 +11,8 @@ dim]. Inside, a transformers ``DynamicCache`` is filled from them, so masks, sli
 rotary positions are the model's own code. Batch, prompt length and cache length stay symbolic
 (the step's ``symbolic_dims``: the cache holds S positions, the mask S + 1), so the ring sizes
 each call's activations and one pair of graphs serves every later ``generate`` that fits its
-workspace (``generate._refusal``); they are lowered at the first call's prompt and longest cache rounded up to
-powers of two. Both graphs are lowered with one workspace, the forward graph's where it is the
+workspace (``generate._refusal``); they are lowered at the first call's prompt and longest cache
+rounded up to powers of two. Both graphs are lowered with one workspace, the forward graph's where it is the
 largest, so that they share one ring layout and a switch keeps the slot memory
 (``_sharing_one_layout``, ``RingProgram.runtime``). A model whose cache is not one key and one
 value tensor of one shape per layer (state-space or linear-attention layers, a cache class of its
