@@ -127,7 +127,7 @@ def _dropout_rates(model: nn.Module) -> str:
     rates.update({f"config.{key}": value for key, value in (vars(config) if config is not None else {}).items()
                   if ("dropout" in key or "pdrop" in key) and isinstance(value, float)
                   and not key.startswith(HEAD_DROPOUT_PREFIXES)})
-    return ", ".join(f"{k}={v}" for k, v in list((k, v) for k, v in rates.items() if v > 0)[:3])
+    return ", ".join([f"{key}={rate}" for key, rate in rates.items() if rate > 0][:3])
 
 
 def _warn_dropout_off(model: nn.Module, plan: Plan) -> None:

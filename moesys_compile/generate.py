@@ -212,6 +212,12 @@ def _cached_graphs(program, ids: torch.Tensor, mask: torch.Tensor, max_new_token
         decoding["cached"] = None
         return None
     refusal = _refusal(graphs, ids, mask, max_new_tokens)
+    if isinstance(refusal, CapturedSizeError):
+        try:               # export fixed a size of the graphs lowered ahead: the call's own sizes
+            graphs = lower_cached(program, ids, mask, max_new_tokens, ahead=False)
+            refusal = _refusal(graphs, ids, mask, max_new_tokens)
+        except RingBudgetTooSmall:
+            pass
     if isinstance(refusal, RingBudgetError) and refusal.sliced_bytes:
         try:               # the workspace the ring estimated for running the call in micro-batches
             graphs = lower_cached(program, ids, mask, max_new_tokens, workspace=refusal.sliced_bytes)

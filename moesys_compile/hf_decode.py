@@ -139,18 +139,18 @@ def step_inputs(prefill, ids: torch.Tensor, mask: torch.Tensor, length: int, dev
 
 
 def lower_cached(program, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int,
-                 workspace: Optional[int] = None) -> tuple:
+                 workspace: Optional[int] = None, ahead: bool = True) -> tuple:
     """The prefill and step graphs sharing one ring layout (no step for one new token), lowered at
     the prompt and the longest cache (prompt + max_new_tokens - 2 positions) rounded up to powers
-    of two, so that later calls up to those sizes take them; where the budget does not hold those,
-    at the call's own sizes, then for one sequence (the ring runs the call in micro-batches).
-    ``workspace``: at least that activation workspace (what a ring estimated for micro-batches).
-    Raises what capture raised for a model whose cache cannot be taken this way (``NotCacheable``,
-    an export error)."""
+    of two (``ahead``), so that later calls up to those sizes take them; where the budget does not
+    hold those, at the call's own sizes, then for one sequence (the ring runs the call in
+    micro-batches). ``workspace``: at least that activation workspace (what a ring estimated for
+    micro-batches). Raises what capture raised for a model whose cache cannot be taken this way
+    (``NotCacheable``, an export error)."""
     from .passes.ring_partition import RingBudgetTooSmall
     prompt, longest = ids.shape[1], ids.shape[1] + max_new_tokens - 2
-    candidates = [(*_left_padded(ids, mask, power_of_two_at_least(prompt)), power_of_two_at_least(max(longest, 2))),
-                  (ids, mask, longest), (ids[:1], mask[:1], longest)]
+    rounded = (*_left_padded(ids, mask, power_of_two_at_least(prompt)), power_of_two_at_least(max(longest, 2)))
+    candidates = ([rounded] if ahead else []) + [(ids, mask, longest), (ids[:1], mask[:1], longest)]
     examples = [c for i, c in enumerate(candidates)                          # each size once
                 if all((c[0].shape, c[2]) != (before[0].shape, before[2]) for before in candidates[:i])]
     for attempt, (example_ids, example_mask, example_longest) in enumerate(examples):

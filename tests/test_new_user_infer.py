@@ -122,6 +122,25 @@ def test_a_one_token_prompt_decodes_with_the_cache_and_so_do_later_calls():
     program.close()
 
 
+def test_graphs_whose_export_conditions_refuse_the_call_are_lowered_at_its_own_sizes():
+    """Doge's step, lowered at the cache rounded up to 16, records ``keys.size()[3] >= 16``: the
+    pair is lowered again at the call's sizes, and a first step shorter than that fills its cache
+    through the prefill."""
+    model = build_hf("doge", num_hidden_layers=1).eval()
+    model.generation_config.eos_token_id, model.generation_config.pad_token_id = None, 0
+    ids = example_ids(batch=2, seq=5)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    program = mc.compile(model, ring_plan(model), example_inputs=(ids,))
+    with torch.inference_mode():
+        want = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(program.generate(ids, max_new_tokens=6, attention_mask=mask), want)
+    assert program.stats["decode"] == "kv_cache"
+    program.close()
+
+
 def test_generate_of_more_prompts_than_the_budget_holds_says_so():
     model = build_hf("qwen3_moe", num_hidden_layers=1).eval()
     program = mc.compile(model, ring_plan(model), example_inputs=(example_ids(batch=1, seq=4),))
