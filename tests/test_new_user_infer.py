@@ -162,9 +162,16 @@ def test_a_model_left_in_training_mode_is_put_in_eval_mode_for_inference():
     with torch.inference_mode():
         torch.testing.assert_close(program(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(program(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+    program.close()
+
+
+def test_a_mask_passed_as_none_where_one_was_compiled_is_named():
+    model = build_hf("gpt2", n_layer=1).eval()
+    ids = example_ids()
+    program = mc.compile(model, ring_plan(model), example_inputs=(ids,),
+                         example_kwargs={"attention_mask": torch.ones_like(ids)})
     with pytest.raises(TypeError, match=r"attention_mask is None, but it was compiled with a tensor there"):
-        mc.compile(model, ring_plan(model), example_inputs=(ids,),
-                   example_kwargs={"attention_mask": torch.ones_like(ids)})(ids, attention_mask=None)
+        program(ids, attention_mask=None)
     program.close()
 
 
