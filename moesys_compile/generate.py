@@ -25,7 +25,7 @@ from .hf_decode import NotCacheable, graph_kwargs, lower_cached, step_inputs
 from .models.transformer import Transformer
 from .plan import Plan
 from .programs.binding import CapturedSizeError
-from .programs.ring import RingBudgetError, call_sizer
+from .programs.ring import RingBudgetError, call_sizer, power_of_two_at_least
 
 
 class DecodeStep(nn.Module):
@@ -257,11 +257,18 @@ def _refusal(graphs: tuple, ids: torch.Tensor, mask: torch.Tensor, max_new_token
             return NotCacheable("no step graph: it was lowered for one new token")
         args, step_mask = step_inputs(prefill, ids, mask, ids.shape[1] + max_new_tokens - 2, device="meta")
         calls.append((*step, args, step_mask))
-    for gm, ctx, args, call_mask in calls:
-        try:
-            call_sizer(gm, ctx).plan_call(ctx.extras["binder"].graph_inputs(args, graph_kwargs(ctx.model, call_mask)))
-        except (RingBudgetError, CapturedSizeError) as exc:
-            return exc
+    return next(filter(None, (_call_refused((gm, ctx), args, graph_kwargs(ctx.model, call_mask))
+                              for gm, ctx, args, call_mask in calls)), None)
+
+
+def _call_refused(lowered: tuple, args: tuple, kwargs: dict) -> Optional[Exception]:
+    """Why a lowered graph's ring cannot run this call (None: it can): the budget, or a condition
+    export recorded on the sizes; sized without building the ring."""
+    gm, ctx = lowered
+    try:
+        call_sizer(gm, ctx).plan_call(ctx.extras["binder"].graph_inputs(args, kwargs))
+    except (RingBudgetError, CapturedSizeError) as exc:
+        return exc
     return None
 
 
@@ -277,21 +284,16 @@ def recompute_decode(program, ids: torch.Tensor, max_new_tokens: int,
                      attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Greedy decoding of any causal LM (a Hugging Face model): every step one ring forward over
     the whole sequence so far, no KV cache, through a graph lowered at the longest step's length
-    so that each step fits the workspace. As ``model.generate(do_sample=False)``: a padding mask
-    grows by one per step and gives the positions (cumulative sum, for left padding); a sequence
-    that has produced an end-of-sequence id gets the pad id, and decoding ends once all have."""
-    from .api import lower
+    rounded up to a power of two (where the budget holds it), so that each step fits the
+    workspace; later calls that fit it reuse it. As ``model.generate(do_sample=False)``: a padding
+    mask grows by one per step and gives the positions (cumulative sum, for left padding); a
+    sequence that has produced an end-of-sequence id gets the pad id, and decoding ends once all
+    have."""
     model = program.context.model
     batch, prompt = ids.shape
-    key = ("recompute", batch, prompt + max_new_tokens - 1, attention_mask is not None)
-    lowered = program.__dict__.setdefault("_decode_lowered", {})
-    if key not in lowered:
-        longest_ids = torch.cat([ids, ids.new_zeros(batch, max_new_tokens - 1)], dim=1)
-        longest_mask = None if attention_mask is None else _grow(attention_mask, max_new_tokens - 1)
-        with _longest_step_fits(ids, max_new_tokens, "the whole sequence, recomputed each step"):
-            lowered[key] = lower(model, program.plan, (longest_ids,), _mask_inputs(model, longest_mask))
-    runtime = program.runtime(key, lowered[key])
-    binder = lowered[key][1].extras["binder"]
+    key, lowered = _recompute_graph(program, ids, max_new_tokens, attention_mask)
+    runtime = program.runtime(key, lowered)
+    binder = lowered[1].extras["binder"]
     stop = EndOfSequence(model, batch, ids.device)
     steps, out, mask = [], ids, attention_mask
     for _ in range(max_new_tokens):
@@ -304,6 +306,35 @@ def recompute_decode(program, ids: torch.Tensor, max_new_tokens: int,
     program.stats = combine_stats(steps)
     program.stats["decode"] = "recompute"
     return out
+
+
+def _recompute_graph(program, ids: torch.Tensor, max_new_tokens: int, mask: Optional[torch.Tensor]) -> tuple:
+    """(runtime key, lowered forward) for ``recompute_decode``: the last one where it takes the
+    prompt and the longest step, else one lowered at the longest step rounded up to a power of
+    two, or at its own length where the budget does not hold that."""
+    from .api import lower
+    from .passes.ring_partition import RingBudgetTooSmall
+    model = program.context.model
+    decoding = program.__dict__.setdefault("_decode_lowered", {})
+    kind = ("recompute", mask is not None)
+    longest = ids.shape[1] + max_new_tokens - 1
+
+    def inputs(length: int) -> tuple[tuple, dict]:
+        grown = length - ids.shape[1]
+        return (torch.cat([ids, ids.new_zeros(ids.shape[0], grown)], dim=1),), \
+            _mask_inputs(model, None if mask is None else _grow(mask, grown))
+    calls = [inputs(ids.shape[1]), inputs(longest)]
+    if kind in decoding and not any(_call_refused(decoding[kind][1], *call) for call in calls):
+        return decoding[kind]
+    with _longest_step_fits(ids, max_new_tokens, "the whole sequence, recomputed each step"):
+        try:
+            lowered = lower(model, program.plan, *inputs(power_of_two_at_least(longest)))
+        except RingBudgetTooSmall:
+            lowered = None
+        if lowered is None or any(_call_refused(lowered, *call) for call in calls):
+            lowered = lower(model, program.plan, *inputs(longest))
+    decoding[kind] = ((*kind, next(_LOWERINGS)), lowered)
+    return decoding[kind]
 
 
 def _grow(mask: torch.Tensor, steps: int) -> torch.Tensor:

@@ -196,6 +196,15 @@ def test_generate_of_one_prompt_equals_transformers_with_or_without_a_captured_c
         step_slots = next(iter(program._runtimes.values())).pool.reservoir
         program.generate(ids, max_new_tokens=1)                             # the prefill graph alone
         assert next(iter(program._runtimes.values())).pool.reservoir is step_slots
+    else:                          # a shorter call reuses the graph lowered for the longest step
+        graph = program._decode_lowered[("recompute", False)]
+        shorter = example_ids(batch=2, seq=3)
+        with torch.inference_mode():
+            want = model.generate(shorter, attention_mask=torch.ones_like(shorter), max_new_tokens=4, do_sample=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert torch.equal(program.generate(shorter, max_new_tokens=4), want)
+        assert program._decode_lowered[("recompute", False)] is graph
     program.close()
 
 
