@@ -161,4 +161,4 @@ def test_a_budget_far_above_the_model_is_a_cap_not_an_allocation():
     gm, ctx = mc.lower(model, mc.Plan(mode="infer", device_budget="1GiB"), (torch.randint(0, 256, (2, 8)),))
     layout: RingLayout = ctx.extras["ring"]
     largest = max(sum(section.state.values()) for section in layout.sections)
-    assert layout.slot_bytes == largest and layout.slots * layout.slot_bytes <= layout.slots * model_bytes(model)
+    assert layout.slot_bytes == largest <= model_bytes(model)

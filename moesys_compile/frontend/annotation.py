@@ -67,8 +67,7 @@ class Annotation:
 
     def batch_and_seq(self, flat_inputs: Sequence[Any]) -> tuple[int, int]:
         """B and S of a call: the sizes of the first input dims that are B and S themselves."""
-        return batch_and_seq(flat_inputs, self.input_dims or [_dynamic_dims(t) if isinstance(t, torch.Tensor) else {}
-                                                              for t in flat_inputs])
+        return batch_and_seq(flat_inputs, self.input_dims)
 
     def expr(self, size: Any) -> sympy.Expr:
         """A size (int or SymInt) as a sympy expression in B and S; a data-dependent size (the
