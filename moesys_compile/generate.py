@@ -1,8 +1,9 @@
 """Greedy decoding through a ring program (``RingProgram.generate``) and its eager references.
 
 The built-in LMs decode with a KV cache: a traced ``DecodeStep`` graph (the model with its cache
-as an input and an output) is lowered once per (batch, prompt, new tokens) and every step runs
-through the ring. Hugging Face causal LMs decode with theirs through the prefill and step graphs
+as an input and an output) runs prefill and every step through the ring; it is lowered at the
+first call's prompt and longest step rounded up to powers of two, and later calls within those
+sizes reuse it. Hugging Face causal LMs decode with theirs through the prefill and step graphs
 of ``hf_decode`` (``cached_decode``; symbolic in batch, prompt and cache length, so later calls
 that fit them reuse them), as ``model.generate(do_sample=False)`` would decode; a model whose
 cache cannot be captured as tensors recomputes the whole sequence each step.
@@ -124,8 +125,8 @@ def _longest_step_fits(ids: torch.Tensor, max_new_tokens: int, what_grows: str):
 def greedy_decode(program, ids: torch.Tensor, max_new_tokens: int,
                   attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``program.generate``: prefill and every decode step run the traced ``DecodeStep`` graph
-    through the program's ring (one lowering per (batch, prompt, new tokens)). Other models (Hugging
-    Face) decode with their own cache through ``cached_decode``."""
+    through the program's ring (``_decode_step_graph``: reused by the later calls it bounds).
+    Other models (Hugging Face) decode with their own cache through ``cached_decode``."""
     model = program.context.model
     _check_decodable(model, ids, max_new_tokens)
     if not isinstance(model, Transformer):
@@ -134,18 +135,11 @@ def greedy_decode(program, ids: torch.Tensor, max_new_tokens: int,
     if attention_mask is not None:
         raise ValueError("generate(attention_mask=...): the built-in models take no padding mask; decode prompts "
                          "of one length together (or one prompt at a time)")
-    batch, prompt = ids.shape
     dtype = program.context.extras["ring"].dtype or model.embed.weight.dtype   # the ring's weights' dtype
-    key = ("decode", batch, prompt, max_new_tokens)
-    lowered = program.__dict__.setdefault("_decode_lowered", {})
-    if key not in lowered:
-        # the example bounds every step: prompt-long inputs and a cache that, with them, is as long
-        # as the longest cache the last step builds (prompt + max_new_tokens - 1 positions)
-        example = (ids, 0, empty_cache(model, batch, max_new_tokens - 1, dtype))
-        with _longest_step_fits(ids, max_new_tokens, "its KV cache"):
-            lowered[key] = lower_decode(DecodeStep(model), program.plan, example)
-    runtime = program.runtime(key, lowered[key])
-    runtime.check_shapes = False
+    key, lowered = _decode_step_graph(program, ids, max_new_tokens, dtype)
+    runtime = program.runtime(key, lowered)
+    runtime.check_shapes = False         # _decode_step_graph sized every step of the call
+    batch = ids.shape[0]
     kv, step_ids, position, tokens, steps = empty_cache(model, batch, 0, dtype), ids, 0, [], []
     for _ in range(max_new_tokens):
         ((logits, kv), _aux), stats = runtime([step_ids, position, kv])
@@ -156,6 +150,50 @@ def greedy_decode(program, ids: torch.Tensor, max_new_tokens: int,
     program.stats = combine_stats(steps)
     program.stats["decode"] = "kv_cache"
     return torch.cat([ids, *tokens], dim=1)
+
+
+def _decode_step_graph(program, ids: torch.Tensor, max_new_tokens: int, dtype: torch.dtype) -> tuple:
+    """(runtime key, lowered ``DecodeStep``) for ``greedy_decode`` of a built-in model: the last
+    one where it bounds this call, else one lowered at the prompt and the longest step rounded up
+    to powers of two (within ``max_seq_len``), or at the call's own sizes where the budget does
+    not hold that. A graph lowered at (prompt P, positions L) bounds every step of a call whose
+    prompt is at most P and whose last step attends over at most L positions: its example is a
+    P-token input over a cache of L - P positions, and no step's activations or cache outgrow it."""
+    model = program.context.model
+    batch, prompt = ids.shape
+    longest = prompt + max_new_tokens - 1          # positions the last step attends over
+    decoding = program.__dict__.setdefault("_decode_lowered", {})
+
+    def bound(tokens: int, positions: int) -> tuple:
+        return ids.new_zeros(batch, tokens), 0, empty_cache(model, batch, positions - tokens, dtype)
+
+    def takes_call(lowered: tuple, tokens: int, positions: int) -> bool:
+        _, ctx = lowered
+        try:
+            slices, _ = call_sizer(*lowered).plan_call(ctx.extras["binder"].graph_inputs(bound(tokens, positions), {}))
+        except RingBudgetError:
+            return False
+        return len(slices) == 1            # the steps run unchecked, so never in micro-batches
+
+    if "builtin" in decoding:
+        key, lowered, (tokens, positions) = decoding["builtin"]
+        if prompt <= tokens and longest <= positions and takes_call(lowered, tokens, positions):
+            return key, lowered
+    from .passes.ring_partition import RingBudgetTooSmall
+    positions = min(power_of_two_at_least(longest), model.config.max_seq_len)
+    sizes = [(min(power_of_two_at_least(prompt), positions), positions), (prompt, longest)]
+    for tokens, positions in sizes:
+        try:
+            with _longest_step_fits(ids, max_new_tokens, "its KV cache"):
+                lowered = lower_decode(DecodeStep(model), program.plan, bound(tokens, positions))
+        except RingBudgetTooSmall:
+            if (tokens, positions) == sizes[-1]:
+                raise
+            continue
+        if takes_call(lowered, tokens, positions):
+            break
+    decoding["builtin"] = (("decode", next(_LOWERINGS)), lowered, (tokens, positions))
+    return decoding["builtin"][:2]
 
 
 def cached_decode(program, ids: torch.Tensor, max_new_tokens: int,

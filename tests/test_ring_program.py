@@ -316,6 +316,24 @@ def test_generate_equals_eager_greedy(name, tier, tmp_path):
     torch.testing.assert_close(program(ids), model(ids), atol=1e-6, rtol=0)   # back to the forward ring
 
 
+def test_later_generate_calls_reuse_the_step_graph_they_fit(tmp_path):
+    """The DecodeStep graph is lowered at the first call's prompt and longest step rounded up to
+    powers of two (8 tokens over 16 positions); later calls within those sizes, of any batch the
+    budget holds, reuse it, and a longer prompt lowers it again. Every call equals eager."""
+    model = build("tiny-moe")
+    program = ring(model, 4, "host", tmp_path, torch.randint(0, 256, (2, 5)))
+    lowered_at = []
+    for batch, prompt, new in [(2, 5, 6), (2, 3, 4), (1, 8, 9), (2, 9, 4)]:
+        ids = torch.randint(0, 256, (batch, prompt))
+        assert torch.equal(program.generate(ids, max_new_tokens=new), eager_generate(model, ids, new))
+        assert program.stats["peak_device_bytes"] <= program.stats["budget_bytes"]
+        key, _, sizes = program._decode_lowered["builtin"]
+        lowered_at.append((key, sizes))
+    assert [sizes for _, sizes in lowered_at] == [(8, 16), (8, 16), (8, 16), (16, 16)]
+    assert len({key for key, _ in lowered_at}) == 2
+    program.close()
+
+
 def _hf_dir(model, path, sharded):
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     path.mkdir()
