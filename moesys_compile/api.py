@@ -110,7 +110,7 @@ def _capture_and_annotate(model, example_inputs, example_kwargs, leaf_modules, f
                          getattr(gm, "_guards_fn", None) if kind == "export" else None)
     if for_program:
         expose_aux_loss(gm)
-    flat_inputs = binder.graph_inputs(example_inputs, example_kwargs)
+    flat_inputs = binder.remember_example(example_inputs, example_kwargs)
     annotation = annotate(gm, flat_inputs, getattr(model, "symbolic_dims", None))
     gm.meta["moesys_binder"] = binder
     return gm, annotation

@@ -81,7 +81,7 @@ def lower_decode(step: DecodeStep, plan: Plan, example: tuple):
         gm = fx_trace(step, example, {}, MoesysTracer())
     binder = InputBinder(step, traced_names(step, example, {})[0], "fx", None)
     expose_aux_loss(gm)
-    annotation = annotate(gm, binder.graph_inputs(example, {}))
+    annotation = annotate(gm, binder.remember_example(example, {}))
     ctx = CompileContext(plan=plan, model=step, annotation=annotation, blocks=[], input_names=binder.traced_names,
                          capture="fx")
     ctx.extras["binder"] = binder

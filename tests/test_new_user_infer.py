@@ -175,6 +175,22 @@ def test_a_mask_passed_as_none_where_one_was_compiled_is_named():
     program.close()
 
 
+def test_ids_with_another_number_of_dims_than_the_example_are_named():
+    """A 1-D prompt used to fail deep in the graph (IndexError, or a view of the wrong size);
+    both capture kinds now name the input, the dims and the fix, for infer and train programs."""
+    model = build_hf("qwen3_moe", num_hidden_layers=1).eval()
+    ids = example_ids()
+    for program in (mc.compile(model, ring_plan(model), example_inputs=(ids,)),
+                    mc.compile(mc.models.build("tiny-moe").eval(), mc.Plan(mode="train"),
+                               example_inputs=(example_ids(vocab=256),))):
+        name = "input_ids" if program.context.capture == "export" else "ids_BS"
+        with pytest.raises(ValueError, match=rf"{name} has 1 dims \(shape \(8,\)\), but the model was compiled "
+                                             rf"with 2 \(example shape \(2, 8\)\); pass {name}\[None\]"):
+            program(ids[0])
+        with pytest.raises(ValueError, match=rf"{name} has 3 dims .*pass it shaped as the example"):
+            program(ids[None])
+
+
 @pytest.mark.parametrize("family,decode", [("qwen3_moe", "kv_cache"), ("minimax", "recompute")])
 def test_generate_of_one_prompt_equals_transformers_with_or_without_a_captured_cache(family, decode):
     """One prompt (export widens its batch of 1 and keeps it symbolic); MiniMax keeps a cache

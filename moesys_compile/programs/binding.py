@@ -38,6 +38,14 @@ class InputBinder:
         self.guards = guards                    # export capture: its conditions on the input sizes, if any
         self.pinned = {name: p.default for name, p in self.signature.parameters.items()
                        if name not in self.traced_names and p.default is not inspect.Parameter.empty}
+        self.example_shapes: list[Optional[tuple[int, ...]]] = []   # per graph input (None: not a tensor)
+
+    def remember_example(self, args: Sequence[Any], kwargs: dict) -> list[Any]:
+        """Bind the example and keep its tensors' shapes, so that a call whose tensor has another
+        number of dims is refused by name (``graph_inputs``); returns the example's graph inputs."""
+        flat = self.graph_inputs(args, kwargs)
+        self.example_shapes = [tuple(v.shape) if isinstance(v, torch.Tensor) else None for v in flat]
+        return flat
 
     def graph_inputs(self, args: Sequence[Any], kwargs: dict) -> list[Any]:
         try:
@@ -53,8 +61,10 @@ class InputBinder:
             raise TypeError(f"{self.model_name}.forward: missing argument(s) {missing} that were traced as inputs")
         values = [bound.arguments[name] for name in self.traced_names]
         if self.capture != "export":
+            self._check_dims(self.traced_names, values)
             return values
         leaves = pytree.tree_flatten_with_path(dict(zip(self.traced_names, values)))[0]
+        self._check_dims([f"{path[0].key}{pytree.keystr(path[1:])}" for path, _ in leaves], [v for _, v in leaves])
         missing = [f"{path[0].key}{pytree.keystr(path[1:])}" for (path, leaf), fixed in zip(leaves, self.fixed_sizes)
                    if leaf is None and fixed is not None]
         if missing:
@@ -80,6 +90,15 @@ class InputBinder:
                     f"torch.export recorded while capturing {self.model_name} ({exc}); compile with example inputs "
                     f"of this size, or call it with sizes that meet it") from None
         return flat
+
+    def _check_dims(self, names: list[str], values: list[Any]) -> None:
+        for name, value, shape in zip(names, values, self.example_shapes):
+            if isinstance(value, torch.Tensor) and shape is not None and value.dim() != len(shape):
+                fix = (f"pass {name}[None] for a single sequence" if value.dim() == len(shape) - 1
+                       else "pass it shaped as the example")
+                raise ValueError(f"{self.model_name}.forward: {name} has {value.dim()} dims (shape "
+                                 f"{tuple(value.shape)}), but the model was compiled with {len(shape)} (example "
+                                 f"shape {shape}); {fix}")
 
     def model_output(self, graph_output: Any) -> Any:
         if self.out_spec is None:
