@@ -165,13 +165,28 @@ def test_a_model_left_in_training_mode_is_put_in_eval_mode_for_inference():
     program.close()
 
 
-def test_a_mask_passed_as_none_where_one_was_compiled_is_named():
+def test_a_program_compiled_with_a_mask_takes_calls_without_one_as_transformers_does():
+    """attention_mask=None (or no mask) means every position counts, as in transformers: the
+    program passes ones shaped as the call's ids. Another input compiled as a tensor and passed
+    as None is named."""
     model = build_hf("gpt2", n_layer=1).eval()
     ids = example_ids()
+    padded = torch.ones_like(ids)
+    padded[0, :3] = 0
     program = mc.compile(model, ring_plan(model), example_inputs=(ids,),
-                         example_kwargs={"attention_mask": torch.ones_like(ids)})
-    with pytest.raises(TypeError, match=r"attention_mask is None, but it was compiled with a tensor there"):
-        program(ids, attention_mask=None)
+                         example_kwargs={"attention_mask": padded, "token_type_ids": torch.zeros_like(ids)})
+    with torch.inference_mode():
+        for call in (ids, ids[:1, :5]):
+            types = torch.zeros_like(call)
+            want = model(call, token_type_ids=types).logits
+            torch.testing.assert_close(program(call, token_type_ids=types).logits, want, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(program(call, attention_mask=None, token_type_ids=types).logits, want,
+                                       rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(program(ids, attention_mask=padded, token_type_ids=torch.zeros_like(ids)).logits,
+                                   model(ids, attention_mask=padded, token_type_ids=torch.zeros_like(ids)).logits,
+                                   rtol=1e-5, atol=1e-5)
+        with pytest.raises(TypeError, match=r"token_type_ids is None, but it was compiled with a tensor there"):
+            program(ids, token_type_ids=None)
     program.close()
 
 

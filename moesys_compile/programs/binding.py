@@ -39,13 +39,27 @@ class InputBinder:
         self.pinned = {name: p.default for name, p in self.signature.parameters.items()
                        if name not in self.traced_names and p.default is not inspect.Parameter.empty}
         self.example_shapes: list[Optional[tuple[int, ...]]] = []   # per graph input (None: not a tensor)
+        self.mask_dtype: Optional[torch.dtype] = None   # the example's [batch, seq] attention_mask, if any
 
     def remember_example(self, args: Sequence[Any], kwargs: dict) -> list[Any]:
         """Bind the example and keep its tensors' shapes, so that a call whose tensor has another
-        number of dims is refused by name (``graph_inputs``); returns the example's graph inputs."""
+        number of dims is refused by name (``graph_inputs``), and whether it passed a padding mask
+        shaped as its ids; returns the example's graph inputs."""
         flat = self.graph_inputs(args, kwargs)
         self.example_shapes = [tuple(v.shape) if isinstance(v, torch.Tensor) else None for v in flat]
+        example = self.signature.bind(*args, **kwargs).arguments
+        mask, ids = example.get("attention_mask"), example.get("input_ids")
+        if isinstance(mask, torch.Tensor) and isinstance(ids, torch.Tensor) and mask.shape == ids.shape:
+            self.mask_dtype = mask.dtype
         return flat
+
+    def _mask_of_ones(self, arguments: dict) -> None:
+        """A model compiled with a padding mask, called without one (or with None): every position
+        counts, as transformers reads ``attention_mask=None``; the mask is all ones, shaped as the
+        call's ids."""
+        ids = arguments.get("input_ids")
+        if self.mask_dtype is not None and arguments.get("attention_mask") is None and isinstance(ids, torch.Tensor):
+            arguments["attention_mask"] = torch.ones(ids.shape, dtype=self.mask_dtype, device=ids.device)
 
     def graph_inputs(self, args: Sequence[Any], kwargs: dict) -> list[Any]:
         try:
@@ -56,6 +70,7 @@ class InputBinder:
             if name in bound.arguments and bound.arguments[name] is not default and bound.arguments[name] != default:
                 raise ValueError(f"argument '{name}' was fixed to {default!r} when the model was compiled; "
                                  f"pass it in example_inputs/example_kwargs to compile it as an input")
+        self._mask_of_ones(bound.arguments)
         missing = [name for name in self.traced_names if name not in bound.arguments]
         if missing:
             raise TypeError(f"{self.model_name}.forward: missing argument(s) {missing} that were traced as inputs")
