@@ -118,25 +118,102 @@ def _longest_step_fits(ids: torch.Tensor, max_new_tokens: int, what_grows: str):
         raise RingBudgetTooSmall(exc.pass_name, exc.ran_before, PlanError(
             f"generate(max_new_tokens={max_new_tokens}) of {batch} prompt(s) of {prompt} tokens: the prompts or "
             f"the last decoding step, which holds {what_grows} at {prompt + max_new_tokens - 1} positions, do not "
-            f"fit Plan.device_budget ({exc.cause}); lower max_new_tokens, pass fewer or shorter prompts, or raise "
+            f"fit Plan.device_budget ({exc.cause}); lower max_new_tokens, pass shorter prompts, or raise "
             f"Plan.device_budget")) from exc
 
 
 def greedy_decode(program, ids: torch.Tensor, max_new_tokens: int,
                   attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``program.generate``: prefill and every decode step run the traced ``DecodeStep`` graph
-    through the program's ring (``_decode_step_graph``: reused by the later calls it bounds).
-    Other models (Hugging Face) decode with their own cache through ``cached_decode``."""
+    """``program.generate``: the built-in models through their traced ``DecodeStep`` graph
+    (``builtin_decode``), Hugging Face models with their own cache (``cached_decode``). A batch
+    whose decoding the budget cannot hold at once is decoded in groups of prompts
+    (``_decode_in_groups``), each as ``model.generate`` would decode it; a prompt that does not
+    fit alone is refused."""
+    from .passes.ring_partition import RingBudgetTooSmall
     model = program.context.model
     _check_decodable(model, ids, max_new_tokens)
-    if not isinstance(model, Transformer):
-        return cached_decode(program, ids, max_new_tokens,
-                             padding_mask(model, ids) if attention_mask is None else attention_mask)
-    if attention_mask is not None:
+    if attention_mask is not None and isinstance(model, Transformer):
         raise ValueError("generate(attention_mask=...): the built-in models take no padding mask; decode prompts "
                          "of one length together (or one prompt at a time)")
-    dtype = program.context.extras["ring"].dtype or model.embed.weight.dtype   # the ring's weights' dtype
-    key, lowered = _decode_step_graph(program, ids, max_new_tokens, dtype)
+    try:
+        return _decode(program, ids, max_new_tokens, attention_mask)
+    except (RingBudgetError, RingBudgetTooSmall):
+        if ids.shape[0] == 1:
+            raise
+    return _decode_in_groups(program, ids, max_new_tokens, attention_mask)
+
+
+def _decode(program, ids: torch.Tensor, max_new_tokens: int, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    model = program.context.model
+    if isinstance(model, Transformer):
+        return builtin_decode(program, ids, max_new_tokens)
+    return cached_decode(program, ids, max_new_tokens, padding_mask(model, ids) if attention_mask is None
+                         else attention_mask)
+
+
+def _decode_in_groups(program, ids: torch.Tensor, max_new_tokens: int, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Decode the first prompt alone, which lowers the decoding graphs for one sequence (symbolic
+    in batch); then the rest in groups of as many prompts as those graphs lowered for them could
+    hold (``_largest_group``), halved where that lowering refuses them. A group that ended early
+    (every sequence at an end-of-sequence id) is padded with the pad id, as ``model.generate`` pads
+    finished sequences."""
+    from .passes.ring_partition import RingBudgetTooSmall
+    batch = ids.shape[0]
+    outputs, runs, start, size = [], [], 0, 1
+    while start < batch:
+        group = slice(start, start + size)
+        try:
+            outputs.append(_decode(program, ids[group], max_new_tokens, None if mask is None else mask[group]))
+        except (RingBudgetError, RingBudgetTooSmall):
+            if size == 1:
+                raise
+            size //= 2
+            continue
+        runs.append(program.stats)
+        start += size
+        if len(runs) == 1 and start < batch:
+            size = max(_largest_group(program, ids[start:], max_new_tokens, None if mask is None else mask[start:]), 1)
+    length = max(out.shape[1] for out in outputs)
+    pad = _stop_ids(program.context.model)[1]
+    outputs = [torch.cat([out, out.new_full((out.shape[0], length - out.shape[1]), pad)], dim=1)
+               if out.shape[1] < length else out for out in outputs]
+    program.stats = combine_stats(runs)
+    program.stats["prompt_groups"] = len(runs)
+    return torch.cat(outputs, dim=0)
+
+
+def _largest_group(program, ids: torch.Tensor, max_new_tokens: int, mask: Optional[torch.Tensor]) -> int:
+    """How many of ``ids``'s prompts the stored decoding graphs, lowered for them, could hold at
+    once (0: not even one); activations grow with the batch, so a bisection finds it."""
+    low, high = 0, ids.shape[0]
+    while low < high:
+        middle = (low + high + 1) // 2
+        fits = _stored_graphs(program, ids[:middle], max_new_tokens, None if mask is None else mask[:middle], "own")
+        low, high = (middle, high) if fits is not None else (low, middle - 1)
+    return low
+
+
+def _stored_graphs(program, ids: torch.Tensor, max_new_tokens: int, mask: Optional[torch.Tensor],
+                   room: str) -> Optional[tuple]:
+    """The decoding graphs an earlier call lowered, where they (``room`` "own": the same graphs
+    lowered for this call, as in ``_call_refused``) take this call; sized without building rings."""
+    model = program.context.model
+    if isinstance(model, Transformer):
+        return _stored_step_graph(program, ids, max_new_tokens, room)
+    mask = padding_mask(model, ids) if mask is None else mask
+    decoding = program.__dict__.get("_decode_lowered", {})
+    if "cached" in decoding and decoding["cached"] is None:        # the model recomputes
+        return _stored_recompute_graph(program, ids, max_new_tokens, mask, room)
+    return _stored_cached_graphs(program, ids, torch.ones_like(ids) if mask is None else mask, max_new_tokens, room)
+
+
+def builtin_decode(program, ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+    """Greedy decoding of a built-in model: prefill and every step run the traced ``DecodeStep``
+    graph through the program's ring (``_decode_step_graph``: reused by the later calls it
+    bounds)."""
+    model = program.context.model
+    dtype = _decode_dtype(program)
+    key, lowered = _decode_step_graph(program, ids, max_new_tokens)
     runtime = program.runtime(key, lowered)
     runtime.check_shapes = False         # _decode_step_graph sized every step of the call
     batch = ids.shape[0]
@@ -152,48 +229,63 @@ def greedy_decode(program, ids: torch.Tensor, max_new_tokens: int,
     return torch.cat([ids, *tokens], dim=1)
 
 
-def _decode_step_graph(program, ids: torch.Tensor, max_new_tokens: int, dtype: torch.dtype) -> tuple:
-    """(runtime key, lowered ``DecodeStep``) for ``greedy_decode`` of a built-in model: the last
-    one where it bounds this call, else one lowered at the prompt and the longest step rounded up
-    to powers of two (within ``max_seq_len``), or at the call's own sizes where the budget does
-    not hold that. A graph lowered at (prompt P, positions L) bounds every step of a call whose
-    prompt is at most P and whose last step attends over at most L positions: its example is a
-    P-token input over a cache of L - P positions, and no step's activations or cache outgrow it."""
-    model = program.context.model
-    batch, prompt = ids.shape
-    longest = prompt + max_new_tokens - 1          # positions the last step attends over
-    decoding = program.__dict__.setdefault("_decode_lowered", {})
-
-    def bound(tokens: int, positions: int) -> tuple:
-        return ids.new_zeros(batch, tokens), 0, empty_cache(model, batch, positions - tokens, dtype)
-
-    def takes_call(lowered: tuple, tokens: int, positions: int) -> bool:
-        _, ctx = lowered
-        try:
-            slices, _ = call_sizer(*lowered).plan_call(ctx.extras["binder"].graph_inputs(bound(tokens, positions), {}))
-        except RingBudgetError:
-            return False
-        return len(slices) == 1            # the steps run unchecked, so never in micro-batches
-
-    if "builtin" in decoding:
-        key, lowered, (tokens, positions) = decoding["builtin"]
-        if prompt <= tokens and longest <= positions and takes_call(lowered, tokens, positions):
-            return key, lowered
+def _decode_step_graph(program, ids: torch.Tensor, max_new_tokens: int) -> tuple:
+    """(runtime key, lowered ``DecodeStep``) for ``builtin_decode``: the last one where it bounds
+    this call (``_stored_step_graph``), else one lowered at the prompt and the longest step rounded
+    up to powers of two (within ``max_seq_len``), or at the call's own sizes where the budget does
+    not hold that."""
     from .passes.ring_partition import RingBudgetTooSmall
+    stored = _stored_step_graph(program, ids, max_new_tokens)
+    if stored is not None:
+        return stored
+    model = program.context.model
+    prompt = ids.shape[1]
+    longest = prompt + max_new_tokens - 1          # positions the last step attends over
     positions = min(power_of_two_at_least(longest), model.config.max_seq_len)
     sizes = [(min(power_of_two_at_least(prompt), positions), positions), (prompt, longest)]
     for tokens, positions in sizes:
         try:
             with _longest_step_fits(ids, max_new_tokens, "its KV cache"):
-                lowered = lower_decode(DecodeStep(model), program.plan, bound(tokens, positions))
+                lowered = lower_decode(DecodeStep(model), program.plan, _step_bound(program, ids, tokens, positions))
         except RingBudgetTooSmall:
             if (tokens, positions) == sizes[-1]:
                 raise
             continue
-        if takes_call(lowered, tokens, positions):
+        if _call_refused(lowered, _step_bound(program, ids, tokens, positions), {}, "whole") is None:
             break
+    decoding = program.__dict__.setdefault("_decode_lowered", {})
     decoding["builtin"] = (("decode", next(_LOWERINGS)), lowered, (tokens, positions))
     return decoding["builtin"][:2]
+
+
+def _stored_step_graph(program, ids: torch.Tensor, max_new_tokens: int, room: str = "whole") -> Optional[tuple]:
+    """The stored ``DecodeStep`` graph where it bounds this call. A graph lowered at (prompt P,
+    positions L) bounds every step of a call whose prompt is at most P and whose last step attends
+    over at most L positions: its example is a P-token input over a cache of L - P positions, and
+    no step's activations or cache outgrow it. Its steps run unchecked, so never in micro-batches
+    (``room`` "whole", or "own" as in ``_call_refused``)."""
+    stored = program.__dict__.get("_decode_lowered", {}).get("builtin")
+    if stored is None:
+        return None
+    key, lowered, (tokens, positions) = stored
+    prompt = ids.shape[1]
+    if prompt <= tokens and prompt + max_new_tokens - 1 <= positions and \
+            _call_refused(lowered, _step_bound(program, ids, tokens, positions), {}, room) is None:
+        return key, lowered
+    return None
+
+
+def _step_bound(program, ids: torch.Tensor, tokens: int, positions: int) -> tuple:
+    """``DecodeStep`` inputs of ``tokens`` ids (per prompt of ``ids``) over a cache that makes
+    ``positions`` with them."""
+    batch = ids.shape[0]
+    return ids.new_zeros(batch, tokens), 0, empty_cache(program.context.model, batch, positions - tokens,
+                                                        _decode_dtype(program))
+
+
+def _decode_dtype(program) -> torch.dtype:
+    """The built-in model's cache dtype: that of the ring's weights."""
+    return program.context.extras["ring"].dtype or program.context.model.embed.weight.dtype
 
 
 def cached_decode(program, ids: torch.Tensor, max_new_tokens: int,
@@ -238,8 +330,9 @@ def _cached_graphs(program, ids: torch.Tensor, mask: torch.Tensor, max_new_token
     decoding = program.__dict__.setdefault("_decode_lowered", {})
     if "cached" in decoding and decoding["cached"] is None:
         return None
-    if "cached" in decoding and _refusal(decoding["cached"][1], ids, mask, max_new_tokens) is None:
-        return decoding["cached"]
+    stored = _stored_cached_graphs(program, ids, mask, max_new_tokens)
+    if stored is not None:
+        return stored
     try:
         with _longest_step_fits(ids, max_new_tokens, "its KV cache"):
             graphs = lower_cached(program, ids, mask, max_new_tokens)
@@ -263,15 +356,21 @@ def _cached_graphs(program, ids: torch.Tensor, mask: torch.Tensor, max_new_token
         except RingBudgetTooSmall:
             pass
     decoding["cached"] = (("cached", next(_LOWERINGS)), graphs)
-    if isinstance(refusal, RingBudgetError):
+    if isinstance(refusal, RingBudgetError):       # greedy_decode decodes a batch in groups
         batch, prompt = ids.shape
         raise RingBudgetError(f"generate(max_new_tokens={max_new_tokens}) of {batch} prompt(s) of {prompt} tokens: "
-                              f"{refusal.reason}, with the KV cache of every prompt; pass fewer prompts per call or "
-                              f"raise Plan.device_budget", refusal.reason)
+                              f"{refusal.reason}, with the prompts' KV cache; lower max_new_tokens, pass shorter "
+                              f"prompts or raise Plan.device_budget", refusal.reason)
     if refusal is not None:                # later calls may still fit them
         _warn_recomputing(program, NotCacheable(f"the graphs captured for this call refuse its sizes: {refusal}"))
         return None
     return decoding["cached"]
+
+
+def _stored_cached_graphs(program, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int,
+                          room: str = "ring") -> Optional[tuple]:
+    stored = program.__dict__.get("_decode_lowered", {}).get("cached")
+    return stored if stored is not None and _refusal(stored[1], ids, mask, max_new_tokens, room) is None else None
 
 
 def _warn_recomputing(program, why: Exception) -> None:
@@ -283,11 +382,12 @@ def _warn_recomputing(program, why: Exception) -> None:
 _LOWERINGS = itertools.count()      # tells the rings of successive lowerings apart
 
 
-def _refusal(graphs: tuple, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int) -> Optional[Exception]:
+def _refusal(graphs: tuple, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int,
+             room: str = "ring") -> Optional[Exception]:
     """Why lowered graphs cannot run this call (None: they can), by the budget or by the conditions
     export recorded on the sizes: the prompt through the prefill, the last step through the step
     graph (a step whose shorter cache the step graph refuses runs through the prefill); sized
-    without building their rings."""
+    without building their rings (``room`` as in ``_call_refused``)."""
     prefill, step = graphs
     calls = [(*prefill, (ids,), mask)]
     if max_new_tokens > 1:
@@ -295,18 +395,31 @@ def _refusal(graphs: tuple, ids: torch.Tensor, mask: torch.Tensor, max_new_token
             return NotCacheable("no step graph: it was lowered for one new token")
         args, step_mask = step_inputs(prefill, ids, mask, ids.shape[1] + max_new_tokens - 2, device="meta")
         calls.append((*step, args, step_mask))
-    return next(filter(None, (_call_refused((gm, ctx), args, graph_kwargs(ctx.model, call_mask))
+    return next(filter(None, (_call_refused((gm, ctx), args, graph_kwargs(ctx.model, call_mask), room)
                               for gm, ctx, args, call_mask in calls)), None)
 
 
-def _call_refused(lowered: tuple, args: tuple, kwargs: dict) -> Optional[Exception]:
+def _call_refused(lowered: tuple, args: tuple, kwargs: dict, room: str = "ring") -> Optional[Exception]:
     """Why a lowered graph's ring cannot run this call (None: it can): the budget, or a condition
-    export recorded on the sizes; sized without building the ring."""
+    export recorded on the sizes; sized without building the ring. ``room``: "ring", its ring as
+    lowered (in micro-batches where needed); "whole", that ring with the whole batch at once;
+    "own", a ring of the graph lowered for this call (its activations within the most workspace
+    the budget leaves; ``_decode_in_groups`` sizes groups with it)."""
     gm, ctx = lowered
+    sizer = call_sizer(gm, ctx)
     try:
-        call_sizer(gm, ctx).plan_call(ctx.extras["binder"].graph_inputs(args, kwargs))
+        flat = ctx.extras["binder"].graph_inputs(args, kwargs)
+        if room == "own":
+            needed = sizer.activation_bytes(flat)
+            if needed > sizer.largest_workspace:
+                return RingBudgetError(f"about {needed} bytes of activations, more than the {sizer.largest_workspace} "
+                                       f"bytes a ring of this graph can leave them")
+            return None
+        slices, _ = sizer.plan_call(flat)
     except (RingBudgetError, CapturedSizeError) as exc:
         return exc
+    if room == "whole" and len(slices) > 1:
+        return RingBudgetError(f"it runs only in {len(slices)} micro-batches")
     return None
 
 
@@ -348,31 +461,46 @@ def recompute_decode(program, ids: torch.Tensor, max_new_tokens: int,
 
 def _recompute_graph(program, ids: torch.Tensor, max_new_tokens: int, mask: Optional[torch.Tensor]) -> tuple:
     """(runtime key, lowered forward) for ``recompute_decode``: the last one where it takes the
-    prompt and the longest step, else one lowered at the longest step rounded up to a power of
-    two, or at its own length where the budget does not hold that."""
+    prompt and the longest step (``_stored_recompute_graph``), else one lowered at the longest step
+    rounded up to a power of two, or at its own length where the budget does not hold that."""
     from .api import lower
     from .passes.ring_partition import RingBudgetTooSmall
+    stored = _stored_recompute_graph(program, ids, max_new_tokens, mask)
+    if stored is not None:
+        return stored
     model = program.context.model
-    decoding = program.__dict__.setdefault("_decode_lowered", {})
-    kind = ("recompute", mask is not None)
     longest = ids.shape[1] + max_new_tokens - 1
-
-    def inputs(length: int) -> tuple[tuple, dict]:
-        grown = length - ids.shape[1]
-        return (torch.cat([ids, ids.new_zeros(ids.shape[0], grown)], dim=1),), \
-            _mask_inputs(model, None if mask is None else _grow(mask, grown))
-    calls = [inputs(ids.shape[1]), inputs(longest)]
-    if kind in decoding and not any(_call_refused(decoding[kind][1], *call) for call in calls):
-        return decoding[kind]
     with _longest_step_fits(ids, max_new_tokens, "the whole sequence, recomputed each step"):
         try:
-            lowered = lower(model, program.plan, *inputs(power_of_two_at_least(longest)))
+            lowered = lower(model, program.plan, *_recompute_inputs(model, ids, mask, power_of_two_at_least(longest)))
         except RingBudgetTooSmall:
             lowered = None
-        if lowered is None or any(_call_refused(lowered, *call) for call in calls):
-            lowered = lower(model, program.plan, *inputs(longest))
+        if lowered is None or any(_call_refused(lowered, *call) for call in _recompute_calls(model, ids, max_new_tokens,
+                                                                                            mask)):
+            lowered = lower(model, program.plan, *_recompute_inputs(model, ids, mask, longest))
+    kind = ("recompute", mask is not None)
+    decoding = program.__dict__.setdefault("_decode_lowered", {})
     decoding[kind] = ((*kind, next(_LOWERINGS)), lowered)
     return decoding[kind]
+
+
+def _stored_recompute_graph(program, ids: torch.Tensor, max_new_tokens: int, mask: Optional[torch.Tensor],
+                            room: str = "ring") -> Optional[tuple]:
+    stored = program.__dict__.get("_decode_lowered", {}).get(("recompute", mask is not None))
+    calls = _recompute_calls(program.context.model, ids, max_new_tokens, mask)
+    return stored if stored is not None and not any(_call_refused(stored[1], *call, room) for call in calls) else None
+
+
+def _recompute_calls(model: nn.Module, ids: torch.Tensor, max_new_tokens: int, mask: Optional[torch.Tensor]) -> list:
+    """The first and the longest step of a recomputing call, as (args, kwargs)."""
+    return [_recompute_inputs(model, ids, mask, length) for length in (ids.shape[1], ids.shape[1] + max_new_tokens - 1)]
+
+
+def _recompute_inputs(model: nn.Module, ids: torch.Tensor, mask: Optional[torch.Tensor], length: int) -> tuple:
+    """A step's inputs at ``length`` tokens: the prompt followed by new tokens, the mask grown."""
+    grown = length - ids.shape[1]
+    return (torch.cat([ids, ids.new_zeros(ids.shape[0], grown)], dim=1),), \
+        _mask_inputs(model, None if mask is None else _grow(mask, grown))
 
 
 def _grow(mask: torch.Tensor, steps: int) -> torch.Tensor:
@@ -431,7 +559,8 @@ def _stop_ids(model: nn.Module) -> tuple[list[int], Optional[int]]:
 
 
 def combine_stats(steps: list[dict]) -> dict:
-    """Sum the per-call records of a generate() run.
+    """Sum the per-call records of a generate() run (or the records of runs, for a batch decoded
+    in groups).
 
     Efficiency of the run = sum of the calls' bounds / sum of their walls, a call's bound being
     max(transfer, compute). Each step needs the token of the one before, so no step's transfer
@@ -443,11 +572,12 @@ def combine_stats(steps: list[dict]) -> dict:
         total[key] = sum(s[key] for s in steps)
     total["peak_device_bytes"] = max(s["peak_device_bytes"] for s in steps)
     wall = total["wall_seconds"]
-    bound = sum(max(s["transfer_seconds"], s["compute_seconds"]) for s in steps)
+    total["bound_seconds"] = sum(s.get("bound_seconds", max(s["transfer_seconds"], s["compute_seconds"]))
+                                 for s in steps)
     pooled = max(total["transfer_seconds"], total["compute_seconds"])
-    total["efficiency"] = bound / wall if wall else 0.0
+    total["efficiency"] = total["bound_seconds"] / wall if wall else 0.0
     total["pooled_efficiency"] = pooled / wall if wall else 0.0
-    total["steps"] = len(steps)
+    total["steps"] = sum(s.get("steps", 1) for s in steps)
     return total
 
 

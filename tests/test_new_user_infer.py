@@ -141,12 +141,24 @@ def test_graphs_whose_export_conditions_refuse_the_call_are_lowered_at_its_own_s
     program.close()
 
 
-def test_generate_of_more_prompts_than_the_budget_holds_says_so():
+def test_generate_of_more_prompts_than_the_budget_holds_decodes_them_in_groups():
+    """Eight prompts of 32 tokens do not fit the ring at once (their KV caches alone): they are
+    decoded in groups of as many as it holds (more than one, fewer than eight), each equal to
+    transformers; one prompt whose cache does not fit is refused with the fix."""
     model = build_hf("qwen3_moe", num_hidden_layers=1).eval()
-    program = mc.compile(model, ring_plan(model), example_inputs=(example_ids(batch=1, seq=4),))
-    with pytest.raises(RingBudgetError, match=r"generate\(max_new_tokens=2\) of 8 prompt\(s\) of 32 tokens: .*"
-                                              r"with the KV cache of every prompt; pass fewer prompts per call"):
-        program.generate(example_ids(batch=8, seq=32), max_new_tokens=2)
+    model.generation_config.eos_token_id = None
+    plan = mc.Plan(mode="infer", device_budget=model_bytes(model) // 2 + 2**17)
+    program = mc.compile(model, plan, example_inputs=(example_ids(batch=1, seq=4),))
+    ids = example_ids(batch=8, seq=32)
+    with torch.inference_mode():
+        want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False)
+    assert torch.equal(program.generate(ids, max_new_tokens=2), want)
+    assert 1 < program.stats["prompt_groups"] < 8
+    assert program.stats["steps"] == 2 * program.stats["prompt_groups"]
+    assert program.stats["peak_device_bytes"] <= program.stats["budget_bytes"]
+    with pytest.raises(PlanError, match=r"generate\(max_new_tokens=2\) of 1 prompt\(s\) of 256 tokens: the prompts "
+                                        r"or the last decoding step.* lower max_new_tokens, pass shorter prompts"):
+        program.generate(example_ids(batch=2, seq=256), max_new_tokens=2)
     program.close()
 
 

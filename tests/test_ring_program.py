@@ -334,6 +334,18 @@ def test_later_generate_calls_reuse_the_step_graph_they_fit(tmp_path):
     program.close()
 
 
+def test_generate_of_more_prompts_than_the_ring_holds_decodes_them_in_groups(tmp_path):
+    """Eight prompts whose KV caches the budget cannot hold at once are decoded a group at a time
+    (as many as a ring lowered for them holds), each group equal to eager."""
+    model = build("tiny-moe")
+    program = ring(model, 2, "host", tmp_path, torch.randint(0, 256, (1, 16)))
+    ids = torch.randint(0, 256, (8, 16))
+    assert torch.equal(program.generate(ids, max_new_tokens=16), eager_generate(model, ids, 16))
+    assert 1 < program.stats["prompt_groups"] < 8
+    assert program.stats["peak_device_bytes"] <= program.stats["budget_bytes"]
+    program.close()
+
+
 def _hf_dir(model, path, sharded):
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     path.mkdir()

@@ -320,8 +320,13 @@ class CallSizer:
             return None
         batch, seq = self.annotation.batch_and_seq(flat_inputs)
         ahead = self.activation_bytes_at(power_of_two_at_least(batch), power_of_two_at_least(seq))
-        beside_workspace = self.layout.min_budget - self.layout.workspace     # the smallest slots, resident state
-        return ahead if ahead <= self.layout.budget - beside_workspace else None
+        return ahead if ahead <= self.largest_workspace else None
+
+    @property
+    def largest_workspace(self) -> int:
+        """The most workspace a ring of this graph can have: the budget beside the smallest slots
+        and the resident state."""
+        return self.layout.budget - (self.layout.min_budget - self.layout.workspace)
 
     def micro_batches(self, batch: int, seq: int, whole: int) -> tuple[list[tuple[int, int]], int]:
         """Slices of a batch whose activations (``whole`` bytes at once) exceed the workspace,
