@@ -201,3 +201,22 @@ def test_an_autograd_function_that_export_traces_through_is_named_in_a_warning()
     with pytest.warns(UserWarning, match=r"PhimoeForCausalLM applies torch.autograd.Function PhimoeMultiplier, which "
                                          r"torch.export .* not its own backward"):
         mc.compile(model, mc.Plan(mode="train"), (ids,))
+
+
+@pytest.mark.parametrize("keys", [("input_ids", "labels", "attention_mask"), ("attention_mask", "input_ids", "labels")])
+def test_the_order_of_example_kwargs_does_not_change_what_a_call_binds(keys):
+    """torch.export orders the graph's inputs as the example's keys; calls are bound in the order of
+    forward's signature. Keys in another order used to swap labels and attention_mask (same shape
+    and dtype) in silence: a padded call then gave other logits and loss than eager."""
+    model = build_hf("qwen2_moe", num_hidden_layers=1).eval()
+    ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
+    example = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
+    program = mc.compile(model, mc.Plan(mode="train"), example_kwargs={key: example[key] for key in keys})
+    call = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(1))
+    padded = torch.ones_like(call)
+    padded[0, :4] = 0
+    with torch.no_grad():
+        want = model(input_ids=call, labels=call, attention_mask=padded)
+        got = program(input_ids=call, labels=call, attention_mask=padded)
+    torch.testing.assert_close(got.logits, want.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-5)

@@ -228,13 +228,21 @@ def _fixed_at_two(gm: fx.GraphModule, widened: list[set[int]]) -> bool:
     return any((fixed or {}).get(dim) == 2 for fixed, dims in zip(fixed_input_sizes(gm), widened) for dim in dims)
 
 
+def _in_signature_order(model: nn.Module, kwargs: dict) -> dict:
+    """``kwargs`` ordered as ``model.forward`` declares them (names it does not declare last)."""
+    order = {name: index for index, name in enumerate(inspect.signature(model.forward).parameters)}
+    return dict(sorted(kwargs.items(), key=lambda item: order.get(item[0], len(order))))
+
+
 def export_trace(model: nn.Module, example_inputs: Sequence[Any], example_kwargs: dict) -> fx.GraphModule:
     """Non-strict torch.export; the unlifted module shares the model's parameters (tensors on the
     meta device are exported as uninitialised host stand-ins, where the ring keeps weights, then
     put back). Batch and sequence stay symbolic where export allows, also for an example of one
-    sequence or one token (``_widened``); failing that, the example's sizes are fixed."""
-    args, kwargs = tuple(example_inputs), dict(example_kwargs)
-    dynamic = _export_dynamic_shapes(model, example_inputs, example_kwargs)
+    sequence or one token (``_widened``); failing that, the example's sizes are fixed. The
+    keyword inputs go in the order of ``forward``'s signature, which is the order the program binds
+    calls in (``traced_names``): export orders the graph's inputs as the example's keys."""
+    args, kwargs = tuple(example_inputs), _in_signature_order(model, example_kwargs)
+    dynamic = _export_dynamic_shapes(model, args, kwargs)
     wide_args, wide_kwargs = _widened_example(model, args, kwargs)
     widened = any(w is not v for w, v in zip((*wide_args, *wide_kwargs.values()), (*args, *kwargs.values())))
     attempts = ([(wide_args, wide_kwargs, dynamic, True)] if dynamic is not None and widened else []) \
