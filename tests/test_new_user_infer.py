@@ -202,6 +202,25 @@ def test_a_program_compiled_with_a_mask_takes_calls_without_one_as_transformers_
     program.close()
 
 
+def test_a_program_compiled_with_labels_sizes_each_call_by_its_own_shape():
+    """A causal LM's loss pads its labels, and that op's fake kernel fixed B and S to the
+    example's while propagating shapes: every call was then estimated at the example's
+    activations, and a large one ran in one piece past the budget, unseen in the stats."""
+    model = build_hf("llama", num_hidden_layers=1).eval()
+    ids = example_ids()
+    program = mc.compile(model, ring_plan(model), example_inputs=(ids,), example_kwargs={"labels": ids})
+    assert program.context.annotation.symbolic
+    big = example_ids(batch=64, seq=64)
+    with pytest.raises(RingBudgetError, match=r"this call \(batch 64, seq 64\) needs about \d+ bytes"):
+        program(big, labels=big)
+    with torch.inference_mode():
+        for call in (ids, ids[:1, :5]):
+            got, want = program(call, labels=call), model(call, labels=call)
+            torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-5)
+            assert program.stats["peak_device_bytes"] <= program.stats["budget_bytes"]
+    program.close()
+
+
 def test_ids_with_another_number_of_dims_than_the_example_are_named():
     """A 1-D prompt used to fail deep in the graph (IndexError, or a view of the wrong size);
     both capture kinds now name the input, the dims and the fix, for infer and train programs."""

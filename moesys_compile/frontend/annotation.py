@@ -21,6 +21,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torch._decomp import decomposition_table
 from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode, unset_fake_temporarily
 from torch.fx.experimental.symbolic_shapes import (DimDynamic, ShapeEnv, StatelessSymbolicContext,
                                                    free_unbacked_symbols)
@@ -112,7 +113,7 @@ def batch_and_seq(flat_inputs: Sequence[Any], dims: Sequence[dict]) -> tuple[int
 
 
 def _symbolic_inputs(flat_inputs: Sequence[Any], dims: Sequence[dict], mode: FakeTensorMode) -> tuple[list, dict]:
-    fakes, symbol_map = [], {}
+    fakes, symbol_map, first = [], {}, {}
     batch, seq = batch_and_seq(flat_inputs, dims)
     hints = {B: max(2, batch), S: max(2, seq)}
     for value, sizes in zip(flat_inputs, dims):
@@ -128,6 +129,12 @@ def _symbolic_inputs(flat_inputs: Sequence[Any], dims: Sequence[dict], mode: Fak
             dynamic_sizes=[DimDynamic.DYNAMIC if d in sizes else DimDynamic.STATIC for d in range(value.dim())])
         fake = mode.from_tensor(hint, symbolic_context=context)
         for d, size in sizes.items():
+            # inputs of one example size share one symbol (tokens and their labels: a loss's
+            # ``logits.view(-1, V)`` against ``labels.view(-1)`` then needs no guard on products)
+            if (size, hint_shape[d]) in first:
+                torch._check(fake.shape[d] == first[size, hint_shape[d]])
+            else:
+                first[size, hint_shape[d]] = fake.shape[d]
             symbol_map[fake.shape[d].node.expr] = size
         fakes.append(fake)
     return fakes, symbol_map
@@ -140,6 +147,17 @@ def flatten_example(model: nn.Module, example_inputs: Sequence[Any], example_kwa
         return tree_leaves(list(bound.arguments.values()))
     except (TypeError, ValueError):
         return tree_leaves([list(example_inputs), example_kwargs])
+
+
+def _constant_pad(x: torch.Tensor, pad: Sequence[Any], mode: str = "constant", value: Optional[float] = None):
+    if mode != "constant":
+        return torch.ops.aten.pad.default(x, pad, mode, value)
+    return decomposition_table[torch.ops.aten.constant_pad_nd.default](x, pad, 0 if value is None else value)
+
+
+# ops whose fake kernel reads sizes as plain ints, fixing B and S to the example's (a causal LM's
+# loss pads its labels): computed through their decompositions, which keep the sizes symbolic
+_SYMBOLIC_FORMS = {torch.ops.aten.pad.default: _constant_pad, torch.ops.aten.constant_pad_nd.default: _constant_pad}
 
 
 class MemoFakeProp(FakeTensorProp):
@@ -162,6 +180,12 @@ class MemoFakeProp(FakeTensorProp):
         module = self.fetch_attr(target)
         with meta_replaced(module, lambda name, t: fake_like(t, self._mode, self.home), as_parameters=False):
             return super().call_module(target, args, kwargs)
+
+    def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
+        symbolic_form = _SYMBOLIC_FORMS.get(target)
+        if symbolic_form is not None:
+            return symbolic_form(*args, **kwargs)
+        return super().call_function(target, args, kwargs)
 
     def _key(self, node: fx.Node) -> Any:
         if node.op in ("placeholder", "output"):
@@ -238,6 +262,15 @@ def _quiet_fake_tensor_log():
         log.setLevel(level)
 
 
+def _check_still_symbolic(mode: FakeTensorMode, symbol_map: dict) -> None:
+    """Raise where an op fixed B or S to the example's size while propagating (its fake kernel read
+    the size as an int): the estimates would not grow with a call, so shapes are static instead."""
+    fixed = {str(size): int(value) for symbol, value in mode.shape_env.replacements.items()
+             if symbol in symbol_map and (size := symbol_map[symbol]).is_Symbol and sympy.sympify(value).is_number}
+    if fixed:
+        raise ValueError(f"an op fixed {fixed} to the example's sizes while propagating shapes")
+
+
 def propagate_shapes(gm: fx.GraphModule, flat_inputs: Sequence[Any], named_dims: Optional[dict] = None) -> Annotation:
     """FakeTensor propagation, symbolic in B and S (the inputs' dims: ``input_dims``); static
     shapes when symbolic propagation fails."""
@@ -251,6 +284,7 @@ def propagate_shapes(gm: fx.GraphModule, flat_inputs: Sequence[Any], named_dims:
         with _quiet_fake_tensor_log():      # a failure here is expected and handled: static shapes
             fakes, symbol_map = _symbolic_inputs(flat_inputs, dims, mode)
             MemoFakeProp(gm, mode, home).propagate_dont_convert_inputs(*fakes)
+            _check_still_symbolic(mode, symbol_map)
         return Annotation(mode, True, symbol_map, example_batch, example_seq, input_dims=dims)
     except Exception as exc:  # e.g. a guard on a data-dependent size: fall back to static shapes
         static_mode = FakeTensorMode(allow_non_fake_inputs=True)
