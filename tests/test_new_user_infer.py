@@ -221,6 +221,28 @@ def test_a_program_compiled_with_labels_sizes_each_call_by_its_own_shape():
     program.close()
 
 
+def test_keywords_the_model_takes_through_its_kwargs_are_refused_unless_compiled_in():
+    """transformers passes output_hidden_states, return_dict and any misspelt name through
+    forward's **kwargs: the program used to drop them in silence (no hidden states, a dict for
+    return_dict=False). Compiled in through example_kwargs, they are taken, and required."""
+    model = build_hf("llama", num_hidden_layers=1).eval()
+    ids = example_ids()
+    program = mc.compile(model, ring_plan(model), example_inputs=(ids,))
+    for keyword in ({"output_hidden_states": True}, {"return_dict": False}, {"some_typo": 1}):
+        with pytest.raises(ValueError, match=rf"keyword argument\(s\) \['{next(iter(keyword))}'\] were not given "
+                                             rf"when the model was compiled.*pass them in example_kwargs"):
+            program(ids, **keyword)
+    program.close()
+    program = mc.compile(model, ring_plan(model), example_inputs=(ids,), example_kwargs={"output_hidden_states": True})
+    with torch.inference_mode():
+        got, want = program(ids, output_hidden_states=True), model(ids, output_hidden_states=True)
+    assert len(got.hidden_states) == len(want.hidden_states) == 2
+    torch.testing.assert_close(got.hidden_states[-1], want.hidden_states[-1], rtol=1e-5, atol=1e-5)
+    with pytest.raises(TypeError, match=r"\['output_hidden_states'\] were given when the model was compiled"):
+        program(ids)
+    program.close()
+
+
 def test_ids_with_another_number_of_dims_than_the_example_are_named():
     """A 1-D prompt used to fail deep in the graph (IndexError, or a view of the wrong size);
     both capture kinds now name the input, the dims and the fix, for infer and train programs."""

@@ -39,6 +39,9 @@ class InputBinder:
         self.pinned = {name: p.default for name, p in self.signature.parameters.items()
                        if name not in self.traced_names and p.default is not inspect.Parameter.empty}
         self.example_shapes: list[Optional[tuple[int, ...]]] = []   # per graph input (None: not a tensor)
+        self.var_keyword = next((name for name, p in self.signature.parameters.items()
+                                 if p.kind is inspect.Parameter.VAR_KEYWORD), None)
+        self.example_extra: Optional[list[str]] = None   # the names the example gave through **kwargs
         self.mask_dtype: Optional[torch.dtype] = None   # the example's [batch, seq] attention_mask, if any
 
     def remember_example(self, args: Sequence[Any], kwargs: dict) -> list[Any]:
@@ -48,10 +51,33 @@ class InputBinder:
         flat = self.graph_inputs(args, kwargs)
         self.example_shapes = [tuple(v.shape) if isinstance(v, torch.Tensor) else None for v in flat]
         example = self.signature.bind(*args, **kwargs).arguments
+        self.example_extra = list(example.get(self.var_keyword, {}))
         mask, ids = example.get("attention_mask"), example.get("input_ids")
         if isinstance(mask, torch.Tensor) and isinstance(ids, torch.Tensor) and mask.shape == ids.shape:
             self.mask_dtype = mask.dtype
         return flat
+
+    def _check_extra_keywords(self, arguments: dict) -> None:
+        """Keywords that reach ``forward``'s ``**kwargs`` (transformers' ``output_hidden_states``,
+        ``return_dict``, a misspelt name) were captured only where the example gave them: others
+        are refused by name rather than dropped (None, like leaving them out, is dropped), and
+        those it gave must be given again."""
+        if self.var_keyword is None or self.example_extra is None:
+            return
+        given = arguments.get(self.var_keyword, {})
+        unknown = sorted(name for name, value in given.items() if name not in self.example_extra and value is not None)
+        if unknown:
+            raise ValueError(f"{self.model_name}.forward: keyword argument(s) {unknown} were not given when the model "
+                             f"was compiled, so the program cannot take them (it would ignore them); pass them in "
+                             f"example_kwargs to compile them in")
+        missing = [name for name in self.example_extra if name not in given]
+        if missing:
+            raise TypeError(f"{self.model_name}.forward: keyword argument(s) {missing} were given when the model was "
+                            f"compiled; pass them in every call")
+        if self.example_extra:
+            arguments[self.var_keyword] = {name: given[name] for name in self.example_extra}
+        else:
+            arguments.pop(self.var_keyword, None)
 
     def _mask_of_ones(self, arguments: dict) -> None:
         """A model compiled with a padding mask, called without one (or with None): every position
@@ -71,6 +97,7 @@ class InputBinder:
                 raise ValueError(f"argument '{name}' was fixed to {default!r} when the model was compiled; "
                                  f"pass it in example_inputs/example_kwargs to compile it as an input")
         self._mask_of_ones(bound.arguments)
+        self._check_extra_keywords(bound.arguments)
         missing = [name for name in self.traced_names if name not in bound.arguments]
         if missing:
             raise TypeError(f"{self.model_name}.forward: missing argument(s) {missing} that were traced as inputs")
