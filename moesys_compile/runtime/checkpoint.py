@@ -6,8 +6,9 @@ Layout of a checkpoint directory ``DIR`` (names are the original model's state n
     DIR/plan.yaml                    the plan it was trained with
     DIR/dense.safetensors            every non-expert tensor (written by rank 0)
     DIR/experts-ep{i}.safetensors    the experts [i*L, (i+1)*L) of EP rank i of the first EP group:
-                                     those rows of every stacked [E, ...] expert parameter, and
-                                     the whole per-expert parameters (ModuleList experts) of them
+                                     those rows of every stacked [E, ...] expert parameter (F rows
+                                     per expert of a flat [E*F, D] one, DBRX's), and the whole
+                                     per-expert parameters (ModuleList experts) of them
     DIR/optim-dense.safetensors      optimizer state of the dense parameters, "<name>:<key>" (rank 0)
     DIR/optim-experts-ep{i}.safetensors   optimizer state of the experts of EP rank i, cut like the
                                      experts-ep{i} weights (0-dim entries such as Adam's step whole)
@@ -19,7 +20,10 @@ reloads at any expert-parallel size.
 Atomicity: all ranks write into ``.DIR.tmp-<token>`` beside DIR; after a barrier rank 0 writes
 meta.json, then renames DIR -> ``.DIR.old-<token>``, the temporary -> DIR, and deletes the old one.
 A crash at any point leaves either DIR or the old copy complete; ``load`` falls back to the old
-copy when DIR itself is missing.
+copy when DIR itself is missing. DIR must be new, empty or a checkpoint: any other directory is
+refused, since the swap replaces all of it.
+
+A missing or damaged file of a checkpoint (a shard, meta.json) is a ``CheckpointError`` naming it.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..errors import MoesysError
@@ -114,10 +118,15 @@ def _meta(program, aliases: dict[str, str], optimizer, extra: dict) -> dict:
 
 def save(program, directory: str, optimizer: Optional[torch.optim.Optimizer] = None,
          extra: Optional[dict] = None) -> Path:
-    """Collective. Write ``program``'s state (and the optimizer's) atomically to ``directory``."""
+    """Collective. Write ``program``'s state (and the optimizer's) atomically to ``directory``: a
+    new or empty directory, or a checkpoint, which it replaces; any other is refused (on every
+    rank, before anything is written), since the swap would delete what it holds."""
     _check_extra(dict(extra or {}))       # on every rank, before any collective: none is left waiting
     topo = program.topology
     target = Path(directory).resolve()
+    refusal = _agree(_target_refusal(target) if topo.rank == 0 else None)   # rank 0 swaps: its view counts
+    if refusal:
+        raise CheckpointError(refusal)
     token = _agree(f"{os.getpid()}-{time.time_ns()}")
     tmp = target.parent / f".{target.name}.tmp-{token}"
     if topo.rank == 0:
@@ -155,6 +164,24 @@ def _check_extra(extra: dict) -> None:
                                   f"{key}=int({key})") from None
 
 
+def _target_refusal(target: Path) -> Optional[str]:
+    """Why ``save`` must not write to ``target`` (None: it may). The swap replaces the whole
+    directory, so only a new or empty one, or a checkpoint (its ``meta.json``), may be replaced."""
+    if not target.exists() or (target / META).is_file():
+        return None
+    if target.is_dir():
+        held = sorted(p.name for p in target.iterdir())
+        if not held:
+            return None
+        shown = ", ".join(held[:5]) + (f", ... ({len(held) - 5} more)" if len(held) > 5 else "")
+        what = f"an existing directory that is not a checkpoint (no {META}; it holds {shown})"
+    else:
+        what = "an existing file"
+    return (f"save({str(target)!r}): the target is {what}; saving replaces the whole directory, which would "
+            f"delete that; pass a new or empty directory (e.g. {str(target / 'ckpt')!r}), or an existing "
+            f"checkpoint to overwrite it")
+
+
 def _swap(tmp: Path, target: Path, token: str) -> None:
     old = target.parent / f".{target.name}.old-{token}"
     if target.exists():
@@ -187,57 +214,143 @@ def resolve(directory: str) -> Path:
                           f"leaves only '.{target.name}.tmp-*' beside it, which is never loaded")
 
 
+def _damaged(file: Path, why: str) -> CheckpointError:
+    return CheckpointError(f"checkpoint file {str(file)!r} {why}: the checkpoint is incomplete or damaged; save it "
+                           f"again, or load another copy (e.g. an earlier step)")
+
+
 def read_meta(directory: str) -> tuple[Path, dict]:
+    """The complete checkpoint at ``directory`` (see ``resolve``) and its meta.json, checked: it
+    parses, has this format, and every shard file it names is there."""
     path = resolve(directory)
-    meta = json.loads((path / META).read_text())
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: checkpoint format {meta.get('format')} is not supported (expected {FORMAT})")
+    try:
+        meta = json.loads((path / META).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _damaged(path / META, f"cannot be read ({type(exc).__name__}: {exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise CheckpointError(f"{path}: checkpoint format {found} is not supported (expected {FORMAT})")
+    missing = sorted(name for name in {DENSE, *_shard_files(meta)} if not (path / name).is_file())
+    if missing:
+        raise _damaged(path / missing[0], f"is missing ({META} names {missing}, not all in the directory)")
     return path, meta
 
 
+def _shard_files(meta: dict) -> set[str]:
+    """The expert weight files that meta.json names."""
+    return {shard["file"] for entry in meta.get("experts", {}).values() for shard in entry["shards"]}
+
+
+def open_file(file: Path):
+    """``safe_open`` of one file of a checkpoint; a missing or damaged one is a CheckpointError naming it."""
+    try:
+        return safe_open(str(file), framework="pt")
+    except (OSError, SafetensorError) as exc:
+        raise _damaged(file, f"cannot be read ({type(exc).__name__}: {exc})") from None
+
+
+def _stored(opened, file: Path, stored: str):
+    """The lazy slice of tensor ``stored`` in the open ``file``."""
+    try:
+        return opened.get_slice(stored)
+    except SafetensorError:
+        raise _damaged(file, f"has no tensor '{stored}', which {META} places there") from None
+
+
 def _dense_state(path: Path, meta: dict) -> dict[str, torch.Tensor]:
-    with safe_open(str(path / DENSE), framework="pt") as f:
+    with open_file(path / DENSE) as f:
         state = {name: f.get_tensor(name) for name in f.keys()}
     for alias, name in meta["aliases"].items():
         state[alias] = state[name]
     return state
 
 
-def read_rows(path: Path, meta: dict, name: str, lo: int, hi: int, key: str = "", prefix: str = "") -> torch.Tensor:
-    """The part of expert parameter ``name`` that belongs to experts [lo, hi): rows [lo, hi) of a
-    stacked parameter, read from whichever shard files hold them; a per-expert parameter whole
-    (its expert must be in [lo, hi)). ``key``/``prefix``: its optimizer state entry ``key``, from
-    the ``prefix``-named shard files."""
+def _entry(path: Path, meta: dict, name: str) -> dict:
     entry = meta["experts"].get(name)
     if entry is None:
         raise CheckpointError(f"{path}: no expert parameter '{name}' in this checkpoint")
+    return entry
+
+
+def read_rows(path: Path, meta: dict, name: str, lo: int, hi: int, key: str = "", prefix: str = "") -> torch.Tensor:
+    """The part of expert parameter ``name`` that belongs to experts [lo, hi): those experts' rows
+    of a stacked [E, ...] parameter (F rows each of a flat [E*F, D] one), read from whichever shard
+    files hold them; a per-expert parameter whole (its expert must be in [lo, hi)).
+    ``key``/``prefix``: its optimizer state entry ``key``, from the ``prefix``-named shard files."""
+    entry = _entry(path, meta, name)
     stored = f"{name}:{key}" if key else name
     if entry.get("expert") is not None:
         if not lo <= entry["expert"] < hi:
             raise CheckpointError(f"{path}: '{name}' belongs to expert {entry['expert']}, not to experts {lo}..{hi - 1}")
-        with safe_open(str(path / (prefix + entry["shards"][0]["file"])), framework="pt") as f:
-            return f.get_tensor(stored)
-    pieces = []
-    for shard in entry["shards"]:
-        start, end = max(lo, shard["lo"]), min(hi, shard["hi"])
-        if start < end:
-            with safe_open(str(path / (prefix + shard["file"])), framework="pt") as f:
-                pieces.append(f.get_slice(stored)[start - shard["lo"]: end - shard["lo"]])
-    rows = torch.cat(pieces) if pieces else None
-    if rows is None or rows.shape[0] != hi - lo:
-        raise CheckpointError(f"{path}: rows {lo}..{hi} of '{name}' are not all present in the shards")
-    return rows
+        file = path / (prefix + entry["shards"][0]["file"])
+        with open_file(file) as f:
+            return _stored(f, file, stored)[:]
+    if not 0 <= lo < hi <= entry["num_experts"]:
+        raise CheckpointError(f"{path}: the checkpoint holds {entry['num_experts']} experts of '{name}', not experts "
+                              f"{lo}..{hi - 1}; load it into a model with {entry['num_experts']} experts per layer "
+                              f"(the config it was saved with)")
+    spans = [(shard, max(lo, shard["lo"]), min(hi, shard["hi"])) for shard in entry["shards"]]
+    spans = [(shard, start, end) for shard, start, end in spans if start < end]
+    if sum(end - start for _, start, end in spans) != hi - lo:
+        raise _damaged(path / META, f"does not place experts {lo}..{hi - 1} of '{name}' in its shards")
+    return torch.cat([_shard_rows(path / (prefix + shard["file"]), stored, shard, start, end)
+                      for shard, start, end in spans])
+
+
+def _shard_rows(file: Path, stored: str, shard: dict, start: int, end: int) -> torch.Tensor:
+    """The rows of experts [start, end) in a shard file holding experts [shard lo, shard hi):
+    its rows split evenly among them (one each of a stacked parameter, F of a flat one)."""
+    with open_file(file) as f:
+        part = _stored(f, file, stored)
+        rows, experts = part.get_shape()[0], shard["hi"] - shard["lo"]
+        if rows % experts:
+            raise _damaged(file, f"holds {rows} rows of '{stored}' for {experts} experts")
+        per = rows // experts
+        return part[(start - shard["lo"]) * per: (end - shard["lo"]) * per]
+
+
+def rows_per_expert(path: Path, meta: dict, name: str) -> int:
+    """Rows of dim 0 per expert of stacked or flat expert parameter ``name`` (1, or F of [E*F, D])."""
+    shard = _entry(path, meta, name)["shards"][0]
+    file = path / shard["file"]
+    with open_file(file) as f:
+        return _stored(f, file, name).get_shape()[0] // (shard["hi"] - shard["lo"])
+
+
+def read_dim0(path: Path, meta: dict, name: str, rows: Optional[tuple[int, int]] = None) -> torch.Tensor:
+    """Rows [lo, hi) of dim 0 of expert parameter ``name`` at full size (all of it when ``rows``
+    is None), reading only the experts that hold them."""
+    entry = _entry(path, meta, name)
+    if entry.get("expert") is not None:             # a per-expert parameter: one file holds it whole
+        whole = read_rows(path, meta, name, entry["expert"], entry["expert"] + 1)
+        return whole if rows is None else whole[rows[0]:rows[1]]
+    if rows is None:
+        return read_rows(path, meta, name, 0, entry["num_experts"])
+    per = rows_per_expert(path, meta, name)
+    first, last = rows[0] // per, -(-rows[1] // per)
+    return read_rows(path, meta, name, first, last)[rows[0] - first * per: rows[1] - first * per]
 
 
 def load(program, directory: str, optimizer: Optional[torch.optim.Optimizer] = None) -> dict:
     """Fill ``program`` (and ``optimizer``'s state) from a checkpoint saved at any EP size.
     Returns the ``extra`` record given to ``save``."""
     path, meta = read_meta(directory)
+    _check_num_experts(program, path, meta)
     dense = _dense_state(path, meta)
     program.load_local_state(dense, lambda name, lo, hi: read_rows(path, meta, name, lo, hi))
     if optimizer is not None:
         _load_optimizer(program, path, meta, optimizer)
     return meta["extra"]
+
+
+def _check_num_experts(program, path: Path, meta: dict) -> None:
+    """Every expert parameter has as many experts in the checkpoint as in the program's model."""
+    for name, shard in program.expert_layout.items():
+        saved = meta["experts"].get(name, {}).get("num_experts", shard.num_experts)
+        if saved != shard.num_experts:
+            raise CheckpointError(f"{path}: the checkpoint holds {saved} experts of '{name}' but "
+                                  f"{type(program.context.model).__name__} has {shard.num_experts}; load it into "
+                                  f"the model it was saved from (same config overrides, {saved} experts per layer)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,7 +413,7 @@ def _param_state(program, path: Path, meta: dict, name: str) -> dict:
     expert = program.is_expert(name)
     first = (OPTIM_PREFIX + meta["experts"][name]["shards"][0]["file"]) if expert else OPTIM_DENSE
     state = {}
-    with safe_open(str(path / first), framework="pt") as f:
+    with open_file(path / first) as f:
         kinds = f.metadata() or {}
         for stored in (k for k in f.keys() if k.startswith(f"{name}:")):
             key, value = stored[len(name) + 1:], f.get_tensor(stored)
@@ -356,8 +469,8 @@ def full_state(directory: str) -> dict[str, torch.Tensor]:
     """Every tensor of the checkpoint at full size, by the original model's names."""
     path, meta = read_meta(directory)
     state = _dense_state(path, meta)
-    for name, entry in meta["experts"].items():
-        state[name] = read_rows(path, meta, name, 0, entry["num_experts"])
+    for name in meta["experts"]:
+        state[name] = read_dim0(path, meta, name)
     return state
 
 
@@ -368,8 +481,21 @@ def load_into(model: torch.nn.Module, directory: str) -> torch.nn.Module:
         >>> model = mc.models.build("tiny-moe"); mc.load_into(model, "ckpt/step_100")  # doctest: +SKIP
     """
     state = full_state(directory)
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise CheckpointError(f"checkpoint {directory!r} does not fit {type(model).__name__}: missing "
-                              f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
+    _check_fits(model, state, directory)
+    model.load_state_dict(state)
     return model
+
+
+def _check_fits(model: torch.nn.Module, state: dict[str, torch.Tensor], directory: str) -> None:
+    """``state`` has exactly ``model``'s names and shapes; else a CheckpointError naming them."""
+    own = model.state_dict(keep_vars=True)
+    missing, unexpected = [n for n in own if n not in state], [n for n in state if n not in own]
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint {directory!r} does not fit {type(model).__name__}: missing "
+                              f"{missing[:5]}, unexpected {unexpected[:5]}")
+    misfits = [f"'{n}' is {tuple(t.shape)} in the checkpoint but {tuple(own[n].shape)} in the model"
+               for n, t in state.items() if t.shape != own[n].shape]
+    if misfits:
+        raise CheckpointError(f"checkpoint {directory!r} does not fit {type(model).__name__}: {len(misfits)} "
+                              f"tensor(s) have another shape: {'; '.join(misfits[:3])}; build the model with the "
+                              f"config the checkpoint was saved with (same overrides) before load_into")

@@ -23,15 +23,20 @@ sources read without reading, dequantizing or converting the other rows):
                                            model. Quantized tensors (fine-grained FP8, MXFP4)
                                            are read dequantized (``runtime.quantized``). Every
                                            tensor must have the model's shape; a floating one
-                                           is cast to the model's dtype
+                                           is cast to the model's dtype. A missing or damaged
+                                           file (shard, index, meta.json) is a StorageError
+                                           naming it; checkpoint tensors the model does not
+                                           hold are named in one warning
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import mmap
 import os
+import pickle
 import re
 import struct
 import uuid
@@ -42,7 +47,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -167,12 +172,31 @@ def model_source(model: nn.Module) -> Source:
     return read
 
 
+def _damaged(file: Path, why: str) -> StorageError:
+    return StorageError(f"checkpoint file {str(file)!r} {why}: the checkpoint is incomplete or damaged; copy or "
+                        f"download it again (or save it again with model.save_pretrained(DIR))")
+
+
+def _weight_map(index: Path) -> dict[str, Path]:
+    """Tensor name -> file, from a sharded checkpoint's index; every file it names must exist."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = {name: index.parent / file for name, file in weight_map.items()}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+        raise _damaged(index, f"is not a valid index (a JSON object with a 'weight_map' of tensor name -> file; "
+                              f"{type(exc).__name__}: {exc})") from None
+    missing = sorted({file.name for file in files.values() if not file.is_file()})
+    if missing:
+        raise _damaged(index.parent / missing[0], f"is missing ({index.name} names {missing}, not all in the "
+                                                  f"directory)")
+    return files
+
+
 def _hf_index(directory: Path) -> dict[str, Path]:
     """Checkpoint tensor name -> the file holding it: safetensors first, else PyTorch ``.bin``."""
     for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if (directory / index).is_file():
-            weight_map = json.loads((directory / index).read_text())["weight_map"]
-            return {name: directory / file for name, file in weight_map.items()}
+            return _weight_map(directory / index)
     files = sorted(directory.glob("*.safetensors")) or sorted(directory.glob("pytorch_model*.bin"))
     if not files:
         raise StorageError(f"checkpoint directory {str(directory)!r} has no model.safetensors, "
@@ -186,10 +210,13 @@ def _hf_index(directory: Path) -> dict[str, Path]:
 
 def _open_weights(file: Path):
     """A file's tensors by name, read lazily: safetensors through ``safe_open``, a ``.bin`` through
-    ``torch.load(mmap=True)``."""
-    if file.suffix == ".safetensors":
-        return safe_open(str(file), framework="pt")
-    return torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+    ``torch.load(mmap=True)``. A missing or damaged file is a StorageError naming it."""
+    try:
+        if file.suffix == ".safetensors":
+            return safe_open(str(file), framework="pt")
+        return torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+    except (OSError, SafetensorError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+        raise _damaged(file, f"cannot be read ({type(exc).__name__}: {exc})") from None
 
 
 def _read_hf(files: dict[str, Path]) -> Source:
@@ -200,26 +227,44 @@ def _read_hf(files: dict[str, Path]) -> Source:
         if file not in opened:
             opened.clear()
             opened[file] = _open_weights(file)
-        if file.suffix != ".safetensors":
-            return row_range(opened[file][name], rows)
-        return _safetensors_rows(opened[file], name, rows)
+        try:
+            if file.suffix != ".safetensors":
+                return row_range(opened[file][name], rows)
+            return _safetensors_rows(opened[file], name, rows)
+        except (KeyError, SafetensorError) as exc:      # the index names a tensor the file lacks
+            raise _damaged(file, f"cannot give tensor '{name}' ({type(exc).__name__}: {exc})") from None
     return read
 
 
+@contextlib.contextmanager
+def _as_storage_error():
+    """A training checkpoint's own error (CheckpointError: a damaged file, named) as the
+    StorageError that every checkpoint source raises."""
+    from .checkpoint import CheckpointError
+    try:
+        yield
+    except CheckpointError as exc:
+        raise StorageError(str(exc)) from exc
+
+
 def _project_reader(directory: Path) -> tuple[set[str], Source]:
+    """This project's training checkpoint: its tensor names and a reader (``rows``: rows of dim 0
+    of the full tensor, read from the expert shards that hold them)."""
     from . import checkpoint
-    path, meta = checkpoint.read_meta(str(directory))
-    with safe_open(str(path / checkpoint.DENSE), framework="pt") as f:
-        dense = set(f.keys())
+    with _as_storage_error():
+        path, meta = checkpoint.read_meta(str(directory))
+        with checkpoint.open_file(path / checkpoint.DENSE) as f:
+            dense = set(f.keys())
     experts = meta.get("experts", {})
     aliases = meta.get("aliases", {})
 
     def read(name: str, rows: Rows = None) -> torch.Tensor:
         name = aliases.get(name, name)
-        if name in experts:
-            return checkpoint.read_rows(path, meta, name, *(rows or (0, experts[name]["num_experts"])))
-        with safe_open(str(path / checkpoint.DENSE), framework="pt") as f:
-            return _safetensors_rows(f, name, rows)
+        with _as_storage_error():
+            if name in experts:
+                return checkpoint.read_dim0(path, meta, name, rows)
+            with checkpoint.open_file(path / checkpoint.DENSE) as f:
+                return _safetensors_rows(f, name, rows)
     return dense | set(experts) | set(aliases), read
 
 
@@ -233,13 +278,13 @@ def checkpoint_source(directory: str, model: nn.Module) -> Source:
     aliases = _tensor_aliases(model)
     state = model.state_dict(keep_vars=True)      # the persistent tensors: what checkpoints hold
     if (root / "meta.json").is_file():
-        present, read_one = _project_reader(root)
+        (present, read_one), converted_from = _project_reader(root), set()
     else:
         files = _hf_index(root)
         shapes = {name: t.shape for name, t in state.items()}
         present, read_file = dequantizing_reader(set(files), _read_hf(files), fp8_block_size(root), shapes.get)
         present, read_one, converted_from = _with_hub_layout(model, present, read_file)
-        _warn_unused(root, present - converted_from - set(aliases), model)
+    _warn_unused(root, present - converted_from - set(aliases), model)
     fallback = model_source(model)
 
     def read(name: str, rows: Rows = None) -> torch.Tensor:
@@ -276,17 +321,26 @@ def _with_hub_layout(model: nn.Module, present: set[str], read_file: Source):
     return present | set(converted), read, converted_from
 
 
+# the unused-tensor warnings given in this process: compile (its probe and the ring) and the CLI's
+# eager reference each open the same checkpoint for the same model, and one warning says it all
+_WARNED_UNUSED: set[str] = set()
+
+
 def _warn_unused(root: Path, names: set[str], model: nn.Module) -> None:
-    """Warn about checkpoint tensors ``names`` that ``model`` does not hold (as transformers does
-    when it loads a checkpoint of another model or configuration), except those the model class
-    declares as expected leftovers (``_keys_to_ignore_on_load_unexpected``)."""
+    """Warn, once per process, about checkpoint tensors ``names`` that ``model`` does not hold (as
+    transformers does when it loads a checkpoint of another model or configuration), except those
+    the model class declares as expected leftovers (``_keys_to_ignore_on_load_unexpected``)."""
     ignored = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []]
     unused = sorted(n for n in names - set(model.state_dict(keep_vars=True)) if not any(p.search(n) for p in ignored))
-    if unused:
-        shown = ", ".join(unused[:5]) + (f", ... ({len(unused) - 5} more)" if len(unused) > 5 else "")
-        warn_user(f"checkpoint {str(root)!r}: {len(unused)} tensor(s) match no tensor of "
-                  f"{type(model).__name__} and are not used: {shown}; check that the checkpoint is of this "
-                  f"model and configuration")
+    if not unused:
+        return
+    shown = ", ".join(unused[:5]) + (f", ... ({len(unused) - 5} more)" if len(unused) > 5 else "")
+    message = (f"checkpoint {str(root)!r}: {len(unused)} tensor(s) match no tensor of {type(model).__name__} and "
+               f"are not used: {shown}; check that the checkpoint is of this model and configuration")
+    key = f"{root.resolve()}\n{message}"
+    if key not in _WARNED_UNUSED:
+        _WARNED_UNUSED.add(key)
+        warn_user(message)
 
 
 def missing_tensor(root: Path, name: str, candidates: list[str], present: set[str], model: nn.Module) -> StorageError:
