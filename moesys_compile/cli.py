@@ -35,8 +35,13 @@ def _inspect_parser(sub) -> None:
                         "stdout, or one file per stage with --out (svg needs Graphviz's dot program)")
     p.add_argument("--out", metavar="DIR", help="write files here (inspect.txt, inspect.json or NN-STAGE.dot/svg) "
                                                 "instead of printing")
-    p.add_argument("--batch", type=int, default=2, help="batch size B at which formulas are evaluated")
-    p.add_argument("--seq", type=int, default=16, help="sequence length S at which formulas are evaluated")
+    p.add_argument("--batch", type=int, default=2,
+                   help="batch size B of the example inputs the plan is lowered at (an infer plan sizes its "
+                        "ring's sections, slots and workspace for it) and at which formulas are evaluated "
+                        "(default 2)")
+    p.add_argument("--seq", type=int, default=16,
+                   help="sequence length S of the example inputs the plan is lowered at and at which formulas "
+                        "are evaluated (default 16; at most the model's max_seq_len)")
     p.add_argument("--list-passes", action="store_true", help="list each mode's passes and exit")
 
 
@@ -73,7 +78,8 @@ def run_inspect(args: argparse.Namespace) -> int:
     if plan.mode == "infer" and not plan.weights_checkpoint and os.path.isdir(model):
         plan = dataclasses.replace(plan, weights_checkpoint=model)     # as `infer DIR`: read, never loaded whole
     loaded = load_model(model, overrides, weights=not (plan.mode == "infer" and plan.weights_checkpoint))
-    _, ctx = lower(loaded.model, plan, loaded.example_inputs(2, 16))
+    check_seq_len(loaded.model, args.seq, "--seq", "--config")
+    _, ctx = lower(loaded.model, plan, loaded.example_inputs(args.batch, args.seq))   # as compile at (B, S)
     renderer = Renderer(ctx, args.batch, args.seq)
     snapshots = renderer.snapshots(args.after)
     out_dir = Path(args.out) if args.out else None
@@ -92,6 +98,28 @@ def run_inspect(args: argparse.Namespace) -> int:
     except InspectError:
         raise
     return 0
+
+
+# Config fields that cap the sequence length: the presets' own, then Hugging Face's.
+MAX_SEQ_FIELDS = ("max_seq_len", "max_position_embeddings")
+
+
+def check_seq_len(model, seq: int, flag: str, override_flag: str) -> None:
+    """Refuse a sequence length above the model config's ``max_seq_len`` (or Hugging Face's
+    ``max_position_embeddings``) in one line, before a trace fails deep in the position tables.
+
+    ``check_seq_len(mc.models.build("tiny-moe"), 700, "--seq-len", "--override")`` raises
+    ``ValueError: --seq-len 700 exceeds the model's max_seq_len 512; pass --override
+    max_seq_len=700 or a --seq-len of at most 512``.
+    """
+    config = getattr(model, "config", None)
+    for field in MAX_SEQ_FIELDS:
+        limit = getattr(config, field, None)
+        if isinstance(limit, int) and not isinstance(limit, bool):
+            if seq > limit:
+                raise ValueError(f"{flag} {seq} exceeds the model's {field} {limit}; pass {override_flag} "
+                                 f"{field}={seq} or a {flag} of at most {limit}")
+            return
 
 
 def _emit(text: str, path: Optional[Path]) -> None:

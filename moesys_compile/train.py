@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from .generate import first_tensor
 from .api import check_device, check_plan_against_model, lower
+from .cli import check_seq_len
 from .errors import MoesysError, PlanError
 from .frontend import canonicalize
 from .models.spec import load_model, parse_overrides
@@ -158,6 +159,7 @@ def build_model(args, plan: Plan):
     if not isinstance(getattr(getattr(model, "config", None), "vocab_size", None), int):
         raise ValueError(f"--model {args.model}: {type(model).__name__} has no config.vocab_size, which the token "
                          f"batches need; train it from your own loop with mc.compile(model, Plan(mode='train'))")
+    check_seq_len(model, args.seq_len, "--seq-len", "--override")
     return model.to(plan.torch_dtype).train()
 
 
@@ -188,7 +190,7 @@ def run(args) -> dict:
         if rank == 0:
             print(f"saved {path}", flush=True)
     if rank == 0 and args.log_json:
-        Path(args.log_json).write_text(json.dumps(log, indent=1))
+        Path(args.log_json).write_text(json.dumps(log, indent=1))   # its folder: made by _check_args
     return log
 
 
@@ -236,7 +238,8 @@ def _train_loop(program, opt, data, args, start: int, rank: int, world: int, dev
             postfix["dropped"] = f"{log['dropped_fraction'][-1]:.3f}"
         bar.set_postfix(postfix)
         if rank == 0 and args.log_every and ((step + 1) % args.log_every == 0 or step + 1 == args.steps):
-            bar.write(f"step {step + 1:>5}  loss {loss:.4f}  tokens/s {tokens_per_s:,.0f}")
+            dropped = f"  dropped {postfix['dropped']}" if "dropped" in postfix else ""
+            bar.write(f"step {step + 1:>5}  loss {loss:.4f}  tokens/s {tokens_per_s:,.0f}{dropped}")
         if args.ckpt_dir and args.ckpt_every and (step + 1) % args.ckpt_every == 0:
             path = save_checkpoint(program, opt, args.ckpt_dir, step + 1)
             if rank == 0:
@@ -271,7 +274,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def precheck(args, world: int) -> None:
-    """What ``run`` checks first on every rank, done once before the ranks are launched."""
+    """What ``run`` checks first on every rank, done once before the ranks are launched; with
+    expert_parallel > 1 also rank 0's lowering, whose ``expert_parallel`` pass refuses expert
+    weight layouts it cannot shard."""
     plan = make_plan(args, world)
     check_device(plan)
     if plan.world_size != world:
@@ -280,7 +285,11 @@ def precheck(args, world: int) -> None:
     _check_args(args, world)
     model = build_model(args, plan)
     check_plan_against_model(model, plan, canonicalize(model))    # Hugging Face blocks become canonical first
-    TokenSource(args.data, model.config.vocab_size, args.batch_size, args.seq_len, args.seed).global_batch(0)
+    data = TokenSource(args.data, model.config.vocab_size, args.batch_size, args.seq_len, args.seed)
+    if plan.expert_parallel > 1:   # e.g. DBRX's flat expert view: a PlanError here, not one per rank
+        lower(model, plan, (data.local_batch(0, 0, world)[0],), rank=0)
+    else:
+        data.global_batch(0)
 
 
 def _check_args(args, world: int) -> None:
@@ -291,6 +300,22 @@ def _check_args(args, world: int) -> None:
     if args.ckpt_dir and Path(args.ckpt_dir).exists() and not Path(args.ckpt_dir).is_dir():
         raise ValueError(f"--ckpt-dir {args.ckpt_dir!r} is a file, not a directory; pass a directory (it is "
                          f"created if missing)")
+    if args.log_json:
+        _prepare_log_json(Path(args.log_json))
+
+
+def _prepare_log_json(path: Path) -> None:
+    """Create ``--log-json``'s folder (as ``--ckpt-dir`` is) and refuse a path that cannot be
+    written, before any step runs rather than after the last one."""
+    if path.is_dir():
+        raise ValueError(f"--log-json {str(path)!r} is a directory; pass a file path (e.g. {path / 'log.json'})")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"--log-json {str(path)!r}: cannot create its folder {str(path.parent)!r} "
+                         f"({exc.strerror or exc}); pass a path in a writable folder") from None
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ValueError(f"--log-json {str(path)!r} is not writable; pass a path in a writable folder")
 
 
 def launch(argv: Sequence[str], nproc: int, env: Optional[dict] = None) -> int:

@@ -10,9 +10,11 @@ from typing import Any, Callable, Optional
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+from torch.utils._pytree import tree_leaves
 
 from moesys_compile import ops
-from moesys_compile.frontend.annotation import CostModel
+from moesys_compile.frontend.annotation import CostModel, bound_unbacked_sizes
 from moesys_compile.ir import bound_args, expert_biases, infer_val, is_op
 from moesys_compile.passes.decompose_moe import effective_capacity_factor
 
@@ -170,6 +172,7 @@ class _Lowering:
         whose intermediates the fused kernel never keeps (the ring sizes its workspace from these)."""
         cost, annotation = node.meta.get("moesys", {}).get("cost"), getattr(self.ctx, "annotation", None)
         if cost is not None and annotation is not None and "val" in node.meta:
+            _bound_new_sizes(self.gm, annotation, node)
             outputs = CostModel(self.gm, annotation).out_bytes(node)
             node.meta["moesys"]["cost"] = dataclasses.replace(cost, activation_bytes=outputs)
 
@@ -211,6 +214,16 @@ class _Lowering:
         for node in nodes:
             if not node._erased and not node.users:
                 self.gm.graph.erase_node(node)
+
+
+def _bound_new_sizes(gm: fx.GraphModule, annotation, node: fx.Node) -> None:
+    """Give every data-dependent size in ``node``'s value a bound in B and S before it is charged:
+    rows after an expert-parallel dispatch (``u0``) come from fake values propagated after
+    annotate(), which bounded only the sizes of the traced graph (``Cost.evaluate`` cannot turn an
+    unbounded ``u0`` into bytes)."""
+    sizes = [v for v in tree_leaves(node.meta.get("val")) if isinstance(v, (torch.Tensor, torch.SymInt))]
+    if free_unbacked_symbols(sizes) - set(annotation.unbacked_bounds):
+        bound_unbacked_sizes(gm, annotation)
 
 
 def _nodes_in(args: Any):
