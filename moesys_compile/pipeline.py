@@ -91,12 +91,27 @@ def graph_fingerprint(gm: fx.GraphModule) -> int:
     return hash(tuple((n.name, n.op, str(n.target), str(n.args), str(n.kwargs)) for n in gm.graph.nodes))
 
 
+# passes a plan cannot skip: (when it needs the pass, what the program would lack, the fix)
+REQUIRED_PASSES = {
+    "expert_parallel": (lambda plan: plan.mode == "train" and plan.world_size > 1,
+                        "the ranks' gradients would never be synchronized (nor the experts sharded), so they "
+                        "diverge in silence", "set world_size=1"),
+    "ring_partition": (lambda plan: plan.mode == "infer" and plan.device_budget is not None,
+                       "a ring program is built from its sections", "drop device_budget for a resident program"),
+}
+
+
 def check_disabled(plan: Plan, passes: Sequence) -> None:
     known = [p.__name__ for p in passes]
     unknown = [name for name in plan.disable_passes if name not in known]
     if unknown:
         raise PlanError(f"disable_passes names unknown pass(es) {unknown}; passes of mode "
                         f"'{plan.mode}': {known or 'none'}")
+    for name in plan.disable_passes:
+        needed, lack, fix = REQUIRED_PASSES.get(name, (lambda _: False, "", ""))
+        if needed(plan):
+            raise PlanError(f"disable_passes: this plan cannot skip '{name}': {lack}; remove it from "
+                            f"disable_passes, or {fix}")
 
 
 def run_pipeline(gm: fx.GraphModule, ctx: CompileContext, passes: Sequence) -> fx.GraphModule:

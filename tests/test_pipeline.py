@@ -84,6 +84,17 @@ def test_disabled_passes_are_skipped_and_unknown_names_rejected(lowered):
         run_pipeline(gm, ctx, [nothing])
 
 
+@pytest.mark.parametrize("plan, name", [
+    (dict(mode="train", world_size=2, expert_parallel=2), "expert_parallel"),     # ranks diverged in silence
+    (dict(mode="train", world_size=2), "expert_parallel"),
+    (dict(mode="infer", device_budget=2**20), "ring_partition"),                 # was a KeyError: 'ring'
+])
+def test_a_pass_the_plan_needs_cannot_be_disabled(plan, name):
+    model = mc.models.build("tiny-moe")
+    with pytest.raises(mc.PlanError, match=rf"disable_passes: this plan cannot skip '{name}'"):
+        mc.lower(model, mc.Plan(disable_passes=(name,), **plan), (torch.randint(0, 256, (2, 4)),), rank=0)
+
+
 def test_rewritten_program_still_equals_eager(lowered):
     gm, ctx = lowered
     gm = run_pipeline(gm, ctx, [scale_experts])
