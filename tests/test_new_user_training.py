@@ -220,3 +220,34 @@ def test_the_order_of_example_kwargs_does_not_change_what_a_call_binds(keys):
         got = program(input_ids=call, labels=call, attention_mask=padded)
     torch.testing.assert_close(got.logits, want.logits, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-5)
+
+
+def optimizer_over_the_model_run(rank: int, world: int, root: str):
+    torch.manual_seed(0)
+    model = mc.models.build("tiny-moe", n_layers=1)
+    before_compile = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    program = mc.compile(model, mc.Plan(mode="train", world_size=world, expert_parallel=world),
+                         example_inputs=(torch.randint(0, 256, (2, 8)),))
+    after_compile = torch.optim.AdamW(program.parameters(), lr=1e-2)
+    ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(rank))
+    (program(ids).logsumexp(-1).mean() + program.aux_loss).backward()
+    try:
+        before_compile.step()
+        refused = None
+    except PlanError as exc:
+        refused = str(exc)
+    shard = dict(program.named_parameters())["graph_module.layers.0.ffn.w_up"].detach().clone()
+    after_compile.step()
+    moved = (dict(program.named_parameters())["graph_module.layers.0.ffn.w_up"] - shard).abs().max().item()
+    return refused, moved
+
+
+def test_an_optimizer_over_the_models_full_expert_weights_is_refused_under_expert_parallelism(tmp_path):
+    """With ep=2 a stacked expert weight is trained as this rank's shard, a parameter of its own:
+    an optimizer built over model.parameters() (as with DDP, which shares them) held the full
+    tensor, which gets no gradient, and left the experts untrained in silence. Its step is
+    refused; one over program.parameters() trains them."""
+    for refused, moved in run_ranks(optimizer_over_the_model_run, 2, str(tmp_path), timeout=240):
+        assert refused is not None and "AdamW.step: the optimizer holds the model's full expert weight " \
+            "'layers.0.ffn.w_up'" in refused and "program.parameters() after compile" in refused
+        assert moved > 0

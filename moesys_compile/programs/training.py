@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from typing import Any, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from ..errors import PlanError
 from ..frontend import moe_modules
@@ -48,6 +50,24 @@ class ExpertShard(NamedTuple):
         return self.hi - self.lo == self.num_experts
 
 
+# id -> (weakref, name, expert_parallel) of the model's expert weights that programs train as
+# shards (``TrainingProgram._guard_replaced_weights``), and the optimizer step hook that checks them
+_REPLACED_BY_SHARDS: dict[int, tuple[Any, str, int]] = {}
+_STEP_GUARD: list = []
+
+
+def _refuse_replaced_weights(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            held = _REPLACED_BY_SHARDS.get(id(param))
+            if held is not None and held[0]() is param:
+                _, name, ep = held
+                raise PlanError(f"{type(optimizer).__name__}.step: the optimizer holds the model's full expert weight "
+                                f"'{name}', which the program trains as this rank's shard (expert_parallel={ep}): "
+                                f"it gets no gradient and would never change; build the optimizer over "
+                                f"program.parameters() after compile")
+
+
 class TrainingProgram(Program):
     """Holds the dense parameters (shared with the model) and only this rank's experts.
 
@@ -66,6 +86,7 @@ class TrainingProgram(Program):
         if ctx.rank != self.topology.rank:
             raise PlanError(f"the graph was lowered for rank {ctx.rank} but this process is rank {self.topology.rank}")
         self.expert_layout = self._expert_layout(ctx)
+        self._guard_replaced_weights(ctx.model)
         follow_train_mode(gm)
         if plan.device != "cpu":
             gm.to(torch.device(plan.device))
@@ -88,6 +109,19 @@ class TrainingProgram(Program):
                 else:
                     layout[name] = ExpertShard(0, total, total)
         return layout
+
+    def _guard_replaced_weights(self, model: torch.nn.Module) -> None:
+        """Under expert parallelism a stacked expert weight is trained as this rank's shard, a
+        parameter of its own: an optimizer over ``model.parameters()`` would hold the full tensor,
+        which gets no gradient, and skip it in silence. Such an optimizer's step is refused."""
+        for name, shard in self.expert_layout.items():
+            param = model.get_parameter(name)
+            if shard.expert is None and not shard.complete:
+                _REPLACED_BY_SHARDS[id(param)] = (weakref.ref(param), name, self.topology.expert_parallel)
+            else:                                   # trained as it is (a program compiled again at ep=1)
+                _REPLACED_BY_SHARDS.pop(id(param), None)
+        if _REPLACED_BY_SHARDS and not _STEP_GUARD:
+            _STEP_GUARD.append(register_optimizer_step_pre_hook(_refuse_replaced_weights))
 
     @staticmethod
     def _buckets(gm, ctx):
