@@ -251,3 +251,21 @@ def test_an_optimizer_over_the_models_full_expert_weights_is_refused_under_exper
         assert refused is not None and "AdamW.step: the optimizer holds the model's full expert weight " \
             "'layers.0.ffn.w_up'" in refused and "program.parameters() after compile" in refused
         assert moved > 0
+
+
+def frozen_after_compile_run(rank: int, world: int, root: str):
+    torch.manual_seed(0)
+    model = mc.models.build("tiny-moe", n_layers=1)
+    program = mc.compile(model, mc.Plan(mode="train", world_size=world, expert_parallel=world),
+                         example_inputs=(torch.randint(0, 256, (2, 8)),))
+    model.embed.weight.requires_grad_(False)
+    ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(rank))
+    (program(ids).logsumexp(-1).mean() + program.aux_loss).backward()
+    return model.embed.weight.grad is None, model.layers[0].attn.qkv.weight.grad is not None
+
+
+def test_a_parameter_frozen_after_compile_keeps_no_gradient(tmp_path):
+    """The gradient buckets gave every parameter without a gradient zeros, so a parameter frozen
+    after compile got a zero .grad and AdamW's weight decay moved it; it now stays None (others
+    unused on one rank still get the reduced gradient)."""
+    assert run_ranks(frozen_after_compile_run, 2, str(tmp_path), timeout=240) == [(True, True)] * 2

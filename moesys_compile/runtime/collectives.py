@@ -343,6 +343,9 @@ class GradBucketer:
         grads = []
         for name in bucket.params:
             param = self.params[name]
+            if param.grad is None and not param.requires_grad:    # frozen since compile: stays without
+                grads.append(torch.zeros_like(param))             # a gradient (no weight decay moves it)
+                continue
             if param.grad is None:           # unused this step: contributes zeros, like DDP
                 param.grad = torch.zeros_like(param)
             grads.append(param.grad)
@@ -360,9 +363,10 @@ class GradBucketer:
             work.wait()
             offset = 0
             for name in self.buckets[index].params:
-                grad = self.params[name].grad
-                grad.copy_(flat[offset: offset + grad.numel()].view_as(grad))
-                offset += grad.numel()
+                param = self.params[name]
+                if param.grad is not None:
+                    param.grad.copy_(flat[offset: offset + param.numel()].view_as(param))
+                offset += param.numel()
         self.state = _Pending()
 
     def remove(self) -> None:
