@@ -235,3 +235,19 @@ def test_unused_tensors_are_warned_about_once(hf_dirs, tmp_path):
     shutil.copytree(hf_dirs / "single", tmp_path / "single")
     found = unused_warnings(tmp_path / "single", 2)   # compile's probe and the ring each open it
     assert len(found) == 1 and "7 tensor(s)" in found[0]
+
+
+def test_optimizer_state_of_another_optimizer_class_is_refused_by_name(tmp_path):
+    """SGD's momentum state loaded into AdamW failed inside torch with a bare KeyError('step')."""
+    program, ids = train_program(tiny())
+    sgd = torch.optim.SGD(program.parameters(), lr=0.1, momentum=0.9)
+    program(ids).sum().backward()
+    sgd.step()
+    program.save(str(tmp_path / "ckpt"), optimizer=sgd)
+    again, _ = train_program(tiny())
+    with pytest.raises(CheckpointError, match=r"its optimizer state is SGD's, not AdamW's .*build a SGD over "
+                                              r"program\.parameters\(\)"):
+        again.load(str(tmp_path / "ckpt"), optimizer=torch.optim.AdamW(again.parameters()))
+    resumed = torch.optim.SGD(again.parameters(), lr=0.1, momentum=0.9)
+    again.load(str(tmp_path / "ckpt"), optimizer=resumed)
+    assert len(resumed.state) == len(sgd.state)

@@ -112,7 +112,8 @@ def _meta(program, aliases: dict[str, str], optimizer, extra: dict) -> dict:
     topo = program.topology
     experts = {name: _expert_entry(shard) for name, shard in program.expert_layout.items()}
     return {"format": FORMAT, "world_size": topo.world_size, "expert_parallel": topo.expert_parallel,
-            "experts": experts, "aliases": aliases, "optimizer": optimizer is not None, "extra": extra,
+            "experts": experts, "aliases": aliases, "optimizer": optimizer is not None,
+            "optimizer_class": type(optimizer).__name__ if optimizer is not None else None, "extra": extra,
             "time": time.time()}
 
 
@@ -431,6 +432,11 @@ def _load_optimizer(program, path: Path, meta: dict, optimizer) -> None:
     if not meta["optimizer"] or not (path / OPTIM_DENSE).is_file():
         warnings.warn(f"{path}: no optimizer state in this checkpoint; the optimizer starts afresh")
         return
+    saved_class = meta.get("optimizer_class")      # absent from checkpoints written before it was kept
+    if saved_class is not None and saved_class != type(optimizer).__name__:
+        raise CheckpointError(f"{path}: its optimizer state is {saved_class}'s, not {type(optimizer).__name__}'s "
+                              f"(their state entries differ); build a {saved_class} over program.parameters() to "
+                              f"resume it, or load without optimizer= to start {type(optimizer).__name__} afresh")
     names = _parameter_names(program)
     saved_groups = torch.load(path / OPTIM_GROUPS, weights_only=True)   # plain hyperparameters: no pickled code
     state, param_groups, index = {}, [], 0
