@@ -170,8 +170,9 @@ def fuse_comm(gm: fx.GraphModule, ctx) -> fx.GraphModule:
                 if bucket.name not in moesys_meta(node)["bucket"]:
                     moesys_meta(node)["bucket"].append(bucket.name)
         ranks = topo.ranks(bucket.group)
-        ctx.note(f"bucket {bucket.name}: {len(bucket.params)} grads, {format_bytes(bucket.nbytes)}, async all-reduce "
-                 f"over {bucket.group} group {ranks} (sum / {plan.world_size})")
+        how = (f"async all-reduce over {bucket.group} group {ranks} (sum / {plan.world_size})" if len(ranks) > 1
+               else f"no all-reduce: its {bucket.group} group is this rank alone (scaled by 1 / {plan.world_size})")
+        ctx.note(f"bucket {bucket.name}: {len(bucket.params)} grads, {format_bytes(bucket.nbytes)}, {how}")
     ctx.note(f"{len(buckets)} bucket(s) of at most {plan.bucket_mb} MB, launched in backward order")
     fuse_aux_losses(gm, ctx)
     return gm

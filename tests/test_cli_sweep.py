@@ -52,6 +52,8 @@ def test_inspect_shows_an_expert_parallel_plan(fmt, tmp_path, capsys):
     assert code == 0, err
     if fmt == "text":
         assert "note: bucket expert#0" in out and "moesys_kernels.grouped_mlp" in out
+        assert "no all-reduce: its edp group is this rank alone" in out          # ep=2 of 2: one rank each
+        assert "async all-reduce over dense group [0, 1]" in out
     elif fmt == "json":
         last = json.loads(out)["snapshots"][-1]
         assert last["stage"] == "lower_kernels"
