@@ -251,3 +251,27 @@ def test_optimizer_state_of_another_optimizer_class_is_refused_by_name(tmp_path)
     resumed = torch.optim.SGD(again.parameters(), lr=0.1, momentum=0.9)
     again.load(str(tmp_path / "ckpt"), optimizer=resumed)
     assert len(resumed.state) == len(sgd.state)
+
+
+def test_a_run_directory_without_its_latest_file_stands_for_its_newest_step(saved, tmp_path):
+    """A copy of a --ckpt-dir that left out its 'latest' file was read as a Hugging Face directory
+    ("has no model.safetensors"); its newest complete step_N directory is read instead."""
+    program, ckpt = saved
+    run = tmp_path / "run"
+    for step in (2, 10):
+        shutil.copytree(ckpt, run / f"step_{step:06d}")
+    (run / "step_000011").mkdir()                   # incomplete: no meta.json
+    assert checkpoint.latest_step(str(run)) == run / "step_000010"
+    model = tiny(n_layers=2)
+    mc.load_into(model, str(run))
+    torch.testing.assert_close(model.state_dict(), program.full_state_dict())
+
+
+def test_a_tensor_missing_from_a_checkpoint_of_a_built_in_model_names_how_to_save_one(tmp_path):
+    model = tiny()
+    state = {k: v for k, v in model.state_dict().items() if k != "embed.weight"}
+    (tmp_path / "w").mkdir()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "w" / "model.safetensors"))
+    with pytest.raises(StorageError, match=r"has no tensor 'embed.weight'.*program\.save\(DIR\) of its training "
+                                           r"program, or safetensors of model\.state_dict\(\)"):
+        storage.checkpoint_source(str(tmp_path / "w"), model)("embed.weight")

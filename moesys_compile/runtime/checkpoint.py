@@ -194,11 +194,15 @@ def _swap(tmp: Path, target: Path, token: str) -> None:
 
 def latest_step(directory: str) -> Optional[Path]:
     """The step directory that a training run's checkpoint root (``--ckpt-dir``) names in its
-    ``latest`` file; None for any other directory."""
-    marker = Path(directory) / LATEST
-    if (Path(directory) / META).is_file() or not marker.is_file():
+    ``latest`` file, or without one (a copy that left it out) its newest complete ``step_N``
+    directory; None for any other directory."""
+    root, marker = Path(directory), Path(directory) / LATEST
+    if (root / META).is_file():
         return None
-    return Path(directory) / marker.read_text().strip()
+    if marker.is_file():
+        return root / marker.read_text().strip()
+    steps = [p for p in root.glob("step_*") if p.name[5:].isdigit() and (p / META).is_file()] if root.is_dir() else []
+    return max(steps, key=lambda p: int(p.name[5:]), default=None)
 
 
 def resolve(directory: str) -> Path:

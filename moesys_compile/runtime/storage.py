@@ -352,7 +352,9 @@ def missing_tensor(root: Path, name: str, candidates: list[str], present: set[st
     message = (f"checkpoint {str(root)!r} has no tensor '{name}'" + (f" (nor an alias of it: {others})" if others
                else "") + f"; it does not fit {type(model).__name__}"
                + (f"; nearest names in it: {nearest}" if nearest else "")
-               + "; pass a complete checkpoint saved from this model (model.save_pretrained(DIR)).")
+               + "; pass a complete checkpoint saved from this model ("
+               + ("model.save_pretrained(DIR)" if hasattr(model, "save_pretrained") else
+                  "program.save(DIR) of its training program, or safetensors of model.state_dict()") + ").")
     owner = name.rsplit(".", 1)[0] + "."
     if (root / "config.json").is_file() and any(key.startswith(owner) for key in present):
         message += (" A Hugging Face checkpoint in the hub layout is converted by transformers when it loads the "
