@@ -1,7 +1,8 @@
 """Structural analysis of MoE blocks we did not write: which child routes and by which rule (the
 expert weight layouts are in ``experts.py``). Facts are read from shapes and then
 checked by running the module on a few random tokens (a *probe*), so a family nobody listed is
-recognised when it computes what we think it computes, and left alone when it does not.
+recognised when it computes what we think it computes, and left alone when it does not. Where
+random tokens cannot tell two rules apart (group-limited top-k), the probe adds tokens designed to.
 
 Shape legend: T tokens · D model dim · F expert hidden · H up rows (2F gated) · E experts · K top-k.
 """
@@ -209,8 +210,13 @@ def router_randomized(block: nn.Module, router_name: str, gen: torch.Generator, 
         setattr(block, router_name, router)
 
 
+def group_attrs(router: nn.Module) -> tuple[int, int]:
+    """(n_groups, topk_groups) the router holds for group-limited top-k ((1, 1): none)."""
+    return number_attr(router, GROUP_ATTRS[0], 1), number_attr(router, GROUP_ATTRS[1], 1)
+
+
 def _candidates(router: nn.Module, spec: RouterSpec, args: dict) -> list[dict]:
-    groups = number_attr(router, GROUP_ATTRS[0], 1), number_attr(router, GROUP_ATTRS[1], 1)
+    groups = group_attrs(router)
     scaling = float(number_attr(router, SCALING_ATTRS, 1.0))
     bias = _choice_bias(router, spec.num_experts, spec.logit_bias, args)
     low_precision = fetch(router, spec.weight).dtype not in (torch.float32, torch.float64)
@@ -219,6 +225,55 @@ def _candidates(router: nn.Module, spec: RouterSpec, args: dict) -> list[dict]:
     return [dict(score_func=s, renormalize=r, choice_bias=b, n_groups=g[0], topk_groups=g[1], routed_scaling=c,
                  fp32_logits=f)
             for s, r, b, g, c, f in options if g[0] >= 1 and (g[0] == 1 or spec.num_experts % g[0] == 0)]
+
+
+GROUP_PROBE_LEVELS = (0.3, -0.2, -4.0)   # logits: one high, two medium, low (see group_probe_logits)
+
+
+def group_probe_logits(num_experts: int, n_groups: int, topk_groups: int) -> Optional[Tensor]:
+    """[G, E] router logits on which ranking groups by their best score (DeepSeek-V2's
+    ``group_limited_greedy``) and by the sum of their two best (DeepSeek-V3, ``moesys.route``)
+    keep different groups; None when the two rules cannot differ. Row ``a``: group ``a`` holds one
+    high logit, the next ``topk_groups`` groups two medium ones each (two medium scores outweigh
+    a high and a low one, under softmax and sigmoid alike), every other logit is low. The best-score
+    rule keeps group ``a`` and picks its high expert; the top-2 rule drops it. All logits are
+    distinct, so no choice rests on a tie.
+
+        >>> group_probe_logits(4, 2, 1)
+        tensor([[ 0.3000, -5.0000, -0.2000, -0.2400],
+                [-0.2000, -0.2400,  0.3000, -7.0000]], dtype=torch.float64)
+    """
+    per_group = num_experts // max(n_groups, 1)
+    if n_groups < 2 or per_group < 2 or not 1 <= topk_groups < n_groups or num_experts % n_groups:
+        return None
+    high, medium, low = GROUP_PROBE_LEVELS
+    medium_M = medium - 0.08 * torch.arange(2 * topk_groups, dtype=torch.float64) / (2 * topk_groups)
+    rows = []
+    for a in range(n_groups):
+        logits_GP = (low - 4.0 * torch.arange(num_experts, dtype=torch.float64) / num_experts).view(n_groups, -1)
+        logits_GP[a, 0] = high
+        for i in range(topk_groups):
+            logits_GP[(a + 1 + i) % n_groups, :2] = medium_M[2 * i:2 * i + 2]
+        rows.append(logits_GP.reshape(-1))
+    return torch.stack(rows)
+
+
+def group_probe_tokens(probe: nn.Module, weight: str, logit_bias: Optional[str], num_experts: int) -> Tensor:
+    """[G, D] tokens on which the randomised ``probe`` router gives the logits of
+    ``group_probe_logits`` (no rows when it holds no group-limited top-k): the unit tokens e_0 ..
+    e_{G-1}, after the first G columns of the probe's [E, D] weight are set to those logits (less
+    its logit bias), which any E and D allow. Random tokens alone may leave a wrong group rule
+    unnoticed: their scores are too peaked for the rules to disagree."""
+    weight_ED = fetch(probe, weight)
+    designed_GE = group_probe_logits(num_experts, *group_attrs(probe))
+    if designed_GE is None or designed_GE.shape[0] > weight_ED.shape[1]:
+        return weight_ED.new_zeros((0, weight_ED.shape[1])).detach()
+    if logit_bias:
+        designed_GE = designed_GE - fetch(probe, logit_bias).detach().double().cpu()
+    n_groups = designed_GE.shape[0]
+    with torch.no_grad():
+        weight_ED[:, :n_groups] = designed_GE.T.to(weight_ED)
+    return torch.eye(n_groups, weight_ED.shape[1], device=weight_ED.device, dtype=weight_ED.dtype)
 
 
 def router_logits(router: nn.Module, spec: RouterSpec, x_TD: Tensor) -> Tensor:
@@ -279,8 +334,9 @@ def _call_probe(probe: nn.Module, x_TD: Tensor, args: Sequence[Tensor]) -> tuple
 def analyze_router(router: nn.Module, path: str, dim: int,
                    args: Optional[dict[str, Tensor]] = None) -> tuple[Optional[RouterSpec], str]:
     """Identify the routing rule of ``router`` (a child of an MoE block) by probing a randomised
-    copy against every rule ``moesys.route`` can express. ``args``: the block's tensors the router
-    takes after the tokens, by name (randomised for the probe too). Returns (spec, why)."""
+    copy against every rule ``moesys.route`` can express, on random tokens and, for a group-limited
+    router, the ``group_probe_tokens``. ``args``: the block's tensors the router takes after the
+    tokens, by name (randomised for the probe too). Returns (spec, why)."""
     weight = _router_weight(router, dim)
     if weight is None:
         return None, f"'{path}' has no single [num_experts, {dim}] weight"
@@ -290,12 +346,13 @@ def analyze_router(router: nn.Module, path: str, dim: int,
     args = {name: random_like(name, t, gen) for name, t in (args or {}).items()}
     param = first_param(router)
     x_TD = torch.randn(16, dim, generator=gen).to(device=param.device, dtype=param.dtype)
+    x_TD = torch.cat([x_TD, group_probe_tokens(probe, weight_name, logit_bias, num_experts).to(x_TD)])
     with torch.no_grad():
         try:
             outputs, batched = _call_probe(probe, x_TD, tuple(args.values()))
         except Exception as exc:  # noqa: BLE001 - any failure means "not a router we can call on [T, D]"
             return None, f"'{path}' cannot be called on [tokens, {dim}]: {type(exc).__name__}: {exc}"
-        positions = _split_router_outputs(outputs, 16, num_experts)
+        positions = _split_router_outputs(outputs, x_TD.shape[0], num_experts)
         if positions is None:
             return None, f"'{path}' does not return top-k ids and weights"
         leaves = router_values(outputs)
