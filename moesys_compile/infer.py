@@ -170,6 +170,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .models.spec import load_model, model_and_overrides
     parser = _parser()
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    if args.max_new_tokens < 0:
+        parser.error(f"--max-new-tokens ({args.max_new_tokens}) must be >= 0 (0: forward only)")
     try:
         model, overrides = model_and_overrides(args.model, args.config)
         if model is None:

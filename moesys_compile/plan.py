@@ -135,6 +135,17 @@ class Plan:
                             f"training run's checkpoint root)")
         if self.weights == "disk" and self.mode == "infer" and not self.offload_dir:
             raise PlanError("weights is 'disk' but offload_dir is not set; give a directory for the safetensors files")
+        self._check_ring_only_fields()
+
+    def _check_ring_only_fields(self) -> None:
+        """Without a device_budget an infer plan builds no ring: the fields only a ring reads would be
+        ignored without a word."""
+        ring_only = [n for n, on in (("ring_slots", self.ring_slots is not None), ("weights", self.weights != "host"),
+                                     ("offload_dir", self.offload_dir is not None)) if on]
+        if self.mode == "infer" and self.device_budget is None and ring_only:
+            raise PlanError(f"{ring_only[0]} ({getattr(self, ring_only[0])!r}) applies to a ring, and without a "
+                            f"device_budget there is none (every weight stays on the device): set device_budget "
+                            f"(e.g. '512MiB'), or drop {', '.join(ring_only)}")
 
     def _check_choice(self, name: str, choices: tuple[str, ...]) -> None:
         value = getattr(self, name)

@@ -5,9 +5,11 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import operator
 import os
+import threading
 import traceback
 from typing import Any, Callable, Iterable, Optional, Sequence
 
@@ -22,6 +24,22 @@ from .empty_weights import put_back, stand_ins
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _FRONTEND_DIR = os.path.dirname(__file__)
+
+# While it traces, torch.fx patches ``nn.Module.__call__`` for the whole process (and capture
+# patches ``autograd.Function.apply``, adapters ``Module.to``): a module called in another thread
+# then runs as if traced ("module is not installed as a submodule"). Captures, and the calls of
+# every ring program (whose ``generate`` captures inside a call, hence re-entrant), take turns
+# under this lock; modules the user calls eagerly in other threads are beyond its reach.
+TURN_LOCK = threading.RLock()
+
+
+def taking_turns(function: Callable) -> Callable:
+    """``function`` run while holding ``TURN_LOCK`` (see there)."""
+    @functools.wraps(function)
+    def in_turn(*args: Any, **kwargs: Any) -> Any:
+        with TURN_LOCK:
+            return function(*args, **kwargs)
+    return in_turn
 
 
 class MoesysTracer(fx.Tracer):
@@ -163,6 +181,7 @@ def _drop_concrete_placeholders(graph: fx.Graph, traced: list[str]) -> None:
                 graph.erase_node(dead)
 
 
+@taking_turns
 def fx_trace(model: nn.Module, example_inputs: Sequence[Any], example_kwargs: dict,
              tracer: MoesysTracer) -> fx.GraphModule:
     traced, concrete = traced_names(model, example_inputs, example_kwargs)
@@ -234,6 +253,7 @@ def _in_signature_order(model: nn.Module, kwargs: dict) -> dict:
     return dict(sorted(kwargs.items(), key=lambda item: order.get(item[0], len(order))))
 
 
+@taking_turns
 def export_trace(model: nn.Module, example_inputs: Sequence[Any], example_kwargs: dict) -> fx.GraphModule:
     """Non-strict torch.export; the unlifted module shares the model's parameters (tensors on the
     meta device are exported as uninitialised host stand-ins, where the ring keeps weights, then
@@ -325,6 +345,7 @@ def own_autograd_functions(inlined: list[str]):
         base.apply = original
 
 
+@taking_turns
 def capture(model: nn.Module, example_inputs: Sequence[Any] = (), example_kwargs: Optional[dict] = None,
             leaf_modules: Iterable[str | type] = ()) -> fx.GraphModule:
     """fx first, export second, UntraceableModelError (module path, source line, construct, fix) last.

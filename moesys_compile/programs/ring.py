@@ -26,7 +26,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
-import threading
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ from moesys_compile.passes.ring_units import ALIGN, node_state
 
 from ..errors import MoesysError, warn_user
 from ..frontend.annotation import B, S
+from ..frontend.tracing import TURN_LOCK
 from ..runtime.ring import Copy, RingExecutor, SectionLoad, SlotPool, coalesce
 from ..runtime.workspace import (activation_exprs, carried_bytes, liveness_plan, peak_live_bytes, scratch_exprs,
                                  slice_peaks)
@@ -61,6 +61,10 @@ def warn_unknown_options(options: dict) -> None:
         near = difflib.get_close_matches(str(key), RING_OPTIONS, n=1)
         warn_user(f"Plan.options[{key!r}] is not an option of ring inference and is ignored"
                   + (f"; did you mean {near[0]!r}?" if near else "") + f" (known options: {', '.join(RING_OPTIONS)})")
+
+
+class RingWeightsError(MoesysError, RuntimeError):
+    """The ring cannot take in new weights: it staged the model's weights when it was compiled."""
 
 
 class RingBudgetError(MoesysError):
@@ -573,7 +577,9 @@ class RingProgram(Program):
         self._runtimes: dict[Any, RingRuntime] = {}
         self._forward_key, self._forward_graph = "forward", (gm, ctx)
         self.stats: dict = {}
-        self._lock = threading.RLock()   # calls from several threads take turns: the ring runs one pass at a time
+        # calls take turns with those of every other ring program and with every capture, process-wide
+        # (the ring runs one pass at a time; fx tracing patches nn.Module.__call__): see TURN_LOCK
+        self._lock = TURN_LOCK
 
     def _keys(self, gm: fx.GraphModule, layout: RingLayout, state_names) -> list[str]:
         keys = stream_keys(gm, layout, self.names)
@@ -599,6 +605,12 @@ class RingProgram(Program):
                 reservoir = None                 # freed before the new slots are allocated
             self._runtimes[key] = RingRuntime(gm, ctx, self.store, self.device, self.names, reservoir)
         return self._runtimes[key]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """``nn.Module.__call__`` taken in turn: while another thread traces, torch.fx has patched it,
+        so the lock is taken before it runs, not only in ``forward``."""
+        with self._lock:
+            return super().__call__(*args, **kwargs)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         with self._lock:
@@ -683,7 +695,25 @@ class RingProgram(Program):
 
     def close(self) -> None:
         """Release the slots, the copy threads and the offload files (the weights stay mapped until
-        the program is dropped)."""
+        the program is dropped). A call after ``close`` still runs: it starts a copy thread again
+        (and writes offload files for a graph lowered anew), released by another ``close`` or when
+        the program is dropped."""
         with self._lock:
             self._close_runtimes()
             self.store.remove_files()
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """Refused: the ring staged the model's weights (host memory or offload files) when it was
+        compiled and computes with those, so weights loaded now would be ignored."""
+        raise RingWeightsError(
+            "RingProgram.load_state_dict: the ring staged the model's weights when it was compiled and keeps "
+            "computing with them, so loading new ones into the program (or the model) is not seen; load them "
+            "into the model and compile it again (mc.compile), or pass Plan(weights_checkpoint=DIR) to stage "
+            "them from a checkpoint directory")
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        """Refused for ``copy.copy``, ``copy.deepcopy``, ``pickle`` and ``torch.save`` alike."""
+        raise TypeError(
+            "a RingProgram cannot be copied or pickled: it holds device slots, copy threads and offload "
+            "files; compile the model again (mc.compile) for another program, or save the model's weights "
+            "(torch.save(model.state_dict(), PATH)) and compile after loading them")
