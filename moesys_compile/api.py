@@ -253,6 +253,11 @@ def check_device(plan: Plan) -> None:
     """Before a program is built (lowering alone, e.g. for inspect, needs no device)."""
     if plan.device != "cpu" and not torch.cuda.is_available():
         raise PlanError(f"device ({plan.device!r}) needs CUDA, which this machine does not have; use device='cpu'")
+    spread = [f"{name}={getattr(plan, name)}" for name in ("world_size", "expert_parallel") if getattr(plan, name) > 1]
+    if plan.mode == "infer" and spread:
+        raise PlanError(f"{', '.join(spread)}: an infer program runs on one device (its ring streams the weights "
+                        f"instead of sharding them over ranks); set world_size=1 and expert_parallel=1, or "
+                        f"mode='train'")
 
 
 def _current_rank() -> int:

@@ -169,6 +169,14 @@ def test_an_infer_plan_without_a_budget_refuses_the_fields_only_a_ring_reads(fie
     assert mc.Plan(mode="train", ring_slots=3).ring_slots == 3      # train plans never build a ring
 
 
+def test_an_infer_plan_over_several_ranks_is_refused_at_compile():
+    """world_size and expert_parallel were accepted and ignored by infer programs."""
+    model = mc.models.build("tiny-moe")
+    with pytest.raises(mc.PlanError, match=r"world_size=2, expert_parallel=2: an infer program runs on one device"):
+        mc.compile(model, mc.Plan(mode="infer", world_size=2, expert_parallel=2),
+                   example_inputs=(torch.randint(0, 256, (2, 4)),))
+
+
 # -- CLI -------------------------------------------------------------------------------------------
 
 
