@@ -65,7 +65,8 @@ class Plan:
     mode: "train" (per-rank expert+data parallel program) or "infer" (memory-ring program).
     world_size / expert_parallel: ranks in all, and ranks an expert group spans; the rest is
         data parallelism (``data_parallel = world_size // expert_parallel``).
-    capacity_factor: None for dropless routing, else GShard capacity per expert.
+    capacity_factor: GShard capacity per expert (> 0); 0 for dropless routing; None keeps each
+        layer's own (dropless where it has none).
     ep_exchange: how tokens travel to the experts of other EP ranks. "token": a token crosses to
         a rank once however many of its experts live there, and comes back once, weighted and
         summed there; "slot": one row per routed slot each way (the GShard layout).
@@ -120,9 +121,9 @@ class Plan:
         if self.world_size % self.expert_parallel:
             raise PlanError(f"world_size ({self.world_size}) is not divisible by expert_parallel "
                             f"({self.expert_parallel}); use an expert_parallel that divides it")
-        if self.capacity_factor is not None and not 0 < self.capacity_factor < math.inf:
-            raise PlanError(f"capacity_factor ({self.capacity_factor}) must be a finite number > 0, or None for "
-                            f"dropless routing")
+        if self.capacity_factor is not None and not 0 <= self.capacity_factor < math.inf:
+            raise PlanError(f"capacity_factor ({self.capacity_factor}) must be a finite number > 0 (GShard capacity), "
+                            f"0 (dropless), or None (each layer's own)")
         if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
             raise PlanError(f"device ({self.device!r}) must be 'cpu', 'cuda' or 'cuda:N'")
         if not 0 < self.bucket_mb < math.inf:

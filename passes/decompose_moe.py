@@ -65,7 +65,8 @@ def _drop_buffer(gm: fx.GraphModule, ctx, key: str) -> fx.Node:
 
 
 def effective_capacity_factor(ctx, node: fx.Node) -> float:
-    """The plan's capacity_factor overrides the layer's own (None in the plan keeps the layer's)."""
+    """The plan's capacity_factor overrides the layer's own (None in the plan keeps the layer's; 0
+    is dropless, whatever the layer's)."""
     layer_factor = node.args[6] if len(node.args) > 6 else node.kwargs.get("capacity_factor", 0.0)
     plan_factor = ctx.plan.capacity_factor
     return float(plan_factor) if plan_factor is not None else float(layer_factor or 0.0)

@@ -30,7 +30,7 @@ def test_budget_parsing(text, value):
     (dict(mode="serve"), "mode ('serve') must be one of"),
     (dict(device_budget="lots"), "device_budget ('lots') is not a size"),
     (dict(device_budget=-1), "device_budget (-1) must be positive"),
-    (dict(capacity_factor=0), "capacity_factor (0) must be a finite number > 0"),
+    (dict(capacity_factor=-1), "capacity_factor (-1) must be a finite number > 0"),
     (dict(capacity_factor=float("inf")), "capacity_factor (inf) must be a finite number > 0"),
     (dict(bucket_mb=float("nan")), "bucket_mb (nan) must be a finite number > 0"),
     (dict(weights="tape"), "weights ('tape') must be one of"),

@@ -202,6 +202,11 @@ def test_capacity_dropping_is_never_split_into_micro_batches(tmp_path):
     gm, ctx = mc.lower(model, mc.Plan(mode="infer", device_budget=model_bytes(model) // 2), (ids,))
     join, reason = micro_batch_plan(gm, ctx)
     assert reason is None and sorted(join.values()) == ["cat", "drop"]
+    capped = mc.models.build("tiny-moe", **MODELS["tiny-moe"], capacity_factor=1.0).eval()   # the layer's own
+    for factor, splits in ((None, False), (0, True)):         # the advice above: 0 is dropless whatever the layer's
+        gm, ctx = mc.lower(capped, mc.Plan(mode="infer", device_budget=model_bytes(capped) // 2,
+                                           capacity_factor=factor), (ids,))
+        assert (micro_batch_plan(gm, ctx)[1] is None) == splits
 
 
 def test_activation_estimate_covers_the_expert_kernels_scratch(tmp_path, monkeypatch):
