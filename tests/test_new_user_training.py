@@ -269,3 +269,23 @@ def test_a_parameter_frozen_after_compile_keeps_no_gradient(tmp_path):
     after compile got a zero .grad and AdamW's weight decay moved it; it now stays None (others
     unused on one rank still get the reduced gradient)."""
     assert run_ranks(frozen_after_compile_run, 2, str(tmp_path), timeout=240) == [(True, True)] * 2
+
+
+def test_a_compiled_program_refuses_copies_and_a_cast_its_capture_fixed():
+    """deepcopy (an EMA copy), pickle and torch.save of a program failed inside fx with raw errors;
+    a Hugging Face model cast after compile failed in a matmul (export fixed float32 in its graph)."""
+    import copy
+    import io
+    import pickle
+    model = build_hf("qwen3_moe", num_hidden_layers=1)
+    ids = torch.randint(0, VOCAB, (2, 8))
+    program = mc.compile(model, mc.Plan(mode="train"), example_inputs=(ids,))
+    for how in (copy.deepcopy, pickle.dumps, lambda p: torch.save(p, io.BytesIO())):
+        with pytest.raises(TypeError, match=r"a compiled TrainingProgram cannot be copied or pickled.*"
+                                            r"copy the model before compiling"):
+            how(program)
+    program(ids)
+    model.to(torch.bfloat16)
+    with pytest.raises(TypeError, match=r"Qwen3MoeForCausalLM was captured by torch.export with torch.float32 "
+                                        r"parameters.*cast the model before compiling"):
+        program(ids)

@@ -32,6 +32,9 @@ class Program(nn.Module):
         self._loss_has_aux = False     # the last output's .loss already includes the model's aux loss
         self._warned_aux = False
         object.__setattr__(self, "context", ctx)   # not a submodule: keep it out of state_dict
+        # torch.export writes the parameters' dtype into the graph: one of them tells a later cast
+        floating = [p for p in gm.parameters() if p.is_floating_point()] if ctx.capture == "export" else []
+        self._captured_dtype = (floating[0], floating[0].dtype) if floating else None
 
     @property
     def aux_loss(self) -> Optional[torch.Tensor]:
@@ -49,7 +52,23 @@ class Program(nn.Module):
     def aux_loss(self, value: Optional[torch.Tensor]) -> None:
         self._aux_loss = value
 
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        """Refused for ``copy.deepcopy``, ``pickle`` and ``torch.save`` alike."""
+        raise TypeError(f"a compiled {type(self).__name__} cannot be copied or pickled (its graph holds the "
+                        f"capture's symbolic shapes and process groups); for a copy (an EMA of the weights) "
+                        f"copy the model before compiling, or the tensors of program.state_dict(); to save, "
+                        f"use program.save(DIR) or torch.save(program.state_dict(), PATH)")
+
+    def _check_dtype(self) -> None:
+        if self._captured_dtype is not None and self._captured_dtype[0].dtype != self._captured_dtype[1]:
+            param, dtype = self._captured_dtype
+            raise TypeError(f"{self.context.extras['binder'].model_name} was captured by torch.export with "
+                            f"{dtype} parameters, which its graph has fixed, but they are {param.dtype} now: cast "
+                            f"the model before compiling (model.to({param.dtype}), then mc.compile), not the "
+                            f"program or model after")
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        self._check_dtype()
         binder = self.context.extras["binder"]
         output, aux_loss = self.graph_module(*binder.graph_inputs(args, kwargs))
         self.aux_loss = aux_loss
