@@ -3,6 +3,8 @@ plan field, pass) and a fix."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import sys
 import warnings
@@ -20,6 +22,22 @@ def warn_user(message: str, category: type[Warning] = UserWarning) -> None:
     while frame is not None and frame.f_code.co_filename.startswith(roots):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, category, stacklevel=level + 1)
+
+
+@contextlib.contextmanager
+def torch_logs_silenced(*names: str):
+    """Silence torch's loggers ``names`` while an attempt whose failure is handled runs (a capture
+    or shape propagation that falls back; the user gets this package's error or nothing, not
+    torch's dump of the graph it gave up on)."""
+    logs = [logging.getLogger(name) for name in names]
+    levels = [log.level for log in logs]
+    for log in logs:
+        log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for log, level in zip(logs, levels):
+            log.setLevel(level)
 
 
 class MoesysError(Exception):

@@ -9,9 +9,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-import logging
 import operator
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
@@ -29,6 +27,7 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.utils._pytree import tree_leaves, tree_map
 
 from .empty_weights import fake_like, meta_replaced
+from ..errors import torch_logs_silenced
 from ..ir import fetch, is_op, layer_of_path, module_path_of, moesys_meta, tensors_in, value_signature
 
 B = sympy.Symbol("B", positive=True, integer=True)
@@ -249,19 +248,6 @@ class MemoFakeProp(FakeTensorProp):
         return tree_map(fake, output)
 
 
-@contextlib.contextmanager
-def _quiet_fake_tensor_log():
-    """FakeTensor logs the traceback of an op its meta kernel cannot run on symbolic sizes before
-    raising it; symbolic propagation falls back to static shapes then, so the log is noise."""
-    log = logging.getLogger("torch._subclasses.fake_tensor")
-    level = log.level
-    log.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        log.setLevel(level)
-
-
 def _check_still_symbolic(mode: FakeTensorMode, symbol_map: dict) -> None:
     """Raise where an op fixed B or S to the example's size while propagating (its fake kernel read
     the size as an int): the estimates would not grow with a call, so shapes are static instead."""
@@ -281,7 +267,7 @@ def propagate_shapes(gm: fx.GraphModule, flat_inputs: Sequence[Any], named_dims:
     for node in gm.graph.nodes:   # torch.export's names for data-dependent sizes clash with this shape env's
         node.meta.pop("unbacked_bindings", None)
     try:
-        with _quiet_fake_tensor_log():      # a failure here is expected and handled: static shapes
+        with torch_logs_silenced("torch._subclasses.fake_tensor"):   # a failure falls back to static shapes
             fakes, symbol_map = _symbolic_inputs(flat_inputs, dims, mode)
             MemoFakeProp(gm, mode, home).propagate_dont_convert_inputs(*fakes)
             _check_still_symbolic(mode, symbol_map)

@@ -7,8 +7,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import io
 import operator
 import os
+import sys
 import threading
 import traceback
 from typing import Any, Callable, Iterable, Optional, Sequence
@@ -18,7 +20,7 @@ import torch.fx as fx
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-from ..errors import UntraceableModelError, warn_user
+from ..errors import UntraceableModelError, torch_logs_silenced, warn_user
 from ..ir import canonical_target
 from .empty_weights import put_back, stand_ins
 
@@ -254,6 +256,22 @@ def _in_signature_order(model: nn.Module, kwargs: dict) -> dict:
 
 
 @taking_turns
+@contextlib.contextmanager
+def _without_partial_graph():
+    """torch.export prints the partial graph of a failed export to stderr; a failure here becomes
+    a fallback or this package's error, which names the module and line, so that dump is dropped
+    (the rest of stderr, warnings included, is written as it came)."""
+    written = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(written):
+            yield
+    except Exception as exc:
+        dump = getattr(exc, "partial_fx_graph", None)
+        sys.stderr.write(written.getvalue().replace(f"{dump}\n", "") if dump is not None else written.getvalue())
+        raise
+    sys.stderr.write(written.getvalue())
+
+
 def export_trace(model: nn.Module, example_inputs: Sequence[Any], example_kwargs: dict) -> fx.GraphModule:
     """Non-strict torch.export; the unlifted module shares the model's parameters (tensors on the
     meta device are exported as uninitialised host stand-ins, where the ring keeps weights, then
@@ -270,8 +288,9 @@ def export_trace(model: nn.Module, example_inputs: Sequence[Any], example_kwargs
     with stand_ins(model, torch.device("cpu")) as originals:
         for attempt, (example_args, example_kwargs_, shapes, is_widened) in enumerate(attempts):
             try:
-                program = torch.export.export(model, example_args, example_kwargs_, strict=False,
-                                              dynamic_shapes=shapes)
+                with torch_logs_silenced("torch.fx.experimental.symbolic_shapes"), _without_partial_graph():
+                    program = torch.export.export(model, example_args, example_kwargs_, strict=False,
+                                                  dynamic_shapes=shapes)
             except Exception:
                 if attempt == len(attempts) - 1:
                     raise
