@@ -78,6 +78,8 @@ def run_inspect(args: argparse.Namespace) -> int:
     if plan.mode == "infer" and not plan.weights_checkpoint and os.path.isdir(model):
         plan = dataclasses.replace(plan, weights_checkpoint=model)     # as `infer DIR`: read, never loaded whole
     loaded = load_model(model, overrides, weights=not (plan.mode == "infer" and plan.weights_checkpoint))
+    if plan.dtype != "float32":            # as `train` does: the model in Plan.dtype (export fixes it in the graph)
+        loaded.model.to(plan.torch_dtype)
     check_seq_len(loaded.model, args.seq, "--seq", "--config")
     _, ctx = lower(loaded.model, plan, loaded.example_inputs(args.batch, args.seq))   # as compile at (B, S)
     renderer = Renderer(ctx, args.batch, args.seq)

@@ -125,3 +125,12 @@ def test_train_refuses_an_unshardable_expert_layout_before_launching(no_launch, 
     err = capsys.readouterr().err
     assert err.count("moesys-compile train: error:") == 1
     assert "cannot shard its experts over expert_parallel=2" in err
+
+
+def test_inspect_applies_the_plan_dtype_to_a_model_torch_export_captures(tmp_path, capsys):
+    """The refusal said to cast the model first, which a command-line user cannot do."""
+    plan = tmp_path / "bf16.yaml"
+    plan.write_text("mode: infer\ndevice_budget: 4MiB\ndtype: bfloat16\n")
+    code, out, err = run_cli(capsys, "inspect", "hf:qwen3_moe", "--config", "num_hidden_layers=1", "--plan", str(plan))
+    assert code == 0, err
+    assert "ring_partition" in out
