@@ -2,7 +2,9 @@
 
 Each op has a Triton implementation (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``), a fast
 torch implementation (the CPU path), a fake implementation and autograd; its last argument
-``impl`` ("auto" | "triton" | "torch") picks one, and the ``lower_kernels`` pass writes it.
+``impl`` ("auto" | "triton" | "torch") picks one, and the ``lower_kernels`` pass writes it. Each
+backward is an op too (``*_backward``, ``impl`` resolved): AOT autograd (``torch.compile`` of a
+program) traces autograd formulas, and must meet neither a host sync nor a Triton launch there.
 
     module                  ops                             kernels
     routing.py              route_topk, balance_loss        fused scores/top-k/renormalize/statistics

@@ -10,6 +10,7 @@ E experts · K top-k · N = T*K rows (expert-sorted slots).
                   b_up_EH, b_down_ED)
         -> y_TD, h_NH     == unpermute(grouped_mlp(permute(x_TD, ...)), order_N, weights_TK)
 
+Their backward is the op ``experts_backward`` (one node for AOT autograd under ``torch.compile``).
 ``h_NH`` is the up projection before the activation, returned so that backward needs no second
 up GEMM (it is [0, H] with ``save_h=False``, for inference). Rows past sum(counts_E) (dropped
 slots) produce zeros and get zero gradients. ``impl``: "triton" (``kernels/grouped_mlp.py`` and
@@ -40,6 +41,7 @@ from moesys_compile.kernels.grouped_mlp import check_experts_args, experts_forwa
 from moesys_compile.kernels.grouped_mlp_backward import experts_backward_triton
 from moesys_compile.ops import check_activation, has_triton_kernel
 from moesys_compile.ops.autocast import follow_autocast
+from moesys_compile.ops.experts import backward_op_outputs, grads_from_op
 
 
 def forward_scratch_bytes(num_rows, dim: int, ffn: int, rows_h: int, element_size: int, fused: bool,
@@ -102,27 +104,68 @@ def _check_biases(w_up_EHD: Tensor, w_down_EDF: Tensor, b_up_EH, b_down_ED) -> N
                              f"{list(shape)}")
 
 
-def _backward(ctx, grad_out, x, counts_E, w_up_EHD, w_down_EDF, h_NH, b_up_EH, b_down_ED, slots_N=None,
-              weights_TK=None):
+def _backward(grad_out, x, counts_E, w_up_EHD, w_down_EDF, h_NH, activation, impl, need_grad_x, slots_N=None,
+              weights_TK=None, b_up_EH=None, b_down_ED=None):
     """(grad_x, grad_w_up, grad_w_down, grad_weights_TK or None, grad_b_up or None, grad_b_down or None)."""
-    if grad_out is None:
-        grad_out = torch.zeros(ctx.out_shape, dtype=x.dtype, device=x.device)
     num_rows = slots_N.numel() if slots_N is not None else x.shape[0]
-    if ctx.impl == "triton":
+    if impl == "triton":
         if h_NH.shape[0] != num_rows:  # not saved (inference op): recompute once
-            _, h_NH = experts_forward_triton(x, counts_E, w_up_EHD, w_down_EDF, ctx.activation, slots_N, weights_TK)
-        grads = experts_backward_triton(grad_out, x, counts_E, w_up_EHD, w_down_EDF, h_NH, ctx.activation, slots_N,
+            _, h_NH = experts_forward_triton(x, counts_E, w_up_EHD, w_down_EDF, activation, slots_N, weights_TK)
+        grads = experts_backward_triton(grad_out, x, counts_E, w_up_EHD, w_down_EDF, h_NH, activation, slots_N,
                                         weights_TK)
         return (*grads, None, None)
     # the torch path skips grad_x's GEMMs when x needs no gradient (e.g. the first layer's input)
-    return experts_backward_torch(grad_out, x, counts_E, w_up_EHD, w_down_EDF, h_NH, ctx.activation, slots_N,
-                                  weights_TK, need_grad_x=ctx.needs_input_grad[0], b_up_EH=b_up_EH,
-                                  b_down_ED=b_down_ED)
+    return experts_backward_torch(grad_out, x, counts_E, w_up_EHD, w_down_EDF, h_NH, activation, slots_N,
+                                  weights_TK, need_grad_x=need_grad_x, b_up_EH=b_up_EH, b_down_ED=b_down_ED)
+
+
+def _returned_grads(impl, need_grad_x, weights_TK, b_up_EH, b_down_ED) -> tuple[bool, ...]:
+    """Which of ``_backward``'s six gradients are tensors (the others are None)."""
+    return (impl == "triton" or need_grad_x, True, True, weights_TK is not None, b_up_EH is not None,
+            b_down_ED is not None)
 
 
 # ---------------------------------------------------------------------------------------------
 # torch.library ops
 # ---------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("moesys_kernels::experts_backward", mutates_args=())
+def experts_backward(grad_out: Tensor, x: Tensor, counts_E: Tensor, w_up_EHD: Tensor, w_down_EDF: Tensor,
+                     h_NH: Tensor, activation: str, impl: str, need_grad_x: bool, slots_N: Optional[Tensor] = None,
+                     weights_TK: Optional[Tensor] = None, b_up_EH: Optional[Tensor] = None,
+                     b_down_ED: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The backward of ``grouped_mlp`` (``slots_N`` None) and ``fused_experts`` as one op, so that
+    tracers (AOT autograd under ``torch.compile``) see one node instead of its host syncs
+    (``group_bounds``) and Triton launches. ``impl`` is resolved ("triton" | "torch"). Returns
+    (grad_x, grad_w_up, grad_w_down, grad_weights_TK, grad_b_up, grad_b_down), a gradient that is
+    not computed (``_returned_grads``) as an empty [0] tensor (``backward_op_outputs``)."""
+    return backward_op_outputs(_backward(grad_out, x, counts_E, w_up_EHD, w_down_EDF, h_NH, activation, impl,
+                                         need_grad_x, slots_N, weights_TK, b_up_EH, b_down_ED), x)
+
+
+@experts_backward.register_fake
+def _experts_backward_fake(grad_out, x, counts_E, w_up_EHD, w_down_EDF, h_NH, activation, impl, need_grad_x,
+                           slots_N=None, weights_TK=None, b_up_EH=None, b_down_ED=None):
+    # fresh contiguous grad_x and grad_weights_TK; the [E, ...] gradients are empty_like their parameter
+    shaped = (x.new_empty(x.shape), torch.empty_like(w_up_EHD), torch.empty_like(w_down_EDF),
+              None if weights_TK is None else weights_TK.new_empty(weights_TK.shape),
+              None if b_up_EH is None else torch.empty_like(b_up_EH),
+              None if b_down_ED is None else torch.empty_like(b_down_ED))
+    returned = _returned_grads(impl, need_grad_x, weights_TK, b_up_EH, b_down_ED)
+    return backward_op_outputs([t if kept else None for t, kept in zip(shaped, returned)], x)
+
+
+def _call_backward(ctx, grad_out, x, counts_E, w_up_EHD, w_down_EDF, h_NH, b_up_EH, b_down_ED, slots_N=None,
+                   weights_TK=None):
+    """``experts_backward`` from an autograd formula: (grad_x, grad_w_up, grad_w_down, grad_weights_TK,
+    grad_b_up, grad_b_down), None for a gradient not computed."""
+    if grad_out is None:
+        grad_out = torch.zeros(ctx.out_shape, dtype=x.dtype, device=x.device)
+    need_grad_x = ctx.needs_input_grad[0]
+    grads = experts_backward(grad_out, x, counts_E, w_up_EHD, w_down_EDF, h_NH, ctx.activation, ctx.impl,
+                             need_grad_x, slots_N, weights_TK, b_up_EH, b_down_ED)
+    return grads_from_op(grads, _returned_grads(ctx.impl, need_grad_x, weights_TK, b_up_EH, b_down_ED))
 
 
 @torch.library.custom_op("moesys_kernels::grouped_mlp", mutates_args=())
@@ -152,7 +195,7 @@ def _grouped_mlp_setup(ctx, inputs, output):
 
 
 def _grouped_mlp_backward(ctx, grad_y_ND, grad_h_NH):
-    grad_x, grad_w_up, grad_w_down, _, grad_b_up, grad_b_down = _backward(ctx, grad_y_ND, *ctx.saved_tensors)
+    grad_x, grad_w_up, grad_w_down, _, grad_b_up, grad_b_down = _call_backward(ctx, grad_y_ND, *ctx.saved_tensors)
     return grad_x, None, grad_w_up, grad_w_down, None, None, None, grad_b_up, grad_b_down
 
 
@@ -190,7 +233,7 @@ def _fused_experts_setup(ctx, inputs, output):
 
 def _fused_experts_backward(ctx, grad_y_TD, grad_h_NH):
     x_TD, order_N, counts_E, weights_TK, w_up_EHD, w_down_EDF, h_NH, b_up_EH, b_down_ED = ctx.saved_tensors
-    grad_x, grad_w_up, grad_w_down, grad_weights, grad_b_up, grad_b_down = _backward(
+    grad_x, grad_w_up, grad_w_down, grad_weights, grad_b_up, grad_b_down = _call_backward(
         ctx, grad_y_TD, x_TD, counts_E, w_up_EHD, w_down_EDF, h_NH, b_up_EH, b_down_ED, order_N, weights_TK)
     return grad_x, None, None, grad_weights, grad_w_up, grad_w_down, None, None, None, grad_b_up, grad_b_down
 

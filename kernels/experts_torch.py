@@ -25,7 +25,7 @@ from torch import Tensor
 
 from moesys_compile.kernels import cpu_threads
 from moesys_compile.kernels.permute import inverse_order
-from moesys_compile.ops import TRITON_ACTIVATIONS, apply_activation, group_bounds, is_gated
+from moesys_compile.ops import TRITON_ACTIVATIONS, activation_backward, apply_activation, group_bounds, is_gated
 
 _CHUNK_ELEMENTS = 1 << 21   # activation elements per block (rows x F): few calls, big GEMMs
 _MIN_CHUNK_ROWS = 64
@@ -105,10 +105,7 @@ def _act_in_place(h: Tensor, activation: str) -> Tensor:
 def _act_backward_into(h: Tensor, grad_a: Tensor, act_gate: Tensor, activation: str, tmp: Tensor,
                        grad_h: Tensor) -> Tensor:
     if activation not in BUFFERED_ACTIVATIONS:
-        with torch.enable_grad():
-            leaf = h.detach().requires_grad_(True)
-            (grad,) = torch.autograd.grad(apply_activation(leaf, activation), leaf, grad_a)
-        return grad_h.copy_(grad)
+        return grad_h.copy_(activation_backward(h, grad_a, activation))
     if not is_gated(activation):
         return _scalar_act_backward(grad_a, h, activation, grad_h)
     ffn = h.shape[1] // 2

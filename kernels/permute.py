@@ -231,16 +231,38 @@ def unpermute_backward_torch(grad_y_TD: Tensor, y_ND: Tensor, order_N: Tensor, w
     return grad_rows_ND.mul_(weight_N[:, None]), grad_w_N.view(weights_TK.shape)
 
 
+# ---------------------------------------------------------------------------------------------
+# torch.library ops. The backward of each op is an op too (``impl`` resolved): AOT autograd
+# (torch.compile) traces an autograd formula, and must not meet a Triton launch in it.
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("moesys_kernels::permute_backward", mutates_args=())
 def permute_backward(grad_x_ND: Tensor, order_N: Tensor, num_tokens: int, top_k: int, impl: str) -> Tensor:
+    """grad_x_TD[t] = sum over k of the gradient row of slot t*K + k."""
     if impl == "triton":
         return gather_sum_triton(grad_x_ND, order_N, num_tokens, top_k)
     grad_x_TD = grad_x_ND.new_zeros((num_tokens, grad_x_ND.shape[1]))
     return grad_x_TD.index_add_(0, order_N // top_k, grad_x_ND)
 
 
-# ---------------------------------------------------------------------------------------------
-# torch.library ops
-# ---------------------------------------------------------------------------------------------
+@permute_backward.register_fake
+def _permute_backward_fake(grad_x_ND, order_N, num_tokens, top_k, impl):
+    return grad_x_ND.new_empty((num_tokens, grad_x_ND.shape[1]))
+
+
+@torch.library.custom_op("moesys_kernels::unpermute_backward", mutates_args=())
+def unpermute_backward(grad_y_TD: Tensor, y_ND: Tensor, order_N: Tensor, weights_TK: Tensor,
+                       impl: str) -> tuple[Tensor, Tensor]:
+    """(grad_y_ND, grad_weights_TK) of ``unpermute``."""
+    run = unpermute_backward_triton if impl == "triton" else unpermute_backward_torch
+    return run(grad_y_TD, y_ND, order_N, weights_TK)
+
+
+@unpermute_backward.register_fake
+def _unpermute_backward_fake(grad_y_TD, y_ND, order_N, weights_TK, impl):
+    rows_dtype = y_ND.dtype if impl == "triton" else grad_y_TD.dtype   # what each path writes the rows in
+    return y_ND.new_empty(y_ND.shape, dtype=rows_dtype), weights_TK.new_empty(weights_TK.shape)
 
 
 @torch.library.custom_op("moesys_kernels::sort_slots", mutates_args=())
@@ -314,8 +336,7 @@ def _unpermute_setup(ctx, inputs, output):
 
 def _unpermute_backward(ctx, grad_y_TD):
     y_ND, order_N, weights_TK = ctx.saved_tensors
-    run = unpermute_backward_triton if ctx.impl == "triton" else unpermute_backward_torch
-    grad_y_ND, grad_weights_TK = run(grad_y_TD, y_ND, order_N, weights_TK)
+    grad_y_ND, grad_weights_TK = unpermute_backward(grad_y_TD, y_ND, order_N, weights_TK, ctx.impl)
     return grad_y_ND, None, grad_weights_TK, None
 
 

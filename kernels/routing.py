@@ -303,10 +303,27 @@ def _route_topk_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # unused outputs (often scores_TE) send None, not zeros
 
 
+@torch.library.custom_op("moesys_kernels::route_topk_backward", mutates_args=())
+def route_topk_backward(scores_TE: Tensor, ids_TK: Tensor, grad_weights_TK: Optional[Tensor],
+                        grad_scores_TE: Optional[Tensor], grad_sums_E: Optional[Tensor], score_func: str,
+                        renormalize: bool, routed_scaling: float, logits_dtype: torch.dtype, impl: str) -> Tensor:
+    """grad_logits_TE of ``route_topk`` (``impl`` resolved); an op, so that AOT autograd
+    (torch.compile) sees one node, not a Triton launch. A None gradient: that output is unused."""
+    run = route_backward_triton if impl == "triton" else route_backward_torch
+    return run(scores_TE, ids_TK, grad_weights_TK, grad_scores_TE, grad_sums_E, score_func, renormalize,
+               routed_scaling, logits_dtype)
+
+
+@route_topk_backward.register_fake
+def _route_topk_backward_fake(scores_TE, ids_TK, grad_weights_TK, grad_scores_TE, grad_sums_E, score_func,
+                              renormalize, routed_scaling, logits_dtype, impl):
+    return scores_TE.new_empty(scores_TE.shape, dtype=logits_dtype)
+
+
 def _route_topk_backward(ctx, grad_weights_TK, grad_ids, grad_scores_TE, grad_counts, grad_sums_E):
     scores_TE, ids_TK = ctx.saved_tensors
-    run = route_backward_triton if ctx.impl == "triton" else route_backward_torch
-    grad_logits_TE = run(scores_TE, ids_TK, grad_weights_TK, grad_scores_TE, grad_sums_E, *ctx.opts)
+    grad_logits_TE = route_topk_backward(scores_TE, ids_TK, grad_weights_TK, grad_scores_TE, grad_sums_E, *ctx.opts,
+                                         ctx.impl)
     return grad_logits_TE, None, None, None, None, None, None, None, None
 
 

@@ -3,9 +3,11 @@
 Every MoE layer the frontend recognises is expressed with these ops, so that tracing keeps each
 one as a single graph node and the passes can rewrite them. Each op has a CPU implementation
 (plain torch), a fake implementation (shapes only, for FakeTensor propagation and export) and an
-autograd formula. ``kernels/`` adds device-specific implementations of the same ops. The ops
-live in ``routing.py`` (route, load_balancing_loss) and ``experts.py`` (permute, grouped_mlp,
-unpermute, moe_experts); ``activations.py`` holds the helpers they share.
+autograd formula; a formula that needs the host (``group_bounds``) calls a backward op
+(``grouped_mlp_backward``), so that AOT autograd (``torch.compile``) can trace it. ``kernels/``
+adds device-specific implementations of the same ops. The ops live in ``routing.py`` (route,
+load_balancing_loss) and ``experts.py`` (permute, grouped_mlp, unpermute, moe_experts);
+``activations.py`` holds the helpers they share.
 
 Shape legend:  T tokens · D model dim · F expert hidden dim · H up-projection rows (2F for
 SwiGLU, F otherwise) · E experts · K top-k · N = T*K routed slots.
@@ -30,14 +32,14 @@ from moesys_compile.ops.activations import (ACTIVATIONS, TRITON_ACTIVATIONS, app
                                             softcapped_swiglu, up_rows)
 from moesys_compile.ops.routing import (SCORE_FUNCS, load_balancing_loss, load_balancing_loss_reference,
                                         route, route_reference, score_dtype)
-from moesys_compile.ops.experts import (group_bounds, grouped_mlp, grouped_mlp_reference, moe_experts,
-                                        moe_experts_decomposed, moe_experts_reference, permute, permute_reference,
-                                        sort_slots_reference, unpermute, unpermute_reference)
+from moesys_compile.ops.experts import (activation_backward, group_bounds, grouped_mlp, grouped_mlp_reference,
+                                        moe_experts, moe_experts_decomposed, moe_experts_reference, permute,
+                                        permute_reference, sort_slots_reference, unpermute, unpermute_reference)
 
 
-__all__ = ["ACTIVATIONS", "SCORE_FUNCS", "TRITON_ACTIVATIONS", "apply_activation", "check_activation",
-           "clamped_swiglu", "expert_capacity", "group_bounds", "grouped_mlp", "grouped_mlp_reference",
-           "has_triton_kernel", "is_gated", "load_balancing_loss", "load_balancing_loss_reference",
-           "moe_experts", "moe_experts_decomposed", "moe_experts_reference", "permute", "permute_reference", "route",
-           "route_reference", "score_dtype", "softcapped_swiglu", "sort_slots_reference", "unpermute",
-           "unpermute_reference", "up_rows"]
+__all__ = ["ACTIVATIONS", "SCORE_FUNCS", "TRITON_ACTIVATIONS", "activation_backward", "apply_activation",
+           "check_activation", "clamped_swiglu", "expert_capacity", "group_bounds", "grouped_mlp",
+           "grouped_mlp_reference", "has_triton_kernel", "is_gated", "load_balancing_loss",
+           "load_balancing_loss_reference", "moe_experts", "moe_experts_decomposed", "moe_experts_reference", "permute",
+           "permute_reference", "route", "route_reference", "score_dtype", "softcapped_swiglu", "sort_slots_reference",
+           "unpermute", "unpermute_reference", "up_rows"]

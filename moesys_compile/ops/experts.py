@@ -3,6 +3,7 @@ composite ``moesys.moe_experts`` they decompose (see the package docstring for t
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -62,11 +63,15 @@ def _permute_setup(ctx, inputs, output):
     ctx.num_tokens, ctx.top_k = x_TD.shape[0], ids_TK.shape[1]
 
 
+def _permute_grad(grad_x_ND: Tensor, order_N: Tensor, num_tokens: int, top_k: int) -> Tensor:
+    """grad_x_TD of ``permute``: each slot's gradient row added to its token's."""
+    grad_x_TD = grad_x_ND.new_zeros((num_tokens, grad_x_ND.shape[1]))
+    return grad_x_TD.index_add_(0, order_N // top_k, grad_x_ND)
+
+
 def _permute_backward(ctx, grad_x_ND, grad_counts, grad_order):
     (order_N,) = ctx.saved_tensors
-    grad_x_TD = grad_x_ND.new_zeros((ctx.num_tokens, grad_x_ND.shape[1]))
-    grad_x_TD.index_add_(0, order_N // ctx.top_k, grad_x_ND)
-    return grad_x_TD, None, None, None
+    return _permute_grad(grad_x_ND, order_N, ctx.num_tokens, ctx.top_k), None, None, None
 
 
 permute.register_autograd(_permute_backward, setup_context=_permute_setup)
@@ -140,15 +145,49 @@ def _grouped_mlp_setup(ctx, inputs, output):
     ctx.activation = activation
 
 
-def _activation_backward(h_nH: Tensor, grad_a: Tensor, activation: str) -> Tensor:
-    with torch.enable_grad():
+# what the dispatcher excludes below autograd (inside an op's implementation)
+_AUTOGRAD_KEYS = (torch._C.DispatchKey.AutogradFunctionality, torch._C.DispatchKey.AutogradOther,
+                  torch._C.DispatchKey.AutogradNestedTensor)
+
+
+@contextlib.contextmanager
+def _autograd_back_on():
+    """Autograd recording inside an op's implementation (the backward ops run their activation's
+    autograd formulas there); torch.utils.checkpoint lifts an exclusion the same way."""
+    with contextlib.ExitStack() as stack:
+        for key in _AUTOGRAD_KEYS:
+            stack.enter_context(torch._C._SetExcludeDispatchKeyGuard(key, False))
+        stack.enter_context(torch.enable_grad())
+        yield
+
+
+def activation_backward(h_nH: Tensor, grad_a: Tensor, activation: str) -> Tensor:
+    """d act(h) / dh applied to ``grad_a``, by the activation's autograd formulas; also inside an
+    op's implementation (``grouped_mlp_backward``, ``moesys_kernels.experts_backward``)."""
+    with _autograd_back_on():
         h = h_nH.detach().requires_grad_(True)
         (grad_h,) = torch.autograd.grad(apply_activation(h, activation), h, grad_a)
     return grad_h
 
 
-def _grouped_mlp_backward(ctx, grad_y_ND):
-    x_ND, counts_E, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED = ctx.saved_tensors
+def backward_op_outputs(grads, like: Tensor) -> tuple[Tensor, ...]:
+    """A backward op's outputs: a custom op returns no None, so a gradient that is not computed
+    goes out as an empty [0] tensor (``grads_from_op`` turns it back into None)."""
+    return tuple(like.new_empty(0) if g is None else g for g in grads)
+
+
+def grads_from_op(grads, computed) -> tuple[Optional[Tensor], ...]:
+    """A backward op's outputs for an autograd formula: None where ``computed`` is False."""
+    return tuple(g if kept else None for g, kept in zip(grads, computed))
+
+
+@torch.library.custom_op("moesys::grouped_mlp_backward", mutates_args=())
+def grouped_mlp_backward(grad_y_ND: Tensor, x_ND: Tensor, counts_E: Tensor, w_up_EHD: Tensor, w_down_EDF: Tensor,
+                         activation: str, b_up_EH: Optional[Tensor] = None,
+                         b_down_ED: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(grad_x, grad_w_up, grad_w_down, grad_b_up, grad_b_down) of ``grouped_mlp``; an op, so that
+    AOT autograd (``torch.compile``) does not trace ``group_bounds``' host sync. A missing bias's
+    gradient is an empty [0] tensor (``backward_op_outputs``)."""
     grad_x_ND = torch.zeros_like(x_ND)
     grad_w_up = torch.zeros_like(w_up_EHD)
     grad_w_down = torch.zeros_like(w_down_EDF)
@@ -158,15 +197,36 @@ def _grouped_mlp_backward(ctx, grad_y_ND):
         x_nD, g_nD = x_ND[start:end], grad_y_ND[start:end]
         # h recomputed: cheaper than keeping T*K*H
         h_nH = _biased_mm(x_nD, w_up_EHD[expert], None if b_up_EH is None else b_up_EH[expert])
-        a_nF = apply_activation(h_nH, ctx.activation)
+        a_nF = apply_activation(h_nH, activation)
         grad_w_down[expert] = g_nD.t() @ a_nF
-        grad_h_nH = _activation_backward(h_nH, g_nD @ w_down_EDF[expert], ctx.activation)
+        grad_h_nH = activation_backward(h_nH, g_nD @ w_down_EDF[expert], activation)
         grad_w_up[expert] = grad_h_nH.t() @ x_nD
         grad_x_ND[start:end] = grad_h_nH @ w_up_EHD[expert]
         if grad_b_up is not None:
             grad_b_up[expert] = grad_h_nH.sum(0)
         if grad_b_down is not None:
             grad_b_down[expert] = g_nD.sum(0)
+    return backward_op_outputs((grad_x_ND, grad_w_up, grad_w_down, grad_b_up, grad_b_down), x_ND)
+
+
+@grouped_mlp_backward.register_fake
+def _grouped_mlp_backward_fake(grad_y_ND, x_ND, counts_E, w_up_EHD, w_down_EDF, activation, b_up_EH=None,
+                               b_down_ED=None):
+    like = (x_ND, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED)
+    return backward_op_outputs([None if t is None else torch.empty_like(t) for t in like], x_ND)
+
+
+def _grouped_mlp_grads(grad_y_ND, x_ND, counts_E, w_up_EHD, w_down_EDF, activation, b_up_EH, b_down_ED):
+    """(grad_x, grad_w_up, grad_w_down, grad_b_up or None, grad_b_down or None) of ``grouped_mlp``."""
+    grads = torch.ops.moesys.grouped_mlp_backward(grad_y_ND, x_ND, counts_E, w_up_EHD, w_down_EDF, activation,
+                                                  b_up_EH, b_down_ED)
+    return grads_from_op(grads, (True, True, True, b_up_EH is not None, b_down_ED is not None))
+
+
+def _grouped_mlp_backward(ctx, grad_y_ND):
+    x_ND, counts_E, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED = ctx.saved_tensors
+    grad_x_ND, grad_w_up, grad_w_down, grad_b_up, grad_b_down = _grouped_mlp_grads(
+        grad_y_ND, x_ND, counts_E, w_up_EHD, w_down_EDF, ctx.activation, b_up_EH, b_down_ED)
     return grad_x_ND, None, grad_w_up, grad_w_down, None, grad_b_up, grad_b_down
 
 
@@ -201,8 +261,8 @@ def _unpermute_setup(ctx, inputs, output):
     ctx.save_for_backward(y_ND, order_N, weights_TK)
 
 
-def _unpermute_backward(ctx, grad_y_TD):
-    y_ND, order_N, weights_TK = ctx.saved_tensors
+def _unpermute_grads(grad_y_TD: Tensor, y_ND: Tensor, order_N: Tensor, weights_TK: Tensor):
+    """(grad_y_ND, grad_weights_TK) of ``unpermute``."""
     num_tokens, top_k = weights_TK.shape
     token_N = order_N // top_k
     slot_k_N = order_N % top_k
@@ -212,7 +272,12 @@ def _unpermute_backward(ctx, grad_y_TD):
     grad_weight_N = (grad_rows_ND * y_ND).sum(-1)
     grad_weights_TK = torch.zeros(num_tokens * top_k, dtype=grad_weight_N.dtype, device=grad_y_TD.device)
     grad_weights_TK.index_copy_(0, order_N, grad_weight_N)
-    return grad_y_ND, None, grad_weights_TK.view(num_tokens, top_k).to(weights_TK.dtype)
+    return grad_y_ND, grad_weights_TK.view(num_tokens, top_k).to(weights_TK.dtype)
+
+
+def _unpermute_backward(ctx, grad_y_TD):
+    grad_y_ND, grad_weights_TK = _unpermute_grads(grad_y_TD, *ctx.saved_tensors)
+    return grad_y_ND, None, grad_weights_TK
 
 
 unpermute.register_autograd(_unpermute_backward, setup_context=_unpermute_setup)
@@ -223,15 +288,20 @@ unpermute.register_autograd(_unpermute_backward, setup_context=_unpermute_setup)
 # ---------------------------------------------------------------------------------------------
 
 
+def _capacity(x_TD: Tensor, ids_TK: Tensor, num_experts: int, capacity_factor: float) -> int:
+    """``permute``'s capacity for ``moe_experts``' capacity factor (-1: dropless)."""
+    if capacity_factor > 0:
+        return expert_capacity(x_TD.shape[0], ids_TK.shape[1], num_experts, capacity_factor)
+    return -1
+
+
 def _composed(ops, x_TD, ids_TK, weights_TK, w_up_EHD, w_down_EDF, activation, capacity_factor, b_up_EH=None,
               b_down_ED=None):
     """permute -> grouped_mlp -> unpermute with ``ops`` = (permute, grouped_mlp, unpermute)."""
     permute_op, grouped_mlp_op, unpermute_op = ops
     num_experts = w_up_EHD.shape[0]
-    capacity = -1
-    if capacity_factor > 0:
-        capacity = expert_capacity(x_TD.shape[0], ids_TK.shape[1], num_experts, capacity_factor)
-    x_ND, counts_E, order_N = permute_op(x_TD, ids_TK, num_experts, capacity)
+    x_ND, counts_E, order_N = permute_op(x_TD, ids_TK, num_experts,
+                                         _capacity(x_TD, ids_TK, num_experts, capacity_factor))
     y_ND = grouped_mlp_op(x_ND, counts_E, w_up_EHD, w_down_EDF, activation, b_up_EH, b_down_ED)
     return unpermute_op(y_ND, order_N, weights_TK)
 
@@ -267,20 +337,19 @@ def _moe_experts_setup(ctx, inputs, output):
 
 
 def _moe_experts_backward(ctx, grad_y_TD):
-    # Re-run the decomposed ops (each has its own backward) and differentiate through them.
-    # Only eager use of the fused op pays for this; compiled programs run the decomposed graph.
+    """The decomposed ops' backward formulas chained by hand, after re-running their forward for
+    x_ND and y_ND. No nested autograd: AOT autograd (``torch.compile`` of a model) traces this. Only
+    eager use of the fused op pays for the re-run; compiled programs run the decomposed graph."""
     x_TD, ids_TK, weights_TK, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED = ctx.saved_tensors
-    with torch.enable_grad():
-        x_TD, weights_TK, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED = [
-            None if t is None else t.detach().requires_grad_(t.is_floating_point())
-            for t in (x_TD, weights_TK, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED)
-        ]
-        y_TD = moe_experts_decomposed(x_TD, ids_TK, weights_TK, w_up_EHD, w_down_EDF, *ctx.opts, b_up_EH, b_down_ED)
-        leaves = [t for t in (x_TD, weights_TK, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED) if t is not None]
-        grads = iter(torch.autograd.grad(y_TD, leaves, grad_y_TD, allow_unused=True))
-    grad_x, grad_w, grad_up, grad_down = (next(grads) for _ in range(4))
-    grad_b_up = None if b_up_EH is None else next(grads)
-    grad_b_down = None if b_down_ED is None else next(grads)
+    activation, capacity_factor = ctx.opts
+    num_experts = w_up_EHD.shape[0]
+    x_ND, counts_E, order_N = torch.ops.moesys.permute(x_TD, ids_TK, num_experts,
+                                                       _capacity(x_TD, ids_TK, num_experts, capacity_factor))
+    y_ND = torch.ops.moesys.grouped_mlp(x_ND, counts_E, w_up_EHD, w_down_EDF, activation, b_up_EH, b_down_ED)
+    grad_y_ND, grad_w = _unpermute_grads(grad_y_TD, y_ND, order_N, weights_TK)
+    grad_x_ND, grad_up, grad_down, grad_b_up, grad_b_down = _grouped_mlp_grads(
+        grad_y_ND, x_ND, counts_E, w_up_EHD, w_down_EDF, activation, b_up_EH, b_down_ED)
+    grad_x = _permute_grad(grad_x_ND, order_N, x_TD.shape[0], ids_TK.shape[1])
     return grad_x, None, grad_w, grad_up, grad_down, None, None, grad_b_up, grad_b_down
 
 
