@@ -90,6 +90,9 @@ def test_generate_lowering_in_one_thread_leaves_another_program_in_another_threa
     try:
         for new in (3, 9, 17):          # each a new size: generate lowers (fx-traces) its step graph again
             first.generate(IDS[:1, :4], new)
+        deadline = time.monotonic() + 30    # the lock is not fair: let the other thread have its turn
+        while not calls and not errors and time.monotonic() < deadline:
+            time.sleep(0.01)
     finally:
         stop.set()
         thread.join(timeout=60)
