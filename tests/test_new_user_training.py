@@ -289,3 +289,34 @@ def test_a_compiled_program_refuses_copies_and_a_cast_its_capture_fixed():
     with pytest.raises(TypeError, match=r"Qwen3MoeForCausalLM was captured by torch.export with torch.float32 "
                                         r"parameters.*cast the model before compiling"):
         program(ids)
+
+
+class CheckpointedBlocks(torch.nn.Module):
+    def __init__(self, reentrant: bool):
+        super().__init__()
+        self.embed, self.head = torch.nn.Embedding(64, 16), torch.nn.Linear(16, 64)
+        self.blocks = torch.nn.ModuleList([torch.nn.Linear(16, 16) for _ in range(2)])
+        self.reentrant = reentrant
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        for block in self.blocks:
+            x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=self.reentrant)
+        return self.head(x)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_a_users_own_activation_checkpoints_are_named_in_a_warning(reentrant):
+    """Capture runs through torch.utils.checkpoint, so the program keeps every activation: that was
+    silent for a model's own checkpoints (transformers' gradient checkpointing warned)."""
+    import warnings
+    model = CheckpointedBlocks(reentrant)
+    ids = torch.randint(0, 64, (2, 8))
+    with pytest.warns(UserWarning, match=r"CheckpointedBlocks calls torch.utils.checkpoint, which the captured "
+                                         r"graph does not keep"):
+        program = mc.compile(model, mc.Plan(mode="train"), example_inputs=(ids,))
+    torch.testing.assert_close(program(ids), model(ids))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        warnings.filterwarnings("ignore", message="None of the inputs have requires_grad")
+        mc.compile(model.eval(), mc.Plan(mode="infer"), example_inputs=(ids,))     # no activations kept

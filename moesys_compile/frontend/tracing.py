@@ -372,11 +372,49 @@ def capture(model: nn.Module, example_inputs: Sequence[Any] = (), example_kwargs
     ``meta["moesys_inlined_functions"]`` the model's autograd Functions it traced through."""
     example_kwargs = dict(example_kwargs or {})
     inlined: list[str] = []
-    with own_autograd_functions(inlined):
+    checkpointed: list[bool] = []
+    with own_autograd_functions(inlined), _noting_activation_checkpoints(checkpointed):
         gm = _capture(model, example_inputs, example_kwargs, leaf_modules)
     if gm.meta.get("moesys_capture") == "export":
         gm.meta["moesys_inlined_functions"] = inlined
+    if checkpointed and model.training and not _checkpointing_flag(model):   # (transformers' own flag warns itself)
+        warn_user(f"{type(model).__name__} calls torch.utils.checkpoint, which the captured graph does not keep: "
+                  f"the program computes the same values and gradients but stores every activation; lower the "
+                  f"batch size if memory runs out")
     return gm
+
+
+@contextlib.contextmanager
+def _noting_activation_checkpoints(seen: list):
+    """Note in ``seen`` every ``torch.utils.checkpoint.checkpoint`` call while capturing: capture
+    runs through it (both variants: the reentrant Function and the non-reentrant generator), so
+    its recomputation is not kept."""
+    import torch.utils.checkpoint as checkpointing
+
+    def noting(original: Callable) -> Callable:
+        def noted(*args: Any, **kwargs: Any) -> Any:
+            seen.append(True)
+            return original(*args, **kwargs)
+        return noted
+    originals = {name: getattr(checkpointing, name) for name in ("CheckpointFunction",
+                                                                 "_checkpoint_without_reentrant_generator")
+                 if hasattr(checkpointing, name)}
+    if "CheckpointFunction" in originals:
+        checkpointing.CheckpointFunction = type("NotedCheckpointFunction", (), {
+            "apply": staticmethod(noting(originals["CheckpointFunction"].apply))})
+    if "_checkpoint_without_reentrant_generator" in originals:
+        checkpointing._checkpoint_without_reentrant_generator = noting(
+            originals["_checkpoint_without_reentrant_generator"])
+    try:
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(checkpointing, name, original)
+
+
+def _checkpointing_flag(model: nn.Module) -> bool:
+    return any(getattr(model, name, False) is True for name in ("is_activation_checkpointing",
+                                                               "is_gradient_checkpointing"))
 
 
 def _capture(model: nn.Module, example_inputs: Sequence[Any], example_kwargs: dict,
