@@ -88,9 +88,10 @@ def lower_decode(step: DecodeStep, plan: Plan, example: tuple):
     return run_pipeline(gm, ctx, pipeline_for("infer")), ctx
 
 
-def empty_cache(model: Transformer, batch: int, length: int, dtype: torch.dtype) -> torch.Tensor:
+def empty_cache(model: Transformer, batch: int, length: int, dtype: torch.dtype, device="cpu") -> torch.Tensor:
     cfg = model.config
-    return torch.zeros(batch, cfg.n_layers * 2 * cfg.n_heads * length * (cfg.dim // cfg.n_heads), dtype=dtype)
+    return torch.zeros(batch, cfg.n_layers * 2 * cfg.n_heads * length * (cfg.dim // cfg.n_heads), dtype=dtype,
+                       device=device)
 
 
 def _check_decodable(model: nn.Module, ids: torch.Tensor, max_new_tokens: int) -> None:
@@ -251,7 +252,7 @@ def _decode_step_graph(program, ids: torch.Tensor, max_new_tokens: int) -> tuple
             if (tokens, positions) == sizes[-1]:
                 raise
             continue
-        if _call_refused(lowered, _step_bound(program, ids, tokens, positions), {}, "whole") is None:
+        if _call_refused(lowered, _step_bound(program, ids, tokens, positions, "meta"), {}, "whole") is None:
             break
     decoding = program.__dict__.setdefault("_decode_lowered", {})
     decoding["builtin"] = (("decode", next(_LOWERINGS)), lowered, (tokens, positions))
@@ -270,17 +271,17 @@ def _stored_step_graph(program, ids: torch.Tensor, max_new_tokens: int, room: st
     key, lowered, (tokens, positions) = stored
     prompt = ids.shape[1]
     if prompt <= tokens and prompt + max_new_tokens - 1 <= positions and \
-            _call_refused(lowered, _step_bound(program, ids, tokens, positions), {}, room) is None:
+            _call_refused(lowered, _step_bound(program, ids, tokens, positions, "meta"), {}, room) is None:
         return key, lowered
     return None
 
 
-def _step_bound(program, ids: torch.Tensor, tokens: int, positions: int) -> tuple:
+def _step_bound(program, ids: torch.Tensor, tokens: int, positions: int, device=None) -> tuple:
     """``DecodeStep`` inputs of ``tokens`` ids (per prompt of ``ids``) over a cache that makes
-    ``positions`` with them."""
+    ``positions`` with them; on ``device`` "meta" to size a call without allocating its cache."""
     batch = ids.shape[0]
-    return ids.new_zeros(batch, tokens), 0, empty_cache(program.context.model, batch, positions - tokens,
-                                                        _decode_dtype(program))
+    return (ids.new_zeros(batch, tokens, device=device), 0,
+            empty_cache(program.context.model, batch, positions - tokens, _decode_dtype(program), device or "cpu"))
 
 
 def _decode_dtype(program) -> torch.dtype:
