@@ -58,19 +58,24 @@ def _blocks(bounds: list[tuple[int, int, int]], ffn: int) -> list[list[tuple[int
     return blocks + [block] if block else blocks
 
 
+# the GELU activations: aten's ``approximate`` argument for each
+_GELU_APPROXIMATE = {"geglu": "none", "gelu": "none", "geglu_tanh": "tanh", "gelu_tanh": "tanh"}
+
+
 def _scalar_act(x: Tensor, activation: str, out: Tensor) -> Tensor:
     if activation in ("swiglu", "silu"):
         return torch.ops.aten.silu.out(x, out=out)
-    if activation in ("geglu", "gelu"):
-        return torch.ops.aten.gelu.out(x, out=out)
+    if activation in _GELU_APPROXIMATE:
+        return torch.ops.aten.gelu.out(x, approximate=_GELU_APPROXIMATE[activation], out=out)
     return torch.clamp_min(x, 0, out=out)
 
 
 def _scalar_act_backward(grad: Tensor, x: Tensor, activation: str, out: Tensor) -> Tensor:
     if activation in ("swiglu", "silu"):
         return torch.ops.aten.silu_backward.grad_input(grad, x, grad_input=out)
-    if activation in ("geglu", "gelu"):
-        return torch.ops.aten.gelu_backward.grad_input(grad, x, grad_input=out)
+    if activation in _GELU_APPROXIMATE:
+        return torch.ops.aten.gelu_backward.grad_input(grad, x, approximate=_GELU_APPROXIMATE[activation],
+                                                       grad_input=out)
     return torch.ops.aten.threshold_backward.grad_input(grad, x, 0, grad_input=out)
 
 

@@ -7,7 +7,8 @@ E experts · K top-k · N rows (expert-sorted slots).
 Each kernel runs over the rows of all experts at once (one launch, no host sync). The forward two:
 
     _up_act_kernel        a_NF = act(x_ND @ W_up[e]^T)      gate and up tiles in one program,
-                                                            SwiGLU / GeGLU / GELU / SiLU / ReLU
+                                                            SwiGLU / GeGLU / GELU (exact or
+                                                            tanh) / SiLU / ReLU
                                                             in the epilogue; h_NH kept for backward
     _grouped_gemm_kernel  c = scale * (a_NK @ B[e])         down projection (and, in backward,
                                                             grad_x = grad_h @ W_up[e]); rows
@@ -32,7 +33,7 @@ from moesys_compile.kernels._triton import (HAVE_TRITON, INTERPRET, check_dtype,
 from moesys_compile.ops import check_activation, is_gated
 
 # activation kinds of the epilogues (gating is a separate flag)
-_ACT_KIND = {"swiglu": 0, "silu": 0, "geglu": 1, "gelu": 1, "relu": 2}
+_ACT_KIND = {"swiglu": 0, "silu": 0, "geglu": 1, "gelu": 1, "relu": 2, "geglu_tanh": 3, "gelu_tanh": 3}
 
 
 def _configs() -> list:
@@ -62,6 +63,8 @@ def _act(x, KIND: tl.constexpr):
         return x * tl.sigmoid(x)
     elif KIND == 1:
         return 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
+    elif KIND == 3:   # tanh GELU, u = sqrt(2/pi) (x + 0.044715 x^3): 0.5 x (1 + tanh(u)) = x sigmoid(2u)
+        return x * tl.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))
     else:
         return tl.maximum(x, 0.0)
 
@@ -221,7 +224,7 @@ def check_experts_args(x: Tensor, counts_E: Tensor, w_up_EHD: Tensor, w_down_EDF
 
 def _common(x: Tensor, activation: str) -> dict:
     # UPCAST: Triton's interpreter mishandles bf16 tl.dot; bf16 products are exact in fp32 anyway
-    return dict(KIND=_ACT_KIND["gelu" if activation == "geglu" else activation], GATED=is_gated(activation),
+    return dict(KIND=_ACT_KIND[activation], GATED=is_gated(activation),
                 PRECISION="ieee" if INTERPRET else dot_precision(x.dtype), UPCAST=INTERPRET)
 
 

@@ -26,6 +26,9 @@ def _act_grad(x, KIND: tl.constexpr):
         return s * (1.0 + x * (1.0 - s))
     elif KIND == 1:
         return 0.5 * (1.0 + tl.erf(x * 0.7071067811865476)) + x * 0.3989422804014327 * tl.exp(-0.5 * x * x)
+    elif KIND == 3:   # tanh GELU x sigmoid(2u) (see _act): s + x s (1 - s) 2u'
+        s = tl.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))
+        return s + x * s * (1.0 - s) * 1.5957691216057308 * (1.0 + 0.134145 * x * x)
     else:
         return tl.where(x > 0.0, 1.0, 0.0)
 

@@ -52,13 +52,15 @@ FUSED_CASES = [
     (21, 1, 4, 40, 40, "relu", -1),
     (17, 2, 8, 33, 36, "geglu", -1),
     (9, 4, 4, 24, 18, "silu", 3),
+    (15, 2, 8, 33, 20, "gelu_tanh", -1),
+    (11, 3, 4, 40, 36, "geglu_tanh", 4),
 ]
 
 
 # every case in fp32; bf16 for the SwiGLU and GELU ones
 FUSED_PARAMS = [pytest.param(case, dtype, id="T{}-K{}-E{}-D{}-F{}-{}-cap{}-".format(*case) + name)
                 for case in FUSED_CASES for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"))
-                if dtype == torch.float32 or case[5] in ("swiglu", "gelu")]
+                if dtype == torch.float32 or case[5] in ("swiglu", "gelu", "gelu_tanh", "geglu_tanh")]
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -102,7 +104,8 @@ def check_fused_experts(case, dtype, impl):
 
 
 # (N rows, E, D, F, activation)
-GROUPED_CASES = [(1, 4, 40, 36, "swiglu"), (75, 8, 40, 36, "swiglu"), (50, 64, 24, 20, "gelu"), (33, 4, 33, 40, "relu")]
+GROUPED_CASES = [(1, 4, 40, 36, "swiglu"), (75, 8, 40, 36, "swiglu"), (50, 64, 24, 20, "gelu"), (33, 4, 33, 40, "relu"),
+                 (29, 4, 24, 36, "geglu_tanh")]
 
 
 @pytest.mark.parametrize("impl", IMPLS)

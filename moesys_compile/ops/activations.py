@@ -3,7 +3,11 @@
 Activations are named by strings (they are arguments of the custom ops):
 
     swiglu, geglu      gated: h = [gate | up] halves, act(gate) * up
+    geglu_tanh         gated, with the tanh-approximate GELU
     gelu, silu, relu   act(h)
+    gelu_tanh          F.gelu(h, approximate="tanh"); transformers' gelu_pytorch_tanh, gelu_new,
+                       gelu_fast, gelu_accurate and gelu_python_tanh compute the same formula
+                       (equal to fp32 rounding)
     relu2              relu(h)^2 (Nemotron-H)
     clamped_swiglu:limit=L
                        gated, halves: silu(min(gate, L)) * clamp(up, -L, L) (HY-V4)
@@ -29,8 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-ACTIVATIONS = ("swiglu", "geglu", "gelu", "silu", "relu", "relu2")
-TRITON_ACTIVATIONS = ("swiglu", "geglu", "gelu", "silu", "relu")
+ACTIVATIONS = ("swiglu", "geglu", "geglu_tanh", "gelu", "gelu_tanh", "silu", "relu", "relu2")
+TRITON_ACTIVATIONS = ("swiglu", "geglu", "geglu_tanh", "gelu", "gelu_tanh", "silu", "relu")
+GATED = ("swiglu", "geglu", "geglu_tanh")
 # parametrised activations: kind -> the parameter sets it takes
 _PARAMETRISED = {"clamped_swiglu": ({"limit"}, {"alpha", "limit"}), "softcapped_swiglu": ({"gate", "up"},)}
 
@@ -74,7 +79,7 @@ def has_triton_kernel(activation: str) -> bool:
 
 
 def is_gated(activation: str) -> bool:
-    return activation in ("swiglu", "geglu") or _parse(activation)[0] in _PARAMETRISED
+    return activation in GATED or _parse(activation)[0] in _PARAMETRISED
 
 
 def up_rows(ffn_dim: int, activation: str) -> int:
@@ -86,13 +91,22 @@ def _softcap(x: Tensor, cap: float) -> Tensor:
     return torch.tanh(x / cap) * cap
 
 
+def _gelu_tanh(x: Tensor) -> Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+# the elementwise function of each plain activation, and of the gate of each gated one
+_SCALAR = {"swiglu": F.silu, "silu": F.silu, "geglu": F.gelu, "gelu": F.gelu, "geglu_tanh": _gelu_tanh,
+           "gelu_tanh": _gelu_tanh, "relu": F.relu}
+
+
 def apply_activation(h_NH: Tensor, activation: str) -> Tensor:
     kind, params = _parse(activation)
-    if kind in ("swiglu", "geglu"):
+    if kind in GATED:
         gate, up = h_NH.chunk(2, dim=-1)
-        return (F.silu(gate) if kind == "swiglu" else F.gelu(gate)) * up
-    if kind in ("gelu", "silu", "relu"):
-        return {"gelu": F.gelu, "silu": F.silu, "relu": F.relu}[kind](h_NH)
+        return _SCALAR[kind](gate) * up
+    if kind in _SCALAR:
+        return _SCALAR[kind](h_NH)
     if kind == "relu2":
         return F.relu(h_NH).square()
     if kind == "softcapped_swiglu":

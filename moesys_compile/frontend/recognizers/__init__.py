@@ -18,11 +18,12 @@ from ..canonicalize import RECOGNIZERS as BASE_RECOGNIZERS
 from ..canonicalize import BlockReport, Recognizer, outermost
 from ..canonicalize import canonicalize as base_canonicalize
 from ..empty_weights import Source
-from .block import BlockProbe, CanonicalMoEBlock, adopt, recognize_canonical_block
+from .block import CanonicalMoEBlock, adopt, recognize_canonical_block
 from .deepspeed import CanonicalDeepSpeedMoE, recognize_deepspeed_moe
 from .hf import recognize_routed_block
 from .moa import CanonicalMoA, recognize_moa
 from .experts import ExpertsSpec
+from .probe import BlockProbe
 from .structure import RouterSpec, analyze_router, take_left
 
 RECOGNIZERS: list[Recognizer] = [recognize_canonical_block, recognize_deepspeed_moe, recognize_moa,

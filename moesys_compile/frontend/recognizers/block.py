@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from ...nn import _is_capturing
 from ..canonicalize import Recognition
 from .experts import ExpertsSpec
-from .structure import RouterSpec, call_router, close, first_param, generator, route_known, router_values
+from .structure import RouterSpec, call_router, route_known, router_values
 
 
 def block_kind(module: nn.Module) -> str:
@@ -197,80 +197,3 @@ def recognize_canonical_block(module: nn.Module, path: str) -> Optional[Recognit
     if isinstance(module, CanonicalMoEBlock):
         return Recognition(kind=module.kind, details=module.details())
     return None
-
-
-class BlockProbe:
-    """Compares candidate canonical forms with the original block on the same random tokens
-    [B, S, D]; the original runs once. ``pick`` selects what to compare from the outputs: one
-    tensor, or a tuple (output, router values...) whose other items are the router's [tokens, k]
-    weights or ids (gpt-oss returns its router scores); the candidate is then told to return the
-    same (``extra_outputs``)."""
-
-    def __init__(self, original: nn.Module, dim: int, pick=lambda out: out, tokens: tuple[int, int] = (2, 4)):
-        param = first_param(original)
-        self.x_BSD = torch.randn(*tokens, dim, generator=generator()).to(device=param.device, dtype=param.dtype)
-        self.original, self.pick = original, pick
-        self._want: Any = None
-        self.problem = ""   # why the original cannot be compared (it returns a tuple, it fails, ...)
-
-    def _run(self, module: nn.Module) -> Any:
-        with torch.no_grad():
-            out = self.pick(module(self.x_BSD))
-        comparable = isinstance(out, Tensor) or (
-            isinstance(out, tuple) and len(out) > 1 and all(isinstance(item, Tensor) for item in out))
-        if module is self.original and not comparable:
-            self.problem = f"the block returns a {type(out).__name__}, not one tensor"
-        return out if comparable else None
-
-    def _extra_outputs(self, top_k: int) -> Optional[tuple[str, ...]]:
-        """What each item after the first of the original's tuple is, for a router of ``top_k``."""
-        num_tokens = self.x_BSD.shape[0] * self.x_BSD.shape[1]
-        if any(item.shape != (num_tokens, top_k) for item in self._want[1:]):
-            self.problem = ("the block returns a tuple whose items after the first are not the router's "
-                            "[tokens, top_k] weights or ids")
-            return None
-        return tuple("weights" if item.is_floating_point() else "ids" for item in self._want[1:])
-
-    def _load_original(self) -> None:
-        if self._want is None and not self.problem:
-            try:
-                self._want = self._run(self.original)
-            except Exception as exc:  # noqa: BLE001 - recorded: the block cannot run on [B, S, D]
-                self.problem = f"the block cannot run on [batch, seq, dim] ({type(exc).__name__}: {exc})"
-                raise
-
-    def matches(self, replacement: nn.Module) -> tuple[bool, float]:
-        """(equal within dtype rounding, max abs diff); a candidate that cannot even run is wrong.
-        For a tuple-returning original, ``replacement.extra_outputs`` is set to what it returns."""
-        try:
-            self._load_original()
-            if self._want is None:
-                return False, float("inf")
-            if isinstance(self._want, tuple):
-                extras = self._extra_outputs(replacement.top_k)
-                if extras is None:
-                    return False, float("inf")
-                replacement.extra_outputs = extras
-            got = self._run(replacement)
-        except Exception:  # noqa: BLE001
-            return False, float("inf")
-        finally:
-            if hasattr(replacement, "aux_loss"):
-                replacement.aux_loss = None
-        return _compare(got, self._want)
-
-
-def _compare(got: Any, want: Any) -> tuple[bool, float]:
-    """``close`` for one tensor, or item by item for tuples (ids must be equal)."""
-    if isinstance(want, Tensor):
-        return close(got, want) if isinstance(got, Tensor) else (False, float("inf"))
-    if not isinstance(got, tuple) or len(got) != len(want):
-        return False, float("inf")
-    ok, diff = close(got[0], want[0])
-    for g, w in zip(got[1:], want[1:]):
-        if w.is_floating_point():
-            item_ok, item_diff = close(g, w)
-        else:
-            item_ok, item_diff = g.shape == w.shape and torch.equal(g.long(), w.long()), 0.0
-        ok, diff = ok and item_ok, max(diff, item_diff)
-    return ok, diff

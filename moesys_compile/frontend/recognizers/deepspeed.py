@@ -20,10 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ...ops import ACTIVATIONS
 from ..canonicalize import Recognition
-from .block import BlockProbe, CanonicalMoEBlock
-from .experts import per_expert_candidates
-from .structure import RouterSpec, leave, on_meta
+from .block import CanonicalMoEBlock
+from .experts import activation_hint, per_expert_candidates
+from .probe import BlockProbe, exact_form, token_scales
+from .structure import RouterSpec, generator, leave, on_meta, router_randomized
 
 KIND = "deepspeed.moe.layer.MoE"
 EXPERTS_PATH = "deepspeed_moe.experts.deepspeed_experts"
@@ -81,16 +83,31 @@ def recognize_deepspeed_moe(module: nn.Module, path: str) -> Optional[Recognitio
     gate = module.get_submodule(GATE_PATH)
     num_experts, dim = gate.wg.weight.shape
     router = RouterSpec(GATE_PATH, gate.k, num_experts, "wg.weight", None, "softmax", renormalize=gate.k > 1)
-    candidates = per_expert_candidates(module.get_submodule(EXPERTS_PATH), EXPERTS_PATH, dim)
-    if not candidates:
+    experts = module.get_submodule(EXPERTS_PATH)
+    forms = [dict(experts=spec) for spec in per_expert_candidates(experts, EXPERTS_PATH, dim)]
+    if not forms:
         return leave(path, KIND, "each expert must be a bias-free MLP (Linear-act-Linear, or gate/up/down "
                                  "Linears); biased or other experts are not canonicalized")
-    # DeepSpeed's top-1 gate asserts tokens >= min_capacity
-    probe = BlockProbe(module, dim, pick=lambda out: out[0], tokens=(1, max(8, gate.min_capacity)))
-    for experts in candidates:
-        replacement = CanonicalDeepSpeedMoE(module, router, experts, kind=KIND)
-        ok, _ = probe.matches(replacement)
-        if ok:
-            return Recognition(kind=KIND, replacement=replacement, details=replacement.details())
-    return leave(path, KIND, f"no canonical form of its {len(candidates)} candidate expert layouts reproduces "
-                             f"the layer's output (activation not among relu/gelu/silu/swiglu/geglu?)")
+
+    def build(form: dict) -> CanonicalDeepSpeedMoE:
+        return CanonicalDeepSpeedMoE(module, router, form["experts"], kind=KIND)
+
+    found, best, why = _probe(module, forms, build)
+    if found is None:
+        closest = why or f"closest max abs diff {best:.3g}; canonical activations: {', '.join(ACTIVATIONS)}"
+        return leave(path, KIND, f"no canonical form of its {len(forms)} candidate expert layouts reproduces the "
+                                 f"layer's output ({closest}{activation_hint(experts)})")
+    replacement = build(found)
+    return Recognition(kind=KIND, replacement=replacement, details=replacement.details())
+
+
+def _probe(module: nn.Module, forms: list[dict], build) -> tuple[Optional[dict], float, str]:
+    """``probe.exact_form`` of the layer, its gate randomised and its tokens scaled as for any block
+    (``hf._probe_forms``); DeepSpeed's top-1 gate asserts tokens >= min_capacity."""
+    gate = module.get_submodule(GATE_PATH)
+    dim = gate.wg.weight.shape[1]
+    weights = [p for p in module.get_submodule(EXPERTS_PATH).parameters() if p.dim() >= 2]
+    scales, tokens = token_scales(weights, dim), (1, max(8, gate.min_capacity))
+    with router_randomized(module, GATE_PATH, generator(), dim) as rescale:
+        return exact_form(module, forms, build, lambda: BlockProbe(
+            module, dim, pick=lambda out: out[0], tokens=tokens, scales=scales, rescale=rescale))

@@ -1,7 +1,7 @@
 """Expert weight layouts of MoE blocks we did not write: stacked 3-D weights (views, optionally
 with stacked [E, H] / [E, D] biases and a clamped SwiGLU: gpt-oss), split over two children
 (JetMoE), flat [E*F, D] matrices (DBRX), or a ModuleList of per-expert MLPs. Every reading the
-shapes allow is a candidate; the block probe (``block.BlockProbe``) picks the true one.
+shapes allow is a candidate; the block probe (``probe.exact_form``) picks the true one.
 
 Shape legend: D model dim · F expert hidden · H up rows (2F gated) · E experts.
 """
@@ -88,6 +88,18 @@ def _activations(experts: nn.Module) -> list[str]:
     if len(gate) == len(up) == 1:
         found.append(ops.softcapped_swiglu(gate[0], up[0]))
     return [*ops.ACTIVATIONS, *found]
+
+
+def activation_hint(experts: nn.Module) -> str:
+    """The experts' own activation module, when they have one (``act_fn``, or the parameterless leaf
+    of a listed expert: ``nn.GELU(approximate='tanh')``), for the reason of a block left as it is:
+    the likely cause when it is none of ours (a Mish, a quick GELU) or only near one."""
+    holder = experts[0] if isinstance(experts, nn.ModuleList) and len(experts) else experts
+    act = getattr(holder, "act_fn", None)
+    if not isinstance(act, nn.Module) and holder is not experts:
+        act = next((m for m in holder.modules() if not any(True for _ in m.children())
+                    and not any(True for _ in m.parameters(recurse=False))), None)
+    return f"; the experts' activation module is {act!r}" if isinstance(act, nn.Module) else ""
 
 
 def _bias_readings(params: dict[str, Tensor], num_experts: int, rows_h: int, dim: int) -> list[tuple]:

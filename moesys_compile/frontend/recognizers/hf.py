@@ -17,9 +17,11 @@ family (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V3, ...) and most hand-written mod
 Class names are only used for the report. The router's rule (softmax/sigmoid, renormalisation,
 correction bias, group-limited top-k, routed scaling) is found by probing it; a rule that
 ``moesys.route`` cannot express keeps the router as the model's own traced code. The whole block is
-then probed against its canonical forms, and only an exact match is swapped in; the probe's tokens
-are scaled so that the experts' activations leave their linear range, where a clamp or a softcap
-would hide. A block whose forward takes more than the hidden states is left as it is.
+then probed against its canonical forms, and only an exact match is swapped in (``probe.exact_form``):
+the probe's tokens are scaled so that the experts' activations leave their linear range, where a
+clamp or a softcap would hide, and so that they cross the range where near activations differ
+(exact and tanh GELU, quick GELU); an activation near one of ours but none of them keeps the block
+as it is. A block whose forward takes more than the hidden states is left as it is.
 """
 
 from __future__ import annotations
@@ -33,8 +35,9 @@ from typing import Optional
 from torch import Tensor, nn
 
 from ..canonicalize import Recognition
-from .block import BlockProbe, CanonicalMoEBlock, block_kind
-from .experts import experts_candidates
+from .block import CanonicalMoEBlock, block_kind
+from .experts import activation_hint, experts_candidates
+from .probe import BlockProbe, exact_form, token_scales
 from .structure import (CLAMP_ATTRS, ROUTER_NAMES, SHARED_GATE_NAMES, SHARED_NAMES, TOP_K_ATTRS, analyze_router, fetch,
                         generator, leave, number_attr, on_meta, router_randomized, rule_candidates)
 
@@ -150,7 +153,7 @@ def _output_norm(module: nn.Module, extra: list[str], dim: int) -> Optional[str]
 
 def _clamped_only(experts: nn.Module, candidates: list) -> tuple[list, Optional[float]]:
     """Experts holding a finite clamp ``limit`` (gpt-oss, DeepSeek-V4, HY-V4) only match clamped
-    activations. The probe's scaled tokens reach such a clamp too (``_token_scale``); the explicit
+    activations. The probe's scaled tokens reach such a clamp too (``token_scales``); the explicit
     limit makes the reason plain, and a form that only misses the clamp is never tried."""
     limit = number_attr(experts, CLAMP_ATTRS, None)
     if limit is None or not math.isfinite(limit):   # Step 3.7's experts hold limit inf: no clamp
@@ -236,7 +239,7 @@ def _recognize(module: nn.Module, path: str, experts_name: str) -> Optional[Reco
     found, best, problem = _probe_forms(module, router_name, dim, forms, fixed, weights)
     if found is None:
         what = "its experts" if len(rules) == 1 else f"any of {len(rules)} routing rules with its experts"
-        closest = problem or f"closest max abs diff {best:.3g} over {len(forms)} forms{_activation_hint(experts)}"
+        closest = (problem or f"closest max abs diff {best:.3g} over {len(forms)} forms") + activation_hint(experts)
         return leave(path, kind, f"{router_why}; no canonical form of {what} reproduces the block's output "
                                  f"({closest})")
     return _recognition(module, kind, found, fixed)
@@ -249,13 +252,6 @@ def _recognition(module: nn.Module, kind: str, form: dict, fixed: dict) -> Recog
                        for_twin=lambda twin: _recognition(twin, block_kind(twin), form, fixed))
 
 
-def _activation_hint(experts: nn.Module) -> str:
-    """The experts' own activation module, when they have one: the likely reason no form matched
-    when it is none of the canonical ones (NemotronH's squared ReLU, Inkling 2's softcapped SwiGLU)."""
-    act = getattr(experts, "act_fn", None)
-    return f"; the experts' activation module is {type(act).__name__}" if isinstance(act, nn.Module) else ""
-
-
 def _no_layout(experts: nn.Module, name: str) -> str:
     own = dict(experts.named_parameters(recurse=False))
     stacked = [n for n, p in own.items() if p.dim() == 3]
@@ -265,45 +261,17 @@ def _no_layout(experts: nn.Module, name: str) -> str:
     return f"experts '{name}' are neither stacked 3-D [E, H, D]/[E, D, F] weights nor a list of bias-free Linear MLPs"
 
 
-PROBE_PRE_ACTIVATION_STD = 16.0
-
-
-def _token_scale(expert_weights: list[Tensor], dim: int) -> float:
-    """A power of two by which the probe's unit tokens are scaled so that the experts'
-    pre-activations spread about ``PROBE_PRE_ACTIVATION_STD``: at initialisation scale (std 0.02)
-    they stay near zero, where a clamp (limit 10) or a softcap (Inkling 2's tanh(x / 4) * 4) is the
-    identity, and an unclamped form would pass the probe, then differ on trained weights. The
-    scale is read from one expert's weight (no copy of a whole stacked layer)."""
-    if not expert_weights:
-        return 1.0
-    one = expert_weights[0].detach()
-    one = one[0] if one.dim() == 3 else one
-    std = one.float().pow(2).mean().sqrt().item()
-    if not std > 0:
-        return 1.0
-    return 2.0 ** max(0, round(math.log2(PROBE_PRE_ACTIVATION_STD / (std * dim ** 0.5))))
-
-
 def _probe_forms(module: nn.Module, router_name: str, dim: int, forms: list[dict], fixed: dict,
                  expert_weights: list[Tensor]) -> tuple[Optional[dict], float, str]:
-    """The first canonical form that reproduces the block's output on random tokens, the closest
-    max abs diff, and why the block could not be compared at all (if so). The router is randomised
-    while probing (zero-initialised routers tie every rule), and the tokens are scaled so that the
-    experts' activations leave their linear range (``_token_scale``; the router's copy is scaled
-    down to match, so its scores do not saturate); the form found is then built on the block as
-    it is."""
-    best = float("inf")
-    scale = _token_scale(expert_weights, dim)
-    with router_randomized(module, router_name, generator(), scale, dim):
-        probe = BlockProbe(module, dim)
-        probe.x_BSD = probe.x_BSD * scale
-        for form in forms:
-            candidate = _build(module, form, fixed)
-            ok, diff = probe.matches(candidate)
-            if ok:
-                return dict(form, extra_outputs=candidate.extra_outputs), diff, ""
-            best = min(best, diff)
-        return None, best, probe.problem
+    """``probe.exact_form`` of the block: the router is randomised while probing (zero-initialised
+    routers tie every rule), and the tokens are scaled so that the experts' activations leave
+    their linear range and cross the range where near activations differ (``token_scales``; the
+    router's copy is scaled down to match, so its scores do not saturate); the form found is then
+    built on the block as it is."""
+    scales = token_scales(expert_weights, dim)
+    with router_randomized(module, router_name, generator(), dim) as rescale:
+        return exact_form(module, forms, lambda form: _build(module, form, fixed),
+                          lambda: BlockProbe(module, dim, scales=scales, rescale=rescale))
 
 
 class OutputNormMoEBlock(CanonicalMoEBlock):

@@ -191,23 +191,28 @@ def randomized(router: nn.Module, gen: torch.Generator) -> nn.Module:
 
 
 @contextlib.contextmanager
-def router_randomized(block: nn.Module, router_name: str, gen: torch.Generator, token_scale: float = 1.0,
-                      dim: int = 0):
-    """Within the block, the router ``router_name`` is a ``randomized`` copy; restored on exit.
-    ``token_scale``: the probe's tokens are that much larger; the copy's [., dim] weights are
-    divided by it, so its logits stay those of unit tokens (a power of two keeps this exact)."""
-    router = getattr(block, router_name)
+def router_randomized(block: nn.Module, router_path: str, gen: torch.Generator, dim: int = 0):
+    """Within the block, the router at ``router_path`` (dotted) is a ``randomized`` copy; restored on
+    exit. Yields ``rescale(token_scale)``: the probe's tokens are then that much larger, and the
+    copy's [., dim] weights are divided by it, so its logits stay those of unit tokens (a power of
+    two keeps this exact)."""
+    owner_path, _, name = router_path.rpartition(".")
+    owner = block.get_submodule(owner_path)
+    router = getattr(owner, name)
     probe = randomized(router, gen)
-    if token_scale != 1.0:
+    unit = {key: p.detach().clone() for key, p in probe.named_parameters() if p.dim() == 2 and p.shape[1] == dim}
+
+    def rescale(token_scale: float) -> None:
         with torch.no_grad():
-            for p in probe.parameters():
-                if p.dim() == 2 and p.shape[1] == dim:
-                    p.div_(token_scale)
-    setattr(block, router_name, probe)
+            for key, p in probe.named_parameters():
+                if key in unit:
+                    p.copy_(unit[key] / token_scale)
+
+    setattr(owner, name, probe)
     try:
-        yield
+        yield rescale
     finally:
-        setattr(block, router_name, router)
+        setattr(owner, name, router)
 
 
 def group_attrs(router: nn.Module) -> tuple[int, int]:

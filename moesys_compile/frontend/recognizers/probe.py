@@ -1,0 +1,262 @@
+"""The block probe: a candidate canonical form replaces a block only when it computes what the block
+computes, on random tokens at several magnitudes (``token_scales``), and when no form that differs
+from it in the experts' activation alone does too (``exact_form``).
+
+    >>> found, diff, why = exact_form(block, forms, build, make_probe)      # doctest: +SKIP
+
+Shape legend: B batch · S sequence · D model dim.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+from dataclasses import replace
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .structure import close, first_param, generator
+
+PROBE_PRE_ACTIVATION_STDS = (16.0, 2.0)
+EVAL_MODE_DIFFERS = ("the block computes differently in eval mode (it reads self.training beyond dropout), "
+                     "and a canonical form computes one result in both")
+
+
+def token_scales(expert_weights: list[Tensor], dim: int) -> tuple[float, ...]:
+    """Powers of two by which the probe's unit tokens are scaled so that the experts'
+    pre-activations spread about each of ``PROBE_PRE_ACTIVATION_STDS``. At 16 the activations leave
+    their linear range: at initialisation scale (std 0.02) pre-activations stay near zero, where a
+    clamp (limit 10) or a softcap (Inkling 2's tanh(x / 4) * 4) is the identity, and an unclamped
+    form would pass the probe, then differ on trained weights (this scale never shrinks the
+    tokens). At 2 the activations that agree on large inputs differ most: exact and tanh GELU by up
+    to 5e-4 (at |x| = 2.7), quick GELU x sigmoid(1.702 x) by 2e-2. The spread is read from one
+    expert's weight (no copy of a whole stacked layer).
+
+        >>> token_scales([torch.full((4, 8, 16), 0.02)], 16)
+        (256.0, 32.0)
+    """
+    if not expert_weights:
+        return (1.0,)
+    one = expert_weights[0].detach()
+    one = one[0] if one.dim() == 3 else one
+    std = one.float().pow(2).mean().sqrt().item() * dim ** 0.5
+    if not std > 0:
+        return (1.0,)
+    exponents = [round(math.log2(target / std)) for target in PROBE_PRE_ACTIVATION_STDS]
+    return (2.0 ** max(0, exponents[0]), *(2.0 ** e for e in exponents[1:]))
+
+
+class BlockProbe:
+    """Compares candidate canonical forms with the original block on the same random tokens
+    [B, S, D], scaled by each of ``scales`` (``token_scales``); the original runs once per scale,
+    and a candidate matches when it matches at every scale. ``rescale(scale)``, when given, runs
+    before the runs at a scale (the randomised router's copy keeps its logits those of unit
+    tokens). ``pick`` selects what to compare from the outputs: one tensor, or a tuple (output,
+    router values...) whose other items are the router's [tokens, k] weights or ids (gpt-oss
+    returns its router scores); the candidate is then told to return the same (``extra_outputs``)."""
+
+    def __init__(self, original: nn.Module, dim: int, pick=lambda out: out, tokens: tuple[int, int] = (2, 4),
+                 scales: Sequence[float] = (1.0,), rescale: Optional[Callable[[float], None]] = None):
+        param = first_param(original)
+        x_BSD = torch.randn(*tokens, dim, generator=generator()).to(device=param.device, dtype=param.dtype)
+        self.inputs = [(scale, x_BSD * scale) for scale in scales]   # powers of two: exact
+        self.original, self.pick, self.rescale = original, pick, rescale
+        self._want: dict[tuple[bool, float], Any] = {}   # the original's output in each mode at each scale
+        self.problem = ""   # why the original cannot be compared (it returns a tuple, it fails, ...)
+        self.eval_differs = False   # a candidate matched in training mode, not in eval mode
+
+    def _run(self, module: nn.Module, x_BSD: Tensor) -> Any:
+        with torch.no_grad():
+            out = self.pick(module(x_BSD))
+        comparable = isinstance(out, Tensor) or (
+            isinstance(out, tuple) and len(out) > 1 and all(isinstance(item, Tensor) for item in out))
+        if module is self.original and not comparable:
+            self.problem = f"the block returns a {type(out).__name__}, not one tensor"
+        return out if comparable else None
+
+    def _extra_outputs(self, want: tuple, top_k: int) -> Optional[tuple[str, ...]]:
+        """What each item after the first of the original's tuple is, for a router of ``top_k``."""
+        num_tokens = self.inputs[0][1].shape[0] * self.inputs[0][1].shape[1]
+        if any(item.shape != (num_tokens, top_k) for item in want[1:]):
+            self.problem = ("the block returns a tuple whose items after the first are not the router's "
+                            "[tokens, top_k] weights or ids")
+            return None
+        return tuple("weights" if item.is_floating_point() else "ids" for item in want[1:])
+
+    def _original(self, scale: float, x_BSD: Tensor) -> Any:
+        key = (self.original.training, scale)
+        if key not in self._want and not self.problem:
+            try:
+                self._want[key] = self._run(self.original, x_BSD)
+            except Exception as exc:  # noqa: BLE001 - recorded: the block cannot run on [B, S, D]
+                self.problem = f"the block cannot run on [batch, seq, dim] ({type(exc).__name__}: {exc})"
+                raise
+        return self._want.get(key)
+
+    def matches(self, replacement: nn.Module) -> tuple[bool, float]:
+        """(equal within dtype rounding at every scale, max abs diff at the last scale compared); a
+        candidate that cannot even run is wrong. For a tuple-returning original,
+        ``replacement.extra_outputs`` is set to what it returns. A block in training mode is
+        compared in eval mode too: code that reads ``self.training`` (another top-k in eval)
+        would otherwise be replaced by a form that computes its training-mode result in both."""
+        ok, diff = self._matches_at_every_scale(replacement)
+        if ok and self.original.training:
+            with _in_eval_mode(self.original, replacement):
+                ok, diff = self._matches_at_every_scale(replacement)
+            self.eval_differs |= not ok
+        return ok, diff
+
+    def _matches_at_every_scale(self, replacement: nn.Module) -> tuple[bool, float]:
+        ok, diff = True, 0.0
+        for scale, x_BSD in self.inputs:
+            if self.rescale is not None:
+                self.rescale(scale)
+            ok, diff = self._matches_at(replacement, scale, x_BSD)
+            if not ok:
+                break
+        return ok, diff
+
+    def _matches_at(self, replacement: nn.Module, scale: float, x_BSD: Tensor) -> tuple[bool, float]:
+        try:
+            want = self._original(scale, x_BSD)
+            if want is None:
+                return False, float("inf")
+            if isinstance(want, tuple):
+                extras = self._extra_outputs(want, replacement.top_k)
+                if extras is None:
+                    return False, float("inf")
+                replacement.extra_outputs = extras
+            got = self._run(replacement, x_BSD)
+        except Exception:  # noqa: BLE001
+            return False, float("inf")
+        finally:
+            if hasattr(replacement, "aux_loss"):
+                replacement.aux_loss = None
+        return _compare(got, want)
+
+
+@contextlib.contextmanager
+def _in_eval_mode(*modules: nn.Module) -> Iterator[None]:
+    """Within, every module of ``modules`` is in eval mode; after, each has its own flag back."""
+    flags = [(m, m.training) for module in modules for m in module.modules()]
+    for module in modules:
+        module.eval()
+    try:
+        yield
+    finally:
+        for module, flag in flags:
+            module.training = flag
+
+
+def _compare(got: Any, want: Any) -> tuple[bool, float]:
+    """``close`` for one tensor, or item by item for tuples (ids must be equal)."""
+    if isinstance(want, Tensor):
+        return close(got, want) if isinstance(got, Tensor) else (False, float("inf"))
+    if not isinstance(got, tuple) or len(got) != len(want):
+        return False, float("inf")
+    ok, diff = close(got[0], want[0])
+    for g, w in zip(got[1:], want[1:]):
+        if w.is_floating_point():
+            item_ok, item_diff = close(g, w)
+        else:
+            item_ok, item_diff = g.shape == w.shape and torch.equal(g.long(), w.long()), 0.0
+        ok, diff = ok and item_ok, max(diff, item_diff)
+    return ok, diff
+
+
+def activation_rivals(form: dict, forms: Sequence[dict]) -> list[dict]:
+    """The forms that differ from ``form`` in the experts' activation alone."""
+    def without_activation(f: dict) -> dict:
+        return {**f, "experts": replace(f["experts"], activation="")}
+    return [f for f in forms if f["experts"].activation != form["experts"].activation
+            and without_activation(f) == without_activation(form)]
+
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+@contextlib.contextmanager
+def in_float32(module: nn.Module) -> Iterator[None]:
+    """Within, the module's bf16/fp16 parameters and buffers hold float32, in place (the same
+    Parameter objects, so whatever adopted them sees it too), and float32 matmuls run without TF32;
+    on exit all is as before, exactly (bf16 and fp16 widen to float32 without rounding). The block
+    takes twice its bf16 bytes meanwhile."""
+    low = [t for t in itertools.chain(module.parameters(), module.buffers()) if t.dtype in LOW_PRECISION]
+    dtypes = [t.dtype for t in low]
+    precision = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        with torch.no_grad():
+            for t in low:
+                t.data = t.data.float()
+        yield
+    finally:
+        torch.set_float32_matmul_precision(precision)
+        with torch.no_grad():
+            for t, dtype in zip(low, dtypes):
+                t.data = t.data.to(dtype)
+
+
+def exact_form(module: nn.Module, forms: Sequence[dict], build: Callable[[dict], nn.Module],
+               make_probe: Callable[[], BlockProbe]) -> tuple[Optional[dict], float, str]:
+    """The first of ``forms`` (dicts holding an ``experts`` ExpertsSpec) whose canonical block
+    ``build(form)`` reproduces ``module`` on ``make_probe()`` (a probe for the block's dtype as it
+    is then), with ``extra_outputs`` set to what it returns; else None, the closest max abs diff
+    and why. A block whose activation is none of ours, only near one, stays its own code: a form is
+    only taken when no activation rival (``activation_rivals``) reproduces the block too, and a
+    bf16/fp16 block, whose rounding hides near activations (exact and tanh GELU differ by 5e-4,
+    ReLU and a leaky one by 1% of x < 0), is probed again in float32 (``in_float32``).
+
+    Pseudo-code:
+        for form in forms:
+            if probe matches build(form):
+                tied = [form] + [rival for rival in activation_rivals(form) if probe matches build(rival)]
+                if bf16/fp16: in float32: tied = [f for f in tied if a float32 probe matches build(f)]
+                return tied[0] if len(tied) == 1 else (None, why: the activations tied or none exact)
+        return None, closest diff, why
+    """
+    probe, best = make_probe(), float("inf")
+    for form in forms:
+        candidate = build(form)
+        ok, diff = probe.matches(candidate)
+        if not ok:
+            best = min(best, diff)
+            continue
+        tied = [(form, candidate), *_matching(activation_rivals(form, forms), build, probe)]
+        exact, why = _settle(module, tied, build, make_probe)
+        if why:
+            return None, diff, why
+        found, block = exact[0]
+        return dict(found, extra_outputs=block.extra_outputs), diff, ""
+    return None, best, probe.problem or (EVAL_MODE_DIFFERS if probe.eval_differs else "")
+
+
+def _matching(forms: Sequence[dict], build: Callable[[dict], nn.Module],
+              probe: BlockProbe) -> list[tuple[dict, nn.Module]]:
+    """(form, its canonical block) for each of ``forms`` whose block reproduces the probed one."""
+    built = [(form, build(form)) for form in forms]
+    return [(form, block) for form, block in built if probe.matches(block)[0]]
+
+
+def _settle(module: nn.Module, tied: list[tuple[dict, nn.Module]], build: Callable[[dict], nn.Module],
+            make_probe: Callable[[], BlockProbe]) -> tuple[list[tuple[dict, nn.Module]], str]:
+    """The one exact (form, block) of ``tied`` (forms that differ in the activation alone and all
+    match the probe), or why there is none; a bf16/fp16 block is probed again in float32."""
+    dtype = next((p.dtype for p in module.parameters() if p.dtype in LOW_PRECISION), None)
+    exact = tied
+    if dtype is not None:
+        with in_float32(module):
+            exact = _matching([form for form, _ in tied], build, make_probe())
+    if len(exact) == 1:
+        return exact, ""
+    if dtype is None:
+        return exact, f"the experts' activation matches {_activations(tied)} alike: it is near these, none exactly"
+    return exact, (f"in {str(dtype).removeprefix('torch.')} the experts' activation matches {_activations(tied)}, "
+                   f"and in float32 {_activations(exact) or 'none of them'}: it is near these, none exactly")
+
+
+def _activations(forms: Sequence[tuple[dict, nn.Module]]) -> list[str]:
+    return [form["experts"].activation for form, _ in forms]
