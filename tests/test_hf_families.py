@@ -225,6 +225,20 @@ def test_jetmoe_trains_like_eager_with_its_own_aux_loss():
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("family, field", [("jetmoe", "aux_loss_coef"), ("dbrx", "router_aux_loss_coef")])
+def test_program_aux_loss_takes_the_coefficient_where_the_family_keeps_it(family, field):
+    """JetMoE's ``config.aux_loss_coef`` and DBRX's ``config.ffn_config.moe_loss_weight`` (which the
+    causal LMs copy to ``model.aux_loss_coef`` / ``model.router_aux_loss_coef``)."""
+    model = build_hf(family, num_hidden_layers=1).train()
+    coef = getattr(model, field)
+    assert coef > 0
+    program = mc.compile(model, mc.Plan(mode="train"), example_inputs=(ids(),))
+    program(ids())
+    blocks = [m for m in model.modules() if getattr(m, "_moesys_canonical", False) and hasattr(m, "aux_loss_coef")]
+    assert blocks and {m.aux_loss_coef for m in blocks} == {coef}
+    assert program.aux_loss > 0
+
+
 @pytest.mark.parametrize("family", sorted(UNCAPTURABLE))
 def test_a_family_that_cannot_be_captured_fails_naming_the_module_and_line(family):
     """LongCat-Flash routes to zero-computation (identity) experts, which the canonical form does
@@ -256,3 +270,14 @@ def test_families_without_a_causal_lm_are_refused_naming_what_they_have():
         build_hf("mistral_large4")
     with pytest.raises(ValueError, match=r"hf:nllb-moe: .* has no causal LM for NllbMoeConfig"):
         build_hf("nllb-moe")
+
+
+def test_an_encoder_decoder_model_without_decoder_inputs_is_refused_naming_them():
+    t5 = transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4, decoder_start_token_id=0))
+    with pytest.raises(mc.UntraceableModelError, match="encoder-decoder model: its forward needs decoder_input_ids"):
+        mc.compile(t5.eval(), mc.Plan(mode="train"), example_inputs=(ids(),))
+    program = mc.compile(t5, mc.Plan(mode="train"), example_inputs=(ids(),),
+                         example_kwargs={"decoder_input_ids": ids()[:, :3]})
+    torch.testing.assert_close(program(ids(), decoder_input_ids=ids()[:, :3]).logits,
+                               t5(ids(), decoder_input_ids=ids()[:, :3]).logits, rtol=1e-5, atol=1e-6)

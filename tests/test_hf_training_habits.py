@@ -174,3 +174,33 @@ def test_shared_experts_with_capacity_train_alike_under_both_exchanges():
         assert any(v for v in token_dropped.values()), "capacity 1.0 drops some slots"
         assert token == pytest.approx(slot, rel=1e-5)
         assert token_dropped == pytest.approx(slot_dropped)
+
+
+def test_hf_trainer_trains_the_program_as_it_trains_the_model(tmp_path):
+    """The Trainer keeps the dataset columns the forward signature names (the program's is the
+    model's), and counts ``num_items_in_batch`` over shifted labels because the program answers
+    ``loss_type`` and ``config`` from the model: the losses equal the eager model's."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    rows = [ids(seed, 1)[0] for seed in range(8)]
+    dataset = [dict(input_ids=row, labels=row) for row in rows]
+
+    def losses(model) -> list[float]:
+        args = transformers.TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=BATCH,
+                                              max_steps=2, learning_rate=1e-2, logging_steps=1, report_to=[],
+                                              save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0)
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=dataset)
+        trainer.train()
+        return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+    model = build_hf("qwen3_moe").train()
+    eager = copy.deepcopy(model)
+    example = dict(input_ids=torch.stack(rows[:BATCH]), labels=torch.stack(rows[:BATCH]),
+                   num_items_in_batch=torch.tensor(BATCH * (SEQ - 1)))
+    program = mc.compile(model, mc.Plan(mode="train"), example_kwargs=example)
+    assert program.loss_type == model.loss_type and program.config is model.config
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got, want = losses(program), losses(eager)
+    assert len(got) == 2
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=1e-6)

@@ -10,6 +10,8 @@
 from __future__ import annotations
 
 import inspect
+import itertools
+import math
 import operator
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
@@ -21,18 +23,34 @@ import torch.nn.functional as F
 from torch import nn
 from torch._decomp import decomposition_table
 from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode, unset_fake_temporarily
-from torch.fx.experimental.symbolic_shapes import (DimDynamic, ShapeEnv, StatelessSymbolicContext,
-                                                   free_unbacked_symbols)
+from torch.fx.experimental.symbolic_shapes import (DimDynamic, GuardOnDataDependentSymNode, ShapeEnv,
+                                                   StatelessSymbolicContext, free_unbacked_symbols)
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.utils._pytree import tree_leaves, tree_map
 
 from .empty_weights import fake_like, meta_replaced
-from ..errors import torch_logs_silenced
+from ..errors import UntraceableModelError, torch_logs_silenced
 from ..ir import fetch, is_op, layer_of_path, module_path_of, moesys_meta, tensors_in, value_signature
 
 B = sympy.Symbol("B", positive=True, integer=True)
 S = sympy.Symbol("S", positive=True, integer=True)
 ZERO = sympy.Integer(0)
+
+# torch's integer functions that symbolic sizes hold (a mamba layer's chunk count is a FloorDiv),
+# as Python, for sympy.lambdify
+_SIZE_FUNCTIONS = {
+    "FloorDiv": operator.floordiv, "CleanDiv": operator.floordiv, "CeilDiv": lambda a, b: -(-a // b),
+    "ModularIndexing": lambda x, div, mod: (x // div) % mod, "PythonMod": operator.mod, "Mod": operator.mod,
+    "Max": max, "Min": min, "IntTrueDiv": operator.truediv, "FloatTrueDiv": operator.truediv,
+    "TruncToInt": math.trunc, "FloorToInt": math.floor, "CeilToInt": math.ceil, "RoundToInt": round,
+    "ToFloat": float, "Identity": lambda x: x, "PowByNatural": operator.pow, "FloatPow": operator.pow,
+    "Where": lambda cond, a, b: a if cond else b,
+}
+
+
+def size_function(exprs: Any) -> Any:
+    """``sympy.lambdify`` of size expressions over (B, S), knowing torch's integer functions."""
+    return sympy.lambdify((B, S), exprs, [_SIZE_FUNCTIONS, "math"])
 
 
 @dataclass
@@ -154,9 +172,27 @@ def _constant_pad(x: torch.Tensor, pad: Sequence[Any], mode: str = "constant", v
     return decomposition_table[torch.ops.aten.constant_pad_nd.default](x, pad, 0 if value is None else value)
 
 
+def _dropout_shaped(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def _native_dropout_shaped(x: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.empty_like(x), torch.empty_like(x, dtype=torch.bool)
+
+
 # ops whose fake kernel reads sizes as plain ints, fixing B and S to the example's (a causal LM's
-# loss pads its labels): computed through their decompositions, which keep the sizes symbolic
-_SYMBOLIC_FORMS = {torch.ops.aten.pad.default: _constant_pad, torch.ops.aten.constant_pad_nd.default: _constant_pad}
+# loss pads its labels): computed through their decompositions, which keep the sizes symbolic;
+# dropout guards on its input being empty, which a routed token count cannot tell: its output is
+# shaped as its input
+_SYMBOLIC_FORMS = {torch.ops.aten.pad.default: _constant_pad, torch.ops.aten.constant_pad_nd.default: _constant_pad,
+                   F.dropout: _dropout_shaped, torch.dropout: _dropout_shaped,
+                   torch.ops.aten.dropout.default: _dropout_shaped,
+                   torch.ops.aten.native_dropout.default: _native_dropout_shaped}
+
+
+# the first size tried for a data-dependent dim when a leaf module runs on real zeros (a prime,
+# so that it rarely equals another dim and its outputs' sizes map back to the right symbol)
+UNBACKED_STAND_IN = 97
 
 
 class MemoFakeProp(FakeTensorProp):
@@ -170,6 +206,7 @@ class MemoFakeProp(FakeTensorProp):
         super().__init__(module, mode)
         self.memo: dict = {}
         self.home = home
+        self.current: Optional[fx.Node] = None   # the node being propagated (named when it fails)
 
     def fetch_attr(self, target: str) -> Any:
         value = super().fetch_attr(target)
@@ -201,6 +238,7 @@ class MemoFakeProp(FakeTensorProp):
         return (node.op, what, value_signature(args), value_signature(kwargs))
 
     def run_node(self, node: fx.Node) -> Any:
+        self.current = node
         key = self._key(node)
         if key is not None and key in self.memo:
             result, val = self.memo[key]
@@ -208,7 +246,7 @@ class MemoFakeProp(FakeTensorProp):
             return result
         try:
             result = super().run_node(node)
-        except DataDependentOutputException:
+        except (DataDependentOutputException, GuardOnDataDependentSymNode):
             if node.op != "call_module":
                 raise
             result = self._run_leaf_for_real(node)
@@ -219,20 +257,30 @@ class MemoFakeProp(FakeTensorProp):
         return result
 
     def _run_leaf_for_real(self, node: fx.Node) -> Any:
-        """A leaf module whose code depends on tensor values cannot run on fake tensors: run it on
-        real zeros of the hinted sizes, then give the output symbolic sizes wherever an output
-        size equals the hint of an input's symbolic size."""
+        """A leaf module whose code depends on tensor values (or guards on a data-dependent size,
+        as dropout does on a routed token count) cannot run on fake tensors: run it on real zeros
+        of the hinted sizes, then give the output symbolic sizes wherever an output size equals the
+        hint of an input's symbolic size. A data-dependent size has no hint: it stands in as a
+        size that no other dim of the inputs has."""
         args, kwargs = self.fetch_args_kwargs_from_env(node)
+        tensors = [value for value in tree_leaves((args, kwargs)) if isinstance(value, torch.Tensor)]
+        taken = {int(size) for value in tensors for size in value.shape if not isinstance(size, torch.SymInt)}
+        taken |= {size.node.hint for value in tensors for size in value.shape
+                  if isinstance(size, torch.SymInt) and size.node.hint is not None}
         by_hint: dict[int, Any] = {}
-        for value in tree_leaves((args, kwargs)):
-            if isinstance(value, torch.Tensor):
-                for size in value.shape:
-                    if isinstance(size, torch.SymInt):
-                        by_hint.setdefault(size.node.hint, size)
+        hint_of: dict[Any, int] = {}
+        for size in (s for value in tensors for s in value.shape if isinstance(s, torch.SymInt)):
+            if size.node.expr not in hint_of:
+                hint = size.node.hint
+                if hint is None:
+                    hint = next(n for n in itertools.count(UNBACKED_STAND_IN) if n not in taken)
+                    taken.add(hint)
+                hint_of[size.node.expr] = hint
+                by_hint.setdefault(hint, size)
 
         def real(value):
             if isinstance(value, torch.Tensor):
-                shape = [s.node.hint if isinstance(s, torch.SymInt) else s for s in value.shape]
+                shape = [hint_of[s.node.expr] if isinstance(s, torch.SymInt) else s for s in value.shape]
                 return torch.zeros(shape, dtype=value.dtype, device=value.device)
             return value
 
@@ -266,17 +314,39 @@ def propagate_shapes(gm: fx.GraphModule, flat_inputs: Sequence[Any], named_dims:
     mode = FakeTensorMode(shape_env=ShapeEnv(duck_shape=False), allow_non_fake_inputs=True)
     for node in gm.graph.nodes:   # torch.export's names for data-dependent sizes clash with this shape env's
         node.meta.pop("unbacked_bindings", None)
+    symbolic = MemoFakeProp(gm, mode, home)
     try:
         with torch_logs_silenced("torch._subclasses.fake_tensor"):   # a failure falls back to static shapes
             fakes, symbol_map = _symbolic_inputs(flat_inputs, dims, mode)
-            MemoFakeProp(gm, mode, home).propagate_dont_convert_inputs(*fakes)
+            symbolic.propagate_dont_convert_inputs(*fakes)
             _check_still_symbolic(mode, symbol_map)
         return Annotation(mode, True, symbol_map, example_batch, example_seq, input_dims=dims)
     except Exception as exc:  # e.g. a guard on a data-dependent size: fall back to static shapes
         static_mode = FakeTensorMode(allow_non_fake_inputs=True)
-        MemoFakeProp(gm, static_mode, home).propagate(*flat_inputs)
+        static = MemoFakeProp(gm, static_mode, home)
+        try:
+            static.propagate(*flat_inputs)
+        except Exception as static_exc:
+            raise _propagation_error((symbolic.current, exc), (static.current, static_exc)) from static_exc
         return Annotation(static_mode, False, {}, example_batch, example_seq, input_dims=dims,
-                          static_reason=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+                          static_reason=_first_line(exc))
+
+
+def _first_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
+def _propagation_error(*failures: tuple[Optional[fx.Node], BaseException]) -> Exception:
+    """Shapes could be propagated neither on symbolic sizes nor at the example's: name each
+    failing node, its module and its error."""
+    def at(node: Optional[fx.Node]) -> str:
+        return "?" if node is None else f"{node.format_node()} (module {module_path_of(node) or '(model)'})"
+    (symbolic_node, symbolic), (static_node, static) = failures
+    return UntraceableModelError(
+        f"the captured graph's shapes cannot be propagated: on symbolic sizes at {at(symbolic_node)}, with "
+        f"{_first_line(symbolic)}; at the example's sizes at {at(static_node)}, with {_first_line(static)}. "
+        f"Make that module a leaf (Plan(leaf_modules=[...]) with its path), or compute it without sizes "
+        f"that depend on tensor values")
 
 
 # ---------------------------------------------------------------------------------------------

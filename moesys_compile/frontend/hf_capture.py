@@ -23,16 +23,21 @@ transformers is never imported here; a model can only be a Hugging Face model if
 from __future__ import annotations
 
 import contextlib
+import inspect
 import sys
 import types
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
 
-from ..errors import warn_user
+from ..errors import UntraceableModelError, warn_user
 
-AUX_COEF_FIELDS = ("router_aux_loss_coef", "aux_loss_alpha")
+# what a causal LM multiplies its load-balancing loss by: its own attribute (set from whichever
+# config field its family uses), else a config field (a base model without the LM head)
+AUX_COEF_ATTRIBUTES = ("router_aux_loss_coef", "aux_loss_coef")
+AUX_COEF_FIELDS = ("router_aux_loss_coef", "aux_loss_coef", "aux_loss_alpha", "moe_loss_weight")
+AUX_COEF_SUBCONFIGS = ("text_config", "ffn_config")
 
 
 def is_hf_model(model: nn.Module) -> bool:
@@ -51,9 +56,14 @@ def _configs(model: nn.Module) -> list:
 
 
 def aux_loss_coef(model: nn.Module) -> Optional[float]:
+    """The model's load-balancing coefficient (JetMoE's ``aux_loss_coef``, DBRX's
+    ``ffn_config.moe_loss_weight``, ...); None where it names none."""
     config = getattr(model, "config", None)
-    return next((float(getattr(config, f)) for f in AUX_COEF_FIELDS
-                 if isinstance(getattr(config, f, None), (int, float))), None)
+    holders = [model, config, *(getattr(config, name, None) for name in AUX_COEF_SUBCONFIGS)]
+    fields = [AUX_COEF_ATTRIBUTES] + [AUX_COEF_FIELDS] * (len(holders) - 1)
+    return next((float(value) for holder, names in zip(holders, fields) for name in names
+                 if isinstance(value := getattr(holder, name, None), (int, float)) and not isinstance(value, bool)),
+                None)
 
 
 def apply_aux_loss_coef(model: nn.Module) -> None:
@@ -109,6 +119,25 @@ def warn_checkpointing_dropped(model: nn.Module) -> None:
                   f"keep: it computes the same loss and gradients but stores every activation; call "
                   f"model.gradient_checkpointing_disable() before compiling, and lower the batch size if "
                   f"memory runs out")
+
+
+DECODER_INPUTS = ("decoder_input_ids", "decoder_inputs_embeds", "labels")
+
+
+def check_decoder_inputs(model: nn.Module, example_inputs: Sequence[Any], example_kwargs: dict) -> None:
+    """An encoder-decoder model (T5, Switch Transformers) runs its decoder on ``decoder_input_ids``
+    (or on ``labels`` shifted right): without them its forward fails deep in the decoder."""
+    config = getattr(model, "config", None)
+    if not is_hf_model(model) or not getattr(config, "is_encoder_decoder", False):
+        return
+    try:
+        given = inspect.signature(model.forward).bind_partial(*example_inputs, **example_kwargs).arguments
+    except TypeError:
+        return
+    if not any(given.get(name) is not None for name in DECODER_INPUTS):
+        raise UntraceableModelError(
+            f"{type(model).__name__} is an encoder-decoder model: its forward needs decoder_input_ids (or labels), "
+            f"which the example does not give; pass them in example_kwargs (generate supports decoder-only models)")
 
 
 def hf_capture_adapter(model: nn.Module) -> Optional[contextlib.AbstractContextManager]:

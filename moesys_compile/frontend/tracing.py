@@ -13,6 +13,7 @@ import os
 import sys
 import threading
 import traceback
+import warnings
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
@@ -23,6 +24,8 @@ from torch.utils._pytree import tree_leaves
 from ..errors import UntraceableModelError, torch_logs_silenced, warn_user
 from ..ir import canonical_target
 from .empty_weights import put_back, stand_ins
+from .hf_capture import check_decoder_inputs
+from .modes import mode_signature
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _FRONTEND_DIR = os.path.dirname(__file__)
@@ -370,11 +373,16 @@ def capture(model: nn.Module, example_inputs: Sequence[Any] = (), example_kwargs
     """fx first, export second, UntraceableModelError (module path, source line, construct, fix) last.
     A capture adapter may swap the order to export first. An exported graph lists in
     ``meta["moesys_inlined_functions"]`` the model's autograd Functions it traced through."""
-    example_kwargs = dict(example_kwargs or {})
+    example_kwargs, leaf_modules = dict(example_kwargs or {}), tuple(leaf_modules)
+    check_decoder_inputs(model, example_inputs, example_kwargs)
     inlined: list[str] = []
     checkpointed: list[bool] = []
     with own_autograd_functions(inlined), _noting_activation_checkpoints(checkpointed):
         gm = _capture(model, example_inputs, example_kwargs, leaf_modules)
+    gm.meta["moesys_captured_training"] = model.training
+    gm.meta["moesys_mode_signature"] = mode_signature(gm)
+    gm.meta["moesys_recapture"] = functools.partial(capture_in_mode, model, tuple(example_inputs), example_kwargs,
+                                                    leaf_modules)
     if gm.meta.get("moesys_capture") == "export":
         gm.meta["moesys_inlined_functions"] = inlined
     if checkpointed and model.training and not _checkpointing_flag(model):   # (transformers' own flag warns itself)
@@ -382,6 +390,22 @@ def capture(model: nn.Module, example_inputs: Sequence[Any] = (), example_kwargs
                   f"the program computes the same values and gradients but stores every activation; lower the "
                   f"batch size if memory runs out")
     return gm
+
+
+def capture_in_mode(model: nn.Module, example_inputs: Sequence[Any], example_kwargs: dict,
+                    leaf_modules: Iterable[str | type], training: bool) -> fx.GraphModule:
+    """``capture`` with every module of ``model`` in training mode or in eval mode; each module's
+    own flag is put back after (modules a program shares may be in another mode than the model),
+    and the capture's warnings, given at compile, are not repeated."""
+    flags = [(module, module.training) for module in model.modules()]
+    model.train(training)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return capture(model, example_inputs, example_kwargs, leaf_modules)
+    finally:
+        for module, flag in flags:
+            module.training = flag
 
 
 @contextlib.contextmanager

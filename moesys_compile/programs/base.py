@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Optional
 
 import torch
@@ -9,6 +10,31 @@ import torch.fx as fx
 from torch import nn
 
 from ..errors import warn_user
+from .train_mode import warn_if_mode_changes_code
+
+
+# the model's attributes a program answers for it: what transformers' Trainer and generation
+# utilities read from the model they are given (which loss it computes, its config, ...)
+MODEL_ATTRIBUTES = ("config", "loss_type", "accepts_loss_kwargs", "main_input_name", "generation_config")
+_SIGNED_CLASSES: dict[tuple[type, Any], type] = {}
+
+
+def _signed_class(cls: type, model: nn.Module) -> type:
+    """A subclass of ``cls`` whose ``forward`` shows the model's forward signature (the program
+    binds calls by it): tools that read the signature from the class or the bound method (the HF
+    Trainer keeps the dataset columns and finds the label names from it) see the model's."""
+    model_forward = type(model).forward
+    key = (cls, model_forward)
+    if key not in _SIGNED_CLASSES:
+        run = cls.forward
+
+        def forward(self, *args: Any, **kwargs: Any) -> Any:
+            return run(self, *args, **kwargs)
+        forward.__signature__ = inspect.signature(model_forward)
+        forward.__doc__ = run.__doc__
+        _SIGNED_CLASSES[key] = type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__,
+                                                             "__qualname__": cls.__qualname__})
+    return _SIGNED_CLASSES[key]
 
 
 class Program(nn.Module):
@@ -16,7 +42,9 @@ class Program(nn.Module):
 
     ``program.aux_loss`` holds the summed load-balancing loss of the last forward (inside the
     autograd graph; None for a model without MoE layers). ``program.graph_module`` is the final
-    fx graph, ``program.context`` the compile context (snapshots, notes, annotation).
+    fx graph, ``program.context`` the compile context (snapshots, notes, annotation). Its
+    ``forward`` shows the model's signature, and it answers ``MODEL_ATTRIBUTES`` (``config``,
+    ``loss_type``, ...) from the model, as the HF Trainer expects of a model.
 
     A Hugging Face model called with ``labels`` and ``config.output_router_logits=True`` already
     adds ``router_aux_loss_coef`` x its own load-balancing loss to ``out.loss`` (as in eager):
@@ -35,6 +63,15 @@ class Program(nn.Module):
         # torch.export writes the parameters' dtype into the graph: one of them tells a later cast
         floating = [p for p in gm.parameters() if p.is_floating_point()] if ctx.capture == "export" else []
         self._captured_dtype = (floating[0], floating[0].dtype) if floating else None
+        self.__class__ = _signed_class(type(self), ctx.model)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in MODEL_ATTRIBUTES and hasattr(self.context.model, name):
+                return getattr(self.context.model, name)
+            raise
 
     @property
     def aux_loss(self) -> Optional[torch.Tensor]:
@@ -51,6 +88,13 @@ class Program(nn.Module):
     @aux_loss.setter
     def aux_loss(self, value: Optional[torch.Tensor]) -> None:
         self._aux_loss = value
+
+    def train(self, mode: bool = True) -> "Program":
+        """Switch dropout (``train_mode``); the first switch to the mode the model was not
+        compiled in warns if its code differs there in more than dropout."""
+        super().train(mode)
+        warn_if_mode_changes_code(self.graph_module, mode, self.context.extras["binder"].model_name)
+        return self
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         """Refused for ``copy.deepcopy``, ``pickle`` and ``torch.save`` alike."""

@@ -1,0 +1,100 @@
+"""What a captured graph computes, dropout aside, as comparable records: to tell code that
+computes differently in training and in eval mode.
+
+Tracing freezes ``self.training``: a capture holds the code of one mode. ``mode_signature``
+reduces a graph to one record per node, with every dropout call an alias of its input, so that
+the captures of a model in the two modes have equal signatures exactly when the model's code
+differs between them by dropout alone (which ``programs.train_mode`` makes follow
+``program.train()`` / ``program.eval()``).
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+aten = torch.ops.aten
+
+# op -> (position, keyword, default) of its dropout probability; the ops whose training flag is an
+# argument too are skipped when that flag was traced as False
+DROPOUT_ARG: dict[Any, tuple[int, str, float]] = {
+    F.dropout: (1, "p", 0.5),
+    aten.dropout.default: (1, "p", 0.0),
+    F.scaled_dot_product_attention: (4, "dropout_p", 0.0),
+    aten.scaled_dot_product_attention.default: (4, "dropout_p", 0.0),
+}
+TRAINING_ARG: dict[Any, tuple[int, str, bool]] = {F.dropout: (2, "training", True),
+                                                  aten.dropout.default: (2, "train", True)}
+_ATTENTION = {F.scaled_dot_product_attention, aten.scaled_dot_product_attention.default}
+# calls whose output holds their input's values once dropout is off: dropout itself, and
+# ``contiguous``, which torch.export records only where the input's strides need it (attention
+# with dropout returns other strides than without)
+_ALIAS_CALLS = (set(DROPOUT_ARG) - _ATTENTION) | {aten.native_dropout.default, torch.dropout,
+                                                   aten.contiguous.default}
+
+
+def _is_alias(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), nn.modules.dropout._DropoutNd)
+    return (node.op == "call_function" and node.target in _ALIAS_CALLS) or (
+        node.op == "call_method" and node.target == "contiguous")
+
+
+def _records(gm: fx.GraphModule) -> tuple[list[tuple[Any, ...]], list[fx.Node]]:
+    """(records, the node of each record): see ``mode_signature``."""
+    position: dict[fx.Node, Optional[int]] = {}
+    records: list[tuple[Any, ...]] = []
+    nodes: list[fx.Node] = []
+
+    def normalized(value: Any) -> Any:
+        return fx.node.map_aggregate(value, lambda v: ("node", position[v]) if isinstance(v, fx.Node) else v)
+
+    for node in gm.graph.nodes:
+        source = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+        if _is_alias(gm, node) or (node.target is operator.getitem and source is not None
+                                   and source.target is aten.native_dropout.default):
+            position[node] = position.get(source) if source is not None else None
+            continue
+        args, kwargs = node.args, dict(node.kwargs)
+        if node.target in _ATTENTION:
+            index, keyword, _ = DROPOUT_ARG[node.target]
+            args = args[:index] + args[index + 1:]
+            kwargs.pop(keyword, None)
+        target = node.target if node.op == "call_function" else str(node.target)
+        position[node] = len(records)
+        records.append((node.op, target, normalized(args), normalized(kwargs)))
+        nodes.append(node)
+    return records, nodes
+
+
+def mode_signature(gm: fx.GraphModule) -> list[tuple[Any, ...]]:
+    """One (op, target, args, kwargs) record per node: inputs by position, every dropout call
+    (and a ``getitem`` of ``native_dropout``) and ``contiguous`` an alias of its input, attention without its
+    dropout probability.
+    Equal signatures mean equal computations once dropout is off."""
+    return _records(gm)[0]
+
+
+def _same(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+    """Records equal; where constants are tensors (``==`` is elementwise), their reprs."""
+    try:
+        return bool(a == b)
+    except RuntimeError:
+        return repr(a) == repr(b)
+
+
+def first_difference(signature: list[tuple[Any, ...]], other: fx.GraphModule) -> Optional[fx.Node]:
+    """The first node of ``other`` whose record differs from ``signature`` (its last node where
+    ``other`` is shorter); None when the two compute the same with dropout off."""
+    records, nodes = _records(other)
+    for index, (mine, theirs) in enumerate(zip(signature, records)):
+        if not _same(mine, theirs):
+            return nodes[index]
+    if len(signature) != len(records):
+        return nodes[min(len(signature), len(records))] if len(records) > len(signature) else nodes[-1]
+    return None
