@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import difflib
+import inspect
 import sys
+from collections.abc import Mapping
 from typing import Any, Optional, Sequence
 
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 from moesys_compile.passes import pipeline_for
 
@@ -17,7 +20,7 @@ from .frontend import BlockReport, annotate, canonicalize, capture, moe_modules
 from .frontend.empty_weights import Source, meta_tensor_names
 from .frontend.tracing import expose_aux_loss, traced_names
 from .pipeline import CompileContext, run_pipeline, take_snapshot
-from .plan import Plan
+from .plan import MODES, Plan
 from .programs import InputBinder, Program, build_program, fixed_input_sizes, flatten_export_codegen
 
 
@@ -25,6 +28,53 @@ def _as_tuple(example_inputs: Any) -> tuple:
     if example_inputs is None:
         return ()
     return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+
+
+def _examples(model: nn.Module, example_inputs: Any, example_kwargs: Optional[dict]) -> tuple[tuple, dict]:
+    """The example as (positional, keyword) inputs, checked to be inputs a trace can run on."""
+    _check_not_keywords(model, example_inputs)
+    args, kwargs = _as_tuple(example_inputs), dict(example_kwargs or {})
+    _check_real_tensors(args, kwargs)
+    return args, kwargs
+
+
+def _check_not_keywords(model: nn.Module, example_inputs: Any) -> None:
+    """A mapping given as ``example_inputs`` itself, keyed by forward's parameters, was meant as
+    keywords (``tokenizer(...)``'s output); a dict that forward takes as one argument is passed in
+    a tuple, or is keyed otherwise."""
+    if not isinstance(example_inputs, Mapping) or not example_inputs:
+        return
+    parameters = inspect.signature(model.forward).parameters
+    if all(isinstance(key, str) and key in parameters for key in example_inputs):
+        keys = ", ".join(map(repr, example_inputs))
+        raise UntraceableModelError(
+            f"example_inputs is a {type(example_inputs).__name__} of {type(model).__name__}.forward's parameters "
+            f"({keys}); pass keyword inputs as example_kwargs=dict(...), and a dict that forward takes as one "
+            f"argument inside a tuple: example_inputs=(batch,)")
+
+
+def _check_real_tensors(args: tuple, kwargs: dict) -> None:
+    """The capture runs the model on the example: a tensor on the meta device holds no values."""
+    on_meta = [leaf for leaf in tree_leaves([list(args), kwargs]) if isinstance(leaf, torch.Tensor) and leaf.is_meta]
+    if on_meta:
+        raise UntraceableModelError(
+            f"{len(on_meta)} example input tensor(s) are on the meta device (the first of shape "
+            f"{tuple(on_meta[0].shape)}); the model is traced by running it on the example, so give real "
+            f"tensors, on the CPU or on the plan's device (a model built under empty_weights() takes real inputs too)")
+
+
+def _as_plan(plan: Any) -> Plan:
+    """None: ``Plan()``; a dict: the plan of those fields, as a plan file holds them."""
+    if plan is None:
+        return Plan()
+    if isinstance(plan, Plan):
+        return plan
+    if isinstance(plan, Mapping):
+        return Plan.from_dict(dict(plan), source="plan (a dict)")
+    fix = "mc.Plan(mode='train', ...)"
+    if isinstance(plan, str):
+        fix = f"mc.Plan(mode={plan!r})" if plan in MODES else f"mc.Plan.from_file({plan!r}) for a plan file"
+    raise PlanError(f"plan must be a moesys_compile.Plan, not {type(plan).__name__} ({plan!r}); pass {fix}")
 
 
 def check_plan_against_model(model: nn.Module, plan: Plan, blocks: Sequence[BlockReport] = ()) -> None:
@@ -52,7 +102,7 @@ def check_plan_against_model(model: nn.Module, plan: Plan, blocks: Sequence[Bloc
 def _dtype_to_apply(model: nn.Module, plan: Plan) -> list[str]:
     """The model's floating parameter dtypes when ``plan.dtype`` would change them, else []."""
     dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.is_floating_point()})
-    return dtypes if plan.dtype != "float32" and dtypes != [plan.dtype] else []
+    return dtypes if plan.dtype is not None and dtypes != [plan.dtype] else []
 
 
 def _check_dtype_of_export(model: nn.Module, plan: Plan, capture: str) -> None:
@@ -94,8 +144,9 @@ def trace(model: nn.Module, example_inputs: Any = (), example_kwargs: Optional[d
         >>> gm = moesys_compile.trace(model, (ids,))      # doctest: +SKIP
     """
     _check_not_torch_compiled(model)
+    example_inputs, example_kwargs = _examples(model, example_inputs, example_kwargs)
     canonicalize(model)
-    gm, _ = _capture_and_annotate(model, _as_tuple(example_inputs), dict(example_kwargs or {}), leaf_modules)
+    gm, _ = _capture_and_annotate(model, example_inputs, example_kwargs, leaf_modules)
     return gm
 
 
@@ -197,13 +248,13 @@ def _checkpoint_weights(model: nn.Module, plan: Plan) -> Optional[Source]:
     return checkpoint_source(plan.weights_checkpoint, model)
 
 
-def prepare(model: nn.Module, plan: Optional[Plan] = None, example_inputs: Any = (),
+def prepare(model: nn.Module, plan: Plan | dict | None = None, example_inputs: Any = (),
             example_kwargs: Optional[dict] = None, rank: int = 0) -> tuple[fx.GraphModule, CompileContext]:
     """The frontend alone: canonicalize, check the plan against the model, capture, annotate.
     Returns the captured graph and a context whose only snapshot is "capture"."""
-    plan = plan or Plan()
-    example_inputs, example_kwargs = _as_tuple(example_inputs), dict(example_kwargs or {})
+    plan = _as_plan(plan)
     _check_not_torch_compiled(model)
+    example_inputs, example_kwargs = _examples(model, example_inputs, example_kwargs)
     _eval_for_inference(model, plan)
     blocks = canonicalize(model, weights=_checkpoint_weights(model, plan))
     check_plan_against_model(model, plan, blocks)
@@ -224,7 +275,7 @@ def prepare(model: nn.Module, plan: Optional[Plan] = None, example_inputs: Any =
     return gm, ctx
 
 
-def lower(model: nn.Module, plan: Optional[Plan] = None, example_inputs: Any = (),
+def lower(model: nn.Module, plan: Plan | dict | None = None, example_inputs: Any = (),
           example_kwargs: Optional[dict] = None, rank: int = 0) -> tuple[fx.GraphModule, CompileContext]:
     """Everything but building the program: ``prepare`` then the mode's pipeline. Needs no
     process group (``rank`` picks the per-rank view)."""
@@ -232,9 +283,11 @@ def lower(model: nn.Module, plan: Optional[Plan] = None, example_inputs: Any = (
     return run_pipeline(gm, ctx, pipeline_for(ctx.plan.mode)), ctx
 
 
-def compile(model: nn.Module, plan: Optional[Plan] = None, example_inputs: Any = (),
+def compile(model: nn.Module, plan: Plan | dict | None = None, example_inputs: Any = (),
             example_kwargs: Optional[dict] = None) -> Program:
-    """Compile ``model`` under ``plan`` into a Program (an nn.Module sharing the model's parameters).
+    """Compile ``model`` under ``plan`` (a Plan, a dict of its fields, or None for ``Plan()``) into a
+    Program (an nn.Module sharing the model's parameters). ``example_inputs``: a tuple of forward's
+    positional inputs; ``example_kwargs``: a dict of its keyword inputs.
 
         >>> import torch, moesys_compile as mc
         >>> model = mc.models.build("tiny-moe")
@@ -243,7 +296,7 @@ def compile(model: nn.Module, plan: Optional[Plan] = None, example_inputs: Any =
         >>> torch.allclose(program(ids), model(ids))
         True
     """
-    plan = plan or Plan()
+    plan = _as_plan(plan)
     check_device(plan)
     gm, ctx = lower(model, plan, example_inputs, example_kwargs, rank=_current_rank())
     return build_program(gm, ctx)

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from . import __version__
 from .errors import MoesysError
 from .plan import MODES, Plan
 
@@ -75,18 +76,16 @@ def run_inspect(args: argparse.Namespace) -> int:
         raise MoesysError("inspect needs MODEL (e.g. tiny-moe), or --list-passes")
     if args.batch < 1 or args.seq < 1:
         raise MoesysError(f"--batch ({args.batch}) and --seq ({args.seq}) must be >= 1")
+    out_dir = _out_dir(args.out)
     if plan.mode == "infer" and not plan.weights_checkpoint and os.path.isdir(model):
         plan = dataclasses.replace(plan, weights_checkpoint=model)     # as `infer DIR`: read, never loaded whole
     loaded = load_model(model, overrides, weights=not (plan.mode == "infer" and plan.weights_checkpoint))
-    if plan.dtype != "float32":            # as `train` does: the model in Plan.dtype (export fixes it in the graph)
+    if plan.dtype is not None:             # as `train` does: the model in Plan.dtype (export fixes it in the graph)
         loaded.model.to(plan.torch_dtype)
     check_seq_len(loaded.model, args.seq, "--seq", "--config")
     _, ctx = lower(loaded.model, plan, loaded.example_inputs(args.batch, args.seq))   # as compile at (B, S)
     renderer = Renderer(ctx, args.batch, args.seq)
     snapshots = renderer.snapshots(args.after)
-    out_dir = Path(args.out) if args.out else None
-    if out_dir:
-        out_dir.mkdir(parents=True, exist_ok=True)
     if args.format in ("text", "json"):
         text = renderer.text(args.after, loaded.description) if args.format == "text" else renderer.json(args.after)
         _emit(text, out_dir / f"inspect.{'txt' if args.format == 'text' else 'json'}" if out_dir else None)
@@ -124,6 +123,25 @@ def check_seq_len(model, seq: int, flag: str, override_flag: str) -> None:
             return
 
 
+def _out_dir(out: Optional[str]) -> Optional[Path]:
+    """``--out``'s directory, made where missing and checked writable before any work (as train's
+    ``--ckpt-dir``). The files inspect writes there replace those of an earlier run."""
+    if out is None:
+        return None
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise MoesysError(f"--out {out!r} is a file, not a directory; pass a directory (it is created if missing; "
+                          f"inspect writes inspect.txt, inspect.json or one NN-STAGE.dot/svg per stage there)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise MoesysError(f"--out {out!r}: cannot create the directory ({exc.strerror or exc}); pass a directory "
+                          f"in a writable folder") from None
+    if not os.access(path, os.W_OK):
+        raise MoesysError(f"--out {out!r} is not writable; pass a writable directory")
+    return path
+
+
 def _emit(text: str, path: Optional[Path]) -> None:
     if path is None:
         print(text)
@@ -158,6 +176,7 @@ def _run(argv: list[str]) -> int:
     if argv and argv[0] in ("train", "infer"):
         return _delegate(argv[0], argv[1:])
     parser = argparse.ArgumentParser(prog="moesys-compile", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"moesys-compile {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _inspect_parser(sub)
     sub.add_parser("train", help="distributed training under torchrun (see: moesys-compile train --help)")

@@ -51,6 +51,14 @@ def parse_bytes(value: Union[int, float, str, None], field_name: str = "device_b
     return size
 
 
+def _options_hint(fields: list[str]) -> str:
+    """Where ``options`` is among the ignored fields: the options there are, all of them the ring's."""
+    if "options" not in fields:
+        return ""
+    from .programs.ring import RING_OPTIONS
+    return f" (only ring inference reads options: {', '.join(RING_OPTIONS)})"
+
+
 def format_bytes(num: Union[int, float]) -> str:
     for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if abs(num) >= scale:
@@ -72,9 +80,14 @@ class Plan:
         summed there; "slot": one row per routed slot each way (the GShard layout).
     device: "cpu", "cuda" or "cuda:N". device_budget: bytes (int or "512MiB") the program may
         hold on the device (ring inference). weights: "host" (pinned memory) or "disk"
-        (safetensors under offload_dir). dtype: compute dtype. disable_passes: pass names to skip.
+        (safetensors under offload_dir). dtype: compute dtype (None: the model's own; the ring casts
+        to it, a train plan refuses one other than the parameters'). disable_passes: pass names to skip.
     weights_checkpoint: directory the infer ring stages its weights from (a Hugging Face style
         safetensors directory or a training checkpoint) instead of the model's own tensors.
+    ring_slots, weights, offload_dir, options: read by the ring alone; a plan that builds none (a
+        train plan, an infer plan without device_budget) refuses them, a train plan also
+        device_budget and weights_checkpoint.
+    leaf_modules: module paths (``"layers.0.router"``) or nn.Module classes kept as one opaque call.
     """
 
     mode: str = "train"
@@ -86,13 +99,13 @@ class Plan:
     device_budget: Optional[Union[int, str]] = None
     weights: str = "host"
     offload_dir: Optional[str] = None
-    dtype: str = "float32"
+    dtype: Optional[str] = None          # None: the model's own
     disable_passes: tuple[str, ...] = ()
     kernels: str = "auto"
     bucket_mb: float = 25.0
     ring_slots: Optional[int] = None
     weights_checkpoint: Optional[str] = None
-    leaf_modules: tuple[str, ...] = ()
+    leaf_modules: tuple[Union[str, type], ...] = ()
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -109,7 +122,8 @@ class Plan:
         self._check_choice("weights", WEIGHT_TIERS)
         self._check_choice("kernels", KERNEL_CHOICES)
         self._check_choice("ep_exchange", EP_EXCHANGES)
-        self._check_choice("dtype", DTYPES)
+        if self.dtype is not None:
+            self._check_choice("dtype", DTYPES)
         for name in ("world_size", "expert_parallel"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -130,23 +144,46 @@ class Plan:
             raise PlanError(f"bucket_mb ({self.bucket_mb}) must be a finite number > 0")
         if self.ring_slots is not None and self.ring_slots < 2:
             raise PlanError(f"ring_slots ({self.ring_slots}) must be >= 2 (one computes while the next loads)")
+        self._check_leaf_modules()
+        if self.weights == "disk" and self.mode == "infer" and not self.offload_dir:
+            raise PlanError("weights is 'disk' but offload_dir is not set; give a directory for the safetensors files")
+        self._check_ring_only_fields()
         if self.weights_checkpoint is not None and not Path(self.weights_checkpoint).is_dir():
             raise PlanError(f"weights_checkpoint ({self.weights_checkpoint!r}) is not a directory; give the "
                             f"checkpoint directory (model.safetensors, its index, a training checkpoint or a "
                             f"training run's checkpoint root)")
-        if self.weights == "disk" and self.mode == "infer" and not self.offload_dir:
-            raise PlanError("weights is 'disk' but offload_dir is not set; give a directory for the safetensors files")
-        self._check_ring_only_fields()
+
+    def _check_leaf_modules(self) -> None:
+        import torch
+        for leaf in self.leaf_modules:
+            if not isinstance(leaf, str) and not (isinstance(leaf, type) and issubclass(leaf, torch.nn.Module)):
+                raise PlanError(f"leaf_modules entry {leaf!r} must be a module path as in model.named_modules() "
+                                f"(e.g. 'layers.0.router') or an nn.Module class")
+
+    def _ring_fields_set(self) -> list[str]:
+        """The fields set here that only a ring reads. An infer plan's lowering also reads
+        weights_checkpoint (a model on the meta device takes its weights from it); a train plan
+        reads neither it nor device_budget, which is what makes an infer plan build a ring."""
+        train = self.mode == "train"
+        return [name for name, is_set in (
+            ("device_budget", train and self.device_budget is not None), ("ring_slots", self.ring_slots is not None),
+            ("weights", self.weights != "host"), ("offload_dir", self.offload_dir is not None),
+            ("weights_checkpoint", train and self.weights_checkpoint is not None), ("options", bool(self.options)),
+        ) if is_set]
 
     def _check_ring_only_fields(self) -> None:
-        """Without a device_budget an infer plan builds no ring: the fields only a ring reads would be
-        ignored without a word."""
-        ring_only = [n for n, on in (("ring_slots", self.ring_slots is not None), ("weights", self.weights != "host"),
-                                     ("offload_dir", self.offload_dir is not None)) if on]
-        if self.mode == "infer" and self.device_budget is None and ring_only:
-            raise PlanError(f"{ring_only[0]} ({getattr(self, ring_only[0])!r}) applies to a ring, and without a "
-                            f"device_budget there is none (every weight stays on the device): set device_budget "
-                            f"(e.g. '512MiB'), or drop {', '.join(ring_only)}")
+        """A train plan, or an infer plan without a device_budget, builds no ring: the fields only a
+        ring reads would be ignored without a word."""
+        ignored = self._ring_fields_set()
+        if not ignored or (self.mode == "infer" and self.device_budget is not None):
+            return
+        first = f"{ignored[0]} ({getattr(self, ignored[0])!r})"
+        if self.mode == "train":
+            raise PlanError(f"{first} applies to mode='infer' (ring inference), and a train plan ignores it: drop "
+                            f"{', '.join(ignored)}{_options_hint(ignored)}")
+        raise PlanError(f"{first} applies to a ring, and without a device_budget there is none (every weight stays "
+                        f"on the device): set device_budget (e.g. '512MiB'), or drop {', '.join(ignored)}"
+                        f"{_options_hint(ignored)}")
 
     def _check_choice(self, name: str, choices: tuple[str, ...]) -> None:
         value = getattr(self, name)
@@ -159,8 +196,9 @@ class Plan:
 
     @property
     def torch_dtype(self):
+        """``dtype`` as a torch dtype; None where the plan keeps the model's own."""
         import torch
-        return getattr(torch, self.dtype)
+        return None if self.dtype is None else getattr(torch, self.dtype)
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

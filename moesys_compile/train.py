@@ -160,7 +160,7 @@ def build_model(args, plan: Plan):
         raise ValueError(f"--model {args.model}: {type(model).__name__} has no config.vocab_size, which the token "
                          f"batches need; train it from your own loop with mc.compile(model, Plan(mode='train'))")
     check_seq_len(model, args.seq_len, "--seq-len", "--override")
-    return model.to(plan.torch_dtype).train()
+    return model.to(plan.torch_dtype or torch.float32).train()
 
 
 def run(args) -> dict:

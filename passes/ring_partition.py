@@ -164,7 +164,7 @@ def ring_partition(gm: fx.GraphModule, ctx) -> fx.GraphModule:
     if plan.device_budget is None:
         ctx.note("no device_budget in the plan: no ring (the program keeps every weight resident)")
         return gm
-    dtype = plan.torch_dtype if plan.dtype != "float32" else None
+    dtype = plan.torch_dtype
     added = sink_state_reads(gm)
     if added:
         ctx.note(f"{added} weight reads duplicated so that each user reads its weight in its own section")

@@ -169,7 +169,8 @@ def test_an_infer_plan_without_a_budget_refuses_the_fields_only_a_ring_reads(fie
     with pytest.raises(mc.PlanError, match=re.escape(named) + r" applies to a ring.*set device_budget"):
         mc.Plan(mode="infer", **fields)
     assert mc.Plan(mode="infer", device_budget="1MiB", **fields).device_budget == 1 << 20
-    assert mc.Plan(mode="train", ring_slots=3).ring_slots == 3      # train plans never build a ring
+    with pytest.raises(mc.PlanError, match="applies to mode='infer'"):   # train plans never build a ring
+        mc.Plan(mode="train", **fields)
 
 
 def test_an_infer_plan_over_several_ranks_is_refused_at_compile():

@@ -12,6 +12,7 @@ import contextlib
 import json
 import importlib
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -75,9 +76,16 @@ def _from_factory(spec: str, overrides: dict[str, Any]) -> LoadedModel:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
         raise ValueError(f"cannot load model factory {spec!r}: {exc}") from exc
+    if not callable(factory):
+        raise ValueError(f"{spec} is {type(factory).__name__} {factory!r}, not a factory: name a function or class "
+                         f"that returns a model, or (model, example_inputs)")
     made = factory(**overrides)
     if isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], nn.Module):
         model, example = made
+        if isinstance(example, Mapping):
+            raise ValueError(f"{spec} returned (model, {type(example).__name__}): the example inputs are given to "
+                             f"forward positionally; return (model, (ids, ...)), or (model, (batch,)) when forward "
+                             f"takes the dict as one argument")
         example = tuple(example) if isinstance(example, (tuple, list)) else (example,)
         return LoadedModel(model, lambda batch, seq: example, spec)
     if not isinstance(made, nn.Module):

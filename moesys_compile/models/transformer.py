@@ -5,6 +5,7 @@ Shape legend: B batch · S sequence · D dim · Hq heads · Dh head dim · V voc
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -13,6 +14,22 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn import MLP, MoE
+
+
+# sizes and counts, each with its least value (moe_ffn_dim may also be None: ffn_dim)
+COUNT_FIELDS = (("vocab_size", 1), ("dim", 1), ("n_layers", 1), ("n_heads", 1), ("ffn_dim", 1), ("max_seq_len", 1),
+                ("num_experts", 0), ("top_k", 1), ("moe_ffn_dim", 1), ("num_shared_experts", 0))
+# real-valued fields: (name, bound, whether the bound itself is excluded)
+REAL_FIELDS = (("norm_eps", 0, True), ("rope_base", 0, True), ("aux_loss_coef", 0, False))
+
+
+def _is_int(value, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def _is_real(value, bound: float, open_: bool) -> bool:
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return number and (value > bound if open_ else value >= bound)
 
 
 @dataclass
@@ -36,6 +53,16 @@ class ModelConfig:
     aux_loss_coef: float = 0.01
 
     def __post_init__(self) -> None:
+        for name, least in COUNT_FIELDS:
+            value = getattr(self, name)
+            if not (name == "moe_ffn_dim" and value is None) and not _is_int(value, least):
+                raise ValueError(f"ModelConfig.{name} ({value!r}) must be an integer >= {least}"
+                                 + (" or None (ffn_dim)" if name == "moe_ffn_dim" else ""))
+        for name, least, open_ in REAL_FIELDS:
+            value = getattr(self, name)
+            if not _is_real(value, least, open_):
+                raise ValueError(f"ModelConfig.{name} ({value!r}) must be a finite number {'>' if open_ else '>='} "
+                                 f"{least}")
         if self.dim % self.n_heads:
             raise ValueError(f"dim ({self.dim}) is not divisible by n_heads ({self.n_heads})")
         if (self.dim // self.n_heads) % 2:

@@ -83,9 +83,13 @@ class InputBinder:
         """A model compiled with a padding mask, called without one (or with None): every position
         counts, as transformers reads ``attention_mask=None``; the mask is all ones, shaped as the
         call's ids."""
-        ids = arguments.get("input_ids")
-        if self.mask_dtype is not None and arguments.get("attention_mask") is None and isinstance(ids, torch.Tensor):
+        ids, mask = arguments.get("input_ids"), arguments.get("attention_mask")
+        if self.mask_dtype is not None and mask is None and isinstance(ids, torch.Tensor):
             arguments["attention_mask"] = torch.ones(ids.shape, dtype=self.mask_dtype, device=ids.device)
+        if (self.mask_dtype is not None and isinstance(mask, torch.Tensor) and isinstance(ids, torch.Tensor)
+                and mask.shape != ids.shape and mask.dim() == ids.dim() == 2):
+            raise ValueError(f"{self.model_name}.forward: attention_mask is {tuple(mask.shape)} but input_ids is "
+                             f"{tuple(ids.shape)}; a padding mask has one entry per token: give it the ids' shape")
 
     def graph_inputs(self, args: Sequence[Any], kwargs: dict) -> list[Any]:
         try:
@@ -100,7 +104,9 @@ class InputBinder:
         self._check_extra_keywords(bound.arguments)
         missing = [name for name in self.traced_names if name not in bound.arguments]
         if missing:
-            raise TypeError(f"{self.model_name}.forward: missing argument(s) {missing} that were traced as inputs")
+            raise TypeError(f"{self.model_name}.forward: missing argument(s) {missing}, which the example gave, so the "
+                            f"program takes them as inputs: pass them in every call, or compile without them to "
+                            f"leave them at the model's defaults")
         values = [bound.arguments[name] for name in self.traced_names]
         if self.capture != "export":
             self._check_dims(self.traced_names, values)
