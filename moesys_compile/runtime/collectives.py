@@ -11,8 +11,14 @@ L = E / R local experts · T tokens · K top-k.
     moesys::global_load_balancing_loss(scores_TE, ids_TK, coef, group) -> aux, stats (global batch)
     moesys::global_load_balancing_losses([scores_TE], [ids_TK], [coef], group) -> aux_n, stats
                                                            (n layers, one all-reduce each way)
+    moesys::ep_undispatch(grad_MD, counts_E, recv_RL, num_rows, group) -> grad_ND  (ep_dispatch's backward)
+    moesys::all_reduce_sum(x, group) -> sum over the group  (the aux losses' backward)
 
-Each op's backward is the reverse collective, so gradients travel back over the same group.
+Each op's backward is the reverse collective, so gradients travel back over the same group. The
+backward formulas call only ops (never ``dist`` or ``.tolist()`` themselves): AOT autograd traces
+them into the backward graph of ``torch.compile``, where a collective call would capture the
+ProcessGroup object and a host read would break the graph. Groups travel as their names
+("dense" | "ep" | "edp") and are looked up inside the ops.
 A rank or an expert that receives no rows exchanges empty blocks and computes nothing.
 """
 
@@ -129,10 +135,21 @@ def _dispatch_setup(ctx, inputs, output):
 
 def _dispatch_backward(ctx, grad_MD):
     counts_E, recv_RL = ctx.saved_tensors
-    return combine_rows(grad_MD.contiguous(), counts_E, recv_RL, ctx.num_rows, ctx.group), None, None, None
+    return ep_undispatch(grad_MD, counts_E, recv_RL, ctx.num_rows, ctx.group), None, None, None
 
 
 ep_dispatch.register_autograd(_dispatch_backward, setup_context=_dispatch_setup)
+
+
+@torch.library.custom_op("moesys::ep_undispatch", mutates_args=())
+def ep_undispatch(grad_MD: Tensor, counts_E: Tensor, recv_RL: Tensor, num_rows: int, group: str) -> Tensor:
+    """The backward of ``ep_dispatch``: received rows back to their ``num_rows`` slots (dropped: 0)."""
+    return combine_rows(grad_MD.contiguous(), counts_E, recv_RL, num_rows, group)
+
+
+@ep_undispatch.register_fake
+def _ep_undispatch_fake(grad_MD, counts_E, recv_RL, num_rows, group):
+    return grad_MD.new_empty((num_rows, grad_MD.shape[1]))
 
 
 @torch.library.custom_op("moesys::ep_combine", mutates_args=())
@@ -153,7 +170,7 @@ def _combine_setup(ctx, inputs, output):
 
 def _combine_backward(ctx, grad_ND):
     counts_E, recv_RL = ctx.saved_tensors
-    return dispatch_rows(grad_ND.contiguous(), counts_E, recv_RL, ctx.group), None, None, None, None
+    return ep_dispatch(grad_ND.contiguous(), counts_E, recv_RL, ctx.group), None, None, None, None
 
 
 ep_combine.register_autograd(_combine_backward, setup_context=_combine_setup)
@@ -169,6 +186,17 @@ def _all_reduce_sum(t: Tensor, group: str) -> Tensor:
     if pg is not None:
         dist.all_reduce(t, group=pg)
     return t
+
+
+@torch.library.custom_op("moesys::all_reduce_sum", mutates_args=())
+def all_reduce_sum(x: Tensor, group: str) -> Tensor:
+    """The sum of ``x`` over the ranks of ``group`` (a new tensor; ``x`` is left as it is)."""
+    return _all_reduce_sum(x.clone(), group)
+
+
+@all_reduce_sum.register_fake
+def _all_reduce_sum_fake(x, group):
+    return torch.empty_like(x)
 
 
 def _layer_stats(scores_TE: Tensor, ids_TK: Tensor) -> Tensor:
@@ -221,7 +249,7 @@ def _glbl_setup(ctx, inputs, output):
 
 def _glbl_backward(ctx, grad_loss, grad_stats):
     (stats,) = ctx.saved_tensors
-    total_grad = _all_reduce_sum(grad_loss.detach().reshape(1).to(stats.dtype).clone(), ctx.group)
+    total_grad = all_reduce_sum(grad_loss.reshape(1).to(stats.dtype), ctx.group)
     return _scores_grad(stats, total_grad, ctx.coef, ctx.shape, ctx.dtype), None, None, None
 
 
@@ -254,7 +282,7 @@ def _glbls_setup(ctx, inputs, output):
 
 def _glbls_backward(ctx, grad_losses, grad_stats):
     (stats,) = ctx.saved_tensors
-    total_grads = _all_reduce_sum(grad_losses.detach().to(stats.dtype).clone(), ctx.group)
+    total_grads = all_reduce_sum(grad_losses.to(stats.dtype), ctx.group)
     pieces = stats.split([2 * shape[1] + 2 for shape in ctx.shapes])
     grads = [_scores_grad(piece, total_grads[i], coef, shape, dtype)
              for i, (piece, coef, shape, dtype) in enumerate(zip(pieces, ctx.coefs, ctx.shapes, ctx.dtypes))]
@@ -378,5 +406,7 @@ class GradBucketer:
 follow_autocast("moesys::ep_counts", cast=False)
 follow_autocast("moesys::ep_dispatch", cast=False)
 follow_autocast("moesys::ep_combine", cast=False)
+follow_autocast("moesys::ep_undispatch", cast=False)
+follow_autocast("moesys::all_reduce_sum", cast=False)
 follow_autocast("moesys::global_load_balancing_loss", cast=False)
 follow_autocast("moesys::global_load_balancing_losses", cast=False)

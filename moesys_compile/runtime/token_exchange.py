@@ -20,9 +20,14 @@ of its experts, expert-major).
            weights_M                  (top-k weight of each received slot; differentiable)
     moesys::ep_token_dispatch(x_TD, send_token_S, slot_row_M, rows_2R, group) -> x_MD
     moesys::ep_token_combine(y_MD, weights_M, send_token_S, slot_row_M, rows_2R, ids_TK, group) -> y_TD
+    moesys::ep_token_gather(rows_MD, send_token_S, slot_row_M, rows_2R, T, group) -> y_TD
+                                  (ep_token_dispatch's backward: summed per token, sent back)
+    moesys::ep_token_weights_back(grad_weights_M, counts_E, order_N, recv_RL, group, ep_size) -> grad_N
+                                  (ep_token_plan's backward: the weights' gradients, sent back)
 
 Each op's backward is the reverse exchange; the gradient of a token's row is summed on the rank
-that used it before it travels back, so backward is deduplicated the same way.
+that used it before it travels back, so backward is deduplicated the same way. The backward
+formulas call only ops (see ``collectives``): ``torch.compile`` traces them into its backward graph.
 """
 
 from __future__ import annotations
@@ -102,22 +107,32 @@ def _plan_setup(ctx, inputs, output):
 
 
 def _plan_backward(ctx, *grads):
-    """The weights' gradients travel back to the slots they came from (dropped slots: 0)."""
     counts_E, order_N, recv_RL = ctx.saved_tensors
     grad_weights_M = grads[6]
     if grad_weights_M is None:
         return None, None, None, None, None, None
-    ranks = ctx.ep_size
-    host = torch.cat([counts_E.view(ranks, -1).sum(1), recv_RL.sum(1)]).tolist()
-    source_major_M = transpose_blocks(grad_weights_M.reshape(-1, 1), [list(col) for col in zip(*recv_RL.tolist())])
-    kept = sum(host[:ranks])
-    grad_N1 = all_to_all_rows(source_major_M, host[ranks:], host[:ranks], ctx.group,
-                              grad_weights_M.new_empty((kept, 1)))
-    grad_flat = grad_weights_M.new_zeros(order_N.numel()).index_copy_(0, order_N[:kept], grad_N1.view(-1))
-    return None, grad_flat.view(ctx.shape), None, None, None, None
+    grad_N = ep_token_weights_back(grad_weights_M, counts_E, order_N, recv_RL, ctx.group, ctx.ep_size)
+    return None, grad_N.view(ctx.shape), None, None, None, None
 
 
 ep_token_plan.register_autograd(_plan_backward, setup_context=_plan_setup)
+
+
+@torch.library.custom_op("moesys::ep_token_weights_back", mutates_args=())
+def ep_token_weights_back(grad_weights_M: Tensor, counts_E: Tensor, order_N: Tensor, recv_RL: Tensor, group: str,
+                          ep_size: int) -> Tensor:
+    """The weights' gradients travel back to the slots they came from (dropped slots: 0)."""
+    host = torch.cat([counts_E.view(ep_size, -1).sum(1), recv_RL.sum(1)]).tolist()
+    source_major_M = transpose_blocks(grad_weights_M.reshape(-1, 1), [list(col) for col in zip(*recv_RL.tolist())])
+    kept = sum(host[:ep_size])
+    grad_N1 = all_to_all_rows(source_major_M, host[ep_size:], host[:ep_size], group,
+                              grad_weights_M.new_empty((kept, 1)))
+    return grad_weights_M.new_zeros(order_N.numel()).index_copy_(0, order_N[:kept], grad_N1.view(-1))
+
+
+@ep_token_weights_back.register_fake
+def _ep_token_weights_back_fake(grad_weights_M, counts_E, order_N, recv_RL, group, ep_size):
+    return grad_weights_M.new_empty((order_N.shape[0],))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,11 +177,23 @@ def _dispatch_setup(ctx, inputs, output):
 
 def _dispatch_backward(ctx, grad_x_MD):
     send_token_S, slot_row_M, rows_2R = ctx.saved_tensors
-    grad_x_TD = _scatter_back(grad_x_MD.contiguous(), slot_row_M, send_token_S, rows_2R, ctx.num_tokens, ctx.group)
+    grad_x_TD = ep_token_gather(grad_x_MD, send_token_S, slot_row_M, rows_2R, ctx.num_tokens, ctx.group)
     return grad_x_TD, None, None, None, None
 
 
 ep_token_dispatch.register_autograd(_dispatch_backward, setup_context=_dispatch_setup)
+
+
+@torch.library.custom_op("moesys::ep_token_gather", mutates_args=())
+def ep_token_gather(rows_MD: Tensor, send_token_S: Tensor, slot_row_M: Tensor, rows_2R: Tensor, num_tokens: int,
+                    group: str) -> Tensor:
+    """The received slots' rows summed per token and returned to the tokens' rank: [M, D] -> [T, D]."""
+    return _scatter_back(rows_MD.contiguous(), slot_row_M, send_token_S, rows_2R, num_tokens, group)
+
+
+@ep_token_gather.register_fake
+def _ep_token_gather_fake(rows_MD, send_token_S, slot_row_M, rows_2R, num_tokens, group):
+    return rows_MD.new_empty((num_tokens, rows_MD.shape[1]))
 
 
 @torch.library.custom_op("moesys::ep_token_combine", mutates_args=())
@@ -189,7 +216,7 @@ def _combine_setup(ctx, inputs, output):
 
 def _combine_backward(ctx, grad_y_TD):
     y_MD, weights_M, send_token_S, slot_row_M, rows_2R = ctx.saved_tensors
-    grad_rows_MD = _gather_out(grad_y_TD.contiguous(), send_token_S, slot_row_M, rows_2R, ctx.group)
+    grad_rows_MD = ep_token_dispatch(grad_y_TD.contiguous(), send_token_S, slot_row_M, rows_2R, ctx.group)
     grad_y_MD = grad_rows_MD * weights_M.to(grad_rows_MD.dtype).unsqueeze(-1)
     grad_weights_M = (grad_rows_MD * y_MD).sum(-1).to(weights_M.dtype)
     return grad_y_MD, grad_weights_M, None, None, None, None, None
@@ -202,3 +229,5 @@ ep_token_combine.register_autograd(_combine_backward, setup_context=_combine_set
 follow_autocast("moesys::ep_token_plan", cast=False)
 follow_autocast("moesys::ep_token_dispatch", cast=False)
 follow_autocast("moesys::ep_token_combine", cast=False)
+follow_autocast("moesys::ep_token_gather", cast=False)
+follow_autocast("moesys::ep_token_weights_back", cast=False)
