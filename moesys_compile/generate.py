@@ -5,8 +5,12 @@ as an input and an output) runs prefill and every step through the ring; it is l
 first call's prompt and longest step rounded up to powers of two, and later calls within those
 sizes reuse it. Hugging Face causal LMs decode with theirs through the prefill and step graphs
 of ``hf_decode`` (``cached_decode``; symbolic in batch, prompt and cache length, so later calls
-that fit them reuse them), as ``model.generate(do_sample=False)`` would decode; a model whose
-cache cannot be captured as tensors recomputes the whole sequence each step.
+that fit them reuse them), as ``model.generate(do_sample=False)`` would decode, with the
+settings of their ``generation_config`` and of the call (``generation_settings``) applied by
+transformers' own logits processors (``GreedyChoice``); a model whose cache cannot be captured as
+tensors recomputes the whole sequence each step.
+
+    >>> program.generate(ids, 16, repetition_penalty=1.2)     # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import itertools
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.fx as fx
@@ -22,6 +26,7 @@ from torch import nn
 
 from .errors import MoesysError, PlanError, warn_user
 from .frontend.tracing import MoesysTracer
+from .generation_settings import GreedyChoice, check_can_generate, generation_settings, padding_mask, stop_ids
 from .hf_decode import NotCacheable, graph_kwargs, lower_cached, step_inputs
 from .models.transformer import Transformer
 from .plan import Plan
@@ -123,36 +128,39 @@ def _longest_step_fits(ids: torch.Tensor, max_new_tokens: int, what_grows: str):
             f"Plan.device_budget")) from exc
 
 
-def greedy_decode(program, ids: torch.Tensor, max_new_tokens: int,
-                  attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+def greedy_decode(program, ids: torch.Tensor, max_new_tokens: int, attention_mask: Optional[torch.Tensor] = None,
+                  **settings: Any) -> torch.Tensor:
     """``program.generate``: the built-in models through their traced ``DecodeStep`` graph
-    (``builtin_decode``), Hugging Face models with their own cache (``cached_decode``). A batch
-    whose decoding the budget cannot hold at once is decoded in groups of prompts
-    (``_decode_in_groups``), each as ``model.generate`` would decode it; a prompt that does not
-    fit alone is refused."""
+    (``builtin_decode``), Hugging Face models with their own cache (``cached_decode``) and the
+    generation settings of ``model.generate`` (``generation_settings``: the model's
+    ``generation_config`` with ``settings`` over it). A batch whose decoding the budget cannot hold
+    at once is decoded in groups of prompts (``_decode_in_groups``), each as ``model.generate``
+    would decode it; a prompt that does not fit alone is refused."""
     from .passes.ring_partition import RingBudgetTooSmall
     model = program.context.model
     _check_decodable(model, ids, max_new_tokens)
+    check_can_generate(model)
+    config = generation_settings(model, settings)
     if attention_mask is not None and isinstance(model, Transformer):
         raise ValueError("generate(attention_mask=...): the built-in models take no padding mask; decode prompts "
                          "of one length together (or one prompt at a time)")
+    mask = padding_mask(config, ids) if attention_mask is None else attention_mask
     try:
-        return _decode(program, ids, max_new_tokens, attention_mask)
+        return _decode(program, ids, max_new_tokens, mask, config)
     except (RingBudgetError, RingBudgetTooSmall):
         if ids.shape[0] == 1:
             raise
-    return _decode_in_groups(program, ids, max_new_tokens, attention_mask)
+    return _decode_in_groups(program, ids, max_new_tokens, mask, config)
 
 
-def _decode(program, ids: torch.Tensor, max_new_tokens: int, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
-    model = program.context.model
-    if isinstance(model, Transformer):
+def _decode(program, ids: torch.Tensor, max_new_tokens: int, mask: Optional[torch.Tensor], config) -> torch.Tensor:
+    if isinstance(program.context.model, Transformer):
         return builtin_decode(program, ids, max_new_tokens)
-    return cached_decode(program, ids, max_new_tokens, padding_mask(model, ids) if attention_mask is None
-                         else attention_mask)
+    return cached_decode(program, ids, max_new_tokens, mask, config)
 
 
-def _decode_in_groups(program, ids: torch.Tensor, max_new_tokens: int, mask: Optional[torch.Tensor]) -> torch.Tensor:
+def _decode_in_groups(program, ids: torch.Tensor, max_new_tokens: int, mask: Optional[torch.Tensor],
+                      config) -> torch.Tensor:
     """Decode the first prompt alone, which lowers the decoding graphs for one sequence (symbolic
     in batch); then the rest in groups of as many prompts as those graphs lowered for them could
     hold (``_largest_group``), halved where that lowering refuses them. A group that ended early
@@ -164,7 +172,7 @@ def _decode_in_groups(program, ids: torch.Tensor, max_new_tokens: int, mask: Opt
     while start < batch:
         group = slice(start, start + size)
         try:
-            outputs.append(_decode(program, ids[group], max_new_tokens, None if mask is None else mask[group]))
+            outputs.append(_decode(program, ids[group], max_new_tokens, None if mask is None else mask[group], config))
         except (RingBudgetError, RingBudgetTooSmall):
             if size == 1:
                 raise
@@ -175,7 +183,7 @@ def _decode_in_groups(program, ids: torch.Tensor, max_new_tokens: int, mask: Opt
         if len(runs) == 1 and start < batch:
             size = max(_largest_group(program, ids[start:], max_new_tokens, None if mask is None else mask[start:]), 1)
     length = max(out.shape[1] for out in outputs)
-    pad = _stop_ids(program.context.model)[1]
+    pad = stop_ids(config)[1]
     outputs = [torch.cat([out, out.new_full((out.shape[0], length - out.shape[1]), pad)], dim=1)
                if out.shape[1] < length else out for out in outputs]
     program.stats = combine_stats(runs)
@@ -198,10 +206,8 @@ def _stored_graphs(program, ids: torch.Tensor, max_new_tokens: int, mask: Option
                    room: str) -> Optional[tuple]:
     """The decoding graphs an earlier call lowered, where they (``room`` "own": the same graphs
     lowered for this call, as in ``_call_refused``) take this call; sized without building rings."""
-    model = program.context.model
-    if isinstance(model, Transformer):
+    if isinstance(program.context.model, Transformer):
         return _stored_step_graph(program, ids, max_new_tokens, room)
-    mask = padding_mask(model, ids) if mask is None else mask
     decoding = program.__dict__.get("_decode_lowered", {})
     if "cached" in decoding and decoding["cached"] is None:        # the model recomputes
         return _stored_recompute_graph(program, ids, max_new_tokens, mask, room)
@@ -289,26 +295,25 @@ def _decode_dtype(program) -> torch.dtype:
     return program.context.extras["ring"].dtype or program.context.model.embed.weight.dtype
 
 
-def cached_decode(program, ids: torch.Tensor, max_new_tokens: int,
-                  attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+def cached_decode(program, ids: torch.Tensor, max_new_tokens: int, attention_mask: Optional[torch.Tensor] = None,
+                  config=None) -> torch.Tensor:
     """Greedy decoding of a Hugging Face causal LM with its KV cache (``hf_decode``): the prompt
     through the prefill graph, then one token per step through the step graph, each through the
-    ring; ends and pads as ``recompute_decode``. The graphs of an earlier call serve this one when
+    ring; chooses, ends and pads as ``recompute_decode``. The graphs of an earlier call serve this one when
     it fits their workspace (``_cached_graphs``). A model whose cache cannot be captured as
     tensors falls back to ``recompute_decode``, with a warning naming why."""
-    batch = ids.shape[0]
     mask = torch.ones_like(ids) if attention_mask is None else attention_mask
     graphs = _cached_graphs(program, ids, mask, max_new_tokens)
     if graphs is None:
-        return recompute_decode(program, ids, max_new_tokens, attention_mask)
+        return recompute_decode(program, ids, max_new_tokens, attention_mask, config)
     key, (prefill, step) = graphs
-    stop = EndOfSequence(program.context.model, batch, ids.device)
+    choice = GreedyChoice(config, ids, mask, max_new_tokens)
     logits, keys, values, stats = _cached_call(program, key + ("prefill",), prefill, (ids,), mask)
     steps, out = [stats], ids
     for new in range(max_new_tokens):
-        token = stop.next_token(logits)
+        token = choice.next_token(out, logits)
         out = torch.cat([out, token[:, None]], dim=1)
-        if new == max_new_tokens - 1 or stop.all_done:
+        if new == max_new_tokens - 1 or choice.all_done:
             break
         mask = _grow(mask, 1)
         try:
@@ -432,40 +437,47 @@ def _cached_call(program, key: tuple, lowered: tuple, args: tuple, mask: torch.T
     return (*binder.model_output(output), stats)
 
 
-def recompute_decode(program, ids: torch.Tensor, max_new_tokens: int,
-                     attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+def recompute_decode(program, ids: torch.Tensor, max_new_tokens: int, attention_mask: Optional[torch.Tensor] = None,
+                     config=None) -> torch.Tensor:
     """Greedy decoding of any causal LM (a Hugging Face model): every step one ring forward over
     the whole sequence so far, no KV cache, through a graph lowered at the longest step's length
     rounded up to a power of two (where the budget holds it), so that each step fits the
     workspace; later calls that fit it reuse it. As ``model.generate(do_sample=False)``: a padding
-    mask grows by one per step and gives the positions (cumulative sum, for left padding); a
-    sequence that has produced an end-of-sequence id gets the pad id, and decoding ends once all
-    have."""
+    mask grows by one per step and gives the positions (cumulative sum, for left padding); each
+    token is chosen by ``GreedyChoice`` (the generation settings of ``config``), a sequence that
+    has produced an end-of-sequence id gets the pad id, and decoding ends once all have."""
     model = program.context.model
-    batch, prompt = ids.shape
-    key, lowered = _recompute_graph(program, ids, max_new_tokens, attention_mask)
-    runtime = program.runtime(key, lowered)
-    binder = lowered[1].extras["binder"]
-    stop = EndOfSequence(model, batch, ids.device)
+    graph = _recompute_graph(program, ids, max_new_tokens, attention_mask)
+    choice = GreedyChoice(config, ids, torch.ones_like(ids) if attention_mask is None else attention_mask,
+                          max_new_tokens)
     steps, out, mask = [], ids, attention_mask
     for _ in range(max_new_tokens):
-        (output, _aux), stats = runtime(binder.graph_inputs((out,), _mask_inputs(model, mask)))
+        key, lowered = graph or _length_graph(program, out, mask, ids, max_new_tokens)
+        binder = lowered[1].extras["binder"]
+        (output, _aux), stats = program.runtime(key, lowered)(binder.graph_inputs((out,), _mask_inputs(model, mask)))
         steps.append(stats)
-        token = stop.next_token(first_tensor(binder.model_output(output)))
+        token = choice.next_token(out, first_tensor(binder.model_output(output)))
         out, mask = torch.cat([out, token[:, None]], dim=1), None if mask is None else _grow(mask, 1)
-        if stop.all_done:
+        if choice.all_done:
             break
     program.stats = combine_stats(steps)
     program.stats["decode"] = "recompute"
     return out
 
 
-def _recompute_graph(program, ids: torch.Tensor, max_new_tokens: int, mask: Optional[torch.Tensor]) -> tuple:
+def _recompute_graph(program, ids: torch.Tensor, max_new_tokens: int, mask: Optional[torch.Tensor]) -> Optional[tuple]:
     """(runtime key, lowered forward) for ``recompute_decode``: the last one where it takes the
     prompt and the longest step (``_stored_recompute_graph``), else one lowered at the longest step
-    rounded up to a power of two, or at its own length where the budget does not hold that."""
+    rounded up to a power of two, or at its own length where the budget does not hold that. None
+    where export fixed the sequence length in the graph (the model's code loops over it, as the
+    reference selective scan of mamba layers does): every step then lowers a graph of its own
+    length (``_length_graph``), for this call and every later one."""
     from .api import lower
     from .passes.ring_partition import RingBudgetTooSmall
+    kind = ("recompute", mask is not None)
+    decoding = program.__dict__.setdefault("_decode_lowered", {})
+    if kind in decoding and decoding[kind] is None:
+        return None
     stored = _stored_recompute_graph(program, ids, max_new_tokens, mask)
     if stored is not None:
         return stored
@@ -476,13 +488,35 @@ def _recompute_graph(program, ids: torch.Tensor, max_new_tokens: int, mask: Opti
             lowered = lower(model, program.plan, *_recompute_inputs(model, ids, mask, power_of_two_at_least(longest)))
         except RingBudgetTooSmall:
             lowered = None
-        if lowered is None or any(_call_refused(lowered, *call) for call in _recompute_calls(model, ids, max_new_tokens,
-                                                                                            mask)):
+        refusals = [] if lowered is None else [_call_refused(lowered, *call)
+                                               for call in _recompute_calls(model, ids, max_new_tokens, mask)]
+        fixed = next((r for r in refusals if isinstance(r, CapturedSizeError)), None)
+        if fixed is not None:
+            warn_user(f"generate: the graph captured from {type(model).__name__} holds its sequence length fixed "
+                      f"({str(fixed).split(' (export')[0][:200]}); every step lowers a graph of its own length (kept "
+                      f"for later calls), which takes a while")
+            decoding[kind] = None
+            return None
+        if lowered is None or any(refusals):
             lowered = lower(model, program.plan, *_recompute_inputs(model, ids, mask, longest))
-    kind = ("recompute", mask is not None)
-    decoding = program.__dict__.setdefault("_decode_lowered", {})
     decoding[kind] = ((*kind, next(_LOWERINGS)), lowered)
     return decoding[kind]
+
+
+def _length_graph(program, out: torch.Tensor, mask: Optional[torch.Tensor], ids: torch.Tensor,
+                  max_new_tokens: int) -> tuple:
+    """(runtime key, lowered forward) at the length of the sequence so far ``out`` (``ids``: the
+    prompts), for a model whose graph holds the sequence length fixed (``_recompute_graph``): the
+    one lowered at that length before where it takes this step, else one lowered for it."""
+    from .api import lower
+    model = program.context.model
+    step = ((out,), _mask_inputs(model, mask))
+    graphs = program.__dict__.setdefault("_decode_lowered", {}).setdefault("recompute_lengths", {})
+    kind = (out.shape[1], mask is not None)
+    if kind not in graphs or _call_refused(graphs[kind][1], *step) is not None:
+        with _longest_step_fits(ids, max_new_tokens, "the whole sequence, recomputed each step"):
+            graphs[kind] = (("recompute", *kind, next(_LOWERINGS)), lower(model, program.plan, *step))
+    return graphs[kind]
 
 
 def _stored_recompute_graph(program, ids: torch.Tensor, max_new_tokens: int, mask: Optional[torch.Tensor],
@@ -517,46 +551,6 @@ def _mask_inputs(model: nn.Module, mask: Optional[torch.Tensor]) -> dict:
     if "position_ids" in inspect.signature(model.forward).parameters:
         inputs["position_ids"] = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
     return inputs
-
-
-class EndOfSequence:
-    """Greedy choice and stopping as in ``model.generate(do_sample=False)``: a sequence that has
-    produced an end-of-sequence id gets the pad id from then on; decoding ends once all have."""
-
-    def __init__(self, model: nn.Module, batch: int, device: torch.device):
-        self.eos, self.pad = _stop_ids(model)
-        self.done = torch.zeros(batch, dtype=torch.bool, device=device)
-
-    def next_token(self, logits: torch.Tensor) -> torch.Tensor:
-        token = logits[:, -1].argmax(-1).to(self.done.device)
-        if self.eos:
-            token = torch.where(self.done, torch.tensor(self.pad, device=token.device), token)
-            self.done |= torch.isin(token, torch.tensor(self.eos, device=token.device))
-        return token
-
-    @property
-    def all_done(self) -> bool:
-        return bool(self.eos) and bool(self.done.all())
-
-
-def padding_mask(model: nn.Module, ids: torch.Tensor) -> Optional[torch.Tensor]:
-    """The mask ``model.generate`` infers for prompts passed without one: the pad id's positions
-    masked out where the model has a pad id that is no end-of-sequence id and the prompts hold
-    it; else None (every position counts)."""
-    pad = getattr(getattr(model, "generation_config", None), "pad_token_id", None)
-    if pad is None or pad in _stop_ids(model)[0] or not bool((ids == pad).any()):
-        return None
-    return (ids != pad).long()
-
-
-def _stop_ids(model: nn.Module) -> tuple[list[int], Optional[int]]:
-    """End-of-sequence ids and the pad id of a model's ``generation_config`` (transformers pads
-    with the first EOS id when there is no pad id)."""
-    config = getattr(model, "generation_config", None)
-    eos = getattr(config, "eos_token_id", None)
-    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    pad = getattr(config, "pad_token_id", None)
-    return eos, pad if pad is not None else (eos[0] if eos else None)
 
 
 def combine_stats(steps: list[dict]) -> dict:

@@ -125,9 +125,10 @@ class InputBinder:
                     where = f"{path[0].key}{pytree.keystr(path[1:])}.shape[{dim}]"
                     raise CapturedSizeError(
                         f"{where} is {leaf.shape[dim]}, but torch.export captured {self.model_name} with that size "
-                        f"fixed to {size} (export fixes example sizes of 1, and every size when it cannot keep them "
-                        f"symbolic); compile with example inputs whose batch and sequence are >= 2, or call it "
-                        f"with that size")
+                        f"fixed to {size}: export fixes an example size of 1, and a size the model's code "
+                        f"specialises on (a loop over the sequence, a branch on a length); call it with that size, "
+                        f"or compile with example inputs whose batch and sequence are >= 2 where the example's "
+                        f"was 1")
         flat = [leaf for _, leaf in leaves]
         if self.guards is not None:
             try:

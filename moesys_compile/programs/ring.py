@@ -41,7 +41,7 @@ from moesys_compile.passes.ring_partition import RingBudgetTooSmall, RingLayout
 from moesys_compile.passes.ring_units import ALIGN, node_state
 
 from ..errors import MoesysError, warn_user
-from ..frontend.annotation import B, S
+from ..frontend.annotation import B, size_function
 from ..frontend.tracing import TURN_LOCK
 from ..runtime.ring import Copy, RingExecutor, SectionLoad, SlotPool, coalesce
 from ..runtime.workspace import (activation_exprs, carried_bytes, liveness_plan, peak_live_bytes, scratch_exprs,
@@ -292,8 +292,8 @@ class CallSizer:
         unique = list(dict.fromkeys(exprs))            # repeated layers repeat their expressions
         position = {e: i for i, e in enumerate(unique)}
         self.act_index = [position[e] for e in exprs]
-        self.act_fn = sympy.lambdify((B, S), unique, "math")
-        self.scratch = [(i, sympy.lambdify((B, S), e, "math")) for i, e in enumerate(scratch_exprs(gm)) if e]
+        self.act_fn = size_function(unique)
+        self.scratch = [(i, size_function(e)) for i, e in enumerate(scratch_exprs(gm)) if e]
         self.liveness = liveness_plan(gm)
         self._act_cache: dict[tuple[int, int], int] = {}
         self.section_of = list(node_sections(gm, len(self.layout.sections)).values())
@@ -685,13 +685,17 @@ class RingProgram(Program):
             runtime.close()
         self._runtimes.clear()
 
-    def generate(self, ids: torch.Tensor, max_new_tokens: int,
-                 attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Greedy decoding, every step through the ring; returns prompt + new tokens (see
-        ``generate.greedy_decode``; ``attention_mask`` for padded prompts of Hugging Face models)."""
+    def generate(self, ids: torch.Tensor, max_new_tokens: int, attention_mask: Optional[torch.Tensor] = None,
+                 **generation_settings: Any) -> torch.Tensor:
+        """Greedy decoding, every step through the ring; returns prompt + new tokens, as
+        ``model.generate(ids, max_new_tokens=n, do_sample=False)`` (see ``generate.greedy_decode``).
+        ``attention_mask``: for padded prompts of Hugging Face models; ``generation_settings``: their
+        ``GenerationConfig`` fields (``eos_token_id=2``, ``repetition_penalty=1.2``, ... or
+        ``generation_config=``) over the model's ``generation_config``, as ``model.generate`` takes
+        them."""
         from ..generate import greedy_decode
         with self._lock:
-            return greedy_decode(self, ids, max_new_tokens, attention_mask)
+            return greedy_decode(self, ids, max_new_tokens, attention_mask, **generation_settings)
 
     def close(self) -> None:
         """Release the slots, the copy threads and the offload files (the weights stay mapped until

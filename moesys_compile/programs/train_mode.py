@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-import torch
 import torch.fx as fx
 from torch import nn
 

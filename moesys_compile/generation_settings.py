@@ -1,0 +1,197 @@
+"""The generation settings ``program.generate`` decodes with, as ``model.generate(do_sample=False)``
+would: a model's ``generation_config`` merged with the call's settings (``generation_settings``),
+refused by name where they ask for more than greedy search, and applied through transformers'
+own logits processors (``GreedyChoice``).
+
+    >>> config = generation_settings(model, {"repetition_penalty": 1.2})     # doctest: +SKIP
+    >>> choice = GreedyChoice(config, ids, mask, max_new_tokens=16)
+    >>> token = choice.next_token(sequence, logits)
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from .models.transformer import Transformer
+
+
+def check_can_generate(model: nn.Module) -> None:
+    """Refuse a model that transformers itself does not decode: an encoder-decoder model (the
+    decoding graphs hold one causal LM) and one whose ``can_generate()`` is False (no LM head that
+    predicts the next token, e.g. a masked LM)."""
+    name = type(model).__name__
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        raise ValueError(f"generate: {name} is an encoder-decoder model; encoder-decoder models are not supported by "
+                         f"generate (it decodes causal LMs); decode it eagerly with {name}.generate(...)")
+    can_generate = getattr(model, "can_generate", None)
+    if callable(can_generate) and not can_generate():
+        raise ValueError(f"generate: {name} cannot generate text (transformers' {name}.can_generate() is False: it "
+                         f"is no causal LM); compile a model with a causal LM head (a *ForCausalLM class) to "
+                         f"generate, or call the program for {name}'s own outputs")
+
+
+# Settings of a GenerationConfig that change the tokens greedy decoding picks and that generate
+# does not implement: (field, whether a value sets it, why).
+_UNSUPPORTED = (
+    ("guidance_scale", lambda v: v not in (None, 1, 1.0), "classifier-free guidance runs the model a second time "
+                                                          "without the prompt"),
+    ("watermarking_config", lambda v: v is not None, "watermarking is not implemented"),
+    ("token_healing", lambda v: bool(v), "token healing needs the tokenizer"),
+    ("stop_strings", lambda v: v is not None, "stopping on strings needs the tokenizer"),
+    ("max_time", lambda v: v is not None, "stopping on the clock is not implemented"),
+    ("num_return_sequences", lambda v: v not in (None, 1), "greedy decoding returns one sequence per prompt"),
+    ("return_dict_in_generate", lambda v: bool(v), "generate returns the token ids only"),
+)
+
+# GenerationConfig fields behind each decoding mode that is not greedy search.
+_MODE_FIELDS = {"beam_search": "num_beams", "group_beam_search": "num_beams, num_beam_groups",
+                "constrained_beam_search": "constraints, force_words_ids", "contrastive_search": "penalty_alpha, top_k",
+                "assisted_generation": "prompt_lookup_num_tokens, assistant_early_exit, use_mtp",
+                "dola_generation": "dola_layers"}
+
+
+def generation_settings(model: nn.Module, overrides: dict[str, Any]):
+    """The ``GenerationConfig`` that ``model.generate(do_sample=False, **overrides)`` decodes with:
+    a ``generation_config`` passed in ``overrides`` (else an empty one), its unset fields filled
+    from ``model.generation_config``, then the other ``overrides`` on top, as transformers merges
+    them. None for a model without generation settings (the built-in models), which decode plain
+    greedy.
+
+    Contract: refuses (ValueError naming the field and the fix) ``do_sample=True`` or
+    ``max_length`` passed here, a name that is no GenerationConfig field, a decoding mode other
+    than greedy search (``num_beams`` > 1, ...) and a setting in ``_UNSUPPORTED``; ``do_sample``
+    and the sampling settings (temperature, top_k, top_p, ...) in the model's config are ignored,
+    since ``generate`` is greedy by definition."""
+    overrides = dict(overrides)
+    if isinstance(model, Transformer) and overrides:
+        raise ValueError(f"generate({', '.join(f'{k}=...' for k in overrides)}): the built-in models decode "
+                         f"plain greedy and take no generation settings; call generate(ids, max_new_tokens)")
+    if isinstance(model, Transformer) or (getattr(model, "generation_config", None) is None and not overrides):
+        return None
+    from transformers import GenerationConfig
+    if overrides.get("do_sample"):
+        raise ValueError("generate(do_sample=True): program.generate decodes greedily (as model.generate("
+                         "do_sample=False)); drop do_sample, or sample eagerly with model.generate")
+    if "max_length" in overrides:
+        raise ValueError("generate(max_length=...): program.generate takes max_new_tokens (as model.generate, "
+                         "where max_new_tokens overrides max_length); pass the number of new tokens instead")
+    given = overrides.pop("generation_config", None)
+    config = copy.deepcopy(given) if given is not None else GenerationConfig()
+    base = getattr(model, "generation_config", None)
+    if base is not None:
+        config.update(**base.to_dict(), defaults_only=True, allow_custom_entries=True)
+    unknown = config.update(**overrides)
+    if unknown:
+        raise ValueError(f"generate({', '.join(f'{k}=...' for k in unknown)}): not a generation setting (a "
+                         f"GenerationConfig field); program.generate takes ids, max_new_tokens, attention_mask and "
+                         f"generation settings only")
+    _check_greedy(model, config, overrides)
+    return config
+
+
+def _check_greedy(model: nn.Module, config, overrides: dict) -> None:
+    """Refuse a config whose decoding is not greedy search, or that sets a field of ``_UNSUPPORTED``."""
+    def source(fields: str) -> str:
+        return "passed to generate" if any(f.strip() in overrides for f in fields.split(",")) else \
+            f"{type(model).__name__}.generation_config"
+    greedy = copy.copy(config)
+    greedy.do_sample = False                       # generate is model.generate(do_sample=False)
+    mode = greedy.get_generation_mode().value
+    if mode != "greedy_search":
+        fields = _MODE_FIELDS.get(mode, mode)
+        raise ValueError(f"generate: {fields} ({source(fields)}) asks for {mode.replace('_', ' ')}, but "
+                         f"program.generate decodes greedily; unset {fields} (pass num_beams=1, the others None, "
+                         f"to generate or on model.generation_config), or decode eagerly with model.generate")
+    for field, is_set, why in _UNSUPPORTED:
+        value = getattr(config, field, None)
+        if is_set(value):
+            raise ValueError(f"generate: {field}={value!r} ({source(field)}) is not supported: {why}; unset it "
+                             f"(generate(..., {field}=None) or on model.generation_config), or decode eagerly "
+                             f"with model.generate")
+
+
+def logits_processors(config, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int) -> list:
+    """The logits processors ``model.generate(do_sample=False)`` builds from ``config`` for the
+    prompts ``ids`` (``mask``: their padding), in its order, each transformers' own class; they
+    take the sequence so far (prompt included) and the last position's logits."""
+    import transformers as tf
+    prompt, device = ids.shape[1], ids.device
+    eos = stop_ids(config)[0]
+    eos = torch.tensor(eos, device=device) if eos else None
+    min_length = config.min_length if config.min_new_tokens is None else prompt + config.min_new_tokens
+    begin = prompt + 1 if prompt == 1 and config.forced_bos_token_id is not None else prompt
+    rules = [
+        (config.sequence_bias is not None, lambda: tf.SequenceBiasLogitsProcessor(config.sequence_bias)),
+        (config.encoder_repetition_penalty not in (None, 1.0),
+         lambda: tf.EncoderRepetitionPenaltyLogitsProcessor(config.encoder_repetition_penalty, ids)),
+        (config.repetition_penalty not in (None, 1.0),      # the left padding is no part of the prompt
+         lambda: tf.RepetitionPenaltyLogitsProcessor(config.repetition_penalty, (mask != 0).int().argmax(dim=1))),
+        (bool(config.no_repeat_ngram_size), lambda: tf.NoRepeatNGramLogitsProcessor(config.no_repeat_ngram_size)),
+        (bool(config.encoder_no_repeat_ngram_size),
+         lambda: tf.EncoderNoRepeatNGramLogitsProcessor(config.encoder_no_repeat_ngram_size, ids)),
+        (config.bad_words_ids is not None, lambda: tf.NoBadWordsLogitsProcessor(config.bad_words_ids, eos)),
+        (eos is not None and bool(min_length), lambda: tf.MinLengthLogitsProcessor(min_length, eos, device=device)),
+        (eos is not None and bool(config.min_new_tokens),
+         lambda: tf.MinNewTokensLengthLogitsProcessor(prompt, config.min_new_tokens, eos, device=device)),
+        (config.forced_bos_token_id is not None, lambda: tf.ForcedBOSTokenLogitsProcessor(config.forced_bos_token_id)),
+        (config.forced_eos_token_id is not None,
+         lambda: tf.ForcedEOSTokenLogitsProcessor(prompt + max_new_tokens, config.forced_eos_token_id, device=device)),
+        (config.remove_invalid_values is True, tf.InfNanRemoveLogitsProcessor),
+        (config.exponential_decay_length_penalty is not None,
+         lambda: tf.ExponentialDecayLengthPenalty(config.exponential_decay_length_penalty, eos, prompt)),
+        (config.suppress_tokens is not None,
+         lambda: tf.SuppressTokensLogitsProcessor(config.suppress_tokens, device=device)),
+        (config.begin_suppress_tokens is not None,
+         lambda: tf.SuppressTokensAtBeginLogitsProcessor(config.begin_suppress_tokens, begin, device=device)),
+    ]                                   # renormalize_logits (a log-softmax last) keeps the argmax
+    return [make() for applies, make in rules if applies]
+
+
+class GreedyChoice:
+    """Choice and stopping as in ``model.generate(do_sample=False)``: the last position's logits, in
+    float32, through the logits processors of the generation settings ``config`` (None: none)
+    with the sequence so far, then the argmax; a sequence that has produced an end-of-sequence id
+    gets the pad id from then on; decoding ends once all have. ``ids``, ``mask``: the prompts and
+    their padding (``mask`` all ones where there is none)."""
+
+    def __init__(self, config, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int):
+        self.eos, self.pad = stop_ids(config)
+        self.processors = [] if config is None else logits_processors(config, ids, mask, max_new_tokens)
+        self.done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+
+    def next_token(self, sequence: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        scores = logits[:, -1].to(dtype=torch.float32, device=sequence.device)
+        for processor in self.processors:
+            scores = processor(sequence, scores)
+        token = scores.argmax(-1)
+        if self.eos:
+            token = torch.where(self.done, torch.tensor(self.pad, device=token.device), token)
+            self.done |= torch.isin(token, torch.tensor(self.eos, device=token.device))
+        return token
+
+    @property
+    def all_done(self) -> bool:
+        return bool(self.eos) and bool(self.done.all())
+
+
+def padding_mask(config, ids: torch.Tensor) -> Optional[torch.Tensor]:
+    """The mask ``model.generate`` infers for prompts passed without one: the pad id's positions
+    masked out where the generation settings ``config`` have a pad id that is no end-of-sequence
+    id and the prompts hold it; else None (every position counts)."""
+    pad = getattr(config, "pad_token_id", None)
+    if pad is None or pad in stop_ids(config)[0] or not bool((ids == pad).any()):
+        return None
+    return (ids != pad).long()
+
+
+def stop_ids(config) -> tuple[list[int], Optional[int]]:
+    """End-of-sequence ids and the pad id of generation settings (None: neither; transformers pads
+    with the first EOS id when there is no pad id)."""
+    eos = getattr(config, "eos_token_id", None)
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    pad = getattr(config, "pad_token_id", None)
+    return eos, pad if pad is not None else (eos[0] if eos else None)
