@@ -192,3 +192,28 @@ def test_infer_cli_refuses_a_negative_max_new_tokens_before_loading_the_model(mo
         infer_cli.main(["tiny-moe", "--budget", "512KiB", "--max-new-tokens", "-1"])
     assert info.value.code == 2
     assert "--max-new-tokens (-1) must be >= 0" in capsys.readouterr().err
+
+
+# -- hybrid linear-attention models ------------------------------------------------------------------
+
+
+def test_size_estimates_evaluate_torchs_integer_functions():
+    """A mamba layer's chunk count is a FloorDiv of the sequence length in its symbolic sizes."""
+    from torch.utils._sympy.functions import CeilDiv, FloorDiv, ModularIndexing
+
+    from moesys_compile.frontend.annotation import B, S, size_function
+
+    exprs = [FloorDiv(S, 8) * B, CeilDiv(S, 8), ModularIndexing(S, 2, 4), 3 * B * S]
+    assert size_function(exprs)(3, 21) == [6, 3, 2, 189]
+
+
+@pytest.mark.parametrize("family", ["granitemoehybrid"])     # (qwen3_next holds the same FloorDiv)
+def test_a_hybrid_linear_attention_model_runs_through_the_ring(family):
+    pytest.importorskip("transformers")
+    from moesys_compile.models.hf import build_hf
+
+    model = build_hf(family).eval()
+    ids = torch.randint(3, 128, (2, 6), generator=torch.Generator().manual_seed(0))
+    program = mc.compile(model, mc.Plan(mode="infer", device_budget="32MiB"), example_inputs=(ids,))
+    with torch.inference_mode():
+        torch.testing.assert_close(program(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
