@@ -57,6 +57,21 @@ def test_rank_graph_holds_only_its_experts(exchange):
     assert any("experts 2..3 of 4" in line for line in ctx.notes["expert_parallel"])
 
 
+@pytest.mark.parametrize("exchange, bounds", [("slot", {"ep_dispatch": "4*B*S"}),
+                                               ("token", {"ep_token_dispatch": "4*B*S"})])
+def test_received_rows_are_bounded_by_every_ranks_slots(exchange, bounds):
+    """top-2 over 4 experts on 2 ranks: a rank receives at most 2 ranks x B*S tokens x 2 slots
+    (not the element count of the rows sent, which the generic rule would give)."""
+    plan = mc.Plan(mode="train", world_size=2, expert_parallel=2, ep_exchange=exchange)
+    gm, ctx = mc.lower(tiny(n_layers=1, num_experts=4), plan, (IDS,), rank=0)
+    (name, bound), = bounds.items()
+    (dispatch,) = ops_in(gm, name)
+    assert str(ctx.annotation.expr(dispatch.meta["val"].shape[0])) == bound
+    if exchange == "token":     # and sends one row per token and rank it goes to
+        (plan_node,) = ops_in(gm, "ep_token_plan")
+        assert str(ctx.annotation.expr(plan_node.meta["val"][2].shape[0])) == "2*B*S"
+
+
 def test_single_device_is_a_noop():
     gm, ctx = mc.lower(tiny(), mc.Plan(mode="train"), (IDS,))
     assert not ops_in(gm, "ep_dispatch", "global_load_balancing_loss")

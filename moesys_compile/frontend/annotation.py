@@ -14,7 +14,7 @@ import itertools
 import math
 import operator
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import sympy
 import torch
@@ -479,11 +479,29 @@ def annotate_costs(gm: fx.GraphModule, annotation: Annotation) -> None:
         meta["cost"] = cost
 
 
+# op name ("moesys::ep_dispatch") -> rule(node, expr) giving {data-dependent size: its bound} for the
+# sizes the op makes, where its inputs' element counts say little (a collective receives rows from
+# every rank); ``expr`` turns a size of a fake value into an expression in B and S
+UNBACKED_BOUND_RULES: dict[str, Callable[[fx.Node, Callable[[Any], sympy.Expr]], dict]] = {}
+
+
+def register_unbacked_bound(op_name: str, rule: Callable[[fx.Node, Callable[[Any], sympy.Expr]], dict]) -> None:
+    UNBACKED_BOUND_RULES[op_name] = rule
+
+
+def _op_name(target: Any) -> Optional[str]:
+    """``namespace::name`` of a custom op (an overload or its packet), else None."""
+    name = getattr(target, "_qualified_op_name", None) or getattr(getattr(target, "_overloadpacket", None),
+                                                                  "_qualified_op_name", None)
+    return name
+
+
 def bound_unbacked_sizes(gm: fx.GraphModule, annotation: Annotation) -> None:
-    """Bound each data-dependent size by the element count of the node that made it: of its
-    boolean inputs when it has some (``torch.where(mask)``, ``x[mask]`` find at most
-    ``mask.numel()`` entries), else of its largest input (``nonzero(x)``), so that costs and the
-    ring's activation workspace stay expressions in B and S, bounded from above."""
+    """Bound each data-dependent size in B and S, so that costs and the ring's activation workspace
+    stay expressions bounded from above: by the op's own rule (``UNBACKED_BOUND_RULES``) where it
+    has one, else by the element count of the node that made it: of its boolean inputs when it
+    has some (``torch.where(mask)``, ``x[mask]`` find at most ``mask.numel()`` entries), else of
+    its largest input (``nonzero(x)``)."""
     seen: set = set()
     costs = CostModel(gm, annotation)
     for node in gm.graph.nodes:
@@ -491,11 +509,13 @@ def bound_unbacked_sizes(gm: fx.GraphModule, annotation: Annotation) -> None:
         made = free_unbacked_symbols(sized) - seen
         if not made:
             continue
+        rule = UNBACKED_BOUND_RULES.get(_op_name(node.target))
+        own = rule(node, annotation.expr) if rule is not None else {}
         inputs = [t for n in node.all_input_nodes for t in tensors_in(n.meta.get("val"))]
         masks = [t for t in inputs if t.dtype == torch.bool]
         sizes = [costs.numel(t) for t in masks or inputs]
         bound = sympy.Max(*sizes) if sizes else sympy.Integer(0)
-        annotation.unbacked_bounds.update((symbol, bound) for symbol in made)
+        annotation.unbacked_bounds.update((symbol, own.get(symbol, bound)) for symbol in made)
         seen |= made
 
 

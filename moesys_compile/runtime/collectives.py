@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..frontend.annotation import register_unbacked_bound
 from ..ops.autocast import follow_autocast
 from . import groups
 
@@ -125,6 +126,16 @@ def ep_dispatch(x_ND: Tensor, counts_E: Tensor, recv_RL: Tensor, group: str) -> 
 def _ep_dispatch_fake(x_ND, counts_E, recv_RL, group):
     rows = dynamic_rows()
     return x_ND.new_empty((x_ND.shape[0] if rows is None else rows, x_ND.shape[1]))
+
+
+def _received_rows_bound(node, expr) -> dict:
+    """Rows an ``ep_dispatch`` receives: at most the slots every rank of the group (``recv_RL``'s
+    rows) routes, as many as this rank's ``x_ND`` rows."""
+    x_ND, _, recv_RL = (arg.meta["val"] for arg in node.args[:3])
+    return {node.meta["val"].shape[0].node.expr: recv_RL.shape[0] * expr(x_ND.shape[0])}
+
+
+register_unbacked_bound("moesys::ep_dispatch", _received_rows_bound)
 
 
 def _dispatch_setup(ctx, inputs, output):

@@ -35,6 +35,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from moesys_compile.frontend.annotation import register_unbacked_bound
 from moesys_compile.ops import sort_slots_reference
 from moesys_compile.ops.autocast import follow_autocast
 from moesys_compile.runtime.collectives import all_to_all_rows, dynamic_rows, group_of, transpose_blocks
@@ -97,6 +98,20 @@ def _ep_token_plan_fake(ids_TK, weights_TK, num_experts, capacity, group, ep_siz
             index((sends,), dtype=torch.int64), index((slots,), dtype=torch.int64),
             index((ep_size, num_experts // ep_size), dtype=torch.int64), index((2, ep_size), dtype=torch.int64),
             weights_TK.new_empty((slots,)))
+
+
+def _plan_sizes_bound(node, expr) -> dict:
+    """An ``ep_token_plan``'s data-dependent sizes: the rows it sends (one per token and rank it
+    routes to: T x min(ranks, K)) and the slots it receives (every rank's tokens, each routed to at
+    most min(K, local experts) of this rank's experts)."""
+    ids_TK = node.args[0].meta["val"]
+    num_experts, ep_size = node.args[2], node.args[5]
+    tokens, top_k = expr(ids_TK.shape[0]), int(ids_TK.shape[1])
+    sends, slots = (node.meta["val"][i].shape[0].node.expr for i in (2, 3))
+    return {sends: tokens * min(ep_size, top_k), slots: ep_size * tokens * min(top_k, num_experts // ep_size)}
+
+
+register_unbacked_bound("moesys::ep_token_plan", _plan_sizes_bound)
 
 
 def _plan_setup(ctx, inputs, output):
