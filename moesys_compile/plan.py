@@ -224,14 +224,20 @@ class Plan:
 
     @classmethod
     def from_file(cls, path: Union[str, Path]) -> "Plan":
-        path = Path(path)
-        if not path.is_file():
-            raise PlanError(f"plan file {str(path)!r} does not exist")
-        text = path.read_text()
-        try:
-            data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-        except (json.JSONDecodeError, yaml.YAMLError) as exc:
-            raise PlanError(f"plan file {str(path)!r} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}") from exc
-        if not isinstance(data, dict):
-            raise PlanError(f"plan file {str(path)!r} must hold a mapping of plan fields, got {type(data).__name__}")
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(read_plan_file(path), source=str(path))
+
+
+def read_plan_file(path: Union[str, Path]) -> dict[str, Any]:
+    """The fields a YAML or JSON plan file holds (not yet checked as a Plan)."""
+    path = Path(path)
+    if not path.is_file():
+        raise PlanError(f"plan file {str(path)!r} does not exist")
+    text = path.read_text()
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise PlanError(f"plan file {str(path)!r} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: "
+                        f"{exc}") from exc
+    if not isinstance(data, dict):
+        raise PlanError(f"plan file {str(path)!r} must hold a mapping of plan fields, got {type(data).__name__}")
+    return data

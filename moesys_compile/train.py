@@ -15,8 +15,11 @@ newest; a run with the same ``--ckpt-dir`` resumes from it unless ``--no-resume`
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -35,7 +38,7 @@ from .cli import check_seq_len
 from .errors import MoesysError, PlanError
 from .frontend import canonicalize
 from .models.spec import load_model, parse_overrides
-from .plan import Plan
+from .plan import Plan, read_plan_file
 from .programs.training import TrainingProgram
 from .runtime import groups
 from .runtime import checkpoint
@@ -86,6 +89,9 @@ class TokenSource:
         file = Path(path)
         if not file.is_file():
             raise ValueError(f"--data {path!r} is neither 'synthetic' nor an existing file")
+        if file.suffix == ".npz":
+            raise ValueError(f"--data {path!r} is an .npz archive; save the token ids as one .npy array "
+                             f"(np.save) or a .bin file of uint16 ids")
         if file.suffix == ".npy":
             ids = np.load(file, mmap_mode="c")       # copy-on-write: a writable view, nothing read yet
         elif file.suffix == ".bin":
@@ -110,9 +116,9 @@ class TokenSource:
             start = torch.randint(0, self.vocab, (self.batch, 1), generator=gen)
             stride = torch.randint(1, 8, (self.batch, 1), generator=gen)
             return (start + stride * torch.arange(self.seq + 1)) % self.vocab
-        if self.tokens.numel() <= self.seq + 1:
-            raise ValueError(f"--data has {self.tokens.numel()} tokens; need more than --seq-len + 1 ({self.seq + 1})")
-        offsets = torch.randint(0, self.tokens.numel() - self.seq - 1, (self.batch,), generator=gen)
+        if self.tokens.numel() < self.seq + 1:
+            raise ValueError(f"--data has {self.tokens.numel()} tokens; need at least --seq-len + 1 ({self.seq + 1})")
+        offsets = torch.randint(0, self.tokens.numel() - self.seq, (self.batch,), generator=gen)   # every window
         return torch.stack([self.tokens[o: o + self.seq + 1] for o in offsets.tolist()])
 
     def local_batch(self, step: int, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,7 +139,7 @@ def save_checkpoint(program: TrainingProgram, opt, root: str, step: int) -> Path
     name = f"step_{step:06d}"
     program.save(str(Path(root) / name), optimizer=opt, step=step)
     if program.topology.rank == 0:
-        marker, tmp = Path(root) / checkpoint.LATEST, Path(root) / f"{checkpoint.LATEST}.tmp"
+        marker, tmp = Path(root) / checkpoint.LATEST, Path(root) / f"{checkpoint.LATEST}.tmp-{os.getpid()}"
         tmp.write_text(name)
         tmp.replace(marker)
     return Path(root) / name
@@ -144,7 +150,9 @@ def save_checkpoint(program: TrainingProgram, opt, root: str, step: int) -> Path
 
 def make_plan(args, world: int) -> Plan:
     if args.plan:
-        plan = Plan.from_file(args.plan)
+        fields = read_plan_file(args.plan)
+        fields.setdefault("world_size", world)        # a plan file need not repeat the launched world
+        plan = Plan.from_dict(fields, source=args.plan)
         if plan.mode != "train":
             raise PlanError(f"{args.plan}: mode ({plan.mode!r}) must be 'train' for moesys-compile train")
         return plan
@@ -181,17 +189,34 @@ def run(args) -> dict:
     gm, ctx = lower(model, plan, (ids,), rank=rank)
     program = TrainingProgram(gm, ctx)
     opt = torch.optim.AdamW(program.parameters(), lr=args.lr, weight_decay=0.0)
-    start = _resume(program, opt, args, rank)
-    log = _train_loop(program, opt, data, args, start, rank, world, device)
-    # the last step's checkpoint, unless --ckpt-every saved it or the checkpoint resumed from is
-    # already at (or past) --steps: nothing was trained, and a save would label it step --steps
-    if args.ckpt_dir and start < args.steps and (not args.ckpt_every or args.steps % args.ckpt_every):
-        path = save_checkpoint(program, opt, args.ckpt_dir, args.steps)
-        if rank == 0:
-            print(f"saved {path}", flush=True)
+    with _only_run_in(args.ckpt_dir if rank == 0 else None):
+        start = _resume(program, opt, args, rank)
+        log = _train_loop(program, opt, data, args, start, rank, world, device)
+        # the last step's checkpoint, unless --ckpt-every saved it or the checkpoint resumed from is
+        # already at (or past) --steps: nothing was trained, and a save would label it step --steps
+        if args.ckpt_dir and start < args.steps and (not args.ckpt_every or args.steps % args.ckpt_every):
+            path = save_checkpoint(program, opt, args.ckpt_dir, args.steps)
+            if rank == 0:
+                print(f"saved {path}", flush=True)
     if rank == 0 and args.log_json:
         Path(args.log_json).write_text(json.dumps(log, indent=1))   # its folder: made by _check_args
     return log
+
+
+@contextlib.contextmanager
+def _only_run_in(ckpt_dir: Optional[str]):
+    """Within, this process holds ``CKPT_DIR/.lock``: a second run into the same directory (whose
+    checkpoints would interleave with this one's) is refused by name. Nothing without a directory."""
+    if ckpt_dir is None:
+        yield
+        return
+    with open(Path(ckpt_dir) / ".lock", "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"--ckpt-dir {ckpt_dir!r} is in use by another training run (it holds "
+                             f"{ckpt_dir}/.lock); wait for it to end, or pass another --ckpt-dir") from None
+        yield
 
 
 def _resume(program, opt, args, rank: int) -> int:
@@ -203,9 +228,13 @@ def _resume(program, opt, args, rank: int) -> int:
     except CheckpointError as exc:
         raise CheckpointError(f"resuming from {latest}: {exc}; or pass --no-resume (or another --ckpt-dir) "
                               f"to start afresh") from None
+    saved_lr = {group["lr"] for group in opt.param_groups}
+    for group in opt.param_groups:                # this run's --lr, not the checkpoint's
+        group["lr"] = args.lr
     if rank == 0:
         done = f"; --steps {args.steps} is reached, nothing to train" if step >= args.steps else ""
-        print(f"resumed from {latest} at step {step}{done}", flush=True)
+        lr = f"; --lr {args.lr} replaces the checkpoint's {sorted(saved_lr)[0]}" if saved_lr != {args.lr} else ""
+        print(f"resumed from {latest} at step {step}{lr}{done}", flush=True)
     return step
 
 
@@ -293,15 +322,38 @@ def precheck(args, world: int) -> None:
 
 
 def _check_args(args, world: int) -> None:
+    for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size), ("--seq-len", args.seq_len)):
+        if value < 1:
+            raise ValueError(f"{flag} ({value}) must be >= 1")
+    if not args.lr >= 0:
+        raise ValueError(f"--lr ({args.lr}) must be >= 0")
     if args.batch_size % world:
         raise ValueError(f"--batch-size ({args.batch_size}) must be divisible by the world size ({world})")
     if args.ckpt_every and not args.ckpt_dir:
         raise ValueError(f"--ckpt-every {args.ckpt_every} saves nowhere without --ckpt-dir; pass --ckpt-dir DIR")
-    if args.ckpt_dir and Path(args.ckpt_dir).exists() and not Path(args.ckpt_dir).is_dir():
-        raise ValueError(f"--ckpt-dir {args.ckpt_dir!r} is a file, not a directory; pass a directory (it is "
-                         f"created if missing)")
+    if args.ckpt_dir:
+        _prepare_ckpt_dir(Path(args.ckpt_dir))
     if args.log_json:
         _prepare_log_json(Path(args.log_json))
+
+
+def _prepare_ckpt_dir(root: Path) -> None:
+    """Create ``--ckpt-dir`` and refuse one that is a file, cannot be written, or is one step's
+    checkpoint (a run writes ``step_N`` directories and ``latest`` into its root), before any step."""
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"--ckpt-dir {str(root)!r} is a file, not a directory; pass a directory (it is created "
+                         f"if missing)")
+    if (root / checkpoint.META).is_file():
+        raise ValueError(f"--ckpt-dir {str(root)!r} is one checkpoint (it holds {checkpoint.META}); pass the run's "
+                         f"root, which holds its step_N directories and 'latest' (here {str(root.parent)!r}), to "
+                         f"resume from its newest step")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"--ckpt-dir {str(root)!r}: cannot create it ({exc.strerror or exc}); pass a directory "
+                         f"in a writable folder") from None
+    if not os.access(root, os.W_OK):
+        raise ValueError(f"--ckpt-dir {str(root)!r} is not writable; pass a directory in a writable folder")
 
 
 def _prepare_log_json(path: Path) -> None:
@@ -331,7 +383,12 @@ def launch(argv: Sequence[str], nproc: int, env: Optional[dict] = None) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
            "127.0.0.1", "--master-port", str(port), "-m", "moesys_compile.train", *forwarded]
     full_env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **(env or {})}
-    return subprocess.run(cmd, env=full_env).returncode
+    child = subprocess.Popen(cmd, env=full_env)
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signum))   # stop the ranks too
+    try:
+        return child.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def demo(out_dir: str, steps: int = 40) -> dict:
