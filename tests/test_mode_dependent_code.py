@@ -176,3 +176,22 @@ def test_hf_models_captured_by_export(family, differs):
     assert len(messages) == int(differs)
     if differs:
         assert "model.layers.0.mlp" in messages[0]
+
+
+class UnusedInTraining(nn.Module):
+    """Computes a value in training mode that nothing uses (as a mamba mixer prepares the arguments
+    of a kernel that is missing, then falls back to the same code as in eval mode)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(D, D)
+
+    def forward(self, x):
+        if self.training:
+            unused = self.lin.weight.t() * 2  # noqa: F841
+        return self.lin(x)
+
+
+def test_values_computed_in_one_mode_and_never_used_do_not_warn():
+    program = mc.compile(UnusedInTraining(), mc.Plan(mode="train"), example_inputs=(torch.randn(3, D),))
+    assert switch_warnings(program, False) == []

@@ -45,6 +45,30 @@ def _is_alias(gm: fx.GraphModule, node: fx.Node) -> bool:
         node.op == "call_method" and node.target == "contiguous")
 
 
+def _pure(node: fx.Node) -> bool:
+    """A read or a call that mutates nothing (a module call may: it is never taken as pure)."""
+    if node.op == "get_attr":
+        return True
+    if node.op not in ("call_function", "call_method"):
+        return False
+    schema = getattr(node.target, "_schema", None)
+    if schema is not None:
+        return not schema.is_mutable
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    return not name.endswith("_")
+
+
+def _dead(gm: fx.GraphModule) -> set[fx.Node]:
+    """Pure nodes whose results reach no output: the code of a branch that computes values it never
+    uses (torch.export records the arguments of a mamba mixer's kernel call in training mode even
+    when the kernel is missing and the mixer falls back to the code it runs in eval mode)."""
+    dead: set[fx.Node] = set()
+    for node in reversed(gm.graph.nodes):
+        if _pure(node) and all(user in dead for user in node.users):
+            dead.add(node)
+    return dead
+
+
 def _records(gm: fx.GraphModule) -> tuple[list[tuple[Any, ...]], list[fx.Node]]:
     """(records, the node of each record): see ``mode_signature``."""
     position: dict[fx.Node, Optional[int]] = {}
@@ -54,7 +78,10 @@ def _records(gm: fx.GraphModule) -> tuple[list[tuple[Any, ...]], list[fx.Node]]:
     def normalized(value: Any) -> Any:
         return fx.node.map_aggregate(value, lambda v: ("node", position[v]) if isinstance(v, fx.Node) else v)
 
+    dead = _dead(gm)
     for node in gm.graph.nodes:
+        if node in dead:
+            continue
         source = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
         if _is_alias(gm, node) or (node.target is operator.getitem and source is not None
                                    and source.target is aten.native_dropout.default):
@@ -74,8 +101,8 @@ def _records(gm: fx.GraphModule) -> tuple[list[tuple[Any, ...]], list[fx.Node]]:
 
 def mode_signature(gm: fx.GraphModule) -> list[tuple[Any, ...]]:
     """One (op, target, args, kwargs) record per node: inputs by position, every dropout call
-    (and a ``getitem`` of ``native_dropout``) and ``contiguous`` an alias of its input, attention without its
-    dropout probability.
+    (and a ``getitem`` of ``native_dropout``) and ``contiguous`` an alias of its input, attention
+    without its dropout probability, dead code (``_dead``) left out.
     Equal signatures mean equal computations once dropout is off."""
     return _records(gm)[0]
 
