@@ -20,6 +20,7 @@ from .errors import MoesysError
 from .plan import MODES, Plan
 
 FORMATS = ("text", "json", "dot", "svg")
+DEFAULT_BATCH, DEFAULT_SEQ = 2, 16
 
 
 def _inspect_parser(sub) -> None:
@@ -36,13 +37,13 @@ def _inspect_parser(sub) -> None:
                         "stdout, or one file per stage with --out (svg needs Graphviz's dot program)")
     p.add_argument("--out", metavar="DIR", help="write files here (inspect.txt, inspect.json or NN-STAGE.dot/svg) "
                                                 "instead of printing")
-    p.add_argument("--batch", type=int, default=2,
+    p.add_argument("--batch", type=int, default=None,
                    help="batch size B of the example inputs the plan is lowered at (an infer plan sizes its "
                         "ring's sections, slots and workspace for it) and at which formulas are evaluated "
-                        "(default 2)")
-    p.add_argument("--seq", type=int, default=16,
+                        f"(default {DEFAULT_BATCH}; a factory's own example inputs keep theirs)")
+    p.add_argument("--seq", type=int, default=None,
                    help="sequence length S of the example inputs the plan is lowered at and at which formulas "
-                        "are evaluated (default 16; at most the model's max_seq_len)")
+                        f"are evaluated (default {DEFAULT_SEQ}; at most the model's max_seq_len)")
     p.add_argument("--list-passes", action="store_true", help="list each mode's passes and exit")
 
 
@@ -63,7 +64,7 @@ def list_passes(plan: Optional[Plan]) -> str:
 def run_inspect(args: argparse.Namespace) -> int:
     from .api import lower
     from .models.spec import load_model, model_and_overrides
-    from .report import InspectError, Renderer
+    from .report import InspectError, Renderer, check_stage, dot_program
 
     plan = Plan.from_file(args.plan) if args.plan else Plan(mode=args.mode or "train")
     if args.mode and args.plan and args.mode != plan.mode:
@@ -74,17 +75,21 @@ def run_inspect(args: argparse.Namespace) -> int:
     model, overrides = model_and_overrides(args.model, args.config)
     if not model:
         raise MoesysError("inspect needs MODEL (e.g. tiny-moe), or --list-passes")
-    if args.batch < 1 or args.seq < 1:
+    if (args.batch is not None and args.batch < 1) or (args.seq is not None and args.seq < 1):
         raise MoesysError(f"--batch ({args.batch}) and --seq ({args.seq}) must be >= 1")
+    check_stage(args.after, plan)
+    if args.format == "svg":
+        dot_program()
     out_dir = _out_dir(args.out)
     if plan.mode == "infer" and not plan.weights_checkpoint and os.path.isdir(model):
         plan = dataclasses.replace(plan, weights_checkpoint=model)     # as `infer DIR`: read, never loaded whole
     loaded = load_model(model, overrides, weights=not (plan.mode == "infer" and plan.weights_checkpoint))
     if plan.dtype is not None:             # as `train` does: the model in Plan.dtype (export fixes it in the graph)
         loaded.model.to(plan.torch_dtype)
-    check_seq_len(loaded.model, args.seq, "--seq", "--config")
-    _, ctx = lower(loaded.model, plan, loaded.example_inputs(args.batch, args.seq))   # as compile at (B, S)
-    renderer = Renderer(ctx, args.batch, args.seq)
+    batch, seq = example_size(loaded, args.batch, args.seq)
+    check_seq_len(loaded.model, seq, "--seq", "--config")
+    _, ctx = lower(loaded.model, plan, loaded.example_inputs(batch, seq))   # as compile at (B, S)
+    renderer = Renderer(ctx, batch, seq)
     snapshots = renderer.snapshots(args.after)
     if args.format in ("text", "json"):
         text = renderer.text(args.after, loaded.description) if args.format == "text" else renderer.json(args.after)
@@ -99,6 +104,23 @@ def run_inspect(args: argparse.Namespace) -> int:
     except InspectError:
         raise
     return 0
+
+
+def example_size(loaded, batch: Optional[int], seq: Optional[int]) -> tuple[int, int]:
+    """The (B, S) inspect lowers at: ``--batch``/``--seq`` (or their defaults), except for a factory
+    that returns its own example inputs, whose sizes are kept; a --batch or --seq it cannot honour
+    is then said on stderr rather than shown in the header as if it were used."""
+    wanted = (batch or DEFAULT_BATCH, seq or DEFAULT_SEQ)
+    if loaded.example_size is None:
+        return wanted
+    own = (loaded.example_size + wanted[len(loaded.example_size):])[:2]
+    ignored = [f"{flag} {given}" for flag, given, kept in zip(("--batch", "--seq"), (batch, seq), own)
+               if given is not None and given != kept]
+    if ignored:
+        print(f"moesys-compile inspect: note: {loaded.description} returns its own example inputs (B={own[0]}, "
+              f"S={own[1]}), which are used; {' and '.join(ignored)} ignored; to choose B and S give the model an "
+              f"example_inputs(batch, seq) method", file=sys.stderr)
+    return own
 
 
 # Config fields that cap the sequence length: the presets' own, then Hugging Face's.

@@ -52,9 +52,7 @@ class Renderer:
             return self.ctx.snapshots
         chosen = [s for s in self.ctx.snapshots if s.stage == after]
         if not chosen:
-            stages = [s.stage for s in self.ctx.snapshots]
-            raise InspectError(f"--after {after!r}: no such stage; stages of this run: {', '.join(stages)}"
-                               + (f" (disabled: {', '.join(self.ctx.passes_skipped)})" if self.ctx.passes_skipped else ""))
+            raise no_such_stage(after, [s.stage for s in self.ctx.snapshots], self.ctx.passes_skipped)
         return chosen
 
     def pipeline_line(self) -> str:
@@ -161,18 +159,46 @@ class Renderer:
         return graph
 
     def dot(self, snapshot: Snapshot) -> str:
-        return nx.nx_pydot.to_pydot(self.networkx(snapshot)).to_string()
+        """The snapshot's graph as DOT source, every node id quoted: fx names nodes after their
+        modules, and a module called ``node``, ``edge`` or ``graph`` is a DOT keyword unquoted."""
+        graph = self.networkx(snapshot)
+        return nx.nx_pydot.to_pydot(nx.relabel_nodes(graph, {name: _dot_id(name) for name in graph})).to_string()
 
     def svg(self, snapshot: Snapshot) -> str:
-        dot_binary = shutil.which("dot")
-        if dot_binary is None:
-            raise InspectError("--format svg needs Graphviz's `dot` program, which is not installed "
-                               "(Debian/Ubuntu: apt-get install graphviz); --format dot writes the DOT source instead")
-        result = subprocess.run([dot_binary, "-Tsvg"], input=self.dot(snapshot), capture_output=True, text=True,
+        result = subprocess.run([dot_program(), "-Tsvg"], input=self.dot(snapshot), capture_output=True, text=True,
                                 check=False)
         if result.returncode:
             raise InspectError(f"Graphviz dot failed: {result.stderr.strip()}")
         return result.stdout
+
+
+def check_stage(after: Optional[str], plan) -> None:
+    """Refuse ``--after`` naming no stage of ``plan``'s run (capture, then the mode's passes that
+    ``disable_passes`` leaves), before anything is lowered."""
+    from moesys_compile.passes import pipeline_for
+    names = [fn.__name__ for fn in pipeline_for(plan.mode)]
+    stages = ["capture"] + [name for name in names if name not in plan.disable_passes]
+    if after is not None and after not in stages:
+        raise no_such_stage(after, stages, [name for name in names if name in plan.disable_passes])
+
+
+def no_such_stage(after: str, stages: list[str], skipped: list[str]) -> InspectError:
+    return InspectError(f"--after {after!r}: no such stage; stages of this run: {', '.join(stages)}"
+                        + (f" (disabled: {', '.join(skipped)})" if skipped else ""))
+
+
+def dot_program() -> str:
+    """The path of Graphviz's ``dot``, which ``--format svg`` runs."""
+    dot_binary = shutil.which("dot")
+    if dot_binary is None:
+        raise InspectError("--format svg needs Graphviz's `dot` program, which is not installed "
+                           "(Debian/Ubuntu: apt-get install graphviz); --format dot writes the DOT source instead")
+    return dot_binary
+
+
+def _dot_id(name: str) -> str:
+    escaped = name.replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
 
 
 def _colour(record: NodeRecord) -> str:

@@ -107,7 +107,7 @@ def test_infer_cli_runs_a_hugging_face_model(capsys):
 @pytest.mark.parametrize("argv,message", [
     (["tiny-moe", "--budget", "1MiB", "--prompt-ids", "999", "1"], "--prompt-ids [999]: token ids must lie in 0..255"),
     (["tiny-moe", "--budget", "-5"], "device_budget ('-5') must be positive"),
-    (["hf:nosuchfam", "--budget", "1MiB"], "Unrecognized model identifier: nosuchfam)"),
+    (["hf:nosuchfam", "--budget", "1MiB"], "hf:nosuchfam: unknown transformers model type; tiny presets:"),
 ])
 def test_infer_cli_bad_arguments_give_one_line(argv, message, capsys):
     assert infer_main(argv) == 2

@@ -189,6 +189,7 @@ def _drop_concrete_placeholders(graph: fx.Graph, traced: list[str]) -> None:
 @taking_turns
 def fx_trace(model: nn.Module, example_inputs: Sequence[Any], example_kwargs: dict,
              tracer: MoesysTracer) -> fx.GraphModule:
+    check_graph_module_names(model)
     traced, concrete = traced_names(model, example_inputs, example_kwargs)
     graph = tracer.trace(model, concrete_args=concrete or None)
     _drop_concrete_placeholders(graph, traced)
@@ -198,6 +199,32 @@ def fx_trace(model: nn.Module, example_inputs: Sequence[Any], example_kwargs: di
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     gm.meta["moesys_capture"] = "fx"
     return gm
+
+
+# What a GraphModule defines besides nn.Module's own attributes: the captured graph keeps the
+# model's submodules, parameters and buffers under their names, so the model may not use these.
+RESERVED_NAMES = frozenset(set(dir(fx.GraphModule)) - set(dir(nn.Module))) | {
+    "graph", "code", "meta", "_graph", "_code", "_tracer_cls", "_tracer_extras", "_lineno_map", "_prologue_start",
+    "shape_env", "_erase_node_hooks", "_create_node_hooks", "_replace_hooks", "_deepcopy_hooks"}
+
+
+def check_graph_module_names(model: nn.Module) -> None:
+    """Refuse a model whose own submodule, parameter or buffer takes a name a GraphModule reserves
+    (``self.graph = nn.Linear(...)``): the captured graph could not hold it under that name."""
+    names = [*model._modules, *model._parameters, *model._buffers]
+    clashes = sorted(name for name in names if name in RESERVED_NAMES)
+    if clashes:
+        kinds = ", ".join(f"{name!r} ({_kind(model, name)})" for name in clashes)
+        raise UntraceableModelError(
+            f"cannot capture {type(model).__name__}: its attribute(s) {kinds} take a name that torch.fx's "
+            f"GraphModule reserves for itself; rename them in {type(model).__name__} (e.g. self.{clashes[0]} -> "
+            f"self.{clashes[0]}_proj); a checkpoint saved under the old name loads after renaming its keys")
+
+
+def _kind(model: nn.Module, name: str) -> str:
+    if name in model._modules:
+        return f"submodule {type(model._modules[name]).__name__}"
+    return "parameter" if name in model._parameters else "buffer"
 
 
 def _dynamic_dims(model: nn.Module, example_inputs: Sequence[Any], example_kwargs: dict) -> dict[str, tuple]:

@@ -208,22 +208,93 @@ def _transformers():
 
 
 def hf_config(family: str, overrides: dict[str, Any]):
-    """The config of ``hf:<family>``: the tiny preset (if any) with ``overrides`` applied."""
+    """The config of ``hf:<family>``: the tiny preset (if any) with ``overrides`` applied; a layer
+    count in ``overrides`` refits the preset's per-layer lists (``fit_layer_lists``)."""
     transformers = _transformers()
     model_type, preset = FAMILIES.get(family, (family, {}))
-    try:
-        config = transformers.AutoConfig.for_model(model_type, **{**preset, **overrides})
-    except ValueError as exc:
+    if model_type not in transformers.CONFIG_MAPPING:
         raise ValueError(f"hf:{family}: unknown transformers model type; tiny presets: {', '.join(FAMILIES)}; "
-                         f"any model type of transformers {transformers.__version__} also works "
-                         f"({str(exc).split('. Should contain')[0]})") from None
-    cls = type(config)
-    known = set(cls().to_dict()) | set(cls.attribute_map) | set(inspect.signature(cls.__init__).parameters) | {
-        f.name for f in (dataclasses.fields(cls) if dataclasses.is_dataclass(cls) else ())}
-    unknown = sorted(k for k in overrides if k not in known)
+                         f"any model type of transformers {transformers.__version__} also works")
+    cls = transformers.CONFIG_MAPPING[model_type]
+    unknown = sorted(k for k in overrides if k not in _config_fields(cls))
     if unknown:
-        raise ValueError(f"hf:{family}: --config field(s) {unknown} are not fields of {type(config).__name__}")
-    return config
+        raise ValueError(f"hf:{family}: --config field(s) {unknown} are not fields of {cls.__name__}")
+    overrides = fit_layer_lists(preset, overrides, cls.attribute_map)
+    return validated_config(f"hf:{family}", lambda: cls(**{**preset, **overrides}))
+
+
+def _config_fields(cls) -> set[str]:
+    """The names a config class takes: its fields, aliases, ``__init__`` parameters and settable
+    properties (Nemotron-H's ``num_hidden_layers``, which its ``layers_block_type`` decides)."""
+    settable = {name for name, attr in inspect.getmembers(cls) if isinstance(attr, property) and attr.fset}
+    return set(cls().to_dict()) | set(cls.attribute_map) | set(inspect.signature(cls.__init__).parameters) | {
+        f.name for f in (dataclasses.fields(cls) if dataclasses.is_dataclass(cls) else ())} | settable
+
+
+# Layer count fields, fields with one entry per layer, and fields listing layer indices, as
+# transformers configs name them.
+LAYER_COUNT_FIELDS = ("num_hidden_layers", "num_layers", "n_layers", "n_layer")
+PER_LAYER_FIELDS = ("layer_types", "mlp_layer_types", "layers_block_type", "no_rope_layers", "indexer_types",
+                    "num_attention_heads_per_layer", "num_key_value_heads_per_layer", "layer_rope_theta",
+                    "attn_layers")
+LAYER_INDEX_FIELDS = ("mlp_only_layers", "moe_layers", "full_attn_idxs", "attn_layer_indices", "hybrid_layer_ids",
+                      "cross_attention_layers")
+
+
+def fit_layer_lists(base: dict[str, Any], overrides: dict[str, Any],
+                    aliases: dict[str, str] | None = None) -> dict[str, Any]:
+    """``overrides`` plus the per-layer lists of ``base`` (a preset or a config.json) refitted to the
+    layer count that ``overrides`` sets, for each list ``overrides`` does not set itself: a per-layer
+    list has its pattern repeated or cut, a list of layer indices keeps the pattern of the layers it
+    marks. ``aliases`` is the config class's ``attribute_map`` (``n_layer`` is ``num_hidden_layers``).
+
+    ``fit_layer_lists({"num_hidden_layers": 2, "layer_types": ["sliding", "full"], "mlp_only_layers": [0]},
+    {"num_hidden_layers": 3})`` is ``{"num_hidden_layers": 3, "layer_types": ["sliding", "full", "sliding"],
+    "mlp_only_layers": [0, 2]}``.
+    """
+    canonical = {aliases.get(key, key) if aliases else key: value for key, value in overrides.items()}
+    count = next((canonical[k] for k in LAYER_COUNT_FIELDS if k in canonical), None)
+    old = _layer_count({aliases.get(key, key) if aliases else key: value for key, value in base.items()})
+    if not isinstance(count, int) or isinstance(count, bool) or count < 1 or old is None or old == count:
+        return overrides
+    fitted = dict(overrides)
+    for key, value in base.items():
+        name = aliases.get(key, key) if aliases else key
+        if name in canonical or not isinstance(value, list):
+            continue
+        if name in PER_LAYER_FIELDS and len(value) == old:
+            fitted[key] = [value[layer % old] for layer in range(count)]
+        elif name in LAYER_INDEX_FIELDS and all(isinstance(index, int) for index in value):
+            fitted[key] = [layer for layer in range(count) if layer % old in value]
+    return fitted
+
+
+def _layer_count(config: dict[str, Any]) -> int | None:
+    """The layer count of a config dict: its count field, else the length of a per-layer list."""
+    for key in LAYER_COUNT_FIELDS:
+        if isinstance(config.get(key), int):
+            return config[key]
+    return next((len(config[key]) for key in PER_LAYER_FIELDS if isinstance(config.get(key), list)), None)
+
+
+def validated_config(source: str, make):
+    """``make()``, a transformers config, with its validation error (a strict dataclass's, or a
+    ``ValueError`` of the config's own checks) as one ``ValueError`` line naming ``source`` and --config."""
+    try:
+        return make()
+    except (ValueError, TypeError, _strict_dataclass_error()) as exc:
+        cause = exc.__cause__ if exc.__cause__ is not None else exc
+        reason = " ".join(str(cause).split())
+        raise ValueError(f"{source}: invalid config: {reason}; fix or add "
+                         f"--config values (a per-layer list such as layer_types needs one entry per layer)") from None
+
+
+def _strict_dataclass_error() -> type[Exception]:
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:                       # an older huggingface_hub: configs raise ValueError
+        return ValueError
+    return StrictDataclassError
 
 
 def causal_lm_class(source: str, config):
@@ -264,7 +335,12 @@ def local_config(path: str, overrides: dict[str, Any]):
     """The config of a local Hugging Face directory (local files only), with ``overrides``."""
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise ValueError(f"{path}: not a Hugging Face model directory (no config.json)")
-    return _transformers().AutoConfig.from_pretrained(path, local_files_only=True, **overrides)
+    transformers = _transformers()
+    saved, _ = transformers.PretrainedConfig.get_config_dict(path, local_files_only=True)
+    cls = transformers.CONFIG_MAPPING.get(saved.get("model_type"))
+    overrides = fit_layer_lists(saved, overrides, getattr(cls, "attribute_map", None))
+    return validated_config(path, lambda: transformers.AutoConfig.from_pretrained(path, local_files_only=True,
+                                                                                   **overrides))
 
 
 def config_only(path: str, overrides: dict[str, Any]):

@@ -1,7 +1,9 @@
 """Resolve a MODEL spec from the command line into a model and example inputs.
 
     tiny-moe                      a built-in preset (``--config n_layers=8`` overrides fields)
-    package.module:factory        ``factory(**overrides)`` returns a model, or (model, example_inputs)
+    package.module:factory        ``factory(**overrides)`` returns a model, or (model, example_inputs);
+                                  a model's ``example_inputs(batch, seq)`` method, if any, makes the
+                                  inputs at the (B, S) asked for, else a returned example is used as is
     hf:<family> | a local dir     Hugging Face transformers models (moesys_compile.models.hf)
 """
 
@@ -14,7 +16,7 @@ import importlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -27,6 +29,8 @@ class LoadedModel:
     model: nn.Module
     example_inputs: Callable[[int, int], tuple]   # (batch, seq) -> positional example inputs
     description: str
+    # set when example_inputs ignores (batch, seq): the factory's own example's (B, S), or (B,)
+    example_size: Optional[tuple[int, ...]] = None
 
 
 def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
@@ -87,7 +91,9 @@ def _from_factory(spec: str, overrides: dict[str, Any]) -> LoadedModel:
                              f"forward positionally; return (model, (ids, ...)), or (model, (batch,)) when forward "
                              f"takes the dict as one argument")
         example = tuple(example) if isinstance(example, (tuple, list)) else (example,)
-        return LoadedModel(model, lambda batch, seq: example, spec)
+        if hasattr(model, "example_inputs"):                  # the model's own hook honours (batch, seq)
+            return LoadedModel(model, model.example_inputs, spec)
+        return LoadedModel(model, lambda batch, seq: example, spec, _example_size(example))
     if not isinstance(made, nn.Module):
         raise ValueError(f"{spec} returned {type(made).__name__}; return an nn.Module or (model, example_inputs)")
     if hasattr(made, "example_inputs"):
@@ -97,6 +103,12 @@ def _from_factory(spec: str, overrides: dict[str, Any]) -> LoadedModel:
         raise ValueError(f"{spec}: cannot guess example inputs; return (model, example_inputs) from the factory "
                          f"or give the model an example_inputs(batch, seq) method")
     return LoadedModel(made, token_inputs(vocab), spec)
+
+
+def _example_size(example: tuple) -> tuple[int, ...]:
+    """(B, S) of a fixed example: the first two dims of its first tensor (fewer if it has fewer)."""
+    first = next((value for value in example if isinstance(value, torch.Tensor) and value.dim() > 0), None)
+    return tuple(first.shape[:2]) if first is not None else ()
 
 
 def load_model(spec: str, overrides: dict[str, Any] | None = None, weights: bool = True) -> LoadedModel:
