@@ -1,7 +1,7 @@
 """Compile context, snapshots, and the pass runner.
 
 After each pass: ``graph.lint()``, recompile (when the graph changed), ``verify()``, and a
-snapshot for ``inspect``.
+snapshot for ``inspect`` (``changed`` also when the pass only wrote node metadata).
 A failing pass is re-raised as PassError naming it and the passes that ran before it.
 """
 
@@ -40,7 +40,7 @@ class NodeRecord:
 class Snapshot:
     stage: str                 # "capture" or a pass name
     nodes: list[NodeRecord]
-    changed: bool
+    changed: bool              # the pass changed the graph or wrote node metadata (cost, layer, module aside)
     notes: list[str]
     seconds: float
 
@@ -82,8 +82,15 @@ def take_snapshot(stage: str, gm: fx.GraphModule, ctx: CompileContext, changed: 
             name=node.name, op=node.op, target=target_name(node), val=node.meta.get("val"),
             layer=meta.get("layer"), module=meta.get("module"), cost=meta.get("cost") or Cost(),
             inputs=tuple(n.name for n in node.all_input_nodes),
-            extra={k: v for k, v in meta.items() if k not in _SKIP_EXTRA}))
+            # lists copied: a later pass appending to one must not rewrite this snapshot
+            extra={k: list(v) if isinstance(v, list) else v for k, v in meta.items() if k not in _SKIP_EXTRA}))
     return Snapshot(stage, records, changed, list(ctx.notes.get(stage, [])), seconds)
+
+
+def annotated(before: Snapshot, after: Snapshot) -> bool:
+    """A node's metadata differs between two snapshots of the same nodes (a pass that only
+    annotates, e.g. fuse_comm's buckets or schedule_prefetch's slots, still changed the program)."""
+    return [(r.name, r.extra) for r in before.nodes] != [(r.name, r.extra) for r in after.nodes]
 
 
 def graph_fingerprint(gm: fx.GraphModule) -> int:
@@ -136,6 +143,8 @@ def run_pipeline(gm: fx.GraphModule, ctx: CompileContext, passes: Sequence) -> f
         except Exception as exc:
             raise PassError(name, ctx.passes_run, exc) from exc
         ctx.passes_run.append(name)
-        ctx.snapshots.append(take_snapshot(name, gm, ctx, changed, time.perf_counter() - start))
+        snapshot = take_snapshot(name, gm, ctx, changed, time.perf_counter() - start)
+        snapshot.changed = changed or (bool(ctx.snapshots) and annotated(ctx.snapshots[-1], snapshot))
+        ctx.snapshots.append(snapshot)
     ctx.current_pass = "done"
     return gm

@@ -127,8 +127,10 @@ def fuse_aux_losses(gm: fx.GraphModule, ctx) -> int:
 
 
 def fuse_comm(gm: fx.GraphModule, ctx) -> fx.GraphModule:
-    """Fused communication (SE-MoE): flat gradient buckets per parameter class and group, and
-    one all-reduce for the load-balancing statistics of every MoE layer.
+    """Fused communication (SE-MoE): gradient buckets per parameter class and group, one load-balancing all-reduce.
+
+    Flat gradient buckets per parameter class, each reduced over its own group, and one
+    all-reduce for the load-balancing statistics of every MoE layer.
 
     **Contract.** Needs the expert shards of ``expert_parallel`` (``ctx.extras["expert_shards"]``)
     and the MoE blocks of the frontend (``ctx.blocks``). Writes ``ctx.extras["grad_buckets"]``
@@ -145,7 +147,7 @@ def fuse_comm(gm: fx.GraphModule, ctx) -> fx.GraphModule:
 
         if world_size == 1: note "no gradient communication"; return
         order = parameters in reverse order of first forward use       # ~ backward order
-        for p in order: append p to the open bucket of kind(p); close it at plan.bucket_mb
+        for p in order: append p to the open bucket of kind(p); close it once it reaches plan.bucket_mb MiB
         record buckets (kind, group, params, bytes) in ctx.extras, ctx.note and node meta
         losses = global_load_balancing_loss nodes of a group read only after the last one
         if len(losses) >= 2:
@@ -161,7 +163,8 @@ def fuse_comm(gm: fx.GraphModule, ctx) -> fx.GraphModule:
     expert_targets = set(ctx.extras.get("expert_shards", {}))
     order, readers = backward_order(gm)
     kinds = {name: parameter_kind(name, classes, expert_targets) for name in order}
-    buckets = plan_buckets(gm, order, kinds, int(plan.bucket_mb * 2**20))
+    cap_bytes = int(plan.bucket_mb * 2**20)
+    buckets = plan_buckets(gm, order, kinds, cap_bytes)
     ctx.extras["grad_buckets"] = buckets
     for bucket in buckets:
         for name in bucket.params:
@@ -173,6 +176,8 @@ def fuse_comm(gm: fx.GraphModule, ctx) -> fx.GraphModule:
         how = (f"async all-reduce over {bucket.group} group {ranks} (sum / {plan.world_size})" if len(ranks) > 1
                else f"no all-reduce: its {bucket.group} group is this rank alone (scaled by 1 / {plan.world_size})")
         ctx.note(f"bucket {bucket.name}: {len(bucket.params)} grads, {format_bytes(bucket.nbytes)}, {how}")
-    ctx.note(f"{len(buckets)} bucket(s) of at most {plan.bucket_mb} MB, launched in backward order")
+    largest = max((bucket.nbytes for bucket in buckets), default=0)
+    ctx.note(f"{len(buckets)} bucket(s), each closed once it reaches bucket_mb={plan.bucket_mb} MiB ({cap_bytes} B), "
+             f"the largest {format_bytes(largest)}; launched in backward order")
     fuse_aux_losses(gm, ctx)
     return gm

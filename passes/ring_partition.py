@@ -62,18 +62,50 @@ class RingLayout:
     workspace: int
     sections: list[SectionInfo]
     state_bytes: int                       # all streamed state, deduplicated
-    min_budget: int
+    min_budget: int                        # the smallest budget that holds the ring (at ``min_slots``)
     example_shape: tuple[int, int]         # (batch, seq) the workspace was estimated at
     resident: dict[str, int] = field(default_factory=dict)
     dtype: Optional[torch.dtype] = None    # streamed floating state is stored in this dtype
     slices: dict = field(default_factory=dict)     # graph attribute -> (weight it slices, lo, hi)
     schedule: list = field(default_factory=list)   # filled by schedule_prefetch
+    min_slots: int = 2                     # the fewest slots the plan allows (Plan.ring_slots or 2)
+    reserve: int = 0                       # set aside for the expert groups' partial sums before the split
+
+    def budget_terms(self) -> list[tuple[str, int]]:
+        """The parts the budget is made of, in bytes; they sum to ``budget``. The last one is
+        what no part takes (the budget is a cap: a model far below it leaves most of it)."""
+        terms = [(f"{self.slots} slots x {self.slot_bytes} B", self.slots * self.slot_bytes),
+                 (f"activation workspace at batch {self.example_shape[0]}, seq {self.example_shape[1]}",
+                  self.workspace)]
+        if self.resident:
+            terms.append(("resident state", sum(self.resident.values())))
+        spare = self.budget - sum(nbytes for _, nbytes in terms)
+        if spare:
+            why = f", of the {self.reserve} B set aside for the expert groups' partial sums" if self.reserve else ""
+            terms.append((f"unused{why}", spare))
+        return terms
 
 
-def choose_slots(plan_slots: Optional[int], room: int, largest_layer: int) -> int:
+def choose_slots(plan_slots: Optional[int], room: int, largest_layer: int, unit_room: int, unit: int) -> int:
+    """``Plan.ring_slots``, or as many slots (2 to MAX_DERIVED_SLOTS) as the room holds of the
+    largest layer and ``unit_room`` (the room less the expert groups' partial sums) of the largest
+    unit that cannot be split."""
     if plan_slots is not None:
         return plan_slots
-    return max(2, min(MAX_DERIVED_SLOTS, room // max(largest_layer, 1)))
+    return max(2, min(MAX_DERIVED_SLOTS, room // max(largest_layer, 1), unit_room // max(unit, 1)))
+
+
+def fit_to_sections(ctx, groups: list[list[fx.Node]], state_of, slots: int, slot_bytes: int) -> tuple[int, int]:
+    """(slots, slot_bytes) for the packed sections. With no more sections than slots every
+    section keeps a slot of its own and the ring never reloads: a slot beyond the sections would
+    never be filled (prefetch depth is min(slots, sections) - 1), and a slot larger than its
+    section holds nothing, so both shrink to what the sections need (the budget is a cap)."""
+    if len(groups) > slots:
+        return slots, slot_bytes
+    if len(groups) < slots and ctx.plan.ring_slots is not None:
+        ctx.note(f"ring_slots={ctx.plan.ring_slots} but only {len(groups)} section(s): {len(groups)} slot(s), "
+                 f"a slot beyond the sections would never be filled")
+    return len(groups), max(aligned(sum(unit_state(g, state_of).values())) for g in groups)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,8 +169,8 @@ def ring_partition(gm: fx.GraphModule, ctx) -> fx.GraphModule:
     same rows, same values; new nodes get ``val``, ``layer``, ``module`` and ``cost``). Moves
     each ``get_attr`` right before its first user and gives every further user its own
     ``get_attr`` of the same target. The computation is unchanged. Raises ``PlanError`` stating
-    the minimum budget in bytes when the budget cannot hold ``slots`` copies of the largest unit
-    plus the workspace.
+    the minimum budget in bytes when the budget cannot hold ``Plan.ring_slots`` (default 2) copies
+    of the largest unit plus the workspace. Never more slots than sections.
 
     **Pseudo-code.**
 
@@ -149,16 +181,19 @@ def ring_partition(gm: fx.GraphModule, ctx) -> fx.GraphModule:
         room      = budget - workspace - resident state
         unit_min  = largest fine unit (get_attr never separated from its users; a grouped_mlp
                     counts one expert, since it can run as expert groups)
-        slots     = plan.ring_slots or clamp(room // largest layer, 2, 4)
+        at_min    = extra peak activation of the expert groups' partial sums at unit-sized slots
+        min_slots = plan.ring_slots or 2
+        if room < min_slots * unit_min + at_min: raise PlanError(minimum in bytes)
+        slots     = plan.ring_slots or clamp(min(room // largest layer, (room - at_min) // unit_min), 2, 4)
         reserve   = extra peak activation of the expert groups' partial sums (liveness walk)
-        if room < slots * unit_min + reserve: raise PlanError(minimum in bytes)
         slot_bytes = (room - reserve) // slots
         grouped_mlp whose weights exceed slot_bytes -> sum of expert_group_mlp over expert groups
                     that fit a slot (weights read through slices w[lo:hi], streamed like weights)
         units    = layers; a layer larger than slot_bytes -> its fine units
         sections = greedy contiguous packing of units under slot_bytes; split sections until
                    their count is a multiple of slots (when they rotate); section i -> slot i % slots
-        if every streamed byte fits one slot: slot_bytes = largest section (the budget is a cap)
+        if sections <= slots: slots = sections, slot_bytes = largest section (the budget is a cap;
+                   a note when Plan.ring_slots asked for more)
     """
     plan = ctx.plan
     if plan.device_budget is None:
@@ -179,18 +214,19 @@ def ring_partition(gm: fx.GraphModule, ctx) -> fx.GraphModule:
     unit_bytes = [indivisible_bytes(gm, u, state_of, dtype) for u in fine]
     worst = max(range(len(fine)), key=lambda i: unit_bytes[i])
     largest_layer = max(sum(unit_state(u, state_of).values()) for u in layer_units(nodes))
-    slots = choose_slots(plan.ring_slots, room, largest_layer)
     at_minimum = aligned(split_reserve(gm, ctx, oversized_experts(fine, state_of, unit_bytes[worst]), batch, seq))
-    minimum = slots * unit_bytes[worst] + workspace + sum(resident.values()) + at_minimum
+    min_slots = plan.ring_slots or 2
+    minimum = min_slots * unit_bytes[worst] + workspace + sum(resident.values()) + at_minimum
     if plan.device_budget < minimum:
         raise RingBudgetTooSmall("ring_partition", ctx.passes_run, PlanError(
             f"device_budget ({plan.device_budget} bytes, {format_bytes(plan.device_budget)}) is below the minimum "
-            f"{minimum} bytes ({format_bytes(minimum)}) for ring inference: {slots} slots x {unit_bytes[worst]} bytes "
-            f"(largest unit that cannot be split: {describe_unit(fine[worst], unit_state(fine[worst], state_of))}) "
+            f"{minimum} bytes ({format_bytes(minimum)}) for ring inference: {min_slots} slots x "
+            f"{unit_bytes[worst]} bytes (largest unit that cannot be split: {describe_unit(fine[worst], unit_state(fine[worst], state_of))}) "
             f"+ {workspace} bytes activation workspace at batch {batch}, seq {seq}"
             + (f" + {sum(resident.values())} bytes resident state" if resident else "")
             + (f" + {at_minimum} bytes for the partial sums of expert groups" if at_minimum else "")
             + "; raise Plan.device_budget or lower Plan.ring_slots"))
+    slots = choose_slots(plan.ring_slots, room, largest_layer, room - at_minimum, unit_bytes[worst])
     reserve = aligned(split_reserve(gm, ctx, oversized_experts(fine, state_of, room // slots), batch, seq))
     slot_bytes = ((room - reserve) // slots) // ALIGN * ALIGN
     if split_oversized_experts(gm, ctx, fine, state_of, slot_bytes, dtype, slices):
@@ -207,12 +243,11 @@ def ring_partition(gm: fx.GraphModule, ctx) -> fx.GraphModule:
             f"partial sums, but {describe_unit(too_big[0], unit_state(too_big[0], state_of))} needs "
             f"{sum(unit_state(too_big[0], state_of).values())} bytes; raise Plan.device_budget"))
     streamed = sum({k: v for n in nodes for k, v in state_of[n].items()}.values())
-    if streamed <= slot_bytes:       # a budget far above the model: slots as large as the sections, not the budget
-        slot_bytes = max(aligned(sum(unit_state(g, state_of).values())) for g in groups)
+    slots, slot_bytes = fit_to_sections(ctx, groups, state_of, slots, slot_bytes)
     layout = RingLayout(budget=plan.device_budget, slots=slots, slot_bytes=slot_bytes, workspace=workspace,
                         sections=make_sections(groups, state_of, slots), min_budget=minimum,
-                        state_bytes=streamed,
-                        example_shape=(batch, seq), resident=resident, dtype=dtype, slices=slices)
+                        state_bytes=streamed, example_shape=(batch, seq), resident=resident, dtype=dtype,
+                        slices=slices, min_slots=min_slots, reserve=reserve)
     ctx.extras["ring"] = layout
     _notes(ctx, layout)
     return gm
@@ -273,10 +308,15 @@ def charge_expert_scratch(gm: fx.GraphModule, ctx) -> None:
             moesys_meta(node)["scratch_bytes"] = scratch
 
 
+def budget_note(layout: RingLayout) -> str:
+    """``budget B = term B + ...`` (every term of ``RingLayout.budget_terms``) and the minimum."""
+    terms = " + ".join(f"{nbytes} B ({label})" for label, nbytes in layout.budget_terms())
+    return (f"budget {layout.budget} B ({format_bytes(layout.budget)}) = {terms}; minimum budget "
+            f"{layout.min_budget} B ({format_bytes(layout.min_budget)}, with {layout.min_slots} slots)")
+
+
 def _notes(ctx, layout: RingLayout) -> None:
-    ctx.note(f"budget {layout.budget} B ({format_bytes(layout.budget)}) = {layout.slots} slots x "
-             f"{layout.slot_bytes} B + activation workspace {layout.workspace} B "
-             f"(batch {layout.example_shape[0]}, seq {layout.example_shape[1]}); minimum budget {layout.min_budget} B")
+    ctx.note(budget_note(layout))
     ctx.note(f"streamed weights {layout.state_bytes} B ({format_bytes(layout.state_bytes)}) in "
              f"{len(layout.sections)} sections; model / budget = {layout.state_bytes / layout.budget:.2f}")
     for section in layout.sections:

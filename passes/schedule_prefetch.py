@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch.fx as fx
 
-from moesys_compile.passes.ring_partition import RingBudgetTooSmall, RingLayout, activation_workspace
+from moesys_compile.passes.ring_partition import RingBudgetTooSmall, RingLayout, activation_workspace, budget_note
 from moesys_compile.passes.ring_units import ALIGN
 from moesys_compile.plan import PlanError, format_bytes
 
@@ -111,3 +111,4 @@ def refresh_workspace(gm: fx.GraphModule, ctx, layout: RingLayout) -> None:
         layout.slot_bytes = fitted
     ctx.note(f"activation workspace {layout.workspace} B -> {need} B after the passes that followed ring_partition")
     layout.workspace = need
+    ctx.note(budget_note(layout))

@@ -70,7 +70,7 @@ def test_inspect_plans_the_ring_at_the_given_batch_and_seq(tmp_path, capsys):
     code, out, err = run_cli(capsys, "inspect", "tiny-moe", "--plan", str(plan), "--batch", "2", "--seq", "8",
                              "--after", "ring_partition")
     assert code == 0, err
-    assert "(batch 2, seq 8)" in out and "per-layer totals at B=2, S=8" in out
+    assert "activation workspace at batch 2, seq 8" in out and "per-layer totals at B=2, S=8" in out
 
 
 def test_inspect_refuses_a_seq_above_max_seq_len_in_one_line(capsys):
@@ -91,7 +91,7 @@ def test_train_refuses_a_seq_len_above_max_seq_len_in_one_line(no_launch, capsys
     err = capsys.readouterr().err
     assert err.strip().splitlines() == ["moesys-compile train: error: --seq-len 700 exceeds the model's max_seq_len "
                                         "512; pass --override max_seq_len=700 or a --seq-len of at most 512"]
-    assert train.main(argv + ["--override", "max_seq_len=700", "--steps", "0"]) == 0   # the fix it names works
+    assert train.main(argv + ["--override", "max_seq_len=700"]) == 0   # the fix it names works
 
 
 def test_train_log_json_folder_is_created_up_front(no_launch, tmp_path, capsys):
