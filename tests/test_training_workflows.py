@@ -302,7 +302,7 @@ def test_train_resume_past_steps_keeps_labels_and_a_misfit_names_the_tensor(tmp_
     assert train.main(common + ["--steps", "2"]) == 0
     assert train.main(common + ["--steps", "1"]) == 0       # resumed at 2: nothing to train, nothing saved
     assert "at step 2; --steps 1 is reached, nothing to train" in capsys.readouterr().out
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["latest", "step_000002"]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [".lock", "latest", "step_000002"]
     assert train.main(common[:-4] + ["--steps", "1", "--ckpt-every", "1"]) == 2
     assert "--ckpt-every 1 saves nowhere without --ckpt-dir" in capsys.readouterr().err
     assert train.main(common + ["--steps", "3", "--override", "dim=32"]) == 2
