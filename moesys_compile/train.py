@@ -22,6 +22,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -384,6 +385,8 @@ def launch(argv: Sequence[str], nproc: int, env: Optional[dict] = None) -> int:
            "127.0.0.1", "--master-port", str(port), "-m", "moesys_compile.train", *forwarded]
     full_env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **(env or {})}
     child = subprocess.Popen(cmd, env=full_env)
+    if threading.current_thread() is not threading.main_thread():   # only the main thread takes signals
+        return child.wait()
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signum))   # stop the ranks too
     try:
         return child.wait()
