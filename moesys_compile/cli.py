@@ -150,17 +150,24 @@ def _out_dir(out: Optional[str]) -> Optional[Path]:
     ``--ckpt-dir``). The files inspect writes there replace those of an earlier run."""
     if out is None:
         return None
-    path = Path(out)
+    return writable_dir(Path(out), "--out", "inspect writes inspect.txt, inspect.json or one NN-STAGE.dot/svg "
+                                            "per stage there")
+
+
+def writable_dir(path: Path, flag: str, holds: str) -> Path:
+    """``path`` made where missing; MoesysError naming ``flag`` where it is a file, cannot be
+    created or cannot be written (checked before any work, not when the first file is written).
+    ``holds``: what goes into it, for the message."""
     if path.exists() and not path.is_dir():
-        raise MoesysError(f"--out {out!r} is a file, not a directory; pass a directory (it is created if missing; "
-                          f"inspect writes inspect.txt, inspect.json or one NN-STAGE.dot/svg per stage there)")
+        raise MoesysError(f"{flag} {str(path)!r} is a file, not a directory; pass a directory (it is created if "
+                          f"missing; {holds})")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise MoesysError(f"--out {out!r}: cannot create the directory ({exc.strerror or exc}); pass a directory "
-                          f"in a writable folder") from None
+        raise MoesysError(f"{flag} {str(path)!r}: cannot create the directory ({exc.strerror or exc}); pass a "
+                          f"directory in a writable folder") from None
     if not os.access(path, os.W_OK):
-        raise MoesysError(f"--out {out!r} is not writable; pass a writable directory")
+        raise MoesysError(f"{flag} {str(path)!r} is not writable; pass a directory in a writable folder")
     return path
 
 

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from .generate import first_tensor
 from .api import check_device, check_plan_against_model, lower
-from .cli import check_seq_len
+from .cli import check_seq_len, writable_dir
 from .errors import MoesysError, PlanError
 from .frontend import canonicalize
 from .models.spec import load_model, parse_overrides
@@ -341,20 +341,11 @@ def _check_args(args, world: int) -> None:
 def _prepare_ckpt_dir(root: Path) -> None:
     """Create ``--ckpt-dir`` and refuse one that is a file, cannot be written, or is one step's
     checkpoint (a run writes ``step_N`` directories and ``latest`` into its root), before any step."""
-    if root.exists() and not root.is_dir():
-        raise ValueError(f"--ckpt-dir {str(root)!r} is a file, not a directory; pass a directory (it is created "
-                         f"if missing)")
     if (root / checkpoint.META).is_file():
         raise ValueError(f"--ckpt-dir {str(root)!r} is one checkpoint (it holds {checkpoint.META}); pass the run's "
                          f"root, which holds its step_N directories and 'latest' (here {str(root.parent)!r}), to "
                          f"resume from its newest step")
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ValueError(f"--ckpt-dir {str(root)!r}: cannot create it ({exc.strerror or exc}); pass a directory "
-                         f"in a writable folder") from None
-    if not os.access(root, os.W_OK):
-        raise ValueError(f"--ckpt-dir {str(root)!r} is not writable; pass a directory in a writable folder")
+    writable_dir(root, "--ckpt-dir", "the run writes its step_N checkpoints and 'latest' there")
 
 
 def _prepare_log_json(path: Path) -> None:

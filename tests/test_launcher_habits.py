@@ -34,7 +34,7 @@ def test_the_ckpt_dir_is_checked_before_any_step(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(train, "load_model", lambda *a, **k: pytest.fail("the model was built before the check"))
     (tmp_path / "file").write_text("x")
     assert train.main(ARGS + ["--ckpt-dir", str(tmp_path / "file" / "sub")]) == 2
-    assert "cannot create it" in capsys.readouterr().err
+    assert "cannot create the directory" in capsys.readouterr().err
     step = tmp_path / "run" / "step_000002"
     step.mkdir(parents=True)
     (step / "meta.json").write_text("{}")
