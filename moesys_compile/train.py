@@ -19,6 +19,7 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -67,9 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seeds the model's initial values and the batches")
     p.add_argument("--ckpt-dir", help="checkpoint root (step_NNNNNN dirs + 'latest')")
     p.add_argument("--ckpt-every", type=int, default=0, help="save every K steps (0: only at the end)")
+    p.add_argument("--keep-last", type=int, default=0, metavar="N",
+                   help="after each save, delete all but the newest N step checkpoints (0: keep all)")
     p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint in --ckpt-dir")
     p.add_argument("--log-every", type=int, default=10, help="print a log line every N steps (and at the last step)")
-    p.add_argument("--log-json", help="write the per-step losses and throughput here (rank 0)")
+    p.add_argument("--log-json", help="the per-step losses and throughput (rank 0), rewritten at every log line; "
+                                      "a resumed run continues the log it finds there")
     p.add_argument("--nproc-per-node", type=int, default=1,
                    help="when not already under torchrun, launch this many ranks with torch.distributed.run")
     return p
@@ -136,14 +140,31 @@ def latest_checkpoint(root: Optional[str]) -> Optional[Path]:
     return checkpoint.latest_step(root) if root else None
 
 
-def save_checkpoint(program: TrainingProgram, opt, root: str, step: int) -> Path:
+def save_checkpoint(program: TrainingProgram, opt, root: str, step: int, keep_last: int = 0) -> Path:
+    """Collective: ``ROOT/step_NNNNNN``, then ``latest`` names it; with ``keep_last`` the step
+    checkpoints older than the newest ``keep_last`` go (after ``latest`` has moved past them)."""
     name = f"step_{step:06d}"
     program.save(str(Path(root) / name), optimizer=opt, step=step)
     if program.topology.rank == 0:
-        marker, tmp = Path(root) / checkpoint.LATEST, Path(root) / f"{checkpoint.LATEST}.tmp-{os.getpid()}"
-        tmp.write_text(name)
-        tmp.replace(marker)
+        _write_atomically(Path(root) / checkpoint.LATEST, name)
+        if keep_last:
+            _delete_old_steps(Path(root), name, keep_last)
     return Path(root) / name
+
+
+def _delete_old_steps(root: Path, saved: str, keep_last: int) -> None:
+    """Keep ``saved`` and the ``keep_last - 1`` highest other steps (a --no-resume run into an old
+    root may have saved a lower step than those there)."""
+    others = sorted((p for p in root.glob("step_*") if p.name[5:].isdigit() and p.is_dir() and p.name != saved),
+                    key=lambda p: int(p.name[5:]), reverse=True)
+    for old in others[keep_last - 1:]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 # -- run -------------------------------------------------------------------------------------------
@@ -196,12 +217,29 @@ def run(args) -> dict:
         # the last step's checkpoint, unless --ckpt-every saved it or the checkpoint resumed from is
         # already at (or past) --steps: nothing was trained, and a save would label it step --steps
         if args.ckpt_dir and start < args.steps and (not args.ckpt_every or args.steps % args.ckpt_every):
-            path = save_checkpoint(program, opt, args.ckpt_dir, args.steps)
+            path = save_checkpoint(program, opt, args.ckpt_dir, args.steps, args.keep_last)
             if rank == 0:
                 print(f"saved {path}", flush=True)
-    if rank == 0 and args.log_json:
-        Path(args.log_json).write_text(json.dumps(log, indent=1))   # its folder: made by _check_args
+    _write_log(log, args, rank)
     return log
+
+
+def _write_log(log: dict, args, rank: int) -> None:
+    if rank == 0 and args.log_json:   # its folder: made by _check_args
+        _write_atomically(Path(args.log_json), json.dumps(log, indent=1))
+
+
+def _earlier_log(args, start: int) -> dict:
+    """The ``--log-json`` that a resumed run continues: its entries up to the step resumed from
+    (a log of another run, or none, starts afresh)."""
+    path = Path(args.log_json) if args.log_json and start else None
+    try:
+        earlier = json.loads(path.read_text()) if path and path.is_file() else {}
+        kept = [i for i, step in enumerate(earlier.get("steps", [])) if step <= start]
+        return {key: [values[i] for i in kept] for key, values in earlier.items()
+                if isinstance(values, list) and len(values) == len(earlier["steps"])}
+    except (ValueError, TypeError, AttributeError, LookupError):
+        return {}
 
 
 @contextlib.contextmanager
@@ -240,7 +278,7 @@ def _resume(program, opt, args, rank: int) -> int:
 
 
 def _train_loop(program, opt, data, args, start: int, rank: int, world: int, device) -> dict:
-    log = {"steps": [], "loss": [], "tokens_per_s": [], "world_size": world,
+    log = {"steps": [], "loss": [], "tokens_per_s": [], **_earlier_log(args, start), "world_size": world,
            "expert_parallel": program.plan.expert_parallel}
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="train",
                disable=rank != 0 or not sys.stderr.isatty(),
@@ -263,15 +301,16 @@ def _train_loop(program, opt, data, args, start: int, rank: int, world: int, dev
         log["tokens_per_s"].append(tokens_per_s)
         postfix = {"loss": f"{loss:.4f}", "tok_s": f"{tokens_per_s:,.0f}"}
         if program.plan.capacity_factor:
-            dropped = [v for v in program.dropped_fraction(reset=True).values() if v is not None]
+            dropped = [v for v in program.dropped_fraction(reset=True, across_ranks=True).values() if v is not None]
             log.setdefault("dropped_fraction", []).append(sum(dropped) / max(len(dropped), 1))
             postfix["dropped"] = f"{log['dropped_fraction'][-1]:.3f}"
         bar.set_postfix(postfix)
         if rank == 0 and args.log_every and ((step + 1) % args.log_every == 0 or step + 1 == args.steps):
             dropped = f"  dropped {postfix['dropped']}" if "dropped" in postfix else ""
             bar.write(f"step {step + 1:>5}  loss {loss:.4f}  tokens/s {tokens_per_s:,.0f}{dropped}")
+            _write_log(log, args, rank)
         if args.ckpt_dir and args.ckpt_every and (step + 1) % args.ckpt_every == 0:
-            path = save_checkpoint(program, opt, args.ckpt_dir, step + 1)
+            path = save_checkpoint(program, opt, args.ckpt_dir, step + 1, args.keep_last)
             if rank == 0:
                 bar.write(f"saved {path}")
     return log
@@ -326,6 +365,10 @@ def _check_args(args, world: int) -> None:
     for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size), ("--seq-len", args.seq_len)):
         if value < 1:
             raise ValueError(f"{flag} ({value}) must be >= 1")
+    if args.keep_last < 0:
+        raise ValueError(f"--keep-last ({args.keep_last}) must be >= 0 (0 keeps every checkpoint)")
+    if args.keep_last and not args.ckpt_dir:
+        raise ValueError(f"--keep-last {args.keep_last} applies to checkpoints, which need --ckpt-dir; pass --ckpt-dir DIR")
     if not args.lr >= 0:
         raise ValueError(f"--lr ({args.lr}) must be >= 0")
     if args.batch_size % world:

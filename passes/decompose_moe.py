@@ -130,18 +130,23 @@ def decompose_moe(gm: fx.GraphModule, ctx) -> fx.GraphModule:
     return gm
 
 
-def dropped_fraction(module: torch.nn.Module, reset: bool = False) -> dict[str, Optional[float]]:
+def dropped_fraction(module: torch.nn.Module, reset: bool = False,
+                     across_ranks: bool = False) -> dict[str, Optional[float]]:
     """Fraction of routed slots dropped by capacity per MoE layer since the last reset
-    (None for a layer that has seen no tokens). ``module`` is a program or its graph module."""
+    (None for a layer that has seen no tokens). ``module`` is a program or its graph module.
+    ``across_ranks`` (collective, with a default process group): over every rank's tokens, the
+    same figure on all ranks; otherwise this rank's own."""
     gm = getattr(module, "graph_module", module)
-    result = {}
-    for name, buffer in gm.named_buffers():
-        if name.startswith("moesys_drops_"):
-            kept, routed = buffer.tolist()
-            result[name.removeprefix("moesys_drops_")] = None if routed == 0 else 1.0 - kept / routed
-            if reset:
-                buffer.zero_()
-    return result
+    buffers = {name.removeprefix("moesys_drops_"): buffer for name, buffer in gm.named_buffers()
+               if name.startswith("moesys_drops_")}
+    counts = torch.stack(list(buffers.values())).cpu() if buffers else torch.zeros(0, 2, dtype=torch.float64)
+    if across_ranks and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(counts)      # [layers, (kept, routed)], summed over ranks
+    if reset:
+        for buffer in buffers.values():
+            buffer.zero_()
+    return {layer: None if routed == 0 else 1.0 - kept / routed
+            for layer, (kept, routed) in zip(buffers, counts.tolist())}
 
 
 # torch.autocast: expert matmuls in the autocast dtype, the rest on their inputs as they come

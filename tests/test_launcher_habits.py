@@ -6,6 +6,7 @@ does what was asked."""
 from __future__ import annotations
 
 import fcntl
+import json
 
 import numpy as np
 import pytest
@@ -76,3 +77,29 @@ def test_data_files_at_their_edges(tmp_path):
     np.savez(archive, ids=np.arange(20))
     with pytest.raises(ValueError, match=r"is an \.npz archive; save the token ids as one \.npy array"):
         train.TokenSource(str(archive), vocab=64, batch=2, seq=8, seed=0)
+
+
+def test_keep_last_leaves_the_newest_checkpoints(tmp_path, capsys):
+    assert run(tmp_path, "--steps", "4", "--ckpt-every", "1", "--keep-last", "2") == 0
+    root = tmp_path / "ckpt"
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_000003", "step_000004"]
+    assert (root / "latest").read_text() == "step_000004"
+    # a --no-resume run into the same root keeps what it saved, though older runs saved higher steps
+    assert run(tmp_path, "--steps", "1", "--no-resume", "--keep-last", "1") == 0
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_000001"]
+    assert train.main(ARGS + ["--keep-last", "2"]) == 2
+    assert "--keep-last 2 applies to checkpoints, which need --ckpt-dir" in capsys.readouterr().err
+
+
+def test_the_log_json_is_kept_up_to_date_and_continued_on_resume(tmp_path, monkeypatch):
+    log_file = tmp_path / "log.json"
+    written = []
+    real_write = train._write_atomically
+    monkeypatch.setattr(train, "_write_atomically", lambda path, text: (
+        written.append(json.loads(text)["steps"]) if path == log_file else None, real_write(path, text)))
+    assert run(tmp_path, "--steps", "3", "--log-every", "1", "--log-json", str(log_file)) == 0
+    assert written[:3] == [[1], [1, 2], [1, 2, 3]]     # at every log line, not only at the end
+    first = json.loads(log_file.read_text())
+    assert run(tmp_path, "--steps", "5", "--log-json", str(log_file)) == 0
+    log = json.loads(log_file.read_text())
+    assert log["steps"] == [1, 2, 3, 4, 5] and log["loss"][:3] == first["loss"]

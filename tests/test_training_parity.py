@@ -130,29 +130,34 @@ def stack_batch() -> torch.Tensor:
 
 
 def stack_step(rank: int, world: int, capacity_factor: float):
-    """One SGD step of the EP program on this rank's half of the batch: (output, full state, dropped)."""
+    """One SGD step of the EP program on this rank's half of the batch: (output, full state, dropped
+    on this rank, dropped over both ranks)."""
     x = stack_batch()[rank * 2:(rank + 1) * 2]
     plan = mc.Plan(mode="train", world_size=world, expert_parallel=world, capacity_factor=capacity_factor)
     program = mc.compile(moe_stack(capacity_factor), plan, example_inputs=(x,))
     out = program(x)
     out.square().mean().backward()
     torch.optim.SGD(program.parameters(), lr=1.0).step()
-    return out.detach(), program.full_state_dict(), program.dropped_fraction()
+    return out.detach(), program.full_state_dict(), program.dropped_fraction(), \
+        program.dropped_fraction(across_ranks=True)
 
 
 def test_two_ranks_with_dropped_slots_match_per_rank_eager():
     """GShard capacity is per rank (local tokens), so the reference runs each rank's half of the
     batch through the eager model separately; gradients are the mean over the halves."""
-    factor = 0.5
+    factor = 0.75     # the two halves drop different fractions
     results = run_ranks(stack_step, 2, factor)
     model = moe_stack(factor)
     halves = stack_batch().split(2)
     outs = [model(half) for half in halves]
     (sum(out.square().mean() for out in outs) / len(outs)).backward()
     torch.optim.SGD(model.parameters(), lr=1.0).step()
-    for rank, (out, state, dropped) in enumerate(results):
+    # both halves route as many slots, so over both ranks a layer drops the mean of their fractions
+    both = {layer: sum(result[2][layer] for result in results) / 2 for layer in results[0][2]}
+    for rank, (out, state, dropped, dropped_on_both) in enumerate(results):
         torch.testing.assert_close(out, outs[rank].detach(), rtol=RTOL, atol=ATOL)
         assert all(fraction > 0 for fraction in dropped.values()), f"capacity {factor} must drop slots: {dropped}"
+        assert dropped_on_both == pytest.approx(both) and dropped_on_both != dropped, (rank, dropped_on_both)
         for name, tensor in model.state_dict().items():
             torch.testing.assert_close(state[name], tensor, rtol=RTOL, atol=ATOL,
                                        msg=lambda m: f"rank {rank} {name}: {m}")

@@ -265,7 +265,8 @@ class TrainingProgram(Program):
         """Load a checkpoint saved at any EP size; returns its ``extra`` record (e.g. the step)."""
         return checkpoint.load(self, directory, optimizer=optimizer)
 
-    def dropped_fraction(self, reset: bool = False) -> dict:
-        """Per-layer fraction of routed slots dropped by capacity on this rank (None: dropless)."""
+    def dropped_fraction(self, reset: bool = False, across_ranks: bool = False) -> dict:
+        """Per-layer fraction of routed slots dropped by capacity on this rank (None: dropless);
+        ``across_ranks=True`` (collective: every rank calls it) gives it over the global batch."""
         from moesys_compile.passes.decompose_moe import dropped_fraction
-        return dropped_fraction(self.graph_module, reset=reset)
+        return dropped_fraction(self.graph_module, reset=reset, across_ranks=across_ranks)
