@@ -41,6 +41,7 @@ from moesys_compile.kernels.grouped_mlp import check_experts_args, experts_forwa
 from moesys_compile.kernels.grouped_mlp_backward import experts_backward_triton
 from moesys_compile.ops import check_activation, has_triton_kernel
 from moesys_compile.ops.autocast import follow_autocast
+from moesys_compile.ops.first_order import register_autograd
 from moesys_compile.ops.experts import backward_op_outputs, grads_from_op
 
 
@@ -199,7 +200,7 @@ def _grouped_mlp_backward(ctx, grad_y_ND, grad_h_NH):
     return grad_x, None, grad_w_up, grad_w_down, None, None, None, grad_b_up, grad_b_down
 
 
-grouped_mlp.register_autograd(_grouped_mlp_backward, setup_context=_grouped_mlp_setup)
+register_autograd(grouped_mlp, _grouped_mlp_backward, setup_context=_grouped_mlp_setup)
 
 
 @torch.library.custom_op("moesys_kernels::fused_experts", mutates_args=())
@@ -238,7 +239,7 @@ def _fused_experts_backward(ctx, grad_y_TD, grad_h_NH):
     return grad_x, None, None, grad_weights, grad_w_up, grad_w_down, None, None, None, grad_b_up, grad_b_down
 
 
-fused_experts.register_autograd(_fused_experts_backward, setup_context=_fused_experts_setup)
+register_autograd(fused_experts, _fused_experts_backward, setup_context=_fused_experts_setup)
 
 
 # torch.autocast: expert matmuls in the autocast dtype, the rest on their inputs as they come

@@ -24,6 +24,7 @@ from torch import Tensor
 from moesys_compile.kernels._triton import check_dtype, check_triton, pow2, resolve_impl, tl, triton
 from moesys_compile.ops import expert_capacity, sort_slots_reference
 from moesys_compile.ops.autocast import follow_autocast
+from moesys_compile.ops.first_order import register_autograd
 
 # ---------------------------------------------------------------------------------------------
 # Triton kernels
@@ -310,7 +311,7 @@ def _permute_backward(ctx, grad_x_ND, grad_counts, grad_order):
     return permute_backward(grad_x_ND, order_N, ctx.num_tokens, ctx.top_k, ctx.impl), None, None, None, None
 
 
-permute.register_autograd(_permute_backward, setup_context=_permute_setup)
+register_autograd(permute, _permute_backward, setup_context=_permute_setup)
 
 
 @torch.library.custom_op("moesys_kernels::unpermute", mutates_args=())
@@ -340,7 +341,7 @@ def _unpermute_backward(ctx, grad_y_TD):
     return grad_y_ND, None, grad_weights_TK, None
 
 
-unpermute.register_autograd(_unpermute_backward, setup_context=_unpermute_setup)
+register_autograd(unpermute, _unpermute_backward, setup_context=_unpermute_setup)
 
 
 # torch.autocast: expert matmuls in the autocast dtype, the rest on their inputs as they come

@@ -26,6 +26,7 @@ from torch import Tensor
 from moesys_compile.kernels._triton import check_dtype, check_triton, pow2, resolve_impl, tl, triton
 from moesys_compile.ops import SCORE_FUNCS, route_reference, score_dtype
 from moesys_compile.ops.autocast import follow_autocast
+from moesys_compile.ops.first_order import register_autograd
 
 # ---------------------------------------------------------------------------------------------
 # Triton kernels
@@ -327,7 +328,7 @@ def _route_topk_backward(ctx, grad_weights_TK, grad_ids, grad_scores_TE, grad_co
     return grad_logits_TE, None, None, None, None, None, None, None, None
 
 
-route_topk.register_autograd(_route_topk_backward, setup_context=_route_topk_setup)
+register_autograd(route_topk, _route_topk_backward, setup_context=_route_topk_setup)
 
 
 @torch.library.custom_op("moesys_kernels::balance_loss", mutates_args=())
@@ -358,7 +359,7 @@ def _balance_loss_backward(ctx, grad_loss):
     return None, grad_loss * ctx.scale * counts_E.to(ctx.dtype), None, None
 
 
-balance_loss.register_autograd(_balance_loss_backward, setup_context=_balance_loss_setup)
+register_autograd(balance_loss, _balance_loss_backward, setup_context=_balance_loss_setup)
 
 
 # torch.autocast: expert matmuls in the autocast dtype, the rest on their inputs as they come

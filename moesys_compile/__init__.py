@@ -10,7 +10,7 @@ from . import ops  # registers torch.ops.moesys.*  (isort: skip)
 from . import models, nn
 from .api import check_plan_against_model, compile, lower, trace
 from .frontend.empty_weights import empty_weights
-from .errors import MoesysError, PassError, PlanError, UntraceableModelError, VerifyError
+from .errors import MoesysError, PassError, PlanError, SecondOrderGradientError, UntraceableModelError, VerifyError
 from .plan import Plan
 from .programs import Program
 from .runtime.checkpoint import load_into
@@ -18,5 +18,5 @@ from .runtime.checkpoint import load_into
 __version__ = "0.1.0"
 
 __all__ = ["compile", "lower", "trace", "check_plan_against_model", "Plan", "Program", "MoesysError",
-           "PassError", "PlanError", "UntraceableModelError", "VerifyError", "models", "nn", "ops", "load_into",
-           "empty_weights"]
+           "PassError", "PlanError", "SecondOrderGradientError", "UntraceableModelError", "VerifyError", "models",
+           "nn", "ops", "load_into", "empty_weights"]

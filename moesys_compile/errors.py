@@ -66,3 +66,7 @@ class PassError(MoesysError):
 
 class VerifyError(MoesysError):
     """The graph breaks one of the project's invariants."""
+
+
+class SecondOrderGradientError(MoesysError, RuntimeError):
+    """A gradient of a gradient was asked for through an MoE op, which is differentiable once."""

@@ -30,6 +30,7 @@ from moesys_compile import ops
 from moesys_compile.frontend.annotation import B, S, CostModel
 from moesys_compile.ir import bound_args, expert_tensors, fetch, infer_val, is_op, moesys_meta
 from moesys_compile.ops.autocast import follow_autocast
+from moesys_compile.ops.first_order import register_autograd
 from moesys_compile.passes.expert_rows import ExpertRows, row_sources
 from moesys_compile.runtime.workspace import activation_exprs, evaluate_workspace, liveness_plan, scratch_exprs
 
@@ -117,7 +118,7 @@ def _expert_group_backward(ctx, grad_y_ND):
     return grad_x, None, grad_up, grad_down, None, None, None, grad_b_up, grad_b_down
 
 
-expert_group_mlp.register_autograd(_expert_group_backward, setup_context=_expert_group_setup)
+register_autograd(expert_group_mlp, _expert_group_backward, setup_context=_expert_group_setup)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from moesys_compile.ops.activations import apply_activation, check_activation, expert_capacity
 from moesys_compile.ops.autocast import follow_autocast
+from moesys_compile.ops.first_order import register_autograd
 
 
 # ---------------------------------------------------------------------------------------------
@@ -74,7 +75,7 @@ def _permute_backward(ctx, grad_x_ND, grad_counts, grad_order):
     return _permute_grad(grad_x_ND, order_N, ctx.num_tokens, ctx.top_k), None, None, None
 
 
-permute.register_autograd(_permute_backward, setup_context=_permute_setup)
+register_autograd(permute, _permute_backward, setup_context=_permute_setup)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,7 +231,7 @@ def _grouped_mlp_backward(ctx, grad_y_ND):
     return grad_x_ND, None, grad_w_up, grad_w_down, None, grad_b_up, grad_b_down
 
 
-grouped_mlp.register_autograd(_grouped_mlp_backward, setup_context=_grouped_mlp_setup)
+register_autograd(grouped_mlp, _grouped_mlp_backward, setup_context=_grouped_mlp_setup)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,7 +281,7 @@ def _unpermute_backward(ctx, grad_y_TD):
     return grad_y_ND, None, grad_weights_TK
 
 
-unpermute.register_autograd(_unpermute_backward, setup_context=_unpermute_setup)
+register_autograd(unpermute, _unpermute_backward, setup_context=_unpermute_setup)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,7 +354,7 @@ def _moe_experts_backward(ctx, grad_y_TD):
     return grad_x, None, grad_w, grad_up, grad_down, None, None, grad_b_up, grad_b_down
 
 
-moe_experts.register_autograd(_moe_experts_backward, setup_context=_moe_experts_setup)
+register_autograd(moe_experts, _moe_experts_backward, setup_context=_moe_experts_setup)
 
 
 def moe_experts_reference(x_TD, ids_TK, weights_TK, w_up_EHD, w_down_EDF, activation="swiglu",

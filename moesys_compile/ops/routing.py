@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from moesys_compile.ops.autocast import follow_autocast
+from moesys_compile.ops.first_order import register_autograd
 
 SCORE_FUNCS = ("softmax", "sigmoid")
 
@@ -120,7 +121,7 @@ def _route_backward(ctx, grad_weights_TK, grad_ids_TK, grad_scores_TE):
     return grad_logits_TE.to(logits_dtype), None, None, None, None, None, None, None
 
 
-route.register_autograd(_route_backward, setup_context=_route_setup)
+register_autograd(route, _route_backward, setup_context=_route_setup)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,7 +168,7 @@ def _lbl_backward(ctx, grad_loss):
     return grad_scores_TE, None, None
 
 
-load_balancing_loss.register_autograd(_lbl_backward, setup_context=_lbl_setup)
+register_autograd(load_balancing_loss, _lbl_backward, setup_context=_lbl_setup)
 
 
 # torch.autocast: expert matmuls in the autocast dtype, the rest on their inputs as they come

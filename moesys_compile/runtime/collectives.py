@@ -32,6 +32,7 @@ from torch import Tensor
 
 from ..frontend.annotation import register_unbacked_bound
 from ..ops.autocast import follow_autocast
+from ..ops.first_order import register_autograd
 from . import groups
 
 
@@ -149,7 +150,7 @@ def _dispatch_backward(ctx, grad_MD):
     return ep_undispatch(grad_MD, counts_E, recv_RL, ctx.num_rows, ctx.group), None, None, None
 
 
-ep_dispatch.register_autograd(_dispatch_backward, setup_context=_dispatch_setup)
+register_autograd(ep_dispatch, _dispatch_backward, setup_context=_dispatch_setup)
 
 
 @torch.library.custom_op("moesys::ep_undispatch", mutates_args=())
@@ -184,7 +185,7 @@ def _combine_backward(ctx, grad_ND):
     return ep_dispatch(grad_ND.contiguous(), counts_E, recv_RL, ctx.group), None, None, None, None
 
 
-ep_combine.register_autograd(_combine_backward, setup_context=_combine_setup)
+register_autograd(ep_combine, _combine_backward, setup_context=_combine_setup)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,7 +265,7 @@ def _glbl_backward(ctx, grad_loss, grad_stats):
     return _scores_grad(stats, total_grad, ctx.coef, ctx.shape, ctx.dtype), None, None, None
 
 
-global_load_balancing_loss.register_autograd(_glbl_backward, setup_context=_glbl_setup)
+register_autograd(global_load_balancing_loss, _glbl_backward, setup_context=_glbl_setup)
 
 
 @torch.library.custom_op("moesys::global_load_balancing_losses", mutates_args=())
@@ -300,7 +301,7 @@ def _glbls_backward(ctx, grad_losses, grad_stats):
     return grads, [None] * len(grads), None, None
 
 
-global_load_balancing_losses.register_autograd(_glbls_backward, setup_context=_glbls_setup)
+register_autograd(global_load_balancing_losses, _glbls_backward, setup_context=_glbls_setup)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from torch import Tensor
 from moesys_compile.frontend.annotation import register_unbacked_bound
 from moesys_compile.ops import sort_slots_reference
 from moesys_compile.ops.autocast import follow_autocast
+from moesys_compile.ops.first_order import register_autograd
 from moesys_compile.runtime.collectives import all_to_all_rows, dynamic_rows, group_of, transpose_blocks
 
 
@@ -130,7 +131,7 @@ def _plan_backward(ctx, *grads):
     return None, grad_N.view(ctx.shape), None, None, None, None
 
 
-ep_token_plan.register_autograd(_plan_backward, setup_context=_plan_setup)
+register_autograd(ep_token_plan, _plan_backward, setup_context=_plan_setup)
 
 
 @torch.library.custom_op("moesys::ep_token_weights_back", mutates_args=())
@@ -196,7 +197,7 @@ def _dispatch_backward(ctx, grad_x_MD):
     return grad_x_TD, None, None, None, None
 
 
-ep_token_dispatch.register_autograd(_dispatch_backward, setup_context=_dispatch_setup)
+register_autograd(ep_token_dispatch, _dispatch_backward, setup_context=_dispatch_setup)
 
 
 @torch.library.custom_op("moesys::ep_token_gather", mutates_args=())
@@ -237,7 +238,7 @@ def _combine_backward(ctx, grad_y_TD):
     return grad_y_MD, grad_weights_M, None, None, None, None, None
 
 
-ep_token_combine.register_autograd(_combine_backward, setup_context=_combine_setup)
+register_autograd(ep_token_combine, _combine_backward, setup_context=_combine_setup)
 
 
 # torch.autocast: expert matmuls in the autocast dtype, the rest on their inputs as they come

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...ops.autocast import follow_autocast
+from ...ops.first_order import register_autograd
 from ..canonicalize import Recognition
 from .block import adopt, block_kind
 from .hf import router_child, split_experts
@@ -78,7 +79,7 @@ def _expert_linear_backward(ctx, grad_y_NO):
     return grad_x_NI, None, grad_w_EOI
 
 
-expert_linear.register_autograd(_expert_linear_backward, setup_context=_expert_linear_setup)
+register_autograd(expert_linear, _expert_linear_backward, setup_context=_expert_linear_setup)
 
 
 # ---------------------------------------------------------------------------------------------
