@@ -13,6 +13,7 @@ Shape legend: T tokens · D dim · F expert hidden · H up rows (2F gated, F oth
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
 import torch
@@ -41,6 +42,23 @@ class MLP(nn.Module):
         return self.down(ops.apply_activation(self.up(x), self.activation))
 
 
+def _check_moe_args(dim, ffn_dim, num_experts, top_k, capacity_factor, num_shared_experts, aux_loss_coef,
+                    score_func) -> None:
+    """``MoE(...)``'s arguments, each refused by name at construction rather than at the first forward."""
+    for name, value, least in (("dim", dim, 1), ("ffn_dim", ffn_dim, 1), ("num_experts", num_experts, 1),
+                               ("num_shared_experts", num_shared_experts, 0)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+            raise ValueError(f"MoE {name} ({value!r}) must be an int >= {least}")
+    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or not 1 <= top_k <= num_experts:
+        raise ValueError(f"MoE top_k ({top_k!r}) must be an int in [1, num_experts ({num_experts})]")
+    if capacity_factor is not None and not capacity_factor > 0:
+        raise ValueError(f"MoE capacity_factor ({capacity_factor}) must be > 0 or None (dropless)")
+    if not aux_loss_coef >= 0:
+        raise ValueError(f"MoE aux_loss_coef ({aux_loss_coef}) must be >= 0 (0: no load-balancing loss)")
+    if score_func not in ops.SCORE_FUNCS:
+        raise ValueError(f"MoE score_func ({score_func!r}) must be one of {sorted(ops.SCORE_FUNCS)}")
+
+
 class MoE(nn.Module):
     """Top-k routed mixture of experts with stacked expert weights.
 
@@ -61,10 +79,9 @@ class MoE(nn.Module):
                  aux_loss_coef: float = 0.01, score_func: str = "softmax", renormalize: bool = True):
         super().__init__()
         ops.check_activation(activation)
-        if not 1 <= top_k <= num_experts:
-            raise ValueError(f"MoE top_k ({top_k}) must be in [1, num_experts ({num_experts})]")
-        if capacity_factor is not None and capacity_factor <= 0:
-            raise ValueError(f"MoE capacity_factor ({capacity_factor}) must be > 0 or None (dropless)")
+        _check_moe_args(dim=dim, ffn_dim=ffn_dim, num_experts=num_experts, top_k=top_k,
+                        capacity_factor=capacity_factor, num_shared_experts=num_shared_experts,
+                        aux_loss_coef=aux_loss_coef, score_func=score_func)
         self.dim, self.ffn_dim, self.num_experts, self.top_k = dim, ffn_dim, num_experts, top_k
         self.activation, self.capacity_factor = activation, capacity_factor
         self.aux_loss_coef, self.score_func, self.renormalize = aux_loss_coef, score_func, renormalize

@@ -10,6 +10,7 @@ import copy
 import re
 import sys
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -218,3 +219,18 @@ def test_a_padding_mask_of_another_length_and_a_missing_traced_input_name_the_fi
     with pytest.raises(TypeError, match=r"missing argument\(s\) \['position_ids'\], which the example gave.*compile "
                                         r"without them"):
         program(ids)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("dim", 0, r"MoE dim \(0\) must be an int >= 1"),
+    ("ffn_dim", 0, r"MoE ffn_dim \(0\) must be an int >= 1"),
+    ("num_shared_experts", -1, r"MoE num_shared_experts \(-1\) must be an int >= 0"),
+    ("top_k", 2.0, r"MoE top_k \(2.0\) must be an int in \[1, num_experts \(4\)\]"),
+    ("score_func", "tanh", r"MoE score_func \('tanh'\) must be one of \['sigmoid', 'softmax'\]"),
+    ("aux_loss_coef", -1.0, r"MoE aux_loss_coef \(-1.0\) must be >= 0"),
+])
+def test_moe_layer_arguments_are_refused_at_construction(field, value, message):
+    arguments = dict(dim=8, ffn_dim=8, num_experts=4, top_k=2)
+    with pytest.raises(ValueError, match=message):
+        mc.nn.MoE(**{**arguments, field: value})
+    assert mc.nn.MoE(**{**arguments, "num_experts": np.int64(4)}).num_experts == 4   # a config's numpy int
