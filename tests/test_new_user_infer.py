@@ -580,4 +580,4 @@ def test_an_unmatched_moe_block_is_told_the_structure_recognizers_expect():
 
     (report,) = canonicalize(nn.Sequential(RenamedMoE()))
     assert report.action == "left" and "a router child with one [E, D] weight and a child named like " \
-                                       "'experts' holding a ModuleList of bias-free Linear MLPs" in report.reason
+                                       "'experts' holding a ModuleList of Linear MLPs" in report.reason

@@ -66,7 +66,7 @@ def recognize_canonical(module: nn.Module, path: str) -> Optional[Recognition]:
 RECOGNIZERS: list[Recognizer] = [recognize_canonical]
 
 NO_MATCH = ("no recognizer matched its structure (they expect a router child with one [E, D] weight and a child "
-            "named like 'experts' holding a ModuleList of bias-free Linear MLPs or two stacked 3-D [E, ., .] "
+            "named like 'experts' holding a ModuleList of Linear MLPs or two stacked 3-D [E, ., .] "
             "weights, or those two weights as the block's own parameters); it runs as traced code")
 _MOE_LIKE_NAME = re.compile(r"moe|mixture|sparse.*(block|mlp)|expert", re.IGNORECASE)
 

@@ -4,7 +4,8 @@ It adopts the original block's children, parameters and buffers under their orig
 ``state_dict`` keys do not change and nothing is copied), and computes
 
     route (moesys.route, or the block's own router as traced code)
-      -> moesys.moe_experts on views of the stacked expert weights (and expert biases)
+      -> moesys.moe_experts on views of the stacked expert weights (and expert biases), dropless or
+         with the block's own GShard capacity factor
       -> (+ shared expert, optionally sigmoid-gated) (x output scale) (+ output bias)
       -> moesys.load_balancing_loss
 
@@ -22,8 +23,9 @@ from torch import Tensor, nn
 
 from ...nn import _is_capturing
 from ..canonicalize import Recognition
+from ..hf_capture import AUX_COEF_ATTRIBUTES
 from .experts import ExpertsSpec
-from .structure import RouterSpec, call_router, route_known, router_values
+from .structure import RouterSpec, call_router, number_attr, route_known, router_values
 
 
 def block_kind(module: nn.Module) -> str:
@@ -64,20 +66,32 @@ def _offload_hooks_loaded(modules: list[nn.Module]):
             module._hf_hook.post_forward(module, None)
 
 
+def own_aux_loss_coef(block: nn.Module) -> float:
+    """The block's own numeric ``router_aux_loss_coef`` / ``aux_loss_coef`` (a user's block holding
+    ``aux_loss_coef = 0.01``), else 0."""
+    coef = number_attr(block, AUX_COEF_ATTRIBUTES, 0.0)
+    return 0.0 if isinstance(coef, bool) else float(coef)
+
+
 class CanonicalMoEBlock(nn.Module):
     """A recognised MoE block in canonical form (see the module docstring).
 
     ``aux_loss`` holds ``aux_loss_coef`` x the load-balancing loss of the last eager forward;
-    compiled programs expose the sum over layers as ``program.aux_loss``.
+    compiled programs expose the sum over layers as ``program.aux_loss``. The coefficient is the
+    block's own ``router_aux_loss_coef`` / ``aux_loss_coef`` unless given (0 where it has none; a
+    Hugging Face model's config sets it afterwards, ``hf_capture.apply_aux_loss_coef``).
+    ``capacity_factor`` > 0: slots past GShard capacity are dropped, as the probed block drops them.
     """
 
     _moesys_canonical = True
 
     def __init__(self, original: nn.Module, router: RouterSpec, experts: ExpertsSpec,
-                 shared: Optional[str] = None, shared_gate: Optional[str] = None, aux_loss_coef: float = 0.0,
-                 kind: Optional[str] = None, output_bias: Optional[str] = None, output_scale: float = 1.0,
-                 extra_outputs: tuple[str, ...] = ()):
+                 shared: Optional[str] = None, shared_gate: Optional[str] = None,
+                 aux_loss_coef: Optional[float] = None, kind: Optional[str] = None, output_bias: Optional[str] = None,
+                 output_scale: float = 1.0, extra_outputs: tuple[str, ...] = (), capacity_factor: float = 0.0):
         super().__init__()
+        if aux_loss_coef is None:
+            aux_loss_coef = own_aux_loss_coef(original)
         adopt(self, original, reserved=("activation",))
         self.router_spec, self.experts_spec = router, experts
         self.shared_path, self.shared_gate_path = shared, shared_gate
@@ -88,7 +102,7 @@ class CanonicalMoEBlock(nn.Module):
         self.extra_outputs = tuple(extra_outputs)
         self.num_experts, self.top_k = experts.num_experts, router.top_k
         self.dim, self.ffn_dim, self.activation = experts.dim, experts.ffn_dim, experts.activation
-        self.capacity_factor: Optional[float] = None
+        self.capacity_factor: Optional[float] = capacity_factor or None   # None: dropless
         self.aux_loss_coef = aux_loss_coef
         self.source = f"{type(original).__module__}.{type(original).__qualname__}"
         self.kind = kind or block_kind(original)
@@ -148,7 +162,7 @@ class CanonicalMoEBlock(nn.Module):
             biases = self.expert_biases()
             biases = biases if any(b is not None for b in biases) else ()   # bias-free: the five-weight call
             y_TD = torch.ops.moesys.moe_experts(x_TD, ids_TK, weights_TK, w_up_EHD, w_down_EDF, self.activation,
-                                                0.0, *biases)
+                                                self.capacity_factor or 0.0, *biases)
         if self.shared_path:
             y_TD = y_TD + self.shared_output(x_TD)
         if self.output_scale != 1.0:
@@ -172,6 +186,8 @@ class CanonicalMoEBlock(nn.Module):
         facts = dict(num_experts=self.num_experts, top_k=self.top_k, dim=self.dim, ffn_dim=self.ffn_dim,
                      activation=self.activation, router=self.router_spec.describe())
         facts["experts"] = self.experts_spec.describe()
+        if self.capacity_factor:
+            facts["capacity_factor"] = self.capacity_factor
         if self.shared_path:
             facts["shared"] = self.shared_path + (f"*sigmoid({self.shared_gate_path})" if self.shared_gate_path else "")
         if self.output_scale != 1.0:
@@ -182,14 +198,16 @@ class CanonicalMoEBlock(nn.Module):
             facts["returns"] = "(output, " + ", ".join(f"router {name}" for name in self.extra_outputs) + ")"
         if not self.experts_spec.stacked:
             with torch.no_grad():
-                copies = [w for w in self.expert_weights() if w._base is None]   # not views: built each step
+                tensors = [*self.expert_weights(), *(b for b in self.expert_biases() if b is not None)]
+                copies = [t for t in tensors if t._base is None]   # not views: built each step
             if copies:
                 facts["stack_copy_bytes"] = sum(w.numel() * w.element_size() for w in copies)
         return facts
 
     def extra_repr(self) -> str:
         return (f"from {self.source}: num_experts={self.num_experts}, top_k={self.top_k}, dim={self.dim}, "
-                f"ffn_dim={self.ffn_dim}, activation={self.activation!r}, router={self.router_spec.describe()}")
+                f"ffn_dim={self.ffn_dim}, activation={self.activation!r}, router={self.router_spec.describe()}"
+                + (f", capacity_factor={self.capacity_factor:g}" if self.capacity_factor else ""))
 
 
 def recognize_canonical_block(module: nn.Module, path: str) -> Optional[Recognition]:

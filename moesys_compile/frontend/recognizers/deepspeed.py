@@ -84,7 +84,7 @@ def recognize_deepspeed_moe(module: nn.Module, path: str) -> Optional[Recognitio
     num_experts, dim = gate.wg.weight.shape
     router = RouterSpec(GATE_PATH, gate.k, num_experts, "wg.weight", None, "softmax", renormalize=gate.k > 1)
     experts = module.get_submodule(EXPERTS_PATH)
-    forms = [dict(experts=spec) for spec in per_expert_candidates(experts, EXPERTS_PATH, dim)]
+    forms = [dict(experts=spec) for spec in per_expert_candidates(experts, EXPERTS_PATH, dim, biases=False)]
     if not forms:
         return leave(path, KIND, "each expert must be a bias-free MLP (Linear-act-Linear, or gate/up/down "
                                  "Linears); biased or other experts are not canonicalized")

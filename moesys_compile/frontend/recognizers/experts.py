@@ -1,6 +1,7 @@
 """Expert weight layouts of MoE blocks we did not write: stacked 3-D weights (views, optionally
 with stacked [E, H] / [E, D] biases and a clamped SwiGLU: gpt-oss), split over two children
-(JetMoE), flat [E*F, D] matrices (DBRX), or a ModuleList of per-expert MLPs. Every reading the
+(JetMoE), flat [E*F, D] matrices (DBRX), or a ModuleList of per-expert MLPs (their Linears'
+biases stacked too). Every reading the
 shapes allow is a candidate; the block probe (``probe.exact_form``) picks the true one.
 
 Shape legend: D model dim · F expert hidden · H up rows (2F gated) · E experts.
@@ -36,8 +37,10 @@ class ExpertsSpec:
     transpose_up: bool = False
     transpose_down: bool = False
     flat: bool = False
-    up_bias: Optional[str] = None      # stacked [E, H] bias added to the up projection
-    down_bias: Optional[str] = None    # stacked [E, D] bias added to the down projection
+    # [E, H] bias added to the up projection, [E, D] to the down one: stacked, the parameter's name;
+    # per-expert, the attribute of each Linear that holds it ("bias"), stacked in forward like the weights
+    up_bias: Optional[str] = None
+    down_bias: Optional[str] = None
 
     def weights(self, experts: nn.Module) -> tuple[Tensor, Tensor]:
         """(w_up_EHD, w_down_EDF) of ``experts`` in the canonical layout."""
@@ -56,14 +59,28 @@ class ExpertsSpec:
 
     def biases(self, experts: nn.Module) -> tuple[Optional[Tensor], Optional[Tensor]]:
         """(b_up_EH, b_down_ED) of ``experts``, None where the experts have no such bias."""
-        return tuple(None if name is None else fetch(experts, name) for name in (self.up_bias, self.down_bias))
+        if self.stacked or self.flat:
+            return tuple(None if name is None else fetch(experts, name) for name in (self.up_bias, self.down_bias))
+        up_names, down_names = self._per_expert_biases()
+        b_up_EH = torch.stack([torch.cat([fetch(e, name) for name in up_names]) for e in experts]) if up_names else None
+        b_down_ED = torch.stack([fetch(e, down_names[0]) for e in experts]) if down_names else None
+        return b_up_EH, b_down_ED
+
+    def _per_expert_biases(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """Paths inside one expert of its up Linears' biases and of its down Linear's (() if none)."""
+        def beside(weight: str, attr: Optional[str]) -> tuple[str, ...]:
+            owner = weight.rpartition(".")[0]
+            return () if attr is None else (f"{owner}.{attr}" if owner else attr,)
+        return tuple(n for w in self.up for n in beside(w, self.up_bias)), beside(self.down, self.down_bias)
 
     def param_names(self) -> list[str]:
         if self.flat:
             return [*self.up, self.down]
         if self.stacked:
             return [self.up[0], self.down, *(b for b in (self.up_bias, self.down_bias) if b)]
-        return [f"{i}.{name}" for i in range(self.num_experts) for name in (*self.up, self.down)]
+        up_biases, down_biases = self._per_expert_biases()
+        return [f"{i}.{name}" for i in range(self.num_experts)
+                for name in (*self.up, self.down, *up_biases, *down_biases)]
 
     def describe(self) -> str:
         if self.flat:
@@ -147,10 +164,14 @@ def stacked_candidates(experts: nn.Module, path: str, dim: int,
     return specs
 
 
-def _expert_linears(expert: nn.Module, dim: int) -> Optional[tuple[tuple[str, ...], str, int]]:
-    """Bias-free Linear layers of one expert: the up side reads D, the last one writing D is down."""
+def _expert_linears(expert: nn.Module, dim: int,
+                    biases: bool) -> Optional[tuple[tuple[str, ...], str, int, Optional[str], Optional[str]]]:
+    """(up weights, down weight, F, up bias, down bias) of one expert's Linear layers: the up side
+    reads D, the last one writing D is down. With ``biases``, the up Linears may all hold a bias
+    and the down one may too (the bias attribute, "bias"; None where they hold none); else the
+    Linears must be bias-free."""
     linears = [(name, m) for name, m in expert.named_modules() if isinstance(m, nn.Linear)]
-    if len(linears) < 2 or any(m.bias is not None for _, m in linears):
+    if len(linears) < 2:
         return None
     down = next((n for n, m in linears if m.out_features == dim and m.in_features != dim), linears[-1][0])
     modules = dict(linears)
@@ -159,22 +180,29 @@ def _expert_linears(expert: nn.Module, dim: int) -> Optional[tuple[tuple[str, ..
     if len(ups) > 2 or modules[down].out_features != dim or any(
             modules[n].in_features != dim or modules[n].out_features != ffn_dim for n in ups):
         return None
-    return tuple(f"{n}.weight" for n in ups), f"{down}.weight", ffn_dim
+    up_biased = {modules[n].bias is not None for n in ups}
+    down_biased = modules[down].bias is not None
+    if len(up_biased) > 1 or not biases and (True in up_biased or down_biased):
+        return None   # some up Linears biased, others not: no one [E, H] bias
+    return (tuple(f"{n}.weight" for n in ups), f"{down}.weight", ffn_dim, "bias" if True in up_biased else None,
+            "bias" if down_biased else None)
 
 
-def per_expert_candidates(experts: nn.Module, path: str, dim: int) -> list[ExpertsSpec]:
-    """Layouts of a ModuleList of expert MLPs (gate/up/down or w1/w3/w2 or Linear-act-Linear)."""
+def per_expert_candidates(experts: nn.Module, path: str, dim: int, biases: bool = True) -> list[ExpertsSpec]:
+    """Layouts of a ModuleList of expert MLPs (gate/up/down or w1/w3/w2 or Linear-act-Linear), with
+    the Linears' biases stacked like their weights (``biases=False``: bias-free MLPs only)."""
     if not isinstance(experts, nn.ModuleList) or not len(experts):
         return []
-    found = _expert_linears(experts[0], dim)
+    found = _expert_linears(experts[0], dim, biases)
     if found is None:
         return []
-    ups, down, ffn_dim = found
+    ups, down, ffn_dim, up_bias, down_bias = found
     specs = []
     for order in itertools.permutations(ups):
         for activation in ops.ACTIVATIONS:
             if ops.is_gated(activation) == (len(order) == 2):
-                specs.append(ExpertsSpec(path, len(experts), dim, ffn_dim, activation, order, down, False))
+                specs.append(ExpertsSpec(path, len(experts), dim, ffn_dim, activation, order, down, False,
+                                         up_bias=up_bias, down_bias=down_bias))
     return specs
 
 

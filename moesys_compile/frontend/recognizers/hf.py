@@ -8,7 +8,8 @@ family (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V3, ...) and most hand-written mod
       ├─ experts    stacked 3-D weights (gate_up_proj [E, 2F, D], down_proj [E, D, F], or transposed;
       │             optionally [E, H] / [E, D] biases and a clamped, interleaved SwiGLU: gpt-oss),
       │             two children holding one 3-D weight each (JetMoE), flat [E*F, D] matrices (DBRX),
-      │             or a ModuleList of bias-free MLPs (gate/up/down, w1/w3/w2, Linear-act-Linear)
+      │             or a ModuleList of MLPs (gate/up/down, w1/w3/w2, Linear-act-Linear; with or without
+      │             biases, which are stacked like the weights)
       ├─ shared_expert(s)        optional dense MLP added to (or averaged with) the routed output
       ├─ shared_expert_gate      optional [1, D] gate, sigmoid-scaled (Qwen2-MoE)
       ├─ <norm child>            optional norm of the block's output, [D] parameters only (A.X-K1)
@@ -21,7 +22,10 @@ then probed against its canonical forms, and only an exact match is swapped in (
 the probe's tokens are scaled so that the experts' activations leave their linear range, where a
 clamp or a softcap would hide, and so that they cross the range where near activations differ
 (exact and tanh GELU, quick GELU); an activation near one of ours but none of them keeps the block
-as it is. A block whose forward takes more than the hidden states is left as it is.
+as it is. Crowds of tokens that all choose one expert show a block that drops tokens past a
+capacity: it is taken with its own ``capacity_factor`` where probing establishes that capacity
+(top-1, ``probe.block_capacity``), else left as it is. A block whose forward takes more than the
+hidden states is left as it is.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from torch import Tensor, nn
 from ..canonicalize import Recognition
 from .block import CanonicalMoEBlock, block_kind
 from .experts import activation_hint, experts_candidates
-from .probe import BlockProbe, exact_form, token_scales
+from .probe import CROWD_DIFFERS, NO_CAPACITY, BlockProbe, block_capacity, exact_form, token_scales
 from .structure import (CLAMP_ATTRS, ROUTER_NAMES, SHARED_GATE_NAMES, SHARED_NAMES, TOP_K_ATTRS, analyze_router, fetch,
                         generator, leave, number_attr, on_meta, router_randomized, rule_candidates)
 
@@ -230,16 +234,21 @@ def _recognize(module: nn.Module, path: str, experts_name: str) -> Optional[Reco
     if router_spec.top_k < 1:
         return leave(path, kind, f"{router_why}; neither the router nor the block has a top_k attribute")
     rules = [router_spec] if "ids" in router_spec.outputs else rule_candidates(router, router_spec, args)
-    forms = [dict(router=rule, experts=layout, output_scale=scale, **norm)
+    capacity, crowds, capacity_note = block_capacity(module, router_spec.top_k, num_experts)
+    forms = [dict(router=rule, experts=layout, output_scale=scale, capacity_factor=factor, **norm)
              for rule in rules for layout in candidates for scale in ((1.0, 0.5) if shared else (1.0,))
-             for norm in ([dict(output_norm=output_norm)] if output_norm else [{}])]
+             for norm in ([dict(output_norm=output_norm)] if output_norm else [{}])
+             for factor in ((0.0, capacity) if capacity else (0.0,))]
     fixed = dict(shared=shared, shared_gate=shared_gate, output_bias=output_bias)
     weights = [fetch(module, name) for name in split] if split else [
         p for p in experts.parameters() if p.dim() >= 2]
-    found, best, problem = _probe_forms(module, router_name, dim, forms, fixed, weights)
+    found, best, problem = _probe_forms(module, router_name, dim, forms, fixed, weights, crowds)
     if found is None:
         what = "its experts" if len(rules) == 1 else f"any of {len(rules)} routing rules with its experts"
-        closest = (problem or f"closest max abs diff {best:.3g} over {len(forms)} forms") + activation_hint(experts)
+        closest = problem or f"closest max abs diff {best:.3g} over {len(forms)} forms"
+        if problem == CROWD_DIFFERS or capacity_note:   # the capacity it holds (or lacks) is why
+            closest += f"; {capacity_note or NO_CAPACITY}"
+        closest += activation_hint(experts)
         return leave(path, kind, f"{router_why}; no canonical form of {what} reproduces the block's output "
                                  f"({closest})")
     return _recognition(module, kind, found, fixed)
@@ -258,20 +267,22 @@ def _no_layout(experts: nn.Module, name: str) -> str:
     if stacked and len(own) > len(stacked):
         return (f"experts '{name}' hold {sorted(set(own) - set(stacked))} besides the stacked weights {stacked}: "
                 f"only [E, H] up and [E, D] down biases have a place in moesys.moe_experts")
-    return f"experts '{name}' are neither stacked 3-D [E, H, D]/[E, D, F] weights nor a list of bias-free Linear MLPs"
+    return (f"experts '{name}' are neither stacked 3-D [E, H, D]/[E, D, F] weights nor a list of Linear MLPs "
+            f"(up Linears all biased or all bias-free)")
 
 
 def _probe_forms(module: nn.Module, router_name: str, dim: int, forms: list[dict], fixed: dict,
-                 expert_weights: list[Tensor]) -> tuple[Optional[dict], float, str]:
+                 expert_weights: list[Tensor], crowds: list[tuple[int, int]]) -> tuple[Optional[dict], float, str]:
     """``probe.exact_form`` of the block: the router is randomised while probing (zero-initialised
     routers tie every rule), and the tokens are scaled so that the experts' activations leave
     their linear range and cross the range where near activations differ (``token_scales``; the
-    router's copy is scaled down to match, so its scores do not saturate); the form found is then
-    built on the block as it is."""
+    router's copy is scaled down to match, so its scores do not saturate); ``crowds`` of tokens that
+    choose the same expert tell a block that drops tokens from a dropless one (``block_capacity``).
+    The form found is then built on the block as it is."""
     scales = token_scales(expert_weights, dim)
     with router_randomized(module, router_name, generator(), dim) as rescale:
         return exact_form(module, forms, lambda form: _build(module, form, fixed),
-                          lambda: BlockProbe(module, dim, scales=scales, rescale=rescale))
+                          lambda: BlockProbe(module, dim, scales=scales, rescale=rescale, crowds=crowds))
 
 
 class OutputNormMoEBlock(CanonicalMoEBlock):

@@ -1,10 +1,12 @@
 """The block probe: a candidate canonical form replaces a block only when it computes what the block
-computes, on random tokens at several magnitudes (``token_scales``), and when no form that differs
-from it in the experts' activation alone does too (``exact_form``).
+computes, on random tokens at several magnitudes (``token_scales``) and, where asked, on crowds of
+near-identical tokens that all choose the same experts (``block_capacity``: a block that drops
+tokens past a capacity is never taken for a dropless one), and when no form that differs from it
+in the experts' activation alone does too (``exact_form``).
 
     >>> found, diff, why = exact_form(block, forms, build, make_probe)      # doctest: +SKIP
 
-Shape legend: B batch · S sequence · D model dim.
+Shape legend: B batch · S sequence · D model dim · T tokens · E experts · K top-k.
 """
 
 from __future__ import annotations
@@ -13,16 +15,23 @@ import contextlib
 import itertools
 import math
 from dataclasses import replace
+from fractions import Fraction
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .structure import close, first_param, generator
+from .structure import CAPACITY_ATTRS, close, first_param, generator, number_attr
 
 PROBE_PRE_ACTIVATION_STDS = (16.0, 2.0)
 EVAL_MODE_DIFFERS = ("the block computes differently in eval mode (it reads self.training beyond dropout), "
                      "and a canonical form computes one result in both")
+CROWD_DIFFERS = ("it computes otherwise when many tokens choose the same expert than when they spread: it drops "
+                 "(or moves) tokens past a capacity, which a dropless canonical form does not")
+NO_CAPACITY = "the block holds no capacity_factor, so the capacity it drops past is unknown"
+CROWD = (2, 48)          # [B, S] of the crowd every probe that asks for crowds runs: a capacity under 96 overflows
+CROWD_SPREAD = 1e-2      # the crowd's tokens: one random token plus this much noise (distinct, same experts)
+MAX_CAPACITY_TOKENS = 1024
 
 
 def token_scales(expert_weights: list[Tensor], dim: int) -> tuple[float, ...]:
@@ -49,24 +58,72 @@ def token_scales(expert_weights: list[Tensor], dim: int) -> tuple[float, ...]:
     return (2.0 ** max(0, exponents[0]), *(2.0 ** e for e in exponents[1:]))
 
 
+def block_capacity(block: nn.Module, top_k: int, num_experts: int) -> tuple[float, list[tuple[int, int]], str]:
+    """(capacity factor a canonical form of ``block`` may drop with (0: none), the [B, S] sizes of
+    the crowds to probe it on, a note on its capacity for the reason it is left, "" where it holds
+    none). Every block is probed on ``CROWD``: near-identical tokens that all choose the same
+    experts overflow any capacity under 96, so a block that drops tokens there matches no dropless
+    form. Its own capacity is taken only where probing can establish it: the block holds a
+    ``capacity_factor`` (or ``cf``), it routes top-1 (with k > 1, GShard and others differ in which
+    slot of a token claims capacity first, which crowds of one ranking do not show), and factor x
+    tokens / E is exact in binary floating point (a factor in 1/1024 steps, a power-of-two E), so
+    however the block computes it, only its rounding can differ from ``ops.expert_capacity``'s
+    ceil: the crowds then cover every token count 2..32, whose capacities fall below, above and on
+    whole numbers, and the first count whose capacity is whole (where ceil and floor + 1 differ).
+
+        >>> block_capacity(nn.Module(), 1, 4)
+        (0.0, [(2, 48)], '')
+    """
+    crowds = [CROWD]
+    factor = number_attr(block, CAPACITY_ATTRS, None)
+    if factor is None or isinstance(factor, bool) or not 0 < factor < math.inf:
+        return 0.0, crowds, ""
+    if top_k != 1:
+        return 0.0, crowds, (f"its capacity_factor ({factor:g}) is not taken: with top_k={top_k} the order in which "
+                             f"a token's slots claim capacity cannot be established by probing")
+    if Fraction(factor).denominator > 1024 or num_experts & (num_experts - 1):
+        return 0.0, crowds, (f"its capacity_factor ({factor:g}) x tokens / {num_experts} experts is not exact in "
+                             f"binary floating point, so the capacity the block's own formula rounds to cannot be "
+                             f"established (exact: a factor in 1/1024 steps, a power-of-two expert count)")
+    whole = max(2, (Fraction(factor) / num_experts).denominator)   # the fewest tokens (>= 2) of a whole capacity
+    if whole > MAX_CAPACITY_TOKENS:
+        return 0.0, crowds, (f"its capacity_factor ({factor:g}) x tokens / {num_experts} experts is a whole number "
+                             f"only every {whole} tokens, more than the probe runs ({MAX_CAPACITY_TOKENS}), so how "
+                             f"the block rounds it there cannot be established")
+    crowds += [(1, t) for t in range(2, 33)] + ([(1, whole)] if whole > 32 else [])
+    return float(factor), crowds, (f"dropping past GShard capacity with its capacity_factor ({factor:g}), the first "
+                                   f"ceil({factor:g} x tokens / {num_experts}) tokens an expert receives kept, does "
+                                   f"not reproduce it either")
+
+
 class BlockProbe:
     """Compares candidate canonical forms with the original block on the same random tokens
-    [B, S, D], scaled by each of ``scales`` (``token_scales``); the original runs once per scale,
-    and a candidate matches when it matches at every scale. ``rescale(scale)``, when given, runs
-    before the runs at a scale (the randomised router's copy keeps its logits those of unit
-    tokens). ``pick`` selects what to compare from the outputs: one tensor, or a tuple (output,
-    router values...) whose other items are the router's [tokens, k] weights or ids (gpt-oss
-    returns its router scores); the candidate is then told to return the same (``extra_outputs``)."""
+    [B, S, D], scaled by each of ``scales`` (``token_scales``), then on ``crowds``: for each [B, S],
+    one random token plus a little noise, at the last scale (``block_capacity``). The original runs
+    once per input, and a candidate matches when it matches on every input. ``rescale(scale)``, when
+    given, runs before the runs at a scale (the randomised router's copy keeps its logits those of
+    unit tokens). ``pick`` selects what to compare from the outputs: one tensor, or a tuple
+    (output, router values...) whose other items are the router's [tokens, k] weights or ids
+    (gpt-oss returns its router scores); the candidate is then told to return the same
+    (``extra_outputs``)."""
 
     def __init__(self, original: nn.Module, dim: int, pick=lambda out: out, tokens: tuple[int, int] = (2, 4),
-                 scales: Sequence[float] = (1.0,), rescale: Optional[Callable[[float], None]] = None):
+                 scales: Sequence[float] = (1.0,), rescale: Optional[Callable[[float], None]] = None,
+                 crowds: Sequence[tuple[int, int]] = ()):
         param = first_param(original)
-        x_BSD = torch.randn(*tokens, dim, generator=generator()).to(device=param.device, dtype=param.dtype)
-        self.inputs = [(scale, x_BSD * scale) for scale in scales]   # powers of two: exact
+        gen = generator()
+        x_BSD = torch.randn(*tokens, dim, generator=gen)
+        # (scale, tokens, crowded); powers of two: exact
+        inputs = [(scale, x_BSD * scale, False) for scale in scales]
+        for batch, seq in crowds:
+            crowd_BSD = x_BSD[0, 0] + CROWD_SPREAD * torch.randn(batch, seq, dim, generator=gen)
+            inputs.append((scales[-1], crowd_BSD * scales[-1], True))
+        self.inputs = [(scale, x.to(device=param.device, dtype=param.dtype), crowded) for scale, x, crowded in inputs]
         self.original, self.pick, self.rescale = original, pick, rescale
-        self._want: dict[tuple[bool, float], Any] = {}   # the original's output in each mode at each scale
+        self._want: dict[tuple[bool, int], Any] = {}   # the original's output in each mode on each input
         self.problem = ""   # why the original cannot be compared (it returns a tuple, it fails, ...)
         self.eval_differs = False   # a candidate matched in training mode, not in eval mode
+        self.crowd_differs = False   # a candidate matched the spread tokens, not a crowd
 
     def _run(self, module: nn.Module, x_BSD: Tensor) -> Any:
         with torch.no_grad():
@@ -77,17 +134,17 @@ class BlockProbe:
             self.problem = f"the block returns a {type(out).__name__}, not one tensor"
         return out if comparable else None
 
-    def _extra_outputs(self, want: tuple, top_k: int) -> Optional[tuple[str, ...]]:
+    def _extra_outputs(self, want: tuple, top_k: int, x_BSD: Tensor) -> Optional[tuple[str, ...]]:
         """What each item after the first of the original's tuple is, for a router of ``top_k``."""
-        num_tokens = self.inputs[0][1].shape[0] * self.inputs[0][1].shape[1]
+        num_tokens = x_BSD.shape[0] * x_BSD.shape[1]
         if any(item.shape != (num_tokens, top_k) for item in want[1:]):
             self.problem = ("the block returns a tuple whose items after the first are not the router's "
                             "[tokens, top_k] weights or ids")
             return None
         return tuple("weights" if item.is_floating_point() else "ids" for item in want[1:])
 
-    def _original(self, scale: float, x_BSD: Tensor) -> Any:
-        key = (self.original.training, scale)
+    def _original(self, index: int, x_BSD: Tensor) -> Any:
+        key = (self.original.training, index)
         if key not in self._want and not self.problem:
             try:
                 self._want[key] = self._run(self.original, x_BSD)
@@ -102,30 +159,32 @@ class BlockProbe:
         ``replacement.extra_outputs`` is set to what it returns. A block in training mode is
         compared in eval mode too: code that reads ``self.training`` (another top-k in eval)
         would otherwise be replaced by a form that computes its training-mode result in both."""
-        ok, diff = self._matches_at_every_scale(replacement)
+        ok, diff, crowded = self._matches_every_input(replacement)
+        self.crowd_differs |= crowded
         if ok and self.original.training:
             with _in_eval_mode(self.original, replacement):
-                ok, diff = self._matches_at_every_scale(replacement)
+                ok, diff, _ = self._matches_every_input(replacement)
             self.eval_differs |= not ok
         return ok, diff
 
-    def _matches_at_every_scale(self, replacement: nn.Module) -> tuple[bool, float]:
+    def _matches_every_input(self, replacement: nn.Module) -> tuple[bool, float, bool]:
+        """(ok, diff, whether it failed on a crowd: the spread tokens come first, so it matched them)."""
         ok, diff = True, 0.0
-        for scale, x_BSD in self.inputs:
+        for index, (scale, x_BSD, crowded) in enumerate(self.inputs):
             if self.rescale is not None:
                 self.rescale(scale)
-            ok, diff = self._matches_at(replacement, scale, x_BSD)
+            ok, diff = self._matches_at(replacement, index, x_BSD)
             if not ok:
-                break
-        return ok, diff
+                return ok, diff, crowded
+        return ok, diff, False
 
-    def _matches_at(self, replacement: nn.Module, scale: float, x_BSD: Tensor) -> tuple[bool, float]:
+    def _matches_at(self, replacement: nn.Module, index: int, x_BSD: Tensor) -> tuple[bool, float]:
         try:
-            want = self._original(scale, x_BSD)
+            want = self._original(index, x_BSD)
             if want is None:
                 return False, float("inf")
             if isinstance(want, tuple):
-                extras = self._extra_outputs(want, replacement.top_k)
+                extras = self._extra_outputs(want, replacement.top_k, x_BSD)
                 if extras is None:
                     return False, float("inf")
                 replacement.extra_outputs = extras
@@ -231,7 +290,8 @@ def exact_form(module: nn.Module, forms: Sequence[dict], build: Callable[[dict],
             return None, diff, why
         found, block = exact[0]
         return dict(found, extra_outputs=block.extra_outputs), diff, ""
-    return None, best, probe.problem or (EVAL_MODE_DIFFERS if probe.eval_differs else "")
+    return None, best, probe.problem or (EVAL_MODE_DIFFERS if probe.eval_differs else
+                                         CROWD_DIFFERS if probe.crowd_differs else "")
 
 
 def _matching(forms: Sequence[dict], build: Callable[[dict], nn.Module],

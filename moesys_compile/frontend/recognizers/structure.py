@@ -29,6 +29,7 @@ SHARED_GATE_NAMES = ("shared_expert_gate", "shared_gate")
 GROUP_ATTRS = (("n_group", "num_group", "n_groups", "num_groups"), ("topk_group", "topk_groups"))
 SCALING_ATTRS = ("routed_scaling_factor", "routed_scaling", "scaling_factor", "route_scale")
 TOP_K_ATTRS = ("top_k", "num_experts_per_tok", "k")
+CAPACITY_ATTRS = ("capacity_factor", "cf")   # a block's GShard capacity factor (Switch-style dropping)
 CLAMP_ATTRS = ("limit", "swiglu_limit")   # an experts module's activation clamp (gpt-oss, DeepSeek-V4)
 PROBE_SEED = 1234
 
