@@ -87,6 +87,8 @@ def test_a_program_compiled_in_eval_mode_warns_when_put_in_training_mode():
     torch.manual_seed(0)
     model, x = Net(jitter=0.1).eval(), torch.randn(2, 5, 6)
     program = mc.compile(model, mc.Plan(mode="train"), example_inputs=(x,))
+    [block] = [b for b in program.context.blocks if b.path == "block"]   # its experts have a canonical form,
+    assert block.action == "left" and "computes differently in training mode" in block.reason   # not its jitter
     program.eval()
     [message] = switch_warnings(program, True)
     assert "computes differently in training mode than in the eval mode" in message

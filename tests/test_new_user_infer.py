@@ -476,12 +476,12 @@ class StackedMoE(nn.Module):
 
 
 class LoopMoE(nn.Module):
-    """Experts with biases (no canonical form) run in a Python loop over ``torch.where``."""
+    """Mish experts (no canonical activation) run in a Python loop over ``torch.where``."""
 
     def __init__(self, dim=32, ffn=48, experts=4, top_k=2):
         super().__init__()
         self.router = nn.Linear(dim, experts, bias=False)
-        self.experts = nn.ModuleList(nn.Sequential(nn.Linear(dim, ffn), nn.GELU(), nn.Linear(ffn, dim))
+        self.experts = nn.ModuleList(nn.Sequential(nn.Linear(dim, ffn), nn.Mish(), nn.Linear(ffn, dim))
                                      for _ in range(experts))
         self.top_k = top_k
 

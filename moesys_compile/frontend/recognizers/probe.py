@@ -24,8 +24,8 @@ from torch import Tensor, nn
 from .structure import CAPACITY_ATTRS, close, first_param, generator, number_attr
 
 PROBE_PRE_ACTIVATION_STDS = (16.0, 2.0)
-EVAL_MODE_DIFFERS = ("the block computes differently in eval mode (it reads self.training beyond dropout), "
-                     "and a canonical form computes one result in both")
+MODE_DIFFERS = ("the block computes differently in {mode} mode (it reads self.training beyond dropout "
+                "modules), and a canonical form computes one result in both")
 CROWD_DIFFERS = ("it computes otherwise when many tokens choose the same expert than when they spread: it drops "
                  "(or moves) tokens past a capacity, which a dropless canonical form does not")
 NO_CAPACITY = "the block holds no capacity_factor, so the capacity it drops past is unknown"
@@ -122,7 +122,7 @@ class BlockProbe:
         self.original, self.pick, self.rescale = original, pick, rescale
         self._want: dict[tuple[bool, int], Any] = {}   # the original's output in each mode on each input
         self.problem = ""   # why the original cannot be compared (it returns a tuple, it fails, ...)
-        self.eval_differs = False   # a candidate matched in training mode, not in eval mode
+        self.mode_differs = ""   # the other mode, where a candidate that matched in the block's own did not
         self.crowd_differs = False   # a candidate matched the spread tokens, not a crowd
 
     def _run(self, module: nn.Module, x_BSD: Tensor) -> Any:
@@ -156,15 +156,16 @@ class BlockProbe:
     def matches(self, replacement: nn.Module) -> tuple[bool, float]:
         """(equal within dtype rounding at every scale, max abs diff at the last scale compared); a
         candidate that cannot even run is wrong. For a tuple-returning original,
-        ``replacement.extra_outputs`` is set to what it returns. A block in training mode is
-        compared in eval mode too: code that reads ``self.training`` (another top-k in eval)
-        would otherwise be replaced by a form that computes its training-mode result in both."""
+        ``replacement.extra_outputs`` is set to what it returns. A block is compared in the other
+        mode too (its dropout modules kept off): code that reads ``self.training`` (another top-k
+        in eval, router jitter in training) would otherwise be replaced by a form that computes
+        its own mode's result in both, in the user's model as well."""
         ok, diff, crowded = self._matches_every_input(replacement)
         self.crowd_differs |= crowded
-        if ok and self.original.training:
-            with _in_eval_mode(self.original, replacement):
+        if ok:
+            with _in_other_mode(self.original, replacement) as other:
                 ok, diff, _ = self._matches_every_input(replacement)
-            self.eval_differs |= not ok
+            self.mode_differs = self.mode_differs or ("" if ok else other)
         return ok, diff
 
     def _matches_every_input(self, replacement: nn.Module) -> tuple[bool, float, bool]:
@@ -198,13 +199,19 @@ class BlockProbe:
 
 
 @contextlib.contextmanager
-def _in_eval_mode(*modules: nn.Module) -> Iterator[None]:
-    """Within, every module of ``modules`` is in eval mode; after, each has its own flag back."""
+def _in_other_mode(original: nn.Module, *others: nn.Module) -> Iterator[str]:
+    """Within, ``original`` and ``others`` are in the mode ``original`` is not in (yields its name),
+    dropout modules kept in eval mode; after, every module has its own flag back."""
+    modules = (original, *others)
     flags = [(m, m.training) for module in modules for m in module.modules()]
+    training = not original.training
     for module in modules:
-        module.eval()
+        module.train(training)
+        for dropout in module.modules():
+            if isinstance(dropout, nn.modules.dropout._DropoutNd):
+                dropout.eval()
     try:
-        yield
+        yield "training" if training else "eval"
     finally:
         for module, flag in flags:
             module.training = flag
@@ -290,7 +297,7 @@ def exact_form(module: nn.Module, forms: Sequence[dict], build: Callable[[dict],
             return None, diff, why
         found, block = exact[0]
         return dict(found, extra_outputs=block.extra_outputs), diff, ""
-    return None, best, probe.problem or (EVAL_MODE_DIFFERS if probe.eval_differs else
+    return None, best, probe.problem or (MODE_DIFFERS.format(mode=probe.mode_differs) if probe.mode_differs else
                                          CROWD_DIFFERS if probe.crowd_differs else "")
 
 
