@@ -9,12 +9,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import itertools
 import math
 import operator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import sympy
 import torch
@@ -22,13 +23,15 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 from torch._decomp import decomposition_table
-from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode, unset_fake_temporarily
+from torch._subclasses.fake_tensor import (DataDependentOutputException, FakeTensor, FakeTensorMode,
+                                          unset_fake_temporarily)
 from torch.fx.experimental.symbolic_shapes import (DimDynamic, GuardOnDataDependentSymNode, ShapeEnv,
                                                    StatelessSymbolicContext, free_unbacked_symbols)
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.utils._pytree import tree_leaves, tree_map
 
-from .empty_weights import fake_like, meta_replaced
+from .empty_weights import fake_like
+from .modes import GRAD_MODE_CALLS, grad_mode_kept
 from ..errors import UntraceableModelError, torch_logs_silenced
 from ..ir import fetch, is_op, layer_of_path, module_path_of, moesys_meta, tensors_in, value_signature
 
@@ -195,12 +198,34 @@ _SYMBOLIC_FORMS = {torch.ops.aten.pad.default: _constant_pad, torch.ops.aten.con
 UNBACKED_STAND_IN = 97
 
 
+@contextlib.contextmanager
+def _state_replaced(module: nn.Module, parameter: Callable[[torch.Tensor], torch.Tensor],
+                    buffer: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """While inside, every parameter and buffer of ``module`` (and of its submodules) is
+    ``parameter(t)`` / ``buffer(t)``; afterwards the very same tensors are back."""
+    swapped: list[tuple[dict, str, torch.Tensor]] = []
+    for owner in module.modules():
+        for table, make in ((owner._parameters, parameter), (owner._buffers, buffer)):
+            for name, t in list(table.items()):
+                if t is not None:
+                    table[name] = make(t)
+                    swapped.append((table, name, t))
+    try:
+        yield
+    finally:
+        for table, name, t in reversed(swapped):
+            table[name] = t
+
+
 class MemoFakeProp(FakeTensorProp):
     """FakeTensorProp that reuses the result of an identical earlier node (same op, same input
     metadata, same constants). Repeated layers are propagated once, which keeps annotation of
-    deep models linear and cheap; every node still gets its own ``meta["val"]``. Tensors on the
-    meta device (a model built under ``empty_weights``) take part as fake tensors on ``home``,
-    the example inputs' device."""
+    deep models linear and cheap; every node still gets its own ``meta["val"]``.
+
+    The model's parameters and buffers take part as fake tensors (on ``home``, the example inputs'
+    device, for those on the meta device of a model built under ``empty_weights``): propagation
+    never writes the model, though its code updates buffers in place (an EMA under ``no_grad``,
+    BatchNorm's running statistics and ``num_batches_tracked += 1`` in a leaf)."""
 
     def __init__(self, module: fx.GraphModule, mode: FakeTensorMode, home: torch.device = torch.device("cpu")):
         super().__init__(module, mode)
@@ -208,14 +233,31 @@ class MemoFakeProp(FakeTensorProp):
         self.home = home
         self.current: Optional[fx.Node] = None   # the node being propagated (named when it fails)
 
+    def fake(self, t: torch.Tensor) -> torch.Tensor:
+        """The fake that stands in for the model's tensor ``t`` (one per tensor: tied weights stay tied)."""
+        if isinstance(t, FakeTensor):
+            return t
+        if t.is_meta:
+            return fake_like(t, self._mode, self.home)
+        return self._mode.from_tensor(t, static_shapes=True)
+
     def fetch_attr(self, target: str) -> Any:
         value = super().fetch_attr(target)
-        return fake_like(value, self._mode, self.home) if isinstance(value, torch.Tensor) and value.is_meta else value
+        return self.fake(value) if isinstance(value, torch.Tensor) else value
 
     def call_module(self, target: str, args: Any, kwargs: Any) -> Any:
-        module = self.fetch_attr(target)
-        with meta_replaced(module, lambda name, t: fake_like(t, self._mode, self.home), as_parameters=False):
+        with _state_replaced(self.module.get_submodule(target), self.fake, self.leaf_buffer):
             return super().call_module(target, args, kwargs)
+
+    def leaf_buffer(self, t: torch.Tensor) -> torch.Tensor:
+        """A leaf's buffer as a fake; a one-element buffer (BatchNorm's ``num_batches_tracked``,
+        which its momentum=None average reads with ``float()``) as a fake that knows its value,
+        from a copy that the leaf may update."""
+        if t.numel() != 1 or t.is_meta or isinstance(t, FakeTensor):
+            return self.fake(t)
+        with unset_fake_temporarily():
+            copy = t.detach().clone()
+        return self._mode.fake_tensor_converter.from_real_tensor(self._mode, copy, make_constant=True)
 
     def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
         symbolic_form = _SYMBOLIC_FORMS.get(target)
@@ -224,8 +266,8 @@ class MemoFakeProp(FakeTensorProp):
         return super().call_function(target, args, kwargs)
 
     def _key(self, node: fx.Node) -> Any:
-        if node.op in ("placeholder", "output"):
-            return None
+        if node.op in ("placeholder", "output") or node.target in GRAD_MODE_CALLS:
+            return None      # (grad mode must change at every region, as it will when the graph runs)
         if node.op == "get_attr":
             return ("get_attr", value_signature(fetch(self.module, node.target)))
         args, kwargs = self.fetch_args_kwargs_from_env(node)
@@ -261,7 +303,9 @@ class MemoFakeProp(FakeTensorProp):
         as dropout does on a routed token count) cannot run on fake tensors: run it on real zeros
         of the hinted sizes, then give the output symbolic sizes wherever an output size equals the
         hint of an input's symbolic size. A data-dependent size has no hint: it stands in as a
-        size that no other dim of the inputs has."""
+        size that no other dim of the inputs has. The leaf runs on copies of its buffers (what
+        it updates there is dropped) and on its own parameters (which are not copied: a module
+        that writes its parameters in forward would write them here too)."""
         args, kwargs = self.fetch_args_kwargs_from_env(node)
         tensors = [value for value in tree_leaves((args, kwargs)) if isinstance(value, torch.Tensor)]
         taken = {int(size) for value in tensors for size in value.shape if not isinstance(size, torch.SymInt)}
@@ -284,8 +328,11 @@ class MemoFakeProp(FakeTensorProp):
                 return torch.zeros(shape, dtype=value.dtype, device=value.device)
             return value
 
-        with unset_fake_temporarily():
-            output = self.module.get_submodule(node.target)(*tree_map(real, args), **tree_map(real, kwargs))
+        module = self.module.get_submodule(node.target)
+        copies: dict[int, torch.Tensor] = {}   # one copy per buffer: tied buffers stay tied
+        with unset_fake_temporarily(), _state_replaced(module, lambda t: t,
+                                                       lambda t: copies.setdefault(id(t), t.clone())):
+            output = module(*tree_map(real, args), **tree_map(real, kwargs))
 
         def fake(value):
             if isinstance(value, torch.Tensor):
@@ -316,7 +363,7 @@ def propagate_shapes(gm: fx.GraphModule, flat_inputs: Sequence[Any], named_dims:
         node.meta.pop("unbacked_bindings", None)
     symbolic = MemoFakeProp(gm, mode, home)
     try:
-        with torch_logs_silenced("torch._subclasses.fake_tensor"):   # a failure falls back to static shapes
+        with torch_logs_silenced("torch._subclasses.fake_tensor"), grad_mode_kept():   # a failure: static shapes
             fakes, symbol_map = _symbolic_inputs(flat_inputs, dims, mode)
             symbolic.propagate_dont_convert_inputs(*fakes)
             _check_still_symbolic(mode, symbol_map)
@@ -325,7 +372,8 @@ def propagate_shapes(gm: fx.GraphModule, flat_inputs: Sequence[Any], named_dims:
         static_mode = FakeTensorMode(allow_non_fake_inputs=True)
         static = MemoFakeProp(gm, static_mode, home)
         try:
-            static.propagate(*flat_inputs)
+            with grad_mode_kept():
+                static.propagate(*flat_inputs)
         except Exception as static_exc:
             raise _propagation_error((symbolic.current, exc), (static.current, static_exc)) from static_exc
         return Annotation(static_mode, False, {}, example_batch, example_seq, input_dims=dims,

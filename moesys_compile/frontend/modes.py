@@ -1,17 +1,29 @@
-"""What a captured graph computes, dropout aside, as comparable records: to tell code that
-computes differently in training and in eval mode.
+"""The modes a captured graph runs in: the module's training/eval mode and autograd's grad mode.
 
 Tracing freezes ``self.training``: a capture holds the code of one mode. ``mode_signature``
 reduces a graph to one record per node, with every dropout call an alias of its input, so that
 the captures of a model in the two modes have equal signatures exactly when the model's code
 differs between them by dropout alone (which ``programs.train_mode`` makes follow
 ``program.train()`` / ``program.eval()``).
+
+fx tracing does not see grad mode either (``torch.no_grad()`` changes autograd's state, not the
+graph): ``recording_grad_mode`` keeps each such region of the traced code as two graph calls, so
+that a buffer the model updates under ``no_grad`` (an EMA, running statistics) gets no autograd
+history in the program and no gradient flows through it, as in eager::
+
+    before = enter_grad_mode(False)     # at the ``with torch.no_grad():``
+    ...                                 # the region's nodes
+    exit_grad_mode(before)              # at its end: back to the mode of the call, not the capture's
+
+(torch.export keeps these regions itself, as ``wrap_with_set_grad_enabled`` calls.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import operator
-from typing import Any, Optional
+import threading
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.fx as fx
@@ -125,3 +137,105 @@ def first_difference(signature: list[tuple[Any, ...]], other: fx.GraphModule) ->
     if len(signature) != len(records):
         return nodes[min(len(signature), len(records))] if len(records) > len(signature) else nodes[-1]
     return None
+
+
+# ---------------------------------------------------------------------------------------------
+# grad mode
+# ---------------------------------------------------------------------------------------------
+
+
+@fx.node.has_side_effect
+def enter_grad_mode(enabled: bool) -> bool:
+    """Turn gradients on or off; returns the mode before, for ``exit_grad_mode``."""
+    before = torch.is_grad_enabled()
+    torch._C._set_grad_enabled(enabled)
+    return before
+
+
+@fx.node.has_side_effect
+def exit_grad_mode(before: bool) -> None:
+    torch._C._set_grad_enabled(before)
+
+
+GRAD_MODE_CALLS = frozenset({enter_grad_mode, exit_grad_mode, torch._C._set_grad_enabled})
+
+
+@contextlib.contextmanager
+def recording_grad_mode(tracer: fx.Tracer) -> Iterator[None]:
+    """While fx traces with ``tracer`` in this thread, each grad-mode region the traced code enters
+    (``torch.no_grad()``, ``enable_grad()``, ``set_grad_enabled(mode)``, also as decorators or
+    called as a function) becomes an ``enter_grad_mode`` / ``exit_grad_mode`` pair in the graph.
+    ``inference_mode()`` is recorded as ``no_grad()``: the same values and gradients (the tensors
+    it makes are not inference tensors). Grad mode itself still changes as the code says."""
+    grad_mode = torch.autograd.grad_mode
+    thread, busy = threading.get_ident(), [False]
+    open_regions: dict[int, list[fx.Proxy]] = {}    # id(context manager) -> its enter calls, innermost last
+
+    def enter(manager: Any, enabled: bool) -> None:
+        call = tracer.create_proxy("call_function", enter_grad_mode, (enabled,), {})
+        open_regions.setdefault(id(manager), []).append(call)
+
+    def leave(manager: Any, *exc_info: Any) -> None:
+        calls = open_regions.get(id(manager))
+        if calls:     # (a region entered before the capture began is not the graph's)
+            tracer.create_proxy("call_function", exit_grad_mode, (calls.pop(),), {})
+
+    def enter_set_grad_enabled(manager: Any, *args: Any) -> None:
+        if not open_regions.get(id(manager)):    # ``with`` on one made earlier; __init__ enters otherwise
+            enter(manager, bool(manager.mode))
+
+    records: list[tuple[type, str, Callable]] = [
+        (grad_mode.no_grad, "__enter__", lambda manager: enter(manager, False)),
+        (grad_mode.no_grad, "__exit__", leave),
+        (grad_mode.enable_grad, "__enter__", lambda manager: enter(manager, True)),
+        (grad_mode.enable_grad, "__exit__", leave),
+        (grad_mode.set_grad_enabled, "__init__", lambda manager, *args: enter(manager, bool(manager.mode))),
+        (grad_mode.set_grad_enabled, "__enter__", enter_set_grad_enabled),
+        (grad_mode.set_grad_enabled, "__exit__", leave),
+        (grad_mode.set_grad_enabled, "__call__", leave),       # as a decorator: undoes what __init__ set
+        (grad_mode.inference_mode, "__enter__", lambda manager: enter(manager, False) if manager.mode else None),
+        (grad_mode.inference_mode, "__exit__", leave),
+    ]
+
+    def recorded(original: Callable, record: Callable) -> Callable:
+        def method(manager: Any, *args: Any, **kwargs: Any) -> Any:
+            if busy[0] or threading.get_ident() != thread:   # no_grad's own set_grad_enabled: not a region
+                return original(manager, *args, **kwargs)
+            busy[0] = True
+            try:
+                result = original(manager, *args, **kwargs)
+                record(manager, *args)
+            finally:
+                busy[0] = False
+            return result
+        return method
+
+    originals = [(cls, name, cls.__dict__[name]) for cls, name, _ in records]
+    for (cls, name, original), (_, _, record) in zip(originals, records):
+        setattr(cls, name, recorded(original, record))
+    try:
+        yield
+    finally:
+        for cls, name, original in originals:
+            setattr(cls, name, original)
+
+
+def drop_empty_grad_regions(graph: fx.Graph) -> None:
+    """Erase every ``enter_grad_mode`` immediately followed by its ``exit_grad_mode``: a region
+    that computes nothing (tracing's own ``no_grad``, one around Python-only code)."""
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target is exit_grad_mode and node.prev is node.args[0]:
+            enter = node.args[0]
+            graph.erase_node(node)
+            graph.erase_node(enter)
+
+
+@contextlib.contextmanager
+def grad_mode_kept() -> Iterator[None]:
+    """Grad mode as it was on entering, also after a run of a graph that stopped inside one of its
+    grad-mode regions."""
+    enabled = torch.is_grad_enabled()
+    try:
+        yield
+    finally:
+        torch._C._set_grad_enabled(enabled)

@@ -25,7 +25,7 @@ from ..errors import UntraceableModelError, torch_logs_silenced, warn_user
 from ..ir import canonical_target
 from .empty_weights import put_back, stand_ins
 from .hf_capture import check_decoder_inputs
-from .modes import mode_signature
+from .modes import drop_empty_grad_regions, mode_signature, recording_grad_mode
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _FRONTEND_DIR = os.path.dirname(__file__)
@@ -51,7 +51,10 @@ class MoesysTracer(fx.Tracer):
     """fx tracer with our leaf policy: torch.nn building blocks and the user's named leaves stay
     single ``call_module`` nodes; everything else (including canonical MoE modules, so that
     their canonical ops appear) is traced through. Buffers are proxied, so slicing a buffer by
-    a traced length works. Remembers the innermost module being traced when tracing fails."""
+    a traced length works, and an in-place update of one is a graph call on the model's buffer
+    (not done once while tracing). Grad-mode regions (``torch.no_grad()``) are kept
+    (``modes.recording_grad_mode``). Remembers the innermost module being traced when tracing
+    fails."""
 
     proxy_buffer_attributes = True
 
@@ -67,6 +70,12 @@ class MoesysTracer(fx.Tracer):
         if qualified_name in self.leaf_paths or (self.leaf_types and isinstance(module, self.leaf_types)):
             return True
         return super().is_leaf_module(module, qualified_name)
+
+    def trace(self, root, concrete_args=None) -> fx.Graph:
+        with recording_grad_mode(self):
+            graph = super().trace(root, concrete_args)
+        drop_empty_grad_regions(graph)
+        return graph
 
     def call_module(self, module, forward, args, kwargs):
         self.path_stack.append(self.path_of_module(module))

@@ -114,7 +114,12 @@ class Program(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         self._check_dtype()
         binder = self.context.extras["binder"]
-        output, aux_loss = self.graph_module(*binder.graph_inputs(args, kwargs))
+        grad_enabled = torch.is_grad_enabled()
+        try:
+            output, aux_loss = self.graph_module(*binder.graph_inputs(args, kwargs))
+        except BaseException:
+            torch.set_grad_enabled(grad_enabled)   # (a call that failed inside one of the model's no_grad regions)
+            raise
         self.aux_loss = aux_loss
         output = binder.model_output(output)
         self._loss_has_aux = getattr(output, "loss", None) is not None and getattr(output, "aux_loss", None) is not None
