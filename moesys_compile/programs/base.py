@@ -10,6 +10,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..errors import warn_user
+from ..frontend.modes import grad_mode_kept
 from .train_mode import warn_if_mode_changes_code
 
 
@@ -114,12 +115,8 @@ class Program(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         self._check_dtype()
         binder = self.context.extras["binder"]
-        grad_enabled = torch.is_grad_enabled()
-        try:
+        with grad_mode_kept():   # also where a call fails inside one of the model's no_grad regions
             output, aux_loss = self.graph_module(*binder.graph_inputs(args, kwargs))
-        except BaseException:
-            torch.set_grad_enabled(grad_enabled)   # (a call that failed inside one of the model's no_grad regions)
-            raise
         self.aux_loss = aux_loss
         output = binder.model_output(output)
         self._loss_has_aux = getattr(output, "loss", None) is not None and getattr(output, "aux_loss", None) is not None
