@@ -16,12 +16,20 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 def parser(name: str, description: str) -> argparse.ArgumentParser:
-    """``--quick`` (small sizes, few repeats) and ``--json FILE`` (default results/<name>.json)."""
+    """``--quick`` (small sizes, few repeats) and ``--json FILE`` (default ``results_path``)."""
     p = argparse.ArgumentParser(prog=f"python -m benchmarks.{name}", description=description)
     p.add_argument("--quick", action="store_true", help="small sizes and few repeats (CI smoke run)")
-    p.add_argument("--json", default=str(RESULTS_DIR / f"{name}.json"), help="where to write the JSON record")
+    p.add_argument("--json", default=None,
+                   help=f"where to write the JSON record (default results/{name}.json; with --quick "
+                        f"results/{name}.quick.json, which leaves the committed record alone)")
     p.add_argument("--repeats", type=int, default=None, help="timed repetitions per case")
     return p
+
+
+def results_path(args: argparse.Namespace, name: str) -> str:
+    """``--json``, or by default ``results/<name>.json``; a ``--quick`` run's default is
+    ``results/<name>.quick.json``, so that a smoke run never replaces the record README quotes."""
+    return args.json or str(RESULTS_DIR / f"{name}{'.quick' if args.quick else ''}.json")
 
 
 def time_call(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1,

@@ -24,6 +24,7 @@ def build(n_layers: int):
 
 def main(argv=None) -> int:
     args = h.parser("compile_latency", __doc__.splitlines()[0]).parse_args(argv)
+    args.json = h.results_path(args, "compile_latency")
     depths = [8, 16] if args.quick else [8, 16, 32, 64]
     repeats = args.repeats or (1 if args.quick else 3)
     ids = torch.randint(0, 256, (2, 32))

@@ -115,6 +115,7 @@ def main(argv=None) -> None:
     p.add_argument("--profile", action="store_true",
                    help="also print the CUDA time per kernel of each contender's forward+backward")
     args = p.parse_args(argv)
+    args.json = _harness.results_path(args, "moe_gpu")
     if not torch.cuda.is_available():
         sys.exit("moe_gpu: no CUDA device (torch.cuda.is_available() is False); this benchmark needs a GPU. "
                  "On CPU run `python -m benchmarks.moe_layer`.")

@@ -252,6 +252,7 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--contenders", default=",".join(CONTENDERS), help="comma list of " + ", ".join(CONTENDERS))
     args = p.parse_args(argv)
+    args.json = _harness.results_path(args, "moe_layer")
     torch.set_num_threads(args.threads)
     cases = QUICK_CASES if args.quick else CASES
     contenders = [c for c in args.contenders.split(",") if c]

@@ -48,6 +48,7 @@ def main(argv=None) -> int:
     p = h.parser("ring_gpu", __doc__.splitlines()[0])
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     args = p.parse_args(argv)
+    args.json = h.results_path(args, "ring_gpu")
     if not torch.cuda.is_available():
         sys.exit("ring_gpu: no CUDA device (torch.cuda.is_available() is False); "
                  "on CPU run `python -m benchmarks.ring_infer`.")

@@ -164,6 +164,7 @@ def main(argv=None) -> int:
                    help="torch threads of every peer (default: one core less than the machine has)")
     p.add_argument("--hf", action="store_true", help="a Hugging Face Qwen3-MoE of the same dimensions")
     args = p.parse_args(argv)
+    args.json = h.results_path(args, "ring_infer")
     torch.set_num_threads(args.threads)
     repeats = args.repeats or (2 if args.quick else 3)
     config = QUICK if args.quick else FULL

@@ -89,6 +89,7 @@ def main() -> None:
         _child(*sys.argv[2:])
         return
     args = h.parser("ring_memory", __doc__.splitlines()[0]).parse_args()
+    args.json = h.results_path(args, "ring_memory")
     from moesys_compile.infer import model_bytes
     from moesys_compile.models.hf import build_hf
     size = dict(hidden_size=256, moe_intermediate_size=128, num_experts=8, num_hidden_layers=2) if args.quick else \

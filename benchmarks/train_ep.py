@@ -278,8 +278,7 @@ def arguments():
     parser.add_argument("--experts", choices=("coarse", "fine"), default="coarse",
                         help="coarse: E=8, top-2, F=2D; fine: E=64, top-8, F=D/2")
     args = parser.parse_args()
-    if args.experts == "fine" and args.json == parser.get_default("json"):
-        args.json = args.json.replace(f"{NAME}.json", f"{NAME}_fine.json")
+    args.json = _harness.results_path(args, f"{NAME}_fine" if args.experts == "fine" else NAME)
     return args
 
 

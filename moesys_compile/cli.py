@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import importlib
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -63,6 +64,7 @@ def list_passes(plan: Optional[Plan]) -> str:
 
 def run_inspect(args: argparse.Namespace) -> int:
     from .api import lower
+    from .models.hf import overrides_blamed
     from .models.spec import load_model, model_and_overrides
     from .report import InspectError, Renderer, check_stage, dot_program
 
@@ -75,8 +77,9 @@ def run_inspect(args: argparse.Namespace) -> int:
     model, overrides = model_and_overrides(args.model, args.config)
     if not model:
         raise MoesysError("inspect needs MODEL (e.g. tiny-moe), or --list-passes")
-    if (args.batch is not None and args.batch < 1) or (args.seq is not None and args.seq < 1):
-        raise MoesysError(f"--batch ({args.batch}) and --seq ({args.seq}) must be >= 1")
+    for flag, value in (("--batch", args.batch), ("--seq", args.seq)):
+        if value is not None and value < 1:
+            raise MoesysError(f"{flag} ({value}) must be >= 1")
     check_stage(args.after, plan)
     if args.format == "svg":
         dot_program()
@@ -88,7 +91,8 @@ def run_inspect(args: argparse.Namespace) -> int:
         loaded.model.to(plan.torch_dtype)
     batch, seq = example_size(loaded, args.batch, args.seq)
     check_seq_len(loaded.model, seq, "--seq", "--config")
-    _, ctx = lower(loaded.model, plan, loaded.example_inputs(batch, seq))   # as compile at (B, S)
+    with overrides_blamed(plan.weights_checkpoint, overrides):
+        _, ctx = lower(loaded.model, plan, loaded.example_inputs(batch, seq))   # as compile at (B, S)
     renderer = Renderer(ctx, batch, seq)
     snapshots = renderer.snapshots(args.after)
     if args.format in ("text", "json"):
@@ -143,6 +147,22 @@ def check_seq_len(model, seq: int, flag: str, override_flag: str) -> None:
                 raise ValueError(f"{flag} {seq} exceeds the model's {field} {limit}; pass {override_flag} "
                                  f"{field}={seq} or a {flag} of at most {limit}")
             return
+
+
+def name_flags(message: str, flags: dict[str, str]) -> str:
+    """A Plan error as a command line's user reads it: the Plan fields that ``flags`` maps to the
+    flags which set them are named by those flags (``Plan.device_budget`` and a leading
+    ``device_budget (`` become ``--budget``).
+
+    ``name_flags("x.num_experts (6) is not divisible by expert_parallel (4)", {"expert_parallel": "--ep"})``
+    is ``"x.num_experts (6) is not divisible by --ep (4)"``.
+    """
+    for field, flag in flags.items():
+        # "field (value)": anywhere for a name with an underscore, which is no English word; for one
+        # such as "device" only where it starts a message (also one wrapped as "...: PlanError: device (...)")
+        before = r"(?<![\w.'\[])" if "_" in field else r"(?:^|(?<=: ))"
+        message = re.sub(rf"\bPlan\.{field}\b|{before}{field}(?= \()", flag, message)
+    return message
 
 
 def _out_dir(out: Optional[str]) -> Optional[Path]:

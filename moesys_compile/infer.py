@@ -26,12 +26,16 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from .cli import name_flags
 from .errors import MoesysError
 from .frontend.empty_weights import meta_tensor_names
 from .generate import first_tensor, reference_generate
 from .models.transformer import Transformer
 from .plan import Plan, format_bytes, parse_bytes
 
+# Plan fields as the command line's messages name them: the flags that set them.
+FLAG_OF_FIELD = {"device_budget": "--budget", "ring_slots": "--slots", "offload_dir": "--offload-dir",
+                 "device": "--device"}
 STAT_KEYS = ("peak_device_bytes", "budget_bytes", "slots", "sections", "bytes_moved", "transfer_seconds",
              "compute_seconds", "stall_seconds", "wall_seconds", "efficiency")
 
@@ -167,6 +171,7 @@ def prompt_of(args, model: nn.Module, example_inputs):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from .models.hf import overrides_blamed
     from .models.spec import load_model, model_and_overrides
     parser = _parser()
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
@@ -176,6 +181,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         model, overrides = model_and_overrides(args.model, args.config)
         if model is None:
             parser.error("the following arguments are required: model")
+        if args.checkpoint and not os.path.isdir(args.checkpoint):
+            raise ValueError(f"--checkpoint {args.checkpoint!r} is not a directory; pass a Hugging Face style "
+                             f"directory, a training checkpoint or a training run's --ckpt-dir")
         # weights from a checkpoint (--checkpoint, or MODEL's own directory) are only ever streamed
         checkpoint = args.checkpoint or (model if os.path.isdir(model) else None)
         loaded = load_model(model, overrides, weights=checkpoint is None)
@@ -183,17 +191,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ids, tokenizer = prompt_of(args, loaded.model, loaded.example_inputs)
         reference = None if args.no_compare else eager_reference(model, overrides, args.checkpoint, loaded.model)
         with tempfile.TemporaryDirectory(prefix="moesys-ring-") as scratch:
-            plan = Plan(mode="infer", device=args.device, device_budget=parse_bytes(args.budget), weights=args.weights,
-                        offload_dir=args.offload_dir or scratch, ring_slots=args.slots,
+            plan = Plan(mode="infer", device=args.device, device_budget=parse_bytes(args.budget, "--budget"),
+                        weights=args.weights, offload_dir=args.offload_dir or scratch, ring_slots=args.slots,
                         weights_checkpoint=checkpoint, options={"progress": True})
             print(f"{loaded.description}: {format_bytes(model_bytes(loaded.model))} of weights, budget "
                   f"{format_bytes(plan.device_budget)}, tier {plan.weights}")
-            report = run_ring(loaded.model, ids, plan, args.max_new_tokens, reference)
+            with overrides_blamed(checkpoint, overrides):
+                report = run_ring(loaded.model, ids, plan, args.max_new_tokens, reference)
         if tokenizer is not None and "tokens" in report:
             report["text"] = tokenizer.decode(report["tokens"][0], skip_special_tokens=True)
             print(f"  new text: {report['text']!r}")
     except (MoesysError, ValueError) as exc:
-        print(f"moesys-compile infer: error: {exc}", file=sys.stderr)
+        print(f"moesys-compile infer: error: {name_flags(str(exc), FLAG_OF_FIELD)}", file=sys.stderr)
         return 2
     if args.json:
         with open(args.json, "w") as f:

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -32,23 +33,49 @@ _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 
           "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
+# a decimal number, also in scientific notation ("1e9", which YAML reads as a string)
+_NUMBER = r"[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?"
+_SCIENTIFIC = r"[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+"
+
+
 def parse_bytes(value: Union[int, float, str, None], field_name: str = "device_budget") -> Optional[int]:
-    """``512MiB`` -> 536870912; ints pass through. Raises PlanError naming the field."""
+    """``512MiB`` -> 536870912, ``1e9`` -> 1000000000; whole numbers pass through. Raises
+    PlanError naming the field for anything but a finite size of at least one byte, and for a
+    fraction of a byte where the size is given in bytes (a size in units rounds down to a byte)."""
     if value is None:
         return None
     if isinstance(value, bool):
         raise PlanError(f"{field_name} ({value!r}) must be a byte count such as 536870912 or '512MiB'")
     if isinstance(value, (int, float)):
-        if value <= 0:
-            raise PlanError(f"{field_name} ({value}) must be positive")
-        return int(value)
-    match = re.fullmatch(r"\s*([-+]?[0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+        return _whole_bytes(value, 1, value, field_name)
+    match = re.fullmatch(rf"\s*({_NUMBER})\s*([a-zA-Z]*)\s*", str(value))
     if not match or match.group(2).lower() not in _UNITS:
         raise PlanError(f"{field_name} ({value!r}) is not a size; write e.g. 536870912, '512MiB' or '2GB'")
-    size = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    return _whole_bytes(float(match.group(1)), _UNITS[match.group(2).lower()], value, field_name)
+
+
+def _whole_bytes(number: Union[int, float], scale: int, given: Any, field_name: str) -> int:
+    """``number`` x ``scale`` as a byte count, or PlanError naming ``field_name`` and ``given``."""
+    size = number * scale
+    if isinstance(size, float) and not math.isfinite(size):
+        raise PlanError(f"{field_name} ({given!r}) must be a finite size such as 536870912 or '512MiB'")
     if size <= 0:
-        raise PlanError(f"{field_name} ({value!r}) must be positive")
-    return size
+        raise PlanError(f"{field_name} ({given!r}) must be positive")
+    if scale == 1 and size != int(size):
+        raise PlanError(f"{field_name} ({given!r}) is not a whole number of bytes; give an integer such as "
+                        f"536870912, or a size with a unit such as '512MiB'")
+    if size < 1:
+        raise PlanError(f"{field_name} ({given!r}) is less than one byte; give a size such as 536870912 or '512MiB'")
+    return int(size)
+
+
+def _scientific(value: Any) -> Any:
+    """A string in scientific notation as the number it writes (YAML reads ``1e9`` and ``1e2`` as
+    strings), an integral one as an int; any other value as it is."""
+    if not isinstance(value, str) or not re.fullmatch(_SCIENTIFIC, value.strip()):
+        return value
+    number = float(value)
+    return int(number) if number.is_integer() else number
 
 
 def _options_hint(fields: list[str]) -> str:
@@ -114,7 +141,12 @@ class Plan:
             self.disable_passes or ())
         self.leaf_modules = (self.leaf_modules,) if isinstance(self.leaf_modules, str) else tuple(
             self.leaf_modules or ())
+        if self.options is not None and not isinstance(self.options, Mapping):
+            raise PlanError(f"options ({self.options!r}) must be a mapping of option names to values, e.g. "
+                            f"{{'progress': True}} (in YAML: 'options: {{progress: true}}')")
         self.options = dict(self.options or {})
+        for name in ("world_size", "expert_parallel", "capacity_factor", "bucket_mb", "ring_slots"):
+            setattr(self, name, _scientific(getattr(self, name)))
         if not isinstance(self.dtype, str) and str(self.dtype).startswith("torch."):   # torch.bfloat16
             self.dtype = str(self.dtype).removeprefix("torch.")
         self.device_budget = parse_bytes(self.device_budget)
@@ -201,6 +233,8 @@ class Plan:
         return None if self.dtype is None else getattr(torch, self.dtype)
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields as plain values (a plan file's content). Class entries of ``leaf_modules``
+        stay classes: ``to_file`` refuses them."""
         data = dataclasses.asdict(self)
         data["disable_passes"] = list(self.disable_passes)
         data["leaf_modules"] = list(self.leaf_modules)
@@ -212,10 +246,21 @@ class Plan:
         unknown = sorted(set(data) - known)
         if unknown:
             raise PlanError(f"{source}: unknown plan field(s) {unknown}; known fields: {sorted(known)}")
-        return cls(**data)
+        try:
+            return cls(**data)
+        except PlanError as exc:
+            raise PlanError(f"{source}: {exc}") from None
 
     def to_file(self, path: Union[str, Path]) -> None:
+        """Write the plan as YAML (or JSON for a ``.json`` path), atomically. A plan whose
+        ``leaf_modules`` holds classes is refused: a file holds module paths only."""
         path = Path(path)
+        classes = [leaf for leaf in self.leaf_modules if not isinstance(leaf, str)]
+        if classes:
+            names = ", ".join(f"{leaf.__module__}.{leaf.__qualname__}" for leaf in classes)
+            raise PlanError(f"leaf_modules holds the class(es) {names}, which a plan file ({str(path)!r}) cannot "
+                            f"hold; name those modules by their paths in model.named_modules() instead (e.g. "
+                            f"leaf_modules=['layers.0.router'])")
         text = (json.dumps(self.to_dict(), indent=2) if path.suffix == ".json"
                 else yaml.safe_dump(self.to_dict(), sort_keys=False))
         tmp = path.with_name(path.name + ".tmp")

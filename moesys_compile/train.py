@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import fcntl
 import json
+import math
 import os
 import shutil
 import signal
@@ -36,7 +37,7 @@ from tqdm import tqdm
 
 from .generate import first_tensor
 from .api import check_device, check_plan_against_model, lower
-from .cli import check_seq_len, writable_dir
+from .cli import check_seq_len, name_flags, writable_dir
 from .errors import MoesysError, PlanError
 from .frontend import canonicalize
 from .models.spec import load_model, parse_overrides
@@ -55,10 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--override", "--config", dest="override", action="append", default=[], metavar="FIELD=VALUE",
                    help="model config override, e.g. --override num_experts=8 (repeatable; --config as in "
                         "inspect and infer)")
-    p.add_argument("--plan", help="plan file (YAML/JSON); overrides --ep/--capacity-factor/--device")
-    p.add_argument("--ep", type=int, default=1, help="expert_parallel (must divide the launched world)")
+    p.add_argument("--plan", help="plan file (YAML/JSON); --ep/--capacity-factor/--device fill the fields it "
+                                   "leaves out (one that contradicts the file is refused)")
+    p.add_argument("--ep", type=int, default=None, help="expert_parallel (default 1; must divide the launched world)")
     p.add_argument("--capacity-factor", type=float, default=None, help="GShard capacity (default dropless)")
-    p.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (nccl)")
+    p.add_argument("--device", default=None, help="cpu (gloo, the default) or cuda (nccl)")
     p.add_argument("--data", default="synthetic", help="'synthetic', a text file, or a .npy/.bin token file")
     p.add_argument("--steps", type=int, default=100, help="total optimizer steps (a resumed run continues up to it)")
     p.add_argument("--batch-size", type=int, default=8, help="global batch (sequences over all ranks)")
@@ -71,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-last", type=int, default=0, metavar="N",
                    help="after each save, delete all but the newest N step checkpoints (0: keep all)")
     p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint in --ckpt-dir")
-    p.add_argument("--log-every", type=int, default=10, help="print a log line every N steps (and at the last step)")
+    p.add_argument("--log-every", type=int, default=10,
+                   help="print a step line every N steps and at the last step (0: no step lines)")
     p.add_argument("--log-json", help="the per-step losses and throughput (rank 0), rewritten at every log line; "
                                       "a resumed run continues the log it finds there")
     p.add_argument("--nproc-per-node", type=int, default=1,
@@ -170,16 +173,49 @@ def _write_atomically(path: Path, text: str) -> None:
 # -- run -------------------------------------------------------------------------------------------
 
 
+# The flags that set a plan field: (flag, attribute of the parsed arguments, Plan field).
+PLAN_FLAGS = (("--ep", "ep", "expert_parallel"), ("--capacity-factor", "capacity_factor", "capacity_factor"),
+              ("--device", "device", "device"))
+# Plan fields as the messages of a run without a plan file name them: the flags that set them.
+FLAG_OF_FIELD = {field: flag for flag, _, field in PLAN_FLAGS}
+
+
+def plan_fields(args) -> dict:
+    """The plan's fields before the world is known: the plan file's (or a train plan's), with the
+    flags given filling the fields it leaves out; a flag that contradicts the file is refused."""
+    fields = read_plan_file(args.plan) if args.plan else {"mode": "train"}
+    for flag, name, field in PLAN_FLAGS:
+        value = getattr(args, name)
+        if value is None:
+            continue
+        if field in fields and fields[field] != value:
+            raise PlanError(f"{flag} {value} contradicts the plan file {args.plan}, which sets {field} to "
+                            f"{fields[field]!r}; drop {flag} (the file decides) or change the file")
+        fields[field] = value
+    return fields
+
+
 def make_plan(args, world: int) -> Plan:
-    if args.plan:
-        fields = read_plan_file(args.plan)
-        fields.setdefault("world_size", world)        # a plan file need not repeat the launched world
-        plan = Plan.from_dict(fields, source=args.plan)
-        if plan.mode != "train":
-            raise PlanError(f"{args.plan}: mode ({plan.mode!r}) must be 'train' for moesys-compile train")
-        return plan
-    return Plan(mode="train", world_size=world, expert_parallel=args.ep, capacity_factor=args.capacity_factor,
-                device=args.device)
+    fields = plan_fields(args)
+    _check_world(args, fields, world)
+    fields.setdefault("world_size", world)        # a plan file need not repeat the launched world
+    plan = Plan.from_dict(fields, source=args.plan) if args.plan else Plan(**fields)
+    if plan.mode != "train":
+        raise PlanError(f"{args.plan}: mode ({plan.mode!r}) must be 'train' for moesys-compile train")
+    return plan
+
+
+def _check_world(args, fields: dict, world: int) -> None:
+    """An expert_parallel that does not divide the launched world (the plan takes its world_size
+    from the launch): say how to launch enough ranks."""
+    ep = fields.get("expert_parallel", 1)
+    if "world_size" in fields or not isinstance(ep, int) or isinstance(ep, bool) or ep < 1 or not world % ep:
+        return
+    given = f"{args.plan}'s expert_parallel ({ep})" if args.plan and args.ep is None else f"--ep {ep}"
+    launch = (f"launch a multiple of {ep} ranks (torchrun --nproc-per-node {ep})" if "RANK" in os.environ
+              else f"pass --nproc-per-node {ep} (or a multiple of {ep}), or launch under torchrun "
+                   f"--nproc-per-node {ep}")
+    raise PlanError(f"{given} spreads each layer's experts over {ep} ranks, and this run has {world}; {launch}")
 
 
 def build_model(args, plan: Plan):
@@ -196,7 +232,7 @@ def build_model(args, plan: Plan):
 def run(args) -> dict:
     under_torchrun = "RANK" in os.environ
     if under_torchrun:
-        groups.init_from_env(args.device)
+        groups.init_from_env(plan_fields(args).get("device", "cpu"))
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
     plan = make_plan(args, world)
@@ -230,14 +266,17 @@ def _write_log(log: dict, args, rank: int) -> None:
 
 
 def _earlier_log(args, start: int) -> dict:
-    """The ``--log-json`` that a resumed run continues: its entries up to the step resumed from
-    (a log of another run, or none, starts afresh)."""
+    """The ``--log-json`` that a resumed run continues: its per-step entries up to the step resumed
+    from, and its ``runs`` (each run's first step, world and EP size); a log of another run, or
+    none, starts afresh."""
     path = Path(args.log_json) if args.log_json and start else None
     try:
         earlier = json.loads(path.read_text()) if path and path.is_file() else {}
         kept = [i for i, step in enumerate(earlier.get("steps", [])) if step <= start]
-        return {key: [values[i] for i in kept] for key, values in earlier.items()
-                if isinstance(values, list) and len(values) == len(earlier["steps"])}
+        per_step = {key: [values[i] for i in kept] for key, values in earlier.items()
+                    if key != "runs" and isinstance(values, list) and len(values) == len(earlier["steps"])}
+        runs = [run for run in earlier.get("runs", []) if run["first_step"] <= start]
+        return {**per_step, "runs": runs} if per_step else {}
     except (ValueError, TypeError, AttributeError, LookupError):
         return {}
 
@@ -278,8 +317,9 @@ def _resume(program, opt, args, rank: int) -> int:
 
 
 def _train_loop(program, opt, data, args, start: int, rank: int, world: int, device) -> dict:
-    log = {"steps": [], "loss": [], "tokens_per_s": [], **_earlier_log(args, start), "world_size": world,
+    log = {"steps": [], "loss": [], "tokens_per_s": [], "runs": [], **_earlier_log(args, start), "world_size": world,
            "expert_parallel": program.plan.expert_parallel}
+    log["runs"].append({"first_step": start + 1, "world_size": world, "expert_parallel": program.plan.expert_parallel})
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="train",
                disable=rank != 0 or not sys.stderr.isatty(),
                dynamic_ncols=True)
@@ -333,7 +373,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return launch(argv, args.nproc_per_node)
         run(args)
     except (MoesysError, ValueError) as exc:  # plan/model mismatches, bad overrides: one clear line, exit 2
-        print(f"moesys-compile train: error: {exc}", file=sys.stderr)
+        message = str(exc) if args.plan else name_flags(str(exc), FLAG_OF_FIELD)
+        print(f"moesys-compile train: error: {message}", file=sys.stderr)
         return 2
     finally:
         if dist.is_initialized():
@@ -365,8 +406,11 @@ def _check_args(args, world: int) -> None:
     for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size), ("--seq-len", args.seq_len)):
         if value < 1:
             raise ValueError(f"{flag} ({value}) must be >= 1")
-    if args.keep_last < 0:
-        raise ValueError(f"--keep-last ({args.keep_last}) must be >= 0 (0 keeps every checkpoint)")
+    for flag, value, zero in (("--clip", args.clip, "off"), ("--ckpt-every", args.ckpt_every, "only at the end"),
+                              ("--log-every", args.log_every, "no step lines"),
+                              ("--keep-last", args.keep_last, "keeps every checkpoint")):
+        if not 0 <= value < math.inf:
+            raise ValueError(f"{flag} ({value}) must be >= 0 (0: {zero})")
     if args.keep_last and not args.ckpt_dir:
         raise ValueError(f"--keep-last {args.keep_last} applies to checkpoints, which need --ckpt-dir; pass --ckpt-dir DIR")
     if not args.lr >= 0:

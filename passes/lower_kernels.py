@@ -14,6 +14,7 @@ from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 from torch.utils._pytree import tree_leaves
 
 from moesys_compile import ops
+from moesys_compile.errors import warn_user
 from moesys_compile.frontend.annotation import CostModel, bound_unbacked_sizes
 from moesys_compile.ir import bound_args, expert_biases, infer_val, is_op
 from moesys_compile.passes.decompose_moe import effective_capacity_factor
@@ -40,8 +41,10 @@ def lower_kernels(gm: fx.GraphModule, ctx) -> fx.GraphModule:
       contiguous in graph order; a fusion whose weights would leave their section is not made
       (its ops are lowered one by one). Falling back to torch (no Triton, a device Triton cannot
       run on, an fp64 tensor, experts with biases or an activation outside
-      ``ops.TRITON_ACTIVATIONS``) is noted with its reason via ``ctx.note``; expert biases pass
-      through to the lowered op.
+      ``ops.TRITON_ACTIVATIONS``) is noted with its reason via ``ctx.note``; where the plan asked
+      for ``kernels="triton"`` and Triton cannot run on its device at all, it is also warned about
+      once per process (a user who never runs ``inspect`` would not see the note). Expert biases
+      pass through to the lowered op.
     - Keeps: graph outputs and numerics (same functions, forward and backward); the aux loss;
       every node not named above. Running the pass twice changes nothing the second time.
 
@@ -120,6 +123,8 @@ class _Lowering:
             self.impl = "triton" if reason is None else "torch"
             if reason is not None:
                 self.note(f"kernels: triton requested but {reason}; using the torch kernels")
+                _warn_once(f"Plan(kernels='triton') on device {device!r}: {reason}, so the torch kernels run "
+                           f"instead; set kernels='auto' (Triton where it can run) or 'torch' to choose them")
 
     def note(self, message: str) -> None:
         if message in self.notes:
@@ -214,6 +219,16 @@ class _Lowering:
         for node in nodes:
             if not node._erased and not node.users:
                 self.gm.graph.erase_node(node)
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """A warning shown once per process (a plan is lowered again for every ring it builds)."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warn_user(message)
 
 
 def _bound_new_sizes(gm: fx.GraphModule, annotation, node: fx.Node) -> None:

@@ -106,7 +106,7 @@ def test_infer_cli_runs_a_hugging_face_model(capsys):
 
 @pytest.mark.parametrize("argv,message", [
     (["tiny-moe", "--budget", "1MiB", "--prompt-ids", "999", "1"], "--prompt-ids [999]: token ids must lie in 0..255"),
-    (["tiny-moe", "--budget", "-5"], "device_budget ('-5') must be positive"),
+    (["tiny-moe", "--budget", "-5"], "--budget ('-5') must be positive"),
     (["hf:nosuchfam", "--budget", "1MiB"], "hf:nosuchfam: unknown transformers model type; tiny presets:"),
 ])
 def test_infer_cli_bad_arguments_give_one_line(argv, message, capsys):
@@ -127,8 +127,8 @@ def test_budget_sizes_a_user_would_write():
 
 @pytest.mark.parametrize("argv,message", [
     (["--config", "num_experts=3", "--ep", "2"],
-     "layers.0.ffn.num_experts (3) is not divisible by expert_parallel (2)"),
-    (["--ep", "4"], "world_size (2) is not divisible by expert_parallel (4)"),
+     "layers.0.ffn.num_experts (3) is not divisible by --ep (2)"),
+    (["--ep", "4"], "--ep 4 spreads each layer's experts over 4 ranks, and this run has 2; pass --nproc-per-node 4"),
     (["--config", "n_layer=3"], "unknown override(s) ['n_layer']"),
 ])
 def test_train_launcher_refuses_a_bad_plan_before_starting_ranks(argv, message, capsys, monkeypatch):

@@ -32,7 +32,9 @@ def test_torchrun_two_ranks_then_resume_in_one_process(tmp_path, capsys):
     assert not [w for w in caught if "optimizer" in str(w.message)], [str(w.message) for w in caught]
     assert "resumed from" in capsys.readouterr().out
     resumed = json.loads((tmp_path / "log.json").read_text())
-    assert resumed["steps"] == [5, 6] and resumed["world_size"] == 1
+    assert resumed["steps"] == [1, 2, 3, 4, 5, 6] and resumed["world_size"] == 1   # the log continued
+    assert resumed["runs"] == [{"first_step": 1, "world_size": 2, "expert_parallel": 2},
+                               {"first_step": 5, "world_size": 1, "expert_parallel": 1}]
     assert train.latest_checkpoint(str(tmp_path / "ckpt")).name == "step_000006"
     # the run's root stands for its newest step, for load_into and for ring inference
     model = mc.models.build("tiny-moe", n_layers=1)

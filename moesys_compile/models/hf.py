@@ -13,14 +13,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import importlib
 import inspect
+import json
+import logging
 import os
 from typing import Any
 
 import torch
 
+from ..errors import torch_logs_silenced
 from .spec import LoadedModel, token_inputs
 
 _ATTN = dict(num_attention_heads=4, num_key_value_heads=2)
@@ -220,15 +225,46 @@ def hf_config(family: str, overrides: dict[str, Any]):
     if unknown:
         raise ValueError(f"hf:{family}: --config field(s) {unknown} are not fields of {cls.__name__}")
     overrides = fit_layer_lists(preset, overrides, cls.attribute_map)
+    if family in FAMILIES:
+        preset = dict(preset, **tokens_in_vocab(cls, {**preset, **overrides}))
     return validated_config(f"hf:{family}", lambda: cls(**{**preset, **overrides}))
+
+
+# Token ids a tiny preset moves inside its vocabulary where its config class's defaults lie outside:
+# the ids of Llama-like vocabularies.
+TINY_TOKEN_IDS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+
+
+def tokens_in_vocab(cls, fields: dict[str, Any]) -> dict[str, Any]:
+    """The token ids of ``cls``'s defaults that lie outside the vocab_size of ``fields`` (a tiny
+    preset with its overrides) and that ``fields`` does not set, moved inside (``TINY_TOKEN_IDS``):
+    OLMoE's eos 50279 in a 128-token vocab, which transformers warns about at every build."""
+    vocab, defaults = fields.get("vocab_size"), _defaults(cls)
+    if not isinstance(vocab, int):
+        return {}
+    moved = {}
+    for name, tiny in TINY_TOKEN_IDS.items():
+        value = getattr(defaults, name, None)
+        ids = value if isinstance(value, (list, tuple)) else [value]
+        if name not in fields and any(isinstance(i, int) and not 0 <= i < vocab for i in ids):
+            moved[name] = tiny
+    return moved
 
 
 def _config_fields(cls) -> set[str]:
     """The names a config class takes: its fields, aliases, ``__init__`` parameters and settable
     properties (Nemotron-H's ``num_hidden_layers``, which its ``layers_block_type`` decides)."""
     settable = {name for name, attr in inspect.getmembers(cls) if isinstance(attr, property) and attr.fset}
-    return set(cls().to_dict()) | set(cls.attribute_map) | set(inspect.signature(cls.__init__).parameters) | {
+    return set(_defaults(cls).to_dict()) | set(cls.attribute_map) | set(inspect.signature(cls.__init__).parameters) | {
         f.name for f in (dataclasses.fields(cls) if dataclasses.is_dataclass(cls) else ())} | settable
+
+
+@functools.lru_cache(maxsize=None)
+def _defaults(cls):
+    """``cls()``, the config class's defaults, read and never built: its check of them is not shown
+    (StarCoder2's default token ids lie outside its default vocab)."""
+    with torch_logs_silenced("transformers.configuration_utils"):
+        return cls()
 
 
 # Layer count fields, fields with one entry per layer, and fields listing layer indices, as
@@ -355,18 +391,90 @@ def config_only(path: str, overrides: dict[str, Any]):
 def load_local(path: str, overrides: dict[str, Any]):
     """A local Hugging Face directory: config + safetensors weights, local files only."""
     config = local_config(path, overrides)
-    model, info = causal_lm_class(path, config).from_pretrained(
-        path, config=config, local_files_only=True, output_loading_info=True, ignore_mismatched_sizes=True)
+    with _held_load_report() as report:
+        model, info = causal_lm_class(path, config).from_pretrained(
+            path, config=config, local_files_only=True, output_loading_info=True, ignore_mismatched_sizes=True)
     # transformers initialises missing or mismatched tensors at random and only logs it: refuse them
     mismatched = sorted(info["mismatched_keys"], key=lambda entry: entry[0])
     problems = [f"'{name}' is missing" for name in sorted(info["missing_keys"])] + [
         f"'{name}' has shape {list(saved)}, not {list(wanted)}" for name, saved, wanted in mismatched]
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        changed = changed_by_overrides(path, overrides)
+        if changed:
+            raise ValueError(f"{path}: {changed}, and the weights in {path} do not fit the result "
+                             f"({type(model).__name__}): {problems[0]}{more}; the weights hold the sizes config.json "
+                             f"gives: drop the override")
         raise ValueError(f"{path}: its weights do not fit its config.json ({type(model).__name__}): {problems[0]}"
                          f"{more}; save the directory again with model.save_pretrained(DIR) from the model it "
                          f"belongs to")
+    report.show()
     return model
+
+
+class _HeldRecords(logging.Filter):
+    """Holds the records a logger would emit, to show them later (``show``) or never."""
+
+    def __init__(self, logger: logging.Logger):
+        super().__init__()
+        self.logger, self.records = logger, []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.records.append(record)
+        return False
+
+    def show(self) -> None:
+        for record in self.records:
+            self.logger.handle(record)
+
+
+@contextlib.contextmanager
+def _held_load_report():
+    """transformers' load report (a table of the missing, mismatched and unexpected tensors) held
+    while a directory loads: where the weights do not fit, ``load_local``'s one-line error says it
+    instead; otherwise ``show()`` lets it out as it was (unexpected tensors, say)."""
+    logger = logging.getLogger("transformers.modeling_utils")
+    held = _HeldRecords(logger)
+    logger.addFilter(held)
+    try:
+        yield held
+    finally:
+        logger.removeFilter(held)
+
+
+_UNSET = object()
+
+
+def changed_by_overrides(path: str, overrides: dict[str, Any]) -> str:
+    """How ``--config`` ``overrides`` change the config.json of the directory ``path`` (the likely
+    cause where its weights do not fit), e.g. ``"--config num_experts=3 changes config.json's
+    num_experts (6)"``; "" where they change none of it."""
+    file = os.path.join(path, "config.json")
+    if not overrides or not os.path.isfile(file):
+        return ""
+    with open(file) as f:
+        saved = json.load(f)
+    changed = {key: value for key, value in overrides.items() if saved.get(key, _UNSET) != value}
+    if not changed:
+        return ""
+    given = ", ".join(f"--config {key}={value}" for key, value in changed.items())
+    was = ", ".join(f"{key} ({saved[key]!r})" if key in saved else f"{key} (not set)" for key in changed)
+    return f"{given} {'changes' if len(changed) == 1 else 'change'} config.json's {was}"
+
+
+@contextlib.contextmanager
+def overrides_blamed(path: str | None, overrides: dict[str, Any]):
+    """Within, a checkpoint of the directory ``path`` that does not fit the model (a ``StorageError``
+    of the ring that streams it) names the ``--config`` overrides that change its config.json as
+    the likely cause."""
+    from ..runtime.storage import StorageError
+    try:
+        yield
+    except StorageError as exc:
+        changed = changed_by_overrides(path, overrides) if path else ""
+        if not changed:
+            raise
+        raise StorageError(f"{exc}; {changed}, the likely cause: drop the override") from None
 
 
 def load_hf(spec: str, overrides: dict[str, Any], weights: bool = True) -> LoadedModel:

@@ -13,6 +13,7 @@ import ast
 import contextlib
 import json
 import importlib
+import inspect
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -83,6 +84,7 @@ def _from_factory(spec: str, overrides: dict[str, Any]) -> LoadedModel:
     if not callable(factory):
         raise ValueError(f"{spec} is {type(factory).__name__} {factory!r}, not a factory: name a function or class "
                          f"that returns a model, or (model, example_inputs)")
+    _check_factory_parameters(spec, factory, overrides)
     made = factory(**overrides)
     if isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], nn.Module):
         model, example = made
@@ -105,6 +107,26 @@ def _from_factory(spec: str, overrides: dict[str, Any]) -> LoadedModel:
     return LoadedModel(made, token_inputs(vocab), spec)
 
 
+def _check_factory_parameters(spec: str, factory: Callable, overrides: dict[str, Any]) -> None:
+    """The ``--config`` overrides that ``factory`` takes as keyword arguments, refused by name
+    (with the parameters it has) rather than as the call's TypeError."""
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):       # no signature to read (a builtin): the call itself says
+        return
+    params = signature.parameters
+    named = [p for p in params.values() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    takes = ", ".join(map(str, named)) or "none"
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        unknown = [key for key in overrides if key not in params or params[key].kind is params[key].POSITIONAL_ONLY]
+        if unknown:
+            raise ValueError(f"--config {', '.join(unknown)}: {spec} has no such parameter; its parameters: {takes}")
+    try:
+        signature.bind(**overrides)
+    except TypeError as exc:
+        raise ValueError(f"{spec}: {exc}; give them with --config NAME=VALUE (its parameters: {takes})") from None
+
+
 def _example_size(example: tuple) -> tuple[int, ...]:
     """(B, S) of a fixed example: the first two dims of its first tensor (fewer if it has fewer)."""
     first = next((value for value in example if isinstance(value, torch.Tensor) and value.dim() > 0), None)
@@ -123,6 +145,8 @@ def _load(spec: str, overrides: dict[str, Any], weights: bool) -> LoadedModel:
     if spec in PRESETS:
         model = build(spec, **overrides)
         return LoadedModel(model, token_inputs(model.config.vocab_size), spec)
+    if os.path.isdir(spec):
+        _refuse_training_checkpoint(spec)
     if spec.startswith("hf:") or os.path.isdir(spec):
         from .hf import load_hf  # optional: needs transformers
         return load_hf(spec, overrides, weights)
@@ -130,3 +154,18 @@ def _load(spec: str, overrides: dict[str, Any], weights: bool) -> LoadedModel:
         return _from_factory(spec, overrides)
     raise ValueError(f"unknown MODEL {spec!r}: use a built-in name ({', '.join(sorted(PRESETS))}), "
                      f"package.module:factory, hf:<family> or a local Hugging Face directory")
+
+
+def _refuse_training_checkpoint(path: str) -> None:
+    """A training checkpoint given as MODEL holds weights but no model to build them into: say what
+    it is and how to use it (the model it was trained from as MODEL, the checkpoint by its flag)."""
+    from ..runtime.checkpoint import LATEST, META, latest_step
+    if os.path.isfile(os.path.join(path, META)):
+        what = f"one step's training checkpoint (it holds {META})"
+    elif latest_step(path) is not None:
+        what = f"a training run's checkpoint root (it holds {LATEST!r} or step_N directories)"
+    else:
+        return
+    raise ValueError(f"MODEL {path!r} is {what}: weights without a model to build; pass the model it was trained "
+                     f"from as MODEL (with the same --config) and the checkpoint separately: "
+                     f"moesys-compile infer MODEL --checkpoint {path}")
