@@ -146,11 +146,16 @@ def _shard_experts(gm: fx.GraphModule, ctx, mlps: list[fx.Node], topo: Topology)
 
 def _globalize_aux_losses(gm: fx.GraphModule, ctx) -> int:
     losses = [n for n in gm.graph.nodes if is_op(n, "load_balancing_loss")]
+    group = "dense"
+    if losses and ctx.plan.expert_parallel == 1:     # no other collective in forward: evaluation may be local
+        with gm.graph.inserting_before(losses[0]):
+            group = new_node(gm, ctx, collectives.training_group, ("dense",), losses[0], cost=Cost())
+        moesys_meta(group).update(layer=None, module=None)    # read by every layer's loss
     for node in losses:
         scores_TE, ids_TK, coef = node.args
         with gm.graph.inserting_before(node):
             both = new_node(gm, ctx, torch.ops.moesys.global_load_balancing_loss.default,
-                            (scores_TE, ids_TK, coef, "dense"), node, cost=moesys_meta(node)["cost"])
+                            (scores_TE, ids_TK, coef, group), node, cost=moesys_meta(node)["cost"])
             new = new_node(gm, ctx, operator.getitem, (both, 0), node, cost=Cost())
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
@@ -176,6 +181,9 @@ def expert_parallel(gm: fx.GraphModule, ctx) -> fx.GraphModule:
     module)`` with ``comm_bytes`` costs (token: at most min(K, ep) rows per token).
     With world_size > 1 each ``load_balancing_loss`` becomes ``global_load_balancing_loss`` over
     all ranks, so the aux loss (and its gradient) equals that of one process on the global batch.
+    With ep == 1 its group is ``collectives.training_group("dense")`` (one node, read by every
+    loss): a forward without autograd (``torch.no_grad``) reduces nothing, so a rank may
+    evaluate alone, as with DDP; with ep > 1 every forward is a collective anyway.
     The model's modules are never modified (the graph module's holders are its own); a shard is a
     view of the model's tensor, so training updates those rows in place, as it does the dense
     parameters the program shares with the model. Row counts
@@ -202,7 +210,8 @@ def expert_parallel(gm: fx.GraphModule, ctx) -> fx.GraphModule:
               y_MD   = grouped_mlp(x_MD, recv_RL.sum(0), w_up, w_down)
               y_ND   = ep_combine(y_MD, counts_E, recv_RL, order_N)  # reverse all-to-all, zero pad
         erase the old producers; drop parameters nothing reads
-        if world > 1: load_balancing_loss -> global_load_balancing_loss(group="dense")
+        if world > 1: load_balancing_loss -> global_load_balancing_loss(group)
+            group = "dense" if ep > 1 else training_group("dense")   # "local" under no_grad
     """
     plan = ctx.plan
     ctx.extras["expert_owners"] = expert_owners(expert_weights(gm), strict=plan.expert_parallel > 1)
@@ -219,6 +228,7 @@ def expert_parallel(gm: fx.GraphModule, ctx) -> fx.GraphModule:
         ctx.note(f"expert_parallel=1: every rank holds all experts (pure data parallelism over {plan.world_size})")
     count = _globalize_aux_losses(gm, ctx)
     ctx.note(f"rank {ctx.rank}: EP group {topo.ep_ranks}, expert-data-parallel group {topo.edp_ranks}; "
-             f"{count} load-balancing loss(es) use global statistics over all {plan.world_size} ranks")
+             f"{count} load-balancing loss(es) use global statistics over all {plan.world_size} ranks"
+             + (" (under torch.no_grad: this rank's own, no collective)" if plan.expert_parallel == 1 else ""))
     gm.delete_all_unused_submodules()
     return gm

@@ -22,7 +22,7 @@ GROUP_OF_KIND = {"dense": "dense", "router": "dense", "expert": "edp"}
 
 
 def _node_params(gm: fx.GraphModule, node: fx.Node, name_of: dict[int, str]) -> list[str]:
-    """The trainable parameters ``node`` reads (frozen ones, absent from ``name_of``, have no gradient)."""
+    """The parameters of ``name_of`` (floating point: ones that can have a gradient) that ``node`` reads."""
     if node.op == "get_attr":
         values = [gm.get_parameter(str(node.target))] if _is_parameter(gm, str(node.target)) else []
     elif node.op == "call_module":
@@ -45,9 +45,11 @@ def parameter_kind(name: str, classes: dict[str, str], expert_targets: set[str])
 
 
 def backward_order(gm: fx.GraphModule) -> tuple[list[str], dict[str, list[fx.Node]]]:
-    """Trainable parameter names in the order backward produces their gradients (reverse of
-    first use in forward; unused ones last), and the nodes that read each."""
-    name_of = {id(p): n for n, p in gm.named_parameters() if p.requires_grad}
+    """Floating-point parameter names in the order backward produces their gradients (reverse of
+    first use in forward; unused ones last), and the nodes that read each. Frozen parameters
+    (``requires_grad=False``) are included: one unfrozen after compile must be synced too (the
+    GradBucketer leaves a frozen one out of its bucket's all-reduce, so it costs nothing)."""
+    name_of = {id(p): n for n, p in gm.named_parameters() if p.is_floating_point()}
     first_use: list[str] = []
     readers: dict[str, list[fx.Node]] = {}
     for node in gm.graph.nodes:
@@ -121,7 +123,9 @@ def fuse_aux_losses(gm: fx.GraphModule, ctx) -> int:
                 gm.graph.erase_node(item)
             gm.graph.erase_node(loss)
         fused += len(members)
-        ctx.note(f"{len(members)} load-balancing losses over the {group} group: one all-reduce of their "
+        over = (f"the {group} group" if isinstance(group, str)      # a node: training_group, local without grad
+                else f"the {group.args[0]} group (none under torch.no_grad)")
+        ctx.note(f"{len(members)} load-balancing losses over {over}: one all-reduce of their "
                  f"statistics in forward and one of their gradients in backward")
     return fused
 
@@ -135,7 +139,8 @@ def fuse_comm(gm: fx.GraphModule, ctx) -> fx.GraphModule:
     **Contract.** Needs the expert shards of ``expert_parallel`` (``ctx.extras["expert_shards"]``)
     and the MoE blocks of the frontend (``ctx.blocks``). Writes ``ctx.extras["grad_buckets"]``
     (list of ``collectives.Bucket`` in launch order) and ``meta["moesys"]["bucket"]`` (bucket
-    names) on every node that reads a parameter. Classes: ``expert`` (w_up/w_down, all-reduced
+    names) on every node that reads a parameter. Every floating-point parameter is bucketed, frozen
+    ones too (they may be unfrozen after compile); classes: ``expert`` (w_up/w_down, all-reduced
     over the expert-data-parallel group), ``router`` and ``dense`` (over all ranks); the
     TrainingProgram's GradBucketer all-reduces each bucket asynchronously as soon as its last
     gradient is accumulated in backward. The ``global_load_balancing_loss`` nodes of one group
@@ -146,7 +151,7 @@ def fuse_comm(gm: fx.GraphModule, ctx) -> fx.GraphModule:
     **Pseudo-code.**
 
         if world_size == 1: note "no gradient communication"; return
-        order = parameters in reverse order of first forward use       # ~ backward order
+        order = floating-point parameters (frozen too) in reverse order of first forward use  # ~ backward
         for p in order: append p to the open bucket of kind(p); close it once it reaches plan.bucket_mb MiB
         record buckets (kind, group, params, bytes) in ctx.extras, ctx.note and node meta
         losses = global_load_balancing_loss nodes of a group read only after the last one

@@ -38,6 +38,21 @@ def _signed_class(cls: type, model: nn.Module) -> type:
     return _SIGNED_CLASSES[key]
 
 
+def _keep_non_persistent(gm, model: torch.nn.Module) -> None:
+    """torch.fx registers the buffers a graph reads as persistent: the model's non-persistent ones
+    (rotary tables) leave the graph module's state_dict again, so ``program.state_dict()`` without
+    its ``graph_module.`` prefix loads into the model as it is."""
+    for path, module in model.named_modules(remove_duplicate=False):
+        for name in module._non_persistent_buffers_set:
+            holder, _, attr = f"{path}.{name}".lstrip(".").rpartition(".")
+            try:
+                owner = gm.get_submodule(holder)
+            except AttributeError:
+                continue
+            if attr in owner._buffers:
+                owner._non_persistent_buffers_set.add(attr)
+
+
 class Program(nn.Module):
     """Runs the compiled graph; ``program(*args, **kwargs)`` returns what the model returns.
 
@@ -64,6 +79,7 @@ class Program(nn.Module):
         # torch.export writes the parameters' dtype into the graph: one of them tells a later cast
         floating = [p for p in gm.parameters() if p.is_floating_point()] if ctx.capture == "export" else []
         self._captured_dtype = (floating[0], floating[0].dtype) if floating else None
+        _keep_non_persistent(gm, ctx.model)
         self.__class__ = _signed_class(type(self), ctx.model)
 
     def __getattr__(self, name: str) -> Any:

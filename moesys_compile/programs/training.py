@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import weakref
 from typing import Any, NamedTuple, Optional
@@ -68,6 +69,36 @@ def _refuse_replaced_weights(optimizer: torch.optim.Optimizer, args: Any, kwargs
                                 f"program.parameters() after compile")
 
 
+# the graph module's state_dict entry for its expert shard record: [ep_index, expert_parallel,
+# (lo, hi, num_experts) per expert parameter] (``TrainingProgram._record_shard_in_state_dict``)
+_EXTRA = "_extra_state"      # torch's key for a module's extra state
+
+
+def _add_shard_record(record: torch.Tensor, module, state: dict, prefix: str, local_metadata) -> None:
+    state[prefix + _EXTRA] = record.clone()
+
+
+def _shard_words(record: torch.Tensor) -> str:
+    index, ep, *first = record.tolist()[:5]
+    experts = f" (experts {first[0]}..{first[1] - 1} of {first[2]})" if len(first) == 3 else ""
+    return f"expert shard {index} of expert_parallel={ep}{experts}"
+
+
+def _check_shard_record(record: torch.Tensor, module, state: dict, prefix: str, local_metadata, strict,
+                        missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+    saved = state.pop(prefix + _EXTRA, None)     # consumed here: torch would call it unexpected
+    if saved is None:
+        missing_keys.append(prefix + _EXTRA)
+    elif not (isinstance(saved, torch.Tensor) and saved.shape == record.shape and torch.equal(saved.cpu(), record)):
+        words = _shard_words(saved) if isinstance(saved, torch.Tensor) and saved.numel() >= 2 else "another record"
+        raise checkpoint.CheckpointError(
+            f"load_state_dict: the state dict holds {words}, but this rank holds {_shard_words(record)}: "
+            f"program.state_dict() is the rank's own experts under the model's names, so one rank's state dict "
+            f"cannot be loaded on the others; save with program.save(DIR) and restore with program.load(DIR) on "
+            f"every rank (any EP size), or take the whole model with program.full_state_dict() (a collective) "
+            f"or mc.load_into(model, DIR)")
+
+
 class TrainingProgram(Program):
     """Holds the dense parameters (shared with the model) and only this rank's experts.
 
@@ -87,6 +118,7 @@ class TrainingProgram(Program):
             raise PlanError(f"the graph was lowered for rank {ctx.rank} but this process is rank {self.topology.rank}")
         self.expert_layout = self._expert_layout(ctx)
         self._guard_replaced_weights(ctx.model)
+        self._record_shard_in_state_dict(gm)
         follow_train_mode(gm)
         if plan.device != "cpu":
             gm.to(torch.device(plan.device))
@@ -171,7 +203,11 @@ class TrainingProgram(Program):
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
         """Clip all gradients by the global norm over every shard (dense counted once, expert
-        shards summed over the EP group). Returns the total norm (same on every rank)."""
+        shards summed over the EP group). Returns the total norm (same on every rank).
+        ``max_norm`` must be finite and >= 0: a negative one would flip every gradient's sign."""
+        if not 0 <= max_norm < math.inf:
+            raise ValueError(f"clip_grad_norm_: max_norm ({max_norm}) must be a finite number >= 0 (a negative "
+                             f"one would flip the sign of every gradient); skip the call to leave them unclipped")
         dense, expert = [], []
         for name, param in self._named_local():
             if param.grad is not None:
@@ -200,6 +236,19 @@ class TrainingProgram(Program):
             dist.all_reduce(value, op=op, group=groups.get("ep"))
 
     # -- state -----------------------------------------------------------------------------------
+
+    def _record_shard_in_state_dict(self, gm) -> None:
+        """With expert_parallel > 1, ``state_dict()`` holds this rank's experts under the model's
+        names, in shapes alike on every EP rank: it also carries ``graph_module._extra_state``, a
+        record of the shard, and a state dict of another shard is refused before anything is
+        copied (DDP's habit of loading rank 0's state dict on every rank would give all of them
+        rank 0's experts). At expert_parallel 1 the state dict is the whole model and loads anywhere."""
+        if self.topology.expert_parallel == 1:
+            return
+        record = torch.tensor([self.topology.ep_index, self.topology.expert_parallel]
+                              + [v for s in self.expert_layout.values() for v in (s.lo, s.hi, s.num_experts)])
+        gm.register_state_dict_post_hook(functools.partial(_add_shard_record, record))
+        gm.register_load_state_dict_pre_hook(functools.partial(_check_shard_record, record))
 
     def local_state(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """(dense state by original name, this rank's expert tensors by original name: the rows

@@ -394,11 +394,13 @@ def _save_optimizer(program, optimizer: torch.optim.Optimizer, tmp: Path) -> Non
                     warnings.warn(f"optimizer state {name}:{key} ({type(value).__name__}) is not saved")
     group_names = _group_names(names, optimizer)       # collective
     if topo.rank == 0:
-        save_file(dense, str(tmp / OPTIM_DENSE), metadata=kinds)
+        # no metadata rather than an empty dict: safetensors 0.8 writes an unreadable header for
+        # an empty file with empty metadata (a stateless SGD, or an optimizer before its first step)
+        save_file(dense, str(tmp / OPTIM_DENSE), metadata=kinds or None)
         torch.save([{**{k: v for k, v in g.items() if k != "params"}, GROUP_NAMES: held}
                     for g, held in zip(optimizer.param_groups, group_names)], tmp / OPTIM_GROUPS)
-    if topo.dp_index == 0 and experts:
-        save_file(experts, str(tmp / (OPTIM_PREFIX + _expert_file(topo.ep_index))), metadata=kinds)
+    if topo.dp_index == 0 and program.expert_layout:    # also empty: load opens it for every expert parameter
+        save_file(experts, str(tmp / (OPTIM_PREFIX + _expert_file(topo.ep_index))), metadata=kinds or None)
 
 
 def _group_names(names: dict[int, str], optimizer: torch.optim.Optimizer) -> list[list[str]]:

@@ -14,7 +14,9 @@ L = E / R local experts · T tokens · K top-k.
     moesys::ep_undispatch(grad_MD, counts_E, recv_RL, num_rows, group) -> grad_ND  (ep_dispatch's backward)
     moesys::all_reduce_sum(x, group) -> sum over the group  (the aux losses' backward)
 
-Each op's backward is the reverse collective, so gradients travel back over the same group. The
+Each op's backward is the reverse collective, so gradients travel back over the same group.
+The group name ``LOCAL`` reduces nothing (this rank alone); ``training_group`` picks it for a
+forward that autograd does not record (see there). The
 backward formulas call only ops (never ``dist`` or ``.tolist()`` themselves): AOT autograd traces
 them into the backward graph of ``torch.compile``, where a collective call would capture the
 ProcessGroup object and a host read would break the graph. Groups travel as their names
@@ -36,8 +38,25 @@ from ..ops.first_order import register_autograd
 from . import groups
 
 
+LOCAL = "local"      # a group name that reduces nothing: this rank alone
+
+
 def group_of(name: str):
-    return groups.get(name)
+    return None if name == LOCAL else groups.get(name)
+
+
+def training_group(group: str) -> str:
+    """``group`` while autograd records (a training forward), else ``LOCAL``. The graph of an
+    ``expert_parallel=1`` plan picks its load-balancing losses' group with it (the ops cannot
+    tell: they run with grad mode off), so a forward under ``torch.no_grad()`` or
+    ``inference_mode`` runs no collective -- one rank may evaluate alone, as with DDP's
+    ``model.module`` -- and its aux loss is that of the rank's own batch. torch.compile traces it
+    to a constant, guarded on grad mode.
+
+        >>> with torch.no_grad(): training_group("dense")
+        'local'
+    """
+    return group if torch.is_grad_enabled() else LOCAL
 
 
 def all_to_all_rows(x_SD: Tensor, send_R: list[int], recv_R: list[int], group_name: str, out_MD: Tensor) -> Tensor:
@@ -336,7 +355,11 @@ class GradBucketer:
     gradient whose group is smaller than the world (expert data parallel) is scaled by s / world
     as it arrives, before accumulation. So a gradient accumulated over several backward passes,
     synced each time (like DDP without ``no_sync``) or once, is the sum of the passes' gradients:
-    the part synced before is the same on every rank of the group and averages to itself."""
+    the part synced before is the same on every rank of the group and averages to itself.
+
+    A bucket holds frozen parameters too (``requires_grad=False``, e.g. frozen before compile and
+    unfrozen later): its all-reduce carries only the parameters that require a gradient at that
+    backward (the same on every rank, as DDP requires), and it is ready once they all are."""
 
     def __init__(self, buckets: list[Bucket], params: dict[str, torch.nn.Parameter], world_size: int):
         self.buckets, self.params, self.world_size = buckets, params, world_size
@@ -345,13 +368,12 @@ class GradBucketer:
         self.state = _Pending()
         self.launched_in_backward = 0     # buckets launched from a gradient hook, before backward ended
         self.ready_at_first_launch = None  # gradients accumulated when the first bucket was launched
-        self.handles = [params[name].register_post_accumulate_grad_hook(self._hook(name))
-                        for name in self.bucket_of]
+        self.handles = []
         for bucket in buckets:
             scale = groups.size(bucket.group) / world_size
-            if scale != 1:
-                self.handles += [params[name].register_hook(lambda grad, scale=scale: grad * scale)
-                                 for name in bucket.params]
+            for name in bucket.params:
+                self.handles += _hooks_of(params[name], self._hook(name),
+                                          (lambda grad, scale=scale: grad * scale) if scale != 1 else None)
 
     def _hook(self, name: str):
         def hook(param):
@@ -370,7 +392,11 @@ class GradBucketer:
         return hook
 
     def _bucket_ready(self, index: int) -> bool:
-        return all(name in self.state.ready for name in self.buckets[index].params)
+        return all(name in self.state.ready for name in self._trained(index))
+
+    def _trained(self, index: int) -> list[str]:
+        """The bucket's parameters that require a gradient now (frozen ones are left out)."""
+        return [name for name in self.buckets[index].params if self.params[name].requires_grad]
 
     def _launch_ready(self, force: bool = False) -> None:
         state = self.state
@@ -380,38 +406,48 @@ class GradBucketer:
 
     def _launch(self, index: int):
         bucket = self.buckets[index]
-        grads = []
-        for name in bucket.params:
+        names = self._trained(index)     # frozen: no gradient made, none sent (no weight decay moves it)
+        for name in names:
             param = self.params[name]
-            if param.grad is None and not param.requires_grad:    # frozen since compile: stays without
-                grads.append(torch.zeros_like(param))             # a gradient (no weight decay moves it)
-                continue
             if param.grad is None:           # unused this step: contributes zeros, like DDP
                 param.grad = torch.zeros_like(param)
-            grads.append(param.grad)
         pg, size = group_of(bucket.group), groups.size(bucket.group)
-        if pg is None or size == 1:      # nothing to reduce: scaled by 1 / world on arrival
-            return index, None, None
-        flat = torch.cat([g.reshape(-1) for g in grads]).div_(size)
-        return index, flat, dist.all_reduce(flat, group=pg, async_op=True)
+        if pg is None or size == 1 or not names:    # nothing to reduce: scaled by 1 / world on arrival
+            return names, None, None
+        flat = torch.cat([self.params[name].grad.reshape(-1) for name in names]).div_(size)
+        return names, flat, dist.all_reduce(flat, group=pg, async_op=True)
 
     def _finalize(self) -> None:
         self._launch_ready(force=True)
-        for index, flat, work in self.state.works:
+        for names, flat, work in self.state.works:
             if work is None:
                 continue
             work.wait()
             offset = 0
-            for name in self.buckets[index].params:
+            for name in names:
                 param = self.params[name]
-                if param.grad is not None:
-                    param.grad.copy_(flat[offset: offset + param.numel()].view_as(param))
+                param.grad.copy_(flat[offset: offset + param.numel()].view_as(param))
                 offset += param.numel()
         self.state = _Pending()
 
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
+
+
+def _hooks_of(param: torch.nn.Parameter, after_accumulate, on_grad=None) -> list:
+    """Register ``after_accumulate`` (and the gradient hook ``on_grad``) on ``param``, also when it
+    is frozen: torch refuses hooks on a tensor without ``requires_grad``, but a leaf keeps them
+    through ``requires_grad_`` switches, so they fire once it is unfrozen."""
+    frozen = not param.requires_grad
+    param.requires_grad_(True)
+    try:
+        handles = [param.register_post_accumulate_grad_hook(after_accumulate)]
+        if on_grad is not None:
+            handles.append(param.register_hook(on_grad))
+    finally:
+        param.requires_grad_(not frozen)
+    return handles
 
 
 # torch.autocast: expert matmuls in the autocast dtype, the rest on their inputs as they come
