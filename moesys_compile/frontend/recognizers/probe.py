@@ -32,6 +32,7 @@ NO_CAPACITY = "the block holds no capacity_factor, so the capacity it drops past
 CROWD = (2, 48)          # [B, S] of the crowd every probe that asks for crowds runs: a capacity under 96 overflows
 CROWD_SPREAD = 1e-2      # the crowd's tokens: one random token plus this much noise (distinct, same experts)
 MAX_CAPACITY_TOKENS = 1024
+PROBE_SEED = 0
 
 
 def token_scales(expert_weights: list[Tensor], dim: int) -> tuple[float, ...]:
@@ -126,7 +127,10 @@ class BlockProbe:
         self.crowd_differs = False   # a candidate matched the spread tokens, not a crowd
 
     def _run(self, module: nn.Module, x_BSD: Tensor) -> Any:
-        with torch.no_grad():
+        """``module`` on ``x_BSD`` from one random state: code a candidate keeps as the model's own
+        (a router that samples in training mode) draws what the original drew."""
+        with torch.no_grad(), torch.random.fork_rng(devices=[x_BSD.device] if x_BSD.is_cuda else []):
+            torch.manual_seed(PROBE_SEED)
             out = self.pick(module(x_BSD))
         comparable = isinstance(out, Tensor) or (
             isinstance(out, tuple) and len(out) > 1 and all(isinstance(item, Tensor) for item in out))
