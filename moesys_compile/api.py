@@ -18,7 +18,7 @@ from moesys_compile.passes import pipeline_for
 from .errors import PlanError, UntraceableModelError, warn_user
 from .frontend import BlockReport, annotate, canonicalize, capture, moe_modules
 from .frontend.empty_weights import Source, meta_tensor_names
-from .frontend.tracing import expose_aux_loss, traced_names
+from .frontend.tracing import distinct_inputs, expose_aux_loss, traced_names
 from .pipeline import CompileContext, run_pipeline, take_snapshot
 from .plan import MODES, Plan
 from .programs import InputBinder, Program, build_program, fixed_input_sizes, flatten_export_codegen
@@ -153,6 +153,7 @@ def trace(model: nn.Module, example_inputs: Any = (), example_kwargs: Optional[d
 def _capture_and_annotate(model, example_inputs, example_kwargs, leaf_modules, for_program=False):
     """Capture and annotate. ``for_program``: also give an exported graph a flat signature and
     make the graph return (output, aux_loss), as programs expect."""
+    example_inputs, example_kwargs = distinct_inputs(example_inputs, example_kwargs)
     gm = capture(model, example_inputs, example_kwargs, leaf_modules)
     kind = gm.meta.get("moesys_capture", "fx")
     traced, _ = traced_names(model, example_inputs, example_kwargs)
@@ -298,6 +299,7 @@ def compile(model: nn.Module, plan: Plan | dict | None = None, example_inputs: A
     """
     plan = _as_plan(plan)
     check_device(plan)
+    _check_checkpoint_has_ring(plan)
     gm, ctx = lower(model, plan, example_inputs, example_kwargs, rank=_current_rank())
     return build_program(gm, ctx)
 
@@ -311,6 +313,19 @@ def check_device(plan: Plan) -> None:
         raise PlanError(f"{', '.join(spread)}: an infer program runs on one device (its ring streams the weights "
                         f"instead of sharding them over ranks); set world_size=1 and expert_parallel=1, or "
                         f"mode='train'")
+
+
+def _check_checkpoint_has_ring(plan: Plan) -> None:
+    """Only the ring stages weights from ``weights_checkpoint``; an infer plan without a
+    device_budget builds a plain program, which computes with the model's own tensors (or fails on
+    the meta tensors of an ``empty_weights`` model). Lowering alone (inspect) reads the checkpoint
+    for its probes and takes such a plan."""
+    if plan.mode == "infer" and plan.weights_checkpoint is not None and plan.device_budget is None:
+        raise PlanError(f"weights_checkpoint ({plan.weights_checkpoint!r}) is read by a ring, and without a "
+                        f"device_budget there is none (the program would compute with the model's own weights): "
+                        f"set device_budget (e.g. '512MiB') to stream the weights from it, or drop "
+                        f"weights_checkpoint and load the weights into the model (mc.load_into or "
+                        f"from_pretrained) before compiling")
 
 
 def _current_rank() -> int:

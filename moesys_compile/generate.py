@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import itertools
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.fx as fx
@@ -26,10 +26,11 @@ from torch import nn
 
 from .errors import MoesysError, PlanError, warn_user
 from .frontend.tracing import MoesysTracer
-from .generation_settings import GreedyChoice, check_can_generate, generation_settings, padding_mask, stop_ids
-from .hf_decode import NotCacheable, graph_kwargs, lower_cached, step_inputs
+from .generation_settings import (GreedyChoice, check_can_generate, generation_settings, new_token_count, padding_mask,
+                                  stop_ids)
+from .hf_decode import NotCacheable, graph_kwargs, least_budgets, lower_cached, step_inputs
 from .models.transformer import Transformer
-from .plan import Plan
+from .plan import Plan, format_bytes
 from .programs.binding import CapturedSizeError
 from .programs.ring import RingBudgetError, call_sizer, power_of_two_at_least
 
@@ -99,10 +100,26 @@ def empty_cache(model: Transformer, batch: int, length: int, dtype: torch.dtype,
                        device=device)
 
 
+def prompt_ids(ids: Optional[torch.Tensor], input_ids: Optional[torch.Tensor]) -> torch.Tensor:
+    """The prompts of ``generate``, given as its first argument or as ``input_ids=`` (as
+    ``model.generate`` takes them)."""
+    if ids is not None and input_ids is not None:
+        raise TypeError("generate: the prompts were given twice, as ids and as input_ids=; pass one of them")
+    if ids is None and input_ids is None:
+        raise TypeError("generate: no prompts given; pass their token ids: generate(ids, max_new_tokens) or "
+                        "generate(input_ids=ids, max_new_tokens=n)")
+    return ids if ids is not None else input_ids
+
+
+def _check_ids(ids: torch.Tensor) -> None:
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        got = f"shape {tuple(ids.shape)}" if isinstance(ids, torch.Tensor) else f"a {type(ids).__name__}"
+        raise ValueError(f"generate(ids, max_new_tokens): ids must be [batch, seq] token ids, a tensor (got "
+                         f"{got}); pass ids[None] for a single prompt")
+
+
 def _check_decodable(model: nn.Module, ids: torch.Tensor, max_new_tokens: int) -> None:
-    if ids.dim() != 2:
-        raise ValueError(f"generate(ids, max_new_tokens): ids must be [batch, seq] token ids (got shape "
-                         f"{tuple(ids.shape)}); pass ids[None] for a single prompt")
+    _check_ids(ids)
     if max_new_tokens < 1:
         raise ValueError(f"generate(ids, max_new_tokens): max_new_tokens must be >= 1 (got {max_new_tokens}); "
                          f"without new tokens there is nothing to generate")
@@ -113,34 +130,55 @@ def _check_decodable(model: nn.Module, ids: torch.Tensor, max_new_tokens: int) -
 
 
 @contextlib.contextmanager
-def _longest_step_fits(ids: torch.Tensor, max_new_tokens: int, what_grows: str):
+def _longest_step_fits(ids: torch.Tensor, max_new_tokens: int, what_grows: str,
+                       least: Optional[Callable[[], dict[str, int]]] = None):
     """Restate a budget refusal of the decoding graphs in ``generate``'s terms: the prompts, or
-    the last step, whose activations hold ``what_grows`` at prompt + new tokens."""
+    the last step, whose activations hold ``what_grows`` at prompt + new tokens. ``least``: the
+    minimum budget of each of several graphs (``hf_decode.least_budgets``), of which the refusal
+    names only the first that failed; the largest is stated, so that one retry at it works."""
     from .passes.ring_partition import RingBudgetTooSmall
     try:
         yield
     except RingBudgetTooSmall as exc:
         batch, prompt = ids.shape
+        cause = exc.cause if least is None else _least_budget(exc, least)
         raise RingBudgetTooSmall(exc.pass_name, exc.ran_before, PlanError(
             f"generate(max_new_tokens={max_new_tokens}) of {batch} prompt(s) of {prompt} tokens: the prompts or "
             f"the last decoding step, which holds {what_grows} at {prompt + max_new_tokens - 1} positions, do not "
-            f"fit Plan.device_budget ({exc.cause}); lower max_new_tokens, pass shorter prompts, or raise "
+            f"fit Plan.device_budget ({cause}); lower max_new_tokens, pass shorter prompts, or raise "
             f"Plan.device_budget")) from exc
 
 
-def greedy_decode(program, ids: torch.Tensor, max_new_tokens: int, attention_mask: Optional[torch.Tensor] = None,
-                  **settings: Any) -> torch.Tensor:
+def _least_budget(exc: Exception, least: Callable[[], dict[str, int]]) -> str:
+    """The refusal ``exc`` of one decoding graph, stated with the largest minimum of all of them."""
+    from .passes.ring_partition import RingBudgetTooSmall
+    try:
+        minimums = least()
+    except RingBudgetTooSmall:
+        return str(exc.cause)
+    minimum = max(minimums.values())
+    each = " and ".join(f"the {name} graph's {nbytes} bytes" for name, nbytes in minimums.items())
+    return (f"the minimum for decoding is {minimum} bytes ({format_bytes(minimum)}), the largest of {each}; "
+            f"the first graph refused: {exc.cause}")
+
+
+def greedy_decode(program, ids: torch.Tensor, max_new_tokens: Optional[int],
+                  attention_mask: Optional[torch.Tensor] = None, **settings: Any) -> torch.Tensor:
     """``program.generate``: the built-in models through their traced ``DecodeStep`` graph
     (``builtin_decode``), Hugging Face models with their own cache (``cached_decode``) and the
     generation settings of ``model.generate`` (``generation_settings``: the model's
     ``generation_config`` with ``settings`` over it). A batch whose decoding the budget cannot hold
     at once is decoded in groups of prompts (``_decode_in_groups``), each as ``model.generate``
-    would decode it; a prompt that does not fit alone is refused."""
+    would decode it; a prompt that does not fit alone is refused. ``max_new_tokens`` None: from
+    ``max_length`` or the model's ``generation_config``, as ``model.generate`` takes it
+    (``new_token_count``)."""
     from .passes.ring_partition import RingBudgetTooSmall
     model = program.context.model
-    _check_decodable(model, ids, max_new_tokens)
+    _check_ids(ids)
     check_can_generate(model)
     config = generation_settings(model, settings)
+    max_new_tokens = new_token_count(model, config, ids.shape[1], max_new_tokens, settings.get("max_length"))
+    _check_decodable(model, ids, max_new_tokens)
     if attention_mask is not None and isinstance(model, Transformer):
         raise ValueError("generate(attention_mask=...): the built-in models take no padding mask; decode prompts "
                          "of one length together (or one prompt at a time)")
@@ -340,7 +378,8 @@ def _cached_graphs(program, ids: torch.Tensor, mask: torch.Tensor, max_new_token
     if stored is not None:
         return stored
     try:
-        with _longest_step_fits(ids, max_new_tokens, "its KV cache"):
+        with _longest_step_fits(ids, max_new_tokens, "its KV cache",
+                                lambda: least_budgets(program, ids, mask, max_new_tokens)):
             graphs = lower_cached(program, ids, mask, max_new_tokens)
     except RingBudgetTooSmall:
         raise

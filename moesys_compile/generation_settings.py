@@ -16,6 +16,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from .errors import warn_user
 from .models.transformer import Transformer
 
 
@@ -61,8 +62,8 @@ def generation_settings(model: nn.Module, overrides: dict[str, Any]):
     them. None for a model without generation settings (the built-in models), which decode plain
     greedy.
 
-    Contract: refuses (ValueError naming the field and the fix) ``do_sample=True`` or
-    ``max_length`` passed here, a name that is no GenerationConfig field, a decoding mode other
+    Contract: refuses (ValueError naming the field and the fix) ``do_sample=True`` passed here, a
+    name that is no GenerationConfig field, a decoding mode other
     than greedy search (``num_beams`` > 1, ...) and a setting in ``_UNSUPPORTED``; ``do_sample``
     and the sampling settings (temperature, top_k, top_p, ...) in the model's config are ignored,
     since ``generate`` is greedy by definition."""
@@ -76,9 +77,6 @@ def generation_settings(model: nn.Module, overrides: dict[str, Any]):
     if overrides.get("do_sample"):
         raise ValueError("generate(do_sample=True): program.generate decodes greedily (as model.generate("
                          "do_sample=False)); drop do_sample, or sample eagerly with model.generate")
-    if "max_length" in overrides:
-        raise ValueError("generate(max_length=...): program.generate takes max_new_tokens (as model.generate, "
-                         "where max_new_tokens overrides max_length); pass the number of new tokens instead")
     given = overrides.pop("generation_config", None)
     config = copy.deepcopy(given) if given is not None else GenerationConfig()
     base = getattr(model, "generation_config", None)
@@ -91,6 +89,43 @@ def generation_settings(model: nn.Module, overrides: dict[str, Any]):
                          f"generation settings only")
     _check_greedy(model, config, overrides)
     return config
+
+
+# transformers' model-agnostic default when no setting bounds the length: 20 new tokens
+DEFAULT_NEW_TOKENS = 20
+
+
+def new_token_count(model: nn.Module, config, prompt: int, max_new_tokens: Optional[int],
+                    max_length: Optional[int]) -> int:
+    """How many tokens ``generate`` adds to prompts of ``prompt`` tokens, as ``model.generate``
+    counts them: ``max_new_tokens`` of the call, else of the generation settings ``config``, else
+    their ``max_length`` (``max_length`` of the call, over the model's) less the prompt, else 20
+    (within ``max_position_embeddings``), with transformers' warning. Refuses a call that gives both
+    (transformers drops max_length with a warning), a length that leaves no new token, and a
+    built-in model called without max_new_tokens (it has no generation settings)."""
+    if max_new_tokens is not None and max_length is not None:
+        raise ValueError(f"generate(max_new_tokens={max_new_tokens}, max_length={max_length}): give one of them "
+                         f"(max_new_tokens counts the new tokens, max_length the prompt's {prompt} too)")
+    if max_new_tokens is not None:
+        return max_new_tokens
+    if config is None:
+        raise TypeError(f"generate(ids, max_new_tokens): max_new_tokens is missing, and {type(model).__name__} has "
+                        f"no generation_config to take it from; pass it, e.g. generate(ids, 16)")
+    if config.max_new_tokens is not None:
+        return config.max_new_tokens
+    length, where = max_length, "passed to generate"
+    if length is None and config.max_length is not None:
+        length, where = config.max_length, f"{type(model).__name__}.generation_config"
+    if length is None:
+        limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        length, where = prompt + DEFAULT_NEW_TOKENS, "transformers' default of 20 new tokens"
+        length = min(length, limit) if isinstance(limit, int) else length
+        warn_user(f"generate: no max_new_tokens or max_length given, so it generates up to {length - prompt} tokens "
+                  f"({where}, as model.generate); pass max_new_tokens to choose")
+    if length <= prompt:
+        raise ValueError(f"generate: max_length ({length}, {where}) leaves no new token after prompts of {prompt} "
+                         f"tokens; give a max_length above {prompt}, or max_new_tokens")
+    return length - prompt
 
 
 def _check_greedy(model: nn.Module, config, overrides: dict) -> None:

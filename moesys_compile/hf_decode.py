@@ -171,17 +171,41 @@ def _left_padded(ids: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[to
 
 def _lower_pair(program, ids: torch.Tensor, mask: torch.Tensor, longest: Optional[int],
                 workspace: Optional[int]) -> tuple:
-    model = program.context.model
-    prefill = CachedPrefill(model)
-    prefill_call = (prefill, (ids,), graph_kwargs(prefill, mask))
-    prefill_lowered = _lower(*prefill_call, _with_workspace(program.plan, workspace))
+    calls, lowered = _lower_each(program.context.model, ids, mask, longest,
+                                 _with_workspace(program.plan, workspace))
     if longest is None:
-        return prefill_lowered, None
-    step = CachedStep(model)
-    args, step_mask = step_inputs(prefill_lowered, ids, mask, longest)
-    step_call = (step, args, graph_kwargs(step, step_mask))
-    step_lowered = _lower(*step_call, _with_workspace(program.plan, workspace))
-    return _sharing_one_layout(program, (prefill_call, step_call), (prefill_lowered, step_lowered))
+        return lowered[0], None
+    return _sharing_one_layout(program, calls, lowered)
+
+
+def _lower_each(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, longest: Optional[int],
+                plan: Plan) -> tuple[list, list]:
+    """The prefill of ``ids`` and (``longest`` given) the step over a cache of ``longest``
+    positions after it, each lowered under ``plan``: (their calls, their lowered graphs)."""
+    prefill = CachedPrefill(model)
+    calls = [(prefill, (ids,), graph_kwargs(prefill, mask))]
+    lowered = [_lower(*calls[0], plan)]
+    if longest is not None:
+        step = CachedStep(model)
+        args, step_mask = step_inputs(lowered[0], ids, mask, longest)
+        calls.append((step, args, graph_kwargs(step, step_mask)))
+        lowered.append(_lower(*calls[1], plan))
+    return calls, lowered
+
+
+# a budget no lowering is refused at: where only the minimum budget of each graph is wanted
+_ROOMY_BUDGET = 2 ** 60
+
+
+def least_budgets(program, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int) -> dict[str, int]:
+    """The smallest budget (``RingLayout.min_budget``) of the prefill and of the step graph at the
+    last sizes ``lower_cached`` tries (one sequence of the call's prompt, the longest cache), each
+    lowered where the budget does not refuse it: the budget a refusal of the pair states is the
+    largest of them (the prefill's alone is short of the step's, whose cache is longer)."""
+    longest = ids.shape[1] + max_new_tokens - 2 if max_new_tokens > 1 else None
+    roomy = dataclasses.replace(program.plan, device_budget=_ROOMY_BUDGET)
+    _, lowered = _lower_each(program.context.model, ids[:1], mask[:1], longest, roomy)
+    return {name: ctx.extras["ring"].min_budget for name, (_, ctx) in zip(("prefill", "step"), lowered)}
 
 
 def _with_workspace(plan: Plan, workspace: Optional[int]) -> Plan:

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map
 
 from ..errors import UntraceableModelError, torch_logs_silenced, warn_user
 from ..ir import canonical_target
@@ -155,6 +155,30 @@ def untraceable_error(model: nn.Module, fx_error: BaseException, tracer: MoesysT
     error = UntraceableModelError("\n".join(lines))
     error.module_path, error.source_line, error.construct = path, where, construct
     return error
+
+
+def distinct_inputs(example_inputs: Sequence[Any], example_kwargs: dict) -> tuple[tuple, dict]:
+    """The example with every tensor that is, or shares storage with, an earlier one cloned
+    (``model(ids, labels=ids)``): non-strict torch.export gives aliased inputs one fake tensor, so
+    the graph would read the one through the other (a ``labels`` placeholder feeding the embedding).
+    An example without aliases is returned as it is."""
+    seen: set[tuple[str, int]] = set()
+    cloned: list[bool] = []
+
+    def distinct(value: Any) -> Any:
+        if not isinstance(value, torch.Tensor) or value.is_meta or value.layout is not torch.strided:
+            return value
+        storage = value.untyped_storage()
+        key = ("storage", storage.data_ptr()) if storage.nbytes() else ("tensor", id(value))
+        if key in seen:
+            cloned.append(True)
+            return value.clone()
+        seen.add(key)
+        return value
+
+    example = (tuple(example_inputs), dict(example_kwargs))
+    distinct_example = tree_map(distinct, example)
+    return distinct_example if cloned else example
 
 
 def traced_names(model: nn.Module, example_inputs: Sequence[Any], example_kwargs: dict) -> tuple[list[str], dict]:
@@ -409,7 +433,8 @@ def capture(model: nn.Module, example_inputs: Sequence[Any] = (), example_kwargs
     """fx first, export second, UntraceableModelError (module path, source line, construct, fix) last.
     A capture adapter may swap the order to export first. An exported graph lists in
     ``meta["moesys_inlined_functions"]`` the model's autograd Functions it traced through."""
-    example_kwargs, leaf_modules = dict(example_kwargs or {}), tuple(leaf_modules)
+    example_inputs, example_kwargs = distinct_inputs(example_inputs, example_kwargs or {})
+    leaf_modules = tuple(leaf_modules)
     check_decoder_inputs(model, example_inputs, example_kwargs)
     inlined: list[str] = []
     checkpointed: list[bool] = []
