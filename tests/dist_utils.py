@@ -106,3 +106,14 @@ def optimizer_steps(loss_of_step: Callable[[], Any], opt, steps: int) -> list[fl
         opt.zero_grad()
         losses.append(float(loss.detach()))
     return losses
+
+
+def global_mean(value: float) -> float:
+    """``value`` averaged over the ranks (itself without a process group)."""
+    import torch
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        return value
+    total = torch.tensor(value)
+    dist.all_reduce(total)
+    return float(total) / dist.get_world_size()

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 import moesys_compile as mc
@@ -21,7 +20,7 @@ from moesys_compile.models.hf import build_hf  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from blocks import randomize_expert_biases  # noqa: E402
-from dist_utils import optimizer_steps, run_ranks  # noqa: E402
+from dist_utils import global_mean, optimizer_steps, run_ranks  # noqa: E402
 
 BATCH, SEQ, STEPS, LR, VOCAB = 4, 8, 3, 0.5, 128
 RTOL, ATOL = 1e-4, 1e-5
@@ -63,16 +62,8 @@ def train_on_ranks(model, rank: int, world: int, ep: int, steps: int = STEPS):
     plan = mc.Plan(mode="train", world_size=world, expert_parallel=ep, bucket_mb=0.01)
     program = mc.compile(model, plan, example_inputs=(ids[local],))
     opt = torch.optim.SGD(program.parameters(), lr=LR)
-    losses = []
-    for _ in range(steps):
-        loss = cross_entropy(program(ids[local]).logits, targets[local])
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        mean = loss.detach().clone()
-        dist.all_reduce(mean)
-        losses.append(float(mean / world))
-    return program, losses
+    losses = optimizer_steps(lambda: cross_entropy(program(ids[local]).logits, targets[local]), opt, steps)
+    return program, [global_mean(loss) for loss in losses]
 
 
 def distributed_run(rank: int, world: int, family: str, ep: int):

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -31,7 +30,7 @@ from moesys_compile.frontend.recognizers.probe import block_capacity
 
 sys.path.insert(0, str(Path(__file__).parent))
 from blocks import randomize_expert_biases  # noqa: E402
-from dist_utils import optimizer_steps, run_ranks  # noqa: E402
+from dist_utils import global_mean, optimizer_steps, run_ranks  # noqa: E402
 
 D, FF, E, VOCAB = 16, 24, 4, 64
 RTOL, ATOL = 1e-5, 1e-6
@@ -335,15 +334,8 @@ def biased_ep_run(rank: int, world: int) -> dict:
     program = mc.compile(model, mc.Plan(mode="train", world_size=world, expert_parallel=2),
                          example_inputs=(x[local],))
     opt = torch.optim.SGD(program.parameters(), lr=0.5)
-    losses = []
-    for _ in range(2):
-        loss = cross_entropy(program(x[local]), targets[local])
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        total = loss.detach().clone()
-        dist.all_reduce(total)
-        losses.append(float(total / world))
+    losses = [global_mean(loss) for loss in optimizer_steps(lambda: cross_entropy(program(x[local]), targets[local]),
+                                                            opt, 2)]
     held = sorted(n for n, _ in program.graph_module.named_parameters() if n.startswith("moe.experts."))
     return dict(losses=losses, state=program.full_state_dict(), held=held)
 

@@ -25,7 +25,7 @@ pytest.importorskip("transformers")
 from moesys_compile.models.hf import build_hf  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from dist_utils import free_port, run_ranks  # noqa: E402
+from dist_utils import free_port, global_mean, run_ranks  # noqa: E402
 from test_training_parity import VOCAB, cross_entropy, make_model  # noqa: E402
 
 RTOL, ATOL = 1e-5, 1e-6
@@ -50,14 +50,6 @@ def adamw_with_groups(named_parameters):
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=1e-2, foreach=False)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / 3))
-
-
-def global_mean(value: float) -> float:
-    if not dist.is_initialized():
-        return value
-    total = torch.tensor(value)
-    dist.all_reduce(total)
-    return float(total) / dist.get_world_size()
 
 
 def run_schedule(loss_of, no_sync, clip, opt, sched, rank: int = 0, world: int = 1, evaluate=None) -> list[float]:
