@@ -191,6 +191,21 @@ def test_micro_batch_estimate_covers_the_whole_batch_at_one_slice(tmp_path):
         assert max(h + i for h, i in zip(held, inside)) >= ring_workspace.peak_live_bytes(own, roots, frees, scratch)
 
 
+def test_a_sections_own_outputs_count_once_while_it_runs_in_slices():
+    """Nodes: input (section -1), a value section 0 makes and section 1 reads, a graph output
+    section 1 makes. While section 0 runs its last slice, the earlier slices of its output are
+    held and the last one is among its temporaries; a gathered output is held whole from the
+    start."""
+    full, one_slice = [4096, 8192, 2048, 0], [1024, 2048, 512, 0]      # batch 4, slices of 1
+    roots, section_of = [0, 1, 2, 3], [-1, 0, 1, 2]
+    frees = [[], [0], [1], []]                 # the input read last in section 0, the value in 1
+    assert ring_workspace.carried_bytes(full, roots, frees, section_of, 2) == [4096 + 8192, 8192 + 2048, 2048]
+    assert ring_workspace.carried_bytes(full, roots, frees, section_of, 2, one_slice) == [
+        4096 + 8192 - 2048, 8192 + 2048 - 512, 2048]
+    assert ring_workspace.carried_bytes(full, roots, frees, section_of, 2, one_slice, frozenset({2})) == [
+        4096 + 8192 - 2048, 8192 + 2048, 2048]
+
+
 def test_capacity_dropping_is_never_split_into_micro_batches(tmp_path):
     from moesys_compile.programs.ring import micro_batch_plan
     model = build("tiny-moe")

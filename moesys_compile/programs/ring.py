@@ -298,6 +298,7 @@ class CallSizer:
         self._act_cache: dict[tuple[int, int], int] = {}
         self.section_of = list(node_sections(gm, len(self.layout.sections)).values())
         self.join, self.no_split = micro_batch_plan(gm, ctx)
+        self.node_index = {node: i for i, node in enumerate(gm.graph.nodes)}
         self._split_cache: dict[tuple[int, int], tuple[list[tuple[int, int]], int]] = {}
 
     def node_bytes(self, batch: int, seq: int) -> tuple[list[int], dict[int, int]]:
@@ -352,10 +353,12 @@ class CallSizer:
             raise RingBudgetError(f"{reason}; {fix}", reason)
         roots, frees = self.liveness
         count = len(self.layout.sections)
-        held = carried_bytes(self.node_bytes(batch, seq)[0], roots, frees, self.section_of, count)
+        full = self.node_bytes(batch, seq)[0]
+        gathered = frozenset(roots[self.node_index[node]] for node, how in self.join.items() if how == "cat")
 
         def peak(size: int) -> int:
             own, scratch = self.node_bytes(size, seq)
+            held = carried_bytes(full, roots, frees, self.section_of, count, own, gathered)
             inside = slice_peaks(own, roots, frees, self.section_of, count, scratch)
             return max(h + i for h, i in zip(held, inside))
         if peak(1) > self.layout.workspace:

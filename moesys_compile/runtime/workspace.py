@@ -129,26 +129,40 @@ def evaluate_workspace(exprs: list, liveness: tuple, batch: int, seq: int,
 
 
 def carried_bytes(full_bytes: list[int], roots: list[int], frees: list[list[int]], section_of: list[int],
-                  sections: int) -> list[int]:
+                  sections: int, slice_bytes: Optional[list[int]] = None, gathered: frozenset = frozenset()
+                  ) -> list[int]:
     """Per section, and last the graph's outputs: bytes of the values held for the whole batch
     while the sections run in micro-batches — what earlier sections (or the graph inputs, section
     -1) produced and a later node still reads, and the section's own outputs, all slices of them.
-    ``section_of`` per node; the output node's is ``sections``, so the graph's outputs stay."""
-    root_bytes = [0] * len(full_bytes)
-    for i, nbytes in enumerate(full_bytes):
-        root_bytes[roots[i]] += _granule(nbytes)
+    ``section_of`` per node; the output node's is ``sections``, so the graph's outputs stay.
+
+    With ``slice_bytes`` (per node, at one slice's batch) a section's own outputs count, while it
+    runs, as the slices before the last — the last one is among the section's temporaries
+    (``slice_peaks``) — except the ``gathered`` roots (graph outputs copied into one whole tensor
+    at the first slice, which that tensor holds from the start)."""
+    root_bytes, root_slice = _root_bytes(full_bytes, roots), _root_bytes(slice_bytes or [], roots)
     freed_in = {root: section_of[i] for i, freed in enumerate(frees) for root in freed}
     change = [0] * (sections + 2)
-    for root, nbytes in enumerate(root_bytes):
+    for root, nbytes in root_bytes.items():
         made, freed = section_of[root], min(freed_in.get(root, sections), sections)
         if nbytes and freed > made:          # read past the section that made it: held whole
-            change[max(made, 0)] += nbytes
+            last_slice = root_slice.get(root, 0) if made >= 0 and root not in gathered else 0
+            change[max(made, 0)] += nbytes - last_slice
+            change[max(made, 0) + 1] += last_slice
             change[freed + 1] -= nbytes
     held, running = [], 0
     for k in range(sections + 1):
         running += change[k]
         held.append(running)
     return held
+
+
+def _root_bytes(node_bytes: list[int], roots: list[int]) -> dict[int, int]:
+    """Allocated bytes per alias root: its own and its views' (each rounded to the granule)."""
+    total: dict[int, int] = {}
+    for i, nbytes in enumerate(node_bytes):
+        total[roots[i]] = total.get(roots[i], 0) + _granule(nbytes)
+    return total
 
 
 def slice_peaks(slice_bytes: list[int], roots: list[int], frees: list[list[int]], section_of: list[int],
