@@ -225,6 +225,22 @@ def test_jetmoe_trains_like_eager_with_its_own_aux_loss():
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_a_router_returning_bare_logits_still_feeds_the_models_aux_loss():
+    """DBRX's router returns its logits alone; with output_router_logits=True transformers records
+    them by a hook on the router, which the canonical block (no longer calling the router) runs
+    with the logits it computed: HF's loss and aux loss come out as eager's."""
+    import copy
+
+    model = build_hf("dbrx", num_hidden_layers=1, output_router_logits=True).train()
+    eager = copy.deepcopy(model)
+    example = ids(seed=2)
+    program = mc.compile(model, mc.Plan(mode="train"), example_inputs=(ids(),), example_kwargs={"labels": ids()})
+    got, want = program(example, labels=example), eager(example, labels=example)
+    assert len(got.router_logits) == len(want.router_logits) == 1
+    for name in ("loss", "aux_loss"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("family, field", [("jetmoe", "aux_loss_coef"), ("dbrx", "router_aux_loss_coef")])
 def test_program_aux_loss_takes_the_coefficient_where_the_family_keeps_it(family, field):
     """JetMoE's ``config.aux_loss_coef`` and DBRX's ``config.ffn_config.moe_loss_weight`` (which the

@@ -53,7 +53,7 @@ def assert_grads_equal(model, eager, local=None) -> None:
 @pytest.mark.parametrize("router_logits", [False, True])
 def test_out_loss_is_the_models_loss_and_double_counting_the_aux_loss_warns(router_logits):
     """``out.loss`` is eager's loss: cross-entropy, plus router_aux_loss_coef x out.aux_loss when
-    output_router_logits is on. Then program.aux_loss is the same penalty a second time, and
+    output_router_logits is on. Then program.aux_loss is a balance penalty a second time, and
     reading it warns; without the model's own aux loss it is silent."""
     model = build_hf("qwen3_moe", output_router_logits=router_logits).train()
     eager = copy.deepcopy(model)

@@ -97,9 +97,11 @@ class Program(nn.Module):
             model = self.context.extras["binder"].model_name
             warn_user(f"{model}'s out.loss already includes its own load-balancing loss "
                       f"(config.output_router_logits=True adds router_aux_loss_coef x out.aux_loss); "
-                      f"program.aux_loss is the same penalty from the compiled MoE layers, so adding it "
-                      f"to out.loss counts it twice: train on out.loss alone, or set "
-                      f"config.output_router_logits=False before compiling and add program.aux_loss")
+                      f"program.aux_loss is a load-balancing penalty too (each compiled MoE layer's "
+                      f"Switch loss, summed over the layers: not scaled as transformers' pooled one), so "
+                      f"adding it to out.loss counts it twice: train on out.loss alone (the model's own "
+                      f"penalty), or set config.output_router_logits=False before compiling and add "
+                      f"program.aux_loss (the per-layer penalty)")
         return self._aux_loss
 
     @aux_loss.setter

@@ -316,17 +316,24 @@ def route_known(router: nn.Module, spec: RouterSpec, x_TD: Tensor, args: Sequenc
 def _run_forward_hooks(router: nn.Module, spec: RouterSpec, inputs: tuple, values: dict) -> None:
     """The router module is no longer called, but hooks on it still expect its output: Hugging Face
     records router logits that way (``output_router_logits=True`` feeds the model's own aux loss).
-    Hooks see the router's output tuple rebuilt from the canonical values."""
-    if not router._forward_hooks or not spec.arity:
+    Hooks see the router's output rebuilt from the canonical values: its tuple, or the one tensor
+    a router returning a bare tensor (DBRX's logits) gave."""
+    if not router._forward_hooks:
         return
-    output = [None] * spec.arity
-    for name, position in spec.outputs.items():
-        output[position] = values.get(name)
+    if spec.arity:
+        rebuilt = [None] * spec.arity
+        for name, position in spec.outputs.items():
+            rebuilt[position] = values.get(name)
+        output = tuple(rebuilt)
+    elif len(spec.outputs) == 1:
+        output = values.get(next(iter(spec.outputs)))
+    else:
+        return
     for hook_id, hook in list(router._forward_hooks.items()):
         if hook_id in router._forward_hooks_with_kwargs:
-            hook(router, inputs, {}, tuple(output))
+            hook(router, inputs, {}, output)
         else:
-            hook(router, inputs, tuple(output))
+            hook(router, inputs, output)
 
 
 def _call_probe(probe: nn.Module, x_TD: Tensor, args: Sequence[Tensor]) -> tuple[Any, bool]:
