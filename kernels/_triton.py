@@ -32,7 +32,12 @@ except Exception as exc:  # ImportError, or an install that fails at import (no 
                                    next_power_of_2=None)
     tl = types.SimpleNamespace(constexpr=object)  # only used in annotations of never-called bodies
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+def _interpret_env() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+INTERPRET = _interpret_env()  # Triton's own choice, made when the kernel modules were imported
 
 # Dtypes the kernels compute in (fp32 accumulation). fp64 stays on the torch path.
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -46,7 +51,12 @@ def triton_unavailable(device) -> Optional[str]:
     if device.type == "cuda":
         return None if torch.cuda.is_available() else "torch has no CUDA device"
     if device.type == "cpu":
-        return None if INTERPRET else "Triton runs on CPU tensors only under TRITON_INTERPRET=1"
+        if INTERPRET:
+            return None
+        if _interpret_env():
+            return ("TRITON_INTERPRET=1 was set only after moesys_compile.kernels was first imported (Triton reads "
+                    "it then; set it before that import, in the shell or at the top of the script)")
+        return "Triton runs on CPU tensors only under TRITON_INTERPRET=1"
     return f"there is no Triton backend for device type {device.type!r}"
 
 

@@ -8,7 +8,8 @@ Shape legend: T tokens · D model dim · E experts · K top-k · N = T*K routed 
 
 Same semantics as ``torch.ops.moesys.permute`` / ``unpermute``: ``order_N[n]`` is the slot
 ``t*K + k`` of the n-th expert-sorted row, the sort is stable, and slots past ``capacity`` per
-expert go after every kept row (ordered by expert) and are not counted.
+expert go after every kept row (ordered by expert) and are not counted. An id outside ``[0, E)``
+raises a ValueError naming the slot on CPU and fails an asynchronous assert on CUDA.
 
 The Triton sort is a counting sort, no comparison sort: one pass counts each block's slots per
 expert, a cumulative sum over blocks gives every block its start inside each expert, and a second
@@ -53,8 +54,8 @@ def _place_slots_kernel(ids_ptr, block_start_ptr, kept_start_ptr, drop_start_ptr
     pid = tl.program_id(0)
     lanes = tl.arange(0, BLOCK_N)
     slots = pid * BLOCK_N + lanes
-    ok = slots < N
-    ids = tl.load(ids_ptr + slots, mask=ok, other=-1)
+    ids = tl.load(ids_ptr + slots, mask=slots < N, other=-1)
+    ok = (slots < N) & (ids >= 0) & (ids < E)  # an id outside [0, E) is neither counted nor placed
     earlier_same = (ids[:, None] == ids[None, :]) & (lanes[None, :] < lanes[:, None])
     rank = tl.sum(earlier_same.to(tl.int32), axis=1)
     id_safe = tl.where(ok, ids, 0)
@@ -125,6 +126,21 @@ def _check_ids(ids_TK: Tensor, num_experts: int, x_TD: Optional[Tensor] = None) 
         raise ValueError(f"num_experts ({num_experts}) must be >= 1")
     if x_TD is not None and (x_TD.dim() != 2 or x_TD.shape[0] != ids_TK.shape[0]):
         raise ValueError(f"x_TD has shape {tuple(x_TD.shape)} but ids_TK has {ids_TK.shape[0]} tokens")
+    _check_id_range(ids_TK, num_experts)
+
+
+def _check_id_range(ids_TK: Tensor, num_experts: int) -> None:
+    """Every id in [0, num_experts). On CUDA an asynchronous assert (no host sync in the hot path;
+    the kernels skip such ids, so nothing is written out of bounds before it fires)."""
+    if ids_TK.is_cuda:
+        torch._assert_async(((ids_TK >= 0) & (ids_TK < num_experts)).all(),
+                            f"ids_TK holds an expert id outside [0, num_experts ({num_experts}))")
+        return
+    bad_TK = (ids_TK < 0) | (ids_TK >= num_experts)
+    if bad_TK.any():
+        token, k = (int(i) for i in bad_TK.nonzero()[0])
+        raise ValueError(f"ids_TK[{token}, {k}] is {int(ids_TK[token, k])}, outside [0, num_experts ({num_experts})): "
+                         f"expert ids must come from a top-k over this layer's {num_experts} experts")
 
 
 def _capacity(ids_TK: Tensor, num_experts: int, capacity: int, capacity_factor: float) -> int:

@@ -5,6 +5,8 @@ kernel's outputs and gradients against these). The canonical ops' references in
 Shape legend: T tokens · D model dim · H up rows · F expert hidden · E experts · K top-k · N = T*K.
 """
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -13,13 +15,26 @@ from moesys_compile.ops import (grouped_mlp_reference, load_balancing_loss_refer
 
 
 def route_topk_reference(logits_TE: Tensor, top_k: int, score_func: str = "softmax", renormalize: bool = True,
-                         bias_E=None, n_groups: int = 1, topk_groups: int = 1, routed_scaling: float = 1.0):
+                         bias_E=None, n_groups: int = 1, topk_groups: int = 1, routed_scaling: float = 1.0,
+                         topk=None):
     """(weights_TK, ids_TK, scores_TE, counts_E, score_sum_E) by the canonical routing, a one-hot
-    count and a column sum."""
+    count and a column sum (``topk``: as ``route_reference`` takes it)."""
     weights_TK, ids_TK, scores_TE = route_reference(logits_TE, top_k, score_func, renormalize, bias_E, n_groups,
-                                                    topk_groups, routed_scaling)
+                                                    topk_groups, routed_scaling, topk=topk)
     one_hot_TKE = torch.nn.functional.one_hot(ids_TK, logits_TE.shape[1])
     return weights_TK, ids_TK, scores_TE, one_hot_TKE.sum((0, 1)), scores_TE.sum(0)
+
+
+def topk_lowest_index(x: Tensor, k: int):
+    """torch.topk over the last dim with the Triton routing's tie rule: exact ties go to the lowest
+    index and NaN counts as the largest value (a stable descending sort)."""
+    values, indices = x.sort(dim=-1, descending=True, stable=True)
+    return values[..., :k], indices[..., :k]
+
+
+# what the Triton kernel returns on tied scores: every top-k (experts, a group's two best, groups)
+# taken by ``topk_lowest_index``
+route_topk_lowest_index_reference = functools.partial(route_topk_reference, topk=topk_lowest_index)
 
 
 def sort_slots_reference(ids_TK: Tensor, num_experts: int, capacity: int = -1):

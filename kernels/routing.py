@@ -12,6 +12,12 @@ into the Switch/GShard loss, equal to ``torch.ops.moesys.load_balancing_loss(sco
 coef)`` without another pass over the scores. Semantics (bias only steers the choice, groups
 ranked by the sum of their two best biased scores) are those of ``moesys_compile.ops.route``.
 
+Ties: the Triton kernel breaks exact ties by the lowest expert (and group) index and counts NaN
+as the largest score; a token's K experts are always distinct. The torch path calls torch.topk,
+like the eager models it must equal, and torch.topk leaves the order of exact ties unspecified
+(CPU and CUDA differ): on tied scores (a zero-initialised router, bf16 logits) the two paths can
+choose different, equally-scored experts.
+
     >>> import torch, moesys_compile.kernels
     >>> w, ids, scores, counts, sums = torch.ops.moesys_kernels.route_topk(torch.randn(5, 8), 2)
     >>> int(counts.sum())
@@ -41,6 +47,23 @@ def _configs(e_pad: int) -> list:
 
 
 @triton.jit
+def _first_max(key, avail, idx, NONE: tl.constexpr):
+    """Per row, the lowest index ``idx`` among the ``avail`` columns holding the largest ``key``;
+    NaN counts as larger than any number (as in torch.topk). ``NONE`` when no column is avail."""
+    is_nan = key != key
+    best = tl.max(tl.where(avail & (key == key), key, float("-inf")), axis=1)
+    nan_left = tl.max((avail & is_nan).to(tl.int32), axis=1) > 0
+    cand = avail & tl.where(nan_left[:, None], is_nan, key == best[:, None])
+    return tl.min(tl.where(cand, idx[None, :], NONE), axis=1)
+
+
+@triton.jit
+def _value_at(x, idx, i):
+    """x[row, i[row]] per row (NaN and -inf kept)."""
+    return tl.sum(tl.where(idx[None, :] == i[:, None], x, 0.0), axis=1)
+
+
+@triton.jit
 def _route_fwd_kernel(
     logits_ptr, bias_ptr, weights_ptr, ids_ptr, scores_ptr, part_counts_ptr, part_sums_ptr,
     T, E, stride_logits, routed_scaling, experts_per_group,
@@ -48,6 +71,11 @@ def _route_fwd_kernel(
     SIGMOID: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
     N_GROUPS: tl.constexpr, G_PAD: tl.constexpr, TOPK_GROUPS: tl.constexpr, GROUP_TOP2: tl.constexpr,
 ):
+    """One program routes BLOCK_T tokens. Every pick (best expert, a group's two best, best group)
+    is ``_first_max`` over the columns still available: exact ties go to the lowest expert (or
+    group) index, NaN counts as the largest score, and a picked column leaves the available set,
+    so a token's K experts are always distinct. torch.topk leaves the order of exact ties
+    unspecified, so on tied scores the torch path may choose other, equally-scored experts."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, E_PAD)
@@ -66,42 +94,44 @@ def _route_fwd_kernel(
     scores = tl.where(mask, scores, 0.0)
     tl.store(scores_ptr + rows[:, None] * E + cols[None, :], scores, mask=mask)
 
-    # the choice: scores (+ bias), restricted to the best groups
+    # the choice: scores (+ bias), among the experts of the best groups
     choice = scores
     if HAS_BIAS:
         choice = choice + tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    choice = tl.where(col_ok[None, :], choice, neg_inf)
+    avail = tl.broadcast_to(col_ok[None, :], (BLOCK_T, E_PAD))
     if N_GROUPS > 1:
         group_of_col = cols // experts_per_group
         groups = tl.arange(0, G_PAD)
-        group_scores = tl.full((BLOCK_T, G_PAD), neg_inf, tl.float32)
+        group_scores = tl.zeros((BLOCK_T, G_PAD), tl.float32)
         for g in tl.static_range(N_GROUPS):
-            in_group = tl.where((group_of_col == g)[None, :], choice, neg_inf)
-            best = tl.max(in_group, axis=1)
+            in_group = avail & (group_of_col == g)[None, :]
+            first = _first_max(choice, in_group, cols, E_PAD)
+            best = _value_at(choice, cols, first)
             if GROUP_TOP2:
-                first = tl.argmax(in_group, axis=1)
-                best += tl.max(tl.where(cols[None, :] == first[:, None], neg_inf, in_group), axis=1)
+                second = _first_max(choice, in_group & (cols[None, :] != first[:, None]), cols, E_PAD)
+                best += _value_at(choice, cols, second)
             group_scores = tl.where(groups[None, :] == g, best[:, None], group_scores)
+        group_avail = tl.broadcast_to((groups < N_GROUPS)[None, :], (BLOCK_T, G_PAD))
         keep = tl.zeros((BLOCK_T, E_PAD), tl.int32)
         for _ in tl.static_range(TOPK_GROUPS):
-            chosen = tl.argmax(group_scores, axis=1)
+            chosen = _first_max(group_scores, group_avail, groups, G_PAD)
             keep = tl.where(group_of_col[None, :] == chosen[:, None], 1, keep)
-            group_scores = tl.where(groups[None, :] == chosen[:, None], neg_inf, group_scores)
-        choice = tl.where(keep != 0, choice, neg_inf)
+            group_avail = group_avail & (groups[None, :] != chosen[:, None])
+        avail = avail & (keep != 0)
 
-    # top-k by K rounds of argmax; weights come from the unbiased scores
+    # top-k by K exclusive picks; weights come from the unbiased scores
     ks = tl.arange(0, K_PAD)
     top_w = tl.zeros((BLOCK_T, K_PAD), tl.float32)
     top_i = tl.zeros((BLOCK_T, K_PAD), tl.int32)
     picked = tl.zeros((BLOCK_T, E_PAD), tl.int32)
     for k in tl.static_range(K):
-        best = tl.argmax(choice, axis=1)
+        best = _first_max(choice, avail, cols, E_PAD)
         hit = cols[None, :] == best[:, None]
         w = tl.sum(tl.where(hit, scores, 0.0), axis=1)
         top_w = tl.where(ks[None, :] == k, w[:, None], top_w)
         top_i = tl.where(ks[None, :] == k, best[:, None], top_i)
         picked = tl.where(hit, 1, picked)
-        choice = tl.where(hit, neg_inf, choice)
+        avail = avail & (cols[None, :] != best[:, None])
     if RENORMALIZE:
         top_w = top_w / (tl.sum(top_w, axis=1)[:, None] + 1e-20)
     top_w = top_w * routed_scaling

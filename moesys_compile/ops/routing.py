@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -32,12 +32,16 @@ def route_reference(
     n_groups: int = 1,
     topk_groups: int = 1,
     routed_scaling: float = 1.0,
+    topk: Optional[Callable[[Tensor, int], tuple[Tensor, Tensor]]] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Differentiable torch routing: scores -> (group-limited) top-k -> renormalize -> scale.
 
     The bias (DeepSeek-V3 correction bias) only steers the choice; weights come from unbiased
     scores. Group-limited top-k ranks groups by the sum of their two best biased scores.
+    ``topk(x, k)``: (values, indices) of the k largest along the last dim, ``torch.topk`` unless
+    given (a reference with another rule for exact ties passes its own).
     """
+    topk = topk or (lambda x, k: x.topk(k, dim=-1))
     if score_func not in SCORE_FUNCS:
         raise ValueError(f"score_func {score_func!r} is not supported; use one of {SCORE_FUNCS}")
     num_experts = logits_TE.shape[-1]
@@ -53,12 +57,12 @@ def route_reference(
             raise ValueError(f"num_experts ({num_experts}) is not divisible by n_groups ({n_groups})")
         per_group = num_experts // n_groups
         grouped_TGe = choice_TE.view(-1, n_groups, per_group)
-        group_scores_TG = grouped_TGe.topk(min(2, per_group), dim=-1).values.sum(-1)
-        keep_groups_TG = group_scores_TG.topk(topk_groups, dim=-1).indices
+        group_scores_TG = topk(grouped_TGe, min(2, per_group))[0].sum(-1)
+        keep_groups_TG = topk(group_scores_TG, topk_groups)[1]
         group_mask_TG = torch.zeros_like(group_scores_TG, dtype=torch.bool).scatter_(1, keep_groups_TG, True)
         expert_mask_TE = group_mask_TG.unsqueeze(-1).expand_as(grouped_TGe).reshape_as(choice_TE)
         choice_TE = choice_TE.masked_fill(~expert_mask_TE, float("-inf"))
-    ids_TK = choice_TE.topk(top_k, dim=-1).indices
+    ids_TK = topk(choice_TE, top_k)[1]
     weights_TK = scores_TE.gather(1, ids_TK)
     if renormalize:
         weights_TK = weights_TK / (weights_TK.sum(-1, keepdim=True) + 1e-20)
