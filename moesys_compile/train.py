@@ -164,6 +164,14 @@ def _delete_old_steps(root: Path, saved: str, keep_last: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _remove_interrupted_saves(root: str) -> None:
+    """Delete the temporary copies that saves killed midway left in ``root`` (a resumed run may
+    never save their step again, and ``--keep-last`` counts only complete steps); only while this
+    run holds the root's ``.lock``, so that no save into it is under way."""
+    for stale in checkpoint.remove_interrupted_saves(root):
+        print(f"removed {stale}, left by a save that was interrupted", flush=True)
+
+
 def _write_atomically(path: Path, text: str) -> None:
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
@@ -248,6 +256,8 @@ def run(args) -> dict:
     program = TrainingProgram(gm, ctx)
     opt = torch.optim.AdamW(program.parameters(), lr=args.lr, weight_decay=0.0)
     with _only_run_in(args.ckpt_dir if rank == 0 else None):
+        if args.ckpt_dir and rank == 0:       # holding the lock, before this run's first save
+            _remove_interrupted_saves(args.ckpt_dir)
         start = _resume(program, opt, args, rank)
         log = _train_loop(program, opt, data, args, start, rank, world, device)
         # the last step's checkpoint, unless --ckpt-every saved it or the checkpoint resumed from is

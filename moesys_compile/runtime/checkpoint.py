@@ -17,19 +17,28 @@ Layout of a checkpoint directory ``DIR`` (names are the original model's state n
 The optimizer state is stored by parameter name and expert rows, like the weights, so it too
 reloads at any expert-parallel size.
 
+Each expert shard file records, per parameter, the experts [lo, hi) it holds (its metadata's
+``moesys_expert_ranges``); reading checks them against meta.json where they are recorded.
+
 Atomicity: all ranks write into ``.DIR.tmp-<token>`` beside DIR; after a barrier rank 0 writes
 meta.json, then renames DIR -> ``.DIR.old-<token>``, the temporary -> DIR, and deletes the old one.
 A crash at any point leaves either DIR or the old copy complete; ``load`` falls back to the old
 copy when DIR itself is missing. DIR must be new, empty or a checkpoint: any other directory is
 refused, since the swap replaces all of it.
 
-A missing or damaged file of a checkpoint (a shard, meta.json) is a ``CheckpointError`` naming it.
+A training run's root holds ``step_N`` checkpoints and ``latest``, which names the newest; where
+``latest`` names no complete checkpoint (a deleted step), the newest complete ``step_N`` stands
+for the root, with a warning.
+
+A missing or damaged file of a checkpoint (a shard, meta.json, a file of the optimizer state that
+meta.json promises) is a ``CheckpointError`` naming it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import time
 import warnings
@@ -46,6 +55,9 @@ from ..errors import MoesysError
 META, PLAN, DENSE = "meta.json", "plan.yaml", "dense.safetensors"
 LATEST = "latest"    # in a training run's checkpoint root: the name of its newest step directory
 FORMAT = 1
+RANGES = "moesys_expert_ranges"    # an expert shard file's metadata: {name: [lo, hi]} of the experts it holds
+# the entries of meta.json that loading reads, and their JSON types
+META_KEYS = {"experts": dict, "aliases": dict, "optimizer": bool, "extra": dict}
 
 # Test hook: called with a stage name ("shards_written", "before_swap") during save.
 FAULT_HOOK: Optional[Callable[[str], None]] = None
@@ -131,8 +143,7 @@ def save(program, directory: str, optimizer: Optional[torch.optim.Optimizer] = N
     token = _agree(f"{os.getpid()}-{time.time_ns()}")
     tmp = target.parent / f".{target.name}.tmp-{token}"
     if topo.rank == 0:
-        for stale in target.parent.glob(f".{target.name}.tmp-*"):   # left by a crashed save
-            shutil.rmtree(stale, ignore_errors=True)
+        _remove_temporaries(target.parent, target.name)
         tmp.mkdir(parents=True)
     _barrier()
     dense, experts = program.local_state()
@@ -140,7 +151,8 @@ def save(program, directory: str, optimizer: Optional[torch.optim.Optimizer] = N
     if topo.rank == 0:
         save_file(dense, str(tmp / DENSE))
     if topo.dp_index == 0 and experts:
-        save_file({n: t.contiguous().cpu() for n, t in experts.items()}, str(tmp / _expert_file(topo.ep_index)))
+        save_file({n: t.contiguous().cpu() for n, t in experts.items()}, str(tmp / _expert_file(topo.ep_index)),
+                  metadata=_expert_ranges(program))
     if optimizer is not None:
         _save_optimizer(program, optimizer, tmp)
     _fault("shards_written")
@@ -152,6 +164,32 @@ def save(program, directory: str, optimizer: Optional[torch.optim.Optimizer] = N
         _swap(tmp, target, token)
     _barrier()
     return target
+
+
+def _expert_ranges(program) -> dict[str, str]:
+    """The metadata of this rank's expert shard files: the experts [lo, hi) of each parameter it holds."""
+    held = {name: [shard.lo, shard.hi] for name, shard in program.expert_layout.items() if shard.held}
+    return {RANGES: json.dumps(held)}
+
+
+def _remove_temporaries(parent: Path, pattern: str) -> list[Path]:
+    """Delete the temporary copies ``.{pattern}.tmp-*`` in ``parent`` (``pattern`` a glob of
+    checkpoint names) that killed saves left; only while no save into them is under way."""
+    stale = sorted(p for p in parent.glob(f".{pattern}.tmp-*") if p.is_dir())
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
+def remove_interrupted_saves(root: str) -> list[Path]:
+    """Delete what killed saves left in a training run's checkpoint root (``.step_N.tmp-*``, as
+    large as a checkpoint, never loaded); returns them. Call it only where no save into ``root``
+    can be under way, as the launcher does while it holds the root's ``.lock``.
+
+        >>> checkpoint.remove_interrupted_saves("runs/ckpt")   # doctest: +SKIP
+        [PosixPath('runs/ckpt/.step_000004.tmp-4242-1700000000')]
+    """
+    return _remove_temporaries(Path(root), "step_*")
 
 
 def _check_extra(extra: dict) -> None:
@@ -194,29 +232,47 @@ def _swap(tmp: Path, target: Path, token: str) -> None:
 
 def latest_step(directory: str) -> Optional[Path]:
     """The step directory that a training run's checkpoint root (``--ckpt-dir``) names in its
-    ``latest`` file, or without one (a copy that left it out) its newest complete ``step_N``
-    directory; None for any other directory."""
+    ``latest`` file, or without one (a copy that left it out), or where the one it names holds no
+    complete checkpoint (a deleted step; with a warning naming both), its newest complete
+    ``step_N`` directory; None for any other directory."""
     root, marker = Path(directory), Path(directory) / LATEST
     if (root / META).is_file():
         return None
-    if marker.is_file():
-        return root / marker.read_text().strip()
+    if not marker.is_file():
+        return _newest_complete_step(root)
+    named = root / marker.read_text().strip()
+    newest = None if _complete_copy(named) is not None else _newest_complete_step(root)
+    if newest is None:           # complete, or nothing to fall back to (``resolve`` names it as incomplete)
+        return named
+    warnings.warn(f"{str(marker)!r} names {named.name!r}, which holds no complete checkpoint ({META} missing); "
+                  f"using the newest complete one, {newest.name!r}; write {newest.name!r} into {str(marker)!r} "
+                  f"to make that the run's latest")
+    return newest
+
+
+def _newest_complete_step(root: Path) -> Optional[Path]:
     steps = [p for p in root.glob("step_*") if p.name[5:].isdigit() and (p / META).is_file()] if root.is_dir() else []
     return max(steps, key=lambda p: int(p.name[5:]), default=None)
+
+
+def _complete_copy(target: Path) -> Optional[Path]:
+    """``target`` if it is a complete checkpoint, else the newest complete previous copy that a
+    crashed swap left beside it (``.NAME.old-*``), else None."""
+    if (target / META).is_file():
+        return target
+    olds = sorted(target.parent.glob(f".{target.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    return next((old for old in reversed(olds) if (old / META).is_file()), None)
 
 
 def resolve(directory: str) -> Path:
     """The complete checkpoint at ``directory`` (at the newest step, for a training run's root), or
     the previous copy a crashed swap left beside it."""
     target = (latest_step(directory) or Path(directory)).resolve()
-    if (target / META).is_file():
-        return target
-    olds = sorted(target.parent.glob(f".{target.name}.old-*"), key=lambda p: p.stat().st_mtime)
-    for old in reversed(olds):
-        if (old / META).is_file():
-            return old
-    raise CheckpointError(f"no complete checkpoint at {str(target)!r} ({META} missing); an interrupted save "
-                          f"leaves only '.{target.name}.tmp-*' beside it, which is never loaded")
+    found = _complete_copy(target)
+    if found is None:
+        raise CheckpointError(f"no complete checkpoint at {str(target)!r} ({META} missing); an interrupted save "
+                              f"leaves only '.{target.name}.tmp-*' beside it, which is never loaded")
+    return found
 
 
 def _damaged(file: Path, why: str) -> CheckpointError:
@@ -224,26 +280,61 @@ def _damaged(file: Path, why: str) -> CheckpointError:
                            f"again, or load another copy (e.g. an earlier step)")
 
 
-def read_meta(directory: str) -> tuple[Path, dict]:
+def read_meta(directory: str, optimizer: bool = False) -> tuple[Path, dict]:
     """The complete checkpoint at ``directory`` (see ``resolve``) and its meta.json, checked: it
-    parses, has this format, and every shard file it names is there."""
+    parses, has this format and the entries loading reads, and every weight file it names is
+    there; with ``optimizer`` also every file of the optimizer state it promises."""
     path = resolve(directory)
     try:
         meta = json.loads((path / META).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise _damaged(path / META, f"cannot be read ({type(exc).__name__}: {exc})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-        raise CheckpointError(f"{path}: checkpoint format {found} is not supported (expected {FORMAT})")
-    missing = sorted(name for name in {DENSE, *_shard_files(meta)} if not (path / name).is_file())
+    if not isinstance(meta, dict):
+        raise _damaged(path / META, f"holds a JSON {type(meta).__name__}, not an object")
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: checkpoint format {meta.get('format')!r} is not supported "
+                              f"(expected {FORMAT!r})")
+    problem = _meta_problem(meta)
+    if problem:
+        raise _damaged(path / META, problem)
+    optimizer_files = _optimizer_files(meta) if optimizer and meta["optimizer"] else set()
+    missing = sorted(name for name in {DENSE, *_shard_files(meta), *optimizer_files} if not (path / name).is_file())
     if missing:
-        raise _damaged(path / missing[0], f"is missing ({META} names {missing}, not all in the directory)")
+        fresh = (" (to keep its weights and start the optimizer afresh, load it without optimizer=)"
+                 if set(missing) <= optimizer_files else "")
+        raise _damaged(path / missing[0], f"is missing ({META} promises {missing}, not all in the directory){fresh}")
     return path, meta
+
+
+def _meta_problem(meta: dict) -> Optional[str]:
+    """What meta.json lacks of the entries loading reads (None: nothing)."""
+    wrong = [f"'{key}' (a JSON {'boolean' if kind is bool else 'object'})" for key, kind in META_KEYS.items()
+             if not isinstance(meta.get(key), kind)]
+    if wrong:
+        return f"lacks {', '.join(wrong)}"
+    bad = [name for name, entry in meta["experts"].items() if not _valid_entry(entry)]
+    if bad:
+        return f"has no 'num_experts' and 'shards' (each a 'file', 'lo' and 'hi') for experts {bad[:3]}"
+    return None
+
+
+def _valid_entry(entry: Any) -> bool:
+    """An ``experts`` entry of meta.json: ``num_experts`` and a non-empty list of shards."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("num_experts"), int) or not entry.get("shards"):
+        return False
+    return isinstance(entry["shards"], list) and all(
+        isinstance(shard, dict) and isinstance(shard.get("file"), str) and isinstance(shard.get("lo"), int)
+        and isinstance(shard.get("hi"), int) for shard in entry["shards"])
 
 
 def _shard_files(meta: dict) -> set[str]:
     """The expert weight files that meta.json names."""
-    return {shard["file"] for entry in meta.get("experts", {}).values() for shard in entry["shards"]}
+    return {shard["file"] for entry in meta["experts"].values() for shard in entry["shards"]}
+
+
+def _optimizer_files(meta: dict) -> set[str]:
+    """The files of the optimizer state of a checkpoint saved with one (``meta["optimizer"]``)."""
+    return {OPTIM_DENSE, OPTIM_GROUPS} | {OPTIM_PREFIX + file for file in _shard_files(meta)}
 
 
 def open_file(file: Path):
@@ -252,6 +343,20 @@ def open_file(file: Path):
         return safe_open(str(file), framework="pt")
     except (OSError, SafetensorError) as exc:
         raise _damaged(file, f"cannot be read ({type(exc).__name__}: {exc})") from None
+
+
+def _open_shard(file: Path, name: str, shard: dict):
+    """``open_file`` of an expert shard file, whose recorded experts of ``name`` (see RANGES; files
+    saved before they were recorded have none) must be those meta.json places there."""
+    opened = open_file(file)
+    try:
+        recorded = json.loads((opened.metadata() or {}).get(RANGES, "{}")).get(name)
+    except (json.JSONDecodeError, AttributeError):
+        raise _damaged(file, f"has an unreadable '{RANGES}' record") from None
+    if recorded is not None and list(recorded) != [shard["lo"], shard["hi"]]:
+        raise _damaged(file, f"holds experts {recorded[0]}..{recorded[1] - 1} of '{name}', but {META} places "
+                             f"experts {shard['lo']}..{shard['hi'] - 1} there")
+    return opened
 
 
 def _stored(opened, file: Path, stored: str):
@@ -263,9 +368,14 @@ def _stored(opened, file: Path, stored: str):
 
 
 def _dense_state(path: Path, meta: dict) -> dict[str, torch.Tensor]:
+    """Every tensor of dense.safetensors, and each tied name of meta.json's ``aliases`` as the
+    tensor it shares."""
     with open_file(path / DENSE) as f:
         state = {name: f.get_tensor(name) for name in f.keys()}
     for alias, name in meta["aliases"].items():
+        if name not in state:
+            raise _damaged(path / DENSE, f"has no tensor {name!r}, which {META}'s aliases name as the one that "
+                                         f"'{alias}' is tied to")
         state[alias] = state[name]
     return state
 
@@ -288,7 +398,7 @@ def read_rows(path: Path, meta: dict, name: str, lo: int, hi: int, key: str = ""
         if not lo <= entry["expert"] < hi:
             raise CheckpointError(f"{path}: '{name}' belongs to expert {entry['expert']}, not to experts {lo}..{hi - 1}")
         file = path / (prefix + entry["shards"][0]["file"])
-        with open_file(file) as f:
+        with _open_shard(file, name, entry["shards"][0]) as f:
             return _stored(f, file, stored)[:]
     if not 0 <= lo < hi <= entry["num_experts"]:
         raise CheckpointError(f"{path}: the checkpoint holds {entry['num_experts']} experts of '{name}', not experts "
@@ -298,14 +408,14 @@ def read_rows(path: Path, meta: dict, name: str, lo: int, hi: int, key: str = ""
     spans = [(shard, start, end) for shard, start, end in spans if start < end]
     if sum(end - start for _, start, end in spans) != hi - lo:
         raise _damaged(path / META, f"does not place experts {lo}..{hi - 1} of '{name}' in its shards")
-    return torch.cat([_shard_rows(path / (prefix + shard["file"]), stored, shard, start, end)
+    return torch.cat([_shard_rows(path / (prefix + shard["file"]), name, stored, shard, start, end)
                       for shard, start, end in spans])
 
 
-def _shard_rows(file: Path, stored: str, shard: dict, start: int, end: int) -> torch.Tensor:
+def _shard_rows(file: Path, name: str, stored: str, shard: dict, start: int, end: int) -> torch.Tensor:
     """The rows of experts [start, end) in a shard file holding experts [shard lo, shard hi):
     its rows split evenly among them (one each of a stacked parameter, F of a flat one)."""
-    with open_file(file) as f:
+    with _open_shard(file, name, shard) as f:
         part = _stored(f, file, stored)
         rows, experts = part.get_shape()[0], shard["hi"] - shard["lo"]
         if rows % experts:
@@ -318,7 +428,7 @@ def rows_per_expert(path: Path, meta: dict, name: str) -> int:
     """Rows of dim 0 per expert of stacked or flat expert parameter ``name`` (1, or F of [E*F, D])."""
     shard = _entry(path, meta, name)["shards"][0]
     file = path / shard["file"]
-    with open_file(file) as f:
+    with _open_shard(file, name, shard) as f:
         return _stored(f, file, name).get_shape()[0] // (shard["hi"] - shard["lo"])
 
 
@@ -339,7 +449,7 @@ def read_dim0(path: Path, meta: dict, name: str, rows: Optional[tuple[int, int]]
 def load(program, directory: str, optimizer: Optional[torch.optim.Optimizer] = None) -> dict:
     """Fill ``program`` (and ``optimizer``'s state) from a checkpoint saved at any EP size.
     Returns the ``extra`` record given to ``save``."""
-    path, meta = read_meta(directory)
+    path, meta = read_meta(directory, optimizer=optimizer is not None)
     _check_num_experts(program, path, meta)
     dense = _dense_state(path, meta)
     program.load_local_state(dense, lambda name, lo, hi: read_rows(path, meta, name, lo, hi))
@@ -400,7 +510,8 @@ def _save_optimizer(program, optimizer: torch.optim.Optimizer, tmp: Path) -> Non
         torch.save([{**{k: v for k, v in g.items() if k != "params"}, GROUP_NAMES: held}
                     for g, held in zip(optimizer.param_groups, group_names)], tmp / OPTIM_GROUPS)
     if topo.dp_index == 0 and program.expert_layout:    # also empty: load opens it for every expert parameter
-        save_file(experts, str(tmp / (OPTIM_PREFIX + _expert_file(topo.ep_index))), metadata=kinds or None)
+        save_file(experts, str(tmp / (OPTIM_PREFIX + _expert_file(topo.ep_index))),
+                  metadata={**kinds, **_expert_ranges(program)})
 
 
 def _group_names(names: dict[int, str], optimizer: torch.optim.Optimizer) -> list[list[str]]:
@@ -415,12 +526,11 @@ def _group_names(names: dict[int, str], optimizer: torch.optim.Optimizer) -> lis
 
 
 def _param_state(program, path: Path, meta: dict, name: str) -> dict:
-    """The optimizer state of parameter ``name`` for this rank's layout: dense entries as saved,
-    expert entries cut to this rank's experts (0-dim entries whole)."""
-    expert = program.is_expert(name)
-    first = (OPTIM_PREFIX + meta["experts"][name]["shards"][0]["file"]) if expert else OPTIM_DENSE
+    """The optimizer state of parameter ``name`` (this rank's share of it) for this rank's layout:
+    dense entries as saved, expert entries cut to this rank's experts (0-dim entries whole)."""
+    expert, file = program.is_expert(name), _optimizer_file(path, meta, program, name)
     state = {}
-    with open_file(path / first) as f:
+    with open_file(file) as f:
         kinds = f.metadata() or {}
         for stored in (k for k in f.keys() if k.startswith(f"{name}:")):
             key, value = stored[len(name) + 1:], f.get_tensor(stored)
@@ -432,10 +542,42 @@ def _param_state(program, path: Path, meta: dict, name: str) -> dict:
     return state
 
 
+def _optimizer_file(path: Path, meta: dict, program, name: str) -> Path:
+    """The file holding parameter ``name``'s optimizer state (for an expert parameter, the first of
+    its shards: its 0-dim entries whole, its rows from there on)."""
+    if program.is_expert(name):
+        return path / (OPTIM_PREFIX + meta["experts"][name]["shards"][0]["file"])
+    return path / OPTIM_DENSE
+
+
+def _check_state_shapes(file: Path, name: str, param: torch.Tensor, state: dict) -> None:
+    """Each state tensor of a torch.optim optimizer with the parameter's number of dims has its
+    size in each dim, or 1 (as Adafactor's factored rows and columns): a damaged file fails here,
+    by name, rather than in ``optimizer.step()``. Other optimizers' state (block-wise scales of
+    8-bit ones) may have other shapes and is not checked."""
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor) and value.dim() == param.dim() and any(
+                size not in (1, own) for size, own in zip(value.shape, param.shape)):
+            raise _damaged(file, f"holds optimizer state '{name}:{key}' of shape {tuple(value.shape)} for parameter "
+                                 f"'{name}' of shape {tuple(param.shape)}")
+
+
+def _saved_groups(file: Path) -> list[dict]:
+    """The optimizer's saved param_groups: plain hyperparameters, so no pickled code is run."""
+    try:
+        groups = torch.load(file, weights_only=True)
+    except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError) as exc:
+        # not torch's text: for a file it refuses, that advises weights_only=False
+        raise _damaged(file, f"cannot be read as the optimizer's groups ({type(exc).__name__})") from None
+    if not isinstance(groups, list) or not all(isinstance(group, dict) for group in groups):
+        raise _damaged(file, f"holds a {type(groups).__name__}, not the optimizer's list of groups")
+    return groups
+
+
 def _load_optimizer(program, path: Path, meta: dict, optimizer) -> None:
     """Rebuild the optimizer's state for this rank's layout and load it through
     ``optimizer.load_state_dict`` (which places each entry on its parameter's device)."""
-    if not meta["optimizer"] or not (path / OPTIM_DENSE).is_file():
+    if not meta["optimizer"]:
         warnings.warn(f"{path}: no optimizer state in this checkpoint; the optimizer starts afresh")
         return
     saved_class = meta.get("optimizer_class")      # absent from checkpoints written before it was kept
@@ -444,7 +586,7 @@ def _load_optimizer(program, path: Path, meta: dict, optimizer) -> None:
                               f"(their state entries differ); build a {saved_class} over program.parameters() to "
                               f"resume it, or load without optimizer= to start {type(optimizer).__name__} afresh")
     names = _parameter_names(program)
-    saved_groups = torch.load(path / OPTIM_GROUPS, weights_only=True)   # plain hyperparameters: no pickled code
+    saved_groups = _saved_groups(path / OPTIM_GROUPS)
     state, param_groups, index = {}, [], 0
     for number, group in enumerate(optimizer.param_groups):
         ids = []
@@ -452,7 +594,10 @@ def _load_optimizer(program, path: Path, meta: dict, optimizer) -> None:
             if id(param) not in names:
                 raise CheckpointError(f"the optimizer holds a {tuple(param.shape)} parameter that is not one of the "
                                       f"program's; build it over program.parameters()")
-            entry = _param_state(program, path, meta, names[id(param)])
+            name = names[id(param)]
+            entry = _param_state(program, path, meta, name)
+            if type(optimizer).__module__.startswith("torch.optim"):   # state shapes known
+                _check_state_shapes(_optimizer_file(path, meta, program, name), name, param, entry)
             if entry:
                 state[index] = entry
             ids.append(index)
