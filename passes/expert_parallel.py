@@ -18,8 +18,8 @@ from moesys_compile.errors import PlanError
 from moesys_compile.frontend.annotation import Cost
 from moesys_compile.ir import expert_tensors, is_op, moesys_meta
 from moesys_compile.passes.decompose_moe import new_node
-from moesys_compile.passes.expert_rows import (ExpertRows, check_producers, drop_unused, expert_owners,
-                                               expert_rows_of, expert_weights, producers)
+from moesys_compile.passes.expert_rows import (ExpertRows, check_dense_uses, check_producers, drop_unused,
+                                               expert_owners, expert_rows_of, expert_weights, producers)
 from moesys_compile.runtime import collectives, token_exchange  # noqa: F401  register the moesys::ep_* ops
 from moesys_compile.runtime.groups import Topology
 
@@ -134,6 +134,7 @@ def _parallelize_one(gm: fx.GraphModule, ctx, mlp: fx.Node, rows: ExpertRows) ->
 def _shard_experts(gm: fx.GraphModule, ctx, mlps: list[fx.Node], topo: Topology) -> None:
     weights = [w for mlp in mlps for w in expert_tensors(mlp)]
     weight_producers = producers(weights)
+    check_dense_uses(gm, ctx, weight_producers)
     check_producers(ctx, mlps, weight_producers)
     rows = ExpertRows(gm, ctx, topo)
     for mlp in mlps:

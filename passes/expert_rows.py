@@ -270,6 +270,47 @@ def check_producers(ctx, mlps: list[fx.Node], weight_producers: list[fx.Node]) -
                                 f"sharded while other code reads their weights (use expert_parallel=1)")
 
 
+def _parameters_read(gm: fx.GraphModule, node: fx.Node) -> list[str]:
+    """The parameters ``node`` reads by name: a ``get_attr``'s target, a leaf module's parameters."""
+    if node.op == "get_attr":
+        return [str(node.target)]
+    if node.op == "call_module":
+        module = gm.get_submodule(str(node.target))
+        return [name for name, _ in module.named_parameters(prefix=str(node.target), remove_duplicate=False)]
+    return []
+
+
+def check_dense_uses(gm: fx.GraphModule, ctx, weight_producers: list[fx.Node]) -> None:
+    """No code but the experts reads an expert parameter, under its name or a tied one (a dense
+    layer sharing an expert's weight): a rank holds only its own experts' weights, whole per-expert
+    ones or rows of stacked ones, while a dense use needs the whole tensor on every rank."""
+    classes = moe_parameter_classes(ctx.model)
+    params = dict(ctx.model.named_parameters(remove_duplicate=False))
+    experts: dict[int, str] = {}
+    for name, param in params.items():
+        if classes.get(name) == "expert":
+            experts.setdefault(id(param), name)
+    inside = set(weight_producers)
+    for node in gm.graph.nodes:
+        for read in [] if node in inside else _parameters_read(gm, node):
+            expert = experts.get(id(params[read])) if read in params else None
+            if expert is not None:
+                raise _dense_use_error(ctx, node, read, expert)
+
+
+def _dense_use_error(ctx, node: fx.Node, read: str, expert: str) -> PlanError:
+    ep = ctx.plan.expert_parallel
+    if read == expert:
+        what, fix = f"expert weight '{expert}'", f"read '{expert}' in its expert only"
+    else:
+        what, fix = (f"'{read}' is the same parameter as expert weight '{expert}' (tied), so it",
+                     f"untie them (give '{read}' a parameter of its own)")
+    return PlanError(f"{what} is read outside the experts by '{node.name}' ({target_name(node)}): at "
+                     f"expert_parallel={ep} an expert's weights are sharded across the EP ranks (each rank holds "
+                     f"only its own experts), but a dense use needs the whole tensor on every rank; {fix}, or use "
+                     f"expert_parallel=1")
+
+
 def drop_unused(gm: fx.GraphModule, ctx, weight_producers: list[fx.Node]) -> list[str]:
     """Erase the old producer nodes nothing reads any more; drop the parameters no node reads."""
     dropped, old = [], set(weight_producers)

@@ -25,6 +25,7 @@ from ..frontend import moe_modules
 from ..frontend.canonicalize import moe_parameter_classes
 from ..runtime import checkpoint, groups
 from ..runtime.collectives import GradBucketer
+from ..runtime.storage import tensor_aliases
 from .base import Program
 from .train_mode import follow_train_mode
 
@@ -103,8 +104,10 @@ class TrainingProgram(Program):
     """Holds the dense parameters (shared with the model) and only this rank's experts.
 
     ``expert_layout``: original parameter name -> ``ExpertShard`` (rows of a stacked [E, ...]
-    parameter, or a per-expert parameter and whether it is here). ``topology``: ranks of this
-    rank's EP / EDP groups.
+    parameter, or a per-expert parameter and whether it is here), by the name the model and the
+    graph give the parameter first. ``expert_aliases``: the model's other names of expert
+    parameters (two MoE layers sharing one set of experts) -> that first name; they are stored
+    once and restored as ties. ``topology``: ranks of this rank's EP / EDP groups.
     """
 
     def __init__(self, gm, ctx):
@@ -116,7 +119,7 @@ class TrainingProgram(Program):
         self.topology = groups.setup(plan)
         if ctx.rank != self.topology.rank:
             raise PlanError(f"the graph was lowered for rank {ctx.rank} but this process is rank {self.topology.rank}")
-        self.expert_layout = self._expert_layout(ctx)
+        self.expert_layout, self.expert_aliases = self._expert_layout(ctx)
         self._guard_replaced_weights(ctx.model)
         self._record_shard_in_state_dict(gm)
         follow_train_mode(gm)
@@ -126,21 +129,28 @@ class TrainingProgram(Program):
         self.bucketer = GradBucketer(self._buckets(gm, ctx), dict(gm.named_parameters()), plan.world_size) \
             if plan.world_size > 1 else None
 
-    def _expert_layout(self, ctx) -> dict[str, ExpertShard]:
+    def _expert_layout(self, ctx) -> tuple[dict[str, ExpertShard], dict[str, str]]:
+        """(``expert_layout``, ``expert_aliases``). A tied parameter is held, and sharded, under its
+        first name (``named_parameters()``'s, the graph's); its other names are aliases of that one.
+        One tied to a dense parameter named first is dense, saved and loaded as such."""
         shards, owners = ctx.extras.get("expert_shards", {}), ctx.extras.get("expert_owners", {})
         ep, index = self.topology.expert_parallel, self.topology.ep_index
-        layout = {}
+        names = tensor_aliases(ctx.model)
+        layout, aliases = {}, {}
         for path, module in moe_modules(ctx.model).items():
             total = module.num_experts
             for attr in module.expert_param_names:
                 name = f"{path}.{attr}" if path else attr
-                if name in shards:
+                first = names.get(name, [name])[0]
+                if first != name:
+                    aliases[name] = first
+                elif name in shards:
                     layout[name] = ExpertShard(*shards[name])
                 elif name in owners:
                     layout[name] = ExpertShard(index * total // ep, (index + 1) * total // ep, total, owners[name])
                 else:
                     layout[name] = ExpertShard(0, total, total)
-        return layout
+        return layout, {alias: first for alias, first in aliases.items() if first in layout}
 
     def _guard_replaced_weights(self, model: torch.nn.Module) -> None:
         """Under expert parallelism a stacked expert weight is trained as this rank's shard, a
@@ -169,7 +179,8 @@ class TrainingProgram(Program):
     # -- parameters by class -------------------------------------------------------------------
 
     def is_expert(self, name: str) -> bool:
-        return name in self.expert_layout
+        """``name`` (of the model) is an expert parameter, or another name of one."""
+        return name in self.expert_layout or name in self.expert_aliases
 
     def _named_local(self):
         return self.graph_module.named_parameters()
@@ -268,6 +279,8 @@ class TrainingProgram(Program):
         model_state = self.context.model.state_dict(keep_vars=True)
         for name, shard in self.expert_layout.items():
             result[name] = self._gather_expert(shard, experts.get(name), model_state[name])
+        for alias, name in self.expert_aliases.items():      # one tensor under both names: tied, like the model's
+            result[alias] = result[name]
         return {name: result[name] for name in model_state}
 
     def _gather_expert(self, shard: ExpertShard, local: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:

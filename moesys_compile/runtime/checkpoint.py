@@ -124,7 +124,7 @@ def _meta(program, aliases: dict[str, str], optimizer, extra: dict) -> dict:
     topo = program.topology
     experts = {name: _expert_entry(shard) for name, shard in program.expert_layout.items()}
     return {"format": FORMAT, "world_size": topo.world_size, "expert_parallel": topo.expert_parallel,
-            "experts": experts, "aliases": aliases, "optimizer": optimizer is not None,
+            "experts": experts, "aliases": {**aliases, **program.expert_aliases}, "optimizer": optimizer is not None,
             "optimizer_class": type(optimizer).__name__ if optimizer is not None else None, "extra": extra,
             "time": time.time()}
 
@@ -369,10 +369,12 @@ def _stored(opened, file: Path, stored: str):
 
 def _dense_state(path: Path, meta: dict) -> dict[str, torch.Tensor]:
     """Every tensor of dense.safetensors, and each tied name of meta.json's ``aliases`` as the
-    tensor it shares."""
+    tensor it shares (names of expert parameters: ``full_state`` adds them)."""
     with open_file(path / DENSE) as f:
         state = {name: f.get_tensor(name) for name in f.keys()}
     for alias, name in meta["aliases"].items():
+        if name in meta["experts"]:
+            continue
         if name not in state:
             raise _damaged(path / DENSE, f"has no tensor {name!r}, which {META}'s aliases name as the one that "
                                          f"'{alias}' is tied to")
@@ -628,6 +630,7 @@ def full_state(directory: str) -> dict[str, torch.Tensor]:
     state = _dense_state(path, meta)
     for name in meta["experts"]:
         state[name] = read_dim0(path, meta, name)
+    state.update({alias: state[name] for alias, name in meta["aliases"].items() if name in meta["experts"]})
     return state
 
 

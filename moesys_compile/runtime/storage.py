@@ -154,7 +154,7 @@ class WeightStore:
 # ---------------------------------------------------------------------------------------------
 
 
-def _tensor_aliases(model: nn.Module) -> dict[str, list[str]]:
+def tensor_aliases(model: nn.Module) -> dict[str, list[str]]:
     """Every state name -> all names of the same tensor (tied weights), canonical name first."""
     by_id: dict[int, list[str]] = {}
     named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
@@ -275,7 +275,7 @@ def checkpoint_source(directory: str, model: nn.Module) -> Source:
     root = latest_step(directory) or Path(directory)
     if not root.is_dir():
         raise StorageError(f"checkpoint directory {directory!r} does not exist")
-    aliases = _tensor_aliases(model)
+    aliases = tensor_aliases(model)
     state = model.state_dict(keep_vars=True)      # the persistent tensors: what checkpoints hold
     if (root / "meta.json").is_file():
         (present, read_one), converted_from = _project_reader(root), set()
