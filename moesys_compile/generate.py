@@ -16,8 +16,10 @@ tensors recomputes the whole sequence each step.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import itertools
+from collections.abc import Iterator, Mapping
 from typing import Any, Callable, Optional
 
 import torch
@@ -25,6 +27,7 @@ import torch.fx as fx
 from torch import nn
 
 from .errors import MoesysError, PlanError, warn_user
+from .frontend.hf_capture import is_hf_model
 from .frontend.tracing import MoesysTracer
 from .generation_settings import (GreedyChoice, check_can_generate, generation_settings, new_token_count, padding_mask,
                                   stop_ids)
@@ -369,10 +372,16 @@ def _cached_graphs(program, ids: torch.Tensor, mask: torch.Tensor, max_new_token
     """(runtime key, (prefill, step)) for this call: the program's last pair where it takes the
     call, else a pair lowered for it (``hf_decode.lower_cached``); None, with a warning, where
     this call recomputes instead: for every call of a model whose cache cannot be captured as
-    tensors, for this call alone where the graphs captured for it refuse its sizes."""
+    tensors or that is no Hugging Face model, for this call alone where the graphs captured for it
+    refuse its sizes."""
     from .passes.ring_partition import RingBudgetTooSmall
     decoding = program.__dict__.setdefault("_decode_lowered", {})
     if "cached" in decoding and decoding["cached"] is None:
+        return None
+    if not is_hf_model(program.context.model):       # its cache (if any) is of its own making
+        warn_user(f"generate: no KV cache for {type(program.context.model).__name__}: it is not a Hugging Face model "
+                  f"(transformers.PreTrainedModel); each step recomputes the whole sequence")
+        decoding["cached"] = None
         return None
     stored = _stored_cached_graphs(program, ids, mask, max_new_tokens)
     if stored is not None:
@@ -642,8 +651,37 @@ def reference_generate(model: nn.Module, ids: torch.Tensor, max_new_tokens: int)
 
 
 def first_tensor(output):
-    """The logits of a model's output: a tensor, a ``ModelOutput`` (``.logits``) or a tuple."""
+    """The logits of a model's output: a tensor; a mapping's ``"logits"`` or an object's
+    ``.logits`` (a ``ModelOutput``, a dataclass); else the first tensor it holds (a tuple's, a
+    mapping's, a dataclass's, depth first).
+
+        >>> first_tensor({"hidden": h_BSD, "logits": logits_BSV}) is logits_BSV     # doctest: +SKIP
+    """
     if isinstance(output, torch.Tensor):
         return output
-    logits = getattr(output, "logits", None)
-    return logits if isinstance(logits, torch.Tensor) else first_tensor(output[0])
+    logits = output.get("logits") if isinstance(output, Mapping) else getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    found = next(_tensors_in(output), None)
+    if found is None:
+        raise MoesysError(f"the model's output ({type(output).__name__}) holds no tensor to take as the logits: "
+                          f"they are read from a mapping's 'logits', a .logits attribute, or else the first tensor of "
+                          f"the output; return the [batch, seq, vocab] logits there")
+    return found
+
+
+def _tensors_in(output) -> Iterator[torch.Tensor]:
+    """The tensors of a model's output in order, depth first (mappings, sequences, dataclasses)."""
+    if isinstance(output, torch.Tensor):
+        yield output
+        return
+    if isinstance(output, Mapping):
+        items = output.values()
+    elif isinstance(output, (tuple, list)):
+        items = output
+    elif dataclasses.is_dataclass(output) and not isinstance(output, type):
+        items = (getattr(output, field.name) for field in dataclasses.fields(output))
+    else:
+        return
+    for item in items:
+        yield from _tensors_in(item)

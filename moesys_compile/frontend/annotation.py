@@ -232,6 +232,7 @@ class MemoFakeProp(FakeTensorProp):
         self.memo: dict = {}
         self.home = home
         self.current: Optional[fx.Node] = None   # the node being propagated (named when it fails)
+        self.fixed_by: dict = {}                  # shape-env symbol -> the node that first fixed it to a number
 
     def fake(self, t: torch.Tensor) -> torch.Tensor:
         """The fake that stands in for the model's tensor ``t`` (one per tensor: tied weights stay tied)."""
@@ -281,6 +282,12 @@ class MemoFakeProp(FakeTensorProp):
 
     def run_node(self, node: fx.Node) -> Any:
         self.current = node
+        result = self._run_node(node)
+        for symbol in _fixed_symbols(self._mode) - self.fixed_by.keys():
+            self.fixed_by[symbol] = node
+        return result
+
+    def _run_node(self, node: fx.Node) -> Any:
         key = self._key(node)
         if key is not None and key in self.memo:
             result, val = self.memo[key]
@@ -343,13 +350,24 @@ class MemoFakeProp(FakeTensorProp):
         return tree_map(fake, output)
 
 
-def _check_still_symbolic(mode: FakeTensorMode, symbol_map: dict) -> None:
+def _fixed_symbols(mode: FakeTensorMode) -> set:
+    """The shape-env symbols that propagation has fixed to a number so far."""
+    if mode.shape_env is None:
+        return set()
+    return {symbol for symbol, value in mode.shape_env.replacements.items() if sympy.sympify(value).is_number}
+
+
+def _check_still_symbolic(mode: FakeTensorMode, symbol_map: dict, fixed_by: dict) -> None:
     """Raise where an op fixed B or S to the example's size while propagating (its fake kernel read
-    the size as an int): the estimates would not grow with a call, so shapes are static instead."""
-    fixed = {str(size): int(value) for symbol, value in mode.shape_env.replacements.items()
-             if symbol in symbol_map and (size := symbol_map[symbol]).is_Symbol and sympy.sympify(value).is_number}
+    the size as an int): the estimates would not grow with a call, so shapes are static instead.
+    ``fixed_by``: the node that fixed each symbol (``MemoFakeProp.fixed_by``), named with its module."""
+    fixed = {symbol: symbol_map[symbol] for symbol in _fixed_symbols(mode)
+             if symbol in symbol_map and symbol_map[symbol].is_Symbol}
     if fixed:
-        raise ValueError(f"an op fixed {fixed} to the example's sizes while propagating shapes")
+        sizes = {str(size): int(mode.shape_env.replacements[symbol]) for symbol, size in fixed.items()}
+        places = dict.fromkeys(_node_place(fixed_by.get(symbol)) for symbol in fixed)
+        raise ValueError(f"an op fixed {sizes} to the example's sizes while propagating shapes, at "
+                         f"{'; '.join(places)}")
 
 
 def propagate_shapes(gm: fx.GraphModule, flat_inputs: Sequence[Any], named_dims: Optional[dict] = None) -> Annotation:
@@ -366,7 +384,7 @@ def propagate_shapes(gm: fx.GraphModule, flat_inputs: Sequence[Any], named_dims:
         with torch_logs_silenced("torch._subclasses.fake_tensor"), grad_mode_kept():   # a failure: static shapes
             fakes, symbol_map = _symbolic_inputs(flat_inputs, dims, mode)
             symbolic.propagate_dont_convert_inputs(*fakes)
-            _check_still_symbolic(mode, symbol_map)
+            _check_still_symbolic(mode, symbol_map, symbolic.fixed_by)
         return Annotation(mode, True, symbol_map, example_batch, example_seq, input_dims=dims)
     except Exception as exc:  # e.g. a guard on a data-dependent size: fall back to static shapes
         static_mode = FakeTensorMode(allow_non_fake_inputs=True)
@@ -384,15 +402,17 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
 
+def _node_place(node: Optional[fx.Node]) -> str:
+    return "?" if node is None else f"{node.format_node()} (module {module_path_of(node) or '(model)'})"
+
+
 def _propagation_error(*failures: tuple[Optional[fx.Node], BaseException]) -> Exception:
     """Shapes could be propagated neither on symbolic sizes nor at the example's: name each
     failing node, its module and its error."""
-    def at(node: Optional[fx.Node]) -> str:
-        return "?" if node is None else f"{node.format_node()} (module {module_path_of(node) or '(model)'})"
     (symbolic_node, symbolic), (static_node, static) = failures
     return UntraceableModelError(
-        f"the captured graph's shapes cannot be propagated: on symbolic sizes at {at(symbolic_node)}, with "
-        f"{_first_line(symbolic)}; at the example's sizes at {at(static_node)}, with {_first_line(static)}. "
+        f"the captured graph's shapes cannot be propagated: on symbolic sizes at {_node_place(symbolic_node)}, with "
+        f"{_first_line(symbolic)}; at the example's sizes at {_node_place(static_node)}, with {_first_line(static)}. "
         f"Make that module a leaf (Plan(leaf_modules=[...]) with its path), or compute it without sizes "
         f"that depend on tensor values")
 

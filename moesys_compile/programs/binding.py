@@ -110,15 +110,12 @@ class InputBinder:
         values = [bound.arguments[name] for name in self.traced_names]
         if self.capture != "export":
             self._check_dims(self.traced_names, values)
+            self._refuse_none(self.traced_names, values, [shape is not None for shape in self.example_shapes])
             return values
         leaves = pytree.tree_flatten_with_path(dict(zip(self.traced_names, values)))[0]
-        self._check_dims([f"{path[0].key}{pytree.keystr(path[1:])}" for path, _ in leaves], [v for _, v in leaves])
-        missing = [f"{path[0].key}{pytree.keystr(path[1:])}" for (path, leaf), fixed in zip(leaves, self.fixed_sizes)
-                   if leaf is None and fixed is not None]
-        if missing:
-            raise TypeError(f"{self.model_name}.forward: {', '.join(missing)} is None, but it was compiled with a tensor "
-                            f"there; pass one as in example_inputs/example_kwargs, or compile with an example "
-                            f"without it")
+        names = [f"{path[0].key}{pytree.keystr(path[1:])}" for path, _ in leaves]
+        self._check_dims(names, [v for _, v in leaves])
+        self._refuse_none(names, [leaf for _, leaf in leaves], [fixed is not None for fixed in self.fixed_sizes])
         for (path, leaf), fixed in zip(leaves, self.fixed_sizes):
             for dim, size in (fixed or {}).items():
                 if isinstance(leaf, torch.Tensor) and leaf.dim() > dim and leaf.shape[dim] != size:
@@ -139,6 +136,16 @@ class InputBinder:
                     f"torch.export recorded while capturing {self.model_name} ({exc}); compile with example inputs "
                     f"of this size, or call it with sizes that meet it") from None
         return flat
+
+    def _refuse_none(self, names: list[str], values: list[Any], compiled_tensor: list[bool]) -> None:
+        """A graph input given as None where the model was compiled with a tensor (an optional
+        argument): the graph computes with a tensor there, so it is refused by name rather than
+        failing inside the graph's code."""
+        missing = [name for name, value, tensor in zip(names, values, compiled_tensor) if value is None and tensor]
+        if missing:
+            raise TypeError(f"{self.model_name}.forward: {', '.join(missing)} is None, but it was compiled with a tensor "
+                            f"there; pass one as in example_inputs/example_kwargs, or compile with an example "
+                            f"without it")
 
     def _check_dims(self, names: list[str], values: list[Any]) -> None:
         for name, value, shape in zip(names, values, self.example_shapes):

@@ -201,8 +201,11 @@ def section_nodes(gm: fx.GraphModule, count: int) -> list[list[fx.Node]]:
 
 class Slices(list):
     """A value computed per micro-batch: one entry per slice of the batch, in order (``whole``:
-    the tensor they view, when a graph output's slices were gathered into one as they came)."""
+    the tensor they view, when a graph output's slices were gathered into one as they came;
+    ``fields``: for a namedtuple or dataclass output, the ``Slices`` of each field by its path in
+    the node's ``(args, kwargs)``)."""
     whole: Optional[torch.Tensor] = None
+    fields: Optional[dict[tuple, "Slices"]] = None
 
 
 def _batch_leading(expr: sympy.Expr) -> bool:
@@ -212,10 +215,12 @@ def _batch_leading(expr: sympy.Expr) -> bool:
 
 def micro_batch_plan(gm: fx.GraphModule, ctx) -> tuple[dict[fx.Node, str], Optional[str]]:
     """How the graph's outputs join after micro-batches: ``"cat"`` (the batch is their first
-    dimension), ``"first"`` (they do not depend on the inputs) or ``"drop"`` (the load-balancing
-    loss, a mean over the whole batch: None after a split call); and why the graph cannot run in
-    micro-batches (None when it can). Rows of a batch are taken to be independent, as in every
-    inference forward of a language model, except where a capacity drops tokens."""
+    dimension), ``"first"`` (they do not depend on the inputs), ``"fields"`` (a namedtuple or
+    dataclass the model returns, built again from its fields, each joined as its own node) or
+    ``"drop"`` (the load-balancing loss, a mean over the whole batch: None after a split call);
+    and why the graph cannot run in micro-batches (None when it can). Rows of a batch are taken
+    to be independent, as in every inference forward of a language model, except where a
+    capacity drops tokens."""
     from moesys_compile.passes.decompose_moe import slot_capacity
     if not ctx.annotation.symbolic:
         return {}, f"shapes are static ({ctx.annotation.static_reason})"
@@ -229,24 +234,78 @@ def micro_batch_plan(gm: fx.GraphModule, ctx) -> tuple[dict[fx.Node, str], Optio
     output = next(n for n in gm.graph.nodes if n.op == "output")
     result, aux_loss = output.args[0]
     join: dict[fx.Node, str] = {}
-    for node in dict.fromkeys(_leaves(result)):
+    for node, name in _output_nodes(result).items():
         val = node.meta.get("val")
         if node not in reads_inputs:
             join[node] = "first"
+        elif builds_structure(node):
+            join[node] = "fields"
         elif isinstance(val, torch.Tensor) and val.dim() >= 1 and _batch_leading(ctx.annotation.expr(val.shape[0])):
             join[node] = "cat"
         else:
             shape = tuple(val.shape) if isinstance(val, torch.Tensor) else type(val).__name__
-            return {}, f"the output {node.name} ({shape}) does not have the batch as its first dimension"
+            return {}, f"the output {name} ({shape}) does not have the batch as its first dimension"
     if isinstance(aux_loss, fx.Node):
         join.setdefault(aux_loss, "drop")
     return join, None
 
 
-def _leaves(structure: Any) -> list[fx.Node]:
-    leaves: list[fx.Node] = []
-    fx.node.map_arg(structure, leaves.append)
-    return leaves
+def builds_structure(node: fx.Node) -> bool:
+    """A node that builds a namedtuple or a dataclass (how fx records a model returning one)."""
+    target = node.target
+    return node.op == "call_function" and isinstance(target, type) and (
+        (issubclass(target, tuple) and hasattr(target, "_fields")) or dataclasses.is_dataclass(target))
+
+
+def _output_nodes(structure: Any) -> dict[fx.Node, str]:
+    """The nodes of an output structure, each with its name for a refusal; inside a namedtuple or
+    dataclass it builds, the nodes of its fields too (after it), named by the field."""
+    named: dict[fx.Node, str] = {}
+
+    def visit(node: fx.Node, name: str) -> None:
+        named.setdefault(node, name)
+        if builds_structure(node):
+            rebuild((node.args, node.kwargs), lambda leaf, path: visit(leaf, f"{name}.{_field_name(node, path)}"))
+    rebuild(structure, lambda node, _: visit(node, node.name))
+    return named
+
+
+def _field_name(node: fx.Node, path: tuple) -> str:
+    """The field of a namedtuple or dataclass at ``path`` in the ``(args, kwargs)`` that built it."""
+    kind, key, *inner = path
+    field = node.target._fields[key] if kind == 0 else key
+    return field + "".join(f"[{i!r}]" for i in inner)
+
+
+def rebuild(structure: Any, fn, path: tuple = ()) -> Any:
+    """``structure`` (node arguments: tuples, namedtuples, lists and dicts holding nodes) with
+    each node replaced by ``fn(node, path)``, ``path`` being its indices and keys in it, in the
+    plain containers a model's own code returns (fx holds node arguments as ``immutable_list`` and
+    ``immutable_dict``, which refuse the caller's changes)."""
+    if isinstance(structure, fx.Node):
+        return fn(structure, path)
+    if isinstance(structure, dict):
+        return {key: rebuild(value, fn, (*path, key)) for key, value in structure.items()}
+    if isinstance(structure, (tuple, list)):
+        items = [rebuild(value, fn, (*path, i)) for i, value in enumerate(structure)]
+        if isinstance(structure, list):
+            return items
+        return type(structure)(*items) if hasattr(structure, "_fields") else tuple(items)
+    return structure
+
+
+def _built_from(node: fx.Node, value: Any) -> tuple[tuple, dict]:
+    """The ``(args, kwargs)`` with which ``node`` built ``value``, a namedtuple or dataclass, read
+    back from its fields."""
+    names = value._fields if isinstance(value, tuple) else [field.name for field in dataclasses.fields(value)]
+    return tuple(getattr(value, name) for name in names[:len(node.args)]), \
+        {name: getattr(value, name) for name in node.kwargs}
+
+
+def _at(value: Any, path: tuple) -> Any:
+    for key in path:
+        value = value[key]
+    return value
 
 
 def split_batch(value: Any, batch: int, bounds: list[tuple[int, int]]) -> Any:
@@ -265,6 +324,42 @@ def _gather(into: Slices, value: torch.Tensor, bounds: list[tuple[int, int]], in
     if into.whole is None:
         into.whole = value.new_empty((rows * bounds[-1][1], *value.shape[1:]))
     return into.whole[rows * lo:rows * hi].copy_(value)
+
+
+def collect_slice(into: Slices, node: fx.Node, value: Any, bounds: list[tuple[int, int]], index: int,
+                  join: dict[fx.Node, str], given: dict[fx.Node, Any]) -> Any:
+    """Micro-batch ``index`` of the section output ``node``, to append to ``into``: gathered into
+    the whole output where it joins by "cat" (``_gather``); a namedtuple or dataclass field by
+    field into ``into.fields`` and built again from what was kept (so that it holds no slice's
+    tensors twice), where a field the section was ``given`` whole (an earlier section's output)
+    keeps that value's slices."""
+    how = join.get(node)
+    if how == "cat":
+        return _gather(into, value, bounds, index)
+    if how != "fields":
+        return value
+    fields = into.fields = {} if into.fields is None else into.fields
+    built = _built_from(node, value)
+
+    def collect_field(leaf: fx.Node, path: tuple) -> Any:
+        if isinstance(given.get(leaf), Slices):
+            fields[path] = given[leaf]
+            return given[leaf][index]
+        field = fields.setdefault(path, Slices())
+        field.append(collect_slice(field, leaf, _at(built, path), bounds, index, join, given))
+        return field[-1]
+    args, kwargs = rebuild((node.args, node.kwargs), collect_field)
+    return node.target(*args, **kwargs)
+
+
+def join_output(node: fx.Node, value: Any, join: dict[fx.Node, str]) -> Any:
+    """The value of the graph output ``node`` after micro-batches (``join_slices``); a namedtuple
+    or dataclass is built again from its fields, each joined as its own node."""
+    how = join.get(node, "cat")
+    if how != "fields" or not isinstance(value, Slices):
+        return join_slices(value, how)
+    args, kwargs = rebuild((node.args, node.kwargs), lambda leaf, path: join_output(leaf, value.fields[path], join))
+    return node.target(*args, **kwargs)
 
 
 def join_slices(value: Any, how: str) -> Any:
@@ -503,7 +598,7 @@ class RingRuntime:
             except BaseException:
                 executor.skip_rest_of_pass()
                 raise
-        output = fx.node.map_arg(self.output_node.args[0], lambda n: join_slices(env[n], self.sizer.join.get(n, "cat")))
+        output = rebuild(self.output_node.args[0], lambda node, _: join_output(node, env[node], self.sizer.join))
         call = executor.end_call()
         stats = self._stats(call, activations)
         stats["micro_batches"] = len(bounds)
@@ -519,10 +614,11 @@ class RingRuntime:
         count = next((len(a) for a in args if isinstance(a, Slices)), 0)
         if count:
             outputs = [Slices() for _ in section.outputs]
+            given = dict(zip(section.inputs, args))
             for i in range(count):
                 values = self._run_section(section, bounds, *[a[i] if isinstance(a, Slices) else a for a in args])
                 for node, into, value in zip(section.outputs, outputs, values):
-                    into.append(_gather(into, value, bounds, i) if self.sizer.join.get(node) == "cat" else value)
+                    into.append(collect_slice(into, node, value, bounds, i, self.sizer.join, given))
             return tuple(outputs)
         values = section.module(*args)
         return tuple(v.clone() if isinstance(v, torch.Tensor) and self.pool.owns(v) else v for v in values)
