@@ -29,7 +29,7 @@ from ..canonicalize import Recognition
 from .block import adopt, block_kind
 from .hf import router_child, split_experts
 from .structure import (RouterSpec, analyze_router, close, fetch, first_param, generator, leave, on_meta,
-                        route_known, router_logits, router_randomized, rule_candidates)
+                        route_known, router_logits, router_randomized, rule_candidates, settled_rule)
 
 # ---------------------------------------------------------------------------------------------
 # moesys::expert_linear: y_NO[n] = w_EOI[ids_N[n]] @ x_NI[n]
@@ -168,10 +168,11 @@ def recognize_moa(module: nn.Module, path: str) -> Optional[Recognition]:
     a_BSKH = torch.randn(2, 4, spec.top_k, rows, generator=gen).to(device=param.device, dtype=param.dtype)
     with router_randomized(module, router_name, gen):
         rules = [spec] if spec.known else rule_candidates(getattr(module, router_name), spec)
-        found = next((rule for rule in rules
-                      if _matches(module, CanonicalMoA(module, rule, *split, bias), x_BSD, a_BSKH)), None)
+        found, tie = settled_rule(rules, lambda rule: _matches(module, CanonicalMoA(module, rule, *split, bias),
+                                                               x_BSD, a_BSKH))
     if found is None:
-        return leave(path, kind, f"{why}; no rule moesys.route expresses reproduces its map/reduce")
+        what = f"its map/reduce {tie}" if tie else "no rule moesys.route expresses reproduces its map/reduce"
+        return leave(path, kind, f"{why}; {what}")
     replacement = CanonicalMoA(module, found, *split, bias)
     return Recognition(kind=kind, replacement=replacement, details=replacement.details(),
                        note="routing and expert projections now moesys ops; attention runs between map and reduce")

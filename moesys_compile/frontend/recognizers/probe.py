@@ -2,7 +2,8 @@
 computes, on random tokens at several magnitudes (``token_scales``) and, where asked, on crowds of
 near-identical tokens that all choose the same experts (``block_capacity``: a block that drops
 tokens past a capacity is never taken for a dropless one), and when no form that differs from it
-in the experts' activation alone does too (``exact_form``).
+in the experts' activation alone, or in a routing rule that routes otherwise, does too
+(``exact_form``).
 
     >>> found, diff, why = exact_form(block, forms, build, make_probe)      # doctest: +SKIP
 
@@ -21,7 +22,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .structure import CAPACITY_ATTRS, close, first_param, generator, number_attr
+from .structure import CAPACITY_ATTRS, close, first_param, generator, number_attr, same_routing
 
 PROBE_PRE_ACTIVATION_STDS = (16.0, 2.0)
 MODE_DIFFERS = ("the block computes differently in {mode} mode (it reads self.training beyond dropout "
@@ -237,12 +238,22 @@ def _compare(got: Any, want: Any) -> tuple[bool, float]:
     return ok, diff
 
 
-def activation_rivals(form: dict, forms: Sequence[dict]) -> list[dict]:
-    """The forms that differ from ``form`` in the experts' activation alone."""
+def rivals(form: dict, forms: Sequence[dict]) -> list[dict]:
+    """The forms the probe must tell from ``form``: those that differ from it in the experts'
+    activation alone (near activations), or in the routing rule alone where the rules route
+    otherwise (``same_routing``: scores too peaked make a renormalised top-k look like a plain one)."""
+    return [f for f in forms if _differs_in_activation_alone(f, form) or _differs_in_routing_alone(f, form)]
+
+
+def _differs_in_activation_alone(a: dict, b: dict) -> bool:
     def without_activation(f: dict) -> dict:
         return {**f, "experts": replace(f["experts"], activation="")}
-    return [f for f in forms if f["experts"].activation != form["experts"].activation
-            and without_activation(f) == without_activation(form)]
+    return a["experts"].activation != b["experts"].activation and without_activation(a) == without_activation(b)
+
+
+def _differs_in_routing_alone(a: dict, b: dict) -> bool:
+    return ("router" in a and "router" in b and not same_routing(a["router"], b["router"])
+            and {**a, "router": None} == {**b, "router": None})
 
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -276,16 +287,17 @@ def exact_form(module: nn.Module, forms: Sequence[dict], build: Callable[[dict],
     ``build(form)`` reproduces ``module`` on ``make_probe()`` (a probe for the block's dtype as it
     is then), with ``extra_outputs`` set to what it returns; else None, the closest max abs diff
     and why. A block whose activation is none of ours, only near one, stays its own code: a form is
-    only taken when no activation rival (``activation_rivals``) reproduces the block too, and a
-    bf16/fp16 block, whose rounding hides near activations (exact and tanh GELU differ by 5e-4,
-    ReLU and a leaky one by 1% of x < 0), is probed again in float32 (``in_float32``).
+    only taken when no rival (``rivals``: an activation near its own, a routing rule the probe must
+    tell from its own) reproduces the block too, and a bf16/fp16 block, whose rounding hides near
+    activations (exact and tanh GELU differ by 5e-4, ReLU and a leaky one by 1% of x < 0), is probed
+    again in float32 (``in_float32``).
 
     Pseudo-code:
         for form in forms:
             if probe matches build(form):
-                tied = [form] + [rival for rival in activation_rivals(form) if probe matches build(rival)]
+                tied = [form] + [rival for rival in rivals(form) if probe matches build(rival)]
                 if bf16/fp16: in float32: tied = [f for f in tied if a float32 probe matches build(f)]
-                return tied[0] if len(tied) == 1 else (None, why: the activations tied or none exact)
+                return tied[0] if len(tied) == 1 else (None, why: the rivals tied or none exact)
         return None, closest diff, why
     """
     probe, best = make_probe(), float("inf")
@@ -295,7 +307,7 @@ def exact_form(module: nn.Module, forms: Sequence[dict], build: Callable[[dict],
         if not ok:
             best = min(best, diff)
             continue
-        tied = [(form, candidate), *_matching(activation_rivals(form, forms), build, probe)]
+        tied = [(form, candidate), *_matching(rivals(form, forms), build, probe)]
         exact, why = _settle(module, tied, build, make_probe)
         if why:
             return None, diff, why
@@ -314,20 +326,41 @@ def _matching(forms: Sequence[dict], build: Callable[[dict], nn.Module],
 
 def _settle(module: nn.Module, tied: list[tuple[dict, nn.Module]], build: Callable[[dict], nn.Module],
             make_probe: Callable[[], BlockProbe]) -> tuple[list[tuple[dict, nn.Module]], str]:
-    """The one exact (form, block) of ``tied`` (forms that differ in the activation alone and all
-    match the probe), or why there is none; a bf16/fp16 block is probed again in float32."""
+    """The one exact (form, block) of ``tied`` (a form and its rivals that match the probe too), or
+    why there is none; a bf16/fp16 block is probed again in float32."""
     dtype = next((p.dtype for p in module.parameters() if p.dtype in LOW_PRECISION), None)
     exact = tied
     if dtype is not None:
         with in_float32(module):
             exact = _matching([form for form, _ in tied], build, make_probe())
-    if len(exact) == 1:
-        return exact, ""
+    return exact, "" if len(exact) == 1 else _tie_reason(tied, exact, dtype)
+
+
+def _rule(form: dict) -> str:
+    return form["router"].describe() if "router" in form else ""
+
+
+def _activation(form: dict) -> str:
+    return form["experts"].activation
+
+
+# what may tell tied forms apart: (it, what a tie in it means)
+TIE_PARTS = ((_activation, "the experts' activation", "it is near these, none exactly"),
+             (_rule, "the routing rule", "the probe's tokens do not tell these apart"))
+
+
+def _tie_reason(tied: Sequence[tuple[dict, nn.Module]], exact: Sequence[tuple[dict, nn.Module]],
+                dtype: Optional[torch.dtype]) -> str:
+    """Why none of ``tied`` (forms matching the probe) is taken; ``exact``: those of them that match
+    in float32 too, where the block is bf16/fp16 (``dtype``). One form alone, which float32 undoes,
+    is taken to be near in its activation."""
+    parts = [part for part in TIE_PARTS if len({part[0](form) for form, _ in tied}) > 1] or [TIE_PARTS[0]]
+    subject = " and ".join(name for _, name, _ in parts)
+    verb, meaning = "matches" if len(parts) == 1 else "match", parts[-1][2]
+
+    def names(forms: Sequence[tuple[dict, nn.Module]]) -> list[str]:
+        return [" with ".join(part(form) for part, _, _ in parts) for form, _ in forms]
     if dtype is None:
-        return exact, f"the experts' activation matches {_activations(tied)} alike: it is near these, none exactly"
-    return exact, (f"in {str(dtype).removeprefix('torch.')} the experts' activation matches {_activations(tied)}, "
-                   f"and in float32 {_activations(exact) or 'none of them'}: it is near these, none exactly")
-
-
-def _activations(forms: Sequence[tuple[dict, nn.Module]]) -> list[str]:
-    return [form["experts"].activation for form, _ in forms]
+        return f"{subject} {verb} {names(tied)} alike: {meaning}"
+    return (f"in {str(dtype).removeprefix('torch.')} {subject} {verb} {names(tied)}, and in float32 "
+            f"{names(exact) or 'none of them'}: {meaning}")

@@ -2,7 +2,8 @@
 expert weight layouts are in ``experts.py``). Facts are read from shapes and then
 checked by running the module on a few random tokens (a *probe*), so a family nobody listed is
 recognised when it computes what we think it computes, and left alone when it does not. Where
-random tokens cannot tell two rules apart (group-limited top-k), the probe adds tokens designed to.
+random tokens cannot tell two rules apart (group-limited top-k), the probe adds tokens designed to;
+where two rules that route otherwise both reproduce the probed router, it takes neither.
 
 Shape legend: T tokens · D model dim · F expert hidden · H up rows (2F gated) · E experts · K top-k.
 """
@@ -13,7 +14,7 @@ import contextlib
 import copy
 import itertools
 from dataclasses import dataclass, field, replace
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -173,10 +174,21 @@ def _sorted_routes(weights_TK: Tensor, ids_TK: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def random_like(name: str, t: Tensor, gen: torch.Generator) -> Tensor:
-    """Random values for a router tensor. Biases are as large as the logits' spread, so that a
-    bias, and where it is added (to the scores or to the raw logits, Kolibri's), decides some
-    choices; other 1-D tensors (norm weights) stay small."""
-    scale = 1.0 if t.dim() != 1 or "bias" in name.rsplit(".", 1)[-1] else 0.1
+    """Random values for a router tensor. A matrix is scaled by 1 / sqrt(its fan-in, the last
+    dim), so that on the probe's unit tokens the logits spread about 1: unit weights would spread
+    them about sqrt(D), and scores that peaked make rules agree within rounding (the top-k of a
+    softmax over 8 experts then holds all but 1e-6 of the mass, so renormalised weights equal
+    plain ones). Biases are as large as the logits' spread, so that a bias, and where it is added
+    (to the scores or to the raw logits, Kolibri's), decides some choices; other 1-D tensors (norm
+    weights) stay small.
+
+        >>> random_like("weight", torch.empty(8, 64), generator()).std().item() < 0.2
+        True
+    """
+    if t.dim() >= 2:
+        scale = t.shape[-1] ** -0.5 if t.shape[-1] else 1.0
+    else:
+        scale = 1.0 if "bias" in name.rsplit(".", 1)[-1] else 0.1
     return torch.randn(t.shape, generator=gen).to(device=t.device, dtype=t.dtype) * scale
 
 
@@ -231,6 +243,46 @@ def _candidates(router: nn.Module, spec: RouterSpec, args: dict) -> list[dict]:
     return [dict(score_func=s, renormalize=r, choice_bias=b, n_groups=g[0], topk_groups=g[1], routed_scaling=c,
                  fp32_logits=f)
             for s, r, b, g, c, f in options if g[0] >= 1 and (g[0] == 1 or spec.num_experts % g[0] == 0)]
+
+
+def same_routing(a: RouterSpec, b: RouterSpec) -> bool:
+    """Whether two rules route every input alike: they differ at most in the dtype of the logits
+    (rounding, within the probe's tolerance, is all that tells these apart, and the first is
+    taken), in renormalising a softmax over all experts (top_k == E: its weights sum to 1), in
+    group limits that keep every group, or, for a renormalised top-1 without bias or groups, in
+    the score function (the weight is 1, the expert the one of the largest logit either way).
+
+        >>> rule = RouterSpec("gate", 2, 8, score_func="softmax")
+        >>> same_routing(rule, replace(rule, fp32_logits=False)), same_routing(rule, replace(rule, renormalize=False))
+        (True, False)
+    """
+    return _essence(a) == _essence(b)
+
+
+def _essence(rule: RouterSpec) -> RouterSpec:
+    """``rule`` with what does not change its routes made the same for every rule."""
+    renormalize = rule.renormalize or (rule.score_func == "softmax" and rule.top_k == rule.num_experts)
+    groups = (rule.n_groups, rule.topk_groups) if rule.topk_groups < rule.n_groups else (1, 1)
+    unit_top1 = renormalize and rule.top_k == 1 and rule.choice_bias is None and groups == (1, 1)
+    return replace(rule, fp32_logits=True, renormalize=renormalize, n_groups=groups[0], topk_groups=groups[1],
+                   score_func="softmax" if unit_top1 else rule.score_func)
+
+
+def settled_rule(rules: Sequence[RouterSpec],
+                 reproduces: Callable[[RouterSpec], bool]) -> tuple[Optional[RouterSpec], str]:
+    """(the first of ``rules`` that ``reproduces`` the probed router, ""), when no rule that routes
+    otherwise (``same_routing``) reproduces it too; (None, "") when no rule does; (None, why) when
+    rules that route otherwise all do: the probe's tokens do not tell them apart (scores too peaked
+    make a renormalised top-k equal a plain one), and a guess could compute otherwise on the
+    model's own tokens."""
+    found = next((rule for rule in rules if reproduces(rule)), None)
+    if found is None:
+        return None, ""
+    tied = [rule for rule in rules if not same_routing(rule, found) and reproduces(rule)]
+    if not tied:
+        return found, ""
+    names = [rule.describe() for rule in (found, *tied)]
+    return None, f"matches the rules {names} alike: the probe's tokens do not tell them apart"
 
 
 GROUP_PROBE_LEVELS = (0.3, -0.2, -4.0)   # logits: one high, two medium, low (see group_probe_logits)
@@ -348,8 +400,10 @@ def analyze_router(router: nn.Module, path: str, dim: int,
                    args: Optional[dict[str, Tensor]] = None) -> tuple[Optional[RouterSpec], str]:
     """Identify the routing rule of ``router`` (a child of an MoE block) by probing a randomised
     copy against every rule ``moesys.route`` can express, on random tokens and, for a group-limited
-    router, the ``group_probe_tokens``. ``args``: the block's tensors the router takes after the
-    tokens, by name (randomised for the probe too). Returns (spec, why)."""
+    router, the ``group_probe_tokens``; a rule is taken only when no rule that routes otherwise
+    matches too (``settled_rule``). ``args``: the block's tensors the router takes after the
+    tokens, by name (randomised for the probe too). Returns (spec, why); a spec without a rule
+    keeps the router as the model's own code."""
     weight = _router_weight(router, dim)
     if weight is None:
         return None, f"'{path}' has no single [num_experts, {dim}] weight"
@@ -378,13 +432,20 @@ def analyze_router(router: nn.Module, path: str, dim: int,
         top_k = leaves[positions["ids"]].shape[1]
         spec = RouterSpec(path, top_k, num_experts, weight_name, logit_bias, **shape)
         expected = _sorted_routes(leaves[positions["weights"]], leaves[positions["ids"]])
-        for option in _candidates(probe, spec, args):
-            trial = RouterSpec(path, top_k, num_experts, weight_name, logit_bias, **option, **shape)
-            weights_TK, ids_TK, _ = route_known(probe, trial, x_TD, tuple(args.values()))
-            got = _sorted_routes(weights_TK, ids_TK)
-            if torch.equal(got[1], expected[1]) and close(got[0], expected[0])[0]:
-                return trial, f"router '{path}': {trial.describe()}"
-    return spec, f"router '{path}' matches no rule moesys.route expresses; it stays the model's own code"
+        rules = rule_candidates(probe, spec, args)
+        found, tie = settled_rule(rules, lambda rule: _routes_alike(probe, rule, x_TD, args, expected))
+    if found is None:
+        return spec, f"router '{path}' {tie or 'matches no rule moesys.route expresses'}; it stays the model's own code"
+    return found, f"router '{path}': {found.describe()}"
+
+
+def _routes_alike(probe: nn.Module, rule: RouterSpec, x_TD: Tensor, args: dict[str, Tensor],
+                  expected: tuple[Tensor, Tensor]) -> bool:
+    """Whether ``rule`` gives the probed router's own routes on ``x_TD`` (``expected``, sorted by
+    expert): the same ids, weights equal within rounding."""
+    weights_TK, ids_TK, _ = route_known(probe, rule, x_TD, tuple(args.values()))
+    got = _sorted_routes(weights_TK, ids_TK)
+    return torch.equal(got[1], expected[1]) and close(got[0], expected[0])[0]
 
 
 def rule_candidates(router: nn.Module, spec: RouterSpec, args: Optional[dict[str, Tensor]] = None) -> list[RouterSpec]:
