@@ -29,6 +29,7 @@ for them, "triton" refuses them.
     ((6, 8), (12, 32))
 """
 
+import functools
 from typing import Optional
 
 import torch
@@ -45,6 +46,7 @@ from moesys_compile.ops.first_order import register_autograd
 from moesys_compile.ops.experts import backward_op_outputs, grads_from_op
 
 
+@functools.lru_cache(maxsize=256)   # one formula per expert shape: every MoE layer of a model asks for it
 def forward_scratch_bytes(num_rows, dim: int, ffn: int, rows_h: int, element_size: int, fused: bool,
                           save_h: bool, impl: str, threads: int, activation: str = "swiglu"):
     """Bytes a forward call allocates besides its outputs, at most (``num_rows``: N, an int or a
@@ -53,7 +55,8 @@ def forward_scratch_bytes(num_rows, dim: int, ffn: int, rows_h: int, element_siz
     blocks in flight (at most N rows over all threads, at most twice ``block_target`` per thread),
     and, fused, the slot rows, the gather buffer and two int64 row indices (kept for the next call
     when the forward keeps h, i.e. when training). An activation outside ``BUFFERED_ACTIVATIONS`` runs
-    as its reference function: a few [rows, F] temporaries per block (six counted)."""
+    as its reference function: a few [rows, F] temporaries per block (six counted). Memoized: the
+    arguments are hashable (ints, strings, a sympy expression) and the result is immutable."""
     import sympy
     rows = sympy.sympify(num_rows)
     triton = (rows * ffn + (rows * dim if fused else 0)) * element_size

@@ -19,7 +19,7 @@ from .errors import PlanError, UntraceableModelError, warn_user
 from .frontend import BlockReport, annotate, canonicalize, capture, moe_modules
 from .frontend.empty_weights import Source, meta_tensor_names
 from .frontend.tracing import distinct_inputs, expose_aux_loss, traced_names
-from .pipeline import CompileContext, run_pipeline, take_snapshot
+from .pipeline import CompileContext, run_pipeline, take_snapshot, timed
 from .plan import MODES, Plan
 from .programs import InputBinder, Program, build_program, fixed_input_sizes, flatten_export_codegen
 
@@ -150,20 +150,25 @@ def trace(model: nn.Module, example_inputs: Any = (), example_kwargs: Optional[d
     return gm
 
 
-def _capture_and_annotate(model, example_inputs, example_kwargs, leaf_modules, for_program=False):
+def _capture_and_annotate(model, example_inputs, example_kwargs, leaf_modules, for_program=False,
+                          seconds: Optional[dict[str, float]] = None):
     """Capture and annotate. ``for_program``: also give an exported graph a flat signature and
-    make the graph return (output, aux_loss), as programs expect."""
+    make the graph return (output, aux_loss), as programs expect. ``seconds``: where the wall
+    time of each stage ("capture", "annotate") is added."""
+    seconds = {} if seconds is None else seconds
     example_inputs, example_kwargs = distinct_inputs(example_inputs, example_kwargs)
-    gm = capture(model, example_inputs, example_kwargs, leaf_modules)
-    kind = gm.meta.get("moesys_capture", "fx")
-    traced, _ = traced_names(model, example_inputs, example_kwargs)
-    out_spec = flatten_export_codegen(gm) if kind == "export" and for_program else None
-    binder = InputBinder(model, traced, kind, out_spec, fixed_input_sizes(gm) if kind == "export" else (),
-                         getattr(gm, "_guards_fn", None) if kind == "export" else None)
-    if for_program:
-        expose_aux_loss(gm)
-    flat_inputs = binder.remember_example(example_inputs, example_kwargs)
-    annotation = annotate(gm, flat_inputs, getattr(model, "symbolic_dims", None))
+    with timed(seconds, "capture"):
+        gm = capture(model, example_inputs, example_kwargs, leaf_modules)
+        kind = gm.meta.get("moesys_capture", "fx")
+        traced, _ = traced_names(model, example_inputs, example_kwargs)
+        out_spec = flatten_export_codegen(gm) if kind == "export" and for_program else None
+        binder = InputBinder(model, traced, kind, out_spec, fixed_input_sizes(gm) if kind == "export" else (),
+                             getattr(gm, "_guards_fn", None) if kind == "export" else None)
+        if for_program:
+            expose_aux_loss(gm)
+        flat_inputs = binder.remember_example(example_inputs, example_kwargs)
+    with timed(seconds, "annotate"):
+        annotation = annotate(gm, flat_inputs, getattr(model, "symbolic_dims", None))
     gm.meta["moesys_binder"] = binder
     return gm, annotation
 
@@ -243,8 +248,9 @@ def _checkpoint_weights(model: nn.Module, plan: Plan) -> Optional[Source]:
     computed = [name for name in on_meta if name not in persistent]
     if computed:
         raise PlanError(f"{what}, among them the non-persistent buffer '{computed[0]}', which no checkpoint "
-                        f"holds; build the model under moesys_compile.empty_weights() (parameters on meta, "
-                        f"buffers real) rather than on torch.device('meta')")
+                        f"holds; build the model under moesys_compile.empty_weights() or accelerate's "
+                        f"init_empty_weights(include_buffers=False) (parameters on meta, buffers real), not on "
+                        f"torch.device('meta') or under init_empty_weights(include_buffers=True)")
     from .runtime.storage import checkpoint_source
     return checkpoint_source(plan.weights_checkpoint, model)
 
@@ -252,16 +258,20 @@ def _checkpoint_weights(model: nn.Module, plan: Plan) -> Optional[Source]:
 def prepare(model: nn.Module, plan: Plan | dict | None = None, example_inputs: Any = (),
             example_kwargs: Optional[dict] = None, rank: int = 0) -> tuple[fx.GraphModule, CompileContext]:
     """The frontend alone: canonicalize, check the plan against the model, capture, annotate.
-    Returns the captured graph and a context whose only snapshot is "capture"."""
+    Returns the captured graph and a context whose only snapshot is "capture" (its seconds: the
+    three stages', each in ``ctx.frontend_seconds``)."""
     plan = _as_plan(plan)
     _check_not_torch_compiled(model)
     example_inputs, example_kwargs = _examples(model, example_inputs, example_kwargs)
     _eval_for_inference(model, plan)
-    blocks = canonicalize(model, weights=_checkpoint_weights(model, plan))
+    seconds: dict[str, float] = {}
+    weights = _checkpoint_weights(model, plan)
+    with timed(seconds, "canonicalize"):
+        blocks = canonicalize(model, weights=weights)
     check_plan_against_model(model, plan, blocks)
     try:
         gm, annotation = _capture_and_annotate(model, example_inputs, example_kwargs, plan.leaf_modules,
-                                               for_program=True)
+                                               for_program=True, seconds=seconds)
     except UntraceableModelError as exc:
         raise _within_unrecognised_block(exc, blocks) from exc
     binder = gm.meta["moesys_binder"]
@@ -270,9 +280,10 @@ def prepare(model: nn.Module, plan: Plan | dict | None = None, example_inputs: A
         _warn_dropout_off(model, plan)
         _warn_backward_lost(model, plan, gm.meta.get("moesys_inlined_functions", []))
     ctx = CompileContext(plan=plan, model=model, annotation=annotation, blocks=blocks,
-                         input_names=binder.traced_names, capture=binder.capture, rank=rank)
+                         input_names=binder.traced_names, capture=binder.capture, rank=rank,
+                         frontend_seconds=seconds)
     ctx.extras["binder"] = binder
-    ctx.snapshots.append(take_snapshot("capture", gm, ctx, changed=True, seconds=0.0))
+    ctx.snapshots.append(take_snapshot("capture", gm, ctx, changed=True, seconds=sum(seconds.values())))
     return gm, ctx
 
 

@@ -7,9 +7,10 @@ A failing pass is re-raised as PassError naming it and the passes that ran befor
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch.fx as fx
 from torch import nn
@@ -42,7 +43,7 @@ class Snapshot:
     nodes: list[NodeRecord]
     changed: bool              # the pass changed the graph or wrote node metadata (cost, layer, module aside)
     notes: list[str]
-    seconds: float
+    seconds: float             # wall time of the pass; of "capture": the whole frontend (``frontend_seconds``)
 
 
 @dataclass
@@ -61,6 +62,7 @@ class CompileContext:
     notes: dict[str, list[str]] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)
     current_pass: str = "capture"
+    frontend_seconds: dict[str, float] = field(default_factory=dict)   # canonicalize, capture, annotate
 
     @property
     def fake_mode(self):
@@ -72,6 +74,16 @@ class CompileContext:
 
 
 _SKIP_EXTRA = {"cost", "layer", "module"}
+
+
+@contextlib.contextmanager
+def timed(seconds: dict[str, float], stage: str) -> Iterator[None]:
+    """Adds the wall time spent within to ``seconds[stage]``."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - start
 
 
 def take_snapshot(stage: str, gm: fx.GraphModule, ctx: CompileContext, changed: bool, seconds: float) -> Snapshot:
@@ -93,9 +105,19 @@ def annotated(before: Snapshot, after: Snapshot) -> bool:
     return [(r.name, r.extra) for r in before.nodes] != [(r.name, r.extra) for r in after.nodes]
 
 
-def graph_fingerprint(gm: fx.GraphModule) -> int:
-    """Changes whenever a node is added, removed, retargeted or rewired (cheaper than codegen)."""
-    return hash(tuple((n.name, n.op, str(n.target), str(n.args), str(n.kwargs)) for n in gm.graph.nodes))
+def graph_fingerprint(gm: fx.GraphModule) -> list[tuple]:
+    """Each node's name, op, target, args and kwargs, the objects themselves (cheaper than
+    codegen, and than printing them): what ``graph_changed`` compares."""
+    return [(n.name, n.op, n.target, n.args, n.kwargs) for n in gm.graph.nodes]
+
+
+def graph_changed(before: list[tuple], gm: fx.GraphModule) -> bool:
+    """Whether a node was added, removed, retargeted or rewired since ``before``. fx gives a node
+    new args whenever they are set, so a node whose parts are the same objects is unchanged;
+    others are compared as printed (args rebuilt equal are no change)."""
+    after = graph_fingerprint(gm)
+    return len(after) != len(before) or any(x is not y and str(x) != str(y)
+                                            for old, new in zip(before, after) for x, y in zip(old, new))
 
 
 # passes a plan cannot skip: (when it needs the pass, what the program would lack, the fix)
@@ -134,7 +156,7 @@ def run_pipeline(gm: fx.GraphModule, ctx: CompileContext, passes: Sequence) -> f
         try:
             gm = fn(gm, ctx)
             gm.graph.lint()
-            changed = graph_fingerprint(gm) != before
+            changed = graph_changed(before, gm)
             if changed:
                 gm.recompile()
             verify(gm)

@@ -136,7 +136,7 @@ class Renderer:
             "symbolic_shapes": self.ctx.annotation.symbolic, "plan": self.ctx.plan.to_dict(),
             "moe_layers": [vars(block) for block in self.ctx.blocks],
             "pipeline": self.pipeline_line(), "passes_run": self.ctx.passes_run,
-            "passes_skipped": self.ctx.passes_skipped,
+            "passes_skipped": self.ctx.passes_skipped, "frontend_seconds": self.ctx.frontend_seconds,
             "snapshots": [{"stage": s.stage, "changed": s.changed, "notes": s.notes, "seconds": s.seconds,
                            "nodes": [self.node_row(r) for r in s.nodes], "layers": self.layer_totals(s)}
                           for s in self.snapshots(after)],

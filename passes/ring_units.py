@@ -83,10 +83,13 @@ def fine_units(nodes: list[fx.Node]) -> list[list[fx.Node]]:
 
 def sink_state_reads(gm: fx.GraphModule) -> int:
     """Give every user of a ``get_attr`` its own read, placed right before it (torch.export puts
-    all reads at the top, and a tied weight is read by far-apart layers). Returns reads added."""
+    all reads at the top, and a tied weight is read by far-apart layers). Returns reads added.
+    The nodes' order is read once: only ``get_attr`` nodes are moved or added, and a ``get_attr``
+    takes no inputs, so it is never a user, and the users' order stays as read."""
+    position = _position(gm)
     added = 0
     for node in [n for n in gm.graph.nodes if n.op == "get_attr"]:
-        users = sorted(node.users, key=_position(gm))
+        users = sorted(node.users, key=position)
         if not users:
             continue
         users[0].prepend(node)

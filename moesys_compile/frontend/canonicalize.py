@@ -6,12 +6,14 @@ router producing top-k ids and weights, stacked expert weights, the activation),
 class names. A recognition either keeps the module (it is canonical already) or names a
 replacement that reuses the original Parameter objects, so nothing is copied and state_dict
 names map back to the original. Recognizers are data: ``RECOGNIZERS`` is a plain list, and
-``canonicalize(model, recognizers=RECOGNIZERS + mine)`` adds more.
+``canonicalize(model, recognizers=RECOGNIZERS + mine)`` adds more. A recognition that offers
+``for_twin`` is reused for every later block of the same ``structure_key`` (the layers of a model are
+probed once), so a recognizer decides by structure, not by a block's path or tensor values.
 """
 
 from __future__ import annotations
 
-import itertools
+import inspect
 import re
 from dataclasses import dataclass, field
 from typing import Callable, Hashable, Optional
@@ -29,8 +31,8 @@ class Recognition:
     replacement: Optional[nn.Module] = None     # None: the module is canonical already
     details: dict = field(default_factory=dict)  # num_experts, top_k, dim, ffn_dim, activation, ...
     note: str = "dispatch/experts/combine now canonical ops"   # the report's reason for a replacement
-    # the same recognition built on another block of identical structure, without probing it (a
-    # block of a model on meta is then not read from its checkpoint); None: probe every block
+    # the same recognition built on another block of identical structure (``structure_key``), without
+    # probing it (nor, for a model on meta, reading it from its checkpoint); None: probe every block
     for_twin: Optional[Callable[[nn.Module], "Recognition"]] = None
 
 
@@ -82,7 +84,17 @@ def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent_path) if parent_path else root, name, module)
 
 
+SMALL_TENSOR_ATTRIBUTE = 64   # elements: a plain tensor attribute up to this size is keyed by its values
+
+
 def _plain(value) -> Hashable:
+    """An attribute's value as part of a key: itself when hashable, a function by its code and what
+    it closes over (a hook or activation a factory made for each layer), a tensor by
+    ``_tensor_attribute``, anything else by its repr (a config: every value in it)."""
+    if isinstance(value, torch.Tensor):
+        return _tensor_attribute(value)
+    if inspect.isfunction(value):
+        return value.__code__, tuple(_captured(cell) for cell in value.__closure__ or ())
     try:
         hash(value)
         return value
@@ -90,28 +102,60 @@ def _plain(value) -> Hashable:
         return repr(value)
 
 
+def _captured(cell) -> Hashable:
+    """A closure cell's value as part of a key; a function in it by its code alone (it may close
+    over itself)."""
+    try:
+        value = cell.cell_contents
+    except ValueError:   # a cell not yet filled
+        return None
+    return value.__code__ if inspect.isfunction(value) else _plain(value)
+
+
+def _tensor_attribute(t: torch.Tensor) -> Hashable:
+    """A tensor held as a plain attribute (neither parameter nor buffer, so the forward may read it
+    as a constant, a per-layer scale say): shape, dtype, device and its values when small; a
+    larger one as that very tensor."""
+    small = t.numel() <= SMALL_TENSOR_ATTRIBUTE and not t.is_meta
+    return tuple(t.shape), t.dtype, t.device, tuple(t.detach().flatten().tolist()) if small else id(t)
+
+
+def _tensors(tensors: dict[str, Optional[torch.Tensor]]) -> tuple:
+    return tuple((name, tuple(t.shape), t.dtype, t.device) for name, t in tensors.items() if t is not None)
+
+
 def structure_key(module: nn.Module) -> tuple:
-    """What recognizing a block may depend on besides its tensors' values: the classes of the
-    block and its children, their plain attributes (top_k, flags, ...) and the names, shapes and
-    dtypes of their tensors. Two blocks with one key are twins (the layers of one model)."""
-    return tuple(
-        (name, type(sub), tuple(sorted((k, _plain(v)) for k, v in vars(sub).items()
-                                       if not k.startswith("_") and not isinstance(v, (torch.Tensor, nn.Module)))),
-         tuple((k, tuple(t.shape), t.dtype) for k, t in itertools.chain(sub._parameters.items(), sub._buffers.items())
-               if t is not None))
-        for name, sub in module.named_modules(remove_duplicate=False))
+    """What recognizing a block may depend on besides its tensors' values: for the block and each
+    module in it, its name and class, its plain attributes (top_k, capacity_factor, router flags, the
+    config it holds, a function-valued activation), the names, shapes, dtypes and devices of its
+    parameters and of its buffers (a missing bias is absent), and its forward hooks, which run when
+    it is probed. Two blocks with one key are twins (the layers of one model): recognizers decide by
+    this alone, so one probe serves them all."""
+    return tuple((name, type(sub), _attributes(sub), _tensors(sub._parameters), _tensors(sub._buffers), _hooks(sub))
+                 for name, sub in module.named_modules(remove_duplicate=False))
+
+
+def _attributes(module: nn.Module) -> tuple:
+    return tuple(sorted((name, _plain(value)) for name, value in vars(module).items()
+                        if not name.startswith("_") and not isinstance(value, nn.Module)))
+
+
+def _hooks(module: nn.Module) -> tuple:
+    return tuple(tuple(_plain(hook) for hook in hooks.values())
+                 for hooks in (module._forward_pre_hooks, module._forward_hooks))
 
 
 def _recognize(module: nn.Module, path: str, recognizers: list[Recognizer], weights: Optional[Source],
                twins: dict[tuple, Recognition]) -> Optional[Recognition]:
-    """The first recognizer's recognition of the block. With ``weights`` (a model on meta), an
-    MoE-like block is probed with its tensors read from ``weights``, unless a twin of it was
-    recognised already: then the twin's recognition is built on it, and nothing is read."""
-    source = weights if path and _looks_like_moe(module) else None
-    key = structure_key(module) if source is not None else None
+    """The first recognizer's recognition of the block. An MoE-like block whose twin
+    (``structure_key``) was recognised already takes the twin's recognition built on it: nothing is
+    probed, nor read from ``weights``. Otherwise it is probed, with its tensors read from ``weights``
+    for a model on meta."""
+    twin_able = bool(path) and _looks_like_moe(module)
+    key = structure_key(module) if twin_able else None
     if key in twins:
         return twins[key].for_twin(module)
-    with materialized(module, path, source):
+    with materialized(module, path, weights if twin_able else None):
         recognition = next((r for r in (rec(module, path) for rec in recognizers) if r is not None), None)
     if key is not None and recognition is not None and recognition.for_twin is not None:
         twins[key] = recognition
@@ -121,10 +165,11 @@ def _recognize(module: nn.Module, path: str, recognizers: list[Recognizer], weig
 def canonicalize(model: nn.Module, recognizers: Optional[list[Recognizer]] = None,
                  weights: Optional[Source] = None) -> list[BlockReport]:
     """Swap recognised MoE blocks for canonical modules, in place. Returns one report per block
-    found (kept, replaced, or left as it is with the reason). ``weights`` (model name -> tensor)
-    serves the tensors of a model built under ``empty_weights``: an MoE-like block is probed with
-    its own tensors read from it, then put back on meta; its twins (``structure_key``) take the
-    same recognition without a read."""
+    found (kept, replaced, or left as it is with the reason). An MoE-like block is probed once per
+    structure: its twins (``structure_key``, the layers of one model) take the same recognition,
+    each built on its own block and reported under its own path. ``weights`` (model name -> tensor)
+    serves the tensors of a model built under ``empty_weights``: a probed block's own tensors are
+    read from it, then put back on meta; its twins are not read."""
     recognizers = RECOGNIZERS if recognizers is None else recognizers
     reports: list[BlockReport] = []
     claimed: list[str] = []
