@@ -21,7 +21,8 @@ from torch import nn
 
 import moesys_compile as mc
 from moesys_compile.frontend.recognizers import analyze_router, canonicalize, structure
-from moesys_compile.frontend.recognizers.structure import RouterSpec, same_routing, settled_rule
+from moesys_compile.frontend.recognizers.router_rules import same_routing, settled_rule
+from moesys_compile.frontend.recognizers.structure import RouterSpec
 
 sys.path.insert(0, str(Path(__file__).parent))
 from blocks import SwiGLUExpert  # noqa: E402

@@ -18,7 +18,7 @@ from torch import nn
 
 import moesys_compile as mc
 from moesys_compile.frontend.recognizers import analyze_router
-from moesys_compile.frontend.recognizers.structure import group_probe_logits
+from moesys_compile.frontend.recognizers.router_rules import group_probe_logits
 from moesys_compile.ops import route_reference
 
 GROUP_SHAPES = [(4, 2, 1), (8, 4, 2), (16, 4, 2), (64, 8, 4), (160, 8, 3), (256, 8, 4)]   # (E, G, topk_groups)

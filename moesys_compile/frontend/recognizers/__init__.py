@@ -24,7 +24,8 @@ from .hf import recognize_routed_block
 from .moa import CanonicalMoA, recognize_moa
 from .experts import ExpertsSpec
 from .probe import BlockProbe
-from .structure import RouterSpec, analyze_router, take_left
+from .router_rules import analyze_router
+from .structure import RouterSpec, take_left
 
 RECOGNIZERS: list[Recognizer] = [recognize_canonical_block, recognize_deepspeed_moe, recognize_moa,
                                   recognize_routed_block]

@@ -42,8 +42,9 @@ from ..canonicalize import Recognition
 from .block import CanonicalMoEBlock, block_kind
 from .experts import activation_hint, experts_candidates
 from .probe import CROWD_DIFFERS, NO_CAPACITY, BlockProbe, block_capacity, exact_form, token_scales
-from .structure import (CLAMP_ATTRS, ROUTER_NAMES, SHARED_GATE_NAMES, SHARED_NAMES, TOP_K_ATTRS, analyze_router, fetch,
-                        generator, leave, number_attr, on_meta, router_randomized, rule_candidates)
+from .router_rules import analyze_router, rule_candidates
+from .structure import (CLAMP_ATTRS, ROUTER_NAMES, SHARED_GATE_NAMES, SHARED_NAMES, TOP_K_ATTRS, fetch, generator,
+                        leave, number_attr, on_meta, router_randomized)
 
 
 def _has_stacked_experts(module: nn.Module) -> bool:

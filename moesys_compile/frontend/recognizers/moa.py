@@ -28,8 +28,9 @@ from ...ops.first_order import register_autograd
 from ..canonicalize import Recognition
 from .block import adopt, block_kind
 from .hf import router_child, split_experts
-from .structure import (RouterSpec, analyze_router, close, fetch, first_param, generator, leave, on_meta,
-                        route_known, router_logits, router_randomized, rule_candidates, settled_rule)
+from .router_rules import analyze_router, rule_candidates, settled_rule
+from .structure import (RouterSpec, close, fetch, first_param, generator, leave, on_meta, route_known, router_logits,
+                        router_randomized)
 
 # ---------------------------------------------------------------------------------------------
 # moesys::expert_linear: y_NO[n] = w_EOI[ids_N[n]] @ x_NI[n]

@@ -22,7 +22,8 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .structure import CAPACITY_ATTRS, close, first_param, generator, number_attr, same_routing
+from .router_rules import same_routing
+from .structure import CAPACITY_ATTRS, close, first_param, generator, number_attr
 
 PROBE_PRE_ACTIVATION_STDS = (16.0, 2.0)
 MODE_DIFFERS = ("the block computes differently in {mode} mode (it reads self.training beyond dropout "
