@@ -14,14 +14,18 @@ sources read without reading, dequantizing or converting the other rows):
 
     model_source(model)                    the model's parameters and buffers
     checkpoint_source(directory, model)    a Hugging Face style directory (``model.safetensors``,
-                                           or shards listed by ``model.safetensors.index.json``,
-                                           or any ``*.safetensors``; else ``pytorch_model.bin``
-                                           or its ``.bin.index.json`` shards), or this project's
+                                           or shards listed by ``model.safetensors.index.json``;
+                                           else ``pytorch_model.bin`` or its ``.bin.index.json``
+                                           shards; only without these, every ``*.safetensors``
+                                           but the ring's offload files), or this project's
                                            training checkpoint (``meta.json`` + dense/expert
                                            shards); non-persistent buffers (not in checkpoints)
                                            and tied weights saved under one name come from the
-                                           model. Quantized tensors (fine-grained FP8, MXFP4)
-                                           are read dequantized (``runtime.quantized``). Every
+                                           model; a transformers model's declared ties are
+                                           made, or undone, as ``from_pretrained`` does
+                                           (``hf_layout.tie_as_checkpoint``). Quantized
+                                           tensors (fine-grained FP8, MXFP4) are read
+                                           dequantized (``runtime.quantized``). Every
                                            tensor must have the model's shape; a floating one
                                            is cast to the model's dtype. A missing or damaged
                                            file (shard, index, meta.json) is a StorageError
@@ -192,19 +196,43 @@ def _weight_map(index: Path) -> dict[str, Path]:
     return files
 
 
+# the files transformers loads, in its order of preference: one file, else a sharded checkpoint's index
+_HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+               "pytorch_model.bin.index.json")
+_OFFLOAD_FILE = re.compile(r"ring-[0-9a-f]{8}-\d{5}\.safetensors")     # WeightStore's files, never a checkpoint's
+
+
 def _hf_index(directory: Path) -> dict[str, Path]:
-    """Checkpoint tensor name -> the file holding it: safetensors first, else PyTorch ``.bin``."""
-    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        if (directory / index).is_file():
-            return _weight_map(directory / index)
-    files = sorted(directory.glob("*.safetensors")) or sorted(directory.glob("pytorch_model*.bin"))
+    """Checkpoint tensor name -> the file holding it, from the files transformers would load
+    (``_HF_WEIGHTS``: other ``*.safetensors`` beside them, an EMA copy or a ring's offload files,
+    are not read); only a directory with none of them has its ``*.safetensors`` (else
+    ``pytorch_model*.bin``) read, each tensor name in one file."""
+    for name in _HF_WEIGHTS:
+        if (directory / name).is_file():
+            file = directory / name
+            return _weight_map(file) if name.endswith(".json") else _names_in([file])
+    files = ([f for f in sorted(directory.glob("*.safetensors")) if not _OFFLOAD_FILE.fullmatch(f.name)]
+             or sorted(directory.glob("pytorch_model*.bin")))
     if not files:
         raise StorageError(f"checkpoint directory {str(directory)!r} has no model.safetensors, "
-                           f"model.safetensors.index.json, *.safetensors or pytorch_model.bin file; save the "
-                           f"model there with model.save_pretrained(directory)")
+                           f"model.safetensors.index.json, *.safetensors (ring-*.safetensors offload files are "
+                           f"not checkpoints) or pytorch_model.bin file; save the model there with "
+                           f"model.save_pretrained(directory)")
+    return _names_in(files)
+
+
+def _names_in(files: list[Path]) -> dict[str, Path]:
+    """Tensor name -> file, over ``files``; a name in two of them is refused (which one holds the
+    model's tensor is not known)."""
     names: dict[str, Path] = {}
     for file in files:
-        names.update((name, file) for name in _open_weights(file).keys())
+        for name in _open_weights(file).keys():
+            if name in names:
+                raise StorageError(f"checkpoint files {str(names[name])!r} and {str(file)!r} both hold tensor "
+                                   f"'{name}': the directory holds more than one checkpoint; move the files that "
+                                   f"are not the model's (e.g. an EMA copy) out of it, or list the model's files "
+                                   f"in a model.safetensors.index.json")
+            names[name] = file
     return names
 
 
@@ -275,7 +303,6 @@ def checkpoint_source(directory: str, model: nn.Module) -> Source:
     root = latest_step(directory) or Path(directory)
     if not root.is_dir():
         raise StorageError(f"checkpoint directory {directory!r} does not exist")
-    aliases = tensor_aliases(model)
     state = model.state_dict(keep_vars=True)      # the persistent tensors: what checkpoints hold
     if (root / "meta.json").is_file():
         (present, read_one), converted_from = _project_reader(root), set()
@@ -283,7 +310,10 @@ def checkpoint_source(directory: str, model: nn.Module) -> Source:
         files = _hf_index(root)
         shapes = {name: t.shape for name, t in state.items()}
         present, read_file = dequantizing_reader(set(files), _read_hf(files), fp8_block_size(root), shapes.get)
-        present, read_one, converted_from = _with_hub_layout(model, present, read_file)
+        present, read_one, converted_from = _with_hub_layout(model, root, present, read_file)
+    from .hf_layout import tie_as_checkpoint
+    tie_as_checkpoint(model, present, read_one, str(root))
+    aliases = tensor_aliases(model)
     _warn_unused(root, present - converted_from - set(aliases), model)
     fallback = model_source(model)
 
@@ -307,12 +337,12 @@ def _fitted(root: Path, name: str, tensor: torch.Tensor, like: torch.Tensor, mod
     return tensor.to(like.dtype) if tensor.is_floating_point() and like.is_floating_point() else tensor
 
 
-def _with_hub_layout(model: nn.Module, present: set[str], read_file: Source):
+def _with_hub_layout(model: nn.Module, root: Path, present: set[str], read_file: Source):
     """Also serve the model names that a hub-layout checkpoint holds in another form (per-expert
     tensors, older module names), converted one tensor at a time as transformers would; also
     returns the checkpoint names those conversions read."""
     from .hf_layout import hub_layout_reader
-    converted, converted_from = hub_layout_reader(model, present, read_file)
+    converted, converted_from = hub_layout_reader(model, present, read_file, str(root))
     if not converted:
         return present, read_file, converted_from
 
@@ -369,9 +399,12 @@ def missing_tensor(root: Path, name: str, candidates: list[str], present: set[st
 
 
 def _remove(files: list[Path]) -> None:
-    """Delete a store's files once nothing maps them any more (the store was collected)."""
+    """Delete a store's files once nothing maps them any more (the store was collected). A file that
+    cannot be deleted (a read-only file system) stays: cleanup, often from a finalizer at exit, must
+    not fail."""
     for path in files:
-        path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
 
 
 def sliced(source: Source) -> Source:
@@ -422,7 +455,7 @@ def map_safetensors(path: Path) -> tuple[torch.Tensor, dict[str, tuple[int, int]
 def _stage_disk(store: WeightStore, tensors: dict[str, torch.Tensor], path: Path) -> None:
     try:
         save_file(tensors, str(path), metadata={"format": "pt", "writer": "moesys_compile.runtime.storage"})
-    except OSError as exc:
+    except (OSError, SafetensorError) as exc:       # safetensors reports a full disk as a SafetensorError
         raise StorageError(f"cannot write the offload file {str(path)!r} ({exc}); set Plan.offload_dir to a "
                            f"writable directory with room for the model's weights") from exc
     data, spans, mapping = map_safetensors(path)
