@@ -2,6 +2,8 @@
 [0, E) (sort_slots, permute), and TRITON_INTERPRET set too late (triton_unavailable)."""
 
 import os
+import sys
+from pathlib import Path
 
 import torch
 
@@ -13,18 +15,10 @@ import pytest  # noqa: E402
 import moesys_compile.kernels as kernels  # noqa: E402
 from moesys_compile.kernels import _triton, permute, reference  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() and not kernels.INTERPRET else "cpu"
-TRITON_REASON = kernels.triton_unavailable(DEVICE)
-needs_triton = pytest.mark.skipif(TRITON_REASON is not None, reason=f"Triton cannot run: {TRITON_REASON}")
-IMPLS = ["torch", pytest.param("triton", marks=needs_triton)]
+sys.path.insert(0, str(Path(__file__).parent))
+from kernel_cases import DEVICE, IMPLS, close, needs_triton  # noqa: E402
 # the tie rule of each path: Triton the lowest index, torch whatever torch.topk does (as eager models)
 ROUTE_REFERENCE = {"triton": reference.route_topk_lowest_index_reference, "torch": reference.route_topk_reference}
-
-
-def close(actual, expected, tol, what):
-    scale = expected.abs().max().clamp_min(1.0)
-    err = (actual.double() - expected.double()).abs().max() / scale
-    assert err <= tol, f"{what}: max error {err:.3g} x {scale:.3g} > {tol}"
 
 
 def route_and_grad(fn, logits, grad_weights):

@@ -2,6 +2,8 @@
 equivalence with the unlowered program (outputs and gradients), fallbacks and idempotence."""
 
 import os
+import sys
+from pathlib import Path
 
 import torch
 
@@ -21,9 +23,8 @@ from moesys_compile.passes import pipeline_for  # noqa: E402
 from moesys_compile.passes.lower_kernels import lower_kernels  # noqa: E402
 from moesys_compile.pipeline import run_pipeline  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() and not kernels.INTERPRET else "cpu"
-TRITON_REASON = kernels.triton_unavailable(DEVICE)
-needs_triton = pytest.mark.skipif(TRITON_REASON is not None, reason=f"Triton cannot run: {TRITON_REASON}")
+sys.path.insert(0, str(Path(__file__).parent))
+from kernel_cases import DEVICE, needs_triton  # noqa: E402
 
 
 def targets(gm, namespace):

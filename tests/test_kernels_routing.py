@@ -2,6 +2,8 @@
 gradient of every differentiable output, Triton (interpreted on CPU, native on a GPU) and torch."""
 
 import os
+import sys
+from pathlib import Path
 
 import torch
 
@@ -14,16 +16,9 @@ import moesys_compile.kernels as kernels  # noqa: E402
 from moesys_compile.kernels import reference  # noqa: E402
 from moesys_compile.ops import load_balancing_loss_reference  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() and not kernels.INTERPRET else "cpu"
-IMPLS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
-    kernels.triton_unavailable(DEVICE) is not None, reason=f"Triton cannot run: {kernels.triton_unavailable(DEVICE)}"))]
+sys.path.insert(0, str(Path(__file__).parent))
+from kernel_cases import DEVICE, IMPLS, close  # noqa: E402
 TOL = {torch.float32: 2e-6, torch.bfloat16: 2e-6}  # scores are computed in fp32 from either dtype
-
-
-def close(actual, expected, tol, what):
-    scale = expected.abs().max().clamp_min(1.0)
-    err = (actual.double() - expected.double()).abs().max() / scale
-    assert err <= tol, f"{what}: max error {err:.3g} x {scale:.3g} > {tol}"
 
 
 def run(fn, logits, grads):

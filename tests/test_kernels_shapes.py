@@ -6,6 +6,8 @@ fix), int32 sort order, bf16 experts under an fp32 router, and a compiled HF mod
 
 import copy
 import os
+import sys
+from pathlib import Path
 
 import torch
 
@@ -20,10 +22,8 @@ from moesys_compile.kernels import reference  # noqa: E402
 from moesys_compile.nn import MoE  # noqa: E402
 from moesys_compile.ops import up_rows  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() and not kernels.INTERPRET else "cpu"
-TRITON_REASON = kernels.triton_unavailable(DEVICE)
-needs_triton = pytest.mark.skipif(TRITON_REASON is not None, reason=f"Triton cannot run: {TRITON_REASON}")
-IMPLS = ["torch", pytest.param("triton", marks=needs_triton)]
+sys.path.insert(0, str(Path(__file__).parent))
+from kernel_cases import DEVICE, IMPLS, needs_triton  # noqa: E402
 # max error relative to the largest reference value; the interpreter truncates fp32 -> bf16 (no
 # round to nearest), which doubles the bf16 error of the Triton path there
 TOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 4e-3,
