@@ -18,6 +18,7 @@ from moesys_compile.ops import load_balancing_loss_reference  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from kernel_cases import DEVICE, IMPLS, close  # noqa: E402
+
 TOL = {torch.float32: 2e-6, torch.bfloat16: 2e-6}  # scores are computed in fp32 from either dtype
 
 
