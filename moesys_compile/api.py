@@ -251,7 +251,7 @@ def _checkpoint_weights(model: nn.Module, plan: Plan) -> Optional[Source]:
                         f"holds; build the model under moesys_compile.empty_weights() or accelerate's "
                         f"init_empty_weights(include_buffers=False) (parameters on meta, buffers real), not on "
                         f"torch.device('meta') or under init_empty_weights(include_buffers=True)")
-    from .runtime.storage import checkpoint_source
+    from .runtime.sources import checkpoint_source
     return checkpoint_source(plan.weights_checkpoint, model)
 
 

@@ -218,7 +218,7 @@ def eager_reference(model: str, overrides: dict, checkpoint: Optional[str], ring
         return ring_model
     reference = load_model(model, overrides).model.eval()
     if checkpoint:
-        from .runtime.storage import checkpoint_source
+        from .runtime.sources import checkpoint_source
         read = checkpoint_source(checkpoint, reference)
         with torch.no_grad():
             for name, tensor in reference.state_dict(keep_vars=True).items():

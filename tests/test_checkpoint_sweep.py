@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 import moesys_compile as mc
-from moesys_compile.runtime import checkpoint, storage
+from moesys_compile.runtime import checkpoint, sources
 from moesys_compile.runtime.checkpoint import CheckpointError
 from moesys_compile.runtime.storage import StorageError
 
@@ -114,7 +114,7 @@ def test_dbrx_flat_experts_round_trip(tmp_path):
     plain = mc.load_into(dbrx(2), str(tmp_path / "ckpt"))
     for name, tensor in model.state_dict().items():
         torch.testing.assert_close(plain.state_dict()[name], tensor, rtol=0, atol=0)
-    read = storage.checkpoint_source(str(tmp_path / "ckpt"), dbrx(2))
+    read = sources.checkpoint_source(str(tmp_path / "ckpt"), dbrx(2))
     weight = model.get_parameter(flat[0])
     rows_per_expert = weight.shape[0] // program.expert_layout[flat[0]].num_experts
     torch.testing.assert_close(read(flat[0]), weight.detach(), rtol=0, atol=0)
@@ -157,7 +157,7 @@ def test_program_load_names_the_numbers_of_experts(saved):
 
 
 def read_all(directory: Path, model) -> None:
-    read = storage.checkpoint_source(str(directory), model)
+    read = sources.checkpoint_source(str(directory), model)
     for name in model.state_dict():
         read(name)
 
@@ -221,7 +221,7 @@ def unused_warnings(directory: Path, calls: int) -> list[str]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(calls):
-            storage.checkpoint_source(str(directory), tiny(n_layers=1))
+            sources.checkpoint_source(str(directory), tiny(n_layers=1))
     return [str(w.message) for w in caught if "match no tensor" in str(w.message)]
 
 
@@ -274,4 +274,4 @@ def test_a_tensor_missing_from_a_checkpoint_of_a_built_in_model_names_how_to_sav
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "w" / "model.safetensors"))
     with pytest.raises(StorageError, match=r"has no tensor 'embed.weight'.*program\.save\(DIR\) of its training "
                                            r"program, or safetensors of model\.state_dict\(\)"):
-        storage.checkpoint_source(str(tmp_path / "w"), model)("embed.weight")
+        sources.checkpoint_source(str(tmp_path / "w"), model)("embed.weight")

@@ -154,7 +154,7 @@ def test_an_mxfp4_gpt_oss_checkpoint_is_read_dequantized(tmp_path):
         return state
     _rewrite_checkpoint(tmp_path / "hf", quantize, {"quant_method": "mxfp4"})
     _ring_equals_reference(tmp_path / "hf", reference, tmp_path)
-    from moesys_compile.runtime.storage import checkpoint_source
+    from moesys_compile.runtime.sources import checkpoint_source
     name = "model.layers.1.mlp.experts.gate_up_proj"          # an expert group: its blocks and scales only
     torch.testing.assert_close(checkpoint_source(str(tmp_path / "hf"), reference)(name, (1, 3)),
                                reference.get_parameter(name)[1:3].detach(), rtol=0, atol=0)
@@ -205,7 +205,7 @@ def test_twin_blocks_are_recognised_from_the_first_ones_tensors_only(tmp_path):
     pytest.importorskip("transformers")
     from moesys_compile.frontend.recognizers import canonicalize
     from moesys_compile.models.hf import build_hf, config_only
-    from moesys_compile.runtime.storage import checkpoint_source
+    from moesys_compile.runtime.sources import checkpoint_source
     build_hf("qwen3_moe", num_hidden_layers=4).save_pretrained(str(tmp_path / "hf"))
     with mc.empty_weights():
         model = config_only(str(tmp_path / "hf"), {})
@@ -227,11 +227,11 @@ def test_twin_blocks_are_recognised_from_the_first_ones_tensors_only(tmp_path):
 def test_an_expert_group_reads_only_its_own_experts_tensors(tmp_path, monkeypatch):
     pytest.importorskip("transformers")
     from moesys_compile.models.hf import build_hf, config_only, load_local
-    from moesys_compile.runtime import storage
+    from moesys_compile.runtime import sources
     build_hf("mixtral").save_pretrained(str(tmp_path / "hf"))       # hub layout: experts.<e>.w1/w2/w3
     whole = load_local(str(tmp_path / "hf"), {})
     read_names: list[str] = []
-    read_file = storage._read_hf
+    read_file = sources._read_hf
 
     def logged(files):
         read = read_file(files)
@@ -240,10 +240,10 @@ def test_an_expert_group_reads_only_its_own_experts_tensors(tmp_path, monkeypatc
             read_names.append(name)
             return read(name, rows)
         return read_logged
-    monkeypatch.setattr(storage, "_read_hf", logged)
+    monkeypatch.setattr(sources, "_read_hf", logged)
     with mc.empty_weights():
         model = config_only(str(tmp_path / "hf"), {})
-    source = storage.sliced(storage.checkpoint_source(str(tmp_path / "hf"), model))
+    source = sources.sliced(sources.checkpoint_source(str(tmp_path / "hf"), model))
     for name in ("model.layers.1.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj"):
         read_names.clear()
         torch.testing.assert_close(source(f"{name}[1:3]"), whole.get_parameter(name)[1:3].detach(), rtol=0, atol=0)
@@ -253,13 +253,13 @@ def test_an_expert_group_reads_only_its_own_experts_tensors(tmp_path, monkeypatc
 def test_per_expert_tensors_are_stacked_a_chunk_at_a_time(tmp_path, monkeypatch):
     pytest.importorskip("transformers")
     from moesys_compile.models.hf import build_hf, config_only, load_local
-    from moesys_compile.runtime import hf_layout, storage
+    from moesys_compile.runtime import hf_layout, sources
     build_hf("qwen3_moe").save_pretrained(str(tmp_path / "hf"))      # experts.<e>.gate_proj/up_proj/down_proj
     whole = load_local(str(tmp_path / "hf"), {})
     monkeypatch.setattr(hf_layout, "CONVERT_CHUNK_BYTES", 1)          # one expert per chunk
     with mc.empty_weights():
         model = config_only(str(tmp_path / "hf"), {})
-    source = storage.sliced(storage.checkpoint_source(str(tmp_path / "hf"), model))
+    source = sources.sliced(sources.checkpoint_source(str(tmp_path / "hf"), model))
     for name in ("model.layers.0.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj"):
         expected = whole.get_parameter(name).detach()
         assert expected.shape[0] >= 3

@@ -19,7 +19,8 @@ from torch import nn
 import moesys_compile as mc
 from moesys_compile.infer import model_bytes
 from moesys_compile.runtime import storage
-from moesys_compile.runtime.storage import StorageError, checkpoint_source
+from moesys_compile.runtime.sources import checkpoint_source, model_source
+from moesys_compile.runtime.storage import StorageError
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_empty_weights import _ids, _logits, _ring  # noqa: E402
@@ -72,7 +73,7 @@ def test_the_rings_own_offload_files_in_the_checkpoint_directory_are_never_read(
     model = nn.Linear(2, 3)
     want = {k: v.detach().clone() for k, v in model.state_dict().items()}
     save_file(want, str(tmp_path / "model.safetensors"))
-    bf16 = storage.stage([["weight"], ["bias"]], storage.model_source(model), "disk", str(tmp_path), torch.bfloat16)
+    bf16 = storage.stage([["weight"], ["bias"]], model_source(model), "disk", str(tmp_path), torch.bfloat16)
     assert bf16.files and all(f.parent == tmp_path for f in bf16.files)
     torch.testing.assert_close(checkpoint_source(str(tmp_path), model)("weight"), want["weight"], rtol=0, atol=0)
     (tmp_path / "model.safetensors").rename(tmp_path / "weights.safetensors")    # a directory read by glob
@@ -191,11 +192,11 @@ def test_a_full_offload_directory_is_a_storage_error_naming_plan_offload_dir(tmp
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
     monkeypatch.setattr(storage, "save_file", full)
     with pytest.raises(StorageError, match=r"No space left on device.*Plan\.offload_dir"):
-        storage.stage([["weight"]], storage.model_source(nn.Linear(2, 3)), "disk", str(tmp_path / "off"))
+        storage.stage([["weight"]], model_source(nn.Linear(2, 3)), "disk", str(tmp_path / "off"))
 
 
 def test_offload_files_that_cannot_be_removed_are_left_without_an_error(tmp_path, monkeypatch):
-    store = storage.stage([["weight"]], storage.model_source(nn.Linear(2, 3)), "disk", str(tmp_path))
+    store = storage.stage([["weight"]], model_source(nn.Linear(2, 3)), "disk", str(tmp_path))
 
     def read_only(self, missing_ok=False):
         raise OSError(errno.EROFS, "Read-only file system", str(self))

@@ -46,7 +46,8 @@ from ..frontend.tracing import TURN_LOCK
 from ..runtime.ring import Copy, RingExecutor, SectionLoad, SlotPool, coalesce
 from ..runtime.workspace import (activation_exprs, carried_bytes, liveness_plan, peak_live_bytes, scratch_exprs,
                                  slice_peaks)
-from ..runtime.storage import WeightStore, checkpoint_source, model_source, sliced, stage
+from ..runtime.sources import checkpoint_source, model_source, sliced
+from ..runtime.storage import WeightStore, stage
 from .base import Program
 from .binding import CapturedSizeError
 

@@ -25,7 +25,7 @@ from ..frontend import moe_modules
 from ..frontend.canonicalize import moe_parameter_classes
 from ..runtime import checkpoint, groups
 from ..runtime.collectives import GradBucketer
-from ..runtime.storage import tensor_aliases
+from ..runtime.sources import tensor_aliases
 from .base import Program
 from .train_mode import follow_train_mode
 

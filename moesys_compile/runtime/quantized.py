@@ -21,7 +21,7 @@ from typing import Callable, Optional
 
 import torch
 
-Reader = Callable[..., torch.Tensor]        # (name, rows=None): rows (lo, hi) of dim 0, as in runtime.storage
+Reader = Callable[..., torch.Tensor]        # (name, rows=None): rows (lo, hi) of dim 0, as in runtime.sources
 
 FP8_SCALE = ".weight_scale_inv"
 MXFP4_BLOCKS, MXFP4_SCALES = "_blocks", "_scales"
