@@ -1,6 +1,7 @@
 """Storage tiers of ring inference: where the streamed weights live while they are not in a slot.
 
-    host   one packed buffer per section group, in (pinned, when the device is CUDA) host memory
+    host   host memory: on a CUDA device one pinned buffer per section group; on the CPU the
+           tensors as the source gives them (a model's own, where no cast or copy is needed)
     disk   one safetensors file per section group under ``offload_dir``, read through ``mmap``
            (``ring-<store token>-<group>.safetensors``, removed when the store is collected)
 
@@ -145,11 +146,18 @@ def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _stage_host(store: WeightStore, tensors: dict[str, torch.Tensor], pin: bool) -> None:
+    """Pinned (a CUDA device): the group packed into one pinned buffer, loaded as one copy.
+    Unpinned: each tensor kept as it is, so a model's own CPU tensors (of the plan's dtype) are read
+    in place rather than held a second time."""
+    if not pin:
+        for name, t in tensors.items():
+            store.locations[name] = Location(_as_bytes(t), 0, t.nbytes, t.dtype, tuple(t.shape))
+        return
     offsets, total = {}, 0
     for name, t in tensors.items():
         offsets[name] = total
         total += -(-t.nbytes // ALIGN) * ALIGN
-    buffer = torch.empty(max(total, 1), dtype=torch.uint8, pin_memory=pin)
+    buffer = torch.empty(max(total, 1), dtype=torch.uint8, pin_memory=True)
     for name, t in tensors.items():
         buffer[offsets[name]:offsets[name] + t.nbytes].copy_(_as_bytes(t))
         store.locations[name] = Location(buffer, offsets[name], t.nbytes, t.dtype, tuple(t.shape))
