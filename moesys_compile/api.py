@@ -21,7 +21,7 @@ from .frontend.empty_weights import Source, meta_tensor_names
 from .frontend.tracing import distinct_inputs, expose_aux_loss, traced_names
 from .pipeline import CompileContext, run_pipeline, take_snapshot, timed
 from .plan import MODES, Plan
-from .programs import InputBinder, Program, build_program, fixed_input_sizes, flatten_export_codegen
+from .programs import InputBinder, Program, build_program, fixed_input_sizes, flatten_export_codegen, sharded_weights
 
 
 def _as_tuple(example_inputs: Any) -> tuple:
@@ -311,8 +311,10 @@ def compile(model: nn.Module, plan: Plan | dict | None = None, example_inputs: A
     plan = _as_plan(plan)
     check_device(plan)
     _check_checkpoint_has_ring(plan)
-    gm, ctx = lower(model, plan, example_inputs, example_kwargs, rank=_current_rank())
-    return build_program(gm, ctx)
+    sharded_weights.refuse_stale_model(model, plan.mode, plan.expert_parallel)
+    with sharded_weights.quiet():        # capture runs the model: not a user's read of stale weights
+        gm, ctx = lower(model, plan, example_inputs, example_kwargs, rank=_current_rank())
+        return build_program(gm, ctx)
 
 
 def check_device(plan: Plan) -> None:

@@ -13,12 +13,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import weakref
 from typing import Any, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from ..errors import PlanError
 from ..frontend import moe_modules
@@ -26,6 +24,7 @@ from ..frontend.canonicalize import moe_parameter_classes
 from ..runtime import checkpoint, groups
 from ..runtime.collectives import GradBucketer
 from ..runtime.sources import tensor_aliases
+from . import sharded_weights
 from .base import Program
 from .train_mode import follow_train_mode
 
@@ -50,24 +49,6 @@ class ExpertShard(NamedTuple):
     def complete(self) -> bool:
         """This rank holds every expert's part (no gathering needed)."""
         return self.hi - self.lo == self.num_experts
-
-
-# id -> (weakref, name, expert_parallel) of the model's expert weights that programs train as
-# shards (``TrainingProgram._guard_replaced_weights``), and the optimizer step hook that checks them
-_REPLACED_BY_SHARDS: dict[int, tuple[Any, str, int]] = {}
-_STEP_GUARD: list = []
-
-
-def _refuse_replaced_weights(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    for group in optimizer.param_groups:
-        for param in group["params"]:
-            held = _REPLACED_BY_SHARDS.get(id(param))
-            if held is not None and held[0]() is param:
-                _, name, ep = held
-                raise PlanError(f"{type(optimizer).__name__}.step: the optimizer holds the model's full expert weight "
-                                f"'{name}', which the program trains as this rank's shard (expert_parallel={ep}): "
-                                f"it gets no gradient and would never change; build the optimizer over "
-                                f"program.parameters() after compile")
 
 
 # the graph module's state_dict entry for its expert shard record: [ep_index, expert_parallel,
@@ -120,7 +101,7 @@ class TrainingProgram(Program):
         if ctx.rank != self.topology.rank:
             raise PlanError(f"the graph was lowered for rank {ctx.rank} but this process is rank {self.topology.rank}")
         self.expert_layout, self.expert_aliases = self._expert_layout(ctx)
-        self._guard_replaced_weights(ctx.model)
+        self._track_sharded_weights(ctx.model)
         self._record_shard_in_state_dict(gm)
         follow_train_mode(gm)
         if plan.device != "cpu":
@@ -152,18 +133,26 @@ class TrainingProgram(Program):
                     layout[name] = ExpertShard(0, total, total)
         return layout, {alias: first for alias, first in aliases.items() if first in layout}
 
-    def _guard_replaced_weights(self, model: torch.nn.Module) -> None:
+    def _track_sharded_weights(self, model: torch.nn.Module) -> None:
         """Under expert parallelism a stacked expert weight is trained as this rank's shard, a
-        parameter of its own: an optimizer over ``model.parameters()`` would hold the full tensor,
-        which gets no gradient, and skip it in silence. Such an optimizer's step is refused."""
-        for name, shard in self.expert_layout.items():
-            param = model.get_parameter(name)
-            if shard.expert is None and not shard.complete:
-                _REPLACED_BY_SHARDS[id(param)] = (weakref.ref(param), name, self.topology.expert_parallel)
-            else:                                   # trained as it is (a program compiled again at ep=1)
-                _REPLACED_BY_SHARDS.pop(id(param), None)
-        if _REPLACED_BY_SHARDS and not _STEP_GUARD:
-            _STEP_GUARD.append(register_optimizer_step_pre_hook(_refuse_replaced_weights))
+        parameter of its own, and other ranks' per-expert weights not at all: the model's
+        tensors are kept in step with that (``sharded_weights``: an optimizer over the model's
+        full weight is refused, freezing through the model reaches the shard, a stale model is
+        warned about)."""
+        local = dict(self._named_local())
+        partial = {name: (local[name] if shard.expert is None else None) for name, shard in self.expert_layout.items()
+                   if not shard.complete and not (shard.expert is not None and shard.held)}
+        sharded_weights.untrack(model, [name for name in self.expert_layout if name not in partial])
+        trained = [local[name] for name, shard in self.expert_layout.items() if shard.held and name in local]
+        self._sharded = sharded_weights.track(model, partial, trained, self.topology.expert_parallel) \
+            if partial else []
+        self._dense = [param for name, param in local.items() if not self.is_expert(name)]
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self._sharded:
+            sharded_weights.follow_model(self._sharded, self._dense)
+        with sharded_weights.quiet():
+            return super().forward(*args, **kwargs)
 
     @staticmethod
     def _buckets(gm, ctx):
@@ -325,7 +314,9 @@ class TrainingProgram(Program):
 
     def load(self, directory: str, optimizer: Optional[torch.optim.Optimizer] = None) -> dict:
         """Load a checkpoint saved at any EP size; returns its ``extra`` record (e.g. the step)."""
-        return checkpoint.load(self, directory, optimizer=optimizer)
+        extra = checkpoint.load(self, directory, optimizer=optimizer)
+        sharded_weights.mark_stale(self._sharded)     # this rank's experts loaded, the model's others not
+        return extra
 
     def dropped_fraction(self, reset: bool = False, across_ranks: bool = False) -> dict:
         """Per-layer fraction of routed slots dropped by capacity on this rank (None: dropless);
