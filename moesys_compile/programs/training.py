@@ -201,13 +201,18 @@ class TrainingProgram(Program):
             self.bucketer.enabled = True
 
     @torch.no_grad()
-    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+    def clip_grad_norm_(self, max_norm: float, norm_type: float | str = 2.0, error_if_nonfinite: bool = False,
+                        foreach: Optional[bool] = None) -> torch.Tensor:
         """Clip all gradients by the global norm over every shard (dense counted once, expert
-        shards summed over the EP group). Returns the total norm (same on every rank).
-        ``max_norm`` must be finite and >= 0: a negative one would flip every gradient's sign."""
+        shards summed over the EP group), as ``torch.nn.utils.clip_grad_norm_`` does for one
+        process (``norm_type`` also ``"inf"``; a non-finite norm raises with
+        ``error_if_nonfinite``, else scales the gradients as torch does; ``foreach`` is accepted
+        for its signature). Returns the total norm (same on every rank). ``max_norm`` must be
+        finite and >= 0: a negative one would flip every gradient's sign."""
         if not 0 <= max_norm < math.inf:
             raise ValueError(f"clip_grad_norm_: max_norm ({max_norm}) must be a finite number >= 0 (a negative "
                              f"one would flip the sign of every gradient); skip the call to leave them unclipped")
+        norm_type = float(norm_type)
         dense, expert = [], []
         for name, param in self._named_local():
             if param.grad is not None:
@@ -225,8 +230,12 @@ class TrainingProgram(Program):
                            torch.zeros((), device=device, dtype=torch.float64)).reshape(1)
             self._reduce_experts(expert_p, dist.ReduceOp.SUM)
             total = (dense_p + expert_p[0]).pow(1.0 / norm_type)
+        if error_if_nonfinite and not math.isfinite(float(total)):
+            raise RuntimeError(f"clip_grad_norm_: the total norm of order {norm_type} of the gradients is "
+                               f"{float(total)} (non-finite); check the loss and learning rate, or pass "
+                               f"error_if_nonfinite=False to scale the gradients anyway")
         coef = max_norm / (float(total) + 1e-6)
-        if coef < 1.0:
+        if not coef >= 1.0:            # a NaN norm scales by NaN, as torch does
             for grad in dense + expert:
                 grad.mul_(coef)
         return total.float()

@@ -613,12 +613,18 @@ def _saved_group(saved_groups: list[dict], groups: list[dict], number: int, para
     """The saved hyperparameters of optimizer group ``number``: those of the saved group that
     holds its parameters (saved from every rank, so a rank's share of the experts, at any
     expert-parallel size, finds its group; groups built in another order still get their own), by
-    position for a checkpoint without names, else the group's current ones (with a warning)."""
+    position for a checkpoint without names or an empty group, else the group's current ones (with a
+    warning)."""
     for saved in saved_groups:
         if param_names and set(param_names) <= set(saved.get(GROUP_NAMES, ())):
             return {k: v for k, v in saved.items() if k != GROUP_NAMES}
     if len(saved_groups) == len(groups) and not any(GROUP_NAMES in saved for saved in saved_groups):
         return saved_groups[number]
+    if not param_names:      # an empty group (e.g. no-decay biases of a model without biases): by position
+        saved = saved_groups[number] if number < len(saved_groups) else {}
+        if not saved.get(GROUP_NAMES, ()) and saved:
+            return {k: v for k, v in saved.items() if k != GROUP_NAMES}
+        return {k: v for k, v in groups[number].items() if k != "params"}
     warnings.warn(f"optimizer group {number} ({len(param_names)} parameters, e.g. {param_names[:2]}) has no saved "
                   f"group with the same parameters; it keeps its current hyperparameters")
     return {k: v for k, v in groups[number].items() if k != "params"}
