@@ -13,10 +13,12 @@ from .frontend.empty_weights import empty_weights
 from .errors import MoesysError, PassError, PlanError, SecondOrderGradientError, UntraceableModelError, VerifyError
 from .plan import Plan
 from .programs import Program
-from .runtime.checkpoint import load_into
+from .runtime.checkpoint import CheckpointError, load_into
+from .runtime.storage import StorageError
 
 __version__ = "0.1.0"
 
 __all__ = ["compile", "lower", "trace", "check_plan_against_model", "Plan", "Program", "MoesysError",
-           "PassError", "PlanError", "SecondOrderGradientError", "UntraceableModelError", "VerifyError", "models",
+           "PassError", "PlanError", "SecondOrderGradientError", "UntraceableModelError", "VerifyError",
+           "CheckpointError", "StorageError", "models",
            "nn", "ops", "load_into", "empty_weights"]

@@ -53,9 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="tiny-moe", help="built-in name (tiny-moe), hf:<family> (random init), a "
                                                        "Hugging Face model directory (its weights are trained on), "
                                                        "or package.module:factory")
-    p.add_argument("--override", "--config", dest="override", action="append", default=[], metavar="FIELD=VALUE",
-                   help="model config override, e.g. --override num_experts=8 (repeatable; --config as in "
-                        "inspect and infer)")
+    p.add_argument("--override", "--config", dest="override", action="extend", nargs="+", default=[],
+                   metavar="FIELD=VALUE", help="model config overrides, e.g. --override num_experts=8 top_k=2 (one or "
+                                               "more, repeatable; --config as in inspect and infer)")
     p.add_argument("--plan", help="plan file (YAML/JSON); --ep/--capacity-factor/--device fill the fields it "
                                    "leaves out (one that contradicts the file is refused)")
     p.add_argument("--ep", type=int, default=None, help="expert_parallel (default 1; must divide the launched world)")

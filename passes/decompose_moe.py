@@ -132,12 +132,15 @@ def decompose_moe(gm: fx.GraphModule, ctx) -> fx.GraphModule:
 
 def dropped_fraction(module: torch.nn.Module, reset: bool = False,
                      across_ranks: bool = False) -> dict[str, Optional[float]]:
-    """Fraction of routed slots dropped by capacity per MoE layer since the last reset
-    (None for a layer that has seen no tokens). ``module`` is a program or its graph module.
+    """Fraction of routed slots dropped by capacity per MoE layer (by module path) since the last
+    reset (None for a layer that has seen no tokens). ``module`` is a program or its graph module
+    (keyed by buffer name).
     ``across_ranks`` (collective, with a default process group): over every rank's tokens, the
     same figure on all ranks; otherwise this rank's own."""
     gm = getattr(module, "graph_module", module)
-    buffers = {name.removeprefix("moesys_drops_"): buffer for name, buffer in gm.named_buffers()
+    context = getattr(module, "context", None)        # a program: its layers by module path
+    layers = {name: key for key, name in (context.extras.get("drop_buffers", {}) if context else {}).items()}
+    buffers = {layers.get(name, name.removeprefix("moesys_drops_")): buffer for name, buffer in gm.named_buffers()
                if name.startswith("moesys_drops_")}
     counts = torch.stack(list(buffers.values())).cpu() if buffers else torch.zeros(0, 2, dtype=torch.float64)
     if across_ranks and torch.distributed.is_initialized():

@@ -205,7 +205,7 @@ def test_a_training_checkpoint_given_as_model_says_to_pass_it_as_checkpoint(tmp_
                         (step, "one step's training checkpoint")):
         err = error_of(capsys, infer.main, [str(given), "--budget", "1MiB"])
         assert f"MODEL {str(given)!r} is {what}" in err
-        assert f"moesys-compile infer MODEL --checkpoint {given}" in err
+        assert f"moesys-compile infer MODEL --checkpoint {given}" in err and "--ckpt-dir" in err
 
 
 # -- 8. classes in leaf_modules -----------------------------------------------------------------------

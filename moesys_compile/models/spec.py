@@ -15,6 +15,7 @@ import json
 import importlib
 import inspect
 import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -76,7 +77,10 @@ def token_inputs(vocab_size: int) -> Callable[[int, int], tuple]:
 
 
 def _from_factory(spec: str, overrides: dict[str, Any]) -> LoadedModel:
+    """``package.module:factory``, imported as ``python -m`` would: the current directory too."""
     module_name, _, attr = spec.partition(":")
+    if os.getcwd() not in sys.path and "" not in sys.path:      # a console script's path lacks it
+        sys.path.insert(0, os.getcwd())
     try:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
@@ -167,5 +171,6 @@ def _refuse_training_checkpoint(path: str) -> None:
     else:
         return
     raise ValueError(f"MODEL {path!r} is {what}: weights without a model to build; pass the model it was trained "
-                     f"from as MODEL (with the same --config) and the checkpoint separately: "
-                     f"moesys-compile infer MODEL --checkpoint {path}")
+                     f"from as MODEL (with the same --config) and the checkpoint by its own flag: "
+                     f"moesys-compile infer MODEL --checkpoint {path} to run it, moesys-compile train --model MODEL "
+                     f"--ckpt-dir {path} to resume training (from a run's root), or mc.load_into(model, {path!r})")

@@ -88,6 +88,10 @@ class Program(nn.Module):
         except AttributeError:
             if name in MODEL_ATTRIBUTES and hasattr(self.context.model, name):
                 return getattr(self.context.model, name)
+            if name == "generate":
+                raise AttributeError(f"a {type(self).__name__} compiled with mode={self.plan.mode!r} and no "
+                                     f"device_budget has no generate: greedy decoding is part of ring inference; "
+                                     f"compile with Plan(mode='infer', device_budget=...)") from None
             raise
 
     @property

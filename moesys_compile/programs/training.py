@@ -331,4 +331,4 @@ class TrainingProgram(Program):
         """Per-layer fraction of routed slots dropped by capacity on this rank (None: dropless);
         ``across_ranks=True`` (collective: every rank calls it) gives it over the global batch."""
         from moesys_compile.passes.decompose_moe import dropped_fraction
-        return dropped_fraction(self.graph_module, reset=reset, across_ranks=across_ranks)
+        return dropped_fraction(self, reset=reset, across_ranks=across_ranks)
