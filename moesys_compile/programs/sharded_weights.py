@@ -121,11 +121,14 @@ def _refuse_full_weights(optimizer: torch.optim.Optimizer, args: Any, kwargs: An
 
 
 def _mark_stepped(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    stepped = {}
     for group in optimizer.param_groups:
         for param in group["params"]:
             trained = _BY_SHARD.get(id(param))
             if trained is not None and trained[0]() is param:
-                mark_stale(trained[1])
+                stepped[id(trained[1])] = trained[1]
+    for records in stepped.values():
+        mark_stale(records)
 
 
 def mark_stale(records: list[ShardedWeight]) -> None:
