@@ -79,7 +79,8 @@ def run_ring(model: nn.Module, ids: torch.Tensor, plan: Plan, max_new_tokens: in
         report["max_abs_error_vs_eager"] = error
         print(f"  max |ring - eager| = {error:.2e}")
     if max_new_tokens and (isinstance(model, Transformer) or callable(getattr(model, "generate", None))):
-        generated = program.generate(ids, max_new_tokens, attention_mask=torch.ones_like(ids))   # typed: no padding
+        typed = {} if isinstance(model, Transformer) else {"attention_mask": torch.ones_like(ids)}  # no padding
+        generated = program.generate(ids, max_new_tokens, **typed)
         report["generate"] = dict(program.stats)
         report["tokens"] = generated[:, ids.shape[1]:].tolist()
         print_stats(program.stats, f"greedy generate, {max_new_tokens} new tokens:")
