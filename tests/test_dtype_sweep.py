@@ -93,3 +93,19 @@ def test_a_model_that_cannot_compute_in_the_plan_dtype_is_refused_naming_the_nod
                                            r"float32, at node 'scaled_dot_product_attention'.*cast the model first"):
         mc.compile(model, mc.Plan(mode="infer", device_budget=BUDGET, dtype="float32"), example_inputs=(IDS,))
 
+
+@pytest.mark.parametrize("name", ["tiny-moe", "tiny-gpt"])
+def test_generate_of_a_builtin_model_cast_by_the_plan_equals_eager(name):
+    torch.manual_seed(0)
+    model = mc.models.build(name, dim=32, n_layers=2, vocab_size=100).eval().to(torch.bfloat16)
+    reference = copy.deepcopy(model).float()
+    ids = IDS[:2, :6]
+    program = mc.compile(model, mc.Plan(mode="infer", device_budget=3 * model_bytes(model), dtype="float32"),
+                         example_inputs=(ids,))
+    tokens = program.generate(ids, 4)
+    expected = ids
+    with torch.no_grad():
+        for _ in range(4):
+            expected = torch.cat([expected, reference(expected)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(tokens, expected)
+
