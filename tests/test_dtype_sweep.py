@@ -109,3 +109,28 @@ def test_generate_of_a_builtin_model_cast_by_the_plan_equals_eager(name):
             expected = torch.cat([expected, reference(expected)[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(tokens, expected)
 
+
+class ReadsWeightAfterCall(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.head = nn.Embedding(100, 32), nn.Linear(32, 100)
+        self.register_buffer("scale", torch.full((32,), 2.0))
+
+    def forward(self, ids):
+        return self.head(self.emb(ids) * self.scale.to(self.emb.weight.dtype))
+
+
+class ReadsWeightBeforeCall(ReadsWeightAfterCall):
+    def forward(self, ids):
+        scale = self.scale.to(self.emb.weight.dtype)
+        return self.head(self.emb(ids) * scale)
+
+
+@pytest.mark.parametrize("cls", [ReadsWeightAfterCall, ReadsWeightBeforeCall])
+def test_a_section_may_call_a_module_and_read_its_weight(cls):
+    model = cls().eval()
+    ids = IDS[:2, :7]
+    program = mc.compile(model, mc.Plan(mode="infer", device_budget=2 * model_bytes(model)), example_inputs=(ids,))
+    with torch.no_grad():
+        torch.testing.assert_close(program(ids), model(ids), rtol=0, atol=0)
+

@@ -128,6 +128,10 @@ def slot_layout(keys: list[str], store: WeightStore, slot_bytes: int) -> dict[st
 
 
 def _attach(root: nn.Module, path: str, value: Any) -> None:
+    """Put ``value`` (a module stub or a slot view) at ``path`` in ``root``. A section may both call
+    a leaf module and read one of its tensors (``self.emb(ids) * s.to(self.emb.weight.dtype)``),
+    in either order: a stub replaces the plain module an earlier read made (it holds that tensor
+    too), and a tensor the stub holds already is left as it is (the same slot view)."""
     *parents, leaf = path.split(".")
     module = root
     for part in parents:
@@ -136,7 +140,7 @@ def _attach(root: nn.Module, path: str, value: Any) -> None:
         module = getattr(module, part)
     if isinstance(value, nn.Module):
         module.add_module(leaf, value)
-    else:
+    elif leaf not in module._parameters and leaf not in module._buffers:
         module.register_buffer(leaf, value, persistent=False)
 
 
