@@ -134,3 +134,51 @@ def test_a_section_may_call_a_module_and_read_its_weight(cls):
     with torch.no_grad():
         torch.testing.assert_close(program(ids), model(ids), rtol=0, atol=0)
 
+
+class Float32GateMoE(nn.Module):
+    """Mixtral-style block whose router is kept in float32 (it casts the tokens to it)."""
+
+    def __init__(self, dim: int = 32, hidden: int = 32, num_experts: int = 4, top_k: int = 2):
+        super().__init__()
+        self.gate = nn.Linear(dim, num_experts, bias=False)
+        self.experts = nn.ModuleList(nn.ModuleDict({"w1": nn.Linear(dim, hidden, bias=False),
+                                                    "w3": nn.Linear(dim, hidden, bias=False),
+                                                    "w2": nn.Linear(hidden, dim, bias=False)})
+                                     for _ in range(num_experts))
+        self.top_k = top_k
+
+    def forward(self, x):
+        batch, seq, dim = x.shape
+        x_TD = x.reshape(-1, dim)
+        scores = F.softmax(self.gate(x_TD.to(self.gate.weight.dtype)), dim=-1, dtype=torch.float)
+        weights, ids = torch.topk(scores, self.top_k, dim=-1)
+        weights = (weights / weights.sum(-1, keepdim=True)).to(x.dtype)
+        out = torch.zeros_like(x_TD)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(ids == e)
+            rows = x_TD[token]
+            y = expert["w2"](F.silu(expert["w1"](rows)) * expert["w3"](rows))
+            out.index_add_(0, token, y * weights[token, slot, None])
+        return out.reshape(batch, seq, dim)
+
+
+class Float32GateLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.moe, self.head = nn.Embedding(100, 32), Float32GateMoE(), nn.Linear(32, 100)
+
+    def forward(self, ids):
+        return self.head(self.moe(self.emb(ids)))
+
+
+def test_a_float32_router_in_a_bfloat16_block_is_recognised():
+    torch.manual_seed(0)
+    model = Float32GateLM().to(torch.bfloat16)
+    model.moe.gate.float()
+    reference = copy.deepcopy(model)
+    ids = IDS[:2, :7]
+    program = mc.compile(model, mc.Plan(mode="train"), example_inputs=(ids,))
+    assert [block.action for block in program.context.blocks] == ["replaced"]
+    with torch.no_grad():
+        torch.testing.assert_close(program(ids), reference(ids), rtol=2e-2, atol=2e-2)
+
