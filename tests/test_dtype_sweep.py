@@ -182,3 +182,12 @@ def test_a_float32_router_in_a_bfloat16_block_is_recognised():
     with torch.no_grad():
         torch.testing.assert_close(program(ids), reference(ids), rtol=2e-2, atol=2e-2)
 
+
+def test_ids_of_a_dtype_the_model_cannot_embed_are_named_at_any_size():
+    torch.manual_seed(0)
+    model = mc.models.build("tiny-moe", dim=32, n_layers=1, vocab_size=100, num_experts=4, moe_ffn_dim=32).eval()
+    program = mc.compile(model, mc.Plan(mode="infer", device_budget=model_bytes(model)), example_inputs=(IDS[:2, :6],))
+    with pytest.raises(TypeError, match=r"ids_BS is torch.int16, but the program was compiled with torch.int64.*"
+                                        r"'indices'.*pass ids_BS as torch.int64"):
+        program(IDS[:3, :5].to(torch.int16))
+
