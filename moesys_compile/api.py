@@ -273,7 +273,10 @@ def prepare(model: nn.Module, plan: Plan | dict | None = None, example_inputs: A
         gm, annotation = _capture_and_annotate(model, example_inputs, example_kwargs, plan.leaf_modules,
                                                for_program=True, seconds=seconds)
     except UntraceableModelError as exc:
-        raise _within_unrecognised_block(exc, blocks) from exc
+        within = _within_unrecognised_block(exc, blocks)
+        if within is exc:
+            raise                  # keeps its own cause (torch's error), which "from exc" would replace
+        raise within from exc
     binder = gm.meta["moesys_binder"]
     _check_dtype_of_export(model, plan, binder.capture)
     if binder.capture == "export":

@@ -325,15 +325,24 @@ def _stored_step_graph(program, ids: torch.Tensor, max_new_tokens: int, room: st
 
 def _step_bound(program, ids: torch.Tensor, tokens: int, positions: int, device=None) -> tuple:
     """``DecodeStep`` inputs of ``tokens`` ids (per prompt of ``ids``) over a cache that makes
-    ``positions`` with them; on ``device`` "meta" to size a call without allocating its cache."""
+    ``positions`` with them, as the step is traced: the cache in the dtype of the keys the model
+    computes (``ring_partition`` propagates the graph again in the ring's dtype, in which
+    ``builtin_decode`` passes it); on ``device`` "meta" to size a call without allocating its cache."""
+    model = program.context.model
     batch = ids.shape[0]
     return (ids.new_zeros(batch, tokens, device=device), 0,
-            empty_cache(program.context.model, batch, positions - tokens, _decode_dtype(program), device or "cpu"))
+            empty_cache(model, batch, positions - tokens, _model_cache_dtype(model), device or "cpu"))
+
+
+def _model_cache_dtype(model: Transformer) -> torch.dtype:
+    """The dtype of the keys and values the built-in model computes: its attention projection's."""
+    return model.layers[0].attn.qkv.weight.dtype
 
 
 def _decode_dtype(program) -> torch.dtype:
-    """The built-in model's cache dtype: that of the ring's weights."""
-    return program.context.extras["ring"].dtype or program.context.model.embed.weight.dtype
+    """The built-in model's cache dtype in the ring: the ring's weights' (``Plan.dtype``), else
+    the model's own (``_model_cache_dtype``)."""
+    return program.context.extras["ring"].dtype or _model_cache_dtype(program.context.model)
 
 
 def cached_decode(program, ids: torch.Tensor, max_new_tokens: int, attention_mask: Optional[torch.Tensor] = None,

@@ -24,6 +24,7 @@ import torch.fx as fx
 from moesys_compile.errors import PassError, PlanError
 from moesys_compile.frontend.annotation import CostModel
 from moesys_compile.ir import fetch, is_op, moesys_meta
+from moesys_compile.passes.ring_dtype import propagate_in_ring_dtype
 from moesys_compile.passes.ring_expert_groups import split_into_groups, split_reserve, splittable_weights
 from moesys_compile.passes.ring_units import (ALIGN, aligned, describe_unit, even_out, fine_units, layer_units,
                                               model_tensor_ids, node_state, pack, sink_state_reads, split_units,
@@ -161,6 +162,9 @@ def ring_partition(gm: fx.GraphModule, ctx) -> fx.GraphModule:
 
     **Contract.** Needs ``meta["moesys"]["cost"]`` (activation bytes in B, S) and ``layer`` on
     every node, and ``plan.device_budget`` (no budget: the pass notes it and changes nothing).
+    Where ``plan.dtype`` is not the dtype of every floating model tensor and graph input, first
+    propagates every ``meta["val"]`` again in the dtypes the ring computes in and makes the
+    activation bytes theirs (``ring_dtype``; ``PlanError`` where the model cannot compute so).
     Writes ``meta["moesys"]["section"]`` (int) on every node but the output,
     ``meta["moesys"]["scratch_bytes"]`` on each canonical expert op (its kernel's temporaries), and
     ``ctx.extras["ring"]`` (a ``RingLayout``: slots, slot bytes, workspace, sections with their
@@ -174,6 +178,8 @@ def ring_partition(gm: fx.GraphModule, ctx) -> fx.GraphModule:
 
     **Pseudo-code.**
 
+        if plan.dtype differs from a floating model tensor or graph input:
+            vals again with those in plan.dtype; activation bytes from the new vals
         sink every get_attr to its first user; one get_attr per further user
         workspace = plan.options["ring_workspace"] or peak live activation bytes at the example
                     (batch, seq) (liveness walk; views share their base; an expert op adds the
@@ -200,6 +206,9 @@ def ring_partition(gm: fx.GraphModule, ctx) -> fx.GraphModule:
         ctx.note("no device_budget in the plan: no ring (the program keeps every weight resident)")
         return gm
     dtype = plan.torch_dtype
+    if propagate_in_ring_dtype(gm, ctx):
+        ctx.note(f"values propagated again in {plan.dtype}, the dtype the ring computes in (the model was captured in "
+                 f"another): the activation workspace is estimated in it")
     added = sink_state_reads(gm)
     if added:
         ctx.note(f"{added} weight reads duplicated so that each user reads its weight in its own section")

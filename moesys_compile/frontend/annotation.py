@@ -260,6 +260,11 @@ class MemoFakeProp(FakeTensorProp):
             copy = t.detach().clone()
         return self._mode.fake_tensor_converter.from_real_tensor(self._mode, copy, make_constant=True)
 
+    def leaf_state(self, t: torch.Tensor) -> torch.Tensor:
+        """A leaf's real parameter or buffer as the leaf runs with it when it runs for real
+        (``_run_leaf_for_real``): the tensor itself."""
+        return t
+
     def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
         symbolic_form = _SYMBOLIC_FORMS.get(target)
         if symbolic_form is not None:
@@ -312,7 +317,8 @@ class MemoFakeProp(FakeTensorProp):
         hint of an input's symbolic size. A data-dependent size has no hint: it stands in as a
         size that no other dim of the inputs has. The leaf runs on copies of its buffers (what
         it updates there is dropped) and on its own parameters (which are not copied: a module
-        that writes its parameters in forward would write them here too)."""
+        that writes its parameters in forward would write them here too), each as ``leaf_state``
+        gives it."""
         args, kwargs = self.fetch_args_kwargs_from_env(node)
         tensors = [value for value in tree_leaves((args, kwargs)) if isinstance(value, torch.Tensor)]
         taken = {int(size) for value in tensors for size in value.shape if not isinstance(size, torch.SymInt)}
@@ -337,8 +343,8 @@ class MemoFakeProp(FakeTensorProp):
 
         module = self.module.get_submodule(node.target)
         copies: dict[int, torch.Tensor] = {}   # one copy per buffer: tied buffers stay tied
-        with unset_fake_temporarily(), _state_replaced(module, lambda t: t,
-                                                       lambda t: copies.setdefault(id(t), t.clone())):
+        with unset_fake_temporarily(), _state_replaced(module, self.leaf_state,
+                                                       lambda t: copies.setdefault(id(t), self.leaf_state(t).clone())):
             output = module(*tree_map(real, args), **tree_map(real, kwargs))
 
         def fake(value):

@@ -40,7 +40,7 @@ from moesys_compile.ir import fetch
 from moesys_compile.passes.ring_partition import RingBudgetTooSmall, RingLayout
 from moesys_compile.passes.ring_units import ALIGN, node_state
 
-from ..errors import MoesysError, warn_user
+from ..errors import MoesysError, UntraceableModelError, warn_user
 from ..frontend.annotation import B, size_function
 from ..frontend.tracing import TURN_LOCK
 from ..runtime.ring import Copy, RingExecutor, SectionLoad, SlotPool, coalesce
@@ -128,6 +128,10 @@ def slot_layout(keys: list[str], store: WeightStore, slot_bytes: int) -> dict[st
 
 
 def _attach(root: nn.Module, path: str, value: Any) -> None:
+    """Put ``value`` (a module stub or a slot view) at ``path`` in ``root``. A section may both call
+    a leaf module and read one of its tensors (``self.emb(ids) * s.to(self.emb.weight.dtype)``),
+    in either order: a stub replaces the plain module an earlier read made (it holds that tensor
+    too), and a tensor the stub holds already is left as it is (the same slot view)."""
     *parents, leaf = path.split(".")
     module = root
     for part in parents:
@@ -136,7 +140,7 @@ def _attach(root: nn.Module, path: str, value: Any) -> None:
         module = getattr(module, part)
     if isinstance(value, nn.Module):
         module.add_module(leaf, value)
-    else:
+    elif leaf not in module._parameters and leaf not in module._buffers:
         module.register_buffer(leaf, value, persistent=False)
 
 
@@ -640,6 +644,15 @@ class RingRuntime:
         self._finalizer()
 
 
+def _innermost_cause(error: BaseException) -> BaseException:
+    """The error at the end of ``error``'s chain of causes (torch's own, under this package's)."""
+    seen = {id(error)}
+    while error.__cause__ is not None and id(error.__cause__) not in seen:
+        error = error.__cause__
+        seen.add(id(error))
+    return error
+
+
 def power_of_two_at_least(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
@@ -765,6 +778,11 @@ class RingProgram(Program):
                 key = ("forward", *lowered[1].annotation.batch_and_seq(flat_inputs), workspace)
                 runtime = self.runtime(key, lowered)
                 call_plan = runtime.plan_call(flat_inputs)
+            except UntraceableModelError as exc:
+                refusal_of_dtype = self._input_of_another_dtype(args, kwargs, exc)
+                if refusal_of_dtype is None:
+                    raise
+                raise refusal_of_dtype from exc
             except (RingBudgetTooSmall, RingBudgetError) as exc:
                 self._close_runtimes()
                 if not looking_ahead:                  # the look-ahead is a bonus, not worth a word
@@ -779,6 +797,25 @@ class RingProgram(Program):
             f"this call does not fit Plan.device_budget: the ring compiled at batch {compiled.example_batch}, seq "
             f"{compiled.example_seq} cannot take it ({getattr(refusal, 'reason', refusal)}), nor can a ring lowered "
             f"for it ({'; '.join(causes)}); pass fewer sequences per call or raise Plan.device_budget")
+
+    def _input_of_another_dtype(self, args: tuple, kwargs: dict, failure: Exception) -> Optional[TypeError]:
+        """Where lowering a ring for a call failed (``failure``) and the call passed a tensor in another
+        dtype than the program was compiled with (int16 token ids for int64 ones): that tensor's dtype
+        is the cause, named with the model's own error; None where every dtype is the compiled one."""
+        gm, ctx = self._forward_graph
+        binder = ctx.extras["binder"]
+        flat = binder.graph_inputs(args, kwargs)
+        placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
+        names = binder.traced_names if len(binder.traced_names) == len(flat) else [n.name for n in placeholders]
+        for name, node, value in zip(names, placeholders, flat):
+            compiled = node.meta.get("val")
+            if isinstance(value, torch.Tensor) and isinstance(compiled, torch.Tensor) and value.dtype != compiled.dtype:
+                cause = _innermost_cause(failure)
+                return TypeError(
+                    f"this call's {name} is {value.dtype}, but the program was compiled with {compiled.dtype} and "
+                    f"the model cannot run on {value.dtype} ({type(cause).__name__}: {str(cause).splitlines()[0]}); "
+                    f"pass {name} as {compiled.dtype}, as compiled")
+        return None
 
     def _close_runtimes(self) -> None:
         for runtime in self._runtimes.values():

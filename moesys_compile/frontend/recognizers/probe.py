@@ -114,6 +114,7 @@ class BlockProbe:
                  scales: Sequence[float] = (1.0,), rescale: Optional[Callable[[float], None]] = None,
                  crowds: Sequence[tuple[int, int]] = ()):
         param = first_param(original)
+        dtype = token_dtype(original)
         gen = generator()
         x_BSD = torch.randn(*tokens, dim, generator=gen)
         # (scale, tokens, crowded); powers of two: exact
@@ -121,7 +122,7 @@ class BlockProbe:
         for batch, seq in crowds:
             crowd_BSD = x_BSD[0, 0] + CROWD_SPREAD * torch.randn(batch, seq, dim, generator=gen)
             inputs.append((scales[-1], crowd_BSD * scales[-1], True))
-        self.inputs = [(scale, x.to(device=param.device, dtype=param.dtype), crowded) for scale, x, crowded in inputs]
+        self.inputs = [(scale, x.to(device=param.device, dtype=dtype), crowded) for scale, x, crowded in inputs]
         self.original, self.pick, self.rescale = original, pick, rescale
         self._want: dict[tuple[bool, int], Any] = {}   # the original's output in each mode on each input
         self.problem = ""   # why the original cannot be compared (it returns a tuple, it fails, ...)
@@ -260,6 +261,19 @@ def _differs_in_routing_alone(a: dict, b: dict) -> bool:
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
+def low_precision_dtype(module: nn.Module) -> Optional[torch.dtype]:
+    """The dtype of the module's bf16/fp16 parameters (the first such), None where it has none."""
+    return next((p.dtype for p in module.parameters() if p.dtype in LOW_PRECISION), None)
+
+
+def token_dtype(block: nn.Module) -> torch.dtype:
+    """The dtype of the tokens ``block`` is probed on: its bf16/fp16 parameters' where it has some
+    (its experts': a router kept in float32 beside them casts its input itself, as DeepSpeed's
+    TopKGate and models with a float32 gate do, and the model feeds the block in the low precision),
+    else its first parameter's."""
+    return low_precision_dtype(block) or first_param(block).dtype
+
+
 @contextlib.contextmanager
 def in_float32(module: nn.Module) -> Iterator[None]:
     """Within, the module's bf16/fp16 parameters and buffers hold float32, in place (the same
@@ -329,7 +343,7 @@ def _settle(module: nn.Module, tied: list[tuple[dict, nn.Module]], build: Callab
             make_probe: Callable[[], BlockProbe]) -> tuple[list[tuple[dict, nn.Module]], str]:
     """The one exact (form, block) of ``tied`` (a form and its rivals that match the probe too), or
     why there is none; a bf16/fp16 block is probed again in float32."""
-    dtype = next((p.dtype for p in module.parameters() if p.dtype in LOW_PRECISION), None)
+    dtype = low_precision_dtype(module)
     exact = tied
     if dtype is not None:
         with in_float32(module):
