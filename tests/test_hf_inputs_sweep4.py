@@ -1,0 +1,83 @@
+"""Hugging Face models called as a sweep found them: packed-sequence position ids without a
+padding mask (read as eager's default call reads them), boolean flags called with another value
+than the compiled one, ``use_cache=True``, and ``generate`` with right-padded prompts."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+import moesys_compile as mc
+from moesys_compile.infer import model_bytes
+
+transformers = pytest.importorskip("transformers")
+
+from moesys_compile.models.hf import build_hf  # noqa: E402
+
+TINY = {
+    "mixtral": dict(hidden_size=48, vocab_size=200, num_hidden_layers=2, num_local_experts=6, intermediate_size=40),
+    "qwen3_moe": dict(hidden_size=48, vocab_size=200, num_hidden_layers=2, num_experts=6, moe_intermediate_size=24),
+}
+
+
+def tiny(family: str, **config) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_hf(family, **TINY[family], **config).eval()
+
+
+def ids_of(seed: int, batch: int = 2, seq: int = 9) -> torch.Tensor:
+    return torch.randint(3, 200, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def ring_plan(model) -> mc.Plan:
+    return mc.Plan(mode="infer", device_budget=model_bytes(model) // 2 + 2**17)
+
+
+def compile_quietly(model, plan, **examples):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return mc.compile(model, plan, **examples)
+
+
+PACKED = torch.cat([torch.arange(4), torch.arange(5)]).unsqueeze(0).repeat(2, 1)
+
+
+def grads_of(model) -> dict[str, torch.Tensor]:
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_packed_position_ids_train_as_eager_default_call(use_cache):
+    """Position ids restarting mid-row, no mask: eager with ``config.use_cache`` on builds a cache
+    and attends causally over the whole row; with it off, transformers reads packed sequences
+    (a block-diagonal mask). The training program computes the same loss and gradients."""
+    model = tiny("mixtral", use_cache=use_cache)
+    model.train()
+    eager = copy.deepcopy(model)
+    ids = ids_of(0)
+    program = compile_quietly(model, mc.Plan(mode="train"),
+                              example_kwargs=dict(input_ids=ids, position_ids=PACKED, labels=ids))
+    got = program(input_ids=ids, position_ids=PACKED, labels=ids)
+    want = eager(input_ids=ids, position_ids=PACKED, labels=ids)
+    got.loss.backward()
+    want.loss.backward()
+    torch.testing.assert_close(got.logits, want.logits)
+    torch.testing.assert_close(got.loss, want.loss)
+    got_grads, want_grads = grads_of(model), grads_of(eager)
+    assert got_grads.keys() == want_grads.keys()
+    for name in want_grads:
+        torch.testing.assert_close(got_grads[name], want_grads[name], msg=name)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_packed_position_ids_infer_on_a_ring_as_eager_default_call(use_cache):
+    model = tiny("qwen3_moe", use_cache=use_cache)
+    eager = copy.deepcopy(model)
+    ids = ids_of(1)
+    program = compile_quietly(model, ring_plan(model), example_kwargs=dict(input_ids=ids, position_ids=PACKED))
+    with torch.no_grad():
+        torch.testing.assert_close(program(input_ids=ids, position_ids=PACKED).logits,
+                                   eager(input_ids=ids, position_ids=PACKED).logits)
