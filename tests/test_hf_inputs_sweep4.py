@@ -12,6 +12,7 @@ import torch
 
 import moesys_compile as mc
 from moesys_compile.infer import model_bytes
+from moesys_compile.programs.binding import CapturedSizeError
 
 transformers = pytest.importorskip("transformers")
 
@@ -81,3 +82,23 @@ def test_packed_position_ids_infer_on_a_ring_as_eager_default_call(use_cache):
     with torch.no_grad():
         torch.testing.assert_close(program(input_ids=ids, position_ids=PACKED).logits,
                                    eager(input_ids=ids, position_ids=PACKED).logits)
+
+
+@pytest.fixture(scope="module")
+def mixtral():
+    return tiny("mixtral")
+
+
+@pytest.mark.parametrize("flag, compiled", [("output_hidden_states", True), ("return_dict", False),
+                                            ("output_attentions", True)])
+def test_a_flag_called_with_another_value_than_compiled_is_refused_by_name(mixtral, flag, compiled):
+    """A bool the example gave is a constant of the exported graph: another value is refused
+    naming the argument, its compiled value and the fix, not blamed on the input sizes."""
+    ids = ids_of(2, seq=8)
+    program = compile_quietly(copy.deepcopy(mixtral), mc.Plan(mode="train"),
+                              example_kwargs={"input_ids": ids, flag: compiled})
+    with pytest.raises(ValueError, match=rf"{flag} is {not compiled}, but the program was compiled with "
+                                         rf"{flag}={compiled}.*pass {flag}={compiled}, or compile again") as caught:
+        program(input_ids=ids, **{flag: not compiled})
+    assert not isinstance(caught.value, CapturedSizeError)
+    program(input_ids=ids, **{flag: compiled})
