@@ -102,3 +102,20 @@ def test_a_flag_called_with_another_value_than_compiled_is_refused_by_name(mixtr
         program(input_ids=ids, **{flag: not compiled})
     assert not isinstance(caught.value, CapturedSizeError)
     program(input_ids=ids, **{flag: compiled})
+
+
+def test_use_cache_true_is_refused_at_call_and_in_the_example(mixtral):
+    """Programs are captured without a KV cache: ``use_cache=True`` is refused as such, pointing
+    at ``program.generate``, whether a call or the example gives it."""
+    ids = ids_of(3, seq=8)
+    program = compile_quietly(copy.deepcopy(mixtral), mc.Plan(mode="train"), example_inputs=(ids,))
+    with pytest.raises(ValueError, match=r"use_cache=True in this call.*without a KV cache.*program\.generate"):
+        program(ids, use_cache=True)
+    with pytest.raises(ValueError, match=r"use_cache=True in example_kwargs.*without a KV cache.*program\.generate"):
+        compile_quietly(copy.deepcopy(mixtral), mc.Plan(mode="train"),
+                        example_kwargs=dict(input_ids=ids, use_cache=True))
+    compiled_off = compile_quietly(copy.deepcopy(mixtral), mc.Plan(mode="train"),
+                                   example_kwargs=dict(input_ids=ids, use_cache=False))
+    with pytest.raises(ValueError, match=r"use_cache=True in this call"):
+        compiled_off(input_ids=ids, use_cache=True)
+    compiled_off(input_ids=ids, use_cache=False)

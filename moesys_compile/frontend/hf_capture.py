@@ -7,6 +7,7 @@ v5 models are not fx-traceable (the fx tracer cannot re-code ``**kwargs`` forwar
 
 * turns the cache off (``config.use_cache = False``; restored afterwards): training programs and
   ring inference run full sequences, and a cache object is not a tensor output;
+* refuses ``use_cache=True`` in the example (``refuse_use_cache``; the binder refuses it in a call);
 * reads position ids that restart mid-row (packed sequences) as eager reads them with the
   example's arguments: as one sequence where eager's call builds a cache (``config.use_cache``
   on), as packed sequences where it does not;
@@ -93,10 +94,7 @@ def eager_builds_cache(model: nn.Module, example_inputs: Sequence[Any], example_
     """Whether ``model(*example_inputs, **example_kwargs)`` in eager builds a KV cache: its
     ``use_cache`` argument, else ``config.use_cache``, as transformers' ``merge_with_config_defaults``
     resolves it (off in training with gradient checkpointing on)."""
-    try:
-        given = inspect.signature(model.forward).bind_partial(*example_inputs, **example_kwargs).arguments
-    except TypeError:
-        given = dict(example_kwargs)
+    given = _example_arguments(model, example_inputs, example_kwargs)
     use_cache = given.get("use_cache", given.get("kwargs", {}).get("use_cache"))
     if use_cache is None:
         use_cache = getattr(getattr(model, "config", None), "use_cache", None)
@@ -161,7 +159,34 @@ def warn_checkpointing_dropped(model: nn.Module) -> None:
                   f"memory runs out")
 
 
+def refuse_use_cache(model: nn.Module, arguments: dict, where: str) -> None:
+    """``use_cache=True`` (given directly or through ``**kwargs``) asks a Hugging Face model for a
+    KV cache, which programs do not take nor return: refused, naming ``where`` it was given."""
+    if not is_hf_model(model):
+        return
+    use_cache = arguments.get("use_cache", arguments.get("kwargs", {}).get("use_cache"))
+    if use_cache is True:
+        raise ValueError(f"{type(model).__name__}: use_cache=True in {where}, but programs are captured without a KV "
+                         f"cache and return none; decode with program.generate (ring programs keep their own "
+                         f"cache), or leave use_cache out (or False where the example gave it)")
+
+
+def _example_arguments(model: nn.Module, example_inputs: Sequence[Any], example_kwargs: dict) -> dict:
+    """The example bound to ``model.forward``'s names (its keywords as given where it does not bind)."""
+    try:
+        return dict(inspect.signature(model.forward).bind_partial(*example_inputs, **example_kwargs).arguments)
+    except TypeError:
+        return dict(example_kwargs)
+
+
 DECODER_INPUTS = ("decoder_input_ids", "decoder_inputs_embeds", "labels")
+
+
+def check_hf_example(model: nn.Module, example_inputs: Sequence[Any], example_kwargs: dict) -> None:
+    """Refuse, before capture, a Hugging Face example that asks for a KV cache or lacks an
+    encoder-decoder model's decoder inputs."""
+    refuse_use_cache(model, _example_arguments(model, example_inputs, example_kwargs), "example_kwargs")
+    check_decoder_inputs(model, example_inputs, example_kwargs)
 
 
 def check_decoder_inputs(model: nn.Module, example_inputs: Sequence[Any], example_kwargs: dict) -> None:
@@ -170,10 +195,7 @@ def check_decoder_inputs(model: nn.Module, example_inputs: Sequence[Any], exampl
     config = getattr(model, "config", None)
     if not is_hf_model(model) or not getattr(config, "is_encoder_decoder", False):
         return
-    try:
-        given = inspect.signature(model.forward).bind_partial(*example_inputs, **example_kwargs).arguments
-    except TypeError:
-        return
+    given = _example_arguments(model, example_inputs, example_kwargs)
     if not any(given.get(name) is not None for name in DECODER_INPUTS):
         raise UntraceableModelError(
             f"{type(model).__name__} is an encoder-decoder model: its forward needs decoder_input_ids (or labels), "

@@ -24,7 +24,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 from ..errors import UntraceableModelError, torch_logs_silenced, warn_user
 from ..ir import canonical_target
 from .empty_weights import put_back, stand_ins
-from .hf_capture import check_decoder_inputs
+from .hf_capture import check_hf_example
 from .modes import drop_empty_grad_regions, mode_signature, recording_grad_mode
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
@@ -435,7 +435,7 @@ def capture(model: nn.Module, example_inputs: Sequence[Any] = (), example_kwargs
     ``meta["moesys_inlined_functions"]`` the model's autograd Functions it traced through."""
     example_inputs, example_kwargs = distinct_inputs(example_inputs, example_kwargs or {})
     leaf_modules = tuple(leaf_modules)
-    check_decoder_inputs(model, example_inputs, example_kwargs)
+    check_hf_example(model, example_inputs, example_kwargs)
     inlined: list[str] = []
     checkpointed: list[bool] = []
     with own_autograd_functions(inlined), _noting_activation_checkpoints(checkpointed):

@@ -11,6 +11,8 @@ import torch.fx as fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from ..frontend.hf_capture import refuse_use_cache
+
 
 CONSTANT_TYPES = (bool, int, float, str)
 NOT_A_CONSTANT = object()   # an example's flat input that is a tensor (or another object)
@@ -32,6 +34,7 @@ class InputBinder:
     def __init__(self, model: nn.Module, traced_names: Sequence[str], capture: str,
                  out_spec: Optional[pytree.TreeSpec] = None, fixed_sizes: Sequence[Optional[dict[int, int]]] = (),
                  guards: Optional[nn.Module] = None):
+        self.model = model
         self.signature = inspect.signature(model.forward)
         self.model_name = type(model).__name__
         self.traced_names = list(traced_names)
@@ -104,6 +107,7 @@ class InputBinder:
             bound = self.signature.bind(*args, **kwargs)
         except TypeError as exc:
             raise TypeError(f"{self.model_name}.forward: {exc}") from None
+        refuse_use_cache(self.model, bound.arguments, "this call")
         for name, default in self.pinned.items():
             if name in bound.arguments and bound.arguments[name] is not default and bound.arguments[name] != default:
                 raise ValueError(f"argument '{name}' was fixed to {default!r} when the model was compiled; "
