@@ -119,3 +119,36 @@ def test_use_cache_true_is_refused_at_call_and_in_the_example(mixtral):
     with pytest.raises(ValueError, match=r"use_cache=True in this call"):
         compiled_off(input_ids=ids, use_cache=True)
     compiled_off(input_ids=ids, use_cache=False)
+
+
+def test_generation_positions_follow_transformers_generate():
+    """The prompt's positions come from its mask (0 at pads); later tokens continue from the
+    prompt's last position: a right-padded prompt's from its last pad's, a left-padded one's
+    from its count."""
+    from moesys_compile.hf_decode import generation_positions
+    right = torch.tensor([[1, 1, 1, 0, 0, 1, 1]])
+    left = torch.tensor([[0, 0, 1, 1, 1, 1, 1]])
+    assert generation_positions(right, prompt_length=5).tolist() == [[0, 1, 2, 0, 0, 1, 2]]
+    assert generation_positions(left, prompt_length=5).tolist() == [[0, 0, 0, 1, 2, 3, 4]]
+    assert generation_positions(left).tolist() == [[0, 0, 0, 1, 2, 3, 4]]
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_generate_with_padded_prompts_gives_model_generate_tokens(padding_side):
+    """``program.generate`` with a padded prompt among others decodes the tokens
+    ``model.generate`` does (right padding: positions carried on from the prompt's last one)."""
+    model = tiny("qwen3_moe")
+    eager = copy.deepcopy(model)
+    ids = ids_of(0, batch=3, seq=7)
+    mask = torch.ones_like(ids)
+    if padding_side == "right":
+        mask[1, 4:] = 0
+    else:
+        mask[1, :3] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    program = compile_quietly(model, ring_plan(model), example_inputs=(ids,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = program.generate(ids, attention_mask=mask, max_new_tokens=6, pad_token_id=0)
+        want = eager.generate(ids, attention_mask=mask, max_new_tokens=6, pad_token_id=0, do_sample=False)
+    assert got.tolist() == want.tolist()
