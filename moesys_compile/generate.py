@@ -31,7 +31,7 @@ from .frontend.hf_capture import is_hf_model
 from .frontend.tracing import MoesysTracer
 from .generation_settings import (GreedyChoice, check_can_generate, generation_settings, new_token_count, padding_mask,
                                   stop_ids)
-from .hf_decode import NotCacheable, graph_kwargs, least_budgets, lower_cached, step_inputs
+from .hf_decode import NotCacheable, generation_positions, graph_kwargs, least_budgets, lower_cached, step_inputs
 from .models.transformer import Transformer
 from .plan import Plan, format_bytes
 from .programs.binding import CapturedSizeError
@@ -358,7 +358,8 @@ def cached_decode(program, ids: torch.Tensor, max_new_tokens: int, attention_mas
         return recompute_decode(program, ids, max_new_tokens, attention_mask, config)
     key, (prefill, step) = graphs
     choice = GreedyChoice(config, ids, mask, max_new_tokens)
-    logits, keys, values, stats = _cached_call(program, key + ("prefill",), prefill, (ids,), mask)
+    prompt = ids.shape[1]
+    logits, keys, values, stats = _cached_call(program, key + ("prefill",), prefill, (ids,), mask, prompt)
     steps, out = [stats], ids
     for new in range(max_new_tokens):
         token = choice.next_token(out, logits)
@@ -368,9 +369,9 @@ def cached_decode(program, ids: torch.Tensor, max_new_tokens: int, attention_mas
         mask = _grow(mask, 1)
         try:
             logits, keys, values, stats = _cached_call(program, key + ("step",), step, (token[:, None], keys, values),
-                                                       mask)
+                                                       mask, prompt)
         except CapturedSizeError:    # export fixed a longer cache for the step: the prefill fills this one
-            logits, keys, values, stats = _cached_call(program, key + ("prefill",), prefill, (out,), mask)
+            logits, keys, values, stats = _cached_call(program, key + ("prefill",), prefill, (out,), mask, prompt)
         steps.append(stats)
     program.stats = combine_stats(steps)
     program.stats["decode"] = "kv_cache"
@@ -458,7 +459,7 @@ def _refusal(graphs: tuple, ids: torch.Tensor, mask: torch.Tensor, max_new_token
             return NotCacheable("no step graph: it was lowered for one new token")
         args, step_mask = step_inputs(prefill, ids, mask, ids.shape[1] + max_new_tokens - 2, device="meta")
         calls.append((*step, args, step_mask))
-    return next(filter(None, (_call_refused((gm, ctx), args, graph_kwargs(ctx.model, call_mask), room)
+    return next(filter(None, (_call_refused((gm, ctx), args, graph_kwargs(ctx.model, call_mask, ids.shape[1]), room)
                               for gm, ctx, args, call_mask in calls)), None)
 
 
@@ -486,11 +487,13 @@ def _call_refused(lowered: tuple, args: tuple, kwargs: dict, room: str = "ring")
     return None
 
 
-def _cached_call(program, key: tuple, lowered: tuple, args: tuple, mask: torch.Tensor) -> tuple:
-    """One call of a ``hf_decode`` graph through its ring: (last logits, keys, values, stats)."""
+def _cached_call(program, key: tuple, lowered: tuple, args: tuple, mask: torch.Tensor, prompt_length: int) -> tuple:
+    """One call of a ``hf_decode`` graph through its ring, ``mask`` covering the sequence so far
+    (its first ``prompt_length`` tokens the prompt): (last logits, keys, values, stats)."""
     _, ctx = lowered
     binder = ctx.extras["binder"]
-    (output, _aux), stats = program.runtime(key, lowered)(binder.graph_inputs(args, graph_kwargs(ctx.model, mask)))
+    inputs = binder.graph_inputs(args, graph_kwargs(ctx.model, mask, prompt_length))
+    (output, _aux), stats = program.runtime(key, lowered)(inputs)
     return (*binder.model_output(output), stats)
 
 
@@ -500,7 +503,7 @@ def recompute_decode(program, ids: torch.Tensor, max_new_tokens: int, attention_
     the whole sequence so far, no KV cache, through a graph lowered at the longest step's length
     rounded up to a power of two (where the budget holds it), so that each step fits the
     workspace; later calls that fit it reuse it. As ``model.generate(do_sample=False)``: a padding
-    mask grows by one per step and gives the positions (cumulative sum, for left padding); each
+    mask grows by one per step, positions as transformers gives them (``generation_positions``); each
     token is chosen by ``GreedyChoice`` (the generation settings of ``config``), a sequence that
     has produced an end-of-sequence id gets the pad id, and decoding ends once all have."""
     model = program.context.model
@@ -511,7 +514,8 @@ def recompute_decode(program, ids: torch.Tensor, max_new_tokens: int, attention_
     for _ in range(max_new_tokens):
         key, lowered = graph or _length_graph(program, out, mask, ids, max_new_tokens)
         binder = lowered[1].extras["binder"]
-        (output, _aux), stats = program.runtime(key, lowered)(binder.graph_inputs((out,), _mask_inputs(model, mask)))
+        inputs = binder.graph_inputs((out,), _mask_inputs(model, mask, ids.shape[1]))
+        (output, _aux), stats = program.runtime(key, lowered)(inputs)
         steps.append(stats)
         token = choice.next_token(out, first_tensor(binder.model_output(output)))
         out, mask = torch.cat([out, token[:, None]], dim=1), None if mask is None else _grow(mask, 1)
@@ -567,7 +571,7 @@ def _length_graph(program, out: torch.Tensor, mask: Optional[torch.Tensor], ids:
     one lowered at that length before where it takes this step, else one lowered for it."""
     from .api import lower
     model = program.context.model
-    step = ((out,), _mask_inputs(model, mask))
+    step = ((out,), _mask_inputs(model, mask, ids.shape[1]))
     graphs = program.__dict__.setdefault("_decode_lowered", {}).setdefault("recompute_lengths", {})
     kind = (out.shape[1], mask is not None)
     if kind not in graphs or _call_refused(graphs[kind][1], *step) is not None:
@@ -592,21 +596,22 @@ def _recompute_inputs(model: nn.Module, ids: torch.Tensor, mask: Optional[torch.
     """A step's inputs at ``length`` tokens: the prompt followed by new tokens, the mask grown."""
     grown = length - ids.shape[1]
     return (torch.cat([ids, ids.new_zeros(ids.shape[0], grown)], dim=1),), \
-        _mask_inputs(model, None if mask is None else _grow(mask, grown))
+        _mask_inputs(model, None if mask is None else _grow(mask, grown), ids.shape[1])
 
 
 def _grow(mask: torch.Tensor, steps: int) -> torch.Tensor:
     return torch.cat([mask, mask.new_ones(mask.shape[0], steps)], dim=1)
 
 
-def _mask_inputs(model: nn.Module, mask: Optional[torch.Tensor]) -> dict:
-    """The keyword inputs of a padded step: the mask, and the positions transformers derives from
-    it when the model takes ``position_ids``."""
+def _mask_inputs(model: nn.Module, mask: Optional[torch.Tensor], prompt_length: int) -> dict:
+    """The keyword inputs of a padded step: the mask, and where the model takes ``position_ids``
+    the positions transformers' ``generate`` gives the sequence so far (its first
+    ``prompt_length`` tokens the prompt; ``hf_decode.generation_positions``)."""
     if mask is None:
         return {}
     inputs = {"attention_mask": mask}
     if "position_ids" in inspect.signature(model.forward).parameters:
-        inputs["position_ids"] = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        inputs["position_ids"] = generation_positions(mask, prompt_length)
     return inputs
 
 

@@ -92,12 +92,24 @@ class CachedStep(CachedDecoding):
         return self.decode(input_ids, cache, attention_mask, position_ids)
 
 
-def graph_kwargs(wrapper: CachedDecoding, mask: torch.Tensor) -> dict:
+def generation_positions(mask: torch.Tensor, prompt_length: Optional[int] = None) -> torch.Tensor:
+    """The positions of a sequence whose first ``prompt_length`` tokens (default: all) are the
+    prompt, as transformers' ``generate`` gives them: the prompt's from its padding mask
+    (cumulative sum - 1, 0 at pads), then one more per later token after the prompt's last one, so
+    a right-padded prompt's new tokens follow its last pad's position (left padding: its count)."""
+    prompt_length = mask.shape[1] if prompt_length is None else prompt_length
+    prompt = mask[:, :prompt_length].long()
+    positions = (prompt.cumsum(-1) - 1).masked_fill(prompt == 0, 0)
+    later = torch.arange(1, mask.shape[1] - prompt_length + 1, device=mask.device)
+    return torch.cat([positions, positions[:, -1:] + later], dim=1)
+
+
+def graph_kwargs(wrapper: CachedDecoding, mask: torch.Tensor, prompt_length: Optional[int] = None) -> dict:
     """The mask of the whole sequence so far and, where the model takes them, the positions of the
-    tokens of this call, as transformers' ``generate`` derives them (left padding shifts them)."""
+    tokens of this call (``generation_positions``; ``prompt_length``: the prompt's, default all)."""
     if not wrapper.takes_positions:
         return {"attention_mask": mask}
-    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    positions = generation_positions(mask, prompt_length)
     if isinstance(wrapper, CachedStep):
         positions = positions[:, -1:]          # the new token's
     return {"attention_mask": mask, "position_ids": positions}
@@ -188,7 +200,7 @@ def _lower_each(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, longest
     if longest is not None:
         step = CachedStep(model)
         args, step_mask = step_inputs(lowered[0], ids, mask, longest)
-        calls.append((step, args, graph_kwargs(step, step_mask)))
+        calls.append((step, args, graph_kwargs(step, step_mask, ids.shape[1])))
         lowered.append(_lower(*calls[1], plan))
     return calls, lowered
 

@@ -7,6 +7,10 @@ v5 models are not fx-traceable (the fx tracer cannot re-code ``**kwargs`` forwar
 
 * turns the cache off (``config.use_cache = False``; restored afterwards): training programs and
   ring inference run full sequences, and a cache object is not a tensor output;
+* refuses ``use_cache=True`` in the example (``refuse_use_cache``; the binder refuses it in a call);
+* reads position ids that restart mid-row (packed sequences) as eager reads them with the
+  example's arguments: as one sequence where eager's call builds a cache (``config.use_cache``
+  on), as packed sequences where it does not;
 * makes ``module.to(...)`` inside ``forward`` a no-op when nothing would change (Switch
   Transformers' router re-assigns ``self.classifier = self.classifier.to(self.dtype)`` on every
   call, which export cannot replay on its tracked parameters);
@@ -86,6 +90,39 @@ def _cache_off(model: nn.Module) -> Iterator[bool]:
             config.use_cache = value
 
 
+def eager_builds_cache(model: nn.Module, example_inputs: Sequence[Any], example_kwargs: dict) -> bool:
+    """Whether ``model(*example_inputs, **example_kwargs)`` in eager builds a KV cache: its
+    ``use_cache`` argument, else ``config.use_cache``, as transformers' ``merge_with_config_defaults``
+    resolves it (off in training with gradient checkpointing on)."""
+    given = _example_arguments(model, example_inputs, example_kwargs)
+    use_cache = given.get("use_cache", given.get("kwargs", {}).get("use_cache"))
+    if use_cache is None:
+        use_cache = getattr(getattr(model, "config", None), "use_cache", None)
+    return bool(use_cache) and not (model.training and _checkpointing_on(model))
+
+
+def _checkpointing_on(model: nn.Module) -> bool:
+    return any(getattr(module, "gradient_checkpointing", False) is True for module in model.modules())
+
+
+@contextlib.contextmanager
+def _packing_detection_off() -> Iterator[None]:
+    """transformers reads position ids that restart mid-row as packed sequences (a block-diagonal
+    mask) only when no cache and no attention mask is given; eager's default call passes a cache,
+    so it never does. Capture runs without a cache, and ``find_packed_sequence_indices`` always
+    answers with a mask while tracing: it answers None here, as it does in such an eager call."""
+    masking_utils = sys.modules.get("transformers.masking_utils")
+    original = getattr(masking_utils, "find_packed_sequence_indices", None)
+    if original is None:
+        yield
+        return
+    masking_utils.find_packed_sequence_indices = lambda position_ids: None
+    try:
+        yield
+    finally:
+        masking_utils.find_packed_sequence_indices = original
+
+
 def _to_if_needed(module: nn.Module, *args, **kwargs) -> nn.Module:
     """``module.to(...)``, returning ``module`` untouched when its tensors already match."""
     device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
@@ -97,12 +134,13 @@ def _to_if_needed(module: nn.Module, *args, **kwargs) -> nn.Module:
 
 
 @contextlib.contextmanager
-def _capturable(model: nn.Module) -> Iterator[bool]:
+def _capturable(model: nn.Module, packing_detected: bool) -> Iterator[bool]:
     modules = list(model.modules())
     for module in modules:
         object.__setattr__(module, "to", types.MethodType(_to_if_needed, module))
     try:
-        with _cache_off(model) as export_first:
+        with _cache_off(model) as export_first, \
+                (contextlib.nullcontext() if packing_detected else _packing_detection_off()):
             yield export_first
     finally:
         for module in modules:
@@ -121,7 +159,34 @@ def warn_checkpointing_dropped(model: nn.Module) -> None:
                   f"memory runs out")
 
 
+def refuse_use_cache(model: nn.Module, arguments: dict, where: str) -> None:
+    """``use_cache=True`` (given directly or through ``**kwargs``) asks a Hugging Face model for a
+    KV cache, which programs do not take nor return: refused, naming ``where`` it was given."""
+    if not is_hf_model(model):
+        return
+    use_cache = arguments.get("use_cache", arguments.get("kwargs", {}).get("use_cache"))
+    if use_cache is True:
+        raise ValueError(f"{type(model).__name__}: use_cache=True in {where}, but programs are captured without a KV "
+                         f"cache and return none; decode with program.generate (ring programs keep their own "
+                         f"cache), or leave use_cache out (or False where the example gave it)")
+
+
+def _example_arguments(model: nn.Module, example_inputs: Sequence[Any], example_kwargs: dict) -> dict:
+    """The example bound to ``model.forward``'s names (its keywords as given where it does not bind)."""
+    try:
+        return dict(inspect.signature(model.forward).bind_partial(*example_inputs, **example_kwargs).arguments)
+    except TypeError:
+        return dict(example_kwargs)
+
+
 DECODER_INPUTS = ("decoder_input_ids", "decoder_inputs_embeds", "labels")
+
+
+def check_hf_example(model: nn.Module, example_inputs: Sequence[Any], example_kwargs: dict) -> None:
+    """Refuse, before capture, a Hugging Face example that asks for a KV cache or lacks an
+    encoder-decoder model's decoder inputs."""
+    refuse_use_cache(model, _example_arguments(model, example_inputs, example_kwargs), "example_kwargs")
+    check_decoder_inputs(model, example_inputs, example_kwargs)
 
 
 def check_decoder_inputs(model: nn.Module, example_inputs: Sequence[Any], example_kwargs: dict) -> None:
@@ -130,22 +195,21 @@ def check_decoder_inputs(model: nn.Module, example_inputs: Sequence[Any], exampl
     config = getattr(model, "config", None)
     if not is_hf_model(model) or not getattr(config, "is_encoder_decoder", False):
         return
-    try:
-        given = inspect.signature(model.forward).bind_partial(*example_inputs, **example_kwargs).arguments
-    except TypeError:
-        return
+    given = _example_arguments(model, example_inputs, example_kwargs)
     if not any(given.get(name) is not None for name in DECODER_INPUTS):
         raise UntraceableModelError(
             f"{type(model).__name__} is an encoder-decoder model: its forward needs decoder_input_ids (or labels), "
             f"which the example does not give; pass them in example_kwargs (generate supports decoder-only models)")
 
 
-def hf_capture_adapter(model: nn.Module) -> Optional[contextlib.AbstractContextManager]:
+def hf_capture_adapter(model: nn.Module, example_inputs: Sequence[Any] = (),
+                       example_kwargs: Optional[dict] = None) -> Optional[contextlib.AbstractContextManager]:
     """``tracing.CAPTURE_ADAPTERS`` entry: None for models that are not Hugging Face models, nor
-    the decoding graphs of one (``hf_decode.CachedDecoding``, which hold it as ``hf_model``)."""
+    the decoding graphs of one (``hf_decode.CachedDecoding``, which hold it as ``hf_model``).
+    Packed-sequence position ids are read as eager reads them with the example's arguments."""
     inner = getattr(model, "hf_model", model)
     if not is_hf_model(inner):
         return None
     apply_aux_loss_coef(inner)
     warn_checkpointing_dropped(inner)
-    return _capturable(model)
+    return _capturable(model, packing_detected=not eager_builds_cache(inner, example_inputs, example_kwargs or {}))

@@ -24,7 +24,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 from ..errors import UntraceableModelError, torch_logs_silenced, warn_user
 from ..ir import canonical_target
 from .empty_weights import put_back, stand_ins
-from .hf_capture import check_decoder_inputs
+from .hf_capture import check_hf_example
 from .modes import drop_empty_grad_regions, mode_signature, recording_grad_mode
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
@@ -388,10 +388,10 @@ def _drop_dtype_asserts(gm: fx.GraphModule) -> None:
             module.recompile()
 
 
-# Capture adapters: ``adapter(model)`` returns None (not its kind of model) or a context manager
-# entered around capture; a context that yields True asks for torch.export before fx (e.g. the
+# Capture adapters: ``adapter(model, example_inputs, example_kwargs)`` returns None (not its kind
+# of model) or a context manager entered around capture; a context that yields True asks for torch.export before fx (e.g. the
 # Hugging Face adapter in hf_capture.py, which also turns the KV cache off while capturing).
-CAPTURE_ADAPTERS: list[Callable[[nn.Module], Optional[contextlib.AbstractContextManager]]] = []
+CAPTURE_ADAPTERS: list[Callable[[nn.Module, Sequence[Any], dict], Optional[contextlib.AbstractContextManager]]] = []
 
 
 def _graph_call_of(function: type) -> Callable:
@@ -435,7 +435,7 @@ def capture(model: nn.Module, example_inputs: Sequence[Any] = (), example_kwargs
     ``meta["moesys_inlined_functions"]`` the model's autograd Functions it traced through."""
     example_inputs, example_kwargs = distinct_inputs(example_inputs, example_kwargs or {})
     leaf_modules = tuple(leaf_modules)
-    check_decoder_inputs(model, example_inputs, example_kwargs)
+    check_hf_example(model, example_inputs, example_kwargs)
     inlined: list[str] = []
     checkpointed: list[bool] = []
     with own_autograd_functions(inlined), _noting_activation_checkpoints(checkpointed):
@@ -506,7 +506,7 @@ def _capture(model: nn.Module, example_inputs: Sequence[Any], example_kwargs: di
              leaf_modules: Iterable[str | type]) -> fx.GraphModule:
     tracer = MoesysTracer(leaf_modules)
     with contextlib.ExitStack() as stack:
-        entered = [stack.enter_context(cm) for cm in (adapt(model) for adapt in CAPTURE_ADAPTERS) if cm is not None]
+        entered = [stack.enter_context(cm) for cm in (adapt(model, example_inputs, example_kwargs) for adapt in CAPTURE_ADAPTERS) if cm is not None]
         export_error: Optional[BaseException] = None
         if any(entered):
             try:

@@ -11,6 +11,12 @@ import torch.fx as fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from ..frontend.hf_capture import refuse_use_cache
+
+
+CONSTANT_TYPES = (bool, int, float, str)
+NOT_A_CONSTANT = object()   # an example's flat input that is a tensor (or another object)
+
 
 class CapturedSizeError(ValueError):
     """A call's input sizes differ from one that torch.export fixed while capturing, or fail a
@@ -28,6 +34,7 @@ class InputBinder:
     def __init__(self, model: nn.Module, traced_names: Sequence[str], capture: str,
                  out_spec: Optional[pytree.TreeSpec] = None, fixed_sizes: Sequence[Optional[dict[int, int]]] = (),
                  guards: Optional[nn.Module] = None):
+        self.model = model
         self.signature = inspect.signature(model.forward)
         self.model_name = type(model).__name__
         self.traced_names = list(traced_names)
@@ -39,6 +46,8 @@ class InputBinder:
         self.pinned = {name: p.default for name, p in self.signature.parameters.items()
                        if name not in self.traced_names and p.default is not inspect.Parameter.empty}
         self.example_shapes: list[Optional[tuple[int, ...]]] = []   # per graph input (None: not a tensor)
+        self.example_constants: list[Any] = []   # export capture: per flat input, its value if a bool, int,
+                                                 # float or str (export keeps it), else NOT_A_CONSTANT
         self.var_keyword = next((name for name, p in self.signature.parameters.items()
                                  if p.kind is inspect.Parameter.VAR_KEYWORD), None)
         self.example_extra: Optional[list[str]] = None   # the names the example gave through **kwargs
@@ -50,6 +59,8 @@ class InputBinder:
         shaped as its ids; returns the example's graph inputs."""
         flat = self.graph_inputs(args, kwargs)
         self.example_shapes = [tuple(v.shape) if isinstance(v, torch.Tensor) else None for v in flat]
+        if self.capture == "export":
+            self.example_constants = [v if isinstance(v, CONSTANT_TYPES) else NOT_A_CONSTANT for v in flat]
         example = self.signature.bind(*args, **kwargs).arguments
         self.example_extra = list(example.get(self.var_keyword, {}))
         mask, ids = example.get("attention_mask"), example.get("input_ids")
@@ -96,6 +107,7 @@ class InputBinder:
             bound = self.signature.bind(*args, **kwargs)
         except TypeError as exc:
             raise TypeError(f"{self.model_name}.forward: {exc}") from None
+        refuse_use_cache(self.model, bound.arguments, "this call")
         for name, default in self.pinned.items():
             if name in bound.arguments and bound.arguments[name] is not default and bound.arguments[name] != default:
                 raise ValueError(f"argument '{name}' was fixed to {default!r} when the model was compiled; "
@@ -113,9 +125,10 @@ class InputBinder:
             self._refuse_none(self.traced_names, values, [shape is not None for shape in self.example_shapes])
             return values
         leaves = pytree.tree_flatten_with_path(dict(zip(self.traced_names, values)))[0]
-        names = [f"{path[0].key}{pytree.keystr(path[1:])}" for path, _ in leaves]
+        names = [self._leaf_name(path) for path, _ in leaves]
         self._check_dims(names, [v for _, v in leaves])
         self._refuse_none(names, [leaf for _, leaf in leaves], [fixed is not None for fixed in self.fixed_sizes])
+        self._check_constants(names, [leaf for _, leaf in leaves])
         for (path, leaf), fixed in zip(leaves, self.fixed_sizes):
             for dim, size in (fixed or {}).items():
                 if isinstance(leaf, torch.Tensor) and leaf.dim() > dim and leaf.shape[dim] != size:
@@ -136,6 +149,23 @@ class InputBinder:
                     f"torch.export recorded while capturing {self.model_name} ({exc}); compile with example inputs "
                     f"of this size, or call it with sizes that meet it") from None
         return flat
+
+    def _leaf_name(self, path: tuple) -> str:
+        """A flat input's name as the caller wrote it: ``output_hidden_states`` for a keyword that
+        reached ``**kwargs``, ``past['k']`` for a leaf inside an argument."""
+        if path[0].key == self.var_keyword and len(path) > 1:
+            path = path[1:]
+        return f"{path[0].key}{pytree.keystr(path[1:])}"
+
+    def _check_constants(self, names: list[str], values: list[Any]) -> None:
+        """A bool, int, float or str the example gave (``output_hidden_states=True``,
+        ``return_dict=False``) is a constant of the exported graph: a call giving another value is
+        refused by name before the export guards would blame the input sizes."""
+        for name, value, compiled in zip(names, values, self.example_constants):
+            if compiled is not NOT_A_CONSTANT and (isinstance(value, torch.Tensor) or value != compiled):
+                raise ValueError(f"{self.model_name}.forward: {name} is {value!r}, but the program was compiled with "
+                                 f"{name}={compiled!r} and keeps that value; pass {name}={compiled!r}, or compile "
+                                 f"again with {name}={value!r} in example_inputs/example_kwargs")
 
     def _refuse_none(self, names: list[str], values: list[Any], compiled_tensor: list[bool]) -> None:
         """A graph input given as None where the model was compiled with a tensor (an optional
