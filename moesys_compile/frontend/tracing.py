@@ -389,8 +389,9 @@ def _drop_dtype_asserts(gm: fx.GraphModule) -> None:
 
 
 # Capture adapters: ``adapter(model, example_inputs, example_kwargs)`` returns None (not its kind
-# of model) or a context manager entered around capture; a context that yields True asks for torch.export before fx (e.g. the
-# Hugging Face adapter in hf_capture.py, which also turns the KV cache off while capturing).
+# of model) or a context manager entered around capture; a context that yields True asks for
+# torch.export before fx (e.g. the Hugging Face adapter in hf_capture.py, which also turns the KV
+# cache off while capturing).
 CAPTURE_ADAPTERS: list[Callable[[nn.Module, Sequence[Any], dict], Optional[contextlib.AbstractContextManager]]] = []
 
 
@@ -506,7 +507,8 @@ def _capture(model: nn.Module, example_inputs: Sequence[Any], example_kwargs: di
              leaf_modules: Iterable[str | type]) -> fx.GraphModule:
     tracer = MoesysTracer(leaf_modules)
     with contextlib.ExitStack() as stack:
-        entered = [stack.enter_context(cm) for cm in (adapt(model, example_inputs, example_kwargs) for adapt in CAPTURE_ADAPTERS) if cm is not None]
+        adapters = (adapt(model, example_inputs, example_kwargs) for adapt in CAPTURE_ADAPTERS)
+        entered = [stack.enter_context(cm) for cm in adapters if cm is not None]
         export_error: Optional[BaseException] = None
         if any(entered):
             try:
