@@ -65,11 +65,13 @@ class CachedDecoding(nn.Module):
         accepted = inspect.signature(model.forward).parameters
         self.takes_positions = "position_ids" in accepted
         self.last_only = {"logits_to_keep": 1} if "logits_to_keep" in accepted else {}
+        # transformers renames ``past_key_values`` to ``cache`` (the old name stays a deprecated alias)
+        self.cache_keyword = "cache" if "cache" in accepted else "past_key_values"
 
     def decode(self, ids: torch.Tensor, cache, mask: torch.Tensor, positions: Optional[torch.Tensor]):
         extra = {"position_ids": positions} if positions is not None else {}
-        out = self.hf_model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True,
-                            **extra, **self.last_only)
+        extra[self.cache_keyword] = cache
+        out = self.hf_model(input_ids=ids, attention_mask=mask, use_cache=True, **extra, **self.last_only)
         logits = out.logits if hasattr(out, "logits") else out[0]
         return (logits[:, -1:], *_stacked(cache))
 

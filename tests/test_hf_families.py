@@ -210,7 +210,9 @@ def test_jetmoe_trains_like_eager_with_its_own_aux_loss():
     example = ids(seed=2)
     program = mc.compile(model, mc.Plan(mode="train"), example_inputs=(ids(),), example_kwargs={"labels": ids()})
     got, want = program(example, labels=example), eager(example, labels=example)
-    assert len(got.router_logits) == len(want.router_logits) == 3
+    assert len(got.router_logits) == len(want.router_logits) >= 2     # which routers HF records varies by version
+    for got_logits, want_logits in zip(got.router_logits, want.router_logits):
+        torch.testing.assert_close(got_logits, want_logits, rtol=1e-4, atol=1e-5)
     projections = [n for n in program.graph_module.graph.nodes if is_op(n, "expert_linear")]
     assert projections, "the attention experts' projections are moesys::expert_linear nodes"
     for node in projections:                      # 2 * rows * out * in, symbolic in B and S
