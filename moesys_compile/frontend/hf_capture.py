@@ -94,8 +94,7 @@ def eager_builds_cache(model: nn.Module, example_inputs: Sequence[Any], example_
     """Whether ``model(*example_inputs, **example_kwargs)`` in eager builds a KV cache: its
     ``use_cache`` argument, else ``config.use_cache``, as transformers' ``merge_with_config_defaults``
     resolves it (off in training with gradient checkpointing on)."""
-    given = _example_arguments(model, example_inputs, example_kwargs)
-    use_cache = given.get("use_cache", given.get("kwargs", {}).get("use_cache"))
+    use_cache = given_keyword(_example_arguments(model, example_inputs, example_kwargs), "use_cache", "kwargs")
     if use_cache is None:
         use_cache = getattr(getattr(model, "config", None), "use_cache", None)
     return bool(use_cache) and not (model.training and _checkpointing_on(model))
@@ -164,11 +163,34 @@ def refuse_use_cache(model: nn.Module, arguments: dict, where: str) -> None:
     KV cache, which programs do not take nor return: refused, naming ``where`` it was given."""
     if not is_hf_model(model):
         return
-    use_cache = arguments.get("use_cache", arguments.get("kwargs", {}).get("use_cache"))
-    if use_cache is True:
+    if given_keyword(arguments, "use_cache", "kwargs") is True:
         raise ValueError(f"{type(model).__name__}: use_cache=True in {where}, but programs are captured without a KV "
                          f"cache and return none; decode with program.generate (ring programs keep their own "
-                         f"cache), or leave use_cache out (or False where the example gave it)")
+                         f"cache), or leave use_cache out or False")
+
+
+# forward keywords that only switch what a Hugging Face model returns (or whether it keeps a cache);
+# a call may restate the value the program was compiled with (``use_cache=False`` in a training loop)
+OUTPUT_SWITCHES = ("use_cache", "return_dict", "output_attentions", "output_hidden_states", "output_router_logits")
+
+
+def switch_defaults(model: nn.Module) -> dict[str, Any]:
+    """The value each of ``OUTPUT_SWITCHES`` takes in ``model``'s forward when a call leaves it
+    out (its config's field), for a Hugging Face model; empty for any other model."""
+    if not is_hf_model(model):
+        return {}
+    config = model.config
+    defaults = {name: bool(getattr(config, name, False)) for name in OUTPUT_SWITCHES}
+    defaults["return_dict"] = bool(getattr(config, "return_dict", True))
+    return defaults
+
+
+def given_keyword(arguments: dict, name: str, var_keyword: Optional[str]) -> Any:
+    """The value of keyword ``name`` in bound ``arguments``, given directly or through
+    ``**var_keyword``; None where it was not given."""
+    if name in arguments:
+        return arguments[name]
+    return arguments.get(var_keyword, {}).get(name) if var_keyword else None
 
 
 def _example_arguments(model: nn.Module, example_inputs: Sequence[Any], example_kwargs: dict) -> dict:

@@ -11,7 +11,7 @@ import torch.fx as fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from ..frontend.hf_capture import refuse_use_cache
+from ..frontend.hf_capture import given_keyword, refuse_use_cache, switch_defaults
 
 
 CONSTANT_TYPES = (bool, int, float, str)
@@ -52,6 +52,9 @@ class InputBinder:
                                  if p.kind is inspect.Parameter.VAR_KEYWORD), None)
         self.example_extra: Optional[list[str]] = None   # the names the example gave through **kwargs
         self.mask_dtype: Optional[torch.dtype] = None   # the example's [batch, seq] attention_mask, if any
+        self.switch_defaults = switch_defaults(model)   # HF output switches: their values when left out
+        self.example_switches: dict[str, Any] = {}      # ... those the example gave, as it gave them
+        self.compiled_switches: dict[str, Any] = {}     # ... and the value each had in the example
 
     def remember_example(self, args: Sequence[Any], kwargs: dict) -> list[Any]:
         """Bind the example and keep its tensors' shapes, so that a call whose tensor has another
@@ -66,7 +69,48 @@ class InputBinder:
         mask, ids = example.get("attention_mask"), example.get("input_ids")
         if isinstance(mask, torch.Tensor) and isinstance(ids, torch.Tensor) and mask.shape == ids.shape:
             self.mask_dtype = mask.dtype
+        accepted = [name for name in self.switch_defaults if name in self.signature.parameters or self.var_keyword]
+        self.example_switches = {name: value for name in accepted
+                                 if (value := given_keyword(example, name, self.var_keyword)) is not None}
+        self.compiled_switches = {name: self.example_switches.get(name, self.switch_defaults[name])
+                                  for name in accepted}
         return flat
+
+    def _settle_switches(self, arguments: dict) -> None:
+        """A Hugging Face output switch (``use_cache``, ``return_dict``, ``output_hidden_states``,
+        ...) that a call gives, or leaves out, at the value the program was compiled with is
+        rewritten to the example's form, so that restating it (``use_cache=False`` in a training
+        loop) is not refused as an input the program lacks. Programs return no cache, so any
+        ``use_cache`` but True matches, except with position ids that restart mid-row: transformers
+        reads those as packed sequences only without a cache, so there it must resolve as the
+        example's did. Another value is left for the checks that refuse it."""
+        for name, compiled in self.compiled_switches.items():
+            value = given_keyword(arguments, name, self.var_keyword)
+            if value is not None and not isinstance(value, bool):
+                continue
+            resolved = self.switch_defaults[name] if value is None else value
+            if resolved == compiled or (name == "use_cache" and not _restarts_mid_row(arguments.get("position_ids"))):
+                self._restate(arguments, name, self.example_switches.get(name))
+            elif name == "use_cache":
+                raise ValueError(f"{self.model_name}.forward: use_cache resolves to {resolved} in this call but to "
+                                 f"{compiled} in the example, and its position_ids restart mid-row: transformers "
+                                 f"reads those as packed sequences only without a cache, so "
+                                 f"the program keeps the example's reading; "
+                                 + ("leave use_cache out, as the example did" if compiled else
+                                    "pass use_cache=False, as the example did"))
+
+    def _restate(self, arguments: dict, name: str, value: Any) -> None:
+        """Keyword ``name`` in bound ``arguments`` set to ``value`` where the signature takes it
+        (by name, else through ``**kwargs``), or removed for None."""
+        extra = arguments.get(self.var_keyword, {}) if self.var_keyword else {}
+        arguments.pop(name, None)
+        extra.pop(name, None)
+        if value is None:
+            return
+        if name in self.signature.parameters:
+            arguments[name] = value
+        else:
+            arguments[self.var_keyword] = {**extra, name: value}
 
     def _check_extra_keywords(self, arguments: dict) -> None:
         """Keywords that reach ``forward``'s ``**kwargs`` (transformers' ``output_hidden_states``,
@@ -108,6 +152,7 @@ class InputBinder:
         except TypeError as exc:
             raise TypeError(f"{self.model_name}.forward: {exc}") from None
         refuse_use_cache(self.model, bound.arguments, "this call")
+        self._settle_switches(bound.arguments)
         for name, default in self.pinned.items():
             if name in bound.arguments and bound.arguments[name] is not default and bound.arguments[name] != default:
                 raise ValueError(f"argument '{name}' was fixed to {default!r} when the model was compiled; "
@@ -190,6 +235,12 @@ class InputBinder:
         if self.out_spec is None:
             return graph_output
         return pytree.tree_unflatten(list(graph_output), self.out_spec)
+
+
+def _restarts_mid_row(position_ids: Any) -> bool:
+    """Whether ``position_ids`` (a tensor) fail to count up by one somewhere along a row."""
+    return isinstance(position_ids, torch.Tensor) and position_ids.dim() > 0 and position_ids.shape[-1] > 1 and bool(
+        (position_ids.diff(dim=-1) != 1).any())
 
 
 def fixed_input_sizes(gm: fx.GraphModule) -> list[dict[int, int]]:
