@@ -220,6 +220,22 @@ def test_a_plan_with_leaf_classes_is_not_written_to_a_file(tmp_path, suffix):
     assert not path.exists()
 
 
+def test_a_program_compiled_with_leaf_classes_saves_them_as_the_paths_they_named(tmp_path):
+    """The checkpoint's plan file names each leaf class's modules by path: the same leaves, and
+    a file that reads back as a plan."""
+    from moesys_compile.models import build
+    from moesys_compile.models.transformer import Attention
+
+    model = build("tiny-moe")
+    program = mc.compile(model, Plan(mode="train", leaf_modules=[Attention, "embed"]),
+                         example_inputs=(torch.randint(0, 100, (2, 8)),))
+    program.save(tmp_path / "ckpt")
+    saved = Plan.from_file(tmp_path / "ckpt" / "plan.yaml")
+    attention = [name for name, module in model.named_modules() if isinstance(module, Attention)]
+    assert len(attention) == len(model.layers) and saved.leaf_modules == ("embed", *attention)
+    assert program.plan.leaf_modules == (Attention, "embed")
+
+
 # -- 9. kernels='triton' where Triton cannot run -----------------------------------------------------
 
 

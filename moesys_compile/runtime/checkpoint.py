@@ -36,6 +36,7 @@ meta.json promises) is a ``CheckpointError`` naming it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -158,12 +159,25 @@ def save(program, directory: str, optimizer: Optional[torch.optim.Optimizer] = N
     _fault("shards_written")
     _barrier()
     if topo.rank == 0:
-        program.plan.to_file(tmp / PLAN)
+        _plan_by_paths(program).to_file(tmp / PLAN)
         (tmp / META).write_text(json.dumps(_meta(program, aliases, optimizer, dict(extra or {})), indent=1))
         _fault("before_swap")
         _swap(tmp, target, token)
     _barrier()
     return target
+
+
+def _plan_by_paths(program):
+    """The program's plan with each class in ``leaf_modules`` replaced by the paths of the model's
+    modules of that class (the modules it made leaves when the program was compiled), as a plan
+    file holds them."""
+    plan = program.plan
+    classes = tuple(leaf for leaf in plan.leaf_modules if isinstance(leaf, type))
+    if not classes:
+        return plan
+    paths = [name for name, module in program.context.model.named_modules() if name and isinstance(module, classes)]
+    named = [leaf for leaf in plan.leaf_modules if isinstance(leaf, str)]
+    return dataclasses.replace(plan, leaf_modules=tuple(dict.fromkeys(named + paths)))
 
 
 def _expert_ranges(program) -> dict[str, str]:
