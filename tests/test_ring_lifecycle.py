@@ -228,3 +228,21 @@ def test_generate_edges(lowered):
     for ids, new in ((one_token, 3), (one_token, 1), (IDS, 2)):
         assert torch.equal(program.generate(ids, new), eager_generate(model, ids, new))
     program.close()
+
+
+def test_a_ring_lowered_again_reads_finer_expert_groups_from_the_stored_ones(tmp_path):
+    """A call too large for the compiled ring gets one with smaller slots, whose expert groups
+    are finer: their rows are read from the groups already on disk, not written a second time."""
+    torch.manual_seed(0)
+    model = mc.models.build("tiny-moe", num_experts=8, dim=128, ffn_dim=512).eval()
+    plan = mc.Plan(mode="infer", device_budget=int(model_bytes(model) * 0.4), weights="disk", offload_dir=str(tmp_path))
+    program = mc.compile(model, plan, example_inputs=(IDS,))
+    stored, files = program.store.nbytes, sorted(tmp_path.iterdir())
+    groups = {key for key in program.store.locations if "[" in key}
+    longer = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        torch.testing.assert_close(program(longer), model(longer), rtol=0, atol=1e-6)
+    assert program.stats["compiled_for"] == (2, 24)
+    finer = {key for key in program.store.locations if "[" in key} - groups
+    assert groups and finer, "the call's ring groups the experts otherwise than the compiled one"
+    assert program.store.nbytes == stored == model_bytes(model) and sorted(tmp_path.iterdir()) == files

@@ -40,7 +40,7 @@ from torch import nn
 
 from ..errors import warn_user
 from .quantized import dequantizing_reader, fp8_block_size
-from .storage import OFFLOAD_FILE, Rows, Source, StorageError
+from .storage import OFFLOAD_FILE, Rows, Source, StorageError, slice_key
 
 
 def row_range(tensor: torch.Tensor, rows: Rows) -> torch.Tensor:
@@ -289,6 +289,6 @@ def missing_tensor(root: Path, name: str, candidates: list[str], present: set[st
 def sliced(source: Source) -> Source:
     """A source that also serves ``name[lo:hi]`` (rows lo..hi of ``name``, e.g. an expert group)."""
     def read(key: str) -> torch.Tensor:
-        match = re.fullmatch(r"(.+)\[(\d+):(\d+)\]", key)
-        return source(match.group(1), (int(match.group(2)), int(match.group(3)))) if match else source(key)
+        rows = slice_key(key)
+        return source(rows[0], rows[1:]) if rows else source(key)
     return read

@@ -24,6 +24,7 @@ import struct
 import uuid
 import warnings
 import weakref
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Optional
@@ -38,6 +39,14 @@ ALIGN = 64
 Rows = Optional[tuple[int, int]]
 Source = Callable[..., torch.Tensor]      # (name, rows: Rows = None) -> tensor
 OFFLOAD_FILE = re.compile(r"ring-[0-9a-f]{8}-\d{5}\.safetensors")     # WeightStore's files, never a checkpoint's
+SLICE_KEY = re.compile(r"(.+)\[(\d+):(\d+)\]")        # ``name[lo:hi]``: rows lo..hi of ``name``
+
+
+def slice_key(key: str) -> Optional[tuple[str, int, int]]:
+    """``(name, lo, hi)`` of a key naming rows of a tensor (``w_up[0:4]``, an expert group); None
+    for a key naming a whole tensor."""
+    match = SLICE_KEY.fullmatch(key)
+    return (match.group(1), int(match.group(2)), int(match.group(3))) if match else None
 
 
 class StorageError(MoesysError):
@@ -90,6 +99,8 @@ class WeightStore:
         self._groups = 0
         self.files: list[Path] = []
         self.token = uuid.uuid4().hex[:8]    # file names of this store: never reuse a mapped file
+        self._rows: dict[str, list[tuple[int, int, Location]]] = {}   # name -> (lo, hi, location) stored
+        self._stored_bytes = 0
         weakref.finalize(self, _remove, self.files)
 
     def __contains__(self, name: str) -> bool:
@@ -104,11 +115,17 @@ class WeightStore:
 
     @property
     def nbytes(self) -> int:
-        return sum(loc.nbytes for loc in self.locations.values())
+        """Bytes the store holds (rows read from a stored tensor's bytes count once)."""
+        return self._stored_bytes
 
     def add(self, names: Iterable[str], source: Source, dtype: Optional[torch.dtype] = None, pin: bool = False) -> None:
-        """Stage the named tensors not stored yet as one group (one buffer, or one file)."""
-        fresh = [n for n in dict.fromkeys(names) if n not in self.locations]
+        """Stage the named tensors not stored yet as one group (one buffer, or one file). Rows
+        ``name[lo:hi]`` that a stored tensor of ``name`` holds (whole, or rows around them, as when
+        a ring lowered again groups experts more finely) are read from its bytes, not stored again."""
+        fresh = []
+        for name in dict.fromkeys(names):
+            if name not in self.locations and not self._rows_stored(name, dtype):
+                fresh.append(name)
         if not fresh:
             return
         tensors = {name: _prepare(source(name), dtype) for name in fresh}
@@ -119,6 +136,27 @@ class WeightStore:
         else:
             _stage_host(self, tensors, pin)
         self._groups += 1
+        for name in fresh:
+            held = self.locations[name]
+            self._stored_bytes += held.nbytes
+            base, lo, hi = slice_key(name) or (name, 0, held.shape[0] if held.shape else 0)
+            if hi > lo:
+                self._rows.setdefault(base, []).append((lo, hi, held))
+
+    def _rows_stored(self, key: str, dtype: Optional[torch.dtype]) -> bool:
+        """Whether rows ``key`` (``name[lo:hi]``) lie in a stored tensor of ``name`` (in ``dtype``);
+        if so their location is that tensor's bytes of those rows."""
+        parsed = slice_key(key)
+        if parsed is None:
+            return False
+        base, lo, hi = parsed
+        for start, stop, held in self._rows.get(base, ()):
+            if start <= lo and hi <= stop and (dtype is None or not held.dtype.is_floating_point or held.dtype == dtype):
+                row_bytes = held.nbytes // (stop - start)
+                self.locations[key] = dataclasses.replace(held, offset=held.offset + (lo - start) * row_bytes,
+                                                          nbytes=(hi - lo) * row_bytes, shape=(hi - lo, *held.shape[1:]))
+                return True
+        return False
 
 
 # ---------------------------------------------------------------------------------------------
