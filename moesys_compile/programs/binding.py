@@ -94,10 +94,9 @@ class InputBinder:
             elif name == "use_cache":
                 raise ValueError(f"{self.model_name}.forward: use_cache resolves to {resolved} in this call but to "
                                  f"{compiled} in the example, and its position_ids restart mid-row: transformers "
-                                 f"reads those as packed sequences only without a cache, so "
-                                 f"the program keeps the example's reading; "
-                                 + ("leave use_cache out, as the example did" if compiled else
-                                    "pass use_cache=False, as the example did"))
+                                 f"reads those as packed sequences only without a cache, so the program keeps the "
+                                 f"example's reading; "
+                                 + ("leave use_cache out" if compiled else "pass use_cache=False") + ", as it did")
 
     def _restate(self, arguments: dict, name: str, value: Any) -> None:
         """Keyword ``name`` in bound ``arguments`` set to ``value`` where the signature takes it

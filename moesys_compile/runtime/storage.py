@@ -24,8 +24,7 @@ import struct
 import uuid
 import warnings
 import weakref
-import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
@@ -124,8 +123,13 @@ class WeightStore:
         a ring lowered again groups experts more finely) are read from its bytes, not stored again."""
         fresh = []
         for name in dict.fromkeys(names):
-            if name not in self.locations and not self._rows_stored(name, dtype):
+            if name in self.locations:
+                continue
+            within = self._within_stored(name, dtype)
+            if within is None:
                 fresh.append(name)
+            else:
+                self.locations[name] = within
         if not fresh:
             return
         tensors = {name: _prepare(source(name), dtype) for name in fresh}
@@ -143,20 +147,19 @@ class WeightStore:
             if hi > lo:
                 self._rows.setdefault(base, []).append((lo, hi, held))
 
-    def _rows_stored(self, key: str, dtype: Optional[torch.dtype]) -> bool:
-        """Whether rows ``key`` (``name[lo:hi]``) lie in a stored tensor of ``name`` (in ``dtype``);
-        if so their location is that tensor's bytes of those rows."""
+    def _within_stored(self, key: str, dtype: Optional[torch.dtype]) -> Optional[Location]:
+        """Where rows ``key`` (``name[lo:hi]``) lie inside a stored tensor of ``name`` (in
+        ``dtype``): that tensor's bytes of those rows; None where no stored tensor holds them all."""
         parsed = slice_key(key)
         if parsed is None:
-            return False
+            return None
         base, lo, hi = parsed
         for start, stop, held in self._rows.get(base, ()):
             if start <= lo and hi <= stop and (dtype is None or not held.dtype.is_floating_point or held.dtype == dtype):
                 row_bytes = held.nbytes // (stop - start)
-                self.locations[key] = dataclasses.replace(held, offset=held.offset + (lo - start) * row_bytes,
-                                                          nbytes=(hi - lo) * row_bytes, shape=(hi - lo, *held.shape[1:]))
-                return True
-        return False
+                return replace(held, offset=held.offset + (lo - start) * row_bytes, nbytes=(hi - lo) * row_bytes,
+                               shape=(hi - lo, *held.shape[1:]))
+        return None
 
 
 # ---------------------------------------------------------------------------------------------
