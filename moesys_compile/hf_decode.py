@@ -56,11 +56,39 @@ def _stacked(cache) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack(keys, 1), torch.stack(values, 1)
 
 
+# what a cache layer keeps besides (or instead of) one key and one value tensor, by the attribute
+# transformers' layer classes hold it in
+NOT_KV_ONLY = (("recurrent_states", "convolution and recurrent states"), ("indexer_keys", "indexer keys"))
+
+
+def refuse_cache_layers(model: nn.Module) -> None:
+    """Raise ``NotCacheable`` naming the layers where the model's own cache (``DynamicCache(config=
+    model.config)``) is not one key and one value tensor: Mamba and linear-attention layers
+    (Jamba, GraniteMoeHybrid, MiniMax; with or without keys and values beside them) keep
+    convolution and recurrent states, sparse-attention layers (DeepSeek-V3.2, GLM-MoE-DSA) keep
+    indexer keys too. Captured with a key/value cache, such a model fails inside its own code with
+    an error naming neither (an ``IndexError`` of the cache's layer list). Not checked where
+    ``DynamicCache`` takes no config or cannot build one from this config."""
+    cache_class = sys.modules["transformers"].DynamicCache
+    if "config" not in inspect.signature(cache_class.__init__).parameters:
+        return
+    try:
+        layers = list(cache_class(config=model.config).layers)
+    except Exception:  # noqa: BLE001 - a config the cache cannot read: capture decides
+        return
+    for attribute, kept in NOT_KV_ONLY:
+        found = {index: type(layer).__name__ for index, layer in enumerate(layers) if hasattr(layer, attribute)}
+        if found:
+            raise NotCacheable(f"its cache layer(s) {sorted(found)} ({', '.join(sorted(set(found.values())))}) "
+                               f"keep {kept}, not only one key and one value tensor")
+
+
 class CachedDecoding(nn.Module):
     """A Hugging Face causal LM (``hf_model``) with its KV cache as tensors; see the module doc."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
+        refuse_cache_layers(model)
         self.hf_model = model
         accepted = inspect.signature(model.forward).parameters
         self.takes_positions = "position_ids" in accepted
