@@ -36,6 +36,7 @@ def prompts(batch: int = 2, seq: int = 6) -> torch.Tensor:
     ("granitemoehybrid", {}, r"layer\(s\) \[0\] \(LinearAttentionLayer\) keep convolution and recurrent states"),
     ("inkling", {}, r"layer\(s\) \[0, 1\] \(LinearAttentionAndSlidingWindowAttentionLayer\) keep convolution"),
     ("deepseek_v32", {}, r"layer\(s\) \[0, 1\] \(DynamicIndexedLayer\) keep indexer keys, not only one key"),
+    ("nemotron_h", {}, r"layer\(s\) \[0\] \(DummyLayer\) keep a cache of another kind"),
 ])
 def test_a_cache_of_other_layers_is_refused_by_layer(family, overrides, says):
     with pytest.raises(NotCacheable, match=says):
