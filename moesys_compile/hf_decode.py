@@ -56,11 +56,52 @@ def _stacked(cache) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack(keys, 1), torch.stack(values, 1)
 
 
+# what a cache layer keeps besides (or instead of) one key and one value tensor, by the attribute
+# transformers' layer classes hold it in; other layer classes than KV_LAYERS keep a cache of their own
+NOT_KV_ONLY = (("recurrent_states", "convolution and recurrent states"), ("indexer_keys", "indexer keys"))
+KV_LAYERS = ("DynamicLayer", "DynamicSlidingWindowLayer")
+
+
+def _kept(layer) -> Optional[str]:
+    """What a cache layer keeps where it is not one key and one value tensor; None where it is."""
+    for attribute, kept in NOT_KV_ONLY:
+        if hasattr(layer, attribute):
+            return kept
+    return None if type(layer).__name__ in KV_LAYERS else "a cache of another kind"
+
+
+def refuse_cache_layers(model: nn.Module) -> None:
+    """Raise ``NotCacheable`` naming the layers where the model's own cache (``DynamicCache(config=
+    model.config)``) is not one key and one value tensor: Mamba and linear-attention layers
+    (Jamba, GraniteMoeHybrid, MiniMax; with or without keys and values beside them) keep
+    convolution and recurrent states, sparse-attention layers (DeepSeek-V3.2, GLM-MoE-DSA) keep
+    indexer keys too, DeepSeek-V4's compressed attention and Nemotron-H's layers without attention
+    keep caches of other classes. Captured with a key/value cache, such a model fails inside its
+    own code with an error naming neither (an ``IndexError`` of the cache's layer list). Not
+    checked where ``DynamicCache`` takes no config or cannot build one from this config."""
+    cache_class = sys.modules["transformers"].DynamicCache
+    if "config" not in inspect.signature(cache_class.__init__).parameters:
+        return
+    try:
+        layers = list(cache_class(config=model.config).layers)
+    except Exception:  # noqa: BLE001 - a config the cache cannot read: capture decides
+        return
+    found: dict[str, dict[int, str]] = {}
+    for index, layer in enumerate(layers):
+        if (kept := _kept(layer)) is not None:
+            found.setdefault(kept, {})[index] = type(layer).__name__
+    if found:                                     # the first kind found, with every layer of it
+        kept, named = next(iter(found.items()))
+        raise NotCacheable(f"its cache layer(s) {sorted(named)} ({', '.join(sorted(set(named.values())))}) "
+                           f"keep {kept}, not only one key and one value tensor")
+
+
 class CachedDecoding(nn.Module):
     """A Hugging Face causal LM (``hf_model``) with its KV cache as tensors; see the module doc."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
+        refuse_cache_layers(model)
         self.hf_model = model
         accepted = inspect.signature(model.forward).parameters
         self.takes_positions = "position_ids" in accepted
