@@ -57,9 +57,8 @@ def _stacked(cache) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # what a cache layer keeps besides (or instead of) one key and one value tensor, by the attribute
-# transformers' layer classes hold it in; other layer classes than KV_LAYERS keep a cache of their own
+# transformers' layer classes hold it in; a layer that is no DynamicLayer keeps a cache of its own
 NOT_KV_ONLY = (("recurrent_states", "convolution and recurrent states"), ("indexer_keys", "indexer keys"))
-KV_LAYERS = ("DynamicLayer", "DynamicSlidingWindowLayer")
 
 
 def _kept(layer) -> Optional[str]:
@@ -67,7 +66,10 @@ def _kept(layer) -> Optional[str]:
     for attribute, kept in NOT_KV_ONLY:
         if hasattr(layer, attribute):
             return kept
-    return None if type(layer).__name__ in KV_LAYERS else "a cache of another kind"
+    key_value_layer = getattr(sys.modules["transformers"].cache_utils, "DynamicLayer", None)
+    if key_value_layer is None or isinstance(layer, key_value_layer):   # no layer classes: cannot tell
+        return None
+    return "a cache of another kind"
 
 
 def refuse_cache_layers(model: nn.Module) -> None:
