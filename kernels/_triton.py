@@ -9,6 +9,7 @@ module is imported: ``TRITON_INTERPRET=1`` must be in the environment before the
 ``import moesys_compile.kernels`` for the kernels to run on CPU tensors.
 """
 
+import functools
 import os
 import types
 from typing import Optional
@@ -52,12 +53,36 @@ def triton_unavailable(device) -> Optional[str]:
         return None if torch.cuda.is_available() else "torch has no CUDA device"
     if device.type == "cpu":
         if INTERPRET:
-            return None
+            return _interpreter_defect()
         if _interpret_env():
             return ("TRITON_INTERPRET=1 was set only after moesys_compile.kernels was first imported (Triton reads "
                     "it then; set it before that import, in the shell or at the top of the script)")
         return "Triton runs on CPU tensors only under TRITON_INTERPRET=1"
     return f"there is no Triton backend for device type {device.type!r}"
+
+
+@triton.jit
+def _loop_bound_probe_kernel(out_ptr, n):
+    total = 0
+    for _ in range(0, n, 1):     # a loop bound that is a kernel argument, as every kernel here has
+        total += 1
+    tl.store(out_ptr, total)
+
+
+@functools.lru_cache(maxsize=None)
+def _interpreter_defect() -> Optional[str]:
+    """None where Triton's interpreter runs a loop over a kernel argument, else why not: Triton
+    3.6's interpreter reads such a bound as ``int()`` of a one-element array, which numpy 2.4
+    refuses. Probed once, with a three-step loop."""
+    out = torch.zeros(1, dtype=torch.int32)
+    try:
+        _loop_bound_probe_kernel[(1,)](out, 3)
+    except Exception as exc:  # noqa: BLE001 - whatever it raises, the kernels would raise it too
+        import numpy
+        cause = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return (f"triton {triton.__version__}'s interpreter cannot run a loop over a kernel argument with numpy "
+                f"{numpy.__version__} ({cause}); install numpy<2.4, or a newer triton")
+    return None if int(out) == 3 else f"triton {triton.__version__}'s interpreter ran a 3-step loop {int(out)} times"
 
 
 def check_triton(*tensors: torch.Tensor) -> None:

@@ -18,9 +18,8 @@ import sympy
 import torch
 import torch.fx as fx
 
-from moesys_compile.errors import PassError, PlanError, torch_logs_silenced
-from moesys_compile.frontend.annotation import CostModel, MemoFakeProp, bound_unbacked_sizes
-from moesys_compile.frontend.modes import grad_mode_kept
+from moesys_compile.errors import PassError, PlanError
+from moesys_compile.frontend.annotation import CostModel, MemoFakeProp, bound_unbacked_sizes, symbolic_propagation
 from moesys_compile.ir import moesys_meta, tensors_in
 from moesys_compile.passes.ring_units import model_tensor_ids, node_state
 
@@ -85,7 +84,7 @@ def propagate_in_ring_dtype(gm: fx.GraphModule, ctx) -> Optional[torch.dtype]:
     before = {node: list(tensors_in(node.meta.get("val"))) for node in gm.graph.nodes}
     prop = RingDtypeProp(gm, mode, home, dtype, model_tensor_ids(ctx.model))
     try:
-        with torch_logs_silenced("torch._subclasses.fake_tensor"), grad_mode_kept():
+        with symbolic_propagation():
             prop.propagate_dont_convert_inputs(*inputs)
     except Exception as exc:
         node = prop.current

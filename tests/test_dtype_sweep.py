@@ -191,3 +191,18 @@ def test_ids_of_a_dtype_the_model_cannot_embed_are_named_at_any_size():
                                         r"'indices'.*pass ids_BS as torch.int64"):
         program(IDS[:3, :5].to(torch.int16))
 
+
+
+def test_a_call_that_fails_in_a_ring_lowered_for_it_leaves_the_compiled_ring_serving():
+    """The ring lowered for a larger call is dropped when that call fails (an id past the
+    vocabulary), so the program is as it was: its forward graph the compiled one."""
+    torch.manual_seed(0)
+    model = mc.models.build("tiny-moe", dim=32, n_layers=1, vocab_size=100, num_experts=4, moe_ffn_dim=32).eval()
+    program = mc.compile(model, mc.Plan(mode="infer", device_budget=model_bytes(model)), example_inputs=(IDS[:2, :6],))
+    compiled = program.forward_graph
+    bad = IDS[:3, :12].clone()
+    bad[1, 3] = 100
+    with pytest.raises(IndexError):
+        program(bad)
+    assert program.forward_graph is compiled
+    torch.testing.assert_close(program(IDS[:3, :5]), model(IDS[:3, :5]), rtol=1e-5, atol=1e-5)

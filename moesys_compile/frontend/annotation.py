@@ -23,6 +23,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 from torch._decomp import decomposition_table
+from torch._dispatch.python import enable_python_dispatcher
 from torch._subclasses.fake_tensor import (DataDependentOutputException, FakeTensor, FakeTensorMode,
                                           unset_fake_temporarily)
 from torch.fx.experimental.symbolic_shapes import (DimDynamic, GuardOnDataDependentSymNode, ShapeEnv,
@@ -376,6 +377,16 @@ def _check_still_symbolic(mode: FakeTensorMode, symbol_map: dict, fixed_by: dict
                          f"{'; '.join(places)}")
 
 
+@contextlib.contextmanager
+def symbolic_propagation() -> Iterator[None]:
+    """What propagation on symbolic sizes runs under: fake-tensor logs silenced, grad mode kept,
+    and torch's composite ops (``linear``, ``matmul``) run as their Python decompositions, which
+    keep sizes symbolic on every torch this supports (the C++ ``matmul`` of torch 2.11 reads
+    ``numel()`` of a symbolic 3-d input and fails)."""
+    with torch_logs_silenced("torch._subclasses.fake_tensor"), grad_mode_kept(), enable_python_dispatcher():
+        yield
+
+
 def propagate_shapes(gm: fx.GraphModule, flat_inputs: Sequence[Any], named_dims: Optional[dict] = None) -> Annotation:
     """FakeTensor propagation, symbolic in B and S (the inputs' dims: ``input_dims``); static
     shapes when symbolic propagation fails."""
@@ -387,7 +398,7 @@ def propagate_shapes(gm: fx.GraphModule, flat_inputs: Sequence[Any], named_dims:
         node.meta.pop("unbacked_bindings", None)
     symbolic = MemoFakeProp(gm, mode, home)
     try:
-        with torch_logs_silenced("torch._subclasses.fake_tensor"), grad_mode_kept():   # a failure: static shapes
+        with symbolic_propagation():   # a failure: static shapes
             fakes, symbol_map = _symbolic_inputs(flat_inputs, dims, mode)
             symbolic.propagate_dont_convert_inputs(*fakes)
             _check_still_symbolic(mode, symbol_map, symbolic.fixed_by)

@@ -727,10 +727,27 @@ class RingProgram(Program):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         with self._lock:
+            before = (self._forward_key, self._forward_graph)
             runtime, flat_inputs, call_plan = self._runtime_for_call(args, kwargs)
-            (output, aux_loss), self.stats = runtime(flat_inputs, call_plan)
+            try:
+                (output, aux_loss), self.stats = runtime(flat_inputs, call_plan)
+            except Exception as exc:
+                self._forward_kept(before)
+                refusal_of_dtype = self._input_of_another_dtype(args, kwargs, exc)
+                if refusal_of_dtype is None:
+                    raise
+                raise refusal_of_dtype from exc
             self.aux_loss = aux_loss
             return self._forward_graph[1].extras["binder"].model_output(output)
+
+    def _forward_kept(self, before: tuple) -> None:
+        """After a call failed: a ring lowered for it is dropped, and the forward graph from
+        ``before`` (its key and graph) serves later calls again, as if the call had not been made."""
+        if self._forward_key != before[0]:
+            dropped = self._runtimes.pop(self._forward_key, None)
+            if dropped is not None:
+                dropped.close()
+            self._forward_key, self._forward_graph = before
 
     def _runtime_for_call(self, args: tuple, kwargs: dict) -> tuple[RingRuntime, list, tuple]:
         """The forward ring, the call's graph inputs and its ``plan_call``. A call that fits neither the compiled
@@ -799,9 +816,10 @@ class RingProgram(Program):
             f"for it ({'; '.join(causes)}); pass fewer sequences per call or raise Plan.device_budget")
 
     def _input_of_another_dtype(self, args: tuple, kwargs: dict, failure: Exception) -> Optional[TypeError]:
-        """Where lowering a ring for a call failed (``failure``) and the call passed a tensor in another
-        dtype than the program was compiled with (int16 token ids for int64 ones): that tensor's dtype
-        is the cause, named with the model's own error; None where every dtype is the compiled one."""
+        """Where lowering a ring for a call, or running it, failed (``failure``) and the call passed a
+        tensor in another dtype than the program was compiled with (int16 token ids for int64 ones):
+        that tensor's dtype is the cause, named with the model's own error; None where every dtype
+        is the compiled one."""
         gm, ctx = self._forward_graph
         binder = ctx.extras["binder"]
         flat = binder.graph_inputs(args, kwargs)
