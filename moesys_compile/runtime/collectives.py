@@ -27,6 +27,7 @@ A rank or an expert that receives no rows exchanges empty blocks and computes no
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -288,8 +289,8 @@ register_autograd(global_load_balancing_loss, _glbl_backward, setup_context=_glb
 
 
 @torch.library.custom_op("moesys::global_load_balancing_losses", mutates_args=())
-def global_load_balancing_losses(scores: list[Tensor], ids: list[Tensor], coefs: list[float],
-                                 group: str) -> tuple[Tensor, Tensor]:
+def global_load_balancing_losses(scores: Sequence[Tensor], ids: Sequence[Tensor], coefs: Sequence[float],
+                                 group: str) -> tuple[Tensor, Tensor]:   # typing.Sequence: torch 2.5 reads no list[T]
     """``global_load_balancing_loss`` of n layers with one all-reduce in forward and one in
     backward (instead of n each): the layers' losses [n], and their global statistics
     concatenated (layer i: 2 * E_i + 2 values)."""
