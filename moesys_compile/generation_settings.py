@@ -48,6 +48,19 @@ _UNSUPPORTED = (
     ("return_dict_in_generate", lambda v: bool(v), "generate returns the token ids only"),
 )
 
+# Arguments of model.generate besides the GenerationConfig fields that generate does not take:
+# (argument, why).
+_GENERATE_ARGUMENTS = (
+    ("logits_processor", "logits processors of your own are not applied"),
+    ("stopping_criteria", "stopping criteria of your own are not applied"),
+    ("prefix_allowed_tokens_fn", "constrained decoding is not implemented"),
+    ("assistant_model", "assisted decoding is not implemented"),
+    ("negative_prompt_ids", "classifier-free guidance runs the model a second time without the prompt"),
+    ("negative_prompt_attention_mask", "classifier-free guidance runs the model a second time without the prompt"),
+    ("custom_generate", "it decodes with its own greedy loop"),
+    ("inputs_embeds", "it decodes from token ids (pass them as ids)"),
+)
+
 # GenerationConfig fields behind each decoding mode that is not greedy search.
 _MODE_FIELDS = {"beam_search": "num_beams", "group_beam_search": "num_beams, num_beam_groups",
                 "constrained_beam_search": "constraints, force_words_ids", "contrastive_search": "penalty_alpha, top_k",
@@ -63,8 +76,9 @@ def generation_settings(model: nn.Module, overrides: dict[str, Any]):
     greedy.
 
     Contract: refuses (ValueError naming the field and the fix) ``do_sample=True`` passed here, a
-    name that is no GenerationConfig field, a decoding mode other
-    than greedy search (``num_beams`` > 1, ...) and a setting in ``_UNSUPPORTED``; ``do_sample``
+    name that is no GenerationConfig field, an argument of ``model.generate`` in
+    ``_GENERATE_ARGUMENTS`` (``logits_processor``, ...), a decoding mode other than greedy search
+    (``num_beams`` > 1, ...) and a setting in ``_UNSUPPORTED``; ``do_sample``
     and the sampling settings (temperature, top_k, top_p, ...) in the model's config are ignored,
     since ``generate`` is greedy by definition."""
     overrides = dict(overrides)
@@ -82,13 +96,24 @@ def generation_settings(model: nn.Module, overrides: dict[str, Any]):
     base = getattr(model, "generation_config", None)
     if base is not None:
         config.update(**base.to_dict(), defaults_only=True, allow_custom_entries=True)
+    _refuse_generate_arguments(overrides)
     unknown = config.update(**overrides)
     if unknown:
         raise ValueError(f"generate({', '.join(f'{k}=...' for k in unknown)}): not a generation setting (a "
-                         f"GenerationConfig field); program.generate takes ids, max_new_tokens, attention_mask and "
-                         f"generation settings only")
+                         f"GenerationConfig field); program.generate takes ids, max_new_tokens, attention_mask, streamer "
+                         f"and generation settings only")
     _check_greedy(model, config, overrides)
     return config
+
+
+def _refuse_generate_arguments(overrides: dict) -> None:
+    """Refuse, by name, an argument of ``model.generate`` in ``_GENERATE_ARGUMENTS`` (None, as
+    leaving it out, is taken); ``overrides`` then holds no such argument."""
+    for name, why in _GENERATE_ARGUMENTS:
+        if overrides.get(name) is not None:
+            raise ValueError(f"generate({name}=...): program.generate does not take this argument of model.generate: "
+                             f"{why}; drop it, or decode eagerly with model.generate")
+        overrides.pop(name, None)
 
 
 # transformers' model-agnostic default when no setting bounds the length: 20 new tokens
@@ -191,12 +216,17 @@ class GreedyChoice:
     float32, through the logits processors of the generation settings ``config`` (None: none)
     with the sequence so far, then the argmax; a sequence that has produced an end-of-sequence id
     gets the pad id from then on; decoding ends once all have. ``ids``, ``mask``: the prompts and
-    their padding (``mask`` all ones where there is none)."""
+    their padding (``mask`` all ones where there is none). ``streamer`` (transformers'
+    ``BaseStreamer``, e.g. ``TextStreamer``): given the prompts now and each chosen token, on the
+    CPU, as ``model.generate`` gives them; its ``end()`` is the caller's."""
 
-    def __init__(self, config, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int):
+    def __init__(self, config, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, streamer=None):
         self.eos, self.pad = stop_ids(config)
         self.processors = [] if config is None else logits_processors(config, ids, mask, max_new_tokens)
         self.done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+        self.streamer = streamer
+        if streamer is not None:
+            streamer.put(ids.cpu())
 
     def next_token(self, sequence: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         scores = logits[:, -1].to(dtype=torch.float32, device=sequence.device)
@@ -206,6 +236,8 @@ class GreedyChoice:
         if self.eos:
             token = torch.where(self.done, torch.tensor(self.pad, device=token.device), token)
             self.done |= torch.isin(token, torch.tensor(self.eos, device=token.device))
+        if self.streamer is not None:
+            self.streamer.put(token.cpu())
         return token
 
     @property
