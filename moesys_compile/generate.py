@@ -208,13 +208,23 @@ def greedy_decode(program, ids: torch.Tensor, max_new_tokens: Optional[int],
     mask = padding_mask(config, ids) if attention_mask is None else attention_mask
     try:
         out = _decode(program, ids, max_new_tokens, mask, config, streamer)
-    except (RingBudgetError, RingBudgetTooSmall):
-        if ids.shape[0] == 1 or streamer is not None:
+    except (RingBudgetError, RingBudgetTooSmall) as exc:
+        if ids.shape[0] == 1:
             raise
+        if streamer is not None:
+            raise _streamed_batch_refused(exc, ids.shape[0]) from exc
         return _decode_in_groups(program, ids, max_new_tokens, mask, config)
     if streamer is not None:
         streamer.end()
     return out
+
+
+def _streamed_batch_refused(exc: Exception, batch: int) -> RingBudgetError:
+    """The budget refusal ``exc`` of a batch decoded with a streamer, which the batch would have
+    escaped by being decoded in groups: the streamer is given every prompt's token at each step."""
+    return RingBudgetError(f"{exc} (a streamer is given the tokens of all {batch} prompts at each step, so a batch "
+                           f"with a streamer is decoded at once, not in groups of prompts as without one: pass fewer "
+                           f"prompts per call, or no streamer)")
 
 
 def _decode(program, ids: torch.Tensor, max_new_tokens: int, mask: Optional[torch.Tensor], config,

@@ -112,3 +112,17 @@ def test_prompts_that_are_no_integer_token_ids_are_refused_by_name(qwen3):
         program.generate(ids_of(5).float(), 2)
     with pytest.raises(ValueError, match="got a list\\); pass torch.tensor"):
         program.generate([[5, 6, 7]], 2)
+
+
+def test_a_streamed_batch_the_budget_cannot_hold_at_once_is_refused_with_the_reason():
+    """Without a streamer such a batch is decoded in groups (``test_new_user_infer.py``); with one
+    it would stream group by group, so it is refused, saying why and what to do."""
+    model = build_hf("qwen3_moe", num_hidden_layers=1).eval()
+    plan = mc.Plan(mode="infer", device_budget=model_bytes(model) // 2 + 2**17)
+    program = mc.compile(model, plan, example_inputs=(ids_of(6, batch=1, seq=4),))
+    ids, streamer = ids_of(7, batch=8, seq=32), RecordingStreamer()
+    with pytest.raises(mc.MoesysError, match="a streamer is given the tokens of all 8 prompts at each step, so a "
+                                             "batch with a streamer is decoded at once.*pass fewer prompts per call"):
+        program.generate(ids, 2, streamer=streamer, eos_token_id=None)
+    assert streamer.ends == 0
+    program.close()
