@@ -88,10 +88,11 @@ def generation_settings(model: nn.Module, overrides: dict[str, Any]):
     if isinstance(model, Transformer) or (getattr(model, "generation_config", None) is None and not overrides):
         return None
     from transformers import GenerationConfig
-    if overrides.get("do_sample"):
-        raise ValueError("generate(do_sample=True): program.generate decodes greedily (as model.generate("
-                         "do_sample=False)); drop do_sample, or sample eagerly with model.generate")
     given = overrides.pop("generation_config", None)
+    if given is not None and not isinstance(given, GenerationConfig):
+        raise TypeError(f"generate(generation_config=...): a transformers GenerationConfig is expected (got a "
+                        f"{type(given).__name__}); pass GenerationConfig(**settings), or the settings as keywords")
+    _refuse_sampling(given, overrides)
     config = copy.deepcopy(given) if given is not None else GenerationConfig()
     base = getattr(model, "generation_config", None)
     if base is not None:
@@ -102,8 +103,22 @@ def generation_settings(model: nn.Module, overrides: dict[str, Any]):
         raise ValueError(f"generate({', '.join(f'{k}=...' for k in unknown)}): not a generation setting (a "
                          f"GenerationConfig field); program.generate takes ids, max_new_tokens, attention_mask, streamer "
                          f"and generation settings only")
-    _check_greedy(model, config, overrides)
+    _check_greedy(model, config, overrides, given)
     return config
+
+
+def _refuse_sampling(given, overrides: dict) -> None:
+    """Refuse sampling asked for in this call: ``do_sample=True``, or a ``generation_config``
+    passed with ``do_sample=True`` and no ``do_sample=False`` over it (``model.generate`` would
+    sample with either)."""
+    if overrides.get("do_sample"):
+        raise ValueError("generate(do_sample=True): program.generate decodes greedily (as model.generate("
+                         "do_sample=False)); drop do_sample, or sample eagerly with model.generate")
+    if given is not None and getattr(given, "do_sample", False) and "do_sample" not in overrides:
+        raise ValueError("generate(generation_config=...): the config passed has do_sample=True, which asks for "
+                         "sampling, but program.generate decodes greedily (as model.generate(do_sample=False)); pass "
+                         "do_sample=False with it (its sampling settings are then ignored), or sample eagerly with "
+                         "model.generate")
 
 
 def _refuse_generate_arguments(overrides: dict) -> None:
@@ -153,11 +168,17 @@ def new_token_count(model: nn.Module, config, prompt: int, max_new_tokens: Optio
     return length - prompt
 
 
-def _check_greedy(model: nn.Module, config, overrides: dict) -> None:
-    """Refuse a config whose decoding is not greedy search, or that sets a field of ``_UNSUPPORTED``."""
+def _check_greedy(model: nn.Module, config, overrides: dict, given=None) -> None:
+    """Refuse a config whose decoding is not greedy search, or that sets a field of ``_UNSUPPORTED``,
+    naming where the field was set: ``overrides`` of the call, the ``generation_config`` passed
+    (``given``) or the model's."""
     def source(fields: str) -> str:
-        return "passed to generate" if any(f.strip() in overrides for f in fields.split(",")) else \
-            f"{type(model).__name__}.generation_config"
+        names = [field.strip() for field in fields.split(",")]
+        if any(name in overrides for name in names):
+            return "passed to generate"
+        if given is not None and any(name in given.to_diff_dict() for name in names):
+            return "in the generation_config passed to generate"
+        return f"{type(model).__name__}.generation_config"
     greedy = copy.copy(config)
     greedy.do_sample = False                       # generate is model.generate(do_sample=False)
     mode = greedy.get_generation_mode().value
