@@ -270,7 +270,7 @@ def padding_mask(config, ids: torch.Tensor) -> Optional[torch.Tensor]:
     """The mask ``model.generate`` infers for prompts passed without one: the pad id's positions
     masked out where the generation settings ``config`` have a pad id that is no end-of-sequence
     id and the prompts hold it; else None (every position counts)."""
-    pad = getattr(config, "pad_token_id", None)
+    pad = next(iter(_token_ids(getattr(config, "pad_token_id", None))), None)
     if pad is None or pad in stop_ids(config)[0] or not bool((ids == pad).any()):
         return None
     return (ids != pad).long()
@@ -278,8 +278,19 @@ def padding_mask(config, ids: torch.Tensor) -> Optional[torch.Tensor]:
 
 def stop_ids(config) -> tuple[list[int], Optional[int]]:
     """End-of-sequence ids and the pad id of generation settings (None: neither; transformers pads
-    with the first EOS id when there is no pad id)."""
-    eos = getattr(config, "eos_token_id", None)
-    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    pad = getattr(config, "pad_token_id", None)
-    return eos, pad if pad is not None else (eos[0] if eos else None)
+    with the first EOS id when there is no pad id), as Python ints however they were given (an
+    int, a NumPy integer, a list, a tensor of any dims, as ``model.generate`` takes them)."""
+    eos = _token_ids(getattr(config, "eos_token_id", None))
+    pad = _token_ids(getattr(config, "pad_token_id", None))
+    return eos, pad[0] if pad else (eos[0] if eos else None)
+
+
+def _token_ids(value) -> list[int]:
+    """Token ids given as None, an integer, a sequence of them or a tensor, as a list of ints."""
+    if value is None:
+        return []
+    if isinstance(value, torch.Tensor):
+        return [int(v) for v in value.flatten().tolist()]
+    if isinstance(value, (list, tuple)):
+        return [int(v) for v in value]
+    return [int(value)]

@@ -152,3 +152,21 @@ def test_a_decoding_mode_of_the_generation_config_passed_is_blamed_on_it(qwen3):
         program.generate(ids_of(9), generation_config=GenerationConfig(num_beams=2, max_new_tokens=2))
     with pytest.raises(TypeError, match="a transformers GenerationConfig is expected \\(got a dict\\)"):
         program.generate(ids_of(9), generation_config={"max_new_tokens": 2})
+
+
+@pytest.mark.parametrize("kind", ["0-d tensor", "numpy integer"])
+def test_an_end_of_sequence_id_given_as_a_scalar_tensor_or_numpy_integer_stops_as_in_transformers(qwen3, kind):
+    """``eos_token_id=out[0, 8]`` (a 0-d tensor) or a NumPy integer: 'iteration over a 0-d tensor'
+    or "'numpy.int64' object is not iterable" before; ``model.generate`` takes both."""
+    np = pytest.importorskip("numpy")
+    model, program = qwen3
+    ids = ids_of(10)
+    with torch.inference_mode():
+        free = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                              eos_token_id=None, pad_token_id=0)
+    eos = free[0, 8] if kind == "0-d tensor" else np.int64(free[0, 8])
+    with torch.inference_mode():
+        want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                              eos_token_id=eos, pad_token_id=0)
+    assert (want[0, 9:] == 0).all()
+    assert torch.equal(program.generate(ids, 6, eos_token_id=eos, pad_token_id=0), want)
