@@ -101,8 +101,8 @@ def generation_settings(model: nn.Module, overrides: dict[str, Any]):
     unknown = config.update(**overrides)
     if unknown:
         raise ValueError(f"generate({', '.join(f'{k}=...' for k in unknown)}): not a generation setting (a "
-                         f"GenerationConfig field); program.generate takes ids, max_new_tokens, attention_mask, streamer "
-                         f"and generation settings only")
+                         f"GenerationConfig field); program.generate takes ids, max_new_tokens, attention_mask, "
+                         f"streamer and generation settings only")
     _check_greedy(model, config, overrides, given)
     return config
 
