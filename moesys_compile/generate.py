@@ -110,15 +110,32 @@ def prompt_ids(ids: Optional[torch.Tensor], input_ids: Optional[torch.Tensor]) -
         raise TypeError("generate: the prompts were given twice, as ids and as input_ids=; pass one of them")
     if ids is None and input_ids is None:
         raise TypeError("generate: no prompts given; pass their token ids: generate(ids, max_new_tokens) or "
-                        "generate(input_ids=ids, max_new_tokens=n)")
+                        "generate(input_ids=ids, max_new_tokens=n) (it decodes from token ids, not inputs_embeds)")
     return ids if ids is not None else input_ids
 
 
 def _check_ids(ids: torch.Tensor) -> None:
-    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
-        got = f"shape {tuple(ids.shape)}" if isinstance(ids, torch.Tensor) else f"a {type(ids).__name__}"
-        raise ValueError(f"generate(ids, max_new_tokens): ids must be [batch, seq] token ids, a tensor (got "
-                         f"{got}); pass ids[None] for a single prompt")
+    """The prompts: a [batch, seq] tensor of integer token ids."""
+    if not isinstance(ids, torch.Tensor):
+        raise ValueError(f"generate(ids, max_new_tokens): ids must be [batch, seq] token ids, a tensor (got a "
+                         f"{type(ids).__name__}); pass torch.tensor(ids)")
+    if ids.dim() != 2:
+        raise ValueError(f"generate(ids, max_new_tokens): ids must be [batch, seq] token ids (got shape "
+                         f"{tuple(ids.shape)}); pass ids[None] for a single prompt")
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise TypeError(f"generate(ids, max_new_tokens): ids must be integer token ids (got {ids.dtype}); pass "
+                        f"ids.long()")
+
+
+def _check_mask(ids: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
+    """A padding mask has one entry per prompt token: a tensor of the prompts' [batch, seq] shape."""
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor) or mask.shape != ids.shape:
+        got = f"{tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else f"a {type(mask).__name__}"
+        raise ValueError(f"generate(attention_mask=...): the mask is {got} but the prompts are {tuple(ids.shape)}; "
+                         f"a padding mask has one entry per prompt token (1 a token, 0 padding): give it the "
+                         f"prompts' shape")
 
 
 def _check_decodable(model: nn.Module, ids: torch.Tensor, max_new_tokens: int) -> None:
@@ -174,30 +191,47 @@ def greedy_decode(program, ids: torch.Tensor, max_new_tokens: Optional[int],
     at once is decoded in groups of prompts (``_decode_in_groups``), each as ``model.generate``
     would decode it; a prompt that does not fit alone is refused. ``max_new_tokens`` None: from
     ``max_length`` or the model's ``generation_config``, as ``model.generate`` takes it
-    (``new_token_count``)."""
+    (``new_token_count``). ``streamer``: as ``model.generate``'s, given the prompts, then each
+    step's new tokens, then ``end()``; a batch streams at once, so it is not decoded in groups."""
     from .passes.ring_partition import RingBudgetTooSmall
     model = program.context.model
     _check_ids(ids)
     check_can_generate(model)
+    streamer = settings.pop("streamer", None)
     config = generation_settings(model, settings)
     max_new_tokens = new_token_count(model, config, ids.shape[1], max_new_tokens, settings.get("max_length"))
     _check_decodable(model, ids, max_new_tokens)
     if attention_mask is not None and isinstance(model, Transformer):
         raise ValueError("generate(attention_mask=...): the built-in models take no padding mask; decode prompts "
                          "of one length together (or one prompt at a time)")
+    _check_mask(ids, attention_mask)
     mask = padding_mask(config, ids) if attention_mask is None else attention_mask
     try:
-        return _decode(program, ids, max_new_tokens, mask, config)
-    except (RingBudgetError, RingBudgetTooSmall):
+        out = _decode(program, ids, max_new_tokens, mask, config, streamer)
+    except (RingBudgetError, RingBudgetTooSmall) as exc:
         if ids.shape[0] == 1:
             raise
-    return _decode_in_groups(program, ids, max_new_tokens, mask, config)
+        if streamer is not None:
+            raise _streamed_batch_refused(exc, ids.shape[0]) from exc
+        return _decode_in_groups(program, ids, max_new_tokens, mask, config)
+    if streamer is not None:
+        streamer.end()
+    return out
 
 
-def _decode(program, ids: torch.Tensor, max_new_tokens: int, mask: Optional[torch.Tensor], config) -> torch.Tensor:
+def _streamed_batch_refused(exc: Exception, batch: int) -> RingBudgetError:
+    """The budget refusal ``exc`` of a batch decoded with a streamer, which the batch would have
+    escaped by being decoded in groups: the streamer is given every prompt's token at each step."""
+    return RingBudgetError(f"{exc} (a streamer is given the tokens of all {batch} prompts at each step, so a batch "
+                           f"with a streamer is decoded at once, not in groups of prompts as without one: pass fewer "
+                           f"prompts per call, or no streamer)")
+
+
+def _decode(program, ids: torch.Tensor, max_new_tokens: int, mask: Optional[torch.Tensor], config,
+            streamer=None) -> torch.Tensor:
     if isinstance(program.context.model, Transformer):
-        return builtin_decode(program, ids, max_new_tokens)
-    return cached_decode(program, ids, max_new_tokens, mask, config)
+        return builtin_decode(program, ids, max_new_tokens, streamer)
+    return cached_decode(program, ids, max_new_tokens, mask, config, streamer)
 
 
 def _decode_in_groups(program, ids: torch.Tensor, max_new_tokens: int, mask: Optional[torch.Tensor],
@@ -255,22 +289,23 @@ def _stored_graphs(program, ids: torch.Tensor, max_new_tokens: int, mask: Option
     return _stored_cached_graphs(program, ids, torch.ones_like(ids) if mask is None else mask, max_new_tokens, room)
 
 
-def builtin_decode(program, ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+def builtin_decode(program, ids: torch.Tensor, max_new_tokens: int, streamer=None) -> torch.Tensor:
     """Greedy decoding of a built-in model: prefill and every step run the traced ``DecodeStep``
     graph through the program's ring (``_decode_step_graph``: reused by the later calls it
-    bounds)."""
+    bounds); each token the argmax of the last position's logits (``GreedyChoice`` without
+    settings)."""
     model = program.context.model
     dtype = _decode_dtype(program)
     key, lowered = _decode_step_graph(program, ids, max_new_tokens)
     runtime = program.runtime(key, lowered)
     runtime.check_shapes = False         # _decode_step_graph sized every step of the call
-    batch = ids.shape[0]
-    kv, step_ids, position, tokens, steps = empty_cache(model, batch, 0, dtype), ids, 0, [], []
+    choice = GreedyChoice(None, ids, torch.ones_like(ids), max_new_tokens, streamer)
+    kv, step_ids, position, tokens, steps = empty_cache(model, ids.shape[0], 0, dtype), ids, 0, [], []
     for _ in range(max_new_tokens):
         ((logits, kv), _aux), stats = runtime([step_ids, position, kv])
         steps.append(stats)
         position += step_ids.shape[1]
-        step_ids = logits[:, -1].argmax(-1, keepdim=True).to(ids.device)
+        step_ids = choice.next_token(ids, logits)[:, None]
         tokens.append(step_ids)
     program.stats = combine_stats(steps)
     program.stats["decode"] = "kv_cache"
@@ -346,7 +381,7 @@ def _decode_dtype(program) -> torch.dtype:
 
 
 def cached_decode(program, ids: torch.Tensor, max_new_tokens: int, attention_mask: Optional[torch.Tensor] = None,
-                  config=None) -> torch.Tensor:
+                  config=None, streamer=None) -> torch.Tensor:
     """Greedy decoding of a Hugging Face causal LM with its KV cache (``hf_decode``): the prompt
     through the prefill graph, then one token per step through the step graph, each through the
     ring; chooses, ends and pads as ``recompute_decode``. The graphs of an earlier call serve this one when
@@ -355,9 +390,9 @@ def cached_decode(program, ids: torch.Tensor, max_new_tokens: int, attention_mas
     mask = torch.ones_like(ids) if attention_mask is None else attention_mask
     graphs = _cached_graphs(program, ids, mask, max_new_tokens)
     if graphs is None:
-        return recompute_decode(program, ids, max_new_tokens, attention_mask, config)
+        return recompute_decode(program, ids, max_new_tokens, attention_mask, config, streamer)
     key, (prefill, step) = graphs
-    choice = GreedyChoice(config, ids, mask, max_new_tokens)
+    choice = GreedyChoice(config, ids, mask, max_new_tokens, streamer)
     prompt = ids.shape[1]
     logits, keys, values, stats = _cached_call(program, key + ("prefill",), prefill, (ids,), mask, prompt)
     steps, out = [stats], ids
@@ -498,7 +533,7 @@ def _cached_call(program, key: tuple, lowered: tuple, args: tuple, mask: torch.T
 
 
 def recompute_decode(program, ids: torch.Tensor, max_new_tokens: int, attention_mask: Optional[torch.Tensor] = None,
-                     config=None) -> torch.Tensor:
+                     config=None, streamer=None) -> torch.Tensor:
     """Greedy decoding of any causal LM (a Hugging Face model): every step one ring forward over
     the whole sequence so far, no KV cache, through a graph lowered at the longest step's length
     rounded up to a power of two (where the budget holds it), so that each step fits the
@@ -509,7 +544,7 @@ def recompute_decode(program, ids: torch.Tensor, max_new_tokens: int, attention_
     model = program.context.model
     graph = _recompute_graph(program, ids, max_new_tokens, attention_mask)
     choice = GreedyChoice(config, ids, torch.ones_like(ids) if attention_mask is None else attention_mask,
-                          max_new_tokens)
+                          max_new_tokens, streamer)
     steps, out, mask = [], ids, attention_mask
     for _ in range(max_new_tokens):
         key, lowered = graph or _length_graph(program, out, mask, ids, max_new_tokens)

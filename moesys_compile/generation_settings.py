@@ -48,6 +48,19 @@ _UNSUPPORTED = (
     ("return_dict_in_generate", lambda v: bool(v), "generate returns the token ids only"),
 )
 
+# Arguments of model.generate besides the GenerationConfig fields that generate does not take:
+# (argument, why).
+_GENERATE_ARGUMENTS = (
+    ("logits_processor", "logits processors of your own are not applied"),
+    ("stopping_criteria", "stopping criteria of your own are not applied"),
+    ("prefix_allowed_tokens_fn", "constrained decoding is not implemented"),
+    ("assistant_model", "assisted decoding is not implemented"),
+    ("negative_prompt_ids", "classifier-free guidance runs the model a second time without the prompt"),
+    ("negative_prompt_attention_mask", "classifier-free guidance runs the model a second time without the prompt"),
+    ("custom_generate", "it decodes with its own greedy loop"),
+    ("inputs_embeds", "it decodes from token ids (pass them as ids)"),
+)
+
 # GenerationConfig fields behind each decoding mode that is not greedy search.
 _MODE_FIELDS = {"beam_search": "num_beams", "group_beam_search": "num_beams, num_beam_groups",
                 "constrained_beam_search": "constraints, force_words_ids", "contrastive_search": "penalty_alpha, top_k",
@@ -63,8 +76,9 @@ def generation_settings(model: nn.Module, overrides: dict[str, Any]):
     greedy.
 
     Contract: refuses (ValueError naming the field and the fix) ``do_sample=True`` passed here, a
-    name that is no GenerationConfig field, a decoding mode other
-    than greedy search (``num_beams`` > 1, ...) and a setting in ``_UNSUPPORTED``; ``do_sample``
+    name that is no GenerationConfig field, an argument of ``model.generate`` in
+    ``_GENERATE_ARGUMENTS`` (``logits_processor``, ...), a decoding mode other than greedy search
+    (``num_beams`` > 1, ...) and a setting in ``_UNSUPPORTED``; ``do_sample``
     and the sampling settings (temperature, top_k, top_p, ...) in the model's config are ignored,
     since ``generate`` is greedy by definition."""
     overrides = dict(overrides)
@@ -74,21 +88,47 @@ def generation_settings(model: nn.Module, overrides: dict[str, Any]):
     if isinstance(model, Transformer) or (getattr(model, "generation_config", None) is None and not overrides):
         return None
     from transformers import GenerationConfig
-    if overrides.get("do_sample"):
-        raise ValueError("generate(do_sample=True): program.generate decodes greedily (as model.generate("
-                         "do_sample=False)); drop do_sample, or sample eagerly with model.generate")
     given = overrides.pop("generation_config", None)
+    if given is not None and not isinstance(given, GenerationConfig):
+        raise TypeError(f"generate(generation_config=...): a transformers GenerationConfig is expected (got a "
+                        f"{type(given).__name__}); pass GenerationConfig(**settings), or the settings as keywords")
+    _refuse_sampling(given, overrides)
     config = copy.deepcopy(given) if given is not None else GenerationConfig()
     base = getattr(model, "generation_config", None)
     if base is not None:
         config.update(**base.to_dict(), defaults_only=True, allow_custom_entries=True)
+    _refuse_generate_arguments(overrides)
     unknown = config.update(**overrides)
     if unknown:
         raise ValueError(f"generate({', '.join(f'{k}=...' for k in unknown)}): not a generation setting (a "
-                         f"GenerationConfig field); program.generate takes ids, max_new_tokens, attention_mask and "
-                         f"generation settings only")
-    _check_greedy(model, config, overrides)
+                         f"GenerationConfig field); program.generate takes ids, max_new_tokens, attention_mask, "
+                         f"streamer and generation settings only")
+    _check_greedy(model, config, overrides, given)
     return config
+
+
+def _refuse_sampling(given, overrides: dict) -> None:
+    """Refuse sampling asked for in this call: ``do_sample=True``, or a ``generation_config``
+    passed with ``do_sample=True`` and no ``do_sample=False`` over it (``model.generate`` would
+    sample with either)."""
+    if overrides.get("do_sample"):
+        raise ValueError("generate(do_sample=True): program.generate decodes greedily (as model.generate("
+                         "do_sample=False)); drop do_sample, or sample eagerly with model.generate")
+    if given is not None and getattr(given, "do_sample", False) and "do_sample" not in overrides:
+        raise ValueError("generate(generation_config=...): the config passed has do_sample=True, which asks for "
+                         "sampling, but program.generate decodes greedily (as model.generate(do_sample=False)); pass "
+                         "do_sample=False with it (its sampling settings are then ignored), or sample eagerly with "
+                         "model.generate")
+
+
+def _refuse_generate_arguments(overrides: dict) -> None:
+    """Refuse, by name, an argument of ``model.generate`` in ``_GENERATE_ARGUMENTS`` (None, as
+    leaving it out, is taken); ``overrides`` then holds no such argument."""
+    for name, why in _GENERATE_ARGUMENTS:
+        if overrides.get(name) is not None:
+            raise ValueError(f"generate({name}=...): program.generate does not take this argument of model.generate: "
+                             f"{why}; drop it, or decode eagerly with model.generate")
+        overrides.pop(name, None)
 
 
 # transformers' model-agnostic default when no setting bounds the length: 20 new tokens
@@ -128,11 +168,17 @@ def new_token_count(model: nn.Module, config, prompt: int, max_new_tokens: Optio
     return length - prompt
 
 
-def _check_greedy(model: nn.Module, config, overrides: dict) -> None:
-    """Refuse a config whose decoding is not greedy search, or that sets a field of ``_UNSUPPORTED``."""
+def _check_greedy(model: nn.Module, config, overrides: dict, given=None) -> None:
+    """Refuse a config whose decoding is not greedy search, or that sets a field of ``_UNSUPPORTED``,
+    naming where the field was set: ``overrides`` of the call, the ``generation_config`` passed
+    (``given``) or the model's."""
     def source(fields: str) -> str:
-        return "passed to generate" if any(f.strip() in overrides for f in fields.split(",")) else \
-            f"{type(model).__name__}.generation_config"
+        names = [field.strip() for field in fields.split(",")]
+        if any(name in overrides for name in names):
+            return "passed to generate"
+        if given is not None and any(name in given.to_diff_dict() for name in names):
+            return "in the generation_config passed to generate"
+        return f"{type(model).__name__}.generation_config"
     greedy = copy.copy(config)
     greedy.do_sample = False                       # generate is model.generate(do_sample=False)
     mode = greedy.get_generation_mode().value
@@ -191,12 +237,17 @@ class GreedyChoice:
     float32, through the logits processors of the generation settings ``config`` (None: none)
     with the sequence so far, then the argmax; a sequence that has produced an end-of-sequence id
     gets the pad id from then on; decoding ends once all have. ``ids``, ``mask``: the prompts and
-    their padding (``mask`` all ones where there is none)."""
+    their padding (``mask`` all ones where there is none). ``streamer`` (transformers'
+    ``BaseStreamer``, e.g. ``TextStreamer``): given the prompts now and each chosen token, on the
+    CPU, as ``model.generate`` gives them; its ``end()`` is the caller's."""
 
-    def __init__(self, config, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int):
+    def __init__(self, config, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, streamer=None):
         self.eos, self.pad = stop_ids(config)
         self.processors = [] if config is None else logits_processors(config, ids, mask, max_new_tokens)
         self.done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+        self.streamer = streamer
+        if streamer is not None:
+            streamer.put(ids.cpu())
 
     def next_token(self, sequence: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         scores = logits[:, -1].to(dtype=torch.float32, device=sequence.device)
@@ -206,6 +257,8 @@ class GreedyChoice:
         if self.eos:
             token = torch.where(self.done, torch.tensor(self.pad, device=token.device), token)
             self.done |= torch.isin(token, torch.tensor(self.eos, device=token.device))
+        if self.streamer is not None:
+            self.streamer.put(token.cpu())
         return token
 
     @property
@@ -217,7 +270,7 @@ def padding_mask(config, ids: torch.Tensor) -> Optional[torch.Tensor]:
     """The mask ``model.generate`` infers for prompts passed without one: the pad id's positions
     masked out where the generation settings ``config`` have a pad id that is no end-of-sequence
     id and the prompts hold it; else None (every position counts)."""
-    pad = getattr(config, "pad_token_id", None)
+    pad = next(iter(_token_ids(getattr(config, "pad_token_id", None))), None)
     if pad is None or pad in stop_ids(config)[0] or not bool((ids == pad).any()):
         return None
     return (ids != pad).long()
@@ -225,8 +278,19 @@ def padding_mask(config, ids: torch.Tensor) -> Optional[torch.Tensor]:
 
 def stop_ids(config) -> tuple[list[int], Optional[int]]:
     """End-of-sequence ids and the pad id of generation settings (None: neither; transformers pads
-    with the first EOS id when there is no pad id)."""
-    eos = getattr(config, "eos_token_id", None)
-    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    pad = getattr(config, "pad_token_id", None)
-    return eos, pad if pad is not None else (eos[0] if eos else None)
+    with the first EOS id when there is no pad id), as Python ints however they were given (an
+    int, a NumPy integer, a list, a tensor of any dims, as ``model.generate`` takes them)."""
+    eos = _token_ids(getattr(config, "eos_token_id", None))
+    pad = _token_ids(getattr(config, "pad_token_id", None))
+    return eos, pad[0] if pad else (eos[0] if eos else None)
+
+
+def _token_ids(value) -> list[int]:
+    """Token ids given as None, an integer, a sequence of them or a tensor, as a list of ints."""
+    if value is None:
+        return []
+    if isinstance(value, torch.Tensor):
+        return [int(v) for v in value.flatten().tolist()]
+    if isinstance(value, (list, tuple)):
+        return [int(v) for v in value]
+    return [int(value)]
