@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import itertools
 import math
@@ -382,9 +383,42 @@ def symbolic_propagation() -> Iterator[None]:
     """What propagation on symbolic sizes runs under: fake-tensor logs silenced, grad mode kept,
     and torch's composite ops (``linear``, ``matmul``) run as their Python decompositions, which
     keep sizes symbolic on every torch this supports (the C++ ``matmul`` of torch 2.11 reads
-    ``numel()`` of a symbolic 3-d input and fails)."""
+    ``numel()`` of a symbolic 3-d input and fails); ``rms_norm`` as ``_rms_norm_of_any_size``
+    where torch's own fixes the sizes (torch 2.5)."""
     with torch_logs_silenced("torch._subclasses.fake_tensor"), grad_mode_kept(), enable_python_dispatcher():
-        yield
+        if not _rms_norm_fixes_sizes():
+            yield
+            return
+        original = F.rms_norm
+        F.rms_norm = _rms_norm_of_any_size
+        try:
+            yield
+        finally:
+            F.rms_norm = original
+
+
+def _rms_norm_of_any_size(input: torch.Tensor, normalized_shape: Sequence[int], weight: Optional[torch.Tensor] = None,
+                          eps: Optional[float] = None) -> torch.Tensor:
+    """``F.rms_norm`` from elementwise ops and a mean, which keep sizes symbolic: the same shape and
+    dtype as torch's (the input's), computed in float32 as torch computes it."""
+    eps = torch.finfo(input.dtype).eps if eps is None else eps
+    upcast = input.float()
+    out = upcast * torch.rsqrt(upcast.pow(2).mean(tuple(range(-len(normalized_shape), 0)), keepdim=True) + eps)
+    return (out if weight is None else out * weight).type_as(input)
+
+
+@functools.lru_cache(maxsize=None)
+def _rms_norm_fixes_sizes() -> bool:
+    """Whether torch's ``F.rms_norm`` fixes symbolic sizes to numbers (torch 2.5's does), probed
+    once on a fake [s0, 4] input."""
+    if not hasattr(F, "rms_norm"):
+        return False
+    mode = FakeTensorMode(shape_env=ShapeEnv(duck_shape=False))
+    fake = mode.from_tensor(torch.zeros(3, 4), symbolic_context=StatelessSymbolicContext(
+        dynamic_sizes=[DimDynamic.DYNAMIC, DimDynamic.STATIC]))
+    with mode, enable_python_dispatcher():
+        F.rms_norm(fake, (4,))
+    return bool(_fixed_symbols(mode))
 
 
 def propagate_shapes(gm: fx.GraphModule, flat_inputs: Sequence[Any], named_dims: Optional[dict] = None) -> Annotation:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import re
+import sys
 from typing import Callable, Optional
 
 import torch
@@ -45,12 +46,14 @@ def hub_layout_reader(model: nn.Module, present: set[str], read_one: Callable[..
             target is a model tensor: collect key under (target, converter copy, pattern)
         loader(target) = read the collected keys, run the converter's operations
     """
+    if "transformers" not in sys.modules:          # no transformers model exists before it is imported
+        return {}, set()
     try:
         from transformers import PreTrainedModel
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import (MergeModulelist, WeightConverter, WeightRenaming,
                                                      dot_natural_key, rename_source_key)
-    except ImportError:
+    except Exception:  # noqa: BLE001 - an older transformers, or one that cannot load with this torch
         return {}, set()
     if not isinstance(model, PreTrainedModel):
         return {}, set()
