@@ -103,20 +103,31 @@ class TokenSource:
         if file.suffix == ".npy":
             ids = np.load(file, mmap_mode="c")       # copy-on-write: a writable view, nothing read yet
         elif file.suffix == ".bin":
-            ids = np.memmap(file, dtype=np.uint16, mode="c")
+            ids = TokenSource._uint16_ids(file, path)
         else:
             ids = np.frombuffer(file.read_bytes(), dtype=np.uint8)
         if not np.issubdtype(ids.dtype, np.integer):
             raise ValueError(f"--data {path!r} holds {ids.dtype} values; token ids must be integers")
-        ids = torch.from_numpy(np.asarray(ids, dtype=np.int64).reshape(-1))   # [N, L] rows: one stream
-        if not ids.numel():
+        if not ids.size:
             raise ValueError(f"--data {path!r} holds no token ids; pass a file of token ids, or 'synthetic'")
-        if int(ids.min()) < 0:
-            raise ValueError(f"--data {path!r} has a negative token id ({int(ids.min())})")
-        if int(ids.max()) >= vocab:
-            raise ValueError(f"--data {path!r} has token id {int(ids.max())} >= the model's vocab_size ({vocab}); "
-                             f"use --override vocab_size={int(ids.max()) + 1}")
-        return ids
+        # bounds in the file's own dtype: a uint64 id past int64's range must not read as negative
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0:
+            raise ValueError(f"--data {path!r} has a negative token id ({low})")
+        if high >= vocab:
+            raise ValueError(f"--data {path!r} has token id {high} >= the model's vocab_size ({vocab}); "
+                             f"use --override vocab_size={high + 1}")
+        return torch.from_numpy(np.asarray(ids, dtype=np.int64).reshape(-1))   # [N, L] rows: one stream
+
+    @staticmethod
+    def _uint16_ids(file: Path, path: str) -> np.ndarray:
+        """A ``.bin`` file as uint16 ids; one of an odd number of bytes is not such a file."""
+        size = file.stat().st_size
+        if size % 2:
+            raise ValueError(f"--data {path!r} is {size} bytes, an odd number, so not uint16 token ids (2 bytes "
+                             f"each) as a .bin file must hold; write the ids with np.asarray(ids, np.uint16)"
+                             f".tofile(PATH), or save another dtype as .npy")
+        return np.memmap(file, dtype=np.uint16, mode="c") if size else np.zeros(0, np.uint16)
 
     def global_batch(self, step: int) -> torch.Tensor:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
