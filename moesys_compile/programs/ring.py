@@ -731,9 +731,10 @@ class RingProgram(Program):
             runtime, flat_inputs, call_plan = self._runtime_for_call(args, kwargs)
             try:
                 (output, aux_loss), self.stats = runtime(flat_inputs, call_plan)
-            except Exception as exc:
+            except BaseException as exc:          # an interrupt too: the program stays as it was
                 self._forward_kept(before)
-                refusal_of_dtype = self._input_of_another_dtype(args, kwargs, exc)
+                refusal_of_dtype = self._input_of_another_dtype(args, kwargs, exc) if isinstance(exc, Exception) \
+                    else None
                 if refusal_of_dtype is None:
                     raise
                 raise refusal_of_dtype from exc
