@@ -1,5 +1,6 @@
 """Edge inputs of the kernels: tied and NaN router scores (route_topk), expert ids outside
-[0, E) (sort_slots, permute), and TRITON_INTERPRET set too late (triton_unavailable)."""
+[0, E) (sort_slots, permute), TRITON_INTERPRET set too late and an interpreter that cannot run
+the kernels (triton_unavailable)."""
 
 import os
 import sys
@@ -141,3 +142,32 @@ def test_triton_unavailable_says_interpret_was_set_too_late(monkeypatch):
     assert "set it before that import" in reason
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert kernels.triton_unavailable("cpu") == "Triton runs on CPU tensors only under TRITON_INTERPRET=1"
+
+
+@pytest.mark.skipif(not kernels.INTERPRET or not _triton.HAVE_TRITON, reason="Triton's CPU interpreter is not in use")
+def test_an_interpreter_that_cannot_loop_over_a_kernel_argument_is_named_with_the_fix(monkeypatch):
+    """The probe runs the interpreter once: where it fails (Triton 3.6 with numpy 2.4), the reason
+    names numpy and the fix; with the versions ``make`` installs (Triton 3.9) it runs."""
+    import numpy
+    import triton
+
+    def major_minor(version: str) -> tuple[int, int]:
+        major, minor = version.split(".")[:2]
+        return int(major), int(minor)
+
+    if major_minor(triton.__version__) >= (3, 9) or major_minor(numpy.__version__) < (2, 4):
+        assert _triton._interpreter_defect() is None
+    _triton._interpreter_defect.cache_clear()
+
+    class Refusing:
+        def __getitem__(self, grid):
+            def launch(*args):
+                raise TypeError("only 0-dimensional arrays can be converted to Python scalars")
+            return launch
+    monkeypatch.setattr(_triton, "_loop_bound_probe_kernel", Refusing())
+    try:
+        reason = kernels.triton_unavailable("cpu")
+    finally:
+        _triton._interpreter_defect.cache_clear()
+    assert reason is not None and "cannot run a loop over a kernel argument with numpy" in reason
+    assert "only 0-dimensional arrays" in reason and "install numpy<2.4" in reason
