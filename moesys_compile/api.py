@@ -17,9 +17,11 @@ from moesys_compile.passes import pipeline_for
 
 from .errors import PlanError, UntraceableModelError, warn_user
 from .frontend import BlockReport, annotate, canonicalize, capture, moe_modules
+from .frontend.annotation import batch_and_seq, input_dims
 from .frontend.empty_weights import Source, meta_tensor_names
 from .frontend.tracing import distinct_inputs, expose_aux_loss, traced_names
-from .pipeline import CompileContext, run_pipeline, take_snapshot, timed
+from .pipeline import CompileContext, run_pipeline, take_snapshot, timed, unlowered_copy
+from .models.spec import seq_limit
 from .plan import MODES, Plan
 from .programs import InputBinder, Program, build_program, fixed_input_sizes, flatten_export_codegen, sharded_weights
 
@@ -168,9 +170,31 @@ def _capture_and_annotate(model, example_inputs, example_kwargs, leaf_modules, f
             expose_aux_loss(gm)
         flat_inputs = binder.remember_example(example_inputs, example_kwargs)
     with timed(seconds, "annotate"):
-        annotation = annotate(gm, flat_inputs, getattr(model, "symbolic_dims", None))
+        try:
+            annotation = annotate(gm, flat_inputs, getattr(model, "symbolic_dims", None))
+        except UntraceableModelError as exc:
+            longer = _longer_than_config_allows(model, gm, flat_inputs)
+            if longer is None:
+                raise
+            raise longer from exc
     gm.meta["moesys_binder"] = binder
     return gm, annotation
+
+
+def _longer_than_config_allows(model: nn.Module, gm: fx.GraphModule, flat_inputs: list) -> Optional[ValueError]:
+    """Where shapes could not be propagated and the inputs' sequence is longer than the model's
+    config allows (``max_seq_len``, ``max_position_embeddings``): that length is the cause, named
+    in place of the position table's broadcast error; None otherwise."""
+    limit = seq_limit(model)
+    if limit is None:
+        return None
+    field, most = limit
+    _, seq = batch_and_seq(flat_inputs, input_dims(gm, flat_inputs, getattr(model, "symbolic_dims", None) or {}))
+    if seq <= most:
+        return None
+    return ValueError(f"inputs of sequence length {seq} are longer than {type(model).__name__}'s config allows "
+                      f"(config.{field} = {most}); pass at most {most} positions, or build the model with "
+                      f"{field} >= {seq}")
 
 
 # config dropout fields of task heads (sequence summary, classifier) that a causal LM never runs
@@ -298,6 +322,15 @@ def lower(model: nn.Module, plan: Plan | dict | None = None, example_inputs: Any
     return run_pipeline(gm, ctx, pipeline_for(ctx.plan.mode)), ctx
 
 
+def lower_prepared(prepared: tuple[fx.GraphModule, CompileContext],
+                   plan: Optional[Plan] = None) -> tuple[fx.GraphModule, CompileContext]:
+    """The pipeline over a copy of ``prepare``'s graph and context (left as they were), under
+    ``plan`` (default the prepared one's; of the same mode and capture, e.g. another ring
+    workspace): one capture, several lowerings."""
+    gm, ctx = unlowered_copy(*prepared, plan or prepared[1].plan)
+    return run_pipeline(gm, ctx, pipeline_for(ctx.plan.mode)), ctx
+
+
 def compile(model: nn.Module, plan: Plan | dict | None = None, example_inputs: Any = (),
             example_kwargs: Optional[dict] = None) -> Program:
     """Compile ``model`` under ``plan`` (a Plan, a dict of its fields, or None for ``Plan()``) into a
@@ -323,7 +356,8 @@ def compile(model: nn.Module, plan: Plan | dict | None = None, example_inputs: A
 def check_device(plan: Plan) -> None:
     """Before a program is built (lowering alone, e.g. for inspect, needs no device)."""
     if plan.device != "cpu" and not torch.cuda.is_available():
-        raise PlanError(f"device ({plan.device!r}) needs CUDA, which this machine does not have; use device='cpu'")
+        raise PlanError(f"device ({plan.device!r}) needs CUDA, which this machine does not have; "
+                        f"set Plan.device to 'cpu'")
     spread = [f"{name}={getattr(plan, name)}" for name in ("world_size", "expert_parallel") if getattr(plan, name) > 1]
     if plan.mode == "infer" and spread:
         raise PlanError(f"{', '.join(spread)}: an infer program runs on one device (its ring streams the weights "

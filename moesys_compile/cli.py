@@ -127,10 +127,6 @@ def example_size(loaded, batch: Optional[int], seq: Optional[int]) -> tuple[int,
     return own
 
 
-# Config fields that cap the sequence length: the presets' own, then Hugging Face's.
-MAX_SEQ_FIELDS = ("max_seq_len", "max_position_embeddings")
-
-
 def check_seq_len(model, seq: int, flag: str, override_flag: str) -> None:
     """Refuse a sequence length above the model config's ``max_seq_len`` (or Hugging Face's
     ``max_position_embeddings``) in one line, before a trace fails deep in the position tables.
@@ -139,14 +135,11 @@ def check_seq_len(model, seq: int, flag: str, override_flag: str) -> None:
     ``ValueError: --seq-len 700 exceeds the model's max_seq_len 512; pass --override
     max_seq_len=700 or a --seq-len of at most 512``.
     """
-    config = getattr(model, "config", None)
-    for field in MAX_SEQ_FIELDS:
-        limit = getattr(config, field, None)
-        if isinstance(limit, int) and not isinstance(limit, bool):
-            if seq > limit:
-                raise ValueError(f"{flag} {seq} exceeds the model's {field} {limit}; pass {override_flag} "
-                                 f"{field}={seq} or a {flag} of at most {limit}")
-            return
+    from .models.spec import seq_limit
+    field, limit = seq_limit(model) or (None, seq)
+    if seq > limit:
+        raise ValueError(f"{flag} {seq} exceeds the model's {field} {limit}; pass {override_flag} "
+                         f"{field}={seq} or a {flag} of at most {limit}")
 
 
 def name_flags(message: str, flags: dict[str, str]) -> str:

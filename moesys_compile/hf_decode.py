@@ -160,18 +160,17 @@ def graph_kwargs(wrapper: CachedDecoding, mask: torch.Tensor, prompt_length: Opt
     return {"attention_mask": mask, "position_ids": positions}
 
 
-def _lower(wrapper: CachedDecoding, args: tuple, kwargs: dict, plan: Plan) -> tuple[fx.GraphModule, object]:
-    """Capture (through the Hugging Face capture adapter), annotate and run the infer pipeline. The
+def _prepare(wrapper: CachedDecoding, args: tuple, kwargs: dict, plan: Plan) -> tuple[fx.GraphModule, object]:
+    """Capture (through the Hugging Face capture adapter) and annotate, as ``api.prepare`` does. The
     model's blocks were canonicalised when the program was compiled; they are the same modules."""
     from .api import _capture_and_annotate
-    from .passes import pipeline_for
-    from .pipeline import CompileContext, run_pipeline
+    from .pipeline import CompileContext
     gm, annotation = _capture_and_annotate(wrapper, args, kwargs, (), for_program=True)
     binder = gm.meta["moesys_binder"]
     ctx = CompileContext(plan=plan, model=wrapper, annotation=annotation, blocks=[],
                          input_names=binder.traced_names, capture=binder.capture)
     ctx.extras["binder"] = binder
-    return run_pipeline(gm, ctx, pipeline_for("infer")), ctx
+    return gm, ctx
 
 
 def _cache_shapes(prefill) -> tuple[torch.Size, torch.Size, torch.dtype]:
@@ -228,26 +227,28 @@ def _left_padded(ids: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[to
 
 def _lower_pair(program, ids: torch.Tensor, mask: torch.Tensor, longest: Optional[int],
                 workspace: Optional[int]) -> tuple:
-    calls, lowered = _lower_each(program.context.model, ids, mask, longest,
-                                 _with_workspace(program.plan, workspace))
+    prepared, lowered = _lower_each(program.context.model, ids, mask, longest,
+                                    _with_workspace(program.plan, workspace))
     if longest is None:
         return lowered[0], None
-    return _sharing_one_layout(program, calls, lowered)
+    return _sharing_one_layout(program, prepared, lowered)
 
 
 def _lower_each(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, longest: Optional[int],
                 plan: Plan) -> tuple[list, list]:
     """The prefill of ``ids`` and (``longest`` given) the step over a cache of ``longest``
-    positions after it, each lowered under ``plan``: (their calls, their lowered graphs)."""
+    positions after it, each lowered under ``plan``: (their captures, as ``_prepare`` returns
+    them, and their lowered graphs)."""
+    from .api import lower_prepared
     prefill = CachedPrefill(model)
-    calls = [(prefill, (ids,), graph_kwargs(prefill, mask))]
-    lowered = [_lower(*calls[0], plan)]
+    prepared = [_prepare(prefill, (ids,), graph_kwargs(prefill, mask), plan)]
+    lowered = [lower_prepared(prepared[0])]
     if longest is not None:
         step = CachedStep(model)
-        args, step_mask = step_inputs(lowered[0], ids, mask, longest)
-        calls.append((step, args, graph_kwargs(step, step_mask, ids.shape[1])))
-        lowered.append(_lower(*calls[1], plan))
-    return calls, lowered
+        args, step_mask = step_inputs(lowered[0], ids, mask, longest)   # the cache in the ring's dtype
+        prepared.append(_prepare(step, args, graph_kwargs(step, step_mask, ids.shape[1]), plan))
+        lowered.append(lower_prepared(prepared[1]))
+    return prepared, lowered
 
 
 # a budget no lowering is refused at: where only the minimum budget of each graph is wanted
@@ -270,19 +271,20 @@ def _with_workspace(plan: Plan, workspace: Optional[int]) -> Plan:
                                                                              "ring_workspace": workspace})
 
 
-def _sharing_one_layout(program, calls: tuple, lowered: tuple) -> tuple:
+def _sharing_one_layout(program, prepared: list, lowered: list) -> tuple:
     """The two graphs lowered again, where needed, with one workspace, so that they share one ring
     layout and switching between them keeps the slot memory: the largest of theirs and the
     forward graph's (switching to and from ``program(ids)`` keeps it too), else the larger of
     theirs when the forward's leaves slots too small for them; failing both, as they are."""
+    from .api import lower_prepared
     from .passes.ring_partition import RingBudgetTooSmall
     own = [ctx.extras["ring"].workspace for _, ctx in lowered]
     forward = program.forward_graph[1].extras["ring"].workspace
     for workspace in sorted({max(*own, forward), max(own)}, reverse=True):
         plan = _with_workspace(program.plan, workspace)
         try:
-            return tuple(done if done_workspace == workspace else _lower(*call, plan)
-                         for done, done_workspace, call in zip(lowered, own, calls))
+            return tuple(done if done_workspace == workspace else lower_prepared(captured, plan)
+                         for done, done_workspace, captured in zip(lowered, own, prepared))
         except RingBudgetTooSmall:
             continue
     return lowered

@@ -8,6 +8,8 @@ A failing pass is re-raised as PassError naming it and the passes that ran befor
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional, Sequence
@@ -71,6 +73,26 @@ class CompileContext:
     def note(self, message: str) -> None:
         """A line shown by ``inspect`` under the pass that is running."""
         self.notes.setdefault(self.current_pass, []).append(message)
+
+
+def unlowered_copy(gm: fx.GraphModule, ctx: CompileContext, plan: Plan) -> tuple[fx.GraphModule, CompileContext]:
+    """A prepared graph and its context (``api.prepare``'s) as a pipeline under ``plan`` may rewrite
+    them while the originals stay as they are, so that one capture serves lowerings under several
+    plans: the graph, each node's ``meta["moesys"]`` (passes update a cost in place), the
+    annotation's tables and the context's lists are copied; modules, parameters and fake values
+    are shared."""
+    graph = copy.deepcopy(gm.graph)
+    for node in graph.nodes:
+        if "moesys" in node.meta:
+            node.meta["moesys"] = {key: copy.copy(value) for key, value in node.meta["moesys"].items()}
+    copied = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+    copied.meta = dict(gm.meta)
+    annotation = dataclasses.replace(ctx.annotation, symbol_map=dict(ctx.annotation.symbol_map),
+                                     unbacked_bounds=dict(ctx.annotation.unbacked_bounds))
+    return copied, dataclasses.replace(
+        ctx, plan=plan, annotation=annotation, snapshots=list(ctx.snapshots), passes_run=list(ctx.passes_run),
+        passes_skipped=list(ctx.passes_skipped), notes={k: list(v) for k, v in ctx.notes.items()},
+        extras=dict(ctx.extras))
 
 
 _SKIP_EXTRA = {"cost", "layer", "module"}

@@ -89,4 +89,4 @@ def test_train_on_cuda_without_cuda_is_one_line(ranks, capsys, monkeypatch):
     monkeypatch.setattr(train, "launch", lambda *a, **k: pytest.fail("ranks were launched"))
     argv = ["--model", "tiny-moe", "--steps", "1", "--device", "cuda", "--nproc-per-node", ranks]
     assert train.main(argv) == 2
-    assert "device ('cuda') needs CUDA, which this machine does not have; use device='cpu'" in capsys.readouterr().err
+    assert "--device ('cuda') needs CUDA, which this machine does not have; set --device to 'cpu'" in capsys.readouterr().err

@@ -444,7 +444,7 @@ def propagate_shapes(gm: fx.GraphModule, flat_inputs: Sequence[Any], named_dims:
         static_mode = FakeTensorMode(allow_non_fake_inputs=True)
         static = MemoFakeProp(gm, static_mode, home)
         try:
-            with grad_mode_kept():
+            with torch_logs_silenced("torch._subclasses.fake_tensor"), grad_mode_kept():
                 static.propagate(*flat_inputs)
         except Exception as static_exc:
             raise _propagation_error((symbolic.current, exc), (static.current, static_exc)) from static_exc

@@ -26,6 +26,21 @@ from torch import nn
 from . import PRESETS, build
 
 
+# Config fields that cap the sequence length: the presets' own, then Hugging Face's.
+MAX_SEQ_FIELDS = ("max_seq_len", "max_position_embeddings")
+
+
+def seq_limit(model: nn.Module) -> Optional[tuple[str, int]]:
+    """The config field that caps the model's sequence length and its value (``("max_seq_len",
+    512)`` for tiny-moe), or None where the model has no config or its config names no cap."""
+    config = getattr(model, "config", None)
+    for field in MAX_SEQ_FIELDS:
+        limit = getattr(config, field, None)
+        if isinstance(limit, int) and not isinstance(limit, bool):
+            return field, limit
+    return None
+
+
 @dataclass
 class LoadedModel:
     model: nn.Module

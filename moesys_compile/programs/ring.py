@@ -781,9 +781,9 @@ class RingProgram(Program):
         for running the call in micro-batches (``RingBudgetError.sliced_bytes``: the values carried
         between sections for the whole batch plus one sequence's temporaries), the new ring's own
         estimate last. A larger workspace leaves smaller slots in the same budget."""
-        from ..api import lower
+        from ..api import lower_prepared, prepare
         compiled = self._forward_graph[1].annotation
-        workspaces, tried, causes = ([ahead] if ahead else []) + [None], [], []
+        workspaces, tried, causes, prepared = ([ahead] if ahead else []) + [None], [], [], None
         while workspaces and len(tried) < 4:
             workspace = workspaces.pop(0)
             looking_ahead = bool(ahead) and not tried
@@ -791,7 +791,8 @@ class RingProgram(Program):
             plan = self.plan if workspace is None else dataclasses.replace(
                 self.plan, options={**self.plan.options, "ring_workspace": workspace})
             try:
-                lowered = lower(self.context.model, plan, args, kwargs)
+                prepared = prepared or prepare(self.context.model, self.plan, args, kwargs)   # one capture
+                lowered = lower_prepared(prepared, plan)
                 flat_inputs = lowered[1].extras["binder"].graph_inputs(args, kwargs)
                 key = ("forward", *lowered[1].annotation.batch_and_seq(flat_inputs), workspace)
                 runtime = self.runtime(key, lowered)
