@@ -89,6 +89,26 @@ def test_generate_of_left_padded_prompts_equals_transformers():
     program.close()
 
 
+def test_the_first_generate_captures_the_prefill_and_the_step_once_each(monkeypatch):
+    """Lowering the prefill again, with the workspace it shares with the step and the forward
+    graph, runs the pipeline over a copy of its capture: two captures, three lowerings (it
+    captured three times), and the tokens of transformers."""
+    from moesys_compile import api
+    model = build_hf("qwen3_moe", num_hidden_layers=2).eval()
+    ids = example_ids(1, 8)
+    program = mc.compile(model, mc.Plan(mode="infer", device_budget=2**30), example_inputs=(ids,))
+    captures, lowerings = [], []
+    capture_and_annotate, lower_prepared = api._capture_and_annotate, api.lower_prepared
+    monkeypatch.setattr(api, "_capture_and_annotate",
+                        lambda *a, **k: captures.append(1) or capture_and_annotate(*a, **k))
+    monkeypatch.setattr(api, "lower_prepared", lambda *a: lowerings.append(1) or lower_prepared(*a))
+    with torch.inference_mode():
+        want = model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert torch.equal(program.generate(ids, max_new_tokens=5), want)
+    assert (len(captures), len(lowerings)) == (2, 3)
+    program.close()
+
+
 def test_generate_without_a_mask_masks_the_pad_id_as_transformers_does():
     """``model.generate`` infers the mask from a pad id that is no end-of-sequence id."""
     model = build_hf("olmoe", num_hidden_layers=1).eval()
