@@ -91,8 +91,10 @@ def check_plan_against_model(model: nn.Module, plan: Plan, blocks: Sequence[Bloc
                         f"cast the model first: model.to(torch.{plan.dtype})")
     for path, module in experts.items():
         if module.num_experts % plan.expert_parallel:
+            divisors = [str(d) for d in range(1, module.num_experts + 1) if module.num_experts % d == 0]
             raise PlanError(f"{path}.num_experts ({module.num_experts}) is not divisible by expert_parallel "
-                            f"({plan.expert_parallel}); choose an expert_parallel that divides it")
+                            f"({plan.expert_parallel}); set Plan.expert_parallel to one of its divisors "
+                            f"({', '.join(divisors)})")
     if plan.expert_parallel > 1 and not experts:
         left = [b for b in blocks if b.action == "left"]
         why = (f"; its MoE-like blocks run as traced code: {left[0].path} ({left[0].kind}: "

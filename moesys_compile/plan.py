@@ -166,7 +166,7 @@ class Plan:
                 raise PlanError(f"{name} ({value!r}) must be {'an integer' if kinds == (int,) else 'a number'}")
         if self.world_size % self.expert_parallel:
             raise PlanError(f"world_size ({self.world_size}) is not divisible by expert_parallel "
-                            f"({self.expert_parallel}); use an expert_parallel that divides it")
+                            f"({self.expert_parallel}); set Plan.expert_parallel to a divisor of it")
         if self.capacity_factor is not None and not 0 <= self.capacity_factor < math.inf:
             raise PlanError(f"capacity_factor ({self.capacity_factor}) must be a finite number > 0 (GShard capacity), "
                             f"0 (dropless), or None (each layer's own)")

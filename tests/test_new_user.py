@@ -127,7 +127,7 @@ def test_budget_sizes_a_user_would_write():
 
 @pytest.mark.parametrize("argv,message", [
     (["--config", "num_experts=3", "--ep", "2"],
-     "layers.0.ffn.num_experts (3) is not divisible by --ep (2)"),
+     "layers.0.ffn.num_experts (3) is not divisible by --ep (2); set --ep to one of its divisors (1, 3)"),
     (["--ep", "4"], "--ep 4 spreads each layer's experts over 4 ranks, and this run has 2; pass --nproc-per-node 4"),
     (["--config", "n_layer=3"], "unknown override(s) ['n_layer']"),
 ])
