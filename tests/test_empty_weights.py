@@ -279,3 +279,14 @@ def test_fp8_rows_cut_block_scales_and_keep_a_per_tensor_scale():
     assert present == {"a.weight", "b.weight"}
     for name in present:
         torch.testing.assert_close(dequantized(name, (1, 3)), dequantized(name)[1:3], rtol=0, atol=0)
+
+
+def test_a_family_whose_weights_come_from_a_checkpoint_is_not_described_as_random():
+    """``moesys-compile infer hf:<family> --checkpoint DIR`` builds the family's model on the meta
+    device: its header says where the weights come from (it said "random init, seed 0")."""
+    pytest.importorskip("transformers")
+    from moesys_compile.models.spec import load_model
+    loaded = load_model("hf:qwen2_moe", {}, weights=False)
+    assert loaded.description == "hf:qwen2_moe (Qwen2MoeForCausalLM, weights streamed from the checkpoint)"
+    assert all(p.is_meta for p in loaded.model.parameters())
+    assert "random init, seed 3" in load_model("hf:qwen2_moe", {"seed": 3}).description

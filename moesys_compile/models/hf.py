@@ -488,7 +488,8 @@ def load_hf(spec: str, overrides: dict[str, Any], weights: bool = True) -> Loade
                              f"its local directory, or use hf:<family> ({', '.join(FAMILIES)})")
         seed = int(overrides.pop("seed", 0))
         model = build_hf(family, seed, **overrides)
-        description = f"{spec} ({type(model).__name__}, random init, seed {seed})"
+        description = (f"{spec} ({type(model).__name__}, random init, seed {seed})" if weights else
+                       f"{spec} ({type(model).__name__}, weights streamed from the checkpoint)")
     elif weights:
         model = load_local(spec, overrides)
         description = f"{spec} ({type(model).__name__}, local weights)"
