@@ -168,7 +168,10 @@ def even_out(groups: list[list[fx.Node]], state_of, slot_bytes: int, slots: int)
 
 
 def describe_unit(unit: list[fx.Node], state: dict[str, int]) -> str:
+    """A unit as a message names it: its module, the weights it reads where they are not that
+    module's path itself (an embedding table's get_attr), and its graph nodes."""
     heavy = [n for n in unit if n.op in ("get_attr", "call_module")]
     where = moesys_meta(unit[0]).get("module") or unit[0].name
     names = ", ".join(sorted(state))
-    return f"nodes {[n.name for n in heavy] or [unit[0].name]} in {where} read {names}"
+    reads = "" if names == where else f", which reads {names}"
+    return f"{where}{reads} (graph nodes {[n.name for n in heavy] or [unit[0].name]})"
