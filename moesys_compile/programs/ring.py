@@ -50,6 +50,7 @@ from ..runtime.sources import checkpoint_source, model_source, sliced
 from ..runtime.storage import WeightStore, stage
 from .base import Program
 from .binding import CapturedSizeError
+from .staged_weights import RingWeightsError, StagedWeights, named_tensors
 
 
 # the Plan.options keys ring inference reads (ring_partition: the workspace; staging: the bar)
@@ -62,10 +63,6 @@ def warn_unknown_options(options: dict) -> None:
         near = difflib.get_close_matches(str(key), RING_OPTIONS, n=1)
         warn_user(f"Plan.options[{key!r}] is not an option of ring inference and is ignored"
                   + (f"; did you mean {near[0]!r}?" if near else "") + f" (known options: {', '.join(RING_OPTIONS)})")
-
-
-class RingWeightsError(MoesysError, RuntimeError):
-    """The ring cannot take in new weights: it staged the model's weights when it was compiled."""
 
 
 class RingBudgetError(MoesysError):
@@ -683,7 +680,9 @@ class RingProgram(Program):
         self.names = canonical_names(ctx.model)
         layout: RingLayout = ctx.extras["ring"]
         checkpoint = plan.weights_checkpoint
-        self.source = sliced(checkpoint_source(checkpoint, ctx.model) if checkpoint else model_source(ctx.model))
+        self.staged = None if checkpoint else StagedWeights(ctx.model)     # the model's tensors, watched
+        self.source = sliced(checkpoint_source(checkpoint, ctx.model) if checkpoint else
+                             self.staged.source(model_source(ctx.model)))
         groups = [self._keys(gm, layout, section.state) for section in layout.sections]
         self.store = stage(groups, self.source, plan.weights, plan.offload_dir, layout.dtype,
                            pin=self.device.type == "cuda", progress=bool(plan.options.get("progress", False)))
@@ -727,6 +726,7 @@ class RingProgram(Program):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         with self._lock:
+            self._check_weights_unchanged()
             before = (self._forward_key, self._forward_graph)
             runtime, flat_inputs, call_plan = self._runtime_for_call(args, kwargs)
             try:
@@ -855,6 +855,7 @@ class RingProgram(Program):
         them."""
         from ..generate import greedy_decode, prompt_ids
         with self._lock:
+            self._check_weights_unchanged()
             return greedy_decode(self, prompt_ids(ids, input_ids), max_new_tokens, attention_mask,
                                  **generation_settings)
 
@@ -866,6 +867,27 @@ class RingProgram(Program):
         with self._lock:
             self._close_runtimes()
             self.store.remove_files()
+
+    def _check_weights_unchanged(self) -> None:
+        """RingWeightsError where the model's staged tensors changed since (``StagedWeights``)."""
+        if self.staged is not None:
+            self.staged.check(self.store)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "RingProgram":
+        """``program.to(...)``, ``.half()``, ``.cuda()``: refused where they would change a tensor (the
+        program's and the model's alike), before any is changed; one that changes none is taken."""
+        model_names = {id(t): name for name, t in named_tensors(self.context.model).items()}
+        staged_dtype = self.plan.dtype or "the model's own"
+        for name, tensor in named_tensors(self).items():
+            moved = fn(tensor)
+            if moved is not tensor:
+                raise RingWeightsError(
+                    f"a RingProgram runs on Plan.device ({self.plan.device!r}) in the dtype its ring staged the "
+                    f"weights in (Plan.dtype: {staged_dtype}), and cannot move or cast them: "
+                    f"{model_names.get(id(tensor), name)} would become {moved.dtype} on {moved.device}; compile "
+                    f"the model again under a Plan "
+                    f"with that device or dtype (mc.compile), which casts the staged weights itself")
+        return self
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
         """Refused: the ring staged the model's weights (host memory or offload files) when it was

@@ -1,0 +1,107 @@
+"""The model tensors a ring program staged, watched for changes made after it was compiled.
+
+A ring computes with the weights it staged: copies (on disk, in pinned memory, cast to the plan's
+dtype) or, in host memory on the CPU, the model's own tensors read in place. A model changed
+after compile would therefore run with stale weights, or with a mix of old and new ones once a
+call lowers the graph again. The next call is refused instead, naming the tensor and the change;
+an in-place change of a tensor the ring reads in place (every stored row of it is the model's
+own memory) is what the ring computes with, and is taken.
+
+    >>> watch = StagedWeights(model)                       # doctest: +SKIP
+    >>> source = watch.source(model_source(model))         # staging reads through it
+    >>> watch.check(store)                                 # before each call: RingWeightsError if changed
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from ..errors import MoesysError
+from ..runtime.storage import WeightStore, slice_key
+
+Source = Callable[..., torch.Tensor]
+
+
+class RingWeightsError(MoesysError, RuntimeError):
+    """The ring cannot take in new weights: it staged the model's weights when it was compiled."""
+
+
+@dataclass(frozen=True)
+class _Seen:
+    """What a staged tensor was when the ring read it."""
+    data_ptr: int
+    version: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @staticmethod
+    def of(tensor: torch.Tensor) -> "_Seen":
+        return _Seen(tensor.data_ptr(), tensor._version, tensor.dtype, tuple(tensor.shape))
+
+
+def named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of ``model`` by each of its names (tied ones under all)."""
+    tensors = dict(model.named_parameters(remove_duplicate=False))
+    tensors.update(model.named_buffers(remove_duplicate=False))
+    return tensors
+
+
+class StagedWeights:
+    """The model's tensors as the ring read them, by name; ``check`` compares the model's now."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.seen: dict[str, _Seen] = {}
+
+    def source(self, source: Source) -> Source:
+        """``source`` (a model source: name, rows -> tensor) noting each tensor it reads."""
+        def read(name: str, rows=None) -> torch.Tensor:
+            if name not in self.seen:
+                self.seen[name] = _Seen.of(named_tensors(self.model)[name])
+            return source(name, rows)
+        return read
+
+    def check(self, store: WeightStore) -> None:
+        """RingWeightsError naming the first staged tensor the model no longer holds as it was
+        read; an in-place change of a tensor ``store`` reads in place is taken (noted as seen)."""
+        if not self.seen:
+            return
+        now = named_tensors(self.model)
+        for name, seen in self.seen.items():
+            tensor = now.get(name)
+            change = _change(seen, tensor)
+            if change is None:
+                continue
+            if change == "was modified in place" and _read_in_place(store, name, tensor):
+                self.seen[name] = _Seen.of(tensor)
+                continue
+            raise RingWeightsError(
+                f"{name} of {type(self.model).__name__} {change} after the ring program was compiled, and the ring "
+                f"computes with the weights it staged then (its own copies on disk, in pinned memory or in "
+                f"Plan.dtype), so the call would run with stale or mixed weights; compile the model again "
+                f"(mc.compile) to run its new weights, or change them before compiling")
+
+
+def _change(seen: _Seen, tensor: Optional[torch.Tensor]) -> Optional[str]:
+    if tensor is None:
+        return "is no longer in the model"
+    if tensor.dtype != seen.dtype:
+        return f"was cast from {seen.dtype} to {tensor.dtype}"
+    if tuple(tensor.shape) != seen.shape:
+        return f"changed shape from {list(seen.shape)} to {list(tensor.shape)}"
+    if tensor.data_ptr() != seen.data_ptr:
+        return "was replaced by another tensor"
+    if tensor._version != seen.version:
+        return "was modified in place"
+    return None
+
+
+def _read_in_place(store: WeightStore, name: str, tensor: torch.Tensor) -> bool:
+    """Every location ``store`` keeps of ``name`` (whole, or rows of it) is memory of ``tensor``."""
+    storage = tensor.untyped_storage().data_ptr()
+    held = [loc for key, loc in store.locations.items() if key == name or (slice_key(key) or (None,))[0] == name]
+    return bool(held) and all(loc.buffer.untyped_storage().data_ptr() == storage for loc in held)
