@@ -43,10 +43,10 @@ def test_host_tier_reads_the_models_own_tensors():
 
 def test_host_tier_copies_what_it_converts():
     model = build()
-    with torch.inference_mode():
-        expected = copy.deepcopy(model).to(torch.bfloat16)(IDS)      # the model itself stays as compiled
     program = mc.compile(model, mc.Plan(mode="infer", device_budget=model_bytes(model) // 3, weights="host",
                                         dtype="bfloat16"), example_inputs=(IDS,))
+    with torch.inference_mode():
+        expected = copy.deepcopy(model).to(torch.bfloat16)(IDS)      # the model itself stays as compiled
     spans = model_storage_spans(model)
     floating = [loc for loc in program.store.locations.values() if loc.dtype.is_floating_point]
     assert floating and all(loc.dtype == torch.bfloat16 and not in_model(loc, spans) for loc in floating)
