@@ -46,11 +46,11 @@ from ..frontend.tracing import TURN_LOCK
 from ..runtime.ring import Copy, RingExecutor, SectionLoad, SlotPool, coalesce
 from ..runtime.workspace import (activation_exprs, carried_bytes, liveness_plan, peak_live_bytes, scratch_exprs,
                                  slice_peaks)
-from ..runtime.sources import checkpoint_source, model_source, sliced
+from ..runtime.sources import checkpoint_source, named_tensors, sliced
 from ..runtime.storage import WeightStore, stage
 from .base import Program
 from .binding import CapturedSizeError
-from .staged_weights import RingWeightsError, StagedWeights, named_tensors
+from .staged_weights import RingWeightsError, StagedWeights
 
 
 # the Plan.options keys ring inference reads (ring_partition: the workspace; staging: the bar)
@@ -88,7 +88,7 @@ class Section:
 def canonical_names(model: nn.Module) -> dict[int, str]:
     """id(tensor) -> the model's first name for it (the storage key shared by every program)."""
     names: dict[int, str] = {}
-    for name, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
+    for name, t in named_tensors(model).items():
         names.setdefault(id(t), name)
     return names
 
@@ -681,8 +681,7 @@ class RingProgram(Program):
         layout: RingLayout = ctx.extras["ring"]
         checkpoint = plan.weights_checkpoint
         self.staged = None if checkpoint else StagedWeights(ctx.model)     # the model's tensors, watched
-        self.source = sliced(checkpoint_source(checkpoint, ctx.model) if checkpoint else
-                             self.staged.source(model_source(ctx.model)))
+        self.source = sliced(checkpoint_source(checkpoint, ctx.model) if checkpoint else self.staged.source())
         groups = [self._keys(gm, layout, section.state) for section in layout.sections]
         self.store = stage(groups, self.source, plan.weights, plan.offload_dir, layout.dtype,
                            pin=self.device.type == "cuda", progress=bool(plan.options.get("progress", False)))

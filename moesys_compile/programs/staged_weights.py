@@ -8,22 +8,21 @@ an in-place change of a tensor the ring reads in place (every stored row of it i
 own memory) is what the ring computes with, and is taken.
 
     >>> watch = StagedWeights(model)                       # doctest: +SKIP
-    >>> source = watch.source(model_source(model))         # staging reads through it
+    >>> store = stage(groups, sliced(watch.source()), "host")       # doctest: +SKIP
     >>> watch.check(store)                                 # before each call: RingWeightsError if changed
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import nn
 
 from ..errors import MoesysError
-from ..runtime.storage import WeightStore, slice_key
-
-Source = Callable[..., torch.Tensor]
+from ..runtime.sources import named_tensors, row_range
+from ..runtime.storage import Rows, Source, WeightStore, slice_key
 
 
 class RingWeightsError(MoesysError, RuntimeError):
@@ -43,31 +42,30 @@ class _Seen:
         return _Seen(tensor.data_ptr(), tensor._version, tensor.dtype, tuple(tensor.shape))
 
 
-def named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter and buffer of ``model`` by each of its names (tied ones under all)."""
-    tensors = dict(model.named_parameters(remove_duplicate=False))
-    tensors.update(model.named_buffers(remove_duplicate=False))
-    return tensors
-
-
 class StagedWeights:
     """The model's tensors as the ring read them, by name; ``check`` compares the model's now."""
 
     def __init__(self, model: nn.Module):
         self.model = model
         self.seen: dict[str, _Seen] = {}
+        self._listed: dict[str, torch.Tensor] = {}
 
-    def source(self, source: Source) -> Source:
-        """``source`` (a model source: name, rows -> tensor) noting each tensor it reads."""
-        def read(name: str, rows=None) -> torch.Tensor:
-            if name not in self.seen:
-                self.seen[name] = _Seen.of(named_tensors(self.model)[name])
-            return source(name, rows)
+    def source(self) -> Source:
+        """The model's tensors as staging reads them (name, rows -> tensor), each noted as it is
+        first read. They are listed once until the next ``check`` (which runs before every call,
+        so nothing changed in between), not once per tensor read."""
+        def read(name: str, rows: Rows = None) -> torch.Tensor:
+            if name not in self._listed:
+                self._listed = named_tensors(self.model)
+            tensor = self._listed[name]
+            self.seen.setdefault(name, _Seen.of(tensor))
+            return row_range(tensor.detach(), rows)
         return read
 
     def check(self, store: WeightStore) -> None:
         """RingWeightsError naming the first staged tensor the model no longer holds as it was
         read; an in-place change of a tensor ``store`` reads in place is taken (noted as seen)."""
+        self._listed = {}
         if not self.seen:
             return
         now = named_tensors(self.model)

@@ -52,18 +52,23 @@ def _safetensors_rows(opened, name: str, rows: Rows) -> torch.Tensor:
     return opened.get_tensor(name) if rows is None else opened.get_slice(name)[rows[0]:rows[1]]
 
 
+def named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of ``model`` by each of its names (tied ones under all)."""
+    tensors = dict(model.named_parameters(remove_duplicate=False))
+    tensors.update(model.named_buffers(remove_duplicate=False))
+    return tensors
+
+
 def tensor_aliases(model: nn.Module) -> dict[str, list[str]]:
     """Every state name -> all names of the same tensor (tied weights), canonical name first."""
     by_id: dict[int, list[str]] = {}
-    named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
-    for name, tensor in named:
+    for name, tensor in named_tensors(model).items():
         by_id.setdefault(id(tensor), []).append(name)
     return {name: names for names in by_id.values() for name in names}
 
 
 def model_source(model: nn.Module) -> Source:
-    state = dict(model.named_parameters(remove_duplicate=False))
-    state.update(model.named_buffers(remove_duplicate=False))
+    state = named_tensors(model)
 
     def read(name: str, rows: Rows = None) -> torch.Tensor:
         return row_range(state[name].detach(), rows)
