@@ -20,8 +20,8 @@ from .frontend import BlockReport, annotate, canonicalize, capture, moe_modules
 from .frontend.annotation import batch_and_seq, input_dims
 from .frontend.empty_weights import Source, meta_tensor_names
 from .frontend.tracing import distinct_inputs, expose_aux_loss, traced_names
-from .pipeline import CompileContext, run_pipeline, take_snapshot, timed, unlowered_copy
 from .models.spec import seq_limit
+from .pipeline import CompileContext, run_pipeline, take_snapshot, timed, unlowered_copy
 from .plan import MODES, Plan
 from .programs import InputBinder, Program, build_program, fixed_input_sizes, flatten_export_codegen, sharded_weights
 

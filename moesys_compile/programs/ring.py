@@ -884,8 +884,8 @@ class RingProgram(Program):
                     f"a RingProgram runs on Plan.device ({self.plan.device!r}) in the dtype its ring staged the "
                     f"weights in (Plan.dtype: {staged_dtype}), and cannot move or cast them: "
                     f"{model_names.get(id(tensor), name)} would become {moved.dtype} on {moved.device}; compile "
-                    f"the model again under a Plan "
-                    f"with that device or dtype (mc.compile), which casts the staged weights itself")
+                    f"the model again under a Plan with that device or dtype (mc.compile), which casts the staged "
+                    f"weights itself")
         return self
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
