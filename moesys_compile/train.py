@@ -3,6 +3,7 @@
     torchrun --nproc-per-node 2 -m moesys_compile.train --model tiny-moe --ep 2 --steps 50 \\
         --ckpt-dir runs/ckpt --ckpt-every 25
     moesys-compile train --nproc-per-node 2 --model tiny-moe --ep 2 --steps 50   # launches torchrun
+    moesys-compile train tiny-moe --steps 50                                      # MODEL as inspect takes it
 
 Data: ``--data synthetic`` (default: sequences ``a, a+b, a+2b, ... mod V`` with a random start and
 stride per sequence, so the loss visibly falls), a text file (bytes as tokens, vocab >= 256), or a
@@ -48,11 +49,16 @@ from .runtime import checkpoint
 from .runtime.checkpoint import CheckpointError
 
 
+DEFAULT_MODEL = "tiny-moe"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moesys-compile train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="tiny-moe", help="built-in name (tiny-moe), hf:<family> (random init), a "
-                                                       "Hugging Face model directory (its weights are trained on), "
-                                                       "or package.module:factory")
+    p.add_argument("model_arg", nargs="?", metavar="MODEL", help="MODEL as inspect and infer take it (the same as "
+                                                                  "--model)")
+    p.add_argument("--model", default=None, help=f"built-in name ({DEFAULT_MODEL}, the default), hf:<family> (random "
+                                                 f"init), a Hugging Face model directory (its weights are trained "
+                                                 f"on), or package.module:factory")
     p.add_argument("--override", "--config", dest="override", action="extend", nargs="+", default=[],
                    metavar="FIELD=VALUE", help="model config overrides, e.g. --override num_experts=8 top_k=2 (one or "
                                                "more, repeatable; --config as in inspect and infer)")
@@ -385,9 +391,20 @@ def _global_mean(value: torch.Tensor) -> float:
     return float(value)
 
 
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """The launcher's arguments; MODEL given as ``--model`` or in first place (as inspect and
+    infer take it), ``tiny-moe`` where neither is."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.model and args.model_arg and args.model != args.model_arg:
+        parser.error(f"MODEL {args.model_arg!r} and --model {args.model!r} name different models; give one of them")
+    args.model = args.model or args.model_arg or DEFAULT_MODEL
+    return args
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         if args.nproc_per_node > 1 and "RANK" not in os.environ:
             precheck(args, args.nproc_per_node)   # one line here, not one traceback per rank from torchrun

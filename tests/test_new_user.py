@@ -173,3 +173,19 @@ def test_a_compiled_model_offloaded_by_accelerate_computes_what_it_did(offload, 
     assert any(type(m).__name__ == "CanonicalMoEBlock" for m in offloaded.modules())
     with torch.inference_mode():
         torch.testing.assert_close(offloaded(ids).logits, want, rtol=1e-5, atol=1e-5)
+
+
+def test_train_takes_model_in_first_place_as_inspect_and_infer_do(tmp_path, capsys):
+    """``moesys-compile train tiny-moe ...`` (it said "unrecognized arguments: tiny-moe"); a MODEL
+    and a --model that differ are refused, and neither means tiny-moe."""
+    from moesys_compile import train
+    assert train.parse_args(["tiny-gpt", "--steps", "1"]).model == "tiny-gpt"
+    assert train.parse_args(["--steps", "1"]).model == "tiny-moe"
+    assert train.parse_args(["tiny-gpt", "--model", "tiny-gpt"]).model == "tiny-gpt"
+    with pytest.raises(SystemExit):
+        train.parse_args(["tiny-gpt", "--model", "tiny-moe"])
+    assert "MODEL 'tiny-gpt' and --model 'tiny-moe' name different models; give one" in capsys.readouterr().err
+    argv = ["tiny-gpt", "--override", "n_layers=1", "--steps", "2", "--batch-size", "2", "--seq-len", "8",
+            "--ckpt-dir", str(tmp_path / "ckpt")]
+    assert train.main(argv) == 0
+    assert (tmp_path / "ckpt" / "step_000002").is_dir()

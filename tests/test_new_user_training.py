@@ -118,7 +118,7 @@ def test_a_single_name_in_a_plan_file_is_one_name(tmp_path):
 
 
 def test_train_cli_builds_the_model_in_the_plan_dtype():
-    args = train.build_parser().parse_args(["--model", "tiny-moe"])
+    args = train.parse_args(["--model", "tiny-moe"])
     model = train.build_model(args, mc.Plan(mode="train", dtype="bfloat16"))
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
 
