@@ -1,7 +1,8 @@
-"""Inputs longer than the model's config allows: compiling at such a size, or calling a ring
-program with one, names the config field and the numbers in one ValueError (it raised an
+"""Positions. Inputs longer than the model's config allows: compiling at such a size, or calling
+a ring program with one, names the config field and the numbers in one ValueError (it raised an
 ``UntraceableModelError`` about a broadcast in the position table, after a page of torch's
-fake-tensor log). A model that runs past its nominal length (rotary positions) is not refused."""
+fake-tensor log). A model that runs past its nominal length (rotary positions) is not refused,
+and rotary scalings compile unless they depend on the positions' values."""
 
 from __future__ import annotations
 
@@ -46,3 +47,27 @@ def test_a_rotary_model_past_max_position_embeddings_still_compiles():
     program = mc.compile(model, mc.Plan(mode="infer", device_budget=1 << 30), example_inputs=(long,))
     with torch.no_grad():
         torch.testing.assert_close(program(long).logits, model(long).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family,scaling", [
+    ("qwen3_moe", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}),
+    ("mixtral", {"rope_type": "linear", "factor": 2.0}),
+    ("qwen2_moe", {"rope_type": "dynamic", "factor": 2.0}),
+])
+def test_rotary_scalings_compile_unless_they_depend_on_the_positions_values(family, scaling):
+    """As the README states: linear and yarn scaling equal eager; dynamic scaling, which picks its
+    frequencies from the largest position, is refused naming the rotary module."""
+    pytest.importorskip("transformers")
+    from moesys_compile.errors import UntraceableModelError
+    from moesys_compile.models.hf import build_hf
+    model = build_hf(family, max_position_embeddings=64, rope_scaling=scaling).eval()
+    short = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(0))
+    plan = mc.Plan(mode="infer", device_budget=1 << 30)
+    if scaling["rope_type"] == "dynamic":
+        with pytest.raises(UntraceableModelError, match="module 'model.rotary_emb' uses a branch or shape that "
+                                                        "depends on tensor values"):
+            mc.compile(model, plan, example_inputs=(short,))
+        return
+    program = mc.compile(model, plan, example_inputs=(short,))
+    with torch.no_grad():
+        torch.testing.assert_close(program(short).logits, model(short).logits, rtol=1e-5, atol=1e-5)
