@@ -39,7 +39,12 @@ class _Seen:
 
     @staticmethod
     def of(tensor: torch.Tensor) -> "_Seen":
-        return _Seen(tensor.data_ptr(), tensor._version, tensor.dtype, tuple(tensor.shape))
+        return _Seen(tensor.data_ptr(), _version(tensor), tensor.dtype, tuple(tensor.shape))
+
+
+def _version(tensor: torch.Tensor) -> int:
+    """The tensor's count of in-place changes; -1 for an inference tensor, which keeps none."""
+    return -1 if tensor.is_inference() else tensor._version
 
 
 class StagedWeights:
@@ -93,7 +98,7 @@ def _change(seen: _Seen, tensor: Optional[torch.Tensor]) -> Optional[str]:
         return f"changed shape from {list(seen.shape)} to {list(tensor.shape)}"
     if tensor.data_ptr() != seen.data_ptr:
         return "was replaced by another tensor"
-    if tensor._version != seen.version:
+    if _version(tensor) != seen.version:
         return "was modified in place"
     return None
 
