@@ -24,6 +24,7 @@ from .models.spec import seq_limit
 from .pipeline import CompileContext, run_pipeline, take_snapshot, timed, unlowered_copy
 from .plan import MODES, Plan
 from .programs import InputBinder, Program, build_program, fixed_input_sizes, flatten_export_codegen, sharded_weights
+from .runtime.sources import named_tensors
 
 
 def _as_tuple(example_inputs: Any) -> tuple:
@@ -129,6 +130,16 @@ def _check_not_torch_compiled(model: nn.Module) -> None:
                         f"instead: torch.compile(moesys_compile.compile(model, plan, ...))")
 
 
+def _check_no_inference_tensors(model: nn.Module) -> None:
+    """Tensors made under ``torch.inference_mode`` cannot take part in a capture (it fails deep in
+    shape propagation with "cannot be saved for backward"): name the first and the fix."""
+    for name, tensor in named_tensors(model).items():
+        if tensor.is_inference():
+            raise TypeError(f"{name} of {type(model).__name__} is an inference tensor (made under "
+                            f"torch.inference_mode), which a capture cannot use; build or load the model outside "
+                            f"inference_mode, or replace such tensors with a clone made outside it")
+
+
 def _check_leaf_paths(model: nn.Module, plan: Plan, experts: dict[str, nn.Module]) -> None:
     """A misspelt ``leaf_modules`` path would silently trace the module it meant; paths inside a
     canonical MoE block (rebuilt by canonicalize) are not checked."""
@@ -148,6 +159,7 @@ def trace(model: nn.Module, example_inputs: Any = (), example_kwargs: Optional[d
         >>> gm = moesys_compile.trace(model, (ids,))      # doctest: +SKIP
     """
     _check_not_torch_compiled(model)
+    _check_no_inference_tensors(model)
     example_inputs, example_kwargs = _examples(model, example_inputs, example_kwargs)
     canonicalize(model)
     gm, _ = _capture_and_annotate(model, example_inputs, example_kwargs, leaf_modules)
@@ -288,6 +300,7 @@ def prepare(model: nn.Module, plan: Plan | dict | None = None, example_inputs: A
     three stages', each in ``ctx.frontend_seconds``)."""
     plan = _as_plan(plan)
     _check_not_torch_compiled(model)
+    _check_no_inference_tensors(model)
     example_inputs, example_kwargs = _examples(model, example_inputs, example_kwargs)
     _eval_for_inference(model, plan)
     seconds: dict[str, float] = {}

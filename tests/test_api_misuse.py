@@ -234,3 +234,16 @@ def test_moe_layer_arguments_are_refused_at_construction(field, value, message):
     with pytest.raises(ValueError, match=message):
         mc.nn.MoE(**{**arguments, field: value})
     assert mc.nn.MoE(**{**arguments, "num_experts": np.int64(4)}).num_experts == 4   # a config's numpy int
+
+
+@pytest.mark.parametrize("mode", ["train", "infer"])
+def test_a_model_with_inference_tensors_is_refused_naming_the_first(mode):
+    """Built or given a buffer under ``torch.inference_mode``: one line naming the tensor and the
+    fix (capture failed in shape propagation: "cannot be saved for backward")."""
+    model = mc.models.build("tiny-moe")
+    with torch.inference_mode():
+        model.rope_cos = model.rope_cos.clone()
+    plan = mc.Plan(mode="infer", device_budget="400KiB") if mode == "infer" else mc.Plan(mode="train")
+    with pytest.raises(TypeError, match=r"rope_cos of Transformer is an inference tensor \(made under torch\."
+                                        r"inference_mode\), which a capture cannot use; build or load the model"):
+        mc.compile(model, plan, example_inputs=(torch.randint(0, 256, (2, 8)),))
