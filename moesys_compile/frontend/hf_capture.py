@@ -132,11 +132,43 @@ def _to_if_needed(module: nn.Module, *args, **kwargs) -> nn.Module:
     return nn.Module.to(module, *args, **kwargs)
 
 
+def _phimoe_rotary_forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """PhiMoE's rotary embedding with a scaled ``rope_type`` (its ``longrope`` config), as eager
+    computes it but traceable: eager picks ``long_mscale`` or ``short_mscale`` with a Python
+    branch on ``max(position_ids) + 1`` against ``original_max_position_embeddings``, here a
+    ``torch.where``; the frequencies come from the config (``rope_init_fn``), as in eager."""
+    parameters = self.config.rope_parameters
+    inv_freq, _ = self.rope_init_fn(self.config)
+    longer = position_ids.max() + 1 > parameters["original_max_position_embeddings"]
+    mscale = torch.where(longer, parameters["long_mscale"], parameters["short_mscale"])
+    freqs = position_ids[..., None].float() * inv_freq.to(device=x.device, dtype=torch.float)
+    angles = torch.cat((freqs, freqs), dim=-1)
+    return (angles.cos() * mscale).to(x.dtype), (angles.sin() * mscale).to(x.dtype)
+
+
+def _takes_traceable_rotary(module: nn.Module) -> bool:
+    """A PhiMoE rotary embedding with a scaled rope type whose forward is the one
+    ``_phimoe_rotary_forward`` stands in for (its mscale branch on the positions)."""
+    if type(module).__name__ != "PhimoeRotaryEmbedding":
+        return False
+    parameters = getattr(getattr(module, "config", None), "rope_parameters", None) or {}
+    if parameters.get("rope_type", "default") == "default" or not {"long_mscale", "short_mscale"} <= set(parameters):
+        return False
+    try:
+        source = inspect.getsource(type(module).forward)
+    except (OSError, TypeError):
+        return False
+    return 'rope_parameters["long_mscale"]' in source and "self.rope_init_fn(self.config)" in source
+
+
 @contextlib.contextmanager
 def _capturable(model: nn.Module, packing_detected: bool) -> Iterator[bool]:
     modules = list(model.modules())
+    rotary = [module for module in modules if _takes_traceable_rotary(module)]
     for module in modules:
         object.__setattr__(module, "to", types.MethodType(_to_if_needed, module))
+    for module in rotary:
+        object.__setattr__(module, "forward", types.MethodType(_phimoe_rotary_forward, module))
     try:
         with _cache_off(model) as export_first, \
                 (contextlib.nullcontext() if packing_detected else _packing_detection_off()):
@@ -144,6 +176,8 @@ def _capturable(model: nn.Module, packing_detected: bool) -> Iterator[bool]:
     finally:
         for module in modules:
             module.__dict__.pop("to", None)
+        for module in rotary:
+            module.__dict__.pop("forward", None)
 
 
 def warn_checkpointing_dropped(model: nn.Module) -> None:
