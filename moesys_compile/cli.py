@@ -136,8 +136,8 @@ def check_seq_len(model, seq: int, flag: str, override_flag: str) -> None:
     max_seq_len=700 or a --seq-len of at most 512``.
     """
     from .models.spec import seq_limit
-    field, limit = seq_limit(model) or (None, seq)
-    if seq > limit:
+    field, limit = seq_limit(model) or (None, None)
+    if limit is not None and seq > limit:
         raise ValueError(f"{flag} {seq} exceeds the model's {field} {limit}; pass {override_flag} "
                          f"{field}={seq} or a {flag} of at most {limit}")
 

@@ -25,6 +25,10 @@ from ..runtime.sources import named_tensors, row_range
 from ..runtime.storage import Rows, Source, WeightStore, slice_key
 
 
+# the one change a ring may take (where it reads the tensor in place): ``_change``'s word for it
+MODIFIED_IN_PLACE = "was modified in place"
+
+
 class RingWeightsError(MoesysError, RuntimeError):
     """The ring cannot take in new weights: it staged the model's weights when it was compiled."""
 
@@ -79,7 +83,7 @@ class StagedWeights:
             change = _change(seen, tensor)
             if change is None:
                 continue
-            if change == "was modified in place" and _read_in_place(store, name, tensor):
+            if change == MODIFIED_IN_PLACE and _read_in_place(store, name, tensor):
                 self.seen[name] = _Seen.of(tensor)
                 continue
             raise RingWeightsError(
@@ -99,7 +103,7 @@ def _change(seen: _Seen, tensor: Optional[torch.Tensor]) -> Optional[str]:
     if tensor.data_ptr() != seen.data_ptr:
         return "was replaced by another tensor"
     if _version(tensor) != seen.version:
-        return "was modified in place"
+        return MODIFIED_IN_PLACE
     return None
 
 
