@@ -22,7 +22,12 @@ into the GEMMs (the ScatterMoE idea), so no permuted copy of x or y is materiali
 
 Row tiles never straddle two experts: expert e owns ceil(count_e / BLOCK_M) tiles, and a program
 finds its expert from a cumulative sum of those tile counts (E <= a few hundred, in registers).
-The grid has ceil(N / BLOCK_M) + E row programs, an upper bound; the extra ones return at once.
+There are ceil(N / BLOCK_M) + E row tiles, an upper bound; programs of the extra ones return at once.
+
+The grid is one-dimensional and visits output tiles GROUP_M row tiles at a time, across every
+column tile (``_grouped_tile``): programs that run together share their row and column operands in
+L2. Row-major order (all row tiles of one column tile, then the next) rereads the whole row operand
+from memory for every column tile, which made the large GEMMs memory-bound.
 """
 
 import torch
@@ -42,7 +47,7 @@ def _configs() -> list:
     autotuner."""
     shapes = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
               (64, 64, 64, 4, 4), (64, 256, 64, 8, 3), (128, 128, 32, 4, 4), (256, 128, 64, 8, 3)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": GROUP_M}, num_warps=w, num_stages=s)
             for m, n, k, w, s in shapes]
 
 
@@ -50,11 +55,24 @@ def _untuned_config():
     """The one config run without autotuning: small tiles under the interpreter; on CUDA tiles that
     fit shared memory for every dtype (fp32 included)."""
     if INTERPRET:
-        return triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4)
-    return triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3)
+        return triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}, num_warps=4)
+    return triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": GROUP_M}, num_warps=4,
+                         num_stages=3)
 
 
 _MIN_BLOCK_N = 32  # smallest BLOCK_N of any config: sizes the per-column-tile partial sums
+GROUP_M = 8        # row tiles per group of the tile order (``_grouped_tile``)
+
+
+@triton.jit
+def _grouped_tile(pid, tiles_m, tiles_n, GROUP_M: tl.constexpr):
+    """Program ``pid`` of a 1-D grid of tiles_m * tiles_n -> (row tile, column tile), in groups of
+    GROUP_M row tiles: within a group the row tile changes fastest, then the column tile."""
+    per_group = GROUP_M * tiles_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
+    local = pid % per_group
+    return first_m + local % group_rows, local // group_rows
 
 
 @triton.jit
@@ -87,12 +105,13 @@ def _expert_tile(counts_ptr, starts_ptr, E, pid, BLOCK_M: tl.constexpr, E_PAD: t
 @triton.jit
 def _up_act_kernel(
     x_ptr, slots_ptr, w_ptr, counts_ptr, starts_ptr, h_ptr, a_ptr,
-    E, D, F, top_k, stride_x, stride_we, stride_wh, stride_wd, stride_h, stride_a,
+    E, D, F, top_k, N, rows_key, stride_x, stride_we, stride_wh, stride_wd, stride_h, stride_a,
     KIND: tl.constexpr, GATED: tl.constexpr, GATHER: tl.constexpr, SAVE_H: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, E_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    expert, m0, m_end = _expert_tile(counts_ptr, starts_ptr, E, tl.program_id(0), BLOCK_M, E_PAD)
+    tile_m, tile_n = _grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_M) + E, tl.cdiv(F, BLOCK_N), GROUP_M)
+    expert, m0, m_end = _expert_tile(counts_ptr, starts_ptr, E, tile_m, BLOCK_M, E_PAD)
     if expert >= E:
         return
     rows = m0 + tl.arange(0, BLOCK_M)
@@ -100,7 +119,7 @@ def _up_act_kernel(
     src = rows
     if GATHER:
         src = tl.load(slots_ptr + rows, mask=row_ok, other=0) // top_k
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < F
     w_base = w_ptr + expert * stride_we
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
@@ -138,17 +157,18 @@ def _up_act_kernel(
 @triton.jit
 def _grouped_gemm_kernel(
     a_ptr, b_ptr, c_ptr, counts_ptr, starts_ptr, slots_ptr, scale_ptr,
-    E, KD, NC, stride_a, stride_be, stride_bk, stride_bn, stride_c,
+    E, KD, NC, N, rows_key, stride_a, stride_be, stride_bk, stride_bn, stride_c,
     SCATTER: tl.constexpr, SCALE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """c[dst(n)] = scale[dst(n)] * a[n] @ B[e]; B[e][k, j] at b + e*stride_be + k*stride_bk + j*stride_bn."""
-    expert, m0, m_end = _expert_tile(counts_ptr, starts_ptr, E, tl.program_id(0), BLOCK_M, E_PAD)
+    tile_m, tile_n = _grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_M) + E, tl.cdiv(NC, BLOCK_N), GROUP_M)
+    expert, m0, m_end = _expert_tile(counts_ptr, starts_ptr, E, tile_m, BLOCK_M, E_PAD)
     if expert >= E:
         return
     rows = m0 + tl.arange(0, BLOCK_M)
     row_ok = rows < m_end
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < NC
     b_base = b_ptr + expert * stride_be
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
@@ -181,8 +201,8 @@ def _autotune(kernel, key, reset_to_zero=None) -> None:
         _TUNED[kernel] = triton.autotune(configs=_configs(), key=key, reset_to_zero=reset_to_zero)(kernel)
 
 
-_autotune(_up_act_kernel, ["D", "F"])
-_autotune(_grouped_gemm_kernel, ["KD", "NC"])
+_autotune(_up_act_kernel, ["D", "F", "rows_key"])
+_autotune(_grouped_gemm_kernel, ["KD", "NC", "rows_key"])
 
 
 def _launch(kernel, grid, ref: Tensor, *args, **constexprs) -> None:
@@ -229,7 +249,14 @@ def _common(x: Tensor, activation: str) -> dict:
 
 
 def _row_grid(num_rows: int, num_experts: int, cols: int):
-    return lambda meta: (triton.cdiv(num_rows, meta["BLOCK_M"]) + num_experts, triton.cdiv(cols, meta["BLOCK_N"]))
+    """One program per (row tile, column tile); ``_grouped_tile`` maps a program to its tile."""
+    return lambda meta: ((triton.cdiv(num_rows, meta["BLOCK_M"]) + num_experts) * triton.cdiv(cols, meta["BLOCK_N"]),)
+
+
+def rows_bucket(num_rows: int) -> int:
+    """The row count as the autotuner's key sees it: the next power of two, from 256 to 65536, so
+    that a shape is tuned again for a much larger batch but not for every sequence length."""
+    return min(pow2(num_rows, 256), 1 << 16)
 
 
 def experts_forward_triton(x: Tensor, counts_E: Tensor, w_up_EHD: Tensor, w_down_EDF: Tensor, activation: str,
@@ -249,18 +276,20 @@ def experts_forward_triton(x: Tensor, counts_E: Tensor, w_up_EHD: Tensor, w_down
     common = _common(x, activation)
     e_pad = pow2(num_experts, 2)
     starts_E = counts_E.cumsum(0) - counts_E
+    bucket = rows_bucket(num_rows)
     a_NF = torch.empty((num_rows, ffn), device=x.device, dtype=x.dtype)
     h_NH = torch.empty((num_rows if save_h else 0, rows_h), device=x.device, dtype=x.dtype)
     out = torch.zeros((num_rows, dim), device=x.device, dtype=x.dtype)  # dropped rows / slots stay 0
     if num_rows:
         _launch(_up_act_kernel, _row_grid(num_rows, num_experts, ffn), x,
                 x, slots_N if fused else counts_E, w_up_EHD, counts_E, starts_E, h_NH if save_h else a_NF, a_NF,
-                num_experts, dim, ffn, top_k, x.stride(0), *w_up_EHD.stride(), h_NH.stride(0), a_NF.stride(0),
+                num_experts, dim, ffn, top_k, num_rows, bucket, x.stride(0), *w_up_EHD.stride(), h_NH.stride(0),
+                a_NF.stride(0),
                 GATHER=fused, SAVE_H=save_h, E_PAD=e_pad, **common)
         scale = weights_TK.reshape(-1).contiguous() if fused else a_NF
         _launch(_grouped_gemm_kernel, _row_grid(num_rows, num_experts, dim), x,
                 a_NF, w_down_EDF, out, counts_E, starts_E, slots_N if fused else counts_E, scale,
-                num_experts, ffn, dim, a_NF.stride(0), w_down_EDF.stride(0), w_down_EDF.stride(2),
+                num_experts, ffn, dim, num_rows, bucket, a_NF.stride(0), w_down_EDF.stride(0), w_down_EDF.stride(2),
                 w_down_EDF.stride(1), out.stride(0),
                 SCATTER=fused, SCALE=fused, PRECISION=common["PRECISION"], UPCAST=common["UPCAST"], E_PAD=e_pad)
     if fused:  # out holds weighted rows in slot order t*K + k

@@ -16,7 +16,8 @@ from torch import Tensor
 
 from moesys_compile.kernels._triton import check_triton, pow2, tl, triton
 from moesys_compile.kernels.grouped_mlp import (_MIN_BLOCK_N, _act, _autotune, _common, _expert_tile,
-                                                _grouped_gemm_kernel, _launch, _row_grid)
+                                                _grouped_gemm_kernel, _grouped_tile, _launch, _row_grid,
+                                                rows_bucket)
 
 
 @triton.jit
@@ -36,12 +37,14 @@ def _act_grad(x, KIND: tl.constexpr):
 @triton.jit
 def _down_bwd_kernel(
     grad_y_ptr, slots_ptr, scale_ptr, w_ptr, h_ptr, counts_ptr, starts_ptr, grad_h_ptr, part_ptr, wa_ptr,
-    E, D, F, top_k, stride_gy, stride_we, stride_wd, stride_wf, stride_h, stride_gh, stride_part, stride_wa,
+    E, D, F, top_k, N, rows_key, stride_gy, stride_we, stride_wd, stride_wf, stride_h, stride_gh, stride_part,
+    stride_wa,
     KIND: tl.constexpr, GATED: tl.constexpr, GATHER: tl.constexpr, SCALE: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, E_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    expert, m0, m_end = _expert_tile(counts_ptr, starts_ptr, E, tl.program_id(0), BLOCK_M, E_PAD)
+    tile_m, tile_n = _grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_M) + E, tl.cdiv(F, BLOCK_N), GROUP_M)
+    expert, m0, m_end = _expert_tile(counts_ptr, starts_ptr, E, tile_m, BLOCK_M, E_PAD)
     if expert >= E:
         return
     rows = m0 + tl.arange(0, BLOCK_M)
@@ -50,7 +53,7 @@ def _down_bwd_kernel(
     if GATHER:
         slots = tl.load(slots_ptr + rows, mask=row_ok, other=0)
         src = slots // top_k
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < F
     w_base = w_ptr + expert * stride_we
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)  # grad_y @ W_down[e], before the top-k weight
@@ -74,7 +77,7 @@ def _down_bwd_kernel(
     else:
         a = act_gate
     if SCALE:  # d loss / d weight of the slot: <grad_y @ W_down[e], a>, one partial per column tile
-        tl.store(part_ptr + rows * stride_part + tl.program_id(1), tl.sum(tl.where(m, acc * a, 0.0), axis=1),
+        tl.store(part_ptr + rows * stride_part + tile_n, tl.sum(tl.where(m, acc * a, 0.0), axis=1),
                  mask=row_ok)
         weight = tl.load(scale_ptr + slots, mask=row_ok, other=0.0).to(tl.float32)[:, None]
         acc = acc * weight
@@ -95,18 +98,19 @@ def _down_bwd_kernel(
 @triton.jit
 def _weight_grad_kernel(
     p_ptr, q_ptr, out_ptr, counts_ptr, starts_ptr, slots_ptr,
-    E, I, J, top_k, stride_p, stride_q, stride_oe, stride_oi, stride_oj,
+    E, I, J, top_k, rows_key, stride_p, stride_q, stride_oe, stride_oi, stride_oj,
     P_GATHER: tl.constexpr, Q_GATHER: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    P_BY_ROWS: tl.constexpr = False,
 ):
     """out[e] = sum over rows n of expert e of P[n, :I]^T Q[n, :J] (a gathered operand reads row
     slots_ptr[n] // top_k)."""
     expert = tl.program_id(1).to(tl.int64)     # int64 offsets: see _expert_tile
     start = tl.load(starts_ptr + expert)
     end = start + tl.load(counts_ptr + expert)
-    tiles_j = tl.cdiv(J, BLOCK_N)
-    offs_i = (tl.program_id(0) // tiles_j) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_j = (tl.program_id(0) % tiles_j) * BLOCK_N + tl.arange(0, BLOCK_N)
+    tile_i, tile_j = _grouped_tile(tl.program_id(0), tl.cdiv(I, BLOCK_M), tl.cdiv(J, BLOCK_N), GROUP_M)
+    offs_i = tile_i * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_j = tile_j * BLOCK_N + tl.arange(0, BLOCK_N)
     i_ok = offs_i < I
     j_ok = offs_j < J
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
@@ -121,8 +125,12 @@ def _weight_grad_kernel(
                 p_rows = sources
             if Q_GATHER:
                 q_rows = sources
-        p = tl.load(p_ptr + p_rows[None, :] * stride_p + offs_i[:, None], mask=i_ok[:, None] & r_ok[None, :],
-                    other=0.0)
+        if P_BY_ROWS:   # the tile as P stores it, [rows, I], transposed in registers
+            p = tl.trans(tl.load(p_ptr + p_rows[:, None] * stride_p + offs_i[None, :],
+                                 mask=r_ok[:, None] & i_ok[None, :], other=0.0))
+        else:
+            p = tl.load(p_ptr + p_rows[None, :] * stride_p + offs_i[:, None], mask=i_ok[:, None] & r_ok[None, :],
+                        other=0.0)
         q = tl.load(q_ptr + q_rows[:, None] * stride_q + offs_j[None, :], mask=r_ok[:, None] & j_ok[None, :],
                     other=0.0)
         if UPCAST:
@@ -133,8 +141,8 @@ def _weight_grad_kernel(
              acc.to(out_ptr.dtype.element_ty), mask=i_ok[:, None] & j_ok[None, :])
 
 
-_autotune(_down_bwd_kernel, ["D", "F"], reset_to_zero=["part_ptr"])
-_autotune(_weight_grad_kernel, ["I", "J"])
+_autotune(_down_bwd_kernel, ["D", "F", "rows_key"], reset_to_zero=["part_ptr"])
+_autotune(_weight_grad_kernel, ["I", "J", "rows_key"])
 
 
 def experts_backward_triton(grad_out: Tensor, x: Tensor, counts_E: Tensor, w_up_EHD: Tensor, w_down_EDF: Tensor,
@@ -151,6 +159,7 @@ def experts_backward_triton(grad_out: Tensor, x: Tensor, counts_E: Tensor, w_up_
     common = _common(x, activation)
     e_pad = pow2(num_experts, 2)
     starts_E = counts_E.cumsum(0) - counts_E
+    bucket = rows_bucket(num_rows)
     scale = weights_TK.reshape(-1).contiguous() if fused else counts_E
     slots = slots_N if fused else counts_E
     grad_h_NH = torch.empty_like(h_NH)
@@ -163,25 +172,26 @@ def experts_backward_triton(grad_out: Tensor, x: Tensor, counts_E: Tensor, w_up_
     if num_rows:
         _launch(_down_bwd_kernel, _row_grid(num_rows, num_experts, ffn), x,
                 grad_out, slots, scale, w_down_EDF, h_NH, counts_E, starts_E, grad_h_NH, part_NC, weighted_a_NF,
-                num_experts, dim, ffn, top_k, grad_out.stride(0), *w_down_EDF.stride(), h_NH.stride(0),
-                grad_h_NH.stride(0), part_NC.stride(0) if fused else 0, weighted_a_NF.stride(0),
+                num_experts, dim, ffn, top_k, num_rows, bucket, grad_out.stride(0), *w_down_EDF.stride(),
+                h_NH.stride(0), grad_h_NH.stride(0), part_NC.stride(0) if fused else 0, weighted_a_NF.stride(0),
                 GATHER=fused, SCALE=fused, E_PAD=e_pad, **common)
         _launch(_grouped_gemm_kernel, _row_grid(num_rows, num_experts, dim), x,
                 grad_h_NH, w_up_EHD, grad_rows, counts_E, starts_E, slots, scale,
-                num_experts, rows_h, dim, grad_h_NH.stride(0), w_up_EHD.stride(0), w_up_EHD.stride(1),
+                num_experts, rows_h, dim, num_rows, bucket, grad_h_NH.stride(0), w_up_EHD.stride(0), w_up_EHD.stride(1),
                 w_up_EHD.stride(2), grad_rows.stride(0),
                 SCATTER=fused, SCALE=False, PRECISION=common["PRECISION"], UPCAST=common["UPCAST"], E_PAD=e_pad)
-    # weight gradients: one program per (output tile, expert); experts without rows write zeros
+    # weight gradients: one program per (output tile, expert), tiles in ``_grouped_tile`` order;
+    # experts without rows write zeros
     wgrad = dict(PRECISION=common["PRECISION"], UPCAST=common["UPCAST"])
     _launch(_weight_grad_kernel,
             lambda meta: (triton.cdiv(dim, meta["BLOCK_M"]) * triton.cdiv(ffn, meta["BLOCK_N"]), num_experts), x,
             grad_out, weighted_a_NF, grad_w_down, counts_E, starts_E, slots,
-            num_experts, dim, ffn, top_k, grad_out.stride(0), weighted_a_NF.stride(0), *grad_w_down.stride(),
+            num_experts, dim, ffn, top_k, bucket, grad_out.stride(0), weighted_a_NF.stride(0), *grad_w_down.stride(),
             P_GATHER=fused, Q_GATHER=False, **wgrad)
     _launch(_weight_grad_kernel,
             lambda meta: (triton.cdiv(rows_h, meta["BLOCK_M"]) * triton.cdiv(dim, meta["BLOCK_N"]), num_experts), x,
             grad_h_NH, x, grad_w_up, counts_E, starts_E, slots,
-            num_experts, rows_h, dim, top_k, grad_h_NH.stride(0), x.stride(0), *grad_w_up.stride(),
+            num_experts, rows_h, dim, top_k, bucket, grad_h_NH.stride(0), x.stride(0), *grad_w_up.stride(),
             P_GATHER=False, Q_GATHER=fused, **wgrad)
     if not fused:
         return grad_rows, grad_w_up, grad_w_down, None

@@ -11,7 +11,7 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map
 
 from moesys_compile.passes import pipeline_for
 
@@ -54,6 +54,21 @@ def _check_not_keywords(model: nn.Module, example_inputs: Any) -> None:
             f"example_inputs is a {type(example_inputs).__name__} of {type(model).__name__}.forward's parameters "
             f"({keys}); pass keyword inputs as example_kwargs=dict(...), and a dict that forward takes as one "
             f"argument inside a tuple: example_inputs=(batch,)")
+
+
+def examples_where_the_model_is(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The example's tensors on the device that holds the model's tensors (the CPU when they are
+    all on the meta device), for an infer capture: a ring program's model stays in host memory
+    while its calls, and the example, come on Plan.device; capture runs the model's code on the
+    example, which must not mix devices. A model spread over several devices keeps the example as given."""
+    devices = {tensor.device for tensor in named_tensors(model).values() if not tensor.is_meta}
+    if len(devices) > 1:
+        return args, kwargs
+    device = devices.pop() if devices else torch.device("cpu")
+
+    def moved(value):
+        return value.to(device) if isinstance(value, torch.Tensor) and value.device != device else value
+    return tree_map(moved, args), tree_map(moved, kwargs)
 
 
 def _check_real_tensors(args: tuple, kwargs: dict) -> None:
@@ -302,6 +317,8 @@ def prepare(model: nn.Module, plan: Plan | dict | None = None, example_inputs: A
     _check_not_torch_compiled(model)
     _check_no_inference_tensors(model)
     example_inputs, example_kwargs = _examples(model, example_inputs, example_kwargs)
+    if plan.mode == "infer":
+        example_inputs, example_kwargs = examples_where_the_model_is(model, example_inputs, example_kwargs)
     _eval_for_inference(model, plan)
     seconds: dict[str, float] = {}
     weights = _checkpoint_weights(model, plan)

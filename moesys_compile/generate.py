@@ -362,11 +362,13 @@ def _step_bound(program, ids: torch.Tensor, tokens: int, positions: int, device=
     """``DecodeStep`` inputs of ``tokens`` ids (per prompt of ``ids``) over a cache that makes
     ``positions`` with them, as the step is traced: the cache in the dtype of the keys the model
     computes (``ring_partition`` propagates the graph again in the ring's dtype, in which
-    ``builtin_decode`` passes it); on ``device`` "meta" to size a call without allocating its cache."""
+    ``builtin_decode`` passes it); on the CPU, or on ``device`` "meta" to size a call without
+    allocating its cache."""
     model = program.context.model
     batch = ids.shape[0]
+    device = device or "cpu"           # where the model's tensors are (the ring's calls come on Plan.device)
     return (ids.new_zeros(batch, tokens, device=device), 0,
-            empty_cache(model, batch, positions - tokens, _model_cache_dtype(model), device or "cpu"))
+            empty_cache(model, batch, positions - tokens, _model_cache_dtype(model), device))
 
 
 def _model_cache_dtype(model: Transformer) -> torch.dtype:

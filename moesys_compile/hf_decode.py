@@ -163,9 +163,10 @@ def graph_kwargs(wrapper: CachedDecoding, mask: torch.Tensor, prompt_length: Opt
 def _prepare(wrapper: CachedDecoding, args: tuple, kwargs: dict, plan: Plan) -> tuple[fx.GraphModule, object]:
     """Capture (through the Hugging Face capture adapter) and annotate, as ``api.prepare`` does. The
     model's blocks were canonicalised when the program was compiled; they are the same modules."""
-    from .api import _capture_and_annotate
+    from .api import _capture_and_annotate, examples_where_the_model_is
     from .pipeline import CompileContext
-    gm, annotation = _capture_and_annotate(wrapper, args, kwargs, (), for_program=True)
+    gm, annotation = _capture_and_annotate(wrapper, *examples_where_the_model_is(wrapper, args, kwargs), (),
+                                           for_program=True)
     binder = gm.meta["moesys_binder"]
     ctx = CompileContext(plan=plan, model=wrapper, annotation=annotation, blocks=[],
                          input_names=binder.traced_names, capture=binder.capture)

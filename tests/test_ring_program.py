@@ -429,6 +429,20 @@ def test_cuda_ring_stays_within_budget(tier, tmp_path):
     assert stats["peak_device_bytes"] <= stats["budget_bytes"]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_ring_takes_ids_on_the_gpu(tmp_path):
+    """The model stays in host memory while the calls come on the GPU: a call at a new size
+    (captured again) and greedy decoding (its step graph captured) take CUDA ids."""
+    model = build("tiny-moe")
+    ids = torch.randint(0, 256, (2, 16))
+    program = ring(model, 4, "host", tmp_path, ids, device="cuda")
+    longer = torch.randint(0, 256, (3, 24))
+    with torch.inference_mode():
+        want = model(longer)
+    torch.testing.assert_close(program(longer.cuda()).cpu(), want, atol=1e-5, rtol=1e-5)
+    assert torch.equal(program.generate(ids.cuda(), 5).cpu(), eager_generate(model, ids, 5))
+
+
 def test_weights_stream_from_a_training_checkpoint(tmp_path):
     """The training program's layout (meta.json, dense.safetensors, expert rows split over
     experts-ep{i}.safetensors) read through moesys_compile.runtime.checkpoint."""
