@@ -107,9 +107,11 @@ def _synchronized(fn):
 
 
 def case(kind: str, batch: int, seq: int, model, accelerated, program, repeats: int, new_tokens: int = 8,
-         device: str = "cpu") -> dict:
+         device: str = "cpu", exact_tokens: bool = True) -> dict:
     """One row: the three peers in rotation on the same ids (on ``device``; CUDA calls end with a
-    synchronize, inside the timing)."""
+    synchronize, inside the timing). Decoding must give eager's tokens where ``exact_tokens`` (fp32);
+    in bf16 the fused kernels round differently from eager's ops, so a near-tie among the logits
+    can pick another token: the row then records the fraction of tokens that agree."""
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(1))
     ids = ids.to(device)
     if kind == "prefill":
@@ -134,7 +136,9 @@ def case(kind: str, batch: int, seq: int, model, accelerated, program, repeats: 
         samples = interleaved(peers, repeats, keep_stats)
         check = (logits(program(ids)) - logits(model(ids))).abs().max().item()
         if kind == "decode":
-            assert torch.equal(program.generate(ids, new_tokens), greedy(model, ids, new_tokens)), "tokens differ"
+            ours, eager = program.generate(ids, new_tokens), greedy(model, ids, new_tokens)
+            assert torch.equal(ours, eager) or not exact_tokens, "tokens differ"
+            agree = (ours[:, seq:] == eager[:, seq:]).float().mean().item()
     seconds = {name: statistics.median(values) for name, values in samples.items()}
     efficiencies = [s["efficiency"] for s in ring_stats]
     stats = ring_stats[-1]
@@ -151,6 +155,8 @@ def case(kind: str, batch: int, seq: int, model, accelerated, program, repeats: 
            "GB_s_moved": stats["bytes_moved"] / max(stats["transfer_seconds"], 1e-9) / 1e9}
     if "cuda_max_allocated_bytes" in stats:
         row["cuda_max_alloc_MiB"] = max(s["cuda_max_allocated_bytes"] for s in ring_stats) / 2**20
+    if kind == "decode":
+        row["tokens_agree"] = agree
     row["ring_vs_accelerate"] = row["ring_tok_s"] / row["accelerate_tok_s"]
     row["ring_vs_in_memory"] = row["ring_tok_s"] / row["in_memory_tok_s"]
     row["seconds"] = samples

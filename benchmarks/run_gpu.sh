@@ -17,7 +17,7 @@ python3 -c "import torch, triton, moesys_compile; print('torch', torch.__version
 for stage in "$@"; do
   case "$stage" in
     tests)
-      timeout "${TESTS_LIMIT:-200}" python3 -m pytest -q -p no:cacheprovider -n 8 --timeout 60 -rfE --tb=line \
+      timeout "${TESTS_LIMIT:-200}" python3 -m pytest -q -p no:cacheprovider -n "${TEST_WORKERS:-8}" --timeout 60 -rfE --tb=line \
         ${TEST_FILES:-tests/test_kernels_grouped_mlp.py tests/test_kernels_permute.py tests/test_kernels_routing.py \
         tests/test_kernels_lower.py tests/test_ring_program.py tests/test_ops.py tests/test_token_exchange.py tests/test_kernels_shapes.py} >"$OUT/tests_gpu.log" 2>&1
       echo "tests: exit $?"; grep -E "passed|failed|FAILED|ERROR|Timeout" "$OUT/tests_gpu.log" | cut -c1-300 | tail -25 ;;

@@ -97,14 +97,14 @@ def _down_bwd_kernel(
 
 @triton.jit
 def _weight_grad_kernel(
-    p_ptr, q_ptr, out_ptr, counts_ptr, starts_ptr, slots_ptr,
-    E, I, J, top_k, rows_key, stride_p, stride_q, stride_oe, stride_oi, stride_oj,
-    P_GATHER: tl.constexpr, Q_GATHER: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    p_ptr, q_ptr, out_ptr, counts_ptr, starts_ptr,
+    E, I, J, rows_key, stride_p, stride_q, stride_oe, stride_oi, stride_oj,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    P_BY_ROWS: tl.constexpr = False,
 ):
-    """out[e] = sum over rows n of expert e of P[n, :I]^T Q[n, :J] (a gathered operand reads row
-    slots_ptr[n] // top_k)."""
+    """out[e] = sum over rows n of expert e of P[n, :I]^T Q[n, :J]. Both operands are read as rows in
+    expert order: a gather inside this reduction loop (a dependent load every step) halved the
+    kernel's throughput on an H200, so the host wrapper gathers once beforehand."""
     expert = tl.program_id(1).to(tl.int64)     # int64 offsets: see _expert_tile
     start = tl.load(starts_ptr + expert)
     end = start + tl.load(counts_ptr + expert)
@@ -117,22 +117,8 @@ def _weight_grad_kernel(
     for r0 in range(start, end, BLOCK_K):
         rows = r0 + tl.arange(0, BLOCK_K)
         r_ok = rows < end
-        p_rows = rows
-        q_rows = rows
-        if P_GATHER or Q_GATHER:
-            sources = tl.load(slots_ptr + rows, mask=r_ok, other=0) // top_k
-            if P_GATHER:
-                p_rows = sources
-            if Q_GATHER:
-                q_rows = sources
-        if P_BY_ROWS:   # the tile as P stores it, [rows, I], transposed in registers
-            p = tl.trans(tl.load(p_ptr + p_rows[:, None] * stride_p + offs_i[None, :],
-                                 mask=r_ok[:, None] & i_ok[None, :], other=0.0))
-        else:
-            p = tl.load(p_ptr + p_rows[None, :] * stride_p + offs_i[:, None], mask=i_ok[:, None] & r_ok[None, :],
-                        other=0.0)
-        q = tl.load(q_ptr + q_rows[:, None] * stride_q + offs_j[None, :], mask=r_ok[:, None] & j_ok[None, :],
-                    other=0.0)
+        p = tl.load(p_ptr + rows[None, :] * stride_p + offs_i[:, None], mask=i_ok[:, None] & r_ok[None, :], other=0.0)
+        q = tl.load(q_ptr + rows[:, None] * stride_q + offs_j[None, :], mask=r_ok[:, None] & j_ok[None, :], other=0.0)
         if UPCAST:
             p = p.to(tl.float32)
             q = q.to(tl.float32)
@@ -181,18 +167,22 @@ def experts_backward_triton(grad_out: Tensor, x: Tensor, counts_E: Tensor, w_up_
                 w_up_EHD.stride(2), grad_rows.stride(0),
                 SCATTER=fused, SCALE=False, PRECISION=common["PRECISION"], UPCAST=common["UPCAST"], E_PAD=e_pad)
     # weight gradients: one program per (output tile, expert), tiles in ``_grouped_tile`` order;
-    # experts without rows write zeros
+    # experts without rows write zeros. Fused, their gathered operands (grad_y and x by slot) are
+    # copied into expert order first (see _weight_grad_kernel).
+    sources = slots_N // top_k if fused else None
+    grad_y_rows = grad_out.index_select(0, sources) if fused else grad_out
+    x_rows = x.index_select(0, sources) if fused else x
     wgrad = dict(PRECISION=common["PRECISION"], UPCAST=common["UPCAST"])
     _launch(_weight_grad_kernel,
             lambda meta: (triton.cdiv(dim, meta["BLOCK_M"]) * triton.cdiv(ffn, meta["BLOCK_N"]), num_experts), x,
-            grad_out, weighted_a_NF, grad_w_down, counts_E, starts_E, slots,
-            num_experts, dim, ffn, top_k, bucket, grad_out.stride(0), weighted_a_NF.stride(0), *grad_w_down.stride(),
-            P_GATHER=fused, Q_GATHER=False, **wgrad)
+            grad_y_rows, weighted_a_NF, grad_w_down, counts_E, starts_E,
+            num_experts, dim, ffn, bucket, grad_y_rows.stride(0), weighted_a_NF.stride(0), *grad_w_down.stride(),
+            **wgrad)
     _launch(_weight_grad_kernel,
             lambda meta: (triton.cdiv(rows_h, meta["BLOCK_M"]) * triton.cdiv(dim, meta["BLOCK_N"]), num_experts), x,
-            grad_h_NH, x, grad_w_up, counts_E, starts_E, slots,
-            num_experts, rows_h, dim, top_k, bucket, grad_h_NH.stride(0), x.stride(0), *grad_w_up.stride(),
-            P_GATHER=False, Q_GATHER=fused, **wgrad)
+            grad_h_NH, x_rows, grad_w_up, counts_E, starts_E,
+            num_experts, rows_h, dim, bucket, grad_h_NH.stride(0), x_rows.stride(0), *grad_w_up.stride(),
+            **wgrad)
     if not fused:
         return grad_rows, grad_w_up, grad_w_down, None
     num_tokens = weights_TK.shape[0]
