@@ -98,11 +98,12 @@ def run_one(fn, inputs, backward, repeats):
 
 
 def profile_kernels(name, fn, inputs) -> None:
-    """CUDA time per kernel of one forward+backward (after the timed runs, so compiled and tuned)."""
+    """CUDA time per kernel over three forward+backward passes (``run_one``'s two warm-ups and one
+    timed pass; after the timed runs, so compiled and tuned)."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         run_one(fn, inputs, backward=True, repeats=1)
-    print(f"\n{name}: CUDA time per kernel, one warm-up + one timed forward+backward")
+    print(f"\n{name}: CUDA time per kernel over three forward+backward passes (two warm-ups, one timed)")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks and benchmarks, on a machine with one CUDA GPU and its own torch/triton:
 #   bash benchmarks/run_gpu.sh tests kernels ring [-- extra moe_gpu args]
-#     tests    kernel, op and ring tests natively on the GPU (pytest, 8 workers)
+#     tests    kernel, op and ring tests natively on the GPU (pytest, 8 workers, verbose: a run stopped at its
+#              time limit still names every test that finished)
 #     kernels  benchmarks/moe_gpu.py (MOE_GPU_ARGS, default: every shape)
 #     ring     benchmarks/ring_gpu.py (RING_GPU_ARGS)
 #     train    1-rank NCCL training of small-moe with the Triton kernels (moesys_compile.train)
@@ -17,10 +18,12 @@ python3 -c "import torch, triton, moesys_compile; print('torch', torch.__version
 for stage in "$@"; do
   case "$stage" in
     tests)
-      timeout "${TESTS_LIMIT:-200}" python3 -m pytest -q -p no:cacheprovider -n "${TEST_WORKERS:-8}" --timeout 60 -rfE --tb=line \
+      # 2 intra-op threads per worker: by default each of the 8 workers would take all 16 cores
+      OMP_NUM_THREADS="${TEST_THREADS:-2}" timeout "${TESTS_LIMIT:-400}" python3 -m pytest -v -p no:cacheprovider \
+        -n "${TEST_WORKERS:-8}" --timeout 120 -rfE --tb=short \
         ${TEST_FILES:-tests/test_kernels_grouped_mlp.py tests/test_kernels_permute.py tests/test_kernels_routing.py \
         tests/test_kernels_lower.py tests/test_ring_program.py tests/test_ops.py tests/test_token_exchange.py tests/test_kernels_shapes.py} >"$OUT/tests_gpu.log" 2>&1
-      echo "tests: exit $?"; grep -E "passed|failed|FAILED|ERROR|Timeout" "$OUT/tests_gpu.log" | cut -c1-300 | tail -25 ;;
+      echo "tests: exit $?"; grep -E " passed| failed|FAILED|ERROR|Timeout" "$OUT/tests_gpu.log" | cut -c1-300 | tail -25 ;;
     kernels)
       timeout "${KERNELS_LIMIT:-300}" python3 -m benchmarks.moe_gpu --json "$OUT/moe_gpu.json" ${MOE_GPU_ARGS:-} \
         >"$OUT/moe_gpu.log" 2>&1

@@ -28,19 +28,19 @@ def close(actual, expected, dtype, what):
     assert err <= TOL[dtype], f"{what}: max error {err:.3g} (relative to {scale:.3g}) > {TOL[dtype]}"
 
 
-def experts(num_experts, dim, ffn, activation, dtype, seed):
+def experts(num_experts, dim, ffn, activation, dtype, seed, device=DEVICE):
     gen = torch.Generator().manual_seed(seed)
     w_up = torch.randn(num_experts, up_rows(ffn, activation), dim, generator=gen) / dim ** 0.5
     w_down = torch.randn(num_experts, dim, ffn, generator=gen) / ffn ** 0.5
-    return [w.to(dtype).to(DEVICE).requires_grad_(True) for w in (w_up, w_down)]
+    return [w.to(dtype).to(device).requires_grad_(True) for w in (w_up, w_down)]
 
 
-def routed(num_tokens, top_k, num_experts, seed, skew=False):
+def routed(num_tokens, top_k, num_experts, seed, skew=False, device=DEVICE):
     gen = torch.Generator().manual_seed(seed)
     ranks = torch.rand(num_tokens, num_experts, generator=gen)
     if skew:
         ranks = ranks - torch.linspace(0, 1, num_experts)
-    return torch.argsort(ranks, dim=1)[:, :top_k].to(DEVICE)
+    return torch.argsort(ranks, dim=1)[:, :top_k].to(device)
 
 
 # (T, K, E, D, F, activation, capacity): D and F are not multiples of the interpreter's 32 blocks
@@ -191,12 +191,12 @@ def test_torch_path_shares_experts_between_threads(monkeypatch, skew, threads, p
     monkeypatch.setattr(cpu_threads, "over_runs", lambda work, runs: (runs_seen.append(list(runs)),
                                                                      over_runs(work, runs)))
     monkeypatch.setattr(cpu_threads, "take_runs", take_runs_and_record)
-    w_up, w_down = experts(8, 24, 20, "swiglu", torch.float32, seed=13)
-    x = torch.randn(48, 24, device=DEVICE, requires_grad=True)
-    weights = torch.rand(48, 2, device=DEVICE, requires_grad=True)
-    ids = routed(48, 2, 8, seed=13)
+    w_up, w_down = experts(8, 24, 20, "swiglu", torch.float32, seed=13, device="cpu")   # CPU threads
+    x = torch.randn(48, 24, requires_grad=True)
+    weights = torch.rand(48, 2, requires_grad=True)
+    ids = routed(48, 2, 8, seed=13, device="cpu")
     if skew:                    # expert 0 takes half the rows: no split in 3 by whole experts
-        ids = torch.cat([torch.zeros_like(ids[:, :1]), 1 + routed(48, 1, 7, seed=13)], dim=1)
+        ids = torch.cat([torch.zeros_like(ids[:, :1]), 1 + routed(48, 1, 7, seed=13, device="cpu")], dim=1)
     counts, order = reference.sort_slots_reference(ids, 8)
     counts[-1] -= 1             # one dropped slot
     inputs = (x, weights, w_up, w_down)
@@ -236,9 +236,9 @@ def test_grouped_mlp_splits_a_large_expert_between_threads(monkeypatch):
     over_runs = cpu_threads.over_runs
     monkeypatch.setattr(cpu_threads, "over_runs", lambda work, runs: (runs_seen.append(list(runs)),
                                                                      over_runs(work, runs)))
-    w_up, w_down = experts(4, 24, 20, "swiglu", torch.float32, seed=17)
-    counts = torch.tensor([70, 5, 10, 11], device=DEVICE)
-    x = torch.randn(int(counts.sum()) + 3, 24, device=DEVICE, requires_grad=True)   # 3 dropped rows
+    w_up, w_down = experts(4, 24, 20, "swiglu", torch.float32, seed=17, device="cpu")   # CPU threads
+    counts = torch.tensor([70, 5, 10, 11])
+    x = torch.randn(int(counts.sum()) + 3, 24, requires_grad=True)   # 3 dropped rows
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
