@@ -253,10 +253,15 @@ def _row_grid(num_rows: int, num_experts: int, cols: int):
     return lambda meta: ((triton.cdiv(num_rows, meta["BLOCK_M"]) + num_experts) * triton.cdiv(cols, meta["BLOCK_N"]),)
 
 
+_ROW_BUCKETS = (2048, 32768)
+
+
 def rows_bucket(num_rows: int) -> int:
-    """The row count as the autotuner's key sees it: the next power of two, from 256 to 65536, so
-    that a shape is tuned again for a much larger batch but not for every sequence length."""
-    return min(pow2(num_rows, 256), 1 << 16)
+    """The row count as the autotuner's key sees it: one of three buckets (up to 2048 rows, as in
+    decoding; up to 32768; more), so that a shape is tuned again for a much larger batch, whose best
+    tiles differ, but at most three times (tuning compiles and times every config: seconds per
+    kernel on a GPU, at the first call of each bucket)."""
+    return next((bound for bound in _ROW_BUCKETS if num_rows <= bound), 1 << 20)
 
 
 def experts_forward_triton(x: Tensor, counts_E: Tensor, w_up_EHD: Tensor, w_down_EDF: Tensor, activation: str,

@@ -76,6 +76,15 @@ def test_autotuned_kernels_match_reference(monkeypatch):
     check_fused_experts((300, 2, 8, 256, 192, "swiglu", -1), torch.bfloat16, "triton")
 
 
+def test_autotuner_keys_rows_by_three_buckets():
+    """A shape is tuned again for a much larger batch, at most three times (decoding-sized, up to
+    32768 rows, more), not at every row count."""
+    from moesys_compile.kernels.grouped_mlp import rows_bucket
+    buckets = [rows_bucket(n) for n in (1, 7, 2048, 2049, 32768, 32769, 10 ** 7)]
+    assert buckets[:3] == [buckets[0]] * 3 and buckets[3:5] == [buckets[3]] * 2 and buckets[5] == buckets[6]
+    assert len(set(buckets)) == 3
+
+
 def check_fused_experts(case, dtype, impl):
     num_tokens, top_k, num_experts, dim, ffn, activation, capacity = case
     seed = num_tokens * 100 + num_experts
