@@ -82,10 +82,12 @@ def traced_factories():
 def lower_decode(step: DecodeStep, plan: Plan, example: tuple):
     """Capture ``step`` with fx (see ``traced_factories``), annotate it, run the infer pipeline."""
     from moesys_compile.passes import pipeline_for
+    from .api import examples_where_the_model_is
     from .frontend import annotate
     from .frontend.tracing import expose_aux_loss, fx_trace, traced_names
     from .pipeline import CompileContext, run_pipeline
     from .programs import InputBinder
+    example = examples_where_the_model_is(step, example, {})[0]     # the ring's calls come on Plan.device
     with traced_factories():
         gm = fx_trace(step, example, {}, MoesysTracer())
     binder = InputBinder(step, traced_names(step, example, {})[0], "fx", None)
@@ -362,13 +364,11 @@ def _step_bound(program, ids: torch.Tensor, tokens: int, positions: int, device=
     """``DecodeStep`` inputs of ``tokens`` ids (per prompt of ``ids``) over a cache that makes
     ``positions`` with them, as the step is traced: the cache in the dtype of the keys the model
     computes (``ring_partition`` propagates the graph again in the ring's dtype, in which
-    ``builtin_decode`` passes it); on the CPU, or on ``device`` "meta" to size a call without
-    allocating its cache."""
+    ``builtin_decode`` passes it); on ``device`` "meta" to size a call without allocating its cache."""
     model = program.context.model
     batch = ids.shape[0]
-    device = device or "cpu"           # where the model's tensors are (the ring's calls come on Plan.device)
     return (ids.new_zeros(batch, tokens, device=device), 0,
-            empty_cache(model, batch, positions - tokens, _model_cache_dtype(model), device))
+            empty_cache(model, batch, positions - tokens, _model_cache_dtype(model), device or "cpu"))
 
 
 def _model_cache_dtype(model: Transformer) -> torch.dtype:
