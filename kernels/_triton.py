@@ -96,11 +96,16 @@ def check_triton(*tensors: torch.Tensor) -> None:
             raise ValueError(f"tensors are on different devices ({tensors[0].device} and {t.device})")
 
 
+def autotune_enabled() -> bool:
+    """False under ``MOESYS_TRITON_AUTOTUNE=0`` (tests: one compile per kernel instead of one per
+    config; users: a fast first step)."""
+    return os.environ.get("MOESYS_TRITON_AUTOTUNE", "1") not in ("", "0")
+
+
 def use_autotune(t: torch.Tensor) -> bool:
-    """Autotune only natively on CUDA, and not when ``MOESYS_TRITON_AUTOTUNE=0`` (tests: one
-    compile per kernel instead of one per config); otherwise the kernel's untuned config runs."""
-    enabled = os.environ.get("MOESYS_TRITON_AUTOTUNE", "1") not in ("", "0")
-    return HAVE_TRITON and not INTERPRET and t.is_cuda and enabled
+    """Autotune only natively on CUDA, and only when ``autotune_enabled()``; otherwise the
+    kernel's untuned config runs."""
+    return HAVE_TRITON and not INTERPRET and t.is_cuda and autotune_enabled()
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -271,6 +271,9 @@ def run(args) -> dict:
     ids, _ = data.local_batch(0, rank, world)
     gm, ctx = lower(model, plan, (ids,), rank=rank)
     program = TrainingProgram(gm, ctx)
+    if rank == 0 and device.type == "cuda" and plan.kernels != "torch" and _autotune_enabled():
+        print("the first step compiles and tunes the Triton kernels for these shapes (minutes on a GPU); "
+              "MOESYS_TRITON_AUTOTUNE=0 runs one fixed config per kernel instead", flush=True)
     opt = torch.optim.AdamW(program.parameters(), lr=args.lr, weight_decay=0.0)
     with _only_run_in(args.ckpt_dir if rank == 0 else None):
         if args.ckpt_dir and rank == 0:       # holding the lock, before this run's first save
@@ -285,6 +288,11 @@ def run(args) -> dict:
                 print(f"saved {path}", flush=True)
     _write_log(log, args, rank)
     return log
+
+
+def _autotune_enabled() -> bool:
+    from moesys_compile.kernels._triton import autotune_enabled    # Triton is imported with the kernels
+    return autotune_enabled()
 
 
 def _write_log(log: dict, args, rank: int) -> None:
