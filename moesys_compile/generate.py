@@ -35,7 +35,7 @@ from .hf_decode import NotCacheable, generation_positions, graph_kwargs, least_b
 from .models.transformer import Transformer
 from .plan import Plan, format_bytes
 from .programs.binding import CapturedSizeError
-from .programs.ring import RingBudgetError, call_sizer, power_of_two_at_least
+from .programs.ring_calls import RingBudgetError, call_sizer, power_of_two_at_least
 
 
 class DecodeStep(nn.Module):

@@ -34,7 +34,7 @@ from torch import nn
 from .errors import MoesysError
 from .frontend.annotation import B, S
 from .plan import Plan
-from .programs.ring import power_of_two_at_least
+from .programs.ring_calls import power_of_two_at_least
 
 
 class NotCacheable(MoesysError):

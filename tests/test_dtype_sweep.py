@@ -13,7 +13,7 @@ from torch import nn
 
 import moesys_compile as mc
 from moesys_compile.infer import model_bytes
-from moesys_compile.programs.ring import call_sizer
+from moesys_compile.programs.ring_calls import call_sizer
 
 IDS = torch.randint(0, 100, (4, 16), generator=torch.Generator().manual_seed(0))
 BUDGET = 400_000

@@ -207,7 +207,7 @@ def test_a_sections_own_outputs_count_once_while_it_runs_in_slices():
 
 
 def test_capacity_dropping_is_never_split_into_micro_batches(tmp_path):
-    from moesys_compile.programs.ring import micro_batch_plan
+    from moesys_compile.programs.ring_calls import micro_batch_plan
     model = build("tiny-moe")
     ids = torch.randint(0, 256, (2, 9))
     gm, ctx = mc.lower(model, mc.Plan(mode="infer", device_budget=model_bytes(model) // 2, capacity_factor=1.0),
