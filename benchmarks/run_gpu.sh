@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # The GPU checks and benchmarks, on a machine with one CUDA GPU and its own torch/triton:
-#   bash benchmarks/run_gpu.sh tests kernels ring [-- extra moe_gpu args]
+#   bash benchmarks/run_gpu.sh tests kernels ring train
 #     tests    kernel, op and ring tests natively on the GPU (pytest, 8 workers, verbose: a run stopped at its
 #              time limit still names every test that finished)
 #     kernels  benchmarks/moe_gpu.py (MOE_GPU_ARGS, default: every shape)
 #     ring     benchmarks/ring_gpu.py (RING_GPU_ARGS)
 #     train    1-rank NCCL training of small-moe with the Triton kernels (moesys_compile.train)
-# Logs and JSON go to $OUT (benchmarks/results/gpu when OUT is unset); each stage has a time limit.
+# Logs and JSON go to $OUT (benchmarks/results/gpu when OUT is unset). Each stage has a time limit
+# (TESTS_LIMIT 400 s, KERNELS_LIMIT 300, RING_LIMIT 200, TRAIN_LIMIT 150): on a fresh machine most of
+# it goes to compiling and tuning the Triton kernels, so give a stage its own call where one call is
+# capped (the whole kernels table took more than 240 s for three of its four shapes at one T).
 set -u
 OUT=${OUT:-benchmarks/results/gpu}
 mkdir -p "$OUT"
