@@ -45,10 +45,8 @@ def node_sections(gm: fx.GraphModule, count: int) -> dict[fx.Node, int]:
     return sections
 
 
-
 def power_of_two_at_least(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,6 +225,11 @@ def join_slices(value: Any, how: str) -> Any:
     return value[0] if how == "first" else None
 
 
+# ---------------------------------------------------------------------------------------------
+# sizing a call: its activations in B and S, and the micro-batches that fit the workspace
+# ---------------------------------------------------------------------------------------------
+
+
 class CallSizer:
     """Activation estimates and micro-batch slicing of one lowered graph's calls, in B and S, from
     its annotation: no device memory, so sizing a call needs no ring, and every ring built for the
@@ -347,7 +350,6 @@ class CallSizer:
                       f"be estimated: shapes are static because symbolic shape propagation failed "
                       f"({annotation.static_reason})")
             raise RingBudgetError(f"{reason}; compile with example inputs as large as the largest call", reason)
-
 
 
 def call_sizer(gm: fx.GraphModule, ctx) -> CallSizer:
