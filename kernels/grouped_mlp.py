@@ -201,6 +201,7 @@ def _autotune(kernel, key, reset_to_zero=None) -> None:
         _TUNED[kernel] = triton.autotune(configs=_configs(), key=key, reset_to_zero=reset_to_zero)(kernel)
 
 
+# every kernel's ``rows_key`` argument is ``rows_bucket(N)``: read by the autotuner's key only
 _autotune(_up_act_kernel, ["D", "F", "rows_key"])
 _autotune(_grouped_gemm_kernel, ["KD", "NC", "rows_key"])
 

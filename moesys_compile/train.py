@@ -271,7 +271,8 @@ def run(args) -> dict:
     ids, _ = data.local_batch(0, rank, world)
     gm, ctx = lower(model, plan, (ids,), rank=rank)
     program = TrainingProgram(gm, ctx)
-    if rank == 0 and device.type == "cuda" and plan.kernels != "torch" and _autotune_enabled():
+    from moesys_compile.kernels._triton import autotune_enabled    # Triton is imported with the kernels
+    if rank == 0 and device.type == "cuda" and plan.kernels != "torch" and autotune_enabled():
         print("the first step compiles and tunes the Triton kernels for these shapes (minutes on a GPU); "
               "MOESYS_TRITON_AUTOTUNE=0 runs one fixed config per kernel instead", flush=True)
     opt = torch.optim.AdamW(program.parameters(), lr=args.lr, weight_decay=0.0)
@@ -288,11 +289,6 @@ def run(args) -> dict:
                 print(f"saved {path}", flush=True)
     _write_log(log, args, rank)
     return log
-
-
-def _autotune_enabled() -> bool:
-    from moesys_compile.kernels._triton import autotune_enabled    # Triton is imported with the kernels
-    return autotune_enabled()
 
 
 def _write_log(log: dict, args, rank: int) -> None:
