@@ -194,11 +194,20 @@ def _grouped_gemm_kernel(
 _TUNED: dict = {}   # kernel -> its autotuned version (natively on CUDA only)
 
 
+def autotune_options() -> dict:
+    """Keep each tuning's choice in Triton's on-disk cache where this Triton can (``cache_results``,
+    Triton >= 3.2): a later process, such as a resumed training run, reuses it instead of timing
+    every config again."""
+    import inspect
+    return {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+
+
 def _autotune(kernel, key, reset_to_zero=None) -> None:
     """Give ``kernel`` an autotuned version for ``_launch`` (none without Triton or under the
     interpreter, where ``_untuned_config()`` runs)."""
     if HAVE_TRITON and not INTERPRET:
-        _TUNED[kernel] = triton.autotune(configs=_configs(), key=key, reset_to_zero=reset_to_zero)(kernel)
+        _TUNED[kernel] = triton.autotune(configs=_configs(), key=key, reset_to_zero=reset_to_zero,
+                                         **autotune_options())(kernel)
 
 
 # every kernel's ``rows_key`` argument is ``rows_bucket(N)``: read by the autotuner's key only

@@ -85,6 +85,14 @@ def test_autotuner_keys_rows_by_three_buckets():
     assert len(set(buckets)) == 3
 
 
+def test_autotune_choices_are_kept_on_disk_from_triton_3_2():
+    """A resumed run reuses the tuning of the one before it: Triton >= 3.2 keeps each choice on disk."""
+    triton = pytest.importorskip("triton")
+    from moesys_compile.kernels.grouped_mlp import autotune_options
+    major, minor = (int(part) for part in triton.__version__.split(".")[:2])
+    assert autotune_options() == ({"cache_results": True} if (major, minor) >= (3, 2) else {})
+
+
 def check_fused_experts(case, dtype, impl):
     num_tokens, top_k, num_experts, dim, ffn, activation, capacity = case
     seed = num_tokens * 100 + num_experts

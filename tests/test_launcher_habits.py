@@ -103,3 +103,21 @@ def test_the_log_json_is_kept_up_to_date_and_continued_on_resume(tmp_path, monke
     assert run(tmp_path, "--steps", "5", "--log-json", str(log_file)) == 0
     log = json.loads(log_file.read_text())
     assert log["steps"] == [1, 2, 3, 4, 5] and log["loss"][:3] == first["loss"]
+
+
+@pytest.mark.parametrize("env, device", [({"RANK": "3", "LOCAL_RANK": "1"}, "cuda:1"), ({"RANK": "5"}, "cuda:1")])
+def test_nccl_is_bound_to_the_ranks_gpu_when_the_group_is_made(monkeypatch, env, device):
+    """On CUDA the default group is made with ``device_id`` = this rank's GPU (LOCAL_RANK, else the
+    rank modulo the GPUs: 5 % 4), and the process is bound to the same GPU."""
+    from moesys_compile.runtime import groups
+    made, bound = {}, []
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(groups.dist, "is_initialized", lambda: bool(made))
+    monkeypatch.setattr(groups.dist, "init_process_group", lambda **kwargs: made.update(kwargs))
+    monkeypatch.setattr(groups.dist, "get_rank", lambda: int(env["RANK"]))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "set_device", bound.append)
+    assert groups.init_from_env("cuda") == int(env["RANK"])
+    assert made == {"backend": "nccl", "device_id": torch.device(device)} and bound == [torch.device(device)]

@@ -76,14 +76,25 @@ def backend_for(device: str) -> str:
 def init_from_env(device: str = "cpu") -> int:
     """Initialise the default process group from torchrun's environment (no-op when initialised).
     Returns the global rank. On CUDA, binds this process to ``LOCAL_RANK``'s device."""
+    on_cuda = device.startswith("cuda")
     if not dist.is_initialized():
         if "RANK" not in os.environ:
             raise RuntimeError("no process group and no torchrun environment (RANK, WORLD_SIZE, MASTER_ADDR); "
                                "launch with `torchrun --nproc-per-node N -m moesys_compile.train ...`")
-        dist.init_process_group(backend=backend_for(device))
-    if device.startswith("cuda"):
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", dist.get_rank() % torch.cuda.device_count())))
+        # NCCL bound to this rank's GPU from the start (its barriers need not guess the device)
+        bound = {"device_id": _local_cuda_device()} if on_cuda else {}
+        dist.init_process_group(backend=backend_for(device), **bound)
+    if on_cuda:
+        torch.cuda.set_device(_local_cuda_device())
     return dist.get_rank()
+
+
+def _local_cuda_device() -> torch.device:
+    """This process's GPU: ``LOCAL_RANK`` (torchrun), else the global rank modulo the GPUs."""
+    if "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    rank = dist.get_rank() if dist.is_initialized() else int(os.environ["RANK"])
+    return torch.device("cuda", rank % torch.cuda.device_count())
 
 
 def check_world(plan) -> None:
