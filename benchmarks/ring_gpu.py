@@ -70,18 +70,22 @@ def main(argv=None) -> int:
     layout = program.context.extras["ring"]
     print(f"{torch.cuda.get_device_name(0)}; model {size / 2**20:.0f} MiB {args.dtype}, budget {budget / 2**20:.0f} MiB "
           f"(model/budget = {size / budget:.1f}), {layout.slots} slots x {layout.slot_bytes / 2**20:.1f} MiB, "
-          f"{len(layout.sections)} sections; compile + staging {compile_s:.1f} s")
-    rows = [case(kind, batch, seq, resident, accelerated, program, repeats, device="cuda",
-                 exact_tokens=args.dtype == "fp32")
-            for kind, batch, seq in cases]
+          f"{len(layout.sections)} sections; compile + staging {compile_s:.1f} s", flush=True)
+    record = dict(model_config=config, dtype=args.dtype, model_bytes=size, budget_bytes=budget, slots=layout.slots,
+                  slot_bytes=layout.slot_bytes, sections=len(layout.sections), compile_and_stage_seconds=compile_s)
+    rows = []
+    for kind, batch, seq in cases:   # each row printed and recorded as it comes: a run cut short keeps them
+        rows.append(case(kind, batch, seq, resident, accelerated, program, repeats, device="cuda",
+                         exact_tokens=args.dtype == "fp32"))
+        row = rows[-1]
+        print(f"[{time.perf_counter() - start:.0f} s] {kind} {batch}x{seq}: ring {row['ring_tok_s']:.1f} tok/s, "
+              f"{row['ring_vs_accelerate']:.2f}x accelerate, efficiency {row['efficiency']:.2f}", flush=True)
+        h.write_json(args.json, "ring_gpu", rows, complete=len(rows) == len(cases), **record)
     program.close()
     h.print_table(rows, ["workload", "batch", "seq", "in_memory_tok_s", "accelerate_tok_s", "ring_tok_s",
                          "ring_vs_accelerate", "ring_vs_in_memory", "efficiency", "GB_s_moved", "peak_device_MiB",
                          "cuda_max_alloc_MiB", "max_abs_err", "tokens_agree"],
                   title=f"ring inference, CUDA, weights in pinned host memory, budget {budget / 2**20:.0f} MiB")
-    h.write_json(args.json, "ring_gpu", rows, model_config=config, dtype=args.dtype, model_bytes=size,
-                 budget_bytes=budget, slots=layout.slots, slot_bytes=layout.slot_bytes,
-                 sections=len(layout.sections), compile_and_stage_seconds=compile_s)
     return 0
 
 
