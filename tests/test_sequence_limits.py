@@ -2,8 +2,8 @@
 a ring program with one, names the config field and the numbers in one ValueError (it raised an
 ``UntraceableModelError`` about a broadcast in the position table, after a page of torch's
 fake-tensor log). A model that runs past its nominal length (rotary positions) is not refused,
-and rotary scalings compile unless they depend on the positions' values (PhiMoE's longrope,
-whose branch on them capture takes as a ``torch.where``, aside)."""
+and rotary scalings compile: those that branch on the positions' values (PhiMoE's longrope
+mscale, dynamic NTK scaling) are captured as ``torch.where``s over the call's length."""
 
 from __future__ import annotations
 
@@ -91,20 +91,53 @@ def test_phimoe_longrope_trains_as_eager_past_its_original_length():
     ("mixtral", {"rope_type": "linear", "factor": 2.0}),
     ("qwen2_moe", {"rope_type": "dynamic", "factor": 2.0}),
 ])
-def test_rotary_scalings_compile_unless_they_depend_on_the_positions_values(family, scaling):
-    """As the README states: linear and yarn scaling equal eager; dynamic scaling, which picks its
-    frequencies from the largest position, is refused naming the rotary module."""
+def test_rotary_scalings_compile_to_eager(family, scaling):
     pytest.importorskip("transformers")
-    from moesys_compile.errors import UntraceableModelError
     from moesys_compile.models.hf import build_hf
     model = build_hf(family, max_position_embeddings=64, rope_scaling=scaling).eval()
     short = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(0))
-    plan = mc.Plan(mode="infer", device_budget=1 << 30)
-    if scaling["rope_type"] == "dynamic":
-        with pytest.raises(UntraceableModelError, match="module 'model.rotary_emb' uses a branch or shape that "
-                                                        "depends on tensor values"):
-            mc.compile(model, plan, example_inputs=(short,))
-        return
-    program = mc.compile(model, plan, example_inputs=(short,))
+    program = mc.compile(model, mc.Plan(mode="infer", device_budget=1 << 30), example_inputs=(short,))
     with torch.no_grad():
         torch.testing.assert_close(program(short).logits, model(short).logits, rtol=1e-5, atol=1e-5)
+
+
+def dynamic_ntk(family: str):
+    from moesys_compile.models.hf import build_hf
+    return build_hf(family, num_hidden_layers=2, max_position_embeddings=16,
+                    rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}).eval()
+
+
+def test_dynamic_ntk_scaling_runs_as_eager_below_and_past_the_original_length():
+    """Eager picks the frequencies with Python branches on the largest position; capture computes
+    them from each call's length. Calls of rising length past the original 16, one within it and
+    one past it again equal an eager copy called alike (ring and training program), and greedy
+    decoding that crosses 16 gives transformers' tokens."""
+    pytest.importorskip("transformers")
+    import copy
+    model = dynamic_ntk("qwen3_moe")
+    example = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(0))
+    programs = {mode: mc.compile(model, plan, example_inputs=(example,)) for mode, plan in
+                (("infer", mc.Plan(mode="infer", device_budget=1 << 30)), ("train", mc.Plan(mode="train")))}
+    for program in programs.values():
+        eager = copy.deepcopy(model)
+        with torch.no_grad():
+            for length in (8, 17, 40, 12, 30):
+                ids = torch.randint(0, 128, (2, length), generator=torch.Generator().manual_seed(length))
+                torch.testing.assert_close(program(ids).logits, eager(ids).logits, rtol=1e-5, atol=1e-5)
+    prompt = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(2))
+    want = copy.deepcopy(model).generate(prompt, max_new_tokens=12, do_sample=False)
+    assert torch.equal(programs["infer"].generate(prompt, max_new_tokens=12), want)
+
+
+def test_dynamic_ntk_scaling_after_a_longer_call_is_the_calls_own_as_the_readme_states():
+    """Eager keeps a longer call's frequencies for a shorter one still past the original length;
+    the program computes the shorter one's, as a fresh eager model does."""
+    pytest.importorskip("transformers")
+    import copy
+    model = dynamic_ntk("llama")
+    longer, shorter = (torch.randint(0, 128, (1, n), generator=torch.Generator().manual_seed(n)) for n in (60, 30))
+    fresh = copy.deepcopy(model)
+    program = mc.compile(model, mc.Plan(mode="infer", device_budget=1 << 30), example_inputs=(shorter,))
+    with torch.no_grad():
+        program(longer)
+        torch.testing.assert_close(program(shorter).logits, fresh(shorter).logits, rtol=1e-5, atol=1e-5)

@@ -161,14 +161,50 @@ def _takes_traceable_rotary(module: nn.Module) -> bool:
     return 'rope_parameters["long_mscale"]' in source and "self.rope_init_fn(self.config)" in source
 
 
+def _dynamic_ntk_rotary_forward(self, x: torch.Tensor, position_ids: torch.Tensor, layer_type=None):
+    """A rotary embedding with dynamic NTK scaling (``rope_type`` "dynamic"), traceable. Eager
+    recomputes the frequencies with Python branches on L = max(position_ids) + 1: scaled for L when
+    L is longer than every call before, back to the original ones when L is within the original
+    length. Here they come from the call's own L (``torch.where``): the original frequencies up
+    to the original length, else transformers' own dynamic NTK function at L, as eager computes
+    them when it grows. That is eager's result for every call no longer than the original length
+    and every call longer than all before it (prefill, then the decoding steps). After a longer
+    call, eager keeps that call's frequencies for a shorter one still past the original length,
+    where this computes the shorter one's. They are written into ``inv_freq`` in place (as
+    transformers' longrope update does) before the model's own forward runs."""
+    update = type(self).forward   # transformers' dynamic_rope_update wrapper around the forward
+    rope_type = self.rope_type if layer_type is None else self.rope_type[layer_type]
+    prefix, by_layer = ("", {}) if layer_type is None else (f"{layer_type}_", {"layer_type": layer_type})
+    length = position_ids.max() + 1
+    scaled, _ = update.__globals__["ROPE_INIT_FUNCTIONS"][rope_type](self.config, x.device, seq_len=length,
+                                                                     **by_layer)
+    original = getattr(self, f"{prefix}original_inv_freq").to(x.device)
+    getattr(self, f"{prefix}inv_freq").copy_(torch.where(length > self.original_max_seq_len, scaled, original))
+    return update.__wrapped__(self, x, position_ids, **by_layer)
+
+
+def _takes_dynamic_ntk_rotary(module: nn.Module) -> bool:
+    """A rotary embedding whose forward is transformers' ``dynamic_rope_update`` around its own,
+    with a dynamic rope type (in every layer type, where it has several)."""
+    update = getattr(type(module), "forward", None)
+    if getattr(update, "__wrapped__", None) is None or "ROPE_INIT_FUNCTIONS" not in getattr(update, "__globals__", {}):
+        return False
+    if not update.__code__.co_filename.endswith("modeling_rope_utils.py"):
+        return False
+    rope_type = getattr(module, "rope_type", None)
+    types_used = list(rope_type.values()) if isinstance(rope_type, dict) else [rope_type]
+    return all(isinstance(kind, str) and "dynamic" in kind for kind in types_used)
+
+
 @contextlib.contextmanager
 def _capturable(model: nn.Module, packing_detected: bool) -> Iterator[bool]:
     modules = list(model.modules())
-    rotary = [module for module in modules if _takes_traceable_rotary(module)]
+    rotary = {module: _phimoe_rotary_forward for module in modules if _takes_traceable_rotary(module)}
+    rotary.update({module: _dynamic_ntk_rotary_forward for module in modules if _takes_dynamic_ntk_rotary(module)})
     for module in modules:
         object.__setattr__(module, "to", types.MethodType(_to_if_needed, module))
-    for module in rotary:
-        object.__setattr__(module, "forward", types.MethodType(_phimoe_rotary_forward, module))
+    for module, forward in rotary.items():
+        object.__setattr__(module, "forward", types.MethodType(forward, module))
     try:
         with _cache_off(model) as export_first, \
                 (contextlib.nullcontext() if packing_detected else _packing_detection_off()):
