@@ -175,6 +175,8 @@ def _dynamic_ntk_rotary_forward(self, x: torch.Tensor, position_ids: torch.Tenso
     update = type(self).forward   # transformers' dynamic_rope_update wrapper around the forward
     rope_type = self.rope_type if layer_type is None else self.rope_type[layer_type]
     prefix, by_layer = ("", {}) if layer_type is None else (f"{layer_type}_", {"layer_type": layer_type})
+    if "dynamic" not in rope_type:   # another layer type's rope: transformers' own update
+        return update(self, x, position_ids, **by_layer)
     length = position_ids.max() + 1
     scaled, _ = update.__globals__["ROPE_INIT_FUNCTIONS"][rope_type](self.config, x.device, seq_len=length,
                                                                      **by_layer)
@@ -185,7 +187,7 @@ def _dynamic_ntk_rotary_forward(self, x: torch.Tensor, position_ids: torch.Tenso
 
 def _takes_dynamic_ntk_rotary(module: nn.Module) -> bool:
     """A rotary embedding whose forward is transformers' ``dynamic_rope_update`` around its own,
-    with a dynamic rope type (in every layer type, where it has several)."""
+    with a dynamic rope type (in at least one layer type, where it has several)."""
     update = getattr(type(module), "forward", None)
     if getattr(update, "__wrapped__", None) is None or "ROPE_INIT_FUNCTIONS" not in getattr(update, "__globals__", {}):
         return False
@@ -193,7 +195,7 @@ def _takes_dynamic_ntk_rotary(module: nn.Module) -> bool:
         return False
     rope_type = getattr(module, "rope_type", None)
     types_used = list(rope_type.values()) if isinstance(rope_type, dict) else [rope_type]
-    return all(isinstance(kind, str) and "dynamic" in kind for kind in types_used)
+    return any(isinstance(kind, str) and "dynamic" in kind for kind in types_used)
 
 
 @contextlib.contextmanager
