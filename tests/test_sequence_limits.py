@@ -141,3 +141,20 @@ def test_dynamic_ntk_scaling_after_a_longer_call_is_the_calls_own_as_the_readme_
     with torch.no_grad():
         program(longer)
         torch.testing.assert_close(program(shorter).logits, fresh(shorter).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_dynamic_ntk_scaling_of_one_layer_type_leaves_the_others_rope_to_transformers():
+    """Gemma 3 keeps a rope per layer type: dynamic for its full-attention layers, the default
+    for its sliding ones; past the original length the program still equals eager."""
+    pytest.importorskip("transformers")
+    from moesys_compile.models.hf import build_hf
+    ropes = {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+             "full_attention": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1000000.0}}
+    model = build_hf("gemma3", num_hidden_layers=2, max_position_embeddings=16, rope_parameters=ropes,
+                     layer_types=["sliding_attention", "full_attention"]).eval()
+    example = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(0))
+    program = mc.compile(model, mc.Plan(mode="infer", device_budget=1 << 30), example_inputs=(example,))
+    with torch.no_grad():
+        for length in (8, 40):
+            ids = torch.randint(0, 128, (1, length), generator=torch.Generator().manual_seed(length))
+            torch.testing.assert_close(program(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
