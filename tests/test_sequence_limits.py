@@ -158,3 +158,18 @@ def test_dynamic_ntk_scaling_of_one_layer_type_leaves_the_others_rope_to_transfo
         for length in (8, 40):
             ids = torch.randint(0, 128, (1, length), generator=torch.Generator().manual_seed(length))
             torch.testing.assert_close(program(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_the_model_called_after_its_dynamic_ntk_program_keeps_its_own_frequencies():
+    """The program reads its frequencies without writing the model's buffer (a training program
+    shares the model's tensors): a longer call through the program leaves eager's next short call
+    as a fresh model computes it."""
+    pytest.importorskip("transformers")
+    import copy
+    model = dynamic_ntk("llama")
+    fresh = copy.deepcopy(model)
+    short, longer = (torch.randint(0, 128, (1, n), generator=torch.Generator().manual_seed(n)) for n in (8, 60))
+    program = mc.compile(model, mc.Plan(mode="train"), example_inputs=(short,))
+    with torch.no_grad():
+        program(longer)
+        torch.testing.assert_close(model(short).logits, fresh(short).logits, rtol=0, atol=0)

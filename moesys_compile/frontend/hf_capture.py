@@ -170,8 +170,9 @@ def _dynamic_ntk_rotary_forward(self, x: torch.Tensor, position_ids: torch.Tenso
     them when it grows. That is eager's result for every call no longer than the original length
     and every call longer than all before it (prefill, then the decoding steps). After a longer
     call, eager keeps that call's frequencies for a shorter one still past the original length,
-    where this computes the shorter one's. They are written into ``inv_freq`` in place (as
-    transformers' longrope update does) before the model's own forward runs."""
+    where this computes the shorter one's. The model's own forward reads them in place of its
+    ``inv_freq`` buffer, which the program leaves alone: the model, called eagerly later, keeps its
+    own state."""
     update = type(self).forward   # transformers' dynamic_rope_update wrapper around the forward
     rope_type = self.rope_type if layer_type is None else self.rope_type[layer_type]
     prefix, by_layer = ("", {}) if layer_type is None else (f"{layer_type}_", {"layer_type": layer_type})
@@ -181,8 +182,12 @@ def _dynamic_ntk_rotary_forward(self, x: torch.Tensor, position_ids: torch.Tenso
     scaled, _ = update.__globals__["ROPE_INIT_FUNCTIONS"][rope_type](self.config, x.device, seq_len=length,
                                                                      **by_layer)
     original = getattr(self, f"{prefix}original_inv_freq").to(x.device)
-    getattr(self, f"{prefix}inv_freq").copy_(torch.where(length > self.original_max_seq_len, scaled, original))
-    return update.__wrapped__(self, x, position_ids, **by_layer)
+    buffers, name = self._buffers, f"{prefix}inv_freq"
+    kept, buffers[name] = buffers[name], torch.where(length > self.original_max_seq_len, scaled, original)
+    try:   # the model's own forward reads the call's frequencies; its buffer is left as it was
+        return update.__wrapped__(self, x, position_ids, **by_layer)
+    finally:
+        buffers[name] = kept
 
 
 def _takes_dynamic_ntk_rotary(module: nn.Module) -> bool:
