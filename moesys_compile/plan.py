@@ -275,14 +275,18 @@ class Plan:
 def read_plan_file(path: Union[str, Path]) -> dict[str, Any]:
     """The fields a YAML or JSON plan file holds (not yet checked as a Plan)."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise PlanError(f"plan file {str(path)!r} does not exist")
+    if path.is_dir():
+        raise PlanError(f"plan file {str(path)!r} is a directory; give the YAML or JSON file of the plan in it")
     text = path.read_text()
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
         raise PlanError(f"plan file {str(path)!r} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: "
                         f"{exc}") from exc
+    if data is None:
+        raise PlanError(f"plan file {str(path)!r} is empty; write the plan's fields in it (e.g. 'mode: train')")
     if not isinstance(data, dict):
         raise PlanError(f"plan file {str(path)!r} must hold a mapping of plan fields, got {type(data).__name__}")
     return data

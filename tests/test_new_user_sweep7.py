@@ -1,0 +1,49 @@
+"""What the seventh new-user sweep found: ``moesys-compile train --seed`` did not change the initial
+values of an ``hf:<family>`` model (it was always seed 0), ``moesys-compile infer`` of a built-in
+model without a checkpoint drew other weights, and so other tokens, at every run, and a plan file
+given as a directory was said not to exist (an empty one was named as a ``NoneType``)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import moesys_compile as mc
+from moesys_compile import infer, train
+
+
+def test_train_seed_picks_the_initial_values_of_a_hugging_face_model():
+    pytest.importorskip("transformers")
+    from moesys_compile.models.hf import build_hf
+
+    def first_embedding(seed, *overrides):
+        args = train.parse_args(["--model", "hf:mixtral", "--seed", seed, "--override", "num_hidden_layers=1",
+                                 *overrides])
+        return train.build_model(args, mc.Plan(mode="train")).model.embed_tokens.weight.detach()
+
+    seeded = first_embedding("3")
+    assert torch.equal(seeded, build_hf("mixtral", 3, num_hidden_layers=1).model.embed_tokens.weight)
+    assert not torch.equal(seeded, first_embedding("4"))
+    assert torch.equal(first_embedding("4", "seed=3"), seeded)      # the override names the init
+
+
+def test_infer_of_fresh_weights_decodes_the_same_tokens_at_every_run(tmp_path):
+    tokens = []
+    for run, weights in enumerate(("host", "disk")):
+        torch.manual_seed(run)                           # whatever the caller's generator holds
+        out = tmp_path / f"{weights}.json"
+        argv = ["tiny-moe", "--config", "n_layers=1", "--budget", "300KB", "--weights", weights, "--prompt-ids",
+                "1", "2", "3", "--max-new-tokens", "3", "--no-compare", "--json", str(out)]
+        assert infer.main(argv) == 0
+        tokens.append(json.loads(out.read_text())["tokens"])
+    assert tokens[0] == tokens[1]
+
+
+def test_a_plan_file_that_is_a_directory_or_empty_is_named_as_such(tmp_path):
+    with pytest.raises(mc.PlanError, match="is a directory; give the YAML or JSON file"):
+        mc.Plan.from_file(tmp_path)
+    (tmp_path / "plan.yaml").write_text("")
+    with pytest.raises(mc.PlanError, match="is empty"):
+        mc.Plan.from_file(tmp_path / "plan.yaml")
