@@ -1,7 +1,9 @@
 """What the seventh new-user sweep found: ``moesys-compile train --seed`` did not change the initial
 values of an ``hf:<family>`` model (it was always seed 0), ``moesys-compile infer`` of a built-in
-model without a checkpoint drew other weights, and so other tokens, at every run, and a plan file
-given as a directory was said not to exist (an empty one was named as a ``NoneType``)."""
+model without a checkpoint drew other weights, and so other tokens, at every run, a plan file
+given as a directory was said not to exist (an empty one was named as a ``NoneType``), and a
+``Plan`` given ``device=torch.device(...)`` raised a bare TypeError from a regular expression, and
+one given ``pathlib.Path`` directories could not be written by ``to_file``."""
 
 from __future__ import annotations
 
@@ -47,3 +49,14 @@ def test_a_plan_file_that_is_a_directory_or_empty_is_named_as_such(tmp_path):
     (tmp_path / "plan.yaml").write_text("")
     with pytest.raises(mc.PlanError, match="is empty"):
         mc.Plan.from_file(tmp_path / "plan.yaml")
+
+
+def test_a_plan_takes_a_torch_device_and_paths_and_writes_them(tmp_path):
+    assert mc.Plan(mode="train", device=torch.device("cuda", 1)).device == "cuda:1"
+    with pytest.raises(mc.PlanError, match=r"device \(0\) must be 'cpu', 'cuda' or 'cuda:N'"):
+        mc.Plan(mode="train", device=0)
+    plan = mc.Plan(mode="infer", device=torch.device("cpu"), device_budget="1MiB", weights="disk",
+                   offload_dir=tmp_path / "offload", weights_checkpoint=tmp_path)
+    plan.to_file(tmp_path / "plan.yaml")
+    assert mc.Plan.from_file(tmp_path / "plan.yaml") == plan
+    assert (plan.device, plan.offload_dir, plan.weights_checkpoint) == ("cpu", str(tmp_path / "offload"), str(tmp_path))
