@@ -3,11 +3,14 @@ values of an ``hf:<family>`` model (it was always seed 0), ``moesys-compile infe
 model without a checkpoint drew other weights, and so other tokens, at every run, a plan file
 given as a directory was said not to exist (an empty one was named as a ``NoneType``), and a
 ``Plan`` given ``device=torch.device(...)`` raised a bare TypeError from a regular expression, and
-one given ``pathlib.Path`` directories could not be written by ``to_file``."""
+one given ``pathlib.Path`` directories could not be written by ``to_file``; ``program.generate`` of
+an empty prompt (no tokens, or no prompts) failed with an IndexError inside decoding (a Hugging
+Face model's with an ``UntraceableModelError`` blaming its attention) and is refused up front."""
 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -60,3 +63,13 @@ def test_a_plan_takes_a_torch_device_and_paths_and_writes_them(tmp_path):
     plan.to_file(tmp_path / "plan.yaml")
     assert mc.Plan.from_file(tmp_path / "plan.yaml") == plan
     assert (plan.device, plan.offload_dir, plan.weights_checkpoint) == ("cpu", str(tmp_path / "offload"), str(tmp_path))
+
+
+@pytest.mark.parametrize("shape", [(2, 0), (0, 4)])
+def test_generate_of_an_empty_prompt_is_refused_before_decoding(shape):
+    model = mc.models.build("tiny-moe", n_layers=1, num_experts=4)
+    ids = torch.randint(0, 256, (2, 4))
+    program = mc.compile(model, mc.Plan(mode="infer", device="cpu", device_budget="300KB"), example_inputs=(ids,))
+    with pytest.raises(ValueError, match=re.escape(f"at least one prompt of at least one token (got shape {shape})")):
+        program.generate(torch.zeros(shape, dtype=torch.long), 2)
+    assert program.generate(ids, 2).shape == (2, 6)
