@@ -5,7 +5,9 @@ given as a directory was said not to exist (an empty one was named as a ``NoneTy
 ``Plan`` given ``device=torch.device(...)`` raised a bare TypeError from a regular expression, and
 one given ``pathlib.Path`` directories could not be written by ``to_file``; ``program.generate`` of
 an empty prompt (no tokens, or no prompts) failed with an IndexError inside decoding (a Hugging
-Face model's with an ``UntraceableModelError`` blaming its attention) and is refused up front."""
+Face model's with an ``UntraceableModelError`` blaming its attention) and is refused up front; and a
+budget below the ring's minimum advised lowering ``Plan.ring_slots`` where the ring had its least,
+2 slots, already."""
 
 from __future__ import annotations
 
@@ -73,3 +75,16 @@ def test_generate_of_an_empty_prompt_is_refused_before_decoding(shape):
     with pytest.raises(ValueError, match=re.escape(f"at least one prompt of at least one token (got shape {shape})")):
         program.generate(torch.zeros(shape, dtype=torch.long), 2)
     assert program.generate(ids, 2).shape == (2, 6)
+
+
+def test_a_budget_refusal_advises_fewer_slots_only_where_there_can_be_fewer():
+    model = mc.models.build("tiny-moe", n_layers=1, num_experts=4)
+    ids = torch.randint(0, 256, (2, 4))
+    refusals = {}
+    for slots in (None, 3):
+        with pytest.raises(mc.PassError, match="below the minimum") as refused:
+            mc.compile(model, mc.Plan(mode="infer", device="cpu", device_budget="1KiB", ring_slots=slots),
+                       example_inputs=(ids,))
+        refusals[slots] = str(refused.value)
+    assert refusals[None].endswith("raise Plan.device_budget") and "2 slots x" in refusals[None]
+    assert refusals[3].endswith("raise Plan.device_budget or lower Plan.ring_slots") and "3 slots x" in refusals[3]
