@@ -1,13 +1,16 @@
-"""What the seventh new-user sweep found: ``moesys-compile train --seed`` did not change the initial
-values of an ``hf:<family>`` model (it was always seed 0), ``moesys-compile infer`` of a built-in
-model without a checkpoint drew other weights, and so other tokens, at every run, a plan file
-given as a directory was said not to exist (an empty one was named as a ``NoneType``), and a
-``Plan`` given ``device=torch.device(...)`` raised a bare TypeError from a regular expression, and
-one given ``pathlib.Path`` directories could not be written by ``to_file``; ``program.generate`` of
-an empty prompt (no tokens, or no prompts) failed with an IndexError inside decoding (a Hugging
-Face model's with an ``UntraceableModelError`` blaming its attention) and is refused up front; and a
-budget below the ring's minimum advised lowering ``Plan.ring_slots`` where the ring had its least,
-2 slots, already."""
+"""What the seventh new-user sweep found, each refused or fixed now:
+
+- ``moesys-compile train --seed`` did not change the initial values of an ``hf:<family>`` model
+  (always seed 0); ``moesys-compile infer`` of a built-in model without a checkpoint drew other
+  weights, so other tokens, at every run.
+- A plan file given as a directory was said not to exist, an empty one was named a ``NoneType``.
+- ``Plan(device=torch.device(...))`` raised a bare TypeError from a regular expression, and a plan
+  with ``pathlib.Path`` directories could not be written by ``to_file``.
+- ``program.generate`` of an empty prompt (no tokens, or no prompts) failed with an IndexError
+  inside decoding (a Hugging Face model's with an ``UntraceableModelError`` blaming its attention).
+- A budget below the ring's minimum advised lowering ``Plan.ring_slots`` where the ring had its
+  least, 2 slots, already.
+"""
 
 from __future__ import annotations
 
