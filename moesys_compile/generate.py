@@ -127,6 +127,10 @@ def _check_ids(ids: torch.Tensor) -> None:
     if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
         raise TypeError(f"generate(ids, max_new_tokens): ids must be integer token ids (got {ids.dtype}); pass "
                         f"ids.long()")
+    if ids.numel() == 0:      # the next token is read from the last prompt position: there must be one
+        fix = "pass one prompt at least" if ids.shape[0] == 0 else "start each prompt with a token, e.g. bos_token_id"
+        raise ValueError(f"generate(ids, max_new_tokens): ids must hold at least one prompt of at least one token "
+                         f"(got shape {tuple(ids.shape)}); {fix}")
 
 
 def _check_mask(ids: torch.Tensor, mask: Optional[torch.Tensor]) -> None:

@@ -187,6 +187,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              f"directory, a training checkpoint or a training run's --ckpt-dir")
         # weights from a checkpoint (--checkpoint, or MODEL's own directory) are only ever streamed
         checkpoint = args.checkpoint or (model if os.path.isdir(model) else None)
+        torch.manual_seed(0)      # fresh weights are the same on every run (hf:<family> seeds its own)
         loaded = load_model(model, overrides, weights=checkpoint is None)
         loaded.model.eval()
         ids, tokenizer = prompt_of(args, loaded.model, loaded.example_inputs)

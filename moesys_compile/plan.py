@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -149,6 +150,13 @@ class Plan:
             setattr(self, name, _scientific(getattr(self, name)))
         if not isinstance(self.dtype, str) and str(self.dtype).startswith("torch."):   # torch.bfloat16
             self.dtype = str(self.dtype).removeprefix("torch.")
+        # a torch.device and pathlib paths as the strings a plan file holds (to_file writes them)
+        import torch
+        if isinstance(self.device, torch.device):
+            self.device = str(self.device)
+        for name in ("offload_dir", "weights_checkpoint"):
+            if isinstance(getattr(self, name), os.PathLike):
+                setattr(self, name, os.fspath(getattr(self, name)))
         self.device_budget = parse_bytes(self.device_budget)
         self._check_choice("mode", MODES)
         self._check_choice("weights", WEIGHT_TIERS)
@@ -170,7 +178,7 @@ class Plan:
         if self.capacity_factor is not None and not 0 <= self.capacity_factor < math.inf:
             raise PlanError(f"capacity_factor ({self.capacity_factor}) must be a finite number > 0 (GShard capacity), "
                             f"0 (dropless), or None (each layer's own)")
-        if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+        if not isinstance(self.device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
             raise PlanError(f"device ({self.device!r}) must be 'cpu', 'cuda' or 'cuda:N'")
         if not 0 < self.bucket_mb < math.inf:
             raise PlanError(f"bucket_mb ({self.bucket_mb}) must be a finite number > 0")
@@ -275,14 +283,18 @@ class Plan:
 def read_plan_file(path: Union[str, Path]) -> dict[str, Any]:
     """The fields a YAML or JSON plan file holds (not yet checked as a Plan)."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise PlanError(f"plan file {str(path)!r} does not exist")
+    if path.is_dir():
+        raise PlanError(f"plan file {str(path)!r} is a directory; give the YAML or JSON file of the plan in it")
     text = path.read_text()
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
         raise PlanError(f"plan file {str(path)!r} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: "
                         f"{exc}") from exc
+    if data is None:
+        raise PlanError(f"plan file {str(path)!r} is empty; write the plan's fields in it (e.g. 'mode: train')")
     if not isinstance(data, dict):
         raise PlanError(f"plan file {str(path)!r} must hold a mapping of plan fields, got {type(data).__name__}")
     return data

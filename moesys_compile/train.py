@@ -245,8 +245,13 @@ def _check_world(args, fields: dict, world: int) -> None:
 
 def build_model(args, plan: Plan):
     """``--model`` with its ``--override``s, in training mode and the plan's dtype (a plan file may
-    ask for bfloat16). Its config must give ``vocab_size`` (the data's token range)."""
-    model = load_model(args.model, parse_overrides(args.override)).model
+    ask for bfloat16). Its config must give ``vocab_size`` (the data's token range). ``--seed``
+    picks the initial values: ``hf:<family>`` seeds its own init (with ``seed``, 0 unless given),
+    so it is passed on there, where ``--override seed=N`` does not name another."""
+    overrides = parse_overrides(args.override)
+    if args.model.startswith("hf:"):
+        overrides.setdefault("seed", args.seed)
+    model = load_model(args.model, overrides).model
     if not isinstance(getattr(getattr(model, "config", None), "vocab_size", None), int):
         raise ValueError(f"--model {args.model}: {type(model).__name__} has no config.vocab_size, which the token "
                          f"batches need; train it from your own loop with mc.compile(model, Plan(mode='train'))")

@@ -226,6 +226,7 @@ def ring_partition(gm: fx.GraphModule, ctx) -> fx.GraphModule:
     at_minimum = aligned(split_reserve(gm, ctx, oversized_experts(fine, state_of, unit_bytes[worst]), batch, seq))
     min_slots = plan.ring_slots or 2
     minimum = min_slots * unit_bytes[worst] + workspace + sum(resident.values()) + at_minimum
+    fewer_slots = " or lower Plan.ring_slots" if min_slots > 2 else ""     # a ring has 2 slots at least
     if plan.device_budget < minimum:
         raise RingBudgetTooSmall("ring_partition", ctx.passes_run, PlanError(
             f"device_budget ({plan.device_budget} bytes, {format_bytes(plan.device_budget)}) is below the minimum "
@@ -234,7 +235,7 @@ def ring_partition(gm: fx.GraphModule, ctx) -> fx.GraphModule:
             f"+ {workspace} bytes activation workspace at batch {batch}, seq {seq}"
             + (f" + {sum(resident.values())} bytes resident state" if resident else "")
             + (f" + {at_minimum} bytes for the partial sums of expert groups" if at_minimum else "")
-            + "; raise Plan.device_budget or lower Plan.ring_slots"))
+            + f"; raise Plan.device_budget{fewer_slots}"))
     slots = choose_slots(plan.ring_slots, room, largest_layer, room - at_minimum, unit_bytes[worst])
     reserve = aligned(split_reserve(gm, ctx, oversized_experts(fine, state_of, room // slots), batch, seq))
     slot_bytes = ((room - reserve) // slots) // ALIGN * ALIGN

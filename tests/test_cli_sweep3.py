@@ -163,7 +163,10 @@ def test_a_config_pair_a_factory_does_not_take_is_named_with_its_parameters(tmp_
 def test_infer_names_the_budget_and_slots_flags(capsys):
     err = error_of(capsys, infer.main, ["tiny-moe", "--config", "n_layers=1", "--budget", "1KiB", "--no-compare",
                                         "--max-new-tokens", "0"])
-    assert "--budget (1024 bytes" in err and "raise --budget or lower --slots" in err and "Plan." not in err
+    assert "--budget (1024 bytes" in err and "raise --budget" in err and "Plan." not in err
+    err = error_of(capsys, infer.main, ["tiny-moe", "--config", "n_layers=1", "--budget", "1KiB", "--slots", "3",
+                                        "--no-compare", "--max-new-tokens", "0"])
+    assert "3 slots x" in err and "raise --budget or lower --slots" in err
 
 
 def test_name_flags_leaves_an_english_word_alone():
