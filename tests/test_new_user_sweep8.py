@@ -4,6 +4,11 @@
   reaches ``forward``'s ``**kwargs``) was captured with the example's batch and sequence fixed:
   torch.export cannot keep sizes symbolic for keywords given through ``**kwargs``. The Trainer's
   evaluation at another batch size, or a last partial batch, then failed with a CapturedSizeError.
+- The HF Trainer saves a compiled program as it saves any module that is not a ``PreTrainedModel``:
+  ``model.safetensors`` of ``program.state_dict()`` (names under ``graph_module.``), no config.
+  Nothing turned such a checkpoint back into the model: ``mc.load_into`` said ``meta.json`` was
+  missing (it read only this project's checkpoints) and ring inference found no tensor of the
+  model in it. Both read it now, and ``load_into`` takes any Hugging Face-style directory.
 """
 
 from __future__ import annotations
@@ -36,3 +41,43 @@ def test_a_keyword_through_kwargs_keeps_batch_and_sequence_symbolic():
                     num_items_in_batch=torch.tensor(batch * (seq - 1)))
         torch.testing.assert_close(program(**call).loss, eager(**call).loss, rtol=1e-5, atol=1e-6)
 
+
+def test_a_trainer_checkpoint_of_a_program_loads_into_the_model(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from moesys_compile.models.hf import build_hf
+
+    model = build_hf("qwen3_moe").train()
+    ids = _ids(4, 8)
+    example = dict(input_ids=ids, labels=ids, num_items_in_batch=torch.tensor(4 * 7))
+    program = mc.compile(model, mc.Plan(mode="train"), example_kwargs=example)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4,
+                                          max_steps=1, save_steps=1, learning_rate=1e-2, report_to=[],
+                                          use_cpu=True, disable_tqdm=True)
+    transformers.Trainer(model=program, args=args,
+                         train_dataset=[dict(input_ids=row, labels=row) for row in ids]).train()
+    saved = tmp_path / "out" / "checkpoint-1"
+    fresh = build_hf("qwen3_moe", seed=1)
+    assert not torch.equal(fresh.lm_head.weight, model.lm_head.weight)
+    mc.load_into(fresh, str(saved))
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[name], tensor), name
+
+    fresh.save_pretrained(tmp_path / "hf")             # and a save_pretrained directory
+    other = build_hf("qwen3_moe", seed=2)
+    mc.load_into(other, str(tmp_path / "hf"))
+    assert torch.equal(other.lm_head.weight, model.lm_head.weight)
+
+    ring = mc.compile(build_hf("qwen3_moe", seed=3), mc.Plan(mode="infer", device_budget="4MiB",
+                                                              weights_checkpoint=str(saved)), example_inputs=(ids,))
+    torch.testing.assert_close(ring(ids).logits, model.eval()(ids).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_one_ranks_program_state_dict_is_refused_as_a_shard(tmp_path):
+    from safetensors.torch import save_file
+
+    model = mc.models.build("tiny-moe", n_layers=1, num_experts=4)
+    state = {"graph_module." + name: t.clone() for name, t in model.state_dict().items()}
+    save_file({**state, "graph_module._extra_state": torch.tensor([0, 2, 0, 2, 4])}, tmp_path / "model.safetensors")
+    with pytest.raises(mc.MoesysError, match="one rank at expert_parallel > 1"):
+        mc.load_into(model, str(tmp_path))

@@ -656,14 +656,28 @@ def full_state(directory: str) -> dict[str, torch.Tensor]:
 
 def load_into(model: torch.nn.Module, directory: str) -> torch.nn.Module:
     """Fill a plain eager ``model`` (the original architecture) from a checkpoint of any layout (a
-    training run's checkpoint root: its newest step).
+    training run's checkpoint root: its newest step), or from a Hugging Face-style directory as ring
+    inference reads one (``save_pretrained``'s, or a HF Trainer checkpoint of a compiled program,
+    whose ``model.safetensors`` is ``program.state_dict()``).
 
         >>> model = mc.models.build("tiny-moe"); mc.load_into(model, "ckpt/step_100")  # doctest: +SKIP
     """
+    if _weights_directory(Path(directory)):
+        from .sources import checkpoint_source
+        read = checkpoint_source(directory, model)
+        model.load_state_dict({name: read(name) for name in model.state_dict()})
+        return model
     state = full_state(directory)
     _check_fits(model, state, directory)
     model.load_state_dict(state)
     return model
+
+
+def _weights_directory(directory: Path) -> bool:
+    """A directory of model weights as transformers saves them, not a training checkpoint or run root."""
+    from .sources import HF_WEIGHTS
+    return (directory.is_dir() and not (directory / META).is_file() and latest_step(str(directory)) is None
+            and any((directory / name).is_file() for name in HF_WEIGHTS))
 
 
 def _check_fits(model: torch.nn.Module, state: dict[str, torch.Tensor], directory: str) -> None:
