@@ -9,6 +9,10 @@
   Nothing turned such a checkpoint back into the model: ``mc.load_into`` said ``meta.json`` was
   missing (it read only this project's checkpoints) and ring inference found no tensor of the
   model in it. Both read it now, and ``load_into`` takes any Hugging Face-style directory.
+- ``mc.load_into`` of a model built under ``mc.empty_weights()`` or accelerate's
+  ``init_empty_weights()`` returned it still on the meta device (torch's copy into a meta tensor
+  is a no-op, one warning per tensor); its parameters now get memory and the checkpoint's values,
+  ties kept, and a model whose computed buffers are on meta is refused by name.
 """
 
 from __future__ import annotations
@@ -81,3 +85,27 @@ def test_one_ranks_program_state_dict_is_refused_as_a_shard(tmp_path):
     save_file({**state, "graph_module._extra_state": torch.tensor([0, 2, 0, 2, 4])}, tmp_path / "model.safetensors")
     with pytest.raises(mc.MoesysError, match="one rank at expert_parallel > 1"):
         mc.load_into(model, str(tmp_path))
+
+
+def test_load_into_a_model_built_without_weights_fills_it(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    accelerate = pytest.importorskip("accelerate")
+    from moesys_compile.frontend.empty_weights import meta_tensor_names
+    from moesys_compile.models.hf import build_hf
+
+    model = build_hf("qwen3_moe", tie_word_embeddings=True)
+    model.save_pretrained(tmp_path)
+    ids = _ids(2, 8)
+    with mc.empty_weights():
+        ours = transformers.AutoModelForCausalLM.from_config(model.config)
+    with accelerate.init_empty_weights():
+        theirs = transformers.AutoModelForCausalLM.from_config(model.config)
+    for empty in (ours, theirs):
+        mc.load_into(empty, str(tmp_path))
+        assert not meta_tensor_names(empty)
+        assert empty.lm_head.weight is empty.model.embed_tokens.weight
+        torch.testing.assert_close(empty(ids).logits, model(ids).logits)
+    with torch.device("meta"):
+        computed_on_meta = transformers.AutoModelForCausalLM.from_config(model.config)
+    with pytest.raises(mc.MoesysError, match="non-persistent buffer 'model.rotary_emb.inv_freq' is on the meta"):
+        mc.load_into(computed_on_meta, str(tmp_path))

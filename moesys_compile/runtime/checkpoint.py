@@ -665,12 +665,39 @@ def load_into(model: torch.nn.Module, directory: str) -> torch.nn.Module:
     if _weights_directory(Path(directory)):
         from .sources import checkpoint_source
         read = checkpoint_source(directory, model)
-        model.load_state_dict({name: read(name) for name in model.state_dict()})
-        return model
-    state = full_state(directory)
-    _check_fits(model, state, directory)
+        state = {name: read(name) for name in model.state_dict()}
+    else:
+        state = full_state(directory)
+        _check_fits(model, state, directory)
+    _give_meta_tensors_memory(model, directory)
     model.load_state_dict(state)
     return model
+
+
+def _give_meta_tensors_memory(model: torch.nn.Module, directory: str) -> None:
+    """A model built under ``mc.empty_weights()`` (or accelerate's ``init_empty_weights()``) holds its
+    parameters on the meta device, where ``load_state_dict`` copies nothing: each gets host memory
+    (tied ones one tensor) for the checkpoint to fill. A non-persistent buffer on meta holds values
+    that no checkpoint has, so such a model is refused."""
+    from ..frontend.empty_weights import blank_like, meta_tensor_names
+    on_meta = meta_tensor_names(model)
+    computed = [name for name in on_meta if name not in model.state_dict(keep_vars=True)]
+    if computed:
+        raise CheckpointError(f"cannot load {directory!r} into {type(model).__name__}: its non-persistent buffer "
+                              f"'{computed[0]}' is on the meta device, and no checkpoint holds it; build the model "
+                              f"under moesys_compile.empty_weights() or accelerate's init_empty_weights() (parameters "
+                              f"on meta, buffers real), not on torch.device('meta')")
+    made: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}     # id(meta tensor) -> (it, its replacement)
+    for owner in model.modules():
+        for table in (owner._parameters, owner._buffers):
+            for name, t in list(table.items()):
+                if t is None or not t.is_meta:
+                    continue
+                if id(t) not in made:
+                    blank = blank_like(t, torch.device("cpu"))
+                    made[id(t)] = (t, torch.nn.Parameter(blank, t.requires_grad) if isinstance(t, torch.nn.Parameter)
+                                   else blank)
+                table[name] = made[id(t)][1]
 
 
 def _weights_directory(directory: Path) -> bool:
