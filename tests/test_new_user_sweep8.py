@@ -13,6 +13,8 @@
   ``init_empty_weights()`` returned it still on the meta device (torch's copy into a meta tensor
   is a no-op, one warning per tensor); its parameters now get memory and the checkpoint's values,
   ties kept, and a model whose computed buffers are on meta is refused by name.
+- ``moesys-compile inspect --after ring_partition`` of a train run (or ``expert_parallel`` of an
+  infer run) listed the run's stages without saying that the pass belongs to the other mode.
 """
 
 from __future__ import annotations
@@ -109,3 +111,13 @@ def test_load_into_a_model_built_without_weights_fills_it(tmp_path):
         computed_on_meta = transformers.AutoModelForCausalLM.from_config(model.config)
     with pytest.raises(mc.MoesysError, match="non-persistent buffer 'model.rotary_emb.inv_freq' is on the meta"):
         mc.load_into(computed_on_meta, str(tmp_path))
+
+
+@pytest.mark.parametrize("mode, after, other", [("train", "ring_partition", "infer"),
+                                                ("infer", "expert_parallel", "train")])
+def test_inspect_after_a_pass_of_the_other_mode_names_that_mode(mode, after, other, capsys):
+    from moesys_compile.cli import main
+
+    assert main(["inspect", "tiny-moe", "--config", "n_layers=1", "--mode", mode, "--after", after]) != 0
+    err = capsys.readouterr().err
+    assert f"{after} is a pass of mode '{other}', not '{mode}': pass --mode {other}" in err
