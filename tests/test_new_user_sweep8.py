@@ -15,16 +15,24 @@
   ties kept, and a model whose computed buffers are on meta is refused by name.
 - ``moesys-compile inspect --after ring_partition`` of a train run (or ``expert_parallel`` of an
   infer run) listed the run's stages without saying that the pass belongs to the other mode.
+- ``DistributedDataParallel(program)`` at expert_parallel > 1, which the HF Trainer and
+  ``accelerate.prepare`` do on several processes, overwrote each rank's experts with rank 0's
+  and averaged the gradients of different experts, silently. It is refused now, with the fix.
 """
 
 from __future__ import annotations
 
 import copy
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import moesys_compile as mc
+
+sys.path.insert(0, str(Path(__file__).parent))
+from dist_utils import run_ranks  # noqa: E402
 
 VOCAB = 128
 
@@ -121,3 +129,27 @@ def test_inspect_after_a_pass_of_the_other_mode_names_that_mode(mode, after, oth
     assert main(["inspect", "tiny-moe", "--config", "n_layers=1", "--mode", mode, "--after", after]) != 0
     err = capsys.readouterr().err
     assert f"{after} is a pass of mode '{other}', not '{mode}': pass --mode {other}" in err
+
+
+def _wrap_in_ddp(rank: int, world: int, ep: int):
+    torch.manual_seed(0)
+    model = mc.models.build("tiny-moe", n_layers=1, num_experts=4)
+    program = mc.compile(model, mc.Plan(mode="train", world_size=world, expert_parallel=ep),
+                         example_inputs=(_ids(2, 8, rank),))
+    experts = dict(program.named_parameters())["graph_module.layers.0.ffn.w_up"]
+    before = experts.detach().clone()
+    try:
+        torch.nn.parallel.DistributedDataParallel(program)
+    except mc.PlanError as exc:
+        return str(exc), torch.equal(experts, before)
+    return None, torch.equal(experts, before)
+
+
+@pytest.mark.parametrize("ep", [2, 1])
+def test_wrapping_an_expert_parallel_program_in_ddp_is_refused(ep):
+    for refusal, experts_kept in run_ranks(_wrap_in_ddp, 2, ep):
+        assert experts_kept
+        if ep == 1:
+            assert refusal is None           # DDP only syncs again what the program has synced
+        else:
+            assert "expert_parallel=2 cannot be wrapped in DistributedDataParallel" in refusal
