@@ -18,6 +18,9 @@
 - ``DistributedDataParallel(program)`` at expert_parallel > 1, which the HF Trainer and
   ``accelerate.prepare`` do on several processes, overwrote each rank's experts with rank 0's
   and averaged the gradients of different experts, silently. It is refused now, with the fix.
+- ``TrainingArguments(gradient_checkpointing=True)`` stopped the HF Trainer with an AttributeError
+  (the program had no ``gradient_checkpointing_enable``); it now warns, as compiling a model with
+  checkpointing on does, that the captured graph stores every activation, and trains.
 """
 
 from __future__ import annotations
@@ -153,3 +156,21 @@ def test_wrapping_an_expert_parallel_program_in_ddp_is_refused(ep):
             assert refusal is None           # DDP only syncs again what the program has synced
         else:
             assert "expert_parallel=2 cannot be wrapped in DistributedDataParallel" in refusal
+
+
+def test_the_trainers_gradient_checkpointing_warns_and_trains(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from moesys_compile.models.hf import build_hf
+
+    ids = _ids(4, 8)
+    program = mc.compile(build_hf("qwen3_moe").train(), mc.Plan(mode="train"),
+                         example_kwargs=dict(input_ids=ids, labels=ids, num_items_in_batch=torch.tensor(4 * 7)))
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=1,
+                                          logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
+                                          disable_tqdm=True, gradient_checkpointing=True)
+    trainer = transformers.Trainer(model=program, args=args,
+                                   train_dataset=[dict(input_ids=row, labels=row) for row in ids])
+    with pytest.warns(UserWarning, match="checkpointing cannot be turned on in a compiled program"):
+        trainer.train()
+    assert [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
