@@ -21,6 +21,9 @@
 - ``TrainingArguments(gradient_checkpointing=True)`` stopped the HF Trainer with an AttributeError
   (the program had no ``gradient_checkpointing_enable``); it now warns, as compiling a model with
   checkpointing on does, that the captured graph stores every activation, and trains.
+- Such a Trainer checkpoint given to ``moesys-compile infer`` as MODEL was called "not a Hugging
+  Face model directory (no config.json)"; it is now named as weights without a config, with the
+  way to run it (the model as MODEL, the directory as ``--checkpoint``).
 """
 
 from __future__ import annotations
@@ -174,3 +177,15 @@ def test_the_trainers_gradient_checkpointing_warns_and_trains(tmp_path):
     with pytest.warns(UserWarning, match="checkpointing cannot be turned on in a compiled program"):
         trainer.train()
     assert [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+def test_weights_without_a_config_given_as_model_say_to_pass_them_as_checkpoint(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from moesys_compile import infer
+
+    save_file({"graph_module.embed.weight": torch.zeros(2, 2)}, tmp_path / "model.safetensors")
+    assert infer.main([str(tmp_path), "--budget", "1MiB"]) != 0
+    err = capsys.readouterr().err
+    assert "is a directory of weights (model.safetensors) without a config.json" in err
+    assert f"moesys-compile infer MODEL --checkpoint {tmp_path} to run it, or mc.load_into" in err
