@@ -24,6 +24,7 @@
 - Such a Trainer checkpoint given to ``moesys-compile infer`` as MODEL was called "not a Hugging
   Face model directory (no config.json)"; it is now named as weights without a config, with the
   way to run it (the model as MODEL, the directory as ``--checkpoint``).
+- ``moesys-compile train --data DIR`` (a dataset directory) was said to be no existing file.
 """
 
 from __future__ import annotations
@@ -189,3 +190,10 @@ def test_weights_without_a_config_given_as_model_say_to_pass_them_as_checkpoint(
     err = capsys.readouterr().err
     assert "is a directory of weights (model.safetensors) without a config.json" in err
     assert f"moesys-compile infer MODEL --checkpoint {tmp_path} to run it, or mc.load_into" in err
+
+
+def test_train_data_given_as_a_directory_is_named_as_one(tmp_path, capsys):
+    from moesys_compile import train
+
+    assert train.main(["--data", str(tmp_path), "--steps", "1"]) != 0
+    assert f"--data {str(tmp_path)!r} is a directory; give one file of token ids" in capsys.readouterr().err
