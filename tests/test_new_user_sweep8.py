@@ -25,6 +25,9 @@
   Face model directory (no config.json)"; it is now named as weights without a config, with the
   way to run it (the model as MODEL, the directory as ``--checkpoint``).
 - ``moesys-compile train --data DIR`` (a dataset directory) was said to be no existing file.
+- ``mc.compile`` of a model already wrapped in DDP (or DataParallel) failed with an
+  UntraceableModelError about iteration over a traced value at an unknown line, with a fix about
+  tensor ops; it now says to pass ``model.module``.
 """
 
 from __future__ import annotations
@@ -197,3 +200,17 @@ def test_train_data_given_as_a_directory_is_named_as_one(tmp_path, capsys):
 
     assert train.main(["--data", str(tmp_path), "--steps", "1"]) != 0
     assert f"--data {str(tmp_path)!r} is a directory; give one file of token ids" in capsys.readouterr().err
+
+
+def _compile_ddp(rank: int, world: int):
+    model = torch.nn.parallel.DistributedDataParallel(mc.models.build("tiny-moe", n_layers=1, num_experts=4))
+    with pytest.raises(TypeError, match=r"wrapped in DistributedDataParallel \(around Transformer\).*model.module"):
+        mc.compile(model, mc.Plan(mode="train", world_size=world), example_inputs=(_ids(2, 8),))
+    return True
+
+
+def test_a_model_wrapped_for_data_parallelism_is_refused_with_the_fix():
+    model = torch.nn.DataParallel(mc.models.build("tiny-moe", n_layers=1, num_experts=4))
+    with pytest.raises(TypeError, match=r"wrapped in DataParallel \(around Transformer\).*model.module"):
+        mc.compile(model, mc.Plan(mode="train"), example_inputs=(_ids(2, 8),))
+    assert run_ranks(_compile_ddp, 1) == [True]
