@@ -28,6 +28,10 @@
 - ``mc.compile`` of a model already wrapped in DDP (or DataParallel) failed with an
   UntraceableModelError about iteration over a traced value at an unknown line, with a fix about
   tensor ops; it now says to pass ``model.module``.
+- A ring program's outputs (and ``generate``'s tokens) were inference tensors, which cannot be
+  changed in place outside ``torch.inference_mode``: ``logits[..., banned] = -inf`` in a user's own
+  decoding loop, or the HF Trainer's ``loss *= ...`` in ``evaluate``, failed. The ring now runs
+  under ``no_grad``, as ``model.generate`` does, and its outputs are ordinary tensors.
 """
 
 from __future__ import annotations
@@ -214,3 +218,17 @@ def test_a_model_wrapped_for_data_parallelism_is_refused_with_the_fix():
     with pytest.raises(TypeError, match=r"wrapped in DataParallel \(around Transformer\).*model.module"):
         mc.compile(model, mc.Plan(mode="train"), example_inputs=(_ids(2, 8),))
     assert run_ranks(_compile_ddp, 1) == [True]
+
+
+def test_a_ring_programs_outputs_can_be_changed_in_place():
+    model = mc.models.build("tiny-moe", n_layers=1, num_experts=4)
+    ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(0))
+    ring = mc.compile(model, mc.Plan(mode="infer", device="cpu", device_budget="300KB"), example_inputs=(ids,))
+    logits = ring(ids)
+    want = model.eval()(ids).detach()
+    logits[..., 0] = float("-inf")
+    want[..., 0] = float("-inf")
+    torch.testing.assert_close(logits, want, rtol=1e-4, atol=1e-5)
+    tokens = ring.generate(ids, 2)
+    tokens[tokens == 0] = 1
+    assert not tokens.is_inference()
