@@ -21,9 +21,9 @@
 - ``TrainingArguments(gradient_checkpointing=True)`` stopped the HF Trainer with an AttributeError
   (the program had no ``gradient_checkpointing_enable``); it now warns, as compiling a model with
   checkpointing on does, that the captured graph stores every activation, and trains.
-- Such a Trainer checkpoint given to ``moesys-compile infer`` as MODEL was called "not a Hugging
-  Face model directory (no config.json)"; it is now named as weights without a config, with the
-  way to run it (the model as MODEL, the directory as ``--checkpoint``).
+- An HF Trainer checkpoint of a program given to ``moesys-compile infer`` as MODEL was called "not
+  a Hugging Face model directory (no config.json)"; it is now named as weights without a config,
+  with the way to run it (the model as MODEL, the directory as ``--checkpoint``).
 - ``moesys-compile train --data DIR`` (a dataset directory) was said to be no existing file.
 - ``mc.compile`` of a model already wrapped in DDP (or DataParallel) failed with an
   UntraceableModelError about iteration over a traced value at an unknown line, with a fix about

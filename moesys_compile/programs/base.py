@@ -124,8 +124,8 @@ class Program(nn.Module):
         captured graph has no checkpoint regions, so this warns and changes nothing."""
         warn_user(f"{self.context.extras['binder'].model_name}: activation (gradient) checkpointing cannot be turned "
                   f"on in a compiled program, whose captured graph has no checkpoint regions: it computes the same "
-                  f"loss and gradients but stores every activation; leave TrainingArguments(gradient_checkpointing=...) "
-                  f"off, and lower the batch size if memory runs out")
+                  f"loss and gradients but stores every activation; leave "
+                  f"TrainingArguments(gradient_checkpointing=...) off, and lower the batch size if memory runs out")
 
     gradient_checkpointing_enable = activation_checkpointing_enable
 

@@ -156,10 +156,10 @@ class TrainingProgram(Program):
         gradients of different experts. At expert_parallel 1 DDP only syncs again what the
         program's buckets have synced, and nothing is ignored."""
         if self.plan.expert_parallel > 1:
-            raise PlanError(f"a {type(self).__name__} at expert_parallel={self.plan.expert_parallel} cannot be wrapped in "
-                            f"DistributedDataParallel (as the HF Trainer and accelerate.prepare do on several "
-                            f"processes): each rank holds its own experts, which DDP would overwrite with rank 0's, "
-                            f"and the program syncs its gradients itself; train the program as it is (out = "
+            raise PlanError(f"a {type(self).__name__} at expert_parallel={self.plan.expert_parallel} cannot be "
+                            f"wrapped in DistributedDataParallel (as the HF Trainer and accelerate.prepare do on "
+                            f"several processes): each rank holds its own experts, which DDP would overwrite with "
+                            f"rank 0's, and the program syncs its gradients itself; train the program as it is (out = "
                             f"program(x); loss.backward(); opt.step(), or moesys-compile train), with accelerate "
                             f"prepare only the optimizer and data loader")
         raise AttributeError("_ddp_params_and_buffers_to_ignore")
