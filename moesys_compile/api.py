@@ -145,6 +145,27 @@ def _check_not_torch_compiled(model: nn.Module) -> None:
                         f"instead: torch.compile(moesys_compile.compile(model, plan, ...))")
 
 
+def _data_parallel_wrappers() -> tuple[type, ...]:
+    """The wrappers that hold the model as ``.module`` and sync its gradients: DDP and DataParallel,
+    and FSDP's and DeepSpeed's engine where they are imported."""
+    wrappers = [nn.parallel.DistributedDataParallel, nn.DataParallel]
+    for module, name in (("torch.distributed.fsdp.fully_sharded_data_parallel", "FullyShardedDataParallel"),
+                         ("deepspeed.runtime.engine", "DeepSpeedEngine")):
+        wrapper = getattr(sys.modules.get(module), name, None)
+        if wrapper is not None:
+            wrappers.append(wrapper)
+    return tuple(wrappers)
+
+
+def _check_not_data_parallel(model: nn.Module) -> None:
+    """A data-parallel wrapper's forward (bucket hooks, compiler-disabled calls) cannot be captured,
+    and the program syncs gradients itself: the model inside is what to compile."""
+    if isinstance(model, _data_parallel_wrappers()):
+        raise TypeError(f"the model is wrapped in {type(model).__name__} (around {type(model.module).__name__}), "
+                        f"which cannot be captured; pass the model itself (model.module): the compiled program "
+                        f"syncs its gradients over the ranks as DDP does, so it needs no wrapper")
+
+
 def _check_no_inference_tensors(model: nn.Module) -> None:
     """Tensors made under ``torch.inference_mode`` cannot take part in a capture (it fails deep in
     shape propagation with "cannot be saved for backward"): name the first and the fix."""
@@ -174,6 +195,7 @@ def trace(model: nn.Module, example_inputs: Any = (), example_kwargs: Optional[d
         >>> gm = moesys_compile.trace(model, (ids,))      # doctest: +SKIP
     """
     _check_not_torch_compiled(model)
+    _check_not_data_parallel(model)
     _check_no_inference_tensors(model)
     example_inputs, example_kwargs = _examples(model, example_inputs, example_kwargs)
     canonicalize(model)
@@ -315,6 +337,7 @@ def prepare(model: nn.Module, plan: Plan | dict | None = None, example_inputs: A
     three stages', each in ``ctx.frontend_seconds``)."""
     plan = _as_plan(plan)
     _check_not_torch_compiled(model)
+    _check_not_data_parallel(model)
     _check_no_inference_tensors(model)
     example_inputs, example_kwargs = _examples(model, example_inputs, example_kwargs)
     if plan.mode == "infer":

@@ -179,12 +179,16 @@ def check_stage(after: Optional[str], plan) -> None:
     names = [fn.__name__ for fn in pipeline_for(plan.mode)]
     stages = ["capture"] + [name for name in names if name not in plan.disable_passes]
     if after is not None and after not in stages:
-        raise no_such_stage(after, stages, [name for name in names if name in plan.disable_passes])
+        raise no_such_stage(after, stages, [name for name in names if name in plan.disable_passes], plan.mode)
 
 
-def no_such_stage(after: str, stages: list[str], skipped: list[str]) -> InspectError:
+def no_such_stage(after: str, stages: list[str], skipped: list[str], mode: Optional[str] = None) -> InspectError:
+    from moesys_compile.passes import PIPELINES
+    other = next((m for m, passes in PIPELINES.items() if m != mode and after in [p.__name__ for p in passes]), None)
     return InspectError(f"--after {after!r}: no such stage; stages of this run: {', '.join(stages)}"
-                        + (f" (disabled: {', '.join(skipped)})" if skipped else ""))
+                        + (f" (disabled: {', '.join(skipped)})" if skipped else "")
+                        + (f"; {after} is a pass of mode {other!r}, not {mode!r}: pass --mode {other} (or a plan "
+                           f"file with mode: {other})" if other and mode else ""))
 
 
 def dot_program() -> str:

@@ -101,6 +101,9 @@ class TokenSource:
     @staticmethod
     def _load(path: str, vocab: int) -> torch.Tensor:
         file = Path(path)
+        if file.is_dir():
+            raise ValueError(f"--data {path!r} is a directory; give one file of token ids (a text file, or a "
+                             f".npy/.bin of ids: concatenate a dataset's files into one), or 'synthetic'")
         if not file.is_file():
             raise ValueError(f"--data {path!r} is neither 'synthetic' nor an existing file")
         if file.suffix == ".npz":

@@ -260,14 +260,25 @@ def _kind(model: nn.Module, name: str) -> str:
     return "parameter" if name in model._parameters else "buffer"
 
 
+def _bound_inputs(model: nn.Module, example_inputs: Sequence[Any], example_kwargs: dict) -> dict[str, Any]:
+    """The example bound to ``forward``'s parameters, keywords that reach its ``**kwargs`` by their
+    own names (the Trainer's ``num_items_in_batch`` reaches a Hugging Face model's that way)."""
+    signature = inspect.signature(model.forward)
+    bound = signature.bind_partial(*example_inputs, **example_kwargs).arguments
+    inputs = {}
+    for name, value in bound.items():
+        inputs.update(value if signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD else {name: value})
+    return inputs
+
+
 def _dynamic_dims(model: nn.Module, example_inputs: Sequence[Any], example_kwargs: dict) -> dict[str, tuple]:
     """Per tensor argument, the dims export may keep symbolic: batch and sequence (the first two
     dims), or those the module names in ``symbolic_dims`` ({argument: {dim: size in B and S}},
     which annotation follows too)."""
     own = getattr(model, "symbolic_dims", {})
-    bound = inspect.signature(model.forward).bind_partial(*example_inputs, **example_kwargs)
     return {name: tuple(own.get(name, range(min(value.dim(), 2))))
-            for name, value in bound.arguments.items() if isinstance(value, torch.Tensor) and value.dim() > 0}
+            for name, value in _bound_inputs(model, example_inputs, example_kwargs).items()
+            if isinstance(value, torch.Tensor) and value.dim() > 0}
 
 
 def _export_dynamic_shapes(model: nn.Module, example_inputs: Sequence[Any], example_kwargs: dict):
@@ -278,6 +289,37 @@ def _export_dynamic_shapes(model: nn.Module, example_inputs: Sequence[Any], exam
     dims = _dynamic_dims(model, example_inputs, example_kwargs)
     bound = inspect.signature(model.forward).bind_partial(*example_inputs, **example_kwargs)
     return {name: {d: auto for d in dims[name]} if name in dims else None for name in bound.arguments}
+
+
+@contextlib.contextmanager
+def _keywords_named(model: nn.Module, example_kwargs: dict):
+    """While exporting, ``forward`` names the example's keywords that would reach its ``**kwargs``
+    (the Trainer's ``num_items_in_batch`` for a Hugging Face model) as keyword-only parameters.
+    torch.export cannot keep any size symbolic for a ``forward`` given keywords through ``**kwargs``
+    (making its constraints, it lists them both in the ``kwargs`` dict and on their own, and fails),
+    so such an example would fix the batch and sequence sizes. The named keywords come last, as
+    ``**kwargs`` does, so the graph's inputs keep the order the program binds calls in."""
+    signature = inspect.signature(model.forward)
+    params = list(signature.parameters.values())
+    extra = [name for name in example_kwargs if name not in signature.parameters]
+    if not extra or not params or params[-1].kind is not inspect.Parameter.VAR_KEYWORD:
+        yield
+        return
+    forward = model.forward
+
+    def named_forward(*args: Any, **kwargs: Any) -> Any:
+        return forward(*args, **kwargs)
+    named_forward.__signature__ = signature.replace(
+        parameters=params[:-1] + [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY) for name in extra])
+    had_own = "forward" in model.__dict__
+    model.forward = named_forward
+    try:
+        yield
+    finally:
+        if had_own:
+            model.forward = forward
+        else:
+            del model.forward
 
 
 def _widened(value: Any, dims: Sequence[int] = (0, 1)) -> Any:
@@ -299,9 +341,8 @@ def _widened_example(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple
 def _widened_dims(model: nn.Module, args: tuple, kwargs: dict) -> list[set[int]]:
     """Per flattened input (the exported graph's placeholders), the dims ``_widened`` repeats."""
     dims = _dynamic_dims(model, args, kwargs)
-    bound = inspect.signature(model.forward).bind_partial(*args, **kwargs).arguments
     return [{d for d in dims.get(name, ()) if leaf is value and value.shape[d] == 1}
-            for name, value in bound.items() for leaf in tree_leaves(value)]
+            for name, value in _bound_inputs(model, args, kwargs).items() for leaf in tree_leaves(value)]
 
 
 def _fixed_at_two(gm: fx.GraphModule, widened: list[set[int]]) -> bool:
@@ -343,12 +384,12 @@ def export_trace(model: nn.Module, example_inputs: Sequence[Any], example_kwargs
     keyword inputs go in the order of ``forward``'s signature, which is the order the program binds
     calls in (``traced_names``): export orders the graph's inputs as the example's keys."""
     args, kwargs = tuple(example_inputs), _in_signature_order(model, example_kwargs)
-    dynamic = _export_dynamic_shapes(model, args, kwargs)
     wide_args, wide_kwargs = _widened_example(model, args, kwargs)
     widened = any(w is not v for w, v in zip((*wide_args, *wide_kwargs.values()), (*args, *kwargs.values())))
-    attempts = ([(wide_args, wide_kwargs, dynamic, True)] if dynamic is not None and widened else []) \
-        + ([(args, kwargs, dynamic, False)] if dynamic is not None else []) + [(args, kwargs, None, False)]
-    with stand_ins(model, torch.device("cpu")) as originals:
+    with stand_ins(model, torch.device("cpu")) as originals, _keywords_named(model, kwargs):
+        dynamic = _export_dynamic_shapes(model, args, kwargs)
+        attempts = ([(wide_args, wide_kwargs, dynamic, True)] if dynamic is not None and widened else []) \
+            + ([(args, kwargs, dynamic, False)] if dynamic is not None else []) + [(args, kwargs, None, False)]
         for attempt, (example_args, example_kwargs_, shapes, is_widened) in enumerate(attempts):
             try:
                 with torch_logs_silenced("torch.fx.experimental.symbolic_shapes"), _without_partial_graph():

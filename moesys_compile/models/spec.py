@@ -179,13 +179,20 @@ def _refuse_training_checkpoint(path: str) -> None:
     """A training checkpoint given as MODEL holds weights but no model to build them into: say what
     it is and how to use it (the model it was trained from as MODEL, the checkpoint by its flag)."""
     from ..runtime.checkpoint import LATEST, META, latest_step
+    from ..runtime.sources import HF_WEIGHTS
+    weights = next((name for name in HF_WEIGHTS if os.path.isfile(os.path.join(path, name))), None)
+    resume = f"moesys-compile train --model MODEL --ckpt-dir {path} to resume training (from a run's root), "
     if os.path.isfile(os.path.join(path, META)):
         what = f"one step's training checkpoint (it holds {META})"
     elif latest_step(path) is not None:
         what = f"a training run's checkpoint root (it holds {LATEST!r} or step_N directories)"
+    elif weights and not os.path.isfile(os.path.join(path, "config.json")):
+        what = (f"a directory of weights ({weights}) without a config.json, as the HF Trainer and accelerate save a "
+                f"compiled program")
+        resume = ""
     else:
         return
     raise ValueError(f"MODEL {path!r} is {what}: weights without a model to build; pass the model it was trained "
                      f"from as MODEL (with the same --config) and the checkpoint by its own flag: "
-                     f"moesys-compile infer MODEL --checkpoint {path} to run it, moesys-compile train --model MODEL "
-                     f"--ckpt-dir {path} to resume training (from a run's root), or mc.load_into(model, {path!r})")
+                     f"moesys-compile infer MODEL --checkpoint {path} to run it, {resume}or "
+                     f"mc.load_into(model, {path!r})")

@@ -119,6 +119,16 @@ class Program(nn.Module):
         warn_if_mode_changes_code(self.graph_module, mode, self.context.extras["binder"].model_name)
         return self
 
+    def activation_checkpointing_enable(self, *args: Any, **kwargs: Any) -> None:
+        """What the HF Trainer calls for ``TrainingArguments(gradient_checkpointing=True)``: the
+        captured graph has no checkpoint regions, so this warns and changes nothing."""
+        warn_user(f"{self.context.extras['binder'].model_name}: activation (gradient) checkpointing cannot be turned "
+                  f"on in a compiled program, whose captured graph has no checkpoint regions: it computes the same "
+                  f"loss and gradients but stores every activation; leave "
+                  f"TrainingArguments(gradient_checkpointing=...) off, and lower the batch size if memory runs out")
+
+    gradient_checkpointing_enable = activation_checkpointing_enable
+
     def __reduce_ex__(self, protocol: Any) -> Any:
         """Refused for ``copy.deepcopy``, ``pickle`` and ``torch.save`` alike."""
         raise TypeError(f"a compiled {type(self).__name__} cannot be copied or pickled (its graph holds the "

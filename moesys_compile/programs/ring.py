@@ -257,7 +257,7 @@ class RingRuntime:
         env = {node: _to_device(value, self.device) for node, value in zip(self.placeholders, flat_inputs)}
         if len(bounds) > 1:
             env = {node: split_batch(value, batch, bounds) for node, value in env.items()}
-        with torch.inference_mode():
+        with torch.no_grad():      # outputs the caller may change in place, as a model's under no_grad
             try:
                 for section in self.sections:
                     values = executor.run(section.index, self._run_section, section, bounds,

@@ -148,6 +148,22 @@ class TrainingProgram(Program):
             if partial else []
         self._dense = [param for name, param in local.items() if not self.is_expert(name)]
 
+    @property
+    def _ddp_params_and_buffers_to_ignore(self):
+        """Read by ``DistributedDataParallel`` as it wraps a module (the HF Trainer and accelerate
+        wrap a model so on several processes). At expert_parallel > 1 that is refused here: DDP
+        would broadcast rank 0's parameters, this rank's experts among them, and average expert
+        gradients of different experts. At expert_parallel 1 DDP only syncs again what the
+        program's buckets have synced, and nothing is ignored."""
+        if self.plan.expert_parallel > 1:
+            raise PlanError(f"a {type(self).__name__} at expert_parallel={self.plan.expert_parallel} cannot be "
+                            f"wrapped in DistributedDataParallel (as the HF Trainer and accelerate.prepare do on "
+                            f"several processes): each rank holds its own experts, which DDP would overwrite with "
+                            f"rank 0's, and the program syncs its gradients itself; train the program as it is (out = "
+                            f"program(x); loss.backward(); opt.step(), or moesys-compile train), with accelerate "
+                            f"prepare only the optimizer and data loader")
+        raise AttributeError("_ddp_params_and_buffers_to_ignore")
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self._sharded:
             sharded_weights.follow_model(self._sharded, self._dense)

@@ -656,14 +656,55 @@ def full_state(directory: str) -> dict[str, torch.Tensor]:
 
 def load_into(model: torch.nn.Module, directory: str) -> torch.nn.Module:
     """Fill a plain eager ``model`` (the original architecture) from a checkpoint of any layout (a
-    training run's checkpoint root: its newest step).
+    training run's checkpoint root: its newest step), or from a Hugging Face-style directory as ring
+    inference reads one (``save_pretrained``'s, or a HF Trainer checkpoint of a compiled program,
+    whose ``model.safetensors`` is ``program.state_dict()``).
 
         >>> model = mc.models.build("tiny-moe"); mc.load_into(model, "ckpt/step_100")  # doctest: +SKIP
     """
-    state = full_state(directory)
-    _check_fits(model, state, directory)
+    if _weights_directory(Path(directory)):
+        from .sources import checkpoint_source
+        read = checkpoint_source(directory, model)
+        state = {name: read(name) for name in model.state_dict()}
+    else:
+        state = full_state(directory)
+        _check_fits(model, state, directory)
+    _give_meta_tensors_memory(model, directory)
     model.load_state_dict(state)
     return model
+
+
+def _give_meta_tensors_memory(model: torch.nn.Module, directory: str) -> None:
+    """A model built under ``mc.empty_weights()`` (or accelerate's ``init_empty_weights()``) holds its
+    parameters on the meta device, where ``load_state_dict`` copies nothing: each gets host memory
+    (tied ones one tensor) for the checkpoint to fill. A non-persistent buffer on meta holds values
+    that no checkpoint has, so such a model is refused."""
+    from ..frontend.empty_weights import blank_like, meta_tensor_names
+    on_meta = meta_tensor_names(model)
+    computed = [name for name in on_meta if name not in model.state_dict(keep_vars=True)]
+    if computed:
+        raise CheckpointError(f"cannot load {directory!r} into {type(model).__name__}: its non-persistent buffer "
+                              f"'{computed[0]}' is on the meta device, and no checkpoint holds it; build the model "
+                              f"under moesys_compile.empty_weights() or accelerate's init_empty_weights() (parameters "
+                              f"on meta, buffers real), not on torch.device('meta')")
+    made: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}     # id(meta tensor) -> (it, its replacement)
+    for owner in model.modules():
+        for table in (owner._parameters, owner._buffers):
+            for name, t in list(table.items()):
+                if t is None or not t.is_meta:
+                    continue
+                if id(t) not in made:
+                    blank = blank_like(t, torch.device("cpu"))
+                    made[id(t)] = (t, torch.nn.Parameter(blank, t.requires_grad) if isinstance(t, torch.nn.Parameter)
+                                   else blank)
+                table[name] = made[id(t)][1]
+
+
+def _weights_directory(directory: Path) -> bool:
+    """A directory of model weights as transformers saves them, not a training checkpoint or run root."""
+    from .sources import HF_WEIGHTS
+    return (directory.is_dir() and not (directory / META).is_file() and latest_step(str(directory)) is None
+            and any((directory / name).is_file() for name in HF_WEIGHTS))
 
 
 def _check_fits(model: torch.nn.Module, state: dict[str, torch.Tensor], directory: str) -> None:

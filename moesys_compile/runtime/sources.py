@@ -8,7 +8,9 @@ other rows. ``runtime.storage`` stages what a source gives into a tier.
                                            or shards listed by ``model.safetensors.index.json``;
                                            else ``pytorch_model.bin`` or its ``.bin.index.json``
                                            shards; only without these, every ``*.safetensors``
-                                           but the ring's offload files), or this project's
+                                           but the ring's offload files; names all under
+                                           ``graph_module.``, a program's state_dict as the
+                                           HF Trainer saves it, are read without it), or this project's
                                            training checkpoint (``meta.json`` + dense/expert
                                            shards); non-persistent buffers (not in checkpoints)
                                            and tied weights saved under one name come from the
@@ -96,16 +98,16 @@ def _weight_map(index: Path) -> dict[str, Path]:
 
 
 # the files transformers loads, in its order of preference: one file, else a sharded checkpoint's index
-_HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-               "pytorch_model.bin.index.json")
+HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+              "pytorch_model.bin.index.json")
 
 
 def _hf_index(directory: Path) -> dict[str, Path]:
     """Checkpoint tensor name -> the file holding it, from the files transformers would load
-    (``_HF_WEIGHTS``: other ``*.safetensors`` beside them, an EMA copy or a ring's offload files,
+    (``HF_WEIGHTS``: other ``*.safetensors`` beside them, an EMA copy or a ring's offload files,
     are not read); only a directory with none of them has its ``*.safetensors`` (else
     ``pytorch_model*.bin``) read, each tensor name in one file."""
-    for name in _HF_WEIGHTS:
+    for name in HF_WEIGHTS:
         if (directory / name).is_file():
             file = directory / name
             return _weight_map(file) if name.endswith(".json") else _names_in([file])
@@ -162,6 +164,27 @@ def _read_hf(files: dict[str, Path]) -> Source:
     return read
 
 
+# a training program's own module: ``program.state_dict()`` holds the model's names under it
+PROGRAM_PREFIX = "graph_module."
+
+
+def _program_state(root: Path, files: dict[str, Path], read: Source) -> tuple[dict[str, Path], Source]:
+    """A checkpoint of ``program.state_dict()`` (every name under ``graph_module.``: what the HF
+    Trainer saves of a compiled program, as of any module that is not a ``PreTrainedModel``), read
+    by the model's own names; one rank's expert shard (a program at expert_parallel > 1) is refused."""
+    if not files or not all(name.startswith(PROGRAM_PREFIX) for name in files):
+        return files, read
+    if f"{PROGRAM_PREFIX}_extra_state" in files:
+        raise StorageError(f"checkpoint {str(root)!r} holds program.state_dict() of one rank at expert_parallel > 1 "
+                           f"(its own experts only); save the whole model with program.save(DIR) (a collective), "
+                           f"or program.full_state_dict()")
+    own = {name.removeprefix(PROGRAM_PREFIX): file for name, file in files.items()}
+
+    def read_own(name: str, rows: Rows = None) -> torch.Tensor:
+        return read(PROGRAM_PREFIX + name, rows)
+    return own, read_own
+
+
 @contextlib.contextmanager
 def _as_storage_error():
     """A training checkpoint's own error (CheckpointError: a damaged file, named) as the
@@ -206,8 +229,9 @@ def checkpoint_source(directory: str, model: nn.Module) -> Source:
         (present, read_one), converted_from = _project_reader(root), set()
     else:
         files = _hf_index(root)
+        files, read_hf = _program_state(root, files, _read_hf(files))
         shapes = {name: t.shape for name, t in state.items()}
-        present, read_file = dequantizing_reader(set(files), _read_hf(files), fp8_block_size(root), shapes.get)
+        present, read_file = dequantizing_reader(set(files), read_hf, fp8_block_size(root), shapes.get)
         present, read_one, converted_from = _with_hub_layout(model, root, present, read_file)
     from .hf_layout import tie_as_checkpoint
     tie_as_checkpoint(model, present, read_one, str(root))
