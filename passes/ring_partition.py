@@ -90,18 +90,10 @@ class RingLayout:
 def choose_slots(plan_slots: Optional[int], room: int, largest_layer: int, unit_room: int, unit: int) -> int:
     """``Plan.ring_slots``, or as many slots (2 to MAX_DERIVED_SLOTS) as the room holds of the
     largest layer and ``unit_room`` (the room less the expert groups' partial sums) of the largest
-    unit that cannot be split. Where two slots cannot hold the largest layer, layers are cut
-    anyway, and the ring takes 3 slots where the units allow: in 2 slots a layer's experts can
-    still fit one slot whole, which leaves the rest of the layer (its attention) a small section
-    of its own, and the next full section's load cannot hide behind that small one's compute (on
-    CPU, 1 x 32 tokens of a model 4x its budget stalled 7% of the call); in 3 the experts run as
-    groups and the sections come out about even."""
+    unit that cannot be split."""
     if plan_slots is not None:
         return plan_slots
-    by_layer, by_unit = room // max(largest_layer, 1), unit_room // max(unit, 1)
-    if by_layer < 2:
-        return max(2, min(3, by_unit))
-    return max(2, min(MAX_DERIVED_SLOTS, by_layer, by_unit))
+    return max(2, min(MAX_DERIVED_SLOTS, room // max(largest_layer, 1), unit_room // max(unit, 1)))
 
 
 def fit_to_sections(ctx, groups: list[list[fx.Node]], state_of, slots: int, slot_bytes: int) -> tuple[int, int]:
@@ -198,9 +190,7 @@ def ring_partition(gm: fx.GraphModule, ctx) -> fx.GraphModule:
         at_min    = extra peak activation of the expert groups' partial sums at unit-sized slots
         min_slots = plan.ring_slots or 2
         if room < min_slots * unit_min + at_min: raise PlanError(minimum in bytes)
-        slots     = plan.ring_slots or clamp(min(room // largest layer, (room - at_min) // unit_min), 2, 4),
-                    but clamp((room - at_min) // unit_min, 2, 3) where room // largest layer < 2 (layers are
-                    cut anyway: 3 slots even the sections out)
+        slots     = plan.ring_slots or clamp(min(room // largest layer, (room - at_min) // unit_min), 2, 4)
         reserve   = extra peak activation of the expert groups' partial sums (liveness walk)
         slot_bytes = (room - reserve) // slots
         grouped_mlp whose weights exceed slot_bytes -> sum of expert_group_mlp over expert groups

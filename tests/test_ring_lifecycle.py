@@ -235,8 +235,7 @@ def test_a_ring_lowered_again_reads_finer_expert_groups_from_the_stored_ones(tmp
     are finer: their rows are read from the groups already on disk, not written a second time."""
     torch.manual_seed(0)
     model = mc.models.build("tiny-moe", num_experts=8, dim=128, ffn_dim=512).eval()
-    plan = mc.Plan(mode="infer", device_budget=int(model_bytes(model) * 0.4), weights="disk", offload_dir=str(tmp_path),
-                   ring_slots=2)       # two slots: the compiled ring's groups are the coarse ones
+    plan = mc.Plan(mode="infer", device_budget=int(model_bytes(model) * 0.4), weights="disk", offload_dir=str(tmp_path))
     program = mc.compile(model, plan, example_inputs=(IDS,))
     stored, files = program.store.nbytes, sorted(tmp_path.iterdir())
     groups = {key for key in program.store.locations if "[" in key}

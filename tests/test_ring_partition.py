@@ -89,40 +89,6 @@ def test_plan_ring_slots_is_the_ring_depth():
     assert {s.slot for s in ctx.extras["ring"].sections} == {0, 1, 2}
 
 
-def test_derived_slots_take_whole_layers_or_three_where_layers_are_cut():
-    from moesys_compile.passes.ring_partition import choose_slots
-    assert choose_slots(None, room=500, largest_layer=100, unit_room=480, unit=10) == 4    # whole layers, at most 4
-    assert choose_slots(None, room=250, largest_layer=100, unit_room=240, unit=10) == 2
-    assert choose_slots(None, room=216, largest_layer=112, unit_room=210, unit=12) == 3    # layers cut: 3
-    assert choose_slots(None, room=120, largest_layer=112, unit_room=115, unit=48) == 2    # units too large for 3
-    assert choose_slots(5, room=120, largest_layer=112, unit_room=115, unit=10) == 5       # Plan.ring_slots
-
-
-def exposed_loads(sizes: list[int], slots: int) -> float:
-    """The share of the bytes a ring loads while the sections before it that its slots let it
-    overlap (slots - 1 of them) hold fewer bytes, cyclically: a stall wherever computing a byte
-    takes about as long as loading one."""
-    count = len(sizes)
-    return sum(max(0, size - sum(sizes[(i - k) % count] for k in range(1, slots)))
-               for i, size in enumerate(sizes)) / sum(sizes)
-
-
-def test_a_ring_that_cuts_its_layers_hides_more_of_its_loads_in_three_slots():
-    """Experts six times a layer's attention, a quarter of the model as budget: two slots cannot
-    hold a layer, whose experts still fit one slot whole and leave the attention a small section
-    before each full one. The derived ring takes three slots, whose sections hide more of each
-    load behind the compute before it."""
-    torch.manual_seed(0)
-    model = mc.models.build("small-moe", vocab_size=256, dim=64, n_layers=4, n_heads=4, ffn_dim=128, num_experts=8,
-                            top_k=2, moe_ffn_dim=64, max_seq_len=64).eval()
-    ids = torch.zeros(1, 8, dtype=torch.long)
-    rings = {slots: mc.lower(model, mc.Plan(mode="infer", device_budget=model_bytes(model) // 4, ring_slots=slots),
-                             (ids,))[1].extras["ring"] for slots in (None, 2)}
-    assert rings[None].slots == 3
-    exposed = {slots: exposed_loads([s.nbytes for s in ring.sections], ring.slots) for slots, ring in rings.items()}
-    assert exposed[None] < exposed[2] / 2, exposed
-
-
 def test_works_on_the_canonical_op_without_decompose_moe():
     model, gm, ctx = lowered(n_layers=16, disable_passes=("decompose_moe",))   # the fused op cannot be split
     partitioned = next(s for s in ctx.snapshots if s.stage == "ring_partition")
