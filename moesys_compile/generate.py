@@ -1,14 +1,15 @@
-"""Greedy decoding through a ring program (``RingProgram.generate``) and its eager references.
+"""Decoding through a ring program (``RingProgram.generate``), greedy or sampled, and its eager references.
 
 The built-in LMs decode with a KV cache: a traced ``DecodeStep`` graph (the model with its cache
 as an input and an output) runs prefill and every step through the ring; it is lowered at the
 first call's prompt and longest step rounded up to powers of two, and later calls within those
 sizes reuse it. Hugging Face causal LMs decode with theirs through the prefill and step graphs
 of ``hf_decode`` (``cached_decode``; symbolic in batch, prompt and cache length, so later calls
-that fit them reuse them), as ``model.generate(do_sample=False)`` would decode, with the
-settings of their ``generation_config`` and of the call (``generation_settings``) applied by
-transformers' own logits processors (``GreedyChoice``); a model whose cache cannot be captured as
-tensors recomputes the whole sequence each step.
+that fit them reuse them), as ``model.generate`` would decode (greedily, or sampling where the call
+passes ``do_sample=True``), with the settings of their ``generation_config`` and of the call
+(``generation_settings``) applied by transformers' own logits processors and warpers
+(``TokenChoice``); a model whose cache cannot be captured as tensors recomputes the whole
+sequence each step.
 
     >>> program.generate(ids, 16, repetition_penalty=1.2)     # doctest: +SKIP
 """
@@ -29,7 +30,7 @@ from torch import nn
 from .errors import MoesysError, PlanError, warn_user
 from .frontend.hf_capture import is_hf_model
 from .frontend.tracing import MoesysTracer
-from .generation_settings import (GreedyChoice, check_can_generate, generation_settings, new_token_count, padding_mask,
+from .generation_settings import (TokenChoice, check_can_generate, generation_settings, new_token_count, padding_mask,
                                   stop_ids)
 from .hf_decode import NotCacheable, generation_positions, graph_kwargs, least_budgets, lower_cached, step_inputs
 from .models.transformer import Transformer
@@ -188,12 +189,13 @@ def _least_budget(exc: Exception, least: Callable[[], dict[str, int]]) -> str:
             f"the first graph refused: {exc.cause}")
 
 
-def greedy_decode(program, ids: torch.Tensor, max_new_tokens: Optional[int],
-                  attention_mask: Optional[torch.Tensor] = None, **settings: Any) -> torch.Tensor:
+def decode(program, ids: torch.Tensor, max_new_tokens: Optional[int],
+           attention_mask: Optional[torch.Tensor] = None, **settings: Any) -> torch.Tensor:
     """``program.generate``: the built-in models through their traced ``DecodeStep`` graph
     (``builtin_decode``), Hugging Face models with their own cache (``cached_decode``) and the
     generation settings of ``model.generate`` (``generation_settings``: the model's
-    ``generation_config`` with ``settings`` over it). A batch whose decoding the budget cannot hold
+    ``generation_config`` with ``settings`` over it; each prompt repeated
+    ``num_return_sequences`` times where the call samples several). A batch whose decoding the budget cannot hold
     at once is decoded in groups of prompts (``_decode_in_groups``), each as ``model.generate``
     would decode it; a prompt that does not fit alone is refused. ``max_new_tokens`` None: from
     ``max_length`` or the model's ``generation_config``, as ``model.generate`` takes it
@@ -212,6 +214,7 @@ def greedy_decode(program, ids: torch.Tensor, max_new_tokens: Optional[int],
                          "of one length together (or one prompt at a time)")
     _check_mask(ids, attention_mask)
     mask = padding_mask(config, ids) if attention_mask is None else attention_mask
+    ids, mask = _sequences_per_prompt(config, ids, mask)
     try:
         out = _decode(program, ids, max_new_tokens, mask, config, streamer)
     except (RingBudgetError, RingBudgetTooSmall) as exc:
@@ -223,6 +226,16 @@ def greedy_decode(program, ids: torch.Tensor, max_new_tokens: Optional[int],
     if streamer is not None:
         streamer.end()
     return out
+
+
+def _sequences_per_prompt(config, ids: torch.Tensor, mask: Optional[torch.Tensor]) -> tuple:
+    """The prompts and their mask with each row repeated ``num_return_sequences`` times in a row,
+    as ``model.generate`` expands them (``generation_settings`` allows more than one only where
+    the call samples)."""
+    repeats = getattr(config, "num_return_sequences", None) or 1
+    if repeats == 1:
+        return ids, mask
+    return ids.repeat_interleave(repeats, dim=0), None if mask is None else mask.repeat_interleave(repeats, dim=0)
 
 
 def _streamed_batch_refused(exc: Exception, batch: int) -> RingBudgetError:
@@ -298,14 +311,14 @@ def _stored_graphs(program, ids: torch.Tensor, max_new_tokens: int, mask: Option
 def builtin_decode(program, ids: torch.Tensor, max_new_tokens: int, streamer=None) -> torch.Tensor:
     """Greedy decoding of a built-in model: prefill and every step run the traced ``DecodeStep``
     graph through the program's ring (``_decode_step_graph``: reused by the later calls it
-    bounds); each token the argmax of the last position's logits (``GreedyChoice`` without
+    bounds); each token the argmax of the last position's logits (``TokenChoice`` without
     settings)."""
     model = program.context.model
     dtype = _decode_dtype(program)
     key, lowered = _decode_step_graph(program, ids, max_new_tokens)
     runtime = program.runtime(key, lowered)
     runtime.check_shapes = False         # _decode_step_graph sized every step of the call
-    choice = GreedyChoice(None, ids, torch.ones_like(ids), max_new_tokens, streamer)
+    choice = TokenChoice(None, ids, torch.ones_like(ids), max_new_tokens, streamer)
     kv, step_ids, position, tokens, steps = empty_cache(model, ids.shape[0], 0, dtype), ids, 0, [], []
     for _ in range(max_new_tokens):
         ((logits, kv), _aux), stats = runtime([step_ids, position, kv])
@@ -398,7 +411,7 @@ def cached_decode(program, ids: torch.Tensor, max_new_tokens: int, attention_mas
     if graphs is None:
         return recompute_decode(program, ids, max_new_tokens, attention_mask, config, streamer)
     key, (prefill, step) = graphs
-    choice = GreedyChoice(config, ids, mask, max_new_tokens, streamer)
+    choice = TokenChoice(config, ids, mask, max_new_tokens, streamer)
     prompt = ids.shape[1]
     logits, keys, values, stats = _cached_call(program, key + ("prefill",), prefill, (ids,), mask, prompt)
     steps, out = [stats], ids
@@ -461,7 +474,7 @@ def _cached_graphs(program, ids: torch.Tensor, mask: torch.Tensor, max_new_token
         except RingBudgetTooSmall:
             pass
     decoding["cached"] = (("cached", next(_LOWERINGS)), graphs)
-    if isinstance(refusal, RingBudgetError):       # greedy_decode decodes a batch in groups
+    if isinstance(refusal, RingBudgetError):       # decode decodes a batch in groups
         batch, prompt = ids.shape
         raise RingBudgetError(f"generate(max_new_tokens={max_new_tokens}) of {batch} prompt(s) of {prompt} tokens: "
                               f"{refusal.reason}, with the prompts' KV cache; lower max_new_tokens, pass shorter "
@@ -545,11 +558,11 @@ def recompute_decode(program, ids: torch.Tensor, max_new_tokens: int, attention_
     rounded up to a power of two (where the budget holds it), so that each step fits the
     workspace; later calls that fit it reuse it. As ``model.generate(do_sample=False)``: a padding
     mask grows by one per step, positions as transformers gives them (``generation_positions``); each
-    token is chosen by ``GreedyChoice`` (the generation settings of ``config``), a sequence that
+    token is chosen by ``TokenChoice`` (the generation settings of ``config``), a sequence that
     has produced an end-of-sequence id gets the pad id, and decoding ends once all have."""
     model = program.context.model
     graph = _recompute_graph(program, ids, max_new_tokens, attention_mask)
-    choice = GreedyChoice(config, ids, torch.ones_like(ids) if attention_mask is None else attention_mask,
+    choice = TokenChoice(config, ids, torch.ones_like(ids) if attention_mask is None else attention_mask,
                           max_new_tokens, streamer)
     steps, out, mask = [], ids, attention_mask
     for _ in range(max_new_tokens):
@@ -697,12 +710,13 @@ def eager_generate(model: Transformer, ids: torch.Tensor, max_new_tokens: int) -
 
 
 @torch.inference_mode()
-def reference_generate(model: nn.Module, ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-    """Eager greedy decoding: ``eager_generate`` for the built-in models, else the model's own
-    ``generate(do_sample=False)`` (Hugging Face)."""
+def reference_generate(model: nn.Module, ids: torch.Tensor, max_new_tokens: int, **settings: Any) -> torch.Tensor:
+    """Eager decoding: greedy by ``eager_generate`` for the built-in models, else the model's own
+    ``generate(do_sample=False, **settings)`` (Hugging Face; ``settings`` may ask for sampling)."""
     if isinstance(model, Transformer):
         return eager_generate(model, ids, max_new_tokens)
-    return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False)
+    return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                          **{"do_sample": False, **settings})
 
 
 def first_tensor(output):

@@ -1,10 +1,11 @@
-"""The generation settings ``program.generate`` decodes with, as ``model.generate(do_sample=False)``
-would: a model's ``generation_config`` merged with the call's settings (``generation_settings``),
-refused by name where they ask for more than greedy search, and applied through transformers'
-own logits processors (``GreedyChoice``).
+"""The generation settings ``program.generate`` decodes with, as ``model.generate`` would: a
+model's ``generation_config`` merged with the call's settings (``generation_settings``), refused
+by name where they ask for more than greedy search or multinomial sampling, and applied through
+transformers' own logits processors and warpers (``TokenChoice``). ``generate`` decodes greedily
+(``model.generate(do_sample=False)``) unless the call itself asks for sampling.
 
     >>> config = generation_settings(model, {"repetition_penalty": 1.2})     # doctest: +SKIP
-    >>> choice = GreedyChoice(config, ids, mask, max_new_tokens=16)
+    >>> choice = TokenChoice(config, ids, mask, max_new_tokens=16)
     >>> token = choice.next_token(sequence, logits)
 """
 
@@ -44,7 +45,6 @@ _UNSUPPORTED = (
     ("token_healing", lambda v: bool(v), "token healing needs the tokenizer"),
     ("stop_strings", lambda v: v is not None, "stopping on strings needs the tokenizer"),
     ("max_time", lambda v: v is not None, "stopping on the clock is not implemented"),
-    ("num_return_sequences", lambda v: v not in (None, 1), "greedy decoding returns one sequence per prompt"),
     ("return_dict_in_generate", lambda v: bool(v), "generate returns the token ids only"),
 )
 
@@ -69,18 +69,19 @@ _MODE_FIELDS = {"beam_search": "num_beams", "group_beam_search": "num_beams, num
 
 
 def generation_settings(model: nn.Module, overrides: dict[str, Any]):
-    """The ``GenerationConfig`` that ``model.generate(do_sample=False, **overrides)`` decodes with:
-    a ``generation_config`` passed in ``overrides`` (else an empty one), its unset fields filled
+    """The ``GenerationConfig`` that ``model.generate(**overrides)`` decodes with: a
+    ``generation_config`` passed in ``overrides`` (else an empty one), its unset fields filled
     from ``model.generation_config``, then the other ``overrides`` on top, as transformers merges
-    them. None for a model without generation settings (the built-in models), which decode plain
-    greedy.
+    them; ``do_sample`` as the call asks (``_sampling_asked``: greedy unless ``do_sample=True``
+    is passed, or a ``generation_config`` with it). None for a model without generation settings
+    (the built-in models), which decode plain greedy.
 
-    Contract: refuses (ValueError naming the field and the fix) ``do_sample=True`` passed here, a
-    name that is no GenerationConfig field, an argument of ``model.generate`` in
-    ``_GENERATE_ARGUMENTS`` (``logits_processor``, ...), a decoding mode other than greedy search
-    (``num_beams`` > 1, ...) and a setting in ``_UNSUPPORTED``; ``do_sample``
-    and the sampling settings (temperature, top_k, top_p, ...) in the model's config are ignored,
-    since ``generate`` is greedy by definition."""
+    Contract: refuses (ValueError naming the field and the fix) a name that is no GenerationConfig
+    field, an argument of ``model.generate`` in ``_GENERATE_ARGUMENTS`` (``logits_processor``, ...),
+    a decoding mode other than greedy search or sampling (``num_beams`` > 1, ...) and a setting in
+    ``_UNSUPPORTED``. ``do_sample=True`` in
+    the model's own config does not make ``generate`` sample: it is greedy unless the call asks,
+    and the sampling settings (temperature, top_k, top_p, ...) apply only to a call that samples."""
     overrides = dict(overrides)
     if isinstance(model, Transformer) and overrides:
         raise ValueError(f"generate({', '.join(f'{k}=...' for k in overrides)}): the built-in models decode "
@@ -92,33 +93,42 @@ def generation_settings(model: nn.Module, overrides: dict[str, Any]):
     if given is not None and not isinstance(given, GenerationConfig):
         raise TypeError(f"generate(generation_config=...): a transformers GenerationConfig is expected (got a "
                         f"{type(given).__name__}); pass GenerationConfig(**settings), or the settings as keywords")
-    _refuse_sampling(given, overrides)
+    sampling = _sampling_asked(given, overrides)
     config = copy.deepcopy(given) if given is not None else GenerationConfig()
     base = getattr(model, "generation_config", None)
     if base is not None:
         config.update(**base.to_dict(), defaults_only=True, allow_custom_entries=True)
+    config.update(**_sampling_defaults(), defaults_only=True)
     _refuse_generate_arguments(overrides)
     unknown = config.update(**overrides)
     if unknown:
         raise ValueError(f"generate({', '.join(f'{k}=...' for k in unknown)}): not a generation setting (a "
                          f"GenerationConfig field); program.generate takes ids, max_new_tokens, attention_mask, "
                          f"streamer and generation settings only")
-    _check_greedy(model, config, overrides, given)
+    config.do_sample = sampling
+    _check_decoding_mode(model, config, overrides, given)
     return config
 
 
-def _refuse_sampling(given, overrides: dict) -> None:
-    """Refuse sampling asked for in this call: ``do_sample=True``, or a ``generation_config``
-    passed with ``do_sample=True`` and no ``do_sample=False`` over it (``model.generate`` would
-    sample with either)."""
-    if overrides.get("do_sample"):
-        raise ValueError("generate(do_sample=True): program.generate decodes greedily (as model.generate("
-                         "do_sample=False)); drop do_sample, or sample eagerly with model.generate")
-    if given is not None and getattr(given, "do_sample", False) and "do_sample" not in overrides:
-        raise ValueError("generate(generation_config=...): the config passed has do_sample=True, which asks for "
-                         "sampling, but program.generate decodes greedily (as model.generate(do_sample=False)); pass "
-                         "do_sample=False with it (its sampling settings are then ignored), or sample eagerly with "
-                         "model.generate")
+# the warpers' settings, which transformers 5 leaves unset in a GenerationConfig and fills with its
+# global defaults (top_k 50, ...) as generate starts; older versions set them on construction
+_SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff")
+
+
+def _sampling_defaults() -> dict[str, Any]:
+    """transformers' global defaults of the warpers' settings, where it has them."""
+    from transformers import GenerationConfig
+    defaults = getattr(GenerationConfig, "_get_default_generation_params", None)
+    return {} if defaults is None else {k: v for k, v in defaults().items() if k in _SAMPLING_FIELDS}
+
+
+def _sampling_asked(given, overrides: dict) -> bool:
+    """Whether this call samples: ``do_sample`` passed to it, else that of the ``generation_config``
+    passed (``model.generate`` would sample with either); the model's own ``do_sample`` is not
+    asked for by the call, and ``generate`` stays greedy then."""
+    if "do_sample" in overrides:
+        return bool(overrides["do_sample"])
+    return bool(given is not None and getattr(given, "do_sample", False))
 
 
 def _refuse_generate_arguments(overrides: dict) -> None:
@@ -168,10 +178,15 @@ def new_token_count(model: nn.Module, config, prompt: int, max_new_tokens: Optio
     return length - prompt
 
 
-def _check_greedy(model: nn.Module, config, overrides: dict, given=None) -> None:
-    """Refuse a config whose decoding is not greedy search, or that sets a field of ``_UNSUPPORTED``,
-    naming where the field was set: ``overrides`` of the call, the ``generation_config`` passed
-    (``given``) or the model's."""
+# the decoding modes of transformers' ``GenerationMode`` that generate implements
+_DECODING_MODES = ("greedy_search", "sample")
+
+
+def _check_decoding_mode(model: nn.Module, config, overrides: dict, given=None) -> None:
+    """Refuse a config whose decoding is neither greedy search nor sampling, or that sets a field of
+    ``_UNSUPPORTED``, naming where the field was set: ``overrides`` of the call, the
+    ``generation_config`` passed (``given``) or the model's. (Several sequences per prompt without
+    sampling are refused by transformers' own validation as the settings merge.)"""
     def source(fields: str) -> str:
         names = [field.strip() for field in fields.split(",")]
         if any(name in overrides for name in names):
@@ -179,14 +194,12 @@ def _check_greedy(model: nn.Module, config, overrides: dict, given=None) -> None
         if given is not None and any(name in given.to_diff_dict() for name in names):
             return "in the generation_config passed to generate"
         return f"{type(model).__name__}.generation_config"
-    greedy = copy.copy(config)
-    greedy.do_sample = False                       # generate is model.generate(do_sample=False)
-    mode = greedy.get_generation_mode().value
-    if mode != "greedy_search":
+    mode = config.get_generation_mode().value
+    if mode not in _DECODING_MODES:
         fields = _MODE_FIELDS.get(mode, mode)
         raise ValueError(f"generate: {fields} ({source(fields)}) asks for {mode.replace('_', ' ')}, but "
-                         f"program.generate decodes greedily; unset {fields} (pass num_beams=1, the others None, "
-                         f"to generate or on model.generation_config), or decode eagerly with model.generate")
+                         f"program.generate decodes greedily or samples; unset {fields} (pass num_beams=1, the others "
+                         f"None, to generate or on model.generation_config), or decode eagerly with model.generate")
     for field, is_set, why in _UNSUPPORTED:
         value = getattr(config, field, None)
         if is_set(value):
@@ -196,9 +209,10 @@ def _check_greedy(model: nn.Module, config, overrides: dict, given=None) -> None
 
 
 def logits_processors(config, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int) -> list:
-    """The logits processors ``model.generate(do_sample=False)`` builds from ``config`` for the
-    prompts ``ids`` (``mask``: their padding), in its order, each transformers' own class; they
-    take the sequence so far (prompt included) and the last position's logits."""
+    """The logits processors ``model.generate`` builds from ``config`` for the prompts ``ids``
+    (``mask``: their padding), in its order, each transformers' own class, then its warpers where
+    ``config`` samples (``sampling_warpers``); they take the sequence so far (prompt included) and
+    the last position's logits."""
     import transformers as tf
     prompt, device = ids.shape[1], ids.device
     eos = stop_ids(config)[0]
@@ -228,22 +242,47 @@ def logits_processors(config, ids: torch.Tensor, mask: torch.Tensor, max_new_tok
          lambda: tf.SuppressTokensLogitsProcessor(config.suppress_tokens, device=device)),
         (config.begin_suppress_tokens is not None,
          lambda: tf.SuppressTokensAtBeginLogitsProcessor(config.begin_suppress_tokens, begin, device=device)),
-    ]                                   # renormalize_logits (a log-softmax last) keeps the argmax
+    ]
+    warpers = sampling_warpers(config) if config.do_sample else []
+    return [make() for applies, make in rules if applies] + warpers   # renormalize_logits (a log-softmax
+    # last) changes neither the argmax nor the softmax that sampling draws from
+
+
+def sampling_warpers(config) -> list:
+    """The warpers ``model.generate(do_sample=True)`` appends after its processors for one sequence
+    per beam (``min_tokens_to_keep`` 1), in its order; ``top_h`` where this transformers has it."""
+    import transformers as tf
+    top_h = getattr(config, "top_h", None)
+    rules = [
+        (config.temperature not in (None, 1.0), lambda: tf.TemperatureLogitsWarper(config.temperature)),
+        (top_h is not None, lambda: tf.TopHLogitsWarper(top_h=top_h)),
+        (config.top_k not in (None, 0), lambda: tf.TopKLogitsWarper(top_k=config.top_k)),
+        (config.top_p is not None and config.top_p < 1.0, lambda: tf.TopPLogitsWarper(top_p=config.top_p)),
+        (config.min_p is not None, lambda: tf.MinPLogitsWarper(min_p=config.min_p)),
+        (config.typical_p is not None and config.typical_p < 1.0, lambda: tf.TypicalLogitsWarper(mass=config.typical_p)),
+        (config.epsilon_cutoff is not None and 0.0 < config.epsilon_cutoff < 1.0,
+         lambda: tf.EpsilonLogitsWarper(epsilon=config.epsilon_cutoff)),
+        (config.eta_cutoff is not None and 0.0 < config.eta_cutoff < 1.0,
+         lambda: tf.EtaLogitsWarper(epsilon=config.eta_cutoff)),
+    ]
     return [make() for applies, make in rules if applies]
 
 
-class GreedyChoice:
-    """Choice and stopping as in ``model.generate(do_sample=False)``: the last position's logits, in
-    float32, through the logits processors of the generation settings ``config`` (None: none)
-    with the sequence so far, then the argmax; a sequence that has produced an end-of-sequence id
-    gets the pad id from then on; decoding ends once all have. ``ids``, ``mask``: the prompts and
-    their padding (``mask`` all ones where there is none). ``streamer`` (transformers'
-    ``BaseStreamer``, e.g. ``TextStreamer``): given the prompts now and each chosen token, on the
-    CPU, as ``model.generate`` gives them; its ``end()`` is the caller's."""
+class TokenChoice:
+    """Choice and stopping as in ``model.generate``: the last position's logits, in float32,
+    through the logits processors of the generation settings ``config`` (None: none) with the
+    sequence so far, then the argmax, or where ``config`` samples, one draw from their softmax
+    (``torch.multinomial`` on the global generator, for every sequence at each step, as
+    transformers draws); a sequence that has produced an end-of-sequence id gets the pad id from
+    then on; decoding ends once all have. ``ids``, ``mask``: the prompts and their padding
+    (``mask`` all ones where there is none). ``streamer`` (transformers' ``BaseStreamer``, e.g.
+    ``TextStreamer``): given the prompts now and each chosen token, on the CPU, as
+    ``model.generate`` gives them; its ``end()`` is the caller's."""
 
     def __init__(self, config, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, streamer=None):
         self.eos, self.pad = stop_ids(config)
         self.processors = [] if config is None else logits_processors(config, ids, mask, max_new_tokens)
+        self.sampling = config is not None and bool(config.do_sample)
         self.done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
         self.streamer = streamer
         if streamer is not None:
@@ -253,7 +292,10 @@ class GreedyChoice:
         scores = logits[:, -1].to(dtype=torch.float32, device=sequence.device)
         for processor in self.processors:
             scores = processor(sequence, scores)
-        token = scores.argmax(-1)
+        if self.sampling:
+            token = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+        else:
+            token = scores.argmax(-1)
         if self.eos:
             token = torch.where(self.done, torch.tensor(self.pad, device=token.device), token)
             self.done |= torch.isin(token, torch.tensor(self.eos, device=token.device))

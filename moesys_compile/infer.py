@@ -65,9 +65,10 @@ def print_stats(stats: dict, title: str) -> None:
 
 
 def run_ring(model: nn.Module, ids: torch.Tensor, plan: Plan, max_new_tokens: int = 0,
-             reference: Optional[nn.Module] = None) -> dict:
-    """Compile ``model`` for the ring, run one forward (and greedy decoding); print and return stats,
-    compared with the eager ``reference`` when one is given."""
+             reference: Optional[nn.Module] = None, sampling: Optional[dict] = None, seed: int = 0) -> dict:
+    """Compile ``model`` for the ring, run one forward (and decoding: greedy, or with the
+    ``sampling`` settings after ``torch.manual_seed(seed)``); print and return stats, compared
+    with the eager ``reference`` (decoding from the same seed) when one is given."""
     from .api import compile
     program = compile(model, plan, example_inputs=(ids,))
     logits = first_tensor(program(ids))
@@ -80,15 +81,19 @@ def run_ring(model: nn.Module, ids: torch.Tensor, plan: Plan, max_new_tokens: in
         print(f"  max |ring - eager| = {error:.2e}")
     if max_new_tokens and (isinstance(model, Transformer) or callable(getattr(model, "generate", None))):
         typed = {} if isinstance(model, Transformer) else {"attention_mask": torch.ones_like(ids)}  # no padding
-        generated = program.generate(ids, max_new_tokens, **typed)
+        settings = sampling or {}
+        torch.manual_seed(seed)
+        generated = program.generate(ids, max_new_tokens, **typed, **settings)
         report["generate"] = dict(program.stats)
         report["tokens"] = generated[:, ids.shape[1]:].tolist()
-        print_stats(program.stats, f"greedy generate, {max_new_tokens} new tokens:")
+        how = f"sampling (seed {seed})" if settings else "greedy decoding"
+        print_stats(program.stats, f"generate by {how}, {max_new_tokens} new tokens:")
         print(f"  new tokens: {report['tokens']}")
         if reference is not None:
-            same = torch.equal(generated.cpu(), reference_generate(reference, ids, max_new_tokens))
+            torch.manual_seed(seed)
+            same = torch.equal(generated.cpu(), reference_generate(reference, ids, max_new_tokens, **settings))
             report["generate_equals_eager"] = same
-            print(f"  equal to eager greedy decoding: {same}")
+            print(f"  equal to eager {how}: {same}")
     elif max_new_tokens:
         print(f"  greedy decoding runs on the built-in models and models with a generate method (Hugging Face); "
               f"{type(model).__name__} ran one forward")
@@ -117,8 +122,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", metavar="DIR", help="Hugging Face tokenizer directory for --prompt "
                                                       "(default: MODEL's or --checkpoint's directory)")
     p.add_argument("--max-new-tokens", type=int, default=8,
-                   help="greedy tokens to generate with a KV cache (0: forward only); a Hugging Face model "
+                   help="tokens to generate with a KV cache (0: forward only); a Hugging Face model "
                         "whose cache cannot be captured recomputes the sequence each step, with a warning")
+    sample = p.add_argument_group("sampling (Hugging Face models; default: greedy decoding)")
+    sample.add_argument("--do-sample", action="store_true", help="sample the new tokens, as model.generate("
+                                                                 "do_sample=True) with the model's generation_config")
+    sample.add_argument("--temperature", type=float, help="sampling temperature (over the model's)")
+    sample.add_argument("--top-k", type=int, help="sample among the k likeliest tokens (over the model's; 0: all)")
+    sample.add_argument("--top-p", type=float, help="sample among the likeliest tokens whose probabilities add up "
+                                                    "to p (over the model's)")
+    sample.add_argument("--seed", type=int, default=0, help="torch.manual_seed before sampling (default 0)")
     p.add_argument("--no-compare", action="store_true", help="skip the eager comparison (it needs host memory)")
     p.add_argument("--json", help="write the stats to this file")
     return p
@@ -171,6 +184,20 @@ def prompt_of(args, model: nn.Module, example_inputs):
     return example_inputs(1, 16)[0], None
 
 
+def sampling_settings(args, parser: argparse.ArgumentParser) -> Optional[dict]:
+    """The generation settings of ``--do-sample`` and its options (None: greedy decoding);
+    a sampling option without ``--do-sample`` is refused, since greedy decoding ignores it."""
+    chosen = {name: getattr(args, name) for name in ("temperature", "top_k", "top_p")
+              if getattr(args, name) is not None}
+    if not args.do_sample:
+        if chosen:
+            flags = ", ".join("--" + name.replace("_", "-") for name in chosen)
+            parser.error(f"the sampling options ({flags}) apply only with --do-sample: add it (without it, "
+                         f"decoding is greedy)")
+        return None
+    return {"do_sample": True, **chosen}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from .models.hf import overrides_blamed
     from .models.spec import load_model, model_and_overrides
@@ -178,6 +205,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     if args.max_new_tokens < 0:
         parser.error(f"--max-new-tokens ({args.max_new_tokens}) must be >= 0 (0: forward only)")
+    sampling = sampling_settings(args, parser)
     try:
         model, overrides = model_and_overrides(args.model, args.config)
         if model is None:
@@ -190,6 +218,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         torch.manual_seed(0)      # fresh weights are the same on every run (hf:<family> seeds its own)
         loaded = load_model(model, overrides, weights=checkpoint is None)
         loaded.model.eval()
+        if sampling and isinstance(loaded.model, Transformer):
+            raise ValueError(f"--do-sample: the built-in model {model} decodes greedily only; sample with a "
+                             f"Hugging Face model (hf:<family> or a model directory), or drop --do-sample")
         ids, tokenizer = prompt_of(args, loaded.model, loaded.example_inputs)
         reference = None if args.no_compare else eager_reference(model, overrides, args.checkpoint, loaded.model)
         with tempfile.TemporaryDirectory(prefix="moesys-ring-") as scratch:
@@ -199,7 +230,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"{loaded.description}: {format_bytes(model_bytes(loaded.model))} of weights, budget "
                   f"{format_bytes(plan.device_budget)}, tier {plan.weights}")
             with overrides_blamed(checkpoint, overrides):
-                report = run_ring(loaded.model, ids, plan, args.max_new_tokens, reference)
+                report = run_ring(loaded.model, ids, plan, args.max_new_tokens, reference, sampling, args.seed)
         if tokenizer is not None and "tokens" in report:
             report["text"] = tokenizer.decode(report["tokens"][0], skip_special_tokens=True)
             print(f"  new text: {report['text']!r}")

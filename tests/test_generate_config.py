@@ -109,7 +109,6 @@ def test_sampling_settings_in_the_config_decode_greedily_as_do_sample_false(llam
     ("config", {"guidance_scale": 2.0}, "guidance_scale"),
     ("config", {"max_time": 5.0}, "max_time"),
     ("call", {"num_beams": 2}, "num_beams"),
-    ("call", {"do_sample": True}, "do_sample"),
     ("call", {"num_return_sequences": 2}, "num_return_sequences"),
     ("call", {"max_length": 20}, "max_new_tokens"),
     ("call", {"token_type_ids": 1}, "token_type_ids"),

@@ -128,21 +128,6 @@ def test_a_streamed_batch_the_budget_cannot_hold_at_once_is_refused_with_the_rea
     program.close()
 
 
-def test_a_generation_config_passed_with_do_sample_is_refused_unless_do_sample_false_goes_with_it(qwen3):
-    """It decoded greedily without a word, where ``model.generate`` samples; ``do_sample=False``
-    with it decodes greedily, as ``model.generate`` does then."""
-    from transformers import GenerationConfig
-    model, program = qwen3
-    ids, config = ids_of(8), GenerationConfig(do_sample=True, top_k=5, max_new_tokens=4, eos_token_id=None,
-                                               pad_token_id=0)
-    with pytest.raises(ValueError, match="generation_config=...\\): the config passed has do_sample=True.*pass "
-                                         "do_sample=False with it"):
-        program.generate(ids, generation_config=config)
-    with torch.inference_mode():
-        want = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config, do_sample=False)
-    assert torch.equal(program.generate(ids, generation_config=config, do_sample=False), want)
-
-
 def test_a_decoding_mode_of_the_generation_config_passed_is_blamed_on_it(qwen3):
     """Not on the model's generation_config, which does not set it."""
     from transformers import GenerationConfig

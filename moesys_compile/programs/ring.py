@@ -509,18 +509,19 @@ class RingProgram(Program):
                  attention_mask: Optional[torch.Tensor] = None, *, input_ids: Optional[torch.Tensor] = None,
                  **generation_settings: Any) -> torch.Tensor:
         """Greedy decoding, every step through the ring; returns prompt + new tokens, as
-        ``model.generate(ids, max_new_tokens=n, do_sample=False)`` (see ``generate.greedy_decode``).
+        ``model.generate(ids, max_new_tokens=n, do_sample=False)`` (see ``generate.decode``); a
+        Hugging Face model's call with ``do_sample=True`` samples instead, as ``model.generate``
+        does with it (``torch.manual_seed`` before both gives the same tokens).
         The prompts may be passed as ``input_ids=``; without ``max_new_tokens``, ``max_length`` or
         the model's ``generation_config`` bounds the length, as in ``model.generate``.
         ``attention_mask``: for padded prompts of Hugging Face models; ``generation_settings``: their
         ``GenerationConfig`` fields (``eos_token_id=2``, ``repetition_penalty=1.2``, ... or
         ``generation_config=``) over the model's ``generation_config``, as ``model.generate`` takes
         them."""
-        from ..generate import greedy_decode, prompt_ids
+        from ..generate import decode, prompt_ids
         with self._lock:
             self._check_weights_unchanged()
-            return greedy_decode(self, prompt_ids(ids, input_ids), max_new_tokens, attention_mask,
-                                 **generation_settings)
+            return decode(self, prompt_ids(ids, input_ids), max_new_tokens, attention_mask, **generation_settings)
 
     def close(self) -> None:
         """Release the slots, the copy threads and the offload files (the weights stay mapped until
