@@ -52,6 +52,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..errors import MoesysError
+from .storage import FileSpan
 
 META, PLAN, DENSE = "meta.json", "plan.yaml", "dense.safetensors"
 LATEST = "latest"    # in a training run's checkpoint root: the name of its newest step directory
@@ -438,6 +439,26 @@ def _shard_rows(file: Path, name: str, stored: str, shard: dict, start: int, end
             raise _damaged(file, f"holds {rows} rows of '{stored}' for {experts} experts")
         per = rows // experts
         return part[(start - shard["lo"]) * per: (end - shard["lo"]) * per]
+
+
+def shard_span(path: Path, meta: dict, name: str, rows: Optional[tuple[int, int]] = None) -> Optional[FileSpan]:
+    """Where ``read_dim0(path, meta, name, rows)`` lies unconverted: rows of tensor ``name`` in
+    the one shard file that holds them all (its recorded experts checked, as reading checks them);
+    None where they lie in two."""
+    entry = _entry(path, meta, name)
+    if entry.get("expert") is not None:           # a per-expert parameter: whole in its file
+        shard = entry["shards"][0]
+    else:
+        per = rows_per_expert(path, meta, name)
+        lo, hi = rows or (0, entry["num_experts"] * per)
+        shard = next((s for s in entry["shards"] if s["lo"] * per <= lo and hi <= s["hi"] * per), None)
+        if shard is None:
+            return None
+        rows = (lo - shard["lo"] * per, hi - shard["lo"] * per)      # rows of the shard's part
+    file = path / shard["file"]
+    with _open_shard(file, name, shard) as f:
+        _stored(f, file, name)
+    return FileSpan(file, name, rows)
 
 
 def rows_per_expert(path: Path, meta: dict, name: str) -> int:

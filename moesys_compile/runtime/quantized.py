@@ -21,6 +21,8 @@ from typing import Callable, Optional
 
 import torch
 
+from .storage import span_of, with_spans
+
 Reader = Callable[..., torch.Tensor]        # (name, rows=None): rows (lo, hi) of dim 0, as in runtime.sources
 
 FP8_SCALE = ".weight_scale_inv"
@@ -89,6 +91,9 @@ def dequantizing_reader(present: set[str], read: Reader, block: tuple[int, int],
             return values
         return read(name, rows)
 
+    def span(name: str, rows: Optional[tuple[int, int]] = None):
+        return None if name in fp8 or name in mxfp4 else span_of(read, name, rows)
+
     consumed = {name[:-len(".weight")] + FP8_SCALE for name in fp8} | {
         name + suffix for name in mxfp4 for suffix in (MXFP4_BLOCKS, MXFP4_SCALES)}
-    return (present - consumed) | mxfp4, read_dequantized
+    return (present - consumed) | mxfp4, with_spans(read_dequantized, span)

@@ -25,16 +25,23 @@ other rows. ``runtime.storage`` stages what a source gives into a tier.
                                            naming it; checkpoint tensors the model does not
                                            hold are named in one warning
     sliced(source)                         also serves ``name[lo:hi]``
+
+A checkpoint source also tells where a tensor lies unconverted in a safetensors file
+(``storage.span_of``: a ``FileSpan`` with the model's dtype and shape, for the disk tier to read
+it in place); a tensor that is dequantized, converted from the hub layout, cast or taken from the
+model has none.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
 import json
 import pickle
 import re
 from pathlib import Path
+from typing import Optional
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -42,7 +49,7 @@ from torch import nn
 
 from ..errors import warn_user
 from .quantized import dequantizing_reader, fp8_block_size
-from .storage import OFFLOAD_FILE, Rows, Source, StorageError, slice_key
+from .storage import OFFLOAD_FILE, FileSpan, Rows, Source, StorageError, slice_key, span_of, with_spans
 
 
 def row_range(tensor: torch.Tensor, rows: Rows) -> torch.Tensor:
@@ -161,7 +168,11 @@ def _read_hf(files: dict[str, Path]) -> Source:
             return _safetensors_rows(opened[file], name, rows)
         except (KeyError, SafetensorError) as exc:      # the index names a tensor the file lacks
             raise _damaged(file, f"cannot give tensor '{name}' ({type(exc).__name__}: {exc})") from None
-    return read
+
+    def span(name: str, rows: Rows = None) -> Optional[FileSpan]:
+        file = files.get(name)
+        return FileSpan(file, name, rows) if file is not None and file.suffix == ".safetensors" else None
+    return with_spans(read, span)
 
 
 # a training program's own module: ``program.state_dict()`` holds the model's names under it
@@ -182,7 +193,10 @@ def _program_state(root: Path, files: dict[str, Path], read: Source) -> tuple[di
 
     def read_own(name: str, rows: Rows = None) -> torch.Tensor:
         return read(PROGRAM_PREFIX + name, rows)
-    return own, read_own
+
+    def span(name: str, rows: Rows = None) -> Optional[FileSpan]:
+        return span_of(read, PROGRAM_PREFIX + name, rows)
+    return own, with_spans(read_own, span)
 
 
 @contextlib.contextmanager
@@ -214,7 +228,15 @@ def _project_reader(directory: Path) -> tuple[set[str], Source]:
                 return checkpoint.read_dim0(path, meta, name, rows)
             with checkpoint.open_file(path / checkpoint.DENSE) as f:
                 return _safetensors_rows(f, name, rows)
-    return dense | set(experts) | set(aliases), read
+
+    def span(name: str, rows: Rows = None) -> Optional[FileSpan]:
+        name = aliases.get(name, name)
+        if name in dense:
+            return FileSpan(path / checkpoint.DENSE, name, rows)
+        with contextlib.suppress(checkpoint.CheckpointError, KeyError, TypeError):
+            return checkpoint.shard_span(path, meta, name, rows)
+        return None
+    return dense | set(experts) | set(aliases), with_spans(read, span)
 
 
 def checkpoint_source(directory: str, model: nn.Module) -> Source:
@@ -246,7 +268,17 @@ def checkpoint_source(directory: str, model: nn.Module) -> Source:
         if name not in state:
             return fallback(name, rows)     # a non-persistent buffer: checkpoints never hold it
         raise missing_tensor(root, name, aliases.get(name, [name]), present, model)
-    return read
+
+    def span(name: str, rows: Rows = None) -> Optional[FileSpan]:
+        """Where ``read`` would read ``name`` unconverted, with the model's dtype and shape (the
+        disk tier checks the file's header against them, so a cast or a misfit is staged)."""
+        candidate = next((c for c in aliases.get(name, [name]) if c in present), None)
+        found = None if candidate is None else span_of(read_one, candidate, rows)
+        if found is None:
+            return None
+        like = fallback(name, rows)
+        return dataclasses.replace(found, dtype=like.dtype, shape=tuple(like.shape))
+    return with_spans(read, span)
 
 
 def _fitted(root: Path, name: str, tensor: torch.Tensor, like: torch.Tensor, model: nn.Module) -> torch.Tensor:
@@ -270,7 +302,10 @@ def _with_hub_layout(model: nn.Module, root: Path, present: set[str], read_file:
 
     def read(name: str, rows: Rows = None) -> torch.Tensor:
         return converted[name](rows) if name in converted else read_file(name, rows)
-    return present | set(converted), read, converted_from
+
+    def span(name: str, rows: Rows = None) -> Optional[FileSpan]:
+        return None if name in converted else span_of(read_file, name, rows)
+    return present | set(converted), with_spans(read, span), converted_from
 
 
 # the unused-tensor warnings given in this process: compile (its probe and the ring) and the CLI's
@@ -320,4 +355,8 @@ def sliced(source: Source) -> Source:
     def read(key: str) -> torch.Tensor:
         rows = slice_key(key)
         return source(rows[0], rows[1:]) if rows else source(key)
-    return read
+
+    def span(key: str, _rows: Rows = None) -> Optional[FileSpan]:
+        rows = slice_key(key)
+        return span_of(source, rows[0], rows[1:]) if rows else span_of(source, key)
+    return with_spans(read, span)

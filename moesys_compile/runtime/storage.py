@@ -3,14 +3,18 @@
     host   host memory: on a CUDA device one pinned buffer per section group; on the CPU the
            tensors as the source gives them (a model's own, where no cast or copy is needed)
     disk   one safetensors file per section group under ``offload_dir``, read through ``mmap``
-           (``ring-<store token>-<group>.safetensors``, removed when the store is collected)
+           (``ring-<store token>-<group>.safetensors``, removed when the store is collected);
+           a tensor that a checkpoint's safetensors file stores as the ring needs it (the
+           source's ``FileSpan``: same dtype and shape, rows contiguous, aligned) is read from
+           that file in place instead, and never written
 
 Either way a tensor is a ``Location``: a byte range of a CPU uint8 buffer (the packed buffer, or
 the file's mapping) that the ring copies into a device slot. Nothing here ever holds the whole
 model at once: staging reads one group from the source, writes it to its tier and lets it go.
 
 Tensors come from a source (``runtime.sources``: the model itself, or a checkpoint directory),
-``source(name, rows=None)`` -> CPU tensor.
+``source(name, rows=None)`` -> CPU tensor; a source may also tell where a tensor lies in a file
+(``source.span(key)`` -> ``FileSpan`` or None, see ``span_of``).
 """
 
 from __future__ import annotations
@@ -54,21 +58,65 @@ class StorageError(MoesysError):
 
 @dataclass(eq=False)
 class MappedFile:
-    """An offload file as it was when mapped. Reading a mapping past the end of a file truncated
-    since kills the process (SIGBUS), so the copy thread calls ``check`` before it reads."""
+    """An offload file (or a checkpoint file read in place: ``checkpoint``) as it was when mapped.
+    Reading a mapping past the end of a file truncated since kills the process (SIGBUS), and one
+    written again in place would change the weights under the program, so the copy thread calls
+    ``check`` before it reads. A file deleted, or replaced by a new one (a rename, as atomic saves
+    do), leaves the mapping its data."""
     path: Path
     inode: int
     nbytes: int
+    mtime_ns: int
+    checkpoint: bool = False
+
+    @classmethod
+    def of(cls, path: Path, nbytes: int, checkpoint: bool = False) -> "MappedFile":
+        now = os.stat(path)
+        return cls(path, now.st_ino, nbytes, now.st_mtime_ns, checkpoint)
 
     def check(self) -> None:
         try:
             now = os.stat(self.path)
         except FileNotFoundError:
             return                      # unlinked: the mapping still holds the data
-        if now.st_ino == self.inode and now.st_size < self.nbytes:
-            raise StorageError(f"offload file {str(self.path)!r} was truncated to {now.st_size} bytes (it had "
-                               f"{self.nbytes}) while a ring program maps it; leave the files under "
-                               f"Plan.offload_dir alone while a program is alive, and compile the program again")
+        if now.st_ino != self.inode:
+            return                      # replaced: the mapping still holds the old file's data
+        if now.st_size < self.nbytes:
+            change = f"was truncated to {now.st_size} bytes (it had {self.nbytes})"
+        elif now.st_mtime_ns != self.mtime_ns:
+            change = "was written again"
+        else:
+            return
+        what, field = ("checkpoint file", "Plan.weights_checkpoint (save a new checkpoint to another directory)"
+                       ) if self.checkpoint else ("offload file", "Plan.offload_dir")
+        raise StorageError(f"{what} {str(self.path)!r} {change} while a ring program maps it; leave the files "
+                           f"under {field} alone while a program is alive, and compile the program again")
+
+
+@dataclass(frozen=True)
+class FileSpan:
+    """Where a source's tensor lies, unconverted: rows ``rows`` of dim 0 (None: all) of tensor
+    ``key`` of the safetensors file ``path``; ``dtype`` and ``shape`` are those of the tensor the
+    source gives (None where the part of the source that found the span does not know them: the
+    disk tier maps only a span that states both, and only where the file's header agrees)."""
+    path: Path
+    key: str
+    rows: Rows = None
+    dtype: Optional[torch.dtype] = None
+    shape: Optional[tuple[int, ...]] = None
+
+
+def span_of(source: Source, key: str, rows: Rows = None) -> Optional[FileSpan]:
+    """``source``'s ``FileSpan`` for ``key`` (and ``rows``, for a source taking them); None where it
+    has none or cannot tell."""
+    find = getattr(source, "span", None)
+    return None if find is None else find(key, rows)
+
+
+def with_spans(read: Source, span: Callable[..., Optional[FileSpan]]) -> Source:
+    """``read`` that also answers ``span_of``."""
+    read.span = span
+    return read
 
 
 @dataclass
@@ -100,6 +148,8 @@ class WeightStore:
         self.token = uuid.uuid4().hex[:8]    # file names of this store: never reuse a mapped file
         self._rows: dict[str, list[tuple[int, int, Location]]] = {}   # name -> (lo, hi, location) stored
         self._stored_bytes = 0
+        self.in_place_bytes = 0        # disk tier: bytes read from a checkpoint's files, not written
+        self._mapped: dict[Path, Optional[tuple]] = {}     # checkpoint file -> map_safetensors + MappedFile
         weakref.finalize(self, _remove, self.files)
 
     def __contains__(self, name: str) -> bool:
@@ -130,6 +180,8 @@ class WeightStore:
                 fresh.append(name)
             else:
                 self.locations[name] = within
+        if self.tier == "disk":
+            fresh = [name for name in fresh if not self._read_in_place(name, source, dtype)]
         if not fresh:
             return
         tensors = {name: _prepare(source(name), dtype) for name in fresh}
@@ -141,11 +193,33 @@ class WeightStore:
             _stage_host(self, tensors, pin)
         self._groups += 1
         for name in fresh:
-            held = self.locations[name]
-            self._stored_bytes += held.nbytes
-            base, lo, hi = slice_key(name) or (name, 0, held.shape[0] if held.shape else 0)
-            if hi > lo:
-                self._rows.setdefault(base, []).append((lo, hi, held))
+            self._stored_bytes += self.locations[name].nbytes
+            self._record_rows(name)
+
+    def _record_rows(self, name: str) -> None:
+        """Remember the rows that ``name``'s location holds, for ``_within_stored``."""
+        held = self.locations[name]
+        base, lo, hi = slice_key(name) or (name, 0, held.shape[0] if held.shape else 0)
+        if hi > lo:
+            self._rows.setdefault(base, []).append((lo, hi, held))
+
+    def _read_in_place(self, name: str, source: Source, dtype: Optional[torch.dtype]) -> bool:
+        """Locate ``name`` in the checkpoint file that ``source`` reads it from, where the file
+        stores it as the ring needs it (``_span_location``); False (stage it) otherwise."""
+        span = span_of(source, name)
+        if span is None or span.dtype is None or span.shape is None:
+            return False
+        if dtype is not None and span.dtype.is_floating_point and span.dtype != dtype:
+            return False                # the plan's dtype: converted, so written
+        if span.path not in self._mapped:
+            self._mapped[span.path] = _map_checkpoint_file(span.path)
+        location = _span_location(self._mapped[span.path], span)
+        if location is None:
+            return False
+        self.locations[name] = location
+        self.in_place_bytes += location.nbytes
+        self._record_rows(name)
+        return True
 
     def _within_stored(self, key: str, dtype: Optional[torch.dtype]) -> Optional[Location]:
         """Where rows ``key`` (``name[lo:hi]``) lie inside a stored tensor of ``name`` (in
@@ -205,8 +279,24 @@ def _stage_host(store: WeightStore, tensors: dict[str, torch.Tensor], pin: bool)
     store._keepalive.append(buffer)
 
 
-def map_safetensors(path: Path) -> tuple[torch.Tensor, dict[str, tuple[int, int]], mmap.mmap]:
-    """Map a safetensors file; return its bytes (uint8 view of the mapping) and name -> (offset, nbytes)."""
+@dataclass(frozen=True)
+class StoredTensor:
+    """A tensor in a mapped safetensors file: ``nbytes`` at byte ``offset`` of the mapping, as its
+    header records it (``dtype`` None: a dtype torch cannot view bytes as here)."""
+    offset: int
+    nbytes: int
+    dtype: Optional[torch.dtype]
+    shape: tuple[int, ...]
+
+
+# safetensors' dtype names
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def map_safetensors(path: Path) -> tuple[torch.Tensor, dict[str, StoredTensor], mmap.mmap]:
+    """Map a safetensors file; return its bytes (uint8 view of the mapping) and its tensors by name."""
     with open(path, "rb") as f:
         mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     (header_len,) = struct.unpack("<Q", mapping[:8])
@@ -215,9 +305,39 @@ def map_safetensors(path: Path) -> tuple[torch.Tensor, dict[str, tuple[int, int]
     with warnings.catch_warnings():   # read-only mapping: the ring only ever reads it
         warnings.simplefilter("ignore", UserWarning)
         data = torch.frombuffer(mapping, dtype=torch.uint8)
-    spans = {name: (start + entry["data_offsets"][0], entry["data_offsets"][1] - entry["data_offsets"][0])
-             for name, entry in header.items() if name != "__metadata__"}
-    return data, spans, mapping
+    tensors = {name: StoredTensor(start + entry["data_offsets"][0], entry["data_offsets"][1] - entry["data_offsets"][0],
+                                  SAFETENSORS_DTYPES.get(entry["dtype"]), tuple(entry["shape"]))
+               for name, entry in header.items() if name != "__metadata__"}
+    return data, tensors, mapping
+
+
+def _map_checkpoint_file(path: Path) -> Optional[tuple]:
+    """(bytes, tensors, mapping, MappedFile) of a checkpoint's safetensors file; None where it
+    cannot be mapped (its source then reads the tensors, and names a damaged file)."""
+    try:
+        data, tensors, mapping = map_safetensors(path)
+        return data, tensors, mapping, MappedFile.of(path, len(mapping), checkpoint=True)
+    except (OSError, ValueError, KeyError, TypeError, struct.error, RuntimeError):
+        return None
+
+
+def _span_location(mapped: Optional[tuple], span: FileSpan) -> Optional[Location]:
+    """The bytes of ``span`` in its mapped file, where the file's header agrees with the span's
+    dtype and shape and the rows start at a multiple of the element size; else None."""
+    if mapped is None:
+        return None
+    data, tensors, _, file = mapped
+    stored = tensors.get(span.key)
+    if stored is None or stored.dtype != span.dtype or not stored.shape:
+        return None
+    lo, hi = span.rows or (0, stored.shape[0])
+    if not 0 <= lo <= hi <= stored.shape[0] or (hi - lo, *stored.shape[1:]) != tuple(span.shape):
+        return None
+    row_bytes = stored.nbytes // stored.shape[0] if stored.shape[0] else 0
+    offset = stored.offset + lo * row_bytes
+    if offset % span.dtype.itemsize or offset + (hi - lo) * row_bytes > stored.offset + stored.nbytes:
+        return None
+    return Location(data, offset, (hi - lo) * row_bytes, span.dtype, tuple(span.shape), file)
 
 
 def _stage_disk(store: WeightStore, tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -226,11 +346,10 @@ def _stage_disk(store: WeightStore, tensors: dict[str, torch.Tensor], path: Path
     except (OSError, SafetensorError) as exc:       # safetensors reports a full disk as a SafetensorError
         raise StorageError(f"cannot write the offload file {str(path)!r} ({exc}); set Plan.offload_dir to a "
                            f"writable directory with room for the model's weights") from exc
-    data, spans, mapping = map_safetensors(path)
-    file = MappedFile(path, os.stat(path).st_ino, len(mapping))
+    data, stored, mapping = map_safetensors(path)
+    file = MappedFile.of(path, len(mapping))
     for name, t in tensors.items():
-        offset, nbytes = spans[name]
-        store.locations[name] = Location(data, offset, nbytes, t.dtype, tuple(t.shape), file)
+        store.locations[name] = Location(data, stored[name].offset, stored[name].nbytes, t.dtype, tuple(t.shape), file)
     store._keepalive.append(mapping)
 
 
