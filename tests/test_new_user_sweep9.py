@@ -5,6 +5,8 @@
   next forward failed inside the experts kernel, telling the user to cast the expert weights they
   had just cast. The shards now view the model's cast rows at the next forward, as the dense
   parameters (shared with the model) follow the cast at once and as at expert_parallel=1.
+- ``moesys-compile train --lr inf`` was accepted and trained every weight to NaN (``--lr nan`` and
+  negative rates were refused); it is refused now, before the model is built.
 """
 
 from __future__ import annotations
@@ -13,14 +15,17 @@ import copy
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 import moesys_compile as mc
+from moesys_compile import train
 
 sys.path.insert(0, str(Path(__file__).parent))
 from dist_utils import run_ranks  # noqa: E402
 
+TRAIN = ["--model", "tiny-moe", "--override", "n_layers=1", "--batch-size", "2", "--seq-len", "8", "--log-every", "0"]
 CONFIG = dict(vocab_size=64, dim=16, n_layers=2, n_heads=2, ffn_dim=24, num_experts=4, top_k=2, moe_ffn_dim=12)
 
 
@@ -81,3 +86,20 @@ def test_casting_the_model_after_compile_reaches_the_expert_shards():
         for loss, reference_loss in losses:
             assert abs(loss - reference_loss) < 5e-3
         assert worst < 2e-2
+
+
+@pytest.fixture
+def no_launch(monkeypatch):
+    """``train.main`` in this process as rank 0 of one; launching ranks fails the test."""
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setattr(train, "launch", lambda *a, **k: pytest.fail("ranks were launched"))
+
+
+def _train_error(capsys, argv: list[str]) -> str:
+    assert train.main(argv) == 2
+    return capsys.readouterr().err
+
+
+def test_train_refuses_an_infinite_learning_rate_before_any_step(no_launch, monkeypatch, capsys):
+    monkeypatch.setattr(train, "load_model", lambda *a, **k: pytest.fail("the model was built before the check"))
+    assert "--lr (inf) must be a finite number >= 0" in _train_error(capsys, TRAIN + ["--lr", "inf"])
