@@ -7,6 +7,17 @@
   parameters (shared with the model) follow the cast at once and as at expert_parallel=1.
 - ``moesys-compile train --lr inf`` was accepted and trained every weight to NaN (``--lr nan`` and
   negative rates were refused); it is refused now, before the model is built.
+- A model that fails on its example when run eagerly too (``hf:mixtral --config hidden_size=36``,
+  whose head size of 9 does not fit the rotary embedding; a user's Linear of the wrong width) was
+  reported as a capture problem: "uses RuntimeError ... fix: express it with tensor ops
+  (torch.where, masking, torch.cond)", or "shapes cannot be propagated ... make that module a
+  leaf". Compile now runs the model eagerly once where capture fails, and says that the model
+  itself fails, in which module, at which line, and to check the config's sizes and the inputs.
+- A buffer the forward assigns rather than changes in place (``self.steps += 1``, ``self.ema =
+  0.9 * self.ema + 0.1 * ...``) was left holding torch.fx's Proxy after compile: the model was
+  broken (its buffer no tensor), and the program never updated the buffer (compile failed with a
+  VerifyError inside ``decompose_moe`` where the value was used twice). Capture puts the buffers
+  back and writes such an assignment into the buffer in place, as eager's ``+=`` does.
 """
 
 from __future__ import annotations
@@ -18,6 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import moesys_compile as mc
 from moesys_compile import train
@@ -103,3 +115,74 @@ def _train_error(capsys, argv: list[str]) -> str:
 def test_train_refuses_an_infinite_learning_rate_before_any_step(no_launch, monkeypatch, capsys):
     monkeypatch.setattr(train, "load_model", lambda *a, **k: pytest.fail("the model was built before the check"))
     assert "--lr (inf) must be a finite number >= 0" in _train_error(capsys, TRAIN + ["--lr", "inf"])
+
+
+class _TooNarrowProjection(nn.Module):
+    """An embedding of width 4 fed to a Linear that takes 6 features: fails eagerly as traced."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.proj = nn.Embedding(10, 4), nn.Linear(6, 4)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, ids):
+        self.calls += 1
+        return self.proj(self.embed(ids))
+
+
+def test_a_model_that_fails_eagerly_is_named_as_failing_not_as_untraceable():
+    model = _TooNarrowProjection()
+    with pytest.raises(mc.UntraceableModelError) as info:
+        mc.compile(model, mc.Plan(mode="train"), example_inputs=(torch.randint(0, 10, (2, 3)),))
+    message = str(info.value)
+    assert "fails on the example inputs when run eagerly too, in module 'proj' (Linear)" in message
+    assert "mat1 and mat2 shapes cannot be multiplied" in message and "make that module a leaf" not in message
+    assert info.value.module_path == "proj"
+    assert float(model.calls) == 0      # the eager run leaves the buffers as they were
+
+
+def test_a_config_whose_sizes_do_not_fit_is_named_with_the_module_and_line():
+    pytest.importorskip("transformers")
+    from moesys_compile.models.hf import build_hf
+    model = build_hf("mixtral", hidden_size=36, num_local_experts=3, num_experts_per_tok=3)   # head size 9
+    with pytest.raises(mc.UntraceableModelError) as info:
+        mc.compile(model, mc.Plan(mode="train"), example_inputs=(torch.randint(0, 128, (2, 9)),))
+    message = str(info.value)
+    assert "fails on the example inputs when run eagerly too, in module 'model.layers.0.self_attn'" in message
+    assert "modeling_mixtral.py" in message and "hidden_size / num_attention_heads" in message
+    assert "torch.where" not in message
+
+
+class _CountingNet(nn.Module):
+    """Counts its training calls with ``+=`` and keeps an EMA of its hidden states by assignment."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.ffn = nn.Embedding(CONFIG["vocab_size"], 16), mc.nn.MoE(dim=16, ffn_dim=24, num_experts=4, top_k=2)
+        self.head = nn.Linear(16, CONFIG["vocab_size"])
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        self.register_buffer("ema", torch.zeros(16))
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        x = x + self.ffn(x)
+        if self.training:
+            self.steps += 1
+            with torch.no_grad():
+                self.ema = 0.9 * self.ema + 0.1 * x.mean((0, 1))
+        return self.head(x + self.ema)
+
+
+def test_buffers_the_forward_assigns_are_updated_and_the_model_is_left_intact():
+    torch.manual_seed(0)
+    model = _CountingNet()
+    reference = copy.deepcopy(model)
+    program = mc.compile(model, mc.Plan(mode="train"), (_global_batch(0)[0],))
+    assert isinstance(model.steps, torch.Tensor) and int(model.steps) == 0 and not model.ema.any()
+    for step in range(3):
+        ids, targets = _global_batch(step)
+        _cross_entropy(program(ids), targets).backward()
+        _cross_entropy(reference(ids), targets).backward()
+    assert int(model.steps) == int(reference.steps) == 3
+    torch.testing.assert_close(model.ema, reference.ema)
+    torch.testing.assert_close(model.embed.weight.grad, reference.embed.weight.grad)
