@@ -19,7 +19,7 @@ from .errors import PlanError, UntraceableModelError, warn_user
 from .frontend import BlockReport, annotate, canonicalize, capture, moe_modules
 from .frontend.annotation import batch_and_seq, input_dims
 from .frontend.empty_weights import Source, meta_tensor_names
-from .frontend.tracing import distinct_inputs, expose_aux_loss, traced_names
+from .frontend.tracing import distinct_inputs, expose_aux_loss, failing_eagerly_too, traced_names
 from .models.spec import seq_limit
 from .pipeline import CompileContext, run_pipeline, take_snapshot, timed, unlowered_copy
 from .plan import MODES, Plan
@@ -224,10 +224,11 @@ def _capture_and_annotate(model, example_inputs, example_kwargs, leaf_modules, f
         try:
             annotation = annotate(gm, flat_inputs, getattr(model, "symbolic_dims", None))
         except UntraceableModelError as exc:
-            longer = _longer_than_config_allows(model, gm, flat_inputs)
-            if longer is None:
+            cause = (_longer_than_config_allows(model, gm, flat_inputs)
+                     or failing_eagerly_too(model, example_inputs, example_kwargs))
+            if cause is None:
                 raise
-            raise longer from exc
+            raise cause from exc
     gm.meta["moesys_binder"] = binder
     return gm, annotation
 

@@ -463,8 +463,8 @@ def _check_args(args, world: int) -> None:
             raise ValueError(f"{flag} ({value}) must be >= 0 (0: {zero})")
     if args.keep_last and not args.ckpt_dir:
         raise ValueError(f"--keep-last {args.keep_last} applies to checkpoints, which need --ckpt-dir; pass --ckpt-dir DIR")
-    if not args.lr >= 0:
-        raise ValueError(f"--lr ({args.lr}) must be >= 0")
+    if not 0 <= args.lr < math.inf:      # an infinite rate makes every weight NaN at the first step
+        raise ValueError(f"--lr ({args.lr}) must be a finite number >= 0, e.g. --lr 3e-4")
     if args.batch_size % world:
         raise ValueError(f"--batch-size ({args.batch_size}) must be divisible by the world size ({world})")
     if args.ckpt_every and not args.ckpt_dir:

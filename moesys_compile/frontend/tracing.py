@@ -72,8 +72,14 @@ class MoesysTracer(fx.Tracer):
         return super().is_leaf_module(module, qualified_name)
 
     def trace(self, root, concrete_args=None) -> fx.Graph:
-        with recording_grad_mode(self):
-            graph = super().trace(root, concrete_args)
+        buffers = [(path, module, name, buffer) for path, module in root.named_modules()
+                   for name, buffer in module._buffers.items()]
+        try:
+            with recording_grad_mode(self):
+                graph = super().trace(root, concrete_args)
+        finally:
+            assigned = _put_back_buffers(buffers)
+        _write_assigned_buffers(graph, assigned)
         drop_empty_grad_regions(graph)
         return graph
 
@@ -87,6 +93,32 @@ class MoesysTracer(fx.Tracer):
             raise
         finally:
             self.path_stack.pop()
+
+
+def _put_back_buffers(buffers: list[tuple[str, nn.Module, str, Any]]) -> list[tuple[str, fx.Proxy]]:
+    """Tracing ``self.steps += 1`` or ``self.ema = 0.9 * self.ema + ...`` assigns a traced value to
+    the model's buffer (a Proxy, left there): put every buffer back, and return the assignments
+    (the buffer's qualified name, the traced value last assigned), for ``_write_assigned_buffers``."""
+    assigned = []
+    for path, module, name, buffer in buffers:
+        now = module._buffers.get(name)
+        if now is not buffer:
+            module._buffers[name] = buffer
+            if isinstance(now, fx.Proxy):
+                assigned.append((f"{path}.{name}" if path else name, now))
+    return assigned
+
+
+def _write_assigned_buffers(graph: fx.Graph, assigned: list[tuple[str, fx.Proxy]]) -> None:
+    """A buffer the forward assigns (see ``_put_back_buffers``) is written in place in the graph,
+    ``buffer.copy_(value)`` once the value is computed, as eager's ``+=`` updates it in place (and
+    a plain assignment leaves these values in it). Reads after the assignment already use the
+    value itself."""
+    for target, value in assigned:
+        with graph.inserting_after(value.node):
+            buffer = graph.get_attr(target)
+        with graph.inserting_after(buffer):
+            graph.call_method("copy_", (buffer, value.node))
 
 
 def _user_frame(exc: BaseException) -> Optional[traceback.FrameSummary]:
@@ -154,6 +186,52 @@ def untraceable_error(model: nn.Module, fx_error: BaseException, tracer: MoesysT
                      f"{type(export_error).__name__}: {first}")
     error = UntraceableModelError("\n".join(lines))
     error.module_path, error.source_line, error.construct = path, where, construct
+    return error
+
+
+def _eager_error(model: nn.Module, example_inputs: Sequence[Any], example_kwargs: dict) -> Optional[Exception]:
+    """What ``model(*example_inputs, **example_kwargs)`` raises when run eagerly (None: it runs,
+    or it cannot be run here, its tensors being on the meta device). The run leaves no trace: no
+    gradient, the buffers and the CPU random state as they were."""
+    tensors = [*model.parameters(), *model.buffers()]
+    if any(t.is_meta for t in tensors) or any(t.is_meta for t in tree_leaves((example_inputs, example_kwargs))
+                                               if isinstance(t, torch.Tensor)):
+        return None
+    buffers = [(buffer, buffer.clone()) for buffer in model.buffers()]
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            model(*example_inputs, **example_kwargs)
+    except Exception as exc:  # noqa: BLE001 - any failure is the model's own, reported as such
+        return exc
+    finally:
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
+    return None
+
+
+def failing_eagerly_too(model: nn.Module, example_inputs: Sequence[Any],
+                        example_kwargs: dict) -> Optional[UntraceableModelError]:
+    """Where ``model`` could not be captured (neither fx nor torch.export) or its shapes not
+    propagated: the error to raise instead when it fails on the example when run eagerly too (a
+    config whose sizes do not fit together, a layer of the wrong width, an example of the wrong
+    shape), which no change to the capture would mend; None where it runs."""
+    exc = _eager_error(model, example_inputs, example_kwargs)
+    if exc is None:
+        return None
+    path = _running_module(model, exc) or "<root>"
+    kind = type(model.get_submodule(path) if path != "<root>" else model).__name__
+    frame = _user_frame(exc)
+    where = f"{frame.filename}:{frame.lineno}: {frame.line}" if frame else "unknown source line"
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    error = UntraceableModelError(
+        f"cannot compile {type(model).__name__}: it fails on the example inputs when run eagerly too, in module "
+        f"'{path}' ({kind}): {type(exc).__name__}: {message}\n"
+        + (f"  at {where}\n" if frame else "") +
+        f"  fix: make model(*example_inputs, **example_kwargs) run before compiling: check the config's sizes "
+        f"(e.g. the head size, hidden_size / num_attention_heads, must be even for rotary embeddings) and the "
+        f"example inputs' shapes and dtypes")
+    error.module_path, error.source_line, error.construct = path, where, f"{type(exc).__name__}: {message}"
     return error
 
 
@@ -569,7 +647,9 @@ def _capture(model: nn.Module, example_inputs: Sequence[Any], example_kwargs: di
                     return export_trace(model, example_inputs, example_kwargs)
                 except Exception as exc:  # noqa: BLE001
                     export_error = exc
-            raise untraceable_error(model, fx_error, tracer, export_error, export_first=any(entered)) from fx_error
+            error = untraceable_error(model, fx_error, tracer, export_error, export_first=any(entered))
+            error.__cause__ = fx_error
+    raise failing_eagerly_too(model, example_inputs, example_kwargs) or error    # the adapters undone: as the user runs it
 
 
 def _warn_unused_leaves(model: nn.Module, leaf_modules: Iterable[str | type]) -> None:

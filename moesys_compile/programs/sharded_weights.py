@@ -10,6 +10,9 @@ they were at compile. What a user does through the model is kept in step with th
     ``model.zero_grad()``                        clears the shards' gradients too (at the next
                                                  forward, with a warning once: zero them through
                                                  the optimizer or ``program.zero_grad()``)
+    ``model.to(dtype or device)``                the shard views the model's cast rows at the
+                                                 next forward, as the dense parameters (shared)
+                                                 follow the cast at once
     the model after a step on its shards         "stale": ``model.state_dict()`` and a forward of
                                                  the model warn, and compiling it on other rows
                                                  (another EP size, an infer program) is refused,
@@ -44,6 +47,8 @@ class ShardedWeight:
     expert_parallel: int
     shard: Optional[weakref.ref]
     model_requires_grad: bool
+    rows: tuple[int, int] = (0, 0)               # the rows [lo, hi) of the model's weight the shard views
+    storage: int = 0                             # the model weight's storage the shard views
     stale: bool = False
     group: list = field(default_factory=list)    # the records of the program holding it
     warned: set = field(default_factory=set)     # the uses already warned about while stale
@@ -72,18 +77,21 @@ def quiet():
         _QUIET[0] -= 1
 
 
-def track(model: nn.Module, partial: dict[str, Optional[nn.Parameter]], trained: list[nn.Parameter],
-          expert_parallel: int) -> list[ShardedWeight]:
+def track(model: nn.Module, partial: dict[str, Optional[tuple[nn.Parameter, tuple[int, int]]]],
+          trained: list[nn.Parameter], expert_parallel: int) -> list[ShardedWeight]:
     """Record the model weights a program holds in part (``partial``: model name -> the program's
-    rows of it, None where this rank holds none of it, another rank's expert); a step on any of
-    ``trained`` (the expert parameters the program trains) makes them stale. A weight already
-    stale (the model compiled again) stays stale."""
+    shard of it and the rows [lo, hi) of the model's weight it views, None where this rank holds
+    none of it, another rank's expert); a step on any of ``trained`` (the expert parameters the
+    program trains) makes them stale. A weight already stale (the model compiled again) stays
+    stale."""
     records = []
-    for name, shard in partial.items():
+    for name, held in partial.items():
         param = model.get_parameter(name)
         before = WEIGHTS.get(id(param))
+        shard, rows = held if held is not None else (None, (0, 0))
         record = ShardedWeight(weakref.ref(param), name, expert_parallel,
                                weakref.ref(shard) if shard is not None else None, param.requires_grad,
+                               rows=rows, storage=param.untyped_storage().data_ptr(),
                                stale=bool(before and before.alive(param) and before.stale))
         WEIGHTS[id(param)] = record
         records.append(record)
@@ -202,12 +210,15 @@ def refuse_stale_model(model: nn.Module, mode: str, expert_parallel: int) -> Non
 
 
 def follow_model(records: list[ShardedWeight], dense: list[nn.Parameter]) -> None:
-    """Before a forward: mirror ``requires_grad_`` set on the model's weights since the last one,
-    and drop the shards' gradients where the model's were zeroed (every trainable dense
-    parameter's gradient None, a shard's not: ``model.zero_grad()``)."""
+    """Before a forward: follow a cast of the model (``follow_cast``), mirror ``requires_grad_``
+    set on the model's weights since the last one, and drop the shards' gradients where the
+    model's were zeroed (every trainable dense parameter's gradient None, a shard's not:
+    ``model.zero_grad()``)."""
     shards = [(r, r.shard()) for r in records if r.shard is not None]
     for record, shard in shards:
         full = record.full()
+        if full is not None:
+            follow_cast(record, full, shard)
         if full is not None and full.requires_grad != record.model_requires_grad:
             record.model_requires_grad = full.requires_grad
             shard.requires_grad_(full.requires_grad)
@@ -221,3 +232,21 @@ def follow_model(records: list[ShardedWeight], dense: list[nn.Parameter]) -> Non
             warn_user("the model's gradients were zeroed (model.zero_grad()) but not those of the expert shards the "
                       "program trains at expert_parallel > 1, which the model does not hold: they are dropped now; "
                       "zero gradients with optimizer.zero_grad() or program.zero_grad(), which reach the shards")
+
+
+def follow_cast(record: ShardedWeight, full: nn.Parameter, shard: nn.Parameter) -> None:
+    """``model.to(torch.bfloat16)`` (or to another device) after compile gives the model's weight
+    new storage, cast, holding this rank's trained rows too; the shard, which viewed the old
+    storage, views the new one's rows from then on (and its gradient is cast alike), so the model
+    cast reaches the experts as it reaches the dense parameters. A shard given storage of its
+    own (``program.to(...)`` casts the shards) is left as it is."""
+    storage = full.untyped_storage().data_ptr()
+    if storage == record.storage:
+        return
+    if shard.untyped_storage().data_ptr() == record.storage:     # the model was cast, the shard was not
+        lo, hi = record.rows
+        with torch.no_grad():
+            shard.data = full.detach()[lo:hi]
+            if shard.grad is not None:
+                shard.grad = shard.grad.to(device=full.device, dtype=full.dtype)
+    record.storage = storage

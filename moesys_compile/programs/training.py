@@ -140,7 +140,8 @@ class TrainingProgram(Program):
         full weight is refused, freezing through the model reaches the shard, a stale model is
         warned about)."""
         local = dict(self._named_local())
-        partial = {name: (local[name] if shard.expert is None else None) for name, shard in self.expert_layout.items()
+        partial = {name: ((local[name], (shard.lo, shard.hi)) if shard.expert is None else None)
+                   for name, shard in self.expert_layout.items()
                    if not shard.complete and not (shard.expert is not None and shard.held)}
         sharded_weights.untrack(model, [name for name in self.expert_layout if name not in partial])
         trained = [local[name] for name, shard in self.expert_layout.items() if shard.held and name in local]
