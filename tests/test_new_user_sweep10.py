@@ -1,0 +1,74 @@
+"""What the tenth new-user sweep (the inference side, as a user of transformers and accelerate
+big-model inference) found, each refused or fixed now:
+
+- A model loaded with accelerate's offloading (``from_pretrained(DIR, device_map="auto",
+  offload_folder=...)`` that spills to disk, ``disk_offload``, ``cpu_offload``) has its parameters
+  on meta and hooks that load them at every call. ``mc.compile`` of it for ring inference said to
+  use ``Plan(mode='infer', weights_checkpoint=DIR)`` (the plan was an infer plan already), and with
+  ``weights_checkpoint`` it failed with an UntraceableModelError blaming ``model.embed_tokens``
+  inside accelerate's loader, with a fix about tensor ops. It is refused now, naming the hooks and
+  the way to run such a model (``mc.empty_weights()`` and ``Plan.weights_checkpoint``).
+- A model with meta tensors compiled under an infer plan with a budget but no
+  ``weights_checkpoint`` was told that "only ring inference streams weights from a checkpoint";
+  it now names the missing field.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moesys_compile as mc
+
+VOCAB = 128
+
+
+def _ids(batch: int = 2, seq: int = 5, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def _ring_plan(**fields) -> mc.Plan:
+    return mc.Plan(mode="infer", device="cpu", device_budget="1MiB", **fields)
+
+
+@pytest.mark.parametrize("offload", ["disk_offload", "cpu_offload"])
+def test_a_model_offloaded_by_accelerate_is_refused_with_the_way_to_run_it(tmp_path, offload):
+    accelerate = pytest.importorskip("accelerate")
+    pytest.importorskip("transformers")
+    from moesys_compile.models.hf import build_hf
+
+    model = build_hf("qwen3_moe").eval()
+    model.save_pretrained(tmp_path / "hf")
+    if offload == "disk_offload":
+        accelerate.disk_offload(model, str(tmp_path / "offload"), execution_device="cpu")
+    else:
+        accelerate.cpu_offload(model, execution_device="cpu")
+    refusal = (r"Qwen3MoeForCausalLM has its weights offloaded by accelerate's hooks \(\d+ module\(s\), e\.g\. "
+               r"'.*'.*empty_weights\(\).*Plan\(weights_checkpoint=DIR\)")
+    for plan in (_ring_plan(), _ring_plan(weights_checkpoint=str(tmp_path / "hf"))):
+        with pytest.raises(mc.PlanError, match=refusal):
+            mc.compile(model, plan, example_inputs=(_ids(),))
+
+
+def test_the_way_out_of_accelerate_offloading_runs_as_eager(tmp_path):
+    """What the refusal above advises gives the eager model's logits."""
+    pytest.importorskip("transformers")
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from moesys_compile.models.hf import build_hf
+
+    eager = build_hf("qwen3_moe").eval()
+    eager.save_pretrained(tmp_path / "hf")
+    with mc.empty_weights():
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tmp_path / "hf"))
+    program = mc.compile(model, _ring_plan(weights_checkpoint=str(tmp_path / "hf")), example_inputs=(_ids(),))
+    ids = _ids(3, 7, seed=1)
+    torch.testing.assert_close(program(ids).logits, eager(ids).logits, rtol=1e-5, atol=1e-5)
+    program.close()
+
+
+def test_meta_tensors_under_a_ring_plan_without_a_checkpoint_name_the_missing_field():
+    with mc.empty_weights():
+        model = mc.models.build("tiny-moe")
+    with pytest.raises(mc.PlanError, match=r"on the meta device .* and Plan\.weights_checkpoint is not set.*"
+                                           r"weights_checkpoint=DIR.*mc\.load_into"):
+        mc.compile(model, _ring_plan(), example_inputs=(_ids(),))
