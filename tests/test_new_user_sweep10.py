@@ -11,14 +11,23 @@ big-model inference) found, each refused or fixed now:
 - A model with meta tensors compiled under an infer plan with a budget but no
   ``weights_checkpoint`` was told that "only ring inference streams weights from a checkpoint";
   it now names the missing field.
+- ``moesys-compile infer DIR --prompt TEXT`` with a tokenizer whose ids reach past the model's
+  vocabulary blamed ``--prompt-ids``, an option the user had not given; it now names the prompt,
+  the tokenizer's directory and ``--tokenizer``.
 """
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import moesys_compile as mc
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_cli_options import save_word_tokenizer  # noqa: E402
 
 VOCAB = 128
 
@@ -72,3 +81,19 @@ def test_meta_tensors_under_a_ring_plan_without_a_checkpoint_name_the_missing_fi
     with pytest.raises(mc.PlanError, match=r"on the meta device .* and Plan\.weights_checkpoint is not set.*"
                                            r"weights_checkpoint=DIR.*mc\.load_into"):
         mc.compile(model, _ring_plan(), example_inputs=(_ids(),))
+
+
+def test_a_text_prompt_past_the_vocabulary_names_the_prompt_and_its_tokenizer(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    from moesys_compile.infer import main as infer_main
+    from moesys_compile.models.hf import build_hf
+
+    build_hf("llama", num_hidden_layers=1).save_pretrained(tmp_path)
+    save_word_tokenizer(tmp_path, vocab_size=2 * VOCAB)          # ids up to 255 for a 128-token model
+    code = infer_main([str(tmp_path), "--budget", "1MiB", "--prompt", "w5 w150 w3", "--max-new-tokens", "2",
+                       "--no-compare"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert (f"--prompt 'w5 w150 w3' (tokenizer of {str(tmp_path)!r}) encodes to token ids [151] outside the "
+            f"model's vocabulary: token ids must lie in 0..127") in err
+    assert "--tokenizer DIR" in err and "--prompt-ids" not in err
