@@ -14,6 +14,15 @@ big-model inference) found, each refused or fixed now:
 - ``moesys-compile infer DIR --prompt TEXT`` with a tokenizer whose ids reach past the model's
   vocabulary blamed ``--prompt-ids``, an option the user had not given; it now names the prompt,
   the tokenizer's directory and ``--tokenizer``.
+- ``model.share_memory()`` or ``program.share_memory()`` (for torch.multiprocessing workers) moves
+  every tensor's storage into shared memory, values kept, and the next call of a ring program was
+  refused with a RingWeightsError saying that a rotary buffer "was replaced by another tensor".
+  The move is taken now; a tensor replaced, cast or changed in place is still refused as before.
+- An in-place change of a weight that a CPU ring reads in place (host tier) is taken, as the
+  README says, but the ring went on computing with the old values wherever the section was still
+  in its slot: always where the budget gives every section a slot of its own (nothing is
+  reloaded), and for the first sections of a call, which the copy thread loads ahead. The logits
+  were silently stale. Taking such a change now releases the slots, so every section loads again.
 """
 
 from __future__ import annotations
@@ -97,3 +106,45 @@ def test_a_text_prompt_past_the_vocabulary_names_the_prompt_and_its_tokenizer(tm
     assert (f"--prompt 'w5 w150 w3' (tokenizer of {str(tmp_path)!r}) encodes to token ids [151] outside the "
             f"model's vocabulary: token ids must lie in 0..127") in err
     assert "--tokenizer DIR" in err and "--prompt-ids" not in err
+
+
+@pytest.mark.parametrize("weights", ["host", "disk"])
+@pytest.mark.parametrize("shared", ["model", "program"])
+def test_share_memory_keeps_the_ring_running_and_still_sees_changes(tmp_path, weights, shared):
+    pytest.importorskip("transformers")
+    from moesys_compile.models.hf import build_hf
+    from moesys_compile.programs.staged_weights import RingWeightsError
+
+    model = build_hf("qwen3_moe").eval()
+    ids = _ids()
+    program = mc.compile(model, _ring_plan(weights=weights, offload_dir=str(tmp_path)), example_inputs=(ids,))
+    (model if shared == "model" else program).share_memory()
+    assert model.lm_head.weight.is_shared()
+    torch.testing.assert_close(program(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2)
+    if weights == "host":          # read in place on the CPU: the change is what the ring computes with
+        torch.testing.assert_close(program(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-6)
+    else:
+        with pytest.raises(RingWeightsError, match=r"lm_head\.weight of Qwen3MoeForCausalLM was modified in place"):
+            program(ids)
+    model.lm_head.weight = torch.nn.Parameter(torch.zeros_like(model.lm_head.weight))
+    with pytest.raises(RingWeightsError, match=r"lm_head\.weight of Qwen3MoeForCausalLM was replaced by another"):
+        program(ids)
+    program.close()
+
+
+@pytest.mark.parametrize("budget", ["1MiB", "150KB"])      # every section in a slot of its own; streamed
+def test_an_in_place_change_the_ring_takes_reaches_every_section(budget):
+    pytest.importorskip("transformers")
+    from moesys_compile.models.hf import build_hf
+
+    model = build_hf("qwen3_moe").eval()
+    ids = _ids()
+    program = mc.compile(model, mc.Plan(mode="infer", device="cpu", device_budget=budget), example_inputs=(ids,))
+    program(ids)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2)
+        model.model.embed_tokens.weight.add_(0.5)
+    torch.testing.assert_close(program(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-6)
+    program.close()
