@@ -17,7 +17,8 @@ big-model inference) found, each refused or fixed now:
 - ``model.share_memory()`` or ``program.share_memory()`` (for torch.multiprocessing workers) moves
   every tensor's storage into shared memory, values kept, and the next call of a ring program was
   refused with a RingWeightsError saying that a rotary buffer "was replaced by another tensor".
-  The move is taken now; a tensor replaced, cast or changed in place is still refused as before.
+  The move is taken now; a tensor replaced or cast is still refused, and one changed in place is
+  judged as before.
 - An in-place change of a weight that a CPU ring reads in place (host tier) is taken, as the
   README says, but the ring went on computing with the old values wherever the section was still
   in its slot: always where the budget gives every section a slot of its own (nothing is
