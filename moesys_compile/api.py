@@ -18,7 +18,7 @@ from moesys_compile.passes import pipeline_for
 from .errors import PlanError, UntraceableModelError, warn_user
 from .frontend import BlockReport, annotate, canonicalize, capture, moe_modules
 from .frontend.annotation import batch_and_seq, input_dims
-from .frontend.empty_weights import Source, meta_tensor_names
+from .frontend.empty_weights import Source, accelerate_offloaded_modules, meta_tensor_names
 from .frontend.tracing import distinct_inputs, expose_aux_loss, failing_eagerly_too, traced_names
 from .models.spec import seq_limit
 from .pipeline import CompileContext, run_pipeline, take_snapshot, timed, unlowered_copy
@@ -317,6 +317,12 @@ def _checkpoint_weights(model: nn.Module, plan: Plan) -> Optional[Source]:
     if not on_meta:
         return None
     what = f"{type(model).__name__} has {len(on_meta)} tensor(s) on the meta device ('{on_meta[0]}', ...)"
+    _check_not_offloaded_by_accelerate(model)
+    if plan.mode == "infer" and plan.device_budget is not None and not plan.weights_checkpoint:
+        raise PlanError(f"{what} and Plan.weights_checkpoint is not set, so the ring has nothing to stream them "
+                        f"from: set weights_checkpoint to the model's checkpoint directory (Plan(..., "
+                        f"weights_checkpoint=DIR)), or load the weights into the model before compiling "
+                        f"(mc.load_into(model, DIR))")
     if plan.mode != "infer" or not plan.weights_checkpoint:
         raise PlanError(f"{what}; only ring inference streams weights from a checkpoint: use Plan(mode='infer', "
                         f"weights_checkpoint=DIR, ...), or load the weights into the model before compiling")
@@ -329,6 +335,21 @@ def _checkpoint_weights(model: nn.Module, plan: Plan) -> Optional[Source]:
                         f"torch.device('meta') or under init_empty_weights(include_buffers=True)")
     from .runtime.sources import checkpoint_source
     return checkpoint_source(plan.weights_checkpoint, model)
+
+
+def _check_not_offloaded_by_accelerate(model: nn.Module) -> None:
+    """A model dispatched by accelerate with offloading keeps its parameters on meta and has hooks
+    load each module's weights at every call: no capture can follow those hooks (torch.export fails
+    inside accelerate's loader), and the ring offloads the weights itself."""
+    offloaded = accelerate_offloaded_modules(model)
+    if offloaded:
+        raise PlanError(f"{type(model).__name__} has its weights offloaded by accelerate's hooks ({len(offloaded)} "
+                        f"module(s), e.g. '{offloaded[0] or '(the model itself)'}': from_pretrained with a "
+                        f"device_map that offloads, disk_offload or cpu_offload), which load the weights at every "
+                        f"call and cannot be captured; the ring offloads them itself: build the model without a "
+                        f"device_map under moesys_compile.empty_weights() (AutoModelForCausalLM.from_config"
+                        f"(config)) and pass the checkpoint directory as Plan(weights_checkpoint=DIR) with a "
+                        f"device_budget, or load it whole with from_pretrained(DIR) and no device_map")
 
 
 def prepare(model: nn.Module, plan: Plan | dict | None = None, example_inputs: Any = (),

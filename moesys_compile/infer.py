@@ -145,15 +145,19 @@ def _token_ids(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"{text!r} is not a token id (integers, space- or comma-separated)") from None
 
 
-def prompt_tensor(prompt_ids: list[int], model: nn.Module) -> torch.Tensor:
-    """``--prompt-ids`` as a [1, n] tensor; ids outside the model's vocabulary are refused here
-    rather than as an index error deep inside the embedding."""
+def prompt_tensor(prompt_ids: list[int], model: nn.Module, given: Optional[str] = None) -> torch.Tensor:
+    """The prompt ids as a [1, n] tensor; ids outside the model's vocabulary are refused here
+    rather than as an index error deep inside the embedding. ``given``: the ``--prompt`` text and
+    the tokenizer's directory they were encoded from, for the refusal (None: ``--prompt-ids``)."""
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     bad = [i for i in prompt_ids if i < 0 or (vocab is not None and i >= vocab)]
-    if bad:
-        raise ValueError(f"--prompt-ids {bad}: token ids must lie in 0..{vocab - 1 if vocab else 'vocab_size - 1'} "
-                         f"(the model's vocab_size is {vocab})")
-    return torch.tensor([prompt_ids])
+    if not bad:
+        return torch.tensor([prompt_ids])
+    within = f"token ids must lie in 0..{vocab - 1 if vocab else 'vocab_size - 1'} (the model's vocab_size is {vocab})"
+    if given is None:
+        raise ValueError(f"--prompt-ids {bad}: {within}")
+    raise ValueError(f"--prompt {given} encodes to token ids {bad} outside the model's vocabulary: {within}; the "
+                     f"tokenizer is not this model's: pass the model's own with --tokenizer DIR")
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -178,7 +182,8 @@ def prompt_of(args, model: nn.Module, example_inputs):
         ids = tokenizer(args.prompt, return_tensors="pt").input_ids
         if ids.shape[1] == 0:
             raise ValueError(f"--prompt {args.prompt!r} encodes to no tokens; give a longer prompt")
-        return prompt_tensor(ids[0].tolist(), model), tokenizer
+        given = f"{args.prompt!r} (tokenizer of {tokenizer.name_or_path!r})"
+        return prompt_tensor(ids[0].tolist(), model, given), tokenizer
     if args.prompt_ids:
         return prompt_tensor([i for ids in args.prompt_ids for i in ids], model), None
     return example_inputs(1, 16)[0], None

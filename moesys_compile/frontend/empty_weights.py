@@ -51,6 +51,18 @@ def empty_weights() -> Iterator[None]:
         nn.Module.register_parameter = register
 
 
+def accelerate_offloaded_modules(model: nn.Module) -> list[str]:
+    """Paths of the modules of ``model`` whose weights accelerate's hooks hold and load at every
+    call (an ``AlignDevicesHook`` with ``offload=True``, alone or in a ``SequentialHook``): what
+    ``from_pretrained(device_map=...)`` with offloading, ``disk_offload`` and ``cpu_offload`` leave."""
+    paths = []
+    for path, module in model.named_modules():
+        hook = getattr(module, "_hf_hook", None)
+        if any(getattr(h, "offload", False) for h in getattr(hook, "hooks", (hook,))):
+            paths.append(path)
+    return paths
+
+
 def meta_tensor_names(module: nn.Module) -> list[str]:
     """Names of ``module``'s parameters and buffers on the meta device."""
     return [name for name, t in itertools.chain(module.named_parameters(remove_duplicate=False),

@@ -533,9 +533,12 @@ class RingProgram(Program):
             self.store.remove_files()
 
     def _check_weights_unchanged(self) -> None:
-        """RingWeightsError where the model's staged tensors changed since (``StagedWeights``)."""
-        if self.staged is not None:
-            self.staged.check(self.store)
+        """RingWeightsError where the model's staged tensors changed since (``StagedWeights``). A
+        change the ring takes (in place, of a tensor it reads in place) releases the slots: they
+        keep their sections between calls (all of them where every section has a slot, the next
+        call's first ones as they load ahead), so each is loaded again with the new values."""
+        if self.staged is not None and self.staged.check(self.store):
+            self._close_runtimes()
 
     def _apply(self, fn: Any, recurse: bool = True) -> "RingProgram":
         """``program.to(...)``, ``.half()``, ``.cuda()``: refused where they would change a tensor (the

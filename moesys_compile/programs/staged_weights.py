@@ -14,6 +14,7 @@ own memory) is what the ring computes with, and is taken.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Optional
 
@@ -35,15 +36,18 @@ class RingWeightsError(MoesysError, RuntimeError):
 
 @dataclass(frozen=True)
 class _Seen:
-    """What a staged tensor was when the ring read it."""
+    """What a staged tensor was when the ring read it (``tensor``: a weak reference to it)."""
     data_ptr: int
     version: int
     dtype: torch.dtype
     shape: tuple[int, ...]
+    shared: bool
+    tensor: weakref.ref
 
     @staticmethod
     def of(tensor: torch.Tensor) -> "_Seen":
-        return _Seen(tensor.data_ptr(), _version(tensor), tensor.dtype, tuple(tensor.shape))
+        return _Seen(tensor.data_ptr(), _version(tensor), tensor.dtype, tuple(tensor.shape), tensor.is_shared(),
+                     weakref.ref(tensor))
 
 
 def _version(tensor: torch.Tensor) -> int:
@@ -71,13 +75,13 @@ class StagedWeights:
             return row_range(tensor.detach(), rows)
         return read
 
-    def check(self, store: WeightStore) -> None:
+    def check(self, store: WeightStore) -> bool:
         """RingWeightsError naming the first staged tensor the model no longer holds as it was
-        read; an in-place change of a tensor ``store`` reads in place is taken (noted as seen)."""
+        read; an in-place change of a tensor ``store`` reads in place is taken (noted as seen).
+        Returns whether one was taken: the slots holding copies of it must load it again."""
         self._listed = {}
-        if not self.seen:
-            return
-        now = named_tensors(self.model)
+        taken = False
+        now = named_tensors(self.model) if self.seen else {}
         for name, seen in self.seen.items():
             tensor = now.get(name)
             change = _change(seen, tensor)
@@ -85,12 +89,14 @@ class StagedWeights:
                 continue
             if change == MODIFIED_IN_PLACE and _read_in_place(store, name, tensor):
                 self.seen[name] = _Seen.of(tensor)
+                taken = True
                 continue
             raise RingWeightsError(
                 f"{name} of {type(self.model).__name__} {change} after the ring program was compiled, and the ring "
                 f"computes with the weights it staged then (its own copies on disk, in pinned memory or in "
                 f"Plan.dtype), so the call would run with stale or mixed weights; compile the model again "
                 f"(mc.compile) to run its new weights, or change them before compiling")
+        return taken
 
 
 def _change(seen: _Seen, tensor: Optional[torch.Tensor]) -> Optional[str]:
@@ -100,11 +106,18 @@ def _change(seen: _Seen, tensor: Optional[torch.Tensor]) -> Optional[str]:
         return f"was cast from {seen.dtype} to {tensor.dtype}"
     if tuple(tensor.shape) != seen.shape:
         return f"changed shape from {list(seen.shape)} to {list(tensor.shape)}"
-    if tensor.data_ptr() != seen.data_ptr:
+    if tensor.data_ptr() != seen.data_ptr and not _moved_to_shared_memory(seen, tensor):
         return "was replaced by another tensor"
     if _version(tensor) != seen.version:
         return MODIFIED_IN_PLACE
     return None
+
+
+def _moved_to_shared_memory(seen: _Seen, tensor: torch.Tensor) -> bool:
+    """The very tensor the ring read, its storage since moved into shared memory with its values
+    (``share_memory_``, as ``model.share_memory()`` or ``program.share_memory()`` do for
+    torch.multiprocessing): views of it follow the move, copies still hold its values."""
+    return seen.tensor() is tensor and not seen.shared and tensor.is_shared()
 
 
 def _read_in_place(store: WeightStore, name: str, tensor: torch.Tensor) -> bool:
