@@ -20,12 +20,23 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
+from .errors import OpInputError
 
 
 def _is_capturing() -> bool:
     """True under torch.fx symbolic tracing or torch.export/dynamo."""
     import torch.fx._symbolic_trace as symbolic_trace
     return symbolic_trace._is_fx_tracing_flag or torch.compiler.is_compiling()
+
+
+def flatten_tokens(x: Tensor, dim: int, layer: str) -> Tensor:
+    """``x`` [..., D] as x_TD [T, D]. Tokens of another width are refused naming ``layer``: a
+    reshape to [-1, D] would regroup their elements into other tokens and compute on those. (A
+    torch.fx proxy has no sizes to check; the capture's shape propagation meets the same reshape.)"""
+    if isinstance(x, Tensor) and (x.dim() == 0 or x.shape[-1] != dim):
+        raise OpInputError(f"{layer} takes tokens of width dim ({dim}), got an input of shape {tuple(x.shape)}: "
+                           f"pass it [..., {dim}]")
+    return x.reshape(-1, dim)
 
 
 class MLP(nn.Module):
@@ -102,7 +113,7 @@ class MoE(nn.Module):
         nn.init.normal_(self.w_down, std=1 / math.sqrt(self.ffn_dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        x_TD = x.reshape(-1, self.dim)
+        x_TD = flatten_tokens(x, self.dim, f"MoE(dim={self.dim}, num_experts={self.num_experts})")
         logits_TE = self.router(x_TD)
         weights_TK, ids_TK, scores_TE = torch.ops.moesys.route(logits_TE, self.top_k, self.score_func,
                                                                self.renormalize)
