@@ -5,6 +5,14 @@ or fixed now:
   ``reshape(-1, dim)`` regrouped the 60 elements into 6 tokens of 10 and routed those. A block
   that ``mc.compile`` had canonicalized did the same where the user's own block had raised (its
   router Linear refused the width). Both refuse such an input now, naming the layer and the dim.
+- The canonical ops (``torch.ops.moesys.*``) took what the kernel ops (``moesys_kernels.*``)
+  refuse, some silently: ``moe_experts`` with fewer ids than tokens returned as many rows as ids
+  (its fake implementation said as many as tokens); ``permute`` with ids past E returned a
+  ``counts_E`` longer than E; ``route`` with group-limited routing and a top_k above the experts
+  the kept groups hold picked masked experts, with nonzero weights; ``grouped_mlp`` with counts
+  past its rows ran on the rows there were. The rest failed deep inside with an IndexError or a
+  matmul size error. They share the kernels' checks now (``moesys_compile/ops/checks.py``) and
+  raise ``OpInputError`` (a ValueError) naming the tensor and the sizes.
 """
 
 from __future__ import annotations
@@ -14,8 +22,11 @@ import torch
 from torch import nn
 
 import moesys_compile as mc
+import moesys_compile.kernels  # noqa: F401  (registers torch.ops.moesys_kernels)
 from moesys_compile.errors import OpInputError
 from moesys_compile.frontend.recognizers import canonicalize
+
+ops = torch.ops.moesys
 
 
 class LoopBlock(nn.Module):
@@ -57,3 +68,65 @@ def test_a_moe_layer_refuses_tokens_of_another_width():
                                            r"dim \(10\), got an input of shape \(5, 12\)"):
         model(torch.randn(5, 12))
 
+
+T, E, D, F, K = 6, 4, 10, 5, 2
+
+
+def op_inputs():
+    gen = torch.Generator().manual_seed(0)
+    x_TD = torch.randn(T, D, generator=gen)
+    ids_TK = torch.argsort(torch.rand(T, E, generator=gen), dim=1)[:, :K]
+    weights_TK = torch.rand(T, K, generator=gen)
+    w_up_EHD, w_down_EDF = torch.randn(E, 2 * F, D, generator=gen), torch.randn(E, D, F, generator=gen)
+    return x_TD, ids_TK, weights_TK, w_up_EHD, w_down_EDF
+
+
+BAD_CALLS = {
+    # silent before: as many rows as ids, a counts_E longer than E, masked experts picked, rows that are not there
+    "moe_experts fewer ids than tokens": (lambda x, i, w, u, d: ops.moe_experts(x, i[:3], w[:3], u, d),
+                                          r"x_TD has shape \(6, 10\) but ids_TK has 3 tokens"),
+    "permute ids past E": (lambda x, i, w, u, d: ops.permute(x, i + E, E),
+                           r"ids_TK\[0, 0\] is \d, outside \[0, num_experts \(4\)\)"),
+    "route top_k past the kept groups": (lambda x, i, w, u, d: ops.route(torch.randn(3, 8), 5, "softmax", True, None,
+                                                                         4, 2),
+                                         r"top_k \(5\) exceeds the 2 x 2 experts left by group-limited routing"),
+    "grouped_mlp counts past its rows": (lambda x, i, w, u, d: ops.grouped_mlp(x, torch.tensor([5, 5, 5, 5]), u, d),
+                                         r"counts_E \[5, 5, 5, 5\] must be >= 0 and sum to at most the 6 rows"),
+    # an IndexError or a matmul's sizes before
+    "moe_experts ids past E": (lambda x, i, w, u, d: ops.moe_experts(x, i + E, w, u, d),
+                               r"ids_TK\[0, 0\] is \d, outside \[0, num_experts \(4\)\)"),
+    "moe_experts tokens of another width": (lambda x, i, w, u, d: ops.moe_experts(x[:, :7], i, w, u, d),
+                                            r"x_TD has shape \(6, 7\), expected \[\*, 10\] \(D of w_up_EHD\)"),
+    "moe_experts weights of another top-k": (lambda x, i, w, u, d: ops.moe_experts(x, i, w[:, :1], u, d),
+                                             r"weights_TK has shape \(6, 1\) but ids_TK \(6, 2\)"),
+    "moe_experts a gated stack with gelu": (lambda x, i, w, u, d: ops.moe_experts(x, i, w, u, d, "gelu"),
+                                            r"w_up_EHD has 10 rows per expert but activation 'gelu'"),
+    "moe_experts bf16 tokens, fp32 experts": (lambda x, i, w, u, d: ops.moe_experts(x.bfloat16(), i, w, u, d),
+                                              r"must share a dtype; cast the expert weights to torch.bfloat16"),
+    "route logits [B, S, E]": (lambda x, i, w, u, d: ops.route(torch.randn(2, 3, E), 2),
+                               r"logits_TE must be \[T, E\], got shape \(2, 3, 4\)"),
+    "route bias of another length": (lambda x, i, w, u, d: ops.route(torch.randn(3, 8), 2, "sigmoid", True,
+                                                                     torch.zeros(5)),
+                                     r"bias_E has shape \(5,\), expected \(8,\)"),
+    "unpermute order of another length": (lambda x, i, w, u, d: ops.unpermute(torch.randn(T * K, D),
+                                                                              torch.arange(T * K - 1), w),
+                                          r"unpermute: y_ND \(12, 10\), order_N \(11,\) and weights_TK \(6, 2\)"),
+}
+
+
+@pytest.mark.parametrize("call,message", BAD_CALLS.values(), ids=BAD_CALLS.keys())
+def test_canonical_ops_refuse_inputs_they_cannot_take_by_name(call, message):
+    with pytest.raises(OpInputError, match=message):
+        call(*op_inputs())
+
+
+def test_the_checks_leave_valid_calls_as_they_were():
+    """int32 ids, an empty batch and group-limited routing that fits still run, and equal the reference."""
+    x_TD, ids_TK, weights_TK, w_up_EHD, w_down_EDF = op_inputs()
+    want = mc.ops.moe_experts_reference(x_TD, ids_TK, weights_TK, w_up_EHD, w_down_EDF)
+    torch.testing.assert_close(ops.moe_experts(x_TD, ids_TK.int(), weights_TK, w_up_EHD, w_down_EDF), want)
+    assert ops.moe_experts(x_TD[:0], ids_TK[:0], weights_TK[:0], w_up_EHD, w_down_EDF).shape == (0, D)
+    logits_TE = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
+    _, ids, _ = ops.route(logits_TE, 4, "softmax", True, None, 4, 2)
+    kept_groups = logits_TE.softmax(-1).view(3, 4, 2).sum(-1).topk(2, -1)[1]   # groups of 2: both scores count
+    assert all(set((ids[t] // 2).tolist()) <= set(kept_groups[t].tolist()) for t in range(3))
