@@ -13,6 +13,9 @@ or fixed now:
   past its rows ran on the rows there were. The rest failed deep inside with an IndexError or a
   matmul size error. They share the kernels' checks now (``moesys_compile/ops/checks.py``) and
   raise ``OpInputError`` (a ValueError) naming the tensor and the sizes.
+- ``moesys-compile inspect`` listed an ``nn.MoE`` by its sizes alone, where a recognised block's
+  line names its router, capacity and shared expert: a sigmoid router without renormalisation
+  and a capacity-dropping layer read as the defaults. Its line names them now.
 """
 
 from __future__ import annotations
@@ -130,3 +133,17 @@ def test_the_checks_leave_valid_calls_as_they_were():
     _, ids, _ = ops.route(logits_TE, 4, "softmax", True, None, 4, 2)
     kept_groups = logits_TE.softmax(-1).view(3, 4, 2).sum(-1).topk(2, -1)[1]   # groups of 2: both scores count
     assert all(set((ids[t] // 2).tolist()) <= set(kept_groups[t].tolist()) for t in range(3))
+
+
+def test_inspect_lists_the_routing_capacity_and_shared_experts_of_an_nn_moe():
+    """A recognised block's line names its router, capacity and shared expert; an ``nn.MoE``'s
+    named only its sizes, so a sigmoid, capacity-dropping layer read as a softmax, dropless one."""
+    layer = mc.nn.MoE(dim=16, ffn_dim=8, num_experts=4, top_k=2, score_func="sigmoid", renormalize=False,
+                      capacity_factor=1.25, num_shared_experts=1)
+    (report,) = canonicalize(nn.Sequential(layer))
+    assert report.action == "canonical"
+    assert {k: report.details.get(k) for k in ("router", "capacity_factor", "shared")} == \
+        {"router": "sigmoid-top2", "capacity_factor": 1.25, "shared": "shared"}
+    (plain,) = canonicalize(nn.Sequential(mc.nn.MoE(dim=16, ffn_dim=8, num_experts=4, top_k=2)))
+    assert plain.details["router"] == "softmax-top2-renorm" and "capacity_factor" not in plain.details
+    assert "router=softmax-top2-renorm" in plain.describe()
