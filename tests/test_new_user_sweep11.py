@@ -16,6 +16,10 @@ or fixed now:
 - ``moesys-compile inspect`` listed an ``nn.MoE`` by its sizes alone, where a recognised block's
   line names its router, capacity and shared expert: a sigmoid router without renormalisation
   and a capacity-dropping layer read as the defaults. Its line names them now.
+- ``mc.nn.MoE(aux_loss_coef=None)`` or ``capacity_factor="1.25"`` failed with a TypeError of a
+  comparison, ``capacity_factor=float("inf")`` with an OverflowError at the first forward, and
+  ``capacity_factor=True`` or ``renormalize="no"`` were taken (as 1.0 and as True). Each is refused
+  at construction by name.
 """
 
 from __future__ import annotations
@@ -147,3 +151,15 @@ def test_inspect_lists_the_routing_capacity_and_shared_experts_of_an_nn_moe():
     (plain,) = canonicalize(nn.Sequential(mc.nn.MoE(dim=16, ffn_dim=8, num_experts=4, top_k=2)))
     assert plain.details["router"] == "softmax-top2-renorm" and "capacity_factor" not in plain.details
     assert "router=softmax-top2-renorm" in plain.describe()
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("aux_loss_coef", None, r"MoE aux_loss_coef \(None\) must be a finite number >= 0"),       # a TypeError of '>='
+    ("capacity_factor", "1.25", r"MoE capacity_factor \('1.25'\) must be a finite number > 0"),  # a TypeError of '>'
+    ("capacity_factor", float("inf"), r"MoE capacity_factor \(inf\) must be a finite number > 0"),  # OverflowError at forward
+    ("capacity_factor", True, r"MoE capacity_factor \(True\) must be a finite number > 0"),     # taken as 1.0
+    ("renormalize", "no", r"MoE renormalize \('no'\) must be True or False"),                 # taken as True
+])
+def test_moe_layer_arguments_of_the_wrong_kind_are_refused_by_name(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        mc.nn.MoE(dim=8, ffn_dim=8, num_experts=4, top_k=2, **{field: value})
