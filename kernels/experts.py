@@ -38,9 +38,10 @@ from torch import Tensor
 from moesys_compile.kernels._triton import resolve_impl
 from moesys_compile.kernels.experts_torch import (BUFFERED_ACTIVATIONS, GATHER_ROWS, block_target,
                                                   experts_backward_torch, experts_forward_torch)
-from moesys_compile.kernels.grouped_mlp import check_experts_args, experts_forward_triton
+from moesys_compile.kernels.grouped_mlp import experts_forward_triton
 from moesys_compile.kernels.grouped_mlp_backward import experts_backward_triton
 from moesys_compile.ops import check_activation, has_triton_kernel
+from moesys_compile.ops.checks import check_experts_args
 from moesys_compile.ops.autocast import follow_autocast
 from moesys_compile.ops.first_order import register_autograd
 from moesys_compile.ops.experts import backward_op_outputs, grads_from_op

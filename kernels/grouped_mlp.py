@@ -35,7 +35,8 @@ from torch import Tensor
 
 from moesys_compile.kernels._triton import (HAVE_TRITON, INTERPRET, check_dtype, check_triton, dot_precision,
                                             pow2, tl, triton, use_autotune)
-from moesys_compile.ops import check_activation, is_gated
+from moesys_compile.ops import is_gated
+from moesys_compile.ops.checks import check_experts_args
 
 # activation kinds of the epilogues (gating is a separate flag)
 _ACT_KIND = {"swiglu": 0, "silu": 0, "geglu": 1, "gelu": 1, "relu": 2, "geglu_tanh": 3, "gelu_tanh": 3}
@@ -226,30 +227,6 @@ def _launch(kernel, grid, ref: Tensor, *args, **constexprs) -> None:
 # ---------------------------------------------------------------------------------------------
 # host wrappers
 # ---------------------------------------------------------------------------------------------
-
-
-def check_experts_args(x: Tensor, counts_E: Tensor, w_up_EHD: Tensor, w_down_EDF: Tensor, activation: str,
-                       x_name: str = "x_ND") -> None:
-    """Shape checks shared by the Triton and torch paths; errors name the tensor and the sizes."""
-    check_activation(activation)
-    if w_up_EHD.dim() != 3 or w_down_EDF.dim() != 3:
-        raise ValueError(f"w_up_EHD {tuple(w_up_EHD.shape)} and w_down_EDF {tuple(w_down_EDF.shape)} must be 3-D")
-    num_experts, rows_h, dim = w_up_EHD.shape
-    ffn = w_down_EDF.shape[2]
-    want_h = 2 * ffn if is_gated(activation) else ffn
-    if rows_h != want_h:
-        raise ValueError(f"w_up_EHD has {rows_h} rows per expert but activation {activation!r} with "
-                         f"w_down_EDF's F = {ffn} needs H = {want_h}")
-    if tuple(w_down_EDF.shape[:2]) != (num_experts, dim):
-        raise ValueError(f"w_down_EDF {tuple(w_down_EDF.shape)} does not match w_up_EHD {tuple(w_up_EHD.shape)} "
-                         f"(expected [{num_experts}, {dim}, {ffn}])")
-    if x.dim() != 2 or x.shape[1] != dim:
-        raise ValueError(f"{x_name} has shape {tuple(x.shape)}, expected [*, {dim}] (D of w_up_EHD)")
-    if tuple(counts_E.shape) != (num_experts,):
-        raise ValueError(f"counts_E has shape {tuple(counts_E.shape)}, expected ({num_experts},)")
-    if x.dtype != w_up_EHD.dtype or x.dtype != w_down_EDF.dtype:
-        raise ValueError(f"{x_name} ({x.dtype}), w_up_EHD ({w_up_EHD.dtype}) and w_down_EDF ({w_down_EDF.dtype}) "
-                         f"must share a dtype; cast the expert weights to {x.dtype} (or {x_name} to theirs)")
 
 
 def _common(x: Tensor, activation: str) -> dict:

@@ -9,7 +9,7 @@ Shape legend: T tokens · D model dim · E experts · K top-k · N = T*K routed 
 Same semantics as ``torch.ops.moesys.permute`` / ``unpermute``: ``order_N[n]`` is the slot
 ``t*K + k`` of the n-th expert-sorted row, the sort is stable, and slots past ``capacity`` per
 expert go after every kept row (ordered by expert) and are not counted. An id outside ``[0, E)``
-raises a ValueError naming the slot on CPU and fails an asynchronous assert on CUDA.
+raises an OpInputError (a ValueError) naming the slot on CPU and fails an asynchronous assert on CUDA.
 
 The Triton sort is a counting sort, no comparison sort: one pass counts each block's slots per
 expert, a cumulative sum over blocks gives every block its start inside each expert, and a second
@@ -24,6 +24,7 @@ from torch import Tensor
 
 from moesys_compile.kernels._triton import check_dtype, check_triton, pow2, resolve_impl, tl, triton
 from moesys_compile.ops import expert_capacity, sort_slots_reference
+from moesys_compile.ops.checks import check_ids, check_unpermute_args
 from moesys_compile.ops.autocast import follow_autocast
 from moesys_compile.ops.first_order import register_autograd
 
@@ -117,32 +118,6 @@ def _unpermute_bwd_kernel(grad_y_ptr, y_ptr, order_ptr, w_ptr, grad_ys_ptr, grad
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_ids(ids_TK: Tensor, num_experts: int, x_TD: Optional[Tensor] = None) -> None:
-    if ids_TK.dim() != 2:
-        raise ValueError(f"ids_TK must be [T, K], got shape {tuple(ids_TK.shape)}")
-    if ids_TK.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"ids_TK must be int64 or int32, got {ids_TK.dtype}")
-    if num_experts < 1:
-        raise ValueError(f"num_experts ({num_experts}) must be >= 1")
-    if x_TD is not None and (x_TD.dim() != 2 or x_TD.shape[0] != ids_TK.shape[0]):
-        raise ValueError(f"x_TD has shape {tuple(x_TD.shape)} but ids_TK has {ids_TK.shape[0]} tokens")
-    _check_id_range(ids_TK, num_experts)
-
-
-def _check_id_range(ids_TK: Tensor, num_experts: int) -> None:
-    """Every id in [0, num_experts). On CUDA an asynchronous assert (no host sync in the hot path;
-    the kernels skip such ids, so nothing is written out of bounds before it fires)."""
-    if ids_TK.is_cuda:
-        torch._assert_async(((ids_TK >= 0) & (ids_TK < num_experts)).all(),
-                            f"ids_TK holds an expert id outside [0, num_experts ({num_experts}))")
-        return
-    bad_TK = (ids_TK < 0) | (ids_TK >= num_experts)
-    if bad_TK.any():
-        token, k = (int(i) for i in bad_TK.nonzero()[0])
-        raise ValueError(f"ids_TK[{token}, {k}] is {int(ids_TK[token, k])}, outside [0, num_experts ({num_experts})): "
-                         f"expert ids must come from a top-k over this layer's {num_experts} experts")
-
-
 def _capacity(ids_TK: Tensor, num_experts: int, capacity: int, capacity_factor: float) -> int:
     if capacity >= 0 and capacity_factor > 0:
         raise ValueError(f"give capacity ({capacity}) or capacity_factor ({capacity_factor}), not both")
@@ -154,7 +129,7 @@ def _capacity(ids_TK: Tensor, num_experts: int, capacity: int, capacity_factor: 
 def sort_slots_triton(ids_TK: Tensor, num_experts: int, capacity: int = -1, x_TD: Optional[Tensor] = None):
     """Counting sort of the slots by expert; with ``x_TD`` also gathers the sorted rows.
     Returns (counts_E, order_N) or (x_ND, counts_E, order_N)."""
-    _check_ids(ids_TK, num_experts, x_TD)
+    check_ids(ids_TK, num_experts, x_TD)
     check_triton(ids_TK, *([x_TD] if x_TD is not None else []))
     meta = _configs()[0].all_kwargs()
     num_tokens, top_k = ids_TK.shape
@@ -188,7 +163,7 @@ def sort_slots_triton(ids_TK: Tensor, num_experts: int, capacity: int = -1, x_TD
 
 def sort_slots_torch(ids_TK: Tensor, num_experts: int, capacity: int = -1):
     """Stable argsort by expert; dropped slots (rank >= capacity) moved behind the kept ones."""
-    _check_ids(ids_TK, num_experts)
+    check_ids(ids_TK, num_experts)
     return sort_slots_reference(ids_TK, num_experts, capacity)
 
 
@@ -304,7 +279,7 @@ def permute(x_TD: Tensor, ids_TK: Tensor, num_experts: int, capacity: int = -1,
             impl: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
     if resolve_impl(impl, x_TD) == "triton":
         return sort_slots_triton(ids_TK, num_experts, capacity, x_TD)
-    _check_ids(ids_TK, num_experts, x_TD)
+    check_ids(ids_TK, num_experts, x_TD)
     counts_E, order_N = sort_slots_torch(ids_TK, num_experts, capacity)
     return x_TD.index_select(0, order_N // ids_TK.shape[1]), counts_E, order_N
 
@@ -332,9 +307,7 @@ register_autograd(permute, _permute_backward, setup_context=_permute_setup)
 
 @torch.library.custom_op("moesys_kernels::unpermute", mutates_args=())
 def unpermute(y_ND: Tensor, order_N: Tensor, weights_TK: Tensor, impl: str = "auto") -> Tensor:
-    if y_ND.dim() != 2 or order_N.numel() != y_ND.shape[0] or weights_TK.numel() != y_ND.shape[0]:
-        raise ValueError(f"unpermute: y_ND {tuple(y_ND.shape)}, order_N {tuple(order_N.shape)} and weights_TK "
-                         f"{tuple(weights_TK.shape)} must agree on N = T*K rows")
+    check_unpermute_args(y_ND, order_N, weights_TK)
     if resolve_impl(impl, y_ND) == "triton":
         return gather_sum_triton(y_ND, order_N, weights_TK.shape[0], weights_TK.shape[1], weights_TK)
     return unpermute_torch(y_ND, order_N, weights_TK)

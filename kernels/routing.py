@@ -30,7 +30,8 @@ import torch
 from torch import Tensor
 
 from moesys_compile.kernels._triton import check_dtype, check_triton, pow2, resolve_impl, tl, triton
-from moesys_compile.ops import SCORE_FUNCS, route_reference, score_dtype
+from moesys_compile.ops import route_reference, score_dtype
+from moesys_compile.ops.checks import check_route_args
 from moesys_compile.ops.autocast import follow_autocast
 from moesys_compile.ops.first_order import register_autograd
 
@@ -197,27 +198,6 @@ def _route_bwd_kernel(
 # ---------------------------------------------------------------------------------------------
 
 
-def check_route_args(logits_TE: Tensor, top_k: int, score_func: str, bias_E: Optional[Tensor], n_groups: int,
-                     topk_groups: int) -> None:
-    if logits_TE.dim() != 2:
-        raise ValueError(f"logits_TE must be [T, E], got shape {tuple(logits_TE.shape)}")
-    num_experts = logits_TE.shape[1]
-    if score_func not in SCORE_FUNCS:
-        raise ValueError(f"score_func {score_func!r} is not supported; use one of {SCORE_FUNCS}")
-    if not 1 <= top_k <= num_experts:
-        raise ValueError(f"top_k ({top_k}) must be in [1, num_experts ({num_experts})]")
-    if bias_E is not None and tuple(bias_E.shape) != (num_experts,):
-        raise ValueError(f"bias_E has shape {tuple(bias_E.shape)}, expected ({num_experts},)")
-    if n_groups > 1:
-        if num_experts % n_groups:
-            raise ValueError(f"num_experts ({num_experts}) is not divisible by n_groups ({n_groups})")
-        if not 1 <= topk_groups <= n_groups:
-            raise ValueError(f"topk_groups ({topk_groups}) must be in [1, n_groups ({n_groups})]")
-        if top_k > topk_groups * (num_experts // n_groups):
-            raise ValueError(f"top_k ({top_k}) exceeds the {topk_groups} x {num_experts // n_groups} experts "
-                             f"left by group-limited routing")
-
-
 def _launch_meta(num_experts: int, top_k: int, n_groups: int) -> dict:
     e_pad = pow2(num_experts, 2)
     return dict(K=top_k, K_PAD=pow2(top_k, 2), E_PAD=e_pad, G_PAD=pow2(n_groups, 2), **_configs(e_pad)[0].all_kwargs())
@@ -272,8 +252,7 @@ def route_backward_triton(scores_TE, ids_TK, grad_weights_TK, grad_scores_TE, gr
 
 def route_torch(logits_TE, top_k, score_func="softmax", renormalize=True, bias_E=None, n_groups=1,
                 topk_groups=1, routed_scaling=1.0):
-    """The torch path: the canonical routing plus bincount and a column sum."""
-    check_route_args(logits_TE, top_k, score_func, bias_E, n_groups, topk_groups)
+    """The torch path: the canonical routing (which checks the arguments) plus bincount and a column sum."""
     with torch.no_grad():
         weights_TK, ids_TK, scores_TE = route_reference(logits_TE, top_k, score_func, renormalize, bias_E,
                                                         n_groups, topk_groups, routed_scaling)

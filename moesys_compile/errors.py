@@ -68,5 +68,9 @@ class VerifyError(MoesysError):
     """The graph breaks one of the project's invariants."""
 
 
+class OpInputError(MoesysError, ValueError):
+    """An MoE op or layer was given tensors it cannot take: a shape, dtype or expert id named with its sizes."""
+
+
 class SecondOrderGradientError(MoesysError, RuntimeError):
     """A gradient of a gradient was asked for through an MoE op, which is differentiable once."""

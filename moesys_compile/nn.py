@@ -20,12 +20,23 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
+from .errors import OpInputError
 
 
 def _is_capturing() -> bool:
     """True under torch.fx symbolic tracing or torch.export/dynamo."""
     import torch.fx._symbolic_trace as symbolic_trace
     return symbolic_trace._is_fx_tracing_flag or torch.compiler.is_compiling()
+
+
+def flatten_tokens(x: Tensor, dim: int, layer: str) -> Tensor:
+    """``x`` [..., D] as x_TD [T, D]. Tokens of another width are refused naming ``layer``: a
+    reshape to [-1, D] would regroup their elements into other tokens and compute on those. (A
+    torch.fx proxy has no sizes to check; the capture's shape propagation meets the same reshape.)"""
+    if isinstance(x, Tensor) and (x.dim() == 0 or x.shape[-1] != dim):
+        raise OpInputError(f"{layer} takes tokens of width dim ({dim}), got an input of shape {tuple(x.shape)}: "
+                           f"pass it [..., {dim}]")
+    return x.reshape(-1, dim)
 
 
 class MLP(nn.Module):
@@ -43,7 +54,7 @@ class MLP(nn.Module):
 
 
 def _check_moe_args(dim, ffn_dim, num_experts, top_k, capacity_factor, num_shared_experts, aux_loss_coef,
-                    score_func) -> None:
+                    score_func, renormalize) -> None:
     """``MoE(...)``'s arguments, each refused by name at construction rather than at the first forward."""
     for name, value, least in (("dim", dim, 1), ("ffn_dim", ffn_dim, 1), ("num_experts", num_experts, 1),
                                ("num_shared_experts", num_shared_experts, 0)):
@@ -51,12 +62,20 @@ def _check_moe_args(dim, ffn_dim, num_experts, top_k, capacity_factor, num_share
             raise ValueError(f"MoE {name} ({value!r}) must be an int >= {least}")
     if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or not 1 <= top_k <= num_experts:
         raise ValueError(f"MoE top_k ({top_k!r}) must be an int in [1, num_experts ({num_experts})]")
-    if capacity_factor is not None and not capacity_factor > 0:
-        raise ValueError(f"MoE capacity_factor ({capacity_factor}) must be > 0 or None (dropless)")
-    if not aux_loss_coef >= 0:
-        raise ValueError(f"MoE aux_loss_coef ({aux_loss_coef}) must be >= 0 (0: no load-balancing loss)")
+    if capacity_factor is not None and not (_is_real(capacity_factor) and 0 < capacity_factor < math.inf):
+        raise ValueError(f"MoE capacity_factor ({capacity_factor!r}) must be a finite number > 0, or None (dropless)")
+    if not (_is_real(aux_loss_coef) and 0 <= aux_loss_coef < math.inf):
+        raise ValueError(f"MoE aux_loss_coef ({aux_loss_coef!r}) must be a finite number >= 0 "
+                         f"(0: no load-balancing loss)")
     if score_func not in ops.SCORE_FUNCS:
         raise ValueError(f"MoE score_func ({score_func!r}) must be one of {sorted(ops.SCORE_FUNCS)}")
+    if not isinstance(renormalize, bool):
+        raise ValueError(f"MoE renormalize ({renormalize!r}) must be True or False")
+
+
+def _is_real(value) -> bool:
+    """A real number that is not a bool (``True`` as a capacity factor is a slip, not 1.0)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 class MoE(nn.Module):
@@ -81,7 +100,7 @@ class MoE(nn.Module):
         ops.check_activation(activation)
         _check_moe_args(dim=dim, ffn_dim=ffn_dim, num_experts=num_experts, top_k=top_k,
                         capacity_factor=capacity_factor, num_shared_experts=num_shared_experts,
-                        aux_loss_coef=aux_loss_coef, score_func=score_func)
+                        aux_loss_coef=aux_loss_coef, score_func=score_func, renormalize=renormalize)
         self.dim, self.ffn_dim, self.num_experts, self.top_k = dim, ffn_dim, num_experts, top_k
         self.activation, self.capacity_factor = activation, capacity_factor
         self.aux_loss_coef, self.score_func, self.renormalize = aux_loss_coef, score_func, renormalize
@@ -102,7 +121,7 @@ class MoE(nn.Module):
         nn.init.normal_(self.w_down, std=1 / math.sqrt(self.ffn_dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        x_TD = x.reshape(-1, self.dim)
+        x_TD = flatten_tokens(x, self.dim, f"MoE(dim={self.dim}, num_experts={self.num_experts})")
         logits_TE = self.router(x_TD)
         weights_TK, ids_TK, scores_TE = torch.ops.moesys.route(logits_TE, self.top_k, self.score_func,
                                                                self.renormalize)

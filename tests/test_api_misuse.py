@@ -227,7 +227,7 @@ def test_a_padding_mask_of_another_length_and_a_missing_traced_input_name_the_fi
     ("num_shared_experts", -1, r"MoE num_shared_experts \(-1\) must be an int >= 0"),
     ("top_k", 2.0, r"MoE top_k \(2.0\) must be an int in \[1, num_experts \(4\)\]"),
     ("score_func", "tanh", r"MoE score_func \('tanh'\) must be one of \['sigmoid', 'softmax'\]"),
-    ("aux_loss_coef", -1.0, r"MoE aux_loss_coef \(-1.0\) must be >= 0"),
+    ("aux_loss_coef", -1.0, r"MoE aux_loss_coef \(-1.0\) must be a finite number >= 0"),
 ])
 def test_moe_layer_arguments_are_refused_at_construction(field, value, message):
     arguments = dict(dim=8, ffn_dim=8, num_experts=4, top_k=2)

@@ -54,8 +54,16 @@ Recognizer = Callable[[nn.Module, str], Optional[Recognition]]
 
 
 def moe_details(module: MoE) -> dict:
-    return dict(num_experts=module.num_experts, top_k=module.top_k, dim=module.dim, ffn_dim=module.ffn_dim,
-                activation=module.activation)
+    """What ``inspect`` lists for an ``nn.MoE``, in the terms of a recognised block's details: the
+    router as ``RouterSpec.describe`` names it, the capacity and the shared experts where it has them."""
+    details = dict(num_experts=module.num_experts, top_k=module.top_k, dim=module.dim, ffn_dim=module.ffn_dim,
+                   activation=module.activation,
+                   router="-".join([module.score_func, f"top{module.top_k}"] + ["renorm"] * bool(module.renormalize)))
+    if module.capacity_factor:
+        details["capacity_factor"] = module.capacity_factor
+    if module.shared is not None:
+        details["shared"] = "shared"
+    return details
 
 
 def recognize_canonical(module: nn.Module, path: str) -> Optional[Recognition]:

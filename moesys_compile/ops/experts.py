@@ -9,8 +9,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from moesys_compile.ops.activations import apply_activation, check_activation, expert_capacity
+from moesys_compile.errors import OpInputError
+from moesys_compile.ops.activations import apply_activation, expert_capacity
 from moesys_compile.ops.autocast import follow_autocast
+from moesys_compile.ops.checks import (check_combine_weights, check_experts_args, check_ids,
+                                       check_unpermute_args)
 from moesys_compile.ops.first_order import register_autograd
 
 
@@ -45,6 +48,7 @@ def permute_reference(x_TD: Tensor, ids_TK: Tensor, num_experts: int, capacity: 
 
 @torch.library.custom_op("moesys::permute", mutates_args=())
 def permute(x_TD: Tensor, ids_TK: Tensor, num_experts: int, capacity: int = -1) -> tuple[Tensor, Tensor, Tensor]:
+    check_ids(ids_TK, num_experts, x_TD)
     return permute_reference(x_TD, ids_TK, num_experts, capacity)
 
 
@@ -83,10 +87,14 @@ register_autograd(permute, _permute_backward, setup_context=_permute_setup)
 # ---------------------------------------------------------------------------------------------
 
 
-def group_bounds(counts_E: Tensor) -> list[tuple[int, int, int]]:
-    """(expert, start, end) for every expert with rows; one host sync for the whole layer."""
+def group_bounds(counts_E: Tensor, num_rows: Optional[int] = None) -> list[tuple[int, int, int]]:
+    """(expert, start, end) for every expert with rows; one host sync for the whole layer. With
+    ``num_rows``, counts that are negative or sum past the rows there are are refused."""
     bounds, start = [], 0
-    for expert, count in enumerate(counts_E.tolist()):
+    counts = counts_E.tolist()
+    if num_rows is not None and (sum(counts) > num_rows or min(counts, default=0) < 0):
+        raise OpInputError(f"counts_E {counts} must be >= 0 and sum to at most the {num_rows} rows of x_ND")
+    for expert, count in enumerate(counts):
         if count:
             bounds.append((expert, start, start + count))
         start += count
@@ -123,9 +131,9 @@ def grouped_mlp_reference(x_ND: Tensor, counts_E: Tensor, w_up_EHD: Tensor, w_do
 def grouped_mlp(x_ND: Tensor, counts_E: Tensor, w_up_EHD: Tensor, w_down_EDF: Tensor,
                 activation: str = "swiglu", b_up_EH: Optional[Tensor] = None,
                 b_down_ED: Optional[Tensor] = None) -> Tensor:
-    check_activation(activation)
+    check_experts_args(x_ND, counts_E, w_up_EHD, w_down_EDF, activation, "x_ND")
     y_ND = x_ND.new_zeros((x_ND.shape[0], w_down_EDF.shape[1]))
-    for expert, start, end in group_bounds(counts_E):
+    for expert, start, end in group_bounds(counts_E, x_ND.shape[0]):
         h_nH = _biased_mm(x_ND[start:end], w_up_EHD[expert], None if b_up_EH is None else b_up_EH[expert])
         a_nF = apply_activation(h_nH, activation)
         if b_down_ED is None:
@@ -248,6 +256,7 @@ def unpermute_reference(y_ND: Tensor, order_N: Tensor, weights_TK: Tensor) -> Te
 
 @torch.library.custom_op("moesys::unpermute", mutates_args=())
 def unpermute(y_ND: Tensor, order_N: Tensor, weights_TK: Tensor) -> Tensor:
+    check_unpermute_args(y_ND, order_N, weights_TK)
     with torch.no_grad():
         return unpermute_reference(y_ND, order_N, weights_TK)
 
@@ -319,7 +328,9 @@ def moe_experts_decomposed(x_TD, ids_TK, weights_TK, w_up_EHD, w_down_EDF, activ
 def moe_experts(x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor, w_up_EHD: Tensor, w_down_EDF: Tensor,
                 activation: str = "swiglu", capacity_factor: float = 0.0, b_up_EH: Optional[Tensor] = None,
                 b_down_ED: Optional[Tensor] = None) -> Tensor:
-    check_activation(activation)
+    check_experts_args(x_TD, None, w_up_EHD, w_down_EDF, activation, "x_TD")
+    check_ids(ids_TK, w_up_EHD.shape[0], x_TD, id_range=False)   # permute checks the range
+    check_combine_weights(weights_TK, ids_TK)
     with torch.no_grad():
         return moe_experts_decomposed(x_TD, ids_TK, weights_TK, w_up_EHD, w_down_EDF, activation,
                                       capacity_factor, b_up_EH, b_down_ED)

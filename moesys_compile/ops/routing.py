@@ -8,9 +8,8 @@ import torch
 from torch import Tensor
 
 from moesys_compile.ops.autocast import follow_autocast
+from moesys_compile.ops.checks import SCORE_FUNCS, check_route_args
 from moesys_compile.ops.first_order import register_autograd
-
-SCORE_FUNCS = ("softmax", "sigmoid")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -42,19 +41,14 @@ def route_reference(
     given (a reference with another rule for exact ties passes its own).
     """
     topk = topk or (lambda x, k: x.topk(k, dim=-1))
-    if score_func not in SCORE_FUNCS:
-        raise ValueError(f"score_func {score_func!r} is not supported; use one of {SCORE_FUNCS}")
+    check_route_args(logits_TE, top_k, score_func, bias_E, n_groups, topk_groups)
     num_experts = logits_TE.shape[-1]
-    if not 1 <= top_k <= num_experts:
-        raise ValueError(f"top_k ({top_k}) must be in [1, num_experts ({num_experts})]")
     logits_TE = logits_TE.to(score_dtype(logits_TE.dtype))
     scores_TE = logits_TE.softmax(-1) if score_func == "softmax" else logits_TE.sigmoid()
     choice_TE = scores_TE.detach()
     if bias_E is not None:
         choice_TE = choice_TE + bias_E.detach().to(choice_TE.dtype)
     if n_groups > 1:
-        if num_experts % n_groups:
-            raise ValueError(f"num_experts ({num_experts}) is not divisible by n_groups ({n_groups})")
         per_group = num_experts // n_groups
         grouped_TGe = choice_TE.view(-1, n_groups, per_group)
         group_scores_TG = topk(grouped_TGe, min(2, per_group))[0].sum(-1)

@@ -21,7 +21,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from ...nn import _is_capturing
+from ...nn import _is_capturing, flatten_tokens
 from ..canonicalize import Recognition
 from ..hf_capture import AUX_COEF_ATTRIBUTES
 from .experts import ExpertsSpec
@@ -175,7 +175,7 @@ class CanonicalMoEBlock(nn.Module):
         return y_TD, aux_loss, ids_TK, weights_TK
 
     def forward(self, hidden_states: Tensor) -> Any:
-        y_TD, _, ids_TK, weights_TK = self._experts(hidden_states.reshape(-1, self.dim))
+        y_TD, _, ids_TK, weights_TK = self._experts(flatten_tokens(hidden_states, self.dim, f"the canonicalized MoE block {self.source}"))
         y = y_TD.reshape(hidden_states.shape)
         if not self.extra_outputs:
             return y
