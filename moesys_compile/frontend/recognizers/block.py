@@ -175,7 +175,8 @@ class CanonicalMoEBlock(nn.Module):
         return y_TD, aux_loss, ids_TK, weights_TK
 
     def forward(self, hidden_states: Tensor) -> Any:
-        y_TD, _, ids_TK, weights_TK = self._experts(flatten_tokens(hidden_states, self.dim, f"the canonicalized MoE block {self.source}"))
+        x_TD = flatten_tokens(hidden_states, self.dim, f"the canonicalized MoE block {self.source}")
+        y_TD, _, ids_TK, weights_TK = self._experts(x_TD)
         y = y_TD.reshape(hidden_states.shape)
         if not self.extra_outputs:
             return y
