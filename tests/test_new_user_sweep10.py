@@ -24,6 +24,8 @@ big-model inference) found, each refused or fixed now:
   in its slot: always where the budget gives every section a slot of its own (nothing is
   reloaded), and for the first sections of a call, which the copy thread loads ahead. The logits
   were silently stale. Taking such a change now releases the slots, so every section loads again.
+- ``program.bfloat16()`` of a Hugging Face model's ring program said to compile again under a Plan
+  with that dtype, which torch.export-captured models refuse; it now says to cast the model itself.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ import moesys_compile as mc
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_cli_options import save_word_tokenizer  # noqa: E402
+
+from moesys_compile.programs.staged_weights import RingWeightsError  # noqa: E402
 
 VOCAB = 128
 
@@ -148,4 +152,21 @@ def test_an_in_place_change_the_ring_takes_reaches_every_section(budget):
         model.lm_head.weight.mul_(2)
         model.model.embed_tokens.weight.add_(0.5)
     torch.testing.assert_close(program(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-6)
+    program.close()
+
+
+@pytest.mark.parametrize("kind", ["hf", "built-in"])
+def test_a_refused_cast_of_a_ring_program_advises_what_compiles(kind):
+    """An exported graph keeps its captured dtype (Plan.dtype is refused for it): cast the model."""
+    if kind == "hf":
+        pytest.importorskip("transformers")
+        from moesys_compile.models.hf import build_hf
+        model, ids = build_hf("llama", num_hidden_layers=1, seed=0).eval(), torch.randint(0, 100, (1, 5))
+    else:
+        torch.manual_seed(0)
+        model, ids = mc.models.build("tiny-gpt").eval(), torch.randint(0, 100, (1, 5))
+    program = mc.compile(model, mc.Plan(mode="infer", device_budget="64MiB"), example_inputs=(ids,))
+    advice = "model.to\\(torch.bfloat16\\); mc.compile" if kind == "hf" else "under a Plan with that device or dtype"
+    with pytest.raises(RingWeightsError, match=advice):
+        program.bfloat16()
     program.close()

@@ -551,10 +551,23 @@ class RingProgram(Program):
                 raise RingWeightsError(
                     f"a RingProgram runs on Plan.device ({self.plan.device!r}) in the dtype its ring staged the "
                     f"weights in (Plan.dtype: {staged_dtype}), and cannot move or cast them: "
-                    f"{model_names.get(id(tensor), name)} would become {moved.dtype} on {moved.device}; compile "
-                    f"the model again under a Plan with that device or dtype (mc.compile), which casts the staged "
-                    f"weights itself")
+                    f"{model_names.get(id(tensor), name)} would become {moved.dtype} on {moved.device}; "
+                    f"{self._recompile_advice(moved.dtype)}")
         return self
+
+    def _recompile_advice(self, dtype: torch.dtype) -> str:
+        """How to run the model in ``dtype`` (or on another device): a Plan that casts the staged
+        weights, except for a graph that torch.export captured, which holds its dtype fixed."""
+        if self.context.capture == "export" and dtype != self._staged_dtype():
+            return (f"cast the model itself and compile it again (model.to({dtype}); mc.compile), since "
+                    f"torch.export fixed the captured dtype in the graph (Plan.dtype cannot change it); for another "
+                    f"device, compile again under a Plan with that device")
+        return ("compile the model again under a Plan with that device or dtype (mc.compile), which casts the "
+                "staged weights itself")
+
+    def _staged_dtype(self) -> Optional[torch.dtype]:
+        floating = [loc.dtype for loc in self.store.locations.values() if loc.dtype.is_floating_point]
+        return floating[0] if floating else None
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
         """Refused: the ring staged the model's weights (host memory or offload files) when it was
