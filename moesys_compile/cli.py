@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 
 from . import __version__
 from .errors import MoesysError
-from .plan import MODES, Plan
+from .plan import MODES, Plan, parse_bytes
 
 FORMATS = ("text", "json", "dot", "svg")
 DEFAULT_BATCH, DEFAULT_SEQ = 2, 16
@@ -45,6 +45,8 @@ def _inspect_parser(sub) -> None:
     p.add_argument("--seq", type=int, default=None,
                    help="sequence length S of the example inputs the plan is lowered at and at which formulas "
                         f"are evaluated (default {DEFAULT_SEQ}; at most the model's max_seq_len)")
+    p.add_argument("--budget", help="device budget of an infer plan, e.g. 512MiB (Plan.device_budget; implies "
+                                    "--mode infer): shows the ring's sections, their bytes and their slots")
     p.add_argument("--list-passes", action="store_true", help="list each mode's passes and exit")
 
 
@@ -68,9 +70,11 @@ def run_inspect(args: argparse.Namespace) -> int:
     from .models.spec import load_model, model_and_overrides
     from .report import InspectError, Renderer, check_stage, dot_program
 
-    plan = Plan.from_file(args.plan) if args.plan else Plan(mode=args.mode or "train")
+    plan = Plan.from_file(args.plan) if args.plan else Plan(mode=args.mode or ("infer" if args.budget else "train"))
     if args.mode and args.plan and args.mode != plan.mode:
         raise MoesysError(f"--mode {args.mode} contradicts the plan file's mode ({plan.mode}); drop one")
+    if args.budget is not None:
+        plan = _with_budget(plan, args.budget)
     if args.list_passes:
         print(list_passes(plan))
         return 0
@@ -108,6 +112,14 @@ def run_inspect(args: argparse.Namespace) -> int:
     except InspectError:
         raise
     return 0
+
+
+def _with_budget(plan: Plan, budget: str) -> Plan:
+    """``plan`` with ``--budget`` as its device budget; only an infer plan has one."""
+    if plan.mode != "infer":
+        raise MoesysError(f"--budget {budget} is the device budget of ring inference, but the plan's mode is "
+                          f"{plan.mode}; pass --mode infer (or an infer plan file), or drop --budget")
+    return dataclasses.replace(plan, device_budget=parse_bytes(budget, "--budget"))
 
 
 def example_size(loaded, batch: Optional[int], seq: Optional[int]) -> tuple[int, int]:

@@ -26,6 +26,8 @@ big-model inference) found, each refused or fixed now:
   were silently stale. Taking such a change now releases the slots, so every section loads again.
 - ``program.bfloat16()`` of a Hugging Face model's ring program said to compile again under a Plan
   with that dtype, which torch.export-captured models refuse; it now says to cast the model itself.
+- ``moesys-compile inspect DIR --mode infer`` showed "no ring" (no budget), and only a plan file
+  could give one; ``--budget`` now does, and implies ``--mode infer``.
 """
 
 from __future__ import annotations
@@ -170,3 +172,12 @@ def test_a_refused_cast_of_a_ring_program_advises_what_compiles(kind):
     with pytest.raises(RingWeightsError, match=advice):
         program.bfloat16()
     program.close()
+
+
+def test_inspect_takes_a_budget_and_shows_the_ring(capsys):
+    from moesys_compile.cli import main as cli_main
+    assert cli_main(["inspect", "tiny-moe", "--budget", "300KiB", "--after", "ring_partition"]) == 0
+    shown = capsys.readouterr().out
+    assert "mode=infer" in shown and "budget 307200 B" in shown and "section   0  slot 0" in shown
+    assert cli_main(["inspect", "tiny-moe", "--mode", "train", "--budget", "1MiB"]) == 2
+    assert "--budget 1MiB is the device budget of ring inference, but the plan's mode is train" in capsys.readouterr().err
