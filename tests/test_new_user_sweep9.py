@@ -18,6 +18,10 @@
   broken (its buffer no tensor), and the program never updated the buffer (compile failed with a
   VerifyError inside ``decompose_moe`` where the value was used twice). Capture puts the buffers
   back and writes such an assignment into the buffer in place, as eager's ``+=`` does.
+- ``torch.amp.GradScaler`` at expert_parallel > 1: each rank decided alone whether a step
+  overflowed, and the ranks hold different experts' gradients, so a rank whose experts overflowed
+  skipped the step the others took and the dense weights drifted apart. ``program.grad_scaler()``
+  gives a scaler that decides over every rank (torch's ``ShardedGradScaler`` there).
 """
 
 from __future__ import annotations
@@ -186,3 +190,38 @@ def test_buffers_the_forward_assigns_are_updated_and_the_model_is_left_intact():
     assert int(model.steps) == int(reference.steps) == 3
     torch.testing.assert_close(model.ema, reference.ema)
     torch.testing.assert_close(model.embed.weight.grad, reference.embed.weight.grad)
+
+
+def _scaled_steps(rank, world, kind):
+    """Two float16-style scaled SGD steps at expert_parallel=2; the first with an overflow in rank
+    0's expert gradients only. Returns whether the dense weights equal rank 0's after each step,
+    whether they changed, and the scales."""
+    model = _tiny_moe()
+    program = mc.compile(model, mc.Plan(mode="train", world_size=2, expert_parallel=2), (_rank_batch(0, rank)[0],))
+    optimizer = torch.optim.SGD(program.parameters(), lr=0.05)
+    scaler = program.grad_scaler() if kind == "program" else torch.amp.GradScaler("cpu")
+    dense = program.get_parameter("graph_module.embed.weight")
+    seen = []
+    for step in range(2):
+        before = dense.detach().clone()
+        ids, targets = _rank_batch(step, rank)
+        scaler.scale(_cross_entropy(program(ids), targets)).backward()
+        if step == 0 and rank == 0:
+            program.get_parameter("graph_module.layers.0.ffn.w_up").grad[0, 0, 0] = float("inf")
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad()
+        first = dense.detach().clone()
+        torch.distributed.broadcast(first, 0)
+        seen.append((bool(torch.equal(dense, first)), not torch.equal(dense, before), scaler.get_scale()))
+    return seen
+
+
+def test_the_programs_grad_scaler_keeps_expert_parallel_ranks_in_step():
+    """A plain GradScaler lets the rank whose experts overflowed skip a step the other takes."""
+    plain = run_ranks(_scaled_steps, 2, "plain")
+    assert not plain[1][0][0], "a plain scaler lets the ranks drift apart"
+    for steps in run_ranks(_scaled_steps, 2, "program"):
+        (same0, changed0, scale0), (same1, changed1, scale1) = steps
+        assert same0 and not changed0 and scale0 == 2.0 ** 15      # the overflow skips the step on both ranks
+        assert same1 and changed1 and scale1 == scale0              # the next one is taken on both

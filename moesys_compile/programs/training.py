@@ -257,6 +257,20 @@ class TrainingProgram(Program):
                 grad.mul_(coef)
         return total.float()
 
+    def grad_scaler(self, **settings: Any) -> torch.amp.GradScaler:
+        """A ``GradScaler`` for float16 steps of this program (``settings``: its ``init_scale``,
+        ``growth_interval``, ...). At expert_parallel > 1 the ranks hold different experts'
+        gradients, so a plain scaler on each rank decides alone whether a step overflowed: a rank
+        whose experts overflowed skips the step while the others take it, and the dense weights
+        drift apart. There it is torch's ``ShardedGradScaler``, which reduces that decision over
+        every rank, so all skip or all step; elsewhere every gradient is synced (the same on every
+        rank) and it is ``torch.amp.GradScaler``."""
+        device = next(self.parameters()).device.type
+        if self.plan.expert_parallel > 1 and dist.is_initialized():
+            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+            return ShardedGradScaler(device=device, process_group=dist.group.WORLD, **settings)
+        return torch.amp.GradScaler(device, **settings)
+
     def _reduce_experts(self, value: torch.Tensor, op) -> None:
         if groups.size("ep") > 1:
             dist.all_reduce(value, op=op, group=groups.get("ep"))
