@@ -141,15 +141,21 @@ def test_a_training_checkpoint_is_read_in_place_where_rows_lie_in_one_shard(tmp_
     program.close()
 
 
-@pytest.mark.parametrize("change", ["truncated", "written again"])
-def test_a_checkpoint_file_changed_under_a_live_program_is_named(tmp_path, change):
+def live_program(tmp_path: Path) -> tuple:
+    """A ring program reading a llama checkpoint in place, called once (it equals eager), whose
+    every call loads sections again; with the expected logits and the checkpoint's file."""
     saved, fresh = hf_pair("llama", tmp_path)
     program = ring(fresh, tmp_path / "ckpt", tmp_path / "offload")
     with torch.inference_mode():
         expected = logits(saved(IDS))
     torch.testing.assert_close(logits(program(IDS)), expected, atol=1e-6, rtol=0)
     assert program.stats["sections"] > program.stats["slots"], "every call loads sections again"
-    file = tmp_path / "ckpt" / "model.safetensors"
+    return program, expected, tmp_path / "ckpt" / "model.safetensors"
+
+
+@pytest.mark.parametrize("change", ["truncated", "written again"])
+def test_a_checkpoint_file_changed_under_a_live_program_is_named(tmp_path, change):
+    program, _, file = live_program(tmp_path)
     if change == "truncated":
         os.truncate(file, 100)
     else:
@@ -167,14 +173,9 @@ def test_a_checkpoint_file_changed_under_a_live_program_is_named(tmp_path, chang
 def test_a_replaced_checkpoint_file_leaves_the_program_its_weights(tmp_path):
     """A save that writes a new file and renames it over the old one (atomic saves) does not
     change what a live program computes."""
-    saved, fresh = hf_pair("llama", tmp_path)
-    program = ring(fresh, tmp_path / "ckpt", tmp_path / "offload")
-    with torch.inference_mode():
-        expected = logits(saved(IDS))
-    torch.testing.assert_close(logits(program(IDS)), expected, atol=1e-6, rtol=0)
-    assert program.stats["sections"] > program.stats["slots"], "every call loads sections again"
-    file = tmp_path / "ckpt" / "model.safetensors"
-    save_file({k: torch.zeros_like(v) for k, v in fresh.state_dict().items()}, str(tmp_path / "new.safetensors"))
+    program, expected, file = live_program(tmp_path)
+    save_file({k: torch.zeros_like(v) for k, v in program.context.model.state_dict().items()},
+              str(tmp_path / "new.safetensors"))
     os.replace(tmp_path / "new.safetensors", file)
     torch.testing.assert_close(logits(program(IDS)), expected, atol=1e-6, rtol=0)
     program.close()
