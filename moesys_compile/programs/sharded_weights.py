@@ -217,7 +217,7 @@ def follow_model(records: list[ShardedWeight], dense: list[nn.Parameter]) -> Non
     shards = [(r, r.shard()) for r in records if r.shard is not None]
     for record, shard in shards:
         full = record.full()
-        if full is not None:
+        if full is not None and not torch.compiler.is_compiling():    # storage pointers: no graph of them
             follow_cast(record, full, shard)
         if full is not None and full.requires_grad != record.model_requires_grad:
             record.model_requires_grad = full.requires_grad
@@ -239,7 +239,9 @@ def follow_cast(record: ShardedWeight, full: nn.Parameter, shard: nn.Parameter) 
     new storage, cast, holding this rank's trained rows too; the shard, which viewed the old
     storage, views the new one's rows from then on (and its gradient is cast alike), so the model
     cast reaches the experts as it reaches the dense parameters. A shard given storage of its
-    own (``program.to(...)`` casts the shards) is left as it is."""
+    own (``program.to(...)`` casts the shards) is left as it is. Under ``torch.compile`` the
+    program's forward does not follow a cast (dynamo cannot trace storage pointers): cast the
+    model before compiling it with torch.compile."""
     storage = full.untyped_storage().data_ptr()
     if storage == record.storage:
         return
