@@ -24,7 +24,7 @@ from torch import Tensor
 
 from moesys_compile.kernels._triton import check_dtype, check_triton, pow2, resolve_impl, tl, triton
 from moesys_compile.ops import expert_capacity, sort_slots_reference
-from moesys_compile.ops.checks import check_ids, check_unpermute_args
+from moesys_compile.ops.checks import check_capacity_factor, check_ids, check_unpermute_args
 from moesys_compile.ops.autocast import follow_autocast
 from moesys_compile.ops.first_order import register_autograd
 
@@ -119,6 +119,7 @@ def _unpermute_bwd_kernel(grad_y_ptr, y_ptr, order_ptr, w_ptr, grad_ys_ptr, grad
 
 
 def _capacity(ids_TK: Tensor, num_experts: int, capacity: int, capacity_factor: float) -> int:
+    check_capacity_factor(capacity_factor)
     if capacity >= 0 and capacity_factor > 0:
         raise ValueError(f"give capacity ({capacity}) or capacity_factor ({capacity_factor}), not both")
     if capacity_factor > 0:

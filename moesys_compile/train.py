@@ -50,6 +50,7 @@ from .runtime.checkpoint import CheckpointError
 
 
 DEFAULT_MODEL = "tiny-moe"
+NPROC_SPELLINGS = ("--nproc-per-node", "--nproc_per_node")   # both of torchrun's spellings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -407,7 +408,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     """The launcher's arguments; MODEL given as ``--model`` or in first place (as inspect and
     infer take it), ``tiny-moe`` where neither is."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args([_one_spelling(arg) for arg in argv])
     if args.model and args.model_arg and args.model != args.model_arg:
         parser.error(f"MODEL {args.model_arg!r} and --model {args.model!r} name different models; give one of them")
     args.model = args.model or args.model_arg or DEFAULT_MODEL
@@ -499,16 +500,33 @@ def _prepare_log_json(path: Path) -> None:
         raise ValueError(f"--log-json {str(path)!r} is not writable; pass a path in a writable folder")
 
 
+def _one_spelling(arg: str) -> str:
+    """torchrun's ``--nproc_per_node`` (also ``=N``) as this parser spells it."""
+    name, sep, value = arg.partition("=")
+    return NPROC_SPELLINGS[0] + sep + value if name in NPROC_SPELLINGS else arg
+
+
+def without_launch_option(argv: Sequence[str]) -> list[str]:
+    """``argv`` less ``--nproc-per-node`` in each spelling torchrun takes (``--nproc_per_node``),
+    with its value, given as ``--opt N`` or ``--opt=N``: the ranks are already launched."""
+    forwarded, skip_value = [], False
+    for arg in argv:
+        if skip_value:
+            skip_value = False
+        elif arg in NPROC_SPELLINGS:
+            skip_value = True
+        elif not arg.startswith(tuple(f"{spelling}=" for spelling in NPROC_SPELLINGS)):
+            forwarded.append(arg)
+    return forwarded
+
+
 def launch(argv: Sequence[str], nproc: int, env: Optional[dict] = None) -> int:
     """Start ``nproc`` ranks of this launcher with torchrun on a free local port; returns its exit code."""
     import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    forwarded = [a for a in argv if not a.startswith("--nproc-per-node")]
-    if "--nproc-per-node" in argv:                  # drop the separate value too
-        i = argv.index("--nproc-per-node")
-        forwarded = list(argv[:i]) + list(argv[i + 2:])
+    forwarded = without_launch_option(argv)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
            "127.0.0.1", "--master-port", str(port), "-m", "moesys_compile.train", *forwarded]
     full_env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **(env or {})}

@@ -49,7 +49,8 @@ def check_route_args(logits_TE: Tensor, top_k: int, score_func: str, bias_E: Opt
                                f"left by group-limited routing")
 
 
-def check_ids(ids_TK: Tensor, num_experts: int, x_TD: Optional[Tensor] = None, id_range: bool = True) -> None:
+def check_ids(ids_TK: Tensor, num_experts: int, x_TD: Optional[Tensor] = None, id_range: bool = True,
+              x_name: str = "x_TD") -> None:
     """[T, K] integer ids (of ``x_TD``'s T tokens where given), each in [0, num_experts) unless
     ``id_range`` is False (a caller whose ``permute`` checks them)."""
     if ids_TK.dim() != 2:
@@ -59,7 +60,7 @@ def check_ids(ids_TK: Tensor, num_experts: int, x_TD: Optional[Tensor] = None, i
     if num_experts < 1:
         raise OpInputError(f"num_experts ({num_experts}) must be >= 1")
     if x_TD is not None and (x_TD.dim() != 2 or x_TD.shape[0] != ids_TK.shape[0]):
-        raise OpInputError(f"x_TD has shape {tuple(x_TD.shape)} but ids_TK has {ids_TK.shape[0]} tokens")
+        raise OpInputError(f"{x_name} has shape {tuple(x_TD.shape)} but ids_TK has {ids_TK.shape[0]} tokens")
     if id_range:
         check_id_range(ids_TK, num_experts)
 
@@ -77,6 +78,20 @@ def check_id_range(ids_TK: Tensor, num_experts: int) -> None:
         raise OpInputError(f"ids_TK[{token}, {k}] is {int(ids_TK[token, k])}, outside [0, num_experts "
                            f"({num_experts})): expert ids must come from a top-k over this layer's "
                            f"{num_experts} experts")
+
+
+def check_balance_args(scores_TE: Tensor, ids_TK: Tensor) -> None:
+    """The load-balancing loss's inputs: [T, E] router scores and the [T, K] ids chosen from them."""
+    if scores_TE.dim() != 2:
+        raise OpInputError(f"scores_TE must be [T, E], got shape {tuple(scores_TE.shape)}")
+    check_ids(ids_TK, scores_TE.shape[1], scores_TE, x_name="scores_TE")
+
+
+def check_capacity_factor(capacity_factor: float) -> None:
+    """GShard capacity factor: a finite number > 0, or 0 for dropless routing."""
+    if not 0 <= capacity_factor < float("inf"):
+        raise OpInputError(f"capacity_factor ({capacity_factor}) must be a finite number > 0 (GShard capacity per "
+                           f"expert), or 0 for dropless routing")
 
 
 def check_combine_weights(weights_TK: Tensor, ids_TK: Tensor) -> None:

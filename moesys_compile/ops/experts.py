@@ -12,7 +12,7 @@ from torch import Tensor
 from moesys_compile.errors import OpInputError
 from moesys_compile.ops.activations import apply_activation, expert_capacity
 from moesys_compile.ops.autocast import follow_autocast
-from moesys_compile.ops.checks import (check_combine_weights, check_experts_args, check_ids,
+from moesys_compile.ops.checks import (check_capacity_factor, check_combine_weights, check_experts_args, check_ids,
                                        check_unpermute_args)
 from moesys_compile.ops.first_order import register_autograd
 
@@ -331,6 +331,7 @@ def moe_experts(x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor, w_up_EHD: Tens
     check_experts_args(x_TD, None, w_up_EHD, w_down_EDF, activation, "x_TD")
     check_ids(ids_TK, w_up_EHD.shape[0], x_TD, id_range=False)   # permute checks the range
     check_combine_weights(weights_TK, ids_TK)
+    check_capacity_factor(capacity_factor)
     with torch.no_grad():
         return moe_experts_decomposed(x_TD, ids_TK, weights_TK, w_up_EHD, w_down_EDF, activation,
                                       capacity_factor, b_up_EH, b_down_ED)

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from moesys_compile.ops.autocast import follow_autocast
-from moesys_compile.ops.checks import SCORE_FUNCS, check_route_args
+from moesys_compile.ops.checks import SCORE_FUNCS, check_balance_args, check_route_args
 from moesys_compile.ops.first_order import register_autograd
 
 
@@ -141,6 +141,7 @@ def load_balancing_loss_reference(scores_TE: Tensor, ids_TK: Tensor, coef: float
 
 @torch.library.custom_op("moesys::load_balancing_loss", mutates_args=())
 def load_balancing_loss(scores_TE: Tensor, ids_TK: Tensor, coef: float) -> Tensor:
+    check_balance_args(scores_TE, ids_TK)
     with torch.no_grad():
         return load_balancing_loss_reference(scores_TE, ids_TK, coef)
 

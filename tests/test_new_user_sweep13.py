@@ -1,0 +1,55 @@
+"""Thirteenth new-user sweep: arguments the canonical ops took without a word, and torchrun's
+other spelling of ``--nproc-per-node``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moesys_compile.kernels  # noqa: F401 - registers torch.ops.moesys_kernels
+from moesys_compile import train
+from moesys_compile.errors import OpInputError
+
+SCORES_TE = torch.randn(6, 4, generator=torch.Generator().manual_seed(0)).softmax(-1)
+IDS_TK = torch.tensor([[0, 1], [1, 2], [2, 3], [3, 0], [0, 2], [1, 3]])
+
+
+@pytest.mark.parametrize("scores, ids, message", [
+    (SCORES_TE, torch.where(IDS_TK == 3, 4, IDS_TK), r"ids_TK\[2, 1\] is 4, outside \[0, num_experts \(4\)\)"),
+    (SCORES_TE, -IDS_TK, r"ids_TK\[0, 1\] is -1, outside \[0, num_experts \(4\)\)"),
+    (SCORES_TE, IDS_TK[:5], r"scores_TE has shape \(6, 4\) but ids_TK has 5 tokens"),
+    (SCORES_TE[0], IDS_TK, r"scores_TE must be \[T, E\], got shape \(4,\)"),
+])
+def test_the_load_balancing_loss_names_ids_that_its_scores_do_not_hold(scores, ids, message):
+    """Before, an id past E or below 0 failed inside scatter_add with an index error naming no
+    argument, and ids of fewer tokens than the scores were averaged over the wrong count."""
+    with pytest.raises(OpInputError, match=message):
+        torch.ops.moesys.load_balancing_loss(scores, ids, 0.01)
+    assert torch.ops.moesys.load_balancing_loss(SCORES_TE, IDS_TK, 0.01).item() > 0   # good input still runs
+
+
+@pytest.mark.parametrize("capacity_factor", [-1.0, float("inf"), float("nan")])
+def test_moe_experts_and_sort_slots_refuse_a_capacity_factor_that_is_no_capacity(capacity_factor):
+    """A negative factor was taken as dropless, and inf or NaN as a capacity; Plan and nn.MoE
+    already refuse them, the ops now do too."""
+    x_TD = torch.randn(6, 8)
+    w_up_EHD, w_down_EDF = torch.randn(4, 32, 8), torch.randn(4, 8, 16)
+    message = rf"capacity_factor \({capacity_factor}\) must be a finite number > 0 .* or 0 for dropless routing"
+    with pytest.raises(OpInputError, match=message):
+        torch.ops.moesys.moe_experts(x_TD, IDS_TK, torch.ones(6, 2), w_up_EHD, w_down_EDF, "swiglu", capacity_factor)
+    with pytest.raises(OpInputError, match=message):
+        torch.ops.moesys_kernels.sort_slots(IDS_TK, 4, -1, capacity_factor)
+
+
+@pytest.mark.parametrize("argv", [["--nproc_per_node", "2"], ["--nproc_per_node=2"], ["--nproc-per-node", "2"],
+                                  ["--nproc-per-node=2"]])
+def test_train_takes_torchrun_s_underscore_spelling_of_nproc_per_node(argv, monkeypatch):
+    """``torchrun --nproc_per_node 2`` is how many launch scripts spell it; the launcher refused that
+    spelling as an unrecognised argument. Each spelling launches 2 ranks, and none reaches them."""
+    monkeypatch.delenv("RANK", raising=False)
+    launched = []
+    monkeypatch.setattr(train, "precheck", lambda args, world: None)
+    monkeypatch.setattr(train, "launch", lambda forwarded, nproc: launched.append((forwarded, nproc)) or 0)
+    assert train.main(["--model", "tiny-moe", *argv, "--ep", "2"]) == 0
+    assert launched == [(["--model", "tiny-moe", *argv, "--ep", "2"], 2)]
+    assert train.without_launch_option(launched[0][0]) == ["--model", "tiny-moe", "--ep", "2"]
