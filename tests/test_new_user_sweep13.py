@@ -53,3 +53,35 @@ def test_train_takes_torchrun_s_underscore_spelling_of_nproc_per_node(argv, monk
     assert train.main(["--model", "tiny-moe", *argv, "--ep", "2"]) == 0
     assert launched == [(["--model", "tiny-moe", *argv, "--ep", "2"], 2)]
     assert train.without_launch_option(launched[0][0]) == ["--model", "tiny-moe", "--ep", "2"]
+
+
+def _dynamic_rope_llama():
+    from moesys_compile.models.hf import build_hf
+    return build_hf("llama", max_position_embeddings=32,
+                    rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}).eval()
+
+
+@pytest.mark.parametrize("eager_calls_before_compile", [0, 3])
+def test_a_ring_keeps_running_after_the_eager_model_rescales_its_dynamic_rope(eager_calls_before_compile):
+    """A dynamic-NTK rotary embedding, called eagerly past its original length, points its
+    ``inv_freq`` buffer at new frequencies (and back at ``original_inv_freq`` after a short call).
+    The ring refused every later call as if a weight had changed: it had staged ``inv_freq``, which
+    export lists although the captured forward computes the frequencies per call, or (once the
+    buffer aliased ``original_inv_freq``) it watched the name rather than the tensor it read."""
+    import moesys_compile as mc
+    from moesys_compile.infer import model_bytes
+    from moesys_compile.models.hf import build_hf
+
+    model = _dynamic_rope_llama()
+    short, long = (torch.randint(0, 100, (2, seq), generator=torch.Generator().manual_seed(seq)) for seq in (16, 48))
+    with torch.no_grad():
+        for ids in (short, long, short)[:eager_calls_before_compile]:
+            model(ids)
+        program = mc.compile(model, mc.Plan(mode="infer", device="cpu", device_budget=2 * model_bytes(model),
+                                            weights="host"), example_inputs=(short,))
+        want = {ids.shape[1]: _dynamic_rope_llama()(ids).logits for ids in (short, long)}
+        for ids in (long, short, long):
+            model(ids)                        # the eager model moves its buffer between the ring's calls
+            torch.testing.assert_close(program(ids).logits, want[ids.shape[1]], rtol=0, atol=0)
+        plain = build_hf("llama", max_position_embeddings=32).eval()      # the same weights, rope not rescaled
+        assert not torch.allclose(plain(long).logits, want[48])           # past 32 tokens the scaling shows

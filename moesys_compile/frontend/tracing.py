@@ -560,6 +560,7 @@ def capture(model: nn.Module, example_inputs: Sequence[Any] = (), example_kwargs
     checkpointed: list[bool] = []
     with own_autograd_functions(inlined), _noting_activation_checkpoints(checkpointed):
         gm = _capture(model, example_inputs, example_kwargs, leaf_modules)
+    _drop_unread_state(gm)
     gm.meta["moesys_captured_training"] = model.training
     gm.meta["moesys_mode_signature"] = mode_signature(gm)
     gm.meta["moesys_recapture"] = functools.partial(capture_in_mode, model, tuple(example_inputs), example_kwargs,
@@ -571,6 +572,18 @@ def capture(model: nn.Module, example_inputs: Sequence[Any] = (), example_kwargs
                   f"the program computes the same values and gradients but stores every activation; lower the "
                   f"batch size if memory runs out")
     return gm
+
+
+def _drop_unread_state(gm: fx.GraphModule) -> None:
+    """Drop the graph's reads of model tensors that nothing uses. Export lists every buffer of a
+    module it traced through, also one the forward never reads (a dynamic rotary embedding's
+    ``inv_freq``, which the capture replaces by frequencies computed per call); a ring would stage
+    it and refuse the next call once the eager model, called again, replaced that buffer."""
+    unread = [node for node in gm.graph.nodes if node.op == "get_attr" and not node.users]
+    for node in unread:
+        gm.graph.erase_node(node)
+    if unread:
+        gm.recompile()
 
 
 def capture_in_mode(model: nn.Module, example_inputs: Sequence[Any], example_kwargs: dict,

@@ -85,7 +85,7 @@ class StagedWeights:
         for name, seen in self.seen.items():
             tensor = now.get(name)
             change = _change(seen, tensor)
-            if change is None:
+            if change is None or _held_under_another_name(seen, now):
                 continue
             if change == MODIFIED_IN_PLACE and _read_in_place(store, name, tensor):
                 self.seen[name] = _Seen.of(tensor)
@@ -111,6 +111,15 @@ def _change(seen: _Seen, tensor: Optional[torch.Tensor]) -> Optional[str]:
     if _version(tensor) != seen.version:
         return MODIFIED_IN_PLACE
     return None
+
+
+def _held_under_another_name(seen: _Seen, now: dict[str, torch.Tensor]) -> bool:
+    """The very tensor the ring read, unchanged, still in the model under another of its names: a
+    name that had aliased it now holds another tensor (a dynamic rotary embedding, called eagerly,
+    points ``inv_freq`` at new frequencies and back at ``original_inv_freq``). The ring reads the
+    tensor, not the name, and a graph lowered again finds it under the name that still holds it."""
+    tensor = seen.tensor()
+    return tensor is not None and any(other is tensor and _change(seen, other) is None for other in now.values())
 
 
 def _moved_to_shared_memory(seen: _Seen, tensor: torch.Tensor) -> bool:
