@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from ..canonicalize import Recognition
 from .block import CanonicalMoEBlock, block_kind
-from .experts import activation_hint, experts_candidates
+from .experts import activation_hint, expert_modules, experts_candidates
 from .probe import CROWD_DIFFERS, NO_CAPACITY, BlockProbe, block_capacity, exact_form, token_scales
 from .router_rules import analyze_router, rule_candidates
 from .structure import (CLAMP_ATTRS, ROUTER_NAMES, SHARED_GATE_NAMES, SHARED_NAMES, TOP_K_ATTRS, fetch, generator,
@@ -48,9 +48,10 @@ from .structure import (CLAMP_ATTRS, ROUTER_NAMES, SHARED_GATE_NAMES, SHARED_NAM
 
 
 def _has_stacked_experts(module: nn.Module) -> bool:
-    """A ModuleList of experts, 3-D [E, ., .] weights, or two or three flat [E*F, D] matrices (DBRX)."""
+    """A ModuleList or ModuleDict of experts, 3-D [E, ., .] weights, or two or three flat [E*F, D]
+    matrices (DBRX)."""
     params = list(module.parameters())
-    return isinstance(module, nn.ModuleList) and len(module) > 0 or any(
+    return bool(expert_modules(module)) or any(
         p.dim() == 3 for p in module.parameters(recurse=False)) or (
         2 <= len(params) <= 3 and all(p.dim() == 2 and p.shape == params[0].shape for p in params))
 
@@ -87,8 +88,8 @@ def _num_experts(experts: nn.Module, split: Optional[tuple[str, str]]) -> int:
     """E; for flat [E*F, D] matrices only the experts module's own count says it (0: unknown)."""
     if split:
         return fetch(experts, split[0]).shape[0]
-    if isinstance(experts, nn.ModuleList):
-        return len(experts)
+    if expert_modules(experts):
+        return len(expert_modules(experts))
     stacked = [p.shape[0] for p in experts.parameters(recurse=False) if p.dim() == 3]
     return stacked[0] if stacked else number_attr(experts, ("num_experts", "moe_num_experts", "num_local_experts"), 0)
 
@@ -115,6 +116,23 @@ def recognize_routed_block(module: nn.Module, path: str) -> Optional[Recognition
         return _recognize(module, path, experts_name)
     except Exception as exc:  # noqa: BLE001 - an unforeseen structure is reported, not raised
         return leave(path, block_kind(module), f"not analysable ({type(exc).__name__}: {exc})")
+
+
+def expert_dropouts(experts: nn.Module, experts_name: str) -> dict[str, nn.Module]:
+    """The dropout modules with p > 0 inside the experts, by path in the block (Switch
+    Transformers' ``expert_0.dropout`` between the projections): the canonical experts have no
+    dropout, so they compute the same only while these are in eval mode."""
+    prefix = f"{experts_name}." if experts_name else ""
+    return {prefix + name: m for name, m in experts.named_modules()
+            if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0}
+
+
+def _dropout_reason(dropouts: dict[str, nn.Module]) -> str:
+    first, module = next(iter(dropouts.items()))
+    return (f"its experts apply dropout between their projections in training ({len(dropouts)} dropout modules, "
+            f"'{first}' with p={module.p:g}), which the canonical experts do not; build the model with that "
+            f"dropout at 0 (Hugging Face: the config field it comes from, such as dropout_rate=0 or "
+            f"activation_dropout=0), or compile in eval mode for inference")
 
 
 def _output_bias(module: nn.Module, dim: int, taken: set[str]) -> tuple[Optional[str], list[str]]:
@@ -206,6 +224,9 @@ def _recognize(module: nn.Module, path: str, experts_name: str) -> Optional[Reco
                                  f"set the config's router_jitter_noise=0 to canonicalize it")
     if on_meta(module):
         return leave(path, kind, "parameters are on the meta device; materialise the model before compiling")
+    dropouts = expert_dropouts(experts, experts_name)
+    if any(dropout.training for dropout in dropouts.values()):
+        return leave(path, kind, _dropout_reason(dropouts))
     router = getattr(module, router_name)
     dim = next(p for p in router.parameters() if p.dim() == 2 and p.shape[0] == num_experts).shape[1]
     output_norm = _output_norm(module, extra, dim)
@@ -234,7 +255,8 @@ def _recognize(module: nn.Module, path: str, experts_name: str) -> Optional[Reco
         router_spec = replace(router_spec, top_k=number_attr(module, TOP_K_ATTRS, 0))
     if router_spec.top_k < 1:
         return leave(path, kind, f"{router_why}; neither the router nor the block has a top_k attribute")
-    rules = [router_spec] if "ids" in router_spec.outputs else rule_candidates(router, router_spec, args)
+    own_choice = "ids" in router_spec.outputs or "dispatch" in router_spec.outputs
+    rules = [router_spec] if own_choice else rule_candidates(router, router_spec, args)
     capacity, crowds, capacity_note = block_capacity(module, router_spec.top_k, num_experts)
     forms = [dict(router=rule, experts=layout, output_scale=scale, capacity_factor=factor, **norm)
              for rule in rules for layout in candidates for scale in ((1.0, 0.5) if shared else (1.0,))
