@@ -21,10 +21,11 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
+from ...errors import MoesysError
 from ...nn import _is_capturing, flatten_tokens
 from ..canonicalize import Recognition
 from ..hf_capture import AUX_COEF_ATTRIBUTES
-from .experts import ExpertsSpec
+from .experts import ExpertsSpec, expert_dropout_reason, expert_dropouts
 from .structure import RouterSpec, call_router, dispatched_routes, number_attr, route_known, router_values
 
 
@@ -107,6 +108,17 @@ class CanonicalMoEBlock(nn.Module):
         self.source = f"{type(original).__module__}.{type(original).__qualname__}"
         self.kind = kind or block_kind(original)
         self.aux_loss: Optional[Tensor] = None
+        # dropout inside the experts, off when recognised (eval mode): refused once it is on
+        self.expert_dropouts = tuple(expert_dropouts(self.get_submodule(experts.path), experts.path))
+
+    def check_expert_dropout(self) -> None:
+        """Refuse to run while dropout inside the experts is on (the model switched to training
+        after it was canonicalized in eval mode): the canonical experts have no dropout."""
+        dropouts = {path: self.get_submodule(path) for path in self.expert_dropouts}
+        if any(dropout.training for dropout in dropouts.values()):
+            raise MoesysError(f"the canonicalized MoE block {self.source} runs in training mode, but "
+                              + expert_dropout_reason(dropouts).replace("or compile in eval mode for inference",
+                                                                        "or run it in eval mode"))
 
     @property
     def expert_param_names(self) -> list[str]:
@@ -185,6 +197,8 @@ class CanonicalMoEBlock(nn.Module):
 
     def forward(self, hidden_states: Tensor) -> Any:
         x_TD = flatten_tokens(hidden_states, self.dim, f"the canonicalized MoE block {self.source}")
+        if self.expert_dropouts:
+            self.check_expert_dropout()
         y_TD, _, ids_TK, weights_TK = self._experts(x_TD, hidden_states.shape)
         y = y_TD.reshape(hidden_states.shape)
         if not self.extra_outputs:

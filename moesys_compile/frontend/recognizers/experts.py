@@ -29,6 +29,24 @@ def expert_modules(experts: nn.Module) -> list[tuple[str, nn.Module]]:
     return []
 
 
+def expert_dropouts(experts: nn.Module, experts_name: str) -> dict[str, nn.Module]:
+    """The dropout modules with p > 0 inside the experts, by path in the block (Switch
+    Transformers' ``expert_0.dropout`` between the projections): the canonical experts have no
+    dropout, so they compute the same only while these are in eval mode."""
+    prefix = f"{experts_name}." if experts_name else ""
+    return {prefix + name: m for name, m in experts.named_modules()
+            if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0}
+
+
+def expert_dropout_reason(dropouts: dict[str, nn.Module]) -> str:
+    """Why experts with ``dropouts`` in training mode have no canonical form, and the fix."""
+    first, module = next(iter(dropouts.items()))
+    return (f"its experts apply dropout between their projections in training ({len(dropouts)} dropout modules, "
+            f"'{first}' with p={module.p:g}), which the canonical experts do not; build the model with that "
+            f"dropout at 0 (Hugging Face: the config field it comes from, such as dropout_rate=0 or "
+            f"activation_dropout=0), or compile in eval mode for inference")
+
+
 @dataclass
 class ExpertsSpec:
     """Where the stacked expert weights come from. ``stacked``: 3-D parameters read as (transposed)

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from ..canonicalize import Recognition
 from .block import CanonicalMoEBlock, block_kind
-from .experts import activation_hint, expert_modules, experts_candidates
+from .experts import activation_hint, expert_dropout_reason, expert_dropouts, expert_modules, experts_candidates
 from .probe import CROWD_DIFFERS, NO_CAPACITY, BlockProbe, block_capacity, exact_form, token_scales
 from .router_rules import analyze_router, rule_candidates
 from .structure import (CLAMP_ATTRS, ROUTER_NAMES, SHARED_GATE_NAMES, SHARED_NAMES, TOP_K_ATTRS, fetch, generator,
@@ -116,23 +116,6 @@ def recognize_routed_block(module: nn.Module, path: str) -> Optional[Recognition
         return _recognize(module, path, experts_name)
     except Exception as exc:  # noqa: BLE001 - an unforeseen structure is reported, not raised
         return leave(path, block_kind(module), f"not analysable ({type(exc).__name__}: {exc})")
-
-
-def expert_dropouts(experts: nn.Module, experts_name: str) -> dict[str, nn.Module]:
-    """The dropout modules with p > 0 inside the experts, by path in the block (Switch
-    Transformers' ``expert_0.dropout`` between the projections): the canonical experts have no
-    dropout, so they compute the same only while these are in eval mode."""
-    prefix = f"{experts_name}." if experts_name else ""
-    return {prefix + name: m for name, m in experts.named_modules()
-            if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0}
-
-
-def _dropout_reason(dropouts: dict[str, nn.Module]) -> str:
-    first, module = next(iter(dropouts.items()))
-    return (f"its experts apply dropout between their projections in training ({len(dropouts)} dropout modules, "
-            f"'{first}' with p={module.p:g}), which the canonical experts do not; build the model with that "
-            f"dropout at 0 (Hugging Face: the config field it comes from, such as dropout_rate=0 or "
-            f"activation_dropout=0), or compile in eval mode for inference")
 
 
 def _output_bias(module: nn.Module, dim: int, taken: set[str]) -> tuple[Optional[str], list[str]]:
@@ -226,7 +209,7 @@ def _recognize(module: nn.Module, path: str, experts_name: str) -> Optional[Reco
         return leave(path, kind, "parameters are on the meta device; materialise the model before compiling")
     dropouts = expert_dropouts(experts, experts_name)
     if any(dropout.training for dropout in dropouts.values()):
-        return leave(path, kind, _dropout_reason(dropouts))
+        return leave(path, kind, expert_dropout_reason(dropouts))
     router = getattr(module, router_name)
     dim = next(p for p in router.parameters() if p.dim() == 2 and p.shape[0] == num_experts).shape[1]
     output_norm = _output_norm(module, extra, dim)
