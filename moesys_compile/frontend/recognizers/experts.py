@@ -23,9 +23,12 @@ from .structure import CLAMP_ATTRS, fetch, number_attr
 def expert_modules(experts: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, module) of each expert of a ModuleList or ModuleDict of expert MLPs, in expert order
     (a ModuleDict's insertion order: ``expert_0``, ``expert_1``, ...; the block probe checks it);
-    empty for any other module."""
-    if isinstance(experts, (nn.ModuleList, nn.ModuleDict)):
+    a ModuleDict's parameterless children are not experts (NLLB-MoE's ``token_dropout``). Empty
+    for any other module."""
+    if isinstance(experts, nn.ModuleList):
         return list(experts.named_children())
+    if isinstance(experts, nn.ModuleDict):
+        return [(name, m) for name, m in experts.named_children() if any(True for _ in m.parameters())]
     return []
 
 
