@@ -3,7 +3,9 @@
 It adopts the original block's children, parameters and buffers under their original names (so
 ``state_dict`` keys do not change and nothing is copied), and computes
 
-    route (moesys.route, or the block's own router as traced code)
+    route (moesys.route, or the block's own router as traced code; a router returning a
+           capacity-masked dispatch mask is called on the block's [B, S, D] input and gives the
+           tokens past its capacity weight 0)
       -> moesys.moe_experts on views of the stacked expert weights (and expert biases), dropless or
          with the block's own GShard capacity factor
       -> (+ shared expert, optionally sigmoid-gated) (x output scale) (+ output bias)

@@ -3,13 +3,17 @@ family (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V3, ...) and most hand-written mod
 
     block
       ├─ <router>   one [E, D] weight; called on [T, D] (or [1, T, D]) it returns top-k ids and
-      │             weights, or only logits (JetMoE, DBRX: the rule is then found on the block);
+      │             weights, or only logits (JetMoE, DBRX: the rule is then found on the block),
+      │             or a top-1 dispatch mask with its own capacity applied (Switch Transformers:
+      │             kept as traced code, called on the block's [B, S, D] input, so its capacity
+      │             counts per sequence as in eager; tokens past it get weight 0);
       │             it may take the block's own [E] tensors (MiniMax-M2's correction bias)
       ├─ experts    stacked 3-D weights (gate_up_proj [E, 2F, D], down_proj [E, D, F], or transposed;
       │             optionally [E, H] / [E, D] biases and a clamped, interleaved SwiGLU: gpt-oss),
       │             two children holding one 3-D weight each (JetMoE), flat [E*F, D] matrices (DBRX),
-      │             or a ModuleList of MLPs (gate/up/down, w1/w3/w2, Linear-act-Linear; with or without
-      │             biases, which are stacked like the weights)
+      │             or a ModuleList or ModuleDict of MLPs (gate/up/down, w1/w3/w2, Linear-act-Linear;
+      │             with or without biases, which are stacked like the weights; dropout between
+      │             the projections only while it is off)
       ├─ shared_expert(s)        optional dense MLP added to (or averaged with) the routed output
       ├─ shared_expert_gate      optional [1, D] gate, sigmoid-scaled (Qwen2-MoE)
       ├─ <norm child>            optional norm of the block's output, [D] parameters only (A.X-K1)
