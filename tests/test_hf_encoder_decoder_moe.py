@@ -105,6 +105,17 @@ def test_switch_ring_inference_equals_eager(tmp_path):
             program.close()
 
 
+def test_only_encoder_decoder_examples_without_a_mask_get_it_built_in_the_graph():
+    """Decoder-only models build their masks in the graph themselves: capture leaves them alone."""
+    from moesys_compile.frontend.hf_capture import needs_default_mask
+    from moesys_compile.models.hf import build_hf
+    llama = build_hf("llama", num_hidden_layers=1)
+    assert not needs_default_mask(llama, (batch()["input_ids"],), {})
+    switch = switch_model()
+    assert needs_default_mask(switch, (), without_mask(batch()))
+    assert not needs_default_mask(switch, (), batch())
+
+
 def sgd_step_on_ranks(rank: int, world: int):
     """One SGD step of the model's own loss on this rank's half of the batch, without
     attention_mask, experts split over the two ranks; (loss averaged over the ranks, full state on

@@ -216,6 +216,8 @@ class CanonicalMoEBlock(nn.Module):
             facts["capacity_factor"] = self.capacity_factor
         if "dispatch" in self.router_spec.outputs:
             facts["capacity"] = self._router_capacity()
+        if self.expert_dropouts:
+            facts["expert_dropout"] = f"{len(self.expert_dropouts)} modules, off (refused in training mode)"
         if self.shared_path:
             facts["shared"] = self.shared_path + (f"*sigmoid({self.shared_gate_path})" if self.shared_gate_path else "")
         if self.output_scale != 1.0:
