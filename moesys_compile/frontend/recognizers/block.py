@@ -119,8 +119,7 @@ class CanonicalMoEBlock(nn.Module):
         dropouts = {path: self.get_submodule(path) for path in self.expert_dropouts}
         if any(dropout.training for dropout in dropouts.values()):
             raise MoesysError(f"the canonicalized MoE block {self.source} runs in training mode, but "
-                              + expert_dropout_reason(dropouts).replace("or compile in eval mode for inference",
-                                                                        "or run it in eval mode"))
+                              + expert_dropout_reason(dropouts, otherwise="run it in eval mode"))
 
     @property
     def expert_param_names(self) -> list[str]:

@@ -41,13 +41,14 @@ def expert_dropouts(experts: nn.Module, experts_name: str) -> dict[str, nn.Modul
             if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0}
 
 
-def expert_dropout_reason(dropouts: dict[str, nn.Module]) -> str:
-    """Why experts with ``dropouts`` in training mode have no canonical form, and the fix."""
+def expert_dropout_reason(dropouts: dict[str, nn.Module], otherwise: str = "compile in eval mode for inference") -> str:
+    """Why experts with ``dropouts`` in training mode have no canonical form, and the fixes: that
+    dropout at 0, or ``otherwise``."""
     first, module = next(iter(dropouts.items()))
     return (f"its experts apply dropout between their projections in training ({len(dropouts)} dropout modules, "
             f"'{first}' with p={module.p:g}), which the canonical experts do not; build the model with that "
             f"dropout at 0 (Hugging Face: the config field it comes from, such as dropout_rate=0 or "
-            f"activation_dropout=0), or compile in eval mode for inference")
+            f"activation_dropout=0), or {otherwise}")
 
 
 @dataclass
