@@ -564,24 +564,23 @@ def test_hand_written_moe_blocks_run_through_the_ring(block, action):
 
 
 def test_an_untraceable_unrecognised_hugging_face_block_is_named_without_a_leaf_hint():
-    """Switch Transformers: its router re-casts itself in forward (export replays that as a no-op
-    now), then its expert loop is data-dependent; export traces every module, so the error says
-    which block was not recognised instead of offering leaf_modules."""
-    from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
+    """NLLB-MoE: its sparse MLP is not recognised (its forward takes the padding mask), then its
+    expert loop is data-dependent; export traces every module, so the error says which block was
+    not recognised instead of offering leaf_modules."""
+    from transformers import NllbMoeConfig, NllbMoeForConditionalGeneration
     from moesys_compile.errors import UntraceableModelError
-    config = SwitchTransformersConfig(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_decoder_layers=1,
-                                      num_heads=2, num_experts=4, num_sparse_encoder_layers=1,
-                                      num_sparse_decoder_layers=1, decoder_start_token_id=0, pad_token_id=0)
-    model = SwitchTransformersForConditionalGeneration(config).eval()
+    config = NllbMoeConfig(vocab_size=64, d_model=16, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+                           decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, num_experts=4,
+                           encoder_sparse_step=2, decoder_sparse_step=2, max_position_embeddings=64)
+    model = NllbMoeForConditionalGeneration(config).eval()
     ids = example_ids(vocab=64)
     with pytest.raises(UntraceableModelError) as info:
         mc.compile(model, mc.Plan(mode="infer"), example_kwargs=dict(
             input_ids=ids, attention_mask=torch.ones_like(ids), decoder_input_ids=ids[:, :4]))
     message = str(info.value)
-    assert "module 'encoder.block.0.layer.1.mlp.experts' uses a branch or shape that depends on tensor values" in message
+    assert "module 'model.encoder.layers.1.ffn.experts' uses a branch or shape that depends on tensor values" in message
     assert "Plan.leaf_modules does not apply" in message and "Plan(leaf_modules=" not in message
-    assert "the MoE block 'encoder.block.0.layer.1.mlp' (SwitchTransformersSparseMLP) around it was not " \
-           "recognised" in message
+    assert "the MoE block 'model.encoder.layers.1.ffn' (hf.NllbMoeSparseMLP) around it was not recognised" in message
 
 
 def test_leaf_modules_of_an_exported_model_are_reported_as_without_effect():

@@ -14,6 +14,9 @@ v5 models are not fx-traceable (the fx tracer cannot re-code ``**kwargs`` forwar
 * makes ``module.to(...)`` inside ``forward`` a no-op when nothing would change (Switch
   Transformers' router re-assigns ``self.classifier = self.classifier.to(self.dtype)`` on every
   call, which export cannot replay on its tracked parameters);
+* builds the all-ones attention mask inside the graph for an encoder-decoder model whose example
+  leaves ``attention_mask`` out (``_default_mask_built``): eager builds it only when not compiling
+  (``is_torchdynamo_compiling``), so the captured encoder would index a None mask;
 * asks for ``torch.export`` first (fx would fail anyway);
 * gives canonical MoE blocks the model's own aux-loss coefficient (``router_aux_loss_coef``);
 * warns when gradient checkpointing is on: capture runs ``torch.utils.checkpoint`` as plain code,
@@ -223,6 +226,54 @@ def _capturable(model: nn.Module, packing_detected: bool) -> Iterator[bool]:
             module.__dict__.pop("forward", None)
 
 
+MASKED_INPUTS = ("input_ids", "inputs_embeds")   # what an encoder's default all-ones mask takes its [B, S] from
+
+
+def needs_default_mask(model: nn.Module, example_inputs: Sequence[Any], example_kwargs: dict) -> bool:
+    """An encoder-decoder model (T5, Switch Transformers) whose forward takes ``attention_mask``
+    and whose example leaves it out: its encoder builds the all-ones default only when not
+    compiling, so capture must build it instead. Decoder-only models build their masks inside the
+    graph themselves and are left alone."""
+    config = getattr(model, "config", None)
+    if not getattr(config, "is_encoder_decoder", False):
+        return False
+    try:
+        parameters = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    given = _example_arguments(model, example_inputs, example_kwargs)
+    return "attention_mask" in parameters and given.get("attention_mask") is None and any(
+        isinstance(given.get(name), torch.Tensor) for name in MASKED_INPUTS)
+
+
+@contextlib.contextmanager
+def _default_mask_built(model: nn.Module) -> Iterator[None]:
+    """While capturing, ``model.forward`` given no ``attention_mask`` gets the all-ones [B, S] mask
+    of its input ids (or embeddings), built in the graph from their shape: what eager's
+    ``attention_mask=None`` means to the encoder (every token attended), and what it passes on to
+    the decoder's cross-attention (which then attends every encoder token too)."""
+    forward = model.forward
+    signature = inspect.signature(forward)
+
+    def forward_with_mask(*args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind_partial(*args, **kwargs)
+        tokens = next((bound.arguments[name] for name in MASKED_INPUTS
+                       if isinstance(bound.arguments.get(name), torch.Tensor)), None)
+        if bound.arguments.get("attention_mask") is None and tokens is not None:
+            bound.arguments["attention_mask"] = torch.ones(tokens.shape[:2], dtype=torch.long, device=tokens.device)
+        return forward(*bound.args, **bound.kwargs)
+    forward_with_mask.__signature__ = signature
+    had_own = "forward" in model.__dict__
+    model.forward = forward_with_mask
+    try:
+        yield
+    finally:
+        if had_own:
+            model.forward = forward
+        else:
+            del model.forward
+
+
 def warn_checkpointing_dropped(model: nn.Module) -> None:
     """Hugging Face checkpoints layers only in train mode; the captured graph has no checkpoint
     regions (export traces through ``torch.utils.checkpoint``), so activation memory does not shrink."""
@@ -311,4 +362,14 @@ def hf_capture_adapter(model: nn.Module, example_inputs: Sequence[Any] = (),
         return None
     apply_aux_loss_coef(inner)
     warn_checkpointing_dropped(inner)
-    return _capturable(model, packing_detected=not eager_builds_cache(inner, example_inputs, example_kwargs or {}))
+    capturable = _capturable(model, packing_detected=not eager_builds_cache(inner, example_inputs, example_kwargs or {}))
+    if inner is not model or not needs_default_mask(model, example_inputs, example_kwargs or {}):
+        return capturable
+    return _both(capturable, _default_mask_built(model))
+
+
+@contextlib.contextmanager
+def _both(first: contextlib.AbstractContextManager, second: contextlib.AbstractContextManager) -> Iterator[bool]:
+    """``first`` then ``second`` entered; yields what ``first`` yields (export first or not)."""
+    with first as value, second:
+        yield value

@@ -3,7 +3,9 @@
 It adopts the original block's children, parameters and buffers under their original names (so
 ``state_dict`` keys do not change and nothing is copied), and computes
 
-    route (moesys.route, or the block's own router as traced code)
+    route (moesys.route, or the block's own router as traced code; a router returning a
+           capacity-masked dispatch mask is called on the block's [B, S, D] input and gives the
+           tokens past its capacity weight 0)
       -> moesys.moe_experts on views of the stacked expert weights (and expert biases), dropless or
          with the block's own GShard capacity factor
       -> (+ shared expert, optionally sigmoid-gated) (x output scale) (+ output bias)
@@ -21,11 +23,12 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
+from ...errors import MoesysError
 from ...nn import _is_capturing, flatten_tokens
 from ..canonicalize import Recognition
 from ..hf_capture import AUX_COEF_ATTRIBUTES
-from .experts import ExpertsSpec
-from .structure import RouterSpec, call_router, number_attr, route_known, router_values
+from .experts import ExpertsSpec, expert_dropout_reason, expert_dropouts
+from .structure import RouterSpec, call_router, dispatched_routes, number_attr, route_known, router_values
 
 
 def block_kind(module: nn.Module) -> str:
@@ -107,6 +110,16 @@ class CanonicalMoEBlock(nn.Module):
         self.source = f"{type(original).__module__}.{type(original).__qualname__}"
         self.kind = kind or block_kind(original)
         self.aux_loss: Optional[Tensor] = None
+        # dropout inside the experts, off when recognised (eval mode): refused once it is on
+        self.expert_dropouts = tuple(expert_dropouts(self.get_submodule(experts.path), experts.path))
+
+    def check_expert_dropout(self) -> None:
+        """Refuse to run while dropout inside the experts is on (the model switched to training
+        after it was canonicalized in eval mode): the canonical experts have no dropout."""
+        dropouts = {path: self.get_submodule(path) for path in self.expert_dropouts}
+        if any(dropout.training for dropout in dropouts.values()):
+            raise MoesysError(f"the canonicalized MoE block {self.source} runs in training mode, but "
+                              + expert_dropout_reason(dropouts, otherwise="run it in eval mode"))
 
     @property
     def expert_param_names(self) -> list[str]:
@@ -127,15 +140,23 @@ class CanonicalMoEBlock(nn.Module):
         """(b_up_EH, b_down_ED): the experts' biases, None where they have none."""
         return self.experts_spec.biases(self.get_submodule(self.experts_spec.path))
 
-    def route(self, x_TD: Tensor) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-        """(weights_TK, ids_TK, scores_TE or None) for the tokens."""
+    def route(self, x_TD: Tensor, tokens_shape: Optional[torch.Size] = None) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        """(weights_TK, ids_TK, scores_TE or None) for the tokens; ``tokens_shape``: the block's
+        input shape, which a router counting its capacity per sequence is called on."""
         router = self.get_submodule(self.router_spec.path)
         args = tuple(getattr(self, name) for name in self.router_spec.args)
         if self.router_spec.known:
             return route_known(router, self.router_spec, x_TD, args)
-        leaves = router_values(call_router(router, self.router_spec, x_TD, args))
+        if self.router_spec.per_sequence and tokens_shape is not None:
+            outputs = router(x_TD.reshape(tokens_shape), *args)
+            leaves = [v.reshape(x_TD.shape[0], -1) if isinstance(v, Tensor) else v for v in router_values(outputs)]
+        else:
+            leaves = router_values(call_router(router, self.router_spec, x_TD, args))
         where = self.router_spec.outputs
-        scores_TE = leaves[where["logits"]].float().softmax(-1) if "logits" in where else None
+        logits_TE = leaves[where["logits"]] if "logits" in where else None
+        scores_TE = None if logits_TE is None else logits_TE.float().softmax(-1)
+        if "dispatch" in where:
+            return (*dispatched_routes(leaves[where["dispatch"]], leaves[where["weights"]], logits_TE), scores_TE)
         return leaves[where["weights"]], leaves[where["ids"]].long(), scores_TE
 
     def shared_output(self, x_TD: Tensor) -> Tensor:
@@ -151,13 +172,14 @@ class CanonicalMoEBlock(nn.Module):
         """(y_TD, aux_loss or None, ids_TK): the routed experts plus the shared expert."""
         return self._experts(x_TD)[:3]
 
-    def _experts(self, x_TD: Tensor) -> tuple[Tensor, Optional[Tensor], Tensor, Tensor]:
-        """``experts_output`` and the top-k weights."""
+    def _experts(self, x_TD: Tensor, tokens_shape: Optional[torch.Size] = None
+                 ) -> tuple[Tensor, Optional[Tensor], Tensor, Tensor]:
+        """``experts_output`` and the top-k weights (``tokens_shape``: as in ``route``)."""
         read_directly = [self.get_submodule(self.experts_spec.path)]
         if self.router_spec.known:               # its weight is read, the router module is not called
             read_directly.append(self.get_submodule(self.router_spec.path))
         with _offload_hooks_loaded(read_directly):
-            weights_TK, ids_TK, scores_TE = self.route(x_TD)
+            weights_TK, ids_TK, scores_TE = self.route(x_TD, tokens_shape)
             w_up_EHD, w_down_EDF = self.expert_weights()
             biases = self.expert_biases()
             biases = biases if any(b is not None for b in biases) else ()   # bias-free: the five-weight call
@@ -176,7 +198,9 @@ class CanonicalMoEBlock(nn.Module):
 
     def forward(self, hidden_states: Tensor) -> Any:
         x_TD = flatten_tokens(hidden_states, self.dim, f"the canonicalized MoE block {self.source}")
-        y_TD, _, ids_TK, weights_TK = self._experts(x_TD)
+        if self.expert_dropouts:
+            self.check_expert_dropout()
+        y_TD, _, ids_TK, weights_TK = self._experts(x_TD, hidden_states.shape)
         y = y_TD.reshape(hidden_states.shape)
         if not self.extra_outputs:
             return y
@@ -189,6 +213,10 @@ class CanonicalMoEBlock(nn.Module):
         facts["experts"] = self.experts_spec.describe()
         if self.capacity_factor:
             facts["capacity_factor"] = self.capacity_factor
+        if "dispatch" in self.router_spec.outputs:
+            facts["capacity"] = self._router_capacity()
+        if self.expert_dropouts:
+            facts["expert_dropout"] = f"{len(self.expert_dropouts)} modules, off (refused in training mode)"
         if self.shared_path:
             facts["shared"] = self.shared_path + (f"*sigmoid({self.shared_gate_path})" if self.shared_gate_path else "")
         if self.output_scale != 1.0:
@@ -204,6 +232,14 @@ class CanonicalMoEBlock(nn.Module):
             if copies:
                 facts["stack_copy_bytes"] = sum(w.numel() * w.element_size() for w in copies)
         return facts
+
+    def _router_capacity(self) -> str:
+        """The capacity a router applies itself (Switch Transformers' ``expert_capacity``)."""
+        router = self.get_submodule(self.router_spec.path)
+        count = number_attr(router, ("expert_capacity",), None)
+        where = "per sequence" if self.router_spec.per_sequence else "over the tokens of a call"
+        held = f"{count} tokens per expert" if count is not None else "the router's own"
+        return f"{held} {where}, applied by router '{self.router_spec.path}'; tokens past it weighted 0"
 
     def extra_repr(self) -> str:
         return (f"from {self.source}: num_experts={self.num_experts}, top_k={self.top_k}, dim={self.dim}, "

@@ -1,7 +1,7 @@
 """Expert weight layouts of MoE blocks we did not write: stacked 3-D weights (views, optionally
 with stacked [E, H] / [E, D] biases and a clamped SwiGLU: gpt-oss), split over two children
-(JetMoE), flat [E*F, D] matrices (DBRX), or a ModuleList of per-expert MLPs (their Linears'
-biases stacked too). Every reading the
+(JetMoE), flat [E*F, D] matrices (DBRX), or per-expert MLPs in a ModuleList or a ModuleDict
+(Switch Transformers' ``expert_0`` ...; their Linears' biases stacked too). Every reading the
 shapes allow is a candidate; the block probe (``probe.exact_form``) picks the true one.
 
 Shape legend: D model dim · F expert hidden · H up rows (2F gated) · E experts.
@@ -19,6 +19,37 @@ from torch import Tensor, nn
 
 from ... import ops
 from .structure import CLAMP_ATTRS, fetch, number_attr
+
+def expert_modules(experts: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of each expert of a ModuleList or ModuleDict of expert MLPs, in expert order
+    (a ModuleDict's insertion order: ``expert_0``, ``expert_1``, ...; the block probe checks it);
+    a ModuleDict's parameterless children are not experts (NLLB-MoE's ``token_dropout``). Empty
+    for any other module."""
+    if isinstance(experts, nn.ModuleList):
+        return list(experts.named_children())
+    if isinstance(experts, nn.ModuleDict):
+        return [(name, m) for name, m in experts.named_children() if any(True for _ in m.parameters())]
+    return []
+
+
+def expert_dropouts(experts: nn.Module, experts_name: str) -> dict[str, nn.Module]:
+    """The dropout modules with p > 0 inside the experts, by path in the block (Switch
+    Transformers' ``expert_0.dropout`` between the projections): the canonical experts have no
+    dropout, so they compute the same only while these are in eval mode."""
+    prefix = f"{experts_name}." if experts_name else ""
+    return {prefix + name: m for name, m in experts.named_modules()
+            if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0}
+
+
+def expert_dropout_reason(dropouts: dict[str, nn.Module], otherwise: str = "compile in eval mode for inference") -> str:
+    """Why experts with ``dropouts`` in training mode have no canonical form, and the fixes: that
+    dropout at 0, or ``otherwise``."""
+    first, module = next(iter(dropouts.items()))
+    return (f"its experts apply dropout between their projections in training ({len(dropouts)} dropout modules, "
+            f"'{first}' with p={module.p:g}), which the canonical experts do not; build the model with that "
+            f"dropout at 0 (Hugging Face: the config field it comes from, such as dropout_rate=0 or "
+            f"activation_dropout=0), or {otherwise}")
+
 
 @dataclass
 class ExpertsSpec:
@@ -41,6 +72,9 @@ class ExpertsSpec:
     # per-expert, the attribute of each Linear that holds it ("bias"), stacked in forward like the weights
     up_bias: Optional[str] = None
     down_bias: Optional[str] = None
+    # per-expert: the experts' child names, in expert order (a ModuleList's "0", "1", ...; a
+    # ModuleDict's "expert_0", ...)
+    expert_names: tuple[str, ...] = ()
 
     def weights(self, experts: nn.Module) -> tuple[Tensor, Tensor]:
         """(w_up_EHD, w_down_EDF) of ``experts`` in the canonical layout."""
@@ -53,8 +87,9 @@ class ExpertsSpec:
             w_down_EDF = fetch(experts, self.down)
             return (w_up_EHD.transpose(1, 2) if self.transpose_up else w_up_EHD,
                     w_down_EDF.transpose(1, 2) if self.transpose_down else w_down_EDF)
-        w_up_EHD = torch.stack([torch.cat([fetch(e, name) for name in self.up]) for e in experts])
-        w_down_EDF = torch.stack([fetch(e, self.down) for e in experts])
+        listed = [e for _, e in expert_modules(experts)]
+        w_up_EHD = torch.stack([torch.cat([fetch(e, name) for name in self.up]) for e in listed])
+        w_down_EDF = torch.stack([fetch(e, self.down) for e in listed])
         return w_up_EHD, w_down_EDF
 
     def biases(self, experts: nn.Module) -> tuple[Optional[Tensor], Optional[Tensor]]:
@@ -62,8 +97,9 @@ class ExpertsSpec:
         if self.stacked or self.flat:
             return tuple(None if name is None else fetch(experts, name) for name in (self.up_bias, self.down_bias))
         up_names, down_names = self._per_expert_biases()
-        b_up_EH = torch.stack([torch.cat([fetch(e, name) for name in up_names]) for e in experts]) if up_names else None
-        b_down_ED = torch.stack([fetch(e, down_names[0]) for e in experts]) if down_names else None
+        listed = [e for _, e in expert_modules(experts)]
+        b_up_EH = torch.stack([torch.cat([fetch(e, name) for name in up_names]) for e in listed]) if up_names else None
+        b_down_ED = torch.stack([fetch(e, down_names[0]) for e in listed]) if down_names else None
         return b_up_EH, b_down_ED
 
     def _per_expert_biases(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -79,8 +115,8 @@ class ExpertsSpec:
         if self.stacked:
             return [self.up[0], self.down, *(b for b in (self.up_bias, self.down_bias) if b)]
         up_biases, down_biases = self._per_expert_biases()
-        return [f"{i}.{name}" for i in range(self.num_experts)
-                for name in (*self.up, self.down, *up_biases, *down_biases)]
+        experts = self.expert_names or tuple(str(i) for i in range(self.num_experts))
+        return [f"{expert}.{name}" for expert in experts for name in (*self.up, self.down, *up_biases, *down_biases)]
 
     def describe(self) -> str:
         if self.flat:
@@ -111,11 +147,13 @@ def activation_hint(experts: nn.Module) -> str:
     """The experts' own activation module, when they have one (``act_fn``, or the parameterless leaf
     of a listed expert: ``nn.GELU(approximate='tanh')``), for the reason of a block left as it is:
     the likely cause when it is none of ours (a Mish, a quick GELU) or only near one."""
-    holder = experts[0] if isinstance(experts, nn.ModuleList) and len(experts) else experts
+    listed = expert_modules(experts)
+    holder = listed[0][1] if listed else experts
     act = getattr(holder, "act_fn", None)
     if not isinstance(act, nn.Module) and holder is not experts:
         act = next((m for m in holder.modules() if not any(True for _ in m.children())
-                    and not any(True for _ in m.parameters(recurse=False))), None)
+                    and not any(True for _ in m.parameters(recurse=False))
+                    and not isinstance(m, nn.modules.dropout._DropoutNd)), None)
     return f"; the experts' activation module is {act!r}" if isinstance(act, nn.Module) else ""
 
 
@@ -189,11 +227,14 @@ def _expert_linears(expert: nn.Module, dim: int,
 
 
 def per_expert_candidates(experts: nn.Module, path: str, dim: int, biases: bool = True) -> list[ExpertsSpec]:
-    """Layouts of a ModuleList of expert MLPs (gate/up/down or w1/w3/w2 or Linear-act-Linear), with
-    the Linears' biases stacked like their weights (``biases=False``: bias-free MLPs only)."""
-    if not isinstance(experts, nn.ModuleList) or not len(experts):
+    """Layouts of a ModuleList or ModuleDict of expert MLPs (gate/up/down or w1/w3/w2 or
+    Linear-act-Linear), with the Linears' biases stacked like their weights (``biases=False``:
+    bias-free MLPs only)."""
+    listed = expert_modules(experts)
+    if not listed:
         return []
-    found = _expert_linears(experts[0], dim, biases)
+    names = tuple(name for name, _ in listed)
+    found = _expert_linears(listed[0][1], dim, biases)
     if found is None:
         return []
     ups, down, ffn_dim, up_bias, down_bias = found
@@ -201,8 +242,8 @@ def per_expert_candidates(experts: nn.Module, path: str, dim: int, biases: bool 
     for order in itertools.permutations(ups):
         for activation in ops.ACTIVATIONS:
             if ops.is_gated(activation) == (len(order) == 2):
-                specs.append(ExpertsSpec(path, len(experts), dim, ffn_dim, activation, order, down, False,
-                                         up_bias=up_bias, down_bias=down_bias))
+                specs.append(ExpertsSpec(path, len(listed), dim, ffn_dim, activation, order, down, False,
+                                         up_bias=up_bias, down_bias=down_bias, expert_names=names))
     return specs
 
 

@@ -3,13 +3,17 @@ family (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V3, ...) and most hand-written mod
 
     block
       ├─ <router>   one [E, D] weight; called on [T, D] (or [1, T, D]) it returns top-k ids and
-      │             weights, or only logits (JetMoE, DBRX: the rule is then found on the block);
+      │             weights, or only logits (JetMoE, DBRX: the rule is then found on the block),
+      │             or a top-1 dispatch mask with its own capacity applied (Switch Transformers:
+      │             kept as traced code, called on the block's [B, S, D] input, so its capacity
+      │             counts per sequence as in eager; tokens past it get weight 0);
       │             it may take the block's own [E] tensors (MiniMax-M2's correction bias)
       ├─ experts    stacked 3-D weights (gate_up_proj [E, 2F, D], down_proj [E, D, F], or transposed;
       │             optionally [E, H] / [E, D] biases and a clamped, interleaved SwiGLU: gpt-oss),
       │             two children holding one 3-D weight each (JetMoE), flat [E*F, D] matrices (DBRX),
-      │             or a ModuleList of MLPs (gate/up/down, w1/w3/w2, Linear-act-Linear; with or without
-      │             biases, which are stacked like the weights)
+      │             or a ModuleList or ModuleDict of MLPs (gate/up/down, w1/w3/w2, Linear-act-Linear;
+      │             with or without biases, which are stacked like the weights; dropout between
+      │             the projections only while it is off)
       ├─ shared_expert(s)        optional dense MLP added to (or averaged with) the routed output
       ├─ shared_expert_gate      optional [1, D] gate, sigmoid-scaled (Qwen2-MoE)
       ├─ <norm child>            optional norm of the block's output, [D] parameters only (A.X-K1)
@@ -40,7 +44,7 @@ from torch import Tensor, nn
 
 from ..canonicalize import Recognition
 from .block import CanonicalMoEBlock, block_kind
-from .experts import activation_hint, experts_candidates
+from .experts import activation_hint, expert_dropout_reason, expert_dropouts, expert_modules, experts_candidates
 from .probe import CROWD_DIFFERS, NO_CAPACITY, BlockProbe, block_capacity, exact_form, token_scales
 from .router_rules import analyze_router, rule_candidates
 from .structure import (CLAMP_ATTRS, ROUTER_NAMES, SHARED_GATE_NAMES, SHARED_NAMES, TOP_K_ATTRS, fetch, generator,
@@ -48,9 +52,10 @@ from .structure import (CLAMP_ATTRS, ROUTER_NAMES, SHARED_GATE_NAMES, SHARED_NAM
 
 
 def _has_stacked_experts(module: nn.Module) -> bool:
-    """A ModuleList of experts, 3-D [E, ., .] weights, or two or three flat [E*F, D] matrices (DBRX)."""
+    """A ModuleList or ModuleDict of experts, 3-D [E, ., .] weights, or two or three flat [E*F, D]
+    matrices (DBRX)."""
     params = list(module.parameters())
-    return isinstance(module, nn.ModuleList) and len(module) > 0 or any(
+    return bool(expert_modules(module)) or any(
         p.dim() == 3 for p in module.parameters(recurse=False)) or (
         2 <= len(params) <= 3 and all(p.dim() == 2 and p.shape == params[0].shape for p in params))
 
@@ -87,8 +92,8 @@ def _num_experts(experts: nn.Module, split: Optional[tuple[str, str]]) -> int:
     """E; for flat [E*F, D] matrices only the experts module's own count says it (0: unknown)."""
     if split:
         return fetch(experts, split[0]).shape[0]
-    if isinstance(experts, nn.ModuleList):
-        return len(experts)
+    if expert_modules(experts):
+        return len(expert_modules(experts))
     stacked = [p.shape[0] for p in experts.parameters(recurse=False) if p.dim() == 3]
     return stacked[0] if stacked else number_attr(experts, ("num_experts", "moe_num_experts", "num_local_experts"), 0)
 
@@ -206,6 +211,9 @@ def _recognize(module: nn.Module, path: str, experts_name: str) -> Optional[Reco
                                  f"set the config's router_jitter_noise=0 to canonicalize it")
     if on_meta(module):
         return leave(path, kind, "parameters are on the meta device; materialise the model before compiling")
+    dropouts = expert_dropouts(experts, experts_name)
+    if any(dropout.training for dropout in dropouts.values()):
+        return leave(path, kind, expert_dropout_reason(dropouts))
     router = getattr(module, router_name)
     dim = next(p for p in router.parameters() if p.dim() == 2 and p.shape[0] == num_experts).shape[1]
     output_norm = _output_norm(module, extra, dim)
@@ -234,7 +242,8 @@ def _recognize(module: nn.Module, path: str, experts_name: str) -> Optional[Reco
         router_spec = replace(router_spec, top_k=number_attr(module, TOP_K_ATTRS, 0))
     if router_spec.top_k < 1:
         return leave(path, kind, f"{router_why}; neither the router nor the block has a top_k attribute")
-    rules = [router_spec] if "ids" in router_spec.outputs else rule_candidates(router, router_spec, args)
+    own_choice = "ids" in router_spec.outputs or "dispatch" in router_spec.outputs
+    rules = [router_spec] if own_choice else rule_candidates(router, router_spec, args)
     capacity, crowds, capacity_note = block_capacity(module, router_spec.top_k, num_experts)
     forms = [dict(router=rule, experts=layout, output_scale=scale, capacity_factor=factor, **norm)
              for rule in rules for layout in candidates for scale in ((1.0, 0.5) if shared else (1.0,))

@@ -130,11 +130,13 @@ class BlockProbe:
         self.crowd_differs = False   # a candidate matched the spread tokens, not a crowd
 
     def _run(self, module: nn.Module, x_BSD: Tensor) -> Any:
-        """``module`` on ``x_BSD`` from one random state: code a candidate keeps as the model's own
-        (a router that samples in training mode) draws what the original drew."""
+        """``module`` on a copy of ``x_BSD`` from one random state: code a candidate keeps as the
+        model's own (a router that samples in training mode) draws what the original drew, and
+        code that writes into its input (Switch Transformers' router jitter, in place) leaves the
+        probe's tokens as they were for the next run."""
         with torch.no_grad(), torch.random.fork_rng(devices=[x_BSD.device] if x_BSD.is_cuda else []):
             torch.manual_seed(PROBE_SEED)
-            out = self.pick(module(x_BSD))
+            out = self.pick(module(x_BSD.clone()))
         comparable = isinstance(out, Tensor) or (
             isinstance(out, tuple) and len(out) > 1 and all(isinstance(item, Tensor) for item in out))
         if module is self.original and not comparable:

@@ -165,6 +165,10 @@ def analyze_router(router: nn.Module, path: str, dim: int,
         leaves = router_values(outputs)
         arity = len(outputs) if isinstance(outputs, tuple) else 0
         shape = dict(outputs=positions, arity=arity, args=tuple(args), batched=batched)
+        if "dispatch" in positions:
+            return RouterSpec(path, 1, num_experts, weight_name, logit_bias, **shape, per_sequence=True), (
+                f"router '{path}' returns a top-1 dispatch mask with its own capacity; it stays the model's own "
+                f"code, called on the block's [batch, seq, dim] input as the block calls it")
         if "ids" not in positions:
             top_k = number_attr(router, TOP_K_ATTRS, 0)
             return RouterSpec(path, top_k, num_experts, weight_name, logit_bias, **shape), (

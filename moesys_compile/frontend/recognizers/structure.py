@@ -93,10 +93,14 @@ class RouterSpec:
     topk_groups: int = 1
     routed_scaling: float = 1.0
     fp32_logits: bool = True           # False: logits in the weight's dtype (softmax still in fp32)
-    outputs: dict = field(default_factory=dict)   # positions in its output: {"weights": i, "ids": j, "logits": k}
+    # positions in its output: {"weights": i, "ids": j, "logits": k}, or "dispatch" in place of "ids"
+    outputs: dict = field(default_factory=dict)
     arity: int = 0                                # length of the router's output tuple (0: not a tuple)
     args: tuple[str, ...] = ()         # the block's own [E] tensors the router takes after the tokens (MiniMax-M2)
     batched: bool = False              # the router is called on [1, T, D], not [T, D] (AFMoE)
+    # the router is called on the block's input as it comes ([B, S, D]): a router returning a
+    # capacity-masked dispatch mask counts its capacity per sequence (Switch Transformers)
+    per_sequence: bool = False
 
     @property
     def known(self) -> bool:
@@ -104,7 +108,8 @@ class RouterSpec:
 
     def describe(self) -> str:
         if not self.known:
-            return f"own router '{self.path}' (traced)"
+            per_sequence = ", per sequence" if self.per_sequence else ""
+            return f"own router '{self.path}' (traced{per_sequence})"
         parts = [f"{self.score_func}", f"top{self.top_k}"]
         if self.n_groups > 1:
             parts.append(f"groups {self.topk_groups}/{self.n_groups}")
@@ -145,9 +150,34 @@ def router_values(outputs: Any) -> list:
     return list(outputs) if isinstance(outputs, tuple) else tree_leaves(outputs)
 
 
+def _is_dispatch_mask(leaf: Any, num_tokens: int, num_experts: int) -> bool:
+    """An integer or boolean [T, E] tensor of zeros and ones, at most one per token: a top-1 router's
+    one-hot choice with the tokens past an expert's capacity zeroed (Switch Transformers)."""
+    if not isinstance(leaf, Tensor) or leaf.is_floating_point() or leaf.shape != (num_tokens, num_experts):
+        return False
+    values = leaf.long()
+    return bool(((values == 0) | (values == 1)).all()) and bool((values.sum(-1) <= 1).all())
+
+
+def _dispatch_outputs(leaves: list, num_tokens: int, num_experts: int) -> Optional[dict]:
+    """Positions of a dispatch mask [T, E], the top-1 weight [T, 1] and any logits [T, E]: the
+    outputs of a top-1 router that applies its own capacity; None for any other router."""
+    masks = [i for i, leaf in enumerate(leaves) if _is_dispatch_mask(leaf, num_tokens, num_experts)]
+    floats = [(i, leaf) for i, leaf in enumerate(leaves) if isinstance(leaf, Tensor) and leaf.is_floating_point()]
+    weights = [i for i, leaf in floats if leaf.shape == (num_tokens, 1)]
+    logits = [i for i, leaf in floats if leaf.shape == (num_tokens, num_experts)]
+    if len(masks) != 1 or len(weights) != 1 or len(logits) > 1:
+        return None
+    return {"dispatch": masks[0], "weights": weights[0], **({"logits": logits[0]} if logits else {})}
+
+
 def split_router_outputs(outputs: Any, num_tokens: int, num_experts: int) -> Optional[dict]:
-    """Positions of ids [T,K] (integer), weights [T,K] (float) and logits [T,E] in the outputs."""
+    """Positions of ids [T,K] (integer), weights [T,K] (float) and logits [T,E] in the outputs, or
+    of a dispatch mask in place of the ids (``_dispatch_outputs``)."""
     leaves = router_values(outputs)
+    dispatch = _dispatch_outputs(leaves, num_tokens, num_experts)
+    if dispatch is not None:
+        return dispatch
     found: dict = {}
     for i, leaf in enumerate(leaves):
         if not isinstance(leaf, Tensor) or leaf.dim() != 2 or leaf.shape[0] != num_tokens:
@@ -164,6 +194,21 @@ def split_router_outputs(outputs: Any, num_tokens: int, num_experts: int) -> Opt
     if "weights" not in found and top_k == num_experts and "logits" in found:
         found["weights"] = found.pop("logits")   # K == E: the [T, E] float output is the weights
     return found if "weights" in found else None
+
+
+def dispatched_routes(dispatch_TE: Tensor, weight_T1: Tensor,
+                      logits_TE: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """(weights_TK, ids_TK), K = 1, read from a top-1 router's dispatch mask and weight: a token
+    the mask keeps goes to its expert with its weight; a token past the expert's capacity (an
+    all-zero row) keeps its choice (the largest logit, where the router returns logits) with
+    weight 0, so the block's output for it is zero, as the block's own code makes it, and its
+    gradients are too."""
+    dispatch_TE = dispatch_TE.long()
+    kept_T1 = dispatch_TE.sum(-1, keepdim=True) > 0
+    ids_T1 = dispatch_TE.argmax(-1, keepdim=True)
+    if logits_TE is not None:
+        ids_T1 = torch.where(kept_T1, ids_T1, logits_TE.argmax(-1, keepdim=True))
+    return weight_T1 * kept_T1, ids_T1
 
 
 def sorted_routes(weights_TK: Tensor, ids_TK: Tensor) -> tuple[Tensor, Tensor]:
