@@ -85,3 +85,26 @@ def test_a_ring_keeps_running_after_the_eager_model_rescales_its_dynamic_rope(ea
             torch.testing.assert_close(program(ids).logits, want[ids.shape[1]], rtol=0, atol=0)
         plain = build_hf("llama", max_position_embeddings=32).eval()      # the same weights, rope not rescaled
         assert not torch.allclose(plain(long).logits, want[48])           # past 32 tokens the scaling shows
+
+
+def test_compiling_leaves_no_capture_tensor_on_the_model():
+    """Phi-3's longrope rotary embedding caches ``long_inv_freq`` as a plain attribute on its first
+    call. Captured, that first call left export's fake tensor on the user's model: the eager model
+    then computed other logits past the original length, and ``copy.deepcopy(model)`` failed."""
+    import copy
+
+    import moesys_compile as mc
+    from moesys_compile.models.hf import build_hf
+
+    def longrope_phi3():
+        return build_hf("phi3", max_position_embeddings=64, original_max_position_embeddings=32,
+                        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 4,
+                                         "long_factor": [2.0] * 4, "original_max_position_embeddings": 32}).eval()
+    model, untouched = longrope_phi3(), longrope_phi3()
+    short, long = (torch.randint(0, 100, (2, seq), generator=torch.Generator().manual_seed(seq)) for seq in (16, 48))
+    program = mc.compile(model, mc.Plan(mode="train"), example_inputs=(short,))
+    assert "long_inv_freq" not in vars(model.model.rotary_emb)
+    with torch.no_grad():
+        torch.testing.assert_close(model(long).logits, untouched(long).logits, rtol=0, atol=0)
+        torch.testing.assert_close(program(long).logits, untouched(long).logits, rtol=0, atol=0)
+        torch.testing.assert_close(copy.deepcopy(model)(short).logits, untouched(short).logits, rtol=0, atol=0)

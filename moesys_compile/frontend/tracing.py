@@ -14,7 +14,7 @@ import sys
 import threading
 import traceback
 import warnings
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 import torch.fx as fx
@@ -558,7 +558,7 @@ def capture(model: nn.Module, example_inputs: Sequence[Any] = (), example_kwargs
     check_hf_example(model, example_inputs, example_kwargs)
     inlined: list[str] = []
     checkpointed: list[bool] = []
-    with own_autograd_functions(inlined), _noting_activation_checkpoints(checkpointed):
+    with own_autograd_functions(inlined), _noting_activation_checkpoints(checkpointed), _tensor_attributes_kept(model):
         gm = _capture(model, example_inputs, example_kwargs, leaf_modules)
     _drop_unread_state(gm)
     gm.meta["moesys_captured_training"] = model.training
@@ -572,6 +572,29 @@ def capture(model: nn.Module, example_inputs: Sequence[Any] = (), example_kwargs
                   f"the program computes the same values and gradients but stores every activation; lower the "
                   f"batch size if memory runs out")
     return gm
+
+
+@contextlib.contextmanager
+def _tensor_attributes_kept(model: nn.Module) -> Iterator[None]:
+    """Undo the tensors a forward sets as plain attributes of its modules while it is captured:
+    they are the capture's fake tensors or proxies, and the model, called eagerly later, would
+    compute with them (Phi-3's longrope rotary embedding caches ``long_inv_freq`` on first call)."""
+    before = [(module, {name: value for name, value in vars(module).items() if isinstance(value, _CAPTURE_VALUES)})
+              for module in model.modules()]
+    try:
+        yield
+    finally:
+        for module, kept in before:
+            attributes = vars(module)
+            for name in [n for n, value in attributes.items() if isinstance(value, _CAPTURE_VALUES)
+                         and kept.get(n) is not value]:
+                if name in kept:
+                    attributes[name] = kept[name]
+                else:
+                    del attributes[name]
+
+
+_CAPTURE_VALUES = (torch.Tensor, fx.Proxy)
 
 
 def _drop_unread_state(gm: fx.GraphModule) -> None:
