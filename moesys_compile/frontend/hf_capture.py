@@ -263,15 +263,9 @@ def _default_mask_built(model: nn.Module) -> Iterator[None]:
             bound.arguments["attention_mask"] = torch.ones(tokens.shape[:2], dtype=torch.long, device=tokens.device)
         return forward(*bound.args, **bound.kwargs)
     forward_with_mask.__signature__ = signature
-    had_own = "forward" in model.__dict__
-    model.forward = forward_with_mask
-    try:
+    from .tracing import forward_replaced     # tracing imports this module
+    with forward_replaced(model, forward_with_mask):
         yield
-    finally:
-        if had_own:
-            model.forward = forward
-        else:
-            del model.forward
 
 
 def warn_checkpointing_dropped(model: nn.Module) -> None:

@@ -389,13 +389,22 @@ def _keywords_named(model: nn.Module, example_kwargs: dict):
         return forward(*args, **kwargs)
     named_forward.__signature__ = signature.replace(
         parameters=params[:-1] + [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY) for name in extra])
+    with forward_replaced(model, named_forward):
+        yield
+
+
+@contextlib.contextmanager
+def forward_replaced(model: nn.Module, forward: Callable) -> Iterator[None]:
+    """``model.forward`` is ``forward`` inside the block; the model's own after it (an instance
+    ``forward`` it had set is put back, else the class's shows through again)."""
     had_own = "forward" in model.__dict__
-    model.forward = named_forward
+    own = model.forward
+    model.forward = forward
     try:
         yield
     finally:
         if had_own:
-            model.forward = forward
+            model.forward = own
         else:
             del model.forward
 
