@@ -349,24 +349,28 @@ def _bound_inputs(model: nn.Module, example_inputs: Sequence[Any], example_kwarg
     return inputs
 
 
-def _dynamic_dims(model: nn.Module, example_inputs: Sequence[Any], example_kwargs: dict) -> dict[str, tuple]:
-    """Per tensor argument, the dims export may keep symbolic: batch and sequence (the first two
-    dims), or those the module names in ``symbolic_dims`` ({argument: {dim: size in B and S}},
-    which annotation follows too)."""
+def _symbolic_dims_of(model: nn.Module, name: str, leaf: Any, argument: Any) -> tuple[int, ...]:
+    """The dims of one tensor of argument ``name`` that export may keep symbolic: those the module
+    names for the argument in ``symbolic_dims`` ({argument: {dim: size in B and S}}, which
+    annotation follows too), else batch and sequence (the first two dims), also of each tensor
+    inside a dict, list or tuple argument (a batch dict, ``*args``); none of anything else."""
     own = getattr(model, "symbolic_dims", {})
-    return {name: tuple(own.get(name, range(min(value.dim(), 2))))
-            for name, value in _bound_inputs(model, example_inputs, example_kwargs).items()
-            if isinstance(value, torch.Tensor) and value.dim() > 0}
+    if name in own and leaf is argument:
+        return tuple(own[name])
+    return tuple(range(min(leaf.dim(), 2))) if isinstance(leaf, torch.Tensor) else ()
 
 
 def _export_dynamic_shapes(model: nn.Module, example_inputs: Sequence[Any], example_kwargs: dict):
-    """``_dynamic_dims`` left for export to decide."""
+    """Per argument, in its own structure, its tensors' symbolic dims left for export to decide."""
     auto = getattr(torch.export.Dim, "AUTO", None)
     if auto is None:
         return None
-    dims = _dynamic_dims(model, example_inputs, example_kwargs)
     bound = inspect.signature(model.forward).bind_partial(*example_inputs, **example_kwargs)
-    return {name: {d: auto for d in dims[name]} if name in dims else None for name in bound.arguments}
+
+    def spec(name: str, argument: Any) -> Any:
+        return tree_map(lambda leaf: {d: auto for d in _symbolic_dims_of(model, name, leaf, argument)} or None,
+                        argument)
+    return {name: spec(name, argument) for name, argument in bound.arguments.items()}
 
 
 @contextlib.contextmanager
@@ -409,17 +413,29 @@ def _widened(value: Any, dims: Sequence[int] = (0, 1)) -> Any:
     return value.repeat(*repeats) if any(r == 2 for r in repeats) else value
 
 
+def _positional_names(model: nn.Module, args: tuple) -> list[str]:
+    """The parameter of ``forward`` each positional input binds to (``*args``' name for each of its)."""
+    names = []
+    for param in inspect.signature(model.forward).parameters.values():
+        if param.kind in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD):
+            names.append(param.name)
+        elif param.kind is param.VAR_POSITIONAL:
+            names.extend([param.name] * (len(args) - len(names)))
+    return names[:len(args)]
+
+
+def _widened_argument(model: nn.Module, name: str, argument: Any) -> Any:
+    return tree_map(lambda leaf: _widened(leaf, _symbolic_dims_of(model, name, leaf, argument)), argument)
+
+
 def _widened_example(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    dims = _dynamic_dims(model, args, kwargs)
-    names = list(inspect.signature(model.forward).bind_partial(*args, **kwargs).arguments)
-    wide_args = tuple(_widened(value, dims.get(name, ())) for name, value in zip(names, args))
-    return wide_args, {name: _widened(value, dims.get(name, ())) for name, value in kwargs.items()}
+    wide_args = tuple(_widened_argument(model, name, value) for name, value in zip(_positional_names(model, args), args))
+    return wide_args, {name: _widened_argument(model, name, value) for name, value in kwargs.items()}
 
 
 def _widened_dims(model: nn.Module, args: tuple, kwargs: dict) -> list[set[int]]:
     """Per flattened input (the exported graph's placeholders), the dims ``_widened`` repeats."""
-    dims = _dynamic_dims(model, args, kwargs)
-    return [{d for d in dims.get(name, ()) if leaf is value and value.shape[d] == 1}
+    return [{d for d in _symbolic_dims_of(model, name, leaf, value) if leaf.shape[d] == 1}
             for name, value in _bound_inputs(model, args, kwargs).items() for leaf in tree_leaves(value)]
 
 

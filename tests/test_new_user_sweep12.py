@@ -1,0 +1,86 @@
+"""A new user's models and habits: inputs in containers under torch.export, state dicts of
+models holding tensors their forward never reads."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import moesys_compile as mc
+
+VOCAB, DIM = 64, 16
+
+
+class Expert(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(DIM, 32)
+        self.down = nn.Linear(32, DIM)
+
+    def forward(self, x):
+        return self.down(F.gelu(self.up(x)))
+
+
+class LoopMoE(nn.Module):
+    """A hand-written top-2 MoE over a ModuleList of experts."""
+
+    def __init__(self, num_experts=4, top_k=2):
+        super().__init__()
+        self.gate = nn.Linear(DIM, num_experts, bias=False)
+        self.experts = nn.ModuleList(Expert() for _ in range(num_experts))
+        self.top_k = top_k
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        weights, ids = self.gate(x).softmax(-1).topk(self.top_k, -1)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(ids == e)
+            out.index_add_(0, token, expert(x[token]) * weights[token, slot, None])
+        return out.reshape(shape)
+
+
+class BatchDictModel(nn.Module):
+    """Takes its batch as one dict, and checks its length in Python (fx cannot trace that branch,
+    torch.export can)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, DIM)
+        self.moe = LoopMoE()
+        self.head = nn.Linear(DIM, VOCAB)
+
+    def hidden(self, ids):
+        if ids.shape[1] > 32:
+            raise ValueError("sequence too long")
+        h = self.emb(ids)
+        return h + self.moe(h)
+
+    def forward(self, batch):
+        return self.head(self.hidden(batch["input_ids"]))
+
+
+class SummedInputsModel(BatchDictModel):
+    def forward(self, *id_tensors):
+        return self.head(sum(self.hidden(ids) for ids in id_tensors))
+
+
+def ids_of(batch, seq, seed=0):
+    return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def test_inputs_inside_a_dict_or_star_args_keep_batch_and_sequence_symbolic_under_export():
+    """torch.export kept only top-level tensor arguments symbolic: a batch dict or ``*args`` had
+    the example's sizes fixed, so a train program refused every other batch size."""
+    torch.manual_seed(0)
+    model = BatchDictModel()
+    program = mc.compile(model, mc.Plan(mode="train"), example_inputs=({"input_ids": ids_of(2, 8)},))
+    assert program.context.capture == "export"
+    batch = {"input_ids": ids_of(3, 5, seed=1)}
+    torch.testing.assert_close(program(batch), model(batch), rtol=0, atol=0)
+
+    torch.manual_seed(0)
+    summed = SummedInputsModel()
+    program = mc.compile(summed, mc.Plan(mode="train"), example_inputs=(ids_of(1, 1), ids_of(1, 1, seed=2)))
+    first, second = ids_of(3, 5, seed=1), ids_of(3, 5, seed=3)
+    torch.testing.assert_close(program(first, second), summed(first, second), rtol=0, atol=0)
