@@ -84,3 +84,44 @@ def test_inputs_inside_a_dict_or_star_args_keep_batch_and_sequence_symbolic_unde
     program = mc.compile(summed, mc.Plan(mode="train"), example_inputs=(ids_of(1, 1), ids_of(1, 1, seed=2)))
     first, second = ids_of(3, 5, seed=1), ids_of(3, 5, seed=3)
     torch.testing.assert_close(program(first, second), summed(first, second), rtol=0, atol=0)
+
+
+class ModelWithUnreadTensors(nn.Module):
+    """Its experts carry a persistent buffer the forward never reads, and it has a head the
+    forward does not call (a classifier kept beside the LM head)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, DIM)
+        self.moe = LoopMoE()
+        for expert in self.moe.experts:
+            expert.register_buffer("tokens_seen", torch.zeros(()))
+        self.head = nn.Linear(DIM, VOCAB)
+        self.classifier = nn.Linear(DIM, 3)
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        return self.head(h + self.moe(h))
+
+
+def test_program_state_dict_holds_the_tensors_the_forward_never_reads():
+    """The capture leaves out tensors the forward does not read, and program.state_dict() lost
+    them: stripped of its prefix it did not load into the model (missing keys)."""
+    torch.manual_seed(0)
+    model = ModelWithUnreadTensors()
+    program = mc.compile(model, mc.Plan(mode="train"), example_inputs=(ids_of(2, 8),))
+    state = {k.removeprefix("graph_module."): v for k, v in program.state_dict().items()}
+    assert set(state) == set(model.state_dict())
+    fresh = ModelWithUnreadTensors()
+    fresh.load_state_dict(state)
+    torch.testing.assert_close(fresh.classifier.weight, model.classifier.weight, rtol=0, atol=0)
+
+    changed = program.state_dict()
+    changed["graph_module.classifier.bias"] = torch.full((3,), 7.0)
+    changed["graph_module.moe.experts.1.tokens_seen"] = torch.tensor(5.0)
+    program.load_state_dict(changed)
+    assert model.classifier.bias.tolist() == [7.0] * 3 and model.moe.experts[1].tokens_seen.item() == 5.0
+    del changed["graph_module.classifier.weight"]
+    missing = program.load_state_dict(changed, strict=False).missing_keys
+    assert missing == ["graph_module.classifier.weight"]
+    torch.testing.assert_close(model.classifier.weight, fresh.classifier.weight, rtol=0, atol=0)

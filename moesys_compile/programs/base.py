@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
+import weakref
 from typing import Any, Optional
 
 import torch
@@ -53,6 +55,55 @@ def _keep_non_persistent(gm, model: torch.nn.Module) -> None:
                 owner._non_persistent_buffers_set.add(attr)
 
 
+def _unread_state(program: "Program") -> dict[str, torch.Tensor]:
+    """The model's state_dict entries that the captured graph does not hold: tensors its forward
+    never reads (an expert's unused buffer, a module the forward skips), which the capture leaves
+    out; not the expert tensors that another rank holds."""
+    gm = program.graph_module
+    held = {name for name, _ in gm.named_parameters(remove_duplicate=False)}
+    held |= {name for name, _ in gm.named_buffers(remove_duplicate=False)}
+    return {name: tensor for name, tensor in program.context.model.state_dict(keep_vars=True).items()
+            if name not in held and not program.held_by_another_rank(name)}
+
+
+def _add_unread_state(program_ref: weakref.ref, module, state: dict, prefix: str, local_metadata) -> None:
+    for name, tensor in _unread_state(program_ref()).items():
+        state[prefix + name] = tensor.detach()
+
+
+def _take_unread_state(program_ref: weakref.ref, pending: dict, module, state: dict, prefix: str, local_metadata,
+                       strict, missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+    """Consumed here (torch would call them unexpected) into ``pending``, copied into the model's
+    tensors once the graph's own have loaded."""
+    pending.clear()          # what a load refused later (another rank's shard) left
+    for name, tensor in _unread_state(program_ref()).items():
+        key = prefix + name
+        if key not in state:
+            missing_keys.append(key)
+        elif state[key].shape != tensor.shape:
+            error_msgs.append(f"size mismatch for {key}: copying a tensor of shape {tuple(state.pop(key).shape)} "
+                              f"from the state dict, the shape in the model is {tuple(tensor.shape)}")
+        else:
+            pending[tensor] = state.pop(key)
+
+
+@torch.no_grad()
+def _load_unread_state(pending: dict, module, incompatible_keys) -> None:
+    for tensor, saved in pending.items():
+        tensor.copy_(saved)
+    pending.clear()
+
+
+def _keep_unread_state(program: "Program") -> None:
+    """``program.state_dict()`` holds every entry of the model's, as DDP's holds its module's, so
+    that without its ``graph_module.`` prefix it loads into the model; ``load_state_dict`` fills
+    the model's tensors that the graph does not hold from it."""
+    ref, gm, pending = weakref.ref(program), program.graph_module, {}
+    gm.register_state_dict_post_hook(functools.partial(_add_unread_state, ref))
+    gm.register_load_state_dict_pre_hook(functools.partial(_take_unread_state, ref, pending))
+    gm.register_load_state_dict_post_hook(functools.partial(_load_unread_state, pending))
+
+
 class Program(nn.Module):
     """Runs the compiled graph; ``program(*args, **kwargs)`` returns what the model returns.
 
@@ -80,7 +131,12 @@ class Program(nn.Module):
         floating = [p for p in gm.parameters() if p.is_floating_point()] if ctx.capture == "export" else []
         self._captured_dtype = (floating[0], floating[0].dtype) if floating else None
         _keep_non_persistent(gm, ctx.model)
+        _keep_unread_state(self)
         self.__class__ = _signed_class(type(self), ctx.model)
+
+    def held_by_another_rank(self, name: str) -> bool:
+        """``name`` (of the model's state) is held on another rank only (an expert shard there)."""
+        return False
 
     def __getattr__(self, name: str) -> Any:
         try:
