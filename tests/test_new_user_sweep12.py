@@ -1,6 +1,7 @@
 """A new user's models and habits: inputs in containers under torch.export, state dicts of
-models holding tensors their forward never reads."""
+models holding tensors their forward never reads, checkpoint paths that are no checkpoint."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -125,3 +126,15 @@ def test_program_state_dict_holds_the_tensors_the_forward_never_reads():
     missing = program.load_state_dict(changed, strict=False).missing_keys
     assert missing == ["graph_module.classifier.weight"]
     torch.testing.assert_close(model.classifier.weight, fresh.classifier.weight, rtol=0, atol=0)
+
+
+def test_load_into_a_file_or_a_missing_path_says_which(tmp_path):
+    """A state dict saved as one file (torch.save, a model.safetensors) given to load_into was told
+    that its meta.json was missing and that an interrupted save leaves '.NAME.tmp-*' beside it."""
+    model = BatchDictModel()
+    torch.save(model.state_dict(), tmp_path / "full.pt")
+    with pytest.raises(mc.CheckpointError, match=r"full.pt' is a file, and a checkpoint is a directory.*"
+                                                 r"model.load_state_dict\(torch.load\(PATH\)\)"):
+        mc.load_into(BatchDictModel(), str(tmp_path / "full.pt"))
+    with pytest.raises(mc.CheckpointError, match=r"no complete checkpoint at '.*nothere': no such directory$"):
+        mc.load_into(BatchDictModel(), str(tmp_path / "nothere"))
