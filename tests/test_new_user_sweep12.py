@@ -1,5 +1,5 @@
 """A new user's models and habits: inputs in containers under torch.export, state dicts of
-models holding tensors their forward never reads, checkpoint paths that are no checkpoint."""
+models holding tensors their forward never reads, checkpoint and model paths that are none."""
 
 import pytest
 import torch
@@ -138,3 +138,14 @@ def test_load_into_a_file_or_a_missing_path_says_which(tmp_path):
         mc.load_into(BatchDictModel(), str(tmp_path / "full.pt"))
     with pytest.raises(mc.CheckpointError, match=r"no complete checkpoint at '.*nothere': no such directory$"):
         mc.load_into(BatchDictModel(), str(tmp_path / "nothere"))
+
+
+def test_a_model_path_that_is_a_file_or_missing_is_named_as_such(tmp_path):
+    """MODEL on the command line: a mistyped directory or a weights file was an 'unknown MODEL'
+    told to use a built-in name."""
+    from moesys_compile.models.spec import load_model
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"config.json' is a file; give the Hugging Face directory .*\(" + str(tmp_path)):
+        load_model(str(tmp_path / "config.json"))
+    with pytest.raises(ValueError, match=r"^MODEL '.*nothere': no such directory$"):
+        load_model(str(tmp_path / "nothere"))

@@ -171,8 +171,21 @@ def _load(spec: str, overrides: dict[str, Any], weights: bool) -> LoadedModel:
         return load_hf(spec, overrides, weights)
     if ":" in spec:
         return _from_factory(spec, overrides)
-    raise ValueError(f"unknown MODEL {spec!r}: use a built-in name ({', '.join(sorted(PRESETS))}), "
-                     f"package.module:factory, hf:<family> or a local Hugging Face directory")
+    raise ValueError(_not_a_directory(spec) or f"unknown MODEL {spec!r}: use a built-in name "
+                     f"({', '.join(sorted(PRESETS))}), package.module:factory, hf:<family> or a local Hugging Face "
+                     f"directory")
+
+
+def _not_a_directory(spec: str) -> Optional[str]:
+    """For a MODEL written as a path (a file, or a name with a path separator) that is no
+    directory: what it is instead; None for any other name."""
+    if os.path.isfile(spec):
+        return (f"MODEL {spec!r} is a file; give the Hugging Face directory that holds the model's config.json "
+                f"and weights ({os.path.dirname(os.path.abspath(spec))})")
+    if os.sep in spec or spec.startswith(("~", ".")):
+        home = "; a leading ~ is not expanded inside quotes" if spec.startswith("~") else ""
+        return f"MODEL {spec!r}: no such directory{home}"
+    return None
 
 
 def _refuse_training_checkpoint(path: str) -> None:
