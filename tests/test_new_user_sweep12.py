@@ -149,3 +149,18 @@ def test_a_model_path_that_is_a_file_or_missing_is_named_as_such(tmp_path):
         load_model(str(tmp_path / "config.json"))
     with pytest.raises(ValueError, match=r"^MODEL '.*nothere': no such directory$"):
         load_model(str(tmp_path / "nothere"))
+
+
+@pytest.mark.parametrize("budget", [None, "1MiB"])
+def test_training_methods_of_an_infer_program_say_what_to_do_instead(budget):
+    """program.save, load, full_state_dict, ... of an infer program were bare AttributeErrors."""
+    program = mc.compile(BatchDictModel().eval(), mc.Plan(mode="infer", device_budget=budget),
+                         example_inputs=({"input_ids": ids_of(2, 8)},))
+    with pytest.raises(AttributeError, match=r"\.save: only a program compiled with mode='train' has save; save the "
+                                             r"model itself \(model.save_pretrained"):
+        program.save("ckpt")
+    with pytest.raises(AttributeError, match=r"has load; load the weights into the model \(mc.load_into"):
+        program.load("ckpt")
+    with pytest.raises(AttributeError, match="has clip_grad_norm_; to train, compile with Plan"):
+        program.clip_grad_norm_(1.0)
+    assert not hasattr(program, "no_such_method")

@@ -20,6 +20,16 @@ from .train_mode import warn_if_mode_changes_code
 # utilities read from the model they are given (which loss it computes, its config, ...)
 MODEL_ATTRIBUTES = ("config", "loss_type", "accepts_loss_kwargs", "main_input_name", "generation_config")
 _SIGNED_CLASSES: dict[tuple[type, Any], type] = {}
+# what only a training program does, and what to do instead with an infer program, which computes
+# with the model's own (unsharded) tensors
+_TRAINING_ONLY = {
+    "save": "save the model itself (model.save_pretrained(DIR), or torch.save(model.state_dict(), PATH))",
+    "load": "load the weights into the model (mc.load_into(model, DIR)) and compile it again, or stream them "
+            "through a ring with Plan(weights_checkpoint=DIR, device_budget=...)",
+    "full_state_dict": "model.state_dict() is the whole model",
+    **dict.fromkeys(("clip_grad_norm_", "no_sync", "grad_scaler"),
+                    "to train, compile with Plan(mode='train'), whose program syncs gradients over the ranks"),
+}
 
 
 def _signed_class(cls: type, model: nn.Module) -> type:
@@ -148,6 +158,9 @@ class Program(nn.Module):
                 raise AttributeError(f"a {type(self).__name__} compiled with mode={self.plan.mode!r} and no "
                                      f"device_budget has no generate: greedy decoding is part of ring inference; "
                                      f"compile with Plan(mode='infer', device_budget=...)") from None
+            if name in _TRAINING_ONLY:
+                raise AttributeError(f"{type(self).__name__}.{name}: only a program compiled with mode='train' has "
+                                     f"{name}; {_TRAINING_ONLY[name]}") from None
             raise
 
     @property
