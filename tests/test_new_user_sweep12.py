@@ -164,3 +164,32 @@ def test_training_methods_of_an_infer_program_say_what_to_do_instead(budget):
     with pytest.raises(AttributeError, match="has clip_grad_norm_; to train, compile with Plan"):
         program.clip_grad_norm_(1.0)
     assert not hasattr(program, "no_such_method")
+
+
+class ScaledBatchModel(BatchDictModel):
+    """Reads two tensors of its batch dict."""
+
+    def forward(self, batch):
+        ids = batch["input_ids"]
+        if ids.shape[1] > 32:
+            raise ValueError("sequence too long")
+        h = self.emb(ids) * batch["scale"][..., None]
+        return self.head(h + self.moe(h))
+
+
+@pytest.mark.parametrize("budget", [None, "1MiB"])
+def test_a_batch_dict_is_bound_by_its_keys_not_their_order(budget):
+    """torch.export takes a dict's tensors in the example's key order: a call whose dict had the
+    same keys in another order handed 'scale' to the embedding, and one with another key failed
+    inside the graph ('forward() takes 2 positional arguments but 3 were given')."""
+    torch.manual_seed(0)
+    model = ScaledBatchModel().eval()
+    plan = mc.Plan(mode="train" if budget is None else "infer", device_budget=budget)
+    program = mc.compile(model, plan, example_inputs=({"input_ids": ids_of(2, 8), "scale": torch.rand(2, 8)},))
+    assert program.context.capture == "export"
+    ids, scale = ids_of(3, 5, seed=1), torch.rand(3, 5)
+    want = model({"input_ids": ids, "scale": scale})
+    torch.testing.assert_close(program({"scale": scale, "input_ids": ids}), want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"batch has the keys \['input_ids', 'scale', 'labels'\], but the "
+                                         r"example's were \['(input_ids|scale)', '(input_ids|scale)'\]"):
+        program({"input_ids": ids, "scale": scale, "labels": ids})
