@@ -145,7 +145,8 @@ def test_a_model_path_that_is_a_file_or_missing_is_named_as_such(tmp_path):
     told to use a built-in name."""
     from moesys_compile.models.spec import load_model
     (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(ValueError, match=r"config.json' is a file; give the Hugging Face directory .*\(" + str(tmp_path)):
+    with pytest.raises(ValueError, match=r"config.json' is a file; give the Hugging Face directory .*\("
+                                         + str(tmp_path)):
         load_model(str(tmp_path / "config.json"))
     with pytest.raises(ValueError, match=r"^MODEL '.*nothere': no such directory$"):
         load_model(str(tmp_path / "nothere"))

@@ -429,7 +429,8 @@ def _widened_argument(model: nn.Module, name: str, argument: Any) -> Any:
 
 
 def _widened_example(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    wide_args = tuple(_widened_argument(model, name, value) for name, value in zip(_positional_names(model, args), args))
+    names = _positional_names(model, args)
+    wide_args = tuple(_widened_argument(model, name, value) for name, value in zip(names, args))
     return wide_args, {name: _widened_argument(model, name, value) for name, value in kwargs.items()}
 
 

@@ -63,7 +63,8 @@ class InputBinder:
         number of dims is refused by name (``graph_inputs``), and whether it passed a padding mask
         shaped as its ids; returns the example's graph inputs."""
         if self.capture == "export":
-            self.example_structure = [pytree.tree_map(lambda _: None, value) for value in self._traced_values(args, kwargs)]
+            self.example_structure = [pytree.tree_map(lambda _: None, value)
+                                      for value in self._traced_values(args, kwargs)]
         flat = self.graph_inputs(args, kwargs)
         self.example_shapes = [tuple(v.shape) if isinstance(v, torch.Tensor) else None for v in flat]
         if self.capture == "export":
@@ -222,7 +223,8 @@ class InputBinder:
                 raise ValueError(f"{self.model_name}.forward: {where} holds {len(value)} items, but the example's held "
                                  f"{len(structure)}: torch.export fixed the structure of the inputs; call it with "
                                  f"{len(structure)}, or compile with an example of {len(value)}")
-            items = [self._in_example_structure(v, st, f"{where}[{i}]") for i, (v, st) in enumerate(zip(value, structure))]
+            items = [self._in_example_structure(item, item_structure, f"{where}[{i}]")
+                     for i, (item, item_structure) in enumerate(zip(value, structure))]
             return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
         return value
 

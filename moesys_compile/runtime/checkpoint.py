@@ -296,7 +296,8 @@ def _no_checkpoint(target: Path) -> CheckpointError:
         return CheckpointError(f"{str(target)!r} is a file, and a checkpoint is a directory (what program.save or "
                                f"save_pretrained wrote, or a training run's --ckpt-dir): pass the directory that "
                                f"holds it; a state dict saved as one file loads with "
-                               f"model.load_state_dict(torch.load(PATH)) (safetensors.torch.load_file for .safetensors)")
+                               f"model.load_state_dict(torch.load(PATH)) (safetensors.torch.load_file for "
+                               f".safetensors)")
     if not target.exists() and not any(target.parent.glob(f".{target.name}.tmp-*")):
         return CheckpointError(f"no complete checkpoint at {str(target)!r}: no such directory")
     return CheckpointError(f"no complete checkpoint at {str(target)!r} ({META} missing); an interrupted save "
