@@ -194,3 +194,32 @@ def test_a_batch_dict_is_bound_by_its_keys_not_their_order(budget):
     with pytest.raises(ValueError, match=r"batch has the keys \['input_ids', 'scale', 'labels'\], but the "
                                          r"example's were \['(input_ids|scale)', '(input_ids|scale)'\]"):
         program({"input_ids": ids, "scale": scale, "labels": ids})
+
+
+class DropoutModel(BatchDictModel):
+    def __init__(self):
+        super().__init__()
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        return self.head(self.drop(h + self.moe(h)))
+
+
+@pytest.mark.parametrize("budget", [None, "1MiB"])
+def test_an_infer_program_stays_in_eval_mode_while_a_training_program_of_its_model_trains(budget):
+    """Evaluating with an infer program between training steps: the training program's train()
+    (or model.train()) turned on the model's nn.Dropout, which the infer program calls too, so
+    its outputs dropped out at random."""
+    torch.manual_seed(0)
+    model = DropoutModel()
+    ids = ids_of(2, 8)
+    trainer = mc.compile(model, mc.Plan(mode="train"), example_inputs=(ids,))
+    with pytest.warns(UserWarning, match="an infer program runs it in eval mode"):
+        evaluator = mc.compile(model, mc.Plan(mode="infer", device_budget=budget), example_inputs=(ids,))
+    want = model(ids)
+    trainer.train()
+    assert not torch.equal(trainer(ids), trainer(ids))      # the training program drops out
+    torch.testing.assert_close(evaluator(ids), want, rtol=0, atol=0)
+    torch.testing.assert_close(evaluator(ids), want, rtol=0, atol=0)
+    assert model.drop.training                              # left as the training program set it

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import weakref
@@ -12,7 +13,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..errors import warn_user
-from ..frontend.modes import grad_mode_kept
+from ..frontend.modes import grad_mode_kept, modules_in_eval_mode
 from .train_mode import warn_if_mode_changes_code
 
 
@@ -216,7 +217,8 @@ class Program(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         self._check_dtype()
         binder = self.context.extras["binder"]
-        with grad_mode_kept():   # also where a call fails inside one of the model's no_grad regions
+        in_mode = modules_in_eval_mode(self.graph_module) if self.plan.mode == "infer" else contextlib.nullcontext()
+        with grad_mode_kept(), in_mode:   # grad mode: also where a call fails inside a no_grad region of the model
             output, aux_loss = self.graph_module(*binder.graph_inputs(args, kwargs))
         self.aux_loss = aux_loss
         output = binder.model_output(output)
