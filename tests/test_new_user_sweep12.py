@@ -223,3 +223,23 @@ def test_an_infer_program_stays_in_eval_mode_while_a_training_program_of_its_mod
     torch.testing.assert_close(evaluator(ids), want, rtol=0, atol=0)
     torch.testing.assert_close(evaluator(ids), want, rtol=0, atol=0)
     assert model.drop.training                              # left as the training program set it
+
+
+class KeywordOnlyModel(BatchDictModel):
+    config = type("Config", (), {"vocab_size": VOCAB})()
+
+    def forward(self, *, input_ids):
+        return self.head(self.hidden(input_ids))
+
+
+def make_keyword_only_model():
+    return KeywordOnlyModel()
+
+
+def test_a_factory_model_whose_forward_takes_keywords_only_is_named_for_the_command_line():
+    """The command line passes the token ids positionally: a forward(self, *, input_ids) failed
+    'when run eagerly too', told to check the config's head size and rotary embeddings."""
+    from moesys_compile.models.spec import load_model
+    with pytest.raises(ValueError, match=r"KeywordOnlyModel.forward\(\*, input_ids\) takes no positional argument, "
+                                         r"and the command line passes the token ids as its first one"):
+        load_model(f"{__name__}:make_keyword_only_model")

@@ -105,6 +105,7 @@ def _from_factory(spec: str, overrides: dict[str, Any]) -> LoadedModel:
                          f"that returns a model, or (model, example_inputs)")
     _check_factory_parameters(spec, factory, overrides)
     made = factory(**overrides)
+    _check_positional_input(spec, made[0] if isinstance(made, tuple) and made else made)
     if isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], nn.Module):
         model, example = made
         if isinstance(example, Mapping):
@@ -124,6 +125,24 @@ def _from_factory(spec: str, overrides: dict[str, Any]) -> LoadedModel:
         raise ValueError(f"{spec}: cannot guess example inputs; return (model, example_inputs) from the factory "
                          f"or give the model an example_inputs(batch, seq) method")
     return LoadedModel(made, token_inputs(vocab), spec)
+
+
+def _check_positional_input(spec: str, model: Any) -> None:
+    """The command line calls the model with its inputs (the token ids) as ``forward``'s positional
+    arguments: a ``forward`` that takes none (``def forward(self, *, input_ids)``) is named, rather
+    than failing as a model that does not run."""
+    if not isinstance(model, nn.Module):
+        return
+    try:
+        signature = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                  inspect.Parameter.VAR_POSITIONAL)
+    if not any(p.kind in positional for p in signature.parameters.values()):
+        raise ValueError(f"{spec}: {type(model).__name__}.forward{signature} takes no positional argument, and the "
+                         f"command line passes the token ids as its first one; give forward a positional parameter "
+                         f"for them (def forward(self, input_ids, ...))")
 
 
 def _check_factory_parameters(spec: str, factory: Callable, overrides: dict[str, Any]) -> None:
