@@ -243,3 +243,23 @@ def test_a_factory_model_whose_forward_takes_keywords_only_is_named_for_the_comm
     with pytest.raises(ValueError, match=r"KeywordOnlyModel.forward\(\*, input_ids\) takes no positional argument, "
                                          r"and the command line passes the token ids as its first one"):
         load_model(f"{__name__}:make_keyword_only_model")
+
+
+def test_hooks_on_a_recognised_block_stay_on_the_model_and_the_capture_says_they_do_not_run_per_call():
+    """A logging hook on an MoE block was dropped with the block when canonicalize swapped it (the
+    model's own calls no longer ran it), and the program never ran it, without a word."""
+    torch.manual_seed(0)
+    model = BatchDictModel()
+    seen = []
+    handle = model.moe.register_forward_hook(lambda module, inputs, output: seen.append(tuple(output.shape)))
+    ids = ids_of(2, 8)
+    with pytest.warns(UserWarning, match=r"the hook\(s\) \['.*<lambda>'\] on 'moe' ran once while BatchDictModel was "
+                                         r"captured and do not run at the program's calls"):
+        program = mc.compile(model, mc.Plan(mode="train"), example_inputs=({"input_ids": ids},))
+    assert [r.action for r in program.context.blocks] == ["replaced"]
+    seen.clear()
+    model.hidden(ids)
+    assert seen == [(2, 8, DIM)]
+    handle.remove()
+    model.hidden(ids)
+    assert seen == [(2, 8, DIM)]

@@ -583,11 +583,44 @@ def capture(model: nn.Module, example_inputs: Sequence[Any] = (), example_kwargs
                                                     leaf_modules)
     if gm.meta.get("moesys_capture") == "export":
         gm.meta["moesys_inlined_functions"] = inlined
+    _warn_hooks_traced_through(model, gm)
     if checkpointed and model.training and not _checkpointing_flag(model):   # (transformers' own flag warns itself)
         warn_user(f"{type(model).__name__} calls torch.utils.checkpoint, which the captured graph does not keep: "
                   f"the program computes the same values and gradients but stores every activation; lower the "
                   f"batch size if memory runs out")
     return gm
+
+
+# hooks of these libraries are written for a capture (transformers records router logits by them) or
+# are this package's own (a warning on a stale model)
+_LIBRARY_HOOKS = ("torch.", "transformers.", "accelerate.", "deepspeed.", "moesys_compile.")
+
+
+def _user_hooks(module: nn.Module) -> list[str]:
+    """The names of ``module``'s forward, pre-forward and backward hooks that the user registered."""
+    hooks = [*module._forward_pre_hooks.values(), *module._forward_hooks.values(),
+             *module._backward_pre_hooks.values(), *module._backward_hooks.values()]
+    functions = [getattr(hook, "func", hook) for hook in hooks]
+    return [getattr(f, "__qualname__", repr(f)) for f in functions
+            if not getattr(f, "__module__", "").startswith(_LIBRARY_HOOKS)]
+
+
+def _warn_hooks_traced_through(model: nn.Module, gm: fx.GraphModule) -> None:
+    """A module that the capture traced through (not kept as one call) runs its hooks once, while
+    it is captured: what a hook returns is part of the graph, but a hook that records or logs
+    (activation statistics) no longer runs at the program's calls."""
+    called = {node.target for node in gm.graph.nodes if node.op == "call_module"}
+    hooked = {path: names for path, module in model.named_modules()
+              if path not in called and (names := _user_hooks(module))}
+    if hooked:
+        path, names = next(iter(hooked.items()))
+        where = f"'{path}'" if path else f"the model itself ({type(model).__name__})"
+        more = f" and on {len(hooked) - 1} more module(s)" if len(hooked) > 1 else ""
+        warn_user(f"the hook(s) {names} on {where}{more} ran once while {type(model).__name__} was captured and do "
+                  f"not run at the program's calls: the capture traced through the module (what a hook returns is "
+                  f"part of the graph, what it records is not); to run a hook at every call, keep its module as one "
+                  f"call (Plan(leaf_modules=[...]) for an fx capture, not an MoE block), or register it on a "
+                  f"module that is one")
 
 
 def capture_in_mode(model: nn.Module, example_inputs: Sequence[Any], example_kwargs: dict,
