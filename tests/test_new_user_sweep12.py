@@ -1,5 +1,7 @@
 """A new user's models and habits: inputs in containers under torch.export, state dicts of
-models holding tensors their forward never reads, checkpoint and model paths that are none."""
+models holding tensors their forward never reads, checkpoint and model paths that are none,
+training methods of infer programs, an infer program evaluating beside a training program, hooks
+on a recognised block, and a parametrized module in the ring."""
 
 import pytest
 import torch
