@@ -606,21 +606,21 @@ def _user_hooks(module: nn.Module) -> list[str]:
 
 
 def _warn_hooks_traced_through(model: nn.Module, gm: fx.GraphModule) -> None:
-    """A module that the capture traced through (not kept as one call) runs its hooks once, while
-    it is captured: what a hook returns is part of the graph, but a hook that records or logs
-    (activation statistics) no longer runs at the program's calls."""
+    """A module that the capture traced through (not kept as one call) runs its hooks at most once,
+    while it is captured (the root not even then): what a hook returns is part of the graph, but a
+    hook that records or logs (activation statistics) does not run at the program's calls."""
     called = {node.target for node in gm.graph.nodes if node.op == "call_module"}
     hooked = {path: names for path, module in model.named_modules()
               if path not in called and (names := _user_hooks(module))}
     if hooked:
         path, names = next(iter(hooked.items()))
-        where = f"'{path}'" if path else f"the model itself ({type(model).__name__})"
+        where = f"'{path}' of {type(model).__name__}" if path else f"{type(model).__name__} itself"
         more = f" and on {len(hooked) - 1} more module(s)" if len(hooked) > 1 else ""
-        warn_user(f"the hook(s) {names} on {where}{more} ran once while {type(model).__name__} was captured and do "
-                  f"not run at the program's calls: the capture traced through the module (what a hook returns is "
-                  f"part of the graph, what it records is not); to run a hook at every call, keep its module as one "
-                  f"call (Plan(leaf_modules=[...]) for an fx capture, not an MoE block), or register it on a "
-                  f"module that is one")
+        warn_user(f"the hook(s) {names} on {where}{more} do not run at the program's calls: the capture traced "
+                  f"through the module (a hook that ran while capturing is in the graph with what it returns, not "
+                  f"with what it records); to run a hook at every call, keep its module as one call "
+                  f"(Plan(leaf_modules=[...]) for an fx capture, not an MoE block), or register it on a module "
+                  f"that is one")
 
 
 def capture_in_mode(model: nn.Module, example_inputs: Sequence[Any], example_kwargs: dict,
