@@ -66,10 +66,12 @@ def _keep_non_persistent(gm, model: torch.nn.Module) -> None:
                 owner._non_persistent_buffers_set.add(attr)
 
 
-def _unread_state(program: "Program") -> dict[str, torch.Tensor]:
+def _unread_state(program: Optional["Program"]) -> dict[str, torch.Tensor]:
     """The model's state_dict entries that the captured graph does not hold: tensors its forward
     never reads (an expert's unused buffer, a module the forward skips), which the capture leaves
-    out; not the expert tensors that another rank holds."""
+    out; not the expert tensors that another rank holds. Nothing for a graph whose program is gone."""
+    if program is None:
+        return {}
     gm = program.graph_module
     held = {name for name, _ in gm.named_parameters(remove_duplicate=False)}
     held |= {name for name, _ in gm.named_buffers(remove_duplicate=False)}
