@@ -87,9 +87,25 @@ def _looks_like_moe(module: nn.Module) -> bool:
         name == "gate" or "router" in name for name, _ in module.named_children())   # Doge: ``router_gate``
 
 
-def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+# a module's hook tables (the handles of hooks registered on it hold these very dicts)
+_HOOK_TABLES = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+                "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks")
+
+
+def _swap_in(root: nn.Module, path: str, module: nn.Module) -> None:
+    """Put ``module`` at ``path`` in place of the block there, with the block's hooks: the model
+    keeps calling them (``handle.remove()`` still removes one), and the capture sees them."""
     parent_path, _, name = path.rpartition(".")
-    setattr(root.get_submodule(parent_path) if parent_path else root, name, module)
+    parent = root.get_submodule(parent_path) if parent_path else root
+    block = getattr(parent, name)
+    for table in _HOOK_TABLES:
+        hooks = getattr(block, table, None)
+        if hooks:
+            hooks.update(getattr(module, table))
+            object.__setattr__(module, table, hooks)
+    if block._backward_hooks:
+        module._is_full_backward_hook = block._is_full_backward_hook
+    setattr(parent, name, module)
 
 
 SMALL_TENSOR_ATTRIBUTE = 64   # elements: a plain tensor attribute up to this size is keyed by its values
@@ -196,7 +212,7 @@ def canonicalize(model: nn.Module, recognizers: Optional[list[Recognizer]] = Non
                 reports.append(BlockReport(path or "(model)", recognition.kind, "canonical", "already canonical",
                                            recognition.details))
             else:
-                _set_submodule(model, path, recognition.replacement)
+                _swap_in(model, path, recognition.replacement)
                 reports.append(BlockReport(path, recognition.kind, "replaced", recognition.note, recognition.details))
         elif path and _looks_like_moe(module):   # not claimed: a part of it may still be recognised
             reports.append(BlockReport(path, type(module).__name__, "left", NO_MATCH))

@@ -231,6 +231,22 @@ def drop_empty_grad_regions(graph: fx.Graph) -> None:
 
 
 @contextlib.contextmanager
+def modules_in_eval_mode(module: nn.Module) -> Iterator[None]:
+    """``module``'s submodules in eval mode for the block, then as they were: the model's own
+    modules that a graph calls (``nn.Dropout``, ``BatchNorm``) read their ``training`` flag when
+    they run, and a training program of the same model (its ``train()``) or ``model.train()``
+    may have turned it on since an infer program was compiled."""
+    training = [m for m in module.modules() if m.training]
+    for m in training:
+        m.training = False
+    try:
+        yield
+    finally:
+        for m in training:
+            m.training = True
+
+
+@contextlib.contextmanager
 def grad_mode_kept() -> Iterator[None]:
     """Grad mode as it was on entering, also after a run of a graph that stopped inside one of its
     grad-mode regions."""

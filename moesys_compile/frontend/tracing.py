@@ -349,24 +349,28 @@ def _bound_inputs(model: nn.Module, example_inputs: Sequence[Any], example_kwarg
     return inputs
 
 
-def _dynamic_dims(model: nn.Module, example_inputs: Sequence[Any], example_kwargs: dict) -> dict[str, tuple]:
-    """Per tensor argument, the dims export may keep symbolic: batch and sequence (the first two
-    dims), or those the module names in ``symbolic_dims`` ({argument: {dim: size in B and S}},
-    which annotation follows too)."""
+def _symbolic_dims_of(model: nn.Module, name: str, leaf: Any, argument: Any) -> tuple[int, ...]:
+    """The dims of one tensor of argument ``name`` that export may keep symbolic: those the module
+    names for the argument in ``symbolic_dims`` ({argument: {dim: size in B and S}}, which
+    annotation follows too), else batch and sequence (the first two dims), also of each tensor
+    inside a dict, list or tuple argument (a batch dict, ``*args``); none of anything else."""
     own = getattr(model, "symbolic_dims", {})
-    return {name: tuple(own.get(name, range(min(value.dim(), 2))))
-            for name, value in _bound_inputs(model, example_inputs, example_kwargs).items()
-            if isinstance(value, torch.Tensor) and value.dim() > 0}
+    if name in own and leaf is argument:
+        return tuple(own[name])
+    return tuple(range(min(leaf.dim(), 2))) if isinstance(leaf, torch.Tensor) else ()
 
 
 def _export_dynamic_shapes(model: nn.Module, example_inputs: Sequence[Any], example_kwargs: dict):
-    """``_dynamic_dims`` left for export to decide."""
+    """Per argument, in its own structure, its tensors' symbolic dims left for export to decide."""
     auto = getattr(torch.export.Dim, "AUTO", None)
     if auto is None:
         return None
-    dims = _dynamic_dims(model, example_inputs, example_kwargs)
     bound = inspect.signature(model.forward).bind_partial(*example_inputs, **example_kwargs)
-    return {name: {d: auto for d in dims[name]} if name in dims else None for name in bound.arguments}
+
+    def spec(name: str, argument: Any) -> Any:
+        return tree_map(lambda leaf: {d: auto for d in _symbolic_dims_of(model, name, leaf, argument)} or None,
+                        argument)
+    return {name: spec(name, argument) for name, argument in bound.arguments.items()}
 
 
 @contextlib.contextmanager
@@ -418,17 +422,30 @@ def _widened(value: Any, dims: Sequence[int] = (0, 1)) -> Any:
     return value.repeat(*repeats) if any(r == 2 for r in repeats) else value
 
 
+def _positional_names(model: nn.Module, args: tuple) -> list[str]:
+    """The parameter of ``forward`` each positional input binds to (``*args``' name for each of its)."""
+    names = []
+    for param in inspect.signature(model.forward).parameters.values():
+        if param.kind in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD):
+            names.append(param.name)
+        elif param.kind is param.VAR_POSITIONAL:
+            names.extend([param.name] * (len(args) - len(names)))
+    return names[:len(args)]
+
+
+def _widened_argument(model: nn.Module, name: str, argument: Any) -> Any:
+    return tree_map(lambda leaf: _widened(leaf, _symbolic_dims_of(model, name, leaf, argument)), argument)
+
+
 def _widened_example(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    dims = _dynamic_dims(model, args, kwargs)
-    names = list(inspect.signature(model.forward).bind_partial(*args, **kwargs).arguments)
-    wide_args = tuple(_widened(value, dims.get(name, ())) for name, value in zip(names, args))
-    return wide_args, {name: _widened(value, dims.get(name, ())) for name, value in kwargs.items()}
+    names = _positional_names(model, args)
+    wide_args = tuple(_widened_argument(model, name, value) for name, value in zip(names, args))
+    return wide_args, {name: _widened_argument(model, name, value) for name, value in kwargs.items()}
 
 
 def _widened_dims(model: nn.Module, args: tuple, kwargs: dict) -> list[set[int]]:
     """Per flattened input (the exported graph's placeholders), the dims ``_widened`` repeats."""
-    dims = _dynamic_dims(model, args, kwargs)
-    return [{d for d in dims.get(name, ()) if leaf is value and value.shape[d] == 1}
+    return [{d for d in _symbolic_dims_of(model, name, leaf, value) if leaf.shape[d] == 1}
             for name, value in _bound_inputs(model, args, kwargs).items() for leaf in tree_leaves(value)]
 
 
@@ -576,6 +593,7 @@ def capture(model: nn.Module, example_inputs: Sequence[Any] = (), example_kwargs
                                                     leaf_modules)
     if gm.meta.get("moesys_capture") == "export":
         gm.meta["moesys_inlined_functions"] = inlined
+    _warn_hooks_traced_through(model, gm)
     if checkpointed and model.training and not _checkpointing_flag(model):   # (transformers' own flag warns itself)
         warn_user(f"{type(model).__name__} calls torch.utils.checkpoint, which the captured graph does not keep: "
                   f"the program computes the same values and gradients but stores every activation; lower the "
@@ -616,6 +634,38 @@ def _drop_unread_state(gm: fx.GraphModule) -> None:
         gm.graph.erase_node(node)
     if unread:
         gm.recompile()
+
+
+# hooks of these libraries are written for a capture (transformers records router logits by them) or
+# are this package's own (a warning on a stale model)
+_LIBRARY_HOOKS = ("torch.", "transformers.", "accelerate.", "deepspeed.", "moesys_compile.")
+
+
+def _user_hooks(module: nn.Module) -> list[str]:
+    """The names of ``module``'s forward, pre-forward and backward hooks that the user registered."""
+    hooks = [*module._forward_pre_hooks.values(), *module._forward_hooks.values(),
+             *module._backward_pre_hooks.values(), *module._backward_hooks.values()]
+    functions = [getattr(hook, "func", hook) for hook in hooks]
+    return [getattr(f, "__qualname__", repr(f)) for f in functions
+            if not getattr(f, "__module__", "").startswith(_LIBRARY_HOOKS)]
+
+
+def _warn_hooks_traced_through(model: nn.Module, gm: fx.GraphModule) -> None:
+    """A module that the capture traced through (not kept as one call) runs its hooks at most once,
+    while it is captured (the root not even then): what a hook returns is part of the graph, but a
+    hook that records or logs (activation statistics) does not run at the program's calls."""
+    called = {node.target for node in gm.graph.nodes if node.op == "call_module"}
+    hooked = {path: names for path, module in model.named_modules()
+              if path not in called and (names := _user_hooks(module))}
+    if hooked:
+        path, names = next(iter(hooked.items()))
+        where = f"'{path}' of {type(model).__name__}" if path else f"{type(model).__name__} itself"
+        more = f" and on {len(hooked) - 1} more module(s)" if len(hooked) > 1 else ""
+        warn_user(f"the hook(s) {names} on {where}{more} do not run at the program's calls: the capture traced "
+                  f"through the module (a hook that ran while capturing is in the graph with what it returns, not "
+                  f"with what it records); to run a hook at every call, keep its module as one call "
+                  f"(Plan(leaf_modules=[...]) for an fx capture, not an MoE block), or register it on a module "
+                  f"that is one")
 
 
 def capture_in_mode(model: nn.Module, example_inputs: Sequence[Any], example_kwargs: dict,

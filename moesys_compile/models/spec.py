@@ -105,6 +105,7 @@ def _from_factory(spec: str, overrides: dict[str, Any]) -> LoadedModel:
                          f"that returns a model, or (model, example_inputs)")
     _check_factory_parameters(spec, factory, overrides)
     made = factory(**overrides)
+    _check_positional_input(spec, made[0] if isinstance(made, tuple) and made else made)
     if isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], nn.Module):
         model, example = made
         if isinstance(example, Mapping):
@@ -124,6 +125,24 @@ def _from_factory(spec: str, overrides: dict[str, Any]) -> LoadedModel:
         raise ValueError(f"{spec}: cannot guess example inputs; return (model, example_inputs) from the factory "
                          f"or give the model an example_inputs(batch, seq) method")
     return LoadedModel(made, token_inputs(vocab), spec)
+
+
+def _check_positional_input(spec: str, model: Any) -> None:
+    """The command line calls the model with its inputs (the token ids) as ``forward``'s positional
+    arguments: a ``forward`` that takes none (``def forward(self, *, input_ids)``) is named, rather
+    than failing as a model that does not run."""
+    if not isinstance(model, nn.Module):
+        return
+    try:
+        signature = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                  inspect.Parameter.VAR_POSITIONAL)
+    if not any(p.kind in positional for p in signature.parameters.values()):
+        raise ValueError(f"{spec}: {type(model).__name__}.forward{signature} takes no positional argument, and the "
+                         f"command line passes the token ids as its first one; give forward a positional parameter "
+                         f"for them (def forward(self, input_ids, ...))")
 
 
 def _check_factory_parameters(spec: str, factory: Callable, overrides: dict[str, Any]) -> None:
@@ -171,8 +190,21 @@ def _load(spec: str, overrides: dict[str, Any], weights: bool) -> LoadedModel:
         return load_hf(spec, overrides, weights)
     if ":" in spec:
         return _from_factory(spec, overrides)
-    raise ValueError(f"unknown MODEL {spec!r}: use a built-in name ({', '.join(sorted(PRESETS))}), "
-                     f"package.module:factory, hf:<family> or a local Hugging Face directory")
+    raise ValueError(_not_a_directory(spec) or f"unknown MODEL {spec!r}: use a built-in name "
+                     f"({', '.join(sorted(PRESETS))}), package.module:factory, hf:<family> or a local Hugging Face "
+                     f"directory")
+
+
+def _not_a_directory(spec: str) -> Optional[str]:
+    """For a MODEL written as a path (a file, or a name with a path separator) that is no
+    directory: what it is instead; None for any other name."""
+    if os.path.isfile(spec):
+        return (f"MODEL {spec!r} is a file; give the Hugging Face directory that holds the model's config.json "
+                f"and weights ({os.path.dirname(os.path.abspath(spec))})")
+    if os.sep in spec or spec.startswith(("~", ".")):
+        home = "; a leading ~ is not expanded inside quotes" if spec.startswith("~") else ""
+        return f"MODEL {spec!r}: no such directory{home}"
+    return None
 
 
 def _refuse_training_checkpoint(path: str) -> None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
+import weakref
 from typing import Any, Optional
 
 import torch
@@ -10,7 +13,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..errors import warn_user
-from ..frontend.modes import grad_mode_kept
+from ..frontend.modes import grad_mode_kept, modules_in_eval_mode
 from .train_mode import warn_if_mode_changes_code
 
 
@@ -18,6 +21,16 @@ from .train_mode import warn_if_mode_changes_code
 # utilities read from the model they are given (which loss it computes, its config, ...)
 MODEL_ATTRIBUTES = ("config", "loss_type", "accepts_loss_kwargs", "main_input_name", "generation_config")
 _SIGNED_CLASSES: dict[tuple[type, Any], type] = {}
+# what only a training program does, and what to do instead with an infer program, which computes
+# with the model's own (unsharded) tensors
+_TRAINING_ONLY = {
+    "save": "save the model itself (model.save_pretrained(DIR), or torch.save(model.state_dict(), PATH))",
+    "load": "load the weights into the model (mc.load_into(model, DIR)) and compile it again, or stream them "
+            "through a ring with Plan(weights_checkpoint=DIR, device_budget=...)",
+    "full_state_dict": "model.state_dict() is the whole model",
+    **dict.fromkeys(("clip_grad_norm_", "no_sync", "grad_scaler"),
+                    "to train, compile with Plan(mode='train'), whose program syncs gradients over the ranks"),
+}
 
 
 def _signed_class(cls: type, model: nn.Module) -> type:
@@ -53,6 +66,57 @@ def _keep_non_persistent(gm, model: torch.nn.Module) -> None:
                 owner._non_persistent_buffers_set.add(attr)
 
 
+def _unread_state(program: Optional["Program"]) -> dict[str, torch.Tensor]:
+    """The model's state_dict entries that the captured graph does not hold: tensors its forward
+    never reads (an expert's unused buffer, a module the forward skips), which the capture leaves
+    out; not the expert tensors that another rank holds. Nothing for a graph whose program is gone."""
+    if program is None:
+        return {}
+    gm = program.graph_module
+    held = {name for name, _ in gm.named_parameters(remove_duplicate=False)}
+    held |= {name for name, _ in gm.named_buffers(remove_duplicate=False)}
+    return {name: tensor for name, tensor in program.context.model.state_dict(keep_vars=True).items()
+            if name not in held and not program.held_by_another_rank(name)}
+
+
+def _add_unread_state(program_ref: weakref.ref, module, state: dict, prefix: str, local_metadata) -> None:
+    for name, tensor in _unread_state(program_ref()).items():
+        state[prefix + name] = tensor.detach()
+
+
+def _take_unread_state(program_ref: weakref.ref, pending: dict, module, state: dict, prefix: str, local_metadata,
+                       strict, missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+    """Consumed here (torch would call them unexpected) into ``pending``, copied into the model's
+    tensors once the graph's own have loaded."""
+    pending.clear()          # what a load refused later (another rank's shard) left
+    for name, tensor in _unread_state(program_ref()).items():
+        key = prefix + name
+        if key not in state:
+            missing_keys.append(key)
+        elif state[key].shape != tensor.shape:
+            error_msgs.append(f"size mismatch for {key}: copying a tensor of shape {tuple(state.pop(key).shape)} "
+                              f"from the state dict, the shape in the model is {tuple(tensor.shape)}")
+        else:
+            pending[tensor] = state.pop(key)
+
+
+@torch.no_grad()
+def _load_unread_state(pending: dict, module, incompatible_keys) -> None:
+    for tensor, saved in pending.items():
+        tensor.copy_(saved)
+    pending.clear()
+
+
+def _keep_unread_state(program: "Program") -> None:
+    """``program.state_dict()`` holds every entry of the model's, as DDP's holds its module's, so
+    that without its ``graph_module.`` prefix it loads into the model; ``load_state_dict`` fills
+    the model's tensors that the graph does not hold from it."""
+    ref, gm, pending = weakref.ref(program), program.graph_module, {}
+    gm.register_state_dict_post_hook(functools.partial(_add_unread_state, ref))
+    gm.register_load_state_dict_pre_hook(functools.partial(_take_unread_state, ref, pending))
+    gm.register_load_state_dict_post_hook(functools.partial(_load_unread_state, pending))
+
+
 class Program(nn.Module):
     """Runs the compiled graph; ``program(*args, **kwargs)`` returns what the model returns.
 
@@ -80,7 +144,12 @@ class Program(nn.Module):
         floating = [p for p in gm.parameters() if p.is_floating_point()] if ctx.capture == "export" else []
         self._captured_dtype = (floating[0], floating[0].dtype) if floating else None
         _keep_non_persistent(gm, ctx.model)
+        _keep_unread_state(self)
         self.__class__ = _signed_class(type(self), ctx.model)
+
+    def held_by_another_rank(self, name: str) -> bool:
+        """``name`` (of the model's state) is held on another rank only (an expert shard there)."""
+        return False
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -92,6 +161,9 @@ class Program(nn.Module):
                 raise AttributeError(f"a {type(self).__name__} compiled with mode={self.plan.mode!r} and no "
                                      f"device_budget has no generate: greedy decoding is part of ring inference; "
                                      f"compile with Plan(mode='infer', device_budget=...)") from None
+            if name in _TRAINING_ONLY:
+                raise AttributeError(f"{type(self).__name__}.{name}: only a program compiled with mode='train' has "
+                                     f"{name}; {_TRAINING_ONLY[name]}") from None
             raise
 
     @property
@@ -147,7 +219,8 @@ class Program(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         self._check_dtype()
         binder = self.context.extras["binder"]
-        with grad_mode_kept():   # also where a call fails inside one of the model's no_grad regions
+        in_mode = modules_in_eval_mode(self.graph_module) if self.plan.mode == "infer" else contextlib.nullcontext()
+        with grad_mode_kept(), in_mode:   # grad mode: also where a call fails inside a no_grad region of the model
             output, aux_loss = self.graph_module(*binder.graph_inputs(args, kwargs))
         self.aux_loss = aux_loss
         output = binder.model_output(output)

@@ -46,6 +46,8 @@ class InputBinder:
         self.pinned = {name: p.default for name, p in self.signature.parameters.items()
                        if name not in self.traced_names and p.default is not inspect.Parameter.empty}
         self.example_shapes: list[Optional[tuple[int, ...]]] = []   # per graph input (None: not a tensor)
+        self.example_structure: Optional[list[Any]] = None   # export capture: per traced argument, its
+                                                             # containers as the example had them (leaves None)
         self.example_constants: list[Any] = []   # export capture: per flat input, its value if a bool, int,
                                                  # float or str (export keeps it), else NOT_A_CONSTANT
         self.var_keyword = next((name for name, p in self.signature.parameters.items()
@@ -60,6 +62,9 @@ class InputBinder:
         """Bind the example and keep its tensors' shapes, so that a call whose tensor has another
         number of dims is refused by name (``graph_inputs``), and whether it passed a padding mask
         shaped as its ids; returns the example's graph inputs."""
+        if self.capture == "export":
+            self.example_structure = [pytree.tree_map(lambda _: None, value)
+                                      for value in self._traced_values(args, kwargs)]
         flat = self.graph_inputs(args, kwargs)
         self.example_shapes = [tuple(v.shape) if isinstance(v, torch.Tensor) else None for v in flat]
         if self.capture == "export":
@@ -145,7 +150,8 @@ class InputBinder:
             raise ValueError(f"{self.model_name}.forward: attention_mask is {tuple(mask.shape)} but input_ids is "
                              f"{tuple(ids.shape)}; a padding mask has one entry per token: give it the ids' shape")
 
-    def graph_inputs(self, args: Sequence[Any], kwargs: dict) -> list[Any]:
+    def _traced_values(self, args: Sequence[Any], kwargs: dict) -> list[Any]:
+        """The call's values of the traced arguments, bound and checked as the example was."""
         try:
             bound = self.signature.bind(*args, **kwargs)
         except TypeError as exc:
@@ -163,11 +169,17 @@ class InputBinder:
             raise TypeError(f"{self.model_name}.forward: missing argument(s) {missing}, which the example gave, so the "
                             f"program takes them as inputs: pass them in every call, or compile without them to "
                             f"leave them at the model's defaults")
-        values = [bound.arguments[name] for name in self.traced_names]
+        return [bound.arguments[name] for name in self.traced_names]
+
+    def graph_inputs(self, args: Sequence[Any], kwargs: dict) -> list[Any]:
+        values = self._traced_values(args, kwargs)
         if self.capture != "export":
             self._check_dims(self.traced_names, values)
             self._refuse_none(self.traced_names, values, [shape is not None for shape in self.example_shapes])
             return values
+        if self.example_structure is not None:
+            values = [self._in_example_structure(value, structure, name)
+                      for name, value, structure in zip(self.traced_names, values, self.example_structure)]
         leaves = pytree.tree_flatten_with_path(dict(zip(self.traced_names, values)))[0]
         names = [self._leaf_name(path) for path, _ in leaves]
         self._check_dims(names, [v for _, v in leaves])
@@ -193,6 +205,28 @@ class InputBinder:
                     f"torch.export recorded while capturing {self.model_name} ({exc}); compile with example inputs "
                     f"of this size, or call it with sizes that meet it") from None
         return flat
+
+    def _in_example_structure(self, value: Any, structure: Any, where: str) -> Any:
+        """``value`` with its dicts in the order of the example's keys: torch.export fixed the
+        structure of the inputs, and the graph takes their leaves in the example's order. A dict
+        with other keys, or a list or tuple of another length, is refused by name."""
+        if isinstance(structure, dict) and isinstance(value, dict):
+            extra, missing = [k for k in value if k not in structure], [k for k in structure if k not in value]
+            if extra or missing:
+                raise ValueError(f"{self.model_name}.forward: {where} has the keys {list(value)}, but the example's "
+                                 f"were {list(structure)}: torch.export fixed the structure of the inputs, so the "
+                                 f"program takes those keys only; call it with them (in any order), or compile with "
+                                 f"an example that has these")
+            return {k: self._in_example_structure(value[k], structure[k], f"{where}[{k!r}]") for k in structure}
+        if isinstance(structure, (list, tuple)) and isinstance(value, (list, tuple)):
+            if len(value) != len(structure):
+                raise ValueError(f"{self.model_name}.forward: {where} holds {len(value)} items, but the example's held "
+                                 f"{len(structure)}: torch.export fixed the structure of the inputs; call it with "
+                                 f"{len(structure)}, or compile with an example of {len(value)}")
+            items = [self._in_example_structure(item, item_structure, f"{where}[{i}]")
+                     for i, (item, item_structure) in enumerate(zip(value, structure))]
+            return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+        return value
 
     def _leaf_name(self, path: tuple) -> str:
         """A flat input's name as the caller wrote it: ``output_hidden_states`` for a keyword that

@@ -23,7 +23,6 @@ checkpoint directory instead of the model's own tensors.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import difflib
 import weakref
@@ -131,8 +130,11 @@ def _attach(root: nn.Module, path: str, value: Any) -> None:
 
 def stub_module(module: nn.Module, prefix: str, tensor_for) -> nn.Module:
     """A shallow copy of ``module`` whose parameters and buffers are the tensors ``tensor_for``
-    gives (slot views); the original module and its weights are left untouched."""
-    stub = copy.copy(module)
+    gives (slot views), in eval mode as the ring computes (whatever mode the model is in when the
+    sections are built); the original module and its weights are left untouched."""
+    stub = object.__new__(type(module))      # copy.copy's shallow copy, which a parametrized module refuses
+    stub.__dict__.update(module.__dict__)
+    stub.training = False
     stub._parameters = OrderedDict(
         (name, None if p is None else nn.Parameter(tensor_for(f"{prefix}.{name}", p), requires_grad=False))
         for name, p in module._parameters.items())

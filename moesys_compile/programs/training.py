@@ -188,6 +188,10 @@ class TrainingProgram(Program):
         """``name`` (of the model) is an expert parameter, or another name of one."""
         return name in self.expert_layout or name in self.expert_aliases
 
+    def held_by_another_rank(self, name: str) -> bool:
+        """An expert tensor that the graph does not hold is another rank's expert."""
+        return self.is_expert(name)
+
     def _named_local(self):
         return self.graph_module.named_parameters()
 

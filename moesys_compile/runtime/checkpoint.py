@@ -285,9 +285,23 @@ def resolve(directory: str) -> Path:
     target = (latest_step(directory) or Path(directory)).resolve()
     found = _complete_copy(target)
     if found is None:
-        raise CheckpointError(f"no complete checkpoint at {str(target)!r} ({META} missing); an interrupted save "
-                              f"leaves only '.{target.name}.tmp-*' beside it, which is never loaded")
+        raise _no_checkpoint(target)
     return found
+
+
+def _no_checkpoint(target: Path) -> CheckpointError:
+    """Why ``target`` holds no complete checkpoint: it is a file, it does not exist (and no save
+    into it was interrupted), or its meta.json is missing."""
+    if target.is_file():
+        return CheckpointError(f"{str(target)!r} is a file, and a checkpoint is a directory (what program.save or "
+                               f"save_pretrained wrote, or a training run's --ckpt-dir): pass the directory that "
+                               f"holds it; a state dict saved as one file loads with "
+                               f"model.load_state_dict(torch.load(PATH)) (safetensors.torch.load_file for "
+                               f".safetensors)")
+    if not target.exists() and not any(target.parent.glob(f".{target.name}.tmp-*")):
+        return CheckpointError(f"no complete checkpoint at {str(target)!r}: no such directory")
+    return CheckpointError(f"no complete checkpoint at {str(target)!r} ({META} missing); an interrupted save "
+                           f"leaves only '.{target.name}.tmp-*' beside it, which is never loaded")
 
 
 def _damaged(file: Path, why: str) -> CheckpointError:
