@@ -496,7 +496,10 @@ def export_trace(model: nn.Module, example_inputs: Sequence[Any], example_kwargs
             + ([(args, kwargs, dynamic, False)] if dynamic is not None else []) + [(args, kwargs, None, False)]
         for attempt, (example_args, example_kwargs_, shapes, is_widened) in enumerate(attempts):
             try:
-                with torch_logs_silenced("torch.fx.experimental.symbolic_shapes"), _without_partial_graph():
+                with torch_logs_silenced("torch.fx.experimental.symbolic_shapes"), _without_partial_graph(), \
+                        warnings.catch_warnings():
+                    # capture takes such attributes off the model again (_tensor_attributes_kept)
+                    warnings.filterwarnings("ignore", message=r"The tensor attributes? .* assigned during export")
                     program = torch.export.export(model, example_args, example_kwargs_, strict=False,
                                                   dynamic_shapes=shapes)
             except Exception:
