@@ -1,5 +1,6 @@
-"""Thirteenth new-user sweep: arguments the canonical ops took without a word, and torchrun's
-other spelling of ``--nproc-per-node``."""
+"""Thirteenth new-user sweep: arguments the canonical ops took without a word, torchrun's other
+spelling of ``--nproc-per-node``, and Hugging Face rotary embeddings that change their own state
+(dynamic NTK, longrope) beside a ring program and while they are captured."""
 
 from __future__ import annotations
 
