@@ -92,8 +92,9 @@ def _num_experts(experts: nn.Module, split: Optional[tuple[str, str]]) -> int:
     """E; for flat [E*F, D] matrices only the experts module's own count says it (0: unknown)."""
     if split:
         return fetch(experts, split[0]).shape[0]
-    if expert_modules(experts):
-        return len(expert_modules(experts))
+    listed = expert_modules(experts)
+    if listed:
+        return len(listed)
     stacked = [p.shape[0] for p in experts.parameters(recurse=False) if p.dim() == 3]
     return stacked[0] if stacked else number_attr(experts, ("num_experts", "moe_num_experts", "num_local_experts"), 0)
 
