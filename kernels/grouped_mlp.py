@@ -14,7 +14,8 @@ Each kernel runs over the rows of all experts at once (one launch, no host sync)
                                                             grad_x = grad_h @ W_up[e]); rows
                                                             scattered to their slots
 
-and the backward two, ``_down_bwd_kernel`` and ``_weight_grad_kernel``, in ``grouped_mlp_backward.py``.
+and the backward ones in ``grouped_mlp_backward.py`` (``_act_bwd_kernel``, ``_weight_grad_kernel``; the
+backward's GEMMs over rows are this file's ``_grouped_gemm_kernel``).
 
 With ``slots_N`` (the ``order_N`` of a sort) the kernels read x rows straight from x_TD
 (``x_TD[slot // K]``) and write y rows to their slot, weighted: dispatch and combine are fused
@@ -203,11 +204,11 @@ def autotune_options() -> dict:
     return {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
 
 
-def _autotune(kernel, key, reset_to_zero=None) -> None:
-    """Give ``kernel`` an autotuned version for ``_launch`` (none without Triton or under the
-    interpreter, where ``_untuned_config()`` runs)."""
+def _autotune(kernel, key, reset_to_zero=None, configs=_configs) -> None:
+    """Give ``kernel`` an autotuned version for ``_launch`` over ``configs()`` (the GEMM block
+    sizes by default); none without Triton or under the interpreter, where the untuned config runs."""
     if HAVE_TRITON and not INTERPRET:
-        _TUNED[kernel] = triton.autotune(configs=_configs(), key=key, reset_to_zero=reset_to_zero,
+        _TUNED[kernel] = triton.autotune(configs=configs(), key=key, reset_to_zero=reset_to_zero,
                                          **autotune_options())(kernel)
 
 
@@ -216,12 +217,13 @@ _autotune(_up_act_kernel, ["D", "F", "rows_key"])
 _autotune(_grouped_gemm_kernel, ["KD", "NC", "rows_key"])
 
 
-def _launch(kernel, grid, ref: Tensor, *args, **constexprs) -> None:
-    """Autotuned on CUDA; the interpreter (and CUDA without tuning) runs ``_untuned_config()``."""
+def _launch(kernel, grid, ref: Tensor, *args, untuned=None, **constexprs) -> None:
+    """Autotuned on CUDA; the interpreter (and CUDA without tuning) runs ``untuned``, by default
+    ``_untuned_config()``."""
     if use_autotune(ref) and kernel in _TUNED:
         _TUNED[kernel][grid](*args, **constexprs)
     else:
-        kernel[grid](*args, **constexprs, **_untuned_config().all_kwargs())
+        kernel[grid](*args, **constexprs, **(untuned or _untuned_config()).all_kwargs())
 
 
 # ---------------------------------------------------------------------------------------------

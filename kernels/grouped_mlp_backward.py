@@ -4,17 +4,17 @@ launcher are in ``grouped_mlp.py``).
 Shape legend: T tokens · D model dim · F expert hidden · H up rows (2F gated, F otherwise) ·
 E experts · K top-k · N rows (expert-sorted slots).
 
-    _down_bwd_kernel      grad_h_NH = act'(h) * (w * grad_y @ W_down[e]), the top-k weights'
-                          gradient <grad_y @ W_down[e], a> (one partial per column tile), and
-                          w * a (the operand of grad W_down)
-    _grouped_gemm_kernel  grad_x = grad_h @ W_up[e], rows scattered back to their slots
+    _grouped_gemm_kernel  dA_NF = grad_y_rows @ W_down[e] (fp32), and grad_x = grad_h @ W_up[e]
+                          with rows scattered back to their slots
+    _act_bwd_kernel       grad_h_NH = act'(h) * (w * dA), the top-k weights' gradient <dA, a>
+                          (one partial per column tile), and w * a (the operand of grad W_down)
     _weight_grad_kernel   dW[e] = P[rows of e]^T @ Q[rows of e], one program per (tile, expert)
 """
 
 import torch
 from torch import Tensor
 
-from moesys_compile.kernels._triton import check_triton, pow2, tl, triton
+from moesys_compile.kernels._triton import INTERPRET, check_triton, pow2, tl, triton
 from moesys_compile.kernels.grouped_mlp import (_MIN_BLOCK_N, _act, _autotune, _common, _expert_tile,
                                                 _grouped_gemm_kernel, _grouped_tile, _launch, _row_grid,
                                                 rows_bucket)
@@ -35,39 +35,30 @@ def _act_grad(x, KIND: tl.constexpr):
 
 
 @triton.jit
-def _down_bwd_kernel(
-    grad_y_ptr, slots_ptr, scale_ptr, w_ptr, h_ptr, counts_ptr, starts_ptr, grad_h_ptr, part_ptr, wa_ptr,
-    E, D, F, top_k, N, rows_key, stride_gy, stride_we, stride_wd, stride_wf, stride_h, stride_gh, stride_part,
-    stride_wa,
-    KIND: tl.constexpr, GATED: tl.constexpr, GATHER: tl.constexpr, SCALE: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr, E_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+def _act_bwd_kernel(
+    dA_ptr, slots_ptr, scale_ptr, h_ptr, counts_ptr, starts_ptr, grad_h_ptr, part_ptr, wa_ptr,
+    E, F, rows_key, stride_da, stride_h, stride_gh, stride_part, stride_wa,
+    KIND: tl.constexpr, GATED: tl.constexpr, SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    tile_m, tile_n = _grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_M) + E, tl.cdiv(F, BLOCK_N), GROUP_M)
-    expert, m0, m_end = _expert_tile(counts_ptr, starts_ptr, E, tile_m, BLOCK_M, E_PAD)
-    if expert >= E:
-        return
-    rows = m0 + tl.arange(0, BLOCK_M)
-    row_ok = rows < m_end
-    src = rows
-    if GATHER:
-        slots = tl.load(slots_ptr + rows, mask=row_ok, other=0)
-        src = slots // top_k
+    """From dA_NF = grad_y_rows @ W_down[e] (fp32, before the top-k weight) and the saved h: grad_h,
+    the top-k weights' gradient partial of this column tile, and w * a. Elementwise over
+    [BLOCK_M, BLOCK_N] tiles of the kept rows (rows past them, dropped slots, are left alone).
+
+    A separate kernel rather than the epilogue of the dA GEMM: there the gate, up and activation
+    tiles beside the fp32 accumulator cost the GEMM its large tiles. On an H200 at the Mixtral
+    shape (T=32768) the fused kernel took 27 ms; the plain GEMM takes about 15 ms and this pass
+    about 6."""
+    kept = tl.load(starts_ptr + E - 1) + tl.load(counts_ptr + E - 1)
+    tile_n = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < kept
     cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < F
-    w_base = w_ptr + expert * stride_we
-    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)  # grad_y @ W_down[e], before the top-k weight
-    for k0 in range(0, D, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < D
-        g = tl.load(grad_y_ptr + src[:, None] * stride_gy + ks[None, :], mask=row_ok[:, None] & k_ok[None, :],
-                    other=0.0)
-        w = tl.load(w_base + ks[:, None] * stride_wd + cols[None, :] * stride_wf,
-                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        if UPCAST:
-            g = g.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.dot(g, w, acc, input_precision=PRECISION)
+    slots = rows
+    if SCALE:
+        slots = tl.load(slots_ptr + rows, mask=row_ok, other=0)
+    acc = tl.load(dA_ptr + rows[:, None] * stride_da + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
+                  other=0.0)
     m = row_ok[:, None] & col_ok[None, :]
     gate = tl.load(h_ptr + rows[:, None] * stride_h + cols[None, :], mask=m, other=0.0).to(tl.float32)
     act_gate = _act(gate, KIND)
@@ -127,8 +118,20 @@ def _weight_grad_kernel(
              acc.to(out_ptr.dtype.element_ty), mask=i_ok[:, None] & j_ok[None, :])
 
 
-_autotune(_down_bwd_kernel, ["D", "F", "rows_key"], reset_to_zero=["part_ptr"])
+def _elementwise_configs() -> list:
+    """Tiles of ``_act_bwd_kernel`` (memory-bound: wide rows, no reduction loop). BLOCK_N stays at
+    or above ``_MIN_BLOCK_N``, which sizes the partial sums."""
+    shapes = [(64, 128, 4), (32, 256, 4), (64, 256, 8), (128, 128, 8), (16, 512, 4), (32, 128, 4)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w) for m, n, w in shapes]
+
+
+def _elementwise_untuned():
+    return triton.Config({"BLOCK_M": 32, "BLOCK_N": 32} if INTERPRET else {"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=4)
+
+
 _autotune(_weight_grad_kernel, ["I", "J", "rows_key"])
+# reset: each config writes the partials of its own column tiles, and they are summed afterwards
+_autotune(_act_bwd_kernel, ["F", "rows_key"], reset_to_zero=["part_ptr"], configs=_elementwise_configs)
 
 
 def experts_backward_triton(grad_out: Tensor, x: Tensor, counts_E: Tensor, w_up_EHD: Tensor, w_down_EDF: Tensor,
@@ -155,23 +158,29 @@ def experts_backward_triton(grad_out: Tensor, x: Tensor, counts_E: Tensor, w_up_
     grad_w_down = torch.empty_like(w_down_EDF)
     grad_w_up = torch.empty_like(w_up_EHD)
     grad_rows = torch.zeros((num_rows, dim), device=x.device, dtype=x.dtype)
+    # fused, grad_y and x rows are copied into expert order once: the GEMMs below then read plain
+    # rows (a gather inside a reduction loop is a dependent load at every step; see _weight_grad_kernel)
+    sources = slots_N // top_k if fused else None
+    grad_y_rows = grad_out.index_select(0, sources) if fused else grad_out
+    x_rows = x.index_select(0, sources) if fused else x
     if num_rows:
-        _launch(_down_bwd_kernel, _row_grid(num_rows, num_experts, ffn), x,
-                grad_out, slots, scale, w_down_EDF, h_NH, counts_E, starts_E, grad_h_NH, part_NC, weighted_a_NF,
-                num_experts, dim, ffn, top_k, num_rows, bucket, grad_out.stride(0), *w_down_EDF.stride(),
-                h_NH.stride(0), grad_h_NH.stride(0), part_NC.stride(0) if fused else 0, weighted_a_NF.stride(0),
-                GATHER=fused, SCALE=fused, E_PAD=e_pad, **common)
+        dA_NF = torch.empty((num_rows, ffn), device=x.device, dtype=torch.float32)
+        _launch(_grouped_gemm_kernel, _row_grid(num_rows, num_experts, ffn), x,
+                grad_y_rows, w_down_EDF, dA_NF, counts_E, starts_E, slots, scale,
+                num_experts, dim, ffn, num_rows, bucket, grad_y_rows.stride(0), *w_down_EDF.stride(), dA_NF.stride(0),
+                SCATTER=False, SCALE=False, PRECISION=common["PRECISION"], UPCAST=common["UPCAST"], E_PAD=e_pad)
+        _launch(_act_bwd_kernel, lambda meta: (triton.cdiv(num_rows, meta["BLOCK_M"]), triton.cdiv(ffn, meta["BLOCK_N"])),
+                x, dA_NF, slots, scale, h_NH, counts_E, starts_E, grad_h_NH, part_NC, weighted_a_NF,
+                num_experts, ffn, bucket, dA_NF.stride(0), h_NH.stride(0), grad_h_NH.stride(0),
+                part_NC.stride(0) if fused else 0, weighted_a_NF.stride(0),
+                untuned=_elementwise_untuned(), KIND=common["KIND"], GATED=common["GATED"], SCALE=fused)
         _launch(_grouped_gemm_kernel, _row_grid(num_rows, num_experts, dim), x,
                 grad_h_NH, w_up_EHD, grad_rows, counts_E, starts_E, slots, scale,
                 num_experts, rows_h, dim, num_rows, bucket, grad_h_NH.stride(0), w_up_EHD.stride(0), w_up_EHD.stride(1),
                 w_up_EHD.stride(2), grad_rows.stride(0),
                 SCATTER=fused, SCALE=False, PRECISION=common["PRECISION"], UPCAST=common["UPCAST"], E_PAD=e_pad)
     # weight gradients: one program per (output tile, expert), tiles in ``_grouped_tile`` order;
-    # experts without rows write zeros. Fused, their gathered operands (grad_y and x by slot) are
-    # copied into expert order first (see _weight_grad_kernel).
-    sources = slots_N // top_k if fused else None
-    grad_y_rows = grad_out.index_select(0, sources) if fused else grad_out
-    x_rows = x.index_select(0, sources) if fused else x
+    # experts without rows write zeros
     wgrad = dict(PRECISION=common["PRECISION"], UPCAST=common["UPCAST"])
     _launch(_weight_grad_kernel,
             lambda meta: (triton.cdiv(dim, meta["BLOCK_M"]) * triton.cdiv(ffn, meta["BLOCK_N"]), num_experts), x,
