@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import operator
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -145,10 +146,21 @@ def stub_module(module: nn.Module, prefix: str, tensor_for) -> nn.Module:
     return stub
 
 
+def release_inputs(inputs: list) -> None:
+    """Empties a section's list of inputs once the section has taken them (see ``section_module``)."""
+    inputs.clear()
+
+
 def section_module(gm: fx.GraphModule, nodes: list[fx.Node], inputs: list[fx.Node], outputs: list[fx.Node],
                    tensor_for) -> fx.GraphModule:
+    """The section's nodes as a module called with one list of its inputs, which it empties before
+    it computes: the generated code then frees each input after its last use, as the ring's
+    activation accounting assumes, where positional arguments would stay alive in the caller until
+    the whole section returned."""
     graph = fx.Graph()
-    env = {node: graph.placeholder(node.name) for node in inputs}
+    boxed = graph.placeholder("inputs")
+    env = {node: graph.call_function(operator.getitem, (boxed, i)) for i, node in enumerate(inputs)}
+    graph.call_function(release_inputs, (boxed,))
     root = nn.Module()
     for node in nodes:
         target = str(node.target)
@@ -262,11 +274,12 @@ class RingRuntime:
         with torch.no_grad():      # outputs the caller may change in place, as a model's under no_grad
             try:
                 for section in self.sections:
-                    values = executor.run(section.index, self._run_section, section, bounds,
-                                          *[env[n] for n in section.inputs])
-                    env.update(zip(section.outputs, values))
-                    for node in self._drop_after[section.index]:
+                    inputs = [env[n] for n in section.inputs]
+                    for node in self._drop_after[section.index]:   # the section holds the last reference
                         env.pop(node, None)
+                    # no local name for the outputs: it would keep them alive through the next section
+                    env.update(zip(section.outputs, executor.run(section.index, self._run_section, section,
+                                                                 bounds, inputs)))
             except BaseException:
                 executor.skip_rest_of_pass()
                 raise
@@ -279,20 +292,20 @@ class RingRuntime:
             stats["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(self.device) - baseline
         return output, stats
 
-    def _run_section(self, section: Section, bounds: list[tuple[int, int]], *args: Any) -> tuple:
-        """Run one section — once per micro-batch (``bounds``) when an input comes in ``Slices`` —;
-        outputs that view its slot (e.g. slices of a weight) are copied out before the slot is
-        handed back to the copy thread."""
-        count = next((len(a) for a in args if isinstance(a, Slices)), 0)
+    def _run_section(self, section: Section, bounds: list[tuple[int, int]], inputs: list) -> tuple:
+        """Run one section on the list of its inputs, which it empties (``section_module``) — once
+        per micro-batch (``bounds``) when an input comes in ``Slices`` —; outputs that view its slot
+        (e.g. slices of a weight) are copied out before the slot is handed back to the copy thread."""
+        count = next((len(a) for a in inputs if isinstance(a, Slices)), 0)
         if count:
             outputs = [Slices() for _ in section.outputs]
-            given = dict(zip(section.inputs, args))
+            given = dict(zip(section.inputs, inputs))
             for i in range(count):
-                values = self._run_section(section, bounds, *[a[i] if isinstance(a, Slices) else a for a in args])
+                values = self._run_section(section, bounds, [a[i] if isinstance(a, Slices) else a for a in inputs])
                 for node, into, value in zip(section.outputs, outputs, values):
                     into.append(collect_slice(into, node, value, bounds, i, self.sizer.join, given))
             return tuple(outputs)
-        values = section.module(*args)
+        values = section.module(inputs)
         return tuple(v.clone() if isinstance(v, torch.Tensor) and self.pool.owns(v) else v for v in values)
 
     def _stats(self, call, activations: int) -> dict:
