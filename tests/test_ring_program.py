@@ -8,6 +8,7 @@ import pytest
 import sympy
 import torch
 from safetensors.torch import save_file
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import moesys_compile as mc
 from moesys_compile.generate import eager_generate
@@ -517,7 +518,7 @@ def test_generate_efficiency_sums_the_bounds_of_its_calls():
     assert total["pooled_efficiency"] == pytest.approx(3.2 / 5.4)
 
 
-class _LiveOutputs(torch.utils._python_dispatch.TorchDispatchMode):
+class _LiveOutputs(TorchDispatchMode):
     """The largest sum of bytes of op outputs still referenced, over a call (by weak references,
     each storage once): the activations a ring call really keeps alive. An output that covers only
     part of its storage is a view (of a weight, a slot or an earlier output) and adds nothing, nor
