@@ -293,9 +293,11 @@ class RingRuntime:
         return output, stats
 
     def _run_section(self, section: Section, bounds: list[tuple[int, int]], inputs: list) -> tuple:
-        """Run one section on the list of its inputs, which it empties (``section_module``) — once
-        per micro-batch (``bounds``) when an input comes in ``Slices`` —; outputs that view its slot
-        (e.g. slices of a weight) are copied out before the slot is handed back to the copy thread."""
+        """Run one section on the list of its inputs, which the section module empties — once per
+        micro-batch (``bounds``) when an input comes in ``Slices``: then each slice's list is
+        emptied, and the whole-batch ``Slices`` stay until the section returns —; outputs that view
+        its slot (e.g. slices of a weight) are copied out before the slot is handed back to the copy
+        thread."""
         count = next((len(a) for a in inputs if isinstance(a, Slices)), 0)
         if count:
             outputs = [Slices() for _ in section.outputs]
