@@ -18,7 +18,9 @@ big-model inference) found, each refused or fixed now:
   every tensor's storage into shared memory, values kept, and the next call of a ring program was
   refused with a RingWeightsError saying that a rotary buffer "was replaced by another tensor".
   The move is taken now; a tensor replaced or cast is still refused, and one changed in place is
-  judged as before.
+  judged as before. A tensor is told by its object and its storage, not its address: a
+  replacement made after the move could sit at the address the moved memory had, and was then
+  taken for an in-place change; a new Parameter on the same memory failed with a KeyError.
 - An in-place change of a weight that a CPU ring reads in place (host tier) is taken, as the
   README says, but the ring went on computing with the old values wherever the section was still
   in its slot: always where the budget gives every section a slot of its own (nothing is
@@ -137,6 +139,29 @@ def test_share_memory_keeps_the_ring_running_and_still_sees_changes(tmp_path, we
             program(ids)
     model.lm_head.weight = torch.nn.Parameter(torch.zeros_like(model.lm_head.weight))
     with pytest.raises(RingWeightsError, match=r"lm_head\.weight of Qwen3MoeForCausalLM was replaced by another"):
+        program(ids)
+    program.close()
+
+
+@pytest.mark.parametrize("weights", ["host", "disk"])
+@pytest.mark.parametrize("change", ["new Parameter", "new .data"])
+def test_a_tensor_is_told_by_its_object_and_memory_not_by_its_address(tmp_path, weights, change):
+    """``share_memory_`` frees a tensor's old memory, and a tensor made later can sit at the address
+    it had: the replacement above was then taken for an in-place change. New memory at the very
+    address the ring read (``from_numpy`` of the weight, which torch does not tie to it) stands for
+    that here. A new Parameter is refused even on the same memory: the ring's graph holds the
+    model's own parameter objects, and lowered with a new one it failed with a KeyError."""
+    torch.manual_seed(0)
+    model = mc.models.build("tiny-gpt").eval()
+    ids = _ids()
+    program = mc.compile(model, _ring_plan(weights=weights, offload_dir=str(tmp_path)), example_inputs=(ids,))
+    read = model.lm_head.weight
+    if change == "new Parameter":
+        model.lm_head.weight = torch.nn.Parameter(read.detach())
+    else:
+        read.data = torch.from_numpy(read.detach().numpy())
+    assert model.lm_head.weight.data_ptr() == read.data_ptr()
+    with pytest.raises(RingWeightsError, match=r"lm_head\.weight of Transformer was replaced by another"):
         program(ids)
     program.close()
 

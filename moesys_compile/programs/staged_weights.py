@@ -36,18 +36,19 @@ class RingWeightsError(MoesysError, RuntimeError):
 
 @dataclass(frozen=True)
 class _Seen:
-    """What a staged tensor was when the ring read it (``tensor``: a weak reference to it)."""
-    data_ptr: int
+    """What a staged tensor was when the ring read it (``tensor`` and ``storage``: weak references
+    to it and to its memory; torch keeps one storage object per storage, alive as long as it is)."""
+    storage: weakref.ref
+    storage_offset: int
     version: int
     dtype: torch.dtype
     shape: tuple[int, ...]
-    shared: bool
     tensor: weakref.ref
 
     @staticmethod
     def of(tensor: torch.Tensor) -> "_Seen":
-        return _Seen(tensor.data_ptr(), _version(tensor), tensor.dtype, tuple(tensor.shape), tensor.is_shared(),
-                     weakref.ref(tensor))
+        return _Seen(weakref.ref(tensor.untyped_storage()), tensor.storage_offset(), _version(tensor), tensor.dtype,
+                     tuple(tensor.shape), weakref.ref(tensor))
 
 
 def _version(tensor: torch.Tensor) -> int:
@@ -106,7 +107,7 @@ def _change(seen: _Seen, tensor: Optional[torch.Tensor]) -> Optional[str]:
         return f"was cast from {seen.dtype} to {tensor.dtype}"
     if tuple(tensor.shape) != seen.shape:
         return f"changed shape from {list(seen.shape)} to {list(tensor.shape)}"
-    if tensor.data_ptr() != seen.data_ptr and not _moved_to_shared_memory(seen, tensor):
+    if seen.tensor() is not tensor or _other_memory(seen, tensor):   # the graph holds the model's own objects
         return "was replaced by another tensor"
     if _version(tensor) != seen.version:
         return MODIFIED_IN_PLACE
@@ -122,11 +123,13 @@ def _held_under_another_name(seen: _Seen, now: dict[str, torch.Tensor]) -> bool:
     return tensor is not None and any(other is tensor and _change(seen, other) is None for other in now.values())
 
 
-def _moved_to_shared_memory(seen: _Seen, tensor: torch.Tensor) -> bool:
-    """The very tensor the ring read, its storage since moved into shared memory with its values
-    (``share_memory_``, as ``model.share_memory()`` or ``program.share_memory()`` do for
-    torch.multiprocessing): views of it follow the move, copies still hold its values."""
-    return seen.tensor() is tensor and not seen.shared and tensor.is_shared()
+def _other_memory(seen: _Seen, tensor: torch.Tensor) -> bool:
+    """``tensor`` is not the memory the ring read: another storage (``.data`` assigned, ``.to()``)
+    or another place in it. The storage, not its address: new memory can sit at the address of
+    memory freed since, and a storage moved into shared memory (``share_memory_``, as
+    ``model.share_memory()`` or ``program.share_memory()`` do for torch.multiprocessing) keeps its
+    values at a new address; views of it follow the move, copies still hold its values."""
+    return tensor.untyped_storage() is not seen.storage() or tensor.storage_offset() != seen.storage_offset
 
 
 def _read_in_place(store: WeightStore, name: str, tensor: torch.Tensor) -> bool:
