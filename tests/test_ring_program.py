@@ -530,11 +530,12 @@ class _LiveOutputs(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        # the freed first: a new output can sit at the address of one freed since
+        self.live = {ptr: (ref, n) for ptr, (ref, n) in self.live.items() if ref() is not None}
         for t in (out if isinstance(out, (tuple, list)) else (out,)):
             if (isinstance(t, torch.Tensor) and t.untyped_storage().nbytes() == t.numel() * t.element_size()
                     and t.untyped_storage().data_ptr() not in self.held):
                 self.live.setdefault(t.untyped_storage().data_ptr(), (weakref.ref(t), t.untyped_storage().nbytes()))
-        self.live = {ptr: (ref, n) for ptr, (ref, n) in self.live.items() if ref() is not None}
         self.peak = max(self.peak, sum(n for _, n in self.live.values()))
         return out
 
