@@ -492,7 +492,7 @@ def test_loads_ahead_of_a_call_do_not_count_as_its_transfer(tmp_path, monkeypatc
     monkeypatch.setattr(ring_runtime.RingExecutor, "_load", slow_load)
     program(ids)
     after_call = time.perf_counter()
-    time.sleep(0.5)                                   # the next call's first sections load now
+    time.sleep(1.0)            # the next call's first sections load now (2 slots: 0.2 s of sleeps)
     before_call = time.perf_counter()
     program(ids)
     stats = program.stats
