@@ -77,7 +77,9 @@ def _decompose_one(gm: fx.GraphModule, ctx, node: fx.Node) -> None:
     x_TD, ids_TK, weights_TK, w_up_EHD, w_down_EDF = (args[name] for name in (
         "x_TD", "ids_TK", "weights_TK", "w_up_EHD", "w_down_EDF"))
     activation = args["activation"]
-    biases = expert_biases(args)   # () for bias-free experts: the five-argument call
+    extras = expert_biases(args)   # () for bias-free experts: the five-argument call
+    if args.get("keep_NF") is not None:    # the experts' dropout mask (training mode), after both biases
+        extras = (args["b_up_EH"], args["b_down_ED"], args["keep_NF"])
     num_experts = w_up_EHD.meta["val"].shape[0]
     top_k = ids_TK.meta["val"].shape[1]
     factor = effective_capacity_factor(ctx, node)
@@ -89,7 +91,7 @@ def _decompose_one(gm: fx.GraphModule, ctx, node: fx.Node) -> None:
         permute = new_node(gm, ctx, torch.ops.moesys.permute.default, (x_TD, ids_TK, num_experts, capacity), node)
         x_ND, counts_E, order_N = _getitems(gm, ctx, permute, 3)
         y_ND = new_node(gm, ctx, torch.ops.moesys.grouped_mlp.default,
-                        (x_ND, counts_E, w_up_EHD, w_down_EDF, activation, *biases), node,
+                        (x_ND, counts_E, w_up_EHD, w_down_EDF, activation, *extras), node,
                         cost=moesys_meta(node)["cost"])
         y_TD = new_node(gm, ctx, torch.ops.moesys.unpermute.default, (y_ND, order_N, weights_TK), node)
         if factor > 0:
@@ -117,7 +119,7 @@ def decompose_moe(gm: fx.GraphModule, ctx) -> fx.GraphModule:
             cf = plan.capacity_factor if set else node's capacity_factor
             cap = slot_capacity(x_TD, K, E, cf)          # -1: dropless
             x_ND, counts_E, order_N = permute(x_TD, ids_TK, E, cap)
-            y_ND = grouped_mlp(x_ND, counts_E, w_up_EHD, w_down_EDF, activation[, b_up_EH, b_down_ED])
+            y_ND = grouped_mlp(x_ND, counts_E, w_up_EHD, w_down_EDF, activation[, b_up_EH, b_down_ED][, keep_NF])
             y_TD = unpermute(y_ND, order_N, weights_TK)  # weighted top-k sum
             if cap >= 0: record_drops(counts_E, order_N, drops_buffer)
             replace node by y_TD

@@ -16,7 +16,7 @@ import torch.fx as fx
 
 from moesys_compile.errors import PlanError
 from moesys_compile.frontend.annotation import Cost
-from moesys_compile.ir import expert_tensors, is_op, moesys_meta
+from moesys_compile.ir import bound_args, expert_tensors, is_op, moesys_meta
 from moesys_compile.passes.decompose_moe import new_node
 from moesys_compile.passes.expert_rows import (ExpertRows, check_dense_uses, check_producers, drop_unused,
                                                expert_owners, expert_rows_of, expert_weights, producers)
@@ -67,8 +67,7 @@ def _slot_exchange(gm, ctx, mlp: fx.Node, local_experts: tuple, ranks: int):
     x_MD = new_node(gm, ctx, torch.ops.moesys.ep_dispatch.default, (x_ND, counts_E, recv_RL, "ep"), mlp,
                     cost=_a2a_cost(x_ND, ctx, ranks))
     local_counts_L = new_node(gm, ctx, torch.ops.aten.sum.dim_IntList, (recv_RL, [0]), mlp, cost=Cost())
-    y_MD = new_node(gm, ctx, torch.ops.moesys.grouped_mlp.default, (x_MD, local_counts_L, *local_experts), mlp,
-                    cost=moesys_meta(mlp)["cost"])
+    y_MD = _local_experts_call(gm, ctx, mlp, x_MD, local_counts_L, local_experts)
     y_ND = new_node(gm, ctx, torch.ops.moesys.ep_combine.default, (y_MD, counts_E, recv_RL, order_N, "ep"), mlp,
                     cost=_a2a_cost(x_ND, ctx, ranks))
     mlp.replace_all_uses_with(y_ND)
@@ -93,13 +92,33 @@ def _token_exchange(gm, ctx, mlp: fx.Node, unpermute: fx.Node, local_experts: tu
     x_MD = new_node(gm, ctx, torch.ops.moesys.ep_token_dispatch.default,
                     (x_TD, send_token_S, slot_row_M, rows_2R, "ep"), mlp,
                     cost=_a2a_cost(x_TD, ctx, ranks, min(top_k, ranks)))
-    y_MD = new_node(gm, ctx, torch.ops.moesys.grouped_mlp.default, (x_MD, local_counts_L, *local_experts), mlp,
-                    cost=moesys_meta(mlp)["cost"])
+    y_MD = _local_experts_call(gm, ctx, mlp, x_MD, local_counts_L, local_experts)
     y_TD = new_node(gm, ctx, torch.ops.moesys.ep_token_combine.default,
                     (y_MD, weights_M, send_token_S, slot_row_M, rows_2R, ids_TK, "ep"), mlp,
                     cost=_a2a_cost(x_TD, ctx, ranks, min(top_k, ranks)))
     unpermute.replace_all_uses_with(y_TD)
     return x_MD, y_TD, [unpermute, mlp, *permute.users, permute]
+
+
+def _without_dropout_mask(mlp: fx.Node) -> tuple[tuple, Optional[fx.Node]]:
+    """(the grouped_mlp's arguments after the counts, without the experts' dropout mask, which
+    ``decompose_moe`` passes last, after both biases; the mask node, or None)."""
+    keep_NF = bound_args(mlp).get("keep_NF")
+    args = mlp.args[2:]
+    return (args[:5], keep_NF) if keep_NF is not None else (args, None)
+
+
+def _local_experts_call(gm, ctx, mlp: fx.Node, x_MD: fx.Node, local_counts_L: fx.Node, local_experts: tuple):
+    """grouped_mlp of this rank's experts on the received rows; with the experts' dropout (a
+    mask of the routed slots last in ``local_experts``), a mask drawn for the received rows."""
+    if len(local_experts) > 5:
+        routed_mask = local_experts[5]
+        _, _, ffn, p = routed_mask.args
+        received_mask = new_node(gm, ctx, torch.ops.moesys.expert_dropout_keep.default, (x_MD, 1, ffn, p), routed_mask,
+                                 cost=Cost())
+        local_experts = (*local_experts[:5], received_mask)
+    return new_node(gm, ctx, torch.ops.moesys.grouped_mlp.default, (x_MD, local_counts_L, *local_experts), mlp,
+                    cost=moesys_meta(mlp)["cost"])
 
 
 def _parallelize_one(gm: fx.GraphModule, ctx, mlp: fx.Node, rows: ExpertRows) -> None:
@@ -112,9 +131,12 @@ def _parallelize_one(gm: fx.GraphModule, ctx, mlp: fx.Node, rows: ExpertRows) ->
     dedup = ctx.plan.ep_exchange == "token" and _top_k(mlp) > 1
     unpermute = _sole_unpermute(mlp) if dedup else None
     # the token exchange reads the top-k weights, so it goes where the unpermute was
+    experts_args, keep_NF = _without_dropout_mask(mlp)
     with gm.graph.inserting_before(unpermute or mlp):
         rows.where = key
-        local_experts = fx.node.map_arg(mlp.args[2:], lambda n: rows.local(n, lo, hi))
+        local_experts = fx.node.map_arg(experts_args, lambda n: rows.local(n, lo, hi))
+        if keep_NF is not None:     # the experts' dropout: a mask of the received rows replaces the slots'
+            local_experts = (*local_experts, keep_NF)
         if unpermute is not None:
             dispatch, combine, replaced = _token_exchange(gm, ctx, mlp, unpermute, local_experts, ranks)
         else:
@@ -123,6 +145,8 @@ def _parallelize_one(gm: fx.GraphModule, ctx, mlp: fx.Node, rows: ExpertRows) ->
     moesys_meta(combine)["a2a"] = ("combine", key)
     for node in replaced:
         gm.graph.erase_node(node)
+    if keep_NF is not None and not keep_NF.users:    # the mask of the routed slots, replaced by the received rows'
+        gm.graph.erase_node(keep_NF)
     if dedup and unpermute is None:
         ctx.note(f"{key}: ep_exchange='token' needs permute -> grouped_mlp -> unpermute with nothing else "
                  f"reading them; this layer exchanges one row per slot instead")

@@ -265,6 +265,8 @@ def fuse_dispatch_experts_combine(node: fx.Node, lw: _Lowering) -> Optional[fx.N
     if not (is_op(experts, "grouped_mlp") and len(experts.users) == 1):
         return None
     mlp = bound_args(experts)
+    if mlp.get("keep_NF") is not None:
+        return None   # lower_single notes why it stays
     x_sorted = mlp["x_ND"]
     if not (_getitem_of(x_sorted, 0) and is_op(x_sorted.args[0], "permute") and len(x_sorted.users) == 1):
         return None
@@ -303,6 +305,8 @@ def lower_moe_experts(node: fx.Node, lw: _Lowering) -> Optional[fx.Node]:
     if not is_op(node, "moe_experts"):
         return None
     args = bound_args(node)
+    if _keeps_dropout(node, args, lw):
+        return None
     w_up = args["w_up_EHD"].meta.get("val") if isinstance(args["w_up_EHD"], fx.Node) else None
     if w_up is None:
         lw.note(f"{node.name}: w_up_EHD has no meta['val'] (unknown expert count); left as it is")
@@ -324,6 +328,16 @@ def lower_moe_experts(node: fx.Node, lw: _Lowering) -> Optional[fx.Node]:
     node.replace_all_uses_with(y)
     lw.erase(node)
     return y
+
+
+def _keeps_dropout(node: fx.Node, args: dict[str, Any], lw: _Lowering) -> bool:
+    """An experts call with the experts' dropout mask (``keep_NF``, training mode) stays the
+    canonical op, which applies it: the kernels take none (noted)."""
+    if args.get("keep_NF") is None:
+        return False
+    lw.note(f"{node.meta.get('moesys', {}).get('module') or node.name}: dropout between the experts' projections "
+            f"(keep_NF) is applied by {node.target}, which runs these experts; the kernels take no mask")
+    return True
 
 
 def lower_route(node: fx.Node, lw: _Lowering) -> Optional[fx.Node]:
@@ -374,6 +388,8 @@ def lower_single(node: fx.Node, lw: _Lowering) -> Optional[fx.Node]:
             f"{impl}:unpermute"
     elif is_op(node, "grouped_mlp"):
         a = bound_args(node)
+        if _keeps_dropout(node, a, lw):
+            return None
         impl = lw.experts_impl(node, a, a["x_ND"], a["w_up_EHD"])
         target, args, name = lw.ops.grouped_mlp.default, (a["x_ND"], a["counts_E"], a["w_up_EHD"], a["w_down_EDF"],
                                                            a["activation"], lw.save_h, impl, *expert_biases(a)), \

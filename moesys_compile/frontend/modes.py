@@ -1,7 +1,9 @@
 """The modes a captured graph runs in: the module's training/eval mode and autograd's grad mode.
 
 Tracing freezes ``self.training``: a capture holds the code of one mode. ``mode_signature``
-reduces a graph to one record per node, with every dropout call an alias of its input, so that
+reduces a graph to one record per node, with every dropout call an alias of its input (and the
+masks of the experts' dropout, ``moesys.expert_dropout_keep``, left out with the argument that
+reads them), so that
 the captures of a model in the two modes have equal signatures exactly when the model's code
 differs between them by dropout alone (which ``programs.train_mode`` makes follow
 ``program.train()`` / ``program.eval()``).
@@ -30,8 +32,12 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from ..ir import canonical_target
+
 aten = torch.ops.aten
 
+# the masks of the dropout inside the experts (``moesys.expert_dropout_keep``): not aliases of an input
+_MASKS = {torch.ops.moesys.expert_dropout_keep, torch.ops.moesys.expert_dropout_keep.default}
 # op -> (position, keyword, default) of its dropout probability; the ops whose training flag is an
 # argument too are skipped when that flag was traced as False
 DROPOUT_ARG: dict[Any, tuple[int, str, float]] = {
@@ -39,6 +45,7 @@ DROPOUT_ARG: dict[Any, tuple[int, str, float]] = {
     aten.dropout.default: (1, "p", 0.0),
     F.scaled_dot_product_attention: (4, "dropout_p", 0.0),
     aten.scaled_dot_product_attention.default: (4, "dropout_p", 0.0),
+    **{mask: (3, "p", 0.0) for mask in _MASKS},
 }
 TRAINING_ARG: dict[Any, tuple[int, str, bool]] = {F.dropout: (2, "training", True),
                                                   aten.dropout.default: (2, "train", True)}
@@ -46,7 +53,7 @@ _ATTENTION = {F.scaled_dot_product_attention, aten.scaled_dot_product_attention.
 # calls whose output holds their input's values once dropout is off: dropout itself, and
 # ``contiguous``, which torch.export records only where the input's strides need it (attention
 # with dropout returns other strides than without)
-_ALIAS_CALLS = (set(DROPOUT_ARG) - _ATTENTION) | {aten.native_dropout.default, torch.dropout,
+_ALIAS_CALLS = (set(DROPOUT_ARG) - _ATTENTION - _MASKS) | {aten.native_dropout.default, torch.dropout,
                                                    aten.contiguous.default}
 
 
@@ -99,7 +106,10 @@ def _records(gm: fx.GraphModule) -> tuple[list[tuple[Any, ...]], list[fx.Node]]:
                                    and source.target is aten.native_dropout.default):
             position[node] = position.get(source) if source is not None else None
             continue
-        args, kwargs = node.args, dict(node.kwargs)
+        if node.target in _MASKS:      # drawn in training mode only; the experts call reads it
+            position[node] = None
+            continue
+        args, kwargs = _without_mask(node)
         if node.target in _ATTENTION:
             index, keyword, _ = DROPOUT_ARG[node.target]
             args = args[:index] + args[index + 1:]
@@ -109,6 +119,22 @@ def _records(gm: fx.GraphModule) -> tuple[list[tuple[Any, ...]], list[fx.Node]]:
         records.append((node.op, target, normalized(args), normalized(kwargs)))
         nodes.append(node)
     return records, nodes
+
+
+def _without_mask(node: fx.Node) -> tuple[tuple, dict]:
+    """(args, kwargs) of ``node``; an experts call that takes a dropout mask (``keep_NF``) by its
+    arguments' names without it, and without the defaults a call without it leaves out."""
+    schema = getattr(canonical_target(node.target), "_schema", None)
+    names = [argument.name for argument in schema.arguments] if schema is not None else []
+    if "keep_NF" not in names:
+        return node.args, dict(node.kwargs)
+    given = {**dict(zip(names, node.args)), **node.kwargs}
+    defaults = {argument.name: argument.default_value for argument in schema.arguments
+                if argument.has_default_value()}
+    def defaulted(name: str, value: Any) -> bool:
+        plain = value is None or isinstance(value, (bool, int, float, str))
+        return name in defaults and plain and value == defaults[name]
+    return (), {name: value for name, value in given.items() if name != "keep_NF" and not defaulted(name, value)}
 
 
 def mode_signature(gm: fx.GraphModule) -> list[tuple[Any, ...]]:

@@ -126,6 +126,16 @@ def check_experts_args(x: Tensor, counts_E: Optional[Tensor], w_up_EHD: Tensor, 
                            f"must share a dtype; cast the expert weights to {x.dtype} (or {x_name} to theirs)")
 
 
+def check_dropout_keep(keep_NF: Optional[Tensor], num_rows: int, ffn: int) -> None:
+    """``keep_NF`` (where given): one row of F mask values per routed row."""
+    if keep_NF is None:
+        return
+    want = (num_rows, ffn)
+    if tuple(keep_NF.shape) != want:
+        raise OpInputError(f"keep_NF has shape {tuple(keep_NF.shape)}, expected {list(want)} (one row of F "
+                           f"per routed row): draw it with moesys.expert_dropout_keep")
+
+
 def check_unpermute_args(y_ND: Tensor, order_N: Tensor, weights_TK: Tensor, op: str = "unpermute") -> None:
     """``y_ND``, ``order_N`` and ``weights_TK`` agree on N = T*K rows."""
     if y_ND.dim() != 2 or order_N.numel() != y_ND.shape[0] or weights_TK.numel() != y_ND.shape[0]:

@@ -12,8 +12,8 @@ from torch import Tensor
 from moesys_compile.errors import OpInputError
 from moesys_compile.ops.activations import apply_activation, expert_capacity
 from moesys_compile.ops.autocast import follow_autocast
-from moesys_compile.ops.checks import (check_capacity_factor, check_combine_weights, check_experts_args, check_ids,
-                                       check_unpermute_args)
+from moesys_compile.ops.checks import (check_capacity_factor, check_combine_weights, check_dropout_keep,
+                                       check_experts_args, check_ids, check_unpermute_args)
 from moesys_compile.ops.first_order import register_autograd
 
 
@@ -106,17 +106,44 @@ def _biased_mm(rows: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     return rows @ weight.t() if bias is None else torch.addmm(bias, rows, weight.t())
 
 
+def _dropped(a_nF: Tensor, keep_NF: Optional[Tensor], start: int, end: int) -> Tensor:
+    """The activation rows [start, end) after the experts' dropout (``keep_NF``: 0 or 1/(1-p))."""
+    return a_nF if keep_NF is None else a_nF * keep_NF[start:end]
+
+
+@torch.library.custom_op("moesys::expert_dropout_keep", mutates_args=())
+def expert_dropout_keep(x: Tensor, rows_per_token: int, ffn: int, p: float) -> Tensor:
+    """The dropout mask of the experts' activations ([x rows * rows_per_token, ffn], x's dtype):
+    0 with probability ``p``, else 1/(1-p), drawn as ``F.dropout`` draws; all ones at p = 0 (eval mode:
+    ``programs/train_mode.py`` sets p to 0 there). ``moe_experts`` takes one per routed slot
+    (``rows_per_token`` = K); expert parallelism draws one per received row."""
+    if not 0.0 <= p < 1.0:
+        raise OpInputError(f"expert_dropout_keep: p = {p} must be in [0, 1) (p = 1 drops every activation)")
+    keep = torch.ones((x.shape[0] * rows_per_token, ffn), dtype=x.dtype, device=x.device)
+    # F.dropout's own draw: a dropout module on [rows, ffn] activations from the same random state draws this mask
+    return torch.nn.functional.dropout(keep, p, training=True) if p > 0 else keep
+
+
+@expert_dropout_keep.register_fake
+def _expert_dropout_keep_fake(x, rows_per_token, ffn, p):
+    return x.new_empty((x.shape[0] * rows_per_token, ffn))
+
+
+register_autograd(expert_dropout_keep, lambda ctx, grad: (None, None, None, None),
+                  setup_context=lambda ctx, inputs, output: None)
+
+
 def grouped_mlp_reference(x_ND: Tensor, counts_E: Tensor, w_up_EHD: Tensor, w_down_EDF: Tensor,
                           activation: str = "swiglu", b_up_EH: Optional[Tensor] = None,
-                          b_down_ED: Optional[Tensor] = None) -> Tensor:
+                          b_down_ED: Optional[Tensor] = None, keep_NF: Optional[Tensor] = None) -> Tensor:
     """Differentiable per-expert loop: rows of expert e go through
-    act(x W_up[e]^T + b_up[e]) W_down[e]^T + b_down[e] (biases optional).
-    Rows past sum(counts_E) (dropped slots) produce zeros."""
+    (act(x W_up[e]^T + b_up[e]) * keep) W_down[e]^T + b_down[e] (biases and ``keep_NF``, the
+    dropout between the projections, optional). Rows past sum(counts_E) (dropped slots) produce zeros."""
     y_ND = x_ND.new_zeros((x_ND.shape[0], w_down_EDF.shape[1]))
     pieces = []
     for expert, start, end in group_bounds(counts_E):
         h_nH = _biased_mm(x_ND[start:end], w_up_EHD[expert], None if b_up_EH is None else b_up_EH[expert])
-        a_nF = apply_activation(h_nH, activation)
+        a_nF = _dropped(apply_activation(h_nH, activation), keep_NF, start, end)
         b_down_D = None if b_down_ED is None else b_down_ED[expert]
         pieces.append((start, end, _biased_mm(a_nF, w_down_EDF[expert], b_down_D)))
     if not pieces:
@@ -130,12 +157,13 @@ def grouped_mlp_reference(x_ND: Tensor, counts_E: Tensor, w_up_EHD: Tensor, w_do
 @torch.library.custom_op("moesys::grouped_mlp", mutates_args=())
 def grouped_mlp(x_ND: Tensor, counts_E: Tensor, w_up_EHD: Tensor, w_down_EDF: Tensor,
                 activation: str = "swiglu", b_up_EH: Optional[Tensor] = None,
-                b_down_ED: Optional[Tensor] = None) -> Tensor:
+                b_down_ED: Optional[Tensor] = None, keep_NF: Optional[Tensor] = None) -> Tensor:
     check_experts_args(x_ND, counts_E, w_up_EHD, w_down_EDF, activation, "x_ND")
+    check_dropout_keep(keep_NF, x_ND.shape[0], w_down_EDF.shape[2])
     y_ND = x_ND.new_zeros((x_ND.shape[0], w_down_EDF.shape[1]))
     for expert, start, end in group_bounds(counts_E, x_ND.shape[0]):
         h_nH = _biased_mm(x_ND[start:end], w_up_EHD[expert], None if b_up_EH is None else b_up_EH[expert])
-        a_nF = apply_activation(h_nH, activation)
+        a_nF = _dropped(apply_activation(h_nH, activation), keep_NF, start, end)
         if b_down_ED is None:
             torch.mm(a_nF, w_down_EDF[expert].t(), out=y_ND[start:end])
         else:
@@ -144,13 +172,14 @@ def grouped_mlp(x_ND: Tensor, counts_E: Tensor, w_up_EHD: Tensor, w_down_EDF: Te
 
 
 @grouped_mlp.register_fake
-def _grouped_mlp_fake(x_ND, counts_E, w_up_EHD, w_down_EDF, activation="swiglu", b_up_EH=None, b_down_ED=None):
+def _grouped_mlp_fake(x_ND, counts_E, w_up_EHD, w_down_EDF, activation="swiglu", b_up_EH=None, b_down_ED=None,
+                      keep_NF=None):
     return x_ND.new_empty((x_ND.shape[0], w_down_EDF.shape[1]))
 
 
 def _grouped_mlp_setup(ctx, inputs, output):
-    x_ND, counts_E, w_up_EHD, w_down_EDF, activation, b_up_EH, b_down_ED = inputs
-    ctx.save_for_backward(x_ND, counts_E, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED)
+    x_ND, counts_E, w_up_EHD, w_down_EDF, activation, b_up_EH, b_down_ED, keep_NF = inputs
+    ctx.save_for_backward(x_ND, counts_E, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED, keep_NF)
     ctx.activation = activation
 
 
@@ -192,8 +221,8 @@ def grads_from_op(grads, computed) -> tuple[Optional[Tensor], ...]:
 
 @torch.library.custom_op("moesys::grouped_mlp_backward", mutates_args=())
 def grouped_mlp_backward(grad_y_ND: Tensor, x_ND: Tensor, counts_E: Tensor, w_up_EHD: Tensor, w_down_EDF: Tensor,
-                         activation: str, b_up_EH: Optional[Tensor] = None,
-                         b_down_ED: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                         activation: str, b_up_EH: Optional[Tensor] = None, b_down_ED: Optional[Tensor] = None,
+                         keep_NF: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(grad_x, grad_w_up, grad_w_down, grad_b_up, grad_b_down) of ``grouped_mlp``; an op, so that
     AOT autograd (``torch.compile``) does not trace ``group_bounds``' host sync. A missing bias's
     gradient is an empty [0] tensor (``backward_op_outputs``)."""
@@ -206,9 +235,9 @@ def grouped_mlp_backward(grad_y_ND: Tensor, x_ND: Tensor, counts_E: Tensor, w_up
         x_nD, g_nD = x_ND[start:end], grad_y_ND[start:end]
         # h recomputed: cheaper than keeping T*K*H
         h_nH = _biased_mm(x_nD, w_up_EHD[expert], None if b_up_EH is None else b_up_EH[expert])
-        a_nF = apply_activation(h_nH, activation)
+        a_nF = _dropped(apply_activation(h_nH, activation), keep_NF, start, end)
         grad_w_down[expert] = g_nD.t() @ a_nF
-        grad_h_nH = activation_backward(h_nH, g_nD @ w_down_EDF[expert], activation)
+        grad_h_nH = activation_backward(h_nH, _dropped(g_nD @ w_down_EDF[expert], keep_NF, start, end), activation)
         grad_w_up[expert] = grad_h_nH.t() @ x_nD
         grad_x_ND[start:end] = grad_h_nH @ w_up_EHD[expert]
         if grad_b_up is not None:
@@ -220,23 +249,24 @@ def grouped_mlp_backward(grad_y_ND: Tensor, x_ND: Tensor, counts_E: Tensor, w_up
 
 @grouped_mlp_backward.register_fake
 def _grouped_mlp_backward_fake(grad_y_ND, x_ND, counts_E, w_up_EHD, w_down_EDF, activation, b_up_EH=None,
-                               b_down_ED=None):
+                               b_down_ED=None, keep_NF=None):
     like = (x_ND, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED)
     return backward_op_outputs([None if t is None else torch.empty_like(t) for t in like], x_ND)
 
 
-def _grouped_mlp_grads(grad_y_ND, x_ND, counts_E, w_up_EHD, w_down_EDF, activation, b_up_EH, b_down_ED):
+def _grouped_mlp_grads(grad_y_ND, x_ND, counts_E, w_up_EHD, w_down_EDF, activation, b_up_EH, b_down_ED,
+                       keep_NF=None):
     """(grad_x, grad_w_up, grad_w_down, grad_b_up or None, grad_b_down or None) of ``grouped_mlp``."""
     grads = torch.ops.moesys.grouped_mlp_backward(grad_y_ND, x_ND, counts_E, w_up_EHD, w_down_EDF, activation,
-                                                  b_up_EH, b_down_ED)
+                                                  b_up_EH, b_down_ED, keep_NF)
     return grads_from_op(grads, (True, True, True, b_up_EH is not None, b_down_ED is not None))
 
 
 def _grouped_mlp_backward(ctx, grad_y_ND):
-    x_ND, counts_E, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED = ctx.saved_tensors
+    x_ND, counts_E, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED, keep_NF = ctx.saved_tensors
     grad_x_ND, grad_w_up, grad_w_down, grad_b_up, grad_b_down = _grouped_mlp_grads(
-        grad_y_ND, x_ND, counts_E, w_up_EHD, w_down_EDF, ctx.activation, b_up_EH, b_down_ED)
-    return grad_x_ND, None, grad_w_up, grad_w_down, None, grad_b_up, grad_b_down
+        grad_y_ND, x_ND, counts_E, w_up_EHD, w_down_EDF, ctx.activation, b_up_EH, b_down_ED, keep_NF)
+    return grad_x_ND, None, grad_w_up, grad_w_down, None, grad_b_up, grad_b_down, None
 
 
 register_autograd(grouped_mlp, _grouped_mlp_backward, setup_context=_grouped_mlp_setup)
@@ -306,46 +336,49 @@ def _capacity(x_TD: Tensor, ids_TK: Tensor, num_experts: int, capacity_factor: f
 
 
 def _composed(ops, x_TD, ids_TK, weights_TK, w_up_EHD, w_down_EDF, activation, capacity_factor, b_up_EH=None,
-              b_down_ED=None):
+              b_down_ED=None, keep_NF=None):
     """permute -> grouped_mlp -> unpermute with ``ops`` = (permute, grouped_mlp, unpermute)."""
     permute_op, grouped_mlp_op, unpermute_op = ops
     num_experts = w_up_EHD.shape[0]
     x_ND, counts_E, order_N = permute_op(x_TD, ids_TK, num_experts,
                                          _capacity(x_TD, ids_TK, num_experts, capacity_factor))
-    y_ND = grouped_mlp_op(x_ND, counts_E, w_up_EHD, w_down_EDF, activation, b_up_EH, b_down_ED)
+    y_ND = grouped_mlp_op(x_ND, counts_E, w_up_EHD, w_down_EDF, activation, b_up_EH, b_down_ED, keep_NF)
     return unpermute_op(y_ND, order_N, weights_TK)
 
 
 def moe_experts_decomposed(x_TD, ids_TK, weights_TK, w_up_EHD, w_down_EDF, activation="swiglu",
-                           capacity_factor=0.0, b_up_EH=None, b_down_ED=None):
+                           capacity_factor=0.0, b_up_EH=None, b_down_ED=None, keep_NF=None):
     """The canonical op written with the decomposed ops (what ``decompose_moe`` emits)."""
     ops = (torch.ops.moesys.permute, torch.ops.moesys.grouped_mlp, torch.ops.moesys.unpermute)
     return _composed(ops, x_TD, ids_TK, weights_TK, w_up_EHD, w_down_EDF, activation, capacity_factor, b_up_EH,
-                     b_down_ED)
+                     b_down_ED, keep_NF)
 
 
 @torch.library.custom_op("moesys::moe_experts", mutates_args=())
 def moe_experts(x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor, w_up_EHD: Tensor, w_down_EDF: Tensor,
                 activation: str = "swiglu", capacity_factor: float = 0.0, b_up_EH: Optional[Tensor] = None,
-                b_down_ED: Optional[Tensor] = None) -> Tensor:
+                b_down_ED: Optional[Tensor] = None, keep_NF: Optional[Tensor] = None) -> Tensor:
+    """``keep_NF``: dropout between the experts' projections, one row per routed slot in
+    expert-sorted order (``expert_dropout_keep(x_TD, K, F, p)``; the rows are exchangeable)."""
     check_experts_args(x_TD, None, w_up_EHD, w_down_EDF, activation, "x_TD")
     check_ids(ids_TK, w_up_EHD.shape[0], x_TD, id_range=False)   # permute checks the range
     check_combine_weights(weights_TK, ids_TK)
     check_capacity_factor(capacity_factor)
+    check_dropout_keep(keep_NF, ids_TK.numel(), w_down_EDF.shape[2])
     with torch.no_grad():
         return moe_experts_decomposed(x_TD, ids_TK, weights_TK, w_up_EHD, w_down_EDF, activation,
-                                      capacity_factor, b_up_EH, b_down_ED)
+                                      capacity_factor, b_up_EH, b_down_ED, keep_NF)
 
 
 @moe_experts.register_fake
 def _moe_experts_fake(x_TD, ids_TK, weights_TK, w_up_EHD, w_down_EDF, activation="swiglu",
-                      capacity_factor=0.0, b_up_EH=None, b_down_ED=None):
+                      capacity_factor=0.0, b_up_EH=None, b_down_ED=None, keep_NF=None):
     return x_TD.new_empty((x_TD.shape[0], w_down_EDF.shape[1]))
 
 
 def _moe_experts_setup(ctx, inputs, output):
-    x_TD, ids_TK, weights_TK, w_up_EHD, w_down_EDF, activation, capacity_factor, b_up_EH, b_down_ED = inputs
-    ctx.save_for_backward(x_TD, ids_TK, weights_TK, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED)
+    x_TD, ids_TK, weights_TK, w_up_EHD, w_down_EDF, activation, capacity_factor, b_up_EH, b_down_ED, keep_NF = inputs
+    ctx.save_for_backward(x_TD, ids_TK, weights_TK, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED, keep_NF)
     ctx.opts = (activation, capacity_factor)
 
 
@@ -353,28 +386,29 @@ def _moe_experts_backward(ctx, grad_y_TD):
     """The decomposed ops' backward formulas chained by hand, after re-running their forward for
     x_ND and y_ND. No nested autograd: AOT autograd (``torch.compile`` of a model) traces this. Only
     eager use of the fused op pays for the re-run; compiled programs run the decomposed graph."""
-    x_TD, ids_TK, weights_TK, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED = ctx.saved_tensors
+    x_TD, ids_TK, weights_TK, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED, keep_NF = ctx.saved_tensors
     activation, capacity_factor = ctx.opts
     num_experts = w_up_EHD.shape[0]
     x_ND, counts_E, order_N = torch.ops.moesys.permute(x_TD, ids_TK, num_experts,
                                                        _capacity(x_TD, ids_TK, num_experts, capacity_factor))
-    y_ND = torch.ops.moesys.grouped_mlp(x_ND, counts_E, w_up_EHD, w_down_EDF, activation, b_up_EH, b_down_ED)
+    y_ND = torch.ops.moesys.grouped_mlp(x_ND, counts_E, w_up_EHD, w_down_EDF, activation, b_up_EH, b_down_ED,
+                                        keep_NF)
     grad_y_ND, grad_w = _unpermute_grads(grad_y_TD, y_ND, order_N, weights_TK)
     grad_x_ND, grad_up, grad_down, grad_b_up, grad_b_down = _grouped_mlp_grads(
-        grad_y_ND, x_ND, counts_E, w_up_EHD, w_down_EDF, activation, b_up_EH, b_down_ED)
+        grad_y_ND, x_ND, counts_E, w_up_EHD, w_down_EDF, activation, b_up_EH, b_down_ED, keep_NF)
     grad_x = _permute_grad(grad_x_ND, order_N, x_TD.shape[0], ids_TK.shape[1])
-    return grad_x, None, grad_w, grad_up, grad_down, None, None, grad_b_up, grad_b_down
+    return grad_x, None, grad_w, grad_up, grad_down, None, None, grad_b_up, grad_b_down, None
 
 
 register_autograd(moe_experts, _moe_experts_backward, setup_context=_moe_experts_setup)
 
 
 def moe_experts_reference(x_TD, ids_TK, weights_TK, w_up_EHD, w_down_EDF, activation="swiglu",
-                          capacity_factor=0.0, b_up_EH=None, b_down_ED=None):
+                          capacity_factor=0.0, b_up_EH=None, b_down_ED=None, keep_NF=None):
     """Naive differentiable torch version of the whole canonical op, for tests."""
     ops = (permute_reference, grouped_mlp_reference, unpermute_reference)
     return _composed(ops, x_TD, ids_TK, weights_TK, w_up_EHD, w_down_EDF, activation, capacity_factor, b_up_EH,
-                     b_down_ED)
+                     b_down_ED, keep_NF)
 
 
 # torch.autocast: expert matmuls in the autocast dtype, the rest on their inputs as they come

@@ -27,7 +27,7 @@ from ...errors import MoesysError
 from ...nn import _is_capturing, flatten_tokens
 from ..canonicalize import Recognition
 from ..hf_capture import AUX_COEF_ATTRIBUTES
-from .experts import ExpertsSpec, expert_dropout_reason, expert_dropouts
+from .experts import ExpertsSpec, dropout_place_problem, expert_dropout_reason, expert_dropouts, expert_modules
 from .structure import RouterSpec, call_router, dispatched_routes, number_attr, route_known, router_values
 
 
@@ -49,7 +49,7 @@ def adopt(new: nn.Module, original: nn.Module, reserved: tuple[str, ...] = ()) -
         new.register_parameter(name, param)
     for name, buffer in original.named_buffers(recurse=False):
         new.register_buffer(name, buffer, persistent=name not in original._non_persistent_buffers_set)
-    new.train(original.training)
+    new.training = original.training     # its own flag: the adopted children keep theirs
 
 
 @contextlib.contextmanager
@@ -110,16 +110,44 @@ class CanonicalMoEBlock(nn.Module):
         self.source = f"{type(original).__module__}.{type(original).__qualname__}"
         self.kind = kind or block_kind(original)
         self.aux_loss: Optional[Tensor] = None
-        # dropout inside the experts, off when recognised (eval mode): refused once it is on
+        # dropout inside the experts (Switch Transformers' between the projections): applied with
+        # moesys.expert_dropout_keep while those modules are in training mode
         self.expert_dropouts = tuple(expert_dropouts(self.get_submodule(experts.path), experts.path))
+        self.dropout_checked = ""     # the dropout's place, once checked: "ok" or why it has none here
 
     def check_expert_dropout(self) -> None:
-        """Refuse to run while dropout inside the experts is on (the model switched to training
-        after it was canonicalized in eval mode): the canonical experts have no dropout."""
+        """Check once whether the experts' dropout has its place in the canonical experts
+        (``dropout_checked``: "ok" or why not); the recogniser does it before any tracing."""
+        if self.expert_dropouts and not self.dropout_checked:
+            self.dropout_checked = self.expert_dropout_problem() or "ok"
+
+    def expert_dropout_p(self) -> float:
+        """The probability of the experts' dropout now: 0 while its modules are in eval mode;
+        refused in training mode where it has no place in the canonical experts."""
         dropouts = {path: self.get_submodule(path) for path in self.expert_dropouts}
-        if any(dropout.training for dropout in dropouts.values()):
+        if not any(dropout.training for dropout in dropouts.values()):
+            return 0.0
+        self.check_expert_dropout()
+        if self.dropout_checked != "ok":
             raise MoesysError(f"the canonicalized MoE block {self.source} runs in training mode, but "
-                              + expert_dropout_reason(dropouts, otherwise="run it in eval mode"))
+                              + expert_dropout_reason(dropouts, self.dropout_checked, otherwise="run it in eval mode"))
+        return next(iter(dropouts.values())).p
+
+    def expert_dropout_problem(self) -> str:
+        """Why the experts' dropout modules have no place in the canonical experts ("" when they
+        have): they must share one p and act as dropout on the activation between the
+        projections. The first expert is run in training mode on random rows and compared with the
+        canonical experts under ``expert_dropout_keep``'s mask from the same random state."""
+        dropouts = {path: self.get_submodule(path) for path in self.expert_dropouts}
+        probabilities = sorted({dropout.p for dropout in dropouts.values()})
+        if len(probabilities) > 1:
+            return f"their dropout modules differ in p ({probabilities}), where the canonical experts have one"
+        experts = self.get_submodule(self.experts_spec.path)
+        listed = expert_modules(experts)
+        if not listed:
+            return "they are stacked weights, whose dropout's place cannot be checked one expert at a time"
+        return dropout_place_problem(listed[0][1], self.expert_weights(), self.expert_biases(), self.activation,
+                                     probabilities[0])
 
     @property
     def expert_param_names(self) -> list[str]:
@@ -178,13 +206,16 @@ class CanonicalMoEBlock(nn.Module):
         read_directly = [self.get_submodule(self.experts_spec.path)]
         if self.router_spec.known:               # its weight is read, the router module is not called
             read_directly.append(self.get_submodule(self.router_spec.path))
+        dropout_p = self.expert_dropout_p() if self.expert_dropouts else 0.0
         with _offload_hooks_loaded(read_directly):
             weights_TK, ids_TK, scores_TE = self.route(x_TD, tokens_shape)
             w_up_EHD, w_down_EDF = self.expert_weights()
             biases = self.expert_biases()
-            biases = biases if any(b is not None for b in biases) else ()   # bias-free: the five-weight call
+            extra = biases if any(b is not None for b in biases) else ()   # bias-free: the five-weight call
+            if dropout_p > 0:    # after the biases: one mask row per routed slot
+                extra = (*biases, torch.ops.moesys.expert_dropout_keep(x_TD, self.top_k, self.ffn_dim, dropout_p))
             y_TD = torch.ops.moesys.moe_experts(x_TD, ids_TK, weights_TK, w_up_EHD, w_down_EDF, self.activation,
-                                                self.capacity_factor or 0.0, *biases)
+                                                self.capacity_factor or 0.0, *extra)
         if self.shared_path:
             y_TD = y_TD + self.shared_output(x_TD)
         if self.output_scale != 1.0:
@@ -198,8 +229,6 @@ class CanonicalMoEBlock(nn.Module):
 
     def forward(self, hidden_states: Tensor) -> Any:
         x_TD = flatten_tokens(hidden_states, self.dim, f"the canonicalized MoE block {self.source}")
-        if self.expert_dropouts:
-            self.check_expert_dropout()
         y_TD, _, ids_TK, weights_TK = self._experts(x_TD, hidden_states.shape)
         y = y_TD.reshape(hidden_states.shape)
         if not self.extra_outputs:
@@ -216,7 +245,9 @@ class CanonicalMoEBlock(nn.Module):
         if "dispatch" in self.router_spec.outputs:
             facts["capacity"] = self._router_capacity()
         if self.expert_dropouts:
-            facts["expert_dropout"] = f"{len(self.expert_dropouts)} modules, off (refused in training mode)"
+            p = self.get_submodule(self.expert_dropouts[0]).p
+            facts["expert_dropout"] = (f"{len(self.expert_dropouts)} modules, p={p:g} between the projections in "
+                                       f"training mode (moesys.expert_dropout_keep)")
         if self.shared_path:
             facts["shared"] = self.shared_path + (f"*sigmoid({self.shared_gate_path})" if self.shared_gate_path else "")
         if self.output_scale != 1.0:

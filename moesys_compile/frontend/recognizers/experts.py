@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ... import ops
-from .structure import CLAMP_ATTRS, fetch, number_attr
+from .structure import CLAMP_ATTRS, PROBE_SEED, close, fetch, generator, number_attr
 
 def expert_modules(experts: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, module) of each expert of a ModuleList or ModuleDict of expert MLPs, in expert order
@@ -41,14 +41,46 @@ def expert_dropouts(experts: nn.Module, experts_name: str) -> dict[str, nn.Modul
             if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0}
 
 
-def expert_dropout_reason(dropouts: dict[str, nn.Module], otherwise: str = "compile in eval mode for inference") -> str:
-    """Why experts with ``dropouts`` in training mode have no canonical form, and the fixes: that
-    dropout at 0, or ``otherwise``."""
+def expert_dropout_reason(dropouts: dict[str, nn.Module], why: str,
+                          otherwise: str = "compile in eval mode for inference") -> str:
+    """Why experts with ``dropouts`` in training mode have no canonical form (``why``: what
+    ``dropout_place_problem`` or the block found), and the fixes: that dropout at 0, or ``otherwise``."""
     first, module = next(iter(dropouts.items()))
-    return (f"its experts apply dropout between their projections in training ({len(dropouts)} dropout modules, "
-            f"'{first}' with p={module.p:g}), which the canonical experts do not; build the model with that "
-            f"dropout at 0 (Hugging Face: the config field it comes from, such as dropout_rate=0 or "
-            f"activation_dropout=0), or {otherwise}")
+    return (f"its experts apply dropout in training ({len(dropouts)} dropout modules, '{first}' with "
+            f"p={module.p:g}), and {why}; build the model with that dropout at 0 (Hugging Face: the config field "
+            f"it comes from, such as dropout_rate=0 or activation_dropout=0), or {otherwise}")
+
+
+def dropout_place_problem(expert: nn.Module, weights: tuple[Tensor, Tensor], biases: tuple, activation: str,
+                          p: float) -> str:
+    """Why ``expert`` (the first of the experts whose stacked ``weights`` and ``biases`` the
+    canonical form reads) does not apply its dropout as the canonical experts do: with p on the
+    activation, between the projections ("" when it does). The expert runs in training mode on
+    random rows, and the canonical experts with ``moesys.expert_dropout_keep``'s mask drawn from the
+    same random state (the mask a dropout module on the activation draws) must give its output."""
+    w_up_EHD, w_down_EDF = weights
+    rows = torch.randn(8, w_up_EHD.shape[2], generator=generator()).to(w_up_EHD.device, w_up_EHD.dtype)
+    counts_E = torch.zeros(w_up_EHD.shape[0], dtype=torch.long, device=w_up_EHD.device)
+    counts_E[0] = rows.shape[0]
+    flags = [(module, module.training) for module in expert.modules()]
+    devices = [rows.device] if rows.is_cuda else []
+    try:
+        expert.train()
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            torch.manual_seed(PROBE_SEED)
+            want = expert(rows)
+            torch.manual_seed(PROBE_SEED)
+            keep_NF = torch.ops.moesys.expert_dropout_keep(rows, 1, w_down_EDF.shape[2], p)
+            got = torch.ops.moesys.grouped_mlp(rows, counts_E, w_up_EHD, w_down_EDF, activation, *biases, keep_NF)
+    except Exception as exc:  # noqa: BLE001 - the reason names it
+        return f"its first expert cannot be run alone on [rows, dim] to check where ({type(exc).__name__}: {exc})"
+    finally:
+        for module, flag in flags:
+            module.training = flag
+    same, diff = close(got, want) if isinstance(want, Tensor) else (False, float("inf"))
+    return "" if same else (f"they do not act as one dropout of the activation between the projections, where the "
+                            f"canonical experts apply it (the first expert in training mode differs by {diff:.3g} "
+                            f"from the canonical experts under the mask it draws)")
 
 
 @dataclass

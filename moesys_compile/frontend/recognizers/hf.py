@@ -34,11 +34,12 @@ hidden states is left as it is.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import itertools
 import math
 from dataclasses import replace
-from typing import Optional
+from typing import Iterator, Optional
 
 from torch import Tensor, nn
 
@@ -213,8 +214,6 @@ def _recognize(module: nn.Module, path: str, experts_name: str) -> Optional[Reco
     if on_meta(module):
         return leave(path, kind, "parameters are on the meta device; materialise the model before compiling")
     dropouts = expert_dropouts(experts, experts_name)
-    if any(dropout.training for dropout in dropouts.values()):
-        return leave(path, kind, expert_dropout_reason(dropouts))
     router = getattr(module, router_name)
     dim = next(p for p in router.parameters() if p.dim() == 2 and p.shape[0] == num_experts).shape[1]
     output_norm = _output_norm(module, extra, dim)
@@ -245,7 +244,8 @@ def _recognize(module: nn.Module, path: str, experts_name: str) -> Optional[Reco
         return leave(path, kind, f"{router_why}; neither the router nor the block has a top_k attribute")
     own_choice = "ids" in router_spec.outputs or "dispatch" in router_spec.outputs
     rules = [router_spec] if own_choice else rule_candidates(router, router_spec, args)
-    capacity, crowds, capacity_note = block_capacity(module, router_spec.top_k, num_experts)
+    with _dropouts_off(dropouts.values()):   # while probed: the canonical form draws its mask otherwise
+        capacity, crowds, capacity_note = block_capacity(module, router_spec.top_k, num_experts)
     forms = [dict(router=rule, experts=layout, output_scale=scale, capacity_factor=factor, **norm)
              for rule in rules for layout in candidates for scale in ((1.0, 0.5) if shared else (1.0,))
              for norm in ([dict(output_norm=output_norm)] if output_norm else [{}])
@@ -253,7 +253,8 @@ def _recognize(module: nn.Module, path: str, experts_name: str) -> Optional[Reco
     fixed = dict(shared=shared, shared_gate=shared_gate, output_bias=output_bias)
     weights = [fetch(module, name) for name in split] if split else [
         p for p in experts.parameters() if p.dim() >= 2]
-    found, best, problem = _probe_forms(module, router_name, dim, forms, fixed, weights, crowds)
+    with _dropouts_off(dropouts.values()):
+        found, best, problem = _probe_forms(module, router_name, dim, forms, fixed, weights, crowds)
     if found is None:
         what = "its experts" if len(rules) == 1 else f"any of {len(rules)} routing rules with its experts"
         closest = problem or f"closest max abs diff {best:.3g} over {len(forms)} forms"
@@ -262,12 +263,30 @@ def _recognize(module: nn.Module, path: str, experts_name: str) -> Optional[Reco
         closest += activation_hint(experts)
         return leave(path, kind, f"{router_why}; no canonical form of {what} reproduces the block's output "
                                  f"({closest})")
-    return _recognition(module, kind, found, fixed)
+    recognition = _recognition(module, kind, found, fixed)
+    why = recognition.replacement.dropout_checked
+    if why != "ok" and any(dropout.training for dropout in dropouts.values()):
+        return leave(path, kind, expert_dropout_reason(dropouts, why))
+    return recognition
+
+
+@contextlib.contextmanager
+def _dropouts_off(dropouts) -> Iterator[None]:
+    """Within, ``dropouts`` are in eval mode; after, each has its own flag back."""
+    flags = [(dropout, dropout.training) for dropout in dropouts]
+    for dropout, _ in flags:
+        dropout.eval()
+    try:
+        yield
+    finally:
+        for dropout, flag in flags:
+            dropout.training = flag
 
 
 def _recognition(module: nn.Module, kind: str, form: dict, fixed: dict) -> Recognition:
     """The block in the canonical ``form`` the probe found; its twins take the same form."""
     replacement = _build(module, form, fixed)
+    replacement.check_expert_dropout()     # eagerly: a training call may come while the model is traced
     return Recognition(kind=kind, replacement=replacement, details=replacement.details(),
                        for_twin=lambda twin: _recognition(twin, block_kind(twin), form, fixed))
 
