@@ -1,6 +1,7 @@
 """``deepspeed.moe.layer.MoE`` compiled as it is: the canonical form returns DeepSpeed's own
 (output, l_aux, exp_counts), equal to eager (forward and gradients) for top-1/2/3 gating, and the
-configurations whose result depends on randomness or DeepSpeed's capacity order are left with why."""
+configurations whose result depends on randomness or DeepSpeed's capacity order are left with why;
+an expert's dropout on its activation is applied as the canonical experts' dropout."""
 
 from __future__ import annotations
 
@@ -98,3 +99,38 @@ def test_biased_experts_are_left():
     net, _ = make(lambda: nn.Sequential(nn.Linear(D, FF), nn.GELU(), nn.Linear(FF, D)), 1)
     (report,) = mc.frontend.canonicalize(net)
     assert report.action == "left" and "bias-free" in report.reason
+
+
+def dropout_expert(after_the_down_projection: bool = False) -> nn.Module:
+    layers = [nn.Linear(D, FF, bias=False), nn.GELU(), nn.Dropout(0.25), nn.Linear(FF, D, bias=False)]
+    if after_the_down_projection:
+        layers[2:] = layers[:1:-1]
+    return nn.Sequential(*layers)
+
+
+def test_dropout_between_the_experts_projections_trains_and_follows_eval():
+    """A user's expert with dropout on its activation: the canonical experts apply it in training
+    (another random state, another mask), and program.eval() turns it off."""
+    net, eager = make(dropout_expert, 2)
+    program = mc.compile(net, mc.Plan(), example_inputs=(ids(),))
+    (report,) = program.context.blocks
+    assert report.action == "replaced" and "p=0.25 between the projections" in report.details["expert_dropout"]
+    outputs = []
+    for seed in (1, 1, 2):
+        torch.manual_seed(seed)
+        outputs.append(program(ids(seed=1))[0])
+    assert torch.equal(outputs[0], outputs[1]) and not torch.equal(outputs[0], outputs[2])
+    outputs[0].square().mean().backward()
+    assert all(p.grad is not None for p in net.moe.parameters())
+    program.eval()
+    eager.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(program(ids(seed=1))[0], eager(ids(seed=1))[0], rtol=1e-5, atol=1e-6)
+
+
+def test_dropout_after_the_experts_down_projection_is_left_with_why():
+    from moesys_compile.frontend.recognizers import canonicalize
+    net, _ = make(lambda: dropout_expert(after_the_down_projection=True), 2)
+    (report,) = [r for r in canonicalize(net) if r.path == "moe"]
+    assert report.action == "left"
+    assert "do not act as one dropout of the activation between the projections" in report.reason

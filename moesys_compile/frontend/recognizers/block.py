@@ -121,6 +121,15 @@ class CanonicalMoEBlock(nn.Module):
         if self.expert_dropouts and not self.dropout_checked:
             self.dropout_checked = self.expert_dropout_problem() or "ok"
 
+    def expert_dropout_refusal(self) -> str:
+        """For a recogniser, after the block is built: why a block in training mode is left
+        because of its experts' dropout (``expert_dropout_reason``), "" where it is not."""
+        self.check_expert_dropout()
+        dropouts = {path: self.get_submodule(path) for path in self.expert_dropouts}
+        if self.dropout_checked in ("", "ok") or not any(dropout.training for dropout in dropouts.values()):
+            return ""
+        return expert_dropout_reason(dropouts, self.dropout_checked)
+
     def expert_dropout_p(self) -> float:
         """The probability of the experts' dropout now: 0 while its modules are in eval mode;
         refused in training mode where it has no place in the canonical experts."""

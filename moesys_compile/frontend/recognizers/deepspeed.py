@@ -7,6 +7,8 @@ k>=2: renormalised over the chosen k), its ``l_aux`` counts first choices for k 
 choice for k > 2. Only configurations whose result does not depend on random numbers or on
 DeepSpeed's capacity order are canonicalized: ``drop_tokens=False``, no noisy gate, no sampled
 second expert, ``ep_size=1`` (``Plan.expert_parallel`` shards experts instead), no residual MoE.
+An expert module's dropout on its activation is the one randomness taken: the canonical experts
+apply it (``CanonicalMoEBlock.expert_dropout_p``).
 
 Shape legend: T tokens · D model dim · E experts · K top-k.
 """
@@ -23,7 +25,7 @@ from torch import Tensor, nn
 from ...ops import ACTIVATIONS
 from ..canonicalize import Recognition
 from .block import CanonicalMoEBlock
-from .experts import activation_hint, per_expert_candidates
+from .experts import activation_hint, dropouts_off, expert_dropouts, per_expert_candidates
 from .probe import BlockProbe, exact_form, token_scales
 from .structure import RouterSpec, generator, leave, on_meta, router_randomized
 
@@ -92,12 +94,16 @@ def recognize_deepspeed_moe(module: nn.Module, path: str) -> Optional[Recognitio
     def build(form: dict) -> CanonicalDeepSpeedMoE:
         return CanonicalDeepSpeedMoE(module, router, form["experts"], kind=KIND)
 
-    found, best, why = _probe(module, forms, build)
+    with dropouts_off(expert_dropouts(experts, EXPERTS_PATH).values()):   # the canonical mask draws otherwise
+        found, best, why = _probe(module, forms, build)
     if found is None:
         closest = why or f"closest max abs diff {best:.3g}; canonical activations: {', '.join(ACTIVATIONS)}"
         return leave(path, KIND, f"no canonical form of its {len(forms)} candidate expert layouts reproduces the "
                                  f"layer's output ({closest}{activation_hint(experts)})")
     replacement = build(found)
+    refusal = replacement.expert_dropout_refusal()     # before any tracing: it runs an expert
+    if refusal:
+        return leave(path, KIND, refusal)
     return Recognition(kind=KIND, replacement=replacement, details=replacement.details())
 
 

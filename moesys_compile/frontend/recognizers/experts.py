@@ -9,10 +9,11 @@ Shape legend: D model dim · F expert hidden · H up rows (2F gated) · E expert
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -49,6 +50,20 @@ def expert_dropout_reason(dropouts: dict[str, nn.Module], why: str,
     return (f"its experts apply dropout in training ({len(dropouts)} dropout modules, '{first}' with "
             f"p={module.p:g}), and {why}; build the model with that dropout at 0 (Hugging Face: the config field "
             f"it comes from, such as dropout_rate=0 or activation_dropout=0), or {otherwise}")
+
+
+@contextlib.contextmanager
+def dropouts_off(dropouts: Iterable[nn.Module]) -> Iterator[None]:
+    """Within, ``dropouts`` are in eval mode (a block probed with its experts' dropout on would
+    compare random draws); after, each has its own flag back."""
+    flags = [(dropout, dropout.training) for dropout in dropouts]
+    for dropout, _ in flags:
+        dropout.eval()
+    try:
+        yield
+    finally:
+        for dropout, flag in flags:
+            dropout.training = flag
 
 
 def dropout_place_problem(expert: nn.Module, weights: tuple[Tensor, Tensor], biases: tuple, activation: str,

@@ -34,18 +34,17 @@ hidden states is left as it is.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import itertools
 import math
 from dataclasses import replace
-from typing import Iterator, Optional
+from typing import Optional
 
 from torch import Tensor, nn
 
 from ..canonicalize import Recognition
 from .block import CanonicalMoEBlock, block_kind
-from .experts import activation_hint, expert_dropout_reason, expert_dropouts, expert_modules, experts_candidates
+from .experts import activation_hint, dropouts_off, expert_dropouts, expert_modules, experts_candidates
 from .probe import CROWD_DIFFERS, NO_CAPACITY, BlockProbe, block_capacity, exact_form, token_scales
 from .router_rules import analyze_router, rule_candidates
 from .structure import (CLAMP_ATTRS, ROUTER_NAMES, SHARED_GATE_NAMES, SHARED_NAMES, TOP_K_ATTRS, fetch, generator,
@@ -244,7 +243,7 @@ def _recognize(module: nn.Module, path: str, experts_name: str) -> Optional[Reco
         return leave(path, kind, f"{router_why}; neither the router nor the block has a top_k attribute")
     own_choice = "ids" in router_spec.outputs or "dispatch" in router_spec.outputs
     rules = [router_spec] if own_choice else rule_candidates(router, router_spec, args)
-    with _dropouts_off(dropouts.values()):   # while probed: the canonical form draws its mask otherwise
+    with dropouts_off(dropouts.values()):   # while probed: the canonical form draws its mask otherwise
         capacity, crowds, capacity_note = block_capacity(module, router_spec.top_k, num_experts)
     forms = [dict(router=rule, experts=layout, output_scale=scale, capacity_factor=factor, **norm)
              for rule in rules for layout in candidates for scale in ((1.0, 0.5) if shared else (1.0,))
@@ -253,7 +252,7 @@ def _recognize(module: nn.Module, path: str, experts_name: str) -> Optional[Reco
     fixed = dict(shared=shared, shared_gate=shared_gate, output_bias=output_bias)
     weights = [fetch(module, name) for name in split] if split else [
         p for p in experts.parameters() if p.dim() >= 2]
-    with _dropouts_off(dropouts.values()):
+    with dropouts_off(dropouts.values()):
         found, best, problem = _probe_forms(module, router_name, dim, forms, fixed, weights, crowds)
     if found is None:
         what = "its experts" if len(rules) == 1 else f"any of {len(rules)} routing rules with its experts"
@@ -264,23 +263,8 @@ def _recognize(module: nn.Module, path: str, experts_name: str) -> Optional[Reco
         return leave(path, kind, f"{router_why}; no canonical form of {what} reproduces the block's output "
                                  f"({closest})")
     recognition = _recognition(module, kind, found, fixed)
-    why = recognition.replacement.dropout_checked
-    if why != "ok" and any(dropout.training for dropout in dropouts.values()):
-        return leave(path, kind, expert_dropout_reason(dropouts, why))
-    return recognition
-
-
-@contextlib.contextmanager
-def _dropouts_off(dropouts) -> Iterator[None]:
-    """Within, ``dropouts`` are in eval mode; after, each has its own flag back."""
-    flags = [(dropout, dropout.training) for dropout in dropouts]
-    for dropout, _ in flags:
-        dropout.eval()
-    try:
-        yield
-    finally:
-        for dropout, flag in flags:
-            dropout.training = flag
+    refusal = recognition.replacement.expert_dropout_refusal()
+    return leave(path, kind, refusal) if refusal else recognition
 
 
 def _recognition(module: nn.Module, kind: str, form: dict, fixed: dict) -> Recognition:
