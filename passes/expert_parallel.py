@@ -203,7 +203,9 @@ def expert_parallel(gm: fx.GraphModule, ctx) -> fx.GraphModule:
     a layer whose permuted rows something else reads keeps it too, with a note); "slot":
     ``ep_counts``/``ep_dispatch``/``ep_combine`` around the experts, one row per slot. Either way
     the two row exchanges are tagged ``meta["moesys"]["a2a"] = ("dispatch"|"combine", layer
-    module)`` with ``comm_bytes`` costs (token: at most min(K, ep) rows per token).
+    module)`` with ``comm_bytes`` costs (token: at most min(K, ep) rows per token). A layer whose
+    experts drop out in training (``grouped_mlp``'s ``keep_NF``) gets an ``expert_dropout_keep``
+    of the received rows instead of the routed slots' mask, which goes.
     With world_size > 1 each ``load_balancing_loss`` becomes ``global_load_balancing_loss`` over
     all ranks, so the aux loss (and its gradient) equals that of one process on the global batch.
     With ep == 1 its group is ``collectives.training_group("dense")`` (one node, read by every

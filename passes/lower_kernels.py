@@ -44,7 +44,8 @@ def lower_kernels(gm: fx.GraphModule, ctx) -> fx.GraphModule:
       ``ops.TRITON_ACTIVATIONS``) is noted with its reason via ``ctx.note``; where the plan asked
       for ``kernels="triton"`` and Triton cannot run on its device at all, it is also warned about
       once per process (a user who never runs ``inspect`` would not see the note). Expert biases
-      pass through to the lowered op.
+      pass through to the lowered op. An experts call with the experts' dropout mask (``keep_NF``,
+      training mode) stays the canonical op, which applies it (noted: the kernels take no mask).
     - Keeps: graph outputs and numerics (same functions, forward and backward); the aux loss;
       every node not named above. Running the pass twice changes nothing the second time.
 

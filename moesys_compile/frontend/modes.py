@@ -3,10 +3,9 @@
 Tracing freezes ``self.training``: a capture holds the code of one mode. ``mode_signature``
 reduces a graph to one record per node, with every dropout call an alias of its input (and the
 masks of the experts' dropout, ``moesys.expert_dropout_keep``, left out with the argument that
-reads them), so that
-the captures of a model in the two modes have equal signatures exactly when the model's code
-differs between them by dropout alone (which ``programs.train_mode`` makes follow
-``program.train()`` / ``program.eval()``).
+reads them), so that the captures of a model in the two modes have equal signatures exactly when
+the model's code differs between them by dropout alone (which ``programs.train_mode`` makes
+follow ``program.train()`` / ``program.eval()``).
 
 fx tracing does not see grad mode either (``torch.no_grad()`` changes autograd's state, not the
 graph): ``recording_grad_mode`` keeps each such region of the traced code as two graph calls, so
@@ -131,6 +130,7 @@ def _without_mask(node: fx.Node) -> tuple[tuple, dict]:
     given = {**dict(zip(names, node.args)), **node.kwargs}
     defaults = {argument.name: argument.default_value for argument in schema.arguments
                 if argument.has_default_value()}
+
     def defaulted(name: str, value: Any) -> bool:
         plain = value is None or isinstance(value, (bool, int, float, str))
         return name in defaults and plain and value == defaults[name]
