@@ -113,41 +113,45 @@ class CanonicalMoEBlock(nn.Module):
         # dropout inside the experts (Switch Transformers' between the projections): applied with
         # moesys.expert_dropout_keep while those modules are in training mode
         self.expert_dropouts = tuple(expert_dropouts(self.get_submodule(experts.path), experts.path))
-        self.dropout_checked = ""     # the dropout's place, once checked: "ok" or why it has none here
+        self._dropout_problem: Optional[str] = None   # expert_dropout_problem's answer, once asked
 
-    def check_expert_dropout(self) -> None:
-        """Check once whether the experts' dropout has its place in the canonical experts
-        (``dropout_checked``: "ok" or why not); the recogniser does it before any tracing."""
-        if self.expert_dropouts and not self.dropout_checked:
-            self.dropout_checked = self.expert_dropout_problem() or "ok"
+    def _dropout_modules(self) -> dict[str, nn.Module]:
+        return {path: self.get_submodule(path) for path in self.expert_dropouts}
 
     def expert_dropout_refusal(self) -> str:
-        """For a recogniser, after the block is built: why a block in training mode is left
-        because of its experts' dropout (``expert_dropout_reason``), "" where it is not."""
-        self.check_expert_dropout()
-        dropouts = {path: self.get_submodule(path) for path in self.expert_dropouts}
-        if self.dropout_checked in ("", "ok") or not any(dropout.training for dropout in dropouts.values()):
+        """For a recogniser, after the block is built (before any tracing: the check runs an
+        expert): why a block in training mode is left because of its experts' dropout, "" where it
+        is not."""
+        dropouts = self._dropout_modules()
+        problem = self.expert_dropout_problem()
+        if not problem or not any(dropout.training for dropout in dropouts.values()):
             return ""
-        return expert_dropout_reason(dropouts, self.dropout_checked)
+        return expert_dropout_reason(dropouts, problem)
 
     def expert_dropout_p(self) -> float:
         """The probability of the experts' dropout now: 0 while its modules are in eval mode;
         refused in training mode where it has no place in the canonical experts."""
-        dropouts = {path: self.get_submodule(path) for path in self.expert_dropouts}
+        dropouts = self._dropout_modules()
         if not any(dropout.training for dropout in dropouts.values()):
             return 0.0
-        self.check_expert_dropout()
-        if self.dropout_checked != "ok":
+        problem = self.expert_dropout_problem()
+        if problem:
             raise MoesysError(f"the canonicalized MoE block {self.source} runs in training mode, but "
-                              + expert_dropout_reason(dropouts, self.dropout_checked, otherwise="run it in eval mode"))
+                              + expert_dropout_reason(dropouts, problem, otherwise="run it in eval mode"))
         return next(iter(dropouts.values())).p
 
     def expert_dropout_problem(self) -> str:
         """Why the experts' dropout modules have no place in the canonical experts ("" when they
-        have): they must share one p and act as dropout on the activation between the
-        projections. The first expert is run in training mode on random rows and compared with the
-        canonical experts under ``expert_dropout_keep``'s mask from the same random state."""
-        dropouts = {path: self.get_submodule(path) for path in self.expert_dropouts}
+        have, or when there are none), checked once: they must share one p and act as dropout on
+        the activation between the projections. The first expert is run in training mode on random
+        rows and compared with the canonical experts under ``expert_dropout_keep``'s mask from the
+        same random state."""
+        if self._dropout_problem is None:
+            self._dropout_problem = self._find_dropout_problem() if self.expert_dropouts else ""
+        return self._dropout_problem
+
+    def _find_dropout_problem(self) -> str:
+        dropouts = self._dropout_modules()
         probabilities = sorted({dropout.p for dropout in dropouts.values()})
         if len(probabilities) > 1:
             return f"their dropout modules differ in p ({probabilities}), where the canonical experts have one"
@@ -215,7 +219,7 @@ class CanonicalMoEBlock(nn.Module):
         read_directly = [self.get_submodule(self.experts_spec.path)]
         if self.router_spec.known:               # its weight is read, the router module is not called
             read_directly.append(self.get_submodule(self.router_spec.path))
-        dropout_p = self.expert_dropout_p() if self.expert_dropouts else 0.0
+        dropout_p = self.expert_dropout_p()
         with _offload_hooks_loaded(read_directly):
             weights_TK, ids_TK, scores_TE = self.route(x_TD, tokens_shape)
             w_up_EHD, w_down_EDF = self.expert_weights()

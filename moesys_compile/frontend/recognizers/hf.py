@@ -245,14 +245,13 @@ def _recognize(module: nn.Module, path: str, experts_name: str) -> Optional[Reco
     rules = [router_spec] if own_choice else rule_candidates(router, router_spec, args)
     with dropouts_off(dropouts.values()):   # while probed: the canonical form draws its mask otherwise
         capacity, crowds, capacity_note = block_capacity(module, router_spec.top_k, num_experts)
-    forms = [dict(router=rule, experts=layout, output_scale=scale, capacity_factor=factor, **norm)
-             for rule in rules for layout in candidates for scale in ((1.0, 0.5) if shared else (1.0,))
-             for norm in ([dict(output_norm=output_norm)] if output_norm else [{}])
-             for factor in ((0.0, capacity) if capacity else (0.0,))]
-    fixed = dict(shared=shared, shared_gate=shared_gate, output_bias=output_bias)
-    weights = [fetch(module, name) for name in split] if split else [
-        p for p in experts.parameters() if p.dim() >= 2]
-    with dropouts_off(dropouts.values()):
+        forms = [dict(router=rule, experts=layout, output_scale=scale, capacity_factor=factor, **norm)
+                 for rule in rules for layout in candidates for scale in ((1.0, 0.5) if shared else (1.0,))
+                 for norm in ([dict(output_norm=output_norm)] if output_norm else [{}])
+                 for factor in ((0.0, capacity) if capacity else (0.0,))]
+        fixed = dict(shared=shared, shared_gate=shared_gate, output_bias=output_bias)
+        weights = [fetch(module, name) for name in split] if split else [
+            p for p in experts.parameters() if p.dim() >= 2]
         found, best, problem = _probe_forms(module, router_name, dim, forms, fixed, weights, crowds)
     if found is None:
         what = "its experts" if len(rules) == 1 else f"any of {len(rules)} routing rules with its experts"
@@ -270,7 +269,7 @@ def _recognize(module: nn.Module, path: str, experts_name: str) -> Optional[Reco
 def _recognition(module: nn.Module, kind: str, form: dict, fixed: dict) -> Recognition:
     """The block in the canonical ``form`` the probe found; its twins take the same form."""
     replacement = _build(module, form, fixed)
-    replacement.check_expert_dropout()     # eagerly: a training call may come while the model is traced
+    replacement.expert_dropout_problem()     # checked now: a training call may come while the model is traced
     return Recognition(kind=kind, replacement=replacement, details=replacement.details(),
                        for_twin=lambda twin: _recognition(twin, block_kind(twin), form, fixed))
 
