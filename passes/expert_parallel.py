@@ -121,11 +121,11 @@ def _local_experts_call(gm, ctx, mlp: fx.Node, x_MD: fx.Node, local_counts_L: fx
                     cost=moesys_meta(mlp)["cost"])
 
 
-def _parallelize_one(gm: fx.GraphModule, ctx, mlp: fx.Node, rows: ExpertRows) -> None:
+def _parallelize_one(gm: fx.GraphModule, ctx, mlp: fx.Node, rows: ExpertRows, experts: int) -> None:
+    """``mlp`` on this rank's experts of its ``experts``, between the all-to-alls."""
     topo = rows.topo
     ranks = topo.expert_parallel
     key = moesys_meta(mlp).get("module") or mlp.name
-    experts = expert_rows_of(mlp.args[2])
     lo, hi = topo.ep_index * experts // ranks, (topo.ep_index + 1) * experts // ranks
     # top-1 sends one row per token either way: the slot exchange does it without the records
     dedup = ctx.plan.ep_exchange == "token" and _top_k(mlp) > 1
@@ -161,8 +161,10 @@ def _shard_experts(gm: fx.GraphModule, ctx, mlps: list[fx.Node], topo: Topology)
     check_dense_uses(gm, ctx, weight_producers)
     check_producers(ctx, mlps, weight_producers)
     rows = ExpertRows(gm, ctx, topo)
-    for mlp in mlps:
-        _parallelize_one(gm, ctx, mlp, rows)
+    # counted before any is sharded: a block called twice (a looped layer) reads the same weights
+    experts = [expert_rows_of(mlp.args[2]) for mlp in mlps]
+    for mlp, count in zip(mlps, experts):
+        _parallelize_one(gm, ctx, mlp, rows, count)
     dropped = drop_unused(gm, ctx, weight_producers)
     ctx.extras["expert_shards"] = dict(rows.sharded)
     if dropped:

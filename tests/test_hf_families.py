@@ -70,6 +70,12 @@ EXPECTED = {
     "hy_v4": {("hf.HYV4MoE", "replaced", "sigmoid-top2-bias-renorm-x2.827")},
     "nemotron_h": {("hf.NemotronHMoE", "replaced", "sigmoid-top2-bias-renorm")},
     "inkling2": {("hf.Inkling2SparseMoeBlock", "replaced", "sigmoid-top2-bias-renorm-x8")},
+    # the block, not its router, multiplies the experts' sum by routed_scaling_factor
+    "beam": {("hf.BeamMoE", "replaced", "sigmoid-top2-groups 1/2-bias-renorm-x2.5")},
+    "lara_mini": {("hf.LaraMiniSparseMoeBlock", "replaced", "softmax-top2-renorm")},
+    "sarvam_mla": {("hf.DeepseekV3MoE", "replaced", "sigmoid-top2-bias-renorm-x2.5")},   # built on DeepSeek-V3's
+    "sarvam_moe": {("hf.Glm4MoeMoE", "replaced", "sigmoid-top2-bias-renorm-x2.5")},      # and GLM-4-MoE's modules
+    "inkling2_loop": {("hf.Inkling2LoopSparseMoeBlock", "replaced", "sigmoid-top2-bias-renorm-x8")},
     "deepseek_v4": {("hf.DeepseekV4SparseMoeBlock", "left", None)},
     "longcat_flash": {("hf.LongcatFlashMoE", "left", None)},
     "zaya": {("hf.ZayaSparseMoeBlock", "left", None)},
@@ -95,10 +101,13 @@ ONE_LAYER = {
     "deepseek_v4": dict(mlp_layer_types=["moe"]),                 # the learned router, not the token-id hash
     "longcat_flash": dict(num_hidden_layers=None, num_layers=1),  # None: not a field of that config
     "nemotron_h": dict(num_hidden_layers=None),                   # [moe, attention]: it needs an attention layer
+    "beam": dict(mlp_layer_types=["sparse"]), "lara_mini": dict(layer_types=["full_attention"]),
+    "sarvam_mla": dict(first_k_dense_replace=0), "sarvam_moe": dict(first_k_dense_replace=0),
+    "inkling2_loop": dict(num_hidden_layers=None),                # its loop needs a layer before and after
 }
 # the experts' activation where it is not SwiGLU (read from the experts' own limit and softcaps)
 ACTIVATION = {"hy_v4": "clamped_swiglu:limit=10.0", "nemotron_h": "relu2",
-              "inkling2": "softcapped_swiglu:gate=4.0:up=25.0"}
+              "inkling2": "softcapped_swiglu:gate=4.0:up=25.0", "inkling2_loop": "softcapped_swiglu:gate=4.0:up=25.0"}
 # what the report of a left block must say
 LEFT_BECAUSE = {
     "llama4": ("returns logits but no [tokens, k] ids", "the block returns a tuple"),
@@ -115,8 +124,9 @@ COVERED_ELSEWHERE = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"
 # family; JetMoE (attention experts, split experts, output bias, logits-only router) is compiled in
 # train mode below. The other recognition paths are compiled in tests/test_recognizers.py.
 # Newer families: an output norm (A.X-K1), a router kept as traced code (Kolibri), a block left
-# because its forward takes the token ids (DeepSeek-V4), a softcapped SwiGLU (Inkling 2).
-COMPILED = ["minimax_m2", "llama4", "phi3", "axk1", "kolibri1", "deepseek_v4", "inkling2"]
+# because its forward takes the token ids (DeepSeek-V4), a softcapped SwiGLU (Inkling 2), a routed
+# scaling the block applies after its router (Beam).
+COMPILED = ["minimax_m2", "llama4", "phi3", "axk1", "kolibri1", "deepseek_v4", "inkling2", "beam"]
 # capture fails in the model's own code (not in an MoE block), with an error naming the place
 UNCAPTURABLE = {
     "longcat_flash": ("module 'model.layers.0.mlp.experts'", "modeling_longcat_flash.py",

@@ -188,6 +188,27 @@ def test_block_with_extra_math_is_left_with_the_probe_difference():
     assert not isinstance(net.block, CanonicalMoEBlock)
 
 
+class BlockScaledBlock(SparseBlock):
+    """Its router returns unscaled weights and the block multiplies the experts' sum by its own
+    ``routed_scaling_factor`` (Beam's layout)."""
+
+    def __init__(self, routed_scaling_factor: float, applied: float):
+        super().__init__(scale=applied)
+        self.routed_scaling_factor = routed_scaling_factor
+
+
+def test_a_routed_scaling_the_block_applies_after_its_router_is_in_the_routing_rule():
+    net = Net(BlockScaledBlock(routed_scaling_factor=2.5, applied=2.5))
+    program = _check_compiles_equal(net)
+    (report,) = program.context.blocks
+    assert (report.action, report.details["router"]) == ("replaced", "softmax-top2-renorm-x2.5")
+
+
+def test_a_block_scaling_attribute_its_forward_does_not_apply_is_not_taken():
+    (report,) = canonicalize(Net(BlockScaledBlock(routed_scaling_factor=2.5, applied=3.0)))
+    assert report.action == "left" and "closest max abs diff" in report.reason
+
+
 def test_biased_experts_are_canonicalized_with_their_bias():
     experts = StackedExperts(bias=True)
     with torch.no_grad():

@@ -1,6 +1,7 @@
 """Expert parameters with more than one name.
 
-Two MoE layers sharing one ModuleList of experts (each with its own router) train at
+One MoE layer of stacked experts called twice per forward trains at expert_parallel=2 like one
+eager process. Two MoE layers sharing one ModuleList of experts (each with its own router) train at
 expert_parallel=2 like one eager process, and save, load and gather under both layers' names: the
 checkpoint stores the experts once and records the tie in meta.json's ``aliases``, so it reloads at
 expert_parallel=1 and into an eager model with the tie intact. A dense layer tied to an expert's
@@ -87,6 +88,23 @@ class DenseTiedToExpert(nn.Module):
         h = self.emb(ids)
         h = h + self.moe(h)
         return self.head(h + self.down(F.relu(self.proj(h))))
+
+
+class LoopedMoE(nn.Module):
+    """One MoE layer of stacked experts called twice per forward (a looped layer, as Inkling 2 Loop
+    runs its middle layers several passes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, D)
+        self.moe = mc.nn.MoE(D, FF, E, K)
+        self.head = nn.Linear(D, VOCAB)
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        for _ in range(2):
+            h = h + self.moe(h)
+        return self.head(h)
 
 
 SHARED = [(f"moe2.experts.{e}.{w}.weight", f"moe1.experts.{e}.{w}.weight") for e in range(E) for w in ("w1", "w2", "w3")]
@@ -194,3 +212,35 @@ def test_dense_layer_tied_to_an_expert_is_refused_at_expert_parallel_2(dense_fir
         assert "expert_parallel=2" in message and "sharded across the EP ranks" in message
         assert "needs the whole tensor on every rank" in message
         assert "untie them" in message and "or use expert_parallel=1" in message
+
+
+def looped_rank(rank: int, world: int, root: str) -> dict:
+    ids, targets = global_batch()
+    local = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
+    program = mc.compile(make(LoopedMoE), mc.Plan(mode="train", world_size=world, expert_parallel=2), (ids[local],))
+    opt = torch.optim.SGD(program.parameters(), lr=LR, momentum=0.9)
+    optimizer_steps(lambda: objective(program(ids[local]), targets[local]) + program.aux_loss, opt, STEPS)
+    program.save(root)
+    return program.full_state_dict()
+
+
+def test_a_layer_called_twice_shards_its_experts_once_and_trains_like_eager(tmp_path):
+    """Before, the second call counted the experts from the weights the first call had already
+    sharded (2 of 4) and refused them as "needed as rows (0, 2) and as rows (0, 1)". The program's
+    aux_loss holds the load-balancing losses of both calls."""
+    model = make(LoopedMoE)
+    calls = []
+    model.moe.register_forward_hook(lambda module, args, output: calls.append(module.aux_loss))
+
+    def eager_loss():
+        calls.clear()
+        loss = objective(model(ids), targets)
+        assert len(calls) == 2
+        return loss + sum(calls)
+
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+    ids, targets = global_batch()
+    optimizer_steps(eager_loss, opt, STEPS)
+    for state in run_ranks(looped_rank, 2, str(tmp_path / "ckpt")):
+        assert_state_close(state, model.state_dict())
+    assert_state_close(mc.load_into(make(LoopedMoE, seed=7), str(tmp_path / "ckpt")).state_dict(), model.state_dict())

@@ -38,6 +38,8 @@ _MOE_MLA = dict(intermediate_size=64, moe_intermediate_size=32, n_routed_experts
 _INDEXER = dict(index_topk=8, index_head_dim=8, index_n_heads=2)       # DeepSeek sparse attention
 _INKLING_ATTN = dict(head_dim=8, swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=8,
                      sliding_window_size=8, d_rel=4, rel_extent=16)
+_INKLING2 = dict(_MOE, moe_intermediate_size=32, n_routed_experts=4, **_INKLING_ATTN, unpadded_vocab_size=128,
+                 n_layers_per_attn_res_block=1)
 
 # family -> (transformers model_type, tiny config). Every MoE family has router jitter off and
 # enough experts that top-k is a real choice.
@@ -165,8 +167,7 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
                           num_experts_per_tok=1)),                         # ZAYA1 routes top-1 only
     "inkling": ("inkling_text", dict(_MOE, intermediate_size=64, moe_intermediate_size=32, n_routed_experts=4,
                                      n_shared_experts=1, **_INKLING_ATTN)),
-    "inkling2": ("inkling2_text", dict(_MOE, moe_intermediate_size=32, n_routed_experts=4, **_INKLING_ATTN,
-                                       unpadded_vocab_size=128, n_layers_per_attn_res_block=1)),
+    "inkling2": ("inkling2_text", _INKLING2),
     "flint": ("flint", dict(_MOE, intermediate_size=64, moe_intermediate_size=32, shared_expert_intermediate_size=64,
                             num_experts=4, head_dim=8, mlp_only_layers=[], sliding_window=16)),
     "kolibri1": ("kolibri1", dict(_MOE, moe_intermediate_size=32, shared_expert_intermediate_size=32,
@@ -177,6 +178,16 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "gemma4": ("gemma4_text", dict(_MOE, intermediate_size=64, head_dim=8, enable_moe_block=True, num_experts=4,
                                    top_k_experts=2, moe_intermediate_size=32, vocab_size_per_layer_input=128,
                                    hidden_size_per_layer_input=8, sliding_window=8)),
+    "beam": ("beam", dict(_MOE, intermediate_size=64, moe_intermediate_size=32, num_experts=4, head_dim=8, n_group=2,
+                          topk_group=1, sliding_window=16, mlp_layer_types=["dense", "sparse"])),
+    "lara_mini": ("lara_mini", dict(_MOE, moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=4,
+                                    head_dim=8, linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2,
+                                    linear_num_value_heads=4, sliding_window=16)),
+    "sarvam_mla": ("sarvam_mla", dict(_MLA, **_MOE_MLA)),
+    "sarvam_moe": ("sarvam_moe", dict(_MOE, head_dim=8, **_MOE_MLA)),
+    # layer 1 is run twice (a loop of one layer) between layers 0 and 2
+    "inkling2_loop": ("inkling2_loop_text", dict(_INKLING2, num_hidden_layers=3, loop_layer_index_start=1,
+                                                 loop_layer_index_end=2, loop_num_passes=2, loop_gate_rank=4)),
     "llama": ("llama", dict(_LLAMA_LIKE, intermediate_size=64)),
     "qwen2": ("qwen2", dict(_LLAMA_LIKE, intermediate_size=64)),
     "gpt2": ("gpt2", dict(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=128, bos_token_id=0,
@@ -198,7 +209,7 @@ MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "ph
                 "flex_olmo", "laguna", "granitemoe_swa", "hy_v3", "deepseek_v32", "glm_moe_dsa", "mistral4", "axk1",
                 "axk2", "dots3_note", "hy_v4", "kimi_linear", "bailing_hybrid", "deepseek_v4", "longcat_flash",
                 "qwen4_exp", "nemotron_h", "jamba", "zaya", "inkling", "inkling2", "flint", "kolibri1", "mellum",
-                "doge", "gemma4")
+                "doge", "gemma4", "beam", "lara_mini", "sarvam_mla", "sarvam_moe", "inkling2_loop")
 DENSE_FAMILIES = ("llama", "qwen2", "gpt2", "mistral", "qwen3", "gemma", "gemma2", "gemma3", "olmo2", "olmo3",
                   "granite", "cohere", "stablelm", "starcoder2", "helium", "phi3", "smollm3", "glm4", "phi", "falcon",
                   "gpt_neox")

@@ -47,8 +47,8 @@ from .block import CanonicalMoEBlock, block_kind
 from .experts import activation_hint, dropouts_off, expert_dropouts, expert_modules, experts_candidates
 from .probe import CROWD_DIFFERS, NO_CAPACITY, BlockProbe, block_capacity, exact_form, token_scales
 from .router_rules import analyze_router, rule_candidates
-from .structure import (CLAMP_ATTRS, ROUTER_NAMES, SHARED_GATE_NAMES, SHARED_NAMES, TOP_K_ATTRS, fetch, generator,
-                        leave, number_attr, on_meta, router_randomized)
+from .structure import (CLAMP_ATTRS, ROUTER_NAMES, SCALING_ATTRS, SHARED_GATE_NAMES, SHARED_NAMES, TOP_K_ATTRS, fetch,
+                        generator, leave, number_attr, on_meta, router_randomized)
 
 
 def _has_stacked_experts(module: nn.Module) -> bool:
@@ -243,6 +243,7 @@ def _recognize(module: nn.Module, path: str, experts_name: str) -> Optional[Reco
         return leave(path, kind, f"{router_why}; neither the router nor the block has a top_k attribute")
     own_choice = "ids" in router_spec.outputs or "dispatch" in router_spec.outputs
     rules = [router_spec] if own_choice else rule_candidates(router, router_spec, args)
+    rules += _block_scaled(module, rules)
     with dropouts_off(dropouts.values()):   # while probed: the canonical form draws its mask otherwise
         capacity, crowds, capacity_note = block_capacity(module, router_spec.top_k, num_experts)
         forms = [dict(router=rule, experts=layout, output_scale=scale, capacity_factor=factor, **norm)
@@ -264,6 +265,15 @@ def _recognize(module: nn.Module, path: str, experts_name: str) -> Optional[Reco
     recognition = _recognition(module, kind, found, fixed)
     refusal = recognition.replacement.expert_dropout_refusal()
     return leave(path, kind, refusal) if refusal else recognition
+
+
+def _block_scaled(module: nn.Module, rules: list) -> list:
+    """``rules`` again with the block's own routed scaling, for those that scale nothing: Beam's
+    router returns unscaled weights and its block multiplies the experts' sum by its
+    ``routed_scaling_factor`` (the same as scaling the weights; the probe tells which holds)."""
+    scaling = float(number_attr(module, SCALING_ATTRS, 1.0))
+    scaled = [replace(rule, routed_scaling=scaling) for rule in rules if rule.routed_scaling == 1.0 != scaling]
+    return [rule for index, rule in enumerate(scaled) if rule not in rules and rule not in scaled[:index]]
 
 
 def _recognition(module: nn.Module, kind: str, form: dict, fixed: dict) -> Recognition:
