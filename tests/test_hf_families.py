@@ -46,7 +46,8 @@ EXPECTED = {
     "exaone_moe": {("hf.ExaoneMoeSparseMoEBlock", "replaced", "sigmoid-top2-bias-renorm-x2.5")},
     "solar_open": {("hf.SolarOpenMoE", "replaced", "sigmoid-top2-bias-renorm")},
     "mimo_v2_flash": {("hf.MiMoV2FlashMoE", "replaced", "sigmoid-top2-bias-renorm")},
-    "llama4": {("hf.Llama4TextMoe", "left", None)},
+    # the top-k weights scale the experts' inputs; it returns [tokens, dim] and the router logits
+    "llama4": {("hf.Llama4TextMoe", "replaced", "sigmoid-top2")},
     "lfm2_moe": {("hf.Lfm2MoeSparseMoeBlock", "replaced", "sigmoid-top2-bias-renorm")},
     "flex_olmo": {("hf.FlexOlmoSparseMoeBlock", "replaced", "softmax-top2")},
     "laguna": {("hf.LagunaSparseMoeBlock", "replaced", "sigmoid-top2-bias-renorm")},
@@ -110,7 +111,6 @@ ACTIVATION = {"hy_v4": "clamped_swiglu:limit=10.0", "nemotron_h": "relu2",
               "inkling2": "softcapped_swiglu:gate=4.0:up=25.0", "inkling2_loop": "softcapped_swiglu:gate=4.0:up=25.0"}
 # what the report of a left block must say
 LEFT_BECAUSE = {
-    "llama4": ("returns logits but no [tokens, k] ids", "the block returns a tuple"),
     "deepseek_v4": ("its forward takes ['input_ids'] besides the hidden states",),
     "longcat_flash": ("experts 'experts' are neither stacked",),   # zero-computation (identity) experts
     "zaya": ("no child scores tokens against 4 experts", "[5, 16]]"),    # an MLP router: E+1 (a skip expert)
@@ -120,9 +120,9 @@ LEFT_BECAUSE = {
 }
 COVERED_ELSEWHERE = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "phimoe", "gpt_oss",
                      "llama", "qwen2", "gpt2"}
-# compiled by default: a router taking a block tensor (MiniMax-M2), a left block (Llama 4), a dense
-# family; JetMoE (attention experts, split experts, output bias, logits-only router) is compiled in
-# train mode below. The other recognition paths are compiled in tests/test_recognizers.py.
+# compiled by default: a router taking a block tensor (MiniMax-M2), weights on the experts' inputs
+# (Llama 4), a dense family; JetMoE (attention experts, split experts, output bias, logits-only
+# router) is compiled in train mode below. The other recognition paths are compiled in tests/test_recognizers.py.
 # Newer families: an output norm (A.X-K1), a router kept as traced code (Kolibri), a block left
 # because its forward takes the token ids (DeepSeek-V4), a softcapped SwiGLU (Inkling 2), a routed
 # scaling the block applies after its router (Beam).

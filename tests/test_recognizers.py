@@ -116,6 +116,7 @@ def _check_compiles_equal(net: Net) -> mc.Program:
     names = [n for n, _ in net.named_parameters()]
     params = [p for _, p in net.named_parameters()]
     program = mc.compile(net, mc.Plan(), example_inputs=(x,))
+    assert program.context.capture == "fx"      # the canonical block traces symbolically (no export fallback)
     torch.testing.assert_close(program(x), ref, rtol=1e-5, atol=1e-6)
     assert [n for n, _ in net.named_parameters()] == names             # state_dict names unchanged
     assert all(a is b for a, b in zip(params, (p for _, p in net.named_parameters())))   # nothing copied
@@ -207,6 +208,46 @@ def test_a_routed_scaling_the_block_applies_after_its_router_is_in_the_routing_r
 def test_a_block_scaling_attribute_its_forward_does_not_apply_is_not_taken():
     (report,) = canonicalize(Net(BlockScaledBlock(routed_scaling_factor=2.5, applied=3.0)))
     assert report.action == "left" and "closest max abs diff" in report.reason
+
+
+class InputWeightedBlock(nn.Module):
+    """Each routed slot's expert runs on weight x token (Llama 4's order, which differs from
+    weight x expert(token)); returns [tokens, D] and the router logits, as Llama 4 does."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(D, E, bias=False)
+        self.experts = StackedExperts()
+        self.top_k = K
+
+    def forward(self, x_BSD):
+        x_TD = x_BSD.reshape(-1, D)
+        logits_TE = self.gate(x_TD)
+        weights_TK, ids_TK = logits_TE.sigmoid().topk(self.top_k, dim=-1)
+        y_TD = torch.zeros_like(x_TD)
+        for k in range(K):
+            y_TD = y_TD + self.experts(x_TD * weights_TK[:, k, None], ids_TK[:, k:k + 1], torch.ones_like(x_TD[:, :1]))
+        return y_TD, logits_TE
+
+
+class TupleNet(Net):
+    def forward(self, x):
+        h = self.inp(x)
+        y, logits = self.block(h)
+        return self.out(h + y.view_as(h)), logits
+
+
+def test_top_k_weights_on_the_experts_inputs_are_canonicalized():
+    net = TupleNet(InputWeightedBlock())
+    program = _check_compiles_equal(net)
+    (report,) = program.context.blocks
+    assert report.action == "replaced" and report.details["router"] == "sigmoid-top2"
+    assert report.details["weights"] == "scale the experts' inputs"
+    assert report.details["returns"] == "(output, router logits)"
+    assert net.block.flat_output and net.block.extra_outputs == ("logits",)
+    x = _x()
+    (program(x)[0] ** 2).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.block.parameters())
 
 
 def test_biased_experts_are_canonicalized_with_their_bias():

@@ -7,7 +7,8 @@ It adopts the original block's children, parameters and buffers under their orig
            capacity-masked dispatch mask is called on the block's [B, S, D] input and gives the
            tokens past its capacity weight 0)
       -> moesys.moe_experts on views of the stacked expert weights (and expert biases), dropless or
-         with the block's own GShard capacity factor
+         with the block's own GShard capacity factor; a block that weights the experts' inputs
+         (Llama 4: expert(weight x token)) runs them top-1 on the T*K weighted slots, summed per token
       -> (+ shared expert, optionally sigmoid-gated) (x output scale) (+ output bias)
       -> moesys.load_balancing_loss
 
@@ -28,7 +29,8 @@ from ...nn import _is_capturing, flatten_tokens
 from ..canonicalize import Recognition
 from ..hf_capture import AUX_COEF_ATTRIBUTES
 from .experts import ExpertsSpec, dropout_place_problem, expert_dropout_reason, expert_dropouts, expert_modules
-from .structure import RouterSpec, call_router, dispatched_routes, number_attr, route_known, router_values
+from .structure import (RouterSpec, call_router, dispatched_routes, number_attr, route_known, router_logits,
+                        router_values)
 
 
 def block_kind(module: nn.Module) -> str:
@@ -91,7 +93,8 @@ class CanonicalMoEBlock(nn.Module):
     def __init__(self, original: nn.Module, router: RouterSpec, experts: ExpertsSpec,
                  shared: Optional[str] = None, shared_gate: Optional[str] = None,
                  aux_loss_coef: Optional[float] = None, kind: Optional[str] = None, output_bias: Optional[str] = None,
-                 output_scale: float = 1.0, extra_outputs: tuple[str, ...] = (), capacity_factor: float = 0.0):
+                 output_scale: float = 1.0, extra_outputs: tuple[str, ...] = (), capacity_factor: float = 0.0,
+                 weights_on_input: bool = False, flat_output: bool = False):
         super().__init__()
         if aux_loss_coef is None:
             aux_loss_coef = own_aux_loss_coef(original)
@@ -100,9 +103,12 @@ class CanonicalMoEBlock(nn.Module):
         self.shared_path, self.shared_gate_path = shared, shared_gate
         self.output_bias = output_bias     # the block's own [D] bias added to its output (JetMoE)
         self.output_scale = output_scale   # 0.5: routed and shared experts averaged (Cohere2-MoE)
-        # router values the block returns after its output, as the original did ("weights", "ids"):
-        # gpt-oss returns (output, router scores)
+        # router values the block returns after its output, as the original did ("weights", "ids",
+        # "logits"): gpt-oss returns (output, router scores), Llama 4 (output, router logits)
         self.extra_outputs = tuple(extra_outputs)
+        # the top-k weights scale the experts' inputs, not their outputs (Llama 4)
+        self.weights_on_input = weights_on_input
+        self.flat_output = flat_output     # the output as [tokens, dim], not in the input's shape (Llama 4)
         self.num_experts, self.top_k = experts.num_experts, router.top_k
         self.dim, self.ffn_dim, self.activation = experts.dim, experts.ffn_dim, experts.activation
         self.capacity_factor: Optional[float] = capacity_factor or None   # None: dropless
@@ -181,13 +187,18 @@ class CanonicalMoEBlock(nn.Module):
         """(b_up_EH, b_down_ED): the experts' biases, None where they have none."""
         return self.experts_spec.biases(self.get_submodule(self.experts_spec.path))
 
-    def route(self, x_TD: Tensor, tokens_shape: Optional[torch.Size] = None) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-        """(weights_TK, ids_TK, scores_TE or None) for the tokens; ``tokens_shape``: the block's
-        input shape, which a router counting its capacity per sequence is called on."""
+    def route(self, x_TD: Tensor, tokens_shape: Optional[torch.Size] = None
+              ) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
+        """(weights_TK, ids_TK, scores_TE or None, logits_TE or None) for the tokens;
+        ``tokens_shape``: the block's input shape, which a router counting its capacity per
+        sequence is called on."""
         router = self.get_submodule(self.router_spec.path)
         args = tuple(getattr(self, name) for name in self.router_spec.args)
         if self.router_spec.known:
-            return route_known(router, self.router_spec, x_TD, args)
+            logits_TE = router_logits(router, self.router_spec, x_TD)
+            # three names: torch.fx unpacks a traced call's result by the count of names, not by *
+            weights_TK, ids_TK, scores_TE = route_known(router, self.router_spec, x_TD, args, logits_TE)
+            return weights_TK, ids_TK, scores_TE, logits_TE
         if self.router_spec.per_sequence and tokens_shape is not None:
             outputs = router(x_TD.reshape(tokens_shape), *args)
             leaves = [v.reshape(x_TD.shape[0], -1) if isinstance(v, Tensor) else v for v in router_values(outputs)]
@@ -197,8 +208,9 @@ class CanonicalMoEBlock(nn.Module):
         logits_TE = leaves[where["logits"]] if "logits" in where else None
         scores_TE = None if logits_TE is None else logits_TE.float().softmax(-1)
         if "dispatch" in where:
-            return (*dispatched_routes(leaves[where["dispatch"]], leaves[where["weights"]], logits_TE), scores_TE)
-        return leaves[where["weights"]], leaves[where["ids"]].long(), scores_TE
+            return (*dispatched_routes(leaves[where["dispatch"]], leaves[where["weights"]], logits_TE), scores_TE,
+                    logits_TE)
+        return leaves[where["weights"]], leaves[where["ids"]].long(), scores_TE, logits_TE
 
     def shared_output(self, x_TD: Tensor) -> Tensor:
         shared_TD = self.get_submodule(self.shared_path)(x_TD)
@@ -214,21 +226,29 @@ class CanonicalMoEBlock(nn.Module):
         return self._experts(x_TD)[:3]
 
     def _experts(self, x_TD: Tensor, tokens_shape: Optional[torch.Size] = None
-                 ) -> tuple[Tensor, Optional[Tensor], Tensor, Tensor]:
-        """``experts_output`` and the top-k weights (``tokens_shape``: as in ``route``)."""
+                 ) -> tuple[Tensor, Optional[Tensor], Tensor, Tensor, Optional[Tensor]]:
+        """``experts_output``, the top-k weights and the router logits (``tokens_shape``: as in
+        ``route``)."""
         read_directly = [self.get_submodule(self.experts_spec.path)]
         if self.router_spec.known:               # its weight is read, the router module is not called
             read_directly.append(self.get_submodule(self.router_spec.path))
         dropout_p = self.expert_dropout_p()
         with _offload_hooks_loaded(read_directly):
-            weights_TK, ids_TK, scores_TE = self.route(x_TD, tokens_shape)
+            weights_TK, ids_TK, scores_TE, logits_TE = self.route(x_TD, tokens_shape)
+            rows_RD, ids_RK, weights_RK = x_TD, ids_TK, weights_TK
+            if self.weights_on_input:   # one row per routed slot, weighted, and top-1 to its expert
+                rows_RD = (x_TD.unsqueeze(1) * weights_TK.unsqueeze(-1).to(x_TD.dtype)).flatten(0, 1)
+                ids_RK, weights_RK = ids_TK.reshape(-1, 1), torch.ones_like(weights_TK).reshape(-1, 1)
             w_up_EHD, w_down_EDF = self.expert_weights()
             biases = self.expert_biases()
             extra = biases if any(b is not None for b in biases) else ()   # bias-free: the five-weight call
             if dropout_p > 0:    # after the biases: one mask row per routed slot
-                extra = (*biases, torch.ops.moesys.expert_dropout_keep(x_TD, self.top_k, self.ffn_dim, dropout_p))
-            y_TD = torch.ops.moesys.moe_experts(x_TD, ids_TK, weights_TK, w_up_EHD, w_down_EDF, self.activation,
+                extra = (*biases, torch.ops.moesys.expert_dropout_keep(rows_RD, ids_RK.shape[1], self.ffn_dim,
+                                                                       dropout_p))
+            y_TD = torch.ops.moesys.moe_experts(rows_RD, ids_RK, weights_RK, w_up_EHD, w_down_EDF, self.activation,
                                                 self.capacity_factor or 0.0, *extra)
+            if self.weights_on_input:
+                y_TD = y_TD.view(x_TD.shape[0], self.top_k, -1).sum(1)
         if self.shared_path:
             y_TD = y_TD + self.shared_output(x_TD)
         if self.output_scale != 1.0:
@@ -238,15 +258,15 @@ class CanonicalMoEBlock(nn.Module):
         aux_loss = None if scores_TE is None else self.balance_loss(scores_TE, ids_TK)
         if aux_loss is not None and not _is_capturing():
             self.aux_loss = aux_loss
-        return y_TD, aux_loss, ids_TK, weights_TK
+        return y_TD, aux_loss, ids_TK, weights_TK, logits_TE
 
     def forward(self, hidden_states: Tensor) -> Any:
         x_TD = flatten_tokens(hidden_states, self.dim, f"the canonicalized MoE block {self.source}")
-        y_TD, _, ids_TK, weights_TK = self._experts(x_TD, hidden_states.shape)
-        y = y_TD.reshape(hidden_states.shape)
+        y_TD, _, ids_TK, weights_TK, logits_TE = self._experts(x_TD, hidden_states.shape)
+        y = y_TD if self.flat_output else y_TD.reshape(hidden_states.shape)
         if not self.extra_outputs:
             return y
-        routed = {"weights": weights_TK, "ids": ids_TK}
+        routed = {"weights": weights_TK, "ids": ids_TK, "logits": logits_TE}
         return (y, *(routed[name] for name in self.extra_outputs))
 
     def details(self) -> dict[str, Any]:
@@ -265,6 +285,8 @@ class CanonicalMoEBlock(nn.Module):
             facts["shared"] = self.shared_path + (f"*sigmoid({self.shared_gate_path})" if self.shared_gate_path else "")
         if self.output_scale != 1.0:
             facts["output_scale"] = self.output_scale
+        if self.weights_on_input:
+            facts["weights"] = "scale the experts' inputs"
         if self.output_bias:
             facts["output_bias"] = self.output_bias
         if self.extra_outputs:

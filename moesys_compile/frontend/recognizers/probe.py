@@ -107,7 +107,8 @@ class BlockProbe:
     given, runs before the runs at a scale (the randomised router's copy keeps its logits those of
     unit tokens). ``pick`` selects what to compare from the outputs: one tensor, or a tuple
     (output, router values...) whose other items are the router's [tokens, k] weights or ids
-    (gpt-oss returns its router scores); the candidate is then told to return the same
+    (gpt-oss returns its router scores) or its [tokens, experts] logits (Llama 4); the candidate
+    is then told to return the same, and in the same shape: [B, S, D], or [tokens, D] (Llama 4)
     (``extra_outputs``)."""
 
     def __init__(self, original: nn.Module, dim: int, pick=lambda out: out, tokens: tuple[int, int] = (2, 4),
@@ -143,14 +144,21 @@ class BlockProbe:
             self.problem = f"the block returns a {type(out).__name__}, not one tensor"
         return out if comparable else None
 
-    def _extra_outputs(self, want: tuple, top_k: int, x_BSD: Tensor) -> Optional[tuple[str, ...]]:
-        """What each item after the first of the original's tuple is, for a router of ``top_k``."""
+    def _extra_outputs(self, want: tuple, top_k: int, num_experts: int, x_BSD: Tensor) -> Optional[tuple[str, ...]]:
+        """What each item after the first of the original's tuple is, for a router of ``top_k`` over
+        ``num_experts``: [tokens, top_k] weights or ids, or [tokens, experts] logits."""
         num_tokens = x_BSD.shape[0] * x_BSD.shape[1]
-        if any(item.shape != (num_tokens, top_k) for item in want[1:]):
-            self.problem = ("the block returns a tuple whose items after the first are not the router's "
-                            "[tokens, top_k] weights or ids")
-            return None
-        return tuple("weights" if item.is_floating_point() else "ids" for item in want[1:])
+        names = []
+        for item in want[1:]:
+            if item.shape == (num_tokens, top_k):
+                names.append("weights" if item.is_floating_point() else "ids")
+            elif item.shape == (num_tokens, num_experts) and item.is_floating_point():
+                names.append("logits")
+            else:
+                self.problem = ("the block returns a tuple whose items after the first are not the router's "
+                                "[tokens, top_k] weights or ids, nor its [tokens, experts] logits")
+                return None
+        return tuple(names)
 
     def _original(self, index: int, x_BSD: Tensor) -> Any:
         key = (self.original.training, index)
@@ -194,10 +202,12 @@ class BlockProbe:
             if want is None:
                 return False, float("inf")
             if isinstance(want, tuple):
-                extras = self._extra_outputs(want, replacement.top_k, x_BSD)
+                extras = self._extra_outputs(want, replacement.top_k, replacement.num_experts, x_BSD)
                 if extras is None:
                     return False, float("inf")
                 replacement.extra_outputs = extras
+            output = want[0] if isinstance(want, tuple) else want
+            replacement.flat_output = output.dim() == 2 < x_BSD.dim()     # [tokens, dim] (Llama 4)
             got = self._run(replacement, x_BSD)
         except Exception:  # noqa: BLE001
             return False, float("inf")
@@ -329,7 +339,7 @@ def exact_form(module: nn.Module, forms: Sequence[dict], build: Callable[[dict],
         if why:
             return None, diff, why
         found, block = exact[0]
-        return dict(found, extra_outputs=block.extra_outputs), diff, ""
+        return dict(found, extra_outputs=block.extra_outputs, flat_output=block.flat_output), diff, ""
     return None, best, probe.problem or (MODE_DIFFERS.format(mode=probe.mode_differs) if probe.mode_differs else
                                          CROWD_DIFFERS if probe.crowd_differs else "")
 

@@ -13,6 +13,7 @@ from dataclasses import replace
 from typing import Any, Callable, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ... import ops
@@ -163,6 +164,7 @@ def analyze_router(router: nn.Module, path: str, dim: int,
         if positions is None:
             return None, f"'{path}' does not return top-k ids and weights"
         leaves = router_values(outputs)
+        positions = _with_logits_found(positions, leaves, x_TD, probe, weight_name, logit_bias)
         arity = len(outputs) if isinstance(outputs, tuple) else 0
         shape = dict(outputs=positions, arity=arity, args=tuple(args), batched=batched)
         if "dispatch" in positions:
@@ -181,6 +183,21 @@ def analyze_router(router: nn.Module, path: str, dim: int,
     if found is None:
         return spec, f"router '{path}' {tie or 'matches no rule moesys.route expresses'}; it stays the model's own code"
     return found, f"router '{path}': {found.describe()}"
+
+
+def _with_logits_found(positions: dict, leaves: list, x_TD: Tensor, probe: nn.Module, weight: str,
+                       logit_bias: Optional[str]) -> dict:
+    """``positions`` with "logits" at the [T, E] output that is the tokens times the router's
+    weight (plus its bias), where there are several [T, E] outputs: Llama 4's router returns its
+    sparse sigmoid scores first and its logits second. Unchanged where no output is that."""
+    if "logits" not in positions:
+        return positions
+    shape = leaves[positions["logits"]].shape
+    bias = fetch(probe, logit_bias).double() if logit_bias else None
+    logits_TE = F.linear(x_TD.double(), fetch(probe, weight).double(), bias)
+    found = [i for i, leaf in enumerate(leaves) if isinstance(leaf, Tensor) and leaf.is_floating_point()
+             and leaf.shape == shape and close(leaf, logits_TE)[0]]
+    return dict(positions, logits=found[0]) if found else positions
 
 
 def _routes_alike(probe: nn.Module, rule: RouterSpec, x_TD: Tensor, args: dict[str, Tensor],
