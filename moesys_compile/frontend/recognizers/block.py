@@ -235,16 +235,15 @@ class CanonicalMoEBlock(nn.Module):
         dropout_p = self.expert_dropout_p()
         with _offload_hooks_loaded(read_directly):
             weights_TK, ids_TK, scores_TE, logits_TE = self.route(x_TD, tokens_shape)
-            rows_RD, ids_RK, weights_RK = x_TD, ids_TK, weights_TK
+            rows_RD, ids_RK, weights_RK, top_k = x_TD, ids_TK, weights_TK, self.top_k
             if self.weights_on_input:   # one row per routed slot, weighted, and top-1 to its expert
                 rows_RD = (x_TD.unsqueeze(1) * weights_TK.unsqueeze(-1).to(x_TD.dtype)).flatten(0, 1)
-                ids_RK, weights_RK = ids_TK.reshape(-1, 1), torch.ones_like(weights_TK).reshape(-1, 1)
+                ids_RK, weights_RK, top_k = ids_TK.reshape(-1, 1), torch.ones_like(weights_TK).reshape(-1, 1), 1
             w_up_EHD, w_down_EDF = self.expert_weights()
             biases = self.expert_biases()
             extra = biases if any(b is not None for b in biases) else ()   # bias-free: the five-weight call
-            if dropout_p > 0:    # after the biases: one mask row per routed slot
-                extra = (*biases, torch.ops.moesys.expert_dropout_keep(rows_RD, ids_RK.shape[1], self.ffn_dim,
-                                                                       dropout_p))
+            if dropout_p > 0:    # after the biases: one mask row per routed slot (k a constant, not a traced size)
+                extra = (*biases, torch.ops.moesys.expert_dropout_keep(rows_RD, top_k, self.ffn_dim, dropout_p))
             y_TD = torch.ops.moesys.moe_experts(rows_RD, ids_RK, weights_RK, w_up_EHD, w_down_EDF, self.activation,
                                                 self.capacity_factor or 0.0, *extra)
             if self.weights_on_input:

@@ -207,7 +207,7 @@ class BlockProbe:
                     return False, float("inf")
                 replacement.extra_outputs = extras
             output = want[0] if isinstance(want, tuple) else want
-            replacement.flat_output = output.dim() == 2 < x_BSD.dim()     # [tokens, dim] (Llama 4)
+            replacement.flat_output = output.dim() == 2 and x_BSD.dim() == 3     # [tokens, dim] (Llama 4)
             got = self._run(replacement, x_BSD)
         except Exception:  # noqa: BLE001
             return False, float("inf")
