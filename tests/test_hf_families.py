@@ -108,7 +108,7 @@ ONE_LAYER = {
 }
 # the experts' activation where it is not SwiGLU (read from the experts' own limit and softcaps)
 ACTIVATION = {"hy_v4": "clamped_swiglu:limit=10.0", "nemotron_h": "relu2",
-              "inkling2": "softcapped_swiglu:gate=4.0:up=25.0", "inkling2_loop": "softcapped_swiglu:gate=4.0:up=25.0"}
+              **dict.fromkeys(("inkling2", "inkling2_loop"), "softcapped_swiglu:gate=4.0:up=25.0")}
 # what the report of a left block must say
 LEFT_BECAUSE = {
     "deepseek_v4": ("its forward takes ['input_ids'] besides the hidden states",),
@@ -122,7 +122,8 @@ COVERED_ELSEWHERE = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"
                      "llama", "qwen2", "gpt2"}
 # compiled by default: a router taking a block tensor (MiniMax-M2), weights on the experts' inputs
 # (Llama 4), a dense family; JetMoE (attention experts, split experts, output bias, logits-only
-# router) is compiled in train mode below. The other recognition paths are compiled in tests/test_recognizers.py.
+# router) is compiled in train mode below. The other recognition paths are compiled in
+# tests/test_recognizers.py.
 # Newer families: an output norm (A.X-K1), a router kept as traced code (Kolibri), a block left
 # because its forward takes the token ids (DeepSeek-V4), a softcapped SwiGLU (Inkling 2), a routed
 # scaling the block applies after its router (Beam).

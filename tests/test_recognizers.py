@@ -226,7 +226,8 @@ class InputWeightedBlock(nn.Module):
         weights_TK, ids_TK = logits_TE.sigmoid().topk(self.top_k, dim=-1)
         y_TD = torch.zeros_like(x_TD)
         for k in range(K):
-            y_TD = y_TD + self.experts(x_TD * weights_TK[:, k, None], ids_TK[:, k:k + 1], torch.ones_like(x_TD[:, :1]))
+            slot_TD = x_TD * weights_TK[:, k, None]
+            y_TD = y_TD + self.experts(slot_TD, ids_TK[:, k:k + 1], torch.ones_like(x_TD[:, :1]))
         return y_TD, logits_TE
 
 

@@ -229,6 +229,7 @@ def test_a_layer_called_twice_shards_its_experts_once_and_trains_like_eager(tmp_
     sharded (2 of 4) and refused them as "needed as rows (0, 2) and as rows (0, 1)". The program's
     aux_loss holds the load-balancing losses of both calls."""
     model = make(LoopedMoE)
+    ids, targets = global_batch()
     calls = []
     model.moe.register_forward_hook(lambda module, args, output: calls.append(module.aux_loss))
 
@@ -238,9 +239,7 @@ def test_a_layer_called_twice_shards_its_experts_once_and_trains_like_eager(tmp_
         assert len(calls) == 2
         return loss + sum(calls)
 
-    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
-    ids, targets = global_batch()
-    optimizer_steps(eager_loss, opt, STEPS)
+    optimizer_steps(eager_loss, torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9), STEPS)
     for state in run_ranks(looped_rank, 2, str(tmp_path / "ckpt")):
         assert_state_close(state, model.state_dict())
     assert_state_close(mc.load_into(make(LoopedMoE, seed=7), str(tmp_path / "ckpt")).state_dict(), model.state_dict())

@@ -247,8 +247,8 @@ def _recognize(module: nn.Module, path: str, experts_name: str) -> Optional[Reco
     with dropouts_off(dropouts.values()):   # while probed: the canonical form draws its mask otherwise
         capacity, crowds, capacity_note = block_capacity(module, router_spec.top_k, num_experts)
         # the top-k weights on the experts' outputs, else on their inputs (Llama 4), tried last
-        forms = [dict(router=rule, experts=layout, output_scale=scale, capacity_factor=factor, weights_on_input=on_input,
-                      **norm)
+        forms = [dict(router=rule, experts=layout, output_scale=scale, capacity_factor=factor,
+                      weights_on_input=on_input, **norm)
                  for on_input in (False, True) for rule in rules for layout in candidates
                  for scale in ((1.0, 0.5) if shared else (1.0,))
                  for norm in ([dict(output_norm=output_norm)] if output_norm else [{}])
