@@ -26,7 +26,7 @@ GPT_OSS_4_LAYERS = {"num_hidden_layers": 4, "layer_types": ["full_attention"] * 
 
 
 @pytest.mark.parametrize("family,overrides", [("mixtral", {}), ("qwen2_moe", {}), ("olmoe", {}), ("deepseek_v3", {}),
-                                              ("gpt_oss", GPT_OSS_4_LAYERS), ("llama", {}),
+                                              ("gpt_oss", GPT_OSS_4_LAYERS), ("llama", {}), ("llama4", {}),
                                               ("gpt2", {"n_layer": 4})])   # 2 layers: slots+workspace > 1/2
 def test_ring_at_half_the_model_equals_eager(family, overrides):
     model = randomize_expert_biases(build_hf(family, **overrides).eval())
