@@ -78,6 +78,23 @@ def test_a_hugging_face_model_from_its_config_equals_the_model_loaded_whole(fami
     assert not any(b.is_meta for b in model.buffers())
 
 
+def test_the_experts_of_a_left_block_are_recognised_from_the_checkpoint(tmp_path):
+    """DeepSeek-V4's blocks stay traced code (one routes by a hash of the token ids); their experts,
+    called with the routing, are probed on the checkpoint's tensors and canonicalized."""
+    pytest.importorskip("transformers")
+    from moesys_compile.models.hf import build_hf, config_only
+    source = build_hf("deepseek_v4").eval()
+    source.save_pretrained(str(tmp_path / "hf"))
+    with mc.empty_weights():
+        model = config_only(str(tmp_path / "hf"), {}).eval()
+    program = _ring(model, tmp_path / "hf", tmp_path, model_bytes(source) // 2)
+    with torch.inference_mode():
+        torch.testing.assert_close(_logits(program(_ids())), _logits(source(_ids())), rtol=1e-5, atol=1e-5)
+    assert [(b.path, b.action) for b in program.context.blocks] == [
+        (f"model.layers.{layer}.mlp.experts", "replaced") for layer in range(2)]
+    assert program.stats["peak_device_bytes"] <= program.stats["budget_bytes"]
+
+
 def test_infer_of_a_directory_streams_it_and_matches_eager(tmp_path, capsys):
     pytest.importorskip("transformers")
     from moesys_compile.models.hf import build_hf

@@ -19,7 +19,8 @@ import moesys_compile as mc
 
 transformers = pytest.importorskip("transformers")
 
-from moesys_compile.frontend.recognizers import CanonicalMoA, CanonicalMoEBlock  # noqa: E402
+from moesys_compile.frontend.recognizers import CanonicalMoA, CanonicalMoEBlock, CanonicalRoutedExperts  # noqa: E402
+from moesys_compile.frontend.recognizers.routed_experts import CALLERS_ROUTING  # noqa: E402
 from moesys_compile.ir import is_op, moesys_meta  # noqa: E402
 from moesys_compile.models.hf import DENSE_FAMILIES, MOE_FAMILIES, build_hf  # noqa: E402
 
@@ -77,12 +78,13 @@ EXPECTED = {
     "sarvam_mla": {("hf.DeepseekV3MoE", "replaced", "sigmoid-top2-bias-renorm-x2.5")},   # built on DeepSeek-V3's
     "sarvam_moe": {("hf.Glm4MoeMoE", "replaced", "sigmoid-top2-bias-renorm-x2.5")},      # and GLM-4-MoE's modules
     "inkling2_loop": {("hf.Inkling2LoopSparseMoeBlock", "replaced", "sigmoid-top2-bias-renorm-x8")},
-    "deepseek_v4": {("hf.DeepseekV4SparseMoeBlock", "left", None)},
+    # blocks left as traced code around experts modules called with their routing, which are canonical
+    "deepseek_v4": {("hf.DeepseekV4Experts", "replaced", CALLERS_ROUTING)},
+    "zaya": {("hf.ZayaExperts", "replaced", CALLERS_ROUTING)},
+    "inkling": {("hf.InklingExperts", "replaced", CALLERS_ROUTING)},
+    "gemma4": {("hf.Gemma4TextExperts", "replaced", CALLERS_ROUTING)},
     "longcat_flash": {("hf.LongcatFlashMoE", "left", None)},
-    "zaya": {("hf.ZayaSparseMoeBlock", "left", None)},
-    "inkling": {("hf.InklingMoE", "left", None)},
     "doge": {("DogeCDMoE", "left", None)},
-    "gemma4": {("hf.Gemma4TextDecoderLayer", "left", None)},
 }
 # one layer, and that layer sparse (presets put a dense layer first where the family does);
 # Qwen3-Next/3.5 use a full-attention layer: their linear-attention layers take minutes to export
@@ -107,9 +109,10 @@ ONE_LAYER = {
     "inkling2_loop": dict(num_hidden_layers=None),                # its loop needs a layer before and after
 }
 # the experts' activation where it is not SwiGLU (read from the experts' own limit and softcaps)
-ACTIVATION = {"hy_v4": "clamped_swiglu:limit=10.0", "nemotron_h": "relu2",
+ACTIVATION = {**dict.fromkeys(("hy_v4", "deepseek_v4"), "clamped_swiglu:limit=10.0"), "nemotron_h": "relu2",
+              "gemma4": "geglu_tanh",
               **dict.fromkeys(("inkling2", "inkling2_loop"), "softcapped_swiglu:gate=4.0:up=25.0")}
-# what the report of a left block must say
+# what the report of a left block must say (for canonical experts in a left block: why the block was left)
 LEFT_BECAUSE = {
     "deepseek_v4": ("its forward takes ['input_ids'] besides the hidden states",),
     "longcat_flash": ("experts 'experts' are neither stacked",),   # zero-computation (identity) experts
@@ -125,9 +128,10 @@ COVERED_ELSEWHERE = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"
 # router) is compiled in train mode below. The other recognition paths are compiled in
 # tests/test_recognizers.py.
 # Newer families: an output norm (A.X-K1), a router kept as traced code (Kolibri), a block left
-# because its forward takes the token ids (DeepSeek-V4), a softcapped SwiGLU (Inkling 2), a routed
-# scaling the block applies after its router (Beam).
-COMPILED = ["minimax_m2", "llama4", "phi3", "axk1", "kolibri1", "deepseek_v4", "inkling2", "beam"]
+# because its forward takes the token ids, around canonical experts (DeepSeek-V4), a softcapped
+# SwiGLU (Inkling 2), a routed scaling the block applies after its router (Beam), routing inside
+# the decoder layer, around canonical experts (Gemma 4).
+COMPILED = ["minimax_m2", "llama4", "phi3", "axk1", "kolibri1", "deepseek_v4", "inkling2", "beam", "gemma4"]
 # capture fails in the model's own code (not in an MoE block), with an error naming the place
 UNCAPTURABLE = {
     "longcat_flash": ("module 'model.layers.0.mlp.experts'", "modeling_longcat_flash.py",
@@ -182,7 +186,7 @@ def test_family_compiles_to_eager(family):
         torch.testing.assert_close(program(x).logits, logits, rtol=1e-4, atol=1e-4)
     reports = program.context.blocks
     assert block_facts(reports) == EXPECTED.get(family, set())
-    replaced = [m for m in model.modules() if isinstance(m, (CanonicalMoEBlock, CanonicalMoA))]
+    replaced = [m for m in model.modules() if isinstance(m, (CanonicalMoEBlock, CanonicalMoA, CanonicalRoutedExperts))]
     assert len(replaced) == sum(r.action == "replaced" for r in reports)
 
 

@@ -25,9 +25,10 @@ from dist_utils import global_mean, optimizer_steps, run_ranks  # noqa: E402
 BATCH, SEQ, STEPS, LR, VOCAB = 4, 8, 3, 0.5, 128
 RTOL, ATOL = 1e-4, 1e-5
 # family -> expert_parallel; A.X-K1: a block with its own output norm, Kolibri: a router kept as traced code,
-# Llama 4: top-k weights on the experts' inputs
+# Llama 4: top-k weights on the experts' inputs, DeepSeek-V4: a block left as traced code (token-id hash
+# routing) around canonical experts
 CASES = {"mixtral": 2, "qwen2_moe": 2, "olmoe": 2, "deepseek_v3": 2, "jetmoe": 2, "gpt_oss": 2, "axk1": 2,
-         "kolibri1": 2, "llama4": 2, "llama": 1}
+         "kolibri1": 2, "llama4": 2, "deepseek_v4": 2, "llama": 1}
 # the stacked expert weights each family's MoE blocks hold (JetMoE's attention experts stay replicated)
 EXPERT_WEIGHTS = {"jetmoe": (".mlp.input_linear.", ".mlp.output_linear.")}
 

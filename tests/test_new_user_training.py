@@ -61,11 +61,11 @@ def test_frozen_parameters_are_bucketed_for_when_they_are_unfrozen():
 
 
 def test_expert_parallel_over_blocks_left_as_traced_code_names_them():
-    with pytest.raises(PlanError, match=r"ZayaForCausalLM has no MoE layers that can be sharded; its MoE-like "
-                                        r"blocks run as traced code: model\.layers\.0\.mlp \(hf\.ZayaSparseMoeBlock: "
-                                        r"no child scores tokens against 4 experts.* and 1 more; use "
+    with pytest.raises(PlanError, match=r"DogeForCausalLM has no MoE layers that can be sharded; its MoE-like "
+                                        r"blocks run as traced code: model\.layers\.0\.mlp \(DogeCDMoE: "
+                                        r"no recognizer matched its structure.* and 1 more; use "
                                         r"expert_parallel=1"):
-        mc.lower(build_hf("zaya"), mc.Plan(world_size=2, expert_parallel=2), (torch.zeros(2, 4, dtype=torch.long),))
+        mc.lower(build_hf("doge"), mc.Plan(world_size=2, expert_parallel=2), (torch.zeros(2, 4, dtype=torch.long),))
 
 
 def test_an_exported_program_from_one_prompt_takes_any_batch_and_length():

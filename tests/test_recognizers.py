@@ -13,7 +13,9 @@ from torch import nn
 
 import moesys_compile as mc
 from moesys_compile.frontend import canonicalize, is_canonical_moe
-from moesys_compile.frontend.recognizers import CanonicalMoEBlock
+from moesys_compile.frontend.recognizers import CanonicalMoEBlock, CanonicalRoutedExperts
+from moesys_compile.frontend.recognizers.routed_experts import CALLERS_ROUTING, recognize_routed_experts
+from moesys_compile.frontend.recognizers.structure import take_left
 
 sys.path.insert(0, str(Path(__file__).parent))
 from blocks import SwiGLUExpert  # noqa: E402
@@ -123,6 +125,16 @@ def _check_compiles_equal(net: Net) -> mc.Program:
     return program
 
 
+def _check_gradients_equal(program: mc.Program, net: Net, eager: Net) -> None:
+    """Every parameter's gradient of a loss on the program's output equals eager's (``eager``: a
+    copy of ``net`` before compiling)."""
+    x = _x()
+    program(x).square().sum().backward()
+    eager(x).square().sum().backward()
+    for (name, p), (_, q) in zip(net.named_parameters(), eager.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_stacked_transposed_experts_and_known_router_are_canonicalized():
     net = Net(SparseBlock())
     program = _check_compiles_equal(net)
@@ -174,19 +186,18 @@ def test_per_expert_linears_are_stacked_and_gradients_reach_them():
     program = _check_compiles_equal(net)
     report = program.context.blocks[0]
     assert report.details["experts"].startswith("swiglu, per-expert") and report.details["stack_copy_bytes"] > 0
-    x = _x()
-    program(x).square().sum().backward()
-    eager(x).square().sum().backward()
-    for (name, p), (_, q) in zip(net.named_parameters(), eager.named_parameters()):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+    _check_gradients_equal(program, net, eager)
 
 
-def test_block_with_extra_math_is_left_with_the_probe_difference():
+def test_block_with_extra_math_stays_traced_code_around_its_canonical_experts():
+    """The block doubles the experts' sum, which no canonical form does: the block is left with the
+    probe's difference, and its experts module, called with the routing, is canonicalized alone."""
     net = Net(SparseBlock(scale=2.0))
-    reports = canonicalize(net)
-    (report,) = reports
-    assert report.action == "left" and "closest max abs diff" in report.reason
-    assert not isinstance(net.block, CanonicalMoEBlock)
+    program = _check_compiles_equal(net)
+    (report,) = program.context.blocks
+    assert (report.path, report.action, report.details["router"]) == ("block.experts", "replaced", CALLERS_ROUTING)
+    assert "left as it is" in report.reason and "closest max abs diff" in report.reason
+    assert not isinstance(net.block, CanonicalMoEBlock) and isinstance(net.block.experts, CanonicalRoutedExperts)
 
 
 class BlockScaledBlock(SparseBlock):
@@ -207,7 +218,7 @@ def test_a_routed_scaling_the_block_applies_after_its_router_is_in_the_routing_r
 
 def test_a_block_scaling_attribute_its_forward_does_not_apply_is_not_taken():
     (report,) = canonicalize(Net(BlockScaledBlock(routed_scaling_factor=2.5, applied=3.0)))
-    assert report.action == "left" and "closest max abs diff" in report.reason
+    assert report.path == "block.experts" and "closest max abs diff" in report.reason   # the block: left
 
 
 class InputWeightedBlock(nn.Module):
@@ -267,6 +278,72 @@ def test_per_expert_scales_are_left_with_the_reason():
     experts.scale = nn.Parameter(torch.ones(E))          # an [E] parameter moe_experts has no place for
     (report,) = canonicalize(Net(SparseBlock(experts=experts)))
     assert report.action == "left" and "['scale'] besides the stacked weights" in report.reason
+
+
+class WeightsFirstExperts(StackedExperts):
+    """Experts called as ``experts(tokens, weights, ids)``."""
+
+    def forward(self, x_TD, weights_TK, ids_TK):
+        return super().forward(x_TD, ids_TK, weights_TK)
+
+
+class CappedExperts(StackedExperts):
+    """Experts that drop the slots past the first ``capacity`` of each expert (in slot order)."""
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity
+
+    def forward(self, x_TD, ids_TK, weights_TK):
+        one_hot_NE = F.one_hot(ids_TK.reshape(-1), E)
+        place_N = (one_hot_NE.cumsum(0) * one_hot_NE).sum(-1) - 1
+        return super().forward(x_TD, ids_TK, weights_TK * (place_N < self.capacity).view_as(weights_TK))
+
+
+class TokenHashBlock(nn.Module):
+    """Routes by the token ids the model passes it (DeepSeek-V4's hash layers): its forward takes
+    more than the hidden states, so the block stays traced code; its experts take the routing (by
+    name here)."""
+
+    def __init__(self, experts: nn.Module):
+        super().__init__()
+        self.experts = experts
+        self.token_weights = nn.Parameter(torch.rand(8, K) + 0.5)
+
+    def forward(self, x_BSD, token_ids_BS):
+        ids_TK = torch.stack([(token_ids_BS.reshape(-1) + k) % E for k in range(K)], dim=-1)
+        weights_TK = self.token_weights[token_ids_BS.reshape(-1) % 8]
+        return self.experts(x_BSD.reshape(-1, D), ids_TK=ids_TK, weights_TK=weights_TK).reshape(x_BSD.shape)
+
+
+class TokenHashNet(Net):
+    def forward(self, x):
+        h = self.inp(x)
+        return self.out(h + self.block(h, x.argmax(-1)))
+
+
+def test_experts_called_with_routing_are_canonical_in_a_left_block_and_train_like_eager():
+    torch.manual_seed(5)
+    net, eager = (TokenHashNet(TokenHashBlock(WeightsFirstExperts())) for _ in range(2))
+    eager.load_state_dict(net.state_dict())
+    program = _check_compiles_equal(net)
+    (report,) = program.context.blocks
+    assert (report.path, report.kind, report.action) == ("block.experts", "WeightsFirstExperts", "replaced")
+    assert "left as it is: no child scores tokens against 4 experts" in report.reason    # why the block was
+    assert net.block.experts.expert_param_names == ["w_in", "w_out"]
+    (again,) = _check_compiles_equal(net).context.blocks
+    assert (again.path, again.action) == ("block.experts", "canonical")
+    _check_gradients_equal(program, net, eager)
+
+
+def test_experts_that_drop_past_a_capacity_are_left_with_the_reason():
+    """16 probe tokens on 4 experts spread to about 8 slots each; crowded onto the same 2 experts,
+    16 each, past the capacity of 14 the experts drop at."""
+    net = TokenHashNet(TokenHashBlock(CappedExperts(capacity=14)))
+    take_left()
+    assert recognize_routed_experts(net.block.experts, "block.experts") is None
+    assert "when many tokens choose the same expert" in take_left()["block.experts"][1]
+    assert [(r.path, r.action) for r in canonicalize(net)] == [("block", "left")]   # the outermost left is reported
 
 
 def test_recognising_does_not_move_the_global_rng():

@@ -87,6 +87,15 @@ def _looks_like_moe(module: nn.Module) -> bool:
         name == "gate" or "router" in name for name, _ in module.named_children())   # Doge: ``router_gate``
 
 
+def _probed_like_moe(module: nn.Module) -> bool:
+    """Whether recognizers probe ``module`` (reading its tensors from the checkpoint for a model on
+    meta; its twins then take its recognition): an MoE-like block, or a module named like experts
+    holding stacked 3-D weights (experts its caller routes, ``routed_experts``)."""
+    stacked = bool(_MOE_LIKE_NAME.search(type(module).__name__)) and any(
+        p.dim() == 3 for p in module.parameters(recurse=False))
+    return _looks_like_moe(module) or stacked
+
+
 # a module's hook tables (the handles of hooks registered on it hold these very dicts)
 _HOOK_TABLES = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
                 "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks")
@@ -175,7 +184,7 @@ def _recognize(module: nn.Module, path: str, recognizers: list[Recognizer], weig
     (``structure_key``) was recognised already takes the twin's recognition built on it: nothing is
     probed, nor read from ``weights``. Otherwise it is probed, with its tensors read from ``weights``
     for a model on meta."""
-    twin_able = bool(path) and _looks_like_moe(module)
+    twin_able = bool(path) and _probed_like_moe(module)
     key = structure_key(module) if twin_able else None
     if key in twins:
         return twins[key].for_twin(module)

@@ -1,7 +1,8 @@
 """Recognizers for MoE blocks users bring as they are: Hugging Face transformers families (and any
-block with the same structure) and ``deepspeed.moe.layer.MoE``. Neither library is imported here:
-the recognizers look at module structure, and the DeepSpeed one only runs when DeepSpeed is
-already loaded (a model holding its layers has imported it).
+block with the same structure), their experts modules alone where such a block is not recognised
+(``routed_experts``: the experts called with their routing), and ``deepspeed.moe.layer.MoE``.
+Neither library is imported here: the recognizers look at module structure, and the DeepSpeed one
+only runs when DeepSpeed is already loaded (a model holding its layers has imported it).
 
     >>> from moesys_compile.frontend.recognizers import canonicalize
     >>> reports = canonicalize(model)                      # doctest: +SKIP
@@ -22,13 +23,14 @@ from .block import CanonicalMoEBlock, adopt, recognize_canonical_block
 from .deepspeed import CanonicalDeepSpeedMoE, recognize_deepspeed_moe
 from .hf import recognize_routed_block
 from .moa import CanonicalMoA, recognize_moa
+from .routed_experts import CanonicalRoutedExperts, recognize_routed_experts
 from .experts import ExpertsSpec
 from .probe import BlockProbe
 from .router_rules import analyze_router
 from .structure import RouterSpec, take_left
 
 RECOGNIZERS: list[Recognizer] = [recognize_canonical_block, recognize_deepspeed_moe, recognize_moa,
-                                  recognize_routed_block]
+                                  recognize_routed_block, recognize_routed_experts]
 
 
 def install() -> None:
@@ -56,5 +58,5 @@ def canonicalize(model: nn.Module, recognizers: Optional[list[Recognizer]] = Non
 
 
 __all__ = ["RECOGNIZERS", "install", "canonicalize", "CanonicalMoEBlock", "CanonicalDeepSpeedMoE", "CanonicalMoA",
-           "adopt", "BlockProbe", "RouterSpec", "ExpertsSpec", "analyze_router", "recognize_routed_block",
-           "recognize_deepspeed_moe", "recognize_moa"]
+           "CanonicalRoutedExperts", "adopt", "BlockProbe", "RouterSpec", "ExpertsSpec", "analyze_router",
+           "recognize_routed_block", "recognize_deepspeed_moe", "recognize_moa", "recognize_routed_experts"]

@@ -42,6 +42,12 @@ def leave(path: str, kind: str, reason: str) -> None:
     _LEFT[path] = (kind, reason)
 
 
+def left_around(path: str) -> Optional[tuple[str, str]]:
+    """(path, reason) of the innermost block around ``path`` that a recognizer left as it is."""
+    around = [outer for outer in _LEFT if path.startswith(outer + ".")]
+    return (max(around, key=len), _LEFT[max(around, key=len)][1]) if around else None
+
+
 def take_left() -> dict[str, tuple[str, str]]:
     taken = dict(_LEFT)
     _LEFT.clear()
