@@ -346,6 +346,37 @@ def test_experts_that_drop_past_a_capacity_are_left_with_the_reason():
     assert [(r.path, r.action) for r in canonicalize(net)] == [("block", "left")]   # the outermost left is reported
 
 
+class HeadMix(nn.Module):
+    """Not experts: per-head 3-D weights, and a forward of three tensors (tokens, a scale, a bias)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w_in = nn.Parameter(torch.randn(E, D, FF) / D ** 0.5)
+        self.w_out = nn.Parameter(torch.randn(E, FF, D) / FF ** 0.5)
+
+    def forward(self, x_TD, scale_T2, bias_T2):
+        h_THF = torch.einsum("td,hdf->thf", x_TD, self.w_in).relu()
+        return torch.einsum("thf,hfd->td", h_THF, self.w_out) * scale_T2.mean() + bias_T2.float().mean()
+
+
+class HeadExperts(HeadMix):
+    """The same, named like experts."""
+
+
+class MixNet(Net):
+    def forward(self, x):
+        h_TD = self.inp(x).reshape(-1, D)
+        return self.out(self.block(h_TD, torch.ones_like(h_TD[:, :2]), torch.zeros_like(h_TD[:, :2])))
+
+
+def test_a_module_of_three_tensors_and_3d_weights_is_reported_only_when_named_like_experts():
+    program = _check_compiles_equal(MixNet(HeadMix()))
+    assert program.context.blocks == []
+    (report,) = _check_compiles_equal(MixNet(HeadExperts())).context.blocks
+    assert (report.path, report.action) == ("block", "left")
+    assert "it cannot run as experts(tokens [T, D], ids [T, K], weights [T, K])" in report.reason
+
+
 def test_recognising_does_not_move_the_global_rng():
     net = Net(SparseBlock())
     torch.manual_seed(11)

@@ -81,9 +81,14 @@ NO_MATCH = ("no recognizer matched its structure (they expect a router child wit
 _MOE_LIKE_NAME = re.compile(r"moe|mixture|sparse.*(block|mlp)|expert", re.IGNORECASE)
 
 
+def named_like_moe(module: nn.Module) -> bool:
+    """Its class is named like an MoE block or experts (``MixtralSparseMoeBlock``, ``ZayaExperts``)."""
+    return bool(_MOE_LIKE_NAME.search(type(module).__name__))
+
+
 def _looks_like_moe(module: nn.Module) -> bool:
     has_experts = isinstance(getattr(module, "experts", None), (nn.Module, nn.ModuleList))
-    return has_experts or bool(_MOE_LIKE_NAME.search(type(module).__name__)) and any(
+    return has_experts or named_like_moe(module) and any(
         name == "gate" or "router" in name for name, _ in module.named_children())   # Doge: ``router_gate``
 
 
@@ -91,8 +96,7 @@ def _probed_like_moe(module: nn.Module) -> bool:
     """Whether recognizers probe ``module`` (reading its tensors from the checkpoint for a model on
     meta; its twins then take its recognition): an MoE-like block, or a module named like experts
     holding stacked 3-D weights (experts its caller routes, ``routed_experts``)."""
-    stacked = bool(_MOE_LIKE_NAME.search(type(module).__name__)) and any(
-        p.dim() == 3 for p in module.parameters(recurse=False))
+    stacked = named_like_moe(module) and any(p.dim() == 3 for p in module.parameters(recurse=False))
     return _looks_like_moe(module) or stacked
 
 

@@ -111,6 +111,8 @@ class BlockProbe:
     is then told to return the same, and in the same shape: [B, S, D], or [tokens, D] (Llama 4)
     (``extra_outputs``)."""
 
+    CANNOT_RUN = "the block cannot run on [batch, seq, dim]"    # the problem when the original fails
+
     def __init__(self, original: nn.Module, dim: int, pick=lambda out: out, tokens: tuple[int, int] = (2, 4),
                  scales: Sequence[float] = (1.0,), rescale: Optional[Callable[[float], None]] = None,
                  crowds: Sequence[tuple[int, int]] = ()):
@@ -165,8 +167,8 @@ class BlockProbe:
         if key not in self._want and not self.problem:
             try:
                 self._want[key] = self._run(self.original, x_BSD)
-            except Exception as exc:  # noqa: BLE001 - recorded: the block cannot run on [B, S, D]
-                self.problem = f"the block cannot run on [batch, seq, dim] ({type(exc).__name__}: {exc})"
+            except Exception as exc:  # noqa: BLE001 - recorded: the original cannot run on the probe's input
+                self.problem = f"{self.CANNOT_RUN} ({type(exc).__name__}: {exc})"
                 raise
         return self._want.get(key)
 

@@ -31,7 +31,7 @@ from typing import Any, NamedTuple, Optional
 import torch
 from torch import Tensor, nn
 
-from ..canonicalize import Recognition
+from ..canonicalize import Recognition, named_like_moe
 from .block import adopt, block_kind
 from .experts import ExpertsSpec, expert_dropouts, experts_candidates
 from .probe import BlockProbe, exact_form, token_scales
@@ -107,6 +107,8 @@ class RoutedExpertsProbe(BlockProbe):
     distinct random experts with random positive weights; then, at the last scale, a crowd: every
     token routed to the same K experts, which overflows any capacity the experts would drop past."""
 
+    CANNOT_RUN = "it cannot run as experts(tokens [T, D], ids [T, K], weights [T, K])"
+
     def __init__(self, original: nn.Module, dim: int, num_experts: int, scales, ids_first: bool = True):
         super().__init__(original, dim, tokens=(1, PROBE_TOKENS), scales=scales)
         gen = generator()
@@ -168,6 +170,8 @@ def recognize_routed_experts(module: nn.Module, path: str) -> Optional[Recogniti
         return leave(path, kind, f"its experts hold dropout modules ({sorted(dropouts)}), which a module called "
                                  f"with its routing has no canonical place for")
     found, best, problem = _probe_forms(module, candidates)
+    if found is None and not named_like_moe(module):    # three arguments and 3-D weights, but not experts
+        return None
     if found is None:
         return leave(path, kind, f"called with its routing, but no canonical form of its experts reproduces it "
                                  f"({problem or f'closest max abs diff {best:.3g} over {2 * len(candidates)} forms'})")
