@@ -1,7 +1,7 @@
 """What a Hugging Face user does when training, on compiled MoE programs: ``out.loss`` from
-``labels`` (with and without the model's own router aux loss), gradient checkpointing, padded
-batches with ``attention_mask``, ``torch.compile``, and capacity-limited shared-expert models under
-both EP exchanges. Each is compared with the eager model in one process."""
+``labels`` (with and without the model's own router aux loss), classification heads, gradient
+checkpointing, padded batches with ``attention_mask``, ``torch.compile``, and capacity-limited
+shared-expert models under both EP exchanges. Each is compared with the eager model in one process."""
 
 from __future__ import annotations
 
@@ -73,6 +73,33 @@ def test_out_loss_is_the_models_loss_and_double_counting_the_aux_loss_warns(rout
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             assert program.aux_loss is not None and program.aux_loss.ndim == 0
+    got.loss.backward()
+    want.loss.backward()
+    assert_grads_equal(model, eager)
+
+
+@pytest.mark.parametrize("head", ["SequenceClassification", "TokenClassification"])
+def test_a_classification_head_on_an_moe_model_trains_like_eager(head):
+    """``AutoModelFor<head>`` of an MoE family on a padded batch: the sequence head pools at each
+    row's last non-pad token, the token head scores every position; loss, logits and every
+    gradient equal eager's."""
+    import transformers
+
+    from moesys_compile.models.hf import hf_config
+    config = hf_config("qwen3_moe", {"num_labels": 3, "pad_token_id": 0})
+    config.classifier_dropout = 0.0          # the token head's dropout: random draws would differ
+    torch.manual_seed(0)
+    model = getattr(transformers, f"AutoModelFor{head}").from_config(config).train()
+    eager = copy.deepcopy(model)
+    batch = padded_batch()
+    labels = batch["labels"].clamp(max=2) if head == "TokenClassification" else torch.tensor([0, 2, 1, 2])
+    inputs = dict(attention_mask=batch["attention_mask"], labels=labels)
+    program = mc.compile(model, mc.Plan(mode="train"), example_inputs=(batch["input_ids"],), example_kwargs=inputs)
+    ids_, inputs = batch["input_ids"].flip(0), {k: v.flip(0) for k, v in inputs.items()}   # rows padded elsewhere
+    got, want = program(ids_, **inputs), eager(ids_, **inputs)
+    assert type(got) is type(want)
+    for name in ("loss", "logits"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=RTOL, atol=ATOL)
     got.loss.backward()
     want.loss.backward()
     assert_grads_equal(model, eager)
