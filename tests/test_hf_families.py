@@ -10,6 +10,8 @@ GPT-2) are not repeated here."""
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import sympy
@@ -19,8 +21,12 @@ import moesys_compile as mc
 
 transformers = pytest.importorskip("transformers")
 
+sys.path.insert(0, str(Path(__file__).parent))
+from blocks import randomize_expert_biases  # noqa: E402
+
 from moesys_compile.frontend.recognizers import CanonicalMoA, CanonicalMoEBlock, CanonicalRoutedExperts  # noqa: E402
-from moesys_compile.frontend.recognizers.routed_experts import CALLERS_ROUTING  # noqa: E402
+from moesys_compile.frontend.recognizers.routed_experts import (CALLERS_ROUTING, call_parameters,  # noqa: E402
+                                                                 recognize_routed_experts)
 from moesys_compile.ir import is_op, moesys_meta  # noqa: E402
 from moesys_compile.models.hf import DENSE_FAMILIES, MOE_FAMILIES, build_hf  # noqa: E402
 
@@ -188,6 +194,40 @@ def test_family_compiles_to_eager(family):
     assert block_facts(reports) == EXPECTED.get(family, set())
     replaced = [m for m in model.modules() if isinstance(m, (CanonicalMoEBlock, CanonicalMoA, CanonicalRoutedExperts))]
     assert len(replaced) == sum(r.action == "replaced" for r in reports)
+
+
+# experts called otherwise than experts(tokens, ids, weights), or with zero-computation experts (LongCat)
+NO_ROUTED_EXPERTS = {"jetmoe", "dbrx", "llama4", "doge", "longcat_flash"}
+
+
+@pytest.mark.parametrize("family", sorted(MOE_FAMILIES))
+def test_every_experts_module_called_with_its_routing_is_canonical_alone(family):
+    """Whatever becomes of its block, each family's experts module taking (tokens, ids, weights)
+    is recognised on its own (layout, biases, activation), and equals it on other random routing:
+    output and every gradient (tokens, weights, expert parameters)."""
+    model = randomize_expert_biases(build_hf(family))
+    found = [(path, m) for path, m in model.named_modules()
+             if path and call_parameters(m) and any(p.dim() == 3 for p in m.parameters(recurse=False))]
+    recognition = recognize_routed_experts(*found[0][::-1]) if found else None
+    assert (recognition is None) == (family in NO_ROUTED_EXPERTS)
+    if recognition is None:
+        return
+    experts, replacement = found[0][1], recognition.replacement
+    gen = torch.Generator().manual_seed(1)
+    x_TD = (4 * torch.randn(12, replacement.dim, generator=gen)).requires_grad_()
+    ids_TK = torch.stack([torch.randperm(replacement.num_experts, generator=gen)[:2] for _ in range(12)])
+    weights_TK = torch.rand(12, 2, generator=gen).requires_grad_()
+    routing = (ids_TK, weights_TK) if replacement.ids_first else (weights_TK, ids_TK)
+    for module in (experts, replacement):   # the replacement holds the experts' very parameters
+        for p in (x_TD, weights_TK, *module.parameters()):
+            p.grad = None
+        out = module(x_TD, *routing)
+        out.square().sum().backward()
+        if module is experts:
+            want = [out.detach()] + [p.grad for p in (x_TD, weights_TK, *experts.parameters())]
+    got = [out.detach()] + [p.grad for p in (x_TD, weights_TK, *replacement.parameters())]
+    for name, a, b in zip(["output", "tokens", "weights", *dict(experts.named_parameters())], got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_a_norm_of_the_block_output_stays_the_blocks_own_child():

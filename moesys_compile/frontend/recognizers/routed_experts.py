@@ -57,7 +57,7 @@ class CanonicalRoutedExperts(nn.Module):
         adopt(self, original)
         self.experts_spec = experts
         self.ids_first = ids_first              # forward(tokens, ids, weights), else (tokens, weights, ids)
-        self.argument_names = _call_parameters(original)    # the original's: a caller may pass them by name
+        self.argument_names = call_parameters(original)    # the original's: a caller may pass them by name
         self.num_experts, self.dim, self.ffn_dim = experts.num_experts, experts.dim, experts.ffn_dim
         self.activation = experts.activation
         self.top_k: Optional[int] = None        # the caller's: read from the ids at each call
@@ -131,16 +131,18 @@ class RoutedExpertsProbe(BlockProbe):
         return out if isinstance(out, Tensor) else None
 
 
-def _call_parameters(module: nn.Module) -> Optional[tuple[str, str, str]]:
+def call_parameters(module: nn.Module) -> Optional[tuple[str, str, str]]:
     """The names of ``forward``'s parameters (tokens and the two of the routing), when it takes
-    exactly three, all required."""
+    exactly three that may be passed by position (the tokens required; gpt-oss defaults the
+    routing to None)."""
     try:
         params = list(inspect.signature(module.forward).parameters.values())
     except (TypeError, ValueError):
         return None
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    required = [p for p in positional if p.default is p.empty]
-    return tuple(p.name for p in positional) if len(params) == len(required) == 3 else None
+    if len(params) != 3 or len(positional) != 3 or positional[0].default is not positional[0].empty:
+        return None
+    return tuple(p.name for p in positional)
 
 
 def _candidates(module: nn.Module) -> list[ExpertsSpec]:
@@ -157,7 +159,7 @@ def recognize_routed_experts(module: nn.Module, path: str) -> Optional[Recogniti
     only the modules no block recognizer claimed."""
     if isinstance(module, CanonicalRoutedExperts):      # canonicalized by an earlier compile
         return Recognition(kind=module.kind, details=module.details())
-    if not path or _call_parameters(module) is None:
+    if not path or call_parameters(module) is None:
         return None
     candidates = _candidates(module)
     if not candidates:
