@@ -211,8 +211,8 @@ def _build(module: nn.Module, form: dict) -> CanonicalRoutedExperts:
 
 
 def _recognition(module: nn.Module, form: dict, note: str) -> Recognition:
-    """The experts in the probed ``form``; a twin (the same experts in another layer) takes the
-    same form, and the reason its own enclosing block was left."""
+    """The experts in the probed ``form``; a twin (the same experts in another layer, in a twin of
+    the block, left for the same reason) takes the same form and note."""
     replacement = _build(module, form)
     return Recognition(kind=block_kind(module), replacement=replacement, details=replacement.details(), note=note,
                        for_twin=lambda twin: _recognition(twin, form, note))

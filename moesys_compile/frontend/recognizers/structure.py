@@ -44,8 +44,8 @@ def leave(path: str, kind: str, reason: str) -> None:
 
 def left_around(path: str) -> Optional[tuple[str, str]]:
     """(path, reason) of the innermost block around ``path`` that a recognizer left as it is."""
-    around = [outer for outer in _LEFT if path.startswith(outer + ".")]
-    return (max(around, key=len), _LEFT[max(around, key=len)][1]) if around else None
+    inner = max((outer for outer in _LEFT if path.startswith(outer + ".")), key=len, default=None)
+    return None if inner is None else (inner, _LEFT[inner][1])
 
 
 def take_left() -> dict[str, tuple[str, str]]:
