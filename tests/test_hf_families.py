@@ -208,11 +208,12 @@ def test_every_experts_module_called_with_its_routing_is_canonical_alone(family)
     model = randomize_expert_biases(build_hf(family))
     found = [(path, m) for path, m in model.named_modules()
              if path and call_parameters(m) and any(p.dim() == 3 for p in m.parameters(recurse=False))]
-    recognition = recognize_routed_experts(*found[0][::-1]) if found else None
+    path, experts = found[0] if found else ("", None)
+    recognition = recognize_routed_experts(experts, path) if found else None
     assert (recognition is None) == (family in NO_ROUTED_EXPERTS)
     if recognition is None:
         return
-    experts, replacement = found[0][1], recognition.replacement
+    replacement = recognition.replacement
     gen = torch.Generator().manual_seed(1)
     x_TD = (4 * torch.randn(12, replacement.dim, generator=gen)).requires_grad_()
     ids_TK = torch.stack([torch.randperm(replacement.num_experts, generator=gen)[:2] for _ in range(12)])
