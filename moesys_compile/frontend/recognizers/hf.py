@@ -29,7 +29,8 @@ clamp or a softcap would hide, and so that they cross the range where near activ
 as it is. Crowds of tokens that all choose one expert show a block that drops tokens past a
 capacity: it is taken with its own ``capacity_factor`` where probing establishes that capacity
 (top-1, ``probe.block_capacity``), else left as it is. A block whose forward takes more than the
-hidden states is left as it is.
+hidden states is left as it is. The experts module of a block left as it is may still be
+canonicalized alone, when the block calls it with its routing (``routed_experts``).
 """
 
 from __future__ import annotations
