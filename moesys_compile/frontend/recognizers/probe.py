@@ -198,6 +198,10 @@ class BlockProbe:
                 return ok, diff, crowded
         return ok, diff, False
 
+    def _flat_output(self, output: Tensor, x_BSD: Tensor) -> bool:
+        """Whether the original returns its output as [tokens, dim] for [B, S, D] tokens (Llama 4)."""
+        return output.dim() == 2 and x_BSD.dim() == 3
+
     def _matches_at(self, replacement: nn.Module, index: int, x_BSD: Tensor) -> tuple[bool, float]:
         try:
             want = self._original(index, x_BSD)
@@ -208,8 +212,7 @@ class BlockProbe:
                 if extras is None:
                     return False, float("inf")
                 replacement.extra_outputs = extras
-            output = want[0] if isinstance(want, tuple) else want
-            replacement.flat_output = output.dim() == 2 and x_BSD.dim() == 3     # [tokens, dim] (Llama 4)
+            replacement.flat_output = self._flat_output(want[0] if isinstance(want, tuple) else want, x_BSD)
             got = self._run(replacement, x_BSD)
         except Exception:  # noqa: BLE001
             return False, float("inf")

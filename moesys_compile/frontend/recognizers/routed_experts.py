@@ -92,13 +92,10 @@ class CanonicalRoutedExperts(nn.Module):
 
 
 class _Call(NamedTuple):
-    """One probe call's arguments; ``dim`` is the tokens' (what ``BlockProbe`` asks of an input)."""
+    """One probe call's arguments."""
     x_TD: Tensor
     ids_TK: Tensor
     weights_TK: Tensor
-
-    def dim(self) -> int:
-        return self.x_TD.dim()
 
 
 class RoutedExpertsProbe(BlockProbe):
@@ -121,6 +118,9 @@ class RoutedExpertsProbe(BlockProbe):
         calls.append((*calls[-1][:2], crowd_TK, True))
         self.inputs = [(scale, _Call(x_TD, ids_TK.to(x_TD.device), weights_TK.to(x_TD.device, x_TD.dtype)), crowded)
                        for scale, x_TD, ids_TK, crowded in calls]
+
+    def _flat_output(self, output: Tensor, call: _Call) -> bool:
+        return False        # the experts return their tokens' shape
 
     def _run(self, module: nn.Module, call: _Call) -> Any:
         routing = (call.ids_TK, call.weights_TK) if self.ids_first else (call.weights_TK, call.ids_TK)
