@@ -203,6 +203,7 @@ def decode(program, ids: torch.Tensor, max_new_tokens: Optional[int],
     step's new tokens, then ``end()``; a batch streams at once, so it is not decoded in groups."""
     from .passes.ring_partition import RingBudgetTooSmall
     model = program.context.model
+    program.context.extras["binder"].check_adapters()      # the decoding graphs are lowered from the model
     _check_ids(ids)
     check_can_generate(model)
     streamer = settings.pop("streamer", None)

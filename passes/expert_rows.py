@@ -22,6 +22,7 @@ import torch.fx as fx
 from torch import nn
 
 from moesys_compile.errors import PlanError
+from moesys_compile.frontend.adapters import adapter_layer_of
 from moesys_compile.frontend.annotation import Cost, CostModel
 from moesys_compile.frontend.canonicalize import moe_parameter_classes
 from moesys_compile.ir import expert_tensors, infer_val, is_op, moesys_meta, target_name
@@ -259,15 +260,29 @@ def check_producers(ctx, mlps: list[fx.Node], weight_producers: list[fx.Node]) -
     inside = set(weight_producers) | set(mlps)
     for mlp in mlps:
         key = moesys_meta(mlp).get("module") or mlp.name
+        adapter = _adapter_note(ctx.model, key)
         for node in producers(expert_tensors(mlp)):
             if node.op == "placeholder" or node.op == "get_attr" and classes.get(str(node.target)) != "expert":
                 raise PlanError(f"{key}: the expert weights are computed from '{node.target}', which is not an "
-                                f"expert parameter of a recognised MoE block; expert_parallel cannot shard them")
+                                f"expert parameter of a recognised MoE block; expert_parallel cannot shard them"
+                                f"{f' ({adapter})' if adapter else ''}")
             outside = [u for u in node.users if u not in inside]
             if outside:
                 raise PlanError(f"{key}: '{node.name}' ({target_name(node)}), part of the expert weights, is also "
                                 f"read by '{outside[0].name}' ({target_name(outside[0])}); the experts cannot be "
-                                f"sharded while other code reads their weights (use expert_parallel=1)")
+                                f"sharded while other code reads their weights ({adapter or 'use expert_parallel=1'})")
+
+
+def _adapter_note(model: nn.Module, block_path: str) -> str:
+    """Where a PEFT adapter layer holds the experts (LoRA on their parameters), what it does and
+    the fix: its update is computed for every expert in each forward, from adapter weights that are
+    not split by expert. Empty where none holds them."""
+    held = adapter_layer_of(model, block_path)
+    if held is None:
+        return ""
+    return (f"a PEFT adapter ('{held[0]}', {type(held[1]).__name__}) adds its update to every expert's weights "
+            f"there: train it with expert_parallel=1, or leave the expert parameters out of its target_parameters "
+            f"to shard the experts")
 
 
 def _parameters_read(gm: fx.GraphModule, node: fx.Node) -> list[str]:

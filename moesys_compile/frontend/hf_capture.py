@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from ..errors import UntraceableModelError, warn_user
+from .adapters import peft_base_model
 
 # what a causal LM multiplies its load-balancing loss by: its own attribute (set from whichever
 # config field its family uses), else a config field (a base model without the LM head)
@@ -48,8 +49,11 @@ AUX_COEF_SUBCONFIGS = ("text_config", "ffn_config")
 
 
 def is_hf_model(model: nn.Module) -> bool:
+    """A Hugging Face model, or a PEFT ``PeftModel`` around one (its ``forward`` passes the model's
+    arguments on, its attributes read through to the model's: see ``adapters``)."""
     transformers = sys.modules.get("transformers")
-    return transformers is not None and isinstance(model, transformers.PreTrainedModel)
+    wrapped = peft_base_model(model)
+    return transformers is not None and isinstance(model if wrapped is None else wrapped, transformers.PreTrainedModel)
 
 
 def _configs(model: nn.Module) -> list:
@@ -354,8 +358,9 @@ def hf_capture_adapter(model: nn.Module, example_inputs: Sequence[Any] = (),
     inner = getattr(model, "hf_model", model)
     if not is_hf_model(inner):
         return None
-    apply_aux_loss_coef(inner)
-    warn_checkpointing_dropped(inner)
+    hf_model = peft_base_model(inner) or inner          # a PeftModel's: its flags are the model's own
+    apply_aux_loss_coef(hf_model)
+    warn_checkpointing_dropped(hf_model)
     capturable = _capturable(model, packing_detected=not eager_builds_cache(inner, example_inputs, example_kwargs or {}))
     if inner is not model or not needs_default_mask(model, example_inputs, example_kwargs or {}):
         return capturable

@@ -11,6 +11,7 @@ import torch.fx as fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from ..frontend.adapters import AdapterState
 from ..frontend.hf_capture import given_keyword, refuse_use_cache, switch_defaults
 
 
@@ -57,6 +58,7 @@ class InputBinder:
         self.switch_defaults = switch_defaults(model)   # HF output switches: their values when left out
         self.example_switches: dict[str, Any] = {}      # ... those the example gave, as it gave them
         self.compiled_switches: dict[str, Any] = {}     # ... and the value each had in the example
+        self.adapters = AdapterState.of(model)          # a PeftModel's adapters as compiled, else None
 
     def remember_example(self, args: Sequence[Any], kwargs: dict) -> list[Any]:
         """Bind the example and keep its tensors' shapes, so that a call whose tensor has another
@@ -150,8 +152,14 @@ class InputBinder:
             raise ValueError(f"{self.model_name}.forward: attention_mask is {tuple(mask.shape)} but input_ids is "
                              f"{tuple(ids.shape)}; a padding mask has one entry per token: give it the ids' shape")
 
+    def check_adapters(self) -> None:
+        """A PeftModel's adapters are as they were when it was compiled (``adapters.AdapterState``)."""
+        if self.adapters is not None:
+            self.adapters.check(self.model_name)
+
     def _traced_values(self, args: Sequence[Any], kwargs: dict) -> list[Any]:
         """The call's values of the traced arguments, bound and checked as the example was."""
+        self.check_adapters()
         try:
             bound = self.signature.bind(*args, **kwargs)
         except TypeError as exc:

@@ -1,0 +1,88 @@
+"""PEFT adapters (LoRA and the others) on a compiled model.
+
+A ``peft.PeftModel`` is compiled as it is: its adapter layers are code of the model like any
+other, traced into the graph, so the program computes what the PeftModel computes when it was
+compiled, and trains the adapters' parameters (and whatever else has ``requires_grad``) under
+their PEFT names. A Hugging Face model inside one is captured as a Hugging Face model
+(``hf_capture.is_hf_model`` looks through the wrapper).
+
+What PEFT switches at run time does not reach a captured graph: ``disable_adapter()`` (the
+reference pass of preference training), ``set_adapter``, ``merge_adapter`` (which also adds the
+update into the shared base weights, so a program that still adds it would count it twice). The
+program therefore records the adapters' state when it is compiled (``AdapterState``) and refuses a
+call made in another one, saying what changed. peft is never imported here: a model can only be
+a PeftModel if peft is already loaded.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+from torch import nn
+
+
+def _peft():
+    return sys.modules.get("peft")
+
+
+def peft_base_model(model: nn.Module) -> Optional[nn.Module]:
+    """The model a ``PeftModel`` wraps (``get_base_model()``, with the adapter layers in it); None
+    for any other model."""
+    peft = _peft()
+    return model.get_base_model() if peft is not None and isinstance(model, peft.PeftModel) else None
+
+
+def adapter_layer_of(model: nn.Module, path: str) -> Optional[tuple[str, nn.Module]]:
+    """The closest PEFT adapter layer that holds the module at ``path`` (LoRA on expert parameters,
+    peft's ``target_parameters``, wraps the experts module in a ``ParamWrapper``): (its path, it);
+    None where no adapter layer holds it."""
+    peft = _peft()
+    if peft is None:
+        return None
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    while path:
+        path = path.rpartition(".")[0]
+        module = model.get_submodule(path)
+        if isinstance(module, BaseTunerLayer):
+            return path, module
+    return None
+
+
+class AdapterState:
+    """The adapters' state of a PeftModel, as PEFT switches it: enabled or not, which are active,
+    which are merged (model level, and per adapter layer). ``of(model)`` is None for other models."""
+
+    def __init__(self, model: nn.Module, layers: list[nn.Module]):
+        self.model = model
+        self.layers = layers
+        self.compiled = self.read()
+
+    @classmethod
+    def of(cls, model: nn.Module) -> Optional["AdapterState"]:
+        if peft_base_model(model) is None:
+            return None
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        return cls(model, [m for m in model.modules() if isinstance(m, BaseTunerLayer)])
+
+    def read(self) -> dict[str, object]:
+        layers = self.layers
+        return {"disabled": bool(getattr(self.model, "_adapters_disabled", False))
+                or any(layer.disable_adapters for layer in layers),
+                "active": tuple(self.model.active_adapters),
+                "merged": tuple(sorted({name for layer in layers for name in layer.merged_adapters}))}
+
+    def check(self, model_name: str) -> None:
+        """Refuse a call made with the adapters switched since the program was compiled."""
+        now = self.read()
+        if now == self.compiled:
+            return
+        raise RuntimeError(
+            f"{model_name}: its PEFT adapters are {describe(now)} now, but were {describe(self.compiled)} when the "
+            f"program was compiled, which is what its graph computes; call the PeftModel itself for a pass with them "
+            f"switched (a reference pass under disable_adapter()), or compile a program in that state")
+
+
+def describe(state: dict[str, object]) -> str:
+    merged = f", {list(state['merged'])} merged into the base weights" if state["merged"] else ""
+    return f"{'disabled' if state['disabled'] else 'enabled'} (active {list(state['active'])}{merged})"

@@ -1,0 +1,157 @@
+"""PEFT adapters: a ``PeftModel`` (LoRA, prompt tuning) around a Hugging Face MoE model or one of
+ours compiles as it is, trains its adapters like eager (also at expert_parallel=2, under the PEFT
+names), streams through a ring and decodes with a KV cache; a call made with the adapters switched
+since compiling (disable_adapter, merge_adapter) is refused; LoRA on the expert parameters cannot
+be sharded, and the error says so."""
+
+from __future__ import annotations
+
+import copy
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import moesys_compile as mc
+
+pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+from moesys_compile.models import build  # noqa: E402
+from moesys_compile.models.hf import build_hf  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+import test_hf_parallel as parallel  # noqa: E402
+from dist_utils import optimizer_steps, run_ranks  # noqa: E402
+
+ATTENTION = ["q_proj", "v_proj"]
+
+
+def ids(batch: int = 2, seq: int = 8, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 128, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def with_lora(model: torch.nn.Module, **lora) -> torch.nn.Module:
+    """``model`` under a LoRA adapter whose B matrices are random (PEFT starts them at zero, which
+    would make the adapter a no-op that any program passes)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        wrapped = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, **lora))
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, param in wrapped.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+    return wrapped
+
+
+def lora_qwen3(mode: str = "eval", **lora) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = build_hf("qwen3_moe", num_hidden_layers=2)
+    return with_lora(model.train(mode == "train"), **{"target_modules": ATTENTION, **lora})
+
+
+def trainable_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("lora, replaced", [(dict(target_modules=ATTENTION), "hf.Qwen3MoeSparseMoeBlock"),
+                                            (dict(target_modules="all-linear"), "hf.Qwen3MoeExperts")],
+                         ids=["attention", "all-linear"])
+def test_a_lora_model_trains_like_eager(lora, replaced):
+    """all-linear also puts LoRA on the router and the expert parameters (PEFT's ParamWrapper): the
+    block is left as traced code, its experts canonical, computed on their weights with the
+    adapter's update."""
+    model = lora_qwen3("train", **lora)
+    eager = copy.deepcopy(model)
+    batch = ids()
+    program = mc.compile(model, mc.Plan(mode="train"), example_inputs=(batch,), example_kwargs={"labels": batch})
+    out, want = program(batch, labels=batch), eager(batch, labels=batch)
+    torch.testing.assert_close(out.logits, want.logits, rtol=1e-5, atol=1e-6)
+    out.loss.backward()
+    want.loss.backward()
+    grads, want_grads = trainable_grads(model), trainable_grads(eager)
+    assert list(grads) == list(want_grads) and any("lora_A" in name for name in grads)
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    assert [(r.kind, r.action) for r in program.context.blocks] == [(replaced, "replaced")] * 2
+
+
+def test_a_lora_model_streams_through_a_ring_and_decodes_with_its_cache():
+    model, eager = lora_qwen3(), lora_qwen3()
+    budget = sum(p.numel() * p.element_size() for p in model.parameters()) // 2
+    program = mc.compile(model, mc.Plan(mode="infer", device="cpu", device_budget=budget, weights="host"),
+                         example_inputs=(ids(),))
+    torch.testing.assert_close(program(ids(3, 5, seed=1)).logits, eager(ids(3, 5, seed=1)).logits,
+                               rtol=1e-5, atol=1e-6)
+    want = eager.generate(input_ids=ids(), max_new_tokens=4, do_sample=False)
+    assert torch.equal(program.generate(ids(), max_new_tokens=4), want)
+    assert program.stats["decode"] == "kv_cache"
+
+
+def test_prompt_tuning_and_our_own_models_compile_too():
+    torch.manual_seed(0)
+    prompted = peft.get_peft_model(build_hf("qwen3_moe", num_hidden_layers=1).eval(),
+                                   peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    program = mc.compile(prompted, mc.Plan(), example_inputs=(ids(),))
+    torch.testing.assert_close(program(ids()).logits, prompted(ids()).logits, rtol=1e-5, atol=1e-6)
+    own = with_lora(build("tiny-moe").eval(), target_modules=["qkv", "proj"])
+    tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(mc.compile(own, mc.Plan(), example_inputs=(tokens,))(tokens), own(tokens))
+
+
+def test_a_call_with_the_adapters_switched_since_compiling_is_refused():
+    """disable_adapter() (a reference pass) and merge_adapter() change what the PeftModel computes
+    but not the captured graph; a program compiled with them disabled computes the base model."""
+    model = lora_qwen3()
+    program = mc.compile(model, mc.Plan(), example_inputs=(ids(),))
+    with model.disable_adapter(), pytest.raises(RuntimeError, match=r"adapters are disabled \(active \['default'\]\) "
+                                                                    r"now, but were enabled .* disable_adapter"):
+        program(ids())
+    model.merge_adapter()
+    with pytest.raises(RuntimeError, match=r"\['default'\] merged into the base weights\) now"):
+        program(ids())
+    model.unmerge_adapter()
+    with_adapters = program(ids()).logits
+    torch.testing.assert_close(with_adapters, lora_qwen3()(ids()).logits, rtol=1e-5, atol=1e-6)
+    with model.disable_adapter():
+        base = mc.compile(model, mc.Plan(), example_inputs=(ids(),))
+        without = base(ids()).logits
+        torch.testing.assert_close(without, model(ids()).logits, rtol=1e-5, atol=1e-6)
+    assert (without - with_adapters).abs().max() > 1e-2
+    with pytest.raises(RuntimeError, match="now, but were disabled"):
+        base(ids())
+
+
+def test_lora_on_the_expert_parameters_cannot_be_sharded_and_the_error_names_the_adapter():
+    model = lora_qwen3("train", target_parameters=["mlp.experts.gate_up_proj"])
+    with pytest.raises(mc.PassError, match=r"a PEFT adapter \('base_model\.model\.model\.layers\.0\.mlp\.experts', "
+                                           r"ParamWrapper\) .* expert_parallel=1, or leave the expert parameters out"):
+        mc.lower(model, mc.Plan(mode="train", world_size=2, expert_parallel=2), (ids(),), rank=0)
+
+
+def reference_run():
+    model = lora_qwen3("train")
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=parallel.LR)
+    batch, targets = parallel.global_batch()
+    losses = optimizer_steps(lambda: parallel.cross_entropy(model(batch).logits, targets), opt, parallel.STEPS)
+    return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def distributed_run(rank: int, world: int):
+    program, losses = parallel.train_on_ranks(lora_qwen3("train"), rank, world, ep=2)
+    state = program.full_state_dict()
+    return losses, (state if rank == 0 else None)
+
+
+def test_two_expert_parallel_ranks_train_the_adapters_like_one_eager_process():
+    losses, state = run_ranks(distributed_run, 2, timeout=300)[0]
+    want_losses, want_state = reference_run()
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(want_losses), rtol=parallel.RTOL, atol=parallel.ATOL)
+    assert list(state) == list(want_state), "full_state_dict uses the PEFT names"
+    for name, tensor in want_state.items():
+        torch.testing.assert_close(state[name], tensor, rtol=parallel.RTOL, atol=parallel.ATOL,
+                                   msg=lambda m: f"{name}: {m}")
+    assert any(not torch.equal(state[n], t) for n, t in lora_qwen3("train").state_dict().items() if "lora_" in n)
