@@ -155,3 +155,21 @@ def test_two_expert_parallel_ranks_train_the_adapters_like_one_eager_process():
         torch.testing.assert_close(state[name], tensor, rtol=parallel.RTOL, atol=parallel.ATOL,
                                    msg=lambda m: f"{name}: {m}")
     assert any(not torch.equal(state[n], t) for n, t in lora_qwen3("train").state_dict().items() if "lora_" in n)
+
+
+def test_adapters_that_cannot_be_captured_are_refused_naming_the_method():
+    """Prefix tuning hands its virtual tokens to the model as a KV cache; LoHa draws a random
+    number for its module dropout in training mode (its eval mode compiles)."""
+    torch.manual_seed(0)
+    prefixed = peft.get_peft_model(build_hf("qwen3_moe", num_hidden_layers=1),
+                                   peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    with pytest.raises(mc.UntraceableModelError, match=r"adapter 'default' is PREFIX_TUNING, .* KV cache"):
+        mc.compile(prefixed, mc.Plan(), example_inputs=(ids(),))
+    loha = peft.get_peft_model(build_hf("qwen3_moe", num_hidden_layers=1),
+                               peft.LoHaConfig(r=4, target_modules=["q_proj"], init_weights=False)).train()
+    with pytest.raises(mc.UntraceableModelError, match=r"fix: 'base_model\.model\.model\.layers\.0\.self_attn\.q_proj' "
+                                                       r"is a PEFT loha layer \(Linear\), whose training-mode forward "
+                                                       r"cannot be captured: .* or compile in eval mode"):
+        mc.compile(loha, mc.Plan(mode="train"), example_inputs=(ids(),))
+    loha.eval()
+    torch.testing.assert_close(mc.compile(loha, mc.Plan(), example_inputs=(ids(),))(ids()).logits, loha(ids()).logits)

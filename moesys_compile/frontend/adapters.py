@@ -21,6 +21,8 @@ from typing import Optional
 
 from torch import nn
 
+from ..errors import UntraceableModelError
+
 
 def _peft():
     return sys.modules.get("peft")
@@ -31,6 +33,39 @@ def peft_base_model(model: nn.Module) -> Optional[nn.Module]:
     for any other model."""
     peft = _peft()
     return model.get_base_model() if peft is not None and isinstance(model, peft.PeftModel) else None
+
+
+# PEFT methods that pass their virtual tokens as a KV cache (past_key_values), which programs do not take
+CACHE_PROMPT_METHODS = ("PREFIX_TUNING",)
+
+
+def check_peft_model(model: nn.Module) -> None:
+    """Refuse, before capture, an adapter that feeds the model a KV cache (prefix tuning)."""
+    if peft_base_model(model) is None:
+        return
+    method = str(getattr(model.active_peft_config, "peft_type", ""))
+    if method.rpartition(".")[2] in CACHE_PROMPT_METHODS:
+        raise UntraceableModelError(
+            f"{type(model).__name__}: its active adapter '{model.active_adapter}' is {method.rpartition('.')[2]}, "
+            f"which passes its virtual tokens to the model as a KV cache (past_key_values); programs are captured "
+            f"without a cache: use prompt tuning (PromptTuningConfig, virtual tokens as input embeddings) or LoRA")
+
+
+def untraceable_adapter_fix(model: nn.Module, path: str) -> Optional[str]:
+    """The fix to show where capture failed inside a PEFT adapter layer's own code (LoHa and LoKr
+    draw a random number for their module dropout in training mode); None elsewhere."""
+    peft = _peft()
+    if peft is None or path == "<root>":
+        return None
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    module = model.get_submodule(path)
+    if not isinstance(module, BaseTunerLayer):
+        return None
+    mode = "training" if module.training else "eval"
+    method = type(module).__module__.split(".")[2:3] or ["adapter"]     # peft.tuners.<method>.layer
+    return (f"'{path}' is a PEFT {method[0]} layer ({type(module).__name__}), whose {mode}-mode forward cannot be "
+            f"captured: use an "
+            f"adapter method that can (LoRA, DoRA, IA3, AdaLoRA, VeRA){' or compile in eval mode' if module.training else ''}")
 
 
 def adapter_layer_of(model: nn.Module, path: str) -> Optional[tuple[str, nn.Module]]:

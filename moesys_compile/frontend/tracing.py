@@ -23,6 +23,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from ..errors import UntraceableModelError, torch_logs_silenced, warn_user
 from ..ir import canonical_target
+from .adapters import check_peft_model, untraceable_adapter_fix
 from .empty_weights import put_back, stand_ins
 from .hf_capture import check_hf_example
 from .modes import drop_empty_grad_regions, mode_signature, recording_grad_mode
@@ -175,10 +176,12 @@ def untraceable_error(model: nn.Module, fx_error: BaseException, tracer: MoesysT
                      f"trace(..., leaf_modules=[{path!r}])")
     else:
         leaf_hint = "move the data-dependent part into a submodule and declare that a leaf (Plan.leaf_modules)"
+    fix = (untraceable_adapter_fix(model, path)
+           or f"express it with tensor ops (torch.where, masking, torch.cond) instead, or {leaf_hint}")
     lines = [
         f"cannot trace {type(model).__name__}: module '{path}' uses {construct}",
         f"  at {where}",
-        f"  fix: express it with tensor ops (torch.where, masking, torch.cond) instead, or {leaf_hint}",
+        f"  fix: {fix}",
     ]
     if export_error is not None:
         first = str(export_error).strip().splitlines()[0] if str(export_error).strip() else ""
@@ -585,6 +588,7 @@ def capture(model: nn.Module, example_inputs: Sequence[Any] = (), example_kwargs
     example_inputs, example_kwargs = distinct_inputs(example_inputs, example_kwargs or {})
     leaf_modules = tuple(leaf_modules)
     check_hf_example(model, example_inputs, example_kwargs)
+    check_peft_model(model)
     inlined: list[str] = []
     checkpointed: list[bool] = []
     with own_autograd_functions(inlined), _noting_activation_checkpoints(checkpointed), _tensor_attributes_kept(model):
