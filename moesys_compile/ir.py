@@ -66,6 +66,15 @@ def fetch(root: torch.nn.Module, target: str) -> Any:
     return obj
 
 
+def region_body(root: torch.nn.Module, node: fx.Node) -> Optional[fx.GraphModule]:
+    """The graph a ``get_attr`` node names when it is the body of a region (export's
+    ``wrap_with_autocast`` and ``wrap_with_set_grad_enabled`` calls take theirs so); else None."""
+    if node.op != "get_attr":
+        return None
+    value = fetch(root, str(node.target))
+    return value if isinstance(value, fx.GraphModule) else None
+
+
 def canonical_target(target: Any) -> Any:
     """Resolve an OpOverloadPacket (``torch.ops.moesys.route``) to its ``.default`` overload."""
     if isinstance(target, torch._ops.OpOverloadPacket):

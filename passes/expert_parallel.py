@@ -215,7 +215,9 @@ def expert_parallel(gm: fx.GraphModule, ctx) -> fx.GraphModule:
     evaluate alone, as with DDP; with ep > 1 every forward is a collective anyway.
     The model's modules are never modified (the graph module's holders are its own); a shard is a
     view of the model's tensor, so training updates those rows in place, as it does the dense
-    parameters the program shares with the model. Row counts
+    parameters the program shares with the model. Dense parameters the expert weights are computed
+    from (an adapter's update per expert) stay whole on every rank, synced as dense: a rank's
+    gradient covers the rows of its experts, over the tokens of its EP group. Row counts
     after dispatch are data dependent (unbacked sizes in ``meta["val"]``). Expert weights computed
     in a way that moves dim 0 (or read elsewhere) raise a PlanError naming the block and node.
 
@@ -226,7 +228,8 @@ def expert_parallel(gm: fx.GraphModule, ctx) -> fx.GraphModule:
         for mlp in grouped_mlp nodes (ep > 1):
             w_up, w_down (and expert biases) := producers rebuilt for rows [ep_index*L, (ep_index+1)*L):
                 stacked parameter -> its rows; stack/cat(dim 0) -> the pieces in range;
-                transpose/cast/cat(dim > 0) -> same op on the inputs' rows; else PlanError
+                transpose/cast/cat(dim > 0)/row-wise op (add, bmm, ...) or region -> same op on
+                the inputs' rows; computed from dense parameters only -> slice [lo, hi); else PlanError
             token exchange (K > 1, plain permute -> mlp -> unpermute):
               counts, order, send_S, row_M, recv_RL, rows, w_M = ep_token_plan(ids_TK, weights_TK, E, cap)
               x_MD = ep_token_dispatch(x_TD, send_S, row_M, rows)   # unique (rank, token) rows

@@ -7,13 +7,18 @@ concatenated, or a ModuleList of per-expert Linears stacked in forward. Each wei
 a small pure graph from ``get_attr`` nodes. A rank that owns experts [lo, hi) gets that producer
 rebuilt for rows [lo, hi) only, the row range pushed down to the parameters: a stacked parameter
 is sharded along dim 0, a per-expert parameter is kept whole or dropped from the rank's graph.
-How each op's dim-0 rows come from its inputs is data (``row_sources``).
+How each op's dim-0 rows come from its inputs is data (``row_sources``). A weight may also add an
+update per expert computed from dense parameters (PEFT's LoRA on the expert weights:
+``W + scaling · lhs @ rhs``, in export's ``wrap_with_autocast`` region): every rank holds those
+whole, so the walk stops at them and takes their rows [lo, hi) with a slice, and a region whose
+body computes row by row is called again on its inputs' rows.
 
 Shape legend: E experts · L experts of this rank · H up-projection rows · D dim · F hidden.
 """
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Optional
 
@@ -22,16 +27,21 @@ import torch.fx as fx
 from torch import nn
 
 from moesys_compile.errors import PlanError
-from moesys_compile.frontend.adapters import adapter_layer_of
 from moesys_compile.frontend.annotation import Cost, CostModel
 from moesys_compile.frontend.canonicalize import moe_parameter_classes
-from moesys_compile.ir import expert_tensors, infer_val, is_op, moesys_meta, target_name
+from moesys_compile.ir import expert_tensors, infer_val, is_op, moesys_meta, region_body, target_name
 from moesys_compile.runtime.groups import Topology
 
 # ops whose output has exactly the rows (and shape) of their first input
 _SAME_SHAPE_OPS = {"contiguous", "clone", "detach", "alias", "to", "_to_copy", "type", "float", "double", "half",
                    "bfloat16", "requires_grad_"}
 _CAT_OPS = {"cat", "concat", "concatenate"}
+# ops whose output row i is computed from row i of each input that has the output's rows (inputs
+# of other shapes broadcast): a weight plus an update per expert (PEFT's LoRA on expert weights)
+_ROW_WISE_OPS = {"add", "sub", "mul", "div", "bmm", "baddbmm"}
+# what a region's body (export's ``wrap_with_autocast`` / ``wrap_with_set_grad_enabled``) may hold
+# for the region to be rebuilt on rows: row-wise ops, and ``set_`` (a parametrization's no-op)
+_REGION_BODY_OPS = _SAME_SHAPE_OPS | _ROW_WISE_OPS | {"set_"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -85,6 +95,10 @@ def row_sources(node: fx.Node) -> Optional[tuple[str, list]]:
         dims = _arg(node, 1, "dims", ())
         dims = node.args[1:] if isinstance(dims, int) else dims     # x.permute(0, 2, 1)
         return ("aligned", [first]) if dims and dims[0] % _ndim(first) == 0 else None
+    if name in _ROW_WISE_OPS:
+        inputs = [x for x in node.args if isinstance(x, fx.Node) and "val" in x.meta and _ndim(x) == _ndim(node)
+                  and expert_rows_of(x) == expert_rows_of(node)]
+        return ("aligned", inputs) if inputs else None
     if name in _SAME_SHAPE_OPS and isinstance(first, fx.Node):
         same = tuple(first.meta["val"].shape) == tuple(node.meta["val"].shape)
         return ("aligned", [first]) if same else None
@@ -115,6 +129,25 @@ def producers(nodes: list[fx.Node]) -> list[fx.Node]:
     return list(found)
 
 
+def reads_experts(node: fx.Node, classes: dict[str, str]) -> bool:
+    """Whether ``node`` is computed from an expert parameter (else from dense ones only)."""
+    return any(n.op == "get_attr" and classes.get(str(n.target)) == "expert" for n in producers([node]))
+
+
+def region_call(node: fx.Node) -> Optional[fx.Node]:
+    """The region call (a higher-order op such as export's ``wrap_with_autocast``) whose output
+    ``node`` takes (``getitem(region, i)``); None for any other node."""
+    if node.op != "call_function" or node.target is not operator.getitem or not isinstance(node.args[0], fx.Node):
+        return None
+    region = node.args[0]
+    return region if isinstance(getattr(region, "target", None), torch._ops.HigherOrderOperator) else None
+
+
+def _has_rows(node: fx.Node, rows: int) -> bool:
+    value = node.meta.get("val")
+    return isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == rows
+
+
 class ExpertRows:
     """Rebuilds the expert-weight producers of one rank: ``local(weight, lo, hi)`` is a node
     computing rows [lo, hi) of ``weight`` from this rank's parameters only."""
@@ -124,6 +157,7 @@ class ExpertRows:
         self.memo: dict[tuple[fx.Node, int, int], fx.Node] = {}
         self.sharded: dict[str, tuple[int, int, int]] = {}
         self.where = ""
+        self.classes = moe_parameter_classes(ctx.model)
 
     def unsupported(self, node: fx.Node, why: str) -> PlanError:
         return PlanError(
@@ -138,10 +172,18 @@ class ExpertRows:
             return node
         key = (node, lo, hi)
         if key not in self.memo:
-            self.memo[key] = self._shard(node, lo, hi) if node.op == "get_attr" else self._rebuild(node, lo, hi)
+            if not reads_experts(node, self.classes):     # dense (a per-expert update): every rank has it all
+                self.memo[key] = self._copy_op(torch.ops.aten.slice.Tensor, (node, 0, lo, hi), like=node)
+            elif node.op == "get_attr":
+                self.memo[key] = self._shard(node, lo, hi)
+            else:
+                self.memo[key] = self._rebuild(node, lo, hi)
         return self.memo[key]
 
     def _rebuild(self, node: fx.Node, lo: int, hi: int) -> fx.Node:
+        region = region_call(node)
+        if region is not None:          # getitem(region(...), i): the region rebuilt on the rows
+            return self._copy(node, (self._local_region(region, lo, hi, expert_rows_of(node)), node.args[1]))
         sources = row_sources(node)
         if sources is None:
             raise self.unsupported(node, "mixes or moves the expert dimension (dim 0)")
@@ -159,19 +201,48 @@ class ExpertRows:
             args = (kept, *node.args[1:])
         return self._copy(node, args)
 
+    def _local_region(self, region: fx.Node, lo: int, hi: int, rows: int) -> fx.Node:
+        """The region called on rows [lo, hi) of its inputs that have ``rows`` rows, when its body
+        computes row by row (a cast or set_, an update added per expert)."""
+        key = (region, lo, hi)
+        if key not in self.memo:
+            body = next(b for b in (region_body(self.gm, a) for a in region.all_input_nodes) if b is not None)
+            off = [n for n in body.graph.nodes if n.op not in ("placeholder", "output")
+                   and _op_name(n) not in _REGION_BODY_OPS]
+            if off:
+                raise self.unsupported(region, f"is a region whose body computes '{off[0].name}' "
+                                               f"({target_name(off[0])}), which is not row by row")
+            args = fx.node.map_arg(region.args, lambda n: self.local(n, lo, hi) if _has_rows(n, rows) else n)
+            self.memo[key] = self._copy(region, args)
+        return self.memo[key]
+
+    def _copy_op(self, target, args: tuple, like: fx.Node) -> fx.Node:
+        """A new call of ``target`` with ``like``'s layer and module."""
+        node = self.gm.graph.create_node("call_function", target, args)
+        infer_val(node, self.ctx.fake_mode)
+        self._note_source(node, like)
+        return node
+
+    def _note_source(self, new: fx.Node, source_node: fx.Node) -> None:
+        source = moesys_meta(source_node)
+        moesys_meta(new).update(layer=source.get("layer"), module=source.get("module"))
+        moesys_meta(new)["cost"] = CostModel(self.gm, self.ctx.annotation).cost(new)
+
     def _copy(self, node: fx.Node, args: tuple) -> fx.Node:
         """``node``'s op (call_function or call_method) on new arguments, with ``meta["val"]`` and
         ``meta["moesys"]``."""
         new = self.gm.graph.create_node(node.op, node.target, args, dict(node.kwargs))
-        if node.op == "call_function":
+        if isinstance(node.target, torch._ops.HigherOrderOperator):
+            values = fx.node.map_arg(args, lambda n: region_body(self.gm, n) or n.meta["val"])
+            with self.ctx.fake_mode:
+                new.meta["val"] = node.target(*values, **node.kwargs)
+        elif node.op == "call_function":
             infer_val(new, self.ctx.fake_mode)
         else:
             (this, *rest), kwargs = fx.node.map_arg((args, new.kwargs), lambda n: n.meta["val"])
             with self.ctx.fake_mode:
                 new.meta["val"] = getattr(this, str(node.target))(*rest, **kwargs)
-        source = moesys_meta(node)
-        moesys_meta(new).update(layer=source.get("layer"), module=source.get("module"))
-        moesys_meta(new)["cost"] = CostModel(self.gm, self.ctx.annotation).cost(new)
+        self._note_source(new, node)
         return new
 
     def _shard(self, node: fx.Node, lo: int, hi: int) -> fx.Node:
@@ -255,34 +326,22 @@ def expert_owners(weights: list[fx.Node], strict: bool = True) -> dict[str, int]
 
 
 def check_producers(ctx, mlps: list[fx.Node], weight_producers: list[fx.Node]) -> None:
-    """Expert weights must be computed from expert parameters only, and read by the experts only."""
+    """Expert weights must be computed from parameters (expert ones, sharded, and dense ones, which
+    every rank holds whole: an update per expert), and what is computed from expert parameters
+    read by the experts only."""
     classes = moe_parameter_classes(ctx.model)
     inside = set(weight_producers) | set(mlps)
     for mlp in mlps:
         key = moesys_meta(mlp).get("module") or mlp.name
-        adapter = _adapter_note(ctx.model, key)
         for node in producers(expert_tensors(mlp)):
-            if node.op == "placeholder" or node.op == "get_attr" and classes.get(str(node.target)) != "expert":
-                raise PlanError(f"{key}: the expert weights are computed from '{node.target}', which is not an "
-                                f"expert parameter of a recognised MoE block; expert_parallel cannot shard them"
-                                f"{f' ({adapter})' if adapter else ''}")
+            if node.op == "placeholder":
+                raise PlanError(f"{key}: the expert weights are computed from the input '{node.target}'; "
+                                f"expert_parallel cannot shard them")
             outside = [u for u in node.users if u not in inside]
-            if outside:
+            if outside and reads_experts(node, classes):
                 raise PlanError(f"{key}: '{node.name}' ({target_name(node)}), part of the expert weights, is also "
                                 f"read by '{outside[0].name}' ({target_name(outside[0])}); the experts cannot be "
-                                f"sharded while other code reads their weights ({adapter or 'use expert_parallel=1'})")
-
-
-def _adapter_note(model: nn.Module, block_path: str) -> str:
-    """Where a PEFT adapter layer holds the experts (LoRA on their parameters), what it does and
-    the fix: its update is computed for every expert in each forward, from adapter weights that are
-    not split by expert. Empty where none holds them."""
-    held = adapter_layer_of(model, block_path)
-    if held is None:
-        return ""
-    return (f"a PEFT adapter ('{held[0]}', {type(held[1]).__name__}) adds its update to every expert's weights "
-            f"there: train it with expert_parallel=1, or leave the expert parameters out of its target_parameters "
-            f"to shard the experts")
+                                f"sharded while other code reads their weights (use expert_parallel=1)")
 
 
 def _parameters_read(gm: fx.GraphModule, node: fx.Node) -> list[str]:

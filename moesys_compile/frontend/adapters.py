@@ -68,22 +68,6 @@ def untraceable_adapter_fix(model: nn.Module, path: str) -> Optional[str]:
             f"adapter method that can (LoRA, DoRA, IA3, AdaLoRA, VeRA){' or compile in eval mode' if module.training else ''}")
 
 
-def adapter_layer_of(model: nn.Module, path: str) -> Optional[tuple[str, nn.Module]]:
-    """The closest PEFT adapter layer that holds the module at ``path`` (LoRA on expert parameters,
-    peft's ``target_parameters``, wraps the experts module in a ``ParamWrapper``): (its path, it);
-    None where no adapter layer holds it."""
-    peft = _peft()
-    if peft is None:
-        return None
-    from peft.tuners.tuners_utils import BaseTunerLayer
-    while path:
-        path = path.rpartition(".")[0]
-        module = model.get_submodule(path)
-        if isinstance(module, BaseTunerLayer):
-            return path, module
-    return None
-
-
 class AdapterState:
     """The adapters' state of a PeftModel, as PEFT switches it: enabled or not, which are active,
     which are merged (model level, and per adapter layer). ``of(model)`` is None for other models."""

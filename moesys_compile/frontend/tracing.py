@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves, tree_map
 
 from ..errors import UntraceableModelError, torch_logs_silenced, warn_user
-from ..ir import canonical_target
+from ..ir import canonical_target, region_body
 from .adapters import check_peft_model, untraceable_adapter_fix
 from .empty_weights import put_back, stand_ins
 from .hf_capture import check_hf_example
@@ -514,6 +514,7 @@ def export_trace(model: nn.Module, example_inputs: Sequence[Any], example_kwargs
                 break
     put_back(gm, originals)
     _drop_dtype_asserts(gm)
+    _drop_dead_regions(gm)
     # export's module refuses train()/eval(), which breaks program.train()/eval(); drop those
     # overrides: like an fx graph, the captured graph keeps the mode it was captured in.
     for name in ("train", "eval"):
@@ -537,6 +538,44 @@ def _drop_dtype_asserts(gm: fx.GraphModule) -> None:
             module.graph.erase_node(node)
         if asserts:
             module.recompile()
+
+
+def _drop_dead_regions(gm: fx.GraphModule) -> None:
+    """Erase the calls of export's regions (``wrap_with_autocast``, ``wrap_with_set_grad_enabled``)
+    whose body returns nothing and mutates nothing: code whose result eager discards, such as the
+    check ``torch.nn.utils.parametrize`` makes when a parametrization is registered in ``forward``
+    (PEFT's LoRA on expert parameters), which would otherwise compute a whole expert stack each
+    call for nothing."""
+    dead = [n for n in gm.graph.nodes if n.op == "call_function" and not n.users
+            and isinstance(n.target, torch._ops.HigherOrderOperator) and _returns_nothing(gm, n)]
+    for node in dead:
+        _erase_with_unread_inputs(gm.graph, node)
+    if dead:
+        gm.delete_all_unused_submodules()
+        gm.recompile()
+
+
+def _returns_nothing(gm: fx.GraphModule, region: fx.Node) -> bool:
+    bodies = [region_body(gm, a) for a in region.args if isinstance(a, fx.Node) and a.op == "get_attr"]
+    if len(bodies) != 1 or bodies[0] is None:
+        return False
+    nodes = list(bodies[0].graph.nodes)
+    return all(_pure(n) for n in nodes if n.op not in ("placeholder", "output")) and nodes[-1].args[0] in ((), [])
+
+
+def _pure(node: fx.Node) -> bool:
+    return (node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload)
+            and not node.target._schema.is_mutable)
+
+
+def _erase_with_unread_inputs(graph: fx.Graph, node: fx.Node) -> None:
+    """Erase ``node``, then each input that nothing reads any more and that is a pure op or a
+    region's body (parameters stay)."""
+    inputs = node.all_input_nodes
+    graph.erase_node(node)
+    for source in inputs:
+        if not source.users and (_pure(source) or region_body(graph.owning_module, source) is not None):
+            _erase_with_unread_inputs(graph, source)
 
 
 # Capture adapters: ``adapter(model, example_inputs, example_kwargs)`` returns None (not its kind
