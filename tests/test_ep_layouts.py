@@ -1,6 +1,7 @@
 """Expert parallelism for every expert-weight layout the recognizers accept: a DeepSpeed MoE layer,
-a user block whose experts are an nn.ModuleList of SwiGLU MLPs, transposed stacked weights, and
-a canonical block with separate gate/up stacks.
+a user block whose experts are an nn.ModuleList of SwiGLU MLPs (also with PEFT LoRA layers around
+the experts' Linears), transposed stacked weights, and a canonical block with separate gate/up
+stacks.
 
 EP=2 on 2 gloo ranks trains like one eager process on the global batch (losses and full state,
 under the original names and shapes), each rank holds half of the expert parameters, and a
@@ -153,12 +154,19 @@ class Net(nn.Module):
         return self.head(self.norm(h)), aux
 
 
-LAYOUTS = ["modulelist", "transposed", "separate"] + (["deepspeed"] if importlib.util.find_spec("deepspeed") else [])
+LAYOUTS = (["modulelist", "transposed", "separate"] + (["deepspeed"] if importlib.util.find_spec("deepspeed") else [])
+           + (["modulelist_lora"] if importlib.util.find_spec("peft") else []))
 
 
 def make(layout: str, seed: int = 0) -> Net:
+    """``modulelist_lora``: the ModuleList experts with LoRA (random A and B, the base weights
+    frozen) injected into their gate, up and down Linears."""
     torch.manual_seed(seed)
-    return Net(layout)
+    if layout != "modulelist_lora":
+        return Net(layout)
+    import peft
+    config = peft.LoraConfig(r=2, target_modules=["gate_proj", "up_proj", "down_proj"], init_lora_weights=False)
+    return peft.inject_adapter_in_model(config, Net("modulelist"))
 
 
 def global_batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -255,11 +263,14 @@ def test_each_rank_holds_half_of_the_experts(results, layout):
                                                    "moe.experts.down": (E // 2, FF, D)}
 
 
-def test_modulelist_rank_keeps_its_own_experts(results):
+@pytest.mark.parametrize("layout", [layout for layout in LAYOUTS if layout.startswith("modulelist")])
+def test_modulelist_rank_keeps_its_own_experts(results, layout):
     ranks, _ = results
     for rank, rank_result in enumerate(ranks):
-        experts = {name.split(".")[2] for name in rank_result["modulelist"]["held"]}
+        experts = {name.split(".")[2] for name in rank_result[layout]["held"]}
         assert experts == {str(e) for e in range(rank * E // 2, (rank + 1) * E // 2)}
+    if layout == "modulelist_lora":     # each expert's adapter matrices are its own: they live on its rank
+        assert any(".lora_A." in name for name in ranks[0][layout]["held"])
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

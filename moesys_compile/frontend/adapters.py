@@ -19,7 +19,7 @@ from __future__ import annotations
 import sys
 from typing import Optional
 
-from torch import nn
+from torch import Tensor, nn
 
 from ..errors import UntraceableModelError
 
@@ -66,6 +66,43 @@ def untraceable_adapter_fix(model: nn.Module, path: str) -> Optional[str]:
     return (f"'{path}' is a PEFT {method[0]} layer ({type(module).__name__}), whose {mode}-mode forward cannot be "
             f"captured: use an "
             f"adapter method that can (LoRA, DoRA, IA3, AdaLoRA, VeRA){' or compile in eval mode' if module.training else ''}")
+
+
+def is_lora_linear(module: nn.Module) -> bool:
+    """A PEFT LoRA layer around an ``nn.Linear`` whose update is a weight: ``W + scaling · B @ A``
+    (no DoRA magnitude, no bias of its own, not a transposed Conv1D)."""
+    peft = _peft()
+    if peft is None:
+        return False
+    from peft.tuners.lora import Linear as LoraLinear
+    return (isinstance(module, LoraLinear) and isinstance(module.base_layer, nn.Linear) and not module.fan_in_fan_out
+            and not any(module.use_dora.values()) and all(m.bias is None for m in module.lora_B.values()))
+
+
+def adapter_paths(module: nn.Module) -> list[str]:
+    """The paths of the LoRA layers (``is_lora_linear``) inside ``module``."""
+    return [name for name, m in module.named_modules() if name and is_lora_linear(m)]
+
+
+def in_adapter(name: str, adapters: list[str]) -> bool:
+    """Whether ``name`` (a module or parameter path) is part of one of the LoRA layers at
+    ``adapters`` other than the Linear it wraps (its A and B matrices)."""
+    return any(name.startswith(f"{adapter}.") and not name.startswith(f"{adapter}.base_layer") for adapter in adapters)
+
+
+def adapted_weight(module: nn.Module, weight_path: str, fetch) -> Tensor:
+    """The weight at ``weight_path`` inside ``module`` as its Linear applies it: for the base layer of
+    a LoRA layer, its weight plus the update of each active adapter (none while the adapters are
+    disabled or merged into it, as the layer's forward then calls the base layer alone)."""
+    weight = fetch(module, weight_path)
+    holder_path, _, attr = weight_path.rpartition(".")[0].rpartition(".")
+    holder = fetch(module, holder_path) if holder_path else module
+    if attr != "base_layer" or not is_lora_linear(holder) or holder.disable_adapters or holder.merged:
+        return weight
+    for adapter in holder.active_adapters:
+        if adapter in holder.lora_A:
+            weight = weight + holder.get_delta_weight(adapter)
+    return weight
 
 
 class AdapterState:

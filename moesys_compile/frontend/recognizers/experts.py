@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ... import ops
+from ..adapters import adapted_weight, adapter_paths, in_adapter
 from .structure import CLAMP_ATTRS, PROBE_SEED, close, fetch, generator, number_attr
 
 def expert_modules(experts: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -122,6 +123,9 @@ class ExpertsSpec:
     # per-expert: the experts' child names, in expert order (a ModuleList's "0", "1", ...; a
     # ModuleDict's "expert_0", ...)
     expert_names: tuple[str, ...] = ()
+    # per-expert: the parameters inside one expert of the PEFT LoRA layers around its Linears (their
+    # A and B matrices), whose update each forward adds to the weights it stacks
+    adapter_params: tuple[str, ...] = ()
 
     def weights(self, experts: nn.Module) -> tuple[Tensor, Tensor]:
         """(w_up_EHD, w_down_EDF) of ``experts`` in the canonical layout."""
@@ -135,8 +139,8 @@ class ExpertsSpec:
             return (w_up_EHD.transpose(1, 2) if self.transpose_up else w_up_EHD,
                     w_down_EDF.transpose(1, 2) if self.transpose_down else w_down_EDF)
         listed = [e for _, e in expert_modules(experts)]
-        w_up_EHD = torch.stack([torch.cat([fetch(e, name) for name in self.up]) for e in listed])
-        w_down_EDF = torch.stack([fetch(e, self.down) for e in listed])
+        w_up_EHD = torch.stack([torch.cat([adapted_weight(e, name, fetch) for name in self.up]) for e in listed])
+        w_down_EDF = torch.stack([adapted_weight(e, self.down, fetch) for e in listed])
         return w_up_EHD, w_down_EDF
 
     def biases(self, experts: nn.Module) -> tuple[Optional[Tensor], Optional[Tensor]]:
@@ -163,13 +167,16 @@ class ExpertsSpec:
             return [self.up[0], self.down, *(b for b in (self.up_bias, self.down_bias) if b)]
         up_biases, down_biases = self._per_expert_biases()
         experts = self.expert_names or tuple(str(i) for i in range(self.num_experts))
-        return [f"{expert}.{name}" for expert in experts for name in (*self.up, self.down, *up_biases, *down_biases)]
+        return [f"{expert}.{name}" for expert in experts
+                for name in (*self.up, self.down, *up_biases, *down_biases, *self.adapter_params)]
 
     def describe(self) -> str:
         if self.flat:
             layout = "flat views" if len(self.up) == 1 else "flat, gate/up concatenated each forward (copies)"
         else:
             layout = "stacked views" if self.stacked else "per-expert Linears, stacked each forward (copies)"
+        if self.adapter_params:
+            layout += ", with their LoRA updates"
         biases = [kind for kind, name in (("up", self.up_bias), ("down", self.down_bias)) if name]
         return f"{self.activation}, {layout}" + (f", {'/'.join(biases)} biases" if biases else "")
 
@@ -255,7 +262,9 @@ def _expert_linears(expert: nn.Module, dim: int,
     reads D, the last one writing D is down. With ``biases``, the up Linears may all hold a bias
     and the down one may too (the bias attribute, "bias"; None where they hold none); else the
     Linears must be bias-free."""
-    linears = [(name, m) for name, m in expert.named_modules() if isinstance(m, nn.Linear)]
+    adapters = adapter_paths(expert)     # a LoRA layer stands for the Linear it wraps
+    linears = [(name, m) for name, m in expert.named_modules() if isinstance(m, nn.Linear)
+               and not in_adapter(name, adapters)]
     if len(linears) < 2:
         return None
     down = next((n for n, m in linears if m.out_features == dim and m.in_features != dim), linears[-1][0])
@@ -285,12 +294,15 @@ def per_expert_candidates(experts: nn.Module, path: str, dim: int, biases: bool 
     if found is None:
         return []
     ups, down, ffn_dim, up_bias, down_bias = found
+    adapters = adapter_paths(listed[0][1])
+    adapter_params = tuple(n for n, _ in listed[0][1].named_parameters() if in_adapter(n, adapters))
     specs = []
     for order in itertools.permutations(ups):
         for activation in ops.ACTIVATIONS:
             if ops.is_gated(activation) == (len(order) == 2):
                 specs.append(ExpertsSpec(path, len(listed), dim, ffn_dim, activation, order, down, False,
-                                         up_bias=up_bias, down_bias=down_bias, expert_names=names))
+                                         up_bias=up_bias, down_bias=down_bias, expert_names=names,
+                                         adapter_params=adapter_params))
     return specs
 
 
