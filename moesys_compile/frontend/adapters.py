@@ -58,14 +58,17 @@ def untraceable_adapter_fix(model: nn.Module, path: str) -> Optional[str]:
     if peft is None or path == "<root>":
         return None
     from peft.tuners.tuners_utils import BaseTunerLayer
-    module = model.get_submodule(path)
+    try:
+        module = model.get_submodule(path)
+    except AttributeError:
+        return None
     if not isinstance(module, BaseTunerLayer):
         return None
     mode = "training" if module.training else "eval"
     method = type(module).__module__.split(".")[2:3] or ["adapter"]     # peft.tuners.<method>.layer
+    otherwise = " or compile in eval mode" if module.training else ""
     return (f"'{path}' is a PEFT {method[0]} layer ({type(module).__name__}), whose {mode}-mode forward cannot be "
-            f"captured: use an "
-            f"adapter method that can (LoRA, DoRA, IA3, AdaLoRA, VeRA){' or compile in eval mode' if module.training else ''}")
+            f"captured: use an adapter method that can (LoRA, DoRA, IA3, AdaLoRA, VeRA){otherwise}")
 
 
 def is_lora_linear(module: nn.Module) -> bool:
