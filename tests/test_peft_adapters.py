@@ -77,6 +77,10 @@ def test_a_lora_model_trains_like_eager(lora, replaced):
     for name, grad in want_grads.items():
         torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
     assert [(r.kind, r.action) for r in program.context.blocks] == [(replaced, "replaced")] * 2
+    wrapped = lora["target_modules"] == "all-linear"       # the report names what adds the update
+    assert all(("PEFT's ParamWrapper" in r.reason) == wrapped for r in program.context.blocks)
+    assert not wrapped or "'base_model.model.model.layers.1.mlp.experts' adds its LoRA update to down_proj, " \
+                          "gate_up_proj" in program.context.blocks[1].reason
     # registering the parametrization evaluates it once, for nothing: capture drops that region
     unread = [n.name for n in program.graph_module.graph.nodes
               if isinstance(n.target, torch._ops.HigherOrderOperator) and not n.users]

@@ -108,6 +108,27 @@ def adapted_weight(module: nn.Module, weight_path: str, fetch) -> Tensor:
     return weight
 
 
+def parameter_adapters_note(model: nn.Module, path: str) -> str:
+    """For a report: the PEFT ``ParamWrapper`` layers around the module at ``path`` (LoRA on its
+    parameters, ``target_parameters``), which add their update to its weights at each call; empty
+    where none wraps it."""
+    peft = _peft()
+    if peft is None:
+        return ""
+    from peft.tuners.lora import ParamWrapper
+    wrappers = []
+    while path:
+        path = path.rpartition(".")[0]
+        module = model.get_submodule(path)
+        if not isinstance(module, ParamWrapper):
+            break
+        wrappers.append((path, module.parameter_name))
+    if not wrappers:
+        return ""
+    names = ", ".join(sorted(name for _, name in wrappers))
+    return f"; PEFT's ParamWrapper '{wrappers[-1][0]}' adds its LoRA update to {names} at each call"
+
+
 class AdapterState:
     """The adapters' state of a PeftModel, as PEFT switches it: enabled or not, which are active,
     which are merged (model level, and per adapter layer). ``of(model)`` is None for other models."""

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..nn import MoE
+from .adapters import parameter_adapters_note
 from .empty_weights import Source, materialized
 
 
@@ -226,7 +227,8 @@ def canonicalize(model: nn.Module, recognizers: Optional[list[Recognizer]] = Non
                                            recognition.details))
             else:
                 _swap_in(model, path, recognition.replacement)
-                reports.append(BlockReport(path, recognition.kind, "replaced", recognition.note, recognition.details))
+                note = recognition.note + parameter_adapters_note(model, path)
+                reports.append(BlockReport(path, recognition.kind, "replaced", note, recognition.details))
         elif path and _looks_like_moe(module):   # not claimed: a part of it may still be recognised
             reports.append(BlockReport(path, type(module).__name__, "left", NO_MATCH))
     return outermost(reports)
