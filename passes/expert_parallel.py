@@ -216,8 +216,10 @@ def expert_parallel(gm: fx.GraphModule, ctx) -> fx.GraphModule:
     The model's modules are never modified (the graph module's holders are its own); a shard is a
     view of the model's tensor, so training updates those rows in place, as it does the dense
     parameters the program shares with the model. Dense parameters the expert weights are computed
-    from (an adapter's update per expert) stay whole on every rank, synced as dense: a rank's
-    gradient covers the rows of its experts, over the tokens of its EP group. Row counts
+    from (an adapter's update per expert) stay whole on every rank and are synced as dense ones
+    (averaged over all ranks): a rank's gradient holds, for its experts' rows only, the sum over
+    the local losses of its EP group, so the average over the dp × ep ranks is one process's
+    gradient on the global batch. Row counts
     after dispatch are data dependent (unbacked sizes in ``meta["val"]``). Expert weights computed
     in a way that moves dim 0 (or read elsewhere) raise a PlanError naming the block and node.
 
