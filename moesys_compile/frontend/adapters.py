@@ -12,6 +12,13 @@ update into the shared base weights, so a program that still adds it would count
 program therefore records the adapters' state when it is compiled (``AdapterState``) and refuses a
 call made in another one, saying what changed. peft is never imported here: a model can only be
 a PeftModel if peft is already loaded.
+
+Inside MoE blocks: a LoRA layer around an expert's Linear stands for that Linear with the weight
+``W + scaling · B @ A`` (``is_lora_linear``, ``adapted_weight``; the experts recognizer stacks
+those), its A and B counting as the expert's parameters. LoRA on stacked expert parameters
+(PEFT's ``ParamWrapper``) is traced code around the experts, which stay canonical; the report
+names it (``parameter_adapters_note``), and expert parallelism slices its A and B per rank
+(``passes/expert_rows.py``).
 """
 
 from __future__ import annotations
