@@ -182,3 +182,31 @@ def test_adapters_that_cannot_be_captured_are_refused_naming_the_method():
         mc.compile(loha, mc.Plan(mode="train"), example_inputs=(ids(),))
     loha.eval()
     torch.testing.assert_close(mc.compile(loha, mc.Plan(), example_inputs=(ids(),))(ids()).logits, loha(ids()).logits)
+
+
+def test_the_hf_trainer_trains_a_compiled_peft_model_as_it_trains_the_peft_model(tmp_path):
+    """The Trainer reads a PEFT model's columns from its base model's forward (a PeftModel's own
+    takes ``*args, **kwargs``); the program shows that signature too, so the batches keep their
+    columns and the losses equal the PeftModel's."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    rows = [ids(1, 8, seed)[0] for seed in range(4)]
+    dataset = [dict(input_ids=row, labels=row) for row in rows]
+
+    def losses(model) -> list[float]:
+        args = transformers.TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2,
+                                              max_steps=2, learning_rate=1e-2, logging_steps=1, report_to=[],
+                                              save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0)
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=dataset)
+        trainer.train()
+        return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+    model = lora_qwen3("train", target_modules="all-linear")
+    eager = copy.deepcopy(model)
+    example = dict(input_ids=torch.stack(rows[:2]), labels=torch.stack(rows[:2]), num_items_in_batch=torch.tensor(14))
+    program = mc.compile(model, mc.Plan(mode="train"), example_kwargs=example)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got, want = losses(program), losses(eager)
+    assert len(got) == 2
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=1e-6)

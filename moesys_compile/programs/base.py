@@ -13,6 +13,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..errors import warn_user
+from ..frontend.adapters import peft_base_model
 from ..frontend.modes import grad_mode_kept, modules_in_eval_mode
 from .train_mode import warn_if_mode_changes_code
 
@@ -36,8 +37,11 @@ _TRAINING_ONLY = {
 def _signed_class(cls: type, model: nn.Module) -> type:
     """A subclass of ``cls`` whose ``forward`` shows the model's forward signature (the program
     binds calls by it): tools that read the signature from the class or the bound method (the HF
-    Trainer keeps the dataset columns and finds the label names from it) see the model's."""
-    model_forward = type(model).forward
+    Trainer keeps the dataset columns and finds the label names from it) see the model's. For a
+    PEFT model, its base model's, which the Trainer reads there too (a PeftModel's own forward
+    takes ``*args, **kwargs`` and passes them on)."""
+    base = peft_base_model(model)
+    model_forward = type(model if base is None else base).forward
     key = (cls, model_forward)
     if key not in _SIGNED_CLASSES:
         run = cls.forward
