@@ -203,31 +203,33 @@ def test_shared_experts_with_capacity_train_alike_under_both_exchanges():
         assert token_dropped == pytest.approx(slot_dropped)
 
 
+def trainer_losses(model, dataset: list[dict], output_dir, batch: int) -> list[float]:
+    """The logged losses of 2 steps of ``transformers.Trainer`` on CPU (lr 1e-2, seed 0)."""
+    import transformers
+    args = transformers.TrainingArguments(output_dir=str(output_dir), per_device_train_batch_size=batch, max_steps=2,
+                                          learning_rate=1e-2, logging_steps=1, report_to=[], save_strategy="no",
+                                          use_cpu=True, disable_tqdm=True, seed=0)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=dataset)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train()
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
 def test_hf_trainer_trains_the_program_as_it_trains_the_model(tmp_path):
     """The Trainer keeps the dataset columns the forward signature names (the program's is the
     model's), and counts ``num_items_in_batch`` over shifted labels because the program answers
     ``loss_type`` and ``config`` from the model: the losses equal the eager model's."""
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
     rows = [ids(seed, 1)[0] for seed in range(8)]
     dataset = [dict(input_ids=row, labels=row) for row in rows]
-
-    def losses(model) -> list[float]:
-        args = transformers.TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=BATCH,
-                                              max_steps=2, learning_rate=1e-2, logging_steps=1, report_to=[],
-                                              save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0)
-        trainer = transformers.Trainer(model=model, args=args, train_dataset=dataset)
-        trainer.train()
-        return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-
     model = build_hf("qwen3_moe").train()
     eager = copy.deepcopy(model)
     example = dict(input_ids=torch.stack(rows[:BATCH]), labels=torch.stack(rows[:BATCH]),
                    num_items_in_batch=torch.tensor(BATCH * (SEQ - 1)))
     program = mc.compile(model, mc.Plan(mode="train"), example_kwargs=example)
     assert program.loss_type == model.loss_type and program.config is model.config
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        got, want = losses(program), losses(eager)
+    got, want = (trainer_losses(m, dataset, tmp_path / "out", BATCH) for m in (program, eager))
     assert len(got) == 2
     torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=1e-6)

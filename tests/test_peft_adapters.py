@@ -24,6 +24,7 @@ from moesys_compile.models.hf import build_hf  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 import test_hf_parallel as parallel  # noqa: E402
+from test_hf_training_habits import trainer_losses  # noqa: E402
 from dist_utils import optimizer_steps, run_ranks  # noqa: E402
 
 ATTENTION = ["q_proj", "v_proj"]
@@ -188,25 +189,13 @@ def test_the_hf_trainer_trains_a_compiled_peft_model_as_it_trains_the_peft_model
     """The Trainer reads a PEFT model's columns from its base model's forward (a PeftModel's own
     takes ``*args, **kwargs``); the program shows that signature too, so the batches keep their
     columns and the losses equal the PeftModel's."""
-    transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
     rows = [ids(1, 8, seed)[0] for seed in range(4)]
     dataset = [dict(input_ids=row, labels=row) for row in rows]
-
-    def losses(model) -> list[float]:
-        args = transformers.TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2,
-                                              max_steps=2, learning_rate=1e-2, logging_steps=1, report_to=[],
-                                              save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0)
-        trainer = transformers.Trainer(model=model, args=args, train_dataset=dataset)
-        trainer.train()
-        return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-
     model = lora_qwen3("train", target_modules="all-linear")
     eager = copy.deepcopy(model)
     example = dict(input_ids=torch.stack(rows[:2]), labels=torch.stack(rows[:2]), num_items_in_batch=torch.tensor(14))
     program = mc.compile(model, mc.Plan(mode="train"), example_kwargs=example)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        got, want = losses(program), losses(eager)
+    got, want = (trainer_losses(m, dataset, tmp_path / "out", 2) for m in (program, eager))
     assert len(got) == 2
     torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=1e-6)
