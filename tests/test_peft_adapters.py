@@ -199,3 +199,20 @@ def test_the_hf_trainer_trains_a_compiled_peft_model_as_it_trains_the_peft_model
     got, want = (trainer_losses(m, dataset, tmp_path / "out", 2) for m in (program, eager))
     assert len(got) == 2
     torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=1e-6)
+
+
+def test_a_ring_does_not_stage_a_peft_model_from_its_base_checkpoint(tmp_path):
+    """Under empty_weights the PeftModel's tensors are on meta, and a base checkpoint holds neither
+    its PEFT names nor its adapter: refused naming both ways that work."""
+    transformers = pytest.importorskip("transformers")
+    base = build_hf("qwen3_moe", num_hidden_layers=1)
+    base.save_pretrained(tmp_path / "base")
+    with_lora(base, target_modules=ATTENTION).save_pretrained(tmp_path / "adapter")
+    with mc.empty_weights():
+        empty = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(tmp_path / "base"))
+    model = peft.PeftModel.from_pretrained(empty, tmp_path / "adapter")
+    plan = mc.Plan(mode="infer", device="cpu", device_budget="64MiB", weights="disk", offload_dir=str(tmp_path / "off"),
+                   weights_checkpoint=str(tmp_path / "base"))
+    with pytest.raises(mc.StorageError, match=r"PeftModel cannot stage its weights from checkpoint .*compile it without "
+                                              r"Plan\.weights_checkpoint .* or merge the adapter"):
+        mc.compile(model, plan, example_inputs=(ids(),))

@@ -48,6 +48,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from ..errors import warn_user
+from ..frontend.adapters import peft_base_model
 from .quantized import dequantizing_reader, fp8_block_size
 from .storage import OFFLOAD_FILE, FileSpan, Rows, Source, StorageError, slice_key, span_of, with_spans
 
@@ -246,6 +247,13 @@ def checkpoint_source(directory: str, model: nn.Module) -> Source:
     root = latest_step(directory) or Path(directory)
     if not root.is_dir():
         raise StorageError(f"checkpoint directory {directory!r} does not exist")
+    if peft_base_model(model) is not None:
+        raise StorageError(
+            f"{type(model).__name__} cannot stage its weights from checkpoint {directory!r}: a PEFT model names its "
+            f"tensors with PEFT's prefixes (base_model.model., .base_layer) and holds adapter tensors that a base "
+            f"checkpoint lacks; build it with its base model's weights loaded (from_pretrained, then "
+            f"PeftModel.from_pretrained) and compile it without Plan.weights_checkpoint (weights='disk' keeps them in "
+            f"offload_dir), or merge the adapter (merge_and_unload(), save_pretrained(DIR)) and stage that DIR")
     state = model.state_dict(keep_vars=True)      # the persistent tensors: what checkpoints hold
     if (root / "meta.json").is_file():
         (present, read_one), converted_from = _project_reader(root), set()
