@@ -29,6 +29,7 @@ from typing import Optional
 from torch import Tensor, nn
 
 from ..errors import UntraceableModelError
+from ..ir import fetch
 
 
 def _peft():
@@ -100,7 +101,7 @@ def in_adapter(name: str, adapters: list[str]) -> bool:
     return any(name.startswith(f"{adapter}.") and not name.startswith(f"{adapter}.base_layer") for adapter in adapters)
 
 
-def adapted_weight(module: nn.Module, weight_path: str, fetch) -> Tensor:
+def adapted_weight(module: nn.Module, weight_path: str) -> Tensor:
     """The weight at ``weight_path`` inside ``module`` as its Linear applies it: for the base layer of
     a LoRA layer, its weight plus the update of each active adapter (none while the adapters are
     disabled or merged into it, as the layer's forward then calls the base layer alone)."""
@@ -165,11 +166,11 @@ class AdapterState:
         if now == self.compiled:
             return
         raise RuntimeError(
-            f"{model_name}: its PEFT adapters are {describe(now)} now, but were {describe(self.compiled)} when the "
+            f"{model_name}: its PEFT adapters are {_describe(now)} now, but were {_describe(self.compiled)} when the "
             f"program was compiled, which is what its graph computes; call the PeftModel itself for a pass with them "
             f"switched (a reference pass under disable_adapter()), or compile a program in that state")
 
 
-def describe(state: dict[str, object]) -> str:
+def _describe(state: dict[str, object]) -> str:
     merged = f", {list(state['merged'])} merged into the base weights" if state["merged"] else ""
     return f"{'disabled' if state['disabled'] else 'enabled'} (active {list(state['active'])}{merged})"

@@ -358,7 +358,8 @@ def hf_capture_adapter(model: nn.Module, example_inputs: Sequence[Any] = (),
     inner = getattr(model, "hf_model", model)
     if not is_hf_model(inner):
         return None
-    hf_model = peft_base_model(inner) or inner          # a PeftModel's: its flags are the model's own
+    wrapped = peft_base_model(inner)                    # a PeftModel's: its flags are the model's own
+    hf_model = inner if wrapped is None else wrapped
     apply_aux_loss_coef(hf_model)
     warn_checkpointing_dropped(hf_model)
     capturable = _capturable(model, packing_detected=not eager_builds_cache(inner, example_inputs, example_kwargs or {}))

@@ -139,8 +139,8 @@ class ExpertsSpec:
             return (w_up_EHD.transpose(1, 2) if self.transpose_up else w_up_EHD,
                     w_down_EDF.transpose(1, 2) if self.transpose_down else w_down_EDF)
         listed = [e for _, e in expert_modules(experts)]
-        w_up_EHD = torch.stack([torch.cat([adapted_weight(e, name, fetch) for name in self.up]) for e in listed])
-        w_down_EDF = torch.stack([adapted_weight(e, self.down, fetch) for e in listed])
+        w_up_EHD = torch.stack([torch.cat([adapted_weight(e, name) for name in self.up]) for e in listed])
+        w_down_EDF = torch.stack([adapted_weight(e, self.down) for e in listed])
         return w_up_EHD, w_down_EDF
 
     def biases(self, experts: nn.Module) -> tuple[Optional[Tensor], Optional[Tensor]]:
